@@ -1,0 +1,110 @@
+//! Datapath configuration maps, written by the agent from its TOML config
+//! before (and while) the program runs.
+
+use crate::Addr;
+
+/// Value of `IFACES`: what an attached interface is. 8 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct IfaceConfig {
+    /// `ROLE_INTERNAL` or `ROLE_EXTERNAL`.
+    pub role: u8,
+    /// Explicit padding.
+    pub _pad: [u8; 7],
+}
+const _: () = assert!(core::mem::size_of::<IfaceConfig>() == 8);
+
+/// Key of `EDGE_ADDRS`: an address the edge owns. 20 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct EdgeAddrKey {
+    /// Network order; IPv4 in the first 4 bytes.
+    pub addr: Addr,
+    /// `FAMILY_V4` / `FAMILY_V6`.
+    pub family: u8,
+    /// Explicit padding.
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<EdgeAddrKey>() == 20);
+
+/// Words in one 65536-bit port bitmap.
+pub const PORT_BITMAP_WORDS: usize = 1024;
+
+/// Value of `PORT_POLICY` (single entry): which destination ports on an
+/// edge address are media (drop unless a pinhole matches) and which always
+/// pass (the agent's signalling and admin ports). Bit `p` is
+/// `words[p >> 6] >> (p & 63) & 1`, `p` in host order. 16 KiB.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortPolicy {
+    /// Media ports (per protocol family-independent; UDP and TCP alike).
+    pub media: [u64; PORT_BITMAP_WORDS],
+    /// Always-pass ports; checked before `media`.
+    pub pass: [u64; PORT_BITMAP_WORDS],
+}
+const _: () = assert!(core::mem::size_of::<PortPolicy>() == 16384);
+
+impl PortPolicy {
+    /// A policy with no ports set.
+    pub const EMPTY: PortPolicy = PortPolicy {
+        media: [0; PORT_BITMAP_WORDS],
+        pass: [0; PORT_BITMAP_WORDS],
+    };
+
+    /// Whether bit `port` is set in `words`.
+    #[inline(always)]
+    pub fn bit(words: &[u64; PORT_BITMAP_WORDS], port: u16) -> bool {
+        let p = port as usize;
+        (words[(p >> 6) & (PORT_BITMAP_WORDS - 1)] >> (p & 63)) & 1 == 1
+    }
+
+    /// Set bit `port` in `words`.
+    pub fn set(words: &mut [u64; PORT_BITMAP_WORDS], port: u16) {
+        let p = port as usize;
+        words[p >> 6] |= 1 << (p & 63);
+    }
+}
+
+/// `Settings::default_policy`: traffic not aimed at a media port passes.
+pub const POLICY_PASS: u32 = 0;
+/// `Settings::default_policy`: traffic not aimed at a media port is dropped
+/// unless it is aimed at an always-pass port.
+pub const POLICY_DROP: u32 = 1;
+
+/// Value of `SETTINGS` (single entry). 8 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Settings {
+    /// `POLICY_PASS` or `POLICY_DROP`, for traffic that is neither a
+    /// pinhole hit nor aimed at a media port of an edge address.
+    pub default_policy: u32,
+    /// Explicit padding / future flags; zero.
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<Settings>() == 8);
+
+/// Key of `NEIGH_MISS`: a next hop `bpf_fib_lookup` could not resolve. 24 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct NeighMissKey {
+    /// Next-hop address, network order.
+    pub addr: Addr,
+    /// Egress ifindex from the FIB.
+    pub ifindex: u32,
+    /// `FAMILY_V4` / `FAMILY_V6`.
+    pub family: u8,
+    /// Explicit padding.
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<NeighMissKey>() == 24);
+
+/// Value of `NEIGH_MISS`. 16 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NeighMiss {
+    /// Packets dropped for this next hop.
+    pub packets: u64,
+    /// `bpf_ktime_get_ns()` of the last miss.
+    pub last_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<NeighMiss>() == 16);

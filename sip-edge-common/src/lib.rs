@@ -1,0 +1,71 @@
+//! Types shared by the XDP datapath (`sip-edge-ebpf`) and the agent
+//! (`sip-edge`): map keys and values, reason codes, and map names.
+//!
+//! Everything here is `#[repr(C)]` with explicit padding and a compile-time
+//! size check, because the same bytes are written by userspace through the
+//! bpf(2) syscall and read by the verifier-checked program. Addresses and
+//! ports are kept in **network byte order** so the datapath compares them with
+//! packet bytes without converting; the `user` feature adds the conversions.
+#![no_std]
+
+pub mod config;
+pub mod pinhole;
+pub mod reason;
+
+pub use config::*;
+pub use pinhole::*;
+pub use reason::*;
+
+/// Names of every map the program declares; the agent pins each under its
+/// pin directory with the same name. BPF object names are limited to 15
+/// bytes (BPF_OBJ_NAME_LEN - 1), which the tests check.
+pub mod map_names {
+    /// `HASH<PinholeKey, PinholeRule>`: the pinhole table (plain hash, never LRU).
+    pub const PINHOLES: &str = "PINHOLES";
+    /// `ARRAY<PinholeState>`: per-pinhole counters and latch state, indexed by `PinholeRule::slot`.
+    pub const PH_STATE: &str = "PH_STATE";
+    /// `PERCPU_ARRAY<u64>` indexed by `Reason`: packets per verdict reason.
+    pub const REASONS: &str = "REASONS";
+    /// `HASH<u32 ifindex, IfaceConfig>`: role of each interface the program is attached to.
+    pub const IFACES: &str = "IFACES";
+    /// `ARRAY<PortPolicy>` (one entry): media-range and always-pass port bitmaps.
+    pub const PORT_POLICY: &str = "PORT_POLICY";
+    /// `HASH<EdgeAddrKey, u32>`: addresses owned by the edge (internal and public).
+    pub const EDGE_ADDRS: &str = "EDGE_ADDRS";
+    /// `ARRAY<Settings>` (one entry): global datapath settings.
+    pub const SETTINGS: &str = "SETTINGS";
+    /// `DEVMAP_HASH<u32 ifindex>`: the interfaces redirects may leave through.
+    pub const TX_PORTS: &str = "TX_PORTS";
+    /// `LRU_HASH<NeighMissKey, NeighMiss>`: next hops the kernel had no
+    /// neighbour entry for; the agent asks the kernel to resolve them.
+    pub const NEIGH_MISS: &str = "NEIGH_MISS";
+
+    /// Every map name, for pinning and cleanup loops.
+    pub const ALL: [&str; 9] = [
+        PINHOLES, PH_STATE, REASONS, IFACES, PORT_POLICY, EDGE_ADDRS, SETTINGS, TX_PORTS,
+        NEIGH_MISS,
+    ];
+}
+
+/// Name of the XDP program function in the object.
+pub const XDP_PROG_NAME: &str = "sip_edge_xdp";
+
+/// Address families as stored in keys (not the kernel's AF_* numbers, which
+/// differ between platforms' headers; these are ours and fixed).
+pub const FAMILY_V4: u8 = 4;
+/// IPv6 family code.
+pub const FAMILY_V6: u8 = 6;
+
+/// IP protocol numbers used in keys (IANA).
+pub const PROTO_TCP: u8 = 6;
+/// UDP protocol number.
+pub const PROTO_UDP: u8 = 17;
+
+/// Bytes of a network-order IPv6 address; IPv4 uses the first four, the
+/// rest are zero (never v4-mapped, so a v4 and a v6 key never collide).
+pub type Addr = [u8; 16];
+
+#[cfg(feature = "user")]
+mod user;
+#[cfg(feature = "user")]
+pub use user::*;

@@ -1,0 +1,121 @@
+//! The pinhole table: what a packet must look like to use the fast path and
+//! how it is rewritten. Written only by the agent's map writer; read by the
+//! XDP program. Runtime state the datapath writes (counters, latch) lives in
+//! a separate `PH_STATE` slot so the agent can replace a rule atomically
+//! (one `bpf_map_update_elem`) without clobbering counters.
+//!
+//! One rule describes one direction of one flow. Both media modes of
+//! DESIGN.md §2 are sets of such rules:
+//!
+//! * relay, outside → inside: key `{role: external, match: dst, public:P}`,
+//!   remote = peer, rewrite src → edge-int:Q and dst → client:C.
+//! * relay, inside → outside: key `{role: internal, match: dst, edge-int:Q}`,
+//!   remote = client:C, rewrite src → public:P and dst → peer.
+//! * nat inbound (DNAT): key `{role: external, match: dst, public:P}`,
+//!   remote = peer, rewrite dst → client:C.
+//! * nat outbound (SNAT): key `{role: internal, match: src, client:C}`,
+//!   remote = peer (the packet's destination), rewrite src → public:P.
+
+use crate::Addr;
+
+/// Which end of the packet the key's address/port is compared with.
+pub const MATCH_DST: u8 = 0;
+/// Key holds the packet's source (nat-mode SNAT of a client's flow).
+pub const MATCH_SRC: u8 = 1;
+
+/// Interface role: the inside (clients).
+pub const ROLE_INTERNAL: u8 = 1;
+/// Interface role: the outside (peers, public address).
+pub const ROLE_EXTERNAL: u8 = 2;
+
+/// Hash key of the `PINHOLES` map. 24 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PinholeKey {
+    /// Matched address, network order (v4 in the first 4 bytes).
+    pub addr: Addr,
+    /// Matched port, network order.
+    pub port: u16,
+    /// `PROTO_UDP` or `PROTO_TCP`.
+    pub proto: u8,
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
+    /// Role of the interface the packet arrives on (`ROLE_*`): a rule for
+    /// the inside can never be hit by a packet arriving from outside.
+    pub role: u8,
+    /// `MATCH_DST` or `MATCH_SRC`.
+    pub match_on: u8,
+    /// Explicit padding; must be zero (hash keys compare all bytes).
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<PinholeKey>() == 24);
+
+/// Rule flag: rewrite the source address (and port if `new_src_port != 0`).
+pub const RULE_REWRITE_SRC: u16 = 1 << 0;
+/// Rule flag: rewrite the destination address (and port if `new_dst_port != 0`).
+pub const RULE_REWRITE_DST: u16 = 1 << 1;
+/// Rule flag: the remote is not fixed by signalling; the first packet's
+/// remote end is latched once (DESIGN.md §2) and only it is accepted after.
+pub const RULE_LATCH: u16 = 1 << 2;
+/// Rule flag: accept any remote port (address still checked). For peers
+/// that signal RTCP without `a=rtcp`; off unless the agent decides so.
+pub const RULE_ANY_REMOTE_PORT: u16 = 1 << 3;
+/// Rule flag: the destination is the opposite leg's remote; when that leg
+/// (state slot `pair_slot`) has latched, send to the latched address/port
+/// instead of `new_dst`/`new_dst_port`.
+pub const RULE_DST_FOLLOWS_PAIR: u16 = 1 << 4;
+
+/// Value of the `PINHOLES` map. 64 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PinholeRule {
+    /// The other end of the packet that must match (the source for
+    /// `MATCH_DST` rules, the destination for `MATCH_SRC` rules).
+    pub remote_addr: Addr,
+    /// New source address when `RULE_REWRITE_SRC`.
+    pub new_src: Addr,
+    /// New destination address when `RULE_REWRITE_DST`.
+    pub new_dst: Addr,
+    /// Remote port, network order.
+    pub remote_port: u16,
+    /// New source port, network order; 0 keeps the packet's.
+    pub new_src_port: u16,
+    /// New destination port, network order; 0 keeps the packet's.
+    pub new_dst_port: u16,
+    /// `RULE_*` bits.
+    pub flags: u16,
+    /// Index of this rule's `PinholeState` in `PH_STATE`.
+    pub slot: u32,
+    /// Index of the opposite direction's state (for `RULE_DST_FOLLOWS_PAIR`).
+    pub pair_slot: u32,
+}
+const _: () = assert!(core::mem::size_of::<PinholeRule>() == 64);
+
+/// Latch state: no packet has been latched yet.
+pub const LATCH_NONE: u32 = 0;
+/// Latch state: one CPU is writing the latched address (transient).
+pub const LATCH_CLAIMING: u32 = 1;
+/// Latch state: `latched_addr`/`latched_port` are valid and final.
+pub const LATCH_DONE: u32 = 2;
+
+/// Value of the `PH_STATE` array: counters and latch state the datapath
+/// writes for one rule. 48 bytes. The agent zeroes a slot before reusing it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PinholeState {
+    /// Packets forwarded through the rule.
+    pub packets: u64,
+    /// Bytes (L2 frame length as received) forwarded through the rule.
+    pub bytes: u64,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last forwarded packet; 0 = never.
+    pub last_seen_ns: u64,
+    /// The latched remote address (valid when `latch_state == LATCH_DONE`).
+    pub latched_addr: Addr,
+    /// `LATCH_*`, changed only by compare-and-swap in the datapath.
+    pub latch_state: u32,
+    /// Latched remote port, network order.
+    pub latched_port: u16,
+    /// Explicit padding.
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<PinholeState>() == 48);
