@@ -1,1 +1,6 @@
+//! sip-edge agent library: configuration, the XDP datapath (load, attach,
+//! pin, map writer) and the commands `main.rs` dispatches to. Integration
+//! tests drive these directly.
 
+pub mod datapath;
+pub mod sip;

@@ -1,0 +1,73 @@
+//! Loads the XDP object embedded at build time (aya-build writes it to
+//! OUT_DIR) through the verifier, with map sizes from the config and maps
+//! pinned by name under the pin directory so a restarted agent re-adopts
+//! them instead of starting empty.
+
+use std::path::Path;
+
+use aya::{programs::Xdp, Ebpf, EbpfLoader};
+use sip_edge_common::{map_names, XDP_PROG_NAME};
+
+/// The datapath object, built from `sip-edge-ebpf` by `build.rs`.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sip-edge"));
+
+/// Errors of loading the datapath.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The object could not be parsed or a map could not be created/opened.
+    #[error("loading the XDP object failed (is bpffs mounted at /sys/fs/bpf and are you root?): {source}")]
+    Object {
+        /// aya's error.
+        #[source]
+        source: aya::EbpfError,
+    },
+    /// The program is missing from the object (build mismatch).
+    #[error("program {name} not found in the embedded object; rebuild with `cargo xtask build-ebpf`")]
+    MissingProgram {
+        /// Program name.
+        name: &'static str,
+    },
+    /// The verifier or the kernel rejected the program.
+    #[error("the kernel rejected program {name}: {source}")]
+    Verifier {
+        /// Program name.
+        name: &'static str,
+        /// aya's error (carries the verifier log).
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+}
+
+/// Map sizes chosen by configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct MapSizes {
+    /// Entries of `PINHOLES` and of `PH_STATE` (one state slot per rule).
+    pub max_pinholes: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        MapSizes { max_pinholes: 65536 }
+    }
+}
+
+/// Load the embedded object and run the XDP program through the verifier,
+/// without attaching it. With `pin_dir`, maps are pinned there by name (an
+/// existing pin is reused, so its contents survive).
+pub fn load(sizes: MapSizes, pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> {
+    let mut loader = EbpfLoader::new();
+    loader
+        .map_max_entries(map_names::PINHOLES, sizes.max_pinholes)
+        .map_max_entries(map_names::PH_STATE, sizes.max_pinholes);
+    if let Some(dir) = pin_dir {
+        loader.default_map_pin_directory(dir);
+    }
+    let mut ebpf = loader.load(EBPF_OBJECT).map_err(|source| LoadError::Object { source })?;
+    let prog: &mut Xdp = ebpf
+        .program_mut(XDP_PROG_NAME)
+        .ok_or(LoadError::MissingProgram { name: XDP_PROG_NAME })?
+        .try_into()
+        .map_err(|source| LoadError::Verifier { name: XDP_PROG_NAME, source })?;
+    prog.load().map_err(|source| LoadError::Verifier { name: XDP_PROG_NAME, source })?;
+    Ok(ebpf)
+}

@@ -1,0 +1,5 @@
+//! The XDP datapath as the agent sees it: loading the embedded object,
+//! attaching and pinning it, and the map writer (the only code that writes
+//! BPF maps).
+
+pub mod loader;

@@ -1,0 +1,2 @@
+//! SIP signalling: sans-IO pieces (stream framer, message validation and
+//! normalisation, SDP rewriting) that the TLS proxy drives.
