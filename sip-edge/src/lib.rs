@@ -2,5 +2,8 @@
 //! pin, map writer) and the commands `main.rs` dispatches to. Integration
 //! tests drive these directly.
 
+pub mod agent;
+pub mod cli;
+pub mod config;
 pub mod datapath;
 pub mod sip;

@@ -59,8 +59,13 @@ pub fn load(sizes: MapSizes, pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> 
     loader
         .map_max_entries(map_names::PINHOLES, sizes.max_pinholes)
         .map_max_entries(map_names::PH_STATE, sizes.max_pinholes);
+    // Pin explicitly by path rather than through the object's pinning
+    // attribute: with no pin dir (tests, benchmarks) aya would otherwise pin
+    // into /sys/fs/bpf itself and share state between unrelated runs.
     if let Some(dir) = pin_dir {
-        loader.default_map_pin_directory(dir);
+        for name in map_names::ALL {
+            loader.map_pin_path(name, dir.join(name));
+        }
     }
     let mut ebpf = loader.load(EBPF_OBJECT).map_err(|source| LoadError::Object { source })?;
     let prog: &mut Xdp = ebpf

@@ -2,4 +2,8 @@
 //! attaching and pinning it, and the map writer (the only code that writes
 //! BPF maps).
 
+pub mod attach;
 pub mod loader;
+pub mod maps;
+pub mod neigh;
+pub mod rules;

@@ -1,0 +1,245 @@
+//! Command-line interface: argument definitions (clap) and the `pinhole` and
+//! `stats` commands, which open the pinned maps of a running (or kept)
+//! datapath and print human or JSON output.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+
+use crate::{
+    config::DEFAULT_PIN_DIR,
+    datapath::{
+        maps::{DatapathMaps, MapsError, PinholeEntry, ReasonCount},
+        rules::{Flow, Proto},
+    },
+};
+
+/// sip-edge: TLS SIP edge agent with an XDP pinhole datapath.
+#[derive(Debug, Parser)]
+#[command(name = "sip-edge", version, about, long_about = None)]
+pub struct Cli {
+    /// Log filter (tracing EnvFilter syntax), e.g. "info" or "sip_edge=debug".
+    #[arg(long, global = true, default_value = "info", env = "SIP_EDGE_LOG")]
+    pub log: String,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load, attach and pin the datapath per the config file and run until
+    /// SIGINT/SIGTERM. Re-adopts a datapath an earlier run left pinned.
+    Run {
+        /// TOML configuration file (see sip-edge.example.toml).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a configuration file and exit (0 valid, 64 invalid).
+    CheckConfig {
+        /// TOML configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Add, delete or list pinholes in the running datapath's maps.
+    Pinhole {
+        /// What to do with pinholes.
+        #[command(subcommand)]
+        action: PinholeAction,
+    },
+    /// Show per-reason packet counters of the running datapath.
+    Stats(PinOpts),
+}
+
+/// Where the pinned maps live, and output format.
+#[derive(Debug, Args, Clone)]
+pub struct PinOpts {
+    /// Pin directory of the datapath (the config's pin_dir).
+    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `sip-edge pinhole ...`.
+#[derive(Debug, Subcommand)]
+pub enum PinholeAction {
+    /// Add the two rules of one media flow; prints their slots.
+    Add {
+        /// The flow.
+        #[command(subcommand)]
+        flow: FlowArgs,
+    },
+    /// Delete a rule by slot (and, unless --single, its opposite direction).
+    Del {
+        /// Slot as shown by `pinhole list`.
+        slot: u32,
+        /// Delete only this direction, keep the pair.
+        #[arg(long)]
+        single: bool,
+        /// Pin dir and output format.
+        #[command(flatten)]
+        opts: PinOpts,
+    },
+    /// List installed rules with their counters.
+    List(PinOpts),
+}
+
+/// A flow to add.
+#[derive(Debug, Subcommand)]
+pub enum FlowArgs {
+    /// Relay: both legs anchored at the edge. Inside, the client talks to
+    /// --edge-int; outside, the peer talks to --public.
+    Relay {
+        /// Transport.
+        #[arg(long, value_enum, default_value = "udp")]
+        proto: Proto,
+        /// The client's media address:port (inside).
+        #[arg(long)]
+        client: SocketAddr,
+        /// Edge internal address:port the client sends to (a media port).
+        #[arg(long)]
+        edge_int: SocketAddr,
+        /// Edge public address:port the peer sends to (a media port).
+        #[arg(long)]
+        public: SocketAddr,
+        /// The peer's media address:port (outside).
+        #[arg(long)]
+        peer: SocketAddr,
+        /// Learn the peer's real source from its first packet (once).
+        #[arg(long)]
+        latch: bool,
+        /// Pin dir and output format.
+        #[command(flatten)]
+        opts: PinOpts,
+    },
+    /// NAT: the edge is the client's gateway; inbound to --public is DNATed
+    /// to --client, the client's packets to --peer are SNATed to --public.
+    Nat {
+        /// Transport.
+        #[arg(long, value_enum, default_value = "udp")]
+        proto: Proto,
+        /// The client's media address:port (inside).
+        #[arg(long)]
+        client: SocketAddr,
+        /// Edge public address:port standing for the client (a media port).
+        #[arg(long)]
+        public: SocketAddr,
+        /// The peer's media address:port (outside).
+        #[arg(long)]
+        peer: SocketAddr,
+        /// Learn the peer's real source from its first packet (once).
+        #[arg(long)]
+        latch: bool,
+        /// Pin dir and output format.
+        #[command(flatten)]
+        opts: PinOpts,
+    },
+}
+
+impl FlowArgs {
+    /// The flow and the pin options.
+    pub fn split(&self) -> (Flow, &PinOpts) {
+        match self {
+            FlowArgs::Relay { proto, client, edge_int, public, peer, latch, opts } => (
+                Flow::Relay { proto: *proto, client: *client, edge_int: *edge_int, public: *public, peer: *peer, latch_peer: *latch },
+                opts,
+            ),
+            FlowArgs::Nat { proto, client, public, peer, latch, opts } => {
+                (Flow::Nat { proto: *proto, client: *client, public: *public, peer: *peer, latch_peer: *latch }, opts)
+            }
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Added {
+    inbound_slot: u32,
+    outbound_slot: u32,
+}
+
+/// Run a `pinhole` action; returns what to print.
+pub fn pinhole(action: &PinholeAction) -> Result<String, MapsError> {
+    match action {
+        PinholeAction::Add { flow } => {
+            let (flow, opts) = flow.split();
+            let mut maps = DatapathMaps::from_pins(&opts.pin_dir)?;
+            let (inbound_slot, outbound_slot) = maps.add_flow(&flow)?;
+            Ok(if opts.json {
+                json(&Added { inbound_slot, outbound_slot })
+            } else {
+                format!("added: inbound slot {inbound_slot}, outbound slot {outbound_slot}\n")
+            })
+        }
+        PinholeAction::Del { slot, single, opts } => {
+            let mut maps = DatapathMaps::from_pins(&opts.pin_dir)?;
+            let removed = maps.delete_slot(*slot, !single)?;
+            Ok(if opts.json { json(&removed) } else { format!("deleted slots {removed:?}\n") })
+        }
+        PinholeAction::List(opts) => {
+            let maps = DatapathMaps::from_pins(&opts.pin_dir)?;
+            let list = maps.list()?;
+            Ok(if opts.json { json(&list) } else { table(&list) })
+        }
+    }
+}
+
+/// Run `stats`; returns what to print.
+pub fn stats(opts: &PinOpts) -> Result<String, MapsError> {
+    let maps = DatapathMaps::from_pins(&opts.pin_dir)?;
+    let reasons = maps.reasons()?;
+    let pinholes = maps.list()?.len();
+    #[derive(Serialize)]
+    struct Stats<'a> {
+        pinholes: usize,
+        capacity: u32,
+        reasons: &'a [ReasonCount],
+    }
+    Ok(if opts.json {
+        json(&Stats { pinholes, capacity: maps.capacity(), reasons: &reasons })
+    } else {
+        let mut s = format!("pinholes: {pinholes}/{}\n", maps.capacity());
+        for r in &reasons {
+            s.push_str(&format!("{:<22} {}\n", r.reason, r.packets));
+        }
+        s
+    })
+}
+
+fn json<T: Serialize + ?Sized>(v: &T) -> String {
+    // Serialising our own plain structs cannot fail; fall back to an error object anyway.
+    let mut s = serde_json::to_string_pretty(v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
+    s.push('\n');
+    s
+}
+
+fn table(list: &[PinholeEntry]) -> String {
+    let mut s = format!(
+        "{:>5} {:>5} {:<4} {:<8} {:<3} {:<28} {:<28} {:<28} {:<28} {:>10} {:>12}\n",
+        "slot", "pair", "prot", "arrives", "on", "local", "remote", "new src", "new dst", "packets", "bytes"
+    );
+    for e in list {
+        let remote = match &e.latched {
+            Some(l) => format!("{} (latched {l})", e.remote),
+            None => e.remote.clone(),
+        };
+        s.push_str(&format!(
+            "{:>5} {:>5} {:<4} {:<8} {:<3} {:<28} {:<28} {:<28} {:<28} {:>10} {:>12}\n",
+            e.slot,
+            e.pair_slot,
+            e.proto,
+            e.role,
+            e.match_on,
+            e.local,
+            remote,
+            e.new_src.as_deref().unwrap_or("-"),
+            e.new_dst.as_deref().unwrap_or("-"),
+            e.packets,
+            e.bytes
+        ));
+    }
+    s
+}
