@@ -1,2 +1,4 @@
 //! SIP signalling: sans-IO pieces (stream framer, message validation and
 //! normalisation, SDP rewriting) that the TLS proxy drives.
+
+pub mod framer;
