@@ -7,3 +7,4 @@ pub mod cli;
 pub mod config;
 pub mod datapath;
 pub mod sip;
+pub mod testnet;

@@ -76,3 +76,10 @@ pub fn load(sizes: MapSizes, pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> 
     prog.load().map_err(|source| LoadError::Verifier { name: XDP_PROG_NAME, source })?;
     Ok(ebpf)
 }
+
+/// Parse the embedded object and create its (unpinned) maps without loading
+/// any program: for callers that load a program other than the datapath's
+/// (the pass-through program of the test topology).
+pub fn load_object() -> Result<Ebpf, LoadError> {
+    EbpfLoader::new().load(EBPF_OBJECT).map_err(|source| LoadError::Object { source })
+}
