@@ -2,3 +2,5 @@
 //! normalisation, SDP rewriting) that the TLS proxy drives.
 
 pub mod framer;
+pub mod message;
+pub mod uri;
