@@ -4,3 +4,4 @@
 pub mod framer;
 pub mod message;
 pub mod uri;
+pub mod sdp;

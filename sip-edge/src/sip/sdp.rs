@@ -1,0 +1,713 @@
+//! SDP parse and rewrite (RFC 8866/4566): reads the body of an offer or
+//! answer taken from a `sip::message::Message`, lists its media flows
+//! ([`MediaFlow`]) for the pinhole manager, and rewrites the addresses and
+//! ports NAT breaks (`c=`, `o=`, `m=`, `a=rtcp`, `a=candidate`, MSRP
+//! `a=path`) to the ones a [`PortAllocator`] picks, so the body can be put
+//! back into the message.
+//!
+//! Hand-written (no SDP crate we know keeps unknown lines and line ends
+//! byte-for-byte, which a middlebox must): every line we do not rewrite is
+//! copied as received, including its own line end (CRLF or LF).
+//!
+//! Rules followed:
+//! - Media-level `c=` overrides session-level `c=` (RFC 8866 §5.7); when a
+//!   rewritten stream needs a different address from the session one, a
+//!   media-level `c=` is inserted after `m=`/`i=` (the §5 order).
+//! - RTCP goes to RTP port + 1 unless `a=rtcp` says otherwise (RFC 3605)
+//!   or `a=rtcp-mux` puts it on the RTP port (RFC 5761/8035).
+//! - Port 0 (RFC 3264 §6), `a=inactive`, and multicast connections get no
+//!   pinhole and no allocation; their addresses are still hidden behind the
+//!   edge address so no private address leaks.
+//! - TCP media (`TCP`, `TCP/MSRP`, `TCP/TLS/...`) report the RFC 4145
+//!   `a=setup`/`a=connection` values; for MSRP (RFC 4975/5547) the first
+//!   `a=path` URI (the one the peer connects to) gets the new host:port.
+//!   Receivers that check To-Path strictly need RFC 6714 (CEMA) for this to
+//!   work; that is the peer's side of the story.
+//! - ICE (RFC 8839): a [`CandidatePolicy`] decides what happens to host
+//!   candidates with private addresses (and mDNS `.local` names); in the
+//!   non-`Keep` policies the `raddr`/`rport` of other candidates are
+//!   scrubbed to `0.0.0.0`/`::` port 9 as RFC 8839 §5.1 allows, so the
+//!   private address does not leak. `a=remote-candidates` passes through.
+//! - `o=` keeps user, session id and version (we rewrite deterministically
+//!   from the client's SDP; a changing allocation across re-offers with the
+//!   same version is the allocator's concern).
+//! - `m=` port counts (`49170/2`) keep their count; only the base port is
+//!   allocated.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use crate::sip::uri::Host;
+
+/// Why an SDP body cannot be handled (the proxy answers 488 or 500).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SdpError {
+    /// A line we must understand does not follow its grammar.
+    #[error("SDP line {line_no} ({what}) is malformed: {line:?}")]
+    BadLine {
+        /// 1-based line number.
+        line_no: usize,
+        /// Which kind of line.
+        what: &'static str,
+        /// The line (truncated).
+        line: String,
+    },
+    /// A stream that needs a pinhole has no connection address.
+    #[error("media stream {index} has no c= line at media or session level")]
+    MissingConnection {
+        /// m-line index (0-based).
+        index: usize,
+    },
+    /// A transport protocol we cannot classify as UDP or TCP.
+    #[error("media stream {index} uses unsupported transport {proto:?}")]
+    UnsupportedProto {
+        /// m-line index (0-based).
+        index: usize,
+        /// The proto field.
+        proto: String,
+    },
+    /// The allocator had no port for a stream.
+    #[error("no media port available for stream {index}; raise the media port range or the pinhole caps")]
+    PortsExhausted {
+        /// m-line index (0-based).
+        index: usize,
+    },
+    /// No edge address is configured for a family the SDP uses.
+    #[error("no edge {family} address configured to hide stream {index}'s address")]
+    NoEdgeAddress {
+        /// m-line index (0-based), or `usize::MAX` for session-level lines.
+        index: usize,
+        /// `IPv4` or `IPv6`.
+        family: &'static str,
+    },
+}
+
+fn cut(s: &[u8]) -> String {
+    String::from_utf8_lossy(s.get(..96).unwrap_or(s)).into_owned()
+}
+
+/// Transport of a media flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    /// RTP/AVP, UDP/TLS/RTP/SAVPF, udptl, ...
+    Udp,
+    /// TCP, TCP/MSRP, TCP/TLS/RTP/AVP, ...
+    Tcp,
+}
+
+/// `a=sendrecv|sendonly|recvonly|inactive` in force for a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Default (RFC 8866 §6.7).
+    SendRecv,
+    /// `a=sendonly`.
+    SendOnly,
+    /// `a=recvonly`.
+    RecvOnly,
+    /// `a=inactive`.
+    Inactive,
+}
+
+/// An address as SDP carries it: a literal or a host name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Address or FQDN.
+    pub host: Host,
+    /// Port.
+    pub port: u16,
+}
+
+/// Why a stream gets no pinhole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoPinhole {
+    /// Port 0: rejected or disabled stream (RFC 3264 §6).
+    PortZero,
+    /// `a=inactive`.
+    Inactive,
+    /// Multicast connection address.
+    Multicast,
+}
+
+/// One media stream, as the pinhole manager needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediaFlow {
+    /// m-line index (0-based).
+    pub index: usize,
+    /// Media type (`audio`, `video`, `message`, `application`, `image`...).
+    pub kind: String,
+    /// UDP or TCP.
+    pub proto: Proto,
+    /// The proto field as written (`RTP/AVP`, `TCP/MSRP`...).
+    pub proto_text: String,
+    /// Where the stream's RTP (or TCP/MSRP) goes, as offered/answered.
+    pub rtp: Option<Endpoint>,
+    /// Where RTCP goes; `None` for non-RTP protos and with `a=rtcp-mux`.
+    pub rtcp: Option<Endpoint>,
+    /// `a=rtcp-mux` present.
+    pub rtcp_mux: bool,
+    /// Direction in force (media level overrides session level).
+    pub direction: Direction,
+    /// RFC 4145 `a=setup` value, if any.
+    pub setup: Option<String>,
+    /// RFC 4145 `a=connection` value, if any.
+    pub connection: Option<String>,
+    /// The first MSRP `a=path` URI as received.
+    pub msrp_path: Option<String>,
+    /// Why there is no pinhole, if there is none.
+    pub no_pinhole: Option<NoPinhole>,
+    /// Replacement RTP address (after [`Sdp::rewrite`]).
+    pub new_rtp: Option<SocketAddr>,
+    /// Replacement RTCP address (after [`Sdp::rewrite`]).
+    pub new_rtcp: Option<SocketAddr>,
+}
+
+/// What the allocator is asked for one flow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlowRequest<'a> {
+    /// The flow as parsed.
+    pub flow: &'a MediaFlow,
+    /// Whether a separate RTCP port is needed.
+    pub needs_rtcp: bool,
+}
+
+/// The allocator's answer for one flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Allocation {
+    /// Address written into the SDP for this stream.
+    pub addr: IpAddr,
+    /// Port for RTP / the TCP stream.
+    pub port: u16,
+    /// RTCP port; `None` means `port + 1` when RTCP is needed.
+    pub rtcp_port: Option<u16>,
+}
+
+/// Decides replacement addresses and ports (relay: edge ports on this
+/// leg's side; nat: public address + port mapped to the client).
+pub trait PortAllocator {
+    /// Allocates for a flow that needs a pinhole; `None` when exhausted.
+    fn allocate(&mut self, req: &FlowRequest<'_>) -> Option<Allocation>;
+}
+
+impl<F: FnMut(&FlowRequest<'_>) -> Option<Allocation>> PortAllocator for F {
+    fn allocate(&mut self, req: &FlowRequest<'_>) -> Option<Allocation> {
+        self(req)
+    }
+}
+
+/// What to do with ICE candidates (RFC 8839).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CandidatePolicy {
+    /// Leave every candidate alone.
+    Keep,
+    /// Drop host candidates with private addresses or `.local` names.
+    RemovePrivateHost,
+    /// Replace the first private host candidate per component with the
+    /// stream's new address:port (so the default destination is also a
+    /// candidate, no ice-mismatch), drop the other private ones.
+    ReplacePrivateHost,
+    /// Drop every candidate (ICE off through the edge).
+    RemoveAll,
+}
+
+/// Leg-wide rewrite settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RewritePolicy {
+    /// Candidate handling.
+    pub candidates: CandidatePolicy,
+    /// Edge IPv4 address on this leg, for lines not tied to an allocation.
+    pub edge_v4: Option<Ipv4Addr>,
+    /// Edge IPv6 address on this leg.
+    pub edge_v6: Option<Ipv6Addr>,
+}
+
+/// Result of [`Sdp::rewrite`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rewritten {
+    /// The rewritten body.
+    pub sdp: Vec<u8>,
+    /// Every m-line's flow with old and new addresses.
+    pub flows: Vec<MediaFlow>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Line {
+    text: Vec<u8>,
+    eol: &'static [u8],
+}
+
+/// A parsed SDP body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sdp {
+    lines: Vec<Line>,
+    /// Line index of each m= line.
+    media_starts: Vec<usize>,
+    flows: Vec<MediaFlow>,
+}
+
+/// True for addresses that must not leave the inside: RFC 1918, CGNAT
+/// (RFC 6598), loopback, link-local, unspecified, ULA (RFC 4193).
+pub fn is_private(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => {
+            let o = a.octets();
+            a.is_private() || a.is_loopback() || a.is_link_local() || a.is_unspecified() || (o[0] == 100 && (o[1] & 0xc0) == 64)
+        }
+        IpAddr::V6(a) => {
+            let s = a.segments();
+            a.is_loopback() || a.is_unspecified() || (s[0] & 0xfe00) == 0xfc00 || (s[0] & 0xffc0) == 0xfe80
+        }
+    }
+}
+
+fn is_multicast(h: &Host) -> bool {
+    h.ip().is_some_and(|ip| ip.is_multicast())
+}
+
+fn fields(line: &[u8]) -> Vec<&str> {
+    std::str::from_utf8(line).map_or_else(|_| Vec::new(), |s| s.split_ascii_whitespace().collect())
+}
+
+/// `c=IN IP4 addr[/ttl[/n]]` → (host, suffix).
+fn parse_c(value: &[u8]) -> Option<(Host, String)> {
+    let f = fields(value);
+    let [net, _atype, addr] = f.as_slice() else { return None };
+    if *net != "IN" {
+        return None;
+    }
+    let (a, suffix) = addr.find('/').map_or((*addr, ""), |i| addr.split_at(i));
+    Some((Host::parse(a)?, suffix.to_owned()))
+}
+
+fn addr_type(ip: IpAddr) -> &'static str {
+    match ip {
+        IpAddr::V4(_) => "IP4",
+        IpAddr::V6(_) => "IP6",
+    }
+}
+
+/// The SDP form of an address: IPv6 without brackets.
+fn sdp_addr(ip: IpAddr) -> String {
+    ip.to_string()
+}
+
+/// `msrp://host:port/session;tcp` → (prefix "msrp://", host, port, rest).
+fn parse_msrp_uri(uri: &str) -> Option<(&str, Host, u16, &str)> {
+    let scheme_end = uri.find("://")? + 3;
+    let (scheme, rest) = uri.split_at(scheme_end);
+    let auth_end = rest.find('/').unwrap_or(rest.len());
+    let (auth, tail) = rest.split_at(auth_end);
+    let auth = auth.rsplit_once('@').map_or(auth, |(_, h)| h);
+    let (host, port) = crate::sip::uri::parse_hostport(auth, uri).ok()?;
+    Some((scheme, host, port?, tail))
+}
+
+impl Sdp {
+    /// Parses a body; the flows are available from [`Sdp::flows`].
+    pub fn parse(body: &[u8]) -> Result<Sdp, SdpError> {
+        let mut lines = Vec::new();
+        let mut rest = body;
+        while !rest.is_empty() {
+            let (text, eol, next): (&[u8], &'static [u8], &[u8]) = match memchr::memchr(b'\n', rest) {
+                Some(i) if i > 0 && rest[i - 1] == b'\r' => (&rest[..i - 1], b"\r\n", &rest[i + 1..]),
+                Some(i) => (&rest[..i], b"\n", &rest[i + 1..]),
+                None => (rest, b"", &[]),
+            };
+            lines.push(Line { text: text.to_vec(), eol });
+            rest = next;
+        }
+        let media_starts: Vec<usize> = lines
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.text.starts_with(b"m="))
+            .map(|(i, _)| i)
+            .collect();
+        let session_end = media_starts.first().copied().unwrap_or(lines.len());
+        let bad = |i: usize, what, l: &Line| SdpError::BadLine {
+            line_no: i + 1,
+            what,
+            line: cut(&l.text),
+        };
+        let mut session_c = None;
+        let mut session_dir = Direction::SendRecv;
+        for (i, l) in lines.iter().enumerate().take(session_end) {
+            if let Some(v) = l.text.strip_prefix(b"c=") {
+                session_c = Some(parse_c(v).ok_or_else(|| bad(i, "c=", l))?.0);
+            }
+            if let Some(d) = direction_of(&l.text) {
+                session_dir = d;
+            }
+        }
+        let mut flows = Vec::new();
+        for (index, &start) in media_starts.iter().enumerate() {
+            let end = media_starts.get(index + 1).copied().unwrap_or(lines.len());
+            let m = &lines[start];
+            let f = fields(&m.text[2..]);
+            let [kind, port, proto, ..] = f.as_slice() else {
+                return Err(bad(start, "m=", m));
+            };
+            let port: u16 = port
+                .split('/')
+                .next()
+                .and_then(|p| p.parse().ok())
+                .ok_or_else(|| bad(start, "m= port", m))?;
+            let up = proto.to_ascii_uppercase();
+            let is_rtp = up.contains("RTP");
+            let proto_kind = if up.starts_with("TCP") {
+                Proto::Tcp
+            } else if up.starts_with("RTP/") || up.starts_with("UDP") || up == "UDPTL" || up.starts_with("DTLS/") {
+                Proto::Udp
+            } else {
+                return Err(SdpError::UnsupportedProto {
+                    index,
+                    proto: (*proto).to_owned(),
+                });
+            };
+            let mut c = None;
+            let mut dir = session_dir;
+            let (mut rtcp_attr, mut mux, mut setup, mut connection, mut path) = (None, false, None, None, None);
+            for (i, l) in lines.iter().enumerate().take(end).skip(start + 1) {
+                let t = &l.text;
+                if let Some(v) = t.strip_prefix(b"c=") {
+                    c = Some(parse_c(v).ok_or_else(|| bad(i, "c=", l))?.0);
+                } else if let Some(v) = t.strip_prefix(b"a=rtcp:") {
+                    let f = fields(v);
+                    let p: u16 = f.first().and_then(|p| p.parse().ok()).ok_or_else(|| bad(i, "a=rtcp", l))?;
+                    let h = match f.as_slice() {
+                        [_] => None,
+                        [_, "IN", _, a] => Some(Host::parse(a).ok_or_else(|| bad(i, "a=rtcp", l))?),
+                        _ => return Err(bad(i, "a=rtcp", l)),
+                    };
+                    rtcp_attr = Some((p, h));
+                } else if t.as_slice() == b"a=rtcp-mux" {
+                    mux = true;
+                } else if let Some(v) = t.strip_prefix(b"a=setup:") {
+                    setup = Some(String::from_utf8_lossy(v).trim().to_owned());
+                } else if let Some(v) = t.strip_prefix(b"a=connection:") {
+                    connection = Some(String::from_utf8_lossy(v).trim().to_owned());
+                } else if let Some(v) = t.strip_prefix(b"a=path:") {
+                    if path.is_none() {
+                        let first = fields(v).first().map(|s| (*s).to_owned()).ok_or_else(|| bad(i, "a=path", l))?;
+                        parse_msrp_uri(&first).ok_or_else(|| bad(i, "a=path", l))?;
+                        path = Some(first);
+                    }
+                } else if let Some(d) = direction_of(t) {
+                    dir = d;
+                }
+            }
+            let host = c.or_else(|| session_c.clone());
+            let no_pinhole = if port == 0 {
+                Some(NoPinhole::PortZero)
+            } else if dir == Direction::Inactive {
+                Some(NoPinhole::Inactive)
+            } else if host.as_ref().is_some_and(is_multicast) {
+                Some(NoPinhole::Multicast)
+            } else {
+                None
+            };
+            if no_pinhole.is_none() && host.is_none() {
+                return Err(SdpError::MissingConnection { index });
+            }
+            let rtp = host.clone().map(|host| Endpoint { host, port });
+            let rtcp = match (&host, is_rtp && !mux) {
+                (Some(h), true) => {
+                    let (p, a) = rtcp_attr
+                        .clone()
+                        .map_or((port.checked_add(1), None), |(p, a)| (Some(p), a));
+                    p.map(|port| Endpoint {
+                        host: a.unwrap_or_else(|| h.clone()),
+                        port,
+                    })
+                }
+                _ => None,
+            };
+            flows.push(MediaFlow {
+                index,
+                kind: (*kind).to_owned(),
+                proto: proto_kind,
+                proto_text: (*proto).to_owned(),
+                rtp,
+                rtcp,
+                rtcp_mux: mux,
+                direction: dir,
+                setup,
+                connection,
+                msrp_path: path,
+                no_pinhole,
+                new_rtp: None,
+                new_rtcp: None,
+            });
+        }
+        Ok(Sdp {
+            lines,
+            media_starts,
+            flows,
+        })
+    }
+
+    /// The media flows as received.
+    pub fn flows(&self) -> &[MediaFlow] {
+        &self.flows
+    }
+
+    /// The body as parsed (byte-identical to the input).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for l in &self.lines {
+            out.extend_from_slice(&l.text);
+            out.extend_from_slice(l.eol);
+        }
+        out
+    }
+
+    /// Rewrites every address/port the far side would use, asking `alloc`
+    /// for each stream that needs a pinhole.
+    pub fn rewrite(&self, policy: &RewritePolicy, alloc: &mut impl PortAllocator) -> Result<Rewritten, SdpError> {
+        let edge_for = |index: usize, orig: Option<&Host>| -> Result<IpAddr, SdpError> {
+            let want_v6 = matches!(orig.and_then(Host::ip), Some(IpAddr::V6(_)));
+            let (first, second) = if want_v6 {
+                (policy.edge_v6.map(IpAddr::V6), policy.edge_v4.map(IpAddr::V4))
+            } else {
+                (policy.edge_v4.map(IpAddr::V4), policy.edge_v6.map(IpAddr::V6))
+            };
+            first.or(second).ok_or(SdpError::NoEdgeAddress {
+                index,
+                family: if want_v6 { "IPv6" } else { "IPv4" },
+            })
+        };
+        let mut flows = self.flows.clone();
+        // Per stream: new address, new rtp port, new rtcp port.
+        let mut plan: Vec<(IpAddr, Option<u16>, Option<u16>)> = Vec::with_capacity(flows.len());
+        for flow in &mut flows {
+            let needs_rtcp = flow.rtcp.is_some();
+            if flow.no_pinhole.is_some() {
+                let addr = edge_for(flow.index, flow.rtp.as_ref().map(|e| &e.host))?;
+                plan.push((addr, None, None));
+                continue;
+            }
+            let a = alloc
+                .allocate(&FlowRequest { flow, needs_rtcp })
+                .ok_or(SdpError::PortsExhausted { index: flow.index })?;
+            let rtcp_port = if needs_rtcp {
+                Some(a.rtcp_port.unwrap_or_else(|| a.port.saturating_add(1)))
+            } else {
+                None
+            };
+            flow.new_rtp = Some(SocketAddr::new(a.addr, a.port));
+            flow.new_rtcp = rtcp_port.map(|p| SocketAddr::new(a.addr, p));
+            plan.push((a.addr, Some(a.port), rtcp_port));
+        }
+        let session_end = self.media_starts.first().copied().unwrap_or(self.lines.len());
+        let session_c_line = self.lines[..session_end].iter().position(|l| l.text.starts_with(b"c="));
+        let session_c_host = session_c_line
+            .and_then(|i| self.lines.get(i))
+            .and_then(|l| parse_c(&l.text[2..]));
+        // The session-level address: that of the first stream relying on it.
+        let relies_on_session = |k: usize| -> bool {
+            let start = self.media_starts[k];
+            let end = self.media_starts.get(k + 1).copied().unwrap_or(self.lines.len());
+            !self.lines[start + 1..end].iter().any(|l| l.text.starts_with(b"c="))
+        };
+        let session_addr = match (0..flows.len()).find(|&k| relies_on_session(k)) {
+            Some(k) => plan[k].0,
+            None => edge_for(usize::MAX, session_c_host.as_ref().map(|(h, _)| h))?,
+        };
+        let session_multicast = session_c_host.as_ref().is_some_and(|(h, _)| is_multicast(h));
+
+        let mut out: Vec<Line> = Vec::with_capacity(self.lines.len() + 2);
+        for (i, l) in self.lines[..session_end].iter().enumerate() {
+            let t = &l.text;
+            let new = if t.starts_with(b"o=") {
+                let f = fields(&t[2..]);
+                match f.as_slice() {
+                    [user, id, ver, "IN", _, _] => Some(format!("o={user} {id} {ver} IN {} {}", addr_type(session_addr), sdp_addr(session_addr))),
+                    _ => {
+                        return Err(SdpError::BadLine {
+                            line_no: i + 1,
+                            what: "o=",
+                            line: cut(t),
+                        })
+                    }
+                }
+            } else if t.starts_with(b"c=") && !session_multicast {
+                Some(format!("c=IN {} {}", addr_type(session_addr), sdp_addr(session_addr)))
+            } else {
+                None
+            };
+            out.push(new.map_or_else(|| l.clone(), |s| Line { text: s.into_bytes(), eol: l.eol }));
+        }
+        for (k, &start) in self.media_starts.iter().enumerate() {
+            let end = self.media_starts.get(k + 1).copied().unwrap_or(self.lines.len());
+            let (addr, rtp_port, rtcp_port) = plan[k];
+            let flow = &flows[k];
+            let multicast = flow.no_pinhole == Some(NoPinhole::Multicast);
+            let eol = self.lines[start].eol;
+            let mut seen_candidate: [bool; 2] = [false, false];
+            let mut media_c_needed = relies_on_session(k) && addr != session_addr && !multicast;
+            for (i, l) in self.lines[start..end].iter().enumerate() {
+                let t = &l.text;
+                let line_no = start + i + 1;
+                let bad = |what| SdpError::BadLine {
+                    line_no,
+                    what,
+                    line: cut(t),
+                };
+                let mut new: Option<String> = None;
+                let mut drop = false;
+                if i == 0 {
+                    if let Some(p) = rtp_port {
+                        let f = fields(&t[2..]);
+                        let count = f.get(1).and_then(|p| p.split_once('/')).map(|(_, n)| format!("/{n}")).unwrap_or_default();
+                        let mut parts: Vec<String> = f.iter().map(|s| (*s).to_owned()).collect();
+                        if let Some(slot) = parts.get_mut(1) {
+                            *slot = format!("{p}{count}");
+                        }
+                        new = Some(format!("m={}", parts.join(" ")));
+                    }
+                } else if t.starts_with(b"c=") {
+                    if !multicast {
+                        new = Some(format!("c=IN {} {}", addr_type(addr), sdp_addr(addr)));
+                    }
+                } else if let Some(v) = t.strip_prefix(b"a=rtcp:") {
+                    let f = fields(v);
+                    let orig: u16 = f.first().and_then(|p| p.parse().ok()).ok_or_else(|| bad("a=rtcp"))?;
+                    // With rtcp-mux a=rtcp repeats the RTP port (RFC 5761 §5.1.3).
+                    let mux_echo = flow.rtcp_mux && Some(orig) == flow.rtp.as_ref().map(|e| e.port);
+                    let port = if mux_echo { rtp_port } else { rtcp_port.or(rtp_port) };
+                    if let Some(p) = port {
+                        new = Some(if f.len() > 1 {
+                            format!("a=rtcp:{p} IN {} {}", addr_type(addr), sdp_addr(addr))
+                        } else {
+                            format!("a=rtcp:{p}")
+                        });
+                    } else if f.len() > 1 && !multicast {
+                        new = Some(format!("a=rtcp:{orig} IN {} {}", addr_type(addr), sdp_addr(addr)));
+                    }
+                } else if let Some(v) = t.strip_prefix(b"a=candidate:") {
+                    match candidate(v, policy.candidates, &mut seen_candidate, addr, rtp_port, rtcp_port.or(rtp_port)) {
+                        Some(CandidateAction::Keep) => {}
+                        Some(CandidateAction::Drop) => drop = true,
+                        Some(CandidateAction::Replace(s)) => new = Some(format!("a=candidate:{s}")),
+                        None => return Err(bad("a=candidate")),
+                    }
+                } else if let Some(v) = t.strip_prefix(b"a=path:") {
+                    if let Some(p) = rtp_port {
+                        let s = std::str::from_utf8(v).map_err(|_| bad("a=path"))?;
+                        let mut uris: Vec<String> = s.split_ascii_whitespace().map(str::to_owned).collect();
+                        if let Some(first) = uris.first_mut() {
+                            let (scheme, _, _, tail) = parse_msrp_uri(first).ok_or_else(|| bad("a=path"))?;
+                            *first = format!("{scheme}{}{tail}", SocketAddr::new(addr, p));
+                        }
+                        new = Some(format!("a=path:{}", uris.join(" ")));
+                    }
+                }
+                if !drop {
+                    out.push(new.map_or_else(|| l.clone(), |s| Line { text: s.into_bytes(), eol: l.eol }));
+                }
+                // Insert a media-level c= after m= (and i=, if next).
+                let next_is_info = self.lines.get(start + i + 1).is_some_and(|n| n.text.starts_with(b"i=")) && start + i + 1 < end;
+                if media_c_needed && !next_is_info {
+                    out.push(Line {
+                        text: format!("c=IN {} {}", addr_type(addr), sdp_addr(addr)).into_bytes(),
+                        eol,
+                    });
+                    media_c_needed = false;
+                }
+            }
+        }
+        let mut sdp = Vec::new();
+        for l in &out {
+            sdp.extend_from_slice(&l.text);
+            sdp.extend_from_slice(l.eol);
+        }
+        Ok(Rewritten { sdp, flows })
+    }
+}
+
+fn direction_of(line: &[u8]) -> Option<Direction> {
+    match line {
+        b"a=sendrecv" => Some(Direction::SendRecv),
+        b"a=sendonly" => Some(Direction::SendOnly),
+        b"a=recvonly" => Some(Direction::RecvOnly),
+        b"a=inactive" => Some(Direction::Inactive),
+        _ => None,
+    }
+}
+
+enum CandidateAction {
+    Keep,
+    Drop,
+    Replace(String),
+}
+
+/// RFC 8839 §5.1: `foundation component transport priority address port
+/// typ type [raddr a] [rport p] *(ext)`. `None` = malformed.
+fn candidate(
+    v: &[u8],
+    policy: CandidatePolicy,
+    seen: &mut [bool; 2],
+    addr: IpAddr,
+    rtp_port: Option<u16>,
+    rtcp_port: Option<u16>,
+) -> Option<CandidateAction> {
+    let mut f: Vec<String> = fields(v).iter().map(|s| (*s).to_owned()).collect();
+    if f.len() < 8 || f[6] != "typ" {
+        return None;
+    }
+    let component: u32 = f[1].parse().ok()?;
+    f[5].parse::<u16>().ok()?;
+    let host_private = match f[4].parse::<IpAddr>() {
+        Ok(ip) => is_private(ip),
+        // mDNS names (RFC 8839 §5.1 allows FQDNs; browsers use .local).
+        Err(_) => true,
+    };
+    match policy {
+        CandidatePolicy::Keep => return Some(CandidateAction::Keep),
+        CandidatePolicy::RemoveAll => return Some(CandidateAction::Drop),
+        CandidatePolicy::RemovePrivateHost | CandidatePolicy::ReplacePrivateHost => {}
+    }
+    if f[7] == "host" {
+        if !host_private {
+            return Some(CandidateAction::Keep);
+        }
+        if policy == CandidatePolicy::RemovePrivateHost {
+            return Some(CandidateAction::Drop);
+        }
+        let (slot, port) = match component {
+            1 => (0, rtp_port),
+            2 => (1, rtcp_port),
+            _ => return Some(CandidateAction::Drop),
+        };
+        let Some(port) = port else { return Some(CandidateAction::Drop) };
+        if seen[slot] {
+            return Some(CandidateAction::Drop);
+        }
+        seen[slot] = true;
+        f[4] = sdp_addr(addr);
+        f[5] = port.to_string();
+        return Some(CandidateAction::Replace(f.join(" ")));
+    }
+    // Non-host: hide a private related address.
+    let mut changed = false;
+    let mut i = 8;
+    while i + 1 < f.len() {
+        if f[i] == "raddr" {
+            if let Ok(ip) = f[i + 1].parse::<IpAddr>() {
+                if is_private(ip) {
+                    f[i + 1] = if ip.is_ipv6() { "::".into() } else { "0.0.0.0".into() };
+                    changed = true;
+                }
+            }
+        }
+        i += 2;
+    }
+    if changed {
+        let mut i = 8;
+        while i + 1 < f.len() {
+            if f[i] == "rport" {
+                f[i + 1] = "9".into();
+            }
+            i += 2;
+        }
+        return Some(CandidateAction::Replace(f.join(" ")));
+    }
+    Some(CandidateAction::Keep)
+}
