@@ -1,6 +1,141 @@
+//! The sip-edge XDP program (issue #2): forwards packets that match a
+//! pinhole (rewrite + incremental checksums + FIB + devmap redirect), drops
+//! unmatched traffic aimed at media ports of edge addresses, passes the rest
+//! to the kernel, and counts every verdict in `REASONS`.
+//!
+//! Verdict order for a packet arriving on an interface of role R:
+//!
+//! | step | condition                                             | reason               | action   |
+//! |------|-------------------------------------------------------|----------------------|----------|
+//! | 0    | Ethernet/VLAN/IP/UDP/TCP header cut short             | `DropTruncated`      | drop     |
+//! | 0    | EtherType not IPv4/IPv6 (after at most one tag)       | `PassNotIp`          | pass     |
+//! | 0    | ingress ifindex not in `IFACES`                       | `PassUnknownIface`   | pass     |
+//! | 0    | IP version ≠ EtherType, or IPv4 IHL < 5               | `DropMalformed`      | drop     |
+//! | 0    | non-first fragment (IPv4 offset ≠ 0, IPv6 frag hdr)   | `PassFragment`       | pass     |
+//! | 0    | first fragment: always-pass / media / other port      | `PassSignalling` / `DropFragment` / default | |
+//! | 0    | IPv6 extension headers: media port / otherwise        | `DropIpv6Ext` / `PassIpv6Ext` |  |
+//! | 0    | no UDP/TCP ports (ICMP, ...)                          | default policy       |          |
+//! | 1    | pinhole lookup by dst (then by src if R = internal)   | miss → step 6        |          |
+//! | 1    | rule's state slot outside `PH_STATE` / family mismatch| `DropBadRule`        | drop     |
+//! | 2    | remote (or latched remote) differs                    | `DropRemoteMismatch` | drop     |
+//! | 3    | TTL / hop limit ≤ 1                                   | `DropTtlExceeded`    | drop     |
+//! | 4    | rewrite + checksums + TTL decrement                   |                      |          |
+//! | 5    | FIB: no neighbour / other failure / egress ∉ TX_PORTS | `DropNoNeigh` / `DropFibFailed` / `DropNoTxPort` | drop |
+//! | 5    | FIB success, redirected                               | `Forwarded`          | redirect |
+//! | 6    | edge address, always-pass port                        | `PassSignalling`     | pass     |
+//! | 6    | edge address, media port                              | `DropNoPinhole`      | drop     |
+//! | 6    | anything else                                         | `PassOther` / `DropOther` (SETTINGS) | |
+//!
+//! `Latched` is counted in addition to the packet's own reason when the
+//! packet latched a pinhole.
 #![no_std]
 #![no_main]
-// placeholder; the datapath is being written
+#![feature(core_intrinsics)]
+#![expect(
+    internal_features,
+    reason = "core::intrinsics atomics: the bpfel target has no atomic CAS in core::sync::atomic"
+)]
+
+mod fib;
+mod maps;
+mod nat;
+mod parse;
+mod pinhole;
+mod policy;
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    macros::xdp,
+    programs::XdpContext,
+};
+use sip_edge_common::{Addr, Reason, REASON_COUNT};
+
+use crate::{
+    maps::{IFACES, REASONS},
+    parse::{Kind, Packet},
+};
+
+/// Reasons whose action is `XDP_PASS`; every other non-forward reason drops.
+const PASS_MASK: u64 = (1 << Reason::PassNotIp as u32)
+    | (1 << Reason::PassUnknownIface as u32)
+    | (1 << Reason::PassSignalling as u32)
+    | (1 << Reason::PassOther as u32)
+    | (1 << Reason::PassFragment as u32)
+    | (1 << Reason::PassIpv6Ext as u32);
+const _: () = assert!(REASON_COUNT <= 64, "PASS_MASK holds one bit per reason");
+
+/// Entry point: runs the verdict and counts its reason.
+#[xdp]
+pub fn sip_edge_xdp(ctx: XdpContext) -> u32 {
+    match try_sip_edge_xdp(&ctx) {
+        Ok(action) => {
+            count(Reason::Forwarded);
+            action
+        }
+        Err(reason) => {
+            count(reason);
+            if (PASS_MASK >> (reason as u32)) & 1 != 0 { XDP_PASS } else { XDP_DROP }
+        }
+    }
+}
+
+/// The verdict. `Ok` is a forwarded packet (the redirect action); every
+/// other outcome, pass or drop, is an `Err(reason)`.
+#[inline(always)]
+fn try_sip_edge_xdp(ctx: &XdpContext) -> Result<u32, Reason> {
+    let (l3, ver) = parse::eth(ctx)?;
+    let ifindex = ctx.ingress_ifindex() as u32;
+    // SAFETY: IFACES values are plain data written whole by the agent.
+    let role = match IFACES.get_ptr(&ifindex) {
+        Some(c) => unsafe { (*c).role },
+        None => return Err(Reason::PassUnknownIface),
+    };
+    let pkt = parse::ip(ctx, l3, ver)?;
+    let media = match pkt.kind {
+        Kind::Plain => match pinhole::lookup(&pkt, role)? {
+            Some(hit) => return forward(ctx, &pkt, &hit, ifindex),
+            None => Reason::DropNoPinhole,
+        },
+        Kind::Fragment => Reason::DropFragment,
+        Kind::Ipv6Ext => Reason::DropIpv6Ext,
+        Kind::NoPorts => return Err(policy::default_policy()),
+    };
+    Err(policy::unmatched(&pkt, media))
+}
+
+/// Verdict steps 2-5 for a pinhole hit.
+#[inline(always)]
+fn forward(ctx: &XdpContext, pkt: &Packet, hit: &pinhole::Hit, ifindex: u32) -> Result<u32, Reason> {
+    pinhole::check_remote(pkt, hit)?;
+    if pkt.ttl <= 1 {
+        return Err(Reason::DropTtlExceeded);
+    }
+    let t = pinhole::target(pkt, hit)?;
+    nat::rewrite(ctx, pkt, &t)?;
+    let action = fib::forward(ctx, pkt, &t, ifindex)?;
+    // Counters only for packets that actually leave (step 5).
+    pinhole::account(hit.state, (ctx.data_end() - ctx.data()) as u64);
+    Ok(action)
+}
+
+/// Count one packet (or one latch) under `reason`. Per-CPU: no atomics.
+#[inline(always)]
+pub(crate) fn count(reason: Reason) {
+    if let Some(c) = REASONS.get_ptr_mut(&(reason as u32)) {
+        // SAFETY: a per-CPU array slot, only this CPU writes it now.
+        unsafe { *c += 1 };
+    }
+}
+
+/// A parsed address as the 16-byte key form of `sip_edge_common::Addr`.
+#[inline(always)]
+pub(crate) fn to_addr(a: &[u16; 8]) -> Addr {
+    // SAFETY: same size, both plain integers.
+    unsafe { core::mem::transmute::<[u16; 8], Addr>(*a) }
+}
+
 #[cfg(not(test))]
 #[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! { loop {} }
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

@@ -1,0 +1,167 @@
+//! Every BPF map of the datapath, declared in one place (katran's
+//! `balancer_maps.h` shape). Names are exactly `sip_edge_common::map_names`;
+//! every map is pinned by name, so a restarted agent re-adopts them. The
+//! agent writes the configuration maps and `PINHOLES`; this program writes
+//! only `PH_STATE`, `REASONS` and `NEIGH_MISS`.
+//!
+//! The maps are BTF-defined (`.maps` section, libbpf layout) rather than
+//! aya-ebpf's legacy `maps` definitions: the legacy ones carry no key/value
+//! BTF, so `bpftool map dump` could only print hex, and aya-ebpf 0.2.1's own
+//! BTF map types cannot ask for pin-by-name. `MapDef` below is that libbpf
+//! layout plus the `pinning` member (LIBBPF_PIN_BY_NAME), which aya-obj
+//! reads; accessors are the thin helper wrappers aya-ebpf would provide.
+
+use core::{ffi::c_void, ptr::NonNull};
+
+use aya_ebpf::{
+    bindings::{bpf_devmap_val, bpf_map_type, xdp_action::XDP_REDIRECT},
+    helpers::{bpf_map_lookup_elem, bpf_map_update_elem, bpf_redirect_map},
+};
+use sip_edge_common::{
+    EdgeAddrKey, IfaceConfig, NeighMiss, NeighMissKey, PinholeKey, PinholeRule, PinholeState,
+    PortPolicy, Settings, REASON_COUNT,
+};
+
+/// Default number of pinholes (and of `PH_STATE` slots); the agent's loader
+/// overrides both from its configuration before the maps are created.
+pub const DEFAULT_MAX_PINHOLES: usize = 65536;
+
+/// `pinning` value asking the loader to pin the map under its name
+/// (LIBBPF_PIN_BY_NAME; aya's `PinningType::ByName`).
+const PIN_BY_NAME: usize = 1;
+
+/// A BTF map definition: every member is a pointer whose pointee encodes
+/// the value in BTF (array length for integers, pointee type for key and
+/// value). Never dereferenced; the loader replaces references to the static
+/// with the map's fd.
+#[repr(C)]
+pub struct MapDef<const TYPE: usize, K, V, const MAX: usize> {
+    /// `BPF_MAP_TYPE_*`.
+    r#type: *const [i32; TYPE],
+    /// Key type.
+    key: *const K,
+    /// Value type.
+    value: *const V,
+    /// Default size.
+    max_entries: *const [i32; MAX],
+    /// Pinning mode.
+    pinning: *const [i32; PIN_BY_NAME],
+}
+
+// SAFETY: the members are BTF placeholders, never read or written.
+unsafe impl<const TYPE: usize, K, V, const MAX: usize> Sync for MapDef<TYPE, K, V, MAX> {}
+
+impl<const TYPE: usize, K, V, const MAX: usize> MapDef<TYPE, K, V, MAX> {
+    /// The placeholder definition.
+    pub const fn new() -> Self {
+        Self {
+            r#type: core::ptr::null(),
+            key: core::ptr::null(),
+            value: core::ptr::null(),
+            max_entries: core::ptr::null(),
+            pinning: core::ptr::null(),
+        }
+    }
+
+    #[inline(always)]
+    fn as_ptr(&self) -> *mut c_void {
+        core::ptr::from_ref(self).cast_mut().cast()
+    }
+
+    /// `bpf_map_lookup_elem`: a pointer to the value, or `None`.
+    #[inline(always)]
+    pub fn get_ptr_mut(&self, key: &K) -> Option<*mut V> {
+        // SAFETY: the helper only reads `size_of::<K>()` bytes of the key.
+        let p = unsafe { bpf_map_lookup_elem(self.as_ptr(), core::ptr::from_ref(key).cast()) };
+        NonNull::new(p.cast::<V>()).map(NonNull::as_ptr)
+    }
+
+    /// Same as `get_ptr_mut`, for reading.
+    #[inline(always)]
+    pub fn get_ptr(&self, key: &K) -> Option<*const V> {
+        self.get_ptr_mut(key).map(|p| p.cast_const())
+    }
+
+    /// `bpf_map_update_elem` with `flags` (`BPF_ANY` = 0).
+    #[inline(always)]
+    pub fn insert(&self, key: &K, value: &V, flags: u64) -> Result<(), i64> {
+        // SAFETY: the helper copies `size_of::<K>()` / `size_of::<V>()` bytes.
+        let rc = unsafe {
+            bpf_map_update_elem(
+                self.as_ptr(),
+                core::ptr::from_ref(key).cast(),
+                core::ptr::from_ref(value).cast(),
+                flags,
+            )
+        };
+        if rc == 0 { Ok(()) } else { Err(rc) }
+    }
+
+    /// `bpf_redirect_map` (devmaps only): `Ok(XDP_REDIRECT)`, or on a miss
+    /// `Err` carrying the action in the low bits of `flags`.
+    #[inline(always)]
+    pub fn redirect(&self, key: u32, flags: u64) -> Result<u32, u32> {
+        // SAFETY: plain helper call on this map.
+        let rc = unsafe { bpf_redirect_map(self.as_ptr(), key as u64, flags) };
+        if rc == XDP_REDIRECT as i64 { Ok(XDP_REDIRECT) } else { Err(rc as u32) }
+    }
+}
+
+const HASH: usize = bpf_map_type::BPF_MAP_TYPE_HASH as usize;
+const ARRAY: usize = bpf_map_type::BPF_MAP_TYPE_ARRAY as usize;
+const PERCPU_ARRAY: usize = bpf_map_type::BPF_MAP_TYPE_PERCPU_ARRAY as usize;
+const LRU_HASH: usize = bpf_map_type::BPF_MAP_TYPE_LRU_HASH as usize;
+const DEVMAP_HASH: usize = bpf_map_type::BPF_MAP_TYPE_DEVMAP_HASH as usize;
+
+/// The pinhole table, written only by the agent's map writer. A plain HASH,
+/// never LRU: a full table must refuse new calls, not evict live ones.
+#[unsafe(link_section = ".maps")]
+#[unsafe(no_mangle)]
+pub static PINHOLES: MapDef<HASH, PinholeKey, PinholeRule, DEFAULT_MAX_PINHOLES> = MapDef::new();
+
+/// Counters and latch state of each rule, indexed by `PinholeRule::slot`.
+/// Kept apart from the rule so the agent can replace a rule atomically
+/// without losing counters; written here with atomic instructions.
+#[unsafe(link_section = ".maps")]
+#[unsafe(no_mangle)]
+pub static PH_STATE: MapDef<ARRAY, u32, PinholeState, DEFAULT_MAX_PINHOLES> = MapDef::new();
+
+/// Packets per final verdict, indexed by `Reason` (per CPU, no atomics).
+#[unsafe(link_section = ".maps")]
+#[unsafe(no_mangle)]
+pub static REASONS: MapDef<PERCPU_ARRAY, u32, u64, { REASON_COUNT as usize }> = MapDef::new();
+
+/// Role of each interface the program is attached to, by ifindex. An
+/// ifindex missing here means the program runs somewhere it was not
+/// configured for, and every packet is passed untouched.
+#[unsafe(link_section = ".maps")]
+#[unsafe(no_mangle)]
+pub static IFACES: MapDef<HASH, u32, IfaceConfig, 64> = MapDef::new();
+
+/// Media and always-pass port bitmaps (entry 0). Missing or zeroed: no port
+/// is media and none is always-pass.
+#[unsafe(link_section = ".maps")]
+#[unsafe(no_mangle)]
+pub static PORT_POLICY: MapDef<ARRAY, u32, PortPolicy, 1> = MapDef::new();
+
+/// Addresses the edge owns; only traffic to these is judged by `PORT_POLICY`.
+#[unsafe(link_section = ".maps")]
+#[unsafe(no_mangle)]
+pub static EDGE_ADDRS: MapDef<HASH, EdgeAddrKey, u32, 64> = MapDef::new();
+
+/// Global settings (entry 0). Missing: all zero, i.e. `POLICY_PASS`.
+#[unsafe(link_section = ".maps")]
+#[unsafe(no_mangle)]
+pub static SETTINGS: MapDef<ARRAY, u32, Settings, 1> = MapDef::new();
+
+/// Interfaces a forwarded packet may leave through, keyed by ifindex; the
+/// FIB's egress ifindex is looked up here by `bpf_redirect_map`.
+#[unsafe(link_section = ".maps")]
+#[unsafe(no_mangle)]
+pub static TX_PORTS: MapDef<DEVMAP_HASH, u32, bpf_devmap_val, 64> = MapDef::new();
+
+/// Next hops the FIB had no neighbour entry for. LRU: it is a hint list for
+/// the agent (which asks the kernel to resolve them), never authoritative.
+#[unsafe(link_section = ".maps")]
+#[unsafe(no_mangle)]
+pub static NEIGH_MISS: MapDef<LRU_HASH, NeighMissKey, NeighMiss, 1024> = MapDef::new();

@@ -1,0 +1,90 @@
+//! Verdicts for packets that do not use a pinhole: the edge-address port
+//! policy (`EDGE_ADDRS` + `PORT_POLICY`) and the default policy (`SETTINGS`).
+//! Always-pass ports are checked before media ports, so a port in both sets
+//! is signalling.
+
+use sip_edge_common::{EdgeAddrKey, PortPolicy, Reason, POLICY_DROP};
+
+use crate::{
+    maps::{EDGE_ADDRS, PORT_POLICY, SETTINGS},
+    parse::Packet,
+};
+
+/// What the destination port of a packet aimed at the edge is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum PortClass {
+    /// Always-pass port (signalling/admin) on an edge address.
+    Pass,
+    /// Media port on an edge address.
+    Media,
+    /// Anything else (not an edge address, or neither set, or no ports).
+    Other,
+}
+
+const _: () = assert!(core::mem::size_of::<EdgeAddrKey>() == 20);
+const _: () = assert!(core::mem::offset_of!(EdgeAddrKey, family) == 16);
+
+/// Classify the packet's destination: edge address + port bitmaps.
+#[inline(always)]
+pub fn classify(pkt: &Packet) -> PortClass {
+    if !pkt.has_ports {
+        return PortClass::Other;
+    }
+    // The key as 16-bit words: `family` and its padding form the last two
+    // (little-endian: family is the low byte), avoiding byte stores and a
+    // memset call for the 3-byte padding; layout asserted below.
+    let words: [u16; 10] = [
+        pkt.dst[0], pkt.dst[1], pkt.dst[2], pkt.dst[3], pkt.dst[4], pkt.dst[5], pkt.dst[6],
+        pkt.dst[7], pkt.family as u16, 0,
+    ];
+    // SAFETY: same size; EdgeAddrKey has alignment 1.
+    let key = unsafe { &*(&raw const words).cast::<EdgeAddrKey>() };
+    if EDGE_ADDRS.get_ptr(key).is_none() {
+        return PortClass::Other;
+    }
+    // A missing entry behaves as an all-zero policy.
+    let Some(pp) = PORT_POLICY.get_ptr(&0) else {
+        return PortClass::Other;
+    };
+    let port = u16::from_be(pkt.dport);
+    // SAFETY: `pp` is a live array map value; `bit` masks its index.
+    let pp = unsafe { &*pp };
+    if PortPolicy::bit(&pp.pass, port) {
+        PortClass::Pass
+    } else if PortPolicy::bit(&pp.media, port) {
+        PortClass::Media
+    } else {
+        PortClass::Other
+    }
+}
+
+/// `SETTINGS.default_policy` for traffic that is neither a pinhole hit nor
+/// aimed at a media or always-pass port of an edge address.
+#[inline(always)]
+pub fn default_policy() -> Reason {
+    match SETTINGS.get_ptr(&0) {
+        // SAFETY: a live array map value.
+        Some(s) if unsafe { (*s).default_policy } == POLICY_DROP => Reason::DropOther,
+        _ => Reason::PassOther,
+    }
+}
+
+/// Verdict of a packet that does not use a pinhole; `media` is the reason
+/// when it is aimed at a media port of an edge address:
+///
+/// * `DropNoPinhole` (a fast-path candidate that missed, verdict step 6) and
+///   `DropFragment` (a first fragment: a pinhole flow is never fragmented,
+///   and forwarding only the first fragment would be useless): an
+///   always-pass port is `PassSignalling`, anything else the default policy;
+/// * `DropIpv6Ext` (IPv6 with extension headers, never fast-pathed):
+///   anything not aimed at a media port is `PassIpv6Ext`.
+#[inline(always)]
+pub fn unmatched(pkt: &Packet, media: Reason) -> Reason {
+    let ext = media as u32 == Reason::DropIpv6Ext as u32;
+    match classify(pkt) {
+        PortClass::Media => media,
+        _ if ext => Reason::PassIpv6Ext,
+        PortClass::Pass => Reason::PassSignalling,
+        PortClass::Other => default_policy(),
+    }
+}
