@@ -88,7 +88,8 @@ fn check_frames(frames: &[Frame], msgs: &[Vec<u8>], kinds: &[bool]) {
 #[test]
 fn each_fixture_alone_is_one_message() {
     for (name, bytes) in fixtures() {
-        let frames = feed_in_chunks(KeepAliveRole::Responder, &[&bytes]).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let frames = feed_in_chunks(KeepAliveRole::Responder, &[&bytes])
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(frames.len(), 1, "{name}");
         check_frames(&frames, std::slice::from_ref(&bytes), &[true]);
     }
@@ -119,10 +120,17 @@ fn every_split_point_yields_the_same_frames() {
     for (name, a) in &fx {
         // Each fixture pipelined with the next one, ping between.
         let next = &fx[(fx.iter().position(|(n, _)| n == name).unwrap_or(0) + 1) % fx.len()].1;
-        let (stream, msgs, kinds) = build(&[Piece::Msg(a), Piece::Ping, Piece::Msg(next), Piece::StrayCrlf, Piece::Msg(a)]);
+        let (stream, msgs, kinds) = build(&[
+            Piece::Msg(a),
+            Piece::Ping,
+            Piece::Msg(next),
+            Piece::StrayCrlf,
+            Piece::Msg(a),
+        ]);
         for k in 0..=stream.len() {
             let (x, y) = stream.split_at(k);
-            let got = feed_in_chunks(KeepAliveRole::Responder, &[x, y]).unwrap_or_else(|e| panic!("{name} split {k}: {e}"));
+            let got = feed_in_chunks(KeepAliveRole::Responder, &[x, y])
+                .unwrap_or_else(|e| panic!("{name} split {k}: {e}"));
             check_frames(&got, &msgs, &kinds);
         }
     }
@@ -137,12 +145,23 @@ fn byte_by_byte_and_three_way_splits() {
     }
     let (stream, msgs, kinds) = build(&pieces);
     let bytes: Vec<&[u8]> = stream.chunks(1).collect();
-    check_frames(&feed_in_chunks(KeepAliveRole::Responder, &bytes).expect("byte by byte"), &msgs, &kinds);
+    check_frames(
+        &feed_in_chunks(KeepAliveRole::Responder, &bytes).expect("byte by byte"),
+        &msgs,
+        &kinds,
+    );
     // Three-way splits on one fixture with a body (a split inside the head and one inside the body).
-    let (_, invite) = fx.iter().find(|(n, _)| n == "rfc3665_3_1_invite.sip").expect("invite fixture");
+    let (_, invite) = fx
+        .iter()
+        .find(|(n, _)| n == "rfc3665_3_1_invite.sip")
+        .expect("invite fixture");
     for i in (0..invite.len()).step_by(7) {
         for j in (i..invite.len()).step_by(11) {
-            let got = feed_in_chunks(KeepAliveRole::Responder, &[&invite[..i], &invite[i..j], &invite[j..]]).expect("3-way");
+            let got = feed_in_chunks(
+                KeepAliveRole::Responder,
+                &[&invite[..i], &invite[i..j], &invite[j..]],
+            )
+            .expect("3-way");
             check_frames(&got, std::slice::from_ref(invite), &[true]);
         }
     }
@@ -174,7 +193,11 @@ fn errors_do_not_depend_on_the_split() {
     assert!(matches!(whole, FrameError::Garbage { byte: 0x16, .. }));
     for k in 0..=bad.len() {
         let (x, y) = bad.split_at(k);
-        assert_eq!(feed_in_chunks(KeepAliveRole::Responder, &[x, y]).unwrap_err(), whole, "split {k}");
+        assert_eq!(
+            feed_in_chunks(KeepAliveRole::Responder, &[x, y]).unwrap_err(),
+            whole,
+            "split {k}"
+        );
     }
 }
 
@@ -182,7 +205,8 @@ fn errors_do_not_depend_on_the_split() {
 fn truncating_a_fixture_never_yields_a_message() {
     for (name, bytes) in fixtures() {
         for k in 0..bytes.len() {
-            let got = feed_in_chunks(KeepAliveRole::Responder, &[&bytes[..k]]).unwrap_or_else(|e| panic!("{name} prefix {k}: {e}"));
+            let got = feed_in_chunks(KeepAliveRole::Responder, &[&bytes[..k]])
+                .unwrap_or_else(|e| panic!("{name} prefix {k}: {e}"));
             assert!(got.is_empty(), "{name}: prefix {k} produced {got:?}");
         }
     }
@@ -191,19 +215,44 @@ fn truncating_a_fixture_never_yields_a_message() {
 #[test]
 fn limits_apply_to_fixtures() {
     let fx = fixtures();
-    let (_, ok200) = fx.iter().find(|(n, _)| n == "rfc3665_3_1_200_ok.sip").expect("200 fixture");
-    let head_len = ok200.windows(4).position(|w| w == b"\r\n\r\n").expect("head end") + 4;
+    let (_, ok200) = fx
+        .iter()
+        .find(|(n, _)| n == "rfc3665_3_1_200_ok.sip")
+        .expect("200 fixture");
+    let head_len = ok200
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("head end")
+        + 4;
     let body_len = ok200.len() - head_len;
-    let exact = FramerLimits { max_header_bytes: head_len, max_body_bytes: body_len };
+    let exact = FramerLimits {
+        max_header_bytes: head_len,
+        max_body_bytes: body_len,
+    };
     let mut f = Framer::new(KeepAliveRole::Responder, exact);
     f.push(ok200).expect("push");
     assert!(matches!(f.next_frame(), Ok(Some(Frame::Message(_)))));
 
-    let mut f = Framer::new(KeepAliveRole::Responder, FramerLimits { max_header_bytes: head_len - 1, ..exact });
+    let mut f = Framer::new(
+        KeepAliveRole::Responder,
+        FramerLimits {
+            max_header_bytes: head_len - 1,
+            ..exact
+        },
+    );
     f.push(ok200).expect("push");
-    assert!(matches!(f.next_frame(), Err(FrameError::HeadersTooLarge { .. })));
+    assert!(matches!(
+        f.next_frame(),
+        Err(FrameError::HeadersTooLarge { .. })
+    ));
 
-    let mut f = Framer::new(KeepAliveRole::Responder, FramerLimits { max_body_bytes: body_len - 1, ..exact });
+    let mut f = Framer::new(
+        KeepAliveRole::Responder,
+        FramerLimits {
+            max_body_bytes: body_len - 1,
+            ..exact
+        },
+    );
     f.push(ok200).expect("push");
     assert!(
         matches!(f.next_frame(), Err(FrameError::BodyTooLarge { declared, .. }) if declared == body_len as u64)

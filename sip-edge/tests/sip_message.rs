@@ -13,7 +13,12 @@ fn fixtures() -> Vec<(String, Vec<u8>)> {
         .expect("fixture dir")
         .map(|e| e.expect("dir entry").path())
         .filter(|p| p.extension().is_some_and(|e| e == "sip"))
-        .map(|p| (p.file_name().expect("name").to_string_lossy().into_owned(), std::fs::read(&p).expect("read")))
+        .map(|p| {
+            (
+                p.file_name().expect("name").to_string_lossy().into_owned(),
+                std::fs::read(&p).expect("read"),
+            )
+        })
         .collect();
     out.sort();
     out
@@ -28,7 +33,11 @@ fn every_fixture_round_trips_through_framer_and_message() {
             panic!("{name}: no message");
         };
         let m = Message::from_frame(&frame).unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(m.to_bytes(), raw, "{name}: untouched message must serialise byte-for-byte");
+        assert_eq!(
+            m.to_bytes(),
+            raw,
+            "{name}: untouched message must serialise byte-for-byte"
+        );
         m.call_id().unwrap_or_else(|e| panic!("{name}: {e}"));
         m.cseq().unwrap_or_else(|e| panic!("{name}: {e}"));
         m.top_via().unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -36,7 +45,11 @@ fn every_fixture_round_trips_through_framer_and_message() {
         m.to_tag().unwrap_or_else(|e| panic!("{name}: {e}"));
         // Re-serialised with every header rewritten still parses the same.
         let mut edited = m.clone();
-        let names: Vec<(String, String)> = m.headers().iter().map(|h| (h.name.clone(), h.value.clone())).collect();
+        let names: Vec<(String, String)> = m
+            .headers()
+            .iter()
+            .map(|h| (h.name.clone(), h.value.clone()))
+            .collect();
         for (n, v) in names.iter().filter(|(n, _)| !n.eq_ignore_ascii_case("via")) {
             edited.set_header(n, v.clone());
         }
@@ -93,9 +106,24 @@ fn exercise(bytes: &[u8]) {
     let mut f = Framer::new(KeepAliveRole::Responder, FramerLimits::default());
     let _ = f.push(bytes);
     while let Ok(Some(_)) = f.next_frame() {}
-    let Ok(mut m) = Message::parse(bytes) else { return };
-    let _ = (m.call_id(), m.cseq(), m.vias(), m.top_via(), m.from_tag(), m.to_tag(), m.max_forwards());
-    let _ = (m.name_addrs("Contact"), m.name_addrs("Route"), m.name_addrs("Record-Route"), m.request_uri());
+    let Ok(mut m) = Message::parse(bytes) else {
+        return;
+    };
+    let _ = (
+        m.call_id(),
+        m.cseq(),
+        m.vias(),
+        m.top_via(),
+        m.from_tag(),
+        m.to_tag(),
+        m.max_forwards(),
+    );
+    let _ = (
+        m.name_addrs("Contact"),
+        m.name_addrs("Route"),
+        m.name_addrs("Record-Route"),
+        m.request_uri(),
+    );
     if let Ok(addrs) = m.name_addrs("Contact") {
         for a in &addrs {
             let _ = a.sip_uri();
@@ -108,7 +136,11 @@ fn exercise(bytes: &[u8]) {
     let out = m.to_bytes();
     // What we write must parse again (we never emit something we reject).
     Message::parse(&out).unwrap_or_else(|e| {
-        panic!("re-parse failed: {e}\ninput: {:?}\noutput: {:?}", String::from_utf8_lossy(bytes), String::from_utf8_lossy(&out))
+        panic!(
+            "re-parse failed: {e}\ninput: {:?}\noutput: {:?}",
+            String::from_utf8_lossy(bytes),
+            String::from_utf8_lossy(&out)
+        )
     });
 }
 

@@ -7,12 +7,18 @@ use std::path::PathBuf;
 
 use sip_edge::sip::message::Message;
 use sip_edge::sip::sdp::{
-    is_private, Allocation, CandidatePolicy, Direction, FlowRequest, NoPinhole, Proto, RewritePolicy, Sdp, SdpError,
+    is_private, Allocation, CandidatePolicy, Direction, FlowRequest, NoPinhole, Proto,
+    RewritePolicy, Sdp, SdpError,
 };
 use sip_edge::sip::uri::Host;
 
 fn fixture(name: &str) -> Vec<u8> {
-    std::fs::read(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)).expect("fixture")
+    std::fs::read(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name),
+    )
+    .expect("fixture")
 }
 
 const EDGE: &str = "203.0.113.5";
@@ -29,11 +35,22 @@ fn policy(c: CandidatePolicy) -> RewritePolicy {
 fn counter() -> impl FnMut(&FlowRequest<'_>) -> Option<Allocation> {
     let mut next = 40000u16;
     move |req: &FlowRequest<'_>| {
-        let v6 = matches!(req.flow.rtp.as_ref().and_then(|e| e.host.ip()), Some(IpAddr::V6(_)));
-        let addr: IpAddr = if v6 { "2001:db8:e::5".parse().ok()? } else { EDGE.parse().ok()? };
+        let v6 = matches!(
+            req.flow.rtp.as_ref().and_then(|e| e.host.ip()),
+            Some(IpAddr::V6(_))
+        );
+        let addr: IpAddr = if v6 {
+            "2001:db8:e::5".parse().ok()?
+        } else {
+            EDGE.parse().ok()?
+        };
         let port = next;
         next += 2;
-        Some(Allocation { addr, port, rtcp_port: None })
+        Some(Allocation {
+            addr,
+            port,
+            rtcp_port: None,
+        })
     }
 }
 
@@ -64,17 +81,34 @@ fn rfc8866_example_mixed_families() {
     let sdp = Sdp::parse(&fixture("sdp/rfc8866_5_example.sdp")).unwrap();
     let flows = sdp.flows();
     assert_eq!(flows.len(), 3);
-    assert_eq!(flows[0].rtp.as_ref().map(|e| (&e.host, e.port)), Some((&ip("198.51.100.1"), 49170)));
+    assert_eq!(
+        flows[0].rtp.as_ref().map(|e| (&e.host, e.port)),
+        Some((&ip("198.51.100.1"), 49170))
+    );
     assert_eq!(flows[0].rtcp.as_ref().map(|e| e.port), Some(49171));
-    assert_eq!(flows[2].rtp.as_ref().map(|e| e.host.clone()), Some(ip("2001:db8::2")));
-    let out = sdp.rewrite(&policy(CandidatePolicy::Keep), &mut counter()).unwrap();
+    assert_eq!(
+        flows[2].rtp.as_ref().map(|e| e.host.clone()),
+        Some(ip("2001:db8::2"))
+    );
+    let out = sdp
+        .rewrite(&policy(CandidatePolicy::Keep), &mut counter())
+        .unwrap();
     let t = text(&out.sdp);
-    assert!(t.contains("o=jdoe 3724394400 3724394405 IN IP4 203.0.113.5\r\n"), "{t}");
+    assert!(
+        t.contains("o=jdoe 3724394400 3724394405 IN IP4 203.0.113.5\r\n"),
+        "{t}"
+    );
     assert!(t.contains("\r\nc=IN IP4 203.0.113.5\r\nt=0 0\r\n"), "{t}");
     assert!(t.contains("m=audio 40000 RTP/AVP 0\r\nm=audio 40002 RTP/AVP 0\r\nm=video 40004 RTP/AVP 99\r\nc=IN IP6 2001:db8:e::5\r\n"), "{t}");
     assert!(t.contains("u=http://www.jdoe.example.com/home.html\r\ne=Jane Doe <jane@jdoe.example.com>\r\np=+1 617 555-6011\r\n"));
-    assert_eq!(out.flows[2].new_rtp, Some("[2001:db8:e::5]:40004".parse().unwrap()));
-    assert_eq!(out.flows[0].new_rtcp, Some("203.0.113.5:40001".parse().unwrap()));
+    assert_eq!(
+        out.flows[2].new_rtp,
+        Some("[2001:db8:e::5]:40004".parse().unwrap())
+    );
+    assert_eq!(
+        out.flows[0].new_rtcp,
+        Some("203.0.113.5:40001".parse().unwrap())
+    );
     assert!(!t.contains("198.51.100.1"));
 }
 
@@ -82,11 +116,19 @@ fn rfc8866_example_mixed_families() {
 fn rfc4566_multicast_gets_no_pinhole_and_keeps_lf() {
     let raw = fixture("sdp/rfc4566_5_example.sdp");
     let sdp = Sdp::parse(&raw).unwrap();
-    assert!(sdp.flows().iter().all(|f| f.no_pinhole == Some(NoPinhole::Multicast)));
-    assert!(sdp.flows().iter().all(|f| f.direction == Direction::RecvOnly));
+    assert!(sdp
+        .flows()
+        .iter()
+        .all(|f| f.no_pinhole == Some(NoPinhole::Multicast)));
+    assert!(sdp
+        .flows()
+        .iter()
+        .all(|f| f.direction == Direction::RecvOnly));
     let mut called = false;
     let out = sdp
-        .rewrite(&policy(CandidatePolicy::Keep), &mut |_: &FlowRequest<'_>| {
+        .rewrite(&policy(CandidatePolicy::Keep), &mut |_: &FlowRequest<
+            '_,
+        >| {
             called = true;
             None
         })
@@ -96,26 +138,50 @@ fn rfc4566_multicast_gets_no_pinhole_and_keeps_lf() {
     assert!(t.contains("c=IN IP4 233.252.0.12/127\n"));
     assert!(t.contains("m=audio 49170 RTP/AVP 0\n"));
     assert!(!t.contains('\r'), "LF line ends preserved");
-    assert!(t.contains("o=jdoe 2890844526 2890842807 IN IP4 203.0.113.5\n"), "o= hides the origin address");
+    assert!(
+        t.contains("o=jdoe 2890844526 2890842807 IN IP4 203.0.113.5\n"),
+        "o= hides the origin address"
+    );
 }
 
 #[test]
 fn rfc3605_rtcp_attribute_with_and_without_address() {
     let sdp = Sdp::parse(&fixture("sdp/rfc3605_rtcp.sdp")).unwrap();
     let f = sdp.flows();
-    assert_eq!(f[0].rtcp.as_ref().map(|e| (e.host.clone(), e.port)), Some((ip("10.77.0.20"), 53020)));
-    assert_eq!(f[1].rtcp.as_ref().map(|e| (e.host.clone(), e.port)), Some((ip("10.77.0.21"), 53022)));
+    assert_eq!(
+        f[0].rtcp.as_ref().map(|e| (e.host.clone(), e.port)),
+        Some((ip("10.77.0.20"), 53020))
+    );
+    assert_eq!(
+        f[1].rtcp.as_ref().map(|e| (e.host.clone(), e.port)),
+        Some((ip("10.77.0.21"), 53022))
+    );
     assert_eq!(f[1].direction, Direction::SendOnly);
     let mut alloc = |req: &FlowRequest<'_>| {
         assert!(req.needs_rtcp);
-        Some(Allocation { addr: EDGE.parse().ok()?, port: 41000 + 10 * req.flow.index as u16, rtcp_port: Some(45001 + req.flow.index as u16) })
+        Some(Allocation {
+            addr: EDGE.parse().ok()?,
+            port: 41000 + 10 * req.flow.index as u16,
+            rtcp_port: Some(45001 + req.flow.index as u16),
+        })
     };
-    let out = sdp.rewrite(&policy(CandidatePolicy::Keep), &mut alloc).unwrap();
+    let out = sdp
+        .rewrite(&policy(CandidatePolicy::Keep), &mut alloc)
+        .unwrap();
     let t = text(&out.sdp);
-    assert!(t.contains("m=audio 41000 RTP/AVP 0\r\na=rtcp:45001\r\n"), "{t}");
-    assert!(t.contains("m=video 41010 RTP/AVP 31\r\na=rtcp:45002 IN IP4 203.0.113.5\r\na=sendonly\r\n"), "{t}");
+    assert!(
+        t.contains("m=audio 41000 RTP/AVP 0\r\na=rtcp:45001\r\n"),
+        "{t}"
+    );
+    assert!(
+        t.contains("m=video 41010 RTP/AVP 31\r\na=rtcp:45002 IN IP4 203.0.113.5\r\na=sendonly\r\n"),
+        "{t}"
+    );
     assert!(!t.contains("10.77."), "{t}");
-    assert_eq!(out.flows[1].new_rtcp, Some("203.0.113.5:45002".parse().unwrap()));
+    assert_eq!(
+        out.flows[1].new_rtcp,
+        Some("203.0.113.5:45002".parse().unwrap())
+    );
 }
 
 #[test]
@@ -129,24 +195,38 @@ fn rfc8839_candidates_per_policy() {
 
     let keep = run(CandidatePolicy::Keep);
     assert!(keep.contains("a=candidate:1 1 UDP 2130706431 10.77.0.20 45664 typ host\r\n"));
-    assert!(keep.contains("a=rtcp:40000\r\n"), "mux a=rtcp follows the RTP port: {keep}");
+    assert!(
+        keep.contains("a=rtcp:40000\r\n"),
+        "mux a=rtcp follows the RTP port: {keep}"
+    );
 
     let removed = run(CandidatePolicy::RemovePrivateHost);
     assert!(!removed.contains("typ host"), "{removed}");
-    assert!(removed.contains("a=candidate:3 1 UDP 1694498815 192.0.2.3 45664 typ srflx raddr 0.0.0.0 rport 9\r\n"), "{removed}");
+    assert!(
+        removed.contains(
+            "a=candidate:3 1 UDP 1694498815 192.0.2.3 45664 typ srflx raddr 0.0.0.0 rport 9\r\n"
+        ),
+        "{removed}"
+    );
     assert!(!removed.contains("10.77."), "{removed}");
     assert!(!removed.contains("fd00::"), "{removed}");
     assert!(!removed.contains(".local"), "{removed}");
 
     let replaced = run(CandidatePolicy::ReplacePrivateHost);
-    assert!(replaced.contains("a=candidate:1 1 UDP 2130706431 203.0.113.5 40000 typ host\r\n"), "{replaced}");
+    assert!(
+        replaced.contains("a=candidate:1 1 UDP 2130706431 203.0.113.5 40000 typ host\r\n"),
+        "{replaced}"
+    );
     assert_eq!(replaced.matches("typ host").count(), 1, "{replaced}");
 
     let none = run(CandidatePolicy::RemoveAll);
     assert!(!none.contains("a=candidate"));
     for t in [&keep, &removed, &replaced, &none] {
         assert!(t.contains("a=x-unknown-attribute:keep me   exactly\r\n"));
-        assert!(t.contains("a=ice-pwd:asd88fgpdd777uzjYhagZg\r\nb=RS:0\r\n") || t.contains("b=RS:0\r\nb=RR:0\r\n"));
+        assert!(
+            t.contains("a=ice-pwd:asd88fgpdd777uzjYhagZg\r\nb=RS:0\r\n")
+                || t.contains("b=RS:0\r\nb=RR:0\r\n")
+        );
     }
 }
 
@@ -157,12 +237,26 @@ fn rfc4975_msrp_path_rewritten() {
     assert_eq!(f.proto, Proto::Tcp);
     assert_eq!(f.kind, "message");
     assert_eq!(f.rtcp, None);
-    assert_eq!(f.rtp.as_ref().map(|e| e.host.clone()), Some(Host::Name("alice.example.com".into())));
-    assert_eq!(f.msrp_path.as_deref(), Some("msrp://alice.example.com:7654/jshA7weztas;tcp"));
-    let out = sdp.rewrite(&policy(CandidatePolicy::Keep), &mut counter()).unwrap();
+    assert_eq!(
+        f.rtp.as_ref().map(|e| e.host.clone()),
+        Some(Host::Name("alice.example.com".into()))
+    );
+    assert_eq!(
+        f.msrp_path.as_deref(),
+        Some("msrp://alice.example.com:7654/jshA7weztas;tcp")
+    );
+    let out = sdp
+        .rewrite(&policy(CandidatePolicy::Keep), &mut counter())
+        .unwrap();
     let t = text(&out.sdp);
-    assert!(t.contains("c=IN IP4 203.0.113.5\r\nt=0 0\r\nm=message 40000 TCP/MSRP *\r\n"), "{t}");
-    assert!(t.contains("a=path:msrp://203.0.113.5:40000/jshA7weztas;tcp\r\n"), "{t}");
+    assert!(
+        t.contains("c=IN IP4 203.0.113.5\r\nt=0 0\r\nm=message 40000 TCP/MSRP *\r\n"),
+        "{t}"
+    );
+    assert!(
+        t.contains("a=path:msrp://203.0.113.5:40000/jshA7weztas;tcp\r\n"),
+        "{t}"
+    );
     assert!(!t.contains("alice.example.com"), "{t}");
 }
 
@@ -171,10 +265,15 @@ fn rfc5547_file_transfer_keeps_file_attributes() {
     let raw = fixture("sdp/rfc5547_file_transfer.sdp");
     let sdp = Sdp::parse(&raw).unwrap();
     assert_eq!(sdp.flows()[0].direction, Direction::SendOnly);
-    let out = sdp.rewrite(&policy(CandidatePolicy::Keep), &mut counter()).unwrap();
+    let out = sdp
+        .rewrite(&policy(CandidatePolicy::Keep), &mut counter())
+        .unwrap();
     let t = text(&out.sdp);
     let raw_t = text(&raw);
-    for l in raw_t.lines().filter(|l| l.starts_with("a=file-") || l.starts_with("i=") || l.starts_with("a=accept")) {
+    for l in raw_t
+        .lines()
+        .filter(|l| l.starts_with("a=file-") || l.starts_with("i=") || l.starts_with("a=accept"))
+    {
         assert!(t.contains(l), "{l} lost");
     }
     assert!(t.contains("a=path:msrp://203.0.113.5:40000/jshA7we;tcp"));
@@ -185,21 +284,46 @@ fn rfc4145_tcp_setup_port_zero_and_inactive() {
     let sdp = Sdp::parse(&fixture("sdp/rfc4145_example.sdp")).unwrap();
     let f = sdp.flows();
     assert_eq!(f.len(), 4);
-    assert_eq!((f[0].proto, f[0].setup.as_deref(), f[0].connection.as_deref()), (Proto::Tcp, Some("passive"), Some("new")));
-    assert_eq!((f[1].kind.as_str(), f[1].setup.as_deref()), ("application", Some("active")));
+    assert_eq!(
+        (
+            f[0].proto,
+            f[0].setup.as_deref(),
+            f[0].connection.as_deref()
+        ),
+        (Proto::Tcp, Some("passive"), Some("new"))
+    );
+    assert_eq!(
+        (f[1].kind.as_str(), f[1].setup.as_deref()),
+        ("application", Some("active"))
+    );
     assert_eq!(f[2].no_pinhole, Some(NoPinhole::PortZero));
     assert_eq!(f[3].no_pinhole, Some(NoPinhole::Inactive));
     let mut asked = Vec::new();
     let mut alloc = |req: &FlowRequest<'_>| {
         asked.push(req.flow.index);
-        Some(Allocation { addr: EDGE.parse().ok()?, port: 42000 + req.flow.index as u16, rtcp_port: None })
+        Some(Allocation {
+            addr: EDGE.parse().ok()?,
+            port: 42000 + req.flow.index as u16,
+            rtcp_port: None,
+        })
     };
-    let out = sdp.rewrite(&policy(CandidatePolicy::Keep), &mut alloc).unwrap();
+    let out = sdp
+        .rewrite(&policy(CandidatePolicy::Keep), &mut alloc)
+        .unwrap();
     assert_eq!(asked, vec![0, 1]);
     let t = text(&out.sdp);
-    assert!(t.contains("m=image 42000 TCP t38\r\nc=IN IP4 203.0.113.5\r\na=setup:passive\r\n"), "{t}");
-    assert!(t.contains("m=audio 0 RTP/AVP 0\r\nc=IN IP4 203.0.113.5\r\n"), "{t}");
-    assert!(t.contains("m=video 49400 RTP/AVP 31\r\nc=IN IP4 203.0.113.5\r\na=inactive\r\n"), "{t}");
+    assert!(
+        t.contains("m=image 42000 TCP t38\r\nc=IN IP4 203.0.113.5\r\na=setup:passive\r\n"),
+        "{t}"
+    );
+    assert!(
+        t.contains("m=audio 0 RTP/AVP 0\r\nc=IN IP4 203.0.113.5\r\n"),
+        "{t}"
+    );
+    assert!(
+        t.contains("m=video 49400 RTP/AVP 31\r\nc=IN IP4 203.0.113.5\r\na=inactive\r\n"),
+        "{t}"
+    );
     assert!(!t.contains("10.77."), "{t}");
     assert_eq!(out.flows[2].new_rtp, None);
 }
@@ -208,35 +332,68 @@ fn rfc4145_tcp_setup_port_zero_and_inactive() {
 fn exhaustion_and_missing_connection_are_errors() {
     let sdp = Sdp::parse(&fixture("sdp/rfc3605_rtcp.sdp")).unwrap();
     assert_eq!(
-        sdp.rewrite(&policy(CandidatePolicy::Keep), &mut |_: &FlowRequest<'_>| None),
+        sdp.rewrite(&policy(CandidatePolicy::Keep), &mut |_: &FlowRequest<
+            '_,
+        >| None),
         Err(SdpError::PortsExhausted { index: 0 })
     );
     assert_eq!(
-        Sdp::parse(b"v=0\r\no=- 1 1 IN IP4 10.77.0.20\r\ns=-\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n"),
+        Sdp::parse(
+            b"v=0\r\no=- 1 1 IN IP4 10.77.0.20\r\ns=-\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n"
+        ),
         Err(SdpError::MissingConnection { index: 0 })
     );
     assert!(matches!(
         Sdp::parse(b"v=0\r\nc=IN IP4 10.77.0.20\r\nm=audio 4000 SCTP 0\r\n"),
         Err(SdpError::UnsupportedProto { index: 0, .. })
     ));
-    assert!(matches!(Sdp::parse(b"v=0\r\nc=IN IP4 10.77.0.20\r\nm=audio x RTP/AVP 0\r\n"), Err(SdpError::BadLine { line_no: 3, .. })));
-    assert!(matches!(Sdp::parse(b"v=0\r\nc=IN IP4\r\n"), Err(SdpError::BadLine { line_no: 2, .. })));
-    let no_v6 = RewritePolicy { edge_v6: None, edge_v4: None, candidates: CandidatePolicy::Keep };
-    let sdp = Sdp::parse(b"v=0\r\no=- 1 1 IN IP6 2001:db8::1\r\nc=IN IP6 2001:db8::1\r\nm=audio 0 RTP/AVP 0\r\n").unwrap();
-    assert!(matches!(sdp.rewrite(&no_v6, &mut counter()), Err(SdpError::NoEdgeAddress { family: "IPv6", .. })));
+    assert!(matches!(
+        Sdp::parse(b"v=0\r\nc=IN IP4 10.77.0.20\r\nm=audio x RTP/AVP 0\r\n"),
+        Err(SdpError::BadLine { line_no: 3, .. })
+    ));
+    assert!(matches!(
+        Sdp::parse(b"v=0\r\nc=IN IP4\r\n"),
+        Err(SdpError::BadLine { line_no: 2, .. })
+    ));
+    let no_v6 = RewritePolicy {
+        edge_v6: None,
+        edge_v4: None,
+        candidates: CandidatePolicy::Keep,
+    };
+    let sdp = Sdp::parse(
+        b"v=0\r\no=- 1 1 IN IP6 2001:db8::1\r\nc=IN IP6 2001:db8::1\r\nm=audio 0 RTP/AVP 0\r\n",
+    )
+    .unwrap();
+    assert!(matches!(
+        sdp.rewrite(&no_v6, &mut counter()),
+        Err(SdpError::NoEdgeAddress { family: "IPv6", .. })
+    ));
 }
 
 #[test]
 fn sdp_inside_sip_fixtures() {
-    for (name, addr) in [("sip/rfc3665_3_1_invite.sip", "192.0.2.101"), ("sip/rfc4475_style_ipv6.sip", "2001:db8::10")] {
+    for (name, addr) in [
+        ("sip/rfc3665_3_1_invite.sip", "192.0.2.101"),
+        ("sip/rfc4475_style_ipv6.sip", "2001:db8::10"),
+    ] {
         let m = Message::parse(&fixture(name)).unwrap();
         let sdp = Sdp::parse(m.body()).unwrap();
-        assert_eq!(sdp.flows()[0].rtp.as_ref().map(|e| e.host.clone()), Some(ip(addr)), "{name}");
-        let out = sdp.rewrite(&policy(CandidatePolicy::Keep), &mut counter()).unwrap();
+        assert_eq!(
+            sdp.flows()[0].rtp.as_ref().map(|e| e.host.clone()),
+            Some(ip(addr)),
+            "{name}"
+        );
+        let out = sdp
+            .rewrite(&policy(CandidatePolicy::Keep), &mut counter())
+            .unwrap();
         let mut m2 = m.clone();
         m2.set_body(out.sdp.clone());
         let back = Message::parse(&m2.to_bytes()).unwrap();
-        assert_eq!(back.body(), &out.sdp[..], "{name}: Content-Length recomputed");
+        assert_eq!(
+            back.body(),
+            &out.sdp[..],
+            "{name}: Content-Length recomputed"
+        );
         assert!(!text(back.body()).contains(addr), "{name}");
         let new = out.flows[0].new_rtp.expect("allocated");
         assert_eq!(new.port(), 40000);
@@ -246,10 +403,26 @@ fn sdp_inside_sip_fixtures() {
 
 #[test]
 fn private_ranges() {
-    for p in ["10.77.0.1", "172.16.0.1", "192.168.1.1", "100.64.0.1", "127.0.0.1", "169.254.1.1", "fd00::1", "fe80::1", "::1"] {
+    for p in [
+        "10.77.0.1",
+        "172.16.0.1",
+        "192.168.1.1",
+        "100.64.0.1",
+        "127.0.0.1",
+        "169.254.1.1",
+        "fd00::1",
+        "fe80::1",
+        "::1",
+    ] {
         assert!(is_private(p.parse().unwrap()), "{p}");
     }
-    for p in ["192.0.2.1", "203.0.113.5", "100.128.0.1", "2001:db8::1", "172.32.0.1"] {
+    for p in [
+        "192.0.2.1",
+        "203.0.113.5",
+        "100.128.0.1",
+        "2001:db8::1",
+        "172.32.0.1",
+    ] {
         assert!(!is_private(p.parse().unwrap()), "{p}");
     }
 }
@@ -262,14 +435,25 @@ fn mangled_sdp_never_panics() {
     for e in std::fs::read_dir(dir).expect("dir") {
         let raw = std::fs::read(e.expect("entry").path()).expect("read");
         for k in 0..raw.len() {
-            for edit in [None, Some(b' '), Some(b'/'), Some(b'\n'), Some(b':'), Some(0xff)] {
+            for edit in [
+                None,
+                Some(b' '),
+                Some(b'/'),
+                Some(b'\n'),
+                Some(b':'),
+                Some(0xff),
+            ] {
                 let mut v = raw[..k].to_vec();
                 if let Some(b) = edit {
                     v.push(b);
                     v.extend_from_slice(&raw[k..]);
                 }
                 if let Ok(sdp) = Sdp::parse(&v) {
-                    for p in [CandidatePolicy::Keep, CandidatePolicy::ReplacePrivateHost, CandidatePolicy::RemovePrivateHost] {
+                    for p in [
+                        CandidatePolicy::Keep,
+                        CandidatePolicy::ReplacePrivateHost,
+                        CandidatePolicy::RemovePrivateHost,
+                    ] {
                         let _ = sdp.rewrite(&policy(p), &mut counter());
                     }
                 }

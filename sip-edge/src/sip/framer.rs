@@ -305,10 +305,7 @@ impl Framer {
                         return Ok(None);
                     }
                 }
-                State::Body {
-                    head_len,
-                    body_len,
-                } => {
+                State::Body { head_len, body_len } => {
                     let total = head_len.saturating_add(body_len);
                     if self.buf.len() < total {
                         return Ok(None);
@@ -557,7 +554,9 @@ fn trim(b: &[u8]) -> &[u8] {
 /// skipped here; the message layer reports them.
 fn logical_headers(head: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
     let mut out: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-    let mut lines = head.split(|c| *c == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    let mut lines = head
+        .split(|c| *c == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
     let _start_line = lines.next();
     for line in lines {
         if line.is_empty() {
@@ -611,16 +610,24 @@ mod tests {
 
     #[test]
     fn single_message_without_body() {
-        assert_eq!(frames_of(KeepAliveRole::Responder, OPTIONS.as_bytes()), Ok(vec![msg(OPTIONS)]));
+        assert_eq!(
+            frames_of(KeepAliveRole::Responder, OPTIONS.as_bytes()),
+            Ok(vec![msg(OPTIONS)])
+        );
     }
 
     #[test]
     fn head_and_body_split_correctly() {
         let m = "MESSAGE sip:a@example.com SIP/2.0\r\nl: 5\r\n\r\nhello";
         let frames = frames_of(KeepAliveRole::Responder, m.as_bytes()).unwrap();
-        let Frame::Message(raw) = &frames[0] else { panic!("not a message") };
+        let Frame::Message(raw) = &frames[0] else {
+            panic!("not a message")
+        };
         assert_eq!(raw.body(), b"hello");
-        assert_eq!(raw.head(), b"MESSAGE sip:a@example.com SIP/2.0\r\nl: 5\r\n\r\n");
+        assert_eq!(
+            raw.head(),
+            b"MESSAGE sip:a@example.com SIP/2.0\r\nl: 5\r\n\r\n"
+        );
         assert_eq!(raw.as_bytes(), m.as_bytes());
     }
 
@@ -648,7 +655,10 @@ mod tests {
         for h in ["Lx: 3", "Content-Lengthy: 3", "X-l: 3"] {
             let m = format!("MESSAGE sip:a@example.com SIP/2.0\r\n{h}\r\n\r\n");
             assert!(
-                matches!(frames_of(KeepAliveRole::Responder, m.as_bytes()), Err(FrameError::MissingContentLength { .. })),
+                matches!(
+                    frames_of(KeepAliveRole::Responder, m.as_bytes()),
+                    Err(FrameError::MissingContentLength { .. })
+                ),
                 "{h}"
             );
         }
@@ -678,21 +688,39 @@ mod tests {
 
     #[test]
     fn invalid_and_conflicting_content_length() {
-        for v in ["", "-1", "+1", "1 2", "0x10", "abc", "99999999999999999999999"] {
+        for v in [
+            "",
+            "-1",
+            "+1",
+            "1 2",
+            "0x10",
+            "abc",
+            "99999999999999999999999",
+        ] {
             let m = format!("MESSAGE sip:a@example.com SIP/2.0\r\nContent-Length: {v}\r\n\r\n");
             assert!(
-                matches!(frames_of(KeepAliveRole::Responder, m.as_bytes()), Err(FrameError::InvalidContentLength { .. })),
+                matches!(
+                    frames_of(KeepAliveRole::Responder, m.as_bytes()),
+                    Err(FrameError::InvalidContentLength { .. })
+                ),
                 "{v:?}"
             );
         }
         let m = "MESSAGE sip:a@example.com SIP/2.0\r\nContent-Length: 1\r\nl: 2\r\n\r\nab";
         assert_eq!(
             frames_of(KeepAliveRole::Responder, m.as_bytes()),
-            Err(FrameError::ConflictingContentLength { first: 1, second: 2, stream_offset: 0 })
+            Err(FrameError::ConflictingContentLength {
+                first: 1,
+                second: 2,
+                stream_offset: 0
+            })
         );
         // Equal duplicates are harmless.
         let m = "MESSAGE sip:a@example.com SIP/2.0\r\nContent-Length: 2\r\nl: 2\r\n\r\nab";
-        assert_eq!(frames_of(KeepAliveRole::Responder, m.as_bytes()), Ok(vec![msg(m)]));
+        assert_eq!(
+            frames_of(KeepAliveRole::Responder, m.as_bytes()),
+            Ok(vec![msg(m)])
+        );
     }
 
     #[test]
@@ -703,7 +731,13 @@ mod tests {
         input.extend_from_slice(OPTIONS.as_bytes());
         assert_eq!(
             frames_of(KeepAliveRole::Responder, &input),
-            Ok(vec![Frame::Ping, msg(OPTIONS), Frame::Ping, Frame::Ping, msg(OPTIONS)])
+            Ok(vec![
+                Frame::Ping,
+                msg(OPTIONS),
+                Frame::Ping,
+                Frame::Ping,
+                msg(OPTIONS)
+            ])
         );
         // A lone CRLF is undecided until the next bytes come.
         let mut f = Framer::new(KeepAliveRole::Responder, FramerLimits::default());
@@ -734,10 +768,15 @@ mod tests {
     #[test]
     fn bare_lf_heads_are_accepted() {
         let m = "MESSAGE sip:a@example.com SIP/2.0\nl: 2\n\nab";
-        assert_eq!(frames_of(KeepAliveRole::Responder, m.as_bytes()), Ok(vec![msg(m)]));
+        assert_eq!(
+            frames_of(KeepAliveRole::Responder, m.as_bytes()),
+            Ok(vec![msg(m)])
+        );
         let m2 = "MESSAGE sip:a@example.com SIP/2.0\nl: 2\n\r\nab";
         let frames = frames_of(KeepAliveRole::Responder, m2.as_bytes()).unwrap();
-        let Frame::Message(raw) = &frames[0] else { panic!() };
+        let Frame::Message(raw) = &frames[0] else {
+            panic!()
+        };
         assert_eq!(raw.body(), b"ab");
     }
 
@@ -748,7 +787,11 @@ mod tests {
         f.push(&[0x16, 0x03, 0x01, 0x02, 0x00]).unwrap();
         assert_eq!(
             f.next_frame(),
-            Err(FrameError::Garbage { byte: 0x16, offset: 0, context: "first word of the start-line" })
+            Err(FrameError::Garbage {
+                byte: 0x16,
+                offset: 0,
+                context: "first word of the start-line"
+            })
         );
         // Junk after a good message carries the stream offset.
         let mut input = OPTIONS.as_bytes().to_vec();
@@ -756,7 +799,9 @@ mod tests {
         let mut f = Framer::new(KeepAliveRole::Responder, FramerLimits::default());
         f.push(&input).unwrap();
         assert_eq!(f.next_frame(), Ok(Some(msg(OPTIONS))));
-        assert!(matches!(f.next_frame(), Err(FrameError::Garbage { byte: 0, offset, .. }) if offset == OPTIONS.len() as u64));
+        assert!(
+            matches!(f.next_frame(), Err(FrameError::Garbage { byte: 0, offset, .. }) if offset == OPTIONS.len() as u64)
+        );
         for bad in [
             &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
             b"INVITE\r\n\r\n",
@@ -764,12 +809,34 @@ mod tests {
             b" INVITE sip:a SIP/2.0\r\n",
         ] {
             let r = frames_of(KeepAliveRole::Responder, bad);
-            assert!(matches!(r, Err(FrameError::BadStartLine { .. } | FrameError::Garbage { .. })), "{bad:?}: {r:?}");
+            assert!(
+                matches!(
+                    r,
+                    Err(FrameError::BadStartLine { .. } | FrameError::Garbage { .. })
+                ),
+                "{bad:?}: {r:?}"
+            );
         }
-        let r = frames_of(KeepAliveRole::Responder, b"INVITE sip:a SIP/2.0\r\nX: a\x01b\r\n");
-        assert!(matches!(r, Err(FrameError::Garbage { byte: 1, context: "control character in the head", .. })), "{r:?}");
+        let r = frames_of(
+            KeepAliveRole::Responder,
+            b"INVITE sip:a SIP/2.0\r\nX: a\x01b\r\n",
+        );
+        assert!(
+            matches!(
+                r,
+                Err(FrameError::Garbage {
+                    byte: 1,
+                    context: "control character in the head",
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
         let r = frames_of(KeepAliveRole::Responder, b"INVITE sip:a SIP/2.0\rX: a\r\n");
-        assert!(matches!(r, Err(FrameError::Garbage { byte: b'\r', .. })), "{r:?}");
+        assert!(
+            matches!(r, Err(FrameError::Garbage { byte: b'\r', .. })),
+            "{r:?}"
+        );
         let r = frames_of(KeepAliveRole::Responder, b"\r\r\n");
         assert!(matches!(r, Err(FrameError::Garbage { .. })), "{r:?}");
     }
@@ -782,13 +849,20 @@ mod tests {
             "sip/2.0 180 Ringing\r\nl: 0\r\n\r\n",
             "NEWMETHOD sip:a@example.com SIP/2.0\r\nl: 0\r\n\r\n",
         ] {
-            assert_eq!(frames_of(KeepAliveRole::Responder, m.as_bytes()), Ok(vec![msg(m)]), "{m}");
+            assert_eq!(
+                frames_of(KeepAliveRole::Responder, m.as_bytes()),
+                Ok(vec![msg(m)]),
+                "{m}"
+            );
         }
     }
 
     #[test]
     fn header_limit_without_unbounded_buffering() {
-        let limits = FramerLimits { max_header_bytes: 128, max_body_bytes: 16 };
+        let limits = FramerLimits {
+            max_header_bytes: 128,
+            max_body_bytes: 16,
+        };
         let mut f = Framer::new(KeepAliveRole::Responder, limits);
         f.push(b"INVITE sip:a@example.com SIP/2.0\r\n").unwrap();
         assert_eq!(f.next_frame(), Ok(None));
@@ -804,7 +878,13 @@ mod tests {
             }
             assert!(f.buffered() < 128 + 64);
         }
-        assert_eq!(err, Some(FrameError::HeadersTooLarge { limit: 128, stream_offset: 0 }));
+        assert_eq!(
+            err,
+            Some(FrameError::HeadersTooLarge {
+                limit: 128,
+                stream_offset: 0
+            })
+        );
         assert_eq!(f.buffered(), 0);
         // Exactly at the limit passes.
         let base = "M sip:a SIP/2.0\r\nl: 0\r\n";
@@ -817,17 +897,27 @@ mod tests {
         let m2 = format!("{base}X: {}a\r\n\r\n", "a".repeat(pad));
         let mut f = Framer::new(KeepAliveRole::Responder, limits);
         f.push(m2.as_bytes()).unwrap();
-        assert!(matches!(f.next_frame(), Err(FrameError::HeadersTooLarge { .. })));
+        assert!(matches!(
+            f.next_frame(),
+            Err(FrameError::HeadersTooLarge { .. })
+        ));
     }
 
     #[test]
     fn body_limit_checked_before_buffering() {
-        let limits = FramerLimits { max_header_bytes: 1024, max_body_bytes: 16 };
+        let limits = FramerLimits {
+            max_header_bytes: 1024,
+            max_body_bytes: 16,
+        };
         let mut f = Framer::new(KeepAliveRole::Responder, limits);
         f.push(b"MESSAGE sip:a SIP/2.0\r\nl: 17\r\n\r\n").unwrap();
         assert_eq!(
             f.next_frame(),
-            Err(FrameError::BodyTooLarge { declared: 17, limit: 16, stream_offset: 0 })
+            Err(FrameError::BodyTooLarge {
+                declared: 17,
+                limit: 16,
+                stream_offset: 0
+            })
         );
         let m = format!("MESSAGE sip:a SIP/2.0\r\nl: 16\r\n\r\n{}", "b".repeat(16));
         let mut f = Framer::new(KeepAliveRole::Responder, limits);
@@ -837,12 +927,21 @@ mod tests {
 
     #[test]
     fn push_without_draining_is_refused() {
-        let limits = FramerLimits { max_header_bytes: 64, max_body_bytes: 16 };
+        let limits = FramerLimits {
+            max_header_bytes: 64,
+            max_body_bytes: 16,
+        };
         let mut f = Framer::new(KeepAliveRole::Responder, limits);
         let m = "M sip:a SIP/2.0\r\nl: 0\r\n\r\n";
         for _ in 0..4 {
             f.push(m.as_bytes()).unwrap();
         }
-        assert_eq!(f.push(m.as_bytes()), Err(FrameError::BufferFull { buffered: 4 * m.len(), limit: 80 }));
+        assert_eq!(
+            f.push(m.as_bytes()),
+            Err(FrameError::BufferFull {
+                buffered: 4 * m.len(),
+                limit: 80
+            })
+        );
     }
 }

@@ -169,8 +169,16 @@ pub enum StartLine {
 impl fmt::Display for StartLine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            StartLine::Request { method, uri, version } => write!(f, "{method} {uri} {version}"),
-            StartLine::Response { version, code, reason } => write!(f, "{version} {code} {reason}"),
+            StartLine::Request {
+                method,
+                uri,
+                version,
+            } => write!(f, "{method} {uri} {version}"),
+            StartLine::Response {
+                version,
+                code,
+                reason,
+            } => write!(f, "{version} {code} {reason}"),
         }
     }
 }
@@ -298,7 +306,9 @@ impl Params {
             if p.is_empty() {
                 return;
             }
-            let (n, v) = p.split_once('=').map_or((p, None), |(n, v)| (n, Some(v.trim().to_owned())));
+            let (n, v) = p
+                .split_once('=')
+                .map_or((p, None), |(n, v)| (n, Some(v.trim().to_owned())));
             out.push((n.trim().to_owned(), v));
         };
         for (i, c) in s.char_indices() {
@@ -330,7 +340,11 @@ impl Params {
 
     /// Sets (or adds, at the end) a parameter.
     pub fn set(&mut self, name: &str, value: Option<String>) {
-        match self.0.iter_mut().find(|(n, _)| n.eq_ignore_ascii_case(name)) {
+        match self
+            .0
+            .iter_mut()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        {
             Some(slot) => slot.1 = value,
             None => self.0.push((name.to_owned(), value)),
         }
@@ -380,9 +394,18 @@ impl Via {
             reason,
         };
         let mut parts = value.splitn(3, '/');
-        let name = parts.next().map(str::trim).ok_or_else(|| bad("no protocol"))?;
-        let version = parts.next().map(str::trim).ok_or_else(|| bad("no version"))?;
-        let rest = parts.next().map(str::trim_start).ok_or_else(|| bad("no transport"))?;
+        let name = parts
+            .next()
+            .map(str::trim)
+            .ok_or_else(|| bad("no protocol"))?;
+        let version = parts
+            .next()
+            .map(str::trim)
+            .ok_or_else(|| bad("no version"))?;
+        let rest = parts
+            .next()
+            .map(str::trim_start)
+            .ok_or_else(|| bad("no transport"))?;
         if name.is_empty() || version.is_empty() {
             return Err(bad("empty protocol"));
         }
@@ -392,13 +415,16 @@ impl Via {
             return Err(bad("bad transport"));
         }
         let rest = rest[t_end..].trim_start();
-        let (sent_by, params) = rest.find(';').map_or((rest, ""), |i| (&rest[..i], &rest[i + 1..]));
+        let (sent_by, params) = rest
+            .find(';')
+            .map_or((rest, ""), |i| (&rest[..i], &rest[i + 1..]));
         // sent-by may have LWS around the colon; an IPv6 reference has none.
         let sent_by: String = sent_by.chars().filter(|c| !c.is_whitespace()).collect();
-        let (host, port) = parse_hostport(&sent_by, value).map_err(|source| MessageError::BadUri {
-            place: "Via sent-by",
-            source,
-        })?;
+        let (host, port) =
+            parse_hostport(&sent_by, value).map_err(|source| MessageError::BadUri {
+                place: "Via sent-by",
+                source,
+            })?;
         Ok(Via {
             protocol: format!("{name}/{version}"),
             transport: transport.to_owned(),
@@ -421,7 +447,9 @@ impl Via {
     /// `rport` (RFC 3581): `None` absent, `Some(None)` requested (no value),
     /// `Some(Some(p))` filled in.
     pub fn rport(&self) -> Option<Option<u16>> {
-        self.params.get("rport").map(|v| v.and_then(|p| p.parse().ok()))
+        self.params
+            .get("rport")
+            .map(|v| v.and_then(|p| p.parse().ok()))
     }
 }
 
@@ -482,7 +510,10 @@ impl NameAddr {
         }
         match lt {
             Some(i) => {
-                let gt = value[i..].find('>').map(|g| g + i).ok_or_else(|| bad("no closing '>'"))?;
+                let gt = value[i..]
+                    .find('>')
+                    .map(|g| g + i)
+                    .ok_or_else(|| bad("no closing '>'"))?;
                 let display = value[..i].trim();
                 let after = value[gt + 1..].trim_start();
                 let params = match after {
@@ -498,7 +529,9 @@ impl NameAddr {
             }
             None => {
                 // addr-spec: any ';' belongs to the header (§20.10).
-                let (uri, params) = value.find(';').map_or((value, ""), |i| (&value[..i], &value[i + 1..]));
+                let (uri, params) = value
+                    .find(';')
+                    .map_or((value, ""), |i| (&value[..i], &value[i + 1..]));
                 if uri.trim().is_empty() || !uri.contains(':') {
                     return Err(bad("no URI"));
                 }
@@ -567,7 +600,9 @@ impl Message {
     /// from the stream framer always matches.
     pub fn parse(bytes: &[u8]) -> Result<Message, MessageError> {
         let (head, body) = split_head(bytes).ok_or(MessageError::NoHeadEnd)?;
-        let mut lines = head.split(|c| *c == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+        let mut lines = head
+            .split(|c| *c == b'\n')
+            .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
         let first = lines.next().unwrap_or_default();
         let first = std::str::from_utf8(first).map_err(|_| MessageError::NotUtf8 { line_no: 1 })?;
         let start = parse_start_line(first)?;
@@ -579,10 +614,12 @@ impl Message {
             }
             let text = std::str::from_utf8(line).map_err(|_| MessageError::NotUtf8 { line_no })?;
             if text.starts_with([' ', '\t']) {
-                let h = headers.last_mut().ok_or_else(|| MessageError::BadHeaderLine {
-                    line_no,
-                    line: cut(text),
-                })?;
+                let h = headers
+                    .last_mut()
+                    .ok_or_else(|| MessageError::BadHeaderLine {
+                        line_no,
+                        line: cut(text),
+                    })?;
                 let cont = text.trim();
                 if !cont.is_empty() {
                     if !h.value.is_empty() {
@@ -596,10 +633,12 @@ impl Message {
                 }
                 continue;
             }
-            let (name, value) = text.split_once(':').ok_or_else(|| MessageError::BadHeaderLine {
-                line_no,
-                line: cut(text),
-            })?;
+            let (name, value) =
+                text.split_once(':')
+                    .ok_or_else(|| MessageError::BadHeaderLine {
+                        line_no,
+                        line: cut(text),
+                    })?;
             let name = name.trim_end_matches([' ', '\t']);
             if name.is_empty() || !name.bytes().all(is_token) {
                 return Err(MessageError::BadHeaderLine {
@@ -619,11 +658,14 @@ impl Message {
             body: Vec::new(),
         };
         let declared = match msg.header("Content-Length") {
-            Some(v) => Some(v.parse::<usize>().map_err(|_| MessageError::BadHeaderValue {
-                name: "Content-Length",
-                value: cut(v),
-                reason: "not a decimal number",
-            })?),
+            Some(v) => Some(
+                v.parse::<usize>()
+                    .map_err(|_| MessageError::BadHeaderValue {
+                        name: "Content-Length",
+                        value: cut(v),
+                        reason: "not a decimal number",
+                    })?,
+            ),
             None => None,
         };
         let body = match declared {
@@ -659,10 +701,12 @@ impl Message {
     /// The Request-URI parsed as SIP/SIPS (requests only).
     pub fn request_uri(&self) -> Option<Result<SipUri, MessageError>> {
         match &self.start {
-            StartLine::Request { uri, .. } => Some(SipUri::parse(uri).map_err(|source| MessageError::BadUri {
-                place: "Request-URI",
-                source,
-            })),
+            StartLine::Request { uri, .. } => {
+                Some(SipUri::parse(uri).map_err(|source| MessageError::BadUri {
+                    place: "Request-URI",
+                    source,
+                }))
+            }
             StartLine::Response { .. } => None,
         }
     }
@@ -681,7 +725,10 @@ impl Message {
 
     /// The first value of a header (compact forms and case handled).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|h| same_header(&h.name, name)).map(|h| h.value.as_str())
+        self.headers
+            .iter()
+            .find(|h| same_header(&h.name, name))
+            .map(|h| h.value.as_str())
     }
 
     /// Every value of a header, in order, one per header line (split list
@@ -741,12 +788,17 @@ impl Message {
 
     /// Every Via value in order (list values split).
     pub fn vias(&self) -> Result<Vec<Via>, MessageError> {
-        self.header_all("Via").flat_map(split_list).map(Via::parse).collect()
+        self.header_all("Via")
+            .flat_map(split_list)
+            .map(Via::parse)
+            .collect()
     }
 
     /// The topmost Via.
     pub fn top_via(&self) -> Result<Via, MessageError> {
-        let v = self.header("Via").ok_or(MessageError::MissingHeader { name: "Via" })?;
+        let v = self
+            .header("Via")
+            .ok_or(MessageError::MissingHeader { name: "Via" })?;
         let first = split_list(v).into_iter().next().unwrap_or_default();
         Via::parse(first)
     }
@@ -778,7 +830,11 @@ impl Message {
             .iter()
             .position(|h| same_header(&h.name, "Via"))
             .ok_or(MessageError::MissingHeader { name: "Via" })?;
-        let value = self.headers.get(i).map(|h| h.value.clone()).unwrap_or_default();
+        let value = self
+            .headers
+            .get(i)
+            .map(|h| h.value.clone())
+            .unwrap_or_default();
         let list = split_list(&value);
         let top = Via::parse(list.first().copied().unwrap_or_default())?;
         if list.len() <= 1 {
@@ -814,7 +870,9 @@ impl Message {
 
     /// CSeq number and method.
     pub fn cseq(&self) -> Result<CSeq, MessageError> {
-        let v = self.header("CSeq").ok_or(MessageError::MissingHeader { name: "CSeq" })?;
+        let v = self
+            .header("CSeq")
+            .ok_or(MessageError::MissingHeader { name: "CSeq" })?;
         let bad = |reason| MessageError::BadHeaderValue {
             name: "CSeq",
             value: cut(v),
@@ -829,7 +887,9 @@ impl Message {
         if seq.len() > 10 || !seq.bytes().all(|b| b.is_ascii_digit()) {
             return Err(bad("sequence number not decimal"));
         }
-        let seq = seq.parse::<u32>().map_err(|_| bad("sequence number too large"))?;
+        let seq = seq
+            .parse::<u32>()
+            .map_err(|_| bad("sequence number too large"))?;
         if seq >= 1 << 31 {
             return Err(bad("sequence number not below 2**31"));
         }
@@ -850,13 +910,17 @@ impl Message {
 
     /// From (parsed).
     pub fn from(&self) -> Result<NameAddr, MessageError> {
-        let v = self.header("From").ok_or(MessageError::MissingHeader { name: "From" })?;
+        let v = self
+            .header("From")
+            .ok_or(MessageError::MissingHeader { name: "From" })?;
         NameAddr::parse(v, "From")
     }
 
     /// To (parsed).
     pub fn to(&self) -> Result<NameAddr, MessageError> {
-        let v = self.header("To").ok_or(MessageError::MissingHeader { name: "To" })?;
+        let v = self
+            .header("To")
+            .ok_or(MessageError::MissingHeader { name: "To" })?;
         NameAddr::parse(v, "To")
     }
 
@@ -889,7 +953,8 @@ impl Message {
         self.remove_header(name);
         let at = pos.unwrap_or(self.headers.len()).min(self.headers.len());
         for (k, na) in list.iter().enumerate() {
-            self.headers.insert(at + k, Header::new(spelled.clone(), na.to_string()));
+            self.headers
+                .insert(at + k, Header::new(spelled.clone(), na.to_string()));
         }
     }
 
@@ -996,7 +1061,9 @@ mod tests {
     use super::*;
 
     fn fixture(name: &str) -> Vec<u8> {
-        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sip").join(name);
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/sip")
+            .join(name);
         std::fs::read(p).expect("fixture")
     }
 
@@ -1004,7 +1071,10 @@ mod tests {
     fn parses_start_lines() {
         assert!(matches!(
             parse_start_line("INVITE sip:a@b SIP/2.0"),
-            Ok(StartLine::Request { method: Method::Known(rsip::Method::Invite), .. })
+            Ok(StartLine::Request {
+                method: Method::Known(rsip::Method::Invite),
+                ..
+            })
         ));
         assert!(matches!(
             parse_start_line("FOO sip:a@b SIP/2.0"),
@@ -1013,11 +1083,27 @@ mod tests {
         // Method names are case-sensitive: "invite" is an extension method.
         assert!(matches!(
             parse_start_line("invite sip:a@b SIP/2.0"),
-            Ok(StartLine::Request { method: Method::Extension(_), .. })
+            Ok(StartLine::Request {
+                method: Method::Extension(_),
+                ..
+            })
         ));
-        assert!(matches!(parse_start_line("SIP/2.0 486 Busy Here"), Ok(StartLine::Response { code: 486, .. })));
-        assert!(matches!(parse_start_line("SIP/2.0 200 "), Ok(StartLine::Response { code: 200, .. })));
-        for bad in ["SIP/2.0 099 x", "SIP/2.0 700 x", "INVITE sip:a@b", "INVITE  sip:a SIP/2.0", "IN<VITE sip:a SIP/2.0", "INVITE a SIP/2.0"] {
+        assert!(matches!(
+            parse_start_line("SIP/2.0 486 Busy Here"),
+            Ok(StartLine::Response { code: 486, .. })
+        ));
+        assert!(matches!(
+            parse_start_line("SIP/2.0 200 "),
+            Ok(StartLine::Response { code: 200, .. })
+        ));
+        for bad in [
+            "SIP/2.0 099 x",
+            "SIP/2.0 700 x",
+            "INVITE sip:a@b",
+            "INVITE  sip:a SIP/2.0",
+            "IN<VITE sip:a SIP/2.0",
+            "INVITE a SIP/2.0",
+        ] {
             assert!(parse_start_line(bad).is_err(), "{bad}");
         }
     }
@@ -1028,11 +1114,17 @@ mod tests {
         // rsip gap: the whole message is refused.
         assert!(rsip::SipMessage::try_from(raw.as_slice()).is_err());
         let m = Message::parse(&raw).unwrap();
-        assert_eq!(m.method(), Some(&Method::Extension("NEWFANGLEDMETHOD".into())));
+        assert_eq!(
+            m.method(),
+            Some(&Method::Extension("NEWFANGLEDMETHOD".into()))
+        );
         assert_eq!(m.to().unwrap().tag(), Some("1918181833n"));
         assert_eq!(m.to().unwrap().uri, "sip:vivekg@chair-dnrc.example.com");
         assert_eq!(m.from_tag().unwrap().as_deref(), Some("98asjd8"));
-        assert_eq!(m.from().unwrap().display.as_deref(), Some("\"J Rosenberg \\\\\\\"\""));
+        assert_eq!(
+            m.from().unwrap().display.as_deref(),
+            Some("\"J Rosenberg \\\\\\\"\"")
+        );
         assert_eq!(m.max_forwards(), Some(Ok(68)));
         let cseq = m.cseq().unwrap();
         assert_eq!(cseq.seq, 9);
@@ -1045,12 +1137,16 @@ mod tests {
         assert_eq!(vias[0].port, Some(5061));
         assert_eq!(vias[0].branch(), Some("390skdjuw"));
         assert_eq!(vias[1].transport, "TCP");
-        assert_eq!(m.header("NewFangledHeader"), Some("newfangled value continued newfangled value"));
+        assert_eq!(
+            m.header("NewFangledHeader"),
+            Some("newfangled value continued newfangled value")
+        );
         assert_eq!(m.header("unknownheaderwithunusualvalue"), Some(";;,,;;,;"));
         // Untouched headers go out byte-for-byte, folds included.
         let out = m.to_bytes();
         let text = String::from_utf8(out.clone()).unwrap();
-        assert!(text.contains("NewFangledHeader:   newfangled value\r\n continued newfangled value\r\n"));
+        assert!(text
+            .contains("NewFangledHeader:   newfangled value\r\n continued newfangled value\r\n"));
         assert!(text.contains("from   : \"J Rosenberg \\\\\\\"\"       <sip:jdrosen@example.com>\r\n  ;\r\n  tag = 98asjd8\r\n"));
         assert_eq!(out, raw, "nothing changed, so nothing may differ");
     }
@@ -1074,7 +1170,10 @@ mod tests {
     #[test]
     fn ipv6_via_and_contact_rsip_gap() {
         let raw = fixture("rfc4475_style_ipv6.sip");
-        assert!(rsip::SipMessage::try_from(raw.as_slice()).is_err(), "rsip parses bracketed IPv6 now?");
+        assert!(
+            rsip::SipMessage::try_from(raw.as_slice()).is_err(),
+            "rsip parses bracketed IPv6 now?"
+        );
         let m = Message::parse(&raw).unwrap();
         let via = m.top_via().unwrap();
         assert_eq!(via.host, Host::Ip("2001:db8::10".parse().unwrap()));
@@ -1088,9 +1187,13 @@ mod tests {
         let ruri = m.request_uri().unwrap().unwrap();
         assert_eq!(ruri.host.to_string(), "[2001:db8::20]");
         let mut m = m;
-        m.stamp_top_via("[2001:db8::99]:40000".parse().unwrap()).unwrap();
+        m.stamp_top_via("[2001:db8::99]:40000".parse().unwrap())
+            .unwrap();
         let via = m.top_via().unwrap();
-        assert_eq!(via.received(), Some(Host::Ip("2001:db8::99".parse().unwrap())));
+        assert_eq!(
+            via.received(),
+            Some(Host::Ip("2001:db8::99".parse().unwrap()))
+        );
         assert_eq!(via.rport(), Some(Some(40000)));
         assert!(String::from_utf8(m.to_bytes()).unwrap().contains(
             "Via: SIP/2.0/TLS [2001:db8::10]:5061;branch=z9hG4bKas3-111;rport=40000;received=2001:db8::99\r\n"
@@ -1108,7 +1211,10 @@ mod tests {
         assert_eq!(m.vias().unwrap().len(), 2);
         assert_eq!(m.body(), b"Hello Bob");
         let c = m.name_addrs("Contact").unwrap();
-        assert_eq!(c[0].sip_uri().unwrap().host, Host::Ip("10.77.0.20".parse().unwrap()));
+        assert_eq!(
+            c[0].sip_uri().unwrap().host,
+            Host::Ip("10.77.0.20".parse().unwrap())
+        );
         // rsip handles this one: we agree on the basics.
         let r = m.to_rsip().unwrap();
         assert_eq!(r.body(), &m.body().to_vec());
@@ -1122,7 +1228,10 @@ mod tests {
         assert_eq!(ruri.userinfo.as_deref(), Some("%61lice"));
         assert_eq!(m.to().unwrap().uri, "sip:%61lice@atlanta.example.com");
         assert!(!m.to().unwrap().angle);
-        assert_eq!(m.from().unwrap().sip_uri().unwrap().userinfo.as_deref(), Some("I%20have%20spaces"));
+        assert_eq!(
+            m.from().unwrap().sip_uri().unwrap().userinfo.as_deref(),
+            Some("I%20have%20spaces")
+        );
         assert_eq!(m.to_bytes(), raw);
     }
 
@@ -1132,11 +1241,23 @@ mod tests {
         assert_eq!(ok.status(), Some(200));
         assert_eq!(ok.to_tag().unwrap().as_deref(), Some("314159"));
         assert_eq!(ok.from_tag().unwrap().as_deref(), Some("9fxced76sl"));
-        assert_eq!(ok.call_id().unwrap(), "3848276298220188511@atlanta.example.com");
-        assert_eq!(ok.cseq().unwrap(), CSeq { seq: 1, method: Method::Known(rsip::Method::Invite) });
+        assert_eq!(
+            ok.call_id().unwrap(),
+            "3848276298220188511@atlanta.example.com"
+        );
+        assert_eq!(
+            ok.cseq().unwrap(),
+            CSeq {
+                seq: 1,
+                method: Method::Known(rsip::Method::Invite)
+            }
+        );
         let vias = ok.vias().unwrap();
         assert_eq!(vias.len(), 3);
-        assert_eq!(vias[1].received(), Some(Host::Ip("192.0.2.111".parse().unwrap())));
+        assert_eq!(
+            vias[1].received(),
+            Some(Host::Ip("192.0.2.111".parse().unwrap()))
+        );
         assert_eq!(ok.name_addrs("Record-Route").unwrap().len(), 2);
         assert!(ok.body().starts_with(b"v=0\r\n"));
         let bye = Message::parse(&fixture("rfc3665_3_1_bye.sip")).unwrap();
@@ -1150,9 +1271,17 @@ mod tests {
     fn header_editing_preserves_order() {
         let raw = fixture("rfc3665_3_1_invite.sip");
         let mut m = Message::parse(&raw).unwrap();
-        let names = |m: &Message| m.headers().iter().map(|h| h.name.clone()).collect::<Vec<_>>();
+        let names = |m: &Message| {
+            m.headers()
+                .iter()
+                .map(|h| h.name.clone())
+                .collect::<Vec<_>>()
+        };
         let before = names(&m);
-        m.prepend_header("Via", "SIP/2.0/TLS edge.example.com:5061;branch=z9hG4bKedge1");
+        m.prepend_header(
+            "Via",
+            "SIP/2.0/TLS edge.example.com:5061;branch=z9hG4bKedge1",
+        );
         m.prepend_header("Record-Route", "<sips:edge.example.com;lr>");
         m.set_header("max-forwards", "69");
         m.insert_header(99, Header::new("X-Edge", "1"));
@@ -1164,7 +1293,10 @@ mod tests {
         assert_eq!(after[after.len() - 1], "X-Edge");
         assert_eq!(m.header("Max-Forwards"), Some("69"));
         assert_eq!(m.top_via().unwrap().branch(), Some("z9hG4bKedge1"));
-        assert_eq!(m.pop_top_via().unwrap().host, Host::Name("edge.example.com".into()));
+        assert_eq!(
+            m.pop_top_via().unwrap().host,
+            Host::Name("edge.example.com".into())
+        );
         assert_eq!(m.remove_header("X-Edge"), 1);
         assert_eq!(m.remove_header("Record-Route"), 1);
         m.set_header("Max-Forwards", "70");
@@ -1173,7 +1305,9 @@ mod tests {
 
     #[test]
     fn set_header_collapses_duplicates() {
-        let mut m = Message::parse(b"OPTIONS sip:a@b SIP/2.0\r\nX: 1\r\nY: y\r\nx: 2\r\nl: 0\r\n\r\n").unwrap();
+        let mut m =
+            Message::parse(b"OPTIONS sip:a@b SIP/2.0\r\nX: 1\r\nY: y\r\nx: 2\r\nl: 0\r\n\r\n")
+                .unwrap();
         m.set_header("X", "3");
         assert_eq!(m.header_all("X").collect::<Vec<_>>(), vec!["3"]);
         assert_eq!(m.headers()[0].name, "X");
@@ -1192,7 +1326,10 @@ mod tests {
         assert_eq!(top.branch(), Some("z9hG4bKa"));
         assert_eq!(m.top_via().unwrap().branch(), Some("z9hG4bKb"));
         assert_eq!(m.pop_top_via().unwrap().port, None);
-        assert_eq!(m.top_via(), Err(MessageError::MissingHeader { name: "Via" }));
+        assert_eq!(
+            m.top_via(),
+            Err(MessageError::MissingHeader { name: "Via" })
+        );
     }
 
     #[test]
@@ -1201,8 +1338,12 @@ mod tests {
         let mut m = Message::parse(raw).unwrap();
         m.stamp_top_via("10.77.0.20:5061".parse().unwrap()).unwrap();
         assert_eq!(m.top_via().unwrap().received(), None);
-        m.stamp_top_via("203.0.113.9:40000".parse().unwrap()).unwrap();
-        assert_eq!(m.top_via().unwrap().received(), Some(Host::Ip("203.0.113.9".parse().unwrap())));
+        m.stamp_top_via("203.0.113.9:40000".parse().unwrap())
+            .unwrap();
+        assert_eq!(
+            m.top_via().unwrap().received(),
+            Some(Host::Ip("203.0.113.9".parse().unwrap()))
+        );
         assert_eq!(m.top_via().unwrap().rport(), None);
     }
 
@@ -1223,7 +1364,9 @@ mod tests {
         assert!(m.to_bytes().ends_with(b"\r\nl: 5\r\n\r\nhello"));
         let mut m = Message::parse(b"MESSAGE sip:a@b SIP/2.0\r\nX: y\r\n\r\n").unwrap();
         m.set_body(b"hey".to_vec());
-        assert!(m.to_bytes().ends_with(b"X: y\r\nContent-Length: 3\r\n\r\nhey"));
+        assert!(m
+            .to_bytes()
+            .ends_with(b"X: y\r\nContent-Length: 3\r\n\r\nhey"));
     }
 
     #[test]
@@ -1233,13 +1376,19 @@ mod tests {
         assert_eq!(m.body(), b"he");
         assert_eq!(
             Message::parse(b"MESSAGE sip:a@b SIP/2.0\r\nl: 9\r\n\r\nhello"),
-            Err(MessageError::ContentLengthMismatch { declared: 9, actual: 5 })
+            Err(MessageError::ContentLengthMismatch {
+                declared: 9,
+                actual: 5
+            })
         );
     }
 
     #[test]
     fn malformed_inputs_are_typed_errors() {
-        assert_eq!(Message::parse(b"OPTIONS sip:a@b SIP/2.0\r\nl: 0\r\n"), Err(MessageError::NoHeadEnd));
+        assert_eq!(
+            Message::parse(b"OPTIONS sip:a@b SIP/2.0\r\nl: 0\r\n"),
+            Err(MessageError::NoHeadEnd)
+        );
         assert!(matches!(
             Message::parse(b"OPTIONS sip:a@b SIP/2.0\r\nNoColonHere\r\n\r\n"),
             Err(MessageError::BadHeaderLine { line_no: 2, .. })
@@ -1253,24 +1402,49 @@ mod tests {
             Err(MessageError::NotUtf8 { line_no: 2 })
         ));
         let m = Message::parse(b"OPTIONS sip:a@b SIP/2.0\r\nCSeq: 2147483648 OPTIONS\r\nVia: SIP/2.0 192.0.2.1\r\nFrom: \"x <sip:a@b>\r\nTo: <sip:a@b\r\n\r\n").unwrap();
-        assert!(matches!(m.cseq(), Err(MessageError::BadHeaderValue { name: "CSeq", .. })));
-        assert!(matches!(m.top_via(), Err(MessageError::BadHeaderValue { name: "Via", .. })));
-        assert!(matches!(m.from(), Err(MessageError::BadHeaderValue { name: "From", .. })));
-        assert!(matches!(m.to(), Err(MessageError::BadHeaderValue { name: "To", .. })));
-        assert_eq!(m.call_id(), Err(MessageError::MissingHeader { name: "Call-ID" }));
+        assert!(matches!(
+            m.cseq(),
+            Err(MessageError::BadHeaderValue { name: "CSeq", .. })
+        ));
+        assert!(matches!(
+            m.top_via(),
+            Err(MessageError::BadHeaderValue { name: "Via", .. })
+        ));
+        assert!(matches!(
+            m.from(),
+            Err(MessageError::BadHeaderValue { name: "From", .. })
+        ));
+        assert!(matches!(
+            m.to(),
+            Err(MessageError::BadHeaderValue { name: "To", .. })
+        ));
+        assert_eq!(
+            m.call_id(),
+            Err(MessageError::MissingHeader { name: "Call-ID" })
+        );
     }
 
     #[test]
     fn name_addr_shapes() {
-        let n = NameAddr::parse("\"A, <b>\" <sip:a@example.com;transport=tls>;tag=1;expires=60", "Contact").unwrap();
+        let n = NameAddr::parse(
+            "\"A, <b>\" <sip:a@example.com;transport=tls>;tag=1;expires=60",
+            "Contact",
+        )
+        .unwrap();
         assert_eq!(n.display.as_deref(), Some("\"A, <b>\""));
         assert_eq!(n.uri, "sip:a@example.com;transport=tls");
         assert_eq!(n.tag(), Some("1"));
         assert_eq!(n.params.get("expires"), Some(Some("60")));
-        assert_eq!(n.to_string(), "\"A, <b>\" <sip:a@example.com;transport=tls>;tag=1;expires=60");
+        assert_eq!(
+            n.to_string(),
+            "\"A, <b>\" <sip:a@example.com;transport=tls>;tag=1;expires=60"
+        );
         let n = NameAddr::parse("sip:a@example.com;tag=x", "To").unwrap();
         assert_eq!(n.uri, "sip:a@example.com");
         assert_eq!(n.tag(), Some("x"));
-        assert_eq!(split_list("<sip:a@b;x=1,2>, \"c,d\" <sip:e@f>"), vec!["<sip:a@b;x=1,2>", "\"c,d\" <sip:e@f>"]);
+        assert_eq!(
+            split_list("<sip:a@b;x=1,2>, \"c,d\" <sip:e@f>"),
+            vec!["<sip:a@b;x=1,2>", "\"c,d\" <sip:e@f>"]
+        );
     }
 }

@@ -8,6 +8,6 @@
 
 pub mod framer;
 pub mod message;
-pub mod uri;
-pub mod sdp;
 pub mod msmsgs;
+pub mod sdp;
+pub mod uri;

@@ -140,7 +140,9 @@ pub fn parse(body: &[u8]) -> Result<Invitation, MsmsgsError> {
         }
     }
     inv.endpoint = ip.zip(port).map(|(a, p)| SocketAddr::new(a, p));
-    inv.internal = ip_int.zip(port_int.or(port)).map(|(a, p)| SocketAddr::new(a, p));
+    inv.internal = ip_int
+        .zip(port_int.or(port))
+        .map(|(a, p)| SocketAddr::new(a, p));
     Ok(inv)
 }
 
@@ -157,13 +159,18 @@ pub fn rewrite(
     if inv.endpoint.is_none() {
         return Ok((body.to_vec(), inv));
     }
-    let new = alloc(&inv).ok_or_else(|| MsmsgsError::PortsExhausted { cookie: inv.cookie.clone() })?;
+    let new = alloc(&inv).ok_or_else(|| MsmsgsError::PortsExhausted {
+        cookie: inv.cookie.clone(),
+    })?;
     inv.new_endpoint = Some(new);
     let mut out = Vec::with_capacity(body.len() + 16);
     for l in lines(body) {
         let value = if is(l.name, IP) || is(l.name, IP_INTERNAL) {
             Some(new.ip().to_string())
-        } else if is(l.name, PORT) || PORTX.iter().any(|p| is(l.name, p)) || is(l.name, PORTX_INTERNAL) {
+        } else if is(l.name, PORT)
+            || PORTX.iter().any(|p| is(l.name, p))
+            || is(l.name, PORTX_INTERNAL)
+        {
             Some(new.port().to_string())
         } else {
             None
@@ -225,7 +232,10 @@ mod tests {
         let body = b"Invitation-Command: ACCEPT\nIP-Address: 198.51.100.7\nIP-Address-Internal: 10.77.0.30\nPort: 6891\nPortX-Internal: 6892\nX-Unknown:  spaced  \n";
         let inv = parse(body).unwrap();
         assert_eq!(inv.internal, Some("10.77.0.30:6892".parse().unwrap()));
-        let (out, _) = rewrite(body, &mut |_: &Invitation| Some("203.0.113.5:40200".parse().unwrap())).unwrap();
+        let (out, _) = rewrite(body, &mut |_: &Invitation| {
+            Some("203.0.113.5:40200".parse().unwrap())
+        })
+        .unwrap();
         let t = String::from_utf8(out).unwrap();
         assert!(!t.contains("10.77.") && !t.contains("198.51.100.7"), "{t}");
         assert!(t.contains("IP-Address-Internal: 203.0.113.5\nPort: 40200\nPortX-Internal: 40200\nX-Unknown:  spaced  \n"), "{t}");
@@ -234,32 +244,63 @@ mod tests {
     #[test]
     fn invite_without_address_is_untouched_and_errors_are_typed() {
         let body = b"Application-Name: File Transfer\r\nApplication-GUID: {5D3E02AB-6190-11d3-BBBB-00C04F795683}\r\nInvitation-Command: INVITE\r\nInvitation-Cookie: 21863\r\nApplication-File: photo.jpg\r\nApplication-FileSize: 32349\r\n\r\n";
-        let (out, inv) = rewrite(body, &mut |_: &Invitation| panic!("no allocation for INVITE")).unwrap();
+        let (out, inv) = rewrite(body, &mut |_: &Invitation| {
+            panic!("no allocation for INVITE")
+        })
+        .unwrap();
         assert_eq!(out, body);
         assert_eq!(inv.command, Some(Command::Invite));
-        assert!(matches!(parse(b"IP-Address: 10.77.0.300\r\n"), Err(MsmsgsError::BadField { line_no: 1, field: "IP-Address", .. })));
-        assert!(matches!(parse(b"x: y\nPort: 70000\n"), Err(MsmsgsError::BadField { line_no: 2, field: "Port", .. })));
+        assert!(matches!(
+            parse(b"IP-Address: 10.77.0.300\r\n"),
+            Err(MsmsgsError::BadField {
+                line_no: 1,
+                field: "IP-Address",
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse(b"x: y\nPort: 70000\n"),
+            Err(MsmsgsError::BadField {
+                line_no: 2,
+                field: "Port",
+                ..
+            })
+        ));
         assert_eq!(
             rewrite(ACCEPT, &mut |_: &Invitation| None),
-            Err(MsmsgsError::PortsExhausted { cookie: Some("21863".into()) })
+            Err(MsmsgsError::PortsExhausted {
+                cookie: Some("21863".into())
+            })
         );
     }
 
     #[test]
     fn fixture_in_a_sip_message() {
-        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sip/winmsgr_msmsgsinvite_accept.sip");
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/sip/winmsgr_msmsgsinvite_accept.sip");
         let raw = std::fs::read(p).unwrap();
         let m = crate::sip::message::Message::parse(&raw).unwrap();
-        assert!(m.header("Content-Type").unwrap().starts_with("text/x-msmsgsinvite"));
-        let (out, inv) = rewrite(m.body(), &mut |_: &Invitation| Some("203.0.113.5:40300".parse().unwrap())).unwrap();
+        assert!(m
+            .header("Content-Type")
+            .unwrap()
+            .starts_with("text/x-msmsgsinvite"));
+        let (out, inv) = rewrite(m.body(), &mut |_: &Invitation| {
+            Some("203.0.113.5:40300".parse().unwrap())
+        })
+        .unwrap();
         assert_eq!(inv.endpoint, Some("10.77.0.21:6891".parse().unwrap()));
         let mut m2 = m.clone();
         m2.set_body(out);
         let back = crate::sip::message::Message::parse(&m2.to_bytes()).unwrap();
-        assert_eq!(parse(back.body()).unwrap().endpoint, Some("203.0.113.5:40300".parse().unwrap()));
+        assert_eq!(
+            parse(back.body()).unwrap().endpoint,
+            Some("203.0.113.5:40300".parse().unwrap())
+        );
         // Truncations never panic.
         for k in 0..m.body().len() {
-            let _ = rewrite(&m.body()[..k], &mut |_: &Invitation| Some("203.0.113.5:1".parse().unwrap()));
+            let _ = rewrite(&m.body()[..k], &mut |_: &Invitation| {
+                Some("203.0.113.5:1".parse().unwrap())
+            });
         }
     }
 }

@@ -249,11 +249,18 @@ pub fn is_private(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(a) => {
             let o = a.octets();
-            a.is_private() || a.is_loopback() || a.is_link_local() || a.is_unspecified() || (o[0] == 100 && (o[1] & 0xc0) == 64)
+            a.is_private()
+                || a.is_loopback()
+                || a.is_link_local()
+                || a.is_unspecified()
+                || (o[0] == 100 && (o[1] & 0xc0) == 64)
         }
         IpAddr::V6(a) => {
             let s = a.segments();
-            a.is_loopback() || a.is_unspecified() || (s[0] & 0xfe00) == 0xfc00 || (s[0] & 0xffc0) == 0xfe80
+            a.is_loopback()
+                || a.is_unspecified()
+                || (s[0] & 0xfe00) == 0xfc00
+                || (s[0] & 0xffc0) == 0xfe80
         }
     }
 }
@@ -269,7 +276,9 @@ fn fields(line: &[u8]) -> Vec<&str> {
 /// `c=IN IP4 addr[/ttl[/n]]` → (host, suffix).
 fn parse_c(value: &[u8]) -> Option<(Host, String)> {
     let f = fields(value);
-    let [net, _atype, addr] = f.as_slice() else { return None };
+    let [net, _atype, addr] = f.as_slice() else {
+        return None;
+    };
     if *net != "IN" {
         return None;
     }
@@ -306,12 +315,18 @@ impl Sdp {
         let mut lines = Vec::new();
         let mut rest = body;
         while !rest.is_empty() {
-            let (text, eol, next): (&[u8], &'static [u8], &[u8]) = match memchr::memchr(b'\n', rest) {
-                Some(i) if i > 0 && rest[i - 1] == b'\r' => (&rest[..i - 1], b"\r\n", &rest[i + 1..]),
+            let (text, eol, next): (&[u8], &'static [u8], &[u8]) = match memchr::memchr(b'\n', rest)
+            {
+                Some(i) if i > 0 && rest[i - 1] == b'\r' => {
+                    (&rest[..i - 1], b"\r\n", &rest[i + 1..])
+                }
                 Some(i) => (&rest[..i], b"\n", &rest[i + 1..]),
                 None => (rest, b"", &[]),
             };
-            lines.push(Line { text: text.to_vec(), eol });
+            lines.push(Line {
+                text: text.to_vec(),
+                eol,
+            });
             rest = next;
         }
         let media_starts: Vec<usize> = lines
@@ -353,7 +368,11 @@ impl Sdp {
             let is_rtp = up.contains("RTP");
             let proto_kind = if up.starts_with("TCP") {
                 Proto::Tcp
-            } else if up.starts_with("RTP/") || up.starts_with("UDP") || up == "UDPTL" || up.starts_with("DTLS/") {
+            } else if up.starts_with("RTP/")
+                || up.starts_with("UDP")
+                || up == "UDPTL"
+                || up.starts_with("DTLS/")
+            {
                 Proto::Udp
             } else {
                 return Err(SdpError::UnsupportedProto {
@@ -363,14 +382,18 @@ impl Sdp {
             };
             let mut c = None;
             let mut dir = session_dir;
-            let (mut rtcp_attr, mut mux, mut setup, mut connection, mut path) = (None, false, None, None, None);
+            let (mut rtcp_attr, mut mux, mut setup, mut connection, mut path) =
+                (None, false, None, None, None);
             for (i, l) in lines.iter().enumerate().take(end).skip(start + 1) {
                 let t = &l.text;
                 if let Some(v) = t.strip_prefix(b"c=") {
                     c = Some(parse_c(v).ok_or_else(|| bad(i, "c=", l))?.0);
                 } else if let Some(v) = t.strip_prefix(b"a=rtcp:") {
                     let f = fields(v);
-                    let p: u16 = f.first().and_then(|p| p.parse().ok()).ok_or_else(|| bad(i, "a=rtcp", l))?;
+                    let p: u16 = f
+                        .first()
+                        .and_then(|p| p.parse().ok())
+                        .ok_or_else(|| bad(i, "a=rtcp", l))?;
                     let h = match f.as_slice() {
                         [_] => None,
                         [_, "IN", _, a] => Some(Host::parse(a).ok_or_else(|| bad(i, "a=rtcp", l))?),
@@ -385,7 +408,10 @@ impl Sdp {
                     connection = Some(String::from_utf8_lossy(v).trim().to_owned());
                 } else if let Some(v) = t.strip_prefix(b"a=path:") {
                     if path.is_none() {
-                        let first = fields(v).first().map(|s| (*s).to_owned()).ok_or_else(|| bad(i, "a=path", l))?;
+                        let first = fields(v)
+                            .first()
+                            .map(|s| (*s).to_owned())
+                            .ok_or_else(|| bad(i, "a=path", l))?;
                         parse_msrp_uri(&first).ok_or_else(|| bad(i, "a=path", l))?;
                         path = Some(first);
                     }
@@ -460,13 +486,23 @@ impl Sdp {
 
     /// Rewrites every address/port the far side would use, asking `alloc`
     /// for each stream that needs a pinhole.
-    pub fn rewrite(&self, policy: &RewritePolicy, alloc: &mut impl PortAllocator) -> Result<Rewritten, SdpError> {
+    pub fn rewrite(
+        &self,
+        policy: &RewritePolicy,
+        alloc: &mut impl PortAllocator,
+    ) -> Result<Rewritten, SdpError> {
         let edge_for = |index: usize, orig: Option<&Host>| -> Result<IpAddr, SdpError> {
             let want_v6 = matches!(orig.and_then(Host::ip), Some(IpAddr::V6(_)));
             let (first, second) = if want_v6 {
-                (policy.edge_v6.map(IpAddr::V6), policy.edge_v4.map(IpAddr::V4))
+                (
+                    policy.edge_v6.map(IpAddr::V6),
+                    policy.edge_v4.map(IpAddr::V4),
+                )
             } else {
-                (policy.edge_v4.map(IpAddr::V4), policy.edge_v6.map(IpAddr::V6))
+                (
+                    policy.edge_v4.map(IpAddr::V4),
+                    policy.edge_v6.map(IpAddr::V6),
+                )
             };
             first.or(second).ok_or(SdpError::NoEdgeAddress {
                 index,
@@ -495,22 +531,36 @@ impl Sdp {
             flow.new_rtcp = rtcp_port.map(|p| SocketAddr::new(a.addr, p));
             plan.push((a.addr, Some(a.port), rtcp_port));
         }
-        let session_end = self.media_starts.first().copied().unwrap_or(self.lines.len());
-        let session_c_line = self.lines[..session_end].iter().position(|l| l.text.starts_with(b"c="));
+        let session_end = self
+            .media_starts
+            .first()
+            .copied()
+            .unwrap_or(self.lines.len());
+        let session_c_line = self.lines[..session_end]
+            .iter()
+            .position(|l| l.text.starts_with(b"c="));
         let session_c_host = session_c_line
             .and_then(|i| self.lines.get(i))
             .and_then(|l| parse_c(&l.text[2..]));
         // The session-level address: that of the first stream relying on it.
         let relies_on_session = |k: usize| -> bool {
             let start = self.media_starts[k];
-            let end = self.media_starts.get(k + 1).copied().unwrap_or(self.lines.len());
-            !self.lines[start + 1..end].iter().any(|l| l.text.starts_with(b"c="))
+            let end = self
+                .media_starts
+                .get(k + 1)
+                .copied()
+                .unwrap_or(self.lines.len());
+            !self.lines[start + 1..end]
+                .iter()
+                .any(|l| l.text.starts_with(b"c="))
         };
         let session_addr = match (0..flows.len()).find(|&k| relies_on_session(k)) {
             Some(k) => plan[k].0,
             None => edge_for(usize::MAX, session_c_host.as_ref().map(|(h, _)| h))?,
         };
-        let session_multicast = session_c_host.as_ref().is_some_and(|(h, _)| is_multicast(h));
+        let session_multicast = session_c_host
+            .as_ref()
+            .is_some_and(|(h, _)| is_multicast(h));
 
         let mut out: Vec<Line> = Vec::with_capacity(self.lines.len() + 2);
         for (i, l) in self.lines[..session_end].iter().enumerate() {
@@ -518,7 +568,11 @@ impl Sdp {
             let new = if t.starts_with(b"o=") {
                 let f = fields(&t[2..]);
                 match f.as_slice() {
-                    [user, id, ver, "IN", _, _] => Some(format!("o={user} {id} {ver} IN {} {}", addr_type(session_addr), sdp_addr(session_addr))),
+                    [user, id, ver, "IN", _, _] => Some(format!(
+                        "o={user} {id} {ver} IN {} {}",
+                        addr_type(session_addr),
+                        sdp_addr(session_addr)
+                    )),
                     _ => {
                         return Err(SdpError::BadLine {
                             line_no: i + 1,
@@ -528,14 +582,28 @@ impl Sdp {
                     }
                 }
             } else if t.starts_with(b"c=") && !session_multicast {
-                Some(format!("c=IN {} {}", addr_type(session_addr), sdp_addr(session_addr)))
+                Some(format!(
+                    "c=IN {} {}",
+                    addr_type(session_addr),
+                    sdp_addr(session_addr)
+                ))
             } else {
                 None
             };
-            out.push(new.map_or_else(|| l.clone(), |s| Line { text: s.into_bytes(), eol: l.eol }));
+            out.push(new.map_or_else(
+                || l.clone(),
+                |s| Line {
+                    text: s.into_bytes(),
+                    eol: l.eol,
+                },
+            ));
         }
         for (k, &start) in self.media_starts.iter().enumerate() {
-            let end = self.media_starts.get(k + 1).copied().unwrap_or(self.lines.len());
+            let end = self
+                .media_starts
+                .get(k + 1)
+                .copied()
+                .unwrap_or(self.lines.len());
             let (addr, rtp_port, rtcp_port) = plan[k];
             let flow = &flows[k];
             let multicast = flow.no_pinhole == Some(NoPinhole::Multicast);
@@ -555,7 +623,11 @@ impl Sdp {
                 if i == 0 {
                     if let Some(p) = rtp_port {
                         let f = fields(&t[2..]);
-                        let count = f.get(1).and_then(|p| p.split_once('/')).map(|(_, n)| format!("/{n}")).unwrap_or_default();
+                        let count = f
+                            .get(1)
+                            .and_then(|p| p.split_once('/'))
+                            .map(|(_, n)| format!("/{n}"))
+                            .unwrap_or_default();
                         let mut parts: Vec<String> = f.iter().map(|s| (*s).to_owned()).collect();
                         if let Some(slot) = parts.get_mut(1) {
                             *slot = format!("{p}{count}");
@@ -568,10 +640,17 @@ impl Sdp {
                     }
                 } else if let Some(v) = t.strip_prefix(b"a=rtcp:") {
                     let f = fields(v);
-                    let orig: u16 = f.first().and_then(|p| p.parse().ok()).ok_or_else(|| bad("a=rtcp"))?;
+                    let orig: u16 = f
+                        .first()
+                        .and_then(|p| p.parse().ok())
+                        .ok_or_else(|| bad("a=rtcp"))?;
                     // With rtcp-mux a=rtcp repeats the RTP port (RFC 5761 §5.1.3).
                     let mux_echo = flow.rtcp_mux && Some(orig) == flow.rtp.as_ref().map(|e| e.port);
-                    let port = if mux_echo { rtp_port } else { rtcp_port.or(rtp_port) };
+                    let port = if mux_echo {
+                        rtp_port
+                    } else {
+                        rtcp_port.or(rtp_port)
+                    };
                     if let Some(p) = port {
                         new = Some(if f.len() > 1 {
                             format!("a=rtcp:{p} IN {} {}", addr_type(addr), sdp_addr(addr))
@@ -579,10 +658,21 @@ impl Sdp {
                             format!("a=rtcp:{p}")
                         });
                     } else if f.len() > 1 && !multicast {
-                        new = Some(format!("a=rtcp:{orig} IN {} {}", addr_type(addr), sdp_addr(addr)));
+                        new = Some(format!(
+                            "a=rtcp:{orig} IN {} {}",
+                            addr_type(addr),
+                            sdp_addr(addr)
+                        ));
                     }
                 } else if let Some(v) = t.strip_prefix(b"a=candidate:") {
-                    match candidate(v, policy.candidates, &mut seen_candidate, addr, rtp_port, rtcp_port.or(rtp_port)) {
+                    match candidate(
+                        v,
+                        policy.candidates,
+                        &mut seen_candidate,
+                        addr,
+                        rtp_port,
+                        rtcp_port.or(rtp_port),
+                    ) {
                         Some(CandidateAction::Keep) => {}
                         Some(CandidateAction::Drop) => drop = true,
                         Some(CandidateAction::Replace(s)) => new = Some(format!("a=candidate:{s}")),
@@ -591,19 +681,31 @@ impl Sdp {
                 } else if let Some(v) = t.strip_prefix(b"a=path:") {
                     if let Some(p) = rtp_port {
                         let s = std::str::from_utf8(v).map_err(|_| bad("a=path"))?;
-                        let mut uris: Vec<String> = s.split_ascii_whitespace().map(str::to_owned).collect();
+                        let mut uris: Vec<String> =
+                            s.split_ascii_whitespace().map(str::to_owned).collect();
                         if let Some(first) = uris.first_mut() {
-                            let (scheme, _, _, tail) = parse_msrp_uri(first).ok_or_else(|| bad("a=path"))?;
+                            let (scheme, _, _, tail) =
+                                parse_msrp_uri(first).ok_or_else(|| bad("a=path"))?;
                             *first = format!("{scheme}{}{tail}", SocketAddr::new(addr, p));
                         }
                         new = Some(format!("a=path:{}", uris.join(" ")));
                     }
                 }
                 if !drop {
-                    out.push(new.map_or_else(|| l.clone(), |s| Line { text: s.into_bytes(), eol: l.eol }));
+                    out.push(new.map_or_else(
+                        || l.clone(),
+                        |s| Line {
+                            text: s.into_bytes(),
+                            eol: l.eol,
+                        },
+                    ));
                 }
                 // Insert a media-level c= after m= (and i=, if next).
-                let next_is_info = self.lines.get(start + i + 1).is_some_and(|n| n.text.starts_with(b"i=")) && start + i + 1 < end;
+                let next_is_info = self
+                    .lines
+                    .get(start + i + 1)
+                    .is_some_and(|n| n.text.starts_with(b"i="))
+                    && start + i + 1 < end;
                 if media_c_needed && !next_is_info {
                     out.push(Line {
                         text: format!("c=IN {} {}", addr_type(addr), sdp_addr(addr)).into_bytes(),
@@ -676,7 +778,9 @@ fn candidate(
             2 => (1, rtcp_port),
             _ => return Some(CandidateAction::Drop),
         };
-        let Some(port) = port else { return Some(CandidateAction::Drop) };
+        let Some(port) = port else {
+            return Some(CandidateAction::Drop);
+        };
         if seen[slot] {
             return Some(CandidateAction::Drop);
         }
@@ -692,7 +796,11 @@ fn candidate(
         if f[i] == "raddr" {
             if let Ok(ip) = f[i + 1].parse::<IpAddr>() {
                 if is_private(ip) {
-                    f[i + 1] = if ip.is_ipv6() { "::".into() } else { "0.0.0.0".into() };
+                    f[i + 1] = if ip.is_ipv6() {
+                        "::".into()
+                    } else {
+                        "0.0.0.0".into()
+                    };
                     changed = true;
                 }
             }

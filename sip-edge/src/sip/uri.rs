@@ -78,13 +78,17 @@ impl Host {
     /// domain name.
     pub fn parse(s: &str) -> Option<Host> {
         if let Some(inner) = s.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
-            return inner.parse::<Ipv6Addr>().ok().map(|a| Host::Ip(IpAddr::V6(a)));
+            return inner
+                .parse::<Ipv6Addr>()
+                .ok()
+                .map(|a| Host::Ip(IpAddr::V6(a)));
         }
         if let Ok(ip) = s.parse::<IpAddr>() {
             return Some(Host::Ip(ip));
         }
         let ok = !s.is_empty()
-            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
             && !s.starts_with(['-', '.']);
         ok.then(|| Host::Name(s.to_owned()))
     }
@@ -182,7 +186,9 @@ impl SipUri {
     /// Parses a SIP or SIPS URI.
     pub fn parse(uri: &str) -> Result<SipUri, UriError> {
         let uri = uri.trim();
-        let (scheme, rest) = uri.split_once(':').ok_or_else(|| UriError::NoScheme { uri: cut(uri) })?;
+        let (scheme, rest) = uri
+            .split_once(':')
+            .ok_or_else(|| UriError::NoScheme { uri: cut(uri) })?;
         let scheme_lc = scheme.to_ascii_lowercase();
         if scheme_lc != "sip" && scheme_lc != "sips" {
             return Err(UriError::UnsupportedScheme {
@@ -199,7 +205,9 @@ impl SipUri {
         };
         // Params start at the first ';' after the host (an IPv6 reference
         // has no ';').
-        let (hostport, params) = hostpart.find(';').map_or((hostpart, ""), |i| hostpart.split_at(i));
+        let (hostport, params) = hostpart
+            .find(';')
+            .map_or((hostpart, ""), |i| hostpart.split_at(i));
         let (host, port) = parse_hostport(hostport, uri)?;
         Ok(SipUri {
             scheme: scheme_lc,
@@ -243,7 +251,8 @@ mod tests {
 
     #[test]
     fn parses_the_usual_shapes() {
-        let u = SipUri::parse("sips:bob@client.biloxi.example.com:5061;transport=tls;lr?Subject=x").unwrap();
+        let u = SipUri::parse("sips:bob@client.biloxi.example.com:5061;transport=tls;lr?Subject=x")
+            .unwrap();
         assert_eq!(u.scheme, "sips");
         assert_eq!(u.userinfo.as_deref(), Some("bob"));
         assert_eq!(u.host, Host::Name("client.biloxi.example.com".into()));
@@ -252,14 +261,23 @@ mod tests {
         assert_eq!(u.param("LR"), Some(None));
         assert_eq!(u.param("maddr"), None);
         assert_eq!(u.headers, "?Subject=x");
-        assert_eq!(u.to_string(), "sips:bob@client.biloxi.example.com:5061;transport=tls;lr?Subject=x");
+        assert_eq!(
+            u.to_string(),
+            "sips:bob@client.biloxi.example.com:5061;transport=tls;lr?Subject=x"
+        );
     }
 
     #[test]
     fn ipv6_references() {
         // rsip gap: rsip::Uri::try_from fails on every bracketed IPv6 host.
-        for s in ["sip:bob@[2001:db8::20]:5061;transport=tls", "sip:[2001:db8::1]"] {
-            assert!(rsip::Uri::try_from(s).is_err(), "rsip now parses {s}: drop the workaround?");
+        for s in [
+            "sip:bob@[2001:db8::20]:5061;transport=tls",
+            "sip:[2001:db8::1]",
+        ] {
+            assert!(
+                rsip::Uri::try_from(s).is_err(),
+                "rsip now parses {s}: drop the workaround?"
+            );
             let u = SipUri::parse(s).unwrap();
             assert!(matches!(u.host, Host::Ip(IpAddr::V6(_))));
             assert_eq!(u.to_string(), s);
@@ -267,7 +285,10 @@ mod tests {
         let u = SipUri::parse("sip:bob@[2001:db8::20]:5061").unwrap();
         assert_eq!(u.port, Some(5061));
         for bad in ["sip:[2001:db8::1", "sip:[zz::1]:5060", "sip:[192.0.2.1]"] {
-            assert!(matches!(SipUri::parse(bad), Err(UriError::BadIpv6 { .. })), "{bad}");
+            assert!(
+                matches!(SipUri::parse(bad), Err(UriError::BadIpv6 { .. })),
+                "{bad}"
+            );
         }
     }
 
@@ -285,14 +306,32 @@ mod tests {
 
     #[test]
     fn errors() {
-        assert!(matches!(SipUri::parse("bob"), Err(UriError::NoScheme { .. })));
+        assert!(matches!(
+            SipUri::parse("bob"),
+            Err(UriError::NoScheme { .. })
+        ));
         // rsip gap: tel: fails in rsip too ("number too large"); we say why.
         assert!(rsip::Uri::try_from("tel:+15551234").is_err());
-        assert!(matches!(SipUri::parse("tel:+15551234"), Err(UriError::UnsupportedScheme { .. })));
-        assert!(matches!(SipUri::parse("sip:a@b:99999"), Err(UriError::BadPort { .. })));
-        assert!(matches!(SipUri::parse("sip:a@b:"), Err(UriError::BadPort { .. })));
-        assert!(matches!(SipUri::parse("sip:a@"), Err(UriError::BadHost { .. })));
-        assert!(matches!(SipUri::parse("sip:a@b_c"), Err(UriError::BadHost { .. })));
+        assert!(matches!(
+            SipUri::parse("tel:+15551234"),
+            Err(UriError::UnsupportedScheme { .. })
+        ));
+        assert!(matches!(
+            SipUri::parse("sip:a@b:99999"),
+            Err(UriError::BadPort { .. })
+        ));
+        assert!(matches!(
+            SipUri::parse("sip:a@b:"),
+            Err(UriError::BadPort { .. })
+        ));
+        assert!(matches!(
+            SipUri::parse("sip:a@"),
+            Err(UriError::BadHost { .. })
+        ));
+        assert!(matches!(
+            SipUri::parse("sip:a@b_c"),
+            Err(UriError::BadHost { .. })
+        ));
     }
 
     #[test]
@@ -315,9 +354,15 @@ mod tests {
 
     #[test]
     fn host_display_and_parse() {
-        assert_eq!(Host::parse("2001:db8::1").unwrap().to_string(), "[2001:db8::1]");
+        assert_eq!(
+            Host::parse("2001:db8::1").unwrap().to_string(),
+            "[2001:db8::1]"
+        );
         assert_eq!(Host::parse("[2001:db8::1]"), Host::parse("2001:db8::1"));
-        assert_eq!(Host::parse("192.0.2.1"), Some(Host::Ip("192.0.2.1".parse().unwrap())));
+        assert_eq!(
+            Host::parse("192.0.2.1"),
+            Some(Host::Ip("192.0.2.1".parse().unwrap()))
+        );
         assert_eq!(Host::parse(""), None);
         assert_eq!(Host::parse("-x"), None);
     }
