@@ -79,6 +79,15 @@ pub fn sip_edge_xdp(ctx: XdpContext) -> u32 {
     }
 }
 
+/// Pass-through program for the end hosts of test and benchmark topologies
+/// (never attached by the agent): a veth accepts XDP_REDIRECTed frames only
+/// while its peer runs an XDP program. Also the "trivial XDP_PASS" baseline
+/// of the benchmarks.
+#[xdp]
+pub fn sip_edge_pass(_ctx: XdpContext) -> u32 {
+    XDP_PASS
+}
+
 /// The verdict. `Ok` is a forwarded packet (the redirect action); every
 /// other outcome, pass or drop, is an `Err(reason)`.
 #[inline(always)]

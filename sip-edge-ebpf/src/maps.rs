@@ -1,15 +1,16 @@
 //! Every BPF map of the datapath, declared in one place (katran's
-//! `balancer_maps.h` shape). Names are exactly `sip_edge_common::map_names`;
-//! every map is pinned by name, so a restarted agent re-adopts them. The
+//! `balancer_maps.h` shape). Names are exactly `sip_edge_common::map_names`.
+//! The agent's loader pins every map by name under its pin directory (and
+//! re-adopts existing pins); the object itself asks for no pinning, so a
+//! test or benchmark load without a pin directory never touches bpffs. The
 //! agent writes the configuration maps and `PINHOLES`; this program writes
 //! only `PH_STATE`, `REASONS` and `NEIGH_MISS`.
 //!
 //! The maps are BTF-defined (`.maps` section, libbpf layout) rather than
 //! aya-ebpf's legacy `maps` definitions: the legacy ones carry no key/value
-//! BTF, so `bpftool map dump` could only print hex, and aya-ebpf 0.2.1's own
-//! BTF map types cannot ask for pin-by-name. `MapDef` below is that libbpf
-//! layout plus the `pinning` member (LIBBPF_PIN_BY_NAME), which aya-obj
-//! reads; accessors are the thin helper wrappers aya-ebpf would provide.
+//! BTF, so `bpftool map dump` could only print hex. `MapDef` below is that
+//! libbpf layout; accessors are the thin helper wrappers aya-ebpf would
+//! provide.
 
 use core::{ffi::c_void, ptr::NonNull};
 
@@ -26,10 +27,6 @@ use sip_edge_common::{
 /// overrides both from its configuration before the maps are created.
 pub const DEFAULT_MAX_PINHOLES: usize = 65536;
 
-/// `pinning` value asking the loader to pin the map under its name
-/// (LIBBPF_PIN_BY_NAME; aya's `PinningType::ByName`).
-const PIN_BY_NAME: usize = 1;
-
 /// A BTF map definition: every member is a pointer whose pointee encodes
 /// the value in BTF (array length for integers, pointee type for key and
 /// value). Never dereferenced; the loader replaces references to the static
@@ -44,8 +41,6 @@ pub struct MapDef<const TYPE: usize, K, V, const MAX: usize> {
     value: *const V,
     /// Default size.
     max_entries: *const [i32; MAX],
-    /// Pinning mode.
-    pinning: *const [i32; PIN_BY_NAME],
 }
 
 // SAFETY: the members are BTF placeholders, never read or written.
@@ -59,7 +54,6 @@ impl<const TYPE: usize, K, V, const MAX: usize> MapDef<TYPE, K, V, MAX> {
             key: core::ptr::null(),
             value: core::ptr::null(),
             max_entries: core::ptr::null(),
-            pinning: core::ptr::null(),
         }
     }
 

@@ -165,6 +165,12 @@ impl Topology {
         for ns in [&t.client, &t.edge, &t.peer] {
             let _ = sh(&["ip", "netns", "del", ns]);
             sh(&["ip", "netns", "add", ns])?;
+            // No duplicate address detection: link-local addresses would
+            // otherwise take ~2 s to become usable, delaying neighbour
+            // discovery (and the first IPv6 packets) for no test value.
+            for key in ["net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"] {
+                sh(&["ip", "netns", "exec", ns, "sysctl", "-qw", key])?;
+            }
         }
         let (c, e, p) = (t.client.as_str(), t.edge.as_str(), t.peer.as_str());
         let cmds: Vec<Vec<&str>> = vec![
