@@ -6,5 +6,6 @@ pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod datapath;
+pub mod media;
 pub mod sip;
 pub mod testnet;

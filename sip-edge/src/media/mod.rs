@@ -1,0 +1,141 @@
+//! Media of proxied dialogs: the boundary between the SIP proxy and the
+//! pinhole machinery. The proxy reports every SDP body it forwards (with the
+//! dialog, offer/answer role, the side it came from and the TLS peer that
+//! sent it) and every dialog end; the media layer rewrites the SDP, decides
+//! pinholes (sans-IO, `manager`), and the map writer applies them.
+//!
+//! Data flow: proxy → [`MediaControl`] → pinhole manager (decides) →
+//! `datapath::maps` (the only BPF map writer) → XDP.
+
+use std::{net::SocketAddr, time::Instant};
+
+/// Which side of the edge a message came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Side {
+    /// From an internal client.
+    Internal,
+    /// From an external peer.
+    External,
+}
+
+impl Side {
+    /// The other side.
+    pub fn other(self) -> Side {
+        match self {
+            Side::Internal => Side::External,
+            Side::External => Side::Internal,
+        }
+    }
+}
+
+/// Identifies one INVITE-initiated dialog set at the edge: the Call-ID and
+/// the caller's From tag. Forked early dialogs are told apart by the callee's
+/// To tag passed with each answer.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DialogKey {
+    /// Call-ID header value.
+    pub call_id: String,
+    /// From tag of the dialog-creating request.
+    pub from_tag: String,
+}
+
+/// Offer or answer (RFC 3264), decided by the proxy from the message flow:
+/// INVITE/UPDATE/re-INVITE with SDP = offer and its 2xx/18x SDP = answer; an
+/// INVITE without SDP makes the 2xx SDP the offer and the ACK SDP the answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SdpRole {
+    /// An offer.
+    Offer,
+    /// An answer (reliable: 2xx, ACK, or a response to UPDATE/PRACK).
+    Answer,
+    /// SDP in a provisional (18x) response: early media, see the
+    /// media layer's documented policy.
+    EarlyAnswer,
+}
+
+/// One SDP body passing through the edge.
+#[derive(Clone, Debug)]
+pub struct SdpEvent<'a> {
+    /// The dialog it belongs to.
+    pub dialog: &'a DialogKey,
+    /// The callee's To tag, for answers (tells forks apart); `None` for offers in initial INVITEs.
+    pub to_tag: Option<&'a str>,
+    /// Offer or answer.
+    pub role: SdpRole,
+    /// Side the message arrived from.
+    pub from_side: Side,
+    /// Transport address of the connection it arrived on (the signalling
+    /// source: a pinhole's internal target must be this host or inside an
+    /// allowed subnet, DESIGN.md §3).
+    pub source: SocketAddr,
+    /// The body as received.
+    pub body: &'a [u8],
+    /// Content-Type of the body (`application/sdp`, `text/x-msmsgsinvite`, ...).
+    pub content_type: &'a str,
+}
+
+/// Why the media layer refused a body; the proxy answers the request with
+/// the given status (or, for a response, turns it into a failure toward the
+/// other side and ends the dialog).
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum MediaError {
+    /// The body cannot be parsed or names nothing usable (488 Not Acceptable Here).
+    #[error("unacceptable session description: {reason}")]
+    NotAcceptable {
+        /// Why.
+        reason: String,
+    },
+    /// The description breaks policy, e.g. an internal target that is not the
+    /// signalling source nor in an allowed subnet (488, or 403).
+    #[error("media refused by policy: {reason}")]
+    Forbidden {
+        /// Which rule.
+        reason: String,
+    },
+    /// Per-client or global pinhole/port limit reached (503 with Retry-After).
+    #[error("media capacity exhausted: {reason}")]
+    Exhausted {
+        /// Which limit.
+        reason: String,
+    },
+}
+
+impl MediaError {
+    /// The SIP status the proxy should answer with.
+    pub fn status(&self) -> u16 {
+        match self {
+            MediaError::NotAcceptable { .. } => 488,
+            MediaError::Forbidden { .. } => 488,
+            MediaError::Exhausted { .. } => 503,
+        }
+    }
+}
+
+/// Why a dialog's media ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndReason {
+    /// BYE.
+    Bye,
+    /// CANCEL of the initial INVITE.
+    Cancel,
+    /// Final non-2xx response to the initial INVITE.
+    Failure(u16),
+    /// A transaction timed out (Timer B/F, no ACK for a 2xx).
+    Timeout,
+    /// The proxy is shutting down or the connection it depended on is gone.
+    Shutdown,
+}
+
+/// What the proxy calls. Implementations must be cheap (no blocking I/O
+/// beyond map writes) and must never panic on any body.
+pub trait MediaControl: Send {
+    /// Rewrite `ev.body` for the other side and update the dialog's media;
+    /// returns the body to forward.
+    fn on_sdp(&mut self, ev: &SdpEvent<'_>, now: Instant) -> Result<Vec<u8>, MediaError>;
+    /// The dialog (or, with `to_tag`, one fork of it) ended: remove its pinholes.
+    fn on_dialog_end(&mut self, dialog: &DialogKey, to_tag: Option<&str>, reason: EndReason, now: Instant);
+    /// Periodic timer (idle/never-used/maximum-length expiry); the proxy
+    /// calls it at least once a second. Returns dialogs whose media expired,
+    /// so the proxy can end them (e.g. send BYE both ways).
+    fn on_tick(&mut self, now: Instant) -> Vec<DialogKey>;
+}
