@@ -17,6 +17,10 @@ fn main() -> anyhow::Result<()> {
             "cargo:warning=bpf-linker not found on PATH: run `cargo xtask setup` first (it installs bpf-linker, rust-src and LLVM 22)"
         );
     }
+    // aya-build turns every line the nested cargo prints into a
+    // `cargo:warning`; keep "Compiling ..." progress out of the host build
+    // output so real warnings stand out (errors are still printed).
+    std::env::set_var("CARGO_TERM_QUIET", "true");
     aya_build::build_ebpf(
         [Package {
             name: "sip-edge-ebpf",
