@@ -142,6 +142,23 @@ pub struct Addresses {
     pub public: Vec<IpAddr>,
 }
 
+/// What happens to ICE candidates in SDP leaving the inside (RFC 8839);
+/// maps onto `sip::sdp::CandidatePolicy`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum MediaCandidates {
+    /// Leave every candidate alone (leaks private host candidates).
+    Keep,
+    /// Drop private host candidates.
+    RemovePrivateHost,
+    /// Replace the first private host candidate per component with the edge
+    /// address:port, drop the others (no ICE mismatch).
+    #[default]
+    ReplacePrivateHost,
+    /// Drop every candidate.
+    RemoveAll,
+}
+
 /// `[media]`.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -151,6 +168,182 @@ pub struct Media {
     /// Anchoring mode.
     #[serde(default)]
     pub mode: MediaMode,
+    /// Internal subnets (CIDR, `"10.77.0.0/24"`) a pinhole may target besides
+    /// the signalling source of the client that sent the SDP (DESIGN.md §3).
+    /// Empty: only the signalling source itself.
+    #[serde(default)]
+    pub allowed_internal_subnets: Vec<String>,
+    /// Media flows (each one pinhole pair) one internal client (by source
+    /// IP) may hold at once.
+    #[serde(default = "default_max_pinholes_per_client")]
+    pub max_pinholes_per_client: u32,
+    /// Calls with media the edge tracks at once.
+    #[serde(default = "default_max_calls")]
+    pub max_calls: u32,
+    /// A call whose pinholes carried nothing for this long is ended.
+    #[serde(default = "default_idle_timeout_secs")]
+    pub idle_timeout_secs: u64,
+    /// A confirmed call whose pinholes never carried a packet is ended after this.
+    #[serde(default = "default_unused_timeout_secs")]
+    pub unused_timeout_secs: u64,
+    /// Longest call; its media is removed afterwards whatever happens.
+    #[serde(default = "default_max_call_secs")]
+    pub max_call_secs: u64,
+    /// Latch the peer's real source from its first packet (DESIGN.md §2; opt-in).
+    #[serde(default)]
+    pub latch: bool,
+    /// ICE candidate handling for SDP leaving the inside.
+    #[serde(default)]
+    pub candidates: MediaCandidates,
+}
+
+fn default_max_pinholes_per_client() -> u32 {
+    64
+}
+
+fn default_max_calls() -> u32 {
+    10_000
+}
+
+fn default_idle_timeout_secs() -> u64 {
+    60
+}
+
+fn default_unused_timeout_secs() -> u64 {
+    20
+}
+
+fn default_max_call_secs() -> u64 {
+    4 * 3600
+}
+
+/// An IPv4/IPv6 network, `addr/len`, validated (host bits must be zero).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    /// Network address.
+    pub addr: IpAddr,
+    /// Prefix length.
+    pub len: u8,
+}
+
+impl Cidr {
+    /// Whether `ip` is inside (never across families).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.len)).unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.len)).unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Parse `"10.77.0.0/24"` (a bare address means a single host).
+pub fn parse_cidr(s: &str) -> Result<Cidr, String> {
+    let (a, l) = s.split_once('/').map_or((s.trim(), None), |(a, l)| (a.trim(), Some(l.trim())));
+    let addr: IpAddr = a.parse().map_err(|_| format!("{a:?} is not an IP address"))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let len = match l {
+        None => max,
+        Some(l) => l.parse::<u8>().ok().filter(|n| *n <= max).ok_or_else(|| format!("{l:?} is not a prefix length (0-{max})"))?,
+    };
+    let net_only = match addr {
+        IpAddr::V4(v) => u32::from(v) & !u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0) == 0,
+        IpAddr::V6(v) => u128::from(v) & !u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0) == 0,
+    };
+    if !net_only {
+        return Err(format!("{s:?} has host bits set; write the network address"));
+    }
+    if len == 0 {
+        return Err(format!("{s:?} allows every address; list the internal subnets instead"));
+    }
+    Ok(Cidr { addr, len })
+}
+
+impl Media {
+    /// The validated internal subnets.
+    pub fn allowed_subnets(&self) -> Vec<Cidr> {
+        // validate() has checked every entry parses.
+        self.allowed_internal_subnets.iter().filter_map(|s| parse_cidr(s).ok()).collect()
+    }
+
+    /// Rules for the pinhole-manager keys (DESIGN.md §3).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (i, s) in self.allowed_internal_subnets.iter().enumerate() {
+            parse_cidr(s).map_err(|reason| invalid(format!("media.allowed_internal_subnets[{i}]"), reason))?;
+        }
+        if self.max_pinholes_per_client == 0 {
+            return Err(invalid("media.max_pinholes_per_client", "must be at least 1"));
+        }
+        if self.max_calls == 0 {
+            return Err(invalid("media.max_calls", "must be at least 1"));
+        }
+        for (field, v) in [("media.idle_timeout_secs", self.idle_timeout_secs), ("media.unused_timeout_secs", self.unused_timeout_secs), ("media.max_call_secs", self.max_call_secs)] {
+            if v == 0 || v > 7 * 24 * 3600 {
+                return Err(invalid(field, "must be between 1 and 604800 seconds"));
+            }
+        }
+        if self.unused_timeout_secs > self.idle_timeout_secs {
+            return Err(invalid("media.unused_timeout_secs", "must not exceed media.idle_timeout_secs (never-used pinholes expire first)"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod media_tests {
+    use super::*;
+
+    fn media(extra: &str) -> Result<Media, String> {
+        let m: Media = toml::from_str(&format!("port_ranges = [\"40000-40999\"]\n{extra}")).map_err(|e| e.to_string())?;
+        m.validate().map_err(|e| e.to_string())?;
+        Ok(m)
+    }
+
+    #[test]
+    fn defaults_keep_old_configs_valid() {
+        let m = media("").expect("defaults");
+        assert_eq!((m.max_pinholes_per_client, m.max_calls, m.idle_timeout_secs, m.unused_timeout_secs, m.max_call_secs), (64, 10_000, 60, 20, 14_400));
+        assert!(!m.latch);
+        assert_eq!(m.candidates, MediaCandidates::ReplacePrivateHost);
+        assert!(m.allowed_subnets().is_empty());
+    }
+
+    #[test]
+    fn subnets_parse_and_match() {
+        let m = media("allowed_internal_subnets = [\"10.77.0.0/24\", \"2001:db8:77::/64\", \"10.78.0.9\"]\ncandidates = \"remove-all\"").expect("valid");
+        let s = m.allowed_subnets();
+        assert!(s[0].contains("10.77.0.200".parse().expect("ip")));
+        assert!(!s[0].contains("10.77.1.1".parse().expect("ip")));
+        assert!(s[1].contains("2001:db8:77::5".parse().expect("ip")));
+        assert!(!s[1].contains("10.77.0.1".parse().expect("ip")));
+        assert!(s[2].contains("10.78.0.9".parse().expect("ip")) && !s[2].contains("10.78.0.8".parse().expect("ip")));
+    }
+
+    #[test]
+    fn bad_media_keys_are_rejected() {
+        for (extra, want) in [
+            ("allowed_internal_subnets = [\"10.77.0.1/24\"]", "host bits"),
+            ("allowed_internal_subnets = [\"10.77.0.0/33\"]", "prefix length"),
+            ("allowed_internal_subnets = [\"0.0.0.0/0\"]", "every address"),
+            ("allowed_internal_subnets = [\"bogus\"]", "not an IP"),
+            ("max_pinholes_per_client = 0", "max_pinholes_per_client"),
+            ("max_calls = 0", "max_calls"),
+            ("idle_timeout_secs = 0", "idle_timeout_secs"),
+            ("idle_timeout_secs = 10", "unused_timeout_secs"),
+            ("max_call_secs = 999999999", "max_call_secs"),
+            ("candidates = \"sometimes\"", "candidates"),
+            ("latch = \"yes\"", "latch"),
+        ] {
+            let e = media(extra).expect_err(extra);
+            assert!(e.contains(want), "{extra}: {e}");
+        }
+    }
 }
 
 /// `[signalling]`.
@@ -315,6 +508,7 @@ impl Config {
                 }
             }
         }
+        self.media.validate()?;
         if self.media.port_ranges.is_empty() {
             return Err(invalid("media.port_ranges", "at least one range is required, e.g. \"40000-49999\""));
         }
