@@ -4,7 +4,7 @@
 
 use std::{
     collections::HashSet,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
 };
 
@@ -415,6 +415,188 @@ pub struct Config {
     /// `[policy]`.
     #[serde(default)]
     pub policy: Policy,
+    /// `[proxy]`: the TLS SIP proxy; absent = no SIP listeners (datapath only).
+    #[serde(default)]
+    pub proxy: Option<ProxySection>,
+    /// `[[route]]`: outbound routes by Request-URI domain.
+    #[serde(default, rename = "route")]
+    pub routes: Vec<Route>,
+}
+
+/// A next hop the proxy opens TLS connections to.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NextHop {
+    /// Host name or IP literal to connect to.
+    pub host: String,
+    /// TCP port (TLS).
+    #[serde(default = "default_sips_port")]
+    pub port: u16,
+    /// Name the server certificate must carry (RFC 5922 §4); defaults to `host`.
+    #[serde(default)]
+    pub tls_name: Option<String>,
+}
+
+impl NextHop {
+    /// The name verified against the peer's certificate.
+    pub fn server_name(&self) -> &str {
+        self.tls_name.as_deref().unwrap_or(&self.host)
+    }
+}
+
+fn default_sips_port() -> u16 {
+    5061
+}
+
+/// `[[route]]`: requests from inside whose Request-URI host is `domain` (or
+/// a subdomain of it, with `"*.example.com"`) go to this next hop.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// Domain, exact (case-insensitive) or `*.suffix`.
+    pub domain: String,
+    /// Host name or IP literal to connect to.
+    pub host: String,
+    /// TCP port (TLS).
+    #[serde(default = "default_sips_port")]
+    pub port: u16,
+    /// Name the server certificate must carry; defaults to `host`.
+    #[serde(default)]
+    pub tls_name: Option<String>,
+}
+
+impl Route {
+    /// The route's next hop (serde's `flatten` cannot be combined with
+    /// `deny_unknown_fields`, so the fields are repeated here).
+    pub fn next_hop(&self) -> NextHop {
+        NextHop { host: self.host.clone(), port: self.port, tls_name: self.tls_name.clone() }
+    }
+}
+
+/// Client-certificate policy of the external TLS listener (federation peers).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// No client certificate asked for.
+    #[default]
+    None,
+    /// Asked for and verified if sent.
+    Optional,
+    /// Required and verified against `client_ca`.
+    Required,
+}
+
+/// `[proxy]`: listeners, certificates and routing of the SIP proxy.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ProxySection {
+    /// TLS listener for internal clients, e.g. `"10.77.0.1:5061"`.
+    pub internal_listen: SocketAddr,
+    /// TLS listener for external peers, e.g. `"203.0.113.1:5061"`.
+    pub external_listen: SocketAddr,
+    /// Host written into Via/Record-Route/Contact on the internal side;
+    /// defaults to the internal listen address.
+    #[serde(default)]
+    pub internal_advertise: Option<String>,
+    /// Same for the external side; defaults to the external listen address.
+    #[serde(default)]
+    pub external_advertise: Option<String>,
+    /// Optional plain TCP listener for legacy internal clients (off by default).
+    #[serde(default)]
+    pub internal_tcp_listen: Option<SocketAddr>,
+    /// PEM certificate chain presented on both listeners.
+    pub cert: PathBuf,
+    /// PEM private key of `cert`.
+    pub key: PathBuf,
+    /// PEM CA roots used to verify the servers the proxy connects to.
+    pub ca_roots: PathBuf,
+    /// Client certificates on the external listener.
+    #[serde(default)]
+    pub external_client_auth: ClientAuth,
+    /// PEM CA roots for client certificates; defaults to `ca_roots`.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// Where requests from outside go when they are not for a client
+    /// registered through the edge (a registrar/PBX); none = 404.
+    #[serde(default)]
+    pub internal_next_hop: Option<NextHop>,
+    /// Where requests from inside go when no `[[route]]` matches; none = 404.
+    #[serde(default)]
+    pub default_route: Option<NextHop>,
+    /// Seconds without traffic after which a connection is closed.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_secs: u64,
+    /// Seconds between RFC 5626 CRLF pings on connections the edge opened; 0 = off.
+    #[serde(default = "default_keepalive")]
+    pub keepalive_secs: u64,
+    /// Most simultaneous connections; more are refused at accept.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+fn default_idle_timeout() -> u64 {
+    300
+}
+
+fn default_keepalive() -> u64 {
+    30
+}
+
+fn default_max_connections() -> usize {
+    4096
+}
+
+impl ProxySection {
+    fn validate(&self, routes: &[Route]) -> Result<(), ConfigError> {
+        if self.internal_listen == self.external_listen {
+            return Err(invalid("proxy.external_listen", "must differ from proxy.internal_listen: the side a message came from is the listener it arrived on"));
+        }
+        if let Some(tcp) = self.internal_tcp_listen {
+            if tcp == self.internal_listen || tcp == self.external_listen {
+                return Err(invalid("proxy.internal_tcp_listen", format!("{tcp} is already a TLS listener")));
+            }
+        }
+        if self.idle_timeout_secs == 0 {
+            return Err(invalid("proxy.idle_timeout_secs", "must be at least 1"));
+        }
+        if self.max_connections == 0 {
+            return Err(invalid("proxy.max_connections", "must be at least 1"));
+        }
+        for (field, adv) in [("proxy.internal_advertise", &self.internal_advertise), ("proxy.external_advertise", &self.external_advertise)] {
+            if let Some(a) = adv {
+                if crate::sip::uri::Host::parse(a).is_none() {
+                    return Err(invalid(field, format!("{a:?} is not a host name or IP address")));
+                }
+            }
+        }
+        let route_hops: Vec<NextHop> = routes.iter().map(Route::next_hop).collect();
+        let hops = route_hops
+            .iter()
+            .enumerate()
+            .map(|(i, h)| (format!("route[{i}]"), h))
+            .chain(self.internal_next_hop.iter().map(|h| ("proxy.internal_next_hop".to_owned(), h)))
+            .chain(self.default_route.iter().map(|h| ("proxy.default_route".to_owned(), h)));
+        for (field, hop) in hops {
+            if crate::sip::uri::Host::parse(&hop.host).is_none() {
+                return Err(invalid(format!("{field}.host"), format!("{:?} is not a host name or IP address", hop.host)));
+            }
+            if hop.port == 0 {
+                return Err(invalid(format!("{field}.port"), "port 0 is not a port"));
+            }
+        }
+        let mut domains = HashSet::new();
+        for (i, r) in routes.iter().enumerate() {
+            let d = r.domain.to_ascii_lowercase();
+            let bare = d.strip_prefix("*.").unwrap_or(&d);
+            if crate::sip::uri::Host::parse(bare).is_none() {
+                return Err(invalid(format!("route[{i}].domain"), format!("{:?} is not a domain (use \"example.com\" or \"*.example.com\")", r.domain)));
+            }
+            if !domains.insert(d) {
+                return Err(invalid(format!("route[{i}].domain"), format!("{:?} is routed twice", r.domain)));
+            }
+        }
+        Ok(())
+    }
 }
 
 fn default_pin_dir() -> PathBuf {
@@ -540,6 +722,13 @@ impl Config {
         if self.limits.max_pinholes == 0 || self.limits.max_pinholes > 1 << 24 {
             return Err(invalid("limits.max_pinholes", "must be between 1 and 16777216"));
         }
+        match &self.proxy {
+            Some(p) => p.validate(&self.routes)?,
+            None if !self.routes.is_empty() => {
+                return Err(invalid("route", "[[route]] needs a [proxy] section"));
+            }
+            None => {}
+        }
         if !self.pin_dir.is_absolute() {
             return Err(invalid("pin_dir", format!("{} must be an absolute path on bpffs", self.pin_dir.display())));
         }
@@ -628,6 +817,50 @@ mod tests {
     fn missing_public_address_is_rejected() {
         let e = err_of(&GOOD.replace("public = [\"203.0.113.1\"]", "public = []"));
         assert!(e.contains("addresses.public"), "{e}");
+    }
+
+    const PROXY: &str = r#"
+        [proxy]
+        internal_listen = "10.77.0.1:5061"
+        external_listen = "203.0.113.1:5061"
+        cert = "/etc/sip-edge/edge.pem"
+        key = "/etc/sip-edge/edge.key"
+        ca_roots = "/etc/sip-edge/ca.pem"
+        [proxy.default_route]
+        host = "sip.example.net"
+        [[route]]
+        domain = "biloxi.example.com"
+        host = "198.51.100.2"
+        port = 5061
+        tls_name = "biloxi.example.com"
+    "#;
+
+    #[test]
+    fn proxy_section_is_optional_and_parses_with_defaults() {
+        assert!(Config::from_toml(GOOD).expect("valid").proxy.is_none());
+        let c = Config::from_toml(&format!("{GOOD}{PROXY}")).expect("valid");
+        let p = c.proxy.expect("proxy section");
+        assert_eq!(p.idle_timeout_secs, 300);
+        assert_eq!(p.external_client_auth, ClientAuth::None);
+        assert_eq!(p.internal_tcp_listen, None);
+        assert_eq!(p.default_route.as_ref().map(|h| (h.port, h.server_name())), Some((5061, "sip.example.net")));
+        assert_eq!(c.routes.len(), 1);
+        assert_eq!(c.routes[0].next_hop().server_name(), "biloxi.example.com");
+    }
+
+    #[test]
+    fn bad_proxy_sections_are_rejected() {
+        let both = format!("{GOOD}{PROXY}");
+        let e = err_of(&both.replace("203.0.113.1:5061", "10.77.0.1:5061"));
+        assert!(e.contains("proxy.external_listen"), "{e}");
+        let e = err_of(&format!("{both}\n[[route]]\ndomain = \"BILOXI.example.com\"\nhost = \"x\"\n"));
+        assert!(e.contains("routed twice"), "{e}");
+        let e = err_of(&both.replace("domain = \"biloxi.example.com\"", "domain = \"bad domain\""));
+        assert!(e.contains("route[0].domain"), "{e}");
+        let e = err_of(&format!("{GOOD}\n[[route]]\ndomain = \"a.example\"\nhost = \"x\"\n"));
+        assert!(e.contains("needs a [proxy]"), "{e}");
+        let e = err_of(&both.replace("ca_roots", "ca_rots"));
+        assert!(e.contains("ca_rots"), "{e}");
     }
 
     #[test]

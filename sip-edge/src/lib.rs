@@ -7,5 +7,6 @@ pub mod cli;
 pub mod config;
 pub mod datapath;
 pub mod media;
+pub mod proxy;
 pub mod sip;
 pub mod testnet;
