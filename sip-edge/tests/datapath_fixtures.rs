@@ -13,7 +13,7 @@ fn run_group(group: &str) {
     let mut runner = match Runner::setup().expect("fixture runner setup") {
         Setup::Ready(r) => r,
         Setup::Skipped(reason) => {
-            eprintln!("SKIPPED: {reason} ({} fixtures of group {group} not run)", mine.len());
+            sip_edge::testnet::record_skip(&format!("datapath_fixtures::{group}"), &format!("{reason} ({} fixtures not run)", mine.len()));
             return;
         }
     };
@@ -92,7 +92,7 @@ fn harness_reports_every_mismatch() {
     let mut runner = match Runner::setup().expect("fixture runner setup") {
         Setup::Ready(r) => r,
         Setup::Skipped(reason) => {
-            eprintln!("SKIPPED: {reason}");
+            sip_edge::testnet::record_skip("datapath_fixtures::harness_reports_every_mismatch", &reason);
             return;
         }
     };

@@ -13,7 +13,6 @@ use sip_edge_common::{
     ROLE_EXTERNAL, RULE_REWRITE_DST, XDP_PROG_NAME,
 };
 
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 fn skip_reason() -> Option<String> {
     // SAFETY: geteuid has no preconditions.
@@ -24,11 +23,7 @@ fn skip_reason() -> Option<String> {
 }
 
 fn is_bpffs(p: &Path) -> bool {
-    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else { return false };
-    // SAFETY: zeroed statfs is a valid out-buffer; c is NUL-terminated.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
-    rc == 0 && st.f_type as i64 == BPF_FS_MAGIC
+    sip_edge::datapath::attach::is_bpffs(p)
 }
 
 #[test]
@@ -41,7 +36,7 @@ fn map_names_fit_bpf_obj_name() {
 #[test]
 fn production_loader_passes_verifier_and_declares_every_map() {
     if let Some(r) = skip_reason() {
-        eprintln!("SKIPPED: {r}");
+        sip_edge::testnet::record_skip("datapath_verifier::production_loader_passes_verifier_and_declares_every_map", &r);
         return;
     }
     // A private pin dir: with `None` the maps would be pinned into (and
@@ -72,7 +67,7 @@ fn production_loader_passes_verifier_and_declares_every_map() {
 #[test]
 fn load_without_pin_dir_does_not_pin_into_sys_fs_bpf() {
     if let Some(r) = skip_reason() {
-        eprintln!("SKIPPED: {r}");
+        sip_edge::testnet::record_skip("datapath_verifier::load_without_pin_dir_does_not_pin_into_sys_fs_bpf", &r);
         return;
     }
     let mut ebpf = loader::load(MapSizes { max_pinholes: 1024 }, None).unwrap_or_else(|e| panic!("load failed: {e:?}"));
@@ -100,12 +95,12 @@ fn load_without_pin_dir_does_not_pin_into_sys_fs_bpf() {
 #[test]
 fn pinned_maps_are_readopted_by_a_second_load() {
     if let Some(r) = skip_reason() {
-        eprintln!("SKIPPED: {r}");
+        sip_edge::testnet::record_skip("datapath_verifier::pinned_maps_are_readopted_by_a_second_load", &r);
         return;
     }
     let root = Path::new("/sys/fs/bpf");
     if !is_bpffs(root) {
-        eprintln!("SKIPPED: /sys/fs/bpf is not a bpffs mount (mount -t bpf bpf /sys/fs/bpf)");
+        sip_edge::testnet::record_skip("datapath_verifier::pinned_maps_are_readopted_by_a_second_load", "/sys/fs/bpf is not a bpffs mount (mount -t bpf bpf /sys/fs/bpf)");
         return;
     }
     let dir = tempfile::Builder::new().prefix("sip-edge-test-").tempdir_in(root).expect("pin dir in bpffs");
