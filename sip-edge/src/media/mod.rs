@@ -7,6 +7,9 @@
 //! Data flow: proxy → [`MediaControl`] → pinhole manager (decides) →
 //! `datapath::maps` (the only BPF map writer) → XDP.
 
+pub mod control;
+pub mod manager;
+
 use std::{net::SocketAddr, time::Instant};
 
 /// Which side of the edge a message came from.

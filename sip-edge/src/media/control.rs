@@ -1,0 +1,471 @@
+//! The [`MediaControl`] implementation the proxy calls: takes each media
+//! body the proxy forwards, parses it (`sip::sdp`, `sip::msmsgs`), feeds its
+//! streams to the sans-IO `media::manager`, rewrites the body with the
+//! manager's edge allocations, and applies the manager's pinhole operations
+//! through a [`PinholeSink`] (production: [`MapsSink`] over
+//! `datapath::maps::DatapathMaps`, the only BPF map writer; tests:
+//! [`RecordingSink`]). Activity counters flow back the other way on each tick.
+//!
+//! Body types:
+//! - `application/sdp`: parsed and rewritten (candidates per config).
+//! - `text/x-msmsgsinvite`: invitations without an address (INVITE, CANCEL)
+//!   pass unchanged; ones naming an address are refused (Forbidden): the
+//!   connecting side's address is never signalled, so the datapath's strict
+//!   remote check cannot express the pinhole, and forwarding the private
+//!   address unrewritten would leak it.
+//! - `multipart/*` and anything else: refused (NotAcceptable, 488). Passing
+//!   them through untouched would leak private addresses and let media
+//!   descriptions bypass the pinhole rules; rewriting multipart is out of
+//!   scope for now.
+//!
+//! A failed map write undoes every operation of the same body already
+//! applied and rolls the manager back, so nothing is left half-installed;
+//! the proxy gets `Exhausted` (503).
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use sip_edge_common::PinholeKey;
+
+use super::{
+    manager::{Manager, Op, PinholeId, SdpInput, Settings, StreamDesc},
+    DialogKey, EndReason, MediaControl, MediaError, SdpEvent, Side,
+};
+use crate::{
+    config::{Config, MediaCandidates, MediaMode},
+    datapath::{
+        maps::{DatapathMaps, MapsError},
+        rules::{Flow, Proto},
+    },
+    sip::{
+        msmsgs,
+        sdp::{self, Allocation, CandidatePolicy, Endpoint, FlowRequest, MediaFlow, NoPinhole, RewritePolicy, Sdp},
+    },
+};
+
+/// Why a sink could not apply an operation.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// The map writer failed (table full, key exists, policy...).
+    #[error("pinhole map write failed: {source}")]
+    Map {
+        /// The map writer's error.
+        #[source]
+        source: MapsError,
+    },
+    /// The shared map handle's lock was poisoned by a panic elsewhere.
+    #[error("pinhole maps unavailable: lock poisoned")]
+    Poisoned,
+    /// No installed pinhole has this id.
+    #[error("no installed pinhole {id:?}")]
+    Unknown {
+        /// The id.
+        id: PinholeId,
+    },
+    /// A test sink refused on purpose, or a key is already present.
+    #[error("pinhole refused: {reason}")]
+    Refused {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Where pinhole operations go.
+pub trait PinholeSink {
+    /// Install both rules of a flow.
+    fn install(&mut self, id: PinholeId, flow: &Flow) -> Result<(), SinkError>;
+    /// Replace an installed flow by one with the same map keys.
+    fn update(&mut self, id: PinholeId, old: &Flow, flow: &Flow) -> Result<(), SinkError>;
+    /// Remove both rules of a flow.
+    fn remove(&mut self, id: PinholeId) -> Result<(), SinkError>;
+    /// Packets each installed flow has carried (both directions summed).
+    fn activity(&mut self) -> Result<Vec<(PinholeId, u64)>, SinkError>;
+}
+
+/// Production sink: the map writer, shared with the rest of the agent.
+pub struct MapsSink {
+    maps: Arc<Mutex<DatapathMaps>>,
+    slots: HashMap<PinholeId, (u32, u32)>,
+}
+
+impl MapsSink {
+    /// Writes through `maps`.
+    pub fn new(maps: Arc<Mutex<DatapathMaps>>) -> MapsSink {
+        MapsSink { maps, slots: HashMap::new() }
+    }
+}
+
+impl PinholeSink for MapsSink {
+    fn install(&mut self, id: PinholeId, flow: &Flow) -> Result<(), SinkError> {
+        let mut m = self.maps.lock().map_err(|_| SinkError::Poisoned)?;
+        let slots = m.add_flow(flow).map_err(|source| SinkError::Map { source })?;
+        self.slots.insert(id, slots);
+        Ok(())
+    }
+
+    fn update(&mut self, id: PinholeId, old: &Flow, flow: &Flow) -> Result<(), SinkError> {
+        // Same keys: the old rules must go before the insert (BPF_NOEXIST).
+        // The gap is two syscalls long; no packet of an established stream
+        // depends on it for longer than that.
+        self.remove(id)?;
+        if let Err(e) = self.install(id, flow) {
+            let _ = self.install(id, old);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, id: PinholeId) -> Result<(), SinkError> {
+        let (s_in, _) = self.slots.remove(&id).ok_or(SinkError::Unknown { id })?;
+        let mut m = self.maps.lock().map_err(|_| SinkError::Poisoned)?;
+        m.delete_slot(s_in, true).map_err(|source| SinkError::Map { source })?;
+        Ok(())
+    }
+
+    fn activity(&mut self) -> Result<Vec<(PinholeId, u64)>, SinkError> {
+        let m = self.maps.lock().map_err(|_| SinkError::Poisoned)?;
+        let by_slot: HashMap<u32, u64> = m
+            .list()
+            .map_err(|source| SinkError::Map { source })?
+            .into_iter()
+            .map(|e| (e.slot, e.packets))
+            .collect();
+        Ok(self
+            .slots
+            .iter()
+            .map(|(id, (a, b))| {
+                let p = by_slot.get(a).copied().unwrap_or(0).saturating_add(by_slot.get(b).copied().unwrap_or(0));
+                (*id, p)
+            })
+            .collect())
+    }
+}
+
+/// One operation as a [`RecordingSink`] saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Recorded {
+    /// Installed.
+    Install(PinholeId, Flow),
+    /// Updated.
+    Update(PinholeId, Flow),
+    /// Removed.
+    Remove(PinholeId),
+}
+
+/// Test sink: records operations, keeps the installed set, refuses
+/// duplicate map keys like the real table does, can be told to fail.
+#[derive(Debug, Default)]
+pub struct RecordingSink {
+    /// Every operation, in order.
+    pub log: Vec<Recorded>,
+    /// What is installed now.
+    pub installed: BTreeMap<PinholeId, Flow>,
+    /// Packet counters the next `activity` reports.
+    pub packets: HashMap<PinholeId, u64>,
+    /// Installs that still succeed before every further install fails (`None`: never fail).
+    pub installs_before_failure: Option<usize>,
+    keys: HashSet<PinholeKey>,
+}
+
+fn flow_keys(flow: &Flow) -> Vec<PinholeKey> {
+    flow.rules(0, 1).map(|p| vec![p.inbound.0, p.outbound.0]).unwrap_or_default()
+}
+
+impl RecordingSink {
+    fn put(&mut self, id: PinholeId, flow: &Flow) -> Result<(), SinkError> {
+        let keys = flow_keys(flow);
+        if keys.is_empty() {
+            return Err(SinkError::Refused { reason: format!("flow {flow:?} has no rules") });
+        }
+        if keys.iter().any(|k| self.keys.contains(k)) {
+            return Err(SinkError::Refused { reason: format!("a key of {flow:?} exists") });
+        }
+        self.keys.extend(keys);
+        self.installed.insert(id, *flow);
+        Ok(())
+    }
+
+    fn take(&mut self, id: PinholeId) -> Result<Flow, SinkError> {
+        let flow = self.installed.remove(&id).ok_or(SinkError::Unknown { id })?;
+        for k in flow_keys(&flow) {
+            self.keys.remove(&k);
+        }
+        self.packets.remove(&id);
+        Ok(flow)
+    }
+}
+
+impl PinholeSink for RecordingSink {
+    fn install(&mut self, id: PinholeId, flow: &Flow) -> Result<(), SinkError> {
+        if let Some(n) = self.installs_before_failure.as_mut() {
+            if *n == 0 {
+                return Err(SinkError::Refused { reason: "scripted table-full".into() });
+            }
+            *n -= 1;
+        }
+        self.put(id, flow)?;
+        self.log.push(Recorded::Install(id, *flow));
+        Ok(())
+    }
+
+    fn update(&mut self, id: PinholeId, _old: &Flow, flow: &Flow) -> Result<(), SinkError> {
+        let old = self.take(id)?;
+        if let Err(e) = self.put(id, flow) {
+            let _ = self.put(id, &old);
+            return Err(e);
+        }
+        self.log.push(Recorded::Update(id, *flow));
+        Ok(())
+    }
+
+    fn remove(&mut self, id: PinholeId) -> Result<(), SinkError> {
+        self.take(id)?;
+        self.log.push(Recorded::Remove(id));
+        Ok(())
+    }
+
+    fn activity(&mut self) -> Result<Vec<(PinholeId, u64)>, SinkError> {
+        Ok(self.installed.keys().map(|id| (*id, self.packets.get(id).copied().unwrap_or(0))).collect())
+    }
+}
+
+/// The media layer the proxy owns: manager + body rewriting + sink.
+pub struct MediaController<S: PinholeSink> {
+    mgr: Manager,
+    sink: S,
+    candidates: CandidatePolicy,
+}
+
+fn not_acceptable(reason: impl Into<String>) -> MediaError {
+    MediaError::NotAcceptable { reason: reason.into() }
+}
+
+/// `application/SDP; charset=x` → `application/sdp`.
+fn media_type(content_type: &str) -> String {
+    content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase()
+}
+
+fn candidate_policy(c: MediaCandidates) -> CandidatePolicy {
+    match c {
+        MediaCandidates::Keep => CandidatePolicy::Keep,
+        MediaCandidates::RemovePrivateHost => CandidatePolicy::RemovePrivateHost,
+        MediaCandidates::ReplacePrivateHost => CandidatePolicy::ReplacePrivateHost,
+        MediaCandidates::RemoveAll => CandidatePolicy::RemoveAll,
+    }
+}
+
+fn endpoint(e: &Endpoint, index: usize) -> Result<SocketAddr, MediaError> {
+    e.host
+        .ip()
+        .map(|ip| SocketAddr::new(ip, e.port))
+        .ok_or_else(|| not_acceptable(format!("stream {index}: media address {} is not an IP address", e.host)))
+}
+
+fn stream_desc(f: &MediaFlow) -> Result<StreamDesc, MediaError> {
+    let proto = match f.proto {
+        sdp::Proto::Udp => Proto::Udp,
+        sdp::Proto::Tcp => Proto::Tcp,
+    };
+    let (rtp, rtcp) = match (&f.no_pinhole, &f.rtp) {
+        (None, Some(e)) => (Some(endpoint(e, f.index)?), f.rtcp.as_ref().map(|e| endpoint(e, f.index)).transpose()?),
+        _ => (None, None),
+    };
+    Ok(StreamDesc { proto, rtp, rtcp, rejected: f.no_pinhole == Some(NoPinhole::PortZero) })
+}
+
+impl MediaController<MapsSink> {
+    /// Production controller over the shared map writer.
+    pub fn from_config(config: &Config, maps: Arc<Mutex<DatapathMaps>>) -> Self {
+        MediaController::new(Settings::from_config(config), config.media.candidates, MapsSink::new(maps))
+    }
+}
+
+impl<S: PinholeSink> MediaController<S> {
+    /// A controller with explicit settings.
+    pub fn new(settings: Settings, candidates: MediaCandidates, sink: S) -> Self {
+        MediaController { mgr: Manager::new(settings), sink, candidates: candidate_policy(candidates) }
+    }
+
+    /// The manager (read-only: tests and status output).
+    pub fn manager(&self) -> &Manager {
+        &self.mgr
+    }
+
+    /// The sink.
+    pub fn sink(&self) -> &S {
+        &self.sink
+    }
+
+    /// The sink, mutable (tests feed counters through it).
+    pub fn sink_mut(&mut self) -> &mut S {
+        &mut self.sink
+    }
+
+    fn rewrite_policy(&self, to: Side) -> RewritePolicy {
+        let s = self.mgr.settings();
+        let list = match to {
+            Side::Internal => &s.internal_addrs,
+            Side::External => &s.public_addrs,
+        };
+        RewritePolicy {
+            candidates: self.candidates,
+            edge_v4: list.iter().find_map(|a| match a {
+                IpAddr::V4(v) => Some(*v),
+                IpAddr::V6(_) => None,
+            }),
+            edge_v6: list.iter().find_map(|a| match a {
+                IpAddr::V6(v) => Some(*v),
+                IpAddr::V4(_) => None,
+            }),
+        }
+    }
+
+    /// Apply ops in order; on a failure undo what was applied, roll the
+    /// manager back and report `Exhausted`.
+    fn apply(&mut self, ops: &[Op]) -> Result<(), MediaError> {
+        let mut done: Vec<&Op> = Vec::new();
+        for op in ops {
+            let r = match op {
+                Op::Install { id, flow } => self.sink.install(*id, flow),
+                Op::Update { id, old, flow } => self.sink.update(*id, old, flow),
+                Op::Remove { id, .. } => self.sink.remove(*id),
+            };
+            match (r, op) {
+                (Ok(()), _) => done.push(op),
+                // A rule that cannot be removed is already gone (or the
+                // table is unreachable); the call must not fail for it.
+                (Err(e), Op::Remove { id, .. }) => {
+                    tracing::warn!(?id, error = %e, "removing a pinhole failed");
+                    done.push(op);
+                }
+                (Err(e), _) => {
+                    for undo in done.iter().rev() {
+                        let r = match undo {
+                            Op::Install { id, .. } => self.sink.remove(*id),
+                            Op::Update { id, old, flow } => self.sink.update(*id, flow, old),
+                            Op::Remove { id, flow } => self.sink.install(*id, flow),
+                        };
+                        if let Err(e) = r {
+                            tracing::warn!(error = %e, "undoing a pinhole operation failed");
+                        }
+                    }
+                    self.mgr.rollback();
+                    return Err(MediaError::Exhausted { reason: e.to_string() });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Ops that only remove: apply all, log failures.
+    fn apply_removals(&mut self, ops: &[Op]) {
+        for op in ops {
+            let r = match op {
+                Op::Remove { id, .. } => self.sink.remove(*id),
+                Op::Install { id, flow } => self.sink.install(*id, flow),
+                Op::Update { id, old, flow } => self.sink.update(*id, old, flow),
+            };
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "pinhole operation failed");
+            }
+        }
+    }
+
+    fn on_sdp_body(&mut self, ev: &SdpEvent<'_>, now: Instant) -> Result<Vec<u8>, MediaError> {
+        let parsed = Sdp::parse(ev.body).map_err(|e| not_acceptable(e.to_string()))?;
+        let streams = parsed.flows().iter().map(stream_desc).collect::<Result<Vec<_>, _>>()?;
+        let to = ev.from_side.other();
+        let rewrite = self.mgr.settings().mode == MediaMode::Relay || ev.from_side == Side::Internal;
+        let policy = self.rewrite_policy(to);
+        if rewrite {
+            // Dry run with a placeholder port: every way the rewrite can fail
+            // shows here, before the manager allocates anything.
+            let edge = policy.edge_v4.map(IpAddr::V4).or(policy.edge_v6.map(IpAddr::V6));
+            let mut dry = |r: &FlowRequest<'_>| {
+                let want_v6 = r.flow.rtp.as_ref().and_then(|e| e.host.ip()).is_some_and(|ip| ip.is_ipv6());
+                let addr = if want_v6 { policy.edge_v6.map(IpAddr::V6).or(edge) } else { edge };
+                addr.map(|addr| Allocation { addr, port: 9, rtcp_port: None })
+            };
+            parsed.rewrite(&policy, &mut dry).map_err(|e| not_acceptable(e.to_string()))?;
+        }
+        let out = self.mgr.on_sdp(
+            &SdpInput {
+                dialog: ev.dialog,
+                to_tag: ev.to_tag,
+                role: ev.role,
+                from_side: ev.from_side,
+                source: ev.source,
+                streams: &streams,
+            },
+            now,
+        )?;
+        let body = if rewrite {
+            let mut alloc = |r: &FlowRequest<'_>| out.allocations.get(r.flow.index).copied().flatten();
+            match parsed.rewrite(&policy, &mut alloc) {
+                Ok(r) => r.sdp,
+                Err(e) => {
+                    self.mgr.rollback();
+                    return Err(not_acceptable(e.to_string()));
+                }
+            }
+        } else {
+            ev.body.to_vec()
+        };
+        self.apply(&out.ops)?;
+        Ok(body)
+    }
+
+    fn on_msmsgs_body(&mut self, ev: &SdpEvent<'_>) -> Result<Vec<u8>, MediaError> {
+        let inv = msmsgs::parse(ev.body).map_err(|e| not_acceptable(e.to_string()))?;
+        match inv.endpoint.or(inv.internal) {
+            None => Ok(ev.body.to_vec()),
+            Some(ep) => Err(MediaError::Forbidden {
+                reason: format!(
+                    "x-msmsgsinvite file transfer to {ep}: the connecting side's address is never signalled, so no strict pinhole can be built; use MSRP (RFC 4975)"
+                ),
+            }),
+        }
+    }
+}
+
+impl<S: PinholeSink + Send> MediaControl for MediaController<S> {
+    fn on_sdp(&mut self, ev: &SdpEvent<'_>, now: Instant) -> Result<Vec<u8>, MediaError> {
+        let t = media_type(ev.content_type);
+        match t.as_str() {
+            "application/sdp" => self.on_sdp_body(ev, now),
+            "text/x-msmsgsinvite" => self.on_msmsgs_body(ev),
+            _ if t.starts_with("multipart/") => Err(not_acceptable(
+                "multipart bodies are not rewritten; send application/sdp on its own",
+            )),
+            _ => Err(not_acceptable(format!("body type {t:?} is not a media description the edge can rewrite"))),
+        }
+    }
+
+    fn on_dialog_end(&mut self, dialog: &DialogKey, to_tag: Option<&str>, reason: EndReason, now: Instant) {
+        let ops = self.mgr.on_dialog_end(dialog, to_tag, reason, now);
+        self.apply_removals(&ops);
+    }
+
+    fn on_tick(&mut self, now: Instant) -> Vec<DialogKey> {
+        match self.sink.activity() {
+            Ok(counts) => {
+                for (id, packets) in counts {
+                    self.mgr.on_activity(id, packets, now);
+                }
+            }
+            // Without counters every call would look idle: skip this round's
+            // expiry (a later tick catches up) rather than cut live calls.
+            Err(e) => {
+                tracing::warn!(error = %e, "reading pinhole counters failed");
+                return Vec::new();
+            }
+        }
+        let (expired, ops) = self.mgr.on_tick(now);
+        self.apply_removals(&ops);
+        expired
+    }
+}

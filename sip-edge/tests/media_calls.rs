@@ -1,0 +1,542 @@
+//! Call-flow tests of the media layer: drives `media::control::MediaController`
+//! (manager + SDP rewrite) with a recording pinhole sink and synthetic
+//! instants, the way the proxy will (quinn-style, no sleeps). Every scenario
+//! ends with the "no orphans" check: no pinhole, port or dialog left.
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use sip_edge::{
+    config::{MediaCandidates, MediaMode, PortRange},
+    datapath::rules::{Flow, Proto},
+    media::{
+        control::{MediaController, Recorded, RecordingSink},
+        manager::Settings,
+        DialogKey, EndReason, MediaControl, MediaError, SdpEvent, SdpRole, Side,
+    },
+};
+
+const CLIENT: &str = "10.77.0.2:5061";
+const CLIENT2: &str = "10.77.0.3:5061";
+const PEER_PROXY: &str = "198.51.100.1:5061";
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().expect("test address")
+}
+
+fn settings(mode: MediaMode) -> Settings {
+    Settings {
+        mode,
+        internal_addrs: vec!["10.77.0.1".parse().expect("ip")],
+        public_addrs: vec!["203.0.113.1".parse().expect("ip")],
+        port_ranges: vec![PortRange { start: 40000, end: 40099 }],
+        reserved_ports: vec![40050],
+        allowed_internal_subnets: Vec::new(),
+        max_flows_per_client: 8,
+        max_flows: 1000,
+        max_calls: 100,
+        idle_timeout: Duration::from_secs(60),
+        unused_timeout: Duration::from_secs(20),
+        max_call: Duration::from_secs(4 * 3600),
+        latch: false,
+    }
+}
+
+/// One audio stream; `extra` lines go after the m= line.
+fn audio(ip: &str, port: u16, extra: &str) -> String {
+    format!("v=0\r\no=- 1 1 IN IP4 {ip}\r\ns=-\r\nc=IN IP4 {ip}\r\nt=0 0\r\nm=audio {port} RTP/AVP 0\r\n{extra}")
+}
+
+fn audio_video(ip: &str, a: u16, v: u16) -> String {
+    format!("{}m=video {v} RTP/AVP 96\r\na=rtpmap:96 H264/90000\r\n", audio(ip, a, ""))
+}
+
+struct H {
+    c: MediaController<RecordingSink>,
+    t0: Instant,
+    now: Instant,
+}
+
+impl H {
+    fn new(s: Settings) -> H {
+        let t0 = Instant::now();
+        H { c: MediaController::new(s, MediaCandidates::ReplacePrivateHost, RecordingSink::default()), t0, now: t0 }
+    }
+
+    fn relay() -> H {
+        H::new(settings(MediaMode::Relay))
+    }
+
+    fn at(&mut self, secs: u64) {
+        self.now = self.t0 + Duration::from_secs(secs);
+    }
+
+    #[expect(clippy::too_many_arguments, reason = "mirrors SdpEvent's fields one to one")]
+    fn sdp_typed(
+        &mut self,
+        d: &DialogKey,
+        tag: Option<&str>,
+        role: SdpRole,
+        side: Side,
+        src: &str,
+        body: &str,
+        ct: &str,
+    ) -> Result<String, MediaError> {
+        let ev = SdpEvent {
+            dialog: d,
+            to_tag: tag,
+            role,
+            from_side: side,
+            source: sa(src),
+            body: body.as_bytes(),
+            content_type: ct,
+        };
+        self.c.on_sdp(&ev, self.now).map(|b| String::from_utf8(b).expect("utf-8 body"))
+    }
+
+    fn sdp(&mut self, d: &DialogKey, tag: Option<&str>, role: SdpRole, side: Side, src: &str, body: &str) -> Result<String, MediaError> {
+        self.sdp_typed(d, tag, role, side, src, body, "application/sdp")
+    }
+
+    fn end(&mut self, d: &DialogKey, tag: Option<&str>, reason: EndReason) {
+        self.c.on_dialog_end(d, tag, reason, self.now);
+    }
+
+    fn tick(&mut self) -> Vec<DialogKey> {
+        self.c.on_tick(self.now)
+    }
+
+    fn flows(&self) -> Vec<Flow> {
+        self.c.sink().installed.values().copied().collect()
+    }
+
+    fn packets(&mut self, n: u64) {
+        let ids: Vec<_> = self.c.sink().installed.keys().copied().collect();
+        for id in ids {
+            *self.c.sink_mut().packets.entry(id).or_insert(0) += n;
+        }
+    }
+
+    fn assert_no_orphans(&self) {
+        assert!(self.c.sink().installed.is_empty(), "orphan rules: {:?}", self.c.sink().installed);
+        assert!(self.c.manager().installed().is_empty(), "manager still tracks flows");
+        assert_eq!(self.c.manager().ports_in_use(), 0, "ports leaked");
+        assert_eq!(self.c.manager().dialogs(), 0, "dialogs leaked");
+    }
+}
+
+fn dialog(n: u32) -> DialogKey {
+    DialogKey { call_id: format!("call-{n}@10.77.0.2"), from_tag: format!("ft{n}") }
+}
+
+/// `m=<kind> <port>` of the n-th m-line and the c= address in force.
+fn m_port(body: &str, n: usize) -> u16 {
+    body.lines()
+        .filter(|l| l.starts_with("m="))
+        .nth(n)
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|p| p.parse().ok())
+        .expect("m= port")
+}
+
+fn c_addr(body: &str) -> &str {
+    body.lines().find(|l| l.starts_with("c=")).and_then(|l| l.rsplit(' ').next()).expect("c=")
+}
+
+#[test]
+fn relay_outbound_call_installs_rtp_and_rtcp_and_bye_removes() {
+    let mut h = H::relay();
+    let d = dialog(1);
+    let out = h.sdp(&d, None, SdpRole::Offer, Side::Internal, CLIENT, &audio("10.77.0.2", 4000, "")).expect("offer");
+    assert_eq!(c_addr(&out), "203.0.113.1");
+    assert!(!out.contains("10.77.0.2"), "private address leaked: {out}");
+    let public = m_port(&out, 0);
+    assert!((40000..=40099).contains(&public) && public.is_multiple_of(2), "{public}");
+    assert!(h.flows().is_empty(), "no pinhole before the answer");
+    let back = h.sdp(&d, Some("tt1"), SdpRole::Answer, Side::External, PEER_PROXY, &audio("198.51.100.7", 5000, "")).expect("answer");
+    assert_eq!(c_addr(&back), "10.77.0.1");
+    let int = m_port(&back, 0);
+    assert_ne!(int, public);
+    let flows = h.flows();
+    assert_eq!(flows.len(), 2, "RTP + RTCP");
+    assert!(flows.contains(&Flow::Relay {
+        proto: Proto::Udp,
+        client: sa("10.77.0.2:4000"),
+        edge_int: SocketAddr::new("10.77.0.1".parse().expect("ip"), int),
+        public: SocketAddr::new("203.0.113.1".parse().expect("ip"), public),
+        peer: sa("198.51.100.7:5000"),
+        latch_peer: false,
+    }));
+    assert!(flows.contains(&Flow::Relay {
+        proto: Proto::Udp,
+        client: sa("10.77.0.2:4001"),
+        edge_int: SocketAddr::new("10.77.0.1".parse().expect("ip"), int + 1),
+        public: SocketAddr::new("203.0.113.1".parse().expect("ip"), public + 1),
+        peer: sa("198.51.100.7:5001"),
+        latch_peer: false,
+    }));
+    h.end(&d, Some("tt1"), EndReason::Bye);
+    h.assert_no_orphans();
+}
+
+#[test]
+fn relay_inbound_call_with_rtcp_mux_is_one_flow() {
+    let mut h = H::relay();
+    let d = dialog(2);
+    let out = h
+        .sdp(&d, None, SdpRole::Offer, Side::External, PEER_PROXY, &audio("198.51.100.7", 5000, "a=rtcp-mux\r\n"))
+        .expect("offer");
+    assert_eq!(c_addr(&out), "10.77.0.1");
+    h.sdp(&d, Some("tt"), SdpRole::Answer, Side::Internal, CLIENT, &audio("10.77.0.2", 4000, "a=rtcp-mux\r\n"))
+        .expect("answer");
+    assert_eq!(h.flows().len(), 1);
+    assert_eq!(h.c.manager().client_flows("10.77.0.2".parse().expect("ip")), 1);
+    h.end(&d, None, EndReason::Bye);
+    h.assert_no_orphans();
+}
+
+#[test]
+fn nat_mode_rewrites_only_the_internal_sdp() {
+    let mut h = H::new(settings(MediaMode::Nat));
+    let d = dialog(3);
+    let out = h.sdp(&d, None, SdpRole::Offer, Side::Internal, CLIENT, &audio("10.77.0.2", 4000, "")).expect("offer");
+    assert_eq!(c_addr(&out), "203.0.113.1");
+    let public = m_port(&out, 0);
+    let answer = audio("198.51.100.7", 5000, "");
+    let back = h.sdp(&d, Some("t"), SdpRole::Answer, Side::External, PEER_PROXY, &answer).expect("answer");
+    assert_eq!(back, answer, "the peer's SDP passes untouched in nat mode");
+    assert!(h.flows().contains(&Flow::Nat {
+        proto: Proto::Udp,
+        client: sa("10.77.0.2:4000"),
+        public: SocketAddr::new("203.0.113.1".parse().expect("ip"), public),
+        peer: sa("198.51.100.7:5000"),
+        latch_peer: false,
+    }));
+    h.end(&d, None, EndReason::Bye);
+    h.assert_no_orphans();
+}
+
+#[test]
+fn late_offer_in_200_answer_in_ack() {
+    let mut h = H::relay();
+    let d = dialog(4);
+    // INVITE without SDP: nothing reported. 200 OK carries the offer.
+    h.sdp(&d, Some("tt"), SdpRole::Offer, Side::External, PEER_PROXY, &audio("198.51.100.7", 5000, "")).expect("offer in 200");
+    assert!(h.flows().is_empty());
+    h.sdp(&d, Some("tt"), SdpRole::Answer, Side::Internal, CLIENT, &audio("10.77.0.2", 4000, "")).expect("answer in ACK");
+    assert_eq!(h.flows().len(), 2);
+    h.end(&d, Some("tt"), EndReason::Bye);
+    h.assert_no_orphans();
+}
+
+fn established(h: &mut H, d: &DialogKey) -> (u16, u16) {
+    let out = h.sdp(d, None, SdpRole::Offer, Side::Internal, CLIENT, &audio("10.77.0.2", 4000, "")).expect("offer");
+    let back = h.sdp(d, Some("tt"), SdpRole::Answer, Side::External, PEER_PROXY, &audio("198.51.100.7", 5000, "")).expect("answer");
+    (m_port(&out, 0), m_port(&back, 0))
+}
+
+#[test]
+fn reinvite_moving_a_stream_keeps_edge_ports_and_updates_in_place() {
+    let mut h = H::relay();
+    let d = dialog(5);
+    let (public, int) = established(&mut h, &d);
+    let ids_before: Vec<_> = h.c.sink().installed.keys().copied().collect();
+    // The peer moves its media (re-INVITE from outside).
+    let out = h.sdp(&d, Some("tt"), SdpRole::Offer, Side::External, PEER_PROXY, &audio("198.51.100.8", 6000, "")).expect("re-offer");
+    assert_eq!(m_port(&out, 0), int, "the client keeps talking to the same edge port");
+    let back = h.sdp(&d, Some("tt"), SdpRole::Answer, Side::Internal, CLIENT, &audio("10.77.0.2", 4000, "")).expect("re-answer");
+    assert_eq!(m_port(&back, 0), public);
+    let ids_after: Vec<_> = h.c.sink().installed.keys().copied().collect();
+    assert_eq!(ids_before, ids_after, "same pinholes, updated");
+    assert!(h.c.sink().log.iter().any(|r| matches!(r, Recorded::Update(_, Flow::Relay { peer, .. }) if *peer == sa("198.51.100.8:6000"))));
+    assert!(!h.c.sink().log.iter().any(|r| matches!(r, Recorded::Remove(_))), "media never interrupted");
+    // The client adds video: new flows installed, audio untouched.
+    let log_len = h.c.sink().log.len();
+    let out = h.sdp(&d, Some("tt"), SdpRole::Offer, Side::Internal, CLIENT, &audio_video("10.77.0.2", 4000, 4002)).expect("add video");
+    assert_eq!(m_port(&out, 0), public);
+    h.sdp(&d, Some("tt"), SdpRole::Answer, Side::External, PEER_PROXY, &audio_video("198.51.100.8", 6000, 6002)).expect("video answer");
+    assert_eq!(h.flows().len(), 4);
+    assert!(h.c.sink().log[log_len..].iter().all(|r| matches!(r, Recorded::Install(..))), "{:?}", &h.c.sink().log[log_len..]);
+    h.end(&d, Some("tt"), EndReason::Bye);
+    h.assert_no_orphans();
+}
+
+#[test]
+fn hold_with_inactive_removes_pinholes_but_keeps_ports_and_sendonly_keeps_both() {
+    let mut h = H::relay();
+    let d = dialog(6);
+    let (public, _) = established(&mut h, &d);
+    let ports = h.c.manager().ports_in_use();
+    h.sdp(&d, Some("tt"), SdpRole::Offer, Side::Internal, CLIENT, &audio("10.77.0.2", 4000, "a=sendonly\r\n")).expect("hold");
+    h.sdp(&d, Some("tt"), SdpRole::Answer, Side::External, PEER_PROXY, &audio("198.51.100.7", 5000, "a=recvonly\r\n")).expect("held");
+    assert_eq!(h.flows().len(), 2, "sendonly hold: music on hold still flows");
+    h.sdp(&d, Some("tt"), SdpRole::Offer, Side::Internal, CLIENT, &audio("10.77.0.2", 4000, "a=inactive\r\n")).expect("inactive");
+    h.sdp(&d, Some("tt"), SdpRole::Answer, Side::External, PEER_PROXY, &audio("198.51.100.7", 5000, "a=inactive\r\n")).expect("inactive answer");
+    assert!(h.flows().is_empty(), "inactive: no pinhole");
+    assert_eq!(h.c.manager().ports_in_use(), ports, "ports kept for the resume");
+    let out = h.sdp(&d, Some("tt"), SdpRole::Offer, Side::Internal, CLIENT, &audio("10.77.0.2", 4000, "")).expect("resume");
+    assert_eq!(m_port(&out, 0), public, "resume on the same edge port");
+    h.sdp(&d, Some("tt"), SdpRole::Answer, Side::External, PEER_PROXY, &audio("198.51.100.7", 5000, "")).expect("resumed");
+    assert_eq!(h.flows().len(), 2);
+    h.end(&d, None, EndReason::Bye);
+    h.assert_no_orphans();
+}
+
+#[test]
+fn port_zero_in_the_answer_rejects_the_stream_and_frees_its_ports() {
+    let mut h = H::relay();
+    let d = dialog(7);
+    h.sdp(&d, None, SdpRole::Offer, Side::Internal, CLIENT, &audio_video("10.77.0.2", 4000, 4002)).expect("offer");
+    assert_eq!(h.c.manager().ports_in_use(), 4);
+    h.sdp(&d, Some("t"), SdpRole::Answer, Side::External, PEER_PROXY, &audio_video("198.51.100.7", 5000, 0)).expect("answer");
+    assert_eq!(h.flows().len(), 2, "audio only");
+    assert!(h.flows().iter().all(|f| matches!(f, Flow::Relay { peer, .. } if peer.port() == 5000 || peer.port() == 5001)));
+    assert_eq!(h.c.manager().ports_in_use(), 4, "video's public pair released, audio's internal pair taken");
+    h.end(&d, None, EndReason::Bye);
+    h.assert_no_orphans();
+}
+
+#[test]
+fn early_media_forks_replace_then_2xx_confirms() {
+    let mut h = H::relay();
+    let d = dialog(8);
+    h.sdp(&d, None, SdpRole::Offer, Side::Internal, CLIENT, &audio("10.77.0.2", 4000, "")).expect("offer");
+    let a = h.sdp(&d, Some("forkA"), SdpRole::EarlyAnswer, Side::External, PEER_PROXY, &audio("198.51.100.7", 5000, "")).expect("183 A");
+    let peer = |h: &H| -> Vec<u16> {
+        let mut v: Vec<u16> = h.flows().iter().map(|f| match f { Flow::Relay { peer, .. } | Flow::Nat { peer, .. } => peer.port() }).collect();
+        v.sort_unstable();
+        v
+    };
+    assert_eq!(peer(&h), vec![5000, 5001], "early media installed");
+    let b = h.sdp(&d, Some("forkB"), SdpRole::EarlyAnswer, Side::External, PEER_PROXY, &audio("198.51.100.9", 7000, "")).expect("183 B");
+    assert_eq!(m_port(&a, 0), m_port(&b, 0), "forks share the edge port the caller sees");
+    assert_eq!(peer(&h), vec![7000, 7001], "latest fork wins");
+    h.sdp(&d, Some("forkA"), SdpRole::Answer, Side::External, PEER_PROXY, &audio("198.51.100.7", 5000, "")).expect("200 A");
+    assert_eq!(peer(&h), vec![5000, 5001], "2xx fork replaces the early one");
+    // B's late 2xx after confirmation: rewritten, nothing installed; its BYE removes nothing.
+    let late = h.sdp(&d, Some("forkB"), SdpRole::Answer, Side::External, PEER_PROXY, &audio("198.51.100.9", 7000, "")).expect("200 B");
+    assert_eq!(c_addr(&late), "10.77.0.1");
+    h.end(&d, Some("forkB"), EndReason::Bye);
+    assert_eq!(peer(&h), vec![5000, 5001]);
+    h.end(&d, Some("forkA"), EndReason::Bye);
+    h.assert_no_orphans();
+}
+
+#[test]
+fn early_media_cleaned_by_cancel_and_by_486() {
+    for reason in [EndReason::Cancel, EndReason::Failure(486), EndReason::Timeout] {
+        let mut h = H::relay();
+        let d = dialog(9);
+        h.sdp(&d, None, SdpRole::Offer, Side::Internal, CLIENT, &audio("10.77.0.2", 4000, "")).expect("offer");
+        h.sdp(&d, Some("f"), SdpRole::EarlyAnswer, Side::External, PEER_PROXY, &audio("198.51.100.7", 5000, "")).expect("183");
+        assert_eq!(h.flows().len(), 2);
+        h.end(&d, None, reason);
+        h.assert_no_orphans();
+    }
+}
+
+#[test]
+fn a_failed_early_fork_goes_and_another_fork_answers() {
+    let mut h = H::relay();
+    let d = dialog(10);
+    h.sdp(&d, None, SdpRole::Offer, Side::Internal, CLIENT, &audio("10.77.0.2", 4000, "")).expect("offer");
+    h.sdp(&d, Some("a"), SdpRole::EarlyAnswer, Side::External, PEER_PROXY, &audio("198.51.100.7", 5000, "")).expect("183 a");
+    h.end(&d, Some("a"), EndReason::Failure(486));
+    assert!(h.flows().is_empty(), "the failed fork's early media is gone");
+    assert_eq!(h.c.manager().dialogs(), 1, "the dialog set lives on");
+    h.sdp(&d, Some("b"), SdpRole::Answer, Side::External, PEER_PROXY, &audio("198.51.100.9", 7000, "")).expect("200 b");
+    assert_eq!(h.flows().len(), 2);
+    h.end(&d, Some("b"), EndReason::Bye);
+    h.assert_no_orphans();
+}
+
+#[test]
+fn idle_unused_and_max_length_expiry() {
+    // Never used: confirmed, no packet.
+    let mut h = H::relay();
+    let d = dialog(11);
+    established(&mut h, &d);
+    h.at(19);
+    assert!(h.tick().is_empty());
+    h.at(20);
+    assert_eq!(h.tick(), vec![d.clone()]);
+    h.assert_no_orphans();
+
+    // Idle: media flowed, then stopped.
+    let mut h = H::relay();
+    established(&mut h, &d);
+    for s in 1..=100 {
+        h.at(s);
+        h.packets(50);
+        assert!(h.tick().is_empty(), "active call expired at {s}s");
+    }
+    h.at(159);
+    assert!(h.tick().is_empty());
+    h.at(160);
+    assert_eq!(h.tick(), vec![d.clone()]);
+    h.assert_no_orphans();
+
+    // Maximum call length, even while media flows.
+    let mut h = H::relay();
+    established(&mut h, &d);
+    h.packets(1);
+    h.at(1);
+    h.tick();
+    h.at(4 * 3600 - 1);
+    h.packets(1);
+    assert!(h.tick().is_empty());
+    h.at(4 * 3600);
+    h.packets(1);
+    assert_eq!(h.tick(), vec![d.clone()]);
+    h.assert_no_orphans();
+
+    // Early media that never carries anything is not "unused": callees ring long.
+    let mut h = H::relay();
+    h.sdp(&d, None, SdpRole::Offer, Side::Internal, CLIENT, &audio("10.77.0.2", 4000, "")).expect("offer");
+    h.sdp(&d, Some("f"), SdpRole::EarlyAnswer, Side::External, PEER_PROXY, &audio("198.51.100.7", 5000, "")).expect("183");
+    h.at(170);
+    assert!(h.tick().is_empty());
+    h.end(&d, None, EndReason::Cancel);
+    h.assert_no_orphans();
+}
+
+#[test]
+fn internal_targets_must_be_the_signalling_source_or_an_allowed_subnet() {
+    let mut h = H::relay();
+    let d = dialog(12);
+    // SDP names another internal host: NAT-slipstreaming shape.
+    let e = h.sdp(&d, None, SdpRole::Offer, Side::Internal, CLIENT, &audio("10.77.0.99", 4000, "")).expect_err("other host");
+    assert!(matches!(e, MediaError::Forbidden { .. }), "{e:?}");
+    assert_eq!(e.status(), 488);
+    // A privileged port on the client itself.
+    let e = h.sdp(&d, None, SdpRole::Offer, Side::Internal, CLIENT, &audio("10.77.0.2", 22, "")).expect_err("port 22");
+    assert!(matches!(e, MediaError::Forbidden { .. }), "{e:?}");
+    // An a=rtcp pointing elsewhere is checked too.
+    let e = h
+        .sdp(&d, None, SdpRole::Offer, Side::Internal, CLIENT, &audio("10.77.0.2", 4000, "a=rtcp:4001 IN IP4 10.77.0.50\r\n"))
+        .expect_err("rtcp elsewhere");
+    assert!(matches!(e, MediaError::Forbidden { .. }), "{e:?}");
+    h.assert_no_orphans();
+
+    // With the subnet allowed, a media server next to the client is fine.
+    let mut s = settings(MediaMode::Relay);
+    s.allowed_internal_subnets = vec![sip_edge::config::parse_cidr("10.77.0.0/24").expect("cidr")];
+    let mut h = H::new(s);
+    h.sdp(&d, None, SdpRole::Offer, Side::Internal, CLIENT, &audio("10.77.0.99", 4000, "")).expect("allowed subnet");
+    // ...and an outside peer may not name that subnet or the edge itself.
+    for bad in ["10.77.0.5", "203.0.113.1", "127.0.0.1", "0.0.0.0"] {
+        let e = h.sdp(&d, Some("t"), SdpRole::Answer, Side::External, PEER_PROXY, &audio(bad, 5000, "")).expect_err(bad);
+        assert!(matches!(e, MediaError::Forbidden { .. }), "{bad}: {e:?}");
+    }
+    assert!(h.flows().is_empty());
+    h.end(&d, None, EndReason::Cancel);
+    h.assert_no_orphans();
+}
+
+#[test]
+fn nothing_without_a_proxied_offer_and_bad_bodies_are_refused() {
+    let mut h = H::relay();
+    let d = dialog(13);
+    let e = h.sdp(&d, Some("t"), SdpRole::Answer, Side::External, PEER_PROXY, &audio("198.51.100.7", 5000, "")).expect_err("no offer");
+    assert!(matches!(e, MediaError::NotAcceptable { .. }), "{e:?}");
+    let e = h.sdp(&d, None, SdpRole::Offer, Side::External, PEER_PROXY, "v=0\r\nm=audio x RTP/AVP 0\r\n").expect_err("garbage");
+    assert!(matches!(e, MediaError::NotAcceptable { .. }), "{e:?}");
+    let e = h.sdp(&d, None, SdpRole::Offer, Side::External, PEER_PROXY, &audio("media.example.com", 5000, "")).expect_err("fqdn");
+    assert!(matches!(e, MediaError::NotAcceptable { .. }), "{e:?}");
+    let multipart = "--b\r\nContent-Type: application/sdp\r\n\r\nv=0\r\n--b--\r\n";
+    let e = h
+        .sdp_typed(&d, None, SdpRole::Offer, Side::Internal, CLIENT, multipart, "multipart/mixed;boundary=b")
+        .expect_err("multipart");
+    assert!(matches!(e, MediaError::NotAcceptable { .. }), "{e:?}");
+    // x-msmsgsinvite: address-free invitations pass, addressed ones are refused.
+    let invite = "Invitation-Command: INVITE\r\nInvitation-Cookie: 7\r\n\r\n";
+    assert_eq!(h.sdp_typed(&d, None, SdpRole::Offer, Side::Internal, CLIENT, invite, "text/x-msmsgsinvite; charset=UTF-8").expect("invite"), invite);
+    let accept = "Invitation-Command: ACCEPT\r\nInvitation-Cookie: 7\r\nIP-Address: 10.77.0.2\r\nPort: 6891\r\n\r\n";
+    let e = h.sdp_typed(&d, None, SdpRole::Offer, Side::Internal, CLIENT, accept, "text/x-msmsgsinvite").expect_err("accept");
+    assert!(matches!(e, MediaError::Forbidden { .. }), "{e:?}");
+    h.assert_no_orphans();
+}
+
+#[test]
+fn per_client_and_global_caps_refuse_without_evicting() {
+    let mut s = settings(MediaMode::Relay);
+    s.max_flows_per_client = 4;
+    let mut h = H::new(s);
+    let (d1, d2, d3) = (dialog(21), dialog(22), dialog(23));
+    established(&mut h, &d1);
+    established(&mut h, &d2);
+    let live = h.flows();
+    let e = h.sdp(&d3, None, SdpRole::Offer, Side::Internal, CLIENT, &audio("10.77.0.2", 4100, "")).expect_err("over cap");
+    assert!(matches!(e, MediaError::Exhausted { .. }), "{e:?}");
+    assert_eq!(e.status(), 503);
+    assert_eq!(h.flows(), live, "live calls untouched");
+    // Another client is not affected by the first one's cap.
+    h.sdp(&d3, None, SdpRole::Offer, Side::Internal, CLIENT2, &audio("10.77.0.3", 4000, "")).expect("other client");
+    for d in [&d1, &d2, &d3] {
+        h.end(d, None, EndReason::Bye);
+    }
+    h.assert_no_orphans();
+
+    // Port exhaustion: 40000-40003 holds two RTP/RTCP pairs.
+    let mut s = settings(MediaMode::Relay);
+    s.port_ranges = vec![PortRange { start: 40000, end: 40003 }];
+    let mut h = H::new(s);
+    established(&mut h, &d1);
+    let e = h.sdp(&d2, None, SdpRole::Offer, Side::Internal, CLIENT, &audio("10.77.0.2", 4100, "")).expect_err("no ports");
+    assert!(matches!(e, MediaError::Exhausted { .. }), "{e:?}");
+    assert_eq!(h.flows().len(), 2);
+    h.end(&d1, None, EndReason::Bye);
+    // Released ports can be used again.
+    established(&mut h, &d2);
+    h.end(&d2, None, EndReason::Bye);
+    h.assert_no_orphans();
+
+    // Call cap.
+    let mut s = settings(MediaMode::Relay);
+    s.max_calls = 1;
+    let mut h = H::new(s);
+    established(&mut h, &d1);
+    let e = h.sdp(&d2, None, SdpRole::Offer, Side::External, PEER_PROXY, &audio("198.51.100.7", 5000, "")).expect_err("call cap");
+    assert!(matches!(e, MediaError::Exhausted { .. }), "{e:?}");
+    h.end(&d1, None, EndReason::Bye);
+    h.assert_no_orphans();
+}
+
+#[test]
+fn a_map_failure_leaves_nothing_half_installed() {
+    let mut h = H::relay();
+    let d = dialog(30);
+    h.sdp(&d, None, SdpRole::Offer, Side::Internal, CLIENT, &audio("10.77.0.2", 4000, "")).expect("offer");
+    let ports = h.c.manager().ports_in_use();
+    h.c.sink_mut().installs_before_failure = Some(1);
+    let e = h.sdp(&d, Some("t"), SdpRole::Answer, Side::External, PEER_PROXY, &audio("198.51.100.7", 5000, "")).expect_err("table full");
+    assert!(matches!(e, MediaError::Exhausted { .. }), "{e:?}");
+    assert!(h.flows().is_empty(), "RTP installed then undone");
+    assert!(h.c.manager().installed().is_empty());
+    assert_eq!(h.c.manager().ports_in_use(), ports, "the answer's allocation was rolled back");
+    // The table frees up; the (retransmitted) answer now works.
+    h.c.sink_mut().installs_before_failure = None;
+    h.sdp(&d, Some("t"), SdpRole::Answer, Side::External, PEER_PROXY, &audio("198.51.100.7", 5000, "")).expect("answer");
+    assert_eq!(h.flows().len(), 2);
+    h.end(&d, None, EndReason::Bye);
+    h.assert_no_orphans();
+}
+
+#[test]
+fn msrp_and_rfc4145_tcp_streams_get_one_tcp_flow_each() {
+    let mut h = H::relay();
+    let d = dialog(31);
+    let offer = "v=0\r\no=- 1 1 IN IP4 10.77.0.2\r\ns=-\r\nc=IN IP4 10.77.0.2\r\nt=0 0\r\nm=message 2855 TCP/MSRP *\r\na=path:msrp://10.77.0.2:2855/s111;tcp\r\nm=application 9 TCP wb\r\na=setup:active\r\na=connection:new\r\n";
+    let out = h.sdp(&d, None, SdpRole::Offer, Side::Internal, CLIENT, offer).expect("offer");
+    assert!(!out.contains("10.77.0.2"), "{out}");
+    let answer = "v=0\r\no=- 1 1 IN IP4 198.51.100.7\r\ns=-\r\nc=IN IP4 198.51.100.7\r\nt=0 0\r\nm=message 2856 TCP/MSRP *\r\na=path:msrp://198.51.100.7:2856/s222;tcp\r\nm=application 5100 TCP wb\r\na=setup:passive\r\na=connection:new\r\n";
+    let back = h.sdp(&d, Some("t"), SdpRole::Answer, Side::External, PEER_PROXY, answer).expect("answer");
+    assert!(back.contains("a=path:msrp://10.77.0.1:"), "{back}");
+    let flows = h.flows();
+    assert_eq!(flows.len(), 2);
+    assert!(flows.iter().all(|f| f.proto() == Proto::Tcp));
+    h.end(&d, None, EndReason::Bye);
+    h.assert_no_orphans();
+}
