@@ -65,6 +65,13 @@ pub const RULE_ANY_REMOTE_PORT: u16 = 1 << 3;
 /// instead of `new_dst`/`new_dst_port`.
 pub const RULE_DST_FOLLOWS_PAIR: u16 = 1 << 4;
 
+/// Rule flag: the remote address is strict (must equal `remote_addr`) but
+/// the remote port is learned once from the first packet and fixed after
+/// (stored like a latch). For TCP media whose remote end connects from an
+/// ephemeral port (RFC 4145 `a=setup:active`, MSRP offerers, RFC 4975
+/// §8.1): signalling names the host but not the port.
+pub const RULE_LATCH_PORT: u16 = 1 << 5;
+
 /// Value of the `PINHOLES` map. 64 bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

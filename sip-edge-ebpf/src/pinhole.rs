@@ -16,7 +16,7 @@ use core::intrinsics::{atomic_cxchg, atomic_xadd, AtomicOrdering};
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use sip_edge_common::{
     PinholeKey, PinholeRule, PinholeState, Reason, LATCH_CLAIMING, LATCH_DONE, LATCH_NONE,
-    MATCH_DST, MATCH_SRC, RULE_ANY_REMOTE_PORT, RULE_DST_FOLLOWS_PAIR, RULE_LATCH,
+    MATCH_DST, MATCH_SRC, RULE_ANY_REMOTE_PORT, RULE_DST_FOLLOWS_PAIR, RULE_LATCH, RULE_LATCH_PORT,
     RULE_REWRITE_DST, RULE_REWRITE_SRC, ROLE_INTERNAL,
 };
 
@@ -97,10 +97,14 @@ pub fn check_remote(pkt: &Packet, hit: &Hit) -> Result<(), Reason> {
     let rule = hit.rule;
     let flags = unsafe { (*rule).flags };
     let any_port = flags & RULE_ANY_REMOTE_PORT != 0;
-    if flags & RULE_LATCH == 0 {
+    if flags & (RULE_LATCH | RULE_LATCH_PORT) == 0 {
         let ok = addr_eq(unsafe { &raw const (*rule).remote_addr }, raddr)
             && (any_port || unsafe { (*rule).remote_port } == rport);
         return if ok { Ok(()) } else { Err(Reason::DropRemoteMismatch) };
+    }
+    // Port-only latch: the address stays strict; only the port is learned.
+    if flags & RULE_LATCH == 0 && !addr_eq(unsafe { &raw const (*rule).remote_addr }, raddr) {
+        return Err(Reason::DropRemoteMismatch);
     }
     latch(hit.state, raddr, rport, any_port)
 }

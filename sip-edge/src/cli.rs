@@ -11,7 +11,7 @@ use crate::{
     config::DEFAULT_PIN_DIR,
     datapath::{
         maps::{DatapathMaps, MapsError, PinholeEntry, ReasonCount},
-        rules::{Flow, Proto},
+        rules::{Flow, LearnPort, Proto},
     },
 };
 
@@ -112,6 +112,10 @@ pub enum FlowArgs {
         /// Learn the peer's real source from its first packet (once).
         #[arg(long)]
         latch: bool,
+        /// TCP: which end connects from a port signalling did not name; its
+        /// address stays strict, its port is learned from the first packet.
+        #[arg(long, value_enum, default_value = "neither")]
+        learn_port: LearnPort,
         /// Pin dir and output format.
         #[command(flatten)]
         opts: PinOpts,
@@ -134,6 +138,10 @@ pub enum FlowArgs {
         /// Learn the peer's real source from its first packet (once).
         #[arg(long)]
         latch: bool,
+        /// TCP: which end connects from a port signalling did not name; its
+        /// address stays strict, its port is learned from the first packet.
+        #[arg(long, value_enum, default_value = "neither")]
+        learn_port: LearnPort,
         /// Pin dir and output format.
         #[command(flatten)]
         opts: PinOpts,
@@ -144,12 +152,12 @@ impl FlowArgs {
     /// The flow and the pin options.
     pub fn split(&self) -> (Flow, &PinOpts) {
         match self {
-            FlowArgs::Relay { proto, client, edge_int, public, peer, latch, opts } => (
-                Flow::Relay { proto: *proto, client: *client, edge_int: *edge_int, public: *public, peer: *peer, latch_peer: *latch },
+            FlowArgs::Relay { proto, client, edge_int, public, peer, latch, learn_port, opts } => (
+                Flow::Relay { proto: *proto, client: *client, edge_int: *edge_int, public: *public, peer: *peer, latch_peer: *latch, learn_port: *learn_port },
                 opts,
             ),
-            FlowArgs::Nat { proto, client, public, peer, latch, opts } => {
-                (Flow::Nat { proto: *proto, client: *client, public: *public, peer: *peer, latch_peer: *latch }, opts)
+            FlowArgs::Nat { proto, client, public, peer, latch, learn_port, opts } => {
+                (Flow::Nat { proto: *proto, client: *client, public: *public, peer: *peer, latch_peer: *latch, learn_port: *learn_port }, opts)
             }
         }
     }

@@ -168,6 +168,7 @@ fn relay_outbound_call_installs_rtp_and_rtcp_and_bye_removes() {
         public: SocketAddr::new("203.0.113.1".parse().expect("ip"), public),
         peer: sa("198.51.100.7:5000"),
         latch_peer: false,
+        learn_port: sip_edge::datapath::rules::LearnPort::Neither,
     }));
     assert!(flows.contains(&Flow::Relay {
         proto: Proto::Udp,
@@ -176,6 +177,7 @@ fn relay_outbound_call_installs_rtp_and_rtcp_and_bye_removes() {
         public: SocketAddr::new("203.0.113.1".parse().expect("ip"), public + 1),
         peer: sa("198.51.100.7:5001"),
         latch_peer: false,
+        learn_port: sip_edge::datapath::rules::LearnPort::Neither,
     }));
     h.end(&d, Some("tt1"), EndReason::Bye);
     h.assert_no_orphans();
@@ -213,6 +215,7 @@ fn nat_mode_rewrites_only_the_internal_sdp() {
         public: SocketAddr::new("203.0.113.1".parse().expect("ip"), public),
         peer: sa("198.51.100.7:5000"),
         latch_peer: false,
+        learn_port: sip_edge::datapath::rules::LearnPort::Neither,
     }));
     h.end(&d, None, EndReason::Bye);
     h.assert_no_orphans();

@@ -198,6 +198,39 @@ fn pinholes_added_with_the_cli_carry_udp_and_tcp_through_xdp() {
     assert_eq!(&ack, b"ack");
     drop((out, inside));
 
+    // TCP where the peer connects from an ephemeral port (RFC 4145 active
+    // end): its address is strict, its port learned from the SYN; nat mode.
+    add(
+        &topo,
+        &pin_dir,
+        &["nat", "--proto", "tcp", "--learn-port", "peer", "--client", "10.77.0.2:4400", "--public", "203.0.113.1:40400", "--peer", "198.51.100.2:9"],
+    );
+    let listener = topo.tcp_listen(&topo.client, sa("10.77.0.2:4400")).expect("listen");
+    let mut out = None;
+    for _ in 0..10 {
+        match sip_edge::testnet::in_ns(&topo.peer, || std::net::TcpStream::connect_timeout(&sa("203.0.113.1:40400"), Duration::from_secs(2))).expect("netns") {
+            Ok(c) => {
+                out = Some(c);
+                break;
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+    let mut out = out.expect("TCP connect from an ephemeral port through a learn-port pinhole");
+    let (mut inside, seen) = listener.accept().expect("accept");
+    assert_eq!(seen.ip(), sa("198.51.100.2:9").ip(), "nat mode keeps the peer's address");
+    assert_eq!(seen.port(), out.local_addr().expect("local").port(), "the peer's ephemeral port reaches the client");
+    inside.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+    out.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+    out.write_all(b"MSRP a786hjs2 SEND").expect("send");
+    let mut got = [0u8; 18];
+    inside.read_exact(&mut got).expect("receive through learned-port pinhole");
+    inside.write_all(b"MSRP a786hjs2 200 OK").expect("reply");
+    let mut ack = [0u8; 20];
+    out.read_exact(&mut ack).expect("reply to the learned port");
+    assert_eq!(&ack, b"MSRP a786hjs2 200 OK");
+    drop((out, inside));
+
     // Restarting the agent does not interrupt an approved flow: keep a
     // stream running across the restart and lose nothing.
     let running = Arc::new(AtomicBool::new(true));

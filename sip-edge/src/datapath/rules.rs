@@ -7,9 +7,26 @@ use std::net::SocketAddr;
 use serde::Serialize;
 use sip_edge_common::{
     addr_from_ip, PinholeKey, PinholeRule, MATCH_DST, MATCH_SRC, PROTO_TCP, PROTO_UDP,
-    ROLE_EXTERNAL, ROLE_INTERNAL, RULE_DST_FOLLOWS_PAIR, RULE_LATCH, RULE_REWRITE_DST,
-    RULE_REWRITE_SRC,
+    ROLE_EXTERNAL, ROLE_INTERNAL, RULE_ANY_REMOTE_PORT, RULE_DST_FOLLOWS_PAIR, RULE_LATCH, RULE_LATCH_PORT,
+    RULE_REWRITE_DST, RULE_REWRITE_SRC,
 };
+
+/// Which end of a flow connects from a port signalling did not name (TCP
+/// media: the RFC 4145 `active` end, or an MSRP offerer, RFC 4975 §8.1, uses
+/// an ephemeral source port). That end's address stays strict; its port is
+/// learned once from the first packet (SYN) and fixed afterwards, and the
+/// opposite rule sends to the learned port.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LearnPort {
+    /// Both ports are the signalled ones (UDP media, passive TCP ends).
+    #[default]
+    Neither,
+    /// The external peer connects from an ephemeral port.
+    Peer,
+    /// The internal client connects from an ephemeral port (relay mode
+    /// only: in nat mode the client's port is the SNAT key and must be known).
+    Client,
+}
 
 /// Transport of a flow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -48,6 +65,8 @@ pub enum Flow {
         peer: SocketAddr,
         /// Latch the peer's real source once (opt-in, DESIGN.md §2).
         latch_peer: bool,
+        /// Which end's port is learned (TCP active ends).
+        learn_port: LearnPort,
     },
     /// The edge is the client's gateway: DNAT in, SNAT out (DESIGN.md §2 nat).
     Nat {
@@ -61,6 +80,8 @@ pub enum Flow {
         peer: SocketAddr,
         /// Latch the peer's real source once.
         latch_peer: bool,
+        /// Which end's port is learned (`Client` is refused in nat mode).
+        learn_port: LearnPort,
     },
 }
 
@@ -73,6 +94,10 @@ pub enum FlowError {
         /// Which addresses disagree.
         what: &'static str,
     },
+    /// Nat mode keys the client's outbound packets on its port, so that
+    /// port cannot be learned.
+    #[error("nat mode cannot learn the client's port: the SNAT rule is keyed on it")]
+    NatClientPort,
     /// A port is zero.
     #[error("port 0 in {what}")]
     ZeroPort {
@@ -121,6 +146,9 @@ impl Flow {
             }
             Flow::Nat { client, public, peer, .. } => vec![("client", client), ("public", public), ("peer", peer)],
         };
+        if let Flow::Nat { learn_port: LearnPort::Client, .. } = self {
+            return Err(FlowError::NatClientPort);
+        }
         for (what, a) in &addrs {
             if a.port() == 0 {
                 return Err(FlowError::ZeroPort { what });
@@ -137,9 +165,19 @@ impl Flow {
     pub fn rules(&self, slot_in: u32, slot_out: u32) -> Result<RulePair, FlowError> {
         self.check()?;
         Ok(match *self {
-            Flow::Relay { proto, client, edge_int, public, peer, latch_peer } => {
-                let latch = if latch_peer { RULE_LATCH } else { 0 };
-                let follow = if latch_peer { RULE_DST_FOLLOWS_PAIR } else { 0 };
+            Flow::Relay { proto, client, edge_int, public, peer, latch_peer, learn_port } => {
+                let peer_learn = learn_port == LearnPort::Peer;
+                let client_learn = learn_port == LearnPort::Client;
+                let latch = if latch_peer {
+                    RULE_LATCH
+                } else if peer_learn {
+                    RULE_LATCH_PORT
+                } else {
+                    0
+                };
+                let follow = if latch_peer || peer_learn { RULE_DST_FOLLOWS_PAIR } else { 0 };
+                let in_follow = if client_learn { RULE_DST_FOLLOWS_PAIR } else { 0 };
+                let out_learn = if client_learn { RULE_LATCH_PORT } else { 0 };
                 let inbound = PinholeRule {
                     remote_addr: a16(peer),
                     remote_port: peer.port().to_be(),
@@ -147,7 +185,7 @@ impl Flow {
                     new_src_port: edge_int.port().to_be(),
                     new_dst: a16(client),
                     new_dst_port: client.port().to_be(),
-                    flags: RULE_REWRITE_SRC | RULE_REWRITE_DST | latch,
+                    flags: RULE_REWRITE_SRC | RULE_REWRITE_DST | latch | in_follow,
                     slot: slot_in,
                     pair_slot: slot_out,
                 };
@@ -158,7 +196,7 @@ impl Flow {
                     new_src_port: public.port().to_be(),
                     new_dst: a16(peer),
                     new_dst_port: peer.port().to_be(),
-                    flags: RULE_REWRITE_SRC | RULE_REWRITE_DST | follow,
+                    flags: RULE_REWRITE_SRC | RULE_REWRITE_DST | follow | out_learn,
                     slot: slot_out,
                     pair_slot: slot_in,
                 };
@@ -167,20 +205,31 @@ impl Flow {
                     outbound: (key(edge_int, proto, ROLE_INTERNAL, MATCH_DST), outbound),
                 }
             }
-            Flow::Nat { proto, client, public, peer, latch_peer } => {
+            Flow::Nat { proto, client, public, peer, latch_peer, learn_port } => {
+                let peer_learn = learn_port == LearnPort::Peer;
+                let latch = if latch_peer {
+                    RULE_LATCH
+                } else if peer_learn {
+                    RULE_LATCH_PORT
+                } else {
+                    0
+                };
                 let inbound = PinholeRule {
                     remote_addr: a16(peer),
                     remote_port: peer.port().to_be(),
                     new_dst: a16(client),
                     new_dst_port: client.port().to_be(),
-                    flags: RULE_REWRITE_DST | if latch_peer { RULE_LATCH } else { 0 },
+                    flags: RULE_REWRITE_DST | latch,
                     slot: slot_in,
                     pair_slot: slot_out,
                     ..PinholeRule::default()
                 };
                 // The client keeps sending to the peer's signalled address;
                 // with latching that is redirected to the latched one.
-                let follow = if latch_peer { RULE_REWRITE_DST | RULE_DST_FOLLOWS_PAIR } else { 0 };
+                let follow = if latch_peer || peer_learn { RULE_REWRITE_DST | RULE_DST_FOLLOWS_PAIR } else { 0 };
+                // The client answers the peer's ephemeral port, which only
+                // the inbound rule learns: the address stays strict here.
+                let any_port = if peer_learn { RULE_ANY_REMOTE_PORT } else { 0 };
                 let outbound = PinholeRule {
                     remote_addr: a16(peer),
                     remote_port: peer.port().to_be(),
@@ -188,7 +237,7 @@ impl Flow {
                     new_src_port: public.port().to_be(),
                     new_dst: a16(peer),
                     new_dst_port: peer.port().to_be(),
-                    flags: RULE_REWRITE_SRC | follow,
+                    flags: RULE_REWRITE_SRC | follow | any_port,
                     slot: slot_out,
                     pair_slot: slot_in,
                 };
@@ -218,6 +267,7 @@ mod tests {
             public: sa("203.0.113.1:40000"),
             peer: sa("198.51.100.2:5000"),
             latch_peer: false,
+            learn_port: LearnPort::Neither,
         };
         let p = f.rules(3, 4).expect("rules");
         let (k, r) = p.inbound;
@@ -243,6 +293,7 @@ mod tests {
             public: sa("[2001:db8:ff::1]:40000"),
             peer: sa("[2001:db8:ff::99]:5000"),
             latch_peer: true,
+            learn_port: LearnPort::Neither,
         };
         let p = f.rules(0, 1).expect("rules");
         assert_eq!(p.outbound.0.match_on, MATCH_SRC);
@@ -260,6 +311,7 @@ mod tests {
             public: sa("[2001:db8:ff::1]:40000"),
             peer: sa("198.51.100.2:5000"),
             latch_peer: false,
+            learn_port: LearnPort::Neither,
         };
         assert_eq!(f.rules(0, 1), Err(FlowError::MixedFamilies { what: "public" }));
         let f = Flow::Nat {
@@ -268,7 +320,58 @@ mod tests {
             public: sa("203.0.113.1:40000"),
             peer: sa("198.51.100.2:5000"),
             latch_peer: false,
+            learn_port: LearnPort::Neither,
         };
         assert_eq!(f.rules(0, 1), Err(FlowError::ZeroPort { what: "client" }));
+    }
+
+    #[test]
+    fn tcp_active_peer_learns_only_its_port() {
+        let f = Flow::Relay {
+            proto: Proto::Tcp,
+            client: sa("10.77.0.2:4000"),
+            edge_int: sa("10.77.0.1:40002"),
+            public: sa("203.0.113.1:40000"),
+            peer: sa("198.51.100.2:9"),
+            latch_peer: false,
+            learn_port: LearnPort::Peer,
+        };
+        let p = f.rules(0, 1).expect("rules");
+        let inbound = p.inbound.1.flags;
+        assert_ne!(inbound & RULE_LATCH_PORT, 0, "peer port must be learned");
+        assert_eq!(inbound & RULE_LATCH, 0, "the peer address must stay strict");
+        assert_ne!(p.outbound.1.flags & RULE_DST_FOLLOWS_PAIR, 0, "replies go to the learned port");
+        let f = Flow::Relay {
+            proto: Proto::Tcp,
+            client: sa("10.77.0.2:4000"),
+            edge_int: sa("10.77.0.1:40002"),
+            public: sa("203.0.113.1:40000"),
+            peer: sa("198.51.100.2:5000"),
+            latch_peer: false,
+            learn_port: LearnPort::Client,
+        };
+        let p = f.rules(0, 1).expect("rules");
+        assert_ne!(p.outbound.1.flags & RULE_LATCH_PORT, 0);
+        assert_ne!(p.inbound.1.flags & RULE_DST_FOLLOWS_PAIR, 0);
+        let f = Flow::Nat {
+            proto: Proto::Tcp,
+            client: sa("10.77.0.2:4000"),
+            public: sa("203.0.113.1:40000"),
+            peer: sa("198.51.100.2:9"),
+            latch_peer: false,
+            learn_port: LearnPort::Client,
+        };
+        assert_eq!(f.rules(0, 1), Err(FlowError::NatClientPort));
+        let f = Flow::Nat {
+            proto: Proto::Tcp,
+            client: sa("10.77.0.2:4000"),
+            public: sa("203.0.113.1:40000"),
+            peer: sa("198.51.100.2:9"),
+            latch_peer: false,
+            learn_port: LearnPort::Peer,
+        };
+        let p = f.rules(0, 1).expect("rules");
+        assert_ne!(p.outbound.1.flags & RULE_ANY_REMOTE_PORT, 0);
+        assert_ne!(p.inbound.1.flags & RULE_LATCH_PORT, 0);
     }
 }

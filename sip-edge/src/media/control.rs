@@ -274,7 +274,13 @@ fn stream_desc(f: &MediaFlow) -> Result<StreamDesc, MediaError> {
         (None, Some(e)) => (Some(endpoint(e, f.index)?), f.rtcp.as_ref().map(|e| endpoint(e, f.index)).transpose()?),
         _ => (None, None),
     };
-    Ok(StreamDesc { proto, rtp, rtcp, rejected: f.no_pinhole == Some(NoPinhole::PortZero) })
+    Ok(StreamDesc {
+        proto,
+        rtp,
+        rtcp,
+        rejected: f.no_pinhole == Some(NoPinhole::PortZero),
+        setup: f.setup.as_ref().map(|s| s.trim().to_ascii_lowercase()),
+    })
 }
 
 impl MediaController<MapsSink> {

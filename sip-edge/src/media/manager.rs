@@ -57,7 +57,7 @@ use sip_edge_common::PinholeKey;
 use super::{DialogKey, EndReason, MediaError, SdpRole, Side};
 use crate::{
     config::{Cidr, Config, MediaMode, PortRange, MIN_MEDIA_PORT},
-    datapath::rules::{Flow, Proto},
+    datapath::rules::{Flow, LearnPort, Proto},
     sip::sdp::Allocation,
 };
 
@@ -162,6 +162,26 @@ pub struct StreamDesc {
     pub rtcp: Option<SocketAddr>,
     /// Port 0: the stream is rejected/disabled and its ports can go.
     pub rejected: bool,
+    /// RFC 4145 `a=setup` value (lowercase) for TCP streams, if present.
+    pub setup: Option<String>,
+}
+
+/// Which end of a TCP stream connects (and so uses an ephemeral source
+/// port), from the offer's and the answer's `a=setup` (RFC 4145 §4.1: absent
+/// means `active` in an offer and `passive` in an answer; MSRP follows the
+/// same default, the offerer connects, RFC 4975 §8.1). `None`: nobody
+/// connects yet (`holdconn`) or the stream is not TCP.
+fn tcp_connector(offer: &StreamDesc, answer: &StreamDesc, answer_side: Side) -> Option<Side> {
+    if offer.proto != Proto::Tcp {
+        return None;
+    }
+    let o = offer.setup.as_deref().unwrap_or("active");
+    let a = answer.setup.as_deref().unwrap_or("passive");
+    match (o, a) {
+        (_, "active") => Some(answer_side),
+        ("active" | "actpass", "passive") => Some(answer_side.other()),
+        _ => None,
+    }
 }
 
 /// One SDP as the manager sees it.
@@ -749,6 +769,11 @@ impl Manager {
             };
             let missing = || not_acceptable(format!("stream {i}: no edge port was allocated"));
             let public = slot.blocks[side_ix(Side::External)].ok_or_else(missing)?;
+            let learn_port = match tcp_connector(o, a, inp.from_side) {
+                Some(Side::External) => LearnPort::Peer,
+                Some(Side::Internal) => LearnPort::Client,
+                None => LearnPort::Neither,
+            };
             let mut pairs = vec![(false, int_rtp, ext_rtp, Some(public.port))];
             if let (Some(ci), Some(ce)) = (int.rtcp, ext.rtcp) {
                 pairs.push((true, ci, ce, public.rtcp));
@@ -767,6 +792,7 @@ impl Manager {
                             public: SocketAddr::new(public.addr, pub_port),
                             peer,
                             latch_peer: self.s.latch,
+                            learn_port,
                         }
                     }
                     MediaMode::Nat => Flow::Nat {
@@ -775,6 +801,7 @@ impl Manager {
                         public: SocketAddr::new(public.addr, pub_port),
                         peer,
                         latch_peer: self.s.latch,
+                        learn_port,
                     },
                 };
                 flow.rules(0, 1).map_err(|e| not_acceptable(format!("stream {i}: {e}")))?;
