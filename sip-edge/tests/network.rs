@@ -126,6 +126,10 @@ fn pinholes_added_with_the_cli_carry_udp_and_tcp_through_xdp() {
     );
     let src = eventually(&peer, sa("203.0.113.1:40000"), &client, b"rtp in", 20).expect("inbound relay packet never arrived");
     assert_eq!(src, sa("10.77.0.1:40002"), "client must see the edge's internal address, never the peer");
+    // The edge had never talked to the client: the first forwarded packet
+    // met an unresolved neighbour, was dropped and counted, and the agent
+    // got the kernel to resolve it, so the flow recovered by itself.
+    assert!(reason(&topo, &pin_dir, "drop_no_neigh") >= 1, "first packet did not take the unresolved-neighbour path");
     let src = eventually(&client, sa("10.77.0.1:40002"), &peer, b"rtp out", 20).expect("outbound relay packet never arrived");
     assert_eq!(src, sa("203.0.113.1:40000"), "peer must see the edge's public address, never the client");
 
