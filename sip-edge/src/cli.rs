@@ -88,63 +88,52 @@ pub enum PinholeAction {
     List(PinOpts),
 }
 
+/// What every flow has: both ends, transport, remote-learning options.
+#[derive(Debug, Args)]
+pub struct FlowEnds {
+    /// Transport.
+    #[arg(long, value_enum, default_value = "udp")]
+    pub proto: Proto,
+    /// The client's media address:port (inside).
+    #[arg(long)]
+    pub client: SocketAddr,
+    /// Edge public address:port the peer sends to (a media port).
+    #[arg(long)]
+    pub public: SocketAddr,
+    /// The peer's media address:port (outside).
+    #[arg(long)]
+    pub peer: SocketAddr,
+    /// Learn the peer's real source from its first packet (once).
+    #[arg(long)]
+    pub latch: bool,
+    /// TCP: which end connects from a port signalling did not name; its
+    /// address stays strict, its port is learned from the first packet.
+    #[arg(long, value_enum, default_value = "neither")]
+    pub learn_port: LearnPort,
+    /// Pin dir and output format.
+    #[command(flatten)]
+    pub opts: PinOpts,
+}
+
 /// A flow to add.
 #[derive(Debug, Subcommand)]
 pub enum FlowArgs {
     /// Relay: both legs anchored at the edge. Inside, the client talks to
     /// --edge-int; outside, the peer talks to --public.
     Relay {
-        /// Transport.
-        #[arg(long, value_enum, default_value = "udp")]
-        proto: Proto,
-        /// The client's media address:port (inside).
-        #[arg(long)]
-        client: SocketAddr,
         /// Edge internal address:port the client sends to (a media port).
         #[arg(long)]
         edge_int: SocketAddr,
-        /// Edge public address:port the peer sends to (a media port).
-        #[arg(long)]
-        public: SocketAddr,
-        /// The peer's media address:port (outside).
-        #[arg(long)]
-        peer: SocketAddr,
-        /// Learn the peer's real source from its first packet (once).
-        #[arg(long)]
-        latch: bool,
-        /// TCP: which end connects from a port signalling did not name; its
-        /// address stays strict, its port is learned from the first packet.
-        #[arg(long, value_enum, default_value = "neither")]
-        learn_port: LearnPort,
-        /// Pin dir and output format.
+        /// Ends and options.
         #[command(flatten)]
-        opts: PinOpts,
+        ends: FlowEnds,
     },
     /// NAT: the edge is the client's gateway; inbound to --public is DNATed
     /// to --client, the client's packets to --peer are SNATed to --public.
     Nat {
-        /// Transport.
-        #[arg(long, value_enum, default_value = "udp")]
-        proto: Proto,
-        /// The client's media address:port (inside).
-        #[arg(long)]
-        client: SocketAddr,
-        /// Edge public address:port standing for the client (a media port).
-        #[arg(long)]
-        public: SocketAddr,
-        /// The peer's media address:port (outside).
-        #[arg(long)]
-        peer: SocketAddr,
-        /// Learn the peer's real source from its first packet (once).
-        #[arg(long)]
-        latch: bool,
-        /// TCP: which end connects from a port signalling did not name; its
-        /// address stays strict, its port is learned from the first packet.
-        #[arg(long, value_enum, default_value = "neither")]
-        learn_port: LearnPort,
-        /// Pin dir and output format.
+        /// Ends and options.
         #[command(flatten)]
-        opts: PinOpts,
+        ends: FlowEnds,
     },
 }
 
@@ -152,13 +141,22 @@ impl FlowArgs {
     /// The flow and the pin options.
     pub fn split(&self) -> (Flow, &PinOpts) {
         match self {
-            FlowArgs::Relay { proto, client, edge_int, public, peer, latch, learn_port, opts } => (
-                Flow::Relay { proto: *proto, client: *client, edge_int: *edge_int, public: *public, peer: *peer, latch_peer: *latch, learn_port: *learn_port },
-                opts,
+            FlowArgs::Relay { edge_int, ends: e } => (
+                Flow::Relay {
+                    proto: e.proto,
+                    client: e.client,
+                    edge_int: *edge_int,
+                    public: e.public,
+                    peer: e.peer,
+                    latch_peer: e.latch,
+                    learn_port: e.learn_port,
+                },
+                &e.opts,
             ),
-            FlowArgs::Nat { proto, client, public, peer, latch, learn_port, opts } => {
-                (Flow::Nat { proto: *proto, client: *client, public: *public, peer: *peer, latch_peer: *latch, learn_port: *learn_port }, opts)
-            }
+            FlowArgs::Nat { ends: e } => (
+                Flow::Nat { proto: e.proto, client: e.client, public: e.public, peer: e.peer, latch_peer: e.latch, learn_port: e.learn_port },
+                &e.opts,
+            ),
         }
     }
 }

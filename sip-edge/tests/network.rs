@@ -67,6 +67,18 @@ fn eventually(from: &UdpSocket, to: SocketAddr, rx: &UdpSocket, payload: &[u8], 
     (0..tries).find_map(|_| udp_roundtrip(from, to, rx, payload).map(|(_, src)| src))
 }
 
+/// Try `f` up to 10 times, 200 ms apart (the first SYN may meet an
+/// unresolved neighbour at the edge).
+fn retry<T>(mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    for _ in 0..10 {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    None
+}
+
 fn write_config(dir: &Path, pin_dir: &Path) -> PathBuf {
     let cfg = format!(
         r#"
@@ -176,17 +188,7 @@ fn pinholes_added_with_the_cli_carry_udp_and_tcp_through_xdp() {
         &["relay", "--proto", "tcp", "--client", "10.77.0.2:4200", "--edge-int", "10.77.0.1:40202", "--public", "203.0.113.1:40200", "--peer", "198.51.100.2:5200"],
     );
     let listener = topo.tcp_listen(&topo.client, sa("10.77.0.2:4200")).expect("listen");
-    let mut conn = None;
-    for _ in 0..10 {
-        match topo.tcp_connect(&topo.peer, sa("198.51.100.2:5200"), sa("203.0.113.1:40200")) {
-            Ok(c) => {
-                conn = Some(c);
-                break;
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(200)),
-        }
-    }
-    let mut out = conn.expect("TCP connect through the pinhole");
+    let mut out = retry(|| topo.tcp_connect(&topo.peer, sa("198.51.100.2:5200"), sa("203.0.113.1:40200")).ok()).expect("TCP connect through the pinhole");
     let (mut inside, seen) = listener.accept().expect("accept");
     assert_eq!(seen, sa("10.77.0.1:40202"), "client must see the edge's internal address");
     inside.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
@@ -210,17 +212,10 @@ fn pinholes_added_with_the_cli_carry_udp_and_tcp_through_xdp() {
         &["nat", "--proto", "tcp", "--learn-port", "peer", "--client", "10.77.0.2:4400", "--public", "203.0.113.1:40400", "--peer", "198.51.100.2:9"],
     );
     let listener = topo.tcp_listen(&topo.client, sa("10.77.0.2:4400")).expect("listen");
-    let mut out = None;
-    for _ in 0..10 {
-        match sip_edge::testnet::in_ns(&topo.peer, || std::net::TcpStream::connect_timeout(&sa("203.0.113.1:40400"), Duration::from_secs(2))).expect("netns") {
-            Ok(c) => {
-                out = Some(c);
-                break;
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(200)),
-        }
-    }
-    let mut out = out.expect("TCP connect from an ephemeral port through a learn-port pinhole");
+    let mut out = retry(|| {
+        testnet::in_ns(&topo.peer, || std::net::TcpStream::connect_timeout(&sa("203.0.113.1:40400"), Duration::from_secs(2))).ok()?.ok()
+    })
+    .expect("TCP connect from an ephemeral port through a learn-port pinhole");
     let (mut inside, seen) = listener.accept().expect("accept");
     assert_eq!(seen.ip(), sa("198.51.100.2:9").ip(), "nat mode keeps the peer's address");
     assert_eq!(seen.port(), out.local_addr().expect("local").port(), "the peer's ephemeral port reaches the client");
