@@ -548,7 +548,8 @@ fn default_max_connections() -> usize {
 
 impl ProxySection {
     fn validate(&self, routes: &[Route]) -> Result<(), ConfigError> {
-        if self.internal_listen == self.external_listen {
+        // Port 0 (tests: the OS picks) binds two distinct ports.
+        if self.internal_listen == self.external_listen && self.internal_listen.port() != 0 {
             return Err(invalid("proxy.external_listen", "must differ from proxy.internal_listen: the side a message came from is the listener it arrived on"));
         }
         if let Some(tcp) = self.internal_tcp_listen {

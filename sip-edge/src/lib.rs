@@ -10,3 +10,4 @@ pub mod media;
 pub mod proxy;
 pub mod sip;
 pub mod testnet;
+pub mod transport;

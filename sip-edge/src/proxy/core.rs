@@ -925,7 +925,7 @@ impl Proxy {
                 }
             }
         }
-        if code >= 200 && code < 300 && method == "INVITE" {
+        if (200..300).contains(&code) && method == "INVITE" {
             if let Some(k) = &dialog {
                 self.confirm_dialog(k, &forwarded_invite, &msg, stx_conn, conn, info.side);
             }

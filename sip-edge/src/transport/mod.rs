@@ -1,0 +1,386 @@
+//! SIP transport of the edge: binds the TLS listeners (internal, external)
+//! and the optional plain-TCP internal listener from `[proxy]`, runs one task
+//! per connection (`conn`), opens and reuses outgoing TLS connections per
+//! next hop, and drives the sans-IO proxy core (`crate::proxy`) from one
+//! driver task: connection events and a 1 s tick in, messages out to the
+//! connection writers.
+//!
+//! Data flow: socket → TLS (`tls`) → framer (`conn`) → driver → `Proxy`
+//! → driver → connection writer → TLS → socket.
+
+pub mod conn;
+pub mod tls;
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use rustls::pki_types::ServerName;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tracing::{info, info_span, warn, Instrument};
+
+use self::conn::ConnParams;
+use crate::{
+    config::{ClientAuth, Config},
+    media::{MediaControl, Side},
+    proxy::{ConnId, ConnInfo, Dest, HopTarget, Outgoing, Proto, Proxy, ProxySettings},
+    sip::framer::FramerLimits,
+};
+
+/// How long a TLS handshake or TCP connect may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Depth of the driver's event queue (connections wait when it is full).
+const EVENT_QUEUE: usize = 1024;
+
+/// Errors of starting the transport.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The config has no `[proxy]` section.
+    #[error("no [proxy] section: nothing to listen on")]
+    NoProxySection,
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr} ({what}): {source}; is the address configured on this host and the port free?")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// TLS material could not be loaded.
+    #[error(transparent)]
+    Tls {
+        /// The TLS error.
+        #[from]
+        source: tls::TlsError,
+    },
+}
+
+/// Events from connection tasks to the driver.
+#[derive(Debug)]
+pub enum Event {
+    /// A connection is up; `writer` queues bytes to it.
+    Opened {
+        /// Its id.
+        conn: ConnId,
+        /// Side, peer, protocol.
+        info: ConnInfo,
+        /// Its write queue.
+        writer: mpsc::Sender<Vec<u8>>,
+        /// The next hop, for connections the edge opened.
+        hop: Option<HopTarget>,
+    },
+    /// A framed message.
+    Message {
+        /// From which connection.
+        conn: ConnId,
+        /// The message bytes.
+        bytes: Bytes,
+    },
+    /// The connection ended.
+    Closed {
+        /// Which.
+        conn: ConnId,
+    },
+    /// Connecting to a next hop failed.
+    ConnectFailed {
+        /// The hop.
+        hop: HopTarget,
+    },
+}
+
+/// A running transport: the bound addresses and a handle to await.
+#[derive(Debug)]
+pub struct Running {
+    /// Internal TLS listener address (actual port).
+    pub internal: SocketAddr,
+    /// External TLS listener address.
+    pub external: SocketAddr,
+    /// Internal plain-TCP listener, if configured.
+    pub internal_tcp: Option<SocketAddr>,
+    /// Completes after shutdown once the driver has stopped.
+    pub driver: JoinHandle<()>,
+}
+
+/// Shared state of the accept loops and connectors.
+#[derive(Clone)]
+struct Shared {
+    next_id: Arc<AtomicU64>,
+    active: Arc<AtomicUsize>,
+    max_connections: usize,
+    params: ConnParams,
+    events: mpsc::Sender<Event>,
+    shutdown: watch::Receiver<bool>,
+    connector: TlsConnector,
+}
+
+/// Decrements the live-connection count when a connection task ends.
+struct ActiveGuard(Arc<AtomicUsize>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Binds every listener of `[proxy]` and starts the driver; returns once
+/// listening. The transport stops when `shutdown` resolves.
+pub async fn start(cfg: &Config, media: Box<dyn MediaControl>, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<Running, TransportError> {
+    let p = cfg.proxy.as_ref().ok_or(TransportError::NoProxySection)?;
+    let client_ca = p.client_ca.clone().unwrap_or_else(|| p.ca_roots.clone());
+    let int_tls = tls::server_config(&p.cert, &p.key, ClientAuth::None, &client_ca)?;
+    let ext_tls = tls::server_config(&p.cert, &p.key, p.external_client_auth, &client_ca)?;
+    let client_tls = tls::client_config(&p.ca_roots, &p.cert, &p.key)?;
+    let bind = |what: &'static str, addr: SocketAddr| async move { TcpListener::bind(addr).await.map_err(|source| TransportError::Bind { what, addr, source }) };
+    let int_l = bind("internal TLS", p.internal_listen).await?;
+    let ext_l = bind("external TLS", p.external_listen).await?;
+    let tcp_l = match p.internal_tcp_listen {
+        Some(a) => Some(bind("internal TCP", a).await?),
+        None => None,
+    };
+    let local = |l: &TcpListener, what: &'static str, addr: SocketAddr| l.local_addr().map_err(|source| TransportError::Bind { what, addr, source });
+    let int_addr = local(&int_l, "internal TLS", p.internal_listen)?;
+    let ext_addr = local(&ext_l, "external TLS", p.external_listen)?;
+    let tcp_addr = match (&tcp_l, p.internal_tcp_listen) {
+        (Some(l), Some(a)) => Some(local(l, "internal TCP", a)?),
+        _ => None,
+    };
+    let settings = ProxySettings::from_config(cfg, int_addr.port(), ext_addr.port()).ok_or(TransportError::NoProxySection)?;
+    let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let shared = Shared {
+        next_id: Arc::new(AtomicU64::new(1)),
+        active: Arc::new(AtomicUsize::new(0)),
+        max_connections: p.max_connections,
+        params: ConnParams {
+            idle: Duration::from_secs(p.idle_timeout_secs),
+            keepalive: (p.keepalive_secs > 0).then(|| Duration::from_secs(p.keepalive_secs)),
+            limits: FramerLimits::default(),
+        },
+        events: events_tx,
+        shutdown: stop_rx,
+        connector: TlsConnector::from(client_tls),
+    };
+    tokio::spawn(accept_loop(int_l, Side::Internal, Some(TlsAcceptor::from(int_tls)), shared.clone()));
+    tokio::spawn(accept_loop(ext_l, Side::External, Some(TlsAcceptor::from(ext_tls)), shared.clone()));
+    if let Some(l) = tcp_l {
+        tokio::spawn(accept_loop(l, Side::Internal, None, shared.clone()));
+    }
+    info!(%int_addr, %ext_addr, tcp = ?tcp_addr, "SIP listeners up");
+    let proxy = Proxy::new(settings, media);
+    let driver = tokio::spawn(drive(proxy, events_rx, shared, stop_tx, shutdown));
+    Ok(Running { internal: int_addr, external: ext_addr, internal_tcp: tcp_addr, driver })
+}
+
+async fn accept_loop(listener: TcpListener, side: Side, tls: Option<TlsAcceptor>, shared: Shared) {
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off, never stop accepting.
+                    warn!(error = %e, ?side, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        if shared.active.load(Ordering::Relaxed) >= shared.max_connections {
+            warn!(%peer, limit = shared.max_connections, "connection refused: max_connections reached");
+            continue;
+        }
+        shared.active.fetch_add(1, Ordering::Relaxed);
+        let guard = ActiveGuard(shared.active.clone());
+        let conn = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let shared = shared.clone();
+        let tls = tls.clone();
+        let span = info_span!("conn", conn, %peer, ?side, tls = tls.is_some());
+        tokio::spawn(
+            async move {
+                let _guard = guard;
+                let _ = tcp.set_nodelay(true);
+                match tls {
+                    Some(acc) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, acc.accept(tcp)).await {
+                        Ok(Ok(s)) => {
+                            let info = ConnInfo { side, peer, proto: Proto::Tls };
+                            conn::run(s, conn, info, None, shared.params.clone(), shared.events.clone(), shared.shutdown.clone()).await;
+                        }
+                        Ok(Err(e)) => info!(error = %e, "TLS handshake failed"),
+                        Err(_) => info!("TLS handshake timed out"),
+                    },
+                    None => {
+                        let info = ConnInfo { side, peer, proto: Proto::Tcp };
+                        conn::run(tcp, conn, info, None, shared.params.clone(), shared.events.clone(), shared.shutdown.clone()).await;
+                    }
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+fn spawn_connect(hop: HopTarget, side: Side, shared: Shared) {
+    let conn = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let span = info_span!("conn", conn, host = %hop.host, port = hop.port, ?side, outgoing = true);
+    tokio::spawn(
+        async move {
+            let fail = |why: String| {
+                let events = shared.events.clone();
+                let hop = hop.clone();
+                async move {
+                    warn!(why, "cannot reach next hop");
+                    let _ = events.send(Event::ConnectFailed { hop }).await;
+                }
+            };
+            let name = match ServerName::try_from(hop.tls_name.clone()) {
+                Ok(n) => n,
+                Err(e) => return fail(format!("bad TLS name {:?}: {e}", hop.tls_name)).await,
+            };
+            let tcp = match tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect((hop.host.as_str(), hop.port))).await {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => return fail(format!("connect: {e}")).await,
+                Err(_) => return fail("connect timed out".into()).await,
+            };
+            let peer = match tcp.peer_addr() {
+                Ok(p) => p,
+                Err(e) => return fail(format!("peer address: {e}")).await,
+            };
+            let _ = tcp.set_nodelay(true);
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, shared.connector.connect(name, tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return fail(format!("TLS: {e}")).await,
+                Err(_) => return fail("TLS handshake timed out".into()).await,
+            };
+            shared.active.fetch_add(1, Ordering::Relaxed);
+            let _guard = ActiveGuard(shared.active.clone());
+            let info = ConnInfo { side, peer, proto: Proto::Tls };
+            conn::run(tls, conn, info, Some(hop.clone()), shared.params.clone(), shared.events.clone(), shared.shutdown.clone()).await;
+        }
+        .instrument(span),
+    );
+}
+
+/// A message waiting for a connection: bytes and its client branch.
+type Queued = (Vec<u8>, Option<String>);
+
+/// The driver: owns the proxy core, the writers and the next-hop pool.
+struct Driver {
+    proxy: Proxy,
+    writers: HashMap<ConnId, mpsc::Sender<Vec<u8>>>,
+    pool: HashMap<HopTarget, ConnId>,
+    pending: HashMap<HopTarget, Vec<Queued>>,
+    shared: Shared,
+}
+
+async fn drive(proxy: Proxy, mut events: mpsc::Receiver<Event>, shared: Shared, stop: watch::Sender<bool>, shutdown: impl Future<Output = ()>) {
+    let mut d = Driver { proxy, writers: HashMap::new(), pool: HashMap::new(), pending: HashMap::new(), shared };
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            ev = events.recv() => {
+                let Some(ev) = ev else { break };
+                d.event(ev);
+            }
+            _ = tick.tick() => {
+                let out = d.proxy.on_tick(Instant::now());
+                d.send_all(out);
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    info!("SIP transport shutting down");
+    d.proxy.shutdown(Instant::now());
+    let _ = stop.send(true);
+}
+
+impl Driver {
+    fn event(&mut self, ev: Event) {
+        let now = Instant::now();
+        match ev {
+            Event::Opened { conn, info, writer, hop } => {
+                self.writers.insert(conn, writer);
+                self.proxy.on_conn_open(conn, info);
+                if let Some(hop) = hop {
+                    self.pool.insert(hop.clone(), conn);
+                    for (bytes, branch) in self.pending.remove(&hop).unwrap_or_default() {
+                        self.send_on(conn, bytes, branch);
+                    }
+                }
+            }
+            Event::Message { conn, bytes } => {
+                let out = self.proxy.on_message(conn, &bytes, now);
+                self.send_all(out);
+            }
+            Event::Closed { conn } => {
+                self.writers.remove(&conn);
+                self.pool.retain(|_, c| *c != conn);
+                let out = self.proxy.on_conn_closed(conn, now);
+                self.send_all(out);
+            }
+            Event::ConnectFailed { hop } => {
+                for (_, branch) in self.pending.remove(&hop).unwrap_or_default() {
+                    if let Some(b) = branch {
+                        let out = self.proxy.on_unreachable(&b, now);
+                        self.send_all(out);
+                    }
+                }
+            }
+        }
+    }
+
+    fn send_all(&mut self, out: Vec<Outgoing>) {
+        for o in out {
+            match o.dest {
+                Dest::Conn(c) => self.send_on(c, o.bytes, o.branch),
+                Dest::Hop { side, hop } => match self.pool.get(&hop).copied() {
+                    Some(c) => self.send_on(c, o.bytes, o.branch),
+                    None => {
+                        let first = !self.pending.contains_key(&hop);
+                        self.pending.entry(hop.clone()).or_default().push((o.bytes, o.branch));
+                        if first {
+                            spawn_connect(hop, side, self.shared.clone());
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    fn send_on(&mut self, conn: ConnId, bytes: Vec<u8>, branch: Option<String>) {
+        let ok = match self.writers.get(&conn) {
+            // Bounded queue: a peer that does not read cannot make us buffer
+            // without limit; what does not fit fails like a transport error.
+            Some(w) => w.try_send(bytes).is_ok(),
+            None => false,
+        };
+        if let Some(b) = branch {
+            if ok {
+                self.proxy.on_sent(&b, conn);
+            } else {
+                warn!(conn, "cannot queue request; failing its transaction");
+                let out = self.proxy.on_unreachable(&b, Instant::now());
+                self.send_all(out);
+            }
+        } else if !ok {
+            warn!(conn, "cannot queue message for connection; dropped");
+        }
+    }
+}
