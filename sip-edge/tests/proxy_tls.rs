@@ -40,14 +40,23 @@ struct Recording(Arc<Mutex<Vec<Call>>>);
 
 impl MediaControl for Recording {
     fn on_sdp(&mut self, ev: &SdpEvent<'_>, _now: Instant) -> Result<Vec<u8>, MediaError> {
-        self.0.lock().unwrap().push(Call::Sdp(ev.role, ev.from_side));
+        self.0
+            .lock()
+            .unwrap()
+            .push(Call::Sdp(ev.role, ev.from_side));
         let side = match ev.from_side {
             Side::Internal => "for-external",
             Side::External => "for-internal",
         };
         Ok(format!("{}a=x-edge:{side}\r\n", String::from_utf8_lossy(ev.body)).into_bytes())
     }
-    fn on_dialog_end(&mut self, _d: &DialogKey, _t: Option<&str>, reason: EndReason, _now: Instant) {
+    fn on_dialog_end(
+        &mut self,
+        _d: &DialogKey,
+        _t: Option<&str>,
+        reason: EndReason,
+        _now: Instant,
+    ) {
         self.0.lock().unwrap().push(Call::End(reason));
     }
     fn on_tick(&mut self, _now: Instant) -> Vec<DialogKey> {
@@ -70,7 +79,10 @@ fn pki() -> Pki {
     let ca = ca_params.self_signed(&ca_key).unwrap();
     let leaf = |names: Vec<String>| {
         let k = KeyPair::generate().unwrap();
-        let c = CertificateParams::new(names).unwrap().signed_by(&k, &ca, &ca_key).unwrap();
+        let c = CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&k, &ca, &ca_key)
+            .unwrap();
         (c.pem(), k.serialize_pem())
     };
     let (edge_cert, edge_key) = leaf(vec!["edge.atlanta.example.com".into(), "127.0.0.1".into()]);
@@ -106,7 +118,11 @@ struct Ua<S> {
 impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite> Ua<S> {
     fn new(s: S, role: KeepAliveRole) -> Self {
         let (rd, wr) = tokio::io::split(s);
-        Ua { rd, wr, framer: Framer::new(role, FramerLimits::default()) }
+        Ua {
+            rd,
+            wr,
+            framer: Framer::new(role, FramerLimits::default()),
+        }
     }
 
     async fn send(&mut self, text: &str) {
@@ -127,18 +143,29 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite> Ua<S> {
                 self.framer.push(&buf[..n]).unwrap();
             }
         };
-        tokio::time::timeout(WAIT, fut).await.expect("timed out waiting for a message")
+        tokio::time::timeout(WAIT, fut)
+            .await
+            .expect("timed out waiting for a message")
     }
 
     async fn recv_status(&mut self, code: u16) -> Message {
         let m = self.recv().await;
-        assert_eq!(m.status(), Some(code), "{}", String::from_utf8_lossy(&m.to_bytes()));
+        assert_eq!(
+            m.status(),
+            Some(code),
+            "{}",
+            String::from_utf8_lossy(&m.to_bytes())
+        );
         m
     }
 
     async fn recv_request(&mut self, method: &str) -> Message {
         let m = self.recv().await;
-        assert!(m.method().is_some_and(|x| x.is(method)), "wanted {method}: {}", String::from_utf8_lossy(&m.to_bytes()));
+        assert!(
+            m.method().is_some_and(|x| x.is(method)),
+            "wanted {method}: {}",
+            String::from_utf8_lossy(&m.to_bytes())
+        );
         m
     }
 }
@@ -151,7 +178,11 @@ fn reply(req: &Message, code: u16, tag: &str, extra: &str, body: &str) -> String
         if ["via", "record-route", "from", "call-id", "cseq"].contains(&n.as_str()) {
             s.push_str(&format!("{}: {}\r\n", h.name, h.value));
         } else if n == "to" {
-            let t = if h.value.contains("tag=") { String::new() } else { format!(";tag={tag}") };
+            let t = if h.value.contains("tag=") {
+                String::new()
+            } else {
+                format!(";tag={tag}")
+            };
             s.push_str(&format!("To: {}{t}\r\n", h.value));
         }
     }
@@ -168,7 +199,11 @@ const SDP_B: &str = "v=0\r\no=bob 1 1 IN IP4 198.51.100.2\r\ns=-\r\nc=IN IP4 198
 
 fn invite(call: &str, branch: &str, with_sdp: bool) -> String {
     let body = if with_sdp { SDP_A } else { "" };
-    let ct = if with_sdp { "Content-Type: application/sdp\r\n" } else { "" };
+    let ct = if with_sdp {
+        "Content-Type: application/sdp\r\n"
+    } else {
+        ""
+    };
     format!(
         "INVITE sips:bob@biloxi.example.com SIP/2.0\r\nVia: SIP/2.0/TLS 10.77.0.2:5061;branch={branch};rport\r\nMax-Forwards: 70\r\nFrom: Alice <sips:alice@atlanta.example.com>;tag=a-{call}\r\nTo: Bob <sips:bob@biloxi.example.com>\r\nCall-ID: {call}\r\nCSeq: 1 INVITE\r\nContact: <sips:alice@10.77.0.2:5061>\r\n{ct}Content-Length: {}\r\n\r\n{body}",
         body.len()
@@ -192,15 +227,19 @@ impl Harness {
         let pki = pki();
         let peer_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let peer_port = peer_listener.local_addr().unwrap().port();
-        let peer_cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(
-                rustls::pki_types::CertificateDer::pem_slice_iter(pki.peer.0.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap(),
-                rustls::pki_types::PrivateKeyDer::from_pem_slice(pki.peer.1.as_bytes()).unwrap(),
-            )
-            .unwrap();
+        let peer_cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            rustls::pki_types::CertificateDer::pem_slice_iter(pki.peer.0.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap(),
+            rustls::pki_types::PrivateKeyDer::from_pem_slice(pki.peer.1.as_bytes()).unwrap(),
+        )
+        .unwrap();
         use rustls::pki_types::pem::PemObject;
         let toml = format!(
             r#"
@@ -236,23 +275,41 @@ impl Harness {
         })
         .await
         .unwrap();
-        Harness { pki, edge, peer_listener, peer_acceptor: TlsAcceptor::from(Arc::new(peer_cfg)), calls, _stop: stop }
+        Harness {
+            pki,
+            edge,
+            peer_listener,
+            peer_acceptor: TlsAcceptor::from(Arc::new(peer_cfg)),
+            calls,
+            _stop: stop,
+        }
     }
 
     async fn connect(&self, to: SocketAddr) -> Client {
-        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(ca_roots(&self.pki.ca_pem))
-            .with_no_client_auth();
+        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(ca_roots(&self.pki.ca_pem))
+        .with_no_client_auth();
         let tcp = TcpStream::connect(to).await.unwrap();
-        let tls = TlsConnector::from(Arc::new(cfg)).connect(ServerName::try_from("edge.atlanta.example.com").unwrap(), tcp).await.unwrap();
+        let tls = TlsConnector::from(Arc::new(cfg))
+            .connect(
+                ServerName::try_from("edge.atlanta.example.com").unwrap(),
+                tcp,
+            )
+            .await
+            .unwrap();
         Ua::new(tls, KeepAliveRole::Initiator)
     }
 
     /// The external peer accepts the edge's outgoing connection.
     async fn accept_peer(&self) -> Server {
-        let (tcp, _) = tokio::time::timeout(WAIT, self.peer_listener.accept()).await.expect("edge never connected").unwrap();
+        let (tcp, _) = tokio::time::timeout(WAIT, self.peer_listener.accept())
+            .await
+            .expect("edge never connected")
+            .unwrap();
         let tls = self.peer_acceptor.accept(tcp).await.unwrap();
         Ua::new(tls, KeepAliveRole::Responder)
     }
@@ -267,7 +324,9 @@ fn route_set(rr: &Message, reverse: bool) -> String {
     if reverse {
         list.reverse();
     }
-    list.iter().map(|r| format!("Route: <{}>\r\n", r.uri)).collect()
+    list.iter()
+        .map(|r| format!("Route: <{}>\r\n", r.uri))
+        .collect()
 }
 
 #[tokio::test]
@@ -279,19 +338,44 @@ async fn call_180_200_ack_bye_end_to_end() {
     let mut bob = h.accept_peer().await;
     let inv = bob.recv_request("INVITE").await;
     let top = inv.top_via().unwrap();
-    assert_eq!(top.port, Some(h.edge.external.port()), "edge Via on the external side");
-    assert_eq!(inv.name_addrs("Record-Route").unwrap().len(), 2, "double Record-Route");
-    assert!(!inv.header("Contact").unwrap().contains("10.77.0.2"), "internal Contact hidden");
+    assert_eq!(
+        top.port,
+        Some(h.edge.external.port()),
+        "edge Via on the external side"
+    );
+    assert_eq!(
+        inv.name_addrs("Record-Route").unwrap().len(),
+        2,
+        "double Record-Route"
+    );
+    assert!(
+        !inv.header("Contact").unwrap().contains("10.77.0.2"),
+        "internal Contact hidden"
+    );
     assert!(String::from_utf8_lossy(inv.body()).contains("a=x-edge:for-external"));
-    assert_eq!(inv.header("Content-Length").map(|l| l.parse::<usize>().unwrap()), Some(inv.body().len()));
+    assert_eq!(
+        inv.header("Content-Length")
+            .map(|l| l.parse::<usize>().unwrap()),
+        Some(inv.body().len())
+    );
 
     bob.send(&reply(&inv, 180, "bob1", "", "")).await;
     alice.recv_status(180).await;
-    bob.send(&reply(&inv, 200, "bob1", "Contact: <sips:bob@127.0.0.1:5999>\r\n", SDP_B)).await;
+    bob.send(&reply(
+        &inv,
+        200,
+        "bob1",
+        "Contact: <sips:bob@127.0.0.1:5999>\r\n",
+        SDP_B,
+    ))
+    .await;
     let ok = alice.recv_status(200).await;
     assert!(String::from_utf8_lossy(ok.body()).contains("a=x-edge:for-internal"));
     let contact = ok.name_addrs("Contact").unwrap()[0].uri.clone();
-    assert!(contact.contains(&format!(":{}", h.edge.internal.port())), "callee Contact is an internal-side edge URI: {contact}");
+    assert!(
+        contact.contains(&format!(":{}", h.edge.internal.port())),
+        "callee Contact is an internal-side edge URI: {contact}"
+    );
 
     alice
         .send(&format!(
@@ -301,7 +385,10 @@ async fn call_180_200_ack_bye_end_to_end() {
         ))
         .await;
     let ack = bob.recv_request("ACK").await;
-    assert_eq!(ack.request_uri().unwrap().unwrap().to_string(), "sips:bob@127.0.0.1:5999");
+    assert_eq!(
+        ack.request_uri().unwrap().unwrap().to_string(),
+        "sips:bob@127.0.0.1:5999"
+    );
 
     let alice_contact = inv.name_addrs("Contact").unwrap()[0].uri.clone();
     bob.send(&format!(
@@ -312,10 +399,20 @@ async fn call_180_200_ack_bye_end_to_end() {
     ))
     .await;
     let bye = alice.recv_request("BYE").await;
-    assert_eq!(bye.request_uri().unwrap().unwrap().to_string(), "sips:alice@10.77.0.2:5061");
+    assert_eq!(
+        bye.request_uri().unwrap().unwrap().to_string(),
+        "sips:alice@10.77.0.2:5061"
+    );
     alice.send(&reply(&bye, 200, "x", "", "")).await;
     bob.recv_status(200).await;
-    assert_eq!(h.calls(), vec![Call::Sdp(SdpRole::Offer, Side::Internal), Call::Sdp(SdpRole::Answer, Side::External), Call::End(EndReason::Bye)]);
+    assert_eq!(
+        h.calls(),
+        vec![
+            Call::Sdp(SdpRole::Offer, Side::Internal),
+            Call::Sdp(SdpRole::Answer, Side::External),
+            Call::End(EndReason::Bye)
+        ]
+    );
 }
 
 #[tokio::test]
@@ -329,21 +426,43 @@ async fn cancel_flow() {
     let inv = bob.recv_request("INVITE").await;
     bob.send(&reply(&inv, 180, "bob2", "", "")).await;
     alice.recv_status(180).await;
-    let cancel = inv_text.split("Contact:").next().unwrap().replacen("INVITE sips", "CANCEL sips", 1).replace("1 INVITE", "1 CANCEL") + "Content-Length: 0\r\n\r\n";
+    let cancel = inv_text
+        .split("Contact:")
+        .next()
+        .unwrap()
+        .replacen("INVITE sips", "CANCEL sips", 1)
+        .replace("1 INVITE", "1 CANCEL")
+        + "Content-Length: 0\r\n\r\n";
     alice.send(&cancel).await;
     alice.recv_status(200).await;
     let c = bob.recv_request("CANCEL").await;
-    assert_eq!(c.top_via().unwrap().branch(), inv.top_via().unwrap().branch());
+    assert_eq!(
+        c.top_via().unwrap().branch(),
+        inv.top_via().unwrap().branch()
+    );
     bob.send(&reply(&c, 200, "bob2", "", "")).await;
     bob.send(&reply(&inv, 487, "bob2", "", "")).await;
     bob.recv_request("ACK").await;
     let r = alice.recv_status(487).await;
-    let ack = inv_text.split("Contact:").next().unwrap().replacen("INVITE sips", "ACK sips", 1).replace("1 INVITE", "1 ACK").replace(
-        "To: Bob <sips:bob@biloxi.example.com>",
-        &format!("To: {}", r.header("To").unwrap()),
-    ) + "Content-Length: 0\r\n\r\n";
+    let ack = inv_text
+        .split("Contact:")
+        .next()
+        .unwrap()
+        .replacen("INVITE sips", "ACK sips", 1)
+        .replace("1 INVITE", "1 ACK")
+        .replace(
+            "To: Bob <sips:bob@biloxi.example.com>",
+            &format!("To: {}", r.header("To").unwrap()),
+        )
+        + "Content-Length: 0\r\n\r\n";
     alice.send(&ack).await;
-    assert_eq!(h.calls(), vec![Call::Sdp(SdpRole::Offer, Side::Internal), Call::End(EndReason::Cancel)]);
+    assert_eq!(
+        h.calls(),
+        vec![
+            Call::Sdp(SdpRole::Offer, Side::Internal),
+            Call::End(EndReason::Cancel)
+        ]
+    );
 }
 
 #[tokio::test]
@@ -358,7 +477,13 @@ async fn busy_486_flow() {
     let ack = bob.recv_request("ACK").await;
     assert_eq!(ack.to_tag().unwrap().as_deref(), Some("bob3"));
     alice.recv_status(486).await;
-    assert_eq!(h.calls(), vec![Call::Sdp(SdpRole::Offer, Side::Internal), Call::End(EndReason::Failure(486))]);
+    assert_eq!(
+        h.calls(),
+        vec![
+            Call::Sdp(SdpRole::Offer, Side::Internal),
+            Call::End(EndReason::Failure(486))
+        ]
+    );
 }
 
 #[tokio::test]
@@ -374,9 +499,20 @@ async fn register_then_inbound_invite_over_the_registered_connection() {
     assert_eq!(path.len(), 1, "RFC 3327 Path added");
     let bound = reg.name_addrs("Contact").unwrap()[0].uri.clone();
     assert!(!bound.contains("10.77.0.2"));
-    registrar.send(&reply(&reg, 200, "reg", &format!("Contact: <{bound}>;expires=600\r\n"), "")).await;
+    registrar
+        .send(&reply(
+            &reg,
+            200,
+            "reg",
+            &format!("Contact: <{bound}>;expires=600\r\n"),
+            "",
+        ))
+        .await;
     let ok = alice.recv_status(200).await;
-    assert_eq!(ok.name_addrs("Contact").unwrap()[0].uri, "sips:alice@10.77.0.2:5061");
+    assert_eq!(
+        ok.name_addrs("Contact").unwrap()[0].uri,
+        "sips:alice@10.77.0.2:5061"
+    );
 
     // Carol, outside, calls alice's AOR through the external listener.
     let mut carol = h.connect(h.edge.external).await;
@@ -385,7 +521,10 @@ async fn register_then_inbound_invite_over_the_registered_connection() {
         .await;
     carol.recv_status(100).await;
     let inv = alice.recv_request("INVITE").await;
-    assert_eq!(inv.request_uri().unwrap().unwrap().to_string(), "sips:alice@10.77.0.2:5061");
+    assert_eq!(
+        inv.request_uri().unwrap().unwrap().to_string(),
+        "sips:alice@10.77.0.2:5061"
+    );
     assert_eq!(inv.top_via().unwrap().port, Some(h.edge.internal.port()));
     alice.send(&reply(&inv, 486, "al", "", "")).await;
     carol.recv_status(486).await;
@@ -415,9 +554,23 @@ async fn unreachable_route_gets_503() {
     // (The placeholder is bound before the old port is freed, so it can
     // never take the routed port.)
     let placeholder = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let Harness { pki, edge, peer_listener, peer_acceptor, calls, _stop } = h;
+    let Harness {
+        pki,
+        edge,
+        peer_listener,
+        peer_acceptor,
+        calls,
+        _stop,
+    } = h;
     drop(peer_listener);
-    let h2 = Harness { pki, edge, peer_listener: placeholder, peer_acceptor, calls, _stop };
+    let h2 = Harness {
+        pki,
+        edge,
+        peer_listener: placeholder,
+        peer_acceptor,
+        calls,
+        _stop,
+    };
     let mut alice = h2.connect(h2.edge.internal).await;
     alice.send(&invite("call5", "z9hG4bKc5", false)).await;
     alice.recv_status(100).await;

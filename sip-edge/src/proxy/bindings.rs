@@ -184,19 +184,40 @@ mod tests {
         let now = Instant::now();
         let mut b = Bindings::new();
         let t1 = b
-            .token_for(Side::Internal, "sip:a@10.0.0.2", Some(1), CONTACT_LIFETIME, now)
+            .token_for(
+                Side::Internal,
+                "sip:a@10.0.0.2",
+                Some(1),
+                CONTACT_LIFETIME,
+                now,
+            )
             .unwrap();
         let t2 = b
-            .token_for(Side::Internal, "sip:a@10.0.0.2", Some(1), CONTACT_LIFETIME, now)
+            .token_for(
+                Side::Internal,
+                "sip:a@10.0.0.2",
+                Some(1),
+                CONTACT_LIFETIME,
+                now,
+            )
             .unwrap();
         let t3 = b
-            .token_for(Side::Internal, "sip:a@10.0.0.2", Some(2), CONTACT_LIFETIME, now)
+            .token_for(
+                Side::Internal,
+                "sip:a@10.0.0.2",
+                Some(2),
+                CONTACT_LIFETIME,
+                now,
+            )
             .unwrap();
         assert_eq!(t1, t2);
         assert_ne!(t1, t3);
         assert!(t1.starts_with(TOKEN_PREFIX));
         b.register("A@Example.com", &t1, Duration::from_secs(60), now);
-        assert_eq!(b.registered("a@example.com", now).map(|(t, _)| t), Some(t1.clone()));
+        assert_eq!(
+            b.registered("a@example.com", now).map(|(t, _)| t),
+            Some(t1.clone())
+        );
         b.conn_closed(1);
         assert!(b.lookup(&t1, now).is_none());
         assert!(b.registered("a@example.com", now).is_none());
@@ -208,7 +229,13 @@ mod tests {
         let now = Instant::now();
         let mut b = Bindings::new();
         let t = b
-            .token_for(Side::External, "sip:p@198.51.100.2", None, Duration::from_secs(10), now)
+            .token_for(
+                Side::External,
+                "sip:p@198.51.100.2",
+                None,
+                Duration::from_secs(10),
+                now,
+            )
             .unwrap();
         b.register("p@x", &t, Duration::from_secs(5), now);
         b.register("p@x", &t, Duration::ZERO, now);

@@ -36,10 +36,17 @@ pub fn reason(code: u16) -> &'static str {
 /// A response to `req` (§8.2.6.2): Via list, From, To (with `to_tag` added
 /// when the request's To has none and the code is above 100), Call-ID and
 /// CSeq copied; `extra` headers appended; empty body.
-pub fn response(req: &Message, code: u16, to_tag: Option<&str>, extra: &[(&str, String)]) -> Vec<u8> {
+pub fn response(
+    req: &Message,
+    code: u16,
+    to_tag: Option<&str>,
+    extra: &[(&str, String)],
+) -> Vec<u8> {
     let mut out = format!("SIP/2.0 {code} {}\r\n", reason(code));
     for h in req.headers() {
-        let copy = ["Via", "From", "Call-ID", "CSeq"].iter().any(|n| same_header(&h.name, n));
+        let copy = ["Via", "From", "Call-ID", "CSeq"]
+            .iter()
+            .any(|n| same_header(&h.name, n));
         if copy {
             let _ = write!(out, "{}: {}\r\n", h.name, h.value);
         } else if same_header(&h.name, "To") {
@@ -79,7 +86,11 @@ pub fn bad_request_raw(raw: &[u8], why: &str) -> Option<Vec<u8>> {
         };
         let name = String::from_utf8_lossy(line.get(..colon).unwrap_or_default());
         let name = name.trim();
-        if ["Via", "From", "To", "Call-ID", "CSeq"].iter().any(|n| same_header(name, n)) && line.is_ascii() {
+        if ["Via", "From", "To", "Call-ID", "CSeq"]
+            .iter()
+            .any(|n| same_header(name, n))
+            && line.is_ascii()
+        {
             out.extend_from_slice(line);
             out.extend_from_slice(b"\r\n");
         }
@@ -90,7 +101,9 @@ pub fn bad_request_raw(raw: &[u8], why: &str) -> Option<Vec<u8>> {
         .filter(|c| c.is_ascii() && !c.is_ascii_control() && *c != '"' && *c != '\\')
         .take(120)
         .collect();
-    out.extend_from_slice(format!("Warning: 399 sip-edge \"{why}\"\r\nContent-Length: 0\r\n\r\n").as_bytes());
+    out.extend_from_slice(
+        format!("Warning: 399 sip-edge \"{why}\"\r\nContent-Length: 0\r\n\r\n").as_bytes(),
+    );
     Some(out)
 }
 
@@ -172,7 +185,13 @@ mod tests {
     #[test]
     fn response_adds_to_tag_and_copies_vias() {
         let req = Message::parse(INVITE).unwrap();
-        let r = Message::parse(&response(&req, 486, Some("tt"), &[("Retry-After", "5".into())])).unwrap();
+        let r = Message::parse(&response(
+            &req,
+            486,
+            Some("tt"),
+            &[("Retry-After", "5".into())],
+        ))
+        .unwrap();
         assert_eq!(r.status(), Some(486));
         assert_eq!(r.vias().unwrap().len(), 2);
         assert_eq!(r.to_tag().unwrap().as_deref(), Some("tt"));

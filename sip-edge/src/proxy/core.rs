@@ -174,7 +174,11 @@ impl Proxy {
 
     /// Number of live transactions and dialogs (tests check nothing leaks).
     pub fn live(&self) -> (usize, usize, usize) {
-        (self.server_txs.len(), self.client_txs.len(), self.dialogs.len())
+        (
+            self.server_txs.len(),
+            self.client_txs.len(),
+            self.dialogs.len(),
+        )
     }
 
     /// A connection was accepted or opened.
@@ -234,7 +238,10 @@ impl Proxy {
 
     fn new_branch(&mut self) -> String {
         let n = self.next_id();
-        format!("{MAGIC_COOKIE}-se{n:x}x{:08x}", (n.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as u32)
+        format!(
+            "{MAGIC_COOKIE}-se{n:x}x{:08x}",
+            (n.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as u32
+        )
     }
 
     fn new_tag(&mut self) -> String {
@@ -244,7 +251,12 @@ impl Proxy {
 
     fn via_for(&self, side: Side, proto: Proto, branch: &str) -> String {
         let l = self.settings.local(side);
-        format!("SIP/2.0/{} {}:{};branch={branch}", proto.via_token(), l.host, l.port)
+        format!(
+            "SIP/2.0/{} {}:{};branch={branch}",
+            proto.via_token(),
+            l.host,
+            l.port
+        )
     }
 
     fn dest_proto(&self, dest: &Dest) -> Proto {
@@ -279,7 +291,11 @@ impl Proxy {
                 info!(conn, error = %e, "refusing malformed message");
                 if let Some(bytes) = build::bad_request_raw(raw, &e.to_string()) {
                     self.stats.responses_generated += 1;
-                    out.push(Outgoing { dest: Dest::Conn(conn), bytes, branch: None });
+                    out.push(Outgoing {
+                        dest: Dest::Conn(conn),
+                        bytes,
+                        branch: None,
+                    });
                 }
                 return out;
             }
@@ -305,7 +321,15 @@ impl Proxy {
         out
     }
 
-    fn respond_local(&mut self, conn: ConnId, req: &Message, code: u16, tag: &str, extra: &[(&'static str, String)], out: &mut Vec<Outgoing>) {
+    fn respond_local(
+        &mut self,
+        conn: ConnId,
+        req: &Message,
+        code: u16,
+        tag: &str,
+        extra: &[(&'static str, String)],
+        out: &mut Vec<Outgoing>,
+    ) {
         self.stats.responses_generated += 1;
         out.push(Outgoing {
             dest: Dest::Conn(conn),
@@ -314,7 +338,14 @@ impl Proxy {
         });
     }
 
-    fn on_request(&mut self, conn: ConnId, info: ConnInfo, msg: &mut Message, now: Instant, out: &mut Vec<Outgoing>) -> Result<(), Reject> {
+    fn on_request(
+        &mut self,
+        conn: ConnId,
+        info: ConnInfo,
+        msg: &mut Message,
+        now: Instant,
+        out: &mut Vec<Outgoing>,
+    ) -> Result<(), Reject> {
         let bad = |e: crate::sip::message::MessageError| reject(400, e.to_string());
         if let StartLine::Request { version, .. } = &msg.start {
             if !version.eq_ignore_ascii_case("SIP/2.0") {
@@ -356,7 +387,11 @@ impl Proxy {
         } else if let Some(stx) = self.server_txs.get(&skey) {
             self.stats.retransmissions_absorbed += 1;
             if let Some(r) = stx.last_response.clone() {
-                out.push(Outgoing { dest: Dest::Conn(stx.conn), bytes: r, branch: None });
+                out.push(Outgoing {
+                    dest: Dest::Conn(stx.conn),
+                    bytes: r,
+                    branch: None,
+                });
             }
             return Ok(());
         }
@@ -377,7 +412,9 @@ impl Proxy {
         for v in vias.iter().skip(1) {
             if let Some(b) = v.branch() {
                 if let Some(ctx) = self.client_txs.get(&ctx_key(b, &method)) {
-                    if ctx.request.call_id().ok() == msg.call_id().ok() && ctx.request.cseq().ok().map(|c| c.seq) == Some(cseq.seq) {
+                    if ctx.request.call_id().ok() == msg.call_id().ok()
+                        && ctx.request.cseq().ok().map(|c| c.seq) == Some(cseq.seq)
+                    {
                         return Err(reject(482, "request looped back to the edge"));
                     }
                 }
@@ -388,7 +425,12 @@ impl Proxy {
             .header_all("Proxy-Require")
             .flat_map(|v| v.split(','))
             .map(|t| t.trim().to_owned())
-            .filter(|t| !t.is_empty() && !SUPPORTED_PROXY_EXT.iter().any(|s| s.eq_ignore_ascii_case(t)))
+            .filter(|t| {
+                !t.is_empty()
+                    && !SUPPORTED_PROXY_EXT
+                        .iter()
+                        .any(|s| s.eq_ignore_ascii_case(t))
+            })
             .collect();
         if !unsupported.is_empty() {
             return Err(Reject {
@@ -411,7 +453,10 @@ impl Proxy {
 
         // §16.4: strict-router compatibility, then pop our own Routes.
         let mut ruri = ruri;
-        if ruri.userinfo.is_none() && self.names_us(&ruri).is_some() && msg.header("Route").is_some() {
+        if ruri.userinfo.is_none()
+            && self.names_us(&ruri).is_some()
+            && msg.header("Route").is_some()
+        {
             let mut routes = msg.name_addrs("Route").map_err(bad)?;
             if let Some(last) = routes.pop() {
                 msg.set_request_uri(&last.uri);
@@ -440,7 +485,18 @@ impl Proxy {
         if ruri.userinfo.is_none() && routes.is_empty() && self.names_us(&ruri).is_some() {
             if method == "OPTIONS" {
                 let tag = self.new_tag();
-                self.respond_local(conn, msg, 200, &tag, &[("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, PRACK, MESSAGE, REGISTER".into())], out);
+                self.respond_local(
+                    conn,
+                    msg,
+                    200,
+                    &tag,
+                    &[(
+                        "Allow",
+                        "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, PRACK, MESSAGE, REGISTER"
+                            .into(),
+                    )],
+                    out,
+                );
                 return Ok(());
             }
             return Err(reject(404, "nothing to route to at the edge itself"));
@@ -449,7 +505,10 @@ impl Proxy {
         // Target selection.
         let (dest, dest_side) = self.select_target(from_side, &method, msg, &ruri, &routes, now)?;
         if method == "REGISTER" && from_side == Side::External {
-            return Err(reject(403, "registrations are only proxied from the inside"));
+            return Err(reject(
+                403,
+                "registrations are only proxied from the inside",
+            ));
         }
 
         // Dialog bookkeeping and SDP before anything is sent.
@@ -488,7 +547,11 @@ impl Proxy {
                 let body = msg.body().to_vec();
                 let ev = SdpEvent {
                     dialog: &k,
-                    to_tag: if role == SdpRole::Offer && initial_invite { None } else { callee_tag.as_deref() },
+                    to_tag: if role == SdpRole::Offer && initial_invite {
+                        None
+                    } else {
+                        callee_tag.as_deref()
+                    },
                     role,
                     from_side,
                     source: info.peer,
@@ -529,15 +592,21 @@ impl Proxy {
 
         // §16.6: build the forwarded request.
         let contacts_lifetime = if method == "REGISTER" {
-            register_expires(msg).map_or(CONTACT_LIFETIME, |e| Duration::from_secs(e.into()) + TIMER_64T1)
+            register_expires(msg).map_or(CONTACT_LIFETIME, |e| {
+                Duration::from_secs(e.into()) + TIMER_64T1
+            })
         } else {
             CONTACT_LIFETIME
         };
         self.rewrite_contacts(msg, from_side, conn, contacts_lifetime, now)?;
-        msg.set_header("Max-Forwards", (mf.min(DEFAULT_MAX_FORWARDS + 1) - 1).to_string());
+        msg.set_header(
+            "Max-Forwards",
+            (mf.min(DEFAULT_MAX_FORWARDS + 1) - 1).to_string(),
+        );
         let out_scheme = if ruri.scheme == "sips" { "sips" } else { "sip" };
         let dest_proto = self.dest_proto(&dest);
-        if initial_invite || (to_tag.is_none() && matches!(method.as_str(), "SUBSCRIBE" | "REFER")) {
+        if initial_invite || (to_tag.is_none() && matches!(method.as_str(), "SUBSCRIBE" | "REFER"))
+        {
             // RFC 5658 double Record-Route: the incoming side's address
             // below, the outgoing side's on top (the next hop sees it first).
             let in_rr = self.rr_uri(from_side, out_scheme, info.proto);
@@ -549,13 +618,28 @@ impl Proxy {
             // RFC 3327 §5: Path with a flow token naming this connection.
             let token = self
                 .bindings
-                .token_for(from_side, &format!("flow:{conn}"), Some(conn), contacts_lifetime, now)
+                .token_for(
+                    from_side,
+                    &format!("flow:{conn}"),
+                    Some(conn),
+                    contacts_lifetime,
+                    now,
+                )
                 .ok_or_else(|| busy("binding table full"))?;
             let l = self.settings.local(Side::External);
-            msg.prepend_header("Path", format!("<sip:{token}@{}:{};transport=tls;lr;ob>", l.host, l.port));
+            msg.prepend_header(
+                "Path",
+                format!("<sip:{token}@{}:{};transport=tls;lr;ob>", l.host, l.port),
+            );
             let sup = msg.header("Supported").map(str::to_owned);
-            if !sup.as_deref().is_some_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("path"))) {
-                msg.set_header("Supported", sup.map_or_else(|| "path".to_owned(), |s| format!("{s}, path")));
+            if !sup
+                .as_deref()
+                .is_some_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("path")))
+            {
+                msg.set_header(
+                    "Supported",
+                    sup.map_or_else(|| "path".to_owned(), |s| format!("{s}, path")),
+                );
             }
         }
         let new_branch = self.new_branch();
@@ -566,7 +650,11 @@ impl Proxy {
         self.stats.requests_forwarded += 1;
         if method == "ACK" {
             // §16.6: ACK for 2xx is forwarded end to end with no transaction.
-            out.push(Outgoing { dest, bytes, branch: None });
+            out.push(Outgoing {
+                dest,
+                bytes,
+                branch: None,
+            });
             return Ok(());
         }
         let to_tag_local = self.new_tag();
@@ -587,7 +675,11 @@ impl Proxy {
             let trying = build::response(&server.request, 100, None, &[]);
             server.last_response = Some(trying.clone());
             self.stats.responses_generated += 1;
-            out.push(Outgoing { dest: Dest::Conn(conn), bytes: trying, branch: None });
+            out.push(Outgoing {
+                dest: Dest::Conn(conn),
+                bytes: trying,
+                branch: None,
+            });
         }
         self.server_txs.insert(skey.clone(), server);
         self.client_txs.insert(
@@ -609,7 +701,11 @@ impl Proxy {
                 },
             },
         );
-        out.push(Outgoing { dest, bytes, branch: Some(new_branch) });
+        out.push(Outgoing {
+            dest,
+            bytes,
+            branch: Some(new_branch),
+        });
         Ok(())
     }
 
@@ -622,11 +718,26 @@ impl Proxy {
         }
     }
 
-    fn select_target(&mut self, from_side: Side, method: &str, msg: &mut Message, ruri: &SipUri, routes: &[NameAddr], now: Instant) -> Result<(Dest, Side), Reject> {
+    fn select_target(
+        &mut self,
+        from_side: Side,
+        method: &str,
+        msg: &mut Message,
+        ruri: &SipUri,
+        routes: &[NameAddr],
+        now: Instant,
+    ) -> Result<(Dest, Side), Reject> {
         // A token we minted (Contact or Path rewrite): restore and follow.
         if let Some(side) = self.names_us(ruri) {
-            if let Some(token) = ruri.userinfo.as_deref().filter(|u| u.starts_with(TOKEN_PREFIX)) {
-                let b = self.bindings.lookup(token, now).ok_or_else(|| reject(404, "unknown or expired flow token"))?;
+            if let Some(token) = ruri
+                .userinfo
+                .as_deref()
+                .filter(|u| u.starts_with(TOKEN_PREFIX))
+            {
+                let b = self
+                    .bindings
+                    .lookup(token, now)
+                    .ok_or_else(|| reject(404, "unknown or expired flow token"))?;
                 let _ = side;
                 if !b.original.starts_with("flow:") {
                     msg.set_request_uri(&b.original);
@@ -636,7 +747,9 @@ impl Proxy {
                 }
                 return match b.flow.filter(|c| self.conns.contains_key(c)) {
                     Some(c) => Ok((Dest::Conn(c), b.side)),
-                    None if b.side == Side::External => Ok((self.hop_of(&b.original, b.side)?, b.side)),
+                    None if b.side == Side::External => {
+                        Ok((self.hop_of(&b.original, b.side)?, b.side))
+                    }
                     // RFC 5626 §5.3: the client's flow is gone.
                     None => Err(reject(480, "the client's connection is gone")),
                 };
@@ -645,7 +758,10 @@ impl Proxy {
         // A Path flow token as the top remaining Route is ours too, but
         // names_us() already popped it; the registered-AOR lookup covers it.
         if let Some(first) = routes.first() {
-            return Ok((self.hop_of(&first.uri, from_side.other())?, from_side.other()));
+            return Ok((
+                self.hop_of(&first.uri, from_side.other())?,
+                from_side.other(),
+            ));
         }
         match from_side {
             Side::External => {
@@ -659,15 +775,33 @@ impl Proxy {
                     }
                 }
                 match &self.settings.internal_next_hop {
-                    Some(h) => Ok((Dest::Hop { side: Side::Internal, hop: h.clone() }, Side::Internal)),
-                    None => Err(reject(404, format!("no registered client or internal next hop for {aor}"))),
+                    Some(h) => Ok((
+                        Dest::Hop {
+                            side: Side::Internal,
+                            hop: h.clone(),
+                        },
+                        Side::Internal,
+                    )),
+                    None => Err(reject(
+                        404,
+                        format!("no registered client or internal next hop for {aor}"),
+                    )),
                 }
             }
             Side::Internal => {
                 let host = ruri.host.to_string();
                 match self.settings.route_for(&host) {
-                    Some(h) => Ok((Dest::Hop { side: Side::External, hop: h.clone() }, Side::External)),
-                    None => Err(reject(404, format!("no [[route]] for {host} and no default route ({method})"))),
+                    Some(h) => Ok((
+                        Dest::Hop {
+                            side: Side::External,
+                            hop: h.clone(),
+                        },
+                        Side::External,
+                    )),
+                    None => Err(reject(
+                        404,
+                        format!("no [[route]] for {host} and no default route ({method})"),
+                    )),
                 }
             }
         }
@@ -681,22 +815,43 @@ impl Proxy {
         };
         Ok(Dest::Hop {
             side,
-            hop: HopTarget { tls_name: host.clone(), host, port: u.port.unwrap_or(5061) },
+            hop: HopTarget {
+                tls_name: host.clone(),
+                host,
+                port: u.port.unwrap_or(5061),
+            },
         })
     }
 
     /// Replaces every Contact URI by a token URI on the receiving side.
-    fn rewrite_contacts(&mut self, msg: &mut Message, from_side: Side, conn: ConnId, lifetime: Duration, now: Instant) -> Result<(), Reject> {
+    fn rewrite_contacts(
+        &mut self,
+        msg: &mut Message,
+        from_side: Side,
+        conn: ConnId,
+        lifetime: Duration,
+        now: Instant,
+    ) -> Result<(), Reject> {
         if msg.header("Contact").is_none() || msg.header("Contact") == Some("*") {
             return Ok(());
         }
-        let mut contacts = msg.name_addrs("Contact").map_err(|e| reject(400, e.to_string()))?;
+        let mut contacts = msg
+            .name_addrs("Contact")
+            .map_err(|e| reject(400, e.to_string()))?;
         let to = self.settings.local(from_side.other()).clone();
         for c in &mut contacts {
             let Ok(u) = c.sip_uri() else { continue };
-            if u.userinfo.as_deref().is_some_and(|t| t.starts_with(TOKEN_PREFIX)) && self.names_us(&u).is_some() {
+            if u.userinfo
+                .as_deref()
+                .is_some_and(|t| t.starts_with(TOKEN_PREFIX))
+                && self.names_us(&u).is_some()
+            {
                 // One of ours going back to its own side: restore it.
-                if let Some(b) = u.userinfo.as_deref().and_then(|t| self.bindings.lookup(t, now)) {
+                if let Some(b) = u
+                    .userinfo
+                    .as_deref()
+                    .and_then(|t| self.bindings.lookup(t, now))
+                {
                     if b.side == from_side.other() && !b.original.starts_with("flow:") {
                         c.uri = b.original;
                         c.angle = true;
@@ -708,7 +863,11 @@ impl Proxy {
                 .bindings
                 .token_for(from_side, &c.uri, Some(conn), lifetime, now)
                 .ok_or_else(|| busy("binding table full"))?;
-            let tls = if u.scheme == "sips" { "" } else { ";transport=tls" };
+            let tls = if u.scheme == "sips" {
+                ""
+            } else {
+                ";transport=tls"
+            };
             c.uri = format!("{}:{token}@{}:{}{tls}", u.scheme, to.host, to.port);
             c.angle = true;
         }
@@ -719,13 +878,19 @@ impl Proxy {
     fn dialog_key_of(&self, msg: &Message) -> Option<DialogKey> {
         let call_id = msg.call_id().ok()?.to_owned();
         let from_tag = msg.from_tag().ok().flatten().unwrap_or_default();
-        let k = DialogKey { call_id: call_id.clone(), from_tag };
+        let k = DialogKey {
+            call_id: call_id.clone(),
+            from_tag,
+        };
         if self.dialogs.contains_key(&k) {
             return Some(k);
         }
         // A request from the callee: its To tag is the caller's From tag.
         if let Some(t) = msg.to_tag().ok().flatten() {
-            let k2 = DialogKey { call_id, from_tag: t };
+            let k2 = DialogKey {
+                call_id,
+                from_tag: t,
+            };
             if self.dialogs.contains_key(&k2) {
                 return Some(k2);
             }
@@ -743,7 +908,12 @@ impl Proxy {
         }
     }
 
-    fn request_sdp_role(&self, method: &str, msg: &Message, k: Option<&DialogKey>) -> Option<SdpRole> {
+    fn request_sdp_role(
+        &self,
+        method: &str,
+        msg: &Message,
+        k: Option<&DialogKey>,
+    ) -> Option<SdpRole> {
         match method {
             "INVITE" | "UPDATE" => Some(SdpRole::Offer),
             "ACK" | "PRACK" => Some(SdpRole::Answer),
@@ -751,7 +921,10 @@ impl Proxy {
                 // Windows Messenger file transfer invitations ride in
                 // MESSAGE: INVITE command = offer, ACCEPT = answer.
                 let body = String::from_utf8_lossy(msg.body());
-                let cmd = body.lines().find_map(|l| l.strip_prefix("Invitation-Command:")).map(str::trim);
+                let cmd = body
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Invitation-Command:"))
+                    .map(str::trim);
                 match cmd {
                     Some(c) if c.eq_ignore_ascii_case("ACCEPT") => Some(SdpRole::Answer),
                     Some(c) if c.eq_ignore_ascii_case("INVITE") => Some(SdpRole::Offer),
@@ -776,7 +949,15 @@ impl Proxy {
         }
     }
 
-    fn on_cancel(&mut self, conn: ConnId, msg: &Message, top: &Via, branch: &str, now: Instant, out: &mut Vec<Outgoing>) -> Result<(), Reject> {
+    fn on_cancel(
+        &mut self,
+        conn: ConnId,
+        msg: &Message,
+        top: &Via,
+        branch: &str,
+        now: Instant,
+        out: &mut Vec<Outgoing>,
+    ) -> Result<(), Reject> {
         // §16.10: match the INVITE server transaction, answer 200 hop by hop.
         let ikey = tx_key(branch, top, "INVITE");
         let Some(stx) = self.server_txs.get(&ikey) else {
@@ -808,7 +989,11 @@ impl Proxy {
             }
             if let Some(bytes) = send {
                 let dest = self.client_dest(&ck);
-                out.push(Outgoing { dest, bytes, branch: None });
+                out.push(Outgoing {
+                    dest,
+                    bytes,
+                    branch: None,
+                });
             }
         }
         Ok(())
@@ -826,7 +1011,14 @@ impl Proxy {
         }
     }
 
-    fn on_response(&mut self, conn: ConnId, info: ConnInfo, mut msg: Message, now: Instant, out: &mut Vec<Outgoing>) {
+    fn on_response(
+        &mut self,
+        conn: ConnId,
+        info: ConnInfo,
+        mut msg: Message,
+        now: Instant,
+        out: &mut Vec<Outgoing>,
+    ) {
         let code = msg.status().unwrap_or(0);
         let (Ok(top), Ok(cseq)) = (msg.top_via(), msg.cseq()) else {
             debug!("response without usable Via/CSeq dropped");
@@ -851,11 +1043,20 @@ impl Proxy {
         }
         if code < 200 {
             c.provisional = true;
-            c.deadline = now + if method == "INVITE" { TIMER_C } else { TIMER_64T1 };
+            c.deadline = now
+                + if method == "INVITE" {
+                    TIMER_C
+                } else {
+                    TIMER_64T1
+                };
             if c.cancel == Cancel::Pending {
                 c.cancel = Cancel::Sent;
                 let bytes = build::cancel_for(&c.request);
-                out.push(Outgoing { dest: Dest::Conn(conn), bytes, branch: None });
+                out.push(Outgoing {
+                    dest: Dest::Conn(conn),
+                    bytes,
+                    branch: None,
+                });
             }
             if code == 100 {
                 return;
@@ -876,7 +1077,11 @@ impl Proxy {
         }
         if method == "INVITE" && code >= 300 {
             // §17.1.1.3: the ACK for a non-2xx is ours to send.
-            out.push(Outgoing { dest: Dest::Conn(conn), bytes: build::ack_for(&forwarded_invite, &msg), branch: None });
+            out.push(Outgoing {
+                dest: Dest::Conn(conn),
+                bytes: build::ack_for(&forwarded_invite, &msg),
+                branch: None,
+            });
             if retransmitted_2xx {
                 self.stats.retransmissions_absorbed += 1;
                 return;
@@ -887,7 +1092,10 @@ impl Proxy {
             debug!("server transaction gone; response dropped");
             return;
         };
-        if self.server_txs.get(&skey).is_some_and(|s| s.final_sent) && code >= 200 && !(200..300).contains(&code) {
+        if self.server_txs.get(&skey).is_some_and(|s| s.final_sent)
+            && code >= 200
+            && !(200..300).contains(&code)
+        {
             self.stats.retransmissions_absorbed += 1;
             return;
         }
@@ -908,7 +1116,15 @@ impl Proxy {
             if let (Some(role), Some(k)) = (role, key) {
                 let ct = msg.header("Content-Type").unwrap_or_default().to_owned();
                 let body = msg.body().to_vec();
-                let ev = SdpEvent { dialog: &k, to_tag: callee_tag.as_deref(), role, from_side: info.side, source: info.peer, body: &body, content_type: &ct };
+                let ev = SdpEvent {
+                    dialog: &k,
+                    to_tag: callee_tag.as_deref(),
+                    role,
+                    from_side: info.side,
+                    source: info.peer,
+                    body: &body,
+                    content_type: &ct,
+                };
                 match self.media.on_sdp(&ev, now) {
                     Ok(b) => {
                         msg.set_body(b);
@@ -919,7 +1135,9 @@ impl Proxy {
                         }
                     }
                     Err(e) => {
-                        self.media_refused_response(&ckey, &skey, &k, &msg, &e, code, conn, now, out);
+                        self.media_refused_response(
+                            &ckey, &skey, &k, &msg, &e, code, conn, now, out,
+                        );
                         return;
                     }
                 }
@@ -952,14 +1170,38 @@ impl Proxy {
             s.last_response = Some(bytes.clone());
             if code >= 200 {
                 s.final_sent = true;
-                s.expires = Some(now + if method == "INVITE" && code < 300 { Duration::ZERO } else { TIMER_64T1 });
+                s.expires = Some(
+                    now + if method == "INVITE" && code < 300 {
+                        Duration::ZERO
+                    } else {
+                        TIMER_64T1
+                    },
+                );
             }
         }
-        out.push(Outgoing { dest: Dest::Conn(stx_conn), bytes, branch: None });
+        out.push(Outgoing {
+            dest: Dest::Conn(stx_conn),
+            bytes,
+            branch: None,
+        });
     }
 
-    #[expect(clippy::too_many_arguments, reason = "one call site; a struct would only rename the same values")]
-    fn media_refused_response(&mut self, ckey: &str, skey: &str, k: &DialogKey, msg: &Message, e: &MediaError, code: u16, conn: ConnId, now: Instant, out: &mut Vec<Outgoing>) {
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one call site; a struct would only rename the same values"
+    )]
+    fn media_refused_response(
+        &mut self,
+        ckey: &str,
+        skey: &str,
+        k: &DialogKey,
+        msg: &Message,
+        e: &MediaError,
+        code: u16,
+        conn: ConnId,
+        now: Instant,
+        out: &mut Vec<Outgoing>,
+    ) {
         warn!(error = %e, code, "media refused the answer; failing the call");
         let tag = msg.to_tag().ok().flatten();
         self.end_dialog(k, tag.as_deref(), EndReason::Failure(e.status()), now);
@@ -971,7 +1213,11 @@ impl Proxy {
         if let Some(c) = self.client_txs.get_mut(ckey) {
             if code >= 200 {
                 let ack = build::ack_for(&c.request, msg);
-                out.push(Outgoing { dest: Dest::Conn(conn), bytes: ack, branch: None });
+                out.push(Outgoing {
+                    dest: Dest::Conn(conn),
+                    bytes: ack,
+                    branch: None,
+                });
                 let request_uri = msg
                     .name_addrs("Contact")
                     .ok()
@@ -988,11 +1234,19 @@ impl Proxy {
                     to: msg.header("To").unwrap_or_default().to_owned(),
                 };
                 let seq = c.request.cseq().map_or(1, |q| q.seq.saturating_add(1));
-                out.push(Outgoing { dest: Dest::Conn(conn), bytes: build::bye(&leg, &via, &k.call_id, seq), branch: None });
+                out.push(Outgoing {
+                    dest: Dest::Conn(conn),
+                    bytes: build::bye(&leg, &via, &k.call_id, seq),
+                    branch: None,
+                });
                 c.final_code = Some(code);
             } else if c.cancel == Cancel::None {
                 c.cancel = Cancel::Sent;
-                out.push(Outgoing { dest: Dest::Conn(conn), bytes: build::cancel_for(&c.request), branch: None });
+                out.push(Outgoing {
+                    dest: Dest::Conn(conn),
+                    bytes: build::cancel_for(&c.request),
+                    branch: None,
+                });
             }
             c.deadline = now + TIMER_64T1;
         }
@@ -1003,20 +1257,50 @@ impl Proxy {
             s.last_response = Some(bytes.clone());
             s.expires = Some(now + TIMER_64T1);
             self.stats.responses_generated += 1;
-            out.push(Outgoing { dest: Dest::Conn(s.conn), bytes, branch: None });
+            out.push(Outgoing {
+                dest: Dest::Conn(s.conn),
+                bytes,
+                branch: None,
+            });
         }
         self.dialogs.remove(k);
     }
 
-    fn confirm_dialog(&mut self, k: &DialogKey, invite: &Message, resp: &Message, caller_conn: ConnId, callee_conn: ConnId, callee_side: Side) {
+    fn confirm_dialog(
+        &mut self,
+        k: &DialogKey,
+        invite: &Message,
+        resp: &Message,
+        caller_conn: ConnId,
+        callee_conn: ConnId,
+        callee_side: Side,
+    ) {
         let rr = resp.name_addrs("Record-Route").unwrap_or_default();
-        let ours: Vec<bool> = rr.iter().map(|r| r.sip_uri().is_ok_and(|u| self.names_us(&u).is_some())).collect();
+        let ours: Vec<bool> = rr
+            .iter()
+            .map(|r| r.sip_uri().is_ok_and(|u| self.names_us(&u).is_some()))
+            .collect();
         let first_ours = ours.iter().position(|o| *o).unwrap_or(rr.len());
         let last_ours = ours.iter().rposition(|o| *o).map_or(rr.len(), |i| i + 1);
         // Entries above ours lead to the callee (reversed), below to the caller.
-        let to_callee_routes: Vec<String> = rr.get(..first_ours).unwrap_or_default().iter().rev().map(ToString::to_string).collect();
-        let to_caller_routes: Vec<String> = rr.get(last_ours..).unwrap_or_default().iter().map(ToString::to_string).collect();
-        let callee_contact = resp.name_addrs("Contact").ok().and_then(|c| c.into_iter().next()).map(|c| c.uri);
+        let to_callee_routes: Vec<String> = rr
+            .get(..first_ours)
+            .unwrap_or_default()
+            .iter()
+            .rev()
+            .map(ToString::to_string)
+            .collect();
+        let to_caller_routes: Vec<String> = rr
+            .get(last_ours..)
+            .unwrap_or_default()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        let callee_contact = resp
+            .name_addrs("Contact")
+            .ok()
+            .and_then(|c| c.into_iter().next())
+            .map(|c| c.uri);
         // The caller's Contact was rewritten in `invite`; restore it.
         let caller_contact = invite
             .name_addrs("Contact")
@@ -1031,10 +1315,28 @@ impl Proxy {
         if let Some(d) = self.dialogs.get_mut(k) {
             d.confirmed = true;
             if let Some(uri) = callee_contact {
-                d.to_callee = Some((Dest::Conn(callee_conn), callee_side, ByeLeg { request_uri: uri, routes: to_callee_routes, from: from.clone(), to: to.clone() }));
+                d.to_callee = Some((
+                    Dest::Conn(callee_conn),
+                    callee_side,
+                    ByeLeg {
+                        request_uri: uri,
+                        routes: to_callee_routes,
+                        from: from.clone(),
+                        to: to.clone(),
+                    },
+                ));
             }
             if let Some(uri) = caller_contact {
-                d.to_caller = Some((Dest::Conn(caller_conn), caller_side, ByeLeg { request_uri: uri, routes: to_caller_routes, from: to, to: from }));
+                d.to_caller = Some((
+                    Dest::Conn(caller_conn),
+                    caller_side,
+                    ByeLeg {
+                        request_uri: uri,
+                        routes: to_caller_routes,
+                        from: to,
+                        to: from,
+                    },
+                ));
             }
         }
     }
@@ -1048,40 +1350,65 @@ impl Proxy {
         let default_exp = register_expires(register).unwrap_or(3600);
         // The Contacts in the response were restored already; match by the
         // Contact we sent upstream (the token in the forwarded REGISTER).
-        let Ok(sent) = register.name_addrs("Contact") else { return };
+        let Ok(sent) = register.name_addrs("Contact") else {
+            return;
+        };
         for c in sent {
-            let Some(token) = c.sip_uri().ok().and_then(|u| u.userinfo) else { continue };
+            let Some(token) = c.sip_uri().ok().and_then(|u| u.userinfo) else {
+                continue;
+            };
             let granted = resp
                 .name_addrs("Contact")
                 .ok()
                 .and_then(|list| {
                     list.into_iter().find_map(|r| {
-                        let same = self.bindings.lookup(&token, now).is_some_and(|b| b.original == r.uri);
-                        same.then(|| r.params.get("expires").flatten().and_then(|e| e.parse::<u64>().ok()))
+                        let same = self
+                            .bindings
+                            .lookup(&token, now)
+                            .is_some_and(|b| b.original == r.uri);
+                        same.then(|| {
+                            r.params
+                                .get("expires")
+                                .flatten()
+                                .and_then(|e| e.parse::<u64>().ok())
+                        })
                     })
                 })
                 .flatten();
             let exp = granted.unwrap_or(u64::from(default_exp));
             info!(%aor, expires = exp, "registration through the edge");
-            self.bindings.register(&aor, &token, Duration::from_secs(exp), now);
+            self.bindings
+                .register(&aor, &token, Duration::from_secs(exp), now);
         }
     }
 
     fn fail_client(&mut self, ckey: &str, code: u16, now: Instant, out: &mut Vec<Outgoing>) {
-        let Some(c) = self.client_txs.remove(ckey) else { return };
+        let Some(c) = self.client_txs.remove(ckey) else {
+            return;
+        };
         if c.final_code.is_some() {
             return;
         }
         let code = if c.cancel != Cancel::None { 487 } else { code };
         if let Some(k) = &c.dialog {
             if c.initial_invite {
-                let reason = if code == 408 { EndReason::Timeout } else if code == 487 { EndReason::Cancel } else { EndReason::Failure(code) };
+                let reason = if code == 408 {
+                    EndReason::Timeout
+                } else if code == 487 {
+                    EndReason::Cancel
+                } else {
+                    EndReason::Failure(code)
+                };
                 self.end_dialog(k, None, reason, now);
                 self.dialogs.remove(k);
             }
         }
         let Some(skey) = c.server_key else { return };
-        let method = c.request.method().map(ToString::to_string).unwrap_or_default();
+        let method = c
+            .request
+            .method()
+            .map(ToString::to_string)
+            .unwrap_or_default();
         if method == "ACK" {
             return;
         }
@@ -1089,14 +1416,22 @@ impl Proxy {
             if s.final_sent {
                 return;
             }
-            let extra: Vec<(&str, String)> = if code == 503 { vec![("Retry-After", RETRY_AFTER_SECS.to_string())] } else { Vec::new() };
+            let extra: Vec<(&str, String)> = if code == 503 {
+                vec![("Retry-After", RETRY_AFTER_SECS.to_string())]
+            } else {
+                Vec::new()
+            };
             let bytes = build::response(&s.request, code, Some(&s.to_tag), &extra);
             s.final_sent = true;
             s.last_response = Some(bytes.clone());
             s.expires = Some(now + TIMER_64T1);
             self.stats.responses_generated += 1;
             info!(code, "answering for an unreachable or silent next hop");
-            out.push(Outgoing { dest: Dest::Conn(s.conn), bytes, branch: None });
+            out.push(Outgoing {
+                dest: Dest::Conn(s.conn),
+                bytes,
+                branch: None,
+            });
         }
     }
 
@@ -1105,9 +1440,16 @@ impl Proxy {
     /// second.
     pub fn on_tick(&mut self, now: Instant) -> Vec<Outgoing> {
         let mut out = Vec::new();
-        let due: Vec<String> = self.client_txs.iter().filter(|(_, c)| c.deadline <= now).map(|(k, _)| k.clone()).collect();
+        let due: Vec<String> = self
+            .client_txs
+            .iter()
+            .filter(|(_, c)| c.deadline <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
         for k in due {
-            let Some(c) = self.client_txs.get_mut(&k) else { continue };
+            let Some(c) = self.client_txs.get_mut(&k) else {
+                continue;
+            };
             if c.final_code.is_some() {
                 self.client_txs.remove(&k);
                 continue;
@@ -1119,30 +1461,58 @@ impl Proxy {
                 c.deadline = now + TIMER_64T1;
                 let bytes = build::cancel_for(&c.request);
                 let dest = self.client_dest(&k);
-                out.push(Outgoing { dest, bytes, branch: None });
+                out.push(Outgoing {
+                    dest,
+                    bytes,
+                    branch: None,
+                });
                 continue;
             }
             // Timer B/F (§17.1.1.2, §17.1.2.2): 408 upstream (§16.8).
             self.fail_client(&k, 408, now, &mut out);
         }
-        self.server_txs.retain(|_, s| s.expires.is_none_or(|e| e > now));
+        self.server_txs
+            .retain(|_, s| s.expires.is_none_or(|e| e > now));
         self.bindings.expire(now);
         for k in self.media.on_tick(now) {
             let span = info_span!("call", call_id = %k.call_id);
             let _g = span.enter();
-            let Some(d) = self.dialogs.remove(&k) else { continue };
+            let Some(d) = self.dialogs.remove(&k) else {
+                continue;
+            };
             info!("media expired; sending BYE both ways");
             let legs = [(d.to_caller, d.callee_cseq), (d.to_callee, d.caller_cseq)];
             for (leg, cseq) in legs {
-                let Some((dest, side, leg)) = leg else { continue };
+                let Some((dest, side, leg)) = leg else {
+                    continue;
+                };
                 let branch = self.new_branch();
                 let proto = self.dest_proto(&dest);
                 let via = self.via_for(side, proto, &branch);
                 let bytes = build::bye(&leg, &via, &k.call_id, cseq.saturating_add(1).max(1));
                 if let Ok(m) = Message::parse(&bytes) {
-                    self.client_txs.insert(ctx_key(&branch, "BYE"), ClientTx { server_key: None, request: m, dest: dest.clone(), provisional: false, final_code: None, deadline: now + TIMER_64T1, cancel: Cancel::None, dialog: None, initial_invite: false, offer_in_request: false, sent_on: None });
+                    self.client_txs.insert(
+                        ctx_key(&branch, "BYE"),
+                        ClientTx {
+                            server_key: None,
+                            request: m,
+                            dest: dest.clone(),
+                            provisional: false,
+                            final_code: None,
+                            deadline: now + TIMER_64T1,
+                            cancel: Cancel::None,
+                            dialog: None,
+                            initial_invite: false,
+                            offer_in_request: false,
+                            sent_on: None,
+                        },
+                    );
                 }
-                out.push(Outgoing { dest, bytes, branch: Some(branch) });
+                out.push(Outgoing {
+                    dest,
+                    bytes,
+                    branch: Some(branch),
+                });
             }
         }
         let _ = T1;
@@ -1168,12 +1538,20 @@ fn media_reject(e: &MediaError) -> Reject {
 }
 
 fn busy(why: &str) -> Reject {
-    Reject { code: 503, why: why.into(), extra: vec![("Retry-After", RETRY_AFTER_SECS.to_string())] }
+    Reject {
+        code: 503,
+        why: why.into(),
+        extra: vec![("Retry-After", RETRY_AFTER_SECS.to_string())],
+    }
 }
 
 /// `user@host` of a URI, lower-cased (the registration key).
 fn aor_of(u: &SipUri) -> String {
-    let user = u.userinfo.as_deref().map(|s| s.split(';').next().unwrap_or(s)).unwrap_or("");
+    let user = u
+        .userinfo
+        .as_deref()
+        .map(|s| s.split(';').next().unwrap_or(s))
+        .unwrap_or("");
     format!("{user}@{}", u.host).to_ascii_lowercase()
 }
 

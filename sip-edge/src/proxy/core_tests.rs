@@ -14,8 +14,16 @@ use crate::{media::DialogKey, proxy::LocalAddr};
 
 #[derive(Debug, Clone, PartialEq)]
 enum Call {
-    Sdp { role: SdpRole, side: Side, to_tag: Option<String>, source: SocketAddr },
-    End { to_tag: Option<String>, reason: EndReason },
+    Sdp {
+        role: SdpRole,
+        side: Side,
+        to_tag: Option<String>,
+        source: SocketAddr,
+    },
+    End {
+        to_tag: Option<String>,
+        reason: EndReason,
+    },
 }
 
 #[derive(Default)]
@@ -30,7 +38,12 @@ struct Media(Arc<Mutex<Recorder>>);
 impl MediaControl for Media {
     fn on_sdp(&mut self, ev: &SdpEvent<'_>, _now: Instant) -> Result<Vec<u8>, MediaError> {
         let mut r = self.0.lock().unwrap();
-        r.calls.push(Call::Sdp { role: ev.role, side: ev.from_side, to_tag: ev.to_tag.map(str::to_owned), source: ev.source });
+        r.calls.push(Call::Sdp {
+            role: ev.role,
+            side: ev.from_side,
+            to_tag: ev.to_tag.map(str::to_owned),
+            source: ev.source,
+        });
         if let Some(e) = r.refuse.clone() {
             return Err(e);
         }
@@ -38,8 +51,17 @@ impl MediaControl for Media {
         b.extend_from_slice(b"a=x-rewritten\r\n");
         Ok(b)
     }
-    fn on_dialog_end(&mut self, _d: &DialogKey, to_tag: Option<&str>, reason: EndReason, _now: Instant) {
-        self.0.lock().unwrap().calls.push(Call::End { to_tag: to_tag.map(str::to_owned), reason });
+    fn on_dialog_end(
+        &mut self,
+        _d: &DialogKey,
+        to_tag: Option<&str>,
+        reason: EndReason,
+        _now: Instant,
+    ) {
+        self.0.lock().unwrap().calls.push(Call::End {
+            to_tag: to_tag.map(str::to_owned),
+            reason,
+        });
     }
     fn on_tick(&mut self, _now: Instant) -> Vec<DialogKey> {
         std::mem::take(&mut self.0.lock().unwrap().expire)
@@ -51,34 +73,70 @@ const CALLEE: ConnId = 2;
 const PEER_CALLER: ConnId = 3;
 
 fn fixture(name: &str) -> Vec<u8> {
-    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sip").join(name);
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/sip")
+        .join(name);
     let text = std::fs::read_to_string(&p).unwrap();
     // Fixtures are stored with LF line ends; the wire uses CRLF.
-    text.replace("\r\n", "\n").replace('\n', "\r\n").into_bytes()
+    text.replace("\r\n", "\n")
+        .replace('\n', "\r\n")
+        .into_bytes()
 }
 
 fn hop() -> HopTarget {
-    HopTarget { host: "198.51.100.2".into(), port: 5061, tls_name: "biloxi.example.com".into() }
+    HopTarget {
+        host: "198.51.100.2".into(),
+        port: 5061,
+        tls_name: "biloxi.example.com".into(),
+    }
 }
 
 fn setup() -> (Proxy, Arc<Mutex<Recorder>>) {
     let settings = ProxySettings {
-        internal: LocalAddr { host: Host::Ip("10.77.0.1".parse().unwrap()), port: 5061 },
-        external: LocalAddr { host: Host::Ip("203.0.113.1".parse().unwrap()), port: 5061 },
+        internal: LocalAddr {
+            host: Host::Ip("10.77.0.1".parse().unwrap()),
+            port: 5061,
+        },
+        external: LocalAddr {
+            host: Host::Ip("203.0.113.1".parse().unwrap()),
+            port: 5061,
+        },
         routes: vec![("biloxi.example.com".into(), hop())],
         default_route: None,
         internal_next_hop: None,
     };
     let rec = Arc::new(Mutex::new(Recorder::default()));
     let mut p = Proxy::new(settings, Box::new(Media(rec.clone())));
-    p.on_conn_open(CALLER, ConnInfo { side: Side::Internal, peer: "10.77.0.2:40001".parse().unwrap(), proto: Proto::Tls });
-    p.on_conn_open(CALLEE, ConnInfo { side: Side::External, peer: "198.51.100.2:5061".parse().unwrap(), proto: Proto::Tls });
-    p.on_conn_open(PEER_CALLER, ConnInfo { side: Side::External, peer: "198.51.100.3:40002".parse().unwrap(), proto: Proto::Tls });
+    p.on_conn_open(
+        CALLER,
+        ConnInfo {
+            side: Side::Internal,
+            peer: "10.77.0.2:40001".parse().unwrap(),
+            proto: Proto::Tls,
+        },
+    );
+    p.on_conn_open(
+        CALLEE,
+        ConnInfo {
+            side: Side::External,
+            peer: "198.51.100.2:5061".parse().unwrap(),
+            proto: Proto::Tls,
+        },
+    );
+    p.on_conn_open(
+        PEER_CALLER,
+        ConnInfo {
+            side: Side::External,
+            peer: "198.51.100.3:40002".parse().unwrap(),
+            proto: Proto::Tls,
+        },
+    );
     (p, rec)
 }
 
 fn parse(o: &Outgoing) -> Message {
-    Message::parse(&o.bytes).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&o.bytes)))
+    Message::parse(&o.bytes)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&o.bytes)))
 }
 
 /// A UAS answering a request it received (§8.2.6).
@@ -91,7 +149,11 @@ fn answer(req: &Message, code: u16, to_tag: &str, extra: &str, body: &str) -> Ve
             }
         }
         if crate::sip::message::same_header(&h.name, "To") {
-            let tag = if h.value.contains("tag=") || code == 100 { String::new() } else { format!(";tag={to_tag}") };
+            let tag = if h.value.contains("tag=") || code == 100 {
+                String::new()
+            } else {
+                format!(";tag={to_tag}")
+            };
             s.push_str(&format!("To: {}{tag}\r\n", h.value));
         }
     }
@@ -106,7 +168,10 @@ fn answer(req: &Message, code: u16, to_tag: &str, extra: &str, body: &str) -> Ve
 const SDP_B: &str = "v=0\r\no=bob 1 1 IN IP4 198.51.100.2\r\ns=-\r\nc=IN IP4 198.51.100.2\r\nt=0 0\r\nm=audio 3456 RTP/AVP 0\r\n";
 
 fn to_conn(out: &[Outgoing], c: ConnId) -> Vec<Message> {
-    out.iter().filter(|o| o.dest == Dest::Conn(c)).map(parse).collect()
+    out.iter()
+        .filter(|o| o.dest == Dest::Conn(c))
+        .map(parse)
+        .collect()
 }
 
 /// Sends the fixture INVITE from the internal caller; returns the INVITE
@@ -116,7 +181,16 @@ fn invite(p: &mut Proxy, now: Instant) -> Message {
     let back = to_conn(&out, CALLER);
     assert_eq!(back.len(), 1, "100 Trying");
     assert_eq!(back[0].status(), Some(100));
-    let fwd: Vec<&Outgoing> = out.iter().filter(|o| o.dest == Dest::Hop { side: Side::External, hop: hop() }).collect();
+    let fwd: Vec<&Outgoing> = out
+        .iter()
+        .filter(|o| {
+            o.dest
+                == Dest::Hop {
+                    side: Side::External,
+                    hop: hop(),
+                }
+        })
+        .collect();
     assert_eq!(fwd.len(), 1, "INVITE forwarded to the route: {out:?}");
     assert!(fwd[0].branch.is_some());
     parse(fwd[0])
@@ -143,22 +217,37 @@ fn rfc3665_3_1_successful_session_through_the_edge() {
     // The caller's Contact is hidden behind an external-side token.
     let contact = inv.name_addrs("Contact").unwrap();
     assert!(contact[0].uri.contains("@203.0.113.1:5061"), "{contact:?}");
-    assert!(!inv.header("Contact").unwrap().contains("client"), "caller Contact leaked");
-    assert!(inv.body().ends_with(b"a=x-rewritten\r\n"), "SDP replaced by media layer");
+    assert!(
+        !inv.header("Contact").unwrap().contains("client"),
+        "caller Contact leaked"
+    );
+    assert!(
+        inv.body().ends_with(b"a=x-rewritten\r\n"),
+        "SDP replaced by media layer"
+    );
 
     // 180 without SDP, then 200 with the answer.
     let out = p.on_message(CALLEE, &answer(&inv, 180, "314159", "", ""), now);
     let r = to_conn(&out, CALLER);
     assert_eq!(r[0].status(), Some(180));
     assert_eq!(r[0].vias().unwrap().len(), 1, "our Via popped");
-    let ok = answer(&inv, 200, "314159", "Contact: <sips:bob@198.51.100.2:5061>\r\n", SDP_B);
+    let ok = answer(
+        &inv,
+        200,
+        "314159",
+        "Contact: <sips:bob@198.51.100.2:5061>\r\n",
+        SDP_B,
+    );
     let out = p.on_message(CALLEE, &ok, now);
     let r = to_conn(&out, CALLER);
     assert_eq!(r.len(), 1);
     let ok_fwd = &r[0];
     assert_eq!(ok_fwd.status(), Some(200));
     let c = ok_fwd.name_addrs("Contact").unwrap();
-    assert!(c[0].uri.contains("@10.77.0.1:5061"), "callee Contact hidden behind internal token: {c:?}");
+    assert!(
+        c[0].uri.contains("@10.77.0.1:5061"),
+        "callee Contact hidden behind internal token: {c:?}"
+    );
     assert!(ok_fwd.body().ends_with(b"a=x-rewritten\r\n"));
     let calls = rec.lock().unwrap().calls.clone();
     let caller_src: SocketAddr = "10.77.0.2:40001".parse().unwrap();
@@ -166,8 +255,18 @@ fn rfc3665_3_1_successful_session_through_the_edge() {
     assert_eq!(
         calls,
         vec![
-            Call::Sdp { role: SdpRole::Offer, side: Side::Internal, to_tag: None, source: caller_src },
-            Call::Sdp { role: SdpRole::Answer, side: Side::External, to_tag: Some("314159".into()), source: callee_src },
+            Call::Sdp {
+                role: SdpRole::Offer,
+                side: Side::Internal,
+                to_tag: None,
+                source: caller_src
+            },
+            Call::Sdp {
+                role: SdpRole::Answer,
+                side: Side::External,
+                to_tag: Some("314159".into()),
+                source: callee_src
+            },
         ]
     );
 
@@ -180,7 +279,11 @@ fn rfc3665_3_1_successful_session_through_the_edge() {
     let a = to_conn(&out, CALLEE);
     assert_eq!(a.len(), 1, "{out:?}");
     assert!(a[0].method().unwrap().is("ACK"));
-    assert_eq!(a[0].request_uri().unwrap().unwrap().to_string(), "sips:bob@198.51.100.2:5061", "token restored");
+    assert_eq!(
+        a[0].request_uri().unwrap().unwrap().to_string(),
+        "sips:bob@198.51.100.2:5061",
+        "token restored"
+    );
     assert!(a[0].header("Route").is_none(), "our Routes popped");
 
     // BYE from the callee (fixture shape, with our Routes and the token).
@@ -188,14 +291,30 @@ fn rfc3665_3_1_successful_session_through_the_edge() {
     let bye = String::from_utf8(fixture("rfc3665_3_1_bye.sip"))
         .unwrap()
         .replace("sips:alice@client.atlanta.example.com", &bye_ruri)
-        .replace("<sips:ss2.biloxi.example.com;lr>,<sips:ss1.atlanta.example.com;lr>", &format!("<{}>,<{}>", rr[0].uri, rr[1].uri));
+        .replace(
+            "<sips:ss2.biloxi.example.com;lr>,<sips:ss1.atlanta.example.com;lr>",
+            &format!("<{}>,<{}>", rr[0].uri, rr[1].uri),
+        );
     let out = p.on_message(CALLEE, bye.as_bytes(), now);
     let b = to_conn(&out, CALLER);
-    assert_eq!(b.len(), 1, "BYE goes back over the caller's own connection: {out:?}");
-    assert_eq!(b[0].request_uri().unwrap().unwrap().to_string(), "sips:alice@client.atlanta.example.com;transport=tls");
+    assert_eq!(
+        b.len(),
+        1,
+        "BYE goes back over the caller's own connection: {out:?}"
+    );
+    assert_eq!(
+        b[0].request_uri().unwrap().unwrap().to_string(),
+        "sips:alice@client.atlanta.example.com;transport=tls"
+    );
     let out = p.on_message(CALLER, &answer(&b[0], 200, "x", "", ""), now);
     assert_eq!(to_conn(&out, CALLEE)[0].status(), Some(200));
-    assert_eq!(rec.lock().unwrap().calls.last(), Some(&Call::End { to_tag: Some("314159".into()), reason: EndReason::Bye }));
+    assert_eq!(
+        rec.lock().unwrap().calls.last(),
+        Some(&Call::End {
+            to_tag: Some("314159".into()),
+            reason: EndReason::Bye
+        })
+    );
     p.on_tick(now + Duration::from_secs(40));
     assert_eq!(p.live(), (0, 0, 0), "no transaction or dialog left behind");
 }
@@ -209,7 +328,11 @@ fn rfc3665_3_3_busy_here_acked_by_the_proxy() {
     let ack = to_conn(&out, CALLEE);
     assert_eq!(ack.len(), 1);
     assert!(ack[0].method().unwrap().is("ACK"));
-    assert_eq!(ack[0].top_via().unwrap().branch(), inv.top_via().unwrap().branch(), "§17.1.1.3 same branch");
+    assert_eq!(
+        ack[0].top_via().unwrap().branch(),
+        inv.top_via().unwrap().branch(),
+        "§17.1.1.3 same branch"
+    );
     let up = to_conn(&out, CALLER);
     assert_eq!(up[0].status(), Some(486));
     // The caller's ACK is absorbed by the server transaction.
@@ -217,11 +340,20 @@ fn rfc3665_3_3_busy_here_acked_by_the_proxy() {
         .unwrap()
         .replacen("INVITE sips", "ACK sips", 1)
         .replace("CSeq: 1 INVITE", "CSeq: 1 ACK")
-        .replace("To: Bob <sips:bob@biloxi.example.com>", "To: Bob <sips:bob@biloxi.example.com>;tag=b1");
+        .replace(
+            "To: Bob <sips:bob@biloxi.example.com>",
+            "To: Bob <sips:bob@biloxi.example.com>;tag=b1",
+        );
     let out = p.on_message(CALLER, caller_ack.as_bytes(), now);
     assert!(out.is_empty(), "{out:?}");
     assert_eq!(p.stats().retransmissions_absorbed, 1);
-    assert_eq!(rec.lock().unwrap().calls.last(), Some(&Call::End { to_tag: Some("b1".into()), reason: EndReason::Failure(486) }));
+    assert_eq!(
+        rec.lock().unwrap().calls.last(),
+        Some(&Call::End {
+            to_tag: Some("b1".into()),
+            reason: EndReason::Failure(486)
+        })
+    );
     p.on_tick(now + Duration::from_secs(40));
     assert_eq!(p.live(), (0, 0, 0));
 }
@@ -237,19 +369,41 @@ fn rfc3665_3_8_cancel_hop_by_hop() {
         .unwrap()
         .replacen("INVITE sips", "CANCEL sips", 1)
         .replace("CSeq: 1 INVITE", "CSeq: 1 CANCEL");
-    let cancel = cancel.split("Content-Type").next().unwrap().to_owned() + "Content-Length: 0\r\n\r\n";
+    let cancel =
+        cancel.split("Content-Type").next().unwrap().to_owned() + "Content-Length: 0\r\n\r\n";
     let out = p.on_message(CALLER, cancel.as_bytes(), now);
-    assert_eq!(to_conn(&out, CALLER)[0].status(), Some(200), "200 to CANCEL, hop by hop");
+    assert_eq!(
+        to_conn(&out, CALLER)[0].status(),
+        Some(200),
+        "200 to CANCEL, hop by hop"
+    );
     let fwd = to_conn(&out, CALLEE);
     assert!(fwd[0].method().unwrap().is("CANCEL"));
-    assert_eq!(fwd[0].top_via().unwrap().branch(), inv.top_via().unwrap().branch());
-    assert_eq!(rec.lock().unwrap().calls.last(), Some(&Call::End { to_tag: None, reason: EndReason::Cancel }));
+    assert_eq!(
+        fwd[0].top_via().unwrap().branch(),
+        inv.top_via().unwrap().branch()
+    );
+    assert_eq!(
+        rec.lock().unwrap().calls.last(),
+        Some(&Call::End {
+            to_tag: None,
+            reason: EndReason::Cancel
+        })
+    );
     // 200 to our CANCEL is absorbed; 487 is ACKed and forwarded.
-    assert!(p.on_message(CALLEE, &answer(&fwd[0], 200, "c1", "", ""), now).is_empty());
+    assert!(p
+        .on_message(CALLEE, &answer(&fwd[0], 200, "c1", "", ""), now)
+        .is_empty());
     let out = p.on_message(CALLEE, &answer(&inv, 487, "c1", "", ""), now);
     assert!(to_conn(&out, CALLEE)[0].method().unwrap().is("ACK"));
     assert_eq!(to_conn(&out, CALLER)[0].status(), Some(487));
-    let ends = rec.lock().unwrap().calls.iter().filter(|c| matches!(c, Call::End { .. })).count();
+    let ends = rec
+        .lock()
+        .unwrap()
+        .calls
+        .iter()
+        .filter(|c| matches!(c, Call::End { .. }))
+        .count();
     assert_eq!(ends, 1, "dialog end reported once");
     p.on_tick(now + Duration::from_secs(40));
     assert_eq!(p.live(), (0, 0, 0));
@@ -263,7 +417,13 @@ fn timer_b_answers_408_and_ends_media() {
     assert!(p.on_tick(now + Duration::from_secs(10)).is_empty());
     let out = p.on_tick(now + Duration::from_secs(33));
     assert_eq!(to_conn(&out, CALLER)[0].status(), Some(408));
-    assert_eq!(rec.lock().unwrap().calls.last(), Some(&Call::End { to_tag: None, reason: EndReason::Timeout }));
+    assert_eq!(
+        rec.lock().unwrap().calls.last(),
+        Some(&Call::End {
+            to_tag: None,
+            reason: EndReason::Timeout
+        })
+    );
 }
 
 #[test]
@@ -293,20 +453,50 @@ fn reject_case(edit: impl Fn(String) -> String, code: u16) -> Message {
     let out = p.on_message(CALLER, text.as_bytes(), Instant::now());
     assert_eq!(out.len(), 1, "{out:?}");
     let r = parse(&out[0]);
-    assert_eq!(r.status(), Some(code), "{}", String::from_utf8_lossy(&out[0].bytes));
-    assert_eq!(r.call_id().unwrap(), "3848276298220188511@atlanta.example.com");
+    assert_eq!(
+        r.status(),
+        Some(code),
+        "{}",
+        String::from_utf8_lossy(&out[0].bytes)
+    );
+    assert_eq!(
+        r.call_id().unwrap(),
+        "3848276298220188511@atlanta.example.com"
+    );
     r
 }
 
 #[test]
 fn requests_that_cannot_be_handled_get_proper_responses() {
     reject_case(|s| s.replace("Max-Forwards: 70", "Max-Forwards: 0"), 483);
-    let r = reject_case(|s| s.replace("Max-Forwards: 70", "Max-Forwards: 70\r\nProxy-Require: foo, path"), 420);
+    let r = reject_case(
+        |s| {
+            s.replace(
+                "Max-Forwards: 70",
+                "Max-Forwards: 70\r\nProxy-Require: foo, path",
+            )
+        },
+        420,
+    );
     assert_eq!(r.header("Unsupported"), Some("foo"));
-    reject_case(|s| s.replace("INVITE sips:bob@biloxi.example.com", "INVITE tel:+15551234"), 416);
-    reject_case(|s| s.replace("INVITE sips:bob@biloxi.example.com", "INVITE sips:bob@nowhere.example.org"), 404);
+    reject_case(
+        |s| s.replace("INVITE sips:bob@biloxi.example.com", "INVITE tel:+15551234"),
+        416,
+    );
+    reject_case(
+        |s| {
+            s.replace(
+                "INVITE sips:bob@biloxi.example.com",
+                "INVITE sips:bob@nowhere.example.org",
+            )
+        },
+        404,
+    );
     reject_case(|s| s.replace("CSeq: 1 INVITE", "CSeq: 1 BYE"), 400);
-    reject_case(|s| s.replace("Max-Forwards: 70", "Max-Forwards: 70\r\nbroken header line"), 400);
+    reject_case(
+        |s| s.replace("Max-Forwards: 70", "Max-Forwards: 70\r\nbroken header line"),
+        400,
+    );
     reject_case(|s| s.replace("branch=z9hG4bK74bf9", "branch=74bf9"), 400);
     reject_case(|s| s.replace("SIP/2.0\r\nVia", "SIP/3.0\r\nVia"), 505);
 }
@@ -314,13 +504,18 @@ fn requests_that_cannot_be_handled_get_proper_responses() {
 #[test]
 fn media_refusal_answers_the_offer() {
     let (mut p, rec) = setup();
-    rec.lock().unwrap().refuse = Some(MediaError::Exhausted { reason: "global cap".into() });
+    rec.lock().unwrap().refuse = Some(MediaError::Exhausted {
+        reason: "global cap".into(),
+    });
     let out = p.on_message(CALLER, &fixture("rfc3665_3_1_invite.sip"), Instant::now());
     let r = to_conn(&out, CALLER);
     assert_eq!(r.len(), 1);
     assert_eq!(r[0].status(), Some(503));
     assert_eq!(r[0].header("Retry-After"), Some("5"));
-    assert!(out.iter().all(|o| o.dest == Dest::Conn(CALLER)), "nothing forwarded");
+    assert!(
+        out.iter().all(|o| o.dest == Dest::Conn(CALLER)),
+        "nothing forwarded"
+    );
     assert_eq!(p.live(), (0, 0, 0));
 }
 
@@ -329,14 +524,28 @@ fn media_refusal_of_the_answer_fails_the_call_both_ways() {
     let (mut p, rec) = setup();
     let now = Instant::now();
     let inv = invite(&mut p, now);
-    rec.lock().unwrap().refuse = Some(MediaError::NotAcceptable { reason: "no usable stream".into() });
-    let ok = answer(&inv, 200, "t9", "Contact: <sips:bob@198.51.100.2>\r\n", SDP_B);
+    rec.lock().unwrap().refuse = Some(MediaError::NotAcceptable {
+        reason: "no usable stream".into(),
+    });
+    let ok = answer(
+        &inv,
+        200,
+        "t9",
+        "Contact: <sips:bob@198.51.100.2>\r\n",
+        SDP_B,
+    );
     let out = p.on_message(CALLEE, &ok, now);
     let up = to_conn(&out, CALLER);
     assert_eq!(up[0].status(), Some(488));
-    let down: Vec<String> = to_conn(&out, CALLEE).iter().map(|m| m.method().unwrap().to_string()).collect();
+    let down: Vec<String> = to_conn(&out, CALLEE)
+        .iter()
+        .map(|m| m.method().unwrap().to_string())
+        .collect();
     assert_eq!(down, vec!["ACK", "BYE"]);
-    assert!(rec.lock().unwrap().calls.contains(&Call::End { to_tag: Some("t9".into()), reason: EndReason::Failure(488) }));
+    assert!(rec.lock().unwrap().calls.contains(&Call::End {
+        to_tag: Some("t9".into()),
+        reason: EndReason::Failure(488)
+    }));
 }
 
 #[test]
@@ -344,32 +553,67 @@ fn rfc3665_2_1_register_then_inbound_invite_uses_the_flow() {
     let (mut p, _) = setup();
     let now = Instant::now();
     // The registrar's domain is routed like any other outbound request.
-    let reg = String::from_utf8(fixture("rfc3665_2_1_register.sip")).unwrap().replace("sips:ss2.biloxi.example.com", "sips:biloxi.example.com");
+    let reg = String::from_utf8(fixture("rfc3665_2_1_register.sip"))
+        .unwrap()
+        .replace("sips:ss2.biloxi.example.com", "sips:biloxi.example.com");
     let out = p.on_message(CALLER, reg.as_bytes(), now);
-    let fwd = parse(out.iter().find(|o| matches!(o.dest, Dest::Hop { .. })).unwrap());
+    let fwd = parse(
+        out.iter()
+            .find(|o| matches!(o.dest, Dest::Hop { .. }))
+            .unwrap(),
+    );
     let path = fwd.name_addrs("Path").unwrap();
     assert_eq!(path.len(), 1);
-    assert!(path[0].uri.contains("@203.0.113.1:5061") && path[0].uri.contains(";lr"), "{path:?}");
+    assert!(
+        path[0].uri.contains("@203.0.113.1:5061") && path[0].uri.contains(";lr"),
+        "{path:?}"
+    );
     assert!(fwd.header("Supported").unwrap().contains("path"));
     let sent_contact = fwd.name_addrs("Contact").unwrap()[0].uri.clone();
     assert!(sent_contact.contains("@203.0.113.1"), "{sent_contact}");
-    let ok = answer(&fwd, 200, "r1", &format!("Contact: <{sent_contact}>;expires=3600\r\n"), "");
+    let ok = answer(
+        &fwd,
+        200,
+        "r1",
+        &format!("Contact: <{sent_contact}>;expires=3600\r\n"),
+        "",
+    );
     let out = p.on_message(CALLEE, &ok, now);
     let back = to_conn(&out, CALLER);
     assert_eq!(back[0].status(), Some(200));
-    assert_eq!(back[0].name_addrs("Contact").unwrap()[0].uri, "sips:bob@client.biloxi.example.com", "client sees its own Contact");
+    assert_eq!(
+        back[0].name_addrs("Contact").unwrap()[0].uri,
+        "sips:bob@client.biloxi.example.com",
+        "client sees its own Contact"
+    );
 
     // An inbound INVITE for the AOR (Request-URI = AOR) from another peer.
     let inbound = "INVITE sips:bob@biloxi.example.com SIP/2.0\r\nVia: SIP/2.0/TLS 198.51.100.3:40002;branch=z9hG4bKin1\r\nMax-Forwards: 70\r\nFrom: <sips:carol@chicago.example.com>;tag=cc1\r\nTo: <sips:bob@biloxi.example.com>\r\nCall-ID: in1@chicago\r\nCSeq: 1 INVITE\r\nContact: <sips:carol@198.51.100.3:40002>\r\nContent-Length: 0\r\n\r\n";
     let out = p.on_message(PEER_CALLER, inbound.as_bytes(), now);
     let d = to_conn(&out, CALLER);
-    assert_eq!(d.len(), 1, "delivered over the registered connection: {out:?}");
-    assert_eq!(d[0].request_uri().unwrap().unwrap().to_string(), "sips:bob@client.biloxi.example.com");
+    assert_eq!(
+        d.len(),
+        1,
+        "delivered over the registered connection: {out:?}"
+    );
+    assert_eq!(
+        d[0].request_uri().unwrap().unwrap().to_string(),
+        "sips:bob@client.biloxi.example.com"
+    );
     assert_eq!(d[0].top_via().unwrap().host.to_string(), "10.77.0.1");
-    assert!(d[0].name_addrs("Contact").unwrap()[0].uri.contains("@10.77.0.1:5061"));
+    assert!(d[0].name_addrs("Contact").unwrap()[0]
+        .uri
+        .contains("@10.77.0.1:5061"));
     // Once the connection is gone the AOR is no longer reachable.
     p.on_conn_closed(CALLER, now);
-    let out = p.on_message(PEER_CALLER, inbound.replace("z9hG4bKin1", "z9hG4bKin2").replace("in1@", "in2@").as_bytes(), now);
+    let out = p.on_message(
+        PEER_CALLER,
+        inbound
+            .replace("z9hG4bKin1", "z9hG4bKin2")
+            .replace("in1@", "in2@")
+            .as_bytes(),
+        now,
+    );
     assert_eq!(parse(&out[0]).status(), Some(404));
 }
 
@@ -389,14 +633,26 @@ fn media_expiry_sends_bye_both_ways() {
     let (mut p, rec) = setup();
     let now = Instant::now();
     let inv = invite(&mut p, now);
-    let ok = answer(&inv, 200, "e1", "Contact: <sips:bob@198.51.100.2:5061>\r\n", SDP_B);
+    let ok = answer(
+        &inv,
+        200,
+        "e1",
+        "Contact: <sips:bob@198.51.100.2:5061>\r\n",
+        SDP_B,
+    );
     p.on_message(CALLEE, &ok, now);
-    rec.lock().unwrap().expire.push(DialogKey { call_id: "3848276298220188511@atlanta.example.com".into(), from_tag: "9fxced76sl".into() });
+    rec.lock().unwrap().expire.push(DialogKey {
+        call_id: "3848276298220188511@atlanta.example.com".into(),
+        from_tag: "9fxced76sl".into(),
+    });
     let out = p.on_tick(now + Duration::from_secs(1));
     let to_caller = to_conn(&out, CALLER);
     let to_callee = to_conn(&out, CALLEE);
     assert!(to_caller[0].method().unwrap().is("BYE"));
-    assert_eq!(to_caller[0].request_uri().unwrap().unwrap().to_string(), "sips:alice@client.atlanta.example.com;transport=tls");
+    assert_eq!(
+        to_caller[0].request_uri().unwrap().unwrap().to_string(),
+        "sips:alice@client.atlanta.example.com;transport=tls"
+    );
     assert_eq!(to_caller[0].from_tag().unwrap().as_deref(), Some("e1"));
     assert!(to_callee[0].method().unwrap().is("BYE"));
     assert_eq!(to_callee[0].to_tag().unwrap().as_deref(), Some("e1"));

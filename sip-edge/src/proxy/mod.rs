@@ -143,7 +143,11 @@ pub struct ProxySettings {
 impl ProxySettings {
     /// Settings from the config, with the listeners' actual ports (a
     /// configured port 0 is only known after binding).
-    pub fn from_config(cfg: &Config, internal_port: u16, external_port: u16) -> Option<ProxySettings> {
+    pub fn from_config(
+        cfg: &Config,
+        internal_port: u16,
+        external_port: u16,
+    ) -> Option<ProxySettings> {
         let p = cfg.proxy.as_ref()?;
         let host = |adv: &Option<String>, listen: SocketAddr| {
             adv.as_deref()
@@ -162,7 +166,12 @@ impl ProxySettings {
             routes: cfg
                 .routes
                 .iter()
-                .map(|r| (r.domain.to_ascii_lowercase(), HopTarget::from(&r.next_hop())))
+                .map(|r| {
+                    (
+                        r.domain.to_ascii_lowercase(),
+                        HopTarget::from(&r.next_hop()),
+                    )
+                })
                 .collect(),
             default_route: p.default_route.as_ref().map(HopTarget::from),
             internal_next_hop: p.internal_next_hop.as_ref().map(HopTarget::from),

@@ -47,8 +47,21 @@ pub async fn run<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(WRITE_QUEUE);
-    let role = if hop.is_some() { KeepAliveRole::Initiator } else { KeepAliveRole::Responder };
-    if events.send(Event::Opened { conn, info, writer: tx, hop }).await.is_err() {
+    let role = if hop.is_some() {
+        KeepAliveRole::Initiator
+    } else {
+        KeepAliveRole::Responder
+    };
+    if events
+        .send(Event::Opened {
+            conn,
+            info,
+            writer: tx,
+            hop,
+        })
+        .await
+        .is_err()
+    {
         return;
     }
     let (mut rd, mut wr) = tokio::io::split(stream);
@@ -56,7 +69,10 @@ pub async fn run<S>(
     let mut buf = vec![0u8; 16 * 1024];
     let idle = tokio::time::sleep(params.idle);
     tokio::pin!(idle);
-    let ka_every = params.keepalive.filter(|_| role == KeepAliveRole::Initiator).unwrap_or(Duration::from_secs(3600 * 24));
+    let ka_every = params
+        .keepalive
+        .filter(|_| role == KeepAliveRole::Initiator)
+        .unwrap_or(Duration::from_secs(3600 * 24));
     let mut ka = tokio::time::interval_at(tokio::time::Instant::now() + ka_every, ka_every);
     let why = loop {
         tokio::select! {

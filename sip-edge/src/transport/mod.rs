@@ -140,27 +140,39 @@ impl Drop for ActiveGuard {
 
 /// Binds every listener of `[proxy]` and starts the driver; returns once
 /// listening. The transport stops when `shutdown` resolves.
-pub async fn start(cfg: &Config, media: Box<dyn MediaControl>, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<Running, TransportError> {
+pub async fn start(
+    cfg: &Config,
+    media: Box<dyn MediaControl>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<Running, TransportError> {
     let p = cfg.proxy.as_ref().ok_or(TransportError::NoProxySection)?;
     let client_ca = p.client_ca.clone().unwrap_or_else(|| p.ca_roots.clone());
     let int_tls = tls::server_config(&p.cert, &p.key, ClientAuth::None, &client_ca)?;
     let ext_tls = tls::server_config(&p.cert, &p.key, p.external_client_auth, &client_ca)?;
     let client_tls = tls::client_config(&p.ca_roots, &p.cert, &p.key)?;
-    let bind = |what: &'static str, addr: SocketAddr| async move { TcpListener::bind(addr).await.map_err(|source| TransportError::Bind { what, addr, source }) };
+    let bind = |what: &'static str, addr: SocketAddr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| TransportError::Bind { what, addr, source })
+    };
     let int_l = bind("internal TLS", p.internal_listen).await?;
     let ext_l = bind("external TLS", p.external_listen).await?;
     let tcp_l = match p.internal_tcp_listen {
         Some(a) => Some(bind("internal TCP", a).await?),
         None => None,
     };
-    let local = |l: &TcpListener, what: &'static str, addr: SocketAddr| l.local_addr().map_err(|source| TransportError::Bind { what, addr, source });
+    let local = |l: &TcpListener, what: &'static str, addr: SocketAddr| {
+        l.local_addr()
+            .map_err(|source| TransportError::Bind { what, addr, source })
+    };
     let int_addr = local(&int_l, "internal TLS", p.internal_listen)?;
     let ext_addr = local(&ext_l, "external TLS", p.external_listen)?;
     let tcp_addr = match (&tcp_l, p.internal_tcp_listen) {
         (Some(l), Some(a)) => Some(local(l, "internal TCP", a)?),
         _ => None,
     };
-    let settings = ProxySettings::from_config(cfg, int_addr.port(), ext_addr.port()).ok_or(TransportError::NoProxySection)?;
+    let settings = ProxySettings::from_config(cfg, int_addr.port(), ext_addr.port())
+        .ok_or(TransportError::NoProxySection)?;
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
     let (stop_tx, stop_rx) = watch::channel(false);
     let shared = Shared {
@@ -176,15 +188,30 @@ pub async fn start(cfg: &Config, media: Box<dyn MediaControl>, shutdown: impl Fu
         shutdown: stop_rx,
         connector: TlsConnector::from(client_tls),
     };
-    tokio::spawn(accept_loop(int_l, Side::Internal, Some(TlsAcceptor::from(int_tls)), shared.clone()));
-    tokio::spawn(accept_loop(ext_l, Side::External, Some(TlsAcceptor::from(ext_tls)), shared.clone()));
+    tokio::spawn(accept_loop(
+        int_l,
+        Side::Internal,
+        Some(TlsAcceptor::from(int_tls)),
+        shared.clone(),
+    ));
+    tokio::spawn(accept_loop(
+        ext_l,
+        Side::External,
+        Some(TlsAcceptor::from(ext_tls)),
+        shared.clone(),
+    ));
     if let Some(l) = tcp_l {
         tokio::spawn(accept_loop(l, Side::Internal, None, shared.clone()));
     }
     info!(%int_addr, %ext_addr, tcp = ?tcp_addr, "SIP listeners up");
     let proxy = Proxy::new(settings, media);
     let driver = tokio::spawn(drive(proxy, events_rx, shared, stop_tx, shutdown));
-    Ok(Running { internal: int_addr, external: ext_addr, internal_tcp: tcp_addr, driver })
+    Ok(Running {
+        internal: int_addr,
+        external: ext_addr,
+        internal_tcp: tcp_addr,
+        driver,
+    })
 }
 
 async fn accept_loop(listener: TcpListener, side: Side, tls: Option<TlsAcceptor>, shared: Shared) {
@@ -217,17 +244,45 @@ async fn accept_loop(listener: TcpListener, side: Side, tls: Option<TlsAcceptor>
                 let _guard = guard;
                 let _ = tcp.set_nodelay(true);
                 match tls {
-                    Some(acc) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, acc.accept(tcp)).await {
-                        Ok(Ok(s)) => {
-                            let info = ConnInfo { side, peer, proto: Proto::Tls };
-                            conn::run(s, conn, info, None, shared.params.clone(), shared.events.clone(), shared.shutdown.clone()).await;
+                    Some(acc) => {
+                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acc.accept(tcp)).await {
+                            Ok(Ok(s)) => {
+                                let info = ConnInfo {
+                                    side,
+                                    peer,
+                                    proto: Proto::Tls,
+                                };
+                                conn::run(
+                                    s,
+                                    conn,
+                                    info,
+                                    None,
+                                    shared.params.clone(),
+                                    shared.events.clone(),
+                                    shared.shutdown.clone(),
+                                )
+                                .await;
+                            }
+                            Ok(Err(e)) => info!(error = %e, "TLS handshake failed"),
+                            Err(_) => info!("TLS handshake timed out"),
                         }
-                        Ok(Err(e)) => info!(error = %e, "TLS handshake failed"),
-                        Err(_) => info!("TLS handshake timed out"),
-                    },
+                    }
                     None => {
-                        let info = ConnInfo { side, peer, proto: Proto::Tcp };
-                        conn::run(tcp, conn, info, None, shared.params.clone(), shared.events.clone(), shared.shutdown.clone()).await;
+                        let info = ConnInfo {
+                            side,
+                            peer,
+                            proto: Proto::Tcp,
+                        };
+                        conn::run(
+                            tcp,
+                            conn,
+                            info,
+                            None,
+                            shared.params.clone(),
+                            shared.events.clone(),
+                            shared.shutdown.clone(),
+                        )
+                        .await;
                     }
                 }
             }
@@ -253,7 +308,12 @@ fn spawn_connect(hop: HopTarget, side: Side, shared: Shared) {
                 Ok(n) => n,
                 Err(e) => return fail(format!("bad TLS name {:?}: {e}", hop.tls_name)).await,
             };
-            let tcp = match tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect((hop.host.as_str(), hop.port))).await {
+            let tcp = match tokio::time::timeout(
+                HANDSHAKE_TIMEOUT,
+                TcpStream::connect((hop.host.as_str(), hop.port)),
+            )
+            .await
+            {
                 Ok(Ok(t)) => t,
                 Ok(Err(e)) => return fail(format!("connect: {e}")).await,
                 Err(_) => return fail("connect timed out".into()).await,
@@ -263,15 +323,31 @@ fn spawn_connect(hop: HopTarget, side: Side, shared: Shared) {
                 Err(e) => return fail(format!("peer address: {e}")).await,
             };
             let _ = tcp.set_nodelay(true);
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, shared.connector.connect(name, tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => return fail(format!("TLS: {e}")).await,
-                Err(_) => return fail("TLS handshake timed out".into()).await,
-            };
+            let tls =
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, shared.connector.connect(name, tcp))
+                    .await
+                {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => return fail(format!("TLS: {e}")).await,
+                    Err(_) => return fail("TLS handshake timed out".into()).await,
+                };
             shared.active.fetch_add(1, Ordering::Relaxed);
             let _guard = ActiveGuard(shared.active.clone());
-            let info = ConnInfo { side, peer, proto: Proto::Tls };
-            conn::run(tls, conn, info, Some(hop.clone()), shared.params.clone(), shared.events.clone(), shared.shutdown.clone()).await;
+            let info = ConnInfo {
+                side,
+                peer,
+                proto: Proto::Tls,
+            };
+            conn::run(
+                tls,
+                conn,
+                info,
+                Some(hop.clone()),
+                shared.params.clone(),
+                shared.events.clone(),
+                shared.shutdown.clone(),
+            )
+            .await;
         }
         .instrument(span),
     );
@@ -289,8 +365,20 @@ struct Driver {
     shared: Shared,
 }
 
-async fn drive(proxy: Proxy, mut events: mpsc::Receiver<Event>, shared: Shared, stop: watch::Sender<bool>, shutdown: impl Future<Output = ()>) {
-    let mut d = Driver { proxy, writers: HashMap::new(), pool: HashMap::new(), pending: HashMap::new(), shared };
+async fn drive(
+    proxy: Proxy,
+    mut events: mpsc::Receiver<Event>,
+    shared: Shared,
+    stop: watch::Sender<bool>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut d = Driver {
+        proxy,
+        writers: HashMap::new(),
+        pool: HashMap::new(),
+        pending: HashMap::new(),
+        shared,
+    };
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tokio::pin!(shutdown);
     loop {
@@ -315,7 +403,12 @@ impl Driver {
     fn event(&mut self, ev: Event) {
         let now = Instant::now();
         match ev {
-            Event::Opened { conn, info, writer, hop } => {
+            Event::Opened {
+                conn,
+                info,
+                writer,
+                hop,
+            } => {
                 self.writers.insert(conn, writer);
                 self.proxy.on_conn_open(conn, info);
                 if let Some(hop) = hop {
@@ -354,7 +447,10 @@ impl Driver {
                     Some(c) => self.send_on(c, o.bytes, o.branch),
                     None => {
                         let first = !self.pending.contains_key(&hop);
-                        self.pending.entry(hop.clone()).or_default().push((o.bytes, o.branch));
+                        self.pending
+                            .entry(hop.clone())
+                            .or_default()
+                            .push((o.bytes, o.branch));
                         if first {
                             spawn_connect(hop, side, self.shared.clone());
                         }

@@ -73,56 +73,96 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_file_iter(path)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|source| TlsError::Pem { what: "certificates", path: path.to_owned(), source })?;
+        .map_err(|source| TlsError::Pem {
+            what: "certificates",
+            path: path.to_owned(),
+            source,
+        })?;
     if certs.is_empty() {
-        return Err(TlsError::NoCertificates { path: path.to_owned() });
+        return Err(TlsError::NoCertificates {
+            path: path.to_owned(),
+        });
     }
     Ok(certs)
 }
 
 /// Reads a PEM private key (PKCS#8, PKCS#1 or SEC1).
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|source| TlsError::Pem { what: "private key", path: path.to_owned(), source })
+    PrivateKeyDer::from_pem_file(path).map_err(|source| TlsError::Pem {
+        what: "private key",
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// A root store from a PEM CA file.
 pub fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
     for c in load_certs(path)? {
-        roots.add(c).map_err(|source| TlsError::BadRoot { path: path.to_owned(), source })?;
+        roots.add(c).map_err(|source| TlsError::BadRoot {
+            path: path.to_owned(),
+            source,
+        })?;
     }
     Ok(roots)
 }
 
 /// Server config for a listener.
-pub fn server_config(cert: &Path, key: &Path, client_auth: ClientAuth, client_ca: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+pub fn server_config(
+    cert: &Path,
+    key: &Path,
+    client_auth: ClientAuth,
+    client_ca: &Path,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let builder = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|source| TlsError::Config { what: "server", source })?;
+        .map_err(|source| TlsError::Config {
+            what: "server",
+            source,
+        })?;
     let builder = match client_auth {
         ClientAuth::None => builder.with_no_client_auth(),
         ClientAuth::Optional | ClientAuth::Required => {
             let roots = Arc::new(load_roots(client_ca)?);
             let v = WebPkiClientVerifier::builder_with_provider(roots, provider());
-            let v = if client_auth == ClientAuth::Optional { v.allow_unauthenticated() } else { v };
-            builder.with_client_cert_verifier(v.build().map_err(|source| TlsError::Verifier { source })?)
+            let v = if client_auth == ClientAuth::Optional {
+                v.allow_unauthenticated()
+            } else {
+                v
+            };
+            builder.with_client_cert_verifier(
+                v.build().map_err(|source| TlsError::Verifier { source })?,
+            )
         }
     };
     let cfg = builder
         .with_single_cert(load_certs(cert)?, load_key(key)?)
-        .map_err(|source| TlsError::Config { what: "server", source })?;
+        .map_err(|source| TlsError::Config {
+            what: "server",
+            source,
+        })?;
     Ok(Arc::new(cfg))
 }
 
 /// Client config for outgoing connections: verifies the server name
 /// against `ca_roots` (RFC 5922 §7) and offers the edge's certificate for
 /// peers that require mutual TLS.
-pub fn client_config(ca_roots: &Path, cert: &Path, key: &Path) -> Result<Arc<ClientConfig>, TlsError> {
+pub fn client_config(
+    ca_roots: &Path,
+    cert: &Path,
+    key: &Path,
+) -> Result<Arc<ClientConfig>, TlsError> {
     let cfg = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|source| TlsError::Config { what: "client", source })?
+        .map_err(|source| TlsError::Config {
+            what: "client",
+            source,
+        })?
         .with_root_certificates(load_roots(ca_roots)?)
         .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
-        .map_err(|source| TlsError::Config { what: "client", source })?;
+        .map_err(|source| TlsError::Config {
+            what: "client",
+            source,
+        })?;
     Ok(Arc::new(cfg))
 }
