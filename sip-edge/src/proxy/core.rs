@@ -146,9 +146,23 @@ fn ctx_key(branch: &str, method: &str) -> String {
     format!("{branch}|{method}")
 }
 
+/// Bodies that can carry media addresses: they go through the media layer
+/// or not across the edge at all. Multipart is included so a multipart
+/// body with SDP inside is refused by the media layer instead of leaking
+/// the inside's addresses unrewritten.
 fn is_sdp_type(ct: &str) -> bool {
     let base = ct.split(';').next().unwrap_or("").trim();
-    base.eq_ignore_ascii_case("application/sdp") || base.eq_ignore_ascii_case("text/x-msmsgsinvite")
+    ["application/sdp", "text/x-msmsgsinvite", "application/ms-filetransfer+xml"].iter().any(|t| base.eq_ignore_ascii_case(t))
+        || base.get(..10).is_some_and(|p| p.eq_ignore_ascii_case("multipart/"))
+}
+
+/// A media-bearing body that no offer/answer exchange covers (SDP in an
+/// OPTIONS 200, a retransmitted 2xx, an out-of-dialog MESSAGE...) would
+/// cross the edge with the other side's private addresses in it: remove it.
+fn strip_unhandled_media_body(msg: &mut Message) {
+    msg.set_body(Vec::new());
+    msg.remove_header("Content-Type");
+    debug!("media-bearing body outside an offer/answer exchange removed");
 }
 
 impl Proxy {
@@ -541,6 +555,9 @@ impl Proxy {
         let has_sdp = !msg.body().is_empty() && msg.header("Content-Type").is_some_and(is_sdp_type);
         if has_sdp {
             let role = self.request_sdp_role(&method, msg, dialog_key.as_ref());
+            if role.is_none() || dialog_key.is_none() {
+                strip_unhandled_media_body(msg);
+            }
             if let (Some(role), Some(k)) = (role, dialog_key.clone()) {
                 let callee_tag = self.callee_tag(&k, msg);
                 let ct = msg.header("Content-Type").unwrap_or_default().to_owned();
@@ -1104,6 +1121,7 @@ impl Proxy {
 
         // SDP in the response (§13.2.1 / RFC 3264 roles).
         let has_sdp = !msg.body().is_empty() && msg.header("Content-Type").is_some_and(is_sdp_type);
+        let mut sdp_handled = false;
         if has_sdp && (100..300).contains(&code) && !retransmitted_2xx {
             let role = match (method.as_str(), code >= 200, offer_in_request) {
                 ("INVITE", true, true) => Some(SdpRole::Answer),
@@ -1128,6 +1146,7 @@ impl Proxy {
                 match self.media.on_sdp(&ev, now) {
                     Ok(b) => {
                         msg.set_body(b);
+                        sdp_handled = true;
                         if method == "INVITE" && role == SdpRole::Offer && code >= 200 {
                             if let Some(d) = self.dialogs.get_mut(&k) {
                                 d.awaiting_ack_answer = true;
@@ -1142,6 +1161,9 @@ impl Proxy {
                     }
                 }
             }
+        }
+        if has_sdp && !sdp_handled {
+            strip_unhandled_media_body(&mut msg);
         }
         if (200..300).contains(&code) && method == "INVITE" {
             if let Some(k) = &dialog {

@@ -669,3 +669,32 @@ fn options_to_the_edge_itself_is_answered() {
     let v = r.top_via().unwrap();
     assert_eq!(v.rport(), Some(Some(40001)), "RFC 3581 rport filled in");
 }
+
+#[test]
+fn media_bodies_outside_offer_answer_never_cross_unrewritten() {
+    // An OPTIONS carrying the caller's SDP (RFC 3261 §11 allows it) is not
+    // an offer: its body would leak the inside's addresses, so it goes.
+    let (mut p, rec) = setup();
+    let text = String::from_utf8(fixture("rfc3665_3_1_invite.sip"))
+        .unwrap()
+        .replacen("INVITE sips:", "OPTIONS sips:", 1)
+        .replace("CSeq: 1 INVITE", "CSeq: 1 OPTIONS");
+    assert!(text.contains("c=IN IP4"), "fixture carries SDP");
+    let out = p.on_message(CALLER, text.as_bytes(), Instant::now());
+    let fwd: Vec<Message> = out.iter().filter(|o| matches!(o.dest, Dest::Hop { .. })).map(parse).collect();
+    assert_eq!(fwd.len(), 1, "OPTIONS forwarded: {out:?}");
+    assert!(fwd[0].body().is_empty(), "SDP crossed the edge: {}", String::from_utf8_lossy(fwd[0].body()));
+    assert!(fwd[0].header("Content-Type").is_none());
+    assert!(rec.lock().unwrap().calls.is_empty(), "OPTIONS is no offer/answer");
+
+    // A multipart body goes to the media layer (which refuses it) instead
+    // of passing through with SDP inside.
+    let (mut p, rec) = setup();
+    let text = String::from_utf8(fixture("rfc3665_3_1_invite.sip"))
+        .unwrap()
+        .replace("Content-Type: application/sdp", "Content-Type: multipart/mixed;boundary=b1");
+    rec.lock().unwrap().refuse = Some(MediaError::NotAcceptable { reason: "multipart".into() });
+    let out = p.on_message(CALLER, text.as_bytes(), Instant::now());
+    assert!(out.iter().all(|o| !matches!(o.dest, Dest::Hop { .. })), "multipart INVITE forwarded: {out:?}");
+    assert!(out.iter().map(parse).any(|m| m.status() == Some(488)), "{out:?}");
+}
