@@ -10,4 +10,5 @@ pub mod media;
 pub mod proxy;
 pub mod sip;
 pub mod testnet;
+pub mod testua;
 pub mod transport;
