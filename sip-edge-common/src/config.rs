@@ -3,7 +3,15 @@
 
 use crate::Addr;
 
-/// Value of `IFACES`: what an attached interface is. 8 bytes.
+/// Entries of the `IFACES` array, indexed by ifindex: an array lookup is
+/// inlined by the verifier (no helper call, no hashing), which a per-packet
+/// lookup wants. Interfaces with a larger ifindex (hosts with much
+/// interface churn) go in the `IFACES_HI` hash instead, at the cost of one
+/// hash lookup per packet on them.
+pub const IFACE_SLOTS: u32 = 4096;
+
+/// Value of `IFACES` / `IFACES_HI`: what an attached interface is; an
+/// all-zero entry (role 0) is "not attached here". 8 bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct IfaceConfig {

@@ -26,8 +26,11 @@ pub mod map_names {
     pub const PH_STATE: &str = "PH_STATE";
     /// `PERCPU_ARRAY<u64>` indexed by `Reason`: packets per verdict reason.
     pub const REASONS: &str = "REASONS";
-    /// `HASH<u32 ifindex, IfaceConfig>`: role of each interface the program is attached to.
+    /// `ARRAY<IfaceConfig>` indexed by ifindex (< `IFACE_SLOTS`): role of
+    /// each interface the program is attached to; role 0 = none.
     pub const IFACES: &str = "IFACES";
+    /// `HASH<u32 ifindex, IfaceConfig>`: the same for ifindexes ≥ `IFACE_SLOTS`.
+    pub const IFACES_HI: &str = "IFACES_HI";
     /// `ARRAY<PortPolicy>` (one entry): media-range and always-pass port bitmaps.
     pub const PORT_POLICY: &str = "PORT_POLICY";
     /// `HASH<EdgeAddrKey, u32>`: addresses owned by the edge (internal and public).
@@ -41,9 +44,9 @@ pub mod map_names {
     pub const NEIGH_MISS: &str = "NEIGH_MISS";
 
     /// Every map name, for pinning and cleanup loops.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
         PINHOLES, PH_STATE, REASONS, IFACES, PORT_POLICY, EDGE_ADDRS, SETTINGS, TX_PORTS,
-        NEIGH_MISS,
+        NEIGH_MISS, IFACES_HI,
     ];
 }
 

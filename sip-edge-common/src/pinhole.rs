@@ -106,7 +106,7 @@ pub const LATCH_CLAIMING: u32 = 1;
 pub const LATCH_DONE: u32 = 2;
 
 /// Value of the `PH_STATE` array: counters and latch state the datapath
-/// writes for one rule. 48 bytes. The agent zeroes a slot before reusing it.
+/// writes for one rule. 96 bytes. The agent zeroes a slot before reusing it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct PinholeState {
@@ -114,7 +114,8 @@ pub struct PinholeState {
     pub packets: u64,
     /// Bytes (L2 frame length as received) forwarded through the rule.
     pub bytes: u64,
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last forwarded packet; 0 = never.
+    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC_COARSE: same epoch as
+    /// CLOCK_MONOTONIC, one jiffy resolution) of the last forwarded packet; 0 = never.
     pub last_seen_ns: u64,
     /// The latched remote address (valid when `latch_state == LATCH_DONE`).
     pub latched_addr: Addr,
@@ -124,5 +125,29 @@ pub struct PinholeState {
     pub latched_port: u16,
     /// Explicit padding.
     pub _pad: u16,
+    /// FIB cache (datapath-private; zeroed with the slot): the next hop
+    /// `bpf_fib_lookup` returned for `fib_dst`, so most packets of a flow
+    /// skip the lookup. Valid while `fib_at_ns` (CLOCK_MONOTONIC_COARSE) is
+    /// younger than the datapath's refresh interval; 0 = empty,
+    /// `FIB_WRITING` = one CPU is filling it.
+    pub fib_dst: Addr,
+    /// When the cache was filled (coarse ns), or 0 / `FIB_WRITING`.
+    pub fib_at_ns: u64,
+    /// Egress ifindex the FIB chose.
+    pub fib_ifindex: u32,
+    /// Ingress ifindex the lookup was scoped to (its VRF/table).
+    pub fib_in_ifindex: u32,
+    /// Next-hop MAC (the frame's new destination).
+    pub fib_dmac: [u8; 6],
+    /// Egress MAC (the frame's new source).
+    pub fib_smac: [u8; 6],
+    /// Largest IP length the FIB's MTU check passed for this entry, host
+    /// order: a longer packet takes the full lookup (and its MTU check).
+    pub fib_len: u16,
+    /// Explicit padding.
+    pub _fib_pad: u16,
 }
-const _: () = assert!(core::mem::size_of::<PinholeState>() == 48);
+const _: () = assert!(core::mem::size_of::<PinholeState>() == 96);
+
+/// `PinholeState::fib_at_ns` while one CPU rewrites the cache entry.
+pub const FIB_WRITING: u64 = 1;

@@ -9,7 +9,7 @@
 //! |------|-------------------------------------------------------|----------------------|----------|
 //! | 0    | Ethernet/VLAN/IP/UDP/TCP header cut short             | `DropTruncated`      | drop     |
 //! | 0    | EtherType not IPv4/IPv6 (after at most one tag)       | `PassNotIp`          | pass     |
-//! | 0    | ingress ifindex not in `IFACES`                       | `PassUnknownIface`   | pass     |
+//! | 0    | ingress ifindex has no role in `IFACES`/`IFACES_HI`   | `PassUnknownIface`   | pass     |
 //! | 0    | IP version ≠ EtherType, or IPv4 IHL < 5               | `DropMalformed`      | drop     |
 //! | 0    | non-first fragment (IPv4 offset ≠ 0, IPv6 frag hdr)   | `PassFragment`       | pass     |
 //! | 0    | first fragment: always-pass / media / other port      | `PassSignalling` / `DropFragment` / default | |
@@ -20,6 +20,7 @@
 //! | 2    | remote (or latched remote) differs                    | `DropRemoteMismatch` | drop     |
 //! | 3    | TTL / hop limit ≤ 1                                   | `DropTtlExceeded`    | drop     |
 //! | 4    | rewrite + checksums + TTL decrement                   |                      |          |
+//! | 5    | next hop: the pinhole's cached FIB result (< 1 s old, same dst) or `bpf_fib_lookup` | | |
 //! | 5    | FIB: no neighbour / other failure / egress ∉ TX_PORTS | `DropNoNeigh` / `DropFibFailed` / `DropNoTxPort` | drop |
 //! | 5    | FIB success, redirected                               | `Forwarded`          | redirect |
 //! | 6    | edge address, always-pass port                        | `PassSignalling`     | pass     |
@@ -45,13 +46,14 @@ mod policy;
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    helpers::bpf_ktime_get_coarse_ns,
     macros::xdp,
     programs::XdpContext,
 };
-use sip_edge_common::{Addr, Reason, REASON_COUNT};
+use sip_edge_common::{Addr, Reason, IFACE_SLOTS, REASON_COUNT};
 
 use crate::{
-    maps::{IFACES, REASONS},
+    maps::{IFACES, IFACES_HI, REASONS},
     parse::{Kind, Packet},
 };
 
@@ -94,11 +96,10 @@ pub fn sip_edge_pass(_ctx: XdpContext) -> u32 {
 fn try_sip_edge_xdp(ctx: &XdpContext) -> Result<u32, Reason> {
     let (l3, ver) = parse::eth(ctx)?;
     let ifindex = ctx.ingress_ifindex() as u32;
-    // SAFETY: IFACES values are plain data written whole by the agent.
-    let role = match IFACES.get_ptr(&ifindex) {
-        Some(c) => unsafe { (*c).role },
-        None => return Err(Reason::PassUnknownIface),
-    };
+    let role = iface_role(ifindex);
+    if role == 0 {
+        return Err(Reason::PassUnknownIface);
+    }
     let pkt = parse::ip(ctx, l3, ver)?;
     let media = match pkt.kind {
         Kind::Plain => match pinhole::lookup(&pkt, role)? {
@@ -112,6 +113,14 @@ fn try_sip_edge_xdp(ctx: &XdpContext) -> Result<u32, Reason> {
     Err(policy::unmatched(&pkt, media))
 }
 
+/// Role of the ingress interface; 0 when it is not configured.
+#[inline(always)]
+fn iface_role(ifindex: u32) -> u8 {
+    let cfg = if ifindex < IFACE_SLOTS { IFACES.get_ptr(&ifindex) } else { IFACES_HI.get_ptr(&ifindex) };
+    // SAFETY: IFACES values are plain data written whole by the agent.
+    cfg.map_or(0, |c| unsafe { (*c).role })
+}
+
 /// Verdict steps 2-5 for a pinhole hit.
 #[inline(always)]
 fn forward(ctx: &XdpContext, pkt: &Packet, hit: &pinhole::Hit, ifindex: u32) -> Result<u32, Reason> {
@@ -121,9 +130,11 @@ fn forward(ctx: &XdpContext, pkt: &Packet, hit: &pinhole::Hit, ifindex: u32) -> 
     }
     let t = pinhole::target(pkt, hit)?;
     nat::rewrite(ctx, pkt, &t)?;
-    let action = fib::forward(ctx, pkt, &t, ifindex)?;
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let action = fib::forward(ctx, pkt, &t, ifindex, hit.state, now)?;
     // Counters only for packets that actually leave (step 5).
-    pinhole::account(hit.state, (ctx.data_end() - ctx.data()) as u64);
+    pinhole::account(hit.state, (ctx.data_end() - ctx.data()) as u64, now);
     Ok(action)
 }
 

@@ -20,7 +20,7 @@ use aya_ebpf::{
 };
 use sip_edge_common::{
     EdgeAddrKey, IfaceConfig, NeighMiss, NeighMissKey, PinholeKey, PinholeRule, PinholeState,
-    PortPolicy, Settings, REASON_COUNT,
+    PortPolicy, Settings, IFACE_SLOTS, REASON_COUNT,
 };
 
 /// Default number of pinholes (and of `PH_STATE` slots); the agent's loader
@@ -125,12 +125,19 @@ pub static PH_STATE: MapDef<ARRAY, u32, PinholeState, DEFAULT_MAX_PINHOLES> = Ma
 #[unsafe(no_mangle)]
 pub static REASONS: MapDef<PERCPU_ARRAY, u32, u64, { REASON_COUNT as usize }> = MapDef::new();
 
-/// Role of each interface the program is attached to, by ifindex. An
-/// ifindex missing here means the program runs somewhere it was not
-/// configured for, and every packet is passed untouched.
+/// Role of each interface the program is attached to, indexed by ifindex
+/// (an ARRAY: the verifier inlines its lookup; a HASH costs a helper call
+/// and a jhash on every packet, hit or drop). Role 0 (or an ifindex in neither map) means the program
+/// runs somewhere it was not configured for, and every packet is passed
+/// untouched.
 #[unsafe(link_section = ".maps")]
 #[unsafe(no_mangle)]
-pub static IFACES: MapDef<HASH, u32, IfaceConfig, 64> = MapDef::new();
+pub static IFACES: MapDef<ARRAY, u32, IfaceConfig, { IFACE_SLOTS as usize }> = MapDef::new();
+
+/// The same for interfaces whose ifindex is ≥ `IFACE_SLOTS` (the fallback).
+#[unsafe(link_section = ".maps")]
+#[unsafe(no_mangle)]
+pub static IFACES_HI: MapDef<HASH, u32, IfaceConfig, 64> = MapDef::new();
 
 /// Media and always-pass port bitmaps (entry 0). Missing or zeroed: no port
 /// is media and none is always-pass.

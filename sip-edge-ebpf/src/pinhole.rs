@@ -13,7 +13,6 @@
 
 use core::intrinsics::{atomic_cxchg, atomic_xadd, AtomicOrdering};
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
 use sip_edge_common::{
     PinholeKey, PinholeRule, PinholeState, Reason, LATCH_CLAIMING, LATCH_DONE, LATCH_NONE,
     MATCH_DST, MATCH_SRC, RULE_ANY_REMOTE_PORT, RULE_DST_FOLLOWS_PAIR, RULE_LATCH, RULE_LATCH_PORT,
@@ -117,7 +116,7 @@ pub fn check_remote(pkt: &Packet, hit: &Hit) -> Result<(), Reason> {
 #[inline(always)]
 fn latch(state: *mut PinholeState, raddr: &[u16; 8], rport: u16, any_port: bool) -> Result<(), Reason> {
     // SAFETY: `state` is a live PH_STATE element; the word is 8-byte aligned
-    // (asserted above) and lies inside the 48-byte value.
+    // (asserted above) and lies inside the value.
     let word = unsafe { (state as *mut u8).add(LATCH_WORD_OFF) as *mut u64 };
     // A plain aligned 64-bit load is single-copy atomic; LLVM's BPF backend
     // cannot select an `atomic load` below -mcpu=v4 (load-acquire).
@@ -211,11 +210,14 @@ fn not_v4(a: &[u16; 8]) -> bool {
 
 /// Count a forwarded packet on its rule: packets and bytes with atomic adds
 /// (several CPUs may forward the same flow), last-seen time with a store.
+/// `now` is CLOCK_MONOTONIC_COARSE (`bpf_ktime_get_coarse_ns`, one jiffy =
+/// 1-10 ms resolution, a few ns cheaper than the fine clock per packet);
+/// the agent's idle timeouts are seconds.
 #[inline(always)]
-pub fn account(state: *mut PinholeState, frame_len: u64) {
+pub fn account(state: *mut PinholeState, frame_len: u64, now: u64) {
     unsafe {
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*state).packets, 1);
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*state).bytes, frame_len);
-        (&raw mut (*state).last_seen_ns).write_volatile(bpf_ktime_get_ns());
+        (&raw mut (*state).last_seen_ns).write_volatile(now);
     }
 }

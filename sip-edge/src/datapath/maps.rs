@@ -149,7 +149,8 @@ pub struct DatapathMaps {
     pinholes: HashMap<MapData, PinholeKey, PinholeRule>,
     state: Array<MapData, PinholeState>,
     reasons: PerCpuArray<MapData, u64>,
-    ifaces: HashMap<MapData, u32, IfaceConfig>,
+    ifaces: Array<MapData, IfaceConfig>,
+    ifaces_hi: HashMap<MapData, u32, IfaceConfig>,
     port_policy: Array<MapData, PortPolicy>,
     edge_addrs: HashMap<MapData, EdgeAddrKey, u32>,
     settings: Array<MapData, Settings>,
@@ -211,7 +212,8 @@ impl DatapathMaps {
             pinholes: conv(PINHOLES, HashMap::try_from(take(PINHOLES)?))?,
             state: conv(PH_STATE, Array::try_from(take(PH_STATE)?))?,
             reasons: conv(REASONS, PerCpuArray::try_from(take(REASONS)?))?,
-            ifaces: conv(IFACES, HashMap::try_from(take(IFACES)?))?,
+            ifaces: conv(IFACES, Array::try_from(take(IFACES)?))?,
+            ifaces_hi: conv(IFACES_HI, HashMap::try_from(take(IFACES_HI)?))?,
             port_policy: conv(PORT_POLICY, Array::try_from(take(PORT_POLICY)?))?,
             edge_addrs: conv(EDGE_ADDRS, HashMap::try_from(take(EDGE_ADDRS)?))?,
             settings: conv(SETTINGS, Array::try_from(take(SETTINGS)?))?,
@@ -224,19 +226,31 @@ impl DatapathMaps {
     /// an earlier configuration are removed).
     pub fn apply_settings(&mut self, s: &DatapathSettings) -> Result<(), MapsError> {
         use map_names::*;
-        let stale: Vec<u32> = self.ifaces.keys().filter_map(Result::ok).filter(|k| !s.ifaces.iter().any(|i| i.ifindex == *k)).collect();
-        for k in stale {
-            self.ifaces.remove(&k).map_err(op("delete", IFACES))?;
+        let wanted = |k: u32| s.ifaces.iter().any(|i| i.ifindex == k);
+        // IFACES is an array indexed by ifindex: "stale" is a non-zero role.
+        let stale_lo: Vec<u32> = (0..self.ifaces.len())
+            .filter(|k| !wanted(*k) && self.ifaces.get(k, 0).is_ok_and(|c| c.role != 0))
+            .collect();
+        let stale_hi: Vec<u32> = self.ifaces_hi.keys().filter_map(Result::ok).filter(|k| !wanted(*k)).collect();
+        for k in stale_lo {
+            self.ifaces.set(k, IfaceConfig::default(), BPF_ANY).map_err(op("update", IFACES))?;
             // The devmap may lack it; a missing key is fine.
+            let _ = self.tx_ports.remove(k);
+        }
+        for k in stale_hi {
+            self.ifaces_hi.remove(&k).map_err(op("delete", IFACES_HI))?;
             let _ = self.tx_ports.remove(k);
         }
         for i in &s.ifaces {
             self.tx_ports
                 .insert(i.ifindex, i.ifindex, None, BPF_ANY)
                 .map_err(|source| MapsError::TxPort { name: TX_PORTS, ifindex: i.ifindex, source })?;
-            self.ifaces
-                .insert(i.ifindex, IfaceConfig { role: i.role, _pad: [0; 7] }, BPF_ANY)
-                .map_err(op("update", IFACES))?;
+            let cfg = IfaceConfig { role: i.role, _pad: [0; 7] };
+            if i.ifindex < self.ifaces.len() {
+                self.ifaces.set(i.ifindex, cfg, BPF_ANY).map_err(op("update", IFACES))?;
+            } else {
+                self.ifaces_hi.insert(i.ifindex, cfg, BPF_ANY).map_err(op("update", IFACES_HI))?;
+            }
         }
         let wanted: Vec<EdgeAddrKey> = s.edge_addrs.iter().map(|ip| edge_key(*ip)).collect();
         let stale: Vec<EdgeAddrKey> = self.edge_addrs.keys().filter_map(Result::ok).filter(|k| !wanted.contains(k)).collect();
