@@ -234,6 +234,9 @@ fn first_line(bytes: &[u8]) -> String {
 
 fn tokio_tcp(s: std::net::TcpStream) -> Result<tokio::net::TcpStream, UaError> {
     s.set_nonblocking(true).map_err(io("set_nonblocking"))?;
+    // SIP messages are small writes in quick succession (180 then 200):
+    // with Nagle on, the second waits for the delayed ACK of the first (~40 ms).
+    s.set_nodelay(true).map_err(io("set_nodelay"))?;
     tokio::net::TcpStream::from_std(s).map_err(io("register socket with tokio (is a runtime current?)"))
 }
 
@@ -280,6 +283,7 @@ impl UaListener {
             .await
             .map_err(|_| UaError::Timeout { what: format!("a connection on {}", self.addr), after: wait })?
             .map_err(io("accept"))?;
+        tcp.set_nodelay(true).map_err(io("set_nodelay"))?;
         let tls = tokio::time::timeout(wait, self.acceptor.accept(tcp))
             .await
             .map_err(|_| UaError::Timeout { what: format!("TLS handshake from {remote}"), after: wait })?

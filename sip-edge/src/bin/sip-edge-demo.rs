@@ -1,27 +1,46 @@
-//! `cargo xtask demo`: builds a client / edge / peer topology in network
-//! namespaces, starts the real agent in the edge namespace, opens a relay
-//! pinhole for one media flow with the real CLI, sends RTP-sized UDP both
-//! ways through XDP, shows what each side saw and the datapath's counters,
-//! then tears everything down. (Signalling-driven pinholes replace the
-//! static one once the TLS proxy lands, issue #3.)
+//! `cargo xtask demo`: one real TLS call through sip-edge. Builds a client /
+//! edge / peer topology in network namespaces, generates throwaway
+//! certificates, starts the real agent (TLS SIP proxy + XDP datapath) in the
+//! edge namespace with a built-in config, and lets two built-in user agents
+//! (`sip_edge::testua`) place a call from inside to outside: INVITE, 180,
+//! 200, ACK, a few seconds of RTP-sized UDP both ways through the pinholes
+//! the call opened, the pinhole table with its counters, the datapath
+//! statistics, BYE, and the empty table. Everything it creates (namespaces,
+//! pins, temp files) is removed on exit, on error too (RAII guards).
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr, UdpSocket},
     path::{Path, PathBuf},
     process::ExitCode,
+    time::{Duration, Instant},
 };
 
-use sip_edge::testnet::{self, AgentProcess, Topology};
+use sip_edge::{
+    testnet::{self, AgentProcess, Topology},
+    testua::{self, media_of, reply, rtp_packet, sdp, Dialog, SdpSpec, TestPki, UaConn, UaIdentity, UaListener},
+};
+
+/// Every SIP wait.
+const WAIT: Duration = Duration::from_secs(5);
+/// RTP: one 20 ms packet each way per tick, for 3 s.
+const RTP_PACKETS: u16 = 150;
 
 fn sa(s: &str) -> SocketAddr {
     s.parse().unwrap_or_else(|_| unreachable!("constant address {s}"))
 }
 
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap_or_else(|_| unreachable!("constant address {s}"))
+}
+
 fn main() -> ExitCode {
+    // The agent inherits this: keep its log to warnings so the demo's own
+    // output stays readable (single-threaded here, before any spawn).
+    std::env::set_var("SIP_EDGE_LOG", "warn");
     match demo() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("demo failed: {e}");
+            eprintln!("\ndemo failed: {e}\n(everything it created has been removed)");
             ExitCode::FAILURE
         }
     }
@@ -31,73 +50,263 @@ fn bin() -> PathBuf {
     std::env::current_exe().ok().and_then(|p| p.parent().map(|d| d.join("sip-edge"))).unwrap_or_else(|| PathBuf::from("sip-edge"))
 }
 
-fn show(topo: &Topology, args: &[&str], pin_dir: &Path) -> Result<(), String> {
-    let out = topo.edge_cmd(&bin()).args(args).arg("--pin-dir").arg(pin_dir).output().map_err(|e| e.to_string())?;
-    if !out.status.success() {
-        return Err(format!("sip-edge {args:?}: {}", String::from_utf8_lossy(&out.stderr)));
+/// Removes the demo's temp dir on drop.
+struct TempDir(PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
-    println!("$ sip-edge {}\n{}", args.join(" "), String::from_utf8_lossy(&out.stdout));
+}
+
+/// Removes the pins on drop, in case the agent could not.
+struct Pins(PathBuf);
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let links: Vec<PathBuf> = ["int0", "ext0"].iter().map(|i| sip_edge::datapath::attach::link_pin(&self.0, i)).collect();
+        let _ = sip_edge::datapath::attach::remove_pins(&self.0, &links);
+    }
+}
+
+fn step(title: &str) {
+    println!("\n== {title}");
+}
+
+fn show(topo: &Topology, args: &[&str], pin_dir: &Path) -> Result<(), String> {
+    let out = topo.edge_cmd(&bin()).args(args).arg("--pin-dir").arg(pin_dir).output().map_err(|e| format!("running sip-edge: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("sip-edge {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr)));
+    }
+    println!("$ sip-edge {}", args.join(" "));
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        println!("  {line}");
+    }
     Ok(())
+}
+
+/// Rules in the pinhole table (`pinhole list --json`).
+fn pinhole_count(topo: &Topology, pin_dir: &Path) -> Result<usize, String> {
+    let out = topo.edge_cmd(&bin()).args(["pinhole", "list", "--json", "--pin-dir"]).arg(pin_dir).output().map_err(|e| format!("running sip-edge: {e}"))?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("pinhole list --json: {e}"))?;
+    v.as_array().map(Vec::len).ok_or_else(|| "pinhole list --json did not print an array".to_owned())
+}
+
+fn config(pin_dir: &Path, pki: &TestPki) -> String {
+    format!(
+        r#"# sip-edge demo configuration (built in; see sip-edge.example.toml)
+pin_dir = "{pin}"
+on_exit = "remove"
+[[interface]]
+name = "int0"
+role = "internal"
+[[interface]]
+name = "ext0"
+role = "external"
+[addresses]
+internal = ["10.77.0.1"]
+public = ["203.0.113.1"]
+[media]
+port_ranges = ["40000-40999"]
+mode = "relay"
+[signalling]
+ports = [5061]
+[proxy]
+internal_listen = "10.77.0.1:5061"
+external_listen = "203.0.113.1:5061"
+cert = "{cert}"
+key = "{key}"
+ca_roots = "{ca}"
+[[route]]
+domain = "peer.example.net"
+host = "198.51.100.2"
+port = 5061
+tls_name = "peer.example.net"
+"#,
+        pin = pin_dir.display(),
+        cert = pki.edge_cert.display(),
+        key = pki.edge_key.display(),
+        ca = pki.ca.display()
+    )
+}
+
+/// Prints a UA's SIP log lines not printed yet.
+struct SipPrinter {
+    who: &'static str,
+    shown: usize,
+    start: Instant,
+}
+
+impl SipPrinter {
+    fn print(&mut self, c: &UaConn) {
+        for l in c.log.iter().skip(self.shown) {
+            let arrow = if l.sent { "sends   " } else { "receives" };
+            println!("  [{:>7.1} ms] {:<5} {arrow} {}", l.when.saturating_duration_since(self.start).as_secs_f64() * 1000.0, self.who, l.first_line);
+        }
+        self.shown = c.log.len();
+    }
 }
 
 fn demo() -> Result<(), String> {
     if let Some(reason) = testnet::unavailable_reason() {
         return Err(reason);
     }
-    println!("== creating namespaces: client 10.77.0.2 | edge 10.77.0.1 / 203.0.113.1 | peer 198.51.100.2");
-    let mut topo = Topology::create(&format!("d{}", std::process::id())).map_err(|e| e.to_string())?;
+    let pid = std::process::id();
+    // Guards, dropped in reverse order: agent, pins, namespaces, temp dir.
+    let tmp = TempDir(std::env::temp_dir().join(format!("sip-edge-demo-{pid}")));
+    std::fs::create_dir_all(&tmp.0).map_err(|e| format!("creating {}: {e}", tmp.0.display()))?;
+
+    step("creating namespaces: client 10.77.0.2 | edge 10.77.0.1 + 203.0.113.1 | peer 198.51.100.2");
+    let mut topo = Topology::create(&format!("d{pid}")).map_err(|e| e.to_string())?;
     topo.attach_pass_programs().map_err(|e| e.to_string())?;
-    let tmp = std::env::temp_dir().join(format!("sip-edge-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp).map_err(|e| e.to_string())?;
-    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/sip-edge-demo-{}", std::process::id()));
-    let config = tmp.join("sip-edge.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "pin_dir = \"{}\"\non_exit = \"remove\"\n[[interface]]\nname = \"int0\"\nrole = \"internal\"\n[[interface]]\nname = \"ext0\"\nrole = \"external\"\n[addresses]\ninternal = [\"10.77.0.1\"]\npublic = [\"203.0.113.1\"]\n[media]\nport_ranges = [\"40000-40999\"]\n[signalling]\nports = [5061]\n",
-            pin_dir.display()
-        ),
-    )
-    .map_err(|e| e.to_string())?;
-    println!("== starting the agent in the edge namespace (XDP native on int0 and ext0)");
-    let agent = AgentProcess::start(&topo, &bin(), &config, &pin_dir, &["int0", "ext0"]).map_err(|e| e.to_string())?;
+    // The edge's outgoing TLS connections must not use a source port in the
+    // media range (XDP drops unsolicited packets to media ports).
+    testnet::sh(&["ip", "netns", "exec", &topo.edge, "sysctl", "-qw", "net.ipv4.ip_local_port_range=50000 59999"]).map_err(|e| e.to_string())?;
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/sip-edge-demo-{pid}"));
+    let pins = Pins(pin_dir.clone());
 
-    let client = topo.udp(&topo.client, sa("10.77.0.2:4000")).map_err(|e| e.to_string())?;
-    let peer = topo.udp(&topo.peer, sa("198.51.100.2:5000")).map_err(|e| e.to_string())?;
-    let rtp = [0x80u8; 172]; // 12-byte RTP header + 160 bytes of G.711: a 214-byte frame on the wire
+    step("generating throwaway certificates (a demo CA, edge.example.org, peer.example.net)");
+    let pki = TestPki::generate(&tmp.0).map_err(|e| e.to_string())?;
+    let cfg_path = tmp.0.join("sip-edge.toml");
+    std::fs::write(&cfg_path, config(&pin_dir, &pki)).map_err(|e| format!("writing the config: {e}"))?;
+    println!("  in {} (removed at the end)", tmp.0.display());
 
-    println!("== peer -> 203.0.113.1:40000 before any pinhole:");
-    match testnet::udp_roundtrip(&peer, sa("203.0.113.1:40000"), &client, &rtp) {
-        None => println!("   dropped in XDP (no pinhole), as it must be"),
-        Some(_) => return Err("media port open without a pinhole".into()),
+    step("starting the agent in the edge namespace: TLS SIP on 10.77.0.1:5061 (inside) and 203.0.113.1:5061 (outside), XDP on int0 and ext0, relay mode");
+    let agent = AgentProcess::start(&topo, &bin(), &cfg_path, &pin_dir, &["int0", "ext0"]).map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while testnet::in_ns(&topo.client, || std::net::TcpStream::connect_timeout(&sa("10.77.0.1:5061"), Duration::from_millis(200))).map_err(|e| e.to_string())?.is_err() {
+        if Instant::now() > deadline {
+            return Err("the agent's SIP listener did not come up within 10 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
-    println!("== opening a relay pinhole with the CLI");
-    show(
-        &topo,
-        &["pinhole", "add", "relay", "--client", "10.77.0.2:4000", "--edge-int", "10.77.0.1:40002", "--public", "203.0.113.1:40000", "--peer", "198.51.100.2:5000"],
-        &pin_dir,
-    )?;
-    let mut inbound = None;
-    let mut outbound = None;
-    for _ in 0..50 {
-        inbound = inbound.or_else(|| testnet::udp_roundtrip(&peer, sa("203.0.113.1:40000"), &client, &rtp).map(|(_, s)| s));
-        outbound = outbound.or_else(|| testnet::udp_roundtrip(&client, sa("10.77.0.1:40002"), &peer, &rtp).map(|(_, s)| s));
-    }
-    let inbound = inbound.ok_or("inbound media never arrived")?;
-    let outbound = outbound.ok_or("outbound media never arrived")?;
-    println!("   client received media from {inbound} (the edge, not the peer)");
-    println!("   peer received media from {outbound} (the public address, not the client)");
-    show(&topo, &["pinhole", "list"], &pin_dir)?;
-    show(&topo, &["stats"], &pin_dir)?;
-    println!("== stopping the agent (on_exit = \"remove\": detaches and unpins) and removing namespaces");
-    if !agent.stop() {
-        return Err("agent did not exit cleanly".into());
-    }
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| format!("tokio runtime: {e}"))?;
+    let result = rt.block_on(call(&topo, &pki, &pin_dir));
+
+    step("stopping the agent (on_exit = \"remove\": detaches XDP, removes pins) and deleting the namespaces");
+    let clean = agent.stop();
+    drop(pins);
     drop(topo);
-    let _ = std::fs::remove_dir_all(&tmp);
+    drop(tmp);
+    result?;
+    if !clean {
+        return Err("the agent did not exit cleanly".into());
+    }
     if pin_dir.exists() {
         return Err(format!("{} still exists after the agent removed its pins", pin_dir.display()));
     }
-    println!("== done: media crossed the edge only through the pinhole, and nothing is left behind");
+    println!("\n== done: the call's media crossed the edge only through pinholes the call opened, and nothing is left behind");
     Ok(())
+}
+
+async fn call(topo: &Topology, pki: &TestPki, pin_dir: &Path) -> Result<(), String> {
+    let e = |x: testua::UaError| x.to_string();
+    let alice_id = UaIdentity { aor: "sips:alice@example.org".into(), contact: "sips:alice@10.77.0.2:5061".into(), via_host: "10.77.0.2:5061".into(), display: "Alice".into() };
+    let bob_id = UaIdentity { aor: "sips:bob@peer.example.net".into(), contact: "sips:bob@198.51.100.2:5061".into(), via_host: "198.51.100.2:5061".into(), display: "Bob".into() };
+    let bob_listener = UaListener::bind(&topo.peer, sa("198.51.100.2:5061"), &pki.peer_cert, &pki.peer_key).map_err(e)?;
+    let a_rtp = topo.udp(&topo.client, sa("10.77.0.2:4000")).map_err(|x| x.to_string())?;
+    let b_rtp = topo.udp(&topo.peer, sa("198.51.100.2:5000")).map_err(|x| x.to_string())?;
+
+    step("the call: alice (inside, 10.77.0.2) calls sips:bob@peer.example.net (outside, 198.51.100.2), TLS on both legs");
+    let mut alice = testua::connect_tls(&topo.client, sa("10.77.0.1:5061"), &pki.ca, testua::EDGE_TLS_NAME, WAIT).await.map_err(e)?;
+    let start = Instant::now();
+    let (mut pa, mut pb) = (SipPrinter { who: "alice", shown: 0, start }, SipPrinter { who: "bob", shown: 0, start });
+    let mut a = Dialog::outgoing(&alice_id, "sips:bob@peer.example.net");
+    let offer_sent = sdp("alice", 1, ip("10.77.0.2"), &SdpSpec { audio: Some(4000), ..Default::default() });
+    alice.send(&a.invite(&offer_sent)).await.map_err(e)?;
+    pa.print(&alice);
+    let mut bob = bob_listener.accept(WAIT).await.map_err(e)?;
+    let inv = bob.recv_request("INVITE", WAIT).await.map_err(e)?;
+    pb.print(&bob);
+    let b = Dialog::incoming(&bob_id, &inv).map_err(e)?;
+    let contact = format!("Contact: <{}>\r\n", bob_id.contact);
+    bob.send(&reply(&inv, 180, "Ringing", &b.local_tag, &contact, "", "")).await.map_err(e)?;
+    pb.print(&bob);
+    let r = alice.recv_status(180, WAIT).await.map_err(e)?;
+    a.on_invite_response(&r).map_err(e)?;
+    pa.print(&alice);
+    let answer_sent = sdp("bob", 1, ip("198.51.100.2"), &SdpSpec { audio: Some(5000), ..Default::default() });
+    bob.send(&reply(&inv, 200, "OK", &b.local_tag, &contact, "application/sdp", &answer_sent)).await.map_err(e)?;
+    pb.print(&bob);
+    let ok = alice.recv_status(200, WAIT).await.map_err(e)?;
+    a.on_invite_response(&ok).map_err(e)?;
+    pa.print(&alice);
+    alice.send(&a.ack("", "")).await.map_err(e)?;
+    pa.print(&alice);
+    bob.recv_request("ACK", WAIT).await.map_err(e)?;
+    pb.print(&bob);
+
+    let offer = media_of(inv.body(), "audio").map_err(e)?;
+    let answer = media_of(ok.body(), "audio").map_err(e)?;
+    println!("\n  SDP as rewritten by the edge (each side only ever sees the edge):");
+    println!("    alice offered 10.77.0.2:4000      -> bob was told to send to {}", offer.addr);
+    println!("    bob answered  198.51.100.2:5000   -> alice was told to send to {}", answer.addr);
+
+    step(&format!("media: {RTP_PACKETS} RTP-sized UDP packets (172-byte RTP, 20 ms apart) each way, through XDP"));
+    let (sent, got_a, got_b, src_a, src_b) = rtp(&a_rtp, &b_rtp, answer.addr, offer.addr).map_err(|x| format!("sending RTP: {x}"))?;
+    println!("  alice -> {}: sent {sent}, bob received {got_b} (from {})", answer.addr, src_b.map_or("-".into(), |s| s.to_string()));
+    println!("  bob   -> {}: sent {sent}, alice received {got_a} (from {})", offer.addr, src_a.map_or("-".into(), |s| s.to_string()));
+    if got_a == 0 || got_b == 0 {
+        return Err("media did not cross the edge".into());
+    }
+    if got_a < sent || got_b < sent {
+        println!("  (the first packets may be dropped while the edge resolves a neighbour's MAC: counted as drop_no_neigh)");
+    }
+
+    step("the pinholes this call opened, with their XDP counters (RTP and RTCP, one rule per direction)");
+    show(topo, &["pinhole", "list"], pin_dir)?;
+    step("datapath statistics (per-reason packet counters)");
+    show(topo, &["stats"], pin_dir)?;
+
+    step("alice hangs up");
+    alice.send(&a.request("BYE", "", "")).await.map_err(e)?;
+    pa.print(&alice);
+    let bye = bob.recv_request("BYE", WAIT).await.map_err(e)?;
+    pb.print(&bob);
+    bob.send(&reply(&bye, 200, "OK", &b.local_tag, "", "", "")).await.map_err(e)?;
+    pb.print(&bob);
+    alice.recv_status(200, WAIT).await.map_err(e)?;
+    pa.print(&alice);
+    step("after BYE the pinhole table is empty");
+    show(topo, &["pinhole", "list"], pin_dir)?;
+    let left = pinhole_count(topo, pin_dir)?;
+    if left != 0 {
+        return Err(format!("{left} pinholes left after BYE"));
+    }
+    println!("  (header only: no pinholes left)");
+    if testnet::udp_roundtrip(&b_rtp, offer.addr, &a_rtp, &rtp_packet(9999, 2)).is_some() {
+        return Err("media still flows after BYE".into());
+    }
+    println!("  bob -> {}: dropped in XDP now (no pinhole)", offer.addr);
+    Ok(())
+}
+
+type RtpResult = (u16, u16, u16, Option<SocketAddr>, Option<SocketAddr>);
+
+/// Bounded RTP exchange: one packet each way per 20 ms tick.
+fn rtp(a: &UdpSocket, b: &UdpSocket, a_to: SocketAddr, b_to: SocketAddr) -> std::io::Result<RtpResult> {
+    a.set_nonblocking(true)?;
+    b.set_nonblocking(true)?;
+    let (mut got_a, mut got_b, mut src_a, mut src_b) = (0u16, 0u16, None, None);
+    let mut buf = [0u8; 2048];
+    let drain = |s: &UdpSocket, got: &mut u16, src: &mut Option<SocketAddr>, buf: &mut [u8]| {
+        while let Ok((n, from)) = s.recv_from(buf) {
+            if n == 172 {
+                *got += 1;
+                *src = Some(from);
+            }
+        }
+    };
+    for seq in 0..RTP_PACKETS {
+        a.send_to(&rtp_packet(seq, 0xa11ce), a_to)?;
+        b.send_to(&rtp_packet(seq, 0xb0b), b_to)?;
+        std::thread::sleep(Duration::from_millis(20));
+        drain(a, &mut got_a, &mut src_a, &mut buf);
+        drain(b, &mut got_b, &mut src_b, &mut buf);
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    drain(a, &mut got_a, &mut src_a, &mut buf);
+    drain(b, &mut got_b, &mut src_b, &mut buf);
+    a.set_nonblocking(false)?;
+    b.set_nonblocking(false)?;
+    Ok((RTP_PACKETS, got_a, got_b, src_a, src_b))
 }
