@@ -165,12 +165,17 @@ impl TestPki {
         let ca_key = KeyPair::generate().map_err(cert_err("CA"))?;
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(cert_err("CA"))?;
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.distinguished_name.push(DnType::CommonName, "sip-edge test CA (throwaway)");
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "sip-edge test CA (throwaway)");
         let ca = ca_params.self_signed(&ca_key).map_err(cert_err("CA"))?;
         let leaf = |what: &'static str, names: &[&str]| -> Result<(String, String), UaError> {
             let k = KeyPair::generate().map_err(cert_err(what))?;
-            let mut p = CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>()).map_err(cert_err(what))?;
-            p.distinguished_name.push(DnType::CommonName, names.first().copied().unwrap_or(what));
+            let mut p =
+                CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
+                    .map_err(cert_err(what))?;
+            p.distinguished_name
+                .push(DnType::CommonName, names.first().copied().unwrap_or(what));
             let c = p.signed_by(&k, &ca, &ca_key).map_err(cert_err(what))?;
             Ok((c.pem(), k.serialize_pem()))
         };
@@ -237,26 +242,49 @@ fn tokio_tcp(s: std::net::TcpStream) -> Result<tokio::net::TcpStream, UaError> {
     // SIP messages are small writes in quick succession (180 then 200):
     // with Nagle on, the second waits for the delayed ACK of the first (~40 ms).
     s.set_nodelay(true).map_err(io("set_nodelay"))?;
-    tokio::net::TcpStream::from_std(s).map_err(io("register socket with tokio (is a runtime current?)"))
+    tokio::net::TcpStream::from_std(s)
+        .map_err(io("register socket with tokio (is a runtime current?)"))
 }
 
 /// Connect from namespace `ns` to `to` and run a TLS handshake that trusts
 /// only `ca` and verifies `server_name` (a DNS name or an IP address).
-pub async fn connect_tls(ns: &str, to: SocketAddr, ca: &Path, server_name: &str, wait: Duration) -> Result<UaConn, UaError> {
-    let std_stream = testnet::in_ns(ns, || std::net::TcpStream::connect_timeout(&to, wait))?.map_err(io(format!("connect to {to} from {ns}")))?;
+pub async fn connect_tls(
+    ns: &str,
+    to: SocketAddr,
+    ca: &Path,
+    server_name: &str,
+    wait: Duration,
+) -> Result<UaConn, UaError> {
+    let std_stream = testnet::in_ns(ns, || std::net::TcpStream::connect_timeout(&to, wait))?
+        .map_err(io(format!("connect to {to} from {ns}")))?;
     let tcp = tokio_tcp(std_stream)?;
     let local = tcp.local_addr().map_err(io("local_addr"))?;
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|source| TlsError::Config { what: "test UA client", source })?
-        .with_root_certificates(tls::load_roots(ca)?)
-        .with_no_client_auth();
-    let name = ServerName::try_from(server_name.to_owned()).map_err(|_| UaError::ServerName { name: server_name.to_owned() })?;
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+    .map_err(|source| TlsError::Config {
+        what: "test UA client",
+        source,
+    })?
+    .with_root_certificates(tls::load_roots(ca)?)
+    .with_no_client_auth();
+    let name = ServerName::try_from(server_name.to_owned()).map_err(|_| UaError::ServerName {
+        name: server_name.to_owned(),
+    })?;
     let tls = tokio::time::timeout(wait, TlsConnector::from(Arc::new(cfg)).connect(name, tcp))
         .await
-        .map_err(|_| UaError::Timeout { what: format!("TLS handshake with {to}"), after: wait })?
+        .map_err(|_| UaError::Timeout {
+            what: format!("TLS handshake with {to}"),
+            after: wait,
+        })?
         .map_err(io(format!("TLS handshake with {to}")))?;
-    Ok(UaConn::new(Box::new(tls), KeepAliveRole::Initiator, local, to))
+    Ok(UaConn::new(
+        Box::new(tls),
+        KeepAliveRole::Initiator,
+        local,
+        to,
+    ))
 }
 
 /// A TLS SIP listener in a namespace (the peer's, or a client's).
@@ -269,39 +297,81 @@ pub struct UaListener {
 
 impl UaListener {
     /// Listen on `addr` inside `ns`, presenting `cert`/`key`.
-    pub fn bind(ns: &str, addr: SocketAddr, cert: &Path, key: &Path) -> Result<UaListener, UaError> {
-        let l = testnet::in_ns(ns, || std::net::TcpListener::bind(addr))?.map_err(io(format!("listen on {addr} in {ns}")))?;
+    pub fn bind(
+        ns: &str,
+        addr: SocketAddr,
+        cert: &Path,
+        key: &Path,
+    ) -> Result<UaListener, UaError> {
+        let l = testnet::in_ns(ns, || std::net::TcpListener::bind(addr))?
+            .map_err(io(format!("listen on {addr} in {ns}")))?;
         l.set_nonblocking(true).map_err(io("set_nonblocking"))?;
-        let listener = tokio::net::TcpListener::from_std(l).map_err(io("register listener with tokio (is a runtime current?)"))?;
+        let listener = tokio::net::TcpListener::from_std(l)
+            .map_err(io("register listener with tokio (is a runtime current?)"))?;
         let cfg = tls::server_config(cert, key, ClientAuth::None, cert)?;
-        Ok(UaListener { listener, acceptor: TlsAcceptor::from(cfg), addr })
+        Ok(UaListener {
+            listener,
+            acceptor: TlsAcceptor::from(cfg),
+            addr,
+        })
     }
 
     /// Accept one connection and complete its TLS handshake.
     pub async fn accept(&self, wait: Duration) -> Result<UaConn, UaError> {
         let (tcp, remote) = tokio::time::timeout(wait, self.listener.accept())
             .await
-            .map_err(|_| UaError::Timeout { what: format!("a connection on {}", self.addr), after: wait })?
+            .map_err(|_| UaError::Timeout {
+                what: format!("a connection on {}", self.addr),
+                after: wait,
+            })?
             .map_err(io("accept"))?;
         tcp.set_nodelay(true).map_err(io("set_nodelay"))?;
         let tls = tokio::time::timeout(wait, self.acceptor.accept(tcp))
             .await
-            .map_err(|_| UaError::Timeout { what: format!("TLS handshake from {remote}"), after: wait })?
+            .map_err(|_| UaError::Timeout {
+                what: format!("TLS handshake from {remote}"),
+                after: wait,
+            })?
             .map_err(io(format!("TLS handshake from {remote}")))?;
-        Ok(UaConn::new(Box::new(tls), KeepAliveRole::Responder, self.addr, remote))
+        Ok(UaConn::new(
+            Box::new(tls),
+            KeepAliveRole::Responder,
+            self.addr,
+            remote,
+        ))
     }
 }
 
 impl UaConn {
-    fn new(stream: Box<dyn Stream>, role: KeepAliveRole, local: SocketAddr, remote: SocketAddr) -> UaConn {
-        UaConn { stream, framer: Framer::new(role, FramerLimits::default()), opened: Instant::now(), log: Vec::new(), local, remote }
+    fn new(
+        stream: Box<dyn Stream>,
+        role: KeepAliveRole,
+        local: SocketAddr,
+        remote: SocketAddr,
+    ) -> UaConn {
+        UaConn {
+            stream,
+            framer: Framer::new(role, FramerLimits::default()),
+            opened: Instant::now(),
+            log: Vec::new(),
+            local,
+            remote,
+        }
     }
 
     /// Send one message (written and flushed before this returns).
     pub async fn send(&mut self, text: &str) -> Result<(), UaError> {
-        self.stream.write_all(text.as_bytes()).await.map_err(io("send SIP"))?;
+        self.stream
+            .write_all(text.as_bytes())
+            .await
+            .map_err(io("send SIP"))?;
         self.stream.flush().await.map_err(io("flush SIP"))?;
-        self.log.push(LogLine { sent: true, at: self.opened.elapsed(), when: Instant::now(), first_line: first_line(text.as_bytes()) });
+        self.log.push(LogLine {
+            sent: true,
+            at: self.opened.elapsed(),
+            when: Instant::now(),
+            first_line: first_line(text.as_bytes()),
+        });
         Ok(())
     }
 
@@ -313,8 +383,15 @@ impl UaConn {
         loop {
             match self.framer.next_frame() {
                 Ok(Some(Frame::Message(raw))) => {
-                    let m = Message::from_frame(&raw).map_err(|e| UaError::BadSip { reason: e.to_string() })?;
-                    self.log.push(LogLine { sent: false, at: self.opened.elapsed(), when: Instant::now(), first_line: first_line(raw.as_bytes()) });
+                    let m = Message::from_frame(&raw).map_err(|e| UaError::BadSip {
+                        reason: e.to_string(),
+                    })?;
+                    self.log.push(LogLine {
+                        sent: false,
+                        at: self.opened.elapsed(),
+                        when: Instant::now(),
+                        first_line: first_line(raw.as_bytes()),
+                    });
                     return Ok(m);
                 }
                 Ok(Some(Frame::Ping)) => {
@@ -323,16 +400,25 @@ impl UaConn {
                 }
                 Ok(Some(Frame::Pong)) => continue,
                 Ok(None) => {}
-                Err(e) => return Err(UaError::BadSip { reason: e.to_string() }),
+                Err(e) => {
+                    return Err(UaError::BadSip {
+                        reason: e.to_string(),
+                    })
+                }
             }
             let n = tokio::time::timeout_at(deadline, self.stream.read(&mut buf))
                 .await
-                .map_err(|_| UaError::Timeout { what: what.clone(), after: wait })?
+                .map_err(|_| UaError::Timeout {
+                    what: what.clone(),
+                    after: wait,
+                })?
                 .map_err(io("read SIP"))?;
             if n == 0 {
                 return Err(UaError::Closed { what });
             }
-            self.framer.push(&buf[..n]).map_err(|e| UaError::BadSip { reason: e.to_string() })?;
+            self.framer.push(&buf[..n]).map_err(|e| UaError::BadSip {
+                reason: e.to_string(),
+            })?;
         }
     }
 
@@ -342,7 +428,10 @@ impl UaConn {
         if m.method().is_some_and(|x| x.is(method)) {
             Ok(m)
         } else {
-            Err(UaError::Unexpected { wanted: method.to_owned(), got: first_line(&m.to_bytes()) })
+            Err(UaError::Unexpected {
+                wanted: method.to_owned(),
+                got: first_line(&m.to_bytes()),
+            })
         }
     }
 
@@ -353,7 +442,12 @@ impl UaConn {
             match m.status() {
                 Some(100) if code != 100 => continue,
                 Some(c) if c == code => return Ok(m),
-                _ => return Err(UaError::Unexpected { wanted: format!("a {code} response"), got: first_line(&m.to_bytes()) }),
+                _ => {
+                    return Err(UaError::Unexpected {
+                        wanted: format!("a {code} response"),
+                        got: first_line(&m.to_bytes()),
+                    })
+                }
             }
         }
     }
@@ -366,7 +460,10 @@ static COUNTER: AtomicU64 = AtomicU64::new(1);
 /// A token unique within this process run (branches, tags, Call-IDs).
 pub fn unique(prefix: &str) -> String {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
     format!("{prefix}{:x}{n:x}{t:x}", std::process::id())
 }
 
@@ -397,7 +494,13 @@ fn body_headers(content_type: &str, body: &str) -> String {
 }
 
 /// A REGISTER for `me` at `registrar` (a `sips:domain` URI).
-pub fn register(me: &UaIdentity, registrar: &str, call_id: &str, cseq: u32, expires: u32) -> String {
+pub fn register(
+    me: &UaIdentity,
+    registrar: &str,
+    call_id: &str,
+    cseq: u32,
+    expires: u32,
+) -> String {
     format!(
         "REGISTER {registrar} SIP/2.0\r\nVia: SIP/2.0/TLS {};branch={};rport\r\nMax-Forwards: 70\r\nFrom: <{}>;tag={}\r\nTo: <{}>\r\nCall-ID: {call_id}\r\nCSeq: {cseq} REGISTER\r\nContact: <{}>\r\nExpires: {expires}\r\n{}",
         me.via_host,
@@ -413,14 +516,37 @@ pub fn register(me: &UaIdentity, registrar: &str, call_id: &str, cseq: u32, expi
 /// The response a UAS (or registrar) sends to `req` (RFC 3261 §8.2.6):
 /// Via, From, Call-ID, CSeq and Record-Route copied, a To tag added if
 /// missing; `extra` holds complete header lines (`Contact: <...>\r\n`).
-pub fn reply(req: &Message, code: u16, reason: &str, to_tag: &str, extra: &str, content_type: &str, body: &str) -> String {
+pub fn reply(
+    req: &Message,
+    code: u16,
+    reason: &str,
+    to_tag: &str,
+    extra: &str,
+    content_type: &str,
+    body: &str,
+) -> String {
     let mut s = format!("SIP/2.0 {code} {reason}\r\n");
     for h in req.headers() {
         let n = h.name.to_ascii_lowercase();
-        if ["via", "v", "record-route", "from", "f", "call-id", "i", "cseq"].contains(&n.as_str()) {
+        if [
+            "via",
+            "v",
+            "record-route",
+            "from",
+            "f",
+            "call-id",
+            "i",
+            "cseq",
+        ]
+        .contains(&n.as_str())
+        {
             let _ = write!(s, "{}: {}\r\n", h.name, h.value);
         } else if n == "to" || n == "t" {
-            let tag = if h.value.contains("tag=") || code == 100 { String::new() } else { format!(";tag={to_tag}") };
+            let tag = if h.value.contains("tag=") || code == 100 {
+                String::new()
+            } else {
+                format!(";tag={to_tag}")
+            };
             let _ = write!(s, "{}: {}{tag}\r\n", h.name, h.value);
         }
     }
@@ -476,15 +602,27 @@ impl Dialog {
     pub fn incoming(me: &UaIdentity, invite: &Message) -> Result<Dialog, UaError> {
         let from = invite.from().map_err(|e| missing(format!("From: {e}")))?;
         let to = invite.to().map_err(|e| missing(format!("To: {e}")))?;
-        let contact = invite.name_addrs("Contact").ok().and_then(|c| c.into_iter().next()).ok_or_else(|| missing("INVITE without Contact"))?;
+        let contact = invite
+            .name_addrs("Contact")
+            .ok()
+            .and_then(|c| c.into_iter().next())
+            .ok_or_else(|| missing("INVITE without Contact"))?;
         Ok(Dialog {
-            call_id: invite.call_id().map_err(|e| missing(format!("Call-ID: {e}")))?.to_owned(),
+            call_id: invite
+                .call_id()
+                .map_err(|e| missing(format!("Call-ID: {e}")))?
+                .to_owned(),
             local_tag: unique("t"),
             remote_tag: from.tag().map(str::to_owned),
             local_uri: to.uri.clone(),
             remote_uri: from.uri.clone(),
             remote_target: contact.uri,
-            route_set: invite.name_addrs("Record-Route").unwrap_or_default().into_iter().map(|r| r.uri).collect(),
+            route_set: invite
+                .name_addrs("Record-Route")
+                .unwrap_or_default()
+                .into_iter()
+                .map(|r| r.uri)
+                .collect(),
             cseq: 1000,
             me: me.clone(),
             last_invite: None,
@@ -492,7 +630,10 @@ impl Dialog {
     }
 
     fn routes(&self) -> String {
-        self.route_set.iter().map(|r| format!("Route: <{r}>\r\n")).collect()
+        self.route_set
+            .iter()
+            .map(|r| format!("Route: <{r}>\r\n"))
+            .collect()
     }
 
     fn to_header(&self) -> String {
@@ -509,7 +650,11 @@ impl Dialog {
             self.cseq += 1;
         }
         let branch = new_branch();
-        let contact = if ["INVITE", "UPDATE", "SUBSCRIBE"].contains(&method) { format!("Contact: <{}>\r\n", self.me.contact) } else { String::new() };
+        let contact = if ["INVITE", "UPDATE", "SUBSCRIBE"].contains(&method) {
+            format!("Contact: <{}>\r\n", self.me.contact)
+        } else {
+            String::new()
+        };
         let text = format!(
             "{method} {} SIP/2.0\r\nVia: SIP/2.0/TLS {};branch={branch};rport\r\n{}Max-Forwards: 70\r\nFrom: \"{}\" <{}>;tag={}\r\nTo: {}\r\nCall-ID: {}\r\nCSeq: {} {method}\r\n{contact}{}",
             self.remote_target,
@@ -542,12 +687,21 @@ impl Dialog {
             self.remote_tag = Some(tag);
         }
         if (200..300).contains(&code) || ((101..200).contains(&code) && self.route_set.is_empty()) {
-            let mut rr: Vec<String> = resp.name_addrs("Record-Route").unwrap_or_default().into_iter().map(|r| r.uri).collect();
+            let mut rr: Vec<String> = resp
+                .name_addrs("Record-Route")
+                .unwrap_or_default()
+                .into_iter()
+                .map(|r| r.uri)
+                .collect();
             rr.reverse();
             if (200..300).contains(&code) || !rr.is_empty() {
                 self.route_set = rr;
             }
-            if let Some(c) = resp.name_addrs("Contact").ok().and_then(|c| c.into_iter().next()) {
+            if let Some(c) = resp
+                .name_addrs("Contact")
+                .ok()
+                .and_then(|c| c.into_iter().next())
+            {
                 self.remote_target = c.uri;
             }
         }
@@ -601,7 +755,12 @@ pub struct MsrpOffer {
 impl MsrpOffer {
     /// The `a=path` URI this m-line advertises for `addr`.
     pub fn path(&self, addr: IpAddr) -> String {
-        format!("msrp://{}:{}/{};tcp", host_of(addr), self.port, self.session)
+        format!(
+            "msrp://{}:{}/{};tcp",
+            host_of(addr),
+            self.port,
+            self.session
+        )
     }
 }
 
@@ -669,7 +828,12 @@ pub fn media_lines(body: &[u8]) -> Result<Vec<MediaLine>, UaError> {
     for line in text.lines() {
         let line = line.trim_end();
         if let Some(c) = line.strip_prefix("c=") {
-            let ip = c.split_whitespace().nth(2).and_then(|a| a.split('/').next()).and_then(|a| a.parse::<IpAddr>().ok()).ok_or_else(|| missing(format!("bad c= line {line:?}")))?;
+            let ip = c
+                .split_whitespace()
+                .nth(2)
+                .and_then(|a| a.split('/').next())
+                .and_then(|a| a.parse::<IpAddr>().ok())
+                .ok_or_else(|| missing(format!("bad c= line {line:?}")))?;
             match out.last_mut() {
                 Some((_, c)) => *c = Some(ip),
                 None => session_c = Some(ip),
@@ -677,9 +841,22 @@ pub fn media_lines(body: &[u8]) -> Result<Vec<MediaLine>, UaError> {
         } else if let Some(m) = line.strip_prefix("m=") {
             let mut f = m.split_whitespace();
             let kind = f.next().unwrap_or("").to_owned();
-            let port = f.next().and_then(|p| p.split('/').next()).and_then(|p| p.parse::<u16>().ok()).ok_or_else(|| missing(format!("bad m= line {line:?}")))?;
+            let port = f
+                .next()
+                .and_then(|p| p.split('/').next())
+                .and_then(|p| p.parse::<u16>().ok())
+                .ok_or_else(|| missing(format!("bad m= line {line:?}")))?;
             let proto = f.next().unwrap_or("").to_owned();
-            out.push((MediaLine { kind, addr: SocketAddr::new(IpAddr::from([0, 0, 0, 0]), port), proto, path: None, setup: None }, None));
+            out.push((
+                MediaLine {
+                    kind,
+                    addr: SocketAddr::new(IpAddr::from([0, 0, 0, 0]), port),
+                    proto,
+                    path: None,
+                    setup: None,
+                },
+                None,
+            ));
         } else if let Some(p) = line.strip_prefix("a=path:") {
             if let Some((m, _)) = out.last_mut() {
                 m.path = Some(p.trim().to_owned());
@@ -692,7 +869,9 @@ pub fn media_lines(body: &[u8]) -> Result<Vec<MediaLine>, UaError> {
     }
     out.into_iter()
         .map(|(mut m, c)| {
-            let ip = c.or(session_c).ok_or_else(|| missing(format!("m={} has no connection address", m.kind)))?;
+            let ip = c
+                .or(session_c)
+                .ok_or_else(|| missing(format!("m={} has no connection address", m.kind)))?;
             m.addr = SocketAddr::new(ip, m.addr.port());
             Ok(m)
         })
@@ -701,7 +880,10 @@ pub fn media_lines(body: &[u8]) -> Result<Vec<MediaLine>, UaError> {
 
 /// The first m-line of `kind` in `body`.
 pub fn media_of(body: &[u8], kind: &str) -> Result<MediaLine, UaError> {
-    media_lines(body)?.into_iter().find(|m| m.kind == kind).ok_or_else(|| missing(format!("no m={kind} line in the SDP")))
+    media_lines(body)?
+        .into_iter()
+        .find(|m| m.kind == kind)
+        .ok_or_else(|| missing(format!("no m={kind} line in the SDP")))
 }
 
 // --- media -------------------------------------------------------------------
@@ -719,7 +901,13 @@ pub fn rtp_packet(seq: u16, ssrc: u32) -> [u8; 172] {
 }
 
 /// An MSRP SEND request carrying `data` in one chunk (RFC 4975 §7.1).
-pub fn msrp_send(tid: &str, to_path: &str, from_path: &str, message_id: &str, data: &[u8]) -> Vec<u8> {
+pub fn msrp_send(
+    tid: &str,
+    to_path: &str,
+    from_path: &str,
+    message_id: &str,
+    data: &[u8],
+) -> Vec<u8> {
     let mut v = format!(
         "MSRP {tid} SEND\r\nTo-Path: {to_path}\r\nFrom-Path: {from_path}\r\nMessage-ID: {message_id}\r\nByte-Range: 1-{n}/{n}\r\nContent-Type: application/octet-stream\r\n\r\n",
         n = data.len()
@@ -732,7 +920,10 @@ pub fn msrp_send(tid: &str, to_path: &str, from_path: &str, message_id: &str, da
 
 /// The 200 OK to an MSRP request (RFC 4975 §7.2): paths swapped.
 pub fn msrp_ok(tid: &str, to_path: &str, from_path: &str) -> Vec<u8> {
-    format!("MSRP {tid} 200 OK\r\nTo-Path: {to_path}\r\nFrom-Path: {from_path}\r\n-------{tid}$\r\n").into_bytes()
+    format!(
+        "MSRP {tid} 200 OK\r\nTo-Path: {to_path}\r\nFrom-Path: {from_path}\r\n-------{tid}$\r\n"
+    )
+    .into_bytes()
 }
 
 /// One MSRP transaction read from a stream: the start line and the body
@@ -756,7 +947,10 @@ pub fn msrp_read(stream: &mut impl std::io::Read, limit: usize) -> Result<MsrpFr
             let start = String::from_utf8_lossy(&buf[..e]).into_owned();
             let tid = start.split_whitespace().nth(1).unwrap_or("").to_owned();
             let end_line = format!("-------{tid}$\r\n");
-            if let Some(pos) = buf.windows(end_line.len()).position(|w| w == end_line.as_bytes()) {
+            if let Some(pos) = buf
+                .windows(end_line.len())
+                .position(|w| w == end_line.as_bytes())
+            {
                 let head = &buf[..pos];
                 let body = match head.windows(4).position(|w| w == b"\r\n\r\n") {
                     // The body ends with the CRLF before the end-line.
@@ -771,7 +965,9 @@ pub fn msrp_read(stream: &mut impl std::io::Read, limit: usize) -> Result<MsrpFr
         }
         let n = stream.read(&mut chunk).map_err(io("read MSRP"))?;
         if n == 0 {
-            return Err(UaError::Closed { what: "an MSRP frame".into() });
+            return Err(UaError::Closed {
+                what: "an MSRP frame".into(),
+            });
         }
         buf.extend_from_slice(&chunk[..n]);
     }
@@ -783,14 +979,26 @@ mod tests {
 
     #[test]
     fn sdp_round_trips_through_media_lines() {
-        let spec = SdpSpec { audio: Some(4000), video: Some(4002), msrp: Some(MsrpOffer { port: 4200, session: "s1".into(), setup: Some("active"), file_selector: None }) };
+        let spec = SdpSpec {
+            audio: Some(4000),
+            video: Some(4002),
+            msrp: Some(MsrpOffer {
+                port: 4200,
+                session: "s1".into(),
+                setup: Some("active"),
+                file_selector: None,
+            }),
+        };
         let ip: IpAddr = "10.77.0.2".parse().unwrap();
         let lines = media_lines(sdp("alice", 1, ip, &spec).as_bytes()).unwrap();
         assert_eq!(lines.len(), 3);
         assert_eq!(lines[0].addr, "10.77.0.2:4000".parse().unwrap());
         assert_eq!(lines[1].kind, "video");
         assert_eq!(lines[2].proto, "TCP/MSRP");
-        assert_eq!(lines[2].path.as_deref(), Some("msrp://10.77.0.2:4200/s1;tcp"));
+        assert_eq!(
+            lines[2].path.as_deref(),
+            Some("msrp://10.77.0.2:4200/s1;tcp")
+        );
         assert_eq!(lines[2].setup.as_deref(), Some("active"));
     }
 
@@ -805,7 +1013,11 @@ mod tests {
     #[test]
     fn msrp_frames_parse_back() {
         let data = vec![7u8; 1000];
-        let f = msrp_read(&mut &msrp_send("t1", "msrp://b", "msrp://a", "m1", &data)[..], 1 << 20).unwrap();
+        let f = msrp_read(
+            &mut &msrp_send("t1", "msrp://b", "msrp://a", "m1", &data)[..],
+            1 << 20,
+        )
+        .unwrap();
         assert_eq!(f.start, "MSRP t1 SEND");
         assert_eq!(f.body, data);
         let ok = msrp_read(&mut &msrp_ok("t1", "msrp://a", "msrp://b")[..], 1 << 20).unwrap();

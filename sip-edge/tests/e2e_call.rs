@@ -17,7 +17,10 @@ use serde_json::Value;
 use sip_edge::{
     datapath::maps::DatapathMaps,
     testnet::{self, udp_roundtrip, AgentProcess, Topology},
-    testua::{self, media_of, reply, rtp_packet, sdp, Dialog, MsrpOffer, SdpSpec, TestPki, UaConn, UaIdentity, UaListener},
+    testua::{
+        self, media_of, reply, rtp_packet, sdp, Dialog, MsrpOffer, SdpSpec, TestPki, UaConn,
+        UaIdentity, UaListener,
+    },
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_sip-edge");
@@ -36,7 +39,10 @@ fn ip(s: &str) -> IpAddr {
 struct Pins(PathBuf);
 impl Drop for Pins {
     fn drop(&mut self) {
-        let links: Vec<PathBuf> = ["int0", "ext0"].iter().map(|i| sip_edge::datapath::attach::link_pin(&self.0, i)).collect();
+        let links: Vec<PathBuf> = ["int0", "ext0"]
+            .iter()
+            .map(|i| sip_edge::datapath::attach::link_pin(&self.0, i))
+            .collect();
         let _ = sip_edge::datapath::attach::remove_pins(&self.0, &links);
     }
 }
@@ -53,11 +59,21 @@ struct Edge {
 }
 
 fn alice() -> UaIdentity {
-    UaIdentity { aor: "sips:alice@peer.example.net".into(), contact: "sips:alice@10.77.0.2:5061".into(), via_host: "10.77.0.2:5061".into(), display: "Alice".into() }
+    UaIdentity {
+        aor: "sips:alice@peer.example.net".into(),
+        contact: "sips:alice@10.77.0.2:5061".into(),
+        via_host: "10.77.0.2:5061".into(),
+        display: "Alice".into(),
+    }
 }
 
 fn bob() -> UaIdentity {
-    UaIdentity { aor: "sips:bob@peer.example.net".into(), contact: "sips:bob@198.51.100.2:5061".into(), via_host: "198.51.100.2:5061".into(), display: "Bob".into() }
+    UaIdentity {
+        aor: "sips:bob@peer.example.net".into(),
+        contact: "sips:bob@198.51.100.2:5061".into(),
+        via_host: "198.51.100.2:5061".into(),
+        display: "Bob".into(),
+    }
 }
 
 fn contact(me: &UaIdentity) -> String {
@@ -67,12 +83,22 @@ fn contact(me: &UaIdentity) -> String {
 impl Edge {
     fn start(tag: &str, mode: &str) -> Edge {
         let mut topo = Topology::create(tag).expect("create namespaces");
-        topo.attach_pass_programs().expect("attach pass programs on the end hosts");
+        topo.attach_pass_programs()
+            .expect("attach pass programs on the end hosts");
         // The edge's own outgoing TLS connections must not take a source
         // port inside the media range: XDP drops anything aimed at a media
         // port without a pinhole, replies included. (Production needs the
         // same: keep ip_local_port_range clear of [media] port_ranges.)
-        testnet::sh(&["ip", "netns", "exec", &topo.edge, "sysctl", "-qw", "net.ipv4.ip_local_port_range=50000 59999"]).expect("edge port range");
+        testnet::sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &topo.edge,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_local_port_range=50000 59999",
+        ])
+        .expect("edge port range");
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/sip-edge-test-{tag}"));
         let pins = Pins(pin_dir.clone());
         let tmp = tempfile::tempdir().expect("tempdir");
@@ -114,19 +140,48 @@ tls_name = "peer.example.net"
         );
         let config = tmp.path().join("sip-edge.toml");
         std::fs::write(&config, cfg).expect("write config");
-        let agent = AgentProcess::start(&topo, Path::new(BIN), &config, &pin_dir, &["int0", "ext0"]).expect("start agent");
+        let agent =
+            AgentProcess::start(&topo, Path::new(BIN), &config, &pin_dir, &["int0", "ext0"])
+                .expect("start agent");
         // The SIP listeners come up right after the datapath: wait for them.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while testnet::in_ns(&topo.client, || std::net::TcpStream::connect_timeout(&sa("10.77.0.1:5061"), Duration::from_millis(200))).expect("netns").is_err() {
-            assert!(Instant::now() < deadline, "the agent's internal SIP listener never came up");
+        while testnet::in_ns(&topo.client, || {
+            std::net::TcpStream::connect_timeout(&sa("10.77.0.1:5061"), Duration::from_millis(200))
+        })
+        .expect("netns")
+        .is_err()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the agent's internal SIP listener never came up"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
-        Edge { agent: Some(agent), _pins: pins, topo, pin_dir, pki, _tmp: tmp }
+        Edge {
+            agent: Some(agent),
+            _pins: pins,
+            topo,
+            pin_dir,
+            pki,
+            _tmp: tmp,
+        }
     }
 
     fn cli(&self, args: &[&str]) -> String {
-        let out = self.topo.edge_cmd(Path::new(BIN)).args(args).arg("--pin-dir").arg(&self.pin_dir).arg("--json").output().expect("run sip-edge CLI");
-        assert!(out.status.success(), "sip-edge {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        let out = self
+            .topo
+            .edge_cmd(Path::new(BIN))
+            .args(args)
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .arg("--json")
+            .output()
+            .expect("run sip-edge CLI");
+        assert!(
+            out.status.success(),
+            "sip-edge {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -137,7 +192,13 @@ tls_name = "peer.example.net"
 
     fn reason(&self, name: &str) -> u64 {
         let v: Value = serde_json::from_str(&self.cli(&["stats"])).expect("stats json");
-        v["reasons"].as_array().expect("reasons").iter().find(|r| r["reason"] == name).and_then(|r| r["packets"].as_u64()).unwrap_or_else(|| panic!("no reason {name}"))
+        v["reasons"]
+            .as_array()
+            .expect("reasons")
+            .iter()
+            .find(|r| r["reason"] == name)
+            .and_then(|r| r["packets"].as_u64())
+            .unwrap_or_else(|| panic!("no reason {name}"))
     }
 
     /// The scenario's closing check: nothing left in the pinhole map.
@@ -148,22 +209,45 @@ tls_name = "peer.example.net"
             if list.is_empty() {
                 return;
             }
-            assert!(Instant::now() < deadline, "{scenario}: pinholes left behind: {list:#?}");
+            assert!(
+                Instant::now() < deadline,
+                "{scenario}: pinholes left behind: {list:#?}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
     /// Packets the rule matching `local` (an edge address:port) carried.
     fn packets_at(&self, local: SocketAddr) -> u64 {
-        self.pinholes().iter().filter(|e| e["local"].as_str() == Some(&local.to_string())).map(|e| e["packets"].as_u64().unwrap_or(0)).sum()
+        self.pinholes()
+            .iter()
+            .filter(|e| e["local"].as_str() == Some(&local.to_string()))
+            .map(|e| e["packets"].as_u64().unwrap_or(0))
+            .sum()
     }
 
     async fn connect_alice(&self) -> UaConn {
-        testua::connect_tls(&self.topo.client, sa("10.77.0.1:5061"), &self.pki.ca, testua::EDGE_TLS_NAME, WAIT).await.expect("alice connects to the edge over TLS")
+        testua::connect_tls(
+            &self.topo.client,
+            sa("10.77.0.1:5061"),
+            &self.pki.ca,
+            testua::EDGE_TLS_NAME,
+            WAIT,
+        )
+        .await
+        .expect("alice connects to the edge over TLS")
     }
 
     async fn connect_bob(&self) -> UaConn {
-        testua::connect_tls(&self.topo.peer, sa("203.0.113.1:5061"), &self.pki.ca, testua::EDGE_TLS_NAME, WAIT).await.expect("bob connects to the edge over TLS")
+        testua::connect_tls(
+            &self.topo.peer,
+            sa("203.0.113.1:5061"),
+            &self.pki.ca,
+            testua::EDGE_TLS_NAME,
+            WAIT,
+        )
+        .await
+        .expect("bob connects to the edge over TLS")
     }
 
     fn udp(&self, ns: &str, addr: &str) -> UdpSocket {
@@ -178,13 +262,24 @@ tls_name = "peer.example.net"
 }
 
 /// Send until received (first packets may meet an unresolved neighbour).
-fn eventually(from: &UdpSocket, to: SocketAddr, rx: &UdpSocket, payload: &[u8]) -> Option<SocketAddr> {
+fn eventually(
+    from: &UdpSocket,
+    to: SocketAddr,
+    rx: &UdpSocket,
+    payload: &[u8],
+) -> Option<SocketAddr> {
     (0..20).find_map(|_| udp_roundtrip(from, to, rx, payload).map(|(_, src)| src))
 }
 
 /// `n` RTP packets from `from` to `to`; returns how many `rx` got and the
 /// sources it saw.
-fn rtp_burst(from: &UdpSocket, to: SocketAddr, rx: &UdpSocket, n: u16, ssrc: u32) -> (u16, Vec<SocketAddr>) {
+fn rtp_burst(
+    from: &UdpSocket,
+    to: SocketAddr,
+    rx: &UdpSocket,
+    n: u16,
+    ssrc: u32,
+) -> (u16, Vec<SocketAddr>) {
     for seq in 0..n {
         from.send_to(&rtp_packet(seq, ssrc), to).expect("send rtp");
     }
@@ -236,15 +331,32 @@ struct Bob {
 
 impl Bob {
     fn new(e: &Edge) -> Bob {
-        Bob { listener: UaListener::bind(&e.topo.peer, sa("198.51.100.2:5061"), &e.pki.peer_cert, &e.pki.peer_key).expect("bob listens"), conn: None }
+        Bob {
+            listener: UaListener::bind(
+                &e.topo.peer,
+                sa("198.51.100.2:5061"),
+                &e.pki.peer_cert,
+                &e.pki.peer_key,
+            )
+            .expect("bob listens"),
+            conn: None,
+        }
     }
 
     /// The next request from the edge, accepting its connection if needed.
     async fn recv_request(&mut self, method: &str) -> Message {
         if self.conn.is_none() {
-            self.conn = Some(self.listener.accept(WAIT).await.expect("edge connects to the peer"));
+            self.conn = Some(
+                self.listener
+                    .accept(WAIT)
+                    .await
+                    .expect("edge connects to the peer"),
+            );
         }
-        self.conn().recv_request(method, WAIT).await.unwrap_or_else(|e| panic!("bob waiting for {method}: {e}"))
+        self.conn()
+            .recv_request(method, WAIT)
+            .await
+            .unwrap_or_else(|e| panic!("bob waiting for {method}: {e}"))
     }
 
     fn conn(&mut self) -> &mut UaConn {
@@ -256,28 +368,72 @@ use sip_edge::sip::message::Message;
 
 /// INVITE from alice with `offer_spec`, 180 (with `early` SDP if set) and
 /// 200 with `answer_spec` from bob, ACK.
-async fn call_out(alice: &mut UaConn, bob: &mut Bob, offer_spec: &SdpSpec, answer_spec: &SdpSpec) -> OutCall {
+async fn call_out(
+    alice: &mut UaConn,
+    bob: &mut Bob,
+    offer_spec: &SdpSpec,
+    answer_spec: &SdpSpec,
+) -> OutCall {
     let mut a = Dialog::outgoing(&self::alice(), "sips:bob@peer.example.net");
-    alice.send(&a.invite(&sdp("alice", 1, ip("10.77.0.2"), offer_spec))).await.expect("send INVITE");
+    alice
+        .send(&a.invite(&sdp("alice", 1, ip("10.77.0.2"), offer_spec)))
+        .await
+        .expect("send INVITE");
     let inv = bob.recv_request("INVITE").await;
     let b = Dialog::incoming(&self::bob(), &inv).expect("bob's dialog");
-    bob.conn().send(&reply(&inv, 180, "Ringing", &b.local_tag, &contact(&b.me), "", "")).await.expect("180");
+    bob.conn()
+        .send(&reply(
+            &inv,
+            180,
+            "Ringing",
+            &b.local_tag,
+            &contact(&b.me),
+            "",
+            "",
+        ))
+        .await
+        .expect("180");
     let ringing = alice.recv_status(180, WAIT).await.expect("alice gets 180");
     a.on_invite_response(&ringing).expect("180");
-    bob.conn().send(&reply(&inv, 200, "OK", &b.local_tag, &contact(&b.me), "application/sdp", &sdp("bob", 1, ip("198.51.100.2"), answer_spec))).await.expect("200");
+    bob.conn()
+        .send(&reply(
+            &inv,
+            200,
+            "OK",
+            &b.local_tag,
+            &contact(&b.me),
+            "application/sdp",
+            &sdp("bob", 1, ip("198.51.100.2"), answer_spec),
+        ))
+        .await
+        .expect("200");
     let ok = alice.recv_status(200, WAIT).await.expect("alice gets 200");
     a.on_invite_response(&ok).expect("200");
     alice.send(&a.ack("", "")).await.expect("ACK");
     bob.recv_request("ACK").await;
-    OutCall { a, b, offer: inv.body().to_vec(), answer: ok.body().to_vec() }
+    OutCall {
+        a,
+        b,
+        offer: inv.body().to_vec(),
+        answer: ok.body().to_vec(),
+    }
 }
 
 /// BYE from alice, 200 from bob.
 async fn bye_from_alice(alice: &mut UaConn, bob: &mut Bob, call: &mut OutCall) {
-    alice.send(&call.a.request("BYE", "", "")).await.expect("BYE");
+    alice
+        .send(&call.a.request("BYE", "", ""))
+        .await
+        .expect("BYE");
     let bye = bob.recv_request("BYE").await;
-    bob.conn().send(&reply(&bye, 200, "OK", &call.b.local_tag, "", "", "")).await.expect("200 BYE");
-    alice.recv_status(200, WAIT).await.expect("alice gets 200 for BYE");
+    bob.conn()
+        .send(&reply(&bye, 200, "OK", &call.b.local_tag, "", "", ""))
+        .await
+        .expect("200 BYE");
+    alice
+        .recv_status(200, WAIT)
+        .await
+        .expect("alice gets 200 for BYE");
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -302,95 +458,306 @@ async fn relay_mode_calls_over_tls_open_and_close_pinholes() {
     let mut call = call_out(
         &mut alice,
         &mut bob,
-        &SdpSpec { audio: Some(4000), video: Some(4010), msrp: None },
-        &SdpSpec { audio: Some(5000), video: Some(5010), msrp: None },
+        &SdpSpec {
+            audio: Some(4000),
+            video: Some(4010),
+            msrp: None,
+        },
+        &SdpSpec {
+            audio: Some(5000),
+            video: Some(5010),
+            msrp: None,
+        },
     )
     .await;
     let offer = media_of(&call.offer, "audio").expect("offer audio");
     let answer = media_of(&call.answer, "audio").expect("answer audio");
-    assert_eq!(offer.addr.ip(), ip("203.0.113.1"), "the peer must see the edge's public address in the offer");
-    assert_eq!(answer.addr.ip(), ip("10.77.0.1"), "the client must see the edge's internal address in the answer");
-    assert_eq!(media_of(&call.offer, "video").expect("video").addr.ip(), ip("203.0.113.1"), "second m-line rewritten too");
-    assert!(!String::from_utf8_lossy(&call.offer).contains("10.77.0.2"), "private address leaked to the outside");
+    assert_eq!(
+        offer.addr.ip(),
+        ip("203.0.113.1"),
+        "the peer must see the edge's public address in the offer"
+    );
+    assert_eq!(
+        answer.addr.ip(),
+        ip("10.77.0.1"),
+        "the client must see the edge's internal address in the answer"
+    );
+    assert_eq!(
+        media_of(&call.offer, "video").expect("video").addr.ip(),
+        ip("203.0.113.1"),
+        "second m-line rewritten too"
+    );
+    assert!(
+        !String::from_utf8_lossy(&call.offer).contains("10.77.0.2"),
+        "private address leaked to the outside"
+    );
     // Signalling went over TLS end to end and the pinholes exist now.
     assert!(!e.pinholes().is_empty(), "no pinholes after 200 OK/ACK");
-    let src = eventually(&b_rtp, offer.addr, &a_rtp, &rtp_packet(0, 1)).expect("peer -> client RTP never arrived");
-    assert_eq!(src, answer.addr, "the client must receive media from the edge address its SDP named");
-    let src = eventually(&a_rtp, answer.addr, &b_rtp, &rtp_packet(0, 2)).expect("client -> peer RTP never arrived");
-    assert_eq!(src, offer.addr, "the peer must receive media from the edge address its SDP named");
+    let src = eventually(&b_rtp, offer.addr, &a_rtp, &rtp_packet(0, 1))
+        .expect("peer -> client RTP never arrived");
+    assert_eq!(
+        src, answer.addr,
+        "the client must receive media from the edge address its SDP named"
+    );
+    let src = eventually(&a_rtp, answer.addr, &b_rtp, &rtp_packet(0, 2))
+        .expect("client -> peer RTP never arrived");
+    assert_eq!(
+        src, offer.addr,
+        "the peer must receive media from the edge address its SDP named"
+    );
     let (in_before, out_before) = (e.packets_at(offer.addr), e.packets_at(answer.addr));
     let (got_in, srcs_in) = rtp_burst(&b_rtp, offer.addr, &a_rtp, 50, 3);
     let (got_out, srcs_out) = rtp_burst(&a_rtp, answer.addr, &b_rtp, 50, 4);
-    assert!(got_in >= 45 && got_out >= 45, "RTP lost: in {got_in}/50, out {got_out}/50");
+    assert!(
+        got_in >= 45 && got_out >= 45,
+        "RTP lost: in {got_in}/50, out {got_out}/50"
+    );
     assert_eq!((srcs_in, srcs_out), (vec![answer.addr], vec![offer.addr]));
     let (in_after, out_after) = (e.packets_at(offer.addr), e.packets_at(answer.addr));
-    assert!(in_after >= in_before + u64::from(got_in), "inbound pinhole counter did not move: {in_before} -> {in_after}");
-    assert!(out_after >= out_before + u64::from(got_out), "outbound pinhole counter did not move: {out_before} -> {out_after}");
+    assert!(
+        in_after >= in_before + u64::from(got_in),
+        "inbound pinhole counter did not move: {in_before} -> {in_after}"
+    );
+    assert!(
+        out_after >= out_before + u64::from(got_out),
+        "outbound pinhole counter did not move: {out_before} -> {out_after}"
+    );
     // An edge media port nobody negotiated stays closed, and is counted.
-    let used: Vec<u16> = e.pinholes().iter().filter_map(|p| p["local"].as_str().and_then(|l| l.parse::<SocketAddr>().ok()).map(|a| a.port())).collect();
-    let closed = (40000..41000).rev().find(|p| !used.contains(p)).expect("a free port");
+    let used: Vec<u16> = e
+        .pinholes()
+        .iter()
+        .filter_map(|p| {
+            p["local"]
+                .as_str()
+                .and_then(|l| l.parse::<SocketAddr>().ok())
+                .map(|a| a.port())
+        })
+        .collect();
+    let closed = (40000..41000)
+        .rev()
+        .find(|p| !used.contains(p))
+        .expect("a free port");
     let before = e.reason("drop_no_pinhole");
-    assert!(udp_roundtrip(&b_rtp, SocketAddr::new(ip("203.0.113.1"), closed), &a_rtp, b"unsolicited").is_none(), "un-negotiated media port open");
-    assert!(e.reason("drop_no_pinhole") > before, "drop at an un-negotiated port not counted");
+    assert!(
+        udp_roundtrip(
+            &b_rtp,
+            SocketAddr::new(ip("203.0.113.1"), closed),
+            &a_rtp,
+            b"unsolicited"
+        )
+        .is_none(),
+        "un-negotiated media port open"
+    );
+    assert!(
+        e.reason("drop_no_pinhole") > before,
+        "drop at an un-negotiated port not counted"
+    );
     bye_from_alice(&mut alice, &mut bob, &mut call).await;
     e.assert_empty("a. relay call after BYE");
-    assert!(udp_roundtrip(&b_rtp, offer.addr, &a_rtp, b"after bye").is_none(), "media still flows after BYE");
+    assert!(
+        udp_roundtrip(&b_rtp, offer.addr, &a_rtp, b"after bye").is_none(),
+        "media still flows after BYE"
+    );
 
     // --- c1. CANCEL while ringing (with early media installed) -> empty.
     let mut a = Dialog::outgoing(&self::alice(), "sips:bob@peer.example.net");
-    alice.send(&a.invite(&sdp("alice", 1, ip("10.77.0.2"), &SdpSpec { audio: Some(4000), ..Default::default() }))).await.expect("INVITE");
+    alice
+        .send(&a.invite(&sdp(
+            "alice",
+            1,
+            ip("10.77.0.2"),
+            &SdpSpec {
+                audio: Some(4000),
+                ..Default::default()
+            },
+        )))
+        .await
+        .expect("INVITE");
     let inv = bob.recv_request("INVITE").await;
     let b = Dialog::incoming(&self::bob(), &inv).expect("dialog");
-    let early = sdp("bob", 1, ip("198.51.100.2"), &SdpSpec { audio: Some(5000), ..Default::default() });
-    bob.conn().send(&reply(&inv, 180, "Ringing", &b.local_tag, &contact(&b.me), "application/sdp", &early)).await.expect("180");
+    let early = sdp(
+        "bob",
+        1,
+        ip("198.51.100.2"),
+        &SdpSpec {
+            audio: Some(5000),
+            ..Default::default()
+        },
+    );
+    bob.conn()
+        .send(&reply(
+            &inv,
+            180,
+            "Ringing",
+            &b.local_tag,
+            &contact(&b.me),
+            "application/sdp",
+            &early,
+        ))
+        .await
+        .expect("180");
     let r = alice.recv_status(180, WAIT).await.expect("180");
     a.on_invite_response(&r).expect("180");
-    assert!(!e.pinholes().is_empty(), "early media (SDP in 180) installs pinholes");
-    alice.send(&a.cancel().expect("pending INVITE")).await.expect("CANCEL");
+    assert!(
+        !e.pinholes().is_empty(),
+        "early media (SDP in 180) installs pinholes"
+    );
+    alice
+        .send(&a.cancel().expect("pending INVITE"))
+        .await
+        .expect("CANCEL");
     alice.recv_status(200, WAIT).await.expect("200 for CANCEL");
     let c = bob.recv_request("CANCEL").await;
-    bob.conn().send(&reply(&c, 200, "OK", &b.local_tag, "", "", "")).await.expect("200 CANCEL");
-    bob.conn().send(&reply(&inv, 487, "Request Terminated", &b.local_tag, "", "", "")).await.expect("487");
+    bob.conn()
+        .send(&reply(&c, 200, "OK", &b.local_tag, "", "", ""))
+        .await
+        .expect("200 CANCEL");
+    bob.conn()
+        .send(&reply(
+            &inv,
+            487,
+            "Request Terminated",
+            &b.local_tag,
+            "",
+            "",
+            "",
+        ))
+        .await
+        .expect("487");
     bob.recv_request("ACK").await;
     let r = alice.recv_status(487, WAIT).await.expect("487");
-    alice.send(&a.ack_failure(&r).expect("ack")).await.expect("ACK 487");
+    alice
+        .send(&a.ack_failure(&r).expect("ack"))
+        .await
+        .expect("ACK 487");
     e.assert_empty("c. CANCEL during ringing");
 
     // --- c2. 486 Busy Here after early media -> empty.
     let mut a = Dialog::outgoing(&self::alice(), "sips:bob@peer.example.net");
-    alice.send(&a.invite(&sdp("alice", 1, ip("10.77.0.2"), &SdpSpec { audio: Some(4000), ..Default::default() }))).await.expect("INVITE");
+    alice
+        .send(&a.invite(&sdp(
+            "alice",
+            1,
+            ip("10.77.0.2"),
+            &SdpSpec {
+                audio: Some(4000),
+                ..Default::default()
+            },
+        )))
+        .await
+        .expect("INVITE");
     let inv = bob.recv_request("INVITE").await;
     let b = Dialog::incoming(&self::bob(), &inv).expect("dialog");
-    bob.conn().send(&reply(&inv, 183, "Session Progress", &b.local_tag, &contact(&b.me), "application/sdp", &early)).await.expect("183");
+    bob.conn()
+        .send(&reply(
+            &inv,
+            183,
+            "Session Progress",
+            &b.local_tag,
+            &contact(&b.me),
+            "application/sdp",
+            &early,
+        ))
+        .await
+        .expect("183");
     alice.recv_status(183, WAIT).await.expect("183");
-    assert!(!e.pinholes().is_empty(), "early media (SDP in 183) installs pinholes");
-    bob.conn().send(&reply(&inv, 486, "Busy Here", &b.local_tag, "", "", "")).await.expect("486");
+    assert!(
+        !e.pinholes().is_empty(),
+        "early media (SDP in 183) installs pinholes"
+    );
+    bob.conn()
+        .send(&reply(&inv, 486, "Busy Here", &b.local_tag, "", "", ""))
+        .await
+        .expect("486");
     bob.recv_request("ACK").await;
     let r = alice.recv_status(486, WAIT).await.expect("486");
-    alice.send(&a.ack_failure(&r).expect("ack")).await.expect("ACK 486");
+    alice
+        .send(&a.ack_failure(&r).expect("ack"))
+        .await
+        .expect("ACK 486");
     e.assert_empty("c. 486 Busy Here");
 
     // --- d. re-INVITE moves alice's audio to a new port.
     let a_old = e.udp(&e.topo.client, "10.77.0.2:4020");
     let a_new = e.udp(&e.topo.client, "10.77.0.2:4022");
     let b_rtp2 = e.udp(&e.topo.peer, "198.51.100.2:5020");
-    let mut call = call_out(&mut alice, &mut bob, &SdpSpec { audio: Some(4020), ..Default::default() }, &SdpSpec { audio: Some(5020), ..Default::default() }).await;
+    let mut call = call_out(
+        &mut alice,
+        &mut bob,
+        &SdpSpec {
+            audio: Some(4020),
+            ..Default::default()
+        },
+        &SdpSpec {
+            audio: Some(5020),
+            ..Default::default()
+        },
+    )
+    .await;
     let public = media_of(&call.offer, "audio").expect("offer").addr;
     let inner = media_of(&call.answer, "audio").expect("answer").addr;
-    eventually(&b_rtp2, public, &a_old, &rtp_packet(0, 5)).expect("media to the old port before the re-INVITE");
-    alice.send(&call.a.invite(&sdp("alice", 2, ip("10.77.0.2"), &SdpSpec { audio: Some(4022), ..Default::default() }))).await.expect("re-INVITE");
+    eventually(&b_rtp2, public, &a_old, &rtp_packet(0, 5))
+        .expect("media to the old port before the re-INVITE");
+    alice
+        .send(&call.a.invite(&sdp(
+            "alice",
+            2,
+            ip("10.77.0.2"),
+            &SdpSpec {
+                audio: Some(4022),
+                ..Default::default()
+            },
+        )))
+        .await
+        .expect("re-INVITE");
     let reinv = bob.recv_request("INVITE").await;
-    assert_eq!(media_of(reinv.body(), "audio").expect("re-offer").addr, public, "the re-offer keeps the edge's public port");
-    bob.conn().send(&reply(&reinv, 200, "OK", &call.b.local_tag, &contact(&call.b.me), "application/sdp", &sdp("bob", 2, ip("198.51.100.2"), &SdpSpec { audio: Some(5020), ..Default::default() }))).await.expect("200 re-INVITE");
+    assert_eq!(
+        media_of(reinv.body(), "audio").expect("re-offer").addr,
+        public,
+        "the re-offer keeps the edge's public port"
+    );
+    bob.conn()
+        .send(&reply(
+            &reinv,
+            200,
+            "OK",
+            &call.b.local_tag,
+            &contact(&call.b.me),
+            "application/sdp",
+            &sdp(
+                "bob",
+                2,
+                ip("198.51.100.2"),
+                &SdpSpec {
+                    audio: Some(5020),
+                    ..Default::default()
+                },
+            ),
+        ))
+        .await
+        .expect("200 re-INVITE");
     let ok = alice.recv_status(200, WAIT).await.expect("200 re-INVITE");
     call.a.on_invite_response(&ok).expect("200");
-    alice.send(&call.a.ack("", "")).await.expect("ACK re-INVITE");
+    alice
+        .send(&call.a.ack("", ""))
+        .await
+        .expect("ACK re-INVITE");
     bob.recv_request("ACK").await;
     let moved = rtp_packet(1, 6);
-    let src = eventually(&b_rtp2, public, &a_new, &moved).expect("media did not follow the re-INVITE to the new port");
+    let src = eventually(&b_rtp2, public, &a_new, &moved)
+        .expect("media did not follow the re-INVITE to the new port");
     assert_eq!(src, inner);
-    assert!(silent(&a_old, &moved), "media still reaches the old port after the re-INVITE");
-    eventually(&a_new, media_of(ok.body(), "audio").expect("re-answer").addr, &b_rtp2, &rtp_packet(2, 7)).expect("media from the new port never reached the peer");
+    assert!(
+        silent(&a_old, &moved),
+        "media still reaches the old port after the re-INVITE"
+    );
+    eventually(
+        &a_new,
+        media_of(ok.body(), "audio").expect("re-answer").addr,
+        &b_rtp2,
+        &rtp_packet(2, 7),
+    )
+    .expect("media from the new port never reached the peer");
     bye_from_alice(&mut alice, &mut bob, &mut call).await;
     e.assert_empty("d. re-INVITE then BYE");
 
@@ -398,14 +765,38 @@ async fn relay_mode_calls_over_tls_open_and_close_pinholes() {
     // a=setup: the offerer (alice) connects, from an ephemeral port the
     // pinhole learns (RFC 4145 defaults).
     let file: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
-    let msrp_offer = MsrpOffer { port: 4200, session: "alice-s1".into(), setup: None, file_selector: Some(format!("name:\"report.bin\" type:application/octet-stream size:{}", file.len())) };
-    let msrp_answer = MsrpOffer { port: 5200, session: "bob-s1".into(), setup: None, file_selector: None };
-    let listener = e.topo.tcp_listen(&e.topo.peer, sa("198.51.100.2:5200")).expect("bob's MSRP listener");
+    let msrp_offer = MsrpOffer {
+        port: 4200,
+        session: "alice-s1".into(),
+        setup: None,
+        file_selector: Some(format!(
+            "name:\"report.bin\" type:application/octet-stream size:{}",
+            file.len()
+        )),
+    };
+    let msrp_answer = MsrpOffer {
+        port: 5200,
+        session: "bob-s1".into(),
+        setup: None,
+        file_selector: None,
+    };
+    let listener = e
+        .topo
+        .tcp_listen(&e.topo.peer, sa("198.51.100.2:5200"))
+        .expect("bob's MSRP listener");
     let mut call = call_out(
         &mut alice,
         &mut bob,
-        &SdpSpec { msrp: Some(msrp_offer.clone()), ..Default::default() },
-        &SdpSpec { msrp: Some(MsrpOffer { ..msrp_answer.clone() }), ..Default::default() },
+        &SdpSpec {
+            msrp: Some(msrp_offer.clone()),
+            ..Default::default()
+        },
+        &SdpSpec {
+            msrp: Some(MsrpOffer {
+                ..msrp_answer.clone()
+            }),
+            ..Default::default()
+        },
     )
     .await;
     let offer_m = media_of(&call.offer, "message").expect("MSRP offer");
@@ -415,11 +806,21 @@ async fn relay_mode_calls_over_tls_open_and_close_pinholes() {
     assert_eq!(answer_m.addr.ip(), ip("10.77.0.1"));
     let offer_path = offer_m.path.clone().expect("a=path in the offer");
     let answer_path = answer_m.path.clone().expect("a=path in the answer");
-    assert!(offer_path.contains(&offer_m.addr.to_string()), "a=path not rewritten with the m-line: {offer_path}");
-    assert!(answer_path.contains(&answer_m.addr.to_string()), "a=path not rewritten with the m-line: {answer_path}");
+    assert!(
+        offer_path.contains(&offer_m.addr.to_string()),
+        "a=path not rewritten with the m-line: {offer_path}"
+    );
+    assert!(
+        answer_path.contains(&answer_m.addr.to_string()),
+        "a=path not rewritten with the m-line: {answer_path}"
+    );
     let mut out = (0..10)
         .find_map(|_| {
-            let r = testnet::in_ns(&e.topo.client, || std::net::TcpStream::connect_timeout(&answer_m.addr, Duration::from_secs(2))).ok()?.ok();
+            let r = testnet::in_ns(&e.topo.client, || {
+                std::net::TcpStream::connect_timeout(&answer_m.addr, Duration::from_secs(2))
+            })
+            .ok()?
+            .ok();
             if r.is_none() {
                 std::thread::sleep(Duration::from_millis(200));
             }
@@ -428,19 +829,51 @@ async fn relay_mode_calls_over_tls_open_and_close_pinholes() {
         .expect("alice's MSRP connection through the pinhole");
     listener.set_nonblocking(false).expect("blocking");
     let (mut inside_bob, seen) = listener.accept().expect("bob accepts MSRP");
-    assert_eq!(seen, offer_m.addr, "the peer must see the edge's public MSRP address");
-    out.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-    inside_bob.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    assert_eq!(
+        seen, offer_m.addr,
+        "the peer must see the edge's public MSRP address"
+    );
+    out.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    inside_bob
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
     let own_path = msrp_offer.path(ip("10.77.0.2"));
-    out.write_all(&testua::msrp_send("tx1", &answer_path, &own_path, "msg1", &file)).expect("MSRP SEND");
+    out.write_all(&testua::msrp_send(
+        "tx1",
+        &answer_path,
+        &own_path,
+        "msg1",
+        &file,
+    ))
+    .expect("MSRP SEND");
     let got = testua::msrp_read(&mut inside_bob, 1 << 20).expect("bob reads the MSRP SEND");
     assert_eq!(got.start, "MSRP tx1 SEND");
-    assert!(got.body == file, "file corrupted in transit ({} of {} bytes)", got.body.len(), file.len());
-    inside_bob.write_all(&testua::msrp_ok("tx1", &offer_path, &msrp_answer.path(ip("198.51.100.2")))).expect("MSRP 200");
+    assert!(
+        got.body == file,
+        "file corrupted in transit ({} of {} bytes)",
+        got.body.len(),
+        file.len()
+    );
+    inside_bob
+        .write_all(&testua::msrp_ok(
+            "tx1",
+            &offer_path,
+            &msrp_answer.path(ip("198.51.100.2")),
+        ))
+        .expect("MSRP 200");
     let ok = testua::msrp_read(&mut out, 1 << 16).expect("alice reads the MSRP 200");
     assert_eq!(ok.start, "MSRP tx1 200 OK");
-    let tcp_packets: u64 = e.pinholes().iter().filter(|p| p["proto"] == "tcp").map(|p| p["packets"].as_u64().unwrap_or(0)).sum();
-    assert!(tcp_packets > 10, "the TCP pinhole counters did not carry the transfer: {tcp_packets}");
+    let tcp_packets: u64 = e
+        .pinholes()
+        .iter()
+        .filter(|p| p["proto"] == "tcp")
+        .map(|p| p["packets"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(
+        tcp_packets > 10,
+        "the TCP pinhole counters did not carry the transfer: {tcp_packets}"
+    );
     drop((out, inside_bob, listener));
 
     // x-msmsgsinvite: an invitation without an address passes, an ACCEPT
@@ -449,16 +882,36 @@ async fn relay_mode_calls_over_tls_open_and_close_pinholes() {
     // can be built) with 488, and installs nothing.
     let before = e.pinholes().len();
     let inv_body = "Invitation-Command: INVITE\r\nApplication-Name: File Transfer\r\nApplication-GUID: {5D3E02AB-6190-11d3-BBBB-00C04F795683}\r\nInvitation-Cookie: 4242\r\nApplication-File: notes.txt\r\nApplication-FileSize: 1000\r\n\r\n";
-    alice.send(&call.a.request("MESSAGE", "text/x-msmsgsinvite", inv_body)).await.expect("MESSAGE INVITE");
+    alice
+        .send(&call.a.request("MESSAGE", "text/x-msmsgsinvite", inv_body))
+        .await
+        .expect("MESSAGE INVITE");
     let m = bob.recv_request("MESSAGE").await;
-    assert_eq!(m.body(), inv_body.as_bytes(), "address-free invitation must pass unchanged");
-    bob.conn().send(&reply(&m, 200, "OK", &call.b.local_tag, "", "", "")).await.expect("200 MESSAGE");
+    assert_eq!(
+        m.body(),
+        inv_body.as_bytes(),
+        "address-free invitation must pass unchanged"
+    );
+    bob.conn()
+        .send(&reply(&m, 200, "OK", &call.b.local_tag, "", "", ""))
+        .await
+        .expect("200 MESSAGE");
     alice.recv_status(200, WAIT).await.expect("200 for MESSAGE");
     let accept = "Invitation-Command: ACCEPT\r\nInvitation-Cookie: 4242\r\nIP-Address: 198.51.100.2\r\nPort: 6891\r\nAuthCookie: 99\r\nLaunch-Application: FALSE\r\n\r\n";
     let mut b = call.b.clone();
-    bob.conn().send(&b.request("MESSAGE", "text/x-msmsgsinvite", accept)).await.expect("MESSAGE ACCEPT");
-    bob.conn().recv_status(488, WAIT).await.expect("an addressed x-msmsgsinvite is refused with 488");
-    assert_eq!(e.pinholes().len(), before, "a refused invitation changed the pinholes");
+    bob.conn()
+        .send(&b.request("MESSAGE", "text/x-msmsgsinvite", accept))
+        .await
+        .expect("MESSAGE ACCEPT");
+    bob.conn()
+        .recv_status(488, WAIT)
+        .await
+        .expect("an addressed x-msmsgsinvite is refused with 488");
+    assert_eq!(
+        e.pinholes().len(),
+        before,
+        "a refused invitation changed the pinholes"
+    );
     bye_from_alice(&mut alice, &mut bob, &mut call).await;
     e.assert_empty("e. MSRP transfer then BYE");
 
@@ -468,11 +921,41 @@ async fn relay_mode_calls_over_tls_open_and_close_pinholes() {
     let mut install = Vec::new();
     for i in 0..20u16 {
         let mut a = Dialog::outgoing(&self::alice(), "sips:bob@peer.example.net");
-        alice.send(&a.invite(&sdp("alice", 1, ip("10.77.0.2"), &SdpSpec { audio: Some(4300 + 2 * i), ..Default::default() }))).await.expect("INVITE");
+        alice
+            .send(&a.invite(&sdp(
+                "alice",
+                1,
+                ip("10.77.0.2"),
+                &SdpSpec {
+                    audio: Some(4300 + 2 * i),
+                    ..Default::default()
+                },
+            )))
+            .await
+            .expect("INVITE");
         let inv = bob.recv_request("INVITE").await;
         let b = Dialog::incoming(&self::bob(), &inv).expect("dialog");
-        assert!(maps.list().expect("list").is_empty(), "pinholes before the answer");
-        let answer = reply(&inv, 200, "OK", &b.local_tag, &contact(&b.me), "application/sdp", &sdp("bob", 1, ip("198.51.100.2"), &SdpSpec { audio: Some(5300 + 2 * i), ..Default::default() }));
+        assert!(
+            maps.list().expect("list").is_empty(),
+            "pinholes before the answer"
+        );
+        let answer = reply(
+            &inv,
+            200,
+            "OK",
+            &b.local_tag,
+            &contact(&b.me),
+            "application/sdp",
+            &sdp(
+                "bob",
+                1,
+                ip("198.51.100.2"),
+                &SdpSpec {
+                    audio: Some(5300 + 2 * i),
+                    ..Default::default()
+                },
+            ),
+        );
         let t0 = Instant::now();
         bob.conn().send(&answer).await.expect("200");
         let deadline = t0 + Duration::from_secs(2);
@@ -481,13 +964,21 @@ async fn relay_mode_calls_over_tls_open_and_close_pinholes() {
                 install.push(t0.elapsed());
                 break;
             }
-            assert!(Instant::now() < deadline, "pinhole not installed within 2 s of the 200 OK");
+            assert!(
+                Instant::now() < deadline,
+                "pinhole not installed within 2 s of the 200 OK"
+            );
         }
         let ok = alice.recv_status(200, WAIT).await.expect("200");
         a.on_invite_response(&ok).expect("200");
         alice.send(&a.ack("", "")).await.expect("ACK");
         bob.recv_request("ACK").await;
-        let mut call = OutCall { a, b, offer: Vec::new(), answer: Vec::new() };
+        let mut call = OutCall {
+            a,
+            b,
+            offer: Vec::new(),
+            answer: Vec::new(),
+        };
         bye_from_alice(&mut alice, &mut bob, &mut call).await;
         e.assert_empty("f. timing call");
     }
@@ -519,13 +1010,40 @@ async fn nat_mode_inbound_call_to_a_registered_client() {
     // b. alice registers through the edge (the peer is also the registrar
     // of peer.example.net); the edge adds Path and remembers her flow.
     let me = self::alice();
-    alice.send(&testua::register(&me, "sips:peer.example.net", &testua::unique("reg-"), 1, 600)).await.expect("REGISTER");
+    alice
+        .send(&testua::register(
+            &me,
+            "sips:peer.example.net",
+            &testua::unique("reg-"),
+            1,
+            600,
+        ))
+        .await
+        .expect("REGISTER");
     let reg = registrar.recv_request("REGISTER").await;
     assert!(reg.header("Path").is_some(), "RFC 3327 Path missing");
     let bound = reg.name_addrs("Contact").expect("contact")[0].uri.clone();
-    assert!(!bound.contains("10.77.0.2"), "private Contact leaked: {bound}");
-    registrar.conn().send(&reply(&reg, 200, "OK", "reg", &format!("Contact: <{bound}>;expires=600\r\n"), "", "")).await.expect("200 REGISTER");
-    alice.recv_status(200, WAIT).await.expect("alice registered");
+    assert!(
+        !bound.contains("10.77.0.2"),
+        "private Contact leaked: {bound}"
+    );
+    registrar
+        .conn()
+        .send(&reply(
+            &reg,
+            200,
+            "OK",
+            "reg",
+            &format!("Contact: <{bound}>;expires=600\r\n"),
+            "",
+            "",
+        ))
+        .await
+        .expect("200 REGISTER");
+    alice
+        .recv_status(200, WAIT)
+        .await
+        .expect("alice registered");
 
     // Bob calls alice's AOR at the edge's public listener.
     let mut bob = e.connect_bob().await;
@@ -533,43 +1051,124 @@ async fn nat_mode_inbound_call_to_a_registered_client() {
     let b_rtp = e.udp(&e.topo.peer, "198.51.100.2:5100");
     let mut b = Dialog::outgoing(&self::bob(), "sips:alice@peer.example.net");
     b.remote_target = "sips:alice@peer.example.net".into();
-    bob.send(&b.invite(&sdp("bob", 1, ip("198.51.100.2"), &SdpSpec { audio: Some(5100), ..Default::default() }))).await.expect("INVITE");
-    let inv = alice.recv_request("INVITE", WAIT).await.expect("alice gets the INVITE over her registered connection");
+    bob.send(&b.invite(&sdp(
+        "bob",
+        1,
+        ip("198.51.100.2"),
+        &SdpSpec {
+            audio: Some(5100),
+            ..Default::default()
+        },
+    )))
+    .await
+    .expect("INVITE");
+    let inv = alice
+        .recv_request("INVITE", WAIT)
+        .await
+        .expect("alice gets the INVITE over her registered connection");
     let offer = media_of(inv.body(), "audio").expect("offer");
-    assert_eq!(offer.addr, sa("198.51.100.2:5100"), "nat mode passes the peer's own address to the client");
+    assert_eq!(
+        offer.addr,
+        sa("198.51.100.2:5100"),
+        "nat mode passes the peer's own address to the client"
+    );
     let mut a = Dialog::incoming(&me, &inv).expect("dialog");
-    alice.send(&reply(&inv, 180, "Ringing", &a.local_tag, &contact(&me), "", "")).await.expect("180");
+    alice
+        .send(&reply(
+            &inv,
+            180,
+            "Ringing",
+            &a.local_tag,
+            &contact(&me),
+            "",
+            "",
+        ))
+        .await
+        .expect("180");
     let r = bob.recv_status(180, WAIT).await.expect("180");
     b.on_invite_response(&r).expect("180");
-    alice.send(&reply(&inv, 200, "OK", &a.local_tag, &contact(&me), "application/sdp", &sdp("alice", 1, ip("10.77.0.2"), &SdpSpec { audio: Some(4100), ..Default::default() }))).await.expect("200");
+    alice
+        .send(&reply(
+            &inv,
+            200,
+            "OK",
+            &a.local_tag,
+            &contact(&me),
+            "application/sdp",
+            &sdp(
+                "alice",
+                1,
+                ip("10.77.0.2"),
+                &SdpSpec {
+                    audio: Some(4100),
+                    ..Default::default()
+                },
+            ),
+        ))
+        .await
+        .expect("200");
     let ok = bob.recv_status(200, WAIT).await.expect("200");
     b.on_invite_response(&ok).expect("200");
     let answer = media_of(ok.body(), "audio").expect("answer");
-    assert_eq!(answer.addr.ip(), ip("203.0.113.1"), "the peer must see the edge's public address");
-    assert!(!String::from_utf8_lossy(ok.body()).contains("10.77.0.2"), "private address leaked");
+    assert_eq!(
+        answer.addr.ip(),
+        ip("203.0.113.1"),
+        "the peer must see the edge's public address"
+    );
+    assert!(
+        !String::from_utf8_lossy(ok.body()).contains("10.77.0.2"),
+        "private address leaked"
+    );
     bob.send(&b.ack("", "")).await.expect("ACK");
-    alice.recv_request("ACK", WAIT).await.expect("ACK reaches alice");
+    alice
+        .recv_request("ACK", WAIT)
+        .await
+        .expect("ACK reaches alice");
 
-    let src = eventually(&b_rtp, answer.addr, &a_rtp, &rtp_packet(0, 11)).expect("peer -> client RTP (DNAT) never arrived");
+    let src = eventually(&b_rtp, answer.addr, &a_rtp, &rtp_packet(0, 11))
+        .expect("peer -> client RTP (DNAT) never arrived");
     assert_eq!(src, offer.addr, "nat mode keeps the peer's source");
-    let src = eventually(&a_rtp, offer.addr, &b_rtp, &rtp_packet(0, 12)).expect("client -> peer RTP (SNAT) never arrived");
+    let src = eventually(&a_rtp, offer.addr, &b_rtp, &rtp_packet(0, 12))
+        .expect("client -> peer RTP (SNAT) never arrived");
     assert_eq!(src, answer.addr, "the peer must see the public address");
     let before = e.packets_at(answer.addr);
     let (got_in, _) = rtp_burst(&b_rtp, answer.addr, &a_rtp, 50, 13);
     let (got_out, _) = rtp_burst(&a_rtp, offer.addr, &b_rtp, 50, 14);
-    assert!(got_in >= 45 && got_out >= 45, "RTP lost: in {got_in}/50, out {got_out}/50");
-    assert!(e.packets_at(answer.addr) >= before + u64::from(got_in), "inbound pinhole counter did not move");
-    let total: u64 = e.pinholes().iter().map(|p| p["packets"].as_u64().unwrap_or(0)).sum();
-    assert!(total >= u64::from(got_in) + u64::from(got_out), "pinhole counters {total} < packets delivered");
+    assert!(
+        got_in >= 45 && got_out >= 45,
+        "RTP lost: in {got_in}/50, out {got_out}/50"
+    );
+    assert!(
+        e.packets_at(answer.addr) >= before + u64::from(got_in),
+        "inbound pinhole counter did not move"
+    );
+    let total: u64 = e
+        .pinholes()
+        .iter()
+        .map(|p| p["packets"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(
+        total >= u64::from(got_in) + u64::from(got_out),
+        "pinhole counters {total} < packets delivered"
+    );
 
     // BYE from the caller (outside) -> empty.
     bob.send(&b.request("BYE", "", "")).await.expect("BYE");
-    let bye = alice.recv_request("BYE", WAIT).await.expect("BYE reaches alice");
-    alice.send(&reply(&bye, 200, "OK", &a.local_tag, "", "", "")).await.expect("200 BYE");
+    let bye = alice
+        .recv_request("BYE", WAIT)
+        .await
+        .expect("BYE reaches alice");
+    alice
+        .send(&reply(&bye, 200, "OK", &a.local_tag, "", "", ""))
+        .await
+        .expect("200 BYE");
     bob.recv_status(200, WAIT).await.expect("200 for BYE");
     let _ = &mut a;
     e.assert_empty("b. nat inbound call after BYE");
-    assert!(udp_roundtrip(&b_rtp, answer.addr, &a_rtp, b"after bye").is_none(), "media still flows after BYE");
+    assert!(
+        udp_roundtrip(&b_rtp, answer.addr, &a_rtp, b"after bye").is_none(),
+        "media still flows after BYE"
+    );
     drop((alice, bob, registrar));
     e.stop();
 }

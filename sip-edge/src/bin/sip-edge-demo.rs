@@ -17,7 +17,10 @@ use std::{
 
 use sip_edge::{
     testnet::{self, AgentProcess, Topology},
-    testua::{self, media_of, reply, rtp_packet, sdp, Dialog, SdpSpec, TestPki, UaConn, UaIdentity, UaListener},
+    testua::{
+        self, media_of, reply, rtp_packet, sdp, Dialog, SdpSpec, TestPki, UaConn, UaIdentity,
+        UaListener,
+    },
 };
 
 /// Every SIP wait.
@@ -26,11 +29,13 @@ const WAIT: Duration = Duration::from_secs(5);
 const RTP_PACKETS: u16 = 150;
 
 fn sa(s: &str) -> SocketAddr {
-    s.parse().unwrap_or_else(|_| unreachable!("constant address {s}"))
+    s.parse()
+        .unwrap_or_else(|_| unreachable!("constant address {s}"))
 }
 
 fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap_or_else(|_| unreachable!("constant address {s}"))
+    s.parse()
+        .unwrap_or_else(|_| unreachable!("constant address {s}"))
 }
 
 fn main() -> ExitCode {
@@ -47,7 +52,10 @@ fn main() -> ExitCode {
 }
 
 fn bin() -> PathBuf {
-    std::env::current_exe().ok().and_then(|p| p.parent().map(|d| d.join("sip-edge"))).unwrap_or_else(|| PathBuf::from("sip-edge"))
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("sip-edge")))
+        .unwrap_or_else(|| PathBuf::from("sip-edge"))
 }
 
 /// Removes the demo's temp dir on drop.
@@ -62,7 +70,10 @@ impl Drop for TempDir {
 struct Pins(PathBuf);
 impl Drop for Pins {
     fn drop(&mut self) {
-        let links: Vec<PathBuf> = ["int0", "ext0"].iter().map(|i| sip_edge::datapath::attach::link_pin(&self.0, i)).collect();
+        let links: Vec<PathBuf> = ["int0", "ext0"]
+            .iter()
+            .map(|i| sip_edge::datapath::attach::link_pin(&self.0, i))
+            .collect();
         let _ = sip_edge::datapath::attach::remove_pins(&self.0, &links);
     }
 }
@@ -72,9 +83,19 @@ fn step(title: &str) {
 }
 
 fn show(topo: &Topology, args: &[&str], pin_dir: &Path) -> Result<(), String> {
-    let out = topo.edge_cmd(&bin()).args(args).arg("--pin-dir").arg(pin_dir).output().map_err(|e| format!("running sip-edge: {e}"))?;
+    let out = topo
+        .edge_cmd(&bin())
+        .args(args)
+        .arg("--pin-dir")
+        .arg(pin_dir)
+        .output()
+        .map_err(|e| format!("running sip-edge: {e}"))?;
     if !out.status.success() {
-        return Err(format!("sip-edge {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr)));
+        return Err(format!(
+            "sip-edge {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
     println!("$ sip-edge {}", args.join(" "));
     for line in String::from_utf8_lossy(&out.stdout).lines() {
@@ -85,9 +106,17 @@ fn show(topo: &Topology, args: &[&str], pin_dir: &Path) -> Result<(), String> {
 
 /// Rules in the pinhole table (`pinhole list --json`).
 fn pinhole_count(topo: &Topology, pin_dir: &Path) -> Result<usize, String> {
-    let out = topo.edge_cmd(&bin()).args(["pinhole", "list", "--json", "--pin-dir"]).arg(pin_dir).output().map_err(|e| format!("running sip-edge: {e}"))?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("pinhole list --json: {e}"))?;
-    v.as_array().map(Vec::len).ok_or_else(|| "pinhole list --json did not print an array".to_owned())
+    let out = topo
+        .edge_cmd(&bin())
+        .args(["pinhole", "list", "--json", "--pin-dir"])
+        .arg(pin_dir)
+        .output()
+        .map_err(|e| format!("running sip-edge: {e}"))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("pinhole list --json: {e}"))?;
+    v.as_array()
+        .map(Vec::len)
+        .ok_or_else(|| "pinhole list --json did not print an array".to_owned())
 }
 
 fn config(pin_dir: &Path, pki: &TestPki) -> String {
@@ -139,7 +168,12 @@ impl SipPrinter {
     fn print(&mut self, c: &UaConn) {
         for l in c.log.iter().skip(self.shown) {
             let arrow = if l.sent { "sends   " } else { "receives" };
-            println!("  [{:>7.1} ms] {:<5} {arrow} {}", l.when.saturating_duration_since(self.start).as_secs_f64() * 1000.0, self.who, l.first_line);
+            println!(
+                "  [{:>7.1} ms] {:<5} {arrow} {}",
+                l.when.saturating_duration_since(self.start).as_secs_f64() * 1000.0,
+                self.who,
+                l.first_line
+            );
         }
         self.shown = c.log.len();
     }
@@ -154,32 +188,53 @@ fn demo() -> Result<(), String> {
     let tmp = TempDir(std::env::temp_dir().join(format!("sip-edge-demo-{pid}")));
     std::fs::create_dir_all(&tmp.0).map_err(|e| format!("creating {}: {e}", tmp.0.display()))?;
 
-    step("creating namespaces: client 10.77.0.2 | edge 10.77.0.1 + 203.0.113.1 | peer 198.51.100.2");
+    step(
+        "creating namespaces: client 10.77.0.2 | edge 10.77.0.1 + 203.0.113.1 | peer 198.51.100.2",
+    );
     let mut topo = Topology::create(&format!("d{pid}")).map_err(|e| e.to_string())?;
     topo.attach_pass_programs().map_err(|e| e.to_string())?;
     // The edge's outgoing TLS connections must not use a source port in the
     // media range (XDP drops unsolicited packets to media ports).
-    testnet::sh(&["ip", "netns", "exec", &topo.edge, "sysctl", "-qw", "net.ipv4.ip_local_port_range=50000 59999"]).map_err(|e| e.to_string())?;
+    testnet::sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &topo.edge,
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_local_port_range=50000 59999",
+    ])
+    .map_err(|e| e.to_string())?;
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/sip-edge-demo-{pid}"));
     let pins = Pins(pin_dir.clone());
 
     step("generating throwaway certificates (a demo CA, edge.example.org, peer.example.net)");
     let pki = TestPki::generate(&tmp.0).map_err(|e| e.to_string())?;
     let cfg_path = tmp.0.join("sip-edge.toml");
-    std::fs::write(&cfg_path, config(&pin_dir, &pki)).map_err(|e| format!("writing the config: {e}"))?;
+    std::fs::write(&cfg_path, config(&pin_dir, &pki))
+        .map_err(|e| format!("writing the config: {e}"))?;
     println!("  in {} (removed at the end)", tmp.0.display());
 
     step("starting the agent in the edge namespace: TLS SIP on 10.77.0.1:5061 (inside) and 203.0.113.1:5061 (outside), XDP on int0 and ext0, relay mode");
-    let agent = AgentProcess::start(&topo, &bin(), &cfg_path, &pin_dir, &["int0", "ext0"]).map_err(|e| e.to_string())?;
+    let agent = AgentProcess::start(&topo, &bin(), &cfg_path, &pin_dir, &["int0", "ext0"])
+        .map_err(|e| e.to_string())?;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while testnet::in_ns(&topo.client, || std::net::TcpStream::connect_timeout(&sa("10.77.0.1:5061"), Duration::from_millis(200))).map_err(|e| e.to_string())?.is_err() {
+    while testnet::in_ns(&topo.client, || {
+        std::net::TcpStream::connect_timeout(&sa("10.77.0.1:5061"), Duration::from_millis(200))
+    })
+    .map_err(|e| e.to_string())?
+    .is_err()
+    {
         if Instant::now() > deadline {
             return Err("the agent's SIP listener did not come up within 10 s".into());
         }
         std::thread::sleep(Duration::from_millis(50));
     }
 
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| format!("tokio runtime: {e}"))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("tokio runtime: {e}"))?;
     let result = rt.block_on(call(&topo, &pki, &pin_dir));
 
     step("stopping the agent (on_exit = \"remove\": detaches XDP, removes pins) and deleting the namespaces");
@@ -192,7 +247,10 @@ fn demo() -> Result<(), String> {
         return Err("the agent did not exit cleanly".into());
     }
     if pin_dir.exists() {
-        return Err(format!("{} still exists after the agent removed its pins", pin_dir.display()));
+        return Err(format!(
+            "{} still exists after the agent removed its pins",
+            pin_dir.display()
+        ));
     }
     println!("\n== done: the call's media crossed the edge only through pinholes the call opened, and nothing is left behind");
     Ok(())
@@ -200,18 +258,65 @@ fn demo() -> Result<(), String> {
 
 async fn call(topo: &Topology, pki: &TestPki, pin_dir: &Path) -> Result<(), String> {
     let e = |x: testua::UaError| x.to_string();
-    let alice_id = UaIdentity { aor: "sips:alice@example.org".into(), contact: "sips:alice@10.77.0.2:5061".into(), via_host: "10.77.0.2:5061".into(), display: "Alice".into() };
-    let bob_id = UaIdentity { aor: "sips:bob@peer.example.net".into(), contact: "sips:bob@198.51.100.2:5061".into(), via_host: "198.51.100.2:5061".into(), display: "Bob".into() };
-    let bob_listener = UaListener::bind(&topo.peer, sa("198.51.100.2:5061"), &pki.peer_cert, &pki.peer_key).map_err(e)?;
-    let a_rtp = topo.udp(&topo.client, sa("10.77.0.2:4000")).map_err(|x| x.to_string())?;
-    let b_rtp = topo.udp(&topo.peer, sa("198.51.100.2:5000")).map_err(|x| x.to_string())?;
+    let alice_id = UaIdentity {
+        aor: "sips:alice@example.org".into(),
+        contact: "sips:alice@10.77.0.2:5061".into(),
+        via_host: "10.77.0.2:5061".into(),
+        display: "Alice".into(),
+    };
+    let bob_id = UaIdentity {
+        aor: "sips:bob@peer.example.net".into(),
+        contact: "sips:bob@198.51.100.2:5061".into(),
+        via_host: "198.51.100.2:5061".into(),
+        display: "Bob".into(),
+    };
+    let bob_listener = UaListener::bind(
+        &topo.peer,
+        sa("198.51.100.2:5061"),
+        &pki.peer_cert,
+        &pki.peer_key,
+    )
+    .map_err(e)?;
+    let a_rtp = topo
+        .udp(&topo.client, sa("10.77.0.2:4000"))
+        .map_err(|x| x.to_string())?;
+    let b_rtp = topo
+        .udp(&topo.peer, sa("198.51.100.2:5000"))
+        .map_err(|x| x.to_string())?;
 
     step("the call: alice (inside, 10.77.0.2) calls sips:bob@peer.example.net (outside, 198.51.100.2), TLS on both legs");
-    let mut alice = testua::connect_tls(&topo.client, sa("10.77.0.1:5061"), &pki.ca, testua::EDGE_TLS_NAME, WAIT).await.map_err(e)?;
+    let mut alice = testua::connect_tls(
+        &topo.client,
+        sa("10.77.0.1:5061"),
+        &pki.ca,
+        testua::EDGE_TLS_NAME,
+        WAIT,
+    )
+    .await
+    .map_err(e)?;
     let start = Instant::now();
-    let (mut pa, mut pb) = (SipPrinter { who: "alice", shown: 0, start }, SipPrinter { who: "bob", shown: 0, start });
+    let (mut pa, mut pb) = (
+        SipPrinter {
+            who: "alice",
+            shown: 0,
+            start,
+        },
+        SipPrinter {
+            who: "bob",
+            shown: 0,
+            start,
+        },
+    );
     let mut a = Dialog::outgoing(&alice_id, "sips:bob@peer.example.net");
-    let offer_sent = sdp("alice", 1, ip("10.77.0.2"), &SdpSpec { audio: Some(4000), ..Default::default() });
+    let offer_sent = sdp(
+        "alice",
+        1,
+        ip("10.77.0.2"),
+        &SdpSpec {
+            audio: Some(4000),
+            ..Default::default()
+        },
+    );
     alice.send(&a.invite(&offer_sent)).await.map_err(e)?;
     pa.print(&alice);
     let mut bob = bob_listener.accept(WAIT).await.map_err(e)?;
@@ -219,13 +324,33 @@ async fn call(topo: &Topology, pki: &TestPki, pin_dir: &Path) -> Result<(), Stri
     pb.print(&bob);
     let b = Dialog::incoming(&bob_id, &inv).map_err(e)?;
     let contact = format!("Contact: <{}>\r\n", bob_id.contact);
-    bob.send(&reply(&inv, 180, "Ringing", &b.local_tag, &contact, "", "")).await.map_err(e)?;
+    bob.send(&reply(&inv, 180, "Ringing", &b.local_tag, &contact, "", ""))
+        .await
+        .map_err(e)?;
     pb.print(&bob);
     let r = alice.recv_status(180, WAIT).await.map_err(e)?;
     a.on_invite_response(&r).map_err(e)?;
     pa.print(&alice);
-    let answer_sent = sdp("bob", 1, ip("198.51.100.2"), &SdpSpec { audio: Some(5000), ..Default::default() });
-    bob.send(&reply(&inv, 200, "OK", &b.local_tag, &contact, "application/sdp", &answer_sent)).await.map_err(e)?;
+    let answer_sent = sdp(
+        "bob",
+        1,
+        ip("198.51.100.2"),
+        &SdpSpec {
+            audio: Some(5000),
+            ..Default::default()
+        },
+    );
+    bob.send(&reply(
+        &inv,
+        200,
+        "OK",
+        &b.local_tag,
+        &contact,
+        "application/sdp",
+        &answer_sent,
+    ))
+    .await
+    .map_err(e)?;
     pb.print(&bob);
     let ok = alice.recv_status(200, WAIT).await.map_err(e)?;
     a.on_invite_response(&ok).map_err(e)?;
@@ -238,13 +363,28 @@ async fn call(topo: &Topology, pki: &TestPki, pin_dir: &Path) -> Result<(), Stri
     let offer = media_of(inv.body(), "audio").map_err(e)?;
     let answer = media_of(ok.body(), "audio").map_err(e)?;
     println!("\n  SDP as rewritten by the edge (each side only ever sees the edge):");
-    println!("    alice offered 10.77.0.2:4000      -> bob was told to send to {}", offer.addr);
-    println!("    bob answered  198.51.100.2:5000   -> alice was told to send to {}", answer.addr);
+    println!(
+        "    alice offered 10.77.0.2:4000      -> bob was told to send to {}",
+        offer.addr
+    );
+    println!(
+        "    bob answered  198.51.100.2:5000   -> alice was told to send to {}",
+        answer.addr
+    );
 
     step(&format!("media: {RTP_PACKETS} RTP-sized UDP packets (172-byte RTP, 20 ms apart) each way, through XDP"));
-    let (sent, got_a, got_b, src_a, src_b) = rtp(&a_rtp, &b_rtp, answer.addr, offer.addr).map_err(|x| format!("sending RTP: {x}"))?;
-    println!("  alice -> {}: sent {sent}, bob received {got_b} (from {})", answer.addr, src_b.map_or("-".into(), |s| s.to_string()));
-    println!("  bob   -> {}: sent {sent}, alice received {got_a} (from {})", offer.addr, src_a.map_or("-".into(), |s| s.to_string()));
+    let (sent, got_a, got_b, src_a, src_b) =
+        rtp(&a_rtp, &b_rtp, answer.addr, offer.addr).map_err(|x| format!("sending RTP: {x}"))?;
+    println!(
+        "  alice -> {}: sent {sent}, bob received {got_b} (from {})",
+        answer.addr,
+        src_b.map_or("-".into(), |s| s.to_string())
+    );
+    println!(
+        "  bob   -> {}: sent {sent}, alice received {got_a} (from {})",
+        offer.addr,
+        src_a.map_or("-".into(), |s| s.to_string())
+    );
     if got_a == 0 || got_b == 0 {
         return Err("media did not cross the edge".into());
     }
@@ -262,7 +402,9 @@ async fn call(topo: &Topology, pki: &TestPki, pin_dir: &Path) -> Result<(), Stri
     pa.print(&alice);
     let bye = bob.recv_request("BYE", WAIT).await.map_err(e)?;
     pb.print(&bob);
-    bob.send(&reply(&bye, 200, "OK", &b.local_tag, "", "", "")).await.map_err(e)?;
+    bob.send(&reply(&bye, 200, "OK", &b.local_tag, "", "", ""))
+        .await
+        .map_err(e)?;
     pb.print(&bob);
     alice.recv_status(200, WAIT).await.map_err(e)?;
     pa.print(&alice);
@@ -283,7 +425,12 @@ async fn call(topo: &Topology, pki: &TestPki, pin_dir: &Path) -> Result<(), Stri
 type RtpResult = (u16, u16, u16, Option<SocketAddr>, Option<SocketAddr>);
 
 /// Bounded RTP exchange: one packet each way per 20 ms tick.
-fn rtp(a: &UdpSocket, b: &UdpSocket, a_to: SocketAddr, b_to: SocketAddr) -> std::io::Result<RtpResult> {
+fn rtp(
+    a: &UdpSocket,
+    b: &UdpSocket,
+    a_to: SocketAddr,
+    b_to: SocketAddr,
+) -> std::io::Result<RtpResult> {
     a.set_nonblocking(true)?;
     b.set_nonblocking(true)?;
     let (mut got_a, mut got_b, mut src_a, mut src_b) = (0u16, 0u16, None, None);
