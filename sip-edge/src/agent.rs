@@ -21,6 +21,7 @@ use crate::{
         neigh,
     },
     media::control::MediaController,
+    ports::{self, PortsError},
     transport::{self, TransportError},
 };
 
@@ -41,6 +42,13 @@ pub enum AgentError {
         #[from]
         source: MapsError,
     },
+    /// The media ranges could not be reserved.
+    #[error(transparent)]
+    Ports {
+        /// The sysctl error.
+        #[from]
+        source: PortsError,
+    },
     /// The SIP transport could not start (bind, TLS material).
     #[error(transparent)]
     Transport {
@@ -55,6 +63,11 @@ const NEIGH_POLL: Duration = Duration::from_millis(50);
 
 /// Run the agent until `shutdown` completes.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    // Before any socket of ours exists: never an ephemeral port in a media
+    // range, or XDP would drop the replies to our own connections.
+    if ports::reserve(std::path::Path::new(ports::RESERVED_PORTS), &cfg.media_ranges())? {
+        info!(ranges = ?cfg.media.port_ranges, "media ranges added to net.ipv4.ip_local_reserved_ports");
+    }
     let mut dp = Datapath::start(&cfg)?;
     info!(pin_dir = %cfg.pin_dir.display(), adopted = ?dp.adopted, "datapath up");
     let (stop_proxy, proxy_stopped) = tokio::sync::oneshot::channel::<()>();

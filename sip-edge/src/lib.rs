@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod datapath;
 pub mod media;
+pub mod ports;
 pub mod proxy;
 pub mod sip;
 pub mod testnet;

@@ -85,10 +85,11 @@ impl Edge {
         let mut topo = Topology::create(tag).expect("create namespaces");
         topo.attach_pass_programs()
             .expect("attach pass programs on the end hosts");
-        // The edge's own outgoing TLS connections must not take a source
-        // port inside the media range: XDP drops anything aimed at a media
-        // port without a pinhole, replies included. (Production needs the
-        // same: keep ip_local_port_range clear of [media] port_ranges.)
+        // Regression guard: half of the edge's ephemeral range lies in the
+        // media range. XDP drops anything aimed at a media port without a
+        // pinhole, replies to the agent's own connections included, so
+        // calls only work because the agent reserves its media ranges
+        // (net.ipv4.ip_local_reserved_ports, see sip_edge::ports).
         testnet::sh(&[
             "ip",
             "netns",
@@ -96,7 +97,7 @@ impl Edge {
             &topo.edge,
             "sysctl",
             "-qw",
-            "net.ipv4.ip_local_port_range=50000 59999",
+            "net.ipv4.ip_local_port_range=40000 41999",
         ])
         .expect("edge port range");
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/sip-edge-test-{tag}"));

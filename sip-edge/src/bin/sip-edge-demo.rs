@@ -193,18 +193,6 @@ fn demo() -> Result<(), String> {
     );
     let mut topo = Topology::create(&format!("d{pid}")).map_err(|e| e.to_string())?;
     topo.attach_pass_programs().map_err(|e| e.to_string())?;
-    // The edge's outgoing TLS connections must not use a source port in the
-    // media range (XDP drops unsolicited packets to media ports).
-    testnet::sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &topo.edge,
-        "sysctl",
-        "-qw",
-        "net.ipv4.ip_local_port_range=50000 59999",
-    ])
-    .map_err(|e| e.to_string())?;
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/sip-edge-demo-{pid}"));
     let pins = Pins(pin_dir.clone());
 
