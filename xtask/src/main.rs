@@ -258,9 +258,10 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn demo(_root: &Path) -> Result<()> {
+fn demo(root: &Path) -> Result<()> {
     run(Command::new("cargo").args(["build", "--locked", "-p", "sip-edge", "--bins"]))?;
-    run(&mut Command::new("target/debug/sip-edge-demo"))
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+    run(&mut Command::new(target.join("debug/sip-edge-demo")))
 }
 
 #[cfg(test)]
