@@ -63,12 +63,13 @@ const NEIGH_POLL: Duration = Duration::from_millis(50);
 
 /// Run the agent until `shutdown` completes.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
-    // Before any socket of ours exists: never an ephemeral port in a media
-    // range, or XDP would drop the replies to our own connections.
+    let mut dp = Datapath::start(&cfg)?;
+    // After the datapath is up (a failed attach changes nothing) and before
+    // any socket of ours exists: never an ephemeral port in a media range,
+    // or XDP would drop the replies to our own connections.
     if ports::reserve(std::path::Path::new(ports::RESERVED_PORTS), &cfg.media_ranges())? {
         info!(ranges = ?cfg.media.port_ranges, "media ranges added to net.ipv4.ip_local_reserved_ports");
     }
-    let mut dp = Datapath::start(&cfg)?;
     info!(pin_dir = %cfg.pin_dir.display(), adopted = ?dp.adopted, "datapath up");
     let (stop_proxy, proxy_stopped) = tokio::sync::oneshot::channel::<()>();
     let proxy = match cfg.proxy {
