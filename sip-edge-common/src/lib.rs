@@ -8,10 +8,12 @@
 //! packet bytes without converting; the `user` feature adds the conversions.
 #![no_std]
 
+pub mod bench;
 pub mod config;
 pub mod pinhole;
 pub mod reason;
 
+pub use bench::*;
 pub use config::*;
 pub use pinhole::*;
 pub use reason::*;
@@ -42,6 +44,14 @@ pub mod map_names {
     /// `LRU_HASH<NeighMissKey, NeighMiss>`: next hops the kernel had no
     /// neighbour entry for; the agent asks the kernel to resolve them.
     pub const NEIGH_MISS: &str = "NEIGH_MISS";
+
+    /// `ARRAY<BenchCfg>` (one entry): benchmark generator/redirect settings.
+    /// Bench programs only; never pinned by the agent.
+    pub const BENCH_CFG: &str = "BENCH_CFG";
+    /// `PERCPU_ARRAY<u64>`: generator sequence and sink count (`BENCH_CNT_*`).
+    pub const BENCH_CNT: &str = "BENCH_CNT";
+    /// Maps only the benchmark programs use (not in `ALL`: nothing pins them).
+    pub const BENCH: [&str; 2] = [BENCH_CFG, BENCH_CNT];
 
     /// Every map name, for pinning and cleanup loops.
     pub const ALL: [&str; 10] = [

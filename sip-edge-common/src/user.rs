@@ -21,6 +21,7 @@ unsafe impl aya::Pod for PortPolicy {}
 unsafe impl aya::Pod for Settings {}
 unsafe impl aya::Pod for NeighMissKey {}
 unsafe impl aya::Pod for NeighMiss {}
+unsafe impl aya::Pod for crate::BenchCfg {}
 
 /// Encode an IP address as (family, 16 network-order bytes).
 pub fn addr_from_ip(ip: IpAddr) -> (u8, Addr) {

@@ -37,6 +37,7 @@
     reason = "core::intrinsics atomics: the bpfel target has no atomic CAS in core::sync::atomic"
 )]
 
+mod bench;
 mod fib;
 mod maps;
 mod nat;

@@ -20,7 +20,7 @@ use aya_ebpf::{
 };
 use sip_edge_common::{
     EdgeAddrKey, IfaceConfig, NeighMiss, NeighMissKey, PinholeKey, PinholeRule, PinholeState,
-    PortPolicy, Settings, IFACE_SLOTS, REASON_COUNT,
+    PortPolicy, Settings, BenchCfg, BENCH_CNT_LEN, IFACE_SLOTS, REASON_COUNT,
 };
 
 /// Default number of pinholes (and of `PH_STATE` slots); the agent's loader
@@ -166,3 +166,14 @@ pub static TX_PORTS: MapDef<DEVMAP_HASH, u32, bpf_devmap_val, 64> = MapDef::new(
 #[unsafe(link_section = ".maps")]
 #[unsafe(no_mangle)]
 pub static NEIGH_MISS: MapDef<LRU_HASH, NeighMissKey, NeighMiss, 1024> = MapDef::new();
+
+/// Benchmark programs' settings (entry 0), written by the bench binary.
+/// Unused by `sip_edge_xdp`; the agent neither writes nor pins it.
+#[unsafe(link_section = ".maps")]
+#[unsafe(no_mangle)]
+pub static BENCH_CFG: MapDef<ARRAY, u32, BenchCfg, 1> = MapDef::new();
+
+/// Benchmark counters per CPU: generator sequence, sink count.
+#[unsafe(link_section = ".maps")]
+#[unsafe(no_mangle)]
+pub static BENCH_CNT: MapDef<PERCPU_ARRAY, u32, u64, { BENCH_CNT_LEN as usize }> = MapDef::new();
