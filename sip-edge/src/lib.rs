@@ -3,6 +3,7 @@
 //! tests drive these directly.
 
 pub mod agent;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod datapath;

@@ -1,0 +1,717 @@
+//! Stage `forward`: real frames through the edge namespace of a
+//! client/edge/peer topology (`testnet::Topology`). `sip_edge_gen` runs in
+//! the peer namespace under BPF_PROG_TEST_RUN with live frames (XDP_TX out
+//! of the peer's veth) and stamps 214-byte RTP-sized UDP frames spread over
+//! N flows; `sip_edge_sink` counts what reaches the client's veth. Between
+//! them, one forwarder at a time: sip-edge (1/10k/100k pinholes), the bare
+//! redirect program (ceiling), kernel forwarding + nftables DNAT, a tokio
+//! UDP relay and rtpengine-daemon. Figures: the unpaced rate (generator as
+//! fast as it goes, loss reported) and a bounded zero-loss rate search.
+//!
+//! The generator, the edge's XDP and the sink all run in softirq on the
+//! CPU that makes the test-run call, so XDP forwarders are measured as one
+//! pipeline; "gen→drop at edge" is that pipeline's own ceiling.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr, UdpSocket},
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use aya::{
+    maps::{Array, MapData, PerCpuArray},
+    programs::{Xdp, XdpMode},
+    Ebpf, TestRun, TestRunAttrs, TestRunOptions,
+};
+use serde::Serialize;
+use sip_edge_common::{
+    addr_from_ip, bench_progs, map_names, BenchCfg, PinholeKey, PinholeRule, Reason, BENCH_CNT_SINK,
+    BENCH_HDR_LEN, MATCH_DST, POLICY_PASS, PROTO_UDP, ROLE_EXTERNAL, ROLE_INTERNAL, RULE_REWRITE_DST,
+    RULE_REWRITE_SRC,
+};
+
+use super::{io, progress, BenchError, Mode, NotMeasured};
+use crate::{
+    datapath::{
+        loader::{self, MapSizes},
+        maps::{DatapathIface, DatapathMaps, DatapathSettings},
+    },
+    testnet::{self, in_ns, sh, Topology},
+};
+
+/// Frame size: Ethernet + IPv4 + UDP + RTP (12) + 160 bytes of G.711.
+pub const FRAME_LEN: usize = 214;
+/// Source port of every generated frame.
+const GEN_SPORT: u16 = 30_000;
+/// Client port every forwarder delivers to.
+const CLIENT_PORT: u16 = 40_000;
+/// First pinhole port on the public addresses.
+const PORT_BASE: u16 = 10_000;
+/// Flows per public address.
+const PER_ADDR: u32 = 50_000;
+/// Port the userspace relays listen on.
+const RELAY_PORT: u16 = 20_000;
+/// Live-frame batch size (the kernel default).
+const BATCH: u32 = 64;
+
+/// One forwarder's figures.
+#[derive(Clone, Debug, Serialize)]
+pub struct Forwarder {
+    /// Name, e.g. `sip-edge 10k pinholes`.
+    pub name: String,
+    /// Flows the generator spread frames over.
+    pub flows: u32,
+    /// Unpaced: frames sent.
+    pub sent: u64,
+    /// Unpaced: frames the sink counted.
+    pub received: u64,
+    /// Unpaced: received frames per second of wall time.
+    pub rate_pps: f64,
+    /// Highest paced rate with zero loss found by the search (pps).
+    pub zero_loss_pps: f64,
+    /// Trials of the search (rate tried, achieved, lost).
+    pub trials: Vec<(f64, f64, u64)>,
+    /// `rate_pps` over the bare redirect forwarder's.
+    pub ratio_vs_redirect: Option<f64>,
+    /// Free-form details (peer version, drop counts).
+    pub note: String,
+}
+
+/// The stage's result.
+#[derive(Clone, Debug, Serialize)]
+pub struct ForwardStage {
+    /// Frame size, bytes.
+    pub frame_len: usize,
+    /// Every forwarder measured.
+    pub forwarders: Vec<Forwarder>,
+    /// Junk-drop: frames to un-pinholed media ports dropped per second.
+    pub junk_drop_pps: Option<f64>,
+    /// Ratios the issue asks for (name, value).
+    pub ratios: Vec<(String, f64)>,
+    /// Peer versions (name, version).
+    pub versions: Vec<(String, String)>,
+    /// Forwarders or figures that could not be measured.
+    pub not_measured: Vec<NotMeasured>,
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> BenchError {
+    move |e| BenchError::Map { name, detail: e.to_string() }
+}
+
+fn prog<'a>(e: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, BenchError> {
+    e.program_mut(name)
+        .ok_or(BenchError::MissingProgram { name })?
+        .try_into()
+        .map_err(|source| BenchError::Program { name, source })
+}
+
+/// Load `name` from `e` and attach it (driver mode) to `dev` in `ns`.
+fn attach(e: &mut Ebpf, name: &'static str, ns: &str, dev: &str) -> Result<(), BenchError> {
+    let p = prog(e, name)?;
+    if p.fd().is_err() {
+        p.load().map_err(|source| BenchError::Program { name, source })?;
+    }
+    in_ns(ns, || -> Result<(), BenchError> {
+        let idx = testnet::ifindex(dev).ok_or(BenchError::Map { name: "ifindex", detail: format!("{dev} in {ns}") })?;
+        p.attach_to_if_index(idx, XdpMode::Driver).map_err(|source| BenchError::Program { name, source })?;
+        Ok(())
+    })?
+}
+
+fn mac(ns: &str, dev: &str) -> Result<[u8; 6], BenchError> {
+    let out = sh(&["ip", "-n", ns, "link", "show", "dev", dev])?;
+    let s = out.split("link/ether ").nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or("");
+    let mut m = [0u8; 6];
+    for (i, part) in s.split(':').enumerate().take(6) {
+        m[i] = u8::from_str_radix(part, 16).map_err(|e| BenchError::Map { name: "mac", detail: format!("{dev}: {e}") })?;
+    }
+    Ok(m)
+}
+
+/// The header template for frames to `dst:port_base` from the peer.
+fn template(src_mac: [u8; 6], dst_mac: [u8; 6], dst: Ipv4Addr) -> [u16; 22] {
+    let mut b = [0u8; 44];
+    b[0..6].copy_from_slice(&dst_mac);
+    b[6..12].copy_from_slice(&src_mac);
+    b[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let ip_len = (FRAME_LEN - 14) as u16;
+    let ip = &mut b[14..34];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&ip_len.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = PROTO_UDP;
+    ip[12..16].copy_from_slice(&testnet::PEER_V4.octets());
+    ip[16..20].copy_from_slice(&dst.octets());
+    let mut sum: u32 = 0;
+    for w in ip.chunks(2) {
+        sum += u16::from_be_bytes([w[0], w[1]]) as u32;
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    let udp = &mut b[34..42];
+    udp[0..2].copy_from_slice(&GEN_SPORT.to_be_bytes());
+    udp[4..6].copy_from_slice(&((FRAME_LEN - 34) as u16).to_be_bytes());
+    // UDP checksum 0 (none): the stamped port changes per flow.
+    let mut w = [0u16; 22];
+    for (i, c) in b.chunks(2).enumerate() {
+        w[i] = u16::from_ne_bytes([c[0], c[1]]);
+    }
+    w
+}
+
+/// The generator side: programs in the peer and client namespaces.
+struct Gen {
+    obj: Ebpf,
+    cfg: Array<MapData, BenchCfg>,
+    cnt: PerCpuArray<MapData, u64>,
+    peer_ns: String,
+    peer_if: u32,
+    frame: Vec<u8>,
+    peer_mac: [u8; 6],
+    ext_mac: [u8; 6],
+    /// Smallest paced burst (frames per test-run call).
+    min_burst: u32,
+}
+
+impl Gen {
+    fn sink_count(&self) -> Result<u64, BenchError> {
+        Ok(self.cnt.get(&BENCH_CNT_SINK, 0).map_err(map_err(map_names::BENCH_CNT))?.iter().sum())
+    }
+
+    fn configure(&mut self, dst: Ipv4Addr, flows: u32, port_base: u16) -> Result<(), BenchError> {
+        let c = BenchCfg {
+            hdr: template(self.peer_mac, self.ext_mac, dst),
+            flows,
+            per_addr: PER_ADDR,
+            port_base,
+            ..BenchCfg::default()
+        };
+        self.cfg.set(0, c, 0).map_err(map_err(map_names::BENCH_CFG))
+    }
+
+    /// Run `f` in the peer namespace with the generator and its ctx: the
+    /// kernel resolves the ctx's ingress ifindex in the caller's namespace.
+    fn in_peer<T: Send>(&self, f: impl FnOnce(&dyn Fn(u32) -> Result<Duration, BenchError>) -> Result<T, BenchError> + Send) -> Result<T, BenchError> {
+        let mut ctx = [0u8; 24];
+        ctx[4..8].copy_from_slice(&(self.frame.len() as u32).to_ne_bytes());
+        ctx[12..16].copy_from_slice(&self.peer_if.to_ne_bytes());
+        let frame = &self.frame;
+        let p: &Xdp = self
+            .obj
+            .program(bench_progs::GEN)
+            .ok_or(BenchError::MissingProgram { name: bench_progs::GEN })?
+            .try_into()
+            .map_err(|source| BenchError::Program { name: bench_progs::GEN, source })?;
+        in_ns(&self.peer_ns, || {
+            let send = |n: u32| -> Result<Duration, BenchError> {
+                let t = Instant::now();
+                p.test_run(TestRunOptions {
+                    data_in: Some(frame),
+                    ctx_in: Some(&ctx),
+                    repeat: n,
+                    attrs: TestRunAttrs::new().xdp_live_frames(BATCH.min(n)),
+                    ..TestRunOptions::new()
+                })
+                .map_err(|source| BenchError::Program { name: bench_progs::GEN, source })?;
+                Ok(t.elapsed())
+            };
+            f(&send)
+        })?
+    }
+
+    /// Send `n` frames as fast as the pipeline goes; the wall time.
+    fn send(&mut self, n: u32) -> Result<Duration, BenchError> {
+        self.in_peer(|send| send(n))
+    }
+
+    /// Unpaced burst of `n`: (sent, received, rate).
+    fn unpaced(&mut self, n: u32) -> Result<(u64, u64, f64), BenchError> {
+        let before = self.sink_count()?;
+        let wall = self.send(n)?;
+        std::thread::sleep(Duration::from_millis(100));
+        let got = self.sink_count()?.wrapping_sub(before);
+        Ok((n as u64, got, got as f64 / wall.as_secs_f64()))
+    }
+
+    /// One paced trial at `rate` (> 0) for `dur`: bursts every 0.5 ms
+    /// (at least one live-frame batch). Returns (achieved rate, lost).
+    fn paced(&mut self, rate: f64, dur: Duration) -> Result<(f64, u64), BenchError> {
+        // XDP and kernel paths: bursts of 0.5 ms (at least one batch);
+        // userspace relays: always `min_burst`, below rtpengine's queue guard.
+        let burst = if self.min_burst < BATCH { self.min_burst } else { ((rate / 2000.0) as u32).max(BATCH) };
+        let interval = Duration::from_secs_f64(burst as f64 / rate);
+        let before = self.sink_count()?;
+        let (sent, elapsed) = self.in_peer(|send| {
+            let start = Instant::now();
+            let mut next = start;
+            let mut sent = 0u64;
+            while start.elapsed() < dur {
+                send(burst)?;
+                sent += burst as u64;
+                next += interval;
+                let now = Instant::now();
+                if next > now {
+                    std::thread::sleep(next - now);
+                }
+            }
+            Ok((sent, start.elapsed()))
+        })?;
+        let achieved = sent as f64 / elapsed.as_secs_f64();
+        std::thread::sleep(Duration::from_millis(100));
+        let got = self.sink_count()?.wrapping_sub(before);
+        Ok((achieved, sent.saturating_sub(got)))
+    }
+
+    /// Unpaced figure plus a bounded zero-loss search below it.
+    fn measure(&mut self, name: &str, flows: u32, mode: Mode, start: Instant) -> Result<Forwarder, BenchError> {
+        self.measure_with(name, flows, mode, start, None)
+    }
+
+    /// `relay_ceiling`: a userspace relay, searched below this rate with
+    /// bursts smaller than rtpengine's 50-packet receive-queue guard
+    /// (which starts discarding after five overruns), before the unpaced
+    /// burst that would trip it.
+    fn measure_with(&mut self, name: &str, flows: u32, mode: Mode, start: Instant, relay_ceiling: Option<f64>) -> Result<Forwarder, BenchError> {
+        let (n, iters, dur) = if mode.quick { (200_000, 2, Duration::from_millis(150)) } else { (2_000_000, 7, Duration::from_millis(400)) };
+        self.min_burst = if relay_ceiling.is_some() { 16 } else { BATCH };
+        let pre = match relay_ceiling {
+            Some(c) => Some(self.ascend(name, c, iters + 4, dur, start)?),
+            None => None,
+        };
+        let (sent, received, rate) = self.unpaced(n)?;
+        progress(start, &format!("forward: {name}: unpaced {:.3} Mpps ({received}/{sent} delivered)", rate / 1e6));
+        let (best, trials) = match pre {
+            Some(p) => p,
+            None => self.search(name, rate * 1.2, iters, dur, start)?,
+        };
+        Ok(Forwarder { name: name.into(), flows, sent, received, rate_pps: rate, zero_loss_pps: best, trials, ratio_vs_redirect: None, note: String::new() })
+    }
+
+    /// Ascending search for userspace relays: from 5 kpps up by 1.5× until
+    /// the first loss (or `ceiling`); rtpengine stays in its discarding
+    /// state after a lossy overrun, so no trial may follow a lossy one.
+    /// Resolution 1.5×. Returns (best zero-loss rate, trials).
+    fn ascend(&mut self, name: &str, ceiling: f64, iters: u32, dur: Duration, start: Instant) -> Result<(f64, Vec<(f64, f64, u64)>), BenchError> {
+        let (mut rate, mut best, mut trials) = (5_000.0f64, 0.0f64, Vec::new());
+        for _ in 0..iters {
+            let (achieved, lost) = self.paced(rate, dur)?;
+            progress(start, &format!("forward: {name}: paced {:.3} Mpps → achieved {:.3}, lost {lost}", rate / 1e6, achieved / 1e6));
+            trials.push((rate, achieved, lost));
+            if lost > 0 || achieved < rate * 0.9 {
+                break;
+            }
+            best = achieved;
+            rate *= 1.5;
+            if rate > ceiling {
+                break;
+            }
+        }
+        Ok((best, trials))
+    }
+
+    /// Zero-loss search below `ceiling`: (best zero-loss rate, trials).
+    fn search(&mut self, name: &str, ceiling: f64, iters: u32, dur: Duration, start: Instant) -> Result<(f64, Vec<(f64, f64, u64)>), BenchError> {
+        let rate = ceiling / 1.2;
+        // Bisection between 0 and a little above the unpaced rate: a
+        // zero-loss trial raises the floor, a lossy one lowers the ceiling;
+        // a trial the sender cannot pace up to ends the search.
+        let (mut floor, mut ceil, mut best) = (0.0f64, rate * 1.2, 0.0f64);
+        let mut trials = Vec::new();
+        for _ in 0..if rate > 0.0 { iters } else { 0 } {
+            let mid = (floor + ceil) / 2.0;
+            let (achieved, lost) = self.paced(mid, dur)?;
+            progress(start, &format!("forward: {name}: paced {:.3} Mpps → achieved {:.3}, lost {lost}", mid / 1e6, achieved / 1e6));
+            trials.push((mid, achieved, lost));
+            if lost == 0 {
+                best = best.max(achieved);
+                floor = mid;
+                if achieved < mid * 0.9 {
+                    break;
+                }
+            } else {
+                ceil = mid;
+            }
+        }
+        Ok((best, trials))
+    }
+}
+
+/// A process started by the bench, killed and reaped on drop.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Run the stage.
+pub fn run(mode: Mode, start: Instant) -> Result<ForwardStage, BenchError> {
+    progress(start, "forward: creating the client/edge/peer topology");
+    let topo = Topology::create("bn")?;
+    let (cl, edge, peer) = (topo.client.clone(), topo.edge.clone(), topo.peer.clone());
+    let client_mac = mac(&cl, "eth0")?;
+    // Static next hops: no ARP in the measured path, for every forwarder.
+    let cm = client_mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+    sh(&["ip", "-n", &edge, "neigh", "replace", "10.77.0.2", "lladdr", &cm, "nud", "permanent", "dev", "int0"])?;
+    for a in 2..=3 {
+        sh(&["ip", "-n", &edge, "addr", "add", &format!("203.0.113.{a}/32"), "dev", "ext0"])?;
+    }
+    let mut obj = loader::load_object()?;
+    let cfg = Array::try_from(obj.take_map(map_names::BENCH_CFG).ok_or(BenchError::Map { name: map_names::BENCH_CFG, detail: "missing".into() })?)
+        .map_err(map_err(map_names::BENCH_CFG))?;
+    let cnt = PerCpuArray::try_from(obj.take_map(map_names::BENCH_CNT).ok_or(BenchError::Map { name: map_names::BENCH_CNT, detail: "missing".into() })?)
+        .map_err(map_err(map_names::BENCH_CNT))?;
+    attach(&mut obj, bench_progs::SINK, &cl, "eth0")?;
+    // The generator is attached (driver mode) to an idle, down veth in the
+    // peer namespace only so the XDP dispatcher holds it: a test run then
+    // skips the two RCU grace periods (~70 ms) it would wait for per call.
+    sh(&["ip", "-n", &peer, "link", "add", "gd0", "type", "veth", "peer", "name", "gd1"])?;
+    attach(&mut obj, bench_progs::GEN, &peer, "gd0")?;
+    let peer_if = in_ns(&peer, || testnet::ifindex("eth0"))?.ok_or(BenchError::Map { name: "ifindex", detail: "peer eth0".into() })?;
+    let mut payload = vec![0u8; FRAME_LEN];
+    // RTP version 2, PT 0 (PCMU): relays that peek at RTP see RTP.
+    payload[BENCH_HDR_LEN] = 0x80;
+    let mut g = Gen { obj, cfg, cnt, peer_ns: peer.clone(), peer_if, frame: payload, peer_mac: mac(&peer, "eth0")?, ext_mac: mac(&edge, "ext0")?, min_burst: BATCH };
+    let int_if = in_ns(&edge, || testnet::ifindex("int0"))?.ok_or(BenchError::Map { name: "ifindex", detail: "int0".into() })?;
+    let ext_if = in_ns(&edge, || testnet::ifindex("ext0"))?.ok_or(BenchError::Map { name: "ifindex", detail: "ext0".into() })?;
+    let pub1 = testnet::EDGE_PUB_V4;
+    let mut out = ForwardStage { frame_len: FRAME_LEN, forwarders: vec![], junk_drop_pps: None, ratios: vec![], versions: vec![], not_measured: vec![] };
+
+    // 1. The method's own ceiling: generator → XDP drop at the edge.
+    {
+        let mut e = loader::load_object()?;
+        attach(&mut e, bench_progs::SINK, &edge, "ext0")?;
+        let mut ecnt: PerCpuArray<MapData, u64> = PerCpuArray::try_from(e.take_map(map_names::BENCH_CNT).ok_or(BenchError::Map { name: map_names::BENCH_CNT, detail: "missing".into() })?).map_err(map_err(map_names::BENCH_CNT))?;
+        g.configure(pub1, 1, PORT_BASE)?;
+        let n = if mode.quick { 200_000 } else { 2_000_000 };
+        let before: u64 = ecnt.get(&BENCH_CNT_SINK, 0).map_err(map_err(map_names::BENCH_CNT))?.iter().sum();
+        let wall = g.send(n)?;
+        let got: u64 = ecnt.get(&BENCH_CNT_SINK, 0).map_err(map_err(map_names::BENCH_CNT))?.iter().sum::<u64>() - before;
+        let rate = got as f64 / wall.as_secs_f64();
+        progress(start, &format!("forward: generator → drop at edge: {:.3} Mpps", rate / 1e6));
+        out.forwarders.push(Forwarder { name: "gen→drop at edge (method ceiling)".into(), flows: 1, sent: n as u64, received: got, rate_pps: rate, zero_loss_pps: rate, trials: vec![], ratio_vs_redirect: None, note: "frames counted and dropped by XDP on the edge's ingress".into() });
+        let _ = &mut ecnt;
+    }
+    // 2. Bare redirect forwarder (ceiling).
+    {
+        let mut e = loader::load_object()?;
+        let mut c: Array<MapData, BenchCfg> = Array::try_from(e.take_map(map_names::BENCH_CFG).ok_or(BenchError::Map { name: map_names::BENCH_CFG, detail: "missing".into() })?).map_err(map_err(map_names::BENCH_CFG))?;
+        c.set(0, BenchCfg { redirect_ifindex: int_if, ..BenchCfg::default() }, 0).map_err(map_err(map_names::BENCH_CFG))?;
+        attach(&mut e, bench_progs::REDIRECT, &edge, "ext0")?;
+        g.configure(pub1, 1, PORT_BASE)?;
+        let f = g.measure("bare redirect (XDP ceiling)", 1, mode, start)?;
+        out.forwarders.push(f);
+    }
+    // 3. sip-edge with 1 / 10k / 100k pinholes, then junk drop.
+    {
+        let sizes: Vec<u32> = if mode.quick { vec![1, 10_000] } else { vec![1, 10_000, 100_000] };
+        let mut dp = in_ns(&edge, || loader::load(MapSizes { max_pinholes: 131_072 }, None))??;
+        let mut maps = DatapathMaps::from_ebpf(&mut dp)?;
+        // In the edge namespace: TX_PORTS resolves ifindexes in the caller's.
+        let settings = DatapathSettings {
+            ifaces: vec![DatapathIface { ifindex: int_if, role: ROLE_INTERNAL }, DatapathIface { ifindex: ext_if, role: ROLE_EXTERNAL }],
+            edge_addrs: vec![testnet::EDGE_INT_V4.into(), pub1.into(), Ipv4Addr::new(203, 0, 113, 2).into(), Ipv4Addr::new(203, 0, 113, 3).into()],
+            media_ports: vec![(PORT_BASE, 65_000)],
+            pass_ports: vec![5061],
+            default_policy: POLICY_PASS,
+        };
+        in_ns(&edge, || maps.apply_settings(&settings))??;
+        let name = sip_edge_common::XDP_PROG_NAME;
+        for dev in ["ext0", "int0"] {
+            in_ns(&edge, || -> Result<(), BenchError> {
+                let idx = testnet::ifindex(dev).ok_or(BenchError::Map { name: "ifindex", detail: dev.into() })?;
+                prog(&mut dp, name)?.attach_to_if_index(idx, XdpMode::Driver).map_err(|source| BenchError::Program { name, source })?;
+                Ok(())
+            })??;
+        }
+        let (_, peer_addr) = addr_from_ip(testnet::PEER_V4.into());
+        let mut installed = 0u32;
+        for &size in &sizes {
+            progress(start, &format!("forward: sip-edge: installing {size} pinholes"));
+            while installed < size {
+                let i = installed;
+                let pub_ip = Ipv4Addr::from(u32::from(pub1) + i / PER_ADDR);
+                let port = PORT_BASE + (i % PER_ADDR) as u16;
+                let (family, addr) = addr_from_ip(pub_ip.into());
+                let key = PinholeKey { addr, port: port.to_be(), proto: PROTO_UDP, family, role: ROLE_EXTERNAL, match_on: MATCH_DST, _pad: [0; 2] };
+                let rule = PinholeRule {
+                    remote_addr: peer_addr,
+                    new_src: addr_from_ip(testnet::EDGE_INT_V4.into()).1,
+                    new_dst: addr_from_ip(testnet::CLIENT_V4.into()).1,
+                    remote_port: GEN_SPORT.to_be(),
+                    new_src_port: port.to_be(),
+                    new_dst_port: CLIENT_PORT.to_be(),
+                    flags: RULE_REWRITE_SRC | RULE_REWRITE_DST,
+                    slot: i,
+                    pair_slot: i,
+                };
+                maps.insert_rule(key, rule)?;
+                installed += 1;
+            }
+            g.configure(pub1, size, PORT_BASE)?;
+            let label = match size { 1 => "sip-edge 1 pinhole".to_string(), s => format!("sip-edge {}k pinholes", s / 1000) };
+            let f = g.measure(&label, size, mode, start)?;
+            out.forwarders.push(f);
+        }
+        // Junk: media ports above every pinhole, spread over 1000 ports.
+        let before = reason_count(&maps, Reason::DropNoPinhole)?;
+        g.configure(pub1, 1000, 64_000)?;
+        let n = if mode.quick { 200_000 } else { 2_000_000 };
+        let wall = g.send(n)?;
+        let dropped = reason_count(&maps, Reason::DropNoPinhole)? - before;
+        let rate = dropped as f64 / wall.as_secs_f64();
+        progress(start, &format!("forward: junk drop: {:.3} Mpps ({dropped}/{n} counted drop_no_pinhole)", rate / 1e6));
+        out.junk_drop_pps = Some(rate);
+    }
+    // 4. Kernel forwarding + nftables DNAT + conntrack.
+    match nft(&mut g, &edge, mode, start) {
+        Ok((f, v)) => {
+            out.forwarders.push(f);
+            out.versions.push(("nftables".into(), v));
+        }
+        Err(e) => out.not_measured.push(NotMeasured { what: "kernel forwarding + nftables DNAT".into(), reason: e.to_string() }),
+    }
+    // 5. Userspace relays.
+    match tokio_relay(&mut g, &edge, mode, start) {
+        Ok(f) => out.forwarders.push(f),
+        Err(e) => out.not_measured.push(NotMeasured { what: "tokio UDP relay".into(), reason: e.to_string() }),
+    }
+    match rtpengine(&mut g, &edge, mode, start) {
+        Ok((f, v)) => {
+            out.forwarders.push(f);
+            out.versions.push(("rtpengine-daemon".into(), v));
+        }
+        Err(e) => out.not_measured.push(NotMeasured { what: "rtpengine-daemon".into(), reason: e.to_string() }),
+    }
+    out.not_measured.push(NotMeasured {
+        what: "TCP throughput through a TCP pinhole vs kernel forwarding".into(),
+        reason: "not measured: not implemented in the suite yet".into(),
+    });
+    // Ratios.
+    let redirect = out.forwarders.iter().find(|f| f.name.starts_with("bare redirect")).map(|f| f.rate_pps);
+    if let Some(r) = redirect {
+        for f in &mut out.forwarders {
+            f.ratio_vs_redirect = Some(f.rate_pps / r);
+        }
+    }
+    let fw = out.forwarders.clone();
+    let rate = |n: &str| fw.iter().find(|f| f.name.starts_with(n)).map(|f| f.rate_pps);
+    let zl = |n: &str| fw.iter().find(|f| f.name.starts_with(n)).map(|f| f.zero_loss_pps);
+    let mut ratio = |name: &str, a: Option<f64>, b: Option<f64>| {
+        if let (Some(a), Some(b)) = (a, b) {
+            if b > 0.0 {
+                out.ratios.push((name.into(), a / b));
+            }
+        }
+    };
+    ratio("sip-edge 1 pinhole / bare redirect (target >= 0.85)", rate("sip-edge 1 pinhole"), rate("bare redirect"));
+    ratio("sip-edge 100k / bare redirect (target >= 0.6)", rate("sip-edge 100k"), rate("bare redirect"));
+    ratio("sip-edge 1 pinhole / nftables DNAT (target >= 3)", rate("sip-edge 1 pinhole"), rate("kernel forwarding"));
+    ratio("sip-edge 1 pinhole / rtpengine, unpaced", rate("sip-edge 1 pinhole"), rate("rtpengine"));
+    ratio("sip-edge 1 pinhole / tokio relay, unpaced", rate("sip-edge 1 pinhole"), rate("tokio"));
+    ratio("zero-loss: sip-edge 100k / bare redirect", zl("sip-edge 100k"), zl("bare redirect"));
+    ratio("zero-loss: sip-edge 1 pinhole / tokio relay", zl("sip-edge 1 pinhole"), zl("tokio"));
+    ratio("zero-loss: sip-edge 1 pinhole / bare redirect", zl("sip-edge 1 pinhole"), zl("bare redirect"));
+    ratio("zero-loss: sip-edge 1 pinhole / nftables DNAT", zl("sip-edge 1 pinhole"), zl("kernel forwarding"));
+    ratio("zero-loss: sip-edge 1 pinhole / rtpengine (target >= 20)", zl("sip-edge 1 pinhole"), zl("rtpengine"));
+    drop(g);
+    drop(topo);
+    Ok(out)
+}
+
+fn reason_count(maps: &DatapathMaps, r: Reason) -> Result<u64, BenchError> {
+    Ok(maps.reasons()?.iter().find(|c| c.reason == r.name()).map_or(0, |c| c.packets))
+}
+
+/// The pass program on ext0: a veth delivers XDP_TX'd frames only while its
+/// peer end runs XDP (it needs the receive NAPI).
+fn pass_on_ext(edge: &str) -> Result<Ebpf, BenchError> {
+    let mut e = loader::load_object()?;
+    attach(&mut e, "sip_edge_pass", edge, "ext0")?;
+    Ok(e)
+}
+
+fn nft(g: &mut Gen, edge: &str, mode: Mode, start: Instant) -> Result<(Forwarder, String), BenchError> {
+    let v = Command::new("nft").arg("--version").output().map_err(io("nft --version (apt package nftables)"))?;
+    let version = String::from_utf8_lossy(&v.stdout).trim().to_owned();
+    let _pass = pass_on_ext(edge)?;
+    let rules = format!(
+        "table ip sebench {{\n chain pre {{\n  type nat hook prerouting priority dstnat; policy accept;\n  udp dport {PORT_BASE}-65000 dnat to 10.77.0.2:{CLIENT_PORT}\n }}\n}}"
+    );
+    // Block syntax is file syntax: `nft -f`.
+    let file = std::env::temp_dir().join(format!("sip-edge-bench-{}.nft", std::process::id()));
+    std::fs::write(&file, format!("{rules}\n")).map_err(io(format!("write {}", file.display())))?;
+    let loaded = sh(&["ip", "netns", "exec", edge, "nft", "-f", &file.display().to_string()]);
+    let _ = std::fs::remove_file(&file);
+    loaded?;
+    g.configure(testnet::EDGE_PUB_V4, 1, PORT_BASE)?;
+    let mut f = g.measure("kernel forwarding + nftables DNAT/conntrack", 1, mode, start);
+    let _ = sh(&["ip", "netns", "exec", edge, "nft", "delete", "table", "ip", "sebench"]);
+    if let Ok(f) = &mut f {
+        f.note = version.clone();
+    }
+    Ok((f?, version))
+}
+
+fn tokio_relay(g: &mut Gen, edge: &str, mode: Mode, start: Instant) -> Result<Forwarder, BenchError> {
+    let _pass = pass_on_ext(edge)?;
+    let listen = SocketAddr::new(testnet::EDGE_PUB_V4.into(), RELAY_PORT);
+    let to = SocketAddr::new(testnet::CLIENT_V4.into(), CLIENT_PORT);
+    let sock = in_ns(edge, || UdpSocket::bind(listen))?.map_err(io(format!("bind {listen}")))?;
+    sock.set_nonblocking(true).map_err(io("nonblocking"))?;
+    force_rcvbuf(&sock)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let relay = std::thread::spawn(move || -> std::io::Result<()> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        rt.block_on(async move {
+            let s = tokio::net::UdpSocket::from_std(sock)?;
+            let mut buf = vec![0u8; 2048];
+            while !stop2.load(Ordering::Relaxed) {
+                match tokio::time::timeout(Duration::from_millis(100), s.recv_from(&mut buf)).await {
+                    Ok(Ok((n, _))) => {
+                        let _ = s.send_to(&buf[..n], to).await;
+                    }
+                    Ok(Err(e)) => return Err(e),
+                    Err(_) => {}
+                }
+            }
+            Ok(())
+        })
+    });
+    g.configure(testnet::EDGE_PUB_V4, 1, RELAY_PORT)?;
+    let f = g.measure_with("tokio UDP relay (1 thread)", 1, mode, start, Some(400_000.0));
+    stop.store(true, Ordering::Relaxed);
+    let _ = relay.join();
+    f
+}
+
+/// Live-frame skbs carry a whole page each (truesize ~4 KiB), so a default
+/// receive buffer holds about 50 frames, less than one burst; relays get
+/// 32 MiB (SO_RCVBUFFORCE: root may exceed rmem_max).
+fn force_rcvbuf(sock: &UdpSocket) -> Result<(), BenchError> {
+    use std::os::fd::AsRawFd as _;
+    let size: libc::c_int = 32 << 20;
+    // SAFETY: valid socket fd and a correctly sized int option.
+    let rc = unsafe {
+        libc::setsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, (&raw const size).cast(), 4)
+    };
+    if rc != 0 {
+        return Err(BenchError::Io { op: "SO_RCVBUFFORCE".into(), source: std::io::Error::last_os_error() });
+    }
+    Ok(())
+}
+
+/// Minimal bencode for the ng protocol: dictionaries of strings/lists.
+enum Ben {
+    S(String),
+    L(Vec<Ben>),
+    D(Vec<(String, Ben)>),
+}
+
+fn ben(b: &Ben, out: &mut String) {
+    match b {
+        Ben::S(s) => out.push_str(&format!("{}:{s}", s.len())),
+        Ben::L(l) => {
+            out.push('l');
+            l.iter().for_each(|x| ben(x, out));
+            out.push('e');
+        }
+        Ben::D(d) => {
+            out.push('d');
+            for (k, v) in d {
+                out.push_str(&format!("{}:{k}", k.len()));
+                ben(v, out);
+            }
+            out.push('e');
+        }
+    }
+}
+
+fn ng(sock: &UdpSocket, cookie: &str, msg: &Ben) -> Result<String, BenchError> {
+    let mut s = format!("{cookie} ");
+    ben(msg, &mut s);
+    sock.send(s.as_bytes()).map_err(io("ng send"))?;
+    let mut buf = vec![0u8; 65536];
+    let n = sock.recv(&mut buf).map_err(io("ng recv (is rtpengine listening?)"))?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+fn rtpengine(g: &mut Gen, edge: &str, mode: Mode, start: Instant) -> Result<(Forwarder, String), BenchError> {
+    let v = Command::new("rtpengine").arg("--version").output().map_err(io("rtpengine --version (apt package rtpengine-daemon)"))?;
+    let version = String::from_utf8_lossy(&v.stdout).trim().trim_start_matches("Version: ").to_owned();
+    let _pass = pass_on_ext(edge)?;
+    // rtpengine sizes its own sockets from the namespace defaults (see
+    // `force_rcvbuf`); best effort, the figure is reported either way.
+    for kv in ["net.core.rmem_max=33554432", "net.core.rmem_default=33554432"] {
+        let _ = sh(&["ip", "netns", "exec", edge, "sysctl", "-qw", kv]);
+    }
+    let log_path = std::env::temp_dir().join("sip-edge-bench-rtpengine.log");
+    let log = std::fs::File::create(&log_path).map_err(io(format!("create {}", log_path.display())))?;
+    let child = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{edge}"))
+        .args(["--", "rtpengine", "--foreground", "--log-stderr", "--table=-1", "--interface=203.0.113.1", "--listen-ng=127.0.0.1:22222", "--port-min=30000", "--port-max=30999", "--log-level=4", "--no-redis-required"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .map_err(io("spawn rtpengine"))?;
+    let _d = Daemon(child);
+    let sock = in_ns(edge, || UdpSocket::bind("127.0.0.1:0"))?.map_err(io("bind ng client"))?;
+    sock.connect("127.0.0.1:22222").map_err(io("connect ng"))?;
+    sock.set_read_timeout(Some(Duration::from_millis(500))).map_err(io("timeout"))?;
+    let sdp = |ip: &str, port: u16| format!("v=0\r\no=- 1 1 IN IP4 {ip}\r\ns=-\r\nc=IN IP4 {ip}\r\nt=0 0\r\nm=audio {port} RTP/AVP 0\r\n");
+    let mut offer = Err(BenchError::Map { name: "rtpengine", detail: "no answer to ping within 5 s".into() });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(r) = ng(&sock, "c0", &Ben::D(vec![("command".into(), Ben::S("ping".into()))])) {
+            if r.contains("pong") {
+                offer = Ok(());
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    offer?;
+    let call = |cmd: &str, sdp_: String, extra: Vec<(String, Ben)>| {
+        let mut d = vec![
+            ("command".to_string(), Ben::S(cmd.into())),
+            ("call-id".into(), Ben::S("sebench".into())),
+            ("from-tag".into(), Ben::S("client".into())),
+            ("sdp".into(), Ben::S(sdp_)),
+            ("flags".into(), Ben::L(vec![])),
+        ];
+        d.extend(extra);
+        Ben::D(d)
+    };
+    // The client offers (its media at 10.77.0.2:40000); the answer comes
+    // from the peer. rtpengine's port in the offer's SDP is where the
+    // peer sends.
+    let r1 = ng(&sock, "c1", &call("offer", sdp("10.77.0.2", CLIENT_PORT), vec![]))?;
+    let port = r1
+        .split("m=audio ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|p| p.parse::<u16>().ok())
+        .ok_or_else(|| BenchError::Map { name: "rtpengine", detail: format!("offer reply without m=audio: {r1}") })?;
+    let r2 = ng(&sock, "c2", &call("answer", sdp("198.51.100.2", GEN_SPORT), vec![("to-tag".into(), Ben::S("peer".into()))]))?;
+    if !r2.contains("result") || r2.contains("error") {
+        return Err(BenchError::Map { name: "rtpengine", detail: format!("answer failed: {r2}") });
+    }
+    g.configure(testnet::EDGE_PUB_V4, 1, port)?;
+    let mut f = g.measure_with("rtpengine-daemon (userspace)", 1, mode, start, Some(400_000.0))?;
+    f.note = format!(
+        "rtpengine {version}, --table=-1 (no kernel module), default threads; it drops a stream's packets after its receive queue held >50 packets five times (log: {})",
+        log_path.display()
+    );
+    let _ = ng(&sock, "c3", &Ben::D(vec![("command".into(), Ben::S("delete".into())), ("call-id".into(), Ben::S("sebench".into()))]));
+    Ok((f, version))
+}
