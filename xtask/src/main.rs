@@ -1,4 +1,4 @@
-//! `cargo xtask`: set-up, eBPF build, tests and demo for sip-edge.
+//! `cargo xtask`: set-up, eBPF build, tests, demo and benchmarks for sip-edge.
 //!
 //! xtask deliberately does not depend on the `sip-edge` crate: that crate's
 //! build script needs bpf-linker, which `cargo xtask setup` is what installs.
@@ -24,6 +24,10 @@ const APT_PACKAGES: &[&str] = &[
     "ethtool",
     "util-linux",
 ];
+
+/// Debian packages only `cargo xtask bench` needs: the peers it measures
+/// sip-edge against (issue #4).
+const BENCH_APT_PACKAGES: &[&str] = &["nftables", "rtpengine-daemon"];
 
 /// The toolchain the eBPF crate is built with (DESIGN.md §4).
 const NIGHTLY: &str = "nightly";
@@ -53,6 +57,17 @@ enum Cmd {
     },
     /// Set up, build, and run the demo: namespaces, agent, traffic through XDP.
     Demo,
+    /// Set up (plus the bench peers), build in release and run the
+    /// benchmark suite: JSON report, SVG plot and Markdown table.
+    Bench {
+        /// Small sizes and counts (about 3 minutes); checks only that every
+        /// stage produces figures.
+        #[arg(long)]
+        quick: bool,
+        /// JSON report path (the plot and table go beside it).
+        #[arg(long, default_value = "target/bench/bench.json")]
+        out: PathBuf,
+    },
 }
 
 fn main() -> Result<()> {
@@ -72,6 +87,11 @@ fn main() -> Result<()> {
         Cmd::Demo => {
             setup()?;
             demo(&root)
+        }
+        Cmd::Bench { quick, out } => {
+            setup()?;
+            apt_install(BENCH_APT_PACKAGES)?;
+            bench(&root, quick, &out)
         }
     }
 }
@@ -102,10 +122,9 @@ fn cargo_bin_dir() -> PathBuf {
         .join("bin")
 }
 
-/// Idempotent set-up: prints what it does and what it skips.
-fn setup() -> Result<()> {
-    // 1. Debian packages.
-    let missing: Vec<&str> = APT_PACKAGES
+/// Install the Debian packages of `list` that are missing (idempotent).
+fn apt_install(list: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = list
         .iter()
         .copied()
         .filter(|p| {
@@ -114,12 +133,19 @@ fn setup() -> Result<()> {
         })
         .collect();
     if missing.is_empty() {
-        step("apt packages: all present, skipping");
+        step(&format!("apt packages ({}): all present, skipping", list.join(" ")));
     } else {
         step(&format!("apt packages: installing {}", missing.join(" ")));
         run(Command::new("apt-get").args(["update", "-qq"]))?;
         run(Command::new("apt-get").args(["install", "-y", "-qq", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
+    Ok(())
+}
+
+/// Idempotent set-up: prints what it does and what it skips.
+fn setup() -> Result<()> {
+    // 1. Debian packages.
+    apt_install(APT_PACKAGES)?;
     // 2. rust-src for the nightly toolchain (build-std=core).
     let comps = Command::new("rustup").args(["component", "list", "--installed", "--toolchain", NIGHTLY]).output().context("rustup not found")?;
     if String::from_utf8_lossy(&comps.stdout).lines().any(|l| l.starts_with("rust-src")) {
@@ -256,6 +282,19 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
         bail!("no test ran");
     }
     Ok(())
+}
+
+/// Build the bench binary in release (the forward stage's paced sender
+/// runs in userspace) and run it; it prints progress for every step.
+fn bench(root: &Path, quick: bool, out: &Path) -> Result<()> {
+    run(Command::new("cargo").args(["build", "--locked", "--release", "-p", "sip-edge", "--bin", "sip-edge-bench"]))?;
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+    let mut cmd = Command::new(target.join("release/sip-edge-bench"));
+    cmd.arg("--out").arg(out);
+    if quick {
+        cmd.arg("--quick");
+    }
+    run(&mut cmd)
 }
 
 fn demo(root: &Path) -> Result<()> {
