@@ -92,6 +92,8 @@ pub struct ForwardStage {
     pub junk_drop_pps: Option<f64>,
     /// Ratios the issue asks for (name, value).
     pub ratios: Vec<(String, f64)>,
+    /// TCP throughput, bits/s (path, value): one connection, client → peer.
+    pub tcp: Vec<(String, f64)>,
     /// Peer versions (name, version).
     pub versions: Vec<(String, String)>,
     /// Forwarders or figures that could not be measured.
@@ -383,7 +385,7 @@ pub fn run(mode: Mode, start: Instant) -> Result<ForwardStage, BenchError> {
     let int_if = in_ns(&edge, || testnet::ifindex("int0"))?.ok_or(BenchError::Map { name: "ifindex", detail: "int0".into() })?;
     let ext_if = in_ns(&edge, || testnet::ifindex("ext0"))?.ok_or(BenchError::Map { name: "ifindex", detail: "ext0".into() })?;
     let pub1 = testnet::EDGE_PUB_V4;
-    let mut out = ForwardStage { frame_len: FRAME_LEN, forwarders: vec![], junk_drop_pps: None, ratios: vec![], versions: vec![], not_measured: vec![] };
+    let mut out = ForwardStage { frame_len: FRAME_LEN, forwarders: vec![], junk_drop_pps: None, tcp: vec![], ratios: vec![], versions: vec![], not_measured: vec![] };
 
     // 1. The method's own ceiling: generator → XDP drop at the edge.
     {
@@ -470,6 +472,47 @@ pub fn run(mode: Mode, start: Instant) -> Result<ForwardStage, BenchError> {
         let rate = dropped as f64 / wall.as_secs_f64();
         progress(start, &format!("forward: junk drop: {:.3} Mpps ({dropped}/{n} counted drop_no_pinhole)", rate / 1e6));
         out.junk_drop_pps = Some(rate);
+        // TCP through a relay pinhole (XDP on both edge links).
+        let peer_mac = g.peer_mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+        sh(&["ip", "-n", &edge, "neigh", "replace", "198.51.100.2", "lladdr", &peer_mac, "nud", "permanent", "dev", "ext0"])?;
+        let mut peer_pass = loader::load_object()?;
+        attach(&mut peer_pass, "sip_edge_pass", &peer, "eth0")?;
+        let client = SocketAddr::new(testnet::CLIENT_V4.into(), 45_000);
+        let edge_port = 62_000;
+        let flow = crate::datapath::rules::Flow::Relay {
+            proto: crate::datapath::rules::Proto::Tcp,
+            client,
+            edge_int: SocketAddr::new(testnet::EDGE_INT_V4.into(), edge_port),
+            public: SocketAddr::new(pub1.into(), edge_port),
+            peer: SocketAddr::new(testnet::PEER_V4.into(), 9_000),
+            latch_peer: false,
+            learn_port: crate::datapath::rules::LearnPort::Neither,
+        };
+        maps.add_flow(&flow)?;
+        let dur = if mode.quick { Duration::from_millis(300) } else { Duration::from_secs(2) };
+        match tcp_throughput(&topo, client, SocketAddr::new(testnet::EDGE_INT_V4.into(), edge_port), SocketAddr::new(testnet::PEER_V4.into(), 9_000), dur) {
+            Ok(bps) => {
+                progress(start, &format!("forward: TCP through a sip-edge pinhole: {:.0} Mbit/s", bps / 1e6));
+                out.tcp.push(("sip-edge TCP pinhole (relay)".into(), bps));
+            }
+            Err(e) => out.not_measured.push(NotMeasured { what: "TCP through a sip-edge pinhole".into(), reason: e.to_string() }),
+        }
+        drop(peer_pass);
+    }
+    // TCP through plain kernel forwarding (no XDP on the edge).
+    {
+        let _ = sh(&["ip", "-n", &peer, "route", "add", "10.77.0.0/24", "via", "203.0.113.1"]);
+        let mut peer_pass = loader::load_object()?;
+        attach(&mut peer_pass, "sip_edge_pass", &peer, "eth0")?;
+        let dur = if mode.quick { Duration::from_millis(300) } else { Duration::from_secs(2) };
+        let to = SocketAddr::new(testnet::PEER_V4.into(), 9_001);
+        match tcp_throughput(&topo, SocketAddr::new(testnet::CLIENT_V4.into(), 45_001), to, to, dur) {
+            Ok(bps) => {
+                progress(start, &format!("forward: TCP through kernel forwarding: {:.0} Mbit/s", bps / 1e6));
+                out.tcp.push(("kernel forwarding".into(), bps));
+            }
+            Err(e) => out.not_measured.push(NotMeasured { what: "TCP through kernel forwarding".into(), reason: e.to_string() }),
+        }
     }
     // 4. Kernel forwarding + nftables DNAT + conntrack.
     match nft(&mut g, &edge, mode, start) {
@@ -491,10 +534,6 @@ pub fn run(mode: Mode, start: Instant) -> Result<ForwardStage, BenchError> {
         }
         Err(e) => out.not_measured.push(NotMeasured { what: "rtpengine-daemon".into(), reason: e.to_string() }),
     }
-    out.not_measured.push(NotMeasured {
-        what: "TCP throughput through a TCP pinhole vs kernel forwarding".into(),
-        reason: "not measured: not implemented in the suite yet".into(),
-    });
     // Ratios.
     let redirect = out.forwarders.iter().find(|f| f.name.starts_with("bare redirect")).map(|f| f.rate_pps);
     if let Some(r) = redirect {
@@ -520,11 +559,50 @@ pub fn run(mode: Mode, start: Instant) -> Result<ForwardStage, BenchError> {
     ratio("zero-loss: sip-edge 100k / bare redirect", zl("sip-edge 100k"), zl("bare redirect"));
     ratio("zero-loss: sip-edge 1 pinhole / tokio relay", zl("sip-edge 1 pinhole"), zl("tokio"));
     ratio("zero-loss: sip-edge 1 pinhole / bare redirect", zl("sip-edge 1 pinhole"), zl("bare redirect"));
+    let tcp = |n: &str| out.tcp.iter().find(|t| t.0.starts_with(n)).map(|t| t.1);
+    let (ta, tb) = (tcp("sip-edge"), tcp("kernel"));
     ratio("zero-loss: sip-edge 1 pinhole / nftables DNAT", zl("sip-edge 1 pinhole"), zl("kernel forwarding"));
     ratio("zero-loss: sip-edge 1 pinhole / rtpengine (target >= 20)", zl("sip-edge 1 pinhole"), zl("rtpengine"));
+    if let (Some(a), Some(b)) = (ta, tb) {
+        out.ratios.push(("TCP throughput: sip-edge pinhole / kernel forwarding".into(), a / b));
+    }
     drop(g);
     drop(topo);
     Ok(out)
+}
+
+/// One TCP connection from the client (bound to `local`) to `to`, with the
+/// peer listening on `listen`; the client writes for `dur`. Bits per second
+/// the peer read.
+fn tcp_throughput(topo: &Topology, local: SocketAddr, to: SocketAddr, listen: SocketAddr, dur: Duration) -> Result<f64, BenchError> {
+    use std::io::{Read as _, Write as _};
+    let l = topo.tcp_listen(&topo.peer, listen)?;
+    let reader = std::thread::spawn(move || -> std::io::Result<(u64, Duration)> {
+        let (mut c, _) = l.accept()?;
+        c.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let (mut buf, mut total) = (vec![0u8; 1 << 16], 0u64);
+        let t = Instant::now();
+        loop {
+            match c.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => total += n as u64,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((total, t.elapsed()))
+    });
+    let mut c = topo.tcp_connect(&topo.client, local, to)?;
+    let buf = vec![0x5au8; 1 << 16];
+    let t = Instant::now();
+    while t.elapsed() < dur {
+        c.write_all(&buf).map_err(io("tcp write"))?;
+    }
+    c.shutdown(std::net::Shutdown::Write).map_err(io("tcp shutdown"))?;
+    let (total, took) = reader
+        .join()
+        .map_err(|_| BenchError::Map { name: "tcp", detail: "reader panicked".into() })?
+        .map_err(io("tcp read"))?;
+    Ok(total as f64 * 8.0 / took.as_secs_f64())
 }
 
 fn reason_count(maps: &DatapathMaps, r: Reason) -> Result<u64, BenchError> {

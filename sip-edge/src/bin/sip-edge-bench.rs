@@ -51,6 +51,9 @@ fn table(r: &Report) -> String {
         if let Some(j) = f.junk_drop_pps {
             s.push_str(&format!("\nJunk drop (frames to un-pinholed media ports): {} Mpps.\n", fmt_rate(j)));
         }
+        for (n, bps) in &f.tcp {
+            s.push_str(&format!("\nTCP, one connection, {n}: {:.0} Mbit/s.\n", bps / 1e6));
+        }
         s.push_str("\n| ratio | value |\n|---|---:|\n");
         for (n, v) in &f.ratios {
             s.push_str(&format!("| {n} | {v:.2} |\n"));
