@@ -319,13 +319,12 @@ impl Gen {
 
     /// Zero-loss search below `ceiling`: (best zero-loss rate, trials).
     fn search(&mut self, name: &str, ceiling: f64, iters: u32, dur: Duration, start: Instant) -> Result<(f64, Vec<(f64, f64, u64)>), BenchError> {
-        let rate = ceiling / 1.2;
-        // Bisection between 0 and a little above the unpaced rate: a
-        // zero-loss trial raises the floor, a lossy one lowers the ceiling;
-        // a trial the sender cannot pace up to ends the search.
-        let (mut floor, mut ceil, mut best) = (0.0f64, rate * 1.2, 0.0f64);
+        // Bisection between 0 and `ceiling` (a little above the unpaced
+        // rate): a zero-loss trial raises the floor, a lossy one lowers the
+        // ceiling; a trial the sender cannot pace up to ends the search.
+        let (mut floor, mut ceil, mut best) = (0.0f64, ceiling, 0.0f64);
         let mut trials = Vec::new();
-        for _ in 0..if rate > 0.0 { iters } else { 0 } {
+        for _ in 0..if ceiling > 0.0 { iters } else { 0 } {
             let mid = (floor + ceil) / 2.0;
             let (achieved, lost) = self.paced(mid, dur)?;
             progress(start, &format!("forward: {name}: paced {:.3} Mpps → achieved {:.3}, lost {lost}", mid / 1e6, achieved / 1e6));
@@ -391,7 +390,7 @@ pub fn run(mode: Mode, start: Instant) -> Result<ForwardStage, BenchError> {
     {
         let mut e = loader::load_object()?;
         attach(&mut e, bench_progs::SINK, &edge, "ext0")?;
-        let mut ecnt: PerCpuArray<MapData, u64> = PerCpuArray::try_from(e.take_map(map_names::BENCH_CNT).ok_or(BenchError::Map { name: map_names::BENCH_CNT, detail: "missing".into() })?).map_err(map_err(map_names::BENCH_CNT))?;
+        let ecnt: PerCpuArray<MapData, u64> = PerCpuArray::try_from(e.take_map(map_names::BENCH_CNT).ok_or(BenchError::Map { name: map_names::BENCH_CNT, detail: "missing".into() })?).map_err(map_err(map_names::BENCH_CNT))?;
         g.configure(pub1, 1, PORT_BASE)?;
         let n = if mode.quick { 200_000 } else { 2_000_000 };
         let before: u64 = ecnt.get(&BENCH_CNT_SINK, 0).map_err(map_err(map_names::BENCH_CNT))?.iter().sum();
@@ -400,7 +399,6 @@ pub fn run(mode: Mode, start: Instant) -> Result<ForwardStage, BenchError> {
         let rate = got as f64 / wall.as_secs_f64();
         progress(start, &format!("forward: generator → drop at edge: {:.3} Mpps", rate / 1e6));
         out.forwarders.push(Forwarder { name: "gen→drop at edge (method ceiling)".into(), flows: 1, sent: n as u64, received: got, rate_pps: rate, zero_loss_pps: rate, trials: vec![], ratio_vs_redirect: None, note: "frames counted and dropped by XDP on the edge's ingress".into() });
-        let _ = &mut ecnt;
     }
     // 2. Bare redirect forwarder (ceiling).
     {
