@@ -21,6 +21,15 @@ pub enum LoadError {
         #[source]
         source: aya::EbpfError,
     },
+    /// Creating or re-adopting the pinned maps failed.
+    #[error("loading the XDP object with maps pinned under {dir} failed: {source}; if the pins come from an older sip-edge with another map layout, stop it and remove them (`rm -r {dir}`, or run the old agent with on_exit = \"remove\")")]
+    Adopt {
+        /// The pin directory.
+        dir: std::path::PathBuf,
+        /// aya's error.
+        #[source]
+        source: aya::EbpfError,
+    },
     /// The program is missing from the object (build mismatch).
     #[error("program {name} not found in the embedded object; rebuild with `cargo xtask build-ebpf`")]
     MissingProgram {
@@ -67,7 +76,12 @@ pub fn load(sizes: MapSizes, pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> 
             loader.map_pin_path(name, dir.join(name));
         }
     }
-    let mut ebpf = loader.load(EBPF_OBJECT).map_err(|source| LoadError::Object { source })?;
+    let mut ebpf = loader.load(EBPF_OBJECT).map_err(|source| match pin_dir {
+        // Re-adopting pins made by a build whose map layout differs fails
+        // here; say how to get out of it rather than only what failed.
+        Some(dir) => LoadError::Adopt { dir: dir.to_owned(), source },
+        None => LoadError::Object { source },
+    })?;
     let prog: &mut Xdp = ebpf
         .program_mut(XDP_PROG_NAME)
         .ok_or(LoadError::MissingProgram { name: XDP_PROG_NAME })?
