@@ -504,6 +504,10 @@ pub struct ProxySection {
     /// Optional plain TCP listener for legacy internal clients (off by default).
     #[serde(default)]
     pub internal_tcp_listen: Option<SocketAddr>,
+    /// Optional plain UDP listener for legacy internal clients (off by
+    /// default); each remote address:port is a pseudo-connection.
+    #[serde(default)]
+    pub internal_udp_listen: Option<SocketAddr>,
     /// PEM certificate chain presented on both listeners.
     pub cert: PathBuf,
     /// PEM private key of `cert`.
@@ -555,6 +559,16 @@ impl ProxySection {
         if let Some(tcp) = self.internal_tcp_listen {
             if tcp == self.internal_listen || tcp == self.external_listen {
                 return Err(invalid("proxy.internal_tcp_listen", format!("{tcp} is already a TLS listener")));
+            }
+        }
+        if let Some(udp) = self.internal_udp_listen {
+            // Plain UDP is for internal legacy clients only: refuse any
+            // address that would expose it on the external side.
+            if udp.ip().is_unspecified() {
+                return Err(invalid("proxy.internal_udp_listen", format!("{udp}: bind an internal address, not the wildcard (plain UDP would be reachable from outside)")));
+            }
+            if udp.ip() == self.external_listen.ip() && udp.ip() != self.internal_listen.ip() {
+                return Err(invalid("proxy.internal_udp_listen", format!("{udp} is on the external listener's address; plain UDP is for internal clients only")));
             }
         }
         if self.idle_timeout_secs == 0 {
@@ -844,6 +858,7 @@ mod tests {
         assert_eq!(p.idle_timeout_secs, 300);
         assert_eq!(p.external_client_auth, ClientAuth::None);
         assert_eq!(p.internal_tcp_listen, None);
+        assert_eq!(p.internal_udp_listen, None, "UDP is off unless configured");
         assert_eq!(p.default_route.as_ref().map(|h| (h.port, h.server_name())), Some((5061, "sip.example.net")));
         assert_eq!(c.routes.len(), 1);
         assert_eq!(c.routes[0].next_hop().server_name(), "biloxi.example.com");
@@ -862,6 +877,13 @@ mod tests {
         assert!(e.contains("needs a [proxy]"), "{e}");
         let e = err_of(&both.replace("ca_roots", "ca_rots"));
         assert!(e.contains("ca_rots"), "{e}");
+        for bad in ["0.0.0.0:5060", "203.0.113.1:5060", "[::]:5060"] {
+            let e = err_of(&both.replace("[proxy]\n", &format!("[proxy]\ninternal_udp_listen = \"{bad}\"\n")));
+            assert!(e.contains("proxy.internal_udp_listen"), "{bad}: {e}");
+        }
+        let ok = both.replace("[proxy]\n", "[proxy]\ninternal_udp_listen = \"10.77.0.1:5060\"\n");
+        let udp = Config::from_toml(&ok).expect("internal UDP listener is valid").proxy.and_then(|p| p.internal_udp_listen);
+        assert_eq!(udp, Some("10.77.0.1:5060".parse().expect("addr")));
     }
 
     #[test]

@@ -2,6 +2,15 @@
 //! SDP roles, media ends and BYE on media expiry) and routing. Events come
 //! from the transport through the `on_*` methods with an `Instant`; every
 //! method returns the [`Outgoing`] messages to send. No I/O, no clock.
+//!
+//! Requests sent to a UDP pseudo-connection (legacy internal clients) are
+//! retransmitted here, not in the transport, because this is where the
+//! transaction state that stops them lives (Timer A/E, RFC 3261 §17.1.1.2,
+//! §17.1.2.2): the driver sleeps until [`Proxy::next_retransmit`] and calls
+//! [`Proxy::on_retransmit`]; a response, Timer B/F or the end of the
+//! transaction ends them. Requests the edge receives over UDP need nothing
+//! new: server transactions already absorb retransmissions and resend the
+//! last response.
 
 use std::{
     collections::HashMap,
@@ -25,6 +34,11 @@ use crate::{
 
 /// RFC 3261 §17.1.1.1: T1.
 const T1: Duration = Duration::from_millis(500);
+/// RFC 3261 §17.1.2.2: T2, the cap of Timer E (non-INVITE retransmissions).
+const T2: Duration = Duration::from_secs(4);
+/// Most armed UDP retransmissions; beyond it a request is sent once only
+/// (bounded memory: every entry holds a copy of the request).
+const MAX_RETRANSMISSIONS: usize = 10_000;
 /// Timers B, F, H, J and the Accepted state (RFC 6026) are 64*T1.
 const TIMER_64T1: Duration = Duration::from_millis(64 * 500);
 /// Timer C (§16.6 step 11): more than 3 minutes.
@@ -93,6 +107,23 @@ struct ClientTx {
     offer_in_request: bool,
 }
 
+/// A request the edge sent over an unreliable transport (UDP) and
+/// retransmits until answered (RFC 3261 §17.1.1.2 Timer A for INVITE,
+/// §17.1.2.2 Timer E for non-INVITE), keyed like the client transaction.
+#[derive(Debug)]
+struct Retransmit {
+    dest: Dest,
+    bytes: Vec<u8>,
+    /// When Timer A/E fires next.
+    next: Instant,
+    /// The current interval (T1 doubling; capped at T2 for non-INVITE).
+    interval: Duration,
+    invite: bool,
+    /// Timer B/F: give up then. Client transactions also end by their own
+    /// deadline; a CANCEL (no client transaction of its own here) only so.
+    until: Instant,
+}
+
 /// One INVITE dialog (set) the edge proxied.
 #[derive(Debug)]
 struct Dialog {
@@ -132,6 +163,7 @@ pub struct Proxy {
     client_txs: HashMap<String, ClientTx>,
     dialogs: HashMap<DialogKey, Dialog>,
     bindings: Bindings,
+    retransmits: HashMap<String, Retransmit>,
     counter: u64,
     stats: ProxyStats,
 }
@@ -176,6 +208,7 @@ impl Proxy {
             client_txs: HashMap::new(),
             dialogs: HashMap::new(),
             bindings: Bindings::new(),
+            retransmits: HashMap::new(),
             counter: 0,
             stats: ProxyStats::default(),
         }
@@ -265,11 +298,13 @@ impl Proxy {
 
     fn via_for(&self, side: Side, proto: Proto, branch: &str) -> String {
         let l = self.settings.local(side);
+        // §18.1.1: sent-by is where responses come back; over UDP that is
+        // the UDP listener's port.
         format!(
             "SIP/2.0/{} {}:{};branch={branch}",
             proto.via_token(),
             l.host,
-            l.port
+            self.settings.port_for(side, proto)
         )
     }
 
@@ -288,7 +323,11 @@ impl Proxy {
                 (Host::Name(a), Host::Name(b)) => a.eq_ignore_ascii_case(b),
                 (a, b) => a == b,
             };
-            host_eq && uri.port.unwrap_or(5061) == l.port
+            let port = uri.port.unwrap_or(5061);
+            // The UDP listener's port names us too (the Record-Route we give
+            // UDP clients carries it).
+            host_eq
+                && (port == l.port || port == self.settings.port_for(*s, Proto::Udp))
         })
     }
 
@@ -302,6 +341,21 @@ impl Proxy {
         let mut msg = match Message::parse(raw) {
             Ok(m) => m,
             Err(e) => {
+                if info.proto == Proto::Udp {
+                    if matches!(e, crate::sip::message::MessageError::ContentLengthMismatch { .. }) {
+                        // §18.3: a datagram shorter than its Content-Length
+                        // is discarded, not answered.
+                        info!(conn, error = %e, "truncated datagram discarded");
+                        return out;
+                    }
+                    if !has_via_line(raw) {
+                        // Nothing to route a 400 by (§18.2.2 needs the
+                        // Via); answering junk from any source would only
+                        // make the edge a reflector.
+                        info!(conn, error = %e, "malformed datagram without Via dropped");
+                        return out;
+                    }
+                }
                 info!(conn, error = %e, "refusing malformed message");
                 if let Some(bytes) = build::bad_request_raw(raw, &e.to_string()) {
                     self.stats.responses_generated += 1;
@@ -718,6 +772,13 @@ impl Proxy {
                 },
             },
         );
+        self.arm_retransmit(
+            ctx_key(&new_branch, &method),
+            &dest,
+            &bytes,
+            is_invite,
+            now,
+        );
         out.push(Outgoing {
             dest,
             bytes,
@@ -726,9 +787,114 @@ impl Proxy {
         Ok(())
     }
 
+    /// Arms Timer A (INVITE) or E (non-INVITE) for a request the edge sent
+    /// to `dest` when that is an unreliable (UDP) pseudo-connection
+    /// (RFC 3261 §17.1.1.2, §17.1.2.2: Timers A and E run only over
+    /// unreliable transports; TLS/TCP deliver or fail the connection).
+    fn arm_retransmit(&mut self, key: String, dest: &Dest, bytes: &[u8], invite: bool, now: Instant) {
+        if !self.dest_proto(dest).unreliable() {
+            return;
+        }
+        if self.retransmits.len() >= MAX_RETRANSMISSIONS {
+            warn!("retransmission table full; request sent once only");
+            return;
+        }
+        self.retransmits.insert(
+            key,
+            Retransmit {
+                dest: dest.clone(),
+                bytes: bytes.to_vec(),
+                next: now + T1,
+                interval: T1,
+                invite,
+                until: now + TIMER_64T1,
+            },
+        );
+    }
+
+    /// Sends the CANCEL of client transaction `ckey` to `dest` (§9.1), armed
+    /// for retransmission over UDP like any non-INVITE request.
+    fn push_cancel(&mut self, ckey: &str, dest: Dest, now: Instant, out: &mut Vec<Outgoing>) {
+        let Some(c) = self.client_txs.get(ckey) else {
+            return;
+        };
+        let bytes = build::cancel_for(&c.request);
+        if let Some(b) = c.request.top_via().ok().and_then(|v| v.branch().map(str::to_owned)) {
+            self.arm_retransmit(ctx_key(&b, "CANCEL"), &dest, &bytes, false, now);
+        }
+        out.push(Outgoing {
+            dest,
+            bytes,
+            branch: None,
+        });
+    }
+
+    /// When [`Self::on_retransmit`] next has work (Timer A/E granularity is
+    /// finer than the 1 s tick); `None` when nothing is armed.
+    pub fn next_retransmit(&self) -> Option<Instant> {
+        self.retransmits.values().map(|r| r.next).min()
+    }
+
+    /// Fires due Timer A/E retransmissions (RFC 3261 §17.1.1.2: INVITE every
+    /// T1, 2*T1, 4*T1... until a provisional; §17.1.2.2: non-INVITE at
+    /// min(2^n*T1, T2), at T2 once a provisional came, until a final) and
+    /// forgets entries whose transaction is answered or timed out.
+    pub fn on_retransmit(&mut self, now: Instant) -> Vec<Outgoing> {
+        let mut out = Vec::new();
+        let due: Vec<String> = self
+            .retransmits
+            .iter()
+            .filter(|(_, r)| r.next <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in due {
+            let state = self
+                .client_txs
+                .get(&k)
+                .map(|c| (c.final_code.is_some(), c.provisional));
+            let Some(r) = self.retransmits.get_mut(&k) else {
+                continue;
+            };
+            let is_cancel = k.ends_with("|CANCEL");
+            let done = match state {
+                Some((final_seen, provisional)) => final_seen || (r.invite && provisional),
+                // The transaction ended (answered, failed, timed out);
+                // only a CANCEL lives without one, until its Timer F.
+                None => !is_cancel,
+            };
+            if done || r.until <= now {
+                self.retransmits.remove(&k);
+                continue;
+            }
+            let provisional = state.is_some_and(|(_, p)| p);
+            r.interval = if r.invite {
+                r.interval.saturating_mul(2)
+            } else if provisional {
+                T2
+            } else {
+                r.interval.saturating_mul(2).min(T2)
+            };
+            r.next = now + r.interval;
+            debug!(key = %k, "retransmitting request over UDP (Timer A/E)");
+            out.push(Outgoing {
+                dest: r.dest.clone(),
+                bytes: r.bytes.clone(),
+                branch: None,
+            });
+        }
+        out
+    }
+
     fn rr_uri(&self, side: Side, scheme: &str, proto: Proto) -> String {
         let l = self.settings.local(side);
         match (scheme, proto) {
+            // A UDP client can only reach our UDP port; sips cannot be had
+            // on that hop anyway (RFC 5630 §3.1.3), so the entry is sip:.
+            (_, Proto::Udp) => format!(
+                "<sip:{}:{};transport=udp;lr>",
+                l.host,
+                self.settings.port_for(side, proto)
+            ),
             ("sips", _) => format!("<sips:{}:{};lr>", l.host, l.port),
             (_, Proto::Tcp) => format!("<sip:{}:{};transport=tcp;lr>", l.host, l.port),
             _ => format!("<sip:{}:{};transport=tls;lr>", l.host, l.port),
@@ -988,12 +1154,12 @@ impl Proxy {
             return Ok(());
         }
         if let Some(ck) = client_key {
-            let mut send = None;
+            let mut send = false;
             if let Some(c) = self.client_txs.get_mut(&ck) {
                 if c.cancel == Cancel::None && c.final_code.is_none() {
                     if c.provisional {
                         c.cancel = Cancel::Sent;
-                        send = Some(build::cancel_for(&c.request));
+                        send = true;
                     } else {
                         c.cancel = Cancel::Pending;
                     }
@@ -1004,13 +1170,9 @@ impl Proxy {
                     self.end_dialog(&k, None, EndReason::Cancel, now);
                 }
             }
-            if let Some(bytes) = send {
+            if send {
                 let dest = self.client_dest(&ck);
-                out.push(Outgoing {
-                    dest,
-                    bytes,
-                    branch: None,
-                });
+                self.push_cancel(&ck, dest, now, out);
             }
         }
         Ok(())
@@ -1043,6 +1205,11 @@ impl Proxy {
         };
         let method = cseq.method.to_string();
         let ckey = ctx_key(top.branch().unwrap_or_default(), &method);
+        if method == "CANCEL" {
+            // Any response stops a CANCEL's Timer E (§17.1.2.2: provisional
+            // only slows it, but a CANCEL is answered 200 at once, §9.2).
+            self.retransmits.remove(&ckey);
+        }
         let Some(c) = self.client_txs.get_mut(&ckey) else {
             // §16.7 step 1: no matching client transaction; we never send
             // statelessly, so there is nothing to forward it to.
@@ -1066,19 +1233,18 @@ impl Proxy {
                 } else {
                     TIMER_64T1
                 };
-            if c.cancel == Cancel::Pending {
+            let cancel_now = c.cancel == Cancel::Pending;
+            if cancel_now {
                 c.cancel = Cancel::Sent;
-                let bytes = build::cancel_for(&c.request);
-                out.push(Outgoing {
-                    dest: Dest::Conn(conn),
-                    bytes,
-                    branch: None,
-                });
+                self.push_cancel(&ckey, Dest::Conn(conn), now, out);
             }
             if code == 100 {
                 return;
             }
         }
+        let Some(c) = self.client_txs.get_mut(&ckey) else {
+            return;
+        };
         let retransmitted_2xx = code >= 200 && c.final_code.is_some();
         let initial_invite = c.initial_invite;
         let dialog = c.dialog.clone();
@@ -1481,13 +1647,8 @@ impl Proxy {
                 // Timer C (§16.8): cancel the branch, wait 64*T1 for 487.
                 c.cancel = Cancel::Sent;
                 c.deadline = now + TIMER_64T1;
-                let bytes = build::cancel_for(&c.request);
                 let dest = self.client_dest(&k);
-                out.push(Outgoing {
-                    dest,
-                    bytes,
-                    branch: None,
-                });
+                self.push_cancel(&k, dest, now, &mut out);
                 continue;
             }
             // Timer B/F (§17.1.1.2, §17.1.2.2): 408 upstream (§16.8).
@@ -1512,6 +1673,7 @@ impl Proxy {
                 let proto = self.dest_proto(&dest);
                 let via = self.via_for(side, proto, &branch);
                 let bytes = build::bye(&leg, &via, &k.call_id, cseq.saturating_add(1).max(1));
+                self.arm_retransmit(ctx_key(&branch, "BYE"), &dest, &bytes, false, now);
                 if let Ok(m) = Message::parse(&bytes) {
                     self.client_txs.insert(
                         ctx_key(&branch, "BYE"),
@@ -1537,7 +1699,7 @@ impl Proxy {
                 });
             }
         }
-        let _ = T1;
+        out.extend(self.on_retransmit(now));
         out
     }
 
@@ -1565,6 +1727,16 @@ fn busy(why: &str) -> Reject {
         why: why.into(),
         extra: vec![("Retry-After", RETRY_AFTER_SECS.to_string())],
     }
+}
+
+/// Whether a raw (unparsable) message has a Via header line, long or
+/// compact form (§7.3.3), to send a 400 back by.
+fn has_via_line(raw: &[u8]) -> bool {
+    raw.split(|b| *b == b'\n').skip(1).any(|l| {
+        let name = l.split(|b| *b == b':').next().unwrap_or_default();
+        let name = String::from_utf8_lossy(name);
+        l.contains(&b':') && crate::sip::message::same_header(name.trim(), "Via")
+    })
 }
 
 /// `user@host` of a URI, lower-cased (the registration key).

@@ -104,6 +104,7 @@ fn setup() -> (Proxy, Arc<Mutex<Recorder>>) {
         routes: vec![("biloxi.example.com".into(), hop())],
         default_route: None,
         internal_next_hop: None,
+        internal_udp_port: None,
     };
     let rec = Arc::new(Mutex::new(Recorder::default()));
     let mut p = Proxy::new(settings, Box::new(Media(rec.clone())));
@@ -697,4 +698,141 @@ fn media_bodies_outside_offer_answer_never_cross_unrewritten() {
     let out = p.on_message(CALLER, text.as_bytes(), Instant::now());
     assert!(out.iter().all(|o| !matches!(o.dest, Dest::Hop { .. })), "multipart INVITE forwarded: {out:?}");
     assert!(out.iter().map(parse).any(|m| m.status() == Some(488)), "{out:?}");
+}
+
+// ---- UDP pseudo-connections: Via/Record-Route, Timer A/E, §18.3 ----
+
+const UDP_CLIENT: ConnId = 9;
+
+/// A core with an internal UDP listener on 5060 and a legacy client on it
+/// registered as bob@biloxi.example.com through the edge.
+fn setup_udp_registered(now: Instant) -> Proxy {
+    let (mut p, _) = setup();
+    p.settings.internal_udp_port = Some(5060);
+    p.on_conn_open(
+        UDP_CLIENT,
+        ConnInfo {
+            side: Side::Internal,
+            peer: "10.77.0.9:5062".parse().unwrap(),
+            proto: Proto::Udp,
+        },
+    );
+    let reg = "REGISTER sip:biloxi.example.com SIP/2.0\r\nVia: SIP/2.0/UDP 10.77.0.9:5062;branch=z9hG4bKudpreg1;rport\r\nMax-Forwards: 70\r\nFrom: Bob <sip:bob@biloxi.example.com>;tag=u1\r\nTo: Bob <sip:bob@biloxi.example.com>\r\nCall-ID: udpreg@10.77.0.9\r\nCSeq: 1 REGISTER\r\nContact: <sip:bob@10.77.0.9:5062>\r\nExpires: 3600\r\nContent-Length: 0\r\n\r\n";
+    let out = p.on_message(UDP_CLIENT, reg.as_bytes(), now);
+    let fwd = parse(out.iter().find(|o| matches!(o.dest, Dest::Hop { .. })).unwrap());
+    // Toward the registrar (TLS) nothing is armed for retransmission.
+    assert_eq!(p.next_retransmit(), None);
+    let contact = fwd.name_addrs("Contact").unwrap()[0].uri.clone();
+    let ok = answer(&fwd, 200, "r1", &format!("Contact: <{contact}>;expires=3600\r\n"), "");
+    let out = p.on_message(CALLEE, &ok, now);
+    let back = to_conn(&out, UDP_CLIENT);
+    assert_eq!(back[0].status(), Some(200));
+    let via = back[0].top_via().unwrap();
+    assert_eq!(via.params.get("rport"), Some(Some("5062")), "RFC 3581 rport stamped");
+    p
+}
+
+fn inbound_request(method: &str, branch: &str) -> String {
+    format!("{method} sips:bob@biloxi.example.com SIP/2.0\r\nVia: SIP/2.0/TLS 198.51.100.3:40002;branch={branch}\r\nMax-Forwards: 70\r\nFrom: <sips:carol@chicago.example.com>;tag=cc1\r\nTo: <sips:bob@biloxi.example.com>\r\nCall-ID: {branch}@chicago\r\nCSeq: 1 {method}\r\nContact: <sips:carol@198.51.100.3:40002>\r\nContent-Length: 0\r\n\r\n")
+}
+
+#[test]
+fn invite_to_a_udp_client_retransmits_on_timer_a_until_a_provisional() {
+    let t0 = Instant::now();
+    let mut p = setup_udp_registered(t0);
+    let out = p.on_message(PEER_CALLER, inbound_request("INVITE", "z9hG4bKudpin1").as_bytes(), t0);
+    let sent: Vec<&Outgoing> = out.iter().filter(|o| o.dest == Dest::Conn(UDP_CLIENT)).collect();
+    assert_eq!(sent.len(), 1, "{out:?}");
+    let inv = parse(sent[0]);
+    let via = inv.top_via().unwrap();
+    assert_eq!((via.transport.as_str(), via.port), ("UDP", Some(5060)), "Via names our UDP port");
+    let rr = inv.name_addrs("Record-Route").unwrap();
+    assert_eq!(rr[0].uri, "sip:10.77.0.1:5060;transport=udp;lr", "the client routes back to our UDP port");
+    // §17.1.1.2: Timer A = T1, doubling: copies at 0.5 s, 1.5 s, 3.5 s.
+    let ms = |n: u64| t0 + Duration::from_millis(n);
+    assert_eq!(p.next_retransmit(), Some(ms(500)));
+    assert!(p.on_retransmit(ms(499)).is_empty());
+    for (at, next) in [(500, 1500), (1500, 3500), (3500, 7500)] {
+        let again = p.on_retransmit(ms(at));
+        assert_eq!(again.len(), 1, "retransmission at {at} ms");
+        assert_eq!(again[0].dest, Dest::Conn(UDP_CLIENT));
+        assert_eq!(again[0].bytes, sent[0].bytes, "a retransmission is byte-identical");
+        assert_eq!(p.next_retransmit(), Some(ms(next)));
+    }
+    // A provisional stops Timer A (Proceeding state).
+    p.on_message(UDP_CLIENT, &answer(&inv, 180, "b1", "", ""), ms(4000));
+    assert!(p.on_retransmit(ms(7500)).is_empty());
+    assert_eq!(p.next_retransmit(), None, "nothing armed once answered");
+}
+
+#[test]
+fn non_invite_to_a_udp_client_caps_timer_e_at_t2_and_stops_on_final() {
+    let t0 = Instant::now();
+    let mut p = setup_udp_registered(t0);
+    let out = p.on_message(PEER_CALLER, inbound_request("MESSAGE", "z9hG4bKudpmsg").as_bytes(), t0);
+    let msg = to_conn(&out, UDP_CLIENT).remove(0);
+    // §17.1.2.2: intervals 0.5, 1, 2, 4, 4 s (capped at T2).
+    let mut fired = Vec::new();
+    let mut t = t0;
+    while fired.len() < 6 && t < t0 + Duration::from_secs(20) {
+        t += Duration::from_millis(100);
+        if !p.on_retransmit(t).is_empty() {
+            fired.push(t.duration_since(t0).as_millis());
+        }
+    }
+    assert_eq!(fired, vec![500, 1500, 3500, 7500, 11500, 15500]);
+    // A provisional keeps Timer E at T2; the final stops it.
+    p.on_message(UDP_CLIENT, &answer(&msg, 100, "b1", "", ""), t);
+    assert_eq!(p.next_retransmit(), Some(t0 + Duration::from_millis(19_500)));
+    let out = p.on_message(UDP_CLIENT, &answer(&msg, 200, "b1", "", ""), t);
+    assert_eq!(to_conn(&out, PEER_CALLER)[0].status(), Some(200));
+    assert!(p.on_retransmit(t0 + Duration::from_secs(20)).is_empty());
+    assert_eq!(p.next_retransmit(), None);
+}
+
+#[test]
+fn timer_f_ends_udp_retransmissions_with_408() {
+    let t0 = Instant::now();
+    let mut p = setup_udp_registered(t0);
+    p.on_message(PEER_CALLER, inbound_request("MESSAGE", "z9hG4bKudpf").as_bytes(), t0);
+    let out = p.on_tick(t0 + Duration::from_secs(33));
+    assert_eq!(to_conn(&out, PEER_CALLER)[0].status(), Some(408));
+    assert!(p.on_retransmit(t0 + Duration::from_secs(34)).is_empty());
+    assert_eq!(p.next_retransmit(), None, "entry forgotten with its transaction");
+}
+
+#[test]
+fn requests_over_tls_are_never_retransmitted_by_the_core() {
+    let (mut p, _) = setup();
+    let now = Instant::now();
+    invite(&mut p, now);
+    assert_eq!(p.next_retransmit(), None);
+    assert!(p.on_retransmit(now + Duration::from_secs(5)).is_empty());
+}
+
+#[test]
+fn udp_datagrams_follow_rfc3261_18_3() {
+    let now = Instant::now();
+    let mut p = setup_udp_registered(now);
+    let good = inbound_request("OPTIONS", "z9hG4bKudpopt").replace("Via: SIP/2.0/TLS 198.51.100.3:40002", "Via: SIP/2.0/UDP 10.77.0.9:5062");
+    // Declared longer than the datagram: discarded, not answered.
+    let short = good.replace("Content-Length: 0", "Content-Length: 10");
+    assert!(p.on_message(UDP_CLIENT, short.as_bytes(), now).is_empty());
+    // The same over a stream is answered 400 (the framer never does this,
+    // but the core must not diverge silently).
+    assert_eq!(parse(&p.on_message(CALLER, short.as_bytes(), now)[0]).status(), Some(400));
+    // Garbage without a Via: dropped (nothing to answer to, no reflection).
+    assert!(p.on_message(UDP_CLIENT, b"\x16\x03\x01 not sip at all\r\n\r\n", now).is_empty());
+    // Malformed with a Via: 400 back to the datagram's source.
+    let bad = good.replace("CSeq: 1 OPTIONS", "CSeq: x OPTIONS\r\nBroken header line");
+    let out = p.on_message(UDP_CLIENT, bad.as_bytes(), now);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].dest, Dest::Conn(UDP_CLIENT));
+    assert_eq!(parse(&out[0]).status(), Some(400));
+    // Content-Length absent: the body is the rest of the datagram.
+    let m = good.replace("Content-Length: 0\r\n", "").replace("\r\n\r\n", "\r\nContent-Type: text/plain\r\n\r\nhello");
+    let out = p.on_message(UDP_CLIENT, m.as_bytes(), now);
+    let fwd = parse(out.iter().find(|o| matches!(o.dest, Dest::Hop { .. })).unwrap());
+    assert_eq!(fwd.body(), b"hello");
+    assert_eq!(fwd.header("Content-Length"), Some("5"));
 }

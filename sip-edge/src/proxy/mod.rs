@@ -44,6 +44,10 @@ pub enum Proto {
     Tls,
     /// Plain TCP (legacy internal clients only).
     Tcp,
+    /// UDP (legacy internal clients only): each remote address is a
+    /// pseudo-connection of the transport; requests toward it are
+    /// retransmitted by the core (RFC 3261 §17.1.1.2, §17.1.2.2).
+    Udp,
 }
 
 impl Proto {
@@ -52,7 +56,14 @@ impl Proto {
         match self {
             Proto::Tls => "TLS",
             Proto::Tcp => "TCP",
+            Proto::Udp => "UDP",
         }
+    }
+
+    /// Whether the transport may lose messages, so client transactions
+    /// retransmit (RFC 3261 §17.1.1.2 Timer A, §17.1.2.2 Timer E).
+    pub fn unreliable(self) -> bool {
+        self == Proto::Udp
     }
 }
 
@@ -63,7 +74,7 @@ pub struct ConnInfo {
     pub side: Side,
     /// The peer's transport address (the signalling source).
     pub peer: SocketAddr,
-    /// TLS or TCP.
+    /// TLS, TCP or UDP.
     pub proto: Proto,
 }
 
@@ -138,6 +149,10 @@ pub struct ProxySettings {
     pub default_route: Option<HopTarget>,
     /// Where requests from outside go unless for a registered client.
     pub internal_next_hop: Option<HopTarget>,
+    /// Port of the internal UDP listener, if any: our Via and
+    /// Record-Route toward UDP clients carry it (they send in-dialog
+    /// requests there, §18.1.1), and Route entries with it name us.
+    pub internal_udp_port: Option<u16>,
 }
 
 impl ProxySettings {
@@ -175,6 +190,8 @@ impl ProxySettings {
                 .collect(),
             default_route: p.default_route.as_ref().map(HopTarget::from),
             internal_next_hop: p.internal_next_hop.as_ref().map(HopTarget::from),
+            // Known only once bound: the transport fills it in.
+            internal_udp_port: None,
         })
     }
 
@@ -183,6 +200,15 @@ impl ProxySettings {
         match side {
             Side::Internal => &self.internal,
             Side::External => &self.external,
+        }
+    }
+
+    /// The port the edge listens on for `proto` on `side` (plain TCP shares
+    /// the TLS port in what we write, as before; UDP has its own).
+    pub fn port_for(&self, side: Side, proto: Proto) -> u16 {
+        match (side, proto, self.internal_udp_port) {
+            (Side::Internal, Proto::Udp, Some(p)) => p,
+            _ => self.local(side).port,
         }
     }
 

@@ -1,15 +1,18 @@
 //! SIP transport of the edge: binds the TLS listeners (internal, external)
-//! and the optional plain-TCP internal listener from `[proxy]`, runs one task
-//! per connection (`conn`), opens and reuses outgoing TLS connections per
-//! next hop, and drives the sans-IO proxy core (`crate::proxy`) from one
-//! driver task: connection events and a 1 s tick in, messages out to the
-//! connection writers.
+//! and the optional plain-TCP and plain-UDP internal listeners from
+//! `[proxy]`, runs one task per connection (`conn`) and per UDP remote
+//! address (`udp` pseudo-connections), opens and reuses outgoing TLS
+//! connections per next hop, and drives the sans-IO proxy core
+//! (`crate::proxy`) from one driver task: connection events, a 1 s tick
+//! and the core's Timer A/E retransmission deadlines (UDP) in, messages
+//! out to the connection writers.
 //!
 //! Data flow: socket → TLS (`tls`) → framer (`conn`) → driver → `Proxy`
 //! → driver → connection writer → TLS → socket.
 
 pub mod conn;
 pub mod tls;
+pub mod udp;
 
 use std::{
     collections::HashMap,
@@ -25,7 +28,7 @@ use std::{
 use bytes::Bytes;
 use rustls::pki_types::ServerName;
 use tokio::{
-    net::{TcpListener, TcpStream},
+    net::{TcpListener, TcpStream, UdpSocket},
     sync::{mpsc, watch},
     task::JoinHandle,
 };
@@ -113,6 +116,8 @@ pub struct Running {
     pub external: SocketAddr,
     /// Internal plain-TCP listener, if configured.
     pub internal_tcp: Option<SocketAddr>,
+    /// Internal plain-UDP listener, if configured.
+    pub internal_udp: Option<SocketAddr>,
     /// Completes after shutdown once the driver has stopped.
     pub driver: JoinHandle<()>,
 }
@@ -171,8 +176,23 @@ pub async fn start(
         (Some(l), Some(a)) => Some(local(l, "internal TCP", a)?),
         _ => None,
     };
-    let settings = ProxySettings::from_config(cfg, int_addr.port(), ext_addr.port())
+    let udp_sock = match p.internal_udp_listen {
+        Some(addr) => {
+            let what = "internal UDP";
+            let s = UdpSocket::bind(addr)
+                .await
+                .map_err(|source| TransportError::Bind { what, addr, source })?;
+            let local = s
+                .local_addr()
+                .map_err(|source| TransportError::Bind { what, addr, source })?;
+            Some((s, local))
+        }
+        None => None,
+    };
+    let udp_addr = udp_sock.as_ref().map(|(_, a)| *a);
+    let mut settings = ProxySettings::from_config(cfg, int_addr.port(), ext_addr.port())
         .ok_or(TransportError::NoProxySection)?;
+    settings.internal_udp_port = udp_addr.map(|a| a.port());
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
     let (stop_tx, stop_rx) = watch::channel(false);
     let shared = Shared {
@@ -203,13 +223,17 @@ pub async fn start(
     if let Some(l) = tcp_l {
         tokio::spawn(accept_loop(l, Side::Internal, None, shared.clone()));
     }
-    info!(%int_addr, %ext_addr, tcp = ?tcp_addr, "SIP listeners up");
+    if let Some((s, _)) = udp_sock {
+        tokio::spawn(udp::serve(s, shared.clone()));
+    }
+    info!(%int_addr, %ext_addr, tcp = ?tcp_addr, udp = ?udp_addr, "SIP listeners up");
     let proxy = Proxy::new(settings, media);
     let driver = tokio::spawn(drive(proxy, events_rx, shared, stop_tx, shutdown));
     Ok(Running {
         internal: int_addr,
         external: ext_addr,
         internal_tcp: tcp_addr,
+        internal_udp: udp_addr,
         driver,
     })
 }
@@ -382,6 +406,9 @@ async fn drive(
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tokio::pin!(shutdown);
     loop {
+        // Timer A/E (UDP only) need sub-second precision: sleep until the
+        // core's next retransmission, if any.
+        let retransmit = d.proxy.next_retransmit().map(tokio::time::Instant::from_std);
         tokio::select! {
             ev = events.recv() => {
                 let Some(ev) = ev else { break };
@@ -389,6 +416,15 @@ async fn drive(
             }
             _ = tick.tick() => {
                 let out = d.proxy.on_tick(Instant::now());
+                d.send_all(out);
+            }
+            () = async {
+                match retransmit {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let out = d.proxy.on_retransmit(Instant::now());
                 d.send_all(out);
             }
             () = &mut shutdown => break,
