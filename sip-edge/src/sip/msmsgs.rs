@@ -62,6 +62,10 @@ pub struct Invitation {
     pub internal: Option<SocketAddr>,
     /// Replacement for `endpoint` (after [`rewrite`]).
     pub new_endpoint: Option<SocketAddr>,
+    /// An `IP-Address` or `IP-Address-Internal` line is present (even one
+    /// without a port, which `endpoint`/`internal` cannot represent): such a
+    /// body must be rewritten or refused, never forwarded as is.
+    pub addressed: bool,
 }
 
 /// Field names we read, compared case-insensitively.
@@ -108,6 +112,7 @@ pub fn parse(body: &[u8]) -> Result<Invitation, MsmsgsError> {
         port_x: None,
         internal: None,
         new_endpoint: None,
+        addressed: false,
     };
     let (mut ip, mut port, mut ip_int, mut port_int) = (None, None, None, None);
     for (i, l) in lines(body).iter().enumerate() {
@@ -139,6 +144,7 @@ pub fn parse(body: &[u8]) -> Result<Invitation, MsmsgsError> {
             port_int = Some(port_of("PortX-Internal")?);
         }
     }
+    inv.addressed = ip.is_some() || ip_int.is_some();
     inv.endpoint = ip.zip(port).map(|(a, p)| SocketAddr::new(a, p));
     inv.internal = ip_int
         .zip(port_int.or(port))
@@ -150,13 +156,15 @@ pub fn parse(body: &[u8]) -> Result<Invitation, MsmsgsError> {
 /// endpoint) and returns the replacement for `IP-Address`/`Port`; `PortX`
 /// becomes the same port (the edge listens on one), and the internal
 /// fields are set to the replacement too so no private address leaks.
-/// Bodies without an endpoint (a plain INVITE/CANCEL) come back unchanged.
+/// Bodies without an endpoint (a plain INVITE/CANCEL) come back unchanged;
+/// one naming only `IP-Address-Internal` is rewritten like one naming
+/// `IP-Address` (it would leak the same way).
 pub fn rewrite(
     body: &[u8],
     alloc: &mut impl FnMut(&Invitation) -> Option<SocketAddr>,
 ) -> Result<(Vec<u8>, Invitation), MsmsgsError> {
     let mut inv = parse(body)?;
-    if inv.endpoint.is_none() {
+    if inv.endpoint.is_none() && inv.internal.is_none() {
         return Ok((body.to_vec(), inv));
     }
     let new = alloc(&inv).ok_or_else(|| MsmsgsError::PortsExhausted {
@@ -209,6 +217,25 @@ mod tests {
         assert_eq!(inv.endpoint, Some("10.77.0.21:6891".parse().unwrap()));
         assert_eq!(inv.port_x, Some(11178));
         assert_eq!(inv.internal, None);
+        assert!(inv.addressed);
+    }
+
+    #[test]
+    fn internal_only_is_rewritten_and_portless_addresses_are_flagged() {
+        let body = b"Invitation-Command: ACCEPT\r\nIP-Address-Internal: 10.77.0.30\r\nPortX-Internal: 6892\r\n\r\n";
+        let (out, inv) = rewrite(body, &mut |_: &Invitation| {
+            Some("203.0.113.5:40200".parse().unwrap())
+        })
+        .unwrap();
+        assert_eq!(inv.endpoint, None);
+        assert!(!String::from_utf8(out).unwrap().contains("10.77.0.30"));
+        let inv = parse(b"IP-Address: 10.77.0.30\r\n").unwrap();
+        assert!(inv.addressed && inv.endpoint.is_none() && inv.internal.is_none());
+        assert!(
+            !parse(b"Invitation-Command: INVITE\r\nRequest-Data: IP-Address:\r\n")
+                .unwrap()
+                .addressed
+        );
     }
 
     #[test]
