@@ -453,7 +453,8 @@ fn nothing_without_a_proxied_offer_and_bad_bodies_are_refused() {
         .sdp_typed(&d, None, SdpRole::Offer, Side::Internal, CLIENT, multipart, "multipart/mixed;boundary=b")
         .expect_err("multipart");
     assert!(matches!(e, MediaError::NotAcceptable { .. }), "{e:?}");
-    // x-msmsgsinvite: address-free invitations pass, addressed ones are refused.
+    // x-msmsgsinvite outside a dialog the edge set up: address-free
+    // invitations pass, addressed ones are refused.
     let invite = "Invitation-Command: INVITE\r\nInvitation-Cookie: 7\r\n\r\n";
     assert_eq!(h.sdp_typed(&d, None, SdpRole::Offer, Side::Internal, CLIENT, invite, "text/x-msmsgsinvite; charset=UTF-8").expect("invite"), invite);
     let accept = "Invitation-Command: ACCEPT\r\nInvitation-Cookie: 7\r\nIP-Address: 10.77.0.2\r\nPort: 6891\r\n\r\n";
@@ -540,6 +541,317 @@ fn msrp_and_rfc4145_tcp_streams_get_one_tcp_flow_each() {
     let flows = h.flows();
     assert_eq!(flows.len(), 2);
     assert!(flows.iter().all(|f| f.proto() == Proto::Tcp));
+    h.end(&d, None, EndReason::Bye);
+    h.assert_no_orphans();
+}
+
+// ---- x-msmsgsinvite file transfer (media::manager, File transfers) ----
+
+const MSMSGS: &str = "text/x-msmsgsinvite; charset=UTF-8";
+
+fn ft_invite(cookie: u32) -> String {
+    format!(
+        "Application-Name: File Transfer\r\nApplication-GUID: {{5D3E02AB-6190-11d3-BBBB-00C04F795683}}\r\nInvitation-Command: INVITE\r\nInvitation-Cookie: {cookie}\r\nApplication-File: notes.txt\r\nApplication-FileSize: 65536\r\n\r\n"
+    )
+}
+
+fn ft_accept(cookie: u32, addr: SocketAddr) -> String {
+    format!(
+        "Invitation-Command: ACCEPT\r\nInvitation-Cookie: {cookie}\r\nIP-Address: {}\r\nPort: {}\r\nPortX: {}\r\nAuthCookie: 1398765431\r\nLaunch-Application: FALSE\r\nRequest-Data: IP-Address:\r\n\r\n",
+        addr.ip(),
+        addr.port(),
+        addr.port() + 1
+    )
+}
+
+fn ft_cancel(cookie: u32) -> String {
+    format!("Invitation-Command: CANCEL\r\nInvitation-Cookie: {cookie}\r\nCancel-Code: REJECT\r\n\r\n")
+}
+
+impl H {
+    /// An invitation as the proxy reports it (INVITE command = offer, ACCEPT = answer).
+    fn ft(&mut self, d: &DialogKey, side: Side, src: &str, body: &str) -> Result<String, MediaError> {
+        let role = if body.contains("Invitation-Command: ACCEPT") { SdpRole::Answer } else { SdpRole::Offer };
+        self.sdp_typed(d, Some("tt"), role, side, src, body, MSMSGS)
+    }
+
+    /// INVITE command from `inviter`, addressed ACCEPT from the other side;
+    /// returns the ACCEPT as forwarded.
+    fn transfer(&mut self, d: &DialogKey, cookie: u32, accept_side: Side, listen: SocketAddr) -> Result<String, MediaError> {
+        let src = |s: Side| if s == Side::Internal { CLIENT } else { PEER_PROXY };
+        let inv = ft_invite(cookie);
+        assert_eq!(self.ft(d, accept_side.other(), src(accept_side.other()), &inv).expect("INVITE command"), inv, "address-free invitation passes unchanged");
+        self.ft(d, accept_side, src(accept_side), &ft_accept(cookie, listen))
+    }
+}
+
+/// Where the forwarded invitation tells the connector to go.
+fn advertised(body: &str) -> SocketAddr {
+    sip_edge::sip::msmsgs::parse(body.as_bytes()).expect("invitation").endpoint.expect("IP-Address/Port")
+}
+
+fn ip_of(s: &str) -> std::net::IpAddr {
+    s.parse().expect("ip")
+}
+
+use sip_edge::datapath::rules::LearnPort;
+
+#[test]
+fn msmsgs_relay_external_listener_internal_connector() {
+    let mut h = H::relay();
+    let d = dialog(40);
+    established(&mut h, &d);
+    let call = h.flows();
+    let out = h.transfer(&d, 4242, Side::External, sa("198.51.100.7:6891")).expect("ACCEPT");
+    let adv = advertised(&out);
+    assert_eq!(adv.ip(), ip_of("10.77.0.1"), "the inside connects to the edge's internal address");
+    assert!(!out.contains("198.51.100.7"), "{out}");
+    assert!(out.contains(&format!("PortX: {}\r\n", adv.port())), "PortX follows Port: {out}");
+    let t = h.c.manager().transfers_of(&d);
+    assert_eq!(t.len(), 1);
+    let Flow::Relay { proto, client, edge_int, public, peer, latch_peer, learn_port } = t[0].1 else {
+        panic!("relay flow expected: {:?}", t[0].1)
+    };
+    assert_eq!((proto, edge_int, peer, latch_peer, learn_port), (Proto::Tcp, adv, sa("198.51.100.7:6891"), false, LearnPort::Client));
+    assert_eq!(client.ip(), ip_of("10.77.0.2"), "connector = the client's signalling source, strict");
+    assert_eq!(public.ip(), ip_of("203.0.113.1"));
+    assert!((40000..=40099).contains(&public.port()) && public.port() != adv.port());
+    assert_eq!(h.flows().len(), call.len() + 1, "the call's media is untouched");
+    assert_eq!(h.c.manager().client_flows(ip_of("10.77.0.2")), 3, "RTP/RTCP + the transfer count against the client");
+    h.end(&d, Some("tt"), EndReason::Bye);
+    h.assert_no_orphans();
+}
+
+#[test]
+fn msmsgs_relay_internal_listener_external_connector_with_internal_variants() {
+    let mut h = H::relay();
+    let d = dialog(41);
+    established(&mut h, &d);
+    // Messenger behind a NAT names its outside guess and its LAN address.
+    h.ft(&d, Side::External, PEER_PROXY, &ft_invite(7)).expect("INVITE command");
+    let accept = "Invitation-Command: ACCEPT\r\nInvitation-Cookie: 7\r\nIP-Address: 192.0.2.50\r\nIP-Address-Internal: 10.77.0.2\r\nPort: 6891\r\nPortX: 11178\r\nPortX-Internal: 6892\r\nAuthCookie: 9\r\n\r\n";
+    let out = h.ft(&d, Side::Internal, CLIENT, accept).expect("ACCEPT");
+    assert!(!out.contains("10.77.") && !out.contains("192.0.2.50"), "inside addresses leaked: {out}");
+    let adv = advertised(&out);
+    assert_eq!(adv.ip(), ip_of("203.0.113.1"));
+    for f in ["Port", "PortX", "PortX-Internal"] {
+        assert!(out.contains(&format!("\r\n{f}: {}\r\n", adv.port())), "{f} not rewritten: {out}");
+    }
+    let t = h.c.manager().transfers_of(&d);
+    let Flow::Relay { client, public, peer, learn_port, latch_peer, .. } = t[0].1 else { panic!("{:?}", t[0].1) };
+    assert_eq!(client, sa("10.77.0.2:6892"), "the LAN address and its PortX-Internal are the listener");
+    assert_eq!(public, adv);
+    assert_eq!((peer, learn_port, latch_peer), (sa("198.51.100.1:9"), LearnPort::Peer, false), "connector = the external TLS peer, strict");
+    h.end(&d, None, EndReason::Bye);
+    h.assert_no_orphans();
+}
+
+#[test]
+fn msmsgs_nat_mode_both_directions() {
+    let mut h = H::new(settings(MediaMode::Nat));
+    let d = dialog(42);
+    established(&mut h, &d);
+    // Internal listener: one public port, DNAT to the client.
+    let out = h.transfer(&d, 1, Side::Internal, sa("10.77.0.2:6891")).expect("ACCEPT from inside");
+    let adv = advertised(&out);
+    assert_eq!(adv.ip(), ip_of("203.0.113.1"));
+    assert_eq!(
+        h.c.manager().transfers_of(&d)[0].1,
+        Flow::Nat { proto: Proto::Tcp, client: sa("10.77.0.2:6891"), public: adv, peer: sa("198.51.100.1:9"), latch_peer: false, learn_port: LearnPort::Peer }
+    );
+    // External listener, internal connector: nat cannot learn the client's
+    // port, so the transfer goes relay-style through the internal address.
+    let out = h.transfer(&d, 2, Side::External, sa("198.51.100.7:6891")).expect("ACCEPT from outside");
+    let adv2 = advertised(&out);
+    assert_eq!(adv2.ip(), ip_of("10.77.0.1"), "rewritten even though nat mode leaves outside SDP alone");
+    let Flow::Relay { client, edge_int, peer, learn_port, .. } = h.c.manager().transfers_of(&d)[1].1 else { panic!() };
+    assert_eq!((client.ip(), edge_int, peer, learn_port), (ip_of("10.77.0.2"), adv2, sa("198.51.100.7:6891"), LearnPort::Client));
+    assert_eq!(h.flows().len(), 4);
+    h.end(&d, None, EndReason::Bye);
+    h.assert_no_orphans();
+}
+
+#[test]
+fn msmsgs_latch_opt_in_latches_an_external_connector_only() {
+    let mut s = settings(MediaMode::Relay);
+    s.latch = true;
+    let mut h = H::new(s);
+    let d = dialog(43);
+    established(&mut h, &d);
+    h.transfer(&d, 1, Side::Internal, sa("10.77.0.2:6891")).expect("inside listens");
+    h.transfer(&d, 2, Side::External, sa("198.51.100.7:6891")).expect("outside listens");
+    let t = h.c.manager().transfers_of(&d);
+    assert!(matches!(t[0].1, Flow::Relay { latch_peer: true, learn_port: LearnPort::Peer, .. }), "{:?}", t[0].1);
+    assert!(matches!(t[1].1, Flow::Relay { latch_peer: false, learn_port: LearnPort::Client, .. }), "{:?}", t[1].1);
+    h.end(&d, None, EndReason::Bye);
+    h.assert_no_orphans();
+}
+
+#[test]
+fn msmsgs_refusals_follow_design_section_3_and_change_nothing() {
+    let mut s = settings(MediaMode::Relay);
+    s.allowed_internal_subnets = vec![sip_edge::config::parse_cidr("10.77.5.0/24").expect("cidr")];
+    let mut h = H::new(s);
+    let d = dialog(44);
+    established(&mut h, &d);
+    let live = h.flows();
+    let ports = h.c.manager().ports_in_use();
+    let cases: Vec<(Side, String, &str)> = vec![
+        // The inside names another internal host (NAT slipstreaming shape).
+        (Side::Internal, ft_accept(1, sa("10.77.0.99:6891")), "forbidden"),
+        // ...or a privileged port on itself.
+        (Side::Internal, ft_accept(1, sa("10.77.0.2:445")), "forbidden"),
+        // The outside names the inside, the edge, loopback.
+        (Side::External, ft_accept(1, sa("10.77.5.9:6891")), "forbidden"),
+        (Side::External, ft_accept(1, sa("203.0.113.1:6891")), "forbidden"),
+        (Side::External, ft_accept(1, sa("127.0.0.1:6891")), "forbidden"),
+        // An address without a port, an address in a CANCEL.
+        (Side::Internal, "Invitation-Command: ACCEPT\r\nInvitation-Cookie: 1\r\nIP-Address: 10.77.0.2\r\n\r\n".into(), "unacceptable"),
+        (Side::Internal, "Invitation-Command: CANCEL\r\nInvitation-Cookie: 1\r\nIP-Address: 10.77.0.2\r\nPort: 6891\r\n\r\n".into(), "unacceptable"),
+        // A bad address value.
+        (Side::External, "Invitation-Command: ACCEPT\r\nIP-Address: 198.51.100.300\r\nPort: 1\r\n\r\n".into(), "unacceptable"),
+    ];
+    for (side, body, want) in &cases {
+        let other = side.other();
+        let src = |s: Side| if s == Side::Internal { CLIENT } else { PEER_PROXY };
+        h.ft(&d, other, src(other), &ft_invite(1)).expect("INVITE command");
+        let e = h.ft(&d, *side, src(*side), body).expect_err(body);
+        let ok = match *want {
+            "forbidden" => matches!(e, MediaError::Forbidden { .. }),
+            _ => matches!(e, MediaError::NotAcceptable { .. }),
+        };
+        assert!(ok, "{body}: {e:?}");
+        assert_eq!(e.status(), 488);
+    }
+    // An ACCEPT for a cookie nobody invited, or one only its own side invited.
+    let e = h.ft(&d, Side::External, PEER_PROXY, &ft_accept(99, sa("198.51.100.7:6891"))).expect_err("uninvited");
+    assert!(matches!(e, MediaError::NotAcceptable { .. }), "{e:?}");
+    h.ft(&d, Side::External, PEER_PROXY, &ft_invite(98)).expect("INVITE command from outside");
+    let e = h.ft(&d, Side::External, PEER_PROXY, &ft_accept(98, sa("198.51.100.7:6891"))).expect_err("self-invited");
+    assert!(matches!(e, MediaError::NotAcceptable { .. }), "{e:?}");
+    // A dialog the edge never set up.
+    let e = h.ft(&dialog(45), Side::External, PEER_PROXY, &ft_accept(1, sa("198.51.100.7:6891"))).expect_err("no dialog");
+    assert!(matches!(e, MediaError::Forbidden { .. }), "{e:?}");
+    assert_eq!(h.flows(), live, "refusals never touch live flows");
+    assert_eq!(h.c.manager().ports_in_use(), ports, "refusals allocate nothing");
+    assert!(h.c.manager().transfers_of(&d).is_empty());
+    h.end(&d, None, EndReason::Bye);
+    h.assert_no_orphans();
+}
+
+#[test]
+fn msmsgs_cancel_expiry_reinvite_caps_and_map_failures() {
+    let mut h = H::relay();
+    let d = dialog(46);
+    established(&mut h, &d);
+    // Two transfers; CANCEL with one cookie removes only that one.
+    h.transfer(&d, 1, Side::External, sa("198.51.100.7:6891")).expect("t1");
+    let out2 = h.transfer(&d, 2, Side::Internal, sa("10.77.0.2:6893")).expect("t2");
+    assert_eq!(h.c.manager().transfers_of(&d).len(), 2);
+    // The same ACCEPT again (a second MESSAGE) changes nothing.
+    let log = h.c.sink().log.len();
+    assert_eq!(h.ft(&d, Side::Internal, CLIENT, &ft_accept(2, sa("10.77.0.2:6893"))).expect("again"), out2);
+    assert_eq!(h.c.sink().log.len(), log);
+    let cancel = ft_cancel(1);
+    assert_eq!(h.ft(&d, Side::Internal, CLIENT, &cancel).expect("CANCEL"), cancel);
+    let t = h.c.manager().transfers_of(&d);
+    assert_eq!(t.len(), 1);
+    assert!(matches!(t[0].1, Flow::Nat { .. } | Flow::Relay { learn_port: LearnPort::Peer, .. }), "cookie 2 stays");
+    // A re-INVITE of the call keeps the transfer.
+    h.sdp(&d, Some("tt"), SdpRole::Offer, Side::External, PEER_PROXY, &audio("198.51.100.8", 6000, "")).expect("re-offer");
+    h.sdp(&d, Some("tt"), SdpRole::Answer, Side::Internal, CLIENT, &audio("10.77.0.2", 4000, "")).expect("re-answer");
+    assert_eq!(h.c.manager().transfers_of(&d).len(), 1);
+    // Never used: gone after unused_timeout, the call lives on.
+    h.at(10);
+    h.packets(5); // the call's media flows (the transfer's too: see below)
+    let tid = h.c.manager().transfers_of(&d)[0].0;
+    h.c.sink_mut().packets.remove(&tid);
+    assert!(h.tick().is_empty());
+    h.at(20);
+    assert!(h.tick().is_empty(), "an unused transfer never ends the call");
+    assert!(h.c.manager().transfers_of(&d).is_empty(), "unused transfer expired");
+    assert_eq!(h.flows().len(), 2, "the call's media stays");
+    // Idle: carried data, then silence for idle_timeout.
+    h.transfer(&d, 3, Side::External, sa("198.51.100.7:6895")).expect("t3");
+    let tid = h.c.manager().transfers_of(&d)[0].0;
+    h.at(25);
+    h.packets(100);
+    assert!(h.tick().is_empty());
+    // From now on only the call's media moves.
+    let call_only = |h: &mut H| {
+        h.packets(1);
+        if let Some(p) = h.c.sink_mut().packets.get_mut(&tid) {
+            *p -= 1;
+        }
+    };
+    for t in [50, 25 + 59] {
+        h.at(t);
+        call_only(&mut h);
+        assert!(h.tick().is_empty());
+    }
+    assert_eq!(h.c.manager().transfers_of(&d).len(), 1, "active within idle_timeout");
+    h.at(25 + 60);
+    call_only(&mut h);
+    assert!(h.tick().is_empty(), "an idle transfer never ends the call");
+    assert!(h.c.manager().transfers_of(&d).is_empty(), "idle transfer expired");
+    assert_eq!(h.flows().len(), 2, "the call's media stays");
+    // A map failure leaves nothing half installed; ports come back.
+    let ports = h.c.manager().ports_in_use();
+    h.c.sink_mut().installs_before_failure = Some(0);
+    let e = h.transfer(&d, 4, Side::External, sa("198.51.100.7:6897")).expect_err("table full");
+    assert!(matches!(e, MediaError::Exhausted { .. }), "{e:?}");
+    assert_eq!(h.c.manager().ports_in_use(), ports);
+    assert!(h.c.manager().transfers_of(&d).is_empty());
+    h.c.sink_mut().installs_before_failure = None;
+    h.end(&d, None, EndReason::Bye);
+    h.assert_no_orphans();
+
+    // Per-client cap: the transfer is refused, the call untouched.
+    let mut s = settings(MediaMode::Relay);
+    s.max_flows_per_client = 2;
+    let mut h = H::new(s);
+    established(&mut h, &d);
+    let live = h.flows();
+    let e = h.transfer(&d, 1, Side::External, sa("198.51.100.7:6891")).expect_err("over cap");
+    assert!(matches!(e, MediaError::Exhausted { .. }), "{e:?}");
+    assert_eq!(e.status(), 503);
+    assert_eq!(h.flows(), live);
+    // The call's expiry takes its transfers along.
+    h.c.sink_mut().installs_before_failure = None;
+    h.at(20);
+    assert_eq!(h.tick(), vec![d.clone()]);
+    h.assert_no_orphans();
+}
+
+#[test]
+fn msmsgs_transfers_die_with_their_dialog_on_every_end() {
+    for reason in [EndReason::Bye, EndReason::Cancel, EndReason::Timeout, EndReason::Shutdown] {
+        let mut h = H::new(settings(MediaMode::Nat));
+        let d = dialog(47);
+        established(&mut h, &d);
+        h.transfer(&d, 1, Side::Internal, sa("10.77.0.2:6891")).expect("t1");
+        h.transfer(&d, 2, Side::External, sa("198.51.100.7:6891")).expect("t2");
+        assert_eq!(h.flows().len(), 4);
+        h.end(&d, None, reason);
+        h.assert_no_orphans();
+    }
+}
+
+#[test]
+fn msmsgs_msnftp_order_inviter_listens_after_plain_accept() {
+    // MSNFTP order: the sender INVITEs, the receiver ACCEPTs without an
+    // address, the sender ACCEPTs again naming its listener; the receiver
+    // connects.
+    let mut h = H::relay();
+    let d = dialog(48);
+    established(&mut h, &d);
+    h.ft(&d, Side::Internal, CLIENT, &ft_invite(5)).expect("INVITE command");
+    let plain = "Invitation-Command: ACCEPT\r\nInvitation-Cookie: 5\r\nRequest-Data: IP-Address:\r\n\r\n";
+    assert_eq!(h.ft(&d, Side::External, PEER_PROXY, plain).expect("plain ACCEPT"), plain);
+    let out = h.ft(&d, Side::Internal, CLIENT, &ft_accept(5, sa("10.77.0.2:6891"))).expect("addressed ACCEPT");
+    assert_eq!(advertised(&out).ip(), ip_of("203.0.113.1"));
+    let t = h.c.manager().transfers_of(&d);
+    assert!(matches!(t[0].1, Flow::Relay { client, peer, learn_port: LearnPort::Peer, .. } if client == sa("10.77.0.2:6891") && peer == sa("198.51.100.1:9")), "{:?}", t[0].1);
     h.end(&d, None, EndReason::Bye);
     h.assert_no_orphans();
 }

@@ -8,11 +8,27 @@
 //!
 //! Body types:
 //! - `application/sdp`: parsed and rewritten (candidates per config).
-//! - `text/x-msmsgsinvite`: invitations without an address (INVITE, CANCEL)
-//!   pass unchanged; ones naming an address are refused (Forbidden): the
-//!   connecting side's address is never signalled, so the datapath's strict
-//!   remote check cannot express the pinhole, and forwarding the private
-//!   address unrewritten would leak it.
+//! - `text/x-msmsgsinvite` (Windows Messenger / Office Communicator file
+//!   transfer): invitations without an address (INVITE, ACCEPT, CANCEL)
+//!   pass unchanged and are remembered by `Invitation-Cookie` (CANCEL
+//!   removes that transfer's pinhole). An INVITE or ACCEPT naming
+//!   `IP-Address`/`Port` (or `IP-Address-Internal`/`PortX-Internal`) opens
+//!   one strict TCP pinhole: the sender listens at the named address (§3
+//!   checked), the dialog's other party connects from its signalling source
+//!   IP with a learned port, and every address and port field (`IP-Address`,
+//!   `IP-Address-Internal`, `Port`, `PortX`, `PortX-Internal`) is rewritten
+//!   to the edge endpoint on the connector's side, so the inside's
+//!   addresses never leak. An external connector is identified by the TLS
+//!   peer the dialog's external messages come from: that is the peer UA with
+//!   direct federation, but the peer's proxy otherwise, and then only
+//!   `[media] latch = true` (full latch of the connector) lets the transfer
+//!   work. Rules per mode and side: `media::manager` (File transfers). An
+//!   address without a port, or an address in any other command, is
+//!   refused (488). The offer/answer role the proxy reports is not used:
+//!   the invitation command decides.
+//! - `application/ms-filetransfer+xml` (Office Communicator 2007 file
+//!   transfer): refused (NotAcceptable, 488) for now; its addresses are not
+//!   rewritten yet, and passing it untouched would leak them.
 //! - `multipart/*` and anything else: refused (NotAcceptable, 488). Passing
 //!   them through untouched would leak private addresses and let media
 //!   descriptions bypass the pinhole rules; rewriting multipart is out of
@@ -32,7 +48,7 @@ use std::{
 use sip_edge_common::PinholeKey;
 
 use super::{
-    manager::{Manager, Op, PinholeId, SdpInput, Settings, StreamDesc},
+    manager::{InvitationInput, Manager, Op, PinholeId, SdpInput, Settings, StreamDesc},
     DialogKey, EndReason, MediaControl, MediaError, SdpEvent, Side,
 };
 use crate::{
@@ -425,16 +441,46 @@ impl<S: PinholeSink> MediaController<S> {
         Ok(body)
     }
 
-    fn on_msmsgs_body(&mut self, ev: &SdpEvent<'_>) -> Result<Vec<u8>, MediaError> {
+    fn on_msmsgs_body(&mut self, ev: &SdpEvent<'_>, now: Instant) -> Result<Vec<u8>, MediaError> {
         let inv = msmsgs::parse(ev.body).map_err(|e| not_acceptable(e.to_string()))?;
-        match inv.endpoint.or(inv.internal) {
-            None => Ok(ev.body.to_vec()),
-            Some(ep) => Err(MediaError::Forbidden {
-                reason: format!(
-                    "x-msmsgsinvite file transfer to {ep}: the connecting side's address is never signalled, so no strict pinhole can be built; use MSRP (RFC 4975)"
-                ),
-            }),
+        if inv.addressed && inv.endpoint.is_none() && inv.internal.is_none() {
+            return Err(not_acceptable("x-msmsgsinvite names IP-Address without a Port"));
         }
+        // An inside sender's LAN address (IP-Address-Internal) is the one the
+        // edge reaches; an outside sender's public one (IP-Address) is.
+        let order = match ev.from_side {
+            Side::Internal => [inv.internal, inv.endpoint],
+            Side::External => [inv.endpoint, inv.internal],
+        };
+        let listen: Vec<SocketAddr> = order.into_iter().flatten().collect();
+        let out = self.mgr.on_invitation(
+            &InvitationInput {
+                dialog: ev.dialog,
+                from_side: ev.from_side,
+                source: ev.source,
+                command: inv.command.as_ref(),
+                cookie: inv.cookie.as_deref(),
+                listen: &listen,
+            },
+            now,
+        )?;
+        let body = match out.advertise {
+            None if inv.addressed => {
+                // Never forward an address the edge did not replace.
+                self.mgr.rollback();
+                return Err(not_acceptable("x-msmsgsinvite address was not rewritten"));
+            }
+            None => ev.body.to_vec(),
+            Some(edge) => match msmsgs::rewrite(ev.body, &mut |_: &msmsgs::Invitation| Some(edge)) {
+                Ok((b, _)) => b,
+                Err(e) => {
+                    self.mgr.rollback();
+                    return Err(not_acceptable(e.to_string()));
+                }
+            },
+        };
+        self.apply(&out.ops)?;
+        Ok(body)
     }
 }
 
@@ -443,7 +489,7 @@ impl<S: PinholeSink + Send> MediaControl for MediaController<S> {
         let t = media_type(ev.content_type);
         match t.as_str() {
             "application/sdp" => self.on_sdp_body(ev, now),
-            "text/x-msmsgsinvite" => self.on_msmsgs_body(ev),
+            "text/x-msmsgsinvite" => self.on_msmsgs_body(ev, now),
             _ if t.starts_with("multipart/") => Err(not_acceptable(
                 "multipart bodies are not rewritten; send application/sdp on its own",
             )),

@@ -45,6 +45,32 @@
 //!   port ≥ 1024; an external peer must not name loopback, unspecified, an
 //!   edge address or an allowed internal subnet. Caps (flows per client IP,
 //!   flows overall, calls) refuse new work with `Exhausted`, never evict.
+//! - **File transfers** (`text/x-msmsgsinvite`, [`Manager::on_invitation`]):
+//!   the party whose invitation names `IP-Address`/`Port` listens there and
+//!   the dialog's other party connects over TCP from an ephemeral port
+//!   (MSN/Messenger invitation semantics; no RFC). The addressed invitation
+//!   is the moment both ends are known: the listener is the named endpoint
+//!   (§3-checked like an SDP target; an internal listener also needs a port
+//!   ≥ 1024), the connector is the other side's signalling source IP (from
+//!   the invitation with the same `Invitation-Cookie` it sent, which an
+//!   `ACCEPT` requires; for an addressed `INVITE`, the last message of that
+//!   side in the dialog). For an external connector that is
+//!   the TLS peer the dialog's external messages come from: the peer UA with
+//!   direct federation, but the peer's proxy otherwise — then only
+//!   `[media] latch = true` lets the transfer through. The connector's
+//!   address is strict, its port learned from its SYN
+//!   ([`LearnPort`]; full latch with `latch = true` for external
+//!   connectors). The edge allocates a TCP port on the connector's side
+//!   (relay: both edge ports; nat with an external connector: one public
+//!   port, DNAT to the listener; nat with an internal connector: relay-style
+//!   rules through the edge's internal address, since a nat SNAT rule is
+//!   keyed on the client's port, which is unknown) and the invitation is
+//!   rewritten to it. One flow per transfer, counted in the caps, tied to
+//!   the dialog (gone with it), removed by `Invitation-Command: CANCEL` with
+//!   its cookie, and expiring on its own (never used for `unused_timeout`,
+//!   idle for `idle_timeout`) without ending the dialog. An `ACCEPT` needs an
+//!   earlier invitation with its cookie in the same dialog, and nothing is
+//!   opened in a dialog whose session the edge did not set up.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
@@ -58,8 +84,17 @@ use super::{DialogKey, EndReason, MediaError, SdpRole, Side};
 use crate::{
     config::{Cidr, Config, MediaMode, PortRange, MIN_MEDIA_PORT},
     datapath::rules::{Flow, LearnPort, Proto},
-    sip::sdp::Allocation,
+    sip::{msmsgs::Command, sdp::Allocation},
 };
+
+/// Port written for a connecting end whose port is learned: the RFC 4145 §4
+/// convention (discard port 9); the datapath ignores it under
+/// `RULE_LATCH_PORT`.
+const LEARNED_PORT: u16 = 9;
+
+/// Address-free invitations remembered per dialog (cookie, side, source);
+/// the oldest goes first, so a chatty client cannot grow the state.
+const MAX_SEEN_INVITATIONS: usize = 16;
 
 /// Identifies one installed flow (two directional rules) for the life of
 /// the manager; never reused.
@@ -150,7 +185,8 @@ impl Settings {
     }
 }
 
-/// One m-line (or x-msmsgsinvite transfer) as the manager needs it.
+/// One m-line as the manager needs it (x-msmsgsinvite transfers go through
+/// [`Manager::on_invitation`] instead).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StreamDesc {
     /// Transport.
@@ -182,6 +218,34 @@ fn tcp_connector(offer: &StreamDesc, answer: &StreamDesc, answer_side: Side) -> 
         ("active" | "actpass", "passive") => Some(answer_side.other()),
         _ => None,
     }
+}
+
+/// One `text/x-msmsgsinvite` invitation as the manager sees it.
+#[derive(Clone, Debug)]
+pub struct InvitationInput<'a> {
+    /// Dialog it travels in.
+    pub dialog: &'a DialogKey,
+    /// Where it came from.
+    pub from_side: Side,
+    /// Signalling source (transport address it arrived on).
+    pub source: SocketAddr,
+    /// `Invitation-Command`, if present.
+    pub command: Option<&'a Command>,
+    /// `Invitation-Cookie`, if present.
+    pub cookie: Option<&'a str>,
+    /// Where the sender says it listens, best candidate first (empty: the
+    /// invitation names no address).
+    pub listen: &'a [SocketAddr],
+}
+
+/// What [`Manager::on_invitation`] decided.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InvitationOutcome {
+    /// The edge endpoint to write into the invitation's address fields
+    /// (`None`: forward the body unchanged; it names no address).
+    pub advertise: Option<SocketAddr>,
+    /// Pinhole operations, in order.
+    pub ops: Vec<Op>,
 }
 
 /// One SDP as the manager sees it.
@@ -241,6 +305,29 @@ struct Installed {
     packets: u64,
 }
 
+/// An address-free invitation seen in a dialog.
+#[derive(Clone, Debug)]
+struct Seen {
+    cookie: Option<String>,
+    side: Side,
+    source: IpAddr,
+}
+
+/// One x-msmsgsinvite file transfer's pinhole.
+#[derive(Clone, Debug)]
+struct Transfer {
+    cookie: Option<String>,
+    listener: SocketAddr,
+    connector: IpAddr,
+    advertised: SocketAddr,
+    blocks: Vec<Block>,
+    id: PinholeId,
+    flow: Flow,
+    installed_at: Instant,
+    packets: u64,
+    last_activity: Instant,
+}
+
 #[derive(Clone, Debug)]
 struct Dialog {
     created: Instant,
@@ -256,11 +343,21 @@ struct Dialog {
     flows: Vec<Installed>,
     last_activity: Instant,
     ever_active: bool,
+    /// Last signalling source IP of each side (by `side_ix`).
+    sources: [Option<IpAddr>; 2],
+    /// Address-free invitations, oldest first.
+    seen: Vec<Seen>,
+    /// File-transfer pinholes.
+    transfers: Vec<Transfer>,
 }
 
 impl Dialog {
+    fn ids(&self) -> impl Iterator<Item = PinholeId> + '_ {
+        self.flows.iter().map(|f| f.id).chain(self.transfers.iter().map(|t| t.id))
+    }
+
     fn reserved(&self) -> u32 {
-        let mut n = 0u32;
+        let mut n = u32::try_from(self.transfers.len()).unwrap_or(u32::MAX);
         for s in self.slots.iter().flatten() {
             if s.blocks.iter().any(Option::is_some) {
                 n = n.saturating_add(if s.rtcp { 2 } else { 1 });
@@ -384,6 +481,16 @@ fn keys_of(flow: &Flow) -> Vec<PinholeKey> {
     flow.rules(0, 1).map(|p| vec![p.inbound.0, p.outbound.0]).unwrap_or_default()
 }
 
+/// Whether `listen` can be a file transfer's listening end on `side`.
+fn transfer_port_ok(side: Side, listen: SocketAddr) -> bool {
+    match side {
+        // Same rule as for SDP targets, without RFC 4145's port-9 exception:
+        // a listener must name the port it listens on.
+        Side::Internal => listen.port() >= MIN_MEDIA_PORT,
+        Side::External => listen.port() != 0,
+    }
+}
+
 impl Manager {
     /// A manager with nothing installed.
     pub fn new(s: Settings) -> Manager {
@@ -424,6 +531,11 @@ impl Manager {
             .unwrap_or_default();
         v.sort_by_key(|(s, r, _, _)| (*s, *r));
         v.into_iter().map(|(_, _, id, f)| (id, f)).collect()
+    }
+
+    /// File-transfer flows of one dialog, in the order they were installed.
+    pub fn transfers_of(&self, dialog: &DialogKey) -> Vec<(PinholeId, Flow)> {
+        self.dialogs.get(dialog).map(|d| d.transfers.iter().map(|t| (t.id, t.flow)).collect()).unwrap_or_default()
     }
 
     /// Dialogs tracked.
@@ -569,8 +681,8 @@ impl Manager {
             self.pool.retake(b);
         }
         if let Some(d) = self.dialogs.get(&j.key) {
-            for f in &d.flows {
-                self.ids.remove(&f.id);
+            for id in d.ids() {
+                self.ids.remove(&id);
             }
         }
         // Keep the caps counters consistent: drop the current counting first.
@@ -581,8 +693,8 @@ impl Manager {
         self.recount(&j.key);
         self.dialogs.remove(&j.key);
         if let Some(mut d) = j.before {
-            for f in &d.flows {
-                self.ids.insert(f.id, j.key.clone());
+            for id in d.ids() {
+                self.ids.insert(id, j.key.clone());
             }
             // Re-count from zero: `counted` was taken when `d` was current.
             d.counted = (None, 0);
@@ -624,11 +736,15 @@ impl Manager {
                     flows: Vec::new(),
                     last_activity: now,
                     ever_active: false,
+                    sources: [None, None],
+                    seen: Vec::new(),
+                    transfers: Vec::new(),
                 },
             );
         }
-        if inp.from_side == Side::Internal {
-            if let Some(d) = self.dialogs.get_mut(key) {
+        if let Some(d) = self.dialogs.get_mut(key) {
+            d.sources[side_ix(inp.from_side)] = Some(inp.source.ip());
+            if inp.from_side == Side::Internal {
                 d.client = Some(inp.source.ip());
             }
         }
@@ -812,6 +928,11 @@ impl Manager {
         // key, so two calls (or m-lines) cannot share it.
         let mut taken: HashSet<PinholeKey> = HashSet::new();
         for (k, other) in &self.dialogs {
+            // File transfers are not replaced by an offer/answer: their keys
+            // stay taken, this dialog's included.
+            for t in &other.transfers {
+                taken.extend(keys_of(&t.flow));
+            }
             if k == key {
                 continue;
             }
@@ -911,6 +1032,7 @@ impl Manager {
                     }
                     d.active_fork = None;
                 }
+                ops.extend(self.remove_transfers(dialog, |_| true));
                 ops
             }
             Some(_) => Vec::new(),
@@ -925,6 +1047,7 @@ impl Manager {
                 .flatten()
                 .flat_map(|s| s.blocks.iter().flatten().copied())
                 .chain(d.retired.drain(..))
+                .chain(d.transfers.iter().flat_map(|t| t.blocks.iter().copied()))
                 .collect();
             d.client = None;
             d.slots.clear();
@@ -941,6 +1064,30 @@ impl Manager {
             self.ids.remove(&f.id);
             ops.push(Op::Remove { id: f.id, flow: f.flow });
         }
+        for t in d.transfers {
+            self.ids.remove(&t.id);
+            ops.push(Op::Remove { id: t.id, flow: t.flow });
+        }
+        ops
+    }
+
+    /// Removes the transfers of `key` that `pred` selects, frees their
+    /// ports and returns the removals.
+    fn remove_transfers(&mut self, key: &DialogKey, pred: impl Fn(&Transfer) -> bool) -> Vec<Op> {
+        let Some(d) = self.dialogs.get_mut(key) else {
+            return Vec::new();
+        };
+        let (gone, kept): (Vec<Transfer>, Vec<Transfer>) = std::mem::take(&mut d.transfers).into_iter().partition(|t| pred(t));
+        d.transfers = kept;
+        let mut ops = Vec::new();
+        for t in gone {
+            for b in &t.blocks {
+                self.pool.free(b);
+            }
+            self.ids.remove(&t.id);
+            ops.push(Op::Remove { id: t.id, flow: t.flow });
+        }
+        self.recount(key);
         ops
     }
 
@@ -953,6 +1100,15 @@ impl Manager {
         let Some(d) = self.dialogs.get_mut(key) else {
             return;
         };
+        if let Some(t) = d.transfers.iter_mut().find(|t| t.id == id) {
+            // A transfer's activity is its own: it never keeps the call's
+            // media alive, nor does the call keep it.
+            if packets != t.packets {
+                t.packets = packets;
+                t.last_activity = now;
+            }
+            return;
+        }
         if let Some(f) = d.flows.iter_mut().find(|f| f.id == id) {
             if packets != f.packets {
                 // Counters restart when an Update rewrites the rules.
@@ -986,7 +1142,247 @@ impl Manager {
         for k in &expired {
             ops.extend(self.drop_dialog(k));
         }
+        // Transfers expire on their own, leaving the dialog alone.
+        let (idle, unused) = (self.s.idle_timeout, self.s.unused_timeout);
+        let stale = |t: &Transfer| {
+            if t.packets == 0 {
+                now.saturating_duration_since(t.installed_at) >= unused
+            } else {
+                now.saturating_duration_since(t.last_activity) >= idle
+            }
+        };
+        let with_stale: Vec<DialogKey> =
+            self.dialogs.iter().filter(|(_, d)| d.transfers.iter().any(stale)).map(|(k, _)| k.clone()).collect();
+        for k in &with_stale {
+            ops.extend(self.remove_transfers(k, stale));
+        }
         (expired, ops)
+    }
+
+    /// One `text/x-msmsgsinvite` invitation (module doc: File transfers).
+    /// On error nothing changed; on success the caller rewrites the body to
+    /// `advertise`, applies `ops` and, if that fails, calls
+    /// [`Manager::rollback`].
+    pub fn on_invitation(&mut self, inp: &InvitationInput<'_>, now: Instant) -> Result<InvitationOutcome, MediaError> {
+        self.journal = None;
+        let mut j = Journal {
+            key: inp.dialog.clone(),
+            before: self.dialogs.get(inp.dialog).cloned(),
+            allocated: Vec::new(),
+            freed: Vec::new(),
+        };
+        match self.invitation_inner(inp, now, &mut j) {
+            Ok(o) => {
+                self.journal = Some(j);
+                Ok(o)
+            }
+            Err(e) => {
+                self.undo(j);
+                Err(e)
+            }
+        }
+    }
+
+    fn invitation_inner(&mut self, inp: &InvitationInput<'_>, now: Instant, j: &mut Journal) -> Result<InvitationOutcome, MediaError> {
+        let key = inp.dialog;
+        let cookie = inp.cookie.map(str::to_owned);
+        let addressed = !inp.listen.is_empty();
+        let Some(d) = self.dialogs.get_mut(key) else {
+            if addressed {
+                return Err(forbidden(
+                    "x-msmsgsinvite file transfer in a dialog whose session the edge did not set up (DESIGN.md §3)",
+                ));
+            }
+            // Nothing to open and nothing to leak.
+            return Ok(InvitationOutcome::default());
+        };
+        d.sources[side_ix(inp.from_side)] = Some(inp.source.ip());
+        if inp.from_side == Side::Internal && d.client.is_none() {
+            d.client = Some(inp.source.ip());
+        }
+        match (inp.command, addressed) {
+            (Some(Command::Cancel), false) => {
+                d.seen.retain(|s| s.cookie != cookie);
+                let ops = self.remove_transfers(key, |t| t.cookie == cookie);
+                return Ok(InvitationOutcome { advertise: None, ops });
+            }
+            (Some(Command::Invite | Command::Accept), false) => {
+                if d.seen.len() >= MAX_SEEN_INVITATIONS {
+                    d.seen.remove(0);
+                }
+                d.seen.push(Seen { cookie, side: inp.from_side, source: inp.source.ip() });
+                return Ok(InvitationOutcome::default());
+            }
+            (_, false) => return Ok(InvitationOutcome::default()),
+            (Some(Command::Invite | Command::Accept), true) => {}
+            (other, true) => {
+                return Err(not_acceptable(format!(
+                    "x-msmsgsinvite command {other:?} names an address; only INVITE and ACCEPT open a transfer"
+                )))
+            }
+        }
+        let is_accept = inp.command == Some(&Command::Accept);
+        let listen_side = inp.from_side;
+        let conn_side = listen_side.other();
+        // The listener: the first named address that passes §3.
+        let mut first_err = None;
+        let mut listener = None;
+        for &l in inp.listen {
+            let r = self.check_endpoint(listen_side, inp.source, Proto::Tcp, l).and_then(|()| {
+                if transfer_port_ok(listen_side, l) {
+                    Ok(())
+                } else {
+                    Err(forbidden(format!("file transfer listener {l} uses a privileged port")))
+                }
+            });
+            match r {
+                Ok(()) => {
+                    listener = Some(l);
+                    break;
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        let Some(listener) = listener else {
+            return Err(first_err.unwrap_or_else(|| not_acceptable("x-msmsgsinvite names no usable address")));
+        };
+        let Some(d) = self.dialogs.get(key) else {
+            return Err(not_acceptable("dialog vanished"));
+        };
+        // The connector: the other side's signalling source.
+        // An ACCEPT answers an invitation the connecting party sent with the
+        // same cookie (INVITE → addressed ACCEPT, or the MSNFTP order INVITE
+        // → ACCEPT → addressed ACCEPT from the inviter): without one, nobody
+        // on the other side asked for this transfer.
+        let from_seen = d.seen.iter().rev().find(|s| s.cookie == cookie && s.side == conn_side).map(|s| s.source);
+        if is_accept && from_seen.is_none() {
+            return Err(not_acceptable(format!(
+                "x-msmsgsinvite ACCEPT for invitation {cookie:?}: the edge forwarded no invitation with that cookie from the other party of this dialog"
+            )));
+        }
+        let Some(connector) = from_seen.or(d.sources[side_ix(conn_side)]) else {
+            return Err(not_acceptable("the connecting party's signalling source is unknown in this dialog"));
+        };
+        if connector.is_ipv4() != listener.is_ipv4() {
+            return Err(not_acceptable(format!(
+                "file transfer between {connector} and {listener} would need address family translation"
+            )));
+        }
+        // A repeated invitation for the same transfer changes nothing.
+        if let Some(t) = d.transfers.iter().find(|t| t.cookie == cookie) {
+            if t.listener == listener && t.connector == connector {
+                return Ok(InvitationOutcome { advertise: Some(t.advertised), ops: Vec::new() });
+            }
+        }
+        let mut ops = Vec::new();
+        if let Some(d) = self.dialogs.get_mut(key) {
+            let (old, kept): (Vec<Transfer>, Vec<Transfer>) =
+                std::mem::take(&mut d.transfers).into_iter().partition(|t| t.cookie == cookie);
+            d.transfers = kept;
+            for t in old {
+                for b in &t.blocks {
+                    self.pool.free(b);
+                    j.freed.push(*b);
+                }
+                self.ids.remove(&t.id);
+                ops.push(Op::Remove { id: t.id, flow: t.flow });
+            }
+        }
+        let like = listener.ip();
+        let (int_addr, pub_addr) = (self.edge_addr(Side::Internal, like), self.edge_addr(Side::External, like));
+        let mut take = |pool: &mut PortPool, addr: &Result<IpAddr, MediaError>| -> Result<Block, MediaError> {
+            let addr = addr.clone()?;
+            let (port, _) =
+                pool.take(false).ok_or_else(|| exhausted("no free port in the media port ranges for a file transfer"))?;
+            let b = Block { addr, port, rtcp: None };
+            j.allocated.push(b);
+            Ok(b)
+        };
+        let connector_ep = SocketAddr::new(connector, LEARNED_PORT);
+        let (flow, advertised, blocks) = match (conn_side, self.s.mode) {
+            (Side::External, MediaMode::Nat) => {
+                let public = take(&mut self.pool, &pub_addr)?;
+                let adv = SocketAddr::new(public.addr, public.port);
+                let flow = Flow::Nat {
+                    proto: Proto::Tcp,
+                    client: listener,
+                    public: adv,
+                    peer: connector_ep,
+                    latch_peer: self.s.latch,
+                    learn_port: LearnPort::Peer,
+                };
+                (flow, adv, vec![public])
+            }
+            (Side::External, MediaMode::Relay) => {
+                let public = take(&mut self.pool, &pub_addr)?;
+                let inner = take(&mut self.pool, &int_addr)?;
+                let adv = SocketAddr::new(public.addr, public.port);
+                let flow = Flow::Relay {
+                    proto: Proto::Tcp,
+                    client: listener,
+                    edge_int: SocketAddr::new(inner.addr, inner.port),
+                    public: adv,
+                    peer: connector_ep,
+                    latch_peer: self.s.latch,
+                    learn_port: LearnPort::Peer,
+                };
+                (flow, adv, vec![public, inner])
+            }
+            // An internal connector: relay-style in both modes (nat cannot
+            // learn the client's port, `FlowError::NatClientPort`).
+            (Side::Internal, _) => {
+                let inner = take(&mut self.pool, &int_addr)?;
+                let public = take(&mut self.pool, &pub_addr)?;
+                let adv = SocketAddr::new(inner.addr, inner.port);
+                let flow = Flow::Relay {
+                    proto: Proto::Tcp,
+                    client: connector_ep,
+                    edge_int: adv,
+                    public: SocketAddr::new(public.addr, public.port),
+                    peer: listener,
+                    latch_peer: false,
+                    learn_port: LearnPort::Client,
+                };
+                (flow, adv, vec![inner, public])
+            }
+        };
+        flow.rules(0, 1).map_err(|e| not_acceptable(format!("file transfer: {e}")))?;
+        let mut taken: HashSet<PinholeKey> = HashSet::new();
+        for other in self.dialogs.values() {
+            for f in &other.flows {
+                taken.extend(keys_of(&f.flow));
+            }
+            for t in &other.transfers {
+                taken.extend(keys_of(&t.flow));
+            }
+        }
+        if keys_of(&flow).iter().any(|k| taken.contains(k)) {
+            return Err(forbidden(format!("file transfer listener {listener} is already used by another flow")));
+        }
+        let id = PinholeId(self.next_id);
+        self.next_id += 1;
+        let Some(d) = self.dialogs.get_mut(key) else {
+            return Err(not_acceptable("dialog vanished"));
+        };
+        d.transfers.push(Transfer {
+            cookie,
+            listener,
+            connector,
+            advertised,
+            blocks,
+            id,
+            flow,
+            installed_at: now,
+            packets: 0,
+            last_activity: now,
+        });
+        self.ids.insert(id, key.clone());
+        self.recount(key);
+        self.check_caps(key)?;
+        ops.push(Op::Install { id, flow });
+        Ok(InvitationOutcome { advertise: Some(advertised), ops })
     }
 }
 
