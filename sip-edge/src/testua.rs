@@ -973,6 +973,81 @@ pub fn msrp_read(stream: &mut impl std::io::Read, limit: usize) -> Result<MsrpFr
     }
 }
 
+// --- x-msmsgsinvite file transfer --------------------------------------------
+
+/// A Windows Messenger file-transfer `Invitation-Command: INVITE` body
+/// (`text/x-msmsgsinvite`; no address: the sender offers the file).
+pub fn msmsgs_invite(cookie: u32, file: &str, size: usize) -> String {
+    format!(
+        "Application-Name: File Transfer\r\nApplication-GUID: {{5D3E02AB-6190-11d3-BBBB-00C04F795683}}\r\nInvitation-Command: INVITE\r\nInvitation-Cookie: {cookie}\r\nApplication-File: {file}\r\nApplication-FileSize: {size}\r\n\r\n"
+    )
+}
+
+/// An `Invitation-Command: ACCEPT` body naming where its sender listens.
+pub fn msmsgs_accept(cookie: u32, listen: SocketAddr) -> String {
+    format!(
+        "Invitation-Command: ACCEPT\r\nInvitation-Cookie: {cookie}\r\nIP-Address: {}\r\nPort: {}\r\nPortX: {}\r\nAuthCookie: 1398765431\r\nLaunch-Application: FALSE\r\nRequest-Data: IP-Address:\r\n\r\n",
+        listen.ip(),
+        listen.port(),
+        listen.port().saturating_add(1)
+    )
+}
+
+/// One TCP transfer both ways: `listener` (blocking) accepts on its own
+/// thread, reads `up.len()` bytes and answers with `down`; `out` (already
+/// connected to the listener, possibly through the edge) sends `up` and
+/// reads `down.len()` bytes. Returns the source the listener saw and the
+/// bytes each end received, so the caller can compare them.
+pub fn tcp_exchange(
+    out: &mut std::net::TcpStream,
+    listener: std::net::TcpListener,
+    up: &[u8],
+    down: &[u8],
+    wait: Duration,
+) -> Result<(SocketAddr, Vec<u8>, Vec<u8>), UaError> {
+    use std::io::{Read, Write};
+    let (want_up, down_owned) = (up.len(), down.to_vec());
+    let far = std::thread::spawn(move || -> Result<(SocketAddr, Vec<u8>), UaError> {
+        // Poll: a connection that went elsewhere must not hang the test.
+        listener
+            .set_nonblocking(true)
+            .map_err(io("listener non-blocking"))?;
+        let deadline = Instant::now() + wait;
+        let (mut s, seen) = loop {
+            match listener.accept() {
+                Ok(a) => break a,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(io("accept the transfer")(e)),
+            }
+        };
+        s.set_nonblocking(false).map_err(io("stream blocking"))?;
+        s.set_read_timeout(Some(wait)).map_err(io("read timeout"))?;
+        let mut got = vec![0u8; want_up];
+        s.read_exact(&mut got)
+            .map_err(io("listener reads the upload"))?;
+        s.write_all(&down_owned)
+            .map_err(io("listener sends the download"))?;
+        Ok((seen, got))
+    });
+    out.set_read_timeout(Some(wait))
+        .map_err(io("read timeout"))?;
+    out.write_all(up)
+        .map_err(io("connector sends the upload"))?;
+    let mut got_down = vec![0u8; down.len()];
+    let read = out
+        .read_exact(&mut got_down)
+        .map_err(io("connector reads the download"));
+    let (seen, got_up) = far
+        .join()
+        .map_err(|_| missing("the listener thread panicked"))??;
+    read?;
+    Ok((seen, got_up, got_down))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

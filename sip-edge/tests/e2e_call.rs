@@ -1,8 +1,9 @@
 //! End-to-end proof of issue #3 in network namespaces: the real agent binary
 //! runs the TLS SIP proxy and the XDP datapath in the edge namespace; test
 //! user agents (`sip_edge::testua`) in the client and peer namespaces place
-//! real TLS calls through it, exchange RTP-sized UDP and an MSRP file over
-//! the pinholes the calls opened, and every scenario ends with the pinhole
+//! real TLS calls through it, exchange RTP-sized UDP, an MSRP file and
+//! Windows Messenger (x-msmsgsinvite) TCP transfers over the pinholes the
+//! calls opened, and every scenario ends with the pinhole
 //! map empty (read with the real CLI, `sip-edge pinhole list`). One agent
 //! run per media mode. Needs root; skips through `testnet::record_skip`.
 
@@ -877,14 +878,31 @@ async fn relay_mode_calls_over_tls_open_and_close_pinholes() {
     );
     drop((out, inside_bob, listener));
 
-    // x-msmsgsinvite: an invitation without an address passes, an ACCEPT
-    // naming an address is refused by design (media/control.rs: the
-    // connecting side's address is never signalled, so no strict pinhole
-    // can be built) with 488, and installs nothing.
-    let before = e.pinholes().len();
-    let inv_body = "Invitation-Command: INVITE\r\nApplication-Name: File Transfer\r\nApplication-GUID: {5D3E02AB-6190-11d3-BBBB-00C04F795683}\r\nInvitation-Cookie: 4242\r\nApplication-File: notes.txt\r\nApplication-FileSize: 1000\r\n\r\n";
+    // x-msmsgsinvite file transfer (Windows Messenger), both directions, in
+    // the same dialog: the INVITE command (no address) one way, the ACCEPT
+    // naming a TCP listener the other way, rewritten by the edge to its own
+    // endpoint on the connecting side (media/manager.rs, File transfers).
+    // The connector connects from an ephemeral port the pinhole learns from
+    // the SYN; 64 kB cross each way.
+    let up: Vec<u8> = (0..65_536u32).map(|i| (i % 241) as u8).collect();
+    let down: Vec<u8> = (0..65_536u32).map(|i| (i % 239) as u8 ^ 0x5a).collect();
+    // One socket, one SYN sequence: the pinhole learns the first SYN's port.
+    let connect = |ns: &str, to: SocketAddr| {
+        testnet::in_ns(ns, || std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5)))
+            .expect("netns")
+            .unwrap_or_else(|err| panic!("connect to {to} from {ns} through the transfer pinhole: {err}"))
+    };
+    let endpoint_of = |m: &Message| {
+        sip_edge::sip::msmsgs::parse(m.body())
+            .expect("forwarded invitation parses")
+            .endpoint
+            .expect("forwarded ACCEPT names IP-Address/Port")
+    };
+
+    // e1. alice offers the file, bob listens outside, alice connects.
+    let inv_body = testua::msmsgs_invite(4242, "notes.bin", up.len());
     alice
-        .send(&call.a.request("MESSAGE", "text/x-msmsgsinvite", inv_body))
+        .send(&call.a.request("MESSAGE", "text/x-msmsgsinvite", &inv_body))
         .await
         .expect("MESSAGE INVITE");
     let m = bob.recv_request("MESSAGE").await;
@@ -898,23 +916,121 @@ async fn relay_mode_calls_over_tls_open_and_close_pinholes() {
         .await
         .expect("200 MESSAGE");
     alice.recv_status(200, WAIT).await.expect("200 for MESSAGE");
-    let accept = "Invitation-Command: ACCEPT\r\nInvitation-Cookie: 4242\r\nIP-Address: 198.51.100.2\r\nPort: 6891\r\nAuthCookie: 99\r\nLaunch-Application: FALSE\r\n\r\n";
-    let mut b = call.b.clone();
+    let bob_ft = e
+        .topo
+        .tcp_listen(&e.topo.peer, sa("198.51.100.2:6891"))
+        .expect("bob's transfer listener");
+    let accept = testua::msmsgs_accept(4242, sa("198.51.100.2:6891"));
     bob.conn()
-        .send(&b.request("MESSAGE", "text/x-msmsgsinvite", accept))
+        .send(&call.b.request("MESSAGE", "text/x-msmsgsinvite", &accept))
         .await
         .expect("MESSAGE ACCEPT");
-    bob.conn()
-        .recv_status(488, WAIT)
+    let m = alice
+        .recv_request("MESSAGE", WAIT)
         .await
-        .expect("an addressed x-msmsgsinvite is refused with 488");
+        .expect("the ACCEPT reaches alice");
+    alice
+        .send(&reply(&m, 200, "OK", &call.a.local_tag, "", "", ""))
+        .await
+        .expect("200 ACCEPT");
+    bob.conn()
+        .recv_status(200, WAIT)
+        .await
+        .expect("200 for the ACCEPT");
+    let to = endpoint_of(&m);
     assert_eq!(
-        e.pinholes().len(),
-        before,
-        "a refused invitation changed the pinholes"
+        to.ip(),
+        ip("10.77.0.1"),
+        "the inside must connect to the edge's internal address"
     );
+    assert!(
+        !String::from_utf8_lossy(m.body()).contains("198.51.100.2"),
+        "the listener's address passed unrewritten"
+    );
+    let before = e.packets_at(to);
+    let mut conn = connect(&e.topo.client, to);
+    let (seen, got_up, got_down) =
+        testua::tcp_exchange(&mut conn, bob_ft, &up, &down, Duration::from_secs(5))
+            .expect("x-msmsgsinvite transfer alice -> bob");
+    assert_eq!(
+        seen.ip(),
+        ip("203.0.113.1"),
+        "the outside listener must see the edge's public address"
+    );
+    assert!(
+        got_up == up && got_down == down,
+        "transfer corrupted: {} of {} up, {} of {} down",
+        got_up.len(),
+        up.len(),
+        got_down.len(),
+        down.len()
+    );
+    assert!(
+        e.packets_at(to) > before + 10 && e.packets_at(seen) > 10,
+        "the transfer pinhole counters did not carry it: {} / {}",
+        e.packets_at(to),
+        e.packets_at(seen)
+    );
+    drop(conn);
+
+    // e2. bob offers, alice listens inside, bob connects from outside.
+    let inv_body = testua::msmsgs_invite(4343, "photo.jpg", up.len());
+    bob.conn()
+        .send(&call.b.request("MESSAGE", "text/x-msmsgsinvite", &inv_body))
+        .await
+        .expect("MESSAGE INVITE from bob");
+    let m = alice
+        .recv_request("MESSAGE", WAIT)
+        .await
+        .expect("bob's invitation reaches alice");
+    assert_eq!(m.body(), inv_body.as_bytes());
+    alice
+        .send(&reply(&m, 200, "OK", &call.a.local_tag, "", "", ""))
+        .await
+        .expect("200 MESSAGE");
+    bob.conn()
+        .recv_status(200, WAIT)
+        .await
+        .expect("200 for bob's MESSAGE");
+    let alice_ft = e
+        .topo
+        .tcp_listen(&e.topo.client, sa("10.77.0.2:6892"))
+        .expect("alice's transfer listener");
+    let accept = testua::msmsgs_accept(4343, sa("10.77.0.2:6892"));
+    alice
+        .send(&call.a.request("MESSAGE", "text/x-msmsgsinvite", &accept))
+        .await
+        .expect("MESSAGE ACCEPT from alice");
+    let m = bob.recv_request("MESSAGE").await;
+    bob.conn()
+        .send(&reply(&m, 200, "OK", &call.b.local_tag, "", "", ""))
+        .await
+        .expect("200 ACCEPT");
+    alice
+        .recv_status(200, WAIT)
+        .await
+        .expect("200 for alice's ACCEPT");
+    let to = endpoint_of(&m);
+    assert_eq!(to.ip(), ip("203.0.113.1"), "the outside must connect to the public address");
+    assert!(
+        !String::from_utf8_lossy(m.body()).contains("10.77."),
+        "private address leaked in the ACCEPT"
+    );
+    let mut conn = connect(&e.topo.peer, to);
+    let (seen, got_up, got_down) =
+        testua::tcp_exchange(&mut conn, alice_ft, &up, &down, Duration::from_secs(5))
+            .expect("x-msmsgsinvite transfer bob -> alice");
+    assert_eq!(seen.ip(), ip("10.77.0.1"), "relay: the inside sees the edge's internal address");
+    assert!(got_up == up && got_down == down, "transfer corrupted");
+    assert!(
+        e.packets_at(to) > 10 && e.packets_at(seen) > 10,
+        "the transfer pinhole counters did not carry it: {} / {}",
+        e.packets_at(to),
+        e.packets_at(seen)
+    );
+    drop(conn);
     bye_from_alice(&mut alice, &mut bob, &mut call).await;
-    e.assert_empty("e. MSRP transfer then BYE");
+    e.assert_empty("e. MSRP and x-msmsgsinvite transfers then BYE");
 
     // --- f. pinhole install time: 200 OK sent by the callee -> entry in
     // the pinned PINHOLES map, polled from the test process.
