@@ -43,6 +43,9 @@ use crate::{
     testnet::{self, in_ns, sh, Topology},
 };
 
+/// One rate-search trial: (paced rate asked for, rate achieved, frames lost), rates in packets/s.
+type Trial = (f64, f64, u64);
+
 /// Frame size: Ethernet + IPv4 + UDP + RTP (12) + 160 bytes of G.711.
 pub const FRAME_LEN: usize = 214;
 /// Source port of every generated frame.
@@ -299,7 +302,7 @@ impl Gen {
     /// the first loss (or `ceiling`); rtpengine stays in its discarding
     /// state after a lossy overrun, so no trial may follow a lossy one.
     /// Resolution 1.5×. Returns (best zero-loss rate, trials).
-    fn ascend(&mut self, name: &str, ceiling: f64, iters: u32, dur: Duration, start: Instant) -> Result<(f64, Vec<(f64, f64, u64)>), BenchError> {
+    fn ascend(&mut self, name: &str, ceiling: f64, iters: u32, dur: Duration, start: Instant) -> Result<(f64, Vec<Trial>), BenchError> {
         let (mut rate, mut best, mut trials) = (5_000.0f64, 0.0f64, Vec::new());
         for _ in 0..iters {
             let (achieved, lost) = self.paced(rate, dur)?;
@@ -318,7 +321,7 @@ impl Gen {
     }
 
     /// Zero-loss search below `ceiling`: (best zero-loss rate, trials).
-    fn search(&mut self, name: &str, ceiling: f64, iters: u32, dur: Duration, start: Instant) -> Result<(f64, Vec<(f64, f64, u64)>), BenchError> {
+    fn search(&mut self, name: &str, ceiling: f64, iters: u32, dur: Duration, start: Instant) -> Result<(f64, Vec<Trial>), BenchError> {
         // Bisection between 0 and `ceiling` (a little above the unpaced
         // rate): a zero-loss trial raises the floor, a lossy one lowers the
         // ceiling; a trial the sender cannot pace up to ends the search.

@@ -177,7 +177,7 @@ impl Datapath {
             .program_mut(XDP_PROG_NAME)
             .ok_or(LoadError::MissingProgram { name: XDP_PROG_NAME })?
             .try_into()
-            .map_err(|source| LoadError::Verifier { name: XDP_PROG_NAME, source })?;
+            .map_err(|source| LoadError::Verifier { name: XDP_PROG_NAME, source: Box::new(source) })?;
         let mut link_pins = Vec::new();
         let mut adopted = Vec::new();
         for (iface, dp) in cfg.interfaces.iter().zip(&settings.ifaces) {

@@ -17,18 +17,18 @@ pub enum LoadError {
     /// The object could not be parsed or a map could not be created/opened.
     #[error("loading the XDP object failed (is bpffs mounted at /sys/fs/bpf and are you root?): {source}")]
     Object {
-        /// aya's error.
+        /// aya's error (boxed: it is large and errors travel far).
         #[source]
-        source: aya::EbpfError,
+        source: Box<aya::EbpfError>,
     },
     /// Creating or re-adopting the pinned maps failed.
     #[error("loading the XDP object with maps pinned under {dir} failed: {source}; if the pins come from an older sip-edge with another map layout, stop it and remove them (`rm -r {dir}`, or run the old agent with on_exit = \"remove\")")]
     Adopt {
         /// The pin directory.
         dir: std::path::PathBuf,
-        /// aya's error.
+        /// aya's error (boxed: it is large and errors travel far).
         #[source]
-        source: aya::EbpfError,
+        source: Box<aya::EbpfError>,
     },
     /// The program is missing from the object (build mismatch).
     #[error("program {name} not found in the embedded object; rebuild with `cargo xtask build-ebpf`")]
@@ -41,9 +41,9 @@ pub enum LoadError {
     Verifier {
         /// Program name.
         name: &'static str,
-        /// aya's error (carries the verifier log).
+        /// aya's error (carries the verifier log; boxed: it is large).
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
 }
 
@@ -79,15 +79,15 @@ pub fn load(sizes: MapSizes, pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> 
     let mut ebpf = loader.load(EBPF_OBJECT).map_err(|source| match pin_dir {
         // Re-adopting pins made by a build whose map layout differs fails
         // here; say how to get out of it rather than only what failed.
-        Some(dir) => LoadError::Adopt { dir: dir.to_owned(), source },
-        None => LoadError::Object { source },
+        Some(dir) => LoadError::Adopt { dir: dir.to_owned(), source: Box::new(source) },
+        None => LoadError::Object { source: Box::new(source) },
     })?;
     let prog: &mut Xdp = ebpf
         .program_mut(XDP_PROG_NAME)
         .ok_or(LoadError::MissingProgram { name: XDP_PROG_NAME })?
         .try_into()
-        .map_err(|source| LoadError::Verifier { name: XDP_PROG_NAME, source })?;
-    prog.load().map_err(|source| LoadError::Verifier { name: XDP_PROG_NAME, source })?;
+        .map_err(|source| LoadError::Verifier { name: XDP_PROG_NAME, source: Box::new(source) })?;
+    prog.load().map_err(|source| LoadError::Verifier { name: XDP_PROG_NAME, source: Box::new(source) })?;
     Ok(ebpf)
 }
 
@@ -95,5 +95,5 @@ pub fn load(sizes: MapSizes, pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> 
 /// any program: for callers that load a program other than the datapath's
 /// (the pass-through program of the test topology).
 pub fn load_object() -> Result<Ebpf, LoadError> {
-    EbpfLoader::new().load(EBPF_OBJECT).map_err(|source| LoadError::Object { source })
+    EbpfLoader::new().load(EBPF_OBJECT).map_err(|source| LoadError::Object { source: Box::new(source) })
 }

@@ -1102,16 +1102,19 @@ impl Proxy {
             "ACK" | "PRACK" => Some(SdpRole::Answer),
             "MESSAGE" | "INFO" => {
                 // Windows Messenger file transfer invitations ride in
-                // MESSAGE: INVITE command = offer, ACCEPT = answer.
+                // MESSAGE: INVITE command = offer, ACCEPT = answer; any
+                // other command (CANCEL, ...) still goes to the media layer
+                // (it tears the transfer down), never around it. Header
+                // names are case-insensitive like SIP's.
                 let body = String::from_utf8_lossy(msg.body());
-                let cmd = body
-                    .lines()
-                    .find_map(|l| l.strip_prefix("Invitation-Command:"))
-                    .map(str::trim);
+                let cmd = body.lines().find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.trim().eq_ignore_ascii_case("Invitation-Command").then(|| value.trim())
+                });
                 match cmd {
                     Some(c) if c.eq_ignore_ascii_case("ACCEPT") => Some(SdpRole::Answer),
-                    Some(c) if c.eq_ignore_ascii_case("INVITE") => Some(SdpRole::Offer),
-                    _ => None,
+                    Some(_) => Some(SdpRole::Offer),
+                    None => None,
                 }
             }
             _ => {

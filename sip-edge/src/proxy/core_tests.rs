@@ -836,3 +836,32 @@ fn udp_datagrams_follow_rfc3261_18_3() {
     assert_eq!(fwd.body(), b"hello");
     assert_eq!(fwd.header("Content-Length"), Some("5"));
 }
+
+#[test]
+fn every_msmsgs_command_goes_to_the_media_layer() {
+    // An in-dialog MESSAGE from the callee carrying a Messenger CANCEL (any
+    // header case) must reach the media layer, which tears the transfer
+    // down; before, only INVITE/ACCEPT did and the body was stripped.
+    let (mut p, rec) = setup();
+    let now = Instant::now();
+    let inv = invite(&mut p, now);
+    let rr = inv.name_addrs("Record-Route").unwrap();
+    let ok = answer(&inv, 200, "314159", "Contact: <sips:bob@198.51.100.2:5061>\r\n", SDP_B);
+    p.on_message(CALLEE, &ok, now);
+    let ruri = inv.name_addrs("Contact").unwrap()[0].uri.clone();
+    let body = "MIME-Version: 1.0\r\ninvitation-command: CANCEL\r\nInvitation-Cookie: 7\r\nCancel-Code: TIMEOUT\r\n";
+    let msg = format!(
+        "MESSAGE {ruri} SIP/2.0\r\nVia: SIP/2.0/TLS client.biloxi.example.com:5061;branch=z9hG4bKmsg1\r\nMax-Forwards: 70\r\nRoute: <{}>,<{}>\r\nFrom: Bob <sips:bob@biloxi.example.com>;tag=314159\r\nTo: Alice <sips:alice@atlanta.example.com>;tag=9fxced76sl\r\nCall-ID: 3848276298220188511@atlanta.example.com\r\nCSeq: 2 MESSAGE\r\nContent-Type: text/x-msmsgsinvite; charset=UTF-8\r\nContent-Length: {}\r\n\r\n{body}",
+        rr[0].uri,
+        rr[1].uri,
+        body.len()
+    );
+    let before = rec.lock().unwrap().calls.len();
+    let out = p.on_message(CALLEE, msg.as_bytes(), now);
+    let fwd = to_conn(&out, CALLER);
+    assert_eq!(fwd.len(), 1, "MESSAGE forwarded to the caller: {out:?}");
+    assert!(fwd[0].body().ends_with(b"a=x-rewritten\r\n"), "body went through the media layer");
+    let calls = rec.lock().unwrap().calls.clone();
+    assert_eq!(calls.len(), before + 1);
+    assert!(matches!(calls[before], Call::Sdp { role: SdpRole::Offer, side: Side::External, .. }), "{calls:?}");
+}

@@ -149,7 +149,7 @@ pub(super) async fn serve(socket: UdpSocket, shared: Shared) {
             peers.retain(|_, tx| !tx.is_closed());
         }
         if peers.len() >= max_peers {
-            if refused % 1000 == 0 {
+            if refused.is_multiple_of(1000) {
                 warn!(%peer, limit = max_peers, refused, "UDP datagram dropped: pseudo-connection limit (max_connections) reached");
             }
             refused += 1;
