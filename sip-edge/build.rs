@@ -12,7 +12,11 @@ fn main() -> anyhow::Result<()> {
         .ok_or_else(|| anyhow!("sip-edge has no parent directory"))?
         .join("sip-edge-ebpf");
     let root = root.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?;
-    if std::process::Command::new("bpf-linker").arg("--version").output().is_err() {
+    if std::process::Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
         println!(
             "cargo:warning=bpf-linker not found on PATH: run `cargo xtask setup` first (it installs bpf-linker, rust-src and LLVM 22)"
         );

@@ -55,8 +55,16 @@ pub mod map_names {
 
     /// Every map name, for pinning and cleanup loops.
     pub const ALL: [&str; 10] = [
-        PINHOLES, PH_STATE, REASONS, IFACES, PORT_POLICY, EDGE_ADDRS, SETTINGS, TX_PORTS,
-        NEIGH_MISS, IFACES_HI,
+        PINHOLES,
+        PH_STATE,
+        REASONS,
+        IFACES,
+        PORT_POLICY,
+        EDGE_ADDRS,
+        SETTINGS,
+        TX_PORTS,
+        NEIGH_MISS,
+        IFACES_HI,
     ];
 }
 

@@ -6,8 +6,8 @@ extern crate std;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::{
-    Addr, EdgeAddrKey, IfaceConfig, NeighMiss, NeighMissKey, PinholeKey, PinholeRule,
-    PinholeState, PortPolicy, Settings, FAMILY_V4, FAMILY_V6,
+    Addr, EdgeAddrKey, IfaceConfig, NeighMiss, NeighMissKey, PinholeKey, PinholeRule, PinholeState,
+    PortPolicy, Settings, FAMILY_V4, FAMILY_V6,
 };
 
 // SAFETY: every type is #[repr(C)], Copy, has explicit padding fields and no
@@ -38,7 +38,9 @@ pub fn addr_from_ip(ip: IpAddr) -> (u8, Addr) {
 /// Decode (family, bytes) back to an address; `None` for an unknown family.
 pub fn ip_from_addr(family: u8, addr: &Addr) -> Option<IpAddr> {
     match family {
-        FAMILY_V4 => Some(IpAddr::V4(Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]))),
+        FAMILY_V4 => Some(IpAddr::V4(Ipv4Addr::new(
+            addr[0], addr[1], addr[2], addr[3],
+        ))),
         FAMILY_V6 => Some(IpAddr::V6(Ipv6Addr::from(*addr))),
         _ => None,
     }

@@ -32,15 +32,25 @@ const W_DPORT: usize = 18;
 /// per-CPU sequence number.
 #[xdp]
 pub fn sip_edge_gen(ctx: XdpContext) -> u32 {
-    let Some(cfg) = BENCH_CFG.get_ptr(&0) else { return XDP_DROP };
-    let Some(seq) = BENCH_CNT.get_ptr_mut(&BENCH_CNT_GEN) else { return XDP_DROP };
-    let Ok(hdr) = ptr_at::<[u16; HDR_WORDS]>(&ctx, 0) else { return XDP_DROP };
+    let Some(cfg) = BENCH_CFG.get_ptr(&0) else {
+        return XDP_DROP;
+    };
+    let Some(seq) = BENCH_CNT.get_ptr_mut(&BENCH_CNT_GEN) else {
+        return XDP_DROP;
+    };
+    let Ok(hdr) = ptr_at::<[u16; HDR_WORDS]>(&ctx, 0) else {
+        return XDP_DROP;
+    };
     // SAFETY: a per-CPU slot and a live array value; `hdr` is bounds-checked.
     unsafe {
         let n = *seq as u32;
         *seq += 1;
         let flows = if (*cfg).flows == 0 { 1 } else { (*cfg).flows };
-        let per = if (*cfg).per_addr == 0 { flows } else { (*cfg).per_addr };
+        let per = if (*cfg).per_addr == 0 {
+            flows
+        } else {
+            (*cfg).per_addr
+        };
         let flow = n % flows;
         let (addr_off, port_off) = (flow / per, flow % per);
         let w = hdr.cast::<u16>();
@@ -59,7 +69,8 @@ pub fn sip_edge_gen(ctx: XdpContext) -> u32 {
         s = (s & 0xffff) + (s >> 16);
         s = (s & 0xffff) + (s >> 16);
         w.add(W_IP_CHECK).write_volatile(!(s as u16));
-        w.add(W_DPORT).write_volatile(((*cfg).port_base.wrapping_add(port_off as u16)).to_be());
+        w.add(W_DPORT)
+            .write_volatile(((*cfg).port_base.wrapping_add(port_off as u16)).to_be());
     }
     XDP_TX
 }
@@ -68,7 +79,9 @@ pub fn sip_edge_gen(ctx: XdpContext) -> u32 {
 /// untouched. The ceiling a forwarding XDP program can reach here.
 #[xdp]
 pub fn sip_edge_redirect(_ctx: XdpContext) -> u32 {
-    let Some(cfg) = BENCH_CFG.get_ptr(&0) else { return XDP_DROP };
+    let Some(cfg) = BENCH_CFG.get_ptr(&0) else {
+        return XDP_DROP;
+    };
     // SAFETY: a live array value.
     let ifindex = unsafe { (*cfg).redirect_ifindex };
     // SAFETY: plain helper call.
@@ -79,8 +92,12 @@ pub fn sip_edge_redirect(_ctx: XdpContext) -> u32 {
 /// everything else (ARP, ND, TCP) goes to the kernel.
 #[xdp]
 pub fn sip_edge_sink(ctx: XdpContext) -> u32 {
-    let Ok(eth) = ptr_at::<EthHdr>(&ctx, 0) else { return XDP_PASS };
-    let Ok(ip) = ptr_at::<Ipv4Hdr>(&ctx, core::mem::size_of::<EthHdr>()) else { return XDP_PASS };
+    let Ok(eth) = ptr_at::<EthHdr>(&ctx, 0) else {
+        return XDP_PASS;
+    };
+    let Ok(ip) = ptr_at::<Ipv4Hdr>(&ctx, core::mem::size_of::<EthHdr>()) else {
+        return XDP_PASS;
+    };
     // SAFETY: bounds-checked above.
     let (et, proto) = unsafe { ((*eth).ethertype, (*ip).proto) };
     if et != 0x0800_u16.to_be() || proto != PROTO_UDP {

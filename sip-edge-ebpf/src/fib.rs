@@ -31,7 +31,9 @@ use aya_ebpf::{
     programs::XdpContext,
     EbpfContext as _,
 };
-use sip_edge_common::{NeighMiss, NeighMissKey, PinholeState, Reason, FAMILY_V4, FAMILY_V6, FIB_WRITING};
+use sip_edge_common::{
+    NeighMiss, NeighMissKey, PinholeState, Reason, FAMILY_V4, FAMILY_V6, FIB_WRITING,
+};
 
 use crate::{
     maps::{NEIGH_MISS, TX_PORTS},
@@ -120,8 +122,14 @@ pub fn forward(
     {
         let eth: *mut EthHdr = ptr_at(ctx, 0)?;
         let egress = unsafe {
-            mac_copy((&raw mut (*eth).dst).cast(), (&raw const (*state).fib_dmac).cast());
-            mac_copy((&raw mut (*eth).src).cast(), (&raw const (*state).fib_smac).cast());
+            mac_copy(
+                (&raw mut (*eth).dst).cast(),
+                (&raw const (*state).fib_dmac).cast(),
+            );
+            mac_copy(
+                (&raw mut (*eth).src).cast(),
+                (&raw const (*state).fib_smac).cast(),
+            );
             (*state).fib_ifindex
         };
         // Seqlock-style re-check: a writer sets FIB_WRITING before and the
@@ -129,7 +137,9 @@ pub fn forward(
         // fields read above belong together. Otherwise do the lookup (it
         // rewrites the MACs).
         if unsafe { at_p.read_volatile() } == at {
-            return TX_PORTS.redirect(egress, XDP_DROP as u64).map_err(|_| Reason::DropNoTxPort);
+            return TX_PORTS
+                .redirect(egress, XDP_DROP as u64)
+                .map_err(|_| Reason::DropNoTxPort);
         }
     }
     lookup(ctx, pkt, t, ifindex, len, state, at, now)
@@ -148,13 +158,26 @@ fn dst_eq(a: *const [u8; 16], b: &[u16; 8]) -> bool {
 /// moves the stamp from the value it read to `FIB_WRITING` writes, so two
 /// fillers never interleave; a loser just forwards with its own result.
 #[inline(always)]
-fn fill(state: *mut PinholeState, seen: u64, p: &FibParams, dst: &[u16; 8], ifindex: u32, len: u16, now: u64) {
+fn fill(
+    state: *mut PinholeState,
+    seen: u64,
+    p: &FibParams,
+    dst: &[u16; 8],
+    ifindex: u32,
+    len: u16,
+    now: u64,
+) {
     if seen == FIB_WRITING {
         return;
     }
     let at_p = unsafe { &raw mut (*state).fib_at_ns };
-    let (_, won) =
-        unsafe { atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(at_p, seen, FIB_WRITING) };
+    let (_, won) = unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+            at_p,
+            seen,
+            FIB_WRITING,
+        )
+    };
     if !won {
         return;
     }
@@ -165,11 +188,21 @@ fn fill(state: *mut PinholeState, seen: u64, p: &FibParams, dst: &[u16; 8], ifin
         w.add(1).write_volatile(d[1]);
         (&raw mut (*state).fib_ifindex).write_volatile(p.ifindex);
         (&raw mut (*state).fib_in_ifindex).write_volatile(ifindex);
-        mac_copy((&raw mut (*state).fib_dmac).cast(), (&raw const p.dmac).cast());
-        mac_copy((&raw mut (*state).fib_smac).cast(), (&raw const p.smac).cast());
+        mac_copy(
+            (&raw mut (*state).fib_dmac).cast(),
+            (&raw const p.dmac).cast(),
+        );
+        mac_copy(
+            (&raw mut (*state).fib_smac).cast(),
+            (&raw const p.smac).cast(),
+        );
         (&raw mut (*state).fib_len).write_volatile(len);
         // A coarse clock read right at boot could be <= FIB_WRITING.
-        at_p.write_volatile(if now > FIB_WRITING { now } else { FIB_WRITING + 1 });
+        at_p.write_volatile(if now > FIB_WRITING {
+            now
+        } else {
+            FIB_WRITING + 1
+        });
     }
 }
 
@@ -177,7 +210,10 @@ fn fill(state: *mut PinholeState, seen: u64, p: &FibParams, dst: &[u16; 8], ifin
 /// redirect, returning `XDP_REDIRECT`. The ingress ifindex scopes the lookup
 /// (its VRF/table), as for a packet the kernel would forward. `seen` is the
 /// cache stamp read before.
-#[expect(clippy::too_many_arguments, reason = "inlined hot path; a struct would only add copies")]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "inlined hot path; a struct would only add copies"
+)]
 #[inline(always)]
 fn lookup(
     ctx: &XdpContext,
@@ -224,15 +260,21 @@ fn lookup(
             // nibble is masked off (htonl(0x0fffffff) in memory order).
             p.__bindgen_anon_2.flowinfo = be32(&(*ip).vtc_flow) & 0xffff_ff0f;
         }
-        p.__bindgen_anon_3.ipv6_src =
-            [be32(&t.src[0..2]), be32(&t.src[2..4]), be32(&t.src[4..6]), be32(&t.src[6..8])];
-        p.__bindgen_anon_4.ipv6_dst =
-            [be32(&t.dst[0..2]), be32(&t.dst[2..4]), be32(&t.dst[4..6]), be32(&t.dst[6..8])];
+        p.__bindgen_anon_3.ipv6_src = [
+            be32(&t.src[0..2]),
+            be32(&t.src[2..4]),
+            be32(&t.src[4..6]),
+            be32(&t.src[6..8]),
+        ];
+        p.__bindgen_anon_4.ipv6_dst = [
+            be32(&t.dst[0..2]),
+            be32(&t.dst[2..4]),
+            be32(&t.dst[4..6]),
+            be32(&t.dst[6..8]),
+        ];
     }
     // SAFETY: `p` is fully initialised and sized as the helper expects.
-    let rc = unsafe {
-        bpf_fib_lookup(ctx.as_ptr(), &raw mut *p, size_of::<FibParams>() as i32, 0)
-    };
+    let rc = unsafe { bpf_fib_lookup(ctx.as_ptr(), &raw mut *p, size_of::<FibParams>() as i32, 0) };
     if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
         let eth: *mut EthHdr = ptr_at(ctx, 0)?;
         // smac/dmac sit at even offsets (52/58) of the params: copy them
@@ -243,7 +285,9 @@ fn lookup(
         }
         fill(state, seen, p, &t.dst, ifindex, len, now);
         // A miss returns the low bits of the flags: XDP_DROP.
-        TX_PORTS.redirect(p.ifindex, XDP_DROP as u64).map_err(|_| Reason::DropNoTxPort)
+        TX_PORTS
+            .redirect(p.ifindex, XDP_DROP as u64)
+            .map_err(|_| Reason::DropNoTxPort)
     } else if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
         neigh_miss(p, pkt.family);
         Err(Reason::DropNoNeigh)
@@ -282,7 +326,14 @@ fn neigh_miss(p: &FibParams, family: u8) {
         },
         None => {
             // Two CPUs may both insert the first miss; either count is fine.
-            let _ = NEIGH_MISS.insert(key, &NeighMiss { packets: 1, last_ns: now }, 0);
+            let _ = NEIGH_MISS.insert(
+                key,
+                &NeighMiss {
+                    packets: 1,
+                    last_ns: now,
+                },
+                0,
+            );
         }
     }
 }

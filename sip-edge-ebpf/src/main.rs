@@ -77,7 +77,11 @@ pub fn sip_edge_xdp(ctx: XdpContext) -> u32 {
         }
         Err(reason) => {
             count(reason);
-            if (PASS_MASK >> (reason as u32)) & 1 != 0 { XDP_PASS } else { XDP_DROP }
+            if (PASS_MASK >> (reason as u32)) & 1 != 0 {
+                XDP_PASS
+            } else {
+                XDP_DROP
+            }
         }
     }
 }
@@ -117,14 +121,23 @@ fn try_sip_edge_xdp(ctx: &XdpContext) -> Result<u32, Reason> {
 /// Role of the ingress interface; 0 when it is not configured.
 #[inline(always)]
 fn iface_role(ifindex: u32) -> u8 {
-    let cfg = if ifindex < IFACE_SLOTS { IFACES.get_ptr(&ifindex) } else { IFACES_HI.get_ptr(&ifindex) };
+    let cfg = if ifindex < IFACE_SLOTS {
+        IFACES.get_ptr(&ifindex)
+    } else {
+        IFACES_HI.get_ptr(&ifindex)
+    };
     // SAFETY: IFACES values are plain data written whole by the agent.
     cfg.map_or(0, |c| unsafe { (*c).role })
 }
 
 /// Verdict steps 2-5 for a pinhole hit.
 #[inline(always)]
-fn forward(ctx: &XdpContext, pkt: &Packet, hit: &pinhole::Hit, ifindex: u32) -> Result<u32, Reason> {
+fn forward(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    hit: &pinhole::Hit,
+    ifindex: u32,
+) -> Result<u32, Reason> {
     pinhole::check_remote(pkt, hit)?;
     if pkt.ttl <= 1 {
         return Err(Reason::DropTtlExceeded);

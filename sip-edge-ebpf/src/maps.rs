@@ -19,8 +19,8 @@ use aya_ebpf::{
     helpers::{bpf_map_lookup_elem, bpf_map_update_elem, bpf_redirect_map},
 };
 use sip_edge_common::{
-    EdgeAddrKey, IfaceConfig, NeighMiss, NeighMissKey, PinholeKey, PinholeRule, PinholeState,
-    PortPolicy, Settings, BenchCfg, BENCH_CNT_LEN, IFACE_SLOTS, REASON_COUNT,
+    BenchCfg, EdgeAddrKey, IfaceConfig, NeighMiss, NeighMissKey, PinholeKey, PinholeRule,
+    PinholeState, PortPolicy, Settings, BENCH_CNT_LEN, IFACE_SLOTS, REASON_COUNT,
 };
 
 /// Default number of pinholes (and of `PH_STATE` slots); the agent's loader
@@ -88,7 +88,11 @@ impl<const TYPE: usize, K, V, const MAX: usize> MapDef<TYPE, K, V, MAX> {
                 flags,
             )
         };
-        if rc == 0 { Ok(()) } else { Err(rc) }
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(rc)
+        }
     }
 
     /// `bpf_redirect_map` (devmaps only): `Ok(XDP_REDIRECT)`, or on a miss
@@ -97,7 +101,11 @@ impl<const TYPE: usize, K, V, const MAX: usize> MapDef<TYPE, K, V, MAX> {
     pub fn redirect(&self, key: u32, flags: u64) -> Result<u32, u32> {
         // SAFETY: plain helper call on this map.
         let rc = unsafe { bpf_redirect_map(self.as_ptr(), key as u64, flags) };
-        if rc == XDP_REDIRECT as i64 { Ok(XDP_REDIRECT) } else { Err(rc as u32) }
+        if rc == XDP_REDIRECT as i64 {
+            Ok(XDP_REDIRECT)
+        } else {
+            Err(rc as u32)
+        }
     }
 }
 

@@ -290,8 +290,15 @@ fn ipv4(ctx: &XdpContext, l3: usize) -> Result<Packet, Reason> {
 #[inline(always)]
 fn ipv6(ctx: &XdpContext, l3: usize) -> Result<Packet, Reason> {
     let ip: *const Ipv6Hdr = ptr_at(ctx, l3)?;
-    let (first, mut nh, ttl, src, dst) =
-        unsafe { ((*ip).vtc_flow[0], (*ip).next_hdr, (*ip).hop_limit, (*ip).src, (*ip).dst) };
+    let (first, mut nh, ttl, src, dst) = unsafe {
+        (
+            (*ip).vtc_flow[0],
+            (*ip).next_hdr,
+            (*ip).hop_limit,
+            (*ip).src,
+            (*ip).dst,
+        )
+    };
     // vtc_flow[0] holds the first two bytes; the version is the high nibble
     // of the first byte, i.e. bits 4..8 of the little-endian load.
     if (first & 0x00f0) != 0x0060 {

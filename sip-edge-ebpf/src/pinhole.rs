@@ -15,8 +15,8 @@ use core::intrinsics::{atomic_cxchg, atomic_xadd, AtomicOrdering};
 
 use sip_edge_common::{
     PinholeKey, PinholeRule, PinholeState, Reason, LATCH_CLAIMING, LATCH_DONE, LATCH_NONE,
-    MATCH_DST, MATCH_SRC, RULE_ANY_REMOTE_PORT, RULE_DST_FOLLOWS_PAIR, RULE_LATCH, RULE_LATCH_PORT,
-    RULE_REWRITE_DST, RULE_REWRITE_SRC, ROLE_INTERNAL,
+    MATCH_DST, MATCH_SRC, ROLE_INTERNAL, RULE_ANY_REMOTE_PORT, RULE_DST_FOLLOWS_PAIR, RULE_LATCH,
+    RULE_LATCH_PORT, RULE_REWRITE_DST, RULE_REWRITE_SRC,
 };
 
 use crate::{
@@ -74,7 +74,11 @@ pub fn lookup(pkt: &Packet, role: u8) -> Result<Option<Hit>, Reason> {
     };
     let slot = unsafe { (*rule).slot };
     let state = PH_STATE.get_ptr_mut(&slot).ok_or(Reason::DropBadRule)?;
-    Ok(Some(Hit { rule, state, match_src }))
+    Ok(Some(Hit {
+        rule,
+        state,
+        match_src,
+    }))
 }
 
 /// Two network-order addresses, compared as two 64-bit words.
@@ -92,14 +96,22 @@ fn addr_eq(a: *const [u8; 16], b: &[u16; 8]) -> bool {
 /// `RULE_LATCH` the latched one; an unlatched slot latches this packet's.
 #[inline(always)]
 pub fn check_remote(pkt: &Packet, hit: &Hit) -> Result<(), Reason> {
-    let (raddr, rport) = if hit.match_src { (&pkt.dst, pkt.dport) } else { (&pkt.src, pkt.sport) };
+    let (raddr, rport) = if hit.match_src {
+        (&pkt.dst, pkt.dport)
+    } else {
+        (&pkt.src, pkt.sport)
+    };
     let rule = hit.rule;
     let flags = unsafe { (*rule).flags };
     let any_port = flags & RULE_ANY_REMOTE_PORT != 0;
     if flags & (RULE_LATCH | RULE_LATCH_PORT) == 0 {
         let ok = addr_eq(unsafe { &raw const (*rule).remote_addr }, raddr)
             && (any_port || unsafe { (*rule).remote_port } == rport);
-        return if ok { Ok(()) } else { Err(Reason::DropRemoteMismatch) };
+        return if ok {
+            Ok(())
+        } else {
+            Err(Reason::DropRemoteMismatch)
+        };
     }
     // Port-only latch: the address stays strict; only the port is learned.
     if flags & RULE_LATCH == 0 && !addr_eq(unsafe { &raw const (*rule).remote_addr }, raddr) {
@@ -114,7 +126,12 @@ pub fn check_remote(pkt: &Packet, hit: &Hit) -> Result<(), Reason> {
 /// DONE also sees the address). Afterwards only that remote is accepted; the
 /// latch never moves. A packet racing a claim in progress is dropped.
 #[inline(always)]
-fn latch(state: *mut PinholeState, raddr: &[u16; 8], rport: u16, any_port: bool) -> Result<(), Reason> {
+fn latch(
+    state: *mut PinholeState,
+    raddr: &[u16; 8],
+    rport: u16,
+    any_port: bool,
+) -> Result<(), Reason> {
     // SAFETY: `state` is a live PH_STATE element; the word is 8-byte aligned
     // (asserted above) and lies inside the value.
     let word = unsafe { (state as *mut u8).add(LATCH_WORD_OFF) as *mut u64 };
@@ -124,7 +141,9 @@ fn latch(state: *mut PinholeState, raddr: &[u16; 8], rport: u16, any_port: bool)
     if cur as u32 == LATCH_NONE {
         let claim = (cur & !0xffff_ffff) | LATCH_CLAIMING as u64;
         let (seen, won) = unsafe {
-            atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(word, cur, claim)
+            atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+                word, cur, claim,
+            )
         };
         if won {
             unsafe {
@@ -133,7 +152,9 @@ fn latch(state: *mut PinholeState, raddr: &[u16; 8], rport: u16, any_port: bool)
             // The port goes in with DONE: bits 32..48 of the same word.
             let done = (cur & 0xffff_0000_0000_0000) | ((rport as u64) << 32) | LATCH_DONE as u64;
             unsafe {
-                atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(word, claim, done);
+                atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+                    word, claim, done,
+                );
             }
             count(Reason::Latched);
             return Ok(());
@@ -171,7 +192,12 @@ pub struct Target {
 pub fn target(pkt: &Packet, hit: &Hit) -> Result<Target, Reason> {
     let rule = hit.rule;
     let flags = unsafe { (*rule).flags };
-    let mut t = Target { src: pkt.src, dst: pkt.dst, sport: pkt.sport, dport: pkt.dport };
+    let mut t = Target {
+        src: pkt.src,
+        dst: pkt.dst,
+        sport: pkt.sport,
+        dport: pkt.dport,
+    };
     if flags & RULE_REWRITE_SRC != 0 {
         t.src = unsafe { *(&raw const (*rule).new_src as *const [u16; 8]) };
         let p = unsafe { (*rule).new_src_port };
@@ -189,7 +215,8 @@ pub fn target(pkt: &Packet, hit: &Hit) -> Result<Target, Reason> {
     if flags & RULE_DST_FOLLOWS_PAIR != 0 {
         let pair = unsafe { (*rule).pair_slot };
         if let Some(ps) = PH_STATE.get_ptr(&pair) {
-            let w = unsafe { ((ps as *const u8).add(LATCH_WORD_OFF) as *const u64).read_volatile() };
+            let w =
+                unsafe { ((ps as *const u8).add(LATCH_WORD_OFF) as *const u64).read_volatile() };
             if w as u32 == LATCH_DONE {
                 t.dst = unsafe { *(&raw const (*ps).latched_addr as *const [u16; 8]) };
                 t.dport = (w >> 32) as u16;

@@ -34,8 +34,16 @@ pub fn classify(pkt: &Packet) -> PortClass {
     // (little-endian: family is the low byte), avoiding byte stores and a
     // memset call for the 3-byte padding; layout asserted below.
     let words: [u16; 10] = [
-        pkt.dst[0], pkt.dst[1], pkt.dst[2], pkt.dst[3], pkt.dst[4], pkt.dst[5], pkt.dst[6],
-        pkt.dst[7], pkt.family as u16, 0,
+        pkt.dst[0],
+        pkt.dst[1],
+        pkt.dst[2],
+        pkt.dst[3],
+        pkt.dst[4],
+        pkt.dst[5],
+        pkt.dst[6],
+        pkt.dst[7],
+        pkt.family as u16,
+        0,
     ];
     // SAFETY: same size; EdgeAddrKey has alignment 1.
     let key = unsafe { &*(&raw const words).cast::<EdgeAddrKey>() };

@@ -67,7 +67,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     // After the datapath is up (a failed attach changes nothing) and before
     // any socket of ours exists: never an ephemeral port in a media range,
     // or XDP would drop the replies to our own connections.
-    if ports::reserve(std::path::Path::new(ports::RESERVED_PORTS), &cfg.media_ranges())? {
+    if ports::reserve(
+        std::path::Path::new(ports::RESERVED_PORTS),
+        &cfg.media_ranges(),
+    )? {
         info!(ranges = ?cfg.media.port_ranges, "media ranges added to net.ipv4.ip_local_reserved_ports");
     }
     info!(pin_dir = %cfg.pin_dir.display(), adopted = ?dp.adopted, "datapath up");

@@ -154,7 +154,14 @@ impl FlowArgs {
                 &e.opts,
             ),
             FlowArgs::Nat { ends: e } => (
-                Flow::Nat { proto: e.proto, client: e.client, public: e.public, peer: e.peer, latch_peer: e.latch, learn_port: e.learn_port },
+                Flow::Nat {
+                    proto: e.proto,
+                    client: e.client,
+                    public: e.public,
+                    peer: e.peer,
+                    latch_peer: e.latch,
+                    learn_port: e.learn_port,
+                },
                 &e.opts,
             ),
         }
@@ -175,7 +182,10 @@ pub fn pinhole(action: &PinholeAction) -> Result<String, MapsError> {
             let mut maps = DatapathMaps::from_pins(&opts.pin_dir)?;
             let (inbound_slot, outbound_slot) = maps.add_flow(&flow)?;
             Ok(if opts.json {
-                json(&Added { inbound_slot, outbound_slot })
+                json(&Added {
+                    inbound_slot,
+                    outbound_slot,
+                })
             } else {
                 format!("added: inbound slot {inbound_slot}, outbound slot {outbound_slot}\n")
             })
@@ -183,7 +193,11 @@ pub fn pinhole(action: &PinholeAction) -> Result<String, MapsError> {
         PinholeAction::Del { slot, single, opts } => {
             let mut maps = DatapathMaps::from_pins(&opts.pin_dir)?;
             let removed = maps.delete_slot(*slot, !single)?;
-            Ok(if opts.json { json(&removed) } else { format!("deleted slots {removed:?}\n") })
+            Ok(if opts.json {
+                json(&removed)
+            } else {
+                format!("deleted slots {removed:?}\n")
+            })
         }
         PinholeAction::List(opts) => {
             let maps = DatapathMaps::from_pins(&opts.pin_dir)?;
@@ -205,7 +219,11 @@ pub fn stats(opts: &PinOpts) -> Result<String, MapsError> {
         reasons: &'a [ReasonCount],
     }
     Ok(if opts.json {
-        json(&Stats { pinholes, capacity: maps.capacity(), reasons: &reasons })
+        json(&Stats {
+            pinholes,
+            capacity: maps.capacity(),
+            reasons: &reasons,
+        })
     } else {
         let mut s = format!("pinholes: {pinholes}/{}\n", maps.capacity());
         for r in &reasons {
@@ -217,7 +235,8 @@ pub fn stats(opts: &PinOpts) -> Result<String, MapsError> {
 
 fn json<T: Serialize + ?Sized>(v: &T) -> String {
     // Serialising our own plain structs cannot fail; fall back to an error object anyway.
-    let mut s = serde_json::to_string_pretty(v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
+    let mut s =
+        serde_json::to_string_pretty(v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
     s.push('\n');
     s
 }
@@ -225,7 +244,17 @@ fn json<T: Serialize + ?Sized>(v: &T) -> String {
 fn table(list: &[PinholeEntry]) -> String {
     let mut s = format!(
         "{:>5} {:>5} {:<4} {:<8} {:<3} {:<28} {:<28} {:<28} {:<28} {:>10} {:>12}\n",
-        "slot", "pair", "prot", "arrives", "on", "local", "remote", "new src", "new dst", "packets", "bytes"
+        "slot",
+        "pair",
+        "prot",
+        "arrives",
+        "on",
+        "local",
+        "remote",
+        "new src",
+        "new dst",
+        "packets",
+        "bytes"
     );
     for e in list {
         let remote = match &e.latched {

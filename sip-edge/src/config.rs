@@ -45,7 +45,10 @@ pub enum ConfigError {
 }
 
 fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { field: field.into(), reason: reason.into() }
+    ConfigError::Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
 }
 
 /// How the XDP program is attached.
@@ -235,7 +238,9 @@ impl Cidr {
                 u32::from(n) & mask == u32::from(a) & mask
             }
             (IpAddr::V6(n), IpAddr::V6(a)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.len)).unwrap_or(0);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.len))
+                    .unwrap_or(0);
                 u128::from(n) & mask == u128::from(a) & mask
             }
             _ => false,
@@ -245,22 +250,38 @@ impl Cidr {
 
 /// Parse `"10.77.0.0/24"` (a bare address means a single host).
 pub fn parse_cidr(s: &str) -> Result<Cidr, String> {
-    let (a, l) = s.split_once('/').map_or((s.trim(), None), |(a, l)| (a.trim(), Some(l.trim())));
-    let addr: IpAddr = a.parse().map_err(|_| format!("{a:?} is not an IP address"))?;
+    let (a, l) = s
+        .split_once('/')
+        .map_or((s.trim(), None), |(a, l)| (a.trim(), Some(l.trim())));
+    let addr: IpAddr = a
+        .parse()
+        .map_err(|_| format!("{a:?} is not an IP address"))?;
     let max = if addr.is_ipv4() { 32 } else { 128 };
     let len = match l {
         None => max,
-        Some(l) => l.parse::<u8>().ok().filter(|n| *n <= max).ok_or_else(|| format!("{l:?} is not a prefix length (0-{max})"))?,
+        Some(l) => l
+            .parse::<u8>()
+            .ok()
+            .filter(|n| *n <= max)
+            .ok_or_else(|| format!("{l:?} is not a prefix length (0-{max})"))?,
     };
     let net_only = match addr {
-        IpAddr::V4(v) => u32::from(v) & !u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0) == 0,
-        IpAddr::V6(v) => u128::from(v) & !u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0) == 0,
+        IpAddr::V4(v) => {
+            u32::from(v) & !u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0) == 0
+        }
+        IpAddr::V6(v) => {
+            u128::from(v) & !u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0) == 0
+        }
     };
     if !net_only {
-        return Err(format!("{s:?} has host bits set; write the network address"));
+        return Err(format!(
+            "{s:?} has host bits set; write the network address"
+        ));
     }
     if len == 0 {
-        return Err(format!("{s:?} allows every address; list the internal subnets instead"));
+        return Err(format!(
+            "{s:?} allows every address; list the internal subnets instead"
+        ));
     }
     Ok(Cidr { addr, len })
 }
@@ -269,27 +290,42 @@ impl Media {
     /// The validated internal subnets.
     pub fn allowed_subnets(&self) -> Vec<Cidr> {
         // validate() has checked every entry parses.
-        self.allowed_internal_subnets.iter().filter_map(|s| parse_cidr(s).ok()).collect()
+        self.allowed_internal_subnets
+            .iter()
+            .filter_map(|s| parse_cidr(s).ok())
+            .collect()
     }
 
     /// Rules for the pinhole-manager keys (DESIGN.md §3).
     pub fn validate(&self) -> Result<(), ConfigError> {
         for (i, s) in self.allowed_internal_subnets.iter().enumerate() {
-            parse_cidr(s).map_err(|reason| invalid(format!("media.allowed_internal_subnets[{i}]"), reason))?;
+            parse_cidr(s).map_err(|reason| {
+                invalid(format!("media.allowed_internal_subnets[{i}]"), reason)
+            })?;
         }
         if self.max_pinholes_per_client == 0 {
-            return Err(invalid("media.max_pinholes_per_client", "must be at least 1"));
+            return Err(invalid(
+                "media.max_pinholes_per_client",
+                "must be at least 1",
+            ));
         }
         if self.max_calls == 0 {
             return Err(invalid("media.max_calls", "must be at least 1"));
         }
-        for (field, v) in [("media.idle_timeout_secs", self.idle_timeout_secs), ("media.unused_timeout_secs", self.unused_timeout_secs), ("media.max_call_secs", self.max_call_secs)] {
+        for (field, v) in [
+            ("media.idle_timeout_secs", self.idle_timeout_secs),
+            ("media.unused_timeout_secs", self.unused_timeout_secs),
+            ("media.max_call_secs", self.max_call_secs),
+        ] {
             if v == 0 || v > 7 * 24 * 3600 {
                 return Err(invalid(field, "must be between 1 and 604800 seconds"));
             }
         }
         if self.unused_timeout_secs > self.idle_timeout_secs {
-            return Err(invalid("media.unused_timeout_secs", "must not exceed media.idle_timeout_secs (never-used pinholes expire first)"));
+            return Err(invalid(
+                "media.unused_timeout_secs",
+                "must not exceed media.idle_timeout_secs (never-used pinholes expire first)",
+            ));
         }
         Ok(())
     }
@@ -300,7 +336,8 @@ mod media_tests {
     use super::*;
 
     fn media(extra: &str) -> Result<Media, String> {
-        let m: Media = toml::from_str(&format!("port_ranges = [\"40000-40999\"]\n{extra}")).map_err(|e| e.to_string())?;
+        let m: Media = toml::from_str(&format!("port_ranges = [\"40000-40999\"]\n{extra}"))
+            .map_err(|e| e.to_string())?;
         m.validate().map_err(|e| e.to_string())?;
         Ok(m)
     }
@@ -308,7 +345,16 @@ mod media_tests {
     #[test]
     fn defaults_keep_old_configs_valid() {
         let m = media("").expect("defaults");
-        assert_eq!((m.max_pinholes_per_client, m.max_calls, m.idle_timeout_secs, m.unused_timeout_secs, m.max_call_secs), (64, 10_000, 60, 20, 14_400));
+        assert_eq!(
+            (
+                m.max_pinholes_per_client,
+                m.max_calls,
+                m.idle_timeout_secs,
+                m.unused_timeout_secs,
+                m.max_call_secs
+            ),
+            (64, 10_000, 60, 20, 14_400)
+        );
         assert!(!m.latch);
         assert_eq!(m.candidates, MediaCandidates::ReplacePrivateHost);
         assert!(m.allowed_subnets().is_empty());
@@ -322,15 +368,24 @@ mod media_tests {
         assert!(!s[0].contains("10.77.1.1".parse().expect("ip")));
         assert!(s[1].contains("2001:db8:77::5".parse().expect("ip")));
         assert!(!s[1].contains("10.77.0.1".parse().expect("ip")));
-        assert!(s[2].contains("10.78.0.9".parse().expect("ip")) && !s[2].contains("10.78.0.8".parse().expect("ip")));
+        assert!(
+            s[2].contains("10.78.0.9".parse().expect("ip"))
+                && !s[2].contains("10.78.0.8".parse().expect("ip"))
+        );
     }
 
     #[test]
     fn bad_media_keys_are_rejected() {
         for (extra, want) in [
             ("allowed_internal_subnets = [\"10.77.0.1/24\"]", "host bits"),
-            ("allowed_internal_subnets = [\"10.77.0.0/33\"]", "prefix length"),
-            ("allowed_internal_subnets = [\"0.0.0.0/0\"]", "every address"),
+            (
+                "allowed_internal_subnets = [\"10.77.0.0/33\"]",
+                "prefix length",
+            ),
+            (
+                "allowed_internal_subnets = [\"0.0.0.0/0\"]",
+                "every address",
+            ),
             ("allowed_internal_subnets = [\"bogus\"]", "not an IP"),
             ("max_pinholes_per_client = 0", "max_pinholes_per_client"),
             ("max_calls = 0", "max_calls"),
@@ -373,7 +428,9 @@ fn default_max_pinholes() -> u32 {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_pinholes: default_max_pinholes() }
+        Limits {
+            max_pinholes: default_max_pinholes(),
+        }
     }
 }
 
@@ -469,7 +526,11 @@ impl Route {
     /// The route's next hop (serde's `flatten` cannot be combined with
     /// `deny_unknown_fields`, so the fields are repeated here).
     pub fn next_hop(&self) -> NextHop {
-        NextHop { host: self.host.clone(), port: self.port, tls_name: self.tls_name.clone() }
+        NextHop {
+            host: self.host.clone(),
+            port: self.port,
+            tls_name: self.tls_name.clone(),
+        }
     }
 }
 
@@ -558,7 +619,10 @@ impl ProxySection {
         }
         if let Some(tcp) = self.internal_tcp_listen {
             if tcp == self.internal_listen || tcp == self.external_listen {
-                return Err(invalid("proxy.internal_tcp_listen", format!("{tcp} is already a TLS listener")));
+                return Err(invalid(
+                    "proxy.internal_tcp_listen",
+                    format!("{tcp} is already a TLS listener"),
+                ));
             }
         }
         if let Some(udp) = self.internal_udp_listen {
@@ -577,10 +641,16 @@ impl ProxySection {
         if self.max_connections == 0 {
             return Err(invalid("proxy.max_connections", "must be at least 1"));
         }
-        for (field, adv) in [("proxy.internal_advertise", &self.internal_advertise), ("proxy.external_advertise", &self.external_advertise)] {
+        for (field, adv) in [
+            ("proxy.internal_advertise", &self.internal_advertise),
+            ("proxy.external_advertise", &self.external_advertise),
+        ] {
             if let Some(a) = adv {
                 if crate::sip::uri::Host::parse(a).is_none() {
-                    return Err(invalid(field, format!("{a:?} is not a host name or IP address")));
+                    return Err(invalid(
+                        field,
+                        format!("{a:?} is not a host name or IP address"),
+                    ));
                 }
             }
         }
@@ -589,11 +659,22 @@ impl ProxySection {
             .iter()
             .enumerate()
             .map(|(i, h)| (format!("route[{i}]"), h))
-            .chain(self.internal_next_hop.iter().map(|h| ("proxy.internal_next_hop".to_owned(), h)))
-            .chain(self.default_route.iter().map(|h| ("proxy.default_route".to_owned(), h)));
+            .chain(
+                self.internal_next_hop
+                    .iter()
+                    .map(|h| ("proxy.internal_next_hop".to_owned(), h)),
+            )
+            .chain(
+                self.default_route
+                    .iter()
+                    .map(|h| ("proxy.default_route".to_owned(), h)),
+            );
         for (field, hop) in hops {
             if crate::sip::uri::Host::parse(&hop.host).is_none() {
-                return Err(invalid(format!("{field}.host"), format!("{:?} is not a host name or IP address", hop.host)));
+                return Err(invalid(
+                    format!("{field}.host"),
+                    format!("{:?} is not a host name or IP address", hop.host),
+                ));
             }
             if hop.port == 0 {
                 return Err(invalid(format!("{field}.port"), "port 0 is not a port"));
@@ -604,10 +685,19 @@ impl ProxySection {
             let d = r.domain.to_ascii_lowercase();
             let bare = d.strip_prefix("*.").unwrap_or(&d);
             if crate::sip::uri::Host::parse(bare).is_none() {
-                return Err(invalid(format!("route[{i}].domain"), format!("{:?} is not a domain (use \"example.com\" or \"*.example.com\")", r.domain)));
+                return Err(invalid(
+                    format!("route[{i}].domain"),
+                    format!(
+                        "{:?} is not a domain (use \"example.com\" or \"*.example.com\")",
+                        r.domain
+                    ),
+                ));
             }
             if !domains.insert(d) {
-                return Err(invalid(format!("route[{i}].domain"), format!("{:?} is routed twice", r.domain)));
+                return Err(invalid(
+                    format!("route[{i}].domain"),
+                    format!("{:?} is routed twice", r.domain),
+                ));
             }
         }
         Ok(())
@@ -643,8 +733,12 @@ pub fn parse_port_range(s: &str) -> Result<PortRange, String> {
         Some((a, b)) => (a.trim(), b.trim()),
         None => (s.trim(), s.trim()),
     };
-    let start: u16 = a.parse().map_err(|_| format!("{a:?} is not a port number (1-65535)"))?;
-    let end: u16 = b.parse().map_err(|_| format!("{b:?} is not a port number (1-65535)"))?;
+    let start: u16 = a
+        .parse()
+        .map_err(|_| format!("{a:?} is not a port number (1-65535)"))?;
+    let end: u16 = b
+        .parse()
+        .map_err(|_| format!("{b:?} is not a port number (1-65535)"))?;
     if start > end {
         return Err(format!("range {s:?} is empty: {start} > {end}"));
     }
@@ -654,18 +748,25 @@ pub fn parse_port_range(s: &str) -> Result<PortRange, String> {
 impl Config {
     /// Read, parse and validate `path`.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Config::from_toml(&text).map_err(|e| match e {
-            ConfigError::Parse { source, .. } => ConfigError::Parse { path: path.to_owned(), source },
+            ConfigError::Parse { source, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                source,
+            },
             other => other,
         })
     }
 
     /// Parse and validate TOML text.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text)
-            .map_err(|source| ConfigError::Parse { path: PathBuf::from("<text>"), source })?;
+        let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: PathBuf::from("<text>"),
+            source,
+        })?;
         config.validate()?;
         Ok(config)
     }
@@ -673,29 +774,48 @@ impl Config {
     /// The validated media port ranges.
     pub fn media_ranges(&self) -> Vec<PortRange> {
         // validate() has checked every entry parses; skip none silently.
-        self.media.port_ranges.iter().filter_map(|r| parse_port_range(r).ok()).collect()
+        self.media
+            .port_ranges
+            .iter()
+            .filter_map(|r| parse_port_range(r).ok())
+            .collect()
     }
 
     /// Every rule of the file that types alone cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.interfaces.is_empty() {
-            return Err(invalid("interface", "at least one [[interface]] is required"));
+            return Err(invalid(
+                "interface",
+                "at least one [[interface]] is required",
+            ));
         }
         let mut names = HashSet::new();
         for (i, iface) in self.interfaces.iter().enumerate() {
             let field = format!("interface[{i}].name");
             if iface.name.is_empty() || iface.name.len() > 15 || iface.name.contains('/') {
-                return Err(invalid(field, format!("{:?} is not a valid interface name (1-15 bytes)", iface.name)));
+                return Err(invalid(
+                    field,
+                    format!(
+                        "{:?} is not a valid interface name (1-15 bytes)",
+                        iface.name
+                    ),
+                ));
             }
             if !names.insert(iface.name.as_str()) {
                 return Err(invalid(field, format!("{:?} is listed twice", iface.name)));
             }
         }
         if self.addresses.public.is_empty() {
-            return Err(invalid("addresses.public", "at least one public address is required"));
+            return Err(invalid(
+                "addresses.public",
+                "at least one public address is required",
+            ));
         }
         let mut seen = HashSet::new();
-        for (field, list) in [("addresses.internal", &self.addresses.internal), ("addresses.public", &self.addresses.public)] {
+        for (field, list) in [
+            ("addresses.internal", &self.addresses.internal),
+            ("addresses.public", &self.addresses.public),
+        ] {
             for ip in list {
                 if ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() {
                     return Err(invalid(field, format!("{ip} cannot be an edge address")));
@@ -707,7 +827,10 @@ impl Config {
         }
         self.media.validate()?;
         if self.media.port_ranges.is_empty() {
-            return Err(invalid("media.port_ranges", "at least one range is required, e.g. \"40000-49999\""));
+            return Err(invalid(
+                "media.port_ranges",
+                "at least one range is required, e.g. \"40000-49999\"",
+            ));
         }
         let mut ranges = Vec::new();
         for (i, r) in self.media.port_ranges.iter().enumerate() {
@@ -719,12 +842,18 @@ impl Config {
             for other in &ranges {
                 let o: &PortRange = other;
                 if range.start <= o.end && o.start <= range.end {
-                    return Err(invalid(field, format!("{r:?} overlaps {}-{}", o.start, o.end)));
+                    return Err(invalid(
+                        field,
+                        format!("{r:?} overlaps {}-{}", o.start, o.end),
+                    ));
                 }
             }
             ranges.push(range);
         }
-        for (field, ports) in [("signalling.ports", &self.signalling.ports), ("signalling.admin_ports", &self.signalling.admin_ports)] {
+        for (field, ports) in [
+            ("signalling.ports", &self.signalling.ports),
+            ("signalling.admin_ports", &self.signalling.admin_ports),
+        ] {
             for p in ports {
                 if *p == 0 {
                     return Err(invalid(field, "port 0 is not a port"));
@@ -735,7 +864,10 @@ impl Config {
             }
         }
         if self.limits.max_pinholes == 0 || self.limits.max_pinholes > 1 << 24 {
-            return Err(invalid("limits.max_pinholes", "must be between 1 and 16777216"));
+            return Err(invalid(
+                "limits.max_pinholes",
+                "must be between 1 and 16777216",
+            ));
         }
         match &self.proxy {
             Some(p) => p.validate(&self.routes)?,
@@ -745,7 +877,13 @@ impl Config {
             None => {}
         }
         if !self.pin_dir.is_absolute() {
-            return Err(invalid("pin_dir", format!("{} must be an absolute path on bpffs", self.pin_dir.display())));
+            return Err(invalid(
+                "pin_dir",
+                format!(
+                    "{} must be an absolute path on bpffs",
+                    self.pin_dir.display()
+                ),
+            ));
         }
         Ok(())
     }
@@ -778,7 +916,19 @@ mod tests {
         assert_eq!(c.on_exit, OnExit::Keep);
         assert_eq!(c.xdp.mode, XdpMode::Native);
         assert_eq!(c.limits.max_pinholes, 65536);
-        assert_eq!(c.media_ranges(), vec![PortRange { start: 40000, end: 40999 }, PortRange { start: 50000, end: 50000 }]);
+        assert_eq!(
+            c.media_ranges(),
+            vec![
+                PortRange {
+                    start: 40000,
+                    end: 40999
+                },
+                PortRange {
+                    start: 50000,
+                    end: 50000
+                }
+            ]
+        );
     }
 
     fn err_of(text: &str) -> String {
@@ -859,7 +1009,10 @@ mod tests {
         assert_eq!(p.external_client_auth, ClientAuth::None);
         assert_eq!(p.internal_tcp_listen, None);
         assert_eq!(p.internal_udp_listen, None, "UDP is off unless configured");
-        assert_eq!(p.default_route.as_ref().map(|h| (h.port, h.server_name())), Some((5061, "sip.example.net")));
+        assert_eq!(
+            p.default_route.as_ref().map(|h| (h.port, h.server_name())),
+            Some((5061, "sip.example.net"))
+        );
         assert_eq!(c.routes.len(), 1);
         assert_eq!(c.routes[0].next_hop().server_name(), "biloxi.example.com");
     }
@@ -869,20 +1022,33 @@ mod tests {
         let both = format!("{GOOD}{PROXY}");
         let e = err_of(&both.replace("203.0.113.1:5061", "10.77.0.1:5061"));
         assert!(e.contains("proxy.external_listen"), "{e}");
-        let e = err_of(&format!("{both}\n[[route]]\ndomain = \"BILOXI.example.com\"\nhost = \"x\"\n"));
+        let e = err_of(&format!(
+            "{both}\n[[route]]\ndomain = \"BILOXI.example.com\"\nhost = \"x\"\n"
+        ));
         assert!(e.contains("routed twice"), "{e}");
         let e = err_of(&both.replace("domain = \"biloxi.example.com\"", "domain = \"bad domain\""));
         assert!(e.contains("route[0].domain"), "{e}");
-        let e = err_of(&format!("{GOOD}\n[[route]]\ndomain = \"a.example\"\nhost = \"x\"\n"));
+        let e = err_of(&format!(
+            "{GOOD}\n[[route]]\ndomain = \"a.example\"\nhost = \"x\"\n"
+        ));
         assert!(e.contains("needs a [proxy]"), "{e}");
         let e = err_of(&both.replace("ca_roots", "ca_rots"));
         assert!(e.contains("ca_rots"), "{e}");
         for bad in ["0.0.0.0:5060", "203.0.113.1:5060", "[::]:5060"] {
-            let e = err_of(&both.replace("[proxy]\n", &format!("[proxy]\ninternal_udp_listen = \"{bad}\"\n")));
+            let e = err_of(&both.replace(
+                "[proxy]\n",
+                &format!("[proxy]\ninternal_udp_listen = \"{bad}\"\n"),
+            ));
             assert!(e.contains("proxy.internal_udp_listen"), "{bad}: {e}");
         }
-        let ok = both.replace("[proxy]\n", "[proxy]\ninternal_udp_listen = \"10.77.0.1:5060\"\n");
-        let udp = Config::from_toml(&ok).expect("internal UDP listener is valid").proxy.and_then(|p| p.internal_udp_listen);
+        let ok = both.replace(
+            "[proxy]\n",
+            "[proxy]\ninternal_udp_listen = \"10.77.0.1:5060\"\n",
+        );
+        let udp = Config::from_toml(&ok)
+            .expect("internal UDP listener is valid")
+            .proxy
+            .and_then(|p| p.internal_udp_listen);
         assert_eq!(udp, Some("10.77.0.1:5060".parse().expect("addr")));
     }
 

@@ -54,7 +54,13 @@ pub fn merged(have: &[PortRange], want: &[PortRange]) -> Option<String> {
     let all: Vec<String> = have
         .iter()
         .chain(want.iter().filter(|r| !covered(r)))
-        .map(|r| if r.start == r.end { r.start.to_string() } else { format!("{}-{}", r.start, r.end) })
+        .map(|r| {
+            if r.start == r.end {
+                r.start.to_string()
+            } else {
+                format!("{}-{}", r.start, r.end)
+            }
+        })
         .collect();
     Some(all.join(","))
 }
@@ -62,7 +68,10 @@ pub fn merged(have: &[PortRange], want: &[PortRange]) -> Option<String> {
 /// Reserve `ranges` in the sysctl at `path` (normally [`RESERVED_PORTS`]);
 /// returns whether anything changed.
 pub fn reserve(path: &Path, ranges: &[PortRange]) -> Result<bool, PortsError> {
-    let err = |source| PortsError::Sysctl { path: path.to_owned(), source };
+    let err = |source| PortsError::Sysctl {
+        path: path.to_owned(),
+        source,
+    };
     let have = parse_list(&std::fs::read_to_string(path).map_err(err)?);
     match merged(&have, ranges) {
         None => Ok(false),
@@ -84,10 +93,23 @@ mod tests {
     #[test]
     fn merge_adds_only_what_is_missing() {
         assert_eq!(parse_list("\n"), vec![]);
-        assert_eq!(parse_list("8080,40000-40999\n"), vec![r(8080, 8080), r(40000, 40999)]);
-        assert_eq!(merged(&[], &[r(40000, 49999)]).as_deref(), Some("40000-49999"));
-        assert_eq!(merged(&[r(8080, 8080)], &[r(40000, 49999)]).as_deref(), Some("8080,40000-49999"));
-        assert_eq!(merged(&[r(39000, 50000)], &[r(40000, 49999)]), None, "already covered");
+        assert_eq!(
+            parse_list("8080,40000-40999\n"),
+            vec![r(8080, 8080), r(40000, 40999)]
+        );
+        assert_eq!(
+            merged(&[], &[r(40000, 49999)]).as_deref(),
+            Some("40000-49999")
+        );
+        assert_eq!(
+            merged(&[r(8080, 8080)], &[r(40000, 49999)]).as_deref(),
+            Some("8080,40000-49999")
+        );
+        assert_eq!(
+            merged(&[r(39000, 50000)], &[r(40000, 49999)]),
+            None,
+            "already covered"
+        );
     }
 
     #[test]
@@ -97,6 +119,9 @@ mod tests {
         std::fs::write(&f, "22\n").expect("write");
         assert!(reserve(&f, &[r(40000, 40999)]).expect("reserve"));
         assert_eq!(std::fs::read_to_string(&f).expect("read"), "22,40000-40999");
-        assert!(!reserve(&f, &[r(40000, 40999)]).expect("reserve"), "second call changes nothing");
+        assert!(
+            !reserve(&f, &[r(40000, 40999)]).expect("reserve"),
+            "second call changes nothing"
+        );
     }
 }

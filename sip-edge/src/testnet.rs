@@ -98,7 +98,10 @@ pub fn sh(args: &[&str]) -> Result<String, TestnetError> {
         .output()
         .map_err(io_err(format!("spawn {}", args[0])))?;
     if !out.status.success() {
-        return Err(TestnetError::Cmd { cmd: args.join(" "), stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned() });
+        return Err(TestnetError::Cmd {
+            cmd: args.join(" "),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -107,7 +110,9 @@ pub fn sh(args: &[&str]) -> Result<String, TestnetError> {
 pub fn unavailable_reason() -> Option<String> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        return Some("not running as root (network namespaces and XDP need CAP_NET_ADMIN/CAP_BPF)".into());
+        return Some(
+            "not running as root (network namespaces and XDP need CAP_NET_ADMIN/CAP_BPF)".into(),
+        );
     }
     if Command::new("ip").arg("-V").output().is_err() {
         return Some("`ip` (iproute2) not installed; run `cargo xtask setup`".into());
@@ -129,12 +134,19 @@ pub fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> Result<T, Testn
             let file = std::fs::File::open(&path).map_err(io_err(format!("open {path}")))?;
             // SAFETY: setns on this thread only, with a valid netns fd.
             if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(TestnetError::Io { op: format!("setns {path}"), source: std::io::Error::last_os_error() });
+                return Err(TestnetError::Io {
+                    op: format!("setns {path}"),
+                    source: std::io::Error::last_os_error(),
+                });
             }
             Ok(f())
         })
         .join()
-        .unwrap_or_else(|_| Err(TestnetError::Unavailable { reason: format!("thread in {ns} panicked") }))
+        .unwrap_or_else(|_| {
+            Err(TestnetError::Unavailable {
+                reason: format!("thread in {ns} panicked"),
+            })
+        })
     })
 }
 
@@ -168,22 +180,89 @@ impl Topology {
             // No duplicate address detection: link-local addresses would
             // otherwise take ~2 s to become usable, delaying neighbour
             // discovery (and the first IPv6 packets) for no test value.
-            for key in ["net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"] {
+            for key in [
+                "net.ipv6.conf.all.accept_dad=0",
+                "net.ipv6.conf.default.accept_dad=0",
+            ] {
                 sh(&["ip", "netns", "exec", ns, "sysctl", "-qw", key])?;
             }
         }
         let (c, e, p) = (t.client.as_str(), t.edge.as_str(), t.peer.as_str());
         let cmds: Vec<Vec<&str>> = vec![
-            vec!["ip", "-n", e, "link", "add", "int0", "type", "veth", "peer", "name", "eth0", "netns", c],
-            vec!["ip", "-n", e, "link", "add", "ext0", "type", "veth", "peer", "name", "eth0", "netns", p],
+            vec![
+                "ip", "-n", e, "link", "add", "int0", "type", "veth", "peer", "name", "eth0",
+                "netns", c,
+            ],
+            vec![
+                "ip", "-n", e, "link", "add", "ext0", "type", "veth", "peer", "name", "eth0",
+                "netns", p,
+            ],
             vec!["ip", "-n", c, "addr", "add", "10.77.0.2/24", "dev", "eth0"],
-            vec!["ip", "-n", c, "addr", "add", "2001:db8:77::2/64", "dev", "eth0", "nodad"],
+            vec![
+                "ip",
+                "-n",
+                c,
+                "addr",
+                "add",
+                "2001:db8:77::2/64",
+                "dev",
+                "eth0",
+                "nodad",
+            ],
             vec!["ip", "-n", e, "addr", "add", "10.77.0.1/24", "dev", "int0"],
-            vec!["ip", "-n", e, "addr", "add", "2001:db8:77::1/64", "dev", "int0", "nodad"],
-            vec!["ip", "-n", e, "addr", "add", "203.0.113.1/24", "dev", "ext0"],
-            vec!["ip", "-n", e, "addr", "add", "2001:db8:ff::1/64", "dev", "ext0", "nodad"],
-            vec!["ip", "-n", p, "addr", "add", "198.51.100.2/24", "dev", "eth0"],
-            vec!["ip", "-n", p, "addr", "add", "2001:db8:ff::2/64", "dev", "eth0", "nodad"],
+            vec![
+                "ip",
+                "-n",
+                e,
+                "addr",
+                "add",
+                "2001:db8:77::1/64",
+                "dev",
+                "int0",
+                "nodad",
+            ],
+            vec![
+                "ip",
+                "-n",
+                e,
+                "addr",
+                "add",
+                "203.0.113.1/24",
+                "dev",
+                "ext0",
+            ],
+            vec![
+                "ip",
+                "-n",
+                e,
+                "addr",
+                "add",
+                "2001:db8:ff::1/64",
+                "dev",
+                "ext0",
+                "nodad",
+            ],
+            vec![
+                "ip",
+                "-n",
+                p,
+                "addr",
+                "add",
+                "198.51.100.2/24",
+                "dev",
+                "eth0",
+            ],
+            vec![
+                "ip",
+                "-n",
+                p,
+                "addr",
+                "add",
+                "2001:db8:ff::2/64",
+                "dev",
+                "eth0",
+                "nodad",
+            ],
             vec!["ip", "-n", c, "link", "set", "lo", "up"],
             vec!["ip", "-n", e, "link", "set", "lo", "up"],
             vec!["ip", "-n", p, "link", "set", "lo", "up"],
@@ -193,13 +272,57 @@ impl Topology {
             vec!["ip", "-n", p, "link", "set", "eth0", "up"],
             // The edge is the client's gateway (nat mode needs it).
             vec!["ip", "-n", c, "route", "add", "default", "via", "10.77.0.1"],
-            vec!["ip", "-n", c, "-6", "route", "add", "default", "via", "2001:db8:77::1"],
+            vec![
+                "ip",
+                "-n",
+                c,
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                "2001:db8:77::1",
+            ],
             // Peer and edge public address are on one wire, different prefixes.
-            vec!["ip", "-n", e, "route", "add", "198.51.100.0/24", "dev", "ext0"],
-            vec!["ip", "-n", p, "route", "add", "203.0.113.0/24", "dev", "eth0"],
+            vec![
+                "ip",
+                "-n",
+                e,
+                "route",
+                "add",
+                "198.51.100.0/24",
+                "dev",
+                "ext0",
+            ],
+            vec![
+                "ip",
+                "-n",
+                p,
+                "route",
+                "add",
+                "203.0.113.0/24",
+                "dev",
+                "eth0",
+            ],
             // bpf_fib_lookup refuses to forward when forwarding is off.
-            vec!["ip", "netns", "exec", e, "sysctl", "-qw", "net.ipv4.ip_forward=1"],
-            vec!["ip", "netns", "exec", e, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"],
+            vec![
+                "ip",
+                "netns",
+                "exec",
+                e,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ],
+            vec![
+                "ip",
+                "netns",
+                "exec",
+                e,
+                "sysctl",
+                "-qw",
+                "net.ipv6.conf.all.forwarding=1",
+            ],
         ];
         for cmd in &cmds {
             sh(cmd)?;
@@ -209,7 +332,9 @@ impl Topology {
         // receiver would drop them. Real NICs deliver complete checksums, so
         // the senders here compute them in software.
         for ns in [c, p] {
-            let _ = sh(&["ip", "netns", "exec", ns, "ethtool", "-K", "eth0", "tx", "off"]);
+            let _ = sh(&[
+                "ip", "netns", "exec", ns, "ethtool", "-K", "eth0", "tx", "off",
+            ]);
         }
         Ok(t)
     }
@@ -227,10 +352,14 @@ impl Topology {
                     .map_err(|e: aya::programs::ProgramError| e.to_string())?;
                 prog.load().map_err(|e| e.to_string())?;
                 let idx = ifindex("eth0").ok_or("eth0 missing")?;
-                prog.attach_to_if_index(idx, XdpMode::Driver).map_err(|e| e.to_string())?;
+                prog.attach_to_if_index(idx, XdpMode::Driver)
+                    .map_err(|e| e.to_string())?;
                 Ok(ebpf)
             })?
-            .map_err(|reason| TestnetError::Pass { ns: ns.clone(), reason })?;
+            .map_err(|reason| TestnetError::Pass {
+                ns: ns.clone(),
+                reason,
+            })?;
             self.pass_progs.push(ebpf);
         }
         Ok(())
@@ -246,14 +375,18 @@ impl Topology {
     /// would remount /sys).
     pub fn edge_cmd(&self, program: &std::path::Path) -> Command {
         let mut c = Command::new("nsenter");
-        c.arg(format!("--net={}", self.edge_path().display())).arg("--").arg(program);
+        c.arg(format!("--net={}", self.edge_path().display()))
+            .arg("--")
+            .arg(program);
         c
     }
 
     /// A UDP socket bound to `addr` inside namespace `ns`, with a read timeout.
     pub fn udp(&self, ns: &str, addr: SocketAddr) -> Result<UdpSocket, TestnetError> {
-        let s = in_ns(ns, || UdpSocket::bind(addr))?.map_err(io_err(format!("bind udp {addr} in {ns}")))?;
-        s.set_read_timeout(Some(Duration::from_millis(300))).map_err(io_err("set timeout"))?;
+        let s = in_ns(ns, || UdpSocket::bind(addr))?
+            .map_err(io_err(format!("bind udp {addr} in {ns}")))?;
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .map_err(io_err("set timeout"))?;
         Ok(s)
     }
 
@@ -263,9 +396,18 @@ impl Topology {
     }
 
     /// A TCP connection from `ns` (bound to `local`) to `to`.
-    pub fn tcp_connect(&self, ns: &str, local: SocketAddr, to: SocketAddr) -> Result<TcpStream, TestnetError> {
+    pub fn tcp_connect(
+        &self,
+        ns: &str,
+        local: SocketAddr,
+        to: SocketAddr,
+    ) -> Result<TcpStream, TestnetError> {
         in_ns(ns, || -> std::io::Result<TcpStream> {
-            let sock = if to.is_ipv4() { socket2_tcp(libc::AF_INET)? } else { socket2_tcp(libc::AF_INET6)? };
+            let sock = if to.is_ipv4() {
+                socket2_tcp(libc::AF_INET)?
+            } else {
+                socket2_tcp(libc::AF_INET6)?
+            };
             bind_connect(sock, local, to)
         })?
         .map_err(io_err(format!("connect tcp {local} -> {to} in {ns}")))
@@ -307,7 +449,9 @@ fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
             let sin = libc::sockaddr_in {
                 sin_family: libc::AF_INET as u16,
                 sin_port: v4.port().to_be(),
-                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(v4.ip().octets()) },
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(v4.ip().octets()),
+                },
                 sin_zero: [0; 8],
             };
             // SAFETY: sockaddr_in fits in sockaddr_storage.
@@ -319,7 +463,9 @@ fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
                 sin6_family: libc::AF_INET6 as u16,
                 sin6_port: v6.port().to_be(),
                 sin6_flowinfo: 0,
-                sin6_addr: libc::in6_addr { s6_addr: v6.ip().octets() },
+                sin6_addr: libc::in6_addr {
+                    s6_addr: v6.ip().octets(),
+                },
                 sin6_scope_id: 0,
             };
             // SAFETY: sockaddr_in6 fits in sockaddr_storage.
@@ -331,19 +477,48 @@ fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
 
 /// std has no bind-before-connect for TCP; the flow's client port must be
 /// the one the pinhole names, so do it with libc.
-fn bind_connect(fd: std::os::fd::OwnedFd, local: SocketAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
+fn bind_connect(
+    fd: std::os::fd::OwnedFd,
+    local: SocketAddr,
+    to: SocketAddr,
+) -> std::io::Result<TcpStream> {
     let (l, llen) = sockaddr(local);
     let (r, rlen) = sockaddr(to);
     let one: libc::c_int = 1;
     // SAFETY: valid fd and correctly sized option/addresses.
     unsafe {
-        libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, &one as *const _ as *const libc::c_void, 4);
-        if libc::bind(fd.as_raw_fd(), &l as *const _ as *const libc::sockaddr, llen) != 0 {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            &one as *const _ as *const libc::c_void,
+            4,
+        );
+        if libc::bind(
+            fd.as_raw_fd(),
+            &l as *const _ as *const libc::sockaddr,
+            llen,
+        ) != 0
+        {
             return Err(std::io::Error::last_os_error());
         }
-        let tv = libc::timeval { tv_sec: 2, tv_usec: 0 };
-        libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_SNDTIMEO, &tv as *const _ as *const libc::c_void, std::mem::size_of::<libc::timeval>() as u32);
-        if libc::connect(fd.as_raw_fd(), &r as *const _ as *const libc::sockaddr, rlen) != 0 {
+        let tv = libc::timeval {
+            tv_sec: 2,
+            tv_usec: 0,
+        };
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            &tv as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::timeval>() as u32,
+        );
+        if libc::connect(
+            fd.as_raw_fd(),
+            &r as *const _ as *const libc::sockaddr,
+            rlen,
+        ) != 0
+        {
             return Err(std::io::Error::last_os_error());
         }
     }
@@ -352,7 +527,12 @@ fn bind_connect(fd: std::os::fd::OwnedFd, local: SocketAddr, to: SocketAddr) -> 
 
 /// Send `payload` from `from` to `to` and return what `rx` receives within
 /// its timeout: the payload and the source address it saw.
-pub fn udp_roundtrip(from: &UdpSocket, to: SocketAddr, rx: &UdpSocket, payload: &[u8]) -> Option<(Vec<u8>, SocketAddr)> {
+pub fn udp_roundtrip(
+    from: &UdpSocket,
+    to: SocketAddr,
+    rx: &UdpSocket,
+    payload: &[u8],
+) -> Option<(Vec<u8>, SocketAddr)> {
     from.send_to(payload, to).ok()?;
     let mut buf = [0u8; 2048];
     loop {
@@ -370,7 +550,9 @@ pub fn is_test_addr(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(a) => {
             let o = a.octets();
-            (o[0] == 10 && o[1] == 77) || (o[0] == 198 && o[1] == 51 && o[2] == 100) || (o[0] == 203 && o[1] == 0 && o[2] == 113)
+            (o[0] == 10 && o[1] == 77)
+                || (o[0] == 198 && o[1] == 51 && o[2] == 100)
+                || (o[0] == 203 && o[1] == 0 && o[2] == 113)
         }
         IpAddr::V6(a) => a.segments()[0] == 0x2001 && a.segments()[1] == 0xdb8,
     }
@@ -383,7 +565,11 @@ pub fn record_skip(test: &str, reason: &str) {
     eprintln!("SKIPPED {test}: {reason}");
     if let Some(path) = std::env::var_os("SIP_EDGE_SKIP_LOG") {
         use std::io::Write as _;
-        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
             let _ = writeln!(f, "{test}: {reason}");
         }
     }
@@ -398,7 +584,13 @@ pub struct AgentProcess {
 impl AgentProcess {
     /// Start `sip-edge run --config <config>` in the edge namespace and wait
     /// (bounded) until its links are pinned under `pin_dir`.
-    pub fn start(topo: &Topology, bin: &std::path::Path, config: &std::path::Path, pin_dir: &std::path::Path, ifaces: &[&str]) -> Result<AgentProcess, TestnetError> {
+    pub fn start(
+        topo: &Topology,
+        bin: &std::path::Path,
+        config: &std::path::Path,
+        pin_dir: &std::path::Path,
+        ifaces: &[&str],
+    ) -> Result<AgentProcess, TestnetError> {
         let child = topo
             .edge_cmd(bin)
             .args(["run", "--config"])
@@ -409,16 +601,26 @@ impl AgentProcess {
         let mut agent = AgentProcess { child };
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         loop {
-            if ifaces.iter().all(|i| crate::datapath::attach::link_pin(pin_dir, i).exists()) && pin_dir.join("PINHOLES").exists() {
+            if ifaces
+                .iter()
+                .all(|i| crate::datapath::attach::link_pin(pin_dir, i).exists())
+                && pin_dir.join("PINHOLES").exists()
+            {
                 // Give the agent a moment to finish writing config maps.
                 std::thread::sleep(Duration::from_millis(200));
                 return Ok(agent);
             }
             if let Ok(Some(status)) = agent.child.try_wait() {
-                return Err(TestnetError::Cmd { cmd: "sip-edge run".into(), stderr: format!("agent exited early: {status}") });
+                return Err(TestnetError::Cmd {
+                    cmd: "sip-edge run".into(),
+                    stderr: format!("agent exited early: {status}"),
+                });
             }
             if std::time::Instant::now() > deadline {
-                return Err(TestnetError::Cmd { cmd: "sip-edge run".into(), stderr: "links not pinned within 20 s".into() });
+                return Err(TestnetError::Cmd {
+                    cmd: "sip-edge run".into(),
+                    stderr: "links not pinned within 20 s".into(),
+                });
             }
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -12,32 +12,71 @@ fn example() -> std::path::PathBuf {
 
 #[test]
 fn check_config_accepts_the_shipped_example() {
-    let out = Command::new(BIN).args(["check-config", "--config"]).arg(example()).output().expect("run");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(example())
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
 fn bad_config_exits_64_before_attaching() {
     let dir = tempfile::tempdir().expect("tempdir");
     let bad = dir.path().join("bad.toml");
-    let text = std::fs::read_to_string(example()).expect("example").replace("[media]", "[media]\nno_such_key = 1");
+    let text = std::fs::read_to_string(example())
+        .expect("example")
+        .replace("[media]", "[media]\nno_such_key = 1");
     std::fs::write(&bad, text).expect("write");
     for sub in ["check-config", "run"] {
-        let out = Command::new(BIN).args([sub, "--config"]).arg(&bad).output().expect("run");
-        assert_eq!(out.status.code(), Some(64), "{sub}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(BIN)
+            .args([sub, "--config"])
+            .arg(&bad)
+            .output()
+            .expect("run");
+        assert_eq!(
+            out.status.code(),
+            Some(64),
+            "{sub}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("no_such_key"), "{sub}: error does not name the key: {err}");
+        assert!(
+            err.contains("no_such_key"),
+            "{sub}: error does not name the key: {err}"
+        );
     }
     let missing = dir.path().join("missing.toml");
-    let out = Command::new(BIN).args(["run", "--config"]).arg(&missing).output().expect("run");
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&missing)
+        .output()
+        .expect("run");
     assert_eq!(out.status.code(), Some(64));
 }
 
 #[test]
 fn help_explains_every_pinhole_flag() {
-    let out = Command::new(BIN).args(["pinhole", "add", "relay", "--help"]).output().expect("run");
+    let out = Command::new(BIN)
+        .args(["pinhole", "add", "relay", "--help"])
+        .output()
+        .expect("run");
     let help = String::from_utf8_lossy(&out.stdout);
-    for flag in ["--client", "--edge-int", "--public", "--peer", "--proto", "--latch", "--learn-port", "--pin-dir", "--json"] {
+    for flag in [
+        "--client",
+        "--edge-int",
+        "--public",
+        "--peer",
+        "--proto",
+        "--latch",
+        "--learn-port",
+        "--pin-dir",
+        "--json",
+    ] {
         assert!(help.contains(flag), "help lacks {flag}:\n{help}");
     }
 }
@@ -46,7 +85,12 @@ fn help_explains_every_pinhole_flag() {
 fn commands_without_a_datapath_say_what_to_do() {
     let dir = tempfile::tempdir().expect("tempdir");
     for args in [vec!["stats"], vec!["pinhole", "list"]] {
-        let out = Command::new(BIN).args(&args).arg("--pin-dir").arg(dir.path()).output().expect("run");
+        let out = Command::new(BIN)
+            .args(&args)
+            .arg("--pin-dir")
+            .arg(dir.path())
+            .output()
+            .expect("run");
         assert_eq!(out.status.code(), Some(1), "{args:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("is the agent running"), "{args:?}: {err}");

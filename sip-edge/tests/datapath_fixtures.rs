@@ -13,7 +13,10 @@ fn run_group(group: &str) {
     let mut runner = match Runner::setup().expect("fixture runner setup") {
         Setup::Ready(r) => r,
         Setup::Skipped(reason) => {
-            sip_edge::testnet::record_skip(&format!("datapath_fixtures::{group}"), &format!("{reason} ({} fixtures not run)", mine.len()));
+            sip_edge::testnet::record_skip(
+                &format!("datapath_fixtures::{group}"),
+                &format!("{reason} ({} fixtures not run)", mine.len()),
+            );
             return;
         }
     };
@@ -23,12 +26,23 @@ fn run_group(group: &str) {
         if res.passed() {
             eprintln!("PASS {} — {}", f.name, f.description);
         } else {
-            let msg = format!("FAIL {} — {}\n    {}", f.name, f.description, res.failures.join("\n    "));
+            let msg = format!(
+                "FAIL {} — {}\n    {}",
+                f.name,
+                f.description,
+                res.failures.join("\n    ")
+            );
             eprintln!("{msg}");
             failed.push(msg);
         }
     }
-    assert!(failed.is_empty(), "{} of {} fixtures in group {group} failed:\n{}", failed.len(), mine.len(), failed.join("\n"));
+    assert!(
+        failed.is_empty(),
+        "{} of {} fixtures in group {group} failed:\n{}",
+        failed.len(),
+        mine.len(),
+        failed.join("\n")
+    );
 }
 
 #[test]
@@ -74,12 +88,23 @@ fn bench() {
 /// Every fixture belongs to a group that has a #[test] above, and names are unique.
 #[test]
 fn every_fixture_is_run() {
-    let groups = ["hit", "remote", "latch", "policy", "hit-drop", "parse", "fragment", "bench"];
+    let groups = [
+        "hit", "remote", "latch", "policy", "hit-drop", "parse", "fragment", "bench",
+    ];
     let all = fixtures::fixtures().expect("fixture packets build");
     let mut names = std::collections::HashSet::new();
     for f in &all {
-        assert!(groups.contains(&f.group), "fixture {} has group {} with no #[test]", f.name, f.group);
-        assert!(names.insert(f.name.clone()), "duplicate fixture name {}", f.name);
+        assert!(
+            groups.contains(&f.group),
+            "fixture {} has group {} with no #[test]",
+            f.name,
+            f.group
+        );
+        assert!(
+            names.insert(f.name.clone()),
+            "duplicate fixture name {}",
+            f.name
+        );
     }
 }
 
@@ -88,11 +113,17 @@ fn every_fixture_is_run() {
 #[test]
 fn harness_reports_every_mismatch() {
     let all = fixtures::fixtures().expect("fixture packets build");
-    let mut f = all.into_iter().find(|f| f.name == "hit-v4-udp-relay-in").expect("fixture exists");
+    let mut f = all
+        .into_iter()
+        .find(|f| f.name == "hit-v4-udp-relay-in")
+        .expect("fixture exists");
     let mut runner = match Runner::setup().expect("fixture runner setup") {
         Setup::Ready(r) => r,
         Setup::Skipped(reason) => {
-            sip_edge::testnet::record_skip("datapath_fixtures::harness_reports_every_mismatch", &reason);
+            sip_edge::testnet::record_skip(
+                "datapath_fixtures::harness_reports_every_mismatch",
+                &reason,
+            );
             return;
         }
     };
@@ -105,7 +136,16 @@ fn harness_reports_every_mismatch() {
     f.states[0].packets = 2;
     let res = runner.run_fixture(&f).expect("fixture runner error");
     let text = res.failures.join("\n");
-    for needle in ["action XDP_PASS expected, got XDP_REDIRECT", "output frame differs", "REASONS[forwarded]", "REASONS[pass_other]", "PH_STATE[1].packets = 1, expected 2"] {
-        assert!(text.contains(needle), "expected a failure mentioning {needle:?}, got:\n{text}");
+    for needle in [
+        "action XDP_PASS expected, got XDP_REDIRECT",
+        "output frame differs",
+        "REASONS[forwarded]",
+        "REASONS[pass_other]",
+        "PH_STATE[1].packets = 1, expected 2",
+    ] {
+        assert!(
+            text.contains(needle),
+            "expected a failure mentioning {needle:?}, got:\n{text}"
+        );
     }
 }

@@ -13,7 +13,6 @@ use sip_edge_common::{
     ROLE_EXTERNAL, RULE_REWRITE_DST, XDP_PROG_NAME,
 };
 
-
 fn skip_reason() -> Option<String> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -29,21 +28,33 @@ fn is_bpffs(p: &Path) -> bool {
 #[test]
 fn map_names_fit_bpf_obj_name() {
     for name in map_names::ALL.iter().chain(map_names::BENCH.iter()) {
-        assert!(name.len() <= 15, "map name {name} is longer than BPF_OBJ_NAME_LEN - 1");
+        assert!(
+            name.len() <= 15,
+            "map name {name} is longer than BPF_OBJ_NAME_LEN - 1"
+        );
     }
 }
 
 #[test]
 fn production_loader_passes_verifier_and_declares_every_map() {
     if let Some(r) = skip_reason() {
-        sip_edge::testnet::record_skip("datapath_verifier::production_loader_passes_verifier_and_declares_every_map", &r);
+        sip_edge::testnet::record_skip(
+            "datapath_verifier::production_loader_passes_verifier_and_declares_every_map",
+            &r,
+        );
         return;
     }
     // A private pin dir: with `None` the maps would be pinned into (and
     // shared through) /sys/fs/bpf itself, see the test below.
     let root = Path::new("/sys/fs/bpf");
-    let dir = is_bpffs(root).then(|| tempfile::Builder::new().prefix("sip-edge-test-").tempdir_in(root).expect("pin dir in bpffs"));
-    let ebpf = loader::load(MapSizes::default(), dir.as_ref().map(|d| d.path())).unwrap_or_else(|e| panic!("load failed: {e:?}"));
+    let dir = is_bpffs(root).then(|| {
+        tempfile::Builder::new()
+            .prefix("sip-edge-test-")
+            .tempdir_in(root)
+            .expect("pin dir in bpffs")
+    });
+    let ebpf = loader::load(MapSizes::default(), dir.as_ref().map(|d| d.path()))
+        .unwrap_or_else(|e| panic!("load failed: {e:?}"));
     let prog: &Xdp = ebpf
         .program(XDP_PROG_NAME)
         .unwrap_or_else(|| panic!("program {XDP_PROG_NAME} missing"))
@@ -51,13 +62,27 @@ fn production_loader_passes_verifier_and_declares_every_map() {
         .expect("program is XDP");
     prog.fd().expect("program is loaded (verifier accepted it)");
     for name in map_names::ALL {
-        assert!(ebpf.map(name).is_some(), "map {name} is missing from the loaded object");
+        assert!(
+            ebpf.map(name).is_some(),
+            "map {name} is missing from the loaded object"
+        );
     }
-    let mut names: Vec<&str> = ebpf.maps().map(|(n, _)| n).filter(|n| !n.starts_with('.')).collect();
+    let mut names: Vec<&str> = ebpf
+        .maps()
+        .map(|(n, _)| n)
+        .filter(|n| !n.starts_with('.'))
+        .collect();
     names.sort_unstable();
-    let mut want: Vec<&str> = map_names::ALL.iter().chain(map_names::BENCH.iter()).copied().collect();
+    let mut want: Vec<&str> = map_names::ALL
+        .iter()
+        .chain(map_names::BENCH.iter())
+        .copied()
+        .collect();
     want.sort_unstable();
-    assert_eq!(names, want, "the object declares exactly map_names::ALL + BENCH");
+    assert_eq!(
+        names, want,
+        "the object declares exactly map_names::ALL + BENCH"
+    );
 }
 
 /// `load(.., None)` promises unpinned maps (tests and benchmarks must not
@@ -67,16 +92,22 @@ fn production_loader_passes_verifier_and_declares_every_map() {
 #[test]
 fn load_without_pin_dir_does_not_pin_into_sys_fs_bpf() {
     if let Some(r) = skip_reason() {
-        sip_edge::testnet::record_skip("datapath_verifier::load_without_pin_dir_does_not_pin_into_sys_fs_bpf", &r);
+        sip_edge::testnet::record_skip(
+            "datapath_verifier::load_without_pin_dir_does_not_pin_into_sys_fs_bpf",
+            &r,
+        );
         return;
     }
-    let mut ebpf = loader::load(MapSizes { max_pinholes: 1024 }, None).unwrap_or_else(|e| panic!("load failed: {e:?}"));
+    let mut ebpf = loader::load(MapSizes { max_pinholes: 1024 }, None)
+        .unwrap_or_else(|e| panic!("load failed: {e:?}"));
     let ours = match ebpf.take_map(map_names::PINHOLES) {
         Some(aya::maps::Map::HashMap(md)) => md.info().expect("map info").id(),
         other => panic!("PINHOLES is not a plain hash map: {other:?}"),
     };
     let pin = Path::new("/sys/fs/bpf").join(map_names::PINHOLES);
-    let pinned = aya::maps::MapInfo::from_pin(&pin).map(|info| info.id() == ours).unwrap_or(false);
+    let pinned = aya::maps::MapInfo::from_pin(&pin)
+        .map(|info| info.id() == ours)
+        .unwrap_or(false);
     if pinned {
         // Do not leave the stray pins behind (unlinking never affects a
         // process that holds the maps open).
@@ -95,18 +126,35 @@ fn load_without_pin_dir_does_not_pin_into_sys_fs_bpf() {
 #[test]
 fn pinned_maps_are_readopted_by_a_second_load() {
     if let Some(r) = skip_reason() {
-        sip_edge::testnet::record_skip("datapath_verifier::pinned_maps_are_readopted_by_a_second_load", &r);
+        sip_edge::testnet::record_skip(
+            "datapath_verifier::pinned_maps_are_readopted_by_a_second_load",
+            &r,
+        );
         return;
     }
     let root = Path::new("/sys/fs/bpf");
     if !is_bpffs(root) {
-        sip_edge::testnet::record_skip("datapath_verifier::pinned_maps_are_readopted_by_a_second_load", "/sys/fs/bpf is not a bpffs mount (mount -t bpf bpf /sys/fs/bpf)");
+        sip_edge::testnet::record_skip(
+            "datapath_verifier::pinned_maps_are_readopted_by_a_second_load",
+            "/sys/fs/bpf is not a bpffs mount (mount -t bpf bpf /sys/fs/bpf)",
+        );
         return;
     }
-    let dir = tempfile::Builder::new().prefix("sip-edge-test-").tempdir_in(root).expect("pin dir in bpffs");
+    let dir = tempfile::Builder::new()
+        .prefix("sip-edge-test-")
+        .tempdir_in(root)
+        .expect("pin dir in bpffs");
     let (family, addr) = addr_from_ip("203.0.113.1".parse().expect("ip"));
     assert_eq!(family, FAMILY_V4);
-    let key = PinholeKey { addr, port: 40000u16.to_be(), proto: PROTO_UDP, family, role: ROLE_EXTERNAL, match_on: MATCH_DST, _pad: [0; 2] };
+    let key = PinholeKey {
+        addr,
+        port: 40000u16.to_be(),
+        proto: PROTO_UDP,
+        family,
+        role: ROLE_EXTERNAL,
+        match_on: MATCH_DST,
+        _pad: [0; 2],
+    };
     let rule = PinholeRule {
         remote_addr: addr_from_ip("198.51.100.10".parse().expect("ip")).1,
         new_dst: addr_from_ip("10.77.0.2".parse().expect("ip")).1,
@@ -117,17 +165,29 @@ fn pinned_maps_are_readopted_by_a_second_load() {
         ..Default::default()
     };
     {
-        let mut first = loader::load(MapSizes { max_pinholes: 1024 }, Some(dir.path())).expect("first load");
+        let mut first =
+            loader::load(MapSizes { max_pinholes: 1024 }, Some(dir.path())).expect("first load");
         let mut ph: HashMap<_, PinholeKey, PinholeRule> =
-            HashMap::try_from(first.map_mut(map_names::PINHOLES).expect("PINHOLES")).expect("hash map");
-        ph.insert(key, rule, 0).expect("insert through the first load");
+            HashMap::try_from(first.map_mut(map_names::PINHOLES).expect("PINHOLES"))
+                .expect("hash map");
+        ph.insert(key, rule, 0)
+            .expect("insert through the first load");
         for name in map_names::ALL {
-            assert!(dir.path().join(name).exists(), "map {name} is not pinned under {}", dir.path().display());
+            assert!(
+                dir.path().join(name).exists(),
+                "map {name} is not pinned under {}",
+                dir.path().display()
+            );
         }
-        let second = loader::load(MapSizes { max_pinholes: 1024 }, Some(dir.path())).expect("second load");
+        let second =
+            loader::load(MapSizes { max_pinholes: 1024 }, Some(dir.path())).expect("second load");
         let ph2: HashMap<_, PinholeKey, PinholeRule> =
-            HashMap::try_from(second.map(map_names::PINHOLES).expect("PINHOLES")).expect("hash map");
-        assert_eq!(ph2.get(&key, 0).expect("entry written by the first load"), rule);
+            HashMap::try_from(second.map(map_names::PINHOLES).expect("PINHOLES"))
+                .expect("hash map");
+        assert_eq!(
+            ph2.get(&key, 0).expect("entry written by the first load"),
+            rule
+        );
     }
     // Both loads are gone; the pins keep the maps. Remove them.
     let path = dir.path().to_path_buf();

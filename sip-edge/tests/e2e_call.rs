@@ -888,9 +888,13 @@ async fn relay_mode_calls_over_tls_open_and_close_pinholes() {
     let down: Vec<u8> = (0..65_536u32).map(|i| (i % 239) as u8 ^ 0x5a).collect();
     // One socket, one SYN sequence: the pinhole learns the first SYN's port.
     let connect = |ns: &str, to: SocketAddr| {
-        testnet::in_ns(ns, || std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5)))
-            .expect("netns")
-            .unwrap_or_else(|err| panic!("connect to {to} from {ns} through the transfer pinhole: {err}"))
+        testnet::in_ns(ns, || {
+            std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5))
+        })
+        .expect("netns")
+        .unwrap_or_else(|err| {
+            panic!("connect to {to} from {ns} through the transfer pinhole: {err}")
+        })
     };
     let endpoint_of = |m: &Message| {
         sip_edge::sip::msmsgs::parse(m.body())
@@ -1011,7 +1015,11 @@ async fn relay_mode_calls_over_tls_open_and_close_pinholes() {
         .await
         .expect("200 for alice's ACCEPT");
     let to = endpoint_of(&m);
-    assert_eq!(to.ip(), ip("203.0.113.1"), "the outside must connect to the public address");
+    assert_eq!(
+        to.ip(),
+        ip("203.0.113.1"),
+        "the outside must connect to the public address"
+    );
     assert!(
         !String::from_utf8_lossy(m.body()).contains("10.77."),
         "private address leaked in the ACCEPT"
@@ -1020,7 +1028,11 @@ async fn relay_mode_calls_over_tls_open_and_close_pinholes() {
     let (seen, got_up, got_down) =
         testua::tcp_exchange(&mut conn, alice_ft, &up, &down, Duration::from_secs(5))
             .expect("x-msmsgsinvite transfer bob -> alice");
-    assert_eq!(seen.ip(), ip("10.77.0.1"), "relay: the inside sees the edge's internal address");
+    assert_eq!(
+        seen.ip(),
+        ip("10.77.0.1"),
+        "relay: the inside sees the edge's internal address"
+    );
     assert!(got_up == up && got_down == down, "transfer corrupted");
     assert!(
         e.packets_at(to) > 10 && e.packets_at(seen) > 10,
@@ -1132,7 +1144,12 @@ async fn nat_mode_inbound_call_to_a_registered_client() {
     let mut bob = e.connect_bob().await;
     let a_rtp = e.udp(&e.topo.client, "10.77.0.2:4100");
     let b_rtp = e.udp(&e.topo.peer, "198.51.100.2:5100");
-    let InCall { mut a, mut b, offer, answer } = call_in(&mut alice, &mut bob, 5100, 4100).await;
+    let InCall {
+        mut a,
+        mut b,
+        offer,
+        answer,
+    } = call_in(&mut alice, &mut bob, 5100, 4100).await;
     assert_eq!(
         offer.addr,
         sa("198.51.100.2:5100"),
@@ -1197,19 +1214,39 @@ async fn nat_mode_inbound_call_to_a_registered_client() {
 async fn register_alice(alice: &mut UaConn, registrar: &mut Bob) {
     let me = self::alice();
     alice
-        .send(&testua::register(&me, "sips:peer.example.net", &testua::unique("reg-"), 1, 600))
+        .send(&testua::register(
+            &me,
+            "sips:peer.example.net",
+            &testua::unique("reg-"),
+            1,
+            600,
+        ))
         .await
         .expect("REGISTER");
     let reg = registrar.recv_request("REGISTER").await;
     assert!(reg.header("Path").is_some(), "RFC 3327 Path missing");
     let bound = reg.name_addrs("Contact").expect("contact")[0].uri.clone();
-    assert!(!bound.contains("10.77.0.2"), "private Contact leaked: {bound}");
+    assert!(
+        !bound.contains("10.77.0.2"),
+        "private Contact leaked: {bound}"
+    );
     registrar
         .conn()
-        .send(&reply(&reg, 200, "OK", "reg", &format!("Contact: <{bound}>;expires=600\r\n"), "", ""))
+        .send(&reply(
+            &reg,
+            200,
+            "OK",
+            "reg",
+            &format!("Contact: <{bound}>;expires=600\r\n"),
+            "",
+            "",
+        ))
         .await
         .expect("200 REGISTER");
-    alice.recv_status(200, WAIT).await.expect("alice registered");
+    alice
+        .recv_status(200, WAIT)
+        .await
+        .expect("alice registered");
 }
 
 /// An established external→internal call.
@@ -1228,31 +1265,82 @@ async fn call_in(alice: &mut UaConn, bob: &mut UaConn, b_port: u16, a_port: u16)
     let me = self::alice();
     let mut b = Dialog::outgoing(&self::bob(), "sips:alice@peer.example.net");
     b.remote_target = "sips:alice@peer.example.net".into();
-    let audio = |p| SdpSpec { audio: Some(p), ..Default::default() };
-    bob.send(&b.invite(&sdp("bob", 1, ip("198.51.100.2"), &audio(b_port)))).await.expect("INVITE");
-    let inv = alice.recv_request("INVITE", WAIT).await.expect("alice gets the INVITE over her registered connection");
+    let audio = |p| SdpSpec {
+        audio: Some(p),
+        ..Default::default()
+    };
+    bob.send(&b.invite(&sdp("bob", 1, ip("198.51.100.2"), &audio(b_port))))
+        .await
+        .expect("INVITE");
+    let inv = alice
+        .recv_request("INVITE", WAIT)
+        .await
+        .expect("alice gets the INVITE over her registered connection");
     let offer = media_of(inv.body(), "audio").expect("offer");
     let a = Dialog::incoming(&me, &inv).expect("dialog");
-    alice.send(&reply(&inv, 180, "Ringing", &a.local_tag, &contact(&me), "", "")).await.expect("180");
+    alice
+        .send(&reply(
+            &inv,
+            180,
+            "Ringing",
+            &a.local_tag,
+            &contact(&me),
+            "",
+            "",
+        ))
+        .await
+        .expect("180");
     let r = bob.recv_status(180, WAIT).await.expect("180");
     b.on_invite_response(&r).expect("180");
     let body = sdp("alice", 1, ip("10.77.0.2"), &audio(a_port));
-    alice.send(&reply(&inv, 200, "OK", &a.local_tag, &contact(&me), "application/sdp", &body)).await.expect("200");
+    alice
+        .send(&reply(
+            &inv,
+            200,
+            "OK",
+            &a.local_tag,
+            &contact(&me),
+            "application/sdp",
+            &body,
+        ))
+        .await
+        .expect("200");
     let ok = bob.recv_status(200, WAIT).await.expect("200");
     b.on_invite_response(&ok).expect("200");
     let answer = media_of(ok.body(), "audio").expect("answer");
-    assert!(!String::from_utf8_lossy(ok.body()).contains("10.77.0.2"), "private address leaked");
+    assert!(
+        !String::from_utf8_lossy(ok.body()).contains("10.77.0.2"),
+        "private address leaked"
+    );
     bob.send(&b.ack("", "")).await.expect("ACK");
-    alice.recv_request("ACK", WAIT).await.expect("ACK reaches alice");
-    InCall { a, b, offer, answer }
+    alice
+        .recv_request("ACK", WAIT)
+        .await
+        .expect("ACK reaches alice");
+    InCall {
+        a,
+        b,
+        offer,
+        answer,
+    }
 }
 
 /// RTP both ways between `a_rtp` (sending to `a_to`) and `b_rtp` (sending to
 /// `b_to`); each side must see the source its SDP named.
-fn media_both_ways(b_rtp: &UdpSocket, b_to: SocketAddr, a_rtp: &UdpSocket, a_to: SocketAddr, a_sees: SocketAddr, b_sees: SocketAddr, ssrc: u32) {
-    let src = eventually(b_rtp, b_to, a_rtp, &rtp_packet(0, ssrc)).expect("peer -> client RTP never arrived");
+fn media_both_ways(
+    b_rtp: &UdpSocket,
+    b_to: SocketAddr,
+    a_rtp: &UdpSocket,
+    a_to: SocketAddr,
+    a_sees: SocketAddr,
+    b_sees: SocketAddr,
+    ssrc: u32,
+) {
+    let src = eventually(b_rtp, b_to, a_rtp, &rtp_packet(0, ssrc))
+        .expect("peer -> client RTP never arrived");
     assert_eq!(src, a_sees, "client saw the wrong source");
-    let src = eventually(a_rtp, a_to, b_rtp, &rtp_packet(0, ssrc + 1)).expect("client -> peer RTP never arrived");
+    let src = eventually(a_rtp, a_to, b_rtp, &rtp_packet(0, ssrc + 1))
+        .expect("client -> peer RTP never arrived");
     assert_eq!(src, b_sees, "peer saw the wrong source");
 }
 
@@ -1274,12 +1362,34 @@ async fn each_mode_carries_calls_in_the_other_direction_too() {
     let a_rtp = e.udp(&e.topo.client, "10.77.0.2:4200");
     let b_rtp = e.udp(&e.topo.peer, "198.51.100.2:5200");
     let mut call = call_in(&mut alice, &mut bob, 5200, 4200).await;
-    assert_eq!(call.offer.addr.ip(), ip("10.77.0.1"), "relay: the client must see the edge's internal address");
-    assert_eq!(call.answer.addr.ip(), ip("203.0.113.1"), "relay: the peer must see the public address");
-    media_both_ways(&b_rtp, call.answer.addr, &a_rtp, call.offer.addr, call.offer.addr, call.answer.addr, 21);
+    assert_eq!(
+        call.offer.addr.ip(),
+        ip("10.77.0.1"),
+        "relay: the client must see the edge's internal address"
+    );
+    assert_eq!(
+        call.answer.addr.ip(),
+        ip("203.0.113.1"),
+        "relay: the peer must see the public address"
+    );
+    media_both_ways(
+        &b_rtp,
+        call.answer.addr,
+        &a_rtp,
+        call.offer.addr,
+        call.offer.addr,
+        call.answer.addr,
+        21,
+    );
     bob.send(&call.b.request("BYE", "", "")).await.expect("BYE");
-    let bye = alice.recv_request("BYE", WAIT).await.expect("BYE reaches alice");
-    alice.send(&reply(&bye, 200, "OK", &call.a.local_tag, "", "", "")).await.expect("200 BYE");
+    let bye = alice
+        .recv_request("BYE", WAIT)
+        .await
+        .expect("BYE reaches alice");
+    alice
+        .send(&reply(&bye, 200, "OK", &call.a.local_tag, "", "", ""))
+        .await
+        .expect("200 BYE");
     bob.recv_status(200, WAIT).await.expect("200 for BYE");
     e.assert_empty("relay inbound call after BYE");
     drop((alice, bob, registrar, a_rtp, b_rtp));
@@ -1291,14 +1401,33 @@ async fn each_mode_carries_calls_in_the_other_direction_too() {
     let mut bob = Bob::new(&e);
     let a_rtp = e.udp(&e.topo.client, "10.77.0.2:4300");
     let b_rtp = e.udp(&e.topo.peer, "198.51.100.2:5300");
-    let audio = |p| SdpSpec { audio: Some(p), ..Default::default() };
+    let audio = |p| SdpSpec {
+        audio: Some(p),
+        ..Default::default()
+    };
     let mut call = call_out(&mut alice, &mut bob, &audio(4300), &audio(5300)).await;
     let offer = media_of(&call.offer, "audio").expect("offer audio");
     let answer = media_of(&call.answer, "audio").expect("answer audio");
-    assert_eq!(offer.addr.ip(), ip("203.0.113.1"), "nat: the peer must see the public address");
-    assert_eq!(answer.addr, sa("198.51.100.2:5300"), "nat: the client sees the peer's own address");
+    assert_eq!(
+        offer.addr.ip(),
+        ip("203.0.113.1"),
+        "nat: the peer must see the public address"
+    );
+    assert_eq!(
+        answer.addr,
+        sa("198.51.100.2:5300"),
+        "nat: the client sees the peer's own address"
+    );
     // DNAT in (the client sees the peer's own source), SNAT out.
-    media_both_ways(&b_rtp, offer.addr, &a_rtp, answer.addr, answer.addr, offer.addr, 31);
+    media_both_ways(
+        &b_rtp,
+        offer.addr,
+        &a_rtp,
+        answer.addr,
+        answer.addr,
+        offer.addr,
+        31,
+    );
     bye_from_alice(&mut alice, &mut bob, &mut call).await;
     e.assert_empty("nat outbound call after BYE");
     drop((alice, bob, a_rtp, b_rtp));

@@ -31,7 +31,10 @@ fn settings(mode: MediaMode) -> Settings {
         mode,
         internal_addrs: vec!["10.77.0.1".parse().expect("ip")],
         public_addrs: vec!["203.0.113.1".parse().expect("ip")],
-        port_ranges: vec![PortRange { start: 40000, end: 40099 }],
+        port_ranges: vec![PortRange {
+            start: 40000,
+            end: 40099,
+        }],
         reserved_ports: vec![40050],
         allowed_internal_subnets: Vec::new(),
         max_flows_per_client: 8,
@@ -50,7 +53,10 @@ fn audio(ip: &str, port: u16, extra: &str) -> String {
 }
 
 fn audio_video(ip: &str, a: u16, v: u16) -> String {
-    format!("{}m=video {v} RTP/AVP 96\r\na=rtpmap:96 H264/90000\r\n", audio(ip, a, ""))
+    format!(
+        "{}m=video {v} RTP/AVP 96\r\na=rtpmap:96 H264/90000\r\n",
+        audio(ip, a, "")
+    )
 }
 
 struct H {
@@ -62,7 +68,15 @@ struct H {
 impl H {
     fn new(s: Settings) -> H {
         let t0 = Instant::now();
-        H { c: MediaController::new(s, MediaCandidates::ReplacePrivateHost, RecordingSink::default()), t0, now: t0 }
+        H {
+            c: MediaController::new(
+                s,
+                MediaCandidates::ReplacePrivateHost,
+                RecordingSink::default(),
+            ),
+            t0,
+            now: t0,
+        }
     }
 
     fn relay() -> H {
@@ -73,7 +87,10 @@ impl H {
         self.now = self.t0 + Duration::from_secs(secs);
     }
 
-    #[expect(clippy::too_many_arguments, reason = "mirrors SdpEvent's fields one to one")]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "mirrors SdpEvent's fields one to one"
+    )]
     fn sdp_typed(
         &mut self,
         d: &DialogKey,
@@ -93,10 +110,20 @@ impl H {
             body: body.as_bytes(),
             content_type: ct,
         };
-        self.c.on_sdp(&ev, self.now).map(|b| String::from_utf8(b).expect("utf-8 body"))
+        self.c
+            .on_sdp(&ev, self.now)
+            .map(|b| String::from_utf8(b).expect("utf-8 body"))
     }
 
-    fn sdp(&mut self, d: &DialogKey, tag: Option<&str>, role: SdpRole, side: Side, src: &str, body: &str) -> Result<String, MediaError> {
+    fn sdp(
+        &mut self,
+        d: &DialogKey,
+        tag: Option<&str>,
+        role: SdpRole,
+        side: Side,
+        src: &str,
+        body: &str,
+    ) -> Result<String, MediaError> {
         self.sdp_typed(d, tag, role, side, src, body, "application/sdp")
     }
 
@@ -120,15 +147,25 @@ impl H {
     }
 
     fn assert_no_orphans(&self) {
-        assert!(self.c.sink().installed.is_empty(), "orphan rules: {:?}", self.c.sink().installed);
-        assert!(self.c.manager().installed().is_empty(), "manager still tracks flows");
+        assert!(
+            self.c.sink().installed.is_empty(),
+            "orphan rules: {:?}",
+            self.c.sink().installed
+        );
+        assert!(
+            self.c.manager().installed().is_empty(),
+            "manager still tracks flows"
+        );
         assert_eq!(self.c.manager().ports_in_use(), 0, "ports leaked");
         assert_eq!(self.c.manager().dialogs(), 0, "dialogs leaked");
     }
 }
 
 fn dialog(n: u32) -> DialogKey {
-    DialogKey { call_id: format!("call-{n}@10.77.0.2"), from_tag: format!("ft{n}") }
+    DialogKey {
+        call_id: format!("call-{n}@10.77.0.2"),
+        from_tag: format!("ft{n}"),
+    }
 }
 
 /// `m=<kind> <port>` of the n-th m-line and the c= address in force.
@@ -142,20 +179,44 @@ fn m_port(body: &str, n: usize) -> u16 {
 }
 
 fn c_addr(body: &str) -> &str {
-    body.lines().find(|l| l.starts_with("c=")).and_then(|l| l.rsplit(' ').next()).expect("c=")
+    body.lines()
+        .find(|l| l.starts_with("c="))
+        .and_then(|l| l.rsplit(' ').next())
+        .expect("c=")
 }
 
 #[test]
 fn relay_outbound_call_installs_rtp_and_rtcp_and_bye_removes() {
     let mut h = H::relay();
     let d = dialog(1);
-    let out = h.sdp(&d, None, SdpRole::Offer, Side::Internal, CLIENT, &audio("10.77.0.2", 4000, "")).expect("offer");
+    let out = h
+        .sdp(
+            &d,
+            None,
+            SdpRole::Offer,
+            Side::Internal,
+            CLIENT,
+            &audio("10.77.0.2", 4000, ""),
+        )
+        .expect("offer");
     assert_eq!(c_addr(&out), "203.0.113.1");
     assert!(!out.contains("10.77.0.2"), "private address leaked: {out}");
     let public = m_port(&out, 0);
-    assert!((40000..=40099).contains(&public) && public.is_multiple_of(2), "{public}");
+    assert!(
+        (40000..=40099).contains(&public) && public.is_multiple_of(2),
+        "{public}"
+    );
     assert!(h.flows().is_empty(), "no pinhole before the answer");
-    let back = h.sdp(&d, Some("tt1"), SdpRole::Answer, Side::External, PEER_PROXY, &audio("198.51.100.7", 5000, "")).expect("answer");
+    let back = h
+        .sdp(
+            &d,
+            Some("tt1"),
+            SdpRole::Answer,
+            Side::External,
+            PEER_PROXY,
+            &audio("198.51.100.7", 5000, ""),
+        )
+        .expect("answer");
     assert_eq!(c_addr(&back), "10.77.0.1");
     let int = m_port(&back, 0);
     assert_ne!(int, public);
@@ -188,13 +249,30 @@ fn relay_inbound_call_with_rtcp_mux_is_one_flow() {
     let mut h = H::relay();
     let d = dialog(2);
     let out = h
-        .sdp(&d, None, SdpRole::Offer, Side::External, PEER_PROXY, &audio("198.51.100.7", 5000, "a=rtcp-mux\r\n"))
+        .sdp(
+            &d,
+            None,
+            SdpRole::Offer,
+            Side::External,
+            PEER_PROXY,
+            &audio("198.51.100.7", 5000, "a=rtcp-mux\r\n"),
+        )
         .expect("offer");
     assert_eq!(c_addr(&out), "10.77.0.1");
-    h.sdp(&d, Some("tt"), SdpRole::Answer, Side::Internal, CLIENT, &audio("10.77.0.2", 4000, "a=rtcp-mux\r\n"))
-        .expect("answer");
+    h.sdp(
+        &d,
+        Some("tt"),
+        SdpRole::Answer,
+        Side::Internal,
+        CLIENT,
+        &audio("10.77.0.2", 4000, "a=rtcp-mux\r\n"),
+    )
+    .expect("answer");
     assert_eq!(h.flows().len(), 1);
-    assert_eq!(h.c.manager().client_flows("10.77.0.2".parse().expect("ip")), 1);
+    assert_eq!(
+        h.c.manager().client_flows("10.77.0.2".parse().expect("ip")),
+        1
+    );
     h.end(&d, None, EndReason::Bye);
     h.assert_no_orphans();
 }
@@ -203,11 +281,29 @@ fn relay_inbound_call_with_rtcp_mux_is_one_flow() {
 fn nat_mode_rewrites_only_the_internal_sdp() {
     let mut h = H::new(settings(MediaMode::Nat));
     let d = dialog(3);
-    let out = h.sdp(&d, None, SdpRole::Offer, Side::Internal, CLIENT, &audio("10.77.0.2", 4000, "")).expect("offer");
+    let out = h
+        .sdp(
+            &d,
+            None,
+            SdpRole::Offer,
+            Side::Internal,
+            CLIENT,
+            &audio("10.77.0.2", 4000, ""),
+        )
+        .expect("offer");
     assert_eq!(c_addr(&out), "203.0.113.1");
     let public = m_port(&out, 0);
     let answer = audio("198.51.100.7", 5000, "");
-    let back = h.sdp(&d, Some("t"), SdpRole::Answer, Side::External, PEER_PROXY, &answer).expect("answer");
+    let back = h
+        .sdp(
+            &d,
+            Some("t"),
+            SdpRole::Answer,
+            Side::External,
+            PEER_PROXY,
+            &answer,
+        )
+        .expect("answer");
     assert_eq!(back, answer, "the peer's SDP passes untouched in nat mode");
     assert!(h.flows().contains(&Flow::Nat {
         proto: Proto::Udp,
@@ -226,17 +322,51 @@ fn late_offer_in_200_answer_in_ack() {
     let mut h = H::relay();
     let d = dialog(4);
     // INVITE without SDP: nothing reported. 200 OK carries the offer.
-    h.sdp(&d, Some("tt"), SdpRole::Offer, Side::External, PEER_PROXY, &audio("198.51.100.7", 5000, "")).expect("offer in 200");
+    h.sdp(
+        &d,
+        Some("tt"),
+        SdpRole::Offer,
+        Side::External,
+        PEER_PROXY,
+        &audio("198.51.100.7", 5000, ""),
+    )
+    .expect("offer in 200");
     assert!(h.flows().is_empty());
-    h.sdp(&d, Some("tt"), SdpRole::Answer, Side::Internal, CLIENT, &audio("10.77.0.2", 4000, "")).expect("answer in ACK");
+    h.sdp(
+        &d,
+        Some("tt"),
+        SdpRole::Answer,
+        Side::Internal,
+        CLIENT,
+        &audio("10.77.0.2", 4000, ""),
+    )
+    .expect("answer in ACK");
     assert_eq!(h.flows().len(), 2);
     h.end(&d, Some("tt"), EndReason::Bye);
     h.assert_no_orphans();
 }
 
 fn established(h: &mut H, d: &DialogKey) -> (u16, u16) {
-    let out = h.sdp(d, None, SdpRole::Offer, Side::Internal, CLIENT, &audio("10.77.0.2", 4000, "")).expect("offer");
-    let back = h.sdp(d, Some("tt"), SdpRole::Answer, Side::External, PEER_PROXY, &audio("198.51.100.7", 5000, "")).expect("answer");
+    let out = h
+        .sdp(
+            d,
+            None,
+            SdpRole::Offer,
+            Side::Internal,
+            CLIENT,
+            &audio("10.77.0.2", 4000, ""),
+        )
+        .expect("offer");
+    let back = h
+        .sdp(
+            d,
+            Some("tt"),
+            SdpRole::Answer,
+            Side::External,
+            PEER_PROXY,
+            &audio("198.51.100.7", 5000, ""),
+        )
+        .expect("answer");
     (m_port(&out, 0), m_port(&back, 0))
 }
 
@@ -247,21 +377,72 @@ fn reinvite_moving_a_stream_keeps_edge_ports_and_updates_in_place() {
     let (public, int) = established(&mut h, &d);
     let ids_before: Vec<_> = h.c.sink().installed.keys().copied().collect();
     // The peer moves its media (re-INVITE from outside).
-    let out = h.sdp(&d, Some("tt"), SdpRole::Offer, Side::External, PEER_PROXY, &audio("198.51.100.8", 6000, "")).expect("re-offer");
-    assert_eq!(m_port(&out, 0), int, "the client keeps talking to the same edge port");
-    let back = h.sdp(&d, Some("tt"), SdpRole::Answer, Side::Internal, CLIENT, &audio("10.77.0.2", 4000, "")).expect("re-answer");
+    let out = h
+        .sdp(
+            &d,
+            Some("tt"),
+            SdpRole::Offer,
+            Side::External,
+            PEER_PROXY,
+            &audio("198.51.100.8", 6000, ""),
+        )
+        .expect("re-offer");
+    assert_eq!(
+        m_port(&out, 0),
+        int,
+        "the client keeps talking to the same edge port"
+    );
+    let back = h
+        .sdp(
+            &d,
+            Some("tt"),
+            SdpRole::Answer,
+            Side::Internal,
+            CLIENT,
+            &audio("10.77.0.2", 4000, ""),
+        )
+        .expect("re-answer");
     assert_eq!(m_port(&back, 0), public);
     let ids_after: Vec<_> = h.c.sink().installed.keys().copied().collect();
     assert_eq!(ids_before, ids_after, "same pinholes, updated");
     assert!(h.c.sink().log.iter().any(|r| matches!(r, Recorded::Update(_, Flow::Relay { peer, .. }) if *peer == sa("198.51.100.8:6000"))));
-    assert!(!h.c.sink().log.iter().any(|r| matches!(r, Recorded::Remove(_))), "media never interrupted");
+    assert!(
+        !h.c.sink()
+            .log
+            .iter()
+            .any(|r| matches!(r, Recorded::Remove(_))),
+        "media never interrupted"
+    );
     // The client adds video: new flows installed, audio untouched.
     let log_len = h.c.sink().log.len();
-    let out = h.sdp(&d, Some("tt"), SdpRole::Offer, Side::Internal, CLIENT, &audio_video("10.77.0.2", 4000, 4002)).expect("add video");
+    let out = h
+        .sdp(
+            &d,
+            Some("tt"),
+            SdpRole::Offer,
+            Side::Internal,
+            CLIENT,
+            &audio_video("10.77.0.2", 4000, 4002),
+        )
+        .expect("add video");
     assert_eq!(m_port(&out, 0), public);
-    h.sdp(&d, Some("tt"), SdpRole::Answer, Side::External, PEER_PROXY, &audio_video("198.51.100.8", 6000, 6002)).expect("video answer");
+    h.sdp(
+        &d,
+        Some("tt"),
+        SdpRole::Answer,
+        Side::External,
+        PEER_PROXY,
+        &audio_video("198.51.100.8", 6000, 6002),
+    )
+    .expect("video answer");
     assert_eq!(h.flows().len(), 4);
-    assert!(h.c.sink().log[log_len..].iter().all(|r| matches!(r, Recorded::Install(..))), "{:?}", &h.c.sink().log[log_len..]);
+    assert!(
+        h.c.sink().log[log_len..]
+            .iter()
+            .all(|r| matches!(r, Recorded::Install(..))),
+        "{:?}",
+        &h.c.sink().log[log_len..]
+    );
     h.end(&d, Some("tt"), EndReason::Bye);
     h.assert_no_orphans();
 }
@@ -272,16 +453,73 @@ fn hold_with_inactive_removes_pinholes_but_keeps_ports_and_sendonly_keeps_both()
     let d = dialog(6);
     let (public, _) = established(&mut h, &d);
     let ports = h.c.manager().ports_in_use();
-    h.sdp(&d, Some("tt"), SdpRole::Offer, Side::Internal, CLIENT, &audio("10.77.0.2", 4000, "a=sendonly\r\n")).expect("hold");
-    h.sdp(&d, Some("tt"), SdpRole::Answer, Side::External, PEER_PROXY, &audio("198.51.100.7", 5000, "a=recvonly\r\n")).expect("held");
-    assert_eq!(h.flows().len(), 2, "sendonly hold: music on hold still flows");
-    h.sdp(&d, Some("tt"), SdpRole::Offer, Side::Internal, CLIENT, &audio("10.77.0.2", 4000, "a=inactive\r\n")).expect("inactive");
-    h.sdp(&d, Some("tt"), SdpRole::Answer, Side::External, PEER_PROXY, &audio("198.51.100.7", 5000, "a=inactive\r\n")).expect("inactive answer");
+    h.sdp(
+        &d,
+        Some("tt"),
+        SdpRole::Offer,
+        Side::Internal,
+        CLIENT,
+        &audio("10.77.0.2", 4000, "a=sendonly\r\n"),
+    )
+    .expect("hold");
+    h.sdp(
+        &d,
+        Some("tt"),
+        SdpRole::Answer,
+        Side::External,
+        PEER_PROXY,
+        &audio("198.51.100.7", 5000, "a=recvonly\r\n"),
+    )
+    .expect("held");
+    assert_eq!(
+        h.flows().len(),
+        2,
+        "sendonly hold: music on hold still flows"
+    );
+    h.sdp(
+        &d,
+        Some("tt"),
+        SdpRole::Offer,
+        Side::Internal,
+        CLIENT,
+        &audio("10.77.0.2", 4000, "a=inactive\r\n"),
+    )
+    .expect("inactive");
+    h.sdp(
+        &d,
+        Some("tt"),
+        SdpRole::Answer,
+        Side::External,
+        PEER_PROXY,
+        &audio("198.51.100.7", 5000, "a=inactive\r\n"),
+    )
+    .expect("inactive answer");
     assert!(h.flows().is_empty(), "inactive: no pinhole");
-    assert_eq!(h.c.manager().ports_in_use(), ports, "ports kept for the resume");
-    let out = h.sdp(&d, Some("tt"), SdpRole::Offer, Side::Internal, CLIENT, &audio("10.77.0.2", 4000, "")).expect("resume");
+    assert_eq!(
+        h.c.manager().ports_in_use(),
+        ports,
+        "ports kept for the resume"
+    );
+    let out = h
+        .sdp(
+            &d,
+            Some("tt"),
+            SdpRole::Offer,
+            Side::Internal,
+            CLIENT,
+            &audio("10.77.0.2", 4000, ""),
+        )
+        .expect("resume");
     assert_eq!(m_port(&out, 0), public, "resume on the same edge port");
-    h.sdp(&d, Some("tt"), SdpRole::Answer, Side::External, PEER_PROXY, &audio("198.51.100.7", 5000, "")).expect("resumed");
+    h.sdp(
+        &d,
+        Some("tt"),
+        SdpRole::Answer,
+        Side::External,
+        PEER_PROXY,
+        &audio("198.51.100.7", 5000, ""),
+    )
+    .expect("resumed");
     assert_eq!(h.flows().len(), 2);
     h.end(&d, None, EndReason::Bye);
     h.assert_no_orphans();
@@ -291,12 +529,34 @@ fn hold_with_inactive_removes_pinholes_but_keeps_ports_and_sendonly_keeps_both()
 fn port_zero_in_the_answer_rejects_the_stream_and_frees_its_ports() {
     let mut h = H::relay();
     let d = dialog(7);
-    h.sdp(&d, None, SdpRole::Offer, Side::Internal, CLIENT, &audio_video("10.77.0.2", 4000, 4002)).expect("offer");
+    h.sdp(
+        &d,
+        None,
+        SdpRole::Offer,
+        Side::Internal,
+        CLIENT,
+        &audio_video("10.77.0.2", 4000, 4002),
+    )
+    .expect("offer");
     assert_eq!(h.c.manager().ports_in_use(), 4);
-    h.sdp(&d, Some("t"), SdpRole::Answer, Side::External, PEER_PROXY, &audio_video("198.51.100.7", 5000, 0)).expect("answer");
+    h.sdp(
+        &d,
+        Some("t"),
+        SdpRole::Answer,
+        Side::External,
+        PEER_PROXY,
+        &audio_video("198.51.100.7", 5000, 0),
+    )
+    .expect("answer");
     assert_eq!(h.flows().len(), 2, "audio only");
-    assert!(h.flows().iter().all(|f| matches!(f, Flow::Relay { peer, .. } if peer.port() == 5000 || peer.port() == 5001)));
-    assert_eq!(h.c.manager().ports_in_use(), 4, "video's public pair released, audio's internal pair taken");
+    assert!(h.flows().iter().all(
+        |f| matches!(f, Flow::Relay { peer, .. } if peer.port() == 5000 || peer.port() == 5001)
+    ));
+    assert_eq!(
+        h.c.manager().ports_in_use(),
+        4,
+        "video's public pair released, audio's internal pair taken"
+    );
     h.end(&d, None, EndReason::Bye);
     h.assert_no_orphans();
 }
@@ -305,21 +565,78 @@ fn port_zero_in_the_answer_rejects_the_stream_and_frees_its_ports() {
 fn early_media_forks_replace_then_2xx_confirms() {
     let mut h = H::relay();
     let d = dialog(8);
-    h.sdp(&d, None, SdpRole::Offer, Side::Internal, CLIENT, &audio("10.77.0.2", 4000, "")).expect("offer");
-    let a = h.sdp(&d, Some("forkA"), SdpRole::EarlyAnswer, Side::External, PEER_PROXY, &audio("198.51.100.7", 5000, "")).expect("183 A");
+    h.sdp(
+        &d,
+        None,
+        SdpRole::Offer,
+        Side::Internal,
+        CLIENT,
+        &audio("10.77.0.2", 4000, ""),
+    )
+    .expect("offer");
+    let a = h
+        .sdp(
+            &d,
+            Some("forkA"),
+            SdpRole::EarlyAnswer,
+            Side::External,
+            PEER_PROXY,
+            &audio("198.51.100.7", 5000, ""),
+        )
+        .expect("183 A");
     let peer = |h: &H| -> Vec<u16> {
-        let mut v: Vec<u16> = h.flows().iter().map(|f| match f { Flow::Relay { peer, .. } | Flow::Nat { peer, .. } => peer.port() }).collect();
+        let mut v: Vec<u16> = h
+            .flows()
+            .iter()
+            .map(|f| match f {
+                Flow::Relay { peer, .. } | Flow::Nat { peer, .. } => peer.port(),
+            })
+            .collect();
         v.sort_unstable();
         v
     };
     assert_eq!(peer(&h), vec![5000, 5001], "early media installed");
-    let b = h.sdp(&d, Some("forkB"), SdpRole::EarlyAnswer, Side::External, PEER_PROXY, &audio("198.51.100.9", 7000, "")).expect("183 B");
-    assert_eq!(m_port(&a, 0), m_port(&b, 0), "forks share the edge port the caller sees");
+    let b = h
+        .sdp(
+            &d,
+            Some("forkB"),
+            SdpRole::EarlyAnswer,
+            Side::External,
+            PEER_PROXY,
+            &audio("198.51.100.9", 7000, ""),
+        )
+        .expect("183 B");
+    assert_eq!(
+        m_port(&a, 0),
+        m_port(&b, 0),
+        "forks share the edge port the caller sees"
+    );
     assert_eq!(peer(&h), vec![7000, 7001], "latest fork wins");
-    h.sdp(&d, Some("forkA"), SdpRole::Answer, Side::External, PEER_PROXY, &audio("198.51.100.7", 5000, "")).expect("200 A");
-    assert_eq!(peer(&h), vec![5000, 5001], "2xx fork replaces the early one");
+    h.sdp(
+        &d,
+        Some("forkA"),
+        SdpRole::Answer,
+        Side::External,
+        PEER_PROXY,
+        &audio("198.51.100.7", 5000, ""),
+    )
+    .expect("200 A");
+    assert_eq!(
+        peer(&h),
+        vec![5000, 5001],
+        "2xx fork replaces the early one"
+    );
     // B's late 2xx after confirmation: rewritten, nothing installed; its BYE removes nothing.
-    let late = h.sdp(&d, Some("forkB"), SdpRole::Answer, Side::External, PEER_PROXY, &audio("198.51.100.9", 7000, "")).expect("200 B");
+    let late = h
+        .sdp(
+            &d,
+            Some("forkB"),
+            SdpRole::Answer,
+            Side::External,
+            PEER_PROXY,
+            &audio("198.51.100.9", 7000, ""),
+        )
+        .expect("200 B");
     assert_eq!(c_addr(&late), "10.77.0.1");
     h.end(&d, Some("forkB"), EndReason::Bye);
     assert_eq!(peer(&h), vec![5000, 5001]);
@@ -329,11 +646,31 @@ fn early_media_forks_replace_then_2xx_confirms() {
 
 #[test]
 fn early_media_cleaned_by_cancel_and_by_486() {
-    for reason in [EndReason::Cancel, EndReason::Failure(486), EndReason::Timeout] {
+    for reason in [
+        EndReason::Cancel,
+        EndReason::Failure(486),
+        EndReason::Timeout,
+    ] {
         let mut h = H::relay();
         let d = dialog(9);
-        h.sdp(&d, None, SdpRole::Offer, Side::Internal, CLIENT, &audio("10.77.0.2", 4000, "")).expect("offer");
-        h.sdp(&d, Some("f"), SdpRole::EarlyAnswer, Side::External, PEER_PROXY, &audio("198.51.100.7", 5000, "")).expect("183");
+        h.sdp(
+            &d,
+            None,
+            SdpRole::Offer,
+            Side::Internal,
+            CLIENT,
+            &audio("10.77.0.2", 4000, ""),
+        )
+        .expect("offer");
+        h.sdp(
+            &d,
+            Some("f"),
+            SdpRole::EarlyAnswer,
+            Side::External,
+            PEER_PROXY,
+            &audio("198.51.100.7", 5000, ""),
+        )
+        .expect("183");
         assert_eq!(h.flows().len(), 2);
         h.end(&d, None, reason);
         h.assert_no_orphans();
@@ -344,12 +681,39 @@ fn early_media_cleaned_by_cancel_and_by_486() {
 fn a_failed_early_fork_goes_and_another_fork_answers() {
     let mut h = H::relay();
     let d = dialog(10);
-    h.sdp(&d, None, SdpRole::Offer, Side::Internal, CLIENT, &audio("10.77.0.2", 4000, "")).expect("offer");
-    h.sdp(&d, Some("a"), SdpRole::EarlyAnswer, Side::External, PEER_PROXY, &audio("198.51.100.7", 5000, "")).expect("183 a");
+    h.sdp(
+        &d,
+        None,
+        SdpRole::Offer,
+        Side::Internal,
+        CLIENT,
+        &audio("10.77.0.2", 4000, ""),
+    )
+    .expect("offer");
+    h.sdp(
+        &d,
+        Some("a"),
+        SdpRole::EarlyAnswer,
+        Side::External,
+        PEER_PROXY,
+        &audio("198.51.100.7", 5000, ""),
+    )
+    .expect("183 a");
     h.end(&d, Some("a"), EndReason::Failure(486));
-    assert!(h.flows().is_empty(), "the failed fork's early media is gone");
+    assert!(
+        h.flows().is_empty(),
+        "the failed fork's early media is gone"
+    );
     assert_eq!(h.c.manager().dialogs(), 1, "the dialog set lives on");
-    h.sdp(&d, Some("b"), SdpRole::Answer, Side::External, PEER_PROXY, &audio("198.51.100.9", 7000, "")).expect("200 b");
+    h.sdp(
+        &d,
+        Some("b"),
+        SdpRole::Answer,
+        Side::External,
+        PEER_PROXY,
+        &audio("198.51.100.9", 7000, ""),
+    )
+    .expect("200 b");
     assert_eq!(h.flows().len(), 2);
     h.end(&d, Some("b"), EndReason::Bye);
     h.assert_no_orphans();
@@ -397,8 +761,24 @@ fn idle_unused_and_max_length_expiry() {
 
     // Early media that never carries anything is not "unused": callees ring long.
     let mut h = H::relay();
-    h.sdp(&d, None, SdpRole::Offer, Side::Internal, CLIENT, &audio("10.77.0.2", 4000, "")).expect("offer");
-    h.sdp(&d, Some("f"), SdpRole::EarlyAnswer, Side::External, PEER_PROXY, &audio("198.51.100.7", 5000, "")).expect("183");
+    h.sdp(
+        &d,
+        None,
+        SdpRole::Offer,
+        Side::Internal,
+        CLIENT,
+        &audio("10.77.0.2", 4000, ""),
+    )
+    .expect("offer");
+    h.sdp(
+        &d,
+        Some("f"),
+        SdpRole::EarlyAnswer,
+        Side::External,
+        PEER_PROXY,
+        &audio("198.51.100.7", 5000, ""),
+    )
+    .expect("183");
     h.at(170);
     assert!(h.tick().is_empty());
     h.end(&d, None, EndReason::Cancel);
@@ -410,15 +790,40 @@ fn internal_targets_must_be_the_signalling_source_or_an_allowed_subnet() {
     let mut h = H::relay();
     let d = dialog(12);
     // SDP names another internal host: NAT-slipstreaming shape.
-    let e = h.sdp(&d, None, SdpRole::Offer, Side::Internal, CLIENT, &audio("10.77.0.99", 4000, "")).expect_err("other host");
+    let e = h
+        .sdp(
+            &d,
+            None,
+            SdpRole::Offer,
+            Side::Internal,
+            CLIENT,
+            &audio("10.77.0.99", 4000, ""),
+        )
+        .expect_err("other host");
     assert!(matches!(e, MediaError::Forbidden { .. }), "{e:?}");
     assert_eq!(e.status(), 488);
     // A privileged port on the client itself.
-    let e = h.sdp(&d, None, SdpRole::Offer, Side::Internal, CLIENT, &audio("10.77.0.2", 22, "")).expect_err("port 22");
+    let e = h
+        .sdp(
+            &d,
+            None,
+            SdpRole::Offer,
+            Side::Internal,
+            CLIENT,
+            &audio("10.77.0.2", 22, ""),
+        )
+        .expect_err("port 22");
     assert!(matches!(e, MediaError::Forbidden { .. }), "{e:?}");
     // An a=rtcp pointing elsewhere is checked too.
     let e = h
-        .sdp(&d, None, SdpRole::Offer, Side::Internal, CLIENT, &audio("10.77.0.2", 4000, "a=rtcp:4001 IN IP4 10.77.0.50\r\n"))
+        .sdp(
+            &d,
+            None,
+            SdpRole::Offer,
+            Side::Internal,
+            CLIENT,
+            &audio("10.77.0.2", 4000, "a=rtcp:4001 IN IP4 10.77.0.50\r\n"),
+        )
         .expect_err("rtcp elsewhere");
     assert!(matches!(e, MediaError::Forbidden { .. }), "{e:?}");
     h.assert_no_orphans();
@@ -427,10 +832,27 @@ fn internal_targets_must_be_the_signalling_source_or_an_allowed_subnet() {
     let mut s = settings(MediaMode::Relay);
     s.allowed_internal_subnets = vec![sip_edge::config::parse_cidr("10.77.0.0/24").expect("cidr")];
     let mut h = H::new(s);
-    h.sdp(&d, None, SdpRole::Offer, Side::Internal, CLIENT, &audio("10.77.0.99", 4000, "")).expect("allowed subnet");
+    h.sdp(
+        &d,
+        None,
+        SdpRole::Offer,
+        Side::Internal,
+        CLIENT,
+        &audio("10.77.0.99", 4000, ""),
+    )
+    .expect("allowed subnet");
     // ...and an outside peer may not name that subnet or the edge itself.
     for bad in ["10.77.0.5", "203.0.113.1", "127.0.0.1", "0.0.0.0"] {
-        let e = h.sdp(&d, Some("t"), SdpRole::Answer, Side::External, PEER_PROXY, &audio(bad, 5000, "")).expect_err(bad);
+        let e = h
+            .sdp(
+                &d,
+                Some("t"),
+                SdpRole::Answer,
+                Side::External,
+                PEER_PROXY,
+                &audio(bad, 5000, ""),
+            )
+            .expect_err(bad);
         assert!(matches!(e, MediaError::Forbidden { .. }), "{bad}: {e:?}");
     }
     assert!(h.flows().is_empty());
@@ -442,23 +864,80 @@ fn internal_targets_must_be_the_signalling_source_or_an_allowed_subnet() {
 fn nothing_without_a_proxied_offer_and_bad_bodies_are_refused() {
     let mut h = H::relay();
     let d = dialog(13);
-    let e = h.sdp(&d, Some("t"), SdpRole::Answer, Side::External, PEER_PROXY, &audio("198.51.100.7", 5000, "")).expect_err("no offer");
+    let e = h
+        .sdp(
+            &d,
+            Some("t"),
+            SdpRole::Answer,
+            Side::External,
+            PEER_PROXY,
+            &audio("198.51.100.7", 5000, ""),
+        )
+        .expect_err("no offer");
     assert!(matches!(e, MediaError::NotAcceptable { .. }), "{e:?}");
-    let e = h.sdp(&d, None, SdpRole::Offer, Side::External, PEER_PROXY, "v=0\r\nm=audio x RTP/AVP 0\r\n").expect_err("garbage");
+    let e = h
+        .sdp(
+            &d,
+            None,
+            SdpRole::Offer,
+            Side::External,
+            PEER_PROXY,
+            "v=0\r\nm=audio x RTP/AVP 0\r\n",
+        )
+        .expect_err("garbage");
     assert!(matches!(e, MediaError::NotAcceptable { .. }), "{e:?}");
-    let e = h.sdp(&d, None, SdpRole::Offer, Side::External, PEER_PROXY, &audio("media.example.com", 5000, "")).expect_err("fqdn");
+    let e = h
+        .sdp(
+            &d,
+            None,
+            SdpRole::Offer,
+            Side::External,
+            PEER_PROXY,
+            &audio("media.example.com", 5000, ""),
+        )
+        .expect_err("fqdn");
     assert!(matches!(e, MediaError::NotAcceptable { .. }), "{e:?}");
     let multipart = "--b\r\nContent-Type: application/sdp\r\n\r\nv=0\r\n--b--\r\n";
     let e = h
-        .sdp_typed(&d, None, SdpRole::Offer, Side::Internal, CLIENT, multipart, "multipart/mixed;boundary=b")
+        .sdp_typed(
+            &d,
+            None,
+            SdpRole::Offer,
+            Side::Internal,
+            CLIENT,
+            multipart,
+            "multipart/mixed;boundary=b",
+        )
         .expect_err("multipart");
     assert!(matches!(e, MediaError::NotAcceptable { .. }), "{e:?}");
     // x-msmsgsinvite outside a dialog the edge set up: address-free
     // invitations pass, addressed ones are refused.
     let invite = "Invitation-Command: INVITE\r\nInvitation-Cookie: 7\r\n\r\n";
-    assert_eq!(h.sdp_typed(&d, None, SdpRole::Offer, Side::Internal, CLIENT, invite, "text/x-msmsgsinvite; charset=UTF-8").expect("invite"), invite);
+    assert_eq!(
+        h.sdp_typed(
+            &d,
+            None,
+            SdpRole::Offer,
+            Side::Internal,
+            CLIENT,
+            invite,
+            "text/x-msmsgsinvite; charset=UTF-8"
+        )
+        .expect("invite"),
+        invite
+    );
     let accept = "Invitation-Command: ACCEPT\r\nInvitation-Cookie: 7\r\nIP-Address: 10.77.0.2\r\nPort: 6891\r\n\r\n";
-    let e = h.sdp_typed(&d, None, SdpRole::Offer, Side::Internal, CLIENT, accept, "text/x-msmsgsinvite").expect_err("accept");
+    let e = h
+        .sdp_typed(
+            &d,
+            None,
+            SdpRole::Offer,
+            Side::Internal,
+            CLIENT,
+            accept,
+            "text/x-msmsgsinvite",
+        )
+        .expect_err("accept");
     assert!(matches!(e, MediaError::Forbidden { .. }), "{e:?}");
     h.assert_no_orphans();
 }
@@ -472,12 +951,29 @@ fn per_client_and_global_caps_refuse_without_evicting() {
     established(&mut h, &d1);
     established(&mut h, &d2);
     let live = h.flows();
-    let e = h.sdp(&d3, None, SdpRole::Offer, Side::Internal, CLIENT, &audio("10.77.0.2", 4100, "")).expect_err("over cap");
+    let e = h
+        .sdp(
+            &d3,
+            None,
+            SdpRole::Offer,
+            Side::Internal,
+            CLIENT,
+            &audio("10.77.0.2", 4100, ""),
+        )
+        .expect_err("over cap");
     assert!(matches!(e, MediaError::Exhausted { .. }), "{e:?}");
     assert_eq!(e.status(), 503);
     assert_eq!(h.flows(), live, "live calls untouched");
     // Another client is not affected by the first one's cap.
-    h.sdp(&d3, None, SdpRole::Offer, Side::Internal, CLIENT2, &audio("10.77.0.3", 4000, "")).expect("other client");
+    h.sdp(
+        &d3,
+        None,
+        SdpRole::Offer,
+        Side::Internal,
+        CLIENT2,
+        &audio("10.77.0.3", 4000, ""),
+    )
+    .expect("other client");
     for d in [&d1, &d2, &d3] {
         h.end(d, None, EndReason::Bye);
     }
@@ -485,10 +981,22 @@ fn per_client_and_global_caps_refuse_without_evicting() {
 
     // Port exhaustion: 40000-40003 holds two RTP/RTCP pairs.
     let mut s = settings(MediaMode::Relay);
-    s.port_ranges = vec![PortRange { start: 40000, end: 40003 }];
+    s.port_ranges = vec![PortRange {
+        start: 40000,
+        end: 40003,
+    }];
     let mut h = H::new(s);
     established(&mut h, &d1);
-    let e = h.sdp(&d2, None, SdpRole::Offer, Side::Internal, CLIENT, &audio("10.77.0.2", 4100, "")).expect_err("no ports");
+    let e = h
+        .sdp(
+            &d2,
+            None,
+            SdpRole::Offer,
+            Side::Internal,
+            CLIENT,
+            &audio("10.77.0.2", 4100, ""),
+        )
+        .expect_err("no ports");
     assert!(matches!(e, MediaError::Exhausted { .. }), "{e:?}");
     assert_eq!(h.flows().len(), 2);
     h.end(&d1, None, EndReason::Bye);
@@ -502,7 +1010,16 @@ fn per_client_and_global_caps_refuse_without_evicting() {
     s.max_calls = 1;
     let mut h = H::new(s);
     established(&mut h, &d1);
-    let e = h.sdp(&d2, None, SdpRole::Offer, Side::External, PEER_PROXY, &audio("198.51.100.7", 5000, "")).expect_err("call cap");
+    let e = h
+        .sdp(
+            &d2,
+            None,
+            SdpRole::Offer,
+            Side::External,
+            PEER_PROXY,
+            &audio("198.51.100.7", 5000, ""),
+        )
+        .expect_err("call cap");
     assert!(matches!(e, MediaError::Exhausted { .. }), "{e:?}");
     h.end(&d1, None, EndReason::Bye);
     h.assert_no_orphans();
@@ -512,17 +1029,46 @@ fn per_client_and_global_caps_refuse_without_evicting() {
 fn a_map_failure_leaves_nothing_half_installed() {
     let mut h = H::relay();
     let d = dialog(30);
-    h.sdp(&d, None, SdpRole::Offer, Side::Internal, CLIENT, &audio("10.77.0.2", 4000, "")).expect("offer");
+    h.sdp(
+        &d,
+        None,
+        SdpRole::Offer,
+        Side::Internal,
+        CLIENT,
+        &audio("10.77.0.2", 4000, ""),
+    )
+    .expect("offer");
     let ports = h.c.manager().ports_in_use();
     h.c.sink_mut().installs_before_failure = Some(1);
-    let e = h.sdp(&d, Some("t"), SdpRole::Answer, Side::External, PEER_PROXY, &audio("198.51.100.7", 5000, "")).expect_err("table full");
+    let e = h
+        .sdp(
+            &d,
+            Some("t"),
+            SdpRole::Answer,
+            Side::External,
+            PEER_PROXY,
+            &audio("198.51.100.7", 5000, ""),
+        )
+        .expect_err("table full");
     assert!(matches!(e, MediaError::Exhausted { .. }), "{e:?}");
     assert!(h.flows().is_empty(), "RTP installed then undone");
     assert!(h.c.manager().installed().is_empty());
-    assert_eq!(h.c.manager().ports_in_use(), ports, "the answer's allocation was rolled back");
+    assert_eq!(
+        h.c.manager().ports_in_use(),
+        ports,
+        "the answer's allocation was rolled back"
+    );
     // The table frees up; the (retransmitted) answer now works.
     h.c.sink_mut().installs_before_failure = None;
-    h.sdp(&d, Some("t"), SdpRole::Answer, Side::External, PEER_PROXY, &audio("198.51.100.7", 5000, "")).expect("answer");
+    h.sdp(
+        &d,
+        Some("t"),
+        SdpRole::Answer,
+        Side::External,
+        PEER_PROXY,
+        &audio("198.51.100.7", 5000, ""),
+    )
+    .expect("answer");
     assert_eq!(h.flows().len(), 2);
     h.end(&d, None, EndReason::Bye);
     h.assert_no_orphans();
@@ -533,10 +1079,21 @@ fn msrp_and_rfc4145_tcp_streams_get_one_tcp_flow_each() {
     let mut h = H::relay();
     let d = dialog(31);
     let offer = "v=0\r\no=- 1 1 IN IP4 10.77.0.2\r\ns=-\r\nc=IN IP4 10.77.0.2\r\nt=0 0\r\nm=message 2855 TCP/MSRP *\r\na=path:msrp://10.77.0.2:2855/s111;tcp\r\nm=application 9 TCP wb\r\na=setup:active\r\na=connection:new\r\n";
-    let out = h.sdp(&d, None, SdpRole::Offer, Side::Internal, CLIENT, offer).expect("offer");
+    let out = h
+        .sdp(&d, None, SdpRole::Offer, Side::Internal, CLIENT, offer)
+        .expect("offer");
     assert!(!out.contains("10.77.0.2"), "{out}");
     let answer = "v=0\r\no=- 1 1 IN IP4 198.51.100.7\r\ns=-\r\nc=IN IP4 198.51.100.7\r\nt=0 0\r\nm=message 2856 TCP/MSRP *\r\na=path:msrp://198.51.100.7:2856/s222;tcp\r\nm=application 5100 TCP wb\r\na=setup:passive\r\na=connection:new\r\n";
-    let back = h.sdp(&d, Some("t"), SdpRole::Answer, Side::External, PEER_PROXY, answer).expect("answer");
+    let back = h
+        .sdp(
+            &d,
+            Some("t"),
+            SdpRole::Answer,
+            Side::External,
+            PEER_PROXY,
+            answer,
+        )
+        .expect("answer");
     assert!(back.contains("a=path:msrp://10.77.0.1:"), "{back}");
     let flows = h.flows();
     assert_eq!(flows.len(), 2);
@@ -565,29 +1122,61 @@ fn ft_accept(cookie: u32, addr: SocketAddr) -> String {
 }
 
 fn ft_cancel(cookie: u32) -> String {
-    format!("Invitation-Command: CANCEL\r\nInvitation-Cookie: {cookie}\r\nCancel-Code: REJECT\r\n\r\n")
+    format!(
+        "Invitation-Command: CANCEL\r\nInvitation-Cookie: {cookie}\r\nCancel-Code: REJECT\r\n\r\n"
+    )
 }
 
 impl H {
     /// An invitation as the proxy reports it (INVITE command = offer, ACCEPT = answer).
-    fn ft(&mut self, d: &DialogKey, side: Side, src: &str, body: &str) -> Result<String, MediaError> {
-        let role = if body.contains("Invitation-Command: ACCEPT") { SdpRole::Answer } else { SdpRole::Offer };
+    fn ft(
+        &mut self,
+        d: &DialogKey,
+        side: Side,
+        src: &str,
+        body: &str,
+    ) -> Result<String, MediaError> {
+        let role = if body.contains("Invitation-Command: ACCEPT") {
+            SdpRole::Answer
+        } else {
+            SdpRole::Offer
+        };
         self.sdp_typed(d, Some("tt"), role, side, src, body, MSMSGS)
     }
 
     /// INVITE command from `inviter`, addressed ACCEPT from the other side;
     /// returns the ACCEPT as forwarded.
-    fn transfer(&mut self, d: &DialogKey, cookie: u32, accept_side: Side, listen: SocketAddr) -> Result<String, MediaError> {
-        let src = |s: Side| if s == Side::Internal { CLIENT } else { PEER_PROXY };
+    fn transfer(
+        &mut self,
+        d: &DialogKey,
+        cookie: u32,
+        accept_side: Side,
+        listen: SocketAddr,
+    ) -> Result<String, MediaError> {
+        let src = |s: Side| {
+            if s == Side::Internal {
+                CLIENT
+            } else {
+                PEER_PROXY
+            }
+        };
         let inv = ft_invite(cookie);
-        assert_eq!(self.ft(d, accept_side.other(), src(accept_side.other()), &inv).expect("INVITE command"), inv, "address-free invitation passes unchanged");
+        assert_eq!(
+            self.ft(d, accept_side.other(), src(accept_side.other()), &inv)
+                .expect("INVITE command"),
+            inv,
+            "address-free invitation passes unchanged"
+        );
         self.ft(d, accept_side, src(accept_side), &ft_accept(cookie, listen))
     }
 }
 
 /// Where the forwarded invitation tells the connector to go.
 fn advertised(body: &str) -> SocketAddr {
-    sip_edge::sip::msmsgs::parse(body.as_bytes()).expect("invitation").endpoint.expect("IP-Address/Port")
+    sip_edge::sip::msmsgs::parse(body.as_bytes())
+        .expect("invitation")
+        .endpoint
+        .expect("IP-Address/Port")
 }
 
 fn ip_of(s: &str) -> std::net::IpAddr {
@@ -602,22 +1191,61 @@ fn msmsgs_relay_external_listener_internal_connector() {
     let d = dialog(40);
     established(&mut h, &d);
     let call = h.flows();
-    let out = h.transfer(&d, 4242, Side::External, sa("198.51.100.7:6891")).expect("ACCEPT");
+    let out = h
+        .transfer(&d, 4242, Side::External, sa("198.51.100.7:6891"))
+        .expect("ACCEPT");
     let adv = advertised(&out);
-    assert_eq!(adv.ip(), ip_of("10.77.0.1"), "the inside connects to the edge's internal address");
+    assert_eq!(
+        adv.ip(),
+        ip_of("10.77.0.1"),
+        "the inside connects to the edge's internal address"
+    );
     assert!(!out.contains("198.51.100.7"), "{out}");
-    assert!(out.contains(&format!("PortX: {}\r\n", adv.port())), "PortX follows Port: {out}");
+    assert!(
+        out.contains(&format!("PortX: {}\r\n", adv.port())),
+        "PortX follows Port: {out}"
+    );
     let t = h.c.manager().transfers_of(&d);
     assert_eq!(t.len(), 1);
-    let Flow::Relay { proto, client, edge_int, public, peer, latch_peer, learn_port } = t[0].1 else {
+    let Flow::Relay {
+        proto,
+        client,
+        edge_int,
+        public,
+        peer,
+        latch_peer,
+        learn_port,
+    } = t[0].1
+    else {
         panic!("relay flow expected: {:?}", t[0].1)
     };
-    assert_eq!((proto, edge_int, peer, latch_peer, learn_port), (Proto::Tcp, adv, sa("198.51.100.7:6891"), false, LearnPort::Client));
-    assert_eq!(client.ip(), ip_of("10.77.0.2"), "connector = the client's signalling source, strict");
+    assert_eq!(
+        (proto, edge_int, peer, latch_peer, learn_port),
+        (
+            Proto::Tcp,
+            adv,
+            sa("198.51.100.7:6891"),
+            false,
+            LearnPort::Client
+        )
+    );
+    assert_eq!(
+        client.ip(),
+        ip_of("10.77.0.2"),
+        "connector = the client's signalling source, strict"
+    );
     assert_eq!(public.ip(), ip_of("203.0.113.1"));
     assert!((40000..=40099).contains(&public.port()) && public.port() != adv.port());
-    assert_eq!(h.flows().len(), call.len() + 1, "the call's media is untouched");
-    assert_eq!(h.c.manager().client_flows(ip_of("10.77.0.2")), 3, "RTP/RTCP + the transfer count against the client");
+    assert_eq!(
+        h.flows().len(),
+        call.len() + 1,
+        "the call's media is untouched"
+    );
+    assert_eq!(
+        h.c.manager().client_flows(ip_of("10.77.0.2")),
+        3,
+        "RTP/RTCP + the transfer count against the client"
+    );
     h.end(&d, Some("tt"), EndReason::Bye);
     h.assert_no_orphans();
 }
@@ -628,20 +1256,45 @@ fn msmsgs_relay_internal_listener_external_connector_with_internal_variants() {
     let d = dialog(41);
     established(&mut h, &d);
     // Messenger behind a NAT names its outside guess and its LAN address.
-    h.ft(&d, Side::External, PEER_PROXY, &ft_invite(7)).expect("INVITE command");
+    h.ft(&d, Side::External, PEER_PROXY, &ft_invite(7))
+        .expect("INVITE command");
     let accept = "Invitation-Command: ACCEPT\r\nInvitation-Cookie: 7\r\nIP-Address: 192.0.2.50\r\nIP-Address-Internal: 10.77.0.2\r\nPort: 6891\r\nPortX: 11178\r\nPortX-Internal: 6892\r\nAuthCookie: 9\r\n\r\n";
     let out = h.ft(&d, Side::Internal, CLIENT, accept).expect("ACCEPT");
-    assert!(!out.contains("10.77.") && !out.contains("192.0.2.50"), "inside addresses leaked: {out}");
+    assert!(
+        !out.contains("10.77.") && !out.contains("192.0.2.50"),
+        "inside addresses leaked: {out}"
+    );
     let adv = advertised(&out);
     assert_eq!(adv.ip(), ip_of("203.0.113.1"));
     for f in ["Port", "PortX", "PortX-Internal"] {
-        assert!(out.contains(&format!("\r\n{f}: {}\r\n", adv.port())), "{f} not rewritten: {out}");
+        assert!(
+            out.contains(&format!("\r\n{f}: {}\r\n", adv.port())),
+            "{f} not rewritten: {out}"
+        );
     }
     let t = h.c.manager().transfers_of(&d);
-    let Flow::Relay { client, public, peer, learn_port, latch_peer, .. } = t[0].1 else { panic!("{:?}", t[0].1) };
-    assert_eq!(client, sa("10.77.0.2:6892"), "the LAN address and its PortX-Internal are the listener");
+    let Flow::Relay {
+        client,
+        public,
+        peer,
+        learn_port,
+        latch_peer,
+        ..
+    } = t[0].1
+    else {
+        panic!("{:?}", t[0].1)
+    };
+    assert_eq!(
+        client,
+        sa("10.77.0.2:6892"),
+        "the LAN address and its PortX-Internal are the listener"
+    );
     assert_eq!(public, adv);
-    assert_eq!((peer, learn_port, latch_peer), (sa("198.51.100.1:9"), LearnPort::Peer, false), "connector = the external TLS peer, strict");
+    assert_eq!(
+        (peer, learn_port, latch_peer),
+        (sa("198.51.100.1:9"), LearnPort::Peer, false),
+        "connector = the external TLS peer, strict"
+    );
     h.end(&d, None, EndReason::Bye);
     h.assert_no_orphans();
 }
@@ -652,20 +1305,52 @@ fn msmsgs_nat_mode_both_directions() {
     let d = dialog(42);
     established(&mut h, &d);
     // Internal listener: one public port, DNAT to the client.
-    let out = h.transfer(&d, 1, Side::Internal, sa("10.77.0.2:6891")).expect("ACCEPT from inside");
+    let out = h
+        .transfer(&d, 1, Side::Internal, sa("10.77.0.2:6891"))
+        .expect("ACCEPT from inside");
     let adv = advertised(&out);
     assert_eq!(adv.ip(), ip_of("203.0.113.1"));
     assert_eq!(
         h.c.manager().transfers_of(&d)[0].1,
-        Flow::Nat { proto: Proto::Tcp, client: sa("10.77.0.2:6891"), public: adv, peer: sa("198.51.100.1:9"), latch_peer: false, learn_port: LearnPort::Peer }
+        Flow::Nat {
+            proto: Proto::Tcp,
+            client: sa("10.77.0.2:6891"),
+            public: adv,
+            peer: sa("198.51.100.1:9"),
+            latch_peer: false,
+            learn_port: LearnPort::Peer
+        }
     );
     // External listener, internal connector: nat cannot learn the client's
     // port, so the transfer goes relay-style through the internal address.
-    let out = h.transfer(&d, 2, Side::External, sa("198.51.100.7:6891")).expect("ACCEPT from outside");
+    let out = h
+        .transfer(&d, 2, Side::External, sa("198.51.100.7:6891"))
+        .expect("ACCEPT from outside");
     let adv2 = advertised(&out);
-    assert_eq!(adv2.ip(), ip_of("10.77.0.1"), "rewritten even though nat mode leaves outside SDP alone");
-    let Flow::Relay { client, edge_int, peer, learn_port, .. } = h.c.manager().transfers_of(&d)[1].1 else { panic!() };
-    assert_eq!((client.ip(), edge_int, peer, learn_port), (ip_of("10.77.0.2"), adv2, sa("198.51.100.7:6891"), LearnPort::Client));
+    assert_eq!(
+        adv2.ip(),
+        ip_of("10.77.0.1"),
+        "rewritten even though nat mode leaves outside SDP alone"
+    );
+    let Flow::Relay {
+        client,
+        edge_int,
+        peer,
+        learn_port,
+        ..
+    } = h.c.manager().transfers_of(&d)[1].1
+    else {
+        panic!()
+    };
+    assert_eq!(
+        (client.ip(), edge_int, peer, learn_port),
+        (
+            ip_of("10.77.0.2"),
+            adv2,
+            sa("198.51.100.7:6891"),
+            LearnPort::Client
+        )
+    );
     assert_eq!(h.flows().len(), 4);
     h.end(&d, None, EndReason::Bye);
     h.assert_no_orphans();
@@ -678,11 +1363,35 @@ fn msmsgs_latch_opt_in_latches_an_external_connector_only() {
     let mut h = H::new(s);
     let d = dialog(43);
     established(&mut h, &d);
-    h.transfer(&d, 1, Side::Internal, sa("10.77.0.2:6891")).expect("inside listens");
-    h.transfer(&d, 2, Side::External, sa("198.51.100.7:6891")).expect("outside listens");
+    h.transfer(&d, 1, Side::Internal, sa("10.77.0.2:6891"))
+        .expect("inside listens");
+    h.transfer(&d, 2, Side::External, sa("198.51.100.7:6891"))
+        .expect("outside listens");
     let t = h.c.manager().transfers_of(&d);
-    assert!(matches!(t[0].1, Flow::Relay { latch_peer: true, learn_port: LearnPort::Peer, .. }), "{:?}", t[0].1);
-    assert!(matches!(t[1].1, Flow::Relay { latch_peer: false, learn_port: LearnPort::Client, .. }), "{:?}", t[1].1);
+    assert!(
+        matches!(
+            t[0].1,
+            Flow::Relay {
+                latch_peer: true,
+                learn_port: LearnPort::Peer,
+                ..
+            }
+        ),
+        "{:?}",
+        t[0].1
+    );
+    assert!(
+        matches!(
+            t[1].1,
+            Flow::Relay {
+                latch_peer: false,
+                learn_port: LearnPort::Client,
+                ..
+            }
+        ),
+        "{:?}",
+        t[1].1
+    );
     h.end(&d, None, EndReason::Bye);
     h.assert_no_orphans();
 }
@@ -713,8 +1422,15 @@ fn msmsgs_refusals_follow_design_section_3_and_change_nothing() {
     ];
     for (side, body, want) in &cases {
         let other = side.other();
-        let src = |s: Side| if s == Side::Internal { CLIENT } else { PEER_PROXY };
-        h.ft(&d, other, src(other), &ft_invite(1)).expect("INVITE command");
+        let src = |s: Side| {
+            if s == Side::Internal {
+                CLIENT
+            } else {
+                PEER_PROXY
+            }
+        };
+        h.ft(&d, other, src(other), &ft_invite(1))
+            .expect("INVITE command");
         let e = h.ft(&d, *side, src(*side), body).expect_err(body);
         let ok = match *want {
             "forbidden" => matches!(e, MediaError::Forbidden { .. }),
@@ -724,16 +1440,42 @@ fn msmsgs_refusals_follow_design_section_3_and_change_nothing() {
         assert_eq!(e.status(), 488);
     }
     // An ACCEPT for a cookie nobody invited, or one only its own side invited.
-    let e = h.ft(&d, Side::External, PEER_PROXY, &ft_accept(99, sa("198.51.100.7:6891"))).expect_err("uninvited");
+    let e = h
+        .ft(
+            &d,
+            Side::External,
+            PEER_PROXY,
+            &ft_accept(99, sa("198.51.100.7:6891")),
+        )
+        .expect_err("uninvited");
     assert!(matches!(e, MediaError::NotAcceptable { .. }), "{e:?}");
-    h.ft(&d, Side::External, PEER_PROXY, &ft_invite(98)).expect("INVITE command from outside");
-    let e = h.ft(&d, Side::External, PEER_PROXY, &ft_accept(98, sa("198.51.100.7:6891"))).expect_err("self-invited");
+    h.ft(&d, Side::External, PEER_PROXY, &ft_invite(98))
+        .expect("INVITE command from outside");
+    let e = h
+        .ft(
+            &d,
+            Side::External,
+            PEER_PROXY,
+            &ft_accept(98, sa("198.51.100.7:6891")),
+        )
+        .expect_err("self-invited");
     assert!(matches!(e, MediaError::NotAcceptable { .. }), "{e:?}");
     // A dialog the edge never set up.
-    let e = h.ft(&dialog(45), Side::External, PEER_PROXY, &ft_accept(1, sa("198.51.100.7:6891"))).expect_err("no dialog");
+    let e = h
+        .ft(
+            &dialog(45),
+            Side::External,
+            PEER_PROXY,
+            &ft_accept(1, sa("198.51.100.7:6891")),
+        )
+        .expect_err("no dialog");
     assert!(matches!(e, MediaError::Forbidden { .. }), "{e:?}");
     assert_eq!(h.flows(), live, "refusals never touch live flows");
-    assert_eq!(h.c.manager().ports_in_use(), ports, "refusals allocate nothing");
+    assert_eq!(
+        h.c.manager().ports_in_use(),
+        ports,
+        "refusals allocate nothing"
+    );
     assert!(h.c.manager().transfers_of(&d).is_empty());
     h.end(&d, None, EndReason::Bye);
     h.assert_no_orphans();
@@ -745,21 +1487,62 @@ fn msmsgs_cancel_expiry_reinvite_caps_and_map_failures() {
     let d = dialog(46);
     established(&mut h, &d);
     // Two transfers; CANCEL with one cookie removes only that one.
-    h.transfer(&d, 1, Side::External, sa("198.51.100.7:6891")).expect("t1");
-    let out2 = h.transfer(&d, 2, Side::Internal, sa("10.77.0.2:6893")).expect("t2");
+    h.transfer(&d, 1, Side::External, sa("198.51.100.7:6891"))
+        .expect("t1");
+    let out2 = h
+        .transfer(&d, 2, Side::Internal, sa("10.77.0.2:6893"))
+        .expect("t2");
     assert_eq!(h.c.manager().transfers_of(&d).len(), 2);
     // The same ACCEPT again (a second MESSAGE) changes nothing.
     let log = h.c.sink().log.len();
-    assert_eq!(h.ft(&d, Side::Internal, CLIENT, &ft_accept(2, sa("10.77.0.2:6893"))).expect("again"), out2);
+    assert_eq!(
+        h.ft(
+            &d,
+            Side::Internal,
+            CLIENT,
+            &ft_accept(2, sa("10.77.0.2:6893"))
+        )
+        .expect("again"),
+        out2
+    );
     assert_eq!(h.c.sink().log.len(), log);
     let cancel = ft_cancel(1);
-    assert_eq!(h.ft(&d, Side::Internal, CLIENT, &cancel).expect("CANCEL"), cancel);
+    assert_eq!(
+        h.ft(&d, Side::Internal, CLIENT, &cancel).expect("CANCEL"),
+        cancel
+    );
     let t = h.c.manager().transfers_of(&d);
     assert_eq!(t.len(), 1);
-    assert!(matches!(t[0].1, Flow::Nat { .. } | Flow::Relay { learn_port: LearnPort::Peer, .. }), "cookie 2 stays");
+    assert!(
+        matches!(
+            t[0].1,
+            Flow::Nat { .. }
+                | Flow::Relay {
+                    learn_port: LearnPort::Peer,
+                    ..
+                }
+        ),
+        "cookie 2 stays"
+    );
     // A re-INVITE of the call keeps the transfer.
-    h.sdp(&d, Some("tt"), SdpRole::Offer, Side::External, PEER_PROXY, &audio("198.51.100.8", 6000, "")).expect("re-offer");
-    h.sdp(&d, Some("tt"), SdpRole::Answer, Side::Internal, CLIENT, &audio("10.77.0.2", 4000, "")).expect("re-answer");
+    h.sdp(
+        &d,
+        Some("tt"),
+        SdpRole::Offer,
+        Side::External,
+        PEER_PROXY,
+        &audio("198.51.100.8", 6000, ""),
+    )
+    .expect("re-offer");
+    h.sdp(
+        &d,
+        Some("tt"),
+        SdpRole::Answer,
+        Side::Internal,
+        CLIENT,
+        &audio("10.77.0.2", 4000, ""),
+    )
+    .expect("re-answer");
     assert_eq!(h.c.manager().transfers_of(&d).len(), 1);
     // Never used: gone after unused_timeout, the call lives on.
     h.at(10);
@@ -768,11 +1551,18 @@ fn msmsgs_cancel_expiry_reinvite_caps_and_map_failures() {
     h.c.sink_mut().packets.remove(&tid);
     assert!(h.tick().is_empty());
     h.at(20);
-    assert!(h.tick().is_empty(), "an unused transfer never ends the call");
-    assert!(h.c.manager().transfers_of(&d).is_empty(), "unused transfer expired");
+    assert!(
+        h.tick().is_empty(),
+        "an unused transfer never ends the call"
+    );
+    assert!(
+        h.c.manager().transfers_of(&d).is_empty(),
+        "unused transfer expired"
+    );
     assert_eq!(h.flows().len(), 2, "the call's media stays");
     // Idle: carried data, then silence for idle_timeout.
-    h.transfer(&d, 3, Side::External, sa("198.51.100.7:6895")).expect("t3");
+    h.transfer(&d, 3, Side::External, sa("198.51.100.7:6895"))
+        .expect("t3");
     let tid = h.c.manager().transfers_of(&d)[0].0;
     h.at(25);
     h.packets(100);
@@ -789,16 +1579,25 @@ fn msmsgs_cancel_expiry_reinvite_caps_and_map_failures() {
         call_only(&mut h);
         assert!(h.tick().is_empty());
     }
-    assert_eq!(h.c.manager().transfers_of(&d).len(), 1, "active within idle_timeout");
+    assert_eq!(
+        h.c.manager().transfers_of(&d).len(),
+        1,
+        "active within idle_timeout"
+    );
     h.at(25 + 60);
     call_only(&mut h);
     assert!(h.tick().is_empty(), "an idle transfer never ends the call");
-    assert!(h.c.manager().transfers_of(&d).is_empty(), "idle transfer expired");
+    assert!(
+        h.c.manager().transfers_of(&d).is_empty(),
+        "idle transfer expired"
+    );
     assert_eq!(h.flows().len(), 2, "the call's media stays");
     // A map failure leaves nothing half installed; ports come back.
     let ports = h.c.manager().ports_in_use();
     h.c.sink_mut().installs_before_failure = Some(0);
-    let e = h.transfer(&d, 4, Side::External, sa("198.51.100.7:6897")).expect_err("table full");
+    let e = h
+        .transfer(&d, 4, Side::External, sa("198.51.100.7:6897"))
+        .expect_err("table full");
     assert!(matches!(e, MediaError::Exhausted { .. }), "{e:?}");
     assert_eq!(h.c.manager().ports_in_use(), ports);
     assert!(h.c.manager().transfers_of(&d).is_empty());
@@ -812,7 +1611,9 @@ fn msmsgs_cancel_expiry_reinvite_caps_and_map_failures() {
     let mut h = H::new(s);
     established(&mut h, &d);
     let live = h.flows();
-    let e = h.transfer(&d, 1, Side::External, sa("198.51.100.7:6891")).expect_err("over cap");
+    let e = h
+        .transfer(&d, 1, Side::External, sa("198.51.100.7:6891"))
+        .expect_err("over cap");
     assert!(matches!(e, MediaError::Exhausted { .. }), "{e:?}");
     assert_eq!(e.status(), 503);
     assert_eq!(h.flows(), live);
@@ -825,12 +1626,19 @@ fn msmsgs_cancel_expiry_reinvite_caps_and_map_failures() {
 
 #[test]
 fn msmsgs_transfers_die_with_their_dialog_on_every_end() {
-    for reason in [EndReason::Bye, EndReason::Cancel, EndReason::Timeout, EndReason::Shutdown] {
+    for reason in [
+        EndReason::Bye,
+        EndReason::Cancel,
+        EndReason::Timeout,
+        EndReason::Shutdown,
+    ] {
         let mut h = H::new(settings(MediaMode::Nat));
         let d = dialog(47);
         established(&mut h, &d);
-        h.transfer(&d, 1, Side::Internal, sa("10.77.0.2:6891")).expect("t1");
-        h.transfer(&d, 2, Side::External, sa("198.51.100.7:6891")).expect("t2");
+        h.transfer(&d, 1, Side::Internal, sa("10.77.0.2:6891"))
+            .expect("t1");
+        h.transfer(&d, 2, Side::External, sa("198.51.100.7:6891"))
+            .expect("t2");
         assert_eq!(h.flows().len(), 4);
         h.end(&d, None, reason);
         h.assert_no_orphans();
@@ -845,13 +1653,30 @@ fn msmsgs_msnftp_order_inviter_listens_after_plain_accept() {
     let mut h = H::relay();
     let d = dialog(48);
     established(&mut h, &d);
-    h.ft(&d, Side::Internal, CLIENT, &ft_invite(5)).expect("INVITE command");
-    let plain = "Invitation-Command: ACCEPT\r\nInvitation-Cookie: 5\r\nRequest-Data: IP-Address:\r\n\r\n";
-    assert_eq!(h.ft(&d, Side::External, PEER_PROXY, plain).expect("plain ACCEPT"), plain);
-    let out = h.ft(&d, Side::Internal, CLIENT, &ft_accept(5, sa("10.77.0.2:6891"))).expect("addressed ACCEPT");
+    h.ft(&d, Side::Internal, CLIENT, &ft_invite(5))
+        .expect("INVITE command");
+    let plain =
+        "Invitation-Command: ACCEPT\r\nInvitation-Cookie: 5\r\nRequest-Data: IP-Address:\r\n\r\n";
+    assert_eq!(
+        h.ft(&d, Side::External, PEER_PROXY, plain)
+            .expect("plain ACCEPT"),
+        plain
+    );
+    let out = h
+        .ft(
+            &d,
+            Side::Internal,
+            CLIENT,
+            &ft_accept(5, sa("10.77.0.2:6891")),
+        )
+        .expect("addressed ACCEPT");
     assert_eq!(advertised(&out).ip(), ip_of("203.0.113.1"));
     let t = h.c.manager().transfers_of(&d);
-    assert!(matches!(t[0].1, Flow::Relay { client, peer, learn_port: LearnPort::Peer, .. } if client == sa("10.77.0.2:6891") && peer == sa("198.51.100.1:9")), "{:?}", t[0].1);
+    assert!(
+        matches!(t[0].1, Flow::Relay { client, peer, learn_port: LearnPort::Peer, .. } if client == sa("10.77.0.2:6891") && peer == sa("198.51.100.1:9")),
+        "{:?}",
+        t[0].1
+    );
     h.end(&d, None, EndReason::Bye);
     h.assert_no_orphans();
 }

@@ -98,7 +98,10 @@ fn main() -> Result<()> {
 
 fn workspace_root() -> Result<PathBuf> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    Ok(dir.parent().context("xtask has no parent directory")?.to_owned())
+    Ok(dir
+        .parent()
+        .context("xtask has no parent directory")?
+        .to_owned())
 }
 
 fn step(msg: &str) {
@@ -133,11 +136,17 @@ fn apt_install(list: &[&str]) -> Result<()> {
         })
         .collect();
     if missing.is_empty() {
-        step(&format!("apt packages ({}): all present, skipping", list.join(" ")));
+        step(&format!(
+            "apt packages ({}): all present, skipping",
+            list.join(" ")
+        ));
     } else {
         step(&format!("apt packages: installing {}", missing.join(" ")));
         run(Command::new("apt-get").args(["update", "-qq"]))?;
-        run(Command::new("apt-get").args(["install", "-y", "-qq", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
     Ok(())
 }
@@ -147,8 +156,14 @@ fn setup() -> Result<()> {
     // 1. Debian packages.
     apt_install(APT_PACKAGES)?;
     // 2. rust-src for the nightly toolchain (build-std=core).
-    let comps = Command::new("rustup").args(["component", "list", "--installed", "--toolchain", NIGHTLY]).output().context("rustup not found")?;
-    if String::from_utf8_lossy(&comps.stdout).lines().any(|l| l.starts_with("rust-src")) {
+    let comps = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", NIGHTLY])
+        .output()
+        .context("rustup not found")?;
+    if String::from_utf8_lossy(&comps.stdout)
+        .lines()
+        .any(|l| l.starts_with("rust-src"))
+    {
         step("rust-src (nightly): present, skipping");
     } else {
         step("rust-src (nightly): installing");
@@ -158,12 +173,28 @@ fn setup() -> Result<()> {
     let linker = Command::new("bpf-linker").arg("--version").output();
     let have = matches!(&linker, Ok(o) if o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION));
     if have {
-        step(&format!("bpf-linker {BPF_LINKER_VERSION}: present, skipping"));
+        step(&format!(
+            "bpf-linker {BPF_LINKER_VERSION}: present, skipping"
+        ));
     } else {
-        step(&format!("bpf-linker {BPF_LINKER_VERSION}: building against LLVM 22 (about 2 minutes)"));
-        let path = format!("/usr/lib/llvm-22/bin:{}", std::env::var("PATH").unwrap_or_default());
+        step(&format!(
+            "bpf-linker {BPF_LINKER_VERSION}: building against LLVM 22 (about 2 minutes)"
+        ));
+        let path = format!(
+            "/usr/lib/llvm-22/bin:{}",
+            std::env::var("PATH").unwrap_or_default()
+        );
         run(Command::new("cargo")
-            .args(["install", "--locked", "bpf-linker", "--version", BPF_LINKER_VERSION, "--no-default-features", "--features", "llvm-22"])
+            .args([
+                "install",
+                "--locked",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
             .env("LLVM_PREFIX", "/usr/lib/llvm-22")
             .env("PATH", path))?;
     }
@@ -198,14 +229,35 @@ fn is_bpffs(path: &str) -> bool {
 fn build_ebpf(root: &Path) -> Result<()> {
     let target_dir = root.join("target/ebpf");
     let mut flags = String::new();
-    for (i, f) in ["--cfg=bpf_target_arch=\"x86_64\"", "-Cdebuginfo=2", "-Clink-arg=--btf"].iter().enumerate() {
+    for (i, f) in [
+        "--cfg=bpf_target_arch=\"x86_64\"",
+        "-Cdebuginfo=2",
+        "-Clink-arg=--btf",
+    ]
+    .iter()
+    .enumerate()
+    {
         if i > 0 {
             flags.push('\x1f');
         }
         flags.push_str(f);
     }
     run(Command::new("rustup")
-        .args(["run", NIGHTLY, "cargo", "build", "-p", "sip-edge-ebpf", "--bins", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core", "--target-dir"])
+        .args([
+            "run",
+            NIGHTLY,
+            "cargo",
+            "build",
+            "-p",
+            "sip-edge-ebpf",
+            "--bins",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--target-dir",
+        ])
         .arg(&target_dir)
         .env("CARGO_ENCODED_RUSTFLAGS", flags)
         .env_remove("RUSTC")
@@ -214,7 +266,8 @@ fn build_ebpf(root: &Path) -> Result<()> {
     let built = target_dir.join("bpfel-unknown-none/release/sip-edge");
     let out = root.join(EBPF_OUT);
     std::fs::create_dir_all(out.parent().context("no parent")?)?;
-    std::fs::copy(&built, &out).with_context(|| format!("copy {} -> {}", built.display(), out.display()))?;
+    std::fs::copy(&built, &out)
+        .with_context(|| format!("copy {} -> {}", built.display(), out.display()))?;
     step(&format!("wrote {}", out.display()));
     Ok(())
 }
@@ -229,7 +282,9 @@ struct Totals {
 
 fn parse_result_line(line: &str, t: &mut Totals) {
     // "test result: ok. 26 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; ..."
-    let Some(rest) = line.split("test result:").nth(1) else { return };
+    let Some(rest) = line.split("test result:").nth(1) else {
+        return;
+    };
     for part in rest.split(';') {
         let words: Vec<&str> = part.split_whitespace().collect();
         let n = words.iter().find_map(|w| w.parse::<u64>().ok());
@@ -252,12 +307,17 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
     let skip_log = root.join("target/skipped-tests.log");
     let _ = std::fs::remove_file(&skip_log);
     let mut cmd = Command::new("cargo");
-    cmd.args(["test", "--locked", "--no-fail-fast"]).env("SIP_EDGE_SKIP_LOG", &skip_log);
+    cmd.args(["test", "--locked", "--no-fail-fast"])
+        .env("SIP_EDGE_SKIP_LOG", &skip_log);
     if !extra.is_empty() {
         cmd.arg("--").args(extra);
     }
     step(&format!("running {cmd:?}"));
-    let out = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).output().context("spawning cargo test")?;
+    let out = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .output()
+        .context("spawning cargo test")?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     print!("{stdout}");
     let mut t = Totals::default();
@@ -267,14 +327,21 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
     let skipped: BTreeMap<String, String> = std::fs::read_to_string(&skip_log)
         .unwrap_or_default()
         .lines()
-        .filter_map(|l| l.split_once(": ").map(|(a, b)| (a.to_owned(), b.to_owned())))
+        .filter_map(|l| {
+            l.split_once(": ")
+                .map(|(a, b)| (a.to_owned(), b.to_owned()))
+        })
         .collect();
     for (name, why) in &skipped {
         println!("SKIPPED {name}: {why}");
     }
     let skipped_n = skipped.len() as u64;
     let passed = t.passed.saturating_sub(skipped_n);
-    println!("{passed} passed, {} failed, {} skipped", t.failed, skipped_n + t.ignored);
+    println!(
+        "{passed} passed, {} failed, {} skipped",
+        t.failed,
+        skipped_n + t.ignored
+    );
     if !out.status.success() || t.failed > 0 {
         bail!("tests failed");
     }
@@ -287,8 +354,18 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
 /// Build the bench binary in release (the forward stage's paced sender
 /// runs in userspace) and run it; it prints progress for every step.
 fn bench(root: &Path, quick: bool, out: &Path) -> Result<()> {
-    run(Command::new("cargo").args(["build", "--locked", "--release", "-p", "sip-edge", "--bin", "sip-edge-bench"]))?;
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+    run(Command::new("cargo").args([
+        "build",
+        "--locked",
+        "--release",
+        "-p",
+        "sip-edge",
+        "--bin",
+        "sip-edge-bench",
+    ]))?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
     let mut cmd = Command::new(target.join("release/sip-edge-bench"));
     cmd.arg("--out").arg(out);
     if quick {
@@ -299,7 +376,9 @@ fn bench(root: &Path, quick: bool, out: &Path) -> Result<()> {
 
 fn demo(root: &Path) -> Result<()> {
     run(Command::new("cargo").args(["build", "--locked", "-p", "sip-edge", "--bins"]))?;
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
     run(&mut Command::new(target.join("debug/sip-edge-demo")))
 }
 
@@ -311,7 +390,10 @@ mod tests {
     fn result_lines_are_summed() {
         let mut t = Totals::default();
         parse_result_line("test result: ok. 26 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.02s", &mut t);
-        parse_result_line("test result: FAILED. 3 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out", &mut t);
+        parse_result_line(
+            "test result: FAILED. 3 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out",
+            &mut t,
+        );
         parse_result_line("running 3 tests", &mut t);
         assert_eq!((t.passed, t.failed, t.ignored), (29, 2, 1));
     }

@@ -29,9 +29,9 @@ use aya::{
 };
 use serde::Serialize;
 use sip_edge_common::{
-    addr_from_ip, bench_progs, map_names, BenchCfg, PinholeKey, PinholeRule, Reason, BENCH_CNT_SINK,
-    BENCH_HDR_LEN, MATCH_DST, POLICY_PASS, PROTO_UDP, ROLE_EXTERNAL, ROLE_INTERNAL, RULE_REWRITE_DST,
-    RULE_REWRITE_SRC,
+    addr_from_ip, bench_progs, map_names, BenchCfg, PinholeKey, PinholeRule, Reason,
+    BENCH_CNT_SINK, BENCH_HDR_LEN, MATCH_DST, POLICY_PASS, PROTO_UDP, ROLE_EXTERNAL, ROLE_INTERNAL,
+    RULE_REWRITE_DST, RULE_REWRITE_SRC,
 };
 
 use super::{io, progress, BenchError, Mode, NotMeasured};
@@ -104,7 +104,10 @@ pub struct ForwardStage {
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> BenchError {
-    move |e| BenchError::Map { name, detail: e.to_string() }
+    move |e| BenchError::Map {
+        name,
+        detail: e.to_string(),
+    }
 }
 
 fn prog<'a>(e: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, BenchError> {
@@ -118,21 +121,33 @@ fn prog<'a>(e: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, BenchErr
 fn attach(e: &mut Ebpf, name: &'static str, ns: &str, dev: &str) -> Result<(), BenchError> {
     let p = prog(e, name)?;
     if p.fd().is_err() {
-        p.load().map_err(|source| BenchError::Program { name, source })?;
+        p.load()
+            .map_err(|source| BenchError::Program { name, source })?;
     }
     in_ns(ns, || -> Result<(), BenchError> {
-        let idx = testnet::ifindex(dev).ok_or(BenchError::Map { name: "ifindex", detail: format!("{dev} in {ns}") })?;
-        p.attach_to_if_index(idx, XdpMode::Driver).map_err(|source| BenchError::Program { name, source })?;
+        let idx = testnet::ifindex(dev).ok_or(BenchError::Map {
+            name: "ifindex",
+            detail: format!("{dev} in {ns}"),
+        })?;
+        p.attach_to_if_index(idx, XdpMode::Driver)
+            .map_err(|source| BenchError::Program { name, source })?;
         Ok(())
     })?
 }
 
 fn mac(ns: &str, dev: &str) -> Result<[u8; 6], BenchError> {
     let out = sh(&["ip", "-n", ns, "link", "show", "dev", dev])?;
-    let s = out.split("link/ether ").nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or("");
+    let s = out
+        .split("link/ether ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or("");
     let mut m = [0u8; 6];
     for (i, part) in s.split(':').enumerate().take(6) {
-        m[i] = u8::from_str_radix(part, 16).map_err(|e| BenchError::Map { name: "mac", detail: format!("{dev}: {e}") })?;
+        m[i] = u8::from_str_radix(part, 16).map_err(|e| BenchError::Map {
+            name: "mac",
+            detail: format!("{dev}: {e}"),
+        })?;
     }
     Ok(m)
 }
@@ -186,7 +201,12 @@ struct Gen {
 
 impl Gen {
     fn sink_count(&self) -> Result<u64, BenchError> {
-        Ok(self.cnt.get(&BENCH_CNT_SINK, 0).map_err(map_err(map_names::BENCH_CNT))?.iter().sum())
+        Ok(self
+            .cnt
+            .get(&BENCH_CNT_SINK, 0)
+            .map_err(map_err(map_names::BENCH_CNT))?
+            .iter()
+            .sum())
     }
 
     fn configure(&mut self, dst: Ipv4Addr, flows: u32, port_base: u16) -> Result<(), BenchError> {
@@ -202,7 +222,10 @@ impl Gen {
 
     /// Run `f` in the peer namespace with the generator and its ctx: the
     /// kernel resolves the ctx's ingress ifindex in the caller's namespace.
-    fn in_peer<T: Send>(&self, f: impl FnOnce(&dyn Fn(u32) -> Result<Duration, BenchError>) -> Result<T, BenchError> + Send) -> Result<T, BenchError> {
+    fn in_peer<T: Send>(
+        &self,
+        f: impl FnOnce(&dyn Fn(u32) -> Result<Duration, BenchError>) -> Result<T, BenchError> + Send,
+    ) -> Result<T, BenchError> {
         let mut ctx = [0u8; 24];
         ctx[4..8].copy_from_slice(&(self.frame.len() as u32).to_ne_bytes());
         ctx[12..16].copy_from_slice(&self.peer_if.to_ne_bytes());
@@ -210,9 +233,14 @@ impl Gen {
         let p: &Xdp = self
             .obj
             .program(bench_progs::GEN)
-            .ok_or(BenchError::MissingProgram { name: bench_progs::GEN })?
+            .ok_or(BenchError::MissingProgram {
+                name: bench_progs::GEN,
+            })?
             .try_into()
-            .map_err(|source| BenchError::Program { name: bench_progs::GEN, source })?;
+            .map_err(|source| BenchError::Program {
+                name: bench_progs::GEN,
+                source,
+            })?;
         in_ns(&self.peer_ns, || {
             let send = |n: u32| -> Result<Duration, BenchError> {
                 let t = Instant::now();
@@ -223,7 +251,10 @@ impl Gen {
                     attrs: TestRunAttrs::new().xdp_live_frames(BATCH.min(n)),
                     ..TestRunOptions::new()
                 })
-                .map_err(|source| BenchError::Program { name: bench_progs::GEN, source })?;
+                .map_err(|source| BenchError::Program {
+                    name: bench_progs::GEN,
+                    source,
+                })?;
                 Ok(t.elapsed())
             };
             f(&send)
@@ -249,7 +280,11 @@ impl Gen {
     fn paced(&mut self, rate: f64, dur: Duration) -> Result<(f64, u64), BenchError> {
         // XDP and kernel paths: bursts of 0.5 ms (at least one batch);
         // userspace relays: always `min_burst`, below rtpengine's queue guard.
-        let burst = if self.min_burst < BATCH { self.min_burst } else { ((rate / 2000.0) as u32).max(BATCH) };
+        let burst = if self.min_burst < BATCH {
+            self.min_burst
+        } else {
+            ((rate / 2000.0) as u32).max(BATCH)
+        };
         let interval = Duration::from_secs_f64(burst as f64 / rate);
         let before = self.sink_count()?;
         let (sent, elapsed) = self.in_peer(|send| {
@@ -274,7 +309,13 @@ impl Gen {
     }
 
     /// Unpaced figure plus a bounded zero-loss search below it.
-    fn measure(&mut self, name: &str, flows: u32, mode: Mode, start: Instant) -> Result<Forwarder, BenchError> {
+    fn measure(
+        &mut self,
+        name: &str,
+        flows: u32,
+        mode: Mode,
+        start: Instant,
+    ) -> Result<Forwarder, BenchError> {
         self.measure_with(name, flows, mode, start, None)
     }
 
@@ -282,31 +323,72 @@ impl Gen {
     /// bursts smaller than rtpengine's 50-packet receive-queue guard
     /// (which starts discarding after five overruns), before the unpaced
     /// burst that would trip it.
-    fn measure_with(&mut self, name: &str, flows: u32, mode: Mode, start: Instant, relay_ceiling: Option<f64>) -> Result<Forwarder, BenchError> {
-        let (n, iters, dur) = if mode.quick { (200_000, 2, Duration::from_millis(150)) } else { (2_000_000, 7, Duration::from_millis(400)) };
+    fn measure_with(
+        &mut self,
+        name: &str,
+        flows: u32,
+        mode: Mode,
+        start: Instant,
+        relay_ceiling: Option<f64>,
+    ) -> Result<Forwarder, BenchError> {
+        let (n, iters, dur) = if mode.quick {
+            (200_000, 2, Duration::from_millis(150))
+        } else {
+            (2_000_000, 7, Duration::from_millis(400))
+        };
         self.min_burst = if relay_ceiling.is_some() { 16 } else { BATCH };
         let pre = match relay_ceiling {
             Some(c) => Some(self.ascend(name, c, iters + 4, dur, start)?),
             None => None,
         };
         let (sent, received, rate) = self.unpaced(n)?;
-        progress(start, &format!("forward: {name}: unpaced {:.3} Mpps ({received}/{sent} delivered)", rate / 1e6));
+        progress(
+            start,
+            &format!(
+                "forward: {name}: unpaced {:.3} Mpps ({received}/{sent} delivered)",
+                rate / 1e6
+            ),
+        );
         let (best, trials) = match pre {
             Some(p) => p,
             None => self.search(name, rate * 1.2, iters, dur, start)?,
         };
-        Ok(Forwarder { name: name.into(), flows, sent, received, rate_pps: rate, zero_loss_pps: best, trials, ratio_vs_redirect: None, note: String::new() })
+        Ok(Forwarder {
+            name: name.into(),
+            flows,
+            sent,
+            received,
+            rate_pps: rate,
+            zero_loss_pps: best,
+            trials,
+            ratio_vs_redirect: None,
+            note: String::new(),
+        })
     }
 
     /// Ascending search for userspace relays: from 5 kpps up by 1.5× until
     /// the first loss (or `ceiling`); rtpengine stays in its discarding
     /// state after a lossy overrun, so no trial may follow a lossy one.
     /// Resolution 1.5×. Returns (best zero-loss rate, trials).
-    fn ascend(&mut self, name: &str, ceiling: f64, iters: u32, dur: Duration, start: Instant) -> Result<(f64, Vec<Trial>), BenchError> {
+    fn ascend(
+        &mut self,
+        name: &str,
+        ceiling: f64,
+        iters: u32,
+        dur: Duration,
+        start: Instant,
+    ) -> Result<(f64, Vec<Trial>), BenchError> {
         let (mut rate, mut best, mut trials) = (5_000.0f64, 0.0f64, Vec::new());
         for _ in 0..iters {
             let (achieved, lost) = self.paced(rate, dur)?;
-            progress(start, &format!("forward: {name}: paced {:.3} Mpps → achieved {:.3}, lost {lost}", rate / 1e6, achieved / 1e6));
+            progress(
+                start,
+                &format!(
+                    "forward: {name}: paced {:.3} Mpps → achieved {:.3}, lost {lost}",
+                    rate / 1e6,
+                    achieved / 1e6
+                ),
+            );
             trials.push((rate, achieved, lost));
             if lost > 0 || achieved < rate * 0.9 {
                 break;
@@ -321,7 +403,14 @@ impl Gen {
     }
 
     /// Zero-loss search below `ceiling`: (best zero-loss rate, trials).
-    fn search(&mut self, name: &str, ceiling: f64, iters: u32, dur: Duration, start: Instant) -> Result<(f64, Vec<Trial>), BenchError> {
+    fn search(
+        &mut self,
+        name: &str,
+        ceiling: f64,
+        iters: u32,
+        dur: Duration,
+        start: Instant,
+    ) -> Result<(f64, Vec<Trial>), BenchError> {
         // Bisection between 0 and `ceiling` (a little above the unpaced
         // rate): a zero-loss trial raises the floor, a lossy one lowers the
         // ceiling; a trial the sender cannot pace up to ends the search.
@@ -330,7 +419,14 @@ impl Gen {
         for _ in 0..if ceiling > 0.0 { iters } else { 0 } {
             let mid = (floor + ceil) / 2.0;
             let (achieved, lost) = self.paced(mid, dur)?;
-            progress(start, &format!("forward: {name}: paced {:.3} Mpps → achieved {:.3}, lost {lost}", mid / 1e6, achieved / 1e6));
+            progress(
+                start,
+                &format!(
+                    "forward: {name}: paced {:.3} Mpps → achieved {:.3}, lost {lost}",
+                    mid / 1e6,
+                    achieved / 1e6
+                ),
+            );
             trials.push((mid, achieved, lost));
             if lost == 0 {
                 best = best.max(achieved);
@@ -363,51 +459,152 @@ pub fn run(mode: Mode, start: Instant) -> Result<ForwardStage, BenchError> {
     let (cl, edge, peer) = (topo.client.clone(), topo.edge.clone(), topo.peer.clone());
     let client_mac = mac(&cl, "eth0")?;
     // Static next hops: no ARP in the measured path, for every forwarder.
-    let cm = client_mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
-    sh(&["ip", "-n", &edge, "neigh", "replace", "10.77.0.2", "lladdr", &cm, "nud", "permanent", "dev", "int0"])?;
+    let cm = client_mac
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    sh(&[
+        "ip",
+        "-n",
+        &edge,
+        "neigh",
+        "replace",
+        "10.77.0.2",
+        "lladdr",
+        &cm,
+        "nud",
+        "permanent",
+        "dev",
+        "int0",
+    ])?;
     for a in 2..=3 {
-        sh(&["ip", "-n", &edge, "addr", "add", &format!("203.0.113.{a}/32"), "dev", "ext0"])?;
+        sh(&[
+            "ip",
+            "-n",
+            &edge,
+            "addr",
+            "add",
+            &format!("203.0.113.{a}/32"),
+            "dev",
+            "ext0",
+        ])?;
     }
     let mut obj = loader::load_object()?;
-    let cfg = Array::try_from(obj.take_map(map_names::BENCH_CFG).ok_or(BenchError::Map { name: map_names::BENCH_CFG, detail: "missing".into() })?)
-        .map_err(map_err(map_names::BENCH_CFG))?;
-    let cnt = PerCpuArray::try_from(obj.take_map(map_names::BENCH_CNT).ok_or(BenchError::Map { name: map_names::BENCH_CNT, detail: "missing".into() })?)
-        .map_err(map_err(map_names::BENCH_CNT))?;
+    let cfg = Array::try_from(obj.take_map(map_names::BENCH_CFG).ok_or(BenchError::Map {
+        name: map_names::BENCH_CFG,
+        detail: "missing".into(),
+    })?)
+    .map_err(map_err(map_names::BENCH_CFG))?;
+    let cnt = PerCpuArray::try_from(obj.take_map(map_names::BENCH_CNT).ok_or(BenchError::Map {
+        name: map_names::BENCH_CNT,
+        detail: "missing".into(),
+    })?)
+    .map_err(map_err(map_names::BENCH_CNT))?;
     attach(&mut obj, bench_progs::SINK, &cl, "eth0")?;
     // The generator is attached (driver mode) to an idle, down veth in the
     // peer namespace only so the XDP dispatcher holds it: a test run then
     // skips the two RCU grace periods (~70 ms) it would wait for per call.
-    sh(&["ip", "-n", &peer, "link", "add", "gd0", "type", "veth", "peer", "name", "gd1"])?;
+    sh(&[
+        "ip", "-n", &peer, "link", "add", "gd0", "type", "veth", "peer", "name", "gd1",
+    ])?;
     attach(&mut obj, bench_progs::GEN, &peer, "gd0")?;
-    let peer_if = in_ns(&peer, || testnet::ifindex("eth0"))?.ok_or(BenchError::Map { name: "ifindex", detail: "peer eth0".into() })?;
+    let peer_if = in_ns(&peer, || testnet::ifindex("eth0"))?.ok_or(BenchError::Map {
+        name: "ifindex",
+        detail: "peer eth0".into(),
+    })?;
     let mut payload = vec![0u8; FRAME_LEN];
     // RTP version 2, PT 0 (PCMU): relays that peek at RTP see RTP.
     payload[BENCH_HDR_LEN] = 0x80;
-    let mut g = Gen { obj, cfg, cnt, peer_ns: peer.clone(), peer_if, frame: payload, peer_mac: mac(&peer, "eth0")?, ext_mac: mac(&edge, "ext0")?, min_burst: BATCH };
-    let int_if = in_ns(&edge, || testnet::ifindex("int0"))?.ok_or(BenchError::Map { name: "ifindex", detail: "int0".into() })?;
-    let ext_if = in_ns(&edge, || testnet::ifindex("ext0"))?.ok_or(BenchError::Map { name: "ifindex", detail: "ext0".into() })?;
+    let mut g = Gen {
+        obj,
+        cfg,
+        cnt,
+        peer_ns: peer.clone(),
+        peer_if,
+        frame: payload,
+        peer_mac: mac(&peer, "eth0")?,
+        ext_mac: mac(&edge, "ext0")?,
+        min_burst: BATCH,
+    };
+    let int_if = in_ns(&edge, || testnet::ifindex("int0"))?.ok_or(BenchError::Map {
+        name: "ifindex",
+        detail: "int0".into(),
+    })?;
+    let ext_if = in_ns(&edge, || testnet::ifindex("ext0"))?.ok_or(BenchError::Map {
+        name: "ifindex",
+        detail: "ext0".into(),
+    })?;
     let pub1 = testnet::EDGE_PUB_V4;
-    let mut out = ForwardStage { frame_len: FRAME_LEN, forwarders: vec![], junk_drop_pps: None, tcp: vec![], ratios: vec![], versions: vec![], not_measured: vec![] };
+    let mut out = ForwardStage {
+        frame_len: FRAME_LEN,
+        forwarders: vec![],
+        junk_drop_pps: None,
+        tcp: vec![],
+        ratios: vec![],
+        versions: vec![],
+        not_measured: vec![],
+    };
 
     // 1. The method's own ceiling: generator → XDP drop at the edge.
     {
         let mut e = loader::load_object()?;
         attach(&mut e, bench_progs::SINK, &edge, "ext0")?;
-        let ecnt: PerCpuArray<MapData, u64> = PerCpuArray::try_from(e.take_map(map_names::BENCH_CNT).ok_or(BenchError::Map { name: map_names::BENCH_CNT, detail: "missing".into() })?).map_err(map_err(map_names::BENCH_CNT))?;
+        let ecnt: PerCpuArray<MapData, u64> =
+            PerCpuArray::try_from(e.take_map(map_names::BENCH_CNT).ok_or(BenchError::Map {
+                name: map_names::BENCH_CNT,
+                detail: "missing".into(),
+            })?)
+            .map_err(map_err(map_names::BENCH_CNT))?;
         g.configure(pub1, 1, PORT_BASE)?;
         let n = if mode.quick { 200_000 } else { 2_000_000 };
-        let before: u64 = ecnt.get(&BENCH_CNT_SINK, 0).map_err(map_err(map_names::BENCH_CNT))?.iter().sum();
+        let before: u64 = ecnt
+            .get(&BENCH_CNT_SINK, 0)
+            .map_err(map_err(map_names::BENCH_CNT))?
+            .iter()
+            .sum();
         let wall = g.send(n)?;
-        let got: u64 = ecnt.get(&BENCH_CNT_SINK, 0).map_err(map_err(map_names::BENCH_CNT))?.iter().sum::<u64>() - before;
+        let got: u64 = ecnt
+            .get(&BENCH_CNT_SINK, 0)
+            .map_err(map_err(map_names::BENCH_CNT))?
+            .iter()
+            .sum::<u64>()
+            - before;
         let rate = got as f64 / wall.as_secs_f64();
-        progress(start, &format!("forward: generator → drop at edge: {:.3} Mpps", rate / 1e6));
-        out.forwarders.push(Forwarder { name: "gen→drop at edge (method ceiling)".into(), flows: 1, sent: n as u64, received: got, rate_pps: rate, zero_loss_pps: rate, trials: vec![], ratio_vs_redirect: None, note: "frames counted and dropped by XDP on the edge's ingress".into() });
+        progress(
+            start,
+            &format!("forward: generator → drop at edge: {:.3} Mpps", rate / 1e6),
+        );
+        out.forwarders.push(Forwarder {
+            name: "gen→drop at edge (method ceiling)".into(),
+            flows: 1,
+            sent: n as u64,
+            received: got,
+            rate_pps: rate,
+            zero_loss_pps: rate,
+            trials: vec![],
+            ratio_vs_redirect: None,
+            note: "frames counted and dropped by XDP on the edge's ingress".into(),
+        });
     }
     // 2. Bare redirect forwarder (ceiling).
     {
         let mut e = loader::load_object()?;
-        let mut c: Array<MapData, BenchCfg> = Array::try_from(e.take_map(map_names::BENCH_CFG).ok_or(BenchError::Map { name: map_names::BENCH_CFG, detail: "missing".into() })?).map_err(map_err(map_names::BENCH_CFG))?;
-        c.set(0, BenchCfg { redirect_ifindex: int_if, ..BenchCfg::default() }, 0).map_err(map_err(map_names::BENCH_CFG))?;
+        let mut c: Array<MapData, BenchCfg> =
+            Array::try_from(e.take_map(map_names::BENCH_CFG).ok_or(BenchError::Map {
+                name: map_names::BENCH_CFG,
+                detail: "missing".into(),
+            })?)
+            .map_err(map_err(map_names::BENCH_CFG))?;
+        c.set(
+            0,
+            BenchCfg {
+                redirect_ifindex: int_if,
+                ..BenchCfg::default()
+            },
+            0,
+        )
+        .map_err(map_err(map_names::BENCH_CFG))?;
         attach(&mut e, bench_progs::REDIRECT, &edge, "ext0")?;
         g.configure(pub1, 1, PORT_BASE)?;
         let f = g.measure("bare redirect (XDP ceiling)", 1, mode, start)?;
@@ -415,13 +612,38 @@ pub fn run(mode: Mode, start: Instant) -> Result<ForwardStage, BenchError> {
     }
     // 3. sip-edge with 1 / 10k / 100k pinholes, then junk drop.
     {
-        let sizes: Vec<u32> = if mode.quick { vec![1, 10_000] } else { vec![1, 10_000, 100_000] };
-        let mut dp = in_ns(&edge, || loader::load(MapSizes { max_pinholes: 131_072 }, None))??;
+        let sizes: Vec<u32> = if mode.quick {
+            vec![1, 10_000]
+        } else {
+            vec![1, 10_000, 100_000]
+        };
+        let mut dp = in_ns(&edge, || {
+            loader::load(
+                MapSizes {
+                    max_pinholes: 131_072,
+                },
+                None,
+            )
+        })??;
         let mut maps = DatapathMaps::from_ebpf(&mut dp)?;
         // In the edge namespace: TX_PORTS resolves ifindexes in the caller's.
         let settings = DatapathSettings {
-            ifaces: vec![DatapathIface { ifindex: int_if, role: ROLE_INTERNAL }, DatapathIface { ifindex: ext_if, role: ROLE_EXTERNAL }],
-            edge_addrs: vec![testnet::EDGE_INT_V4.into(), pub1.into(), Ipv4Addr::new(203, 0, 113, 2).into(), Ipv4Addr::new(203, 0, 113, 3).into()],
+            ifaces: vec![
+                DatapathIface {
+                    ifindex: int_if,
+                    role: ROLE_INTERNAL,
+                },
+                DatapathIface {
+                    ifindex: ext_if,
+                    role: ROLE_EXTERNAL,
+                },
+            ],
+            edge_addrs: vec![
+                testnet::EDGE_INT_V4.into(),
+                pub1.into(),
+                Ipv4Addr::new(203, 0, 113, 2).into(),
+                Ipv4Addr::new(203, 0, 113, 3).into(),
+            ],
             media_ports: vec![(PORT_BASE, 65_000)],
             pass_ports: vec![5061],
             default_policy: POLICY_PASS,
@@ -430,21 +652,37 @@ pub fn run(mode: Mode, start: Instant) -> Result<ForwardStage, BenchError> {
         let name = sip_edge_common::XDP_PROG_NAME;
         for dev in ["ext0", "int0"] {
             in_ns(&edge, || -> Result<(), BenchError> {
-                let idx = testnet::ifindex(dev).ok_or(BenchError::Map { name: "ifindex", detail: dev.into() })?;
-                prog(&mut dp, name)?.attach_to_if_index(idx, XdpMode::Driver).map_err(|source| BenchError::Program { name, source })?;
+                let idx = testnet::ifindex(dev).ok_or(BenchError::Map {
+                    name: "ifindex",
+                    detail: dev.into(),
+                })?;
+                prog(&mut dp, name)?
+                    .attach_to_if_index(idx, XdpMode::Driver)
+                    .map_err(|source| BenchError::Program { name, source })?;
                 Ok(())
             })??;
         }
         let (_, peer_addr) = addr_from_ip(testnet::PEER_V4.into());
         let mut installed = 0u32;
         for &size in &sizes {
-            progress(start, &format!("forward: sip-edge: installing {size} pinholes"));
+            progress(
+                start,
+                &format!("forward: sip-edge: installing {size} pinholes"),
+            );
             while installed < size {
                 let i = installed;
                 let pub_ip = Ipv4Addr::from(u32::from(pub1) + i / PER_ADDR);
                 let port = PORT_BASE + (i % PER_ADDR) as u16;
                 let (family, addr) = addr_from_ip(pub_ip.into());
-                let key = PinholeKey { addr, port: port.to_be(), proto: PROTO_UDP, family, role: ROLE_EXTERNAL, match_on: MATCH_DST, _pad: [0; 2] };
+                let key = PinholeKey {
+                    addr,
+                    port: port.to_be(),
+                    proto: PROTO_UDP,
+                    family,
+                    role: ROLE_EXTERNAL,
+                    match_on: MATCH_DST,
+                    _pad: [0; 2],
+                };
                 let rule = PinholeRule {
                     remote_addr: peer_addr,
                     new_src: addr_from_ip(testnet::EDGE_INT_V4.into()).1,
@@ -460,7 +698,10 @@ pub fn run(mode: Mode, start: Instant) -> Result<ForwardStage, BenchError> {
                 installed += 1;
             }
             g.configure(pub1, size, PORT_BASE)?;
-            let label = match size { 1 => "sip-edge 1 pinhole".to_string(), s => format!("sip-edge {}k pinholes", s / 1000) };
+            let label = match size {
+                1 => "sip-edge 1 pinhole".to_string(),
+                s => format!("sip-edge {}k pinholes", s / 1000),
+            };
             let f = g.measure(&label, size, mode, start)?;
             out.forwarders.push(f);
         }
@@ -471,11 +712,35 @@ pub fn run(mode: Mode, start: Instant) -> Result<ForwardStage, BenchError> {
         let wall = g.send(n)?;
         let dropped = reason_count(&maps, Reason::DropNoPinhole)? - before;
         let rate = dropped as f64 / wall.as_secs_f64();
-        progress(start, &format!("forward: junk drop: {:.3} Mpps ({dropped}/{n} counted drop_no_pinhole)", rate / 1e6));
+        progress(
+            start,
+            &format!(
+                "forward: junk drop: {:.3} Mpps ({dropped}/{n} counted drop_no_pinhole)",
+                rate / 1e6
+            ),
+        );
         out.junk_drop_pps = Some(rate);
         // TCP through a relay pinhole (XDP on both edge links).
-        let peer_mac = g.peer_mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
-        sh(&["ip", "-n", &edge, "neigh", "replace", "198.51.100.2", "lladdr", &peer_mac, "nud", "permanent", "dev", "ext0"])?;
+        let peer_mac = g
+            .peer_mac
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":");
+        sh(&[
+            "ip",
+            "-n",
+            &edge,
+            "neigh",
+            "replace",
+            "198.51.100.2",
+            "lladdr",
+            &peer_mac,
+            "nud",
+            "permanent",
+            "dev",
+            "ext0",
+        ])?;
         let mut peer_pass = loader::load_object()?;
         attach(&mut peer_pass, "sip_edge_pass", &peer, "eth0")?;
         let client = SocketAddr::new(testnet::CLIENT_V4.into(), 45_000);
@@ -490,29 +755,76 @@ pub fn run(mode: Mode, start: Instant) -> Result<ForwardStage, BenchError> {
             learn_port: crate::datapath::rules::LearnPort::Neither,
         };
         maps.add_flow(&flow)?;
-        let dur = if mode.quick { Duration::from_millis(300) } else { Duration::from_secs(2) };
-        match tcp_throughput(&topo, client, SocketAddr::new(testnet::EDGE_INT_V4.into(), edge_port), SocketAddr::new(testnet::PEER_V4.into(), 9_000), dur) {
+        let dur = if mode.quick {
+            Duration::from_millis(300)
+        } else {
+            Duration::from_secs(2)
+        };
+        match tcp_throughput(
+            &topo,
+            client,
+            SocketAddr::new(testnet::EDGE_INT_V4.into(), edge_port),
+            SocketAddr::new(testnet::PEER_V4.into(), 9_000),
+            dur,
+        ) {
             Ok(bps) => {
-                progress(start, &format!("forward: TCP through a sip-edge pinhole: {:.0} Mbit/s", bps / 1e6));
+                progress(
+                    start,
+                    &format!(
+                        "forward: TCP through a sip-edge pinhole: {:.0} Mbit/s",
+                        bps / 1e6
+                    ),
+                );
                 out.tcp.push(("sip-edge TCP pinhole (relay)".into(), bps));
             }
-            Err(e) => out.not_measured.push(NotMeasured { what: "TCP through a sip-edge pinhole".into(), reason: e.to_string() }),
+            Err(e) => out.not_measured.push(NotMeasured {
+                what: "TCP through a sip-edge pinhole".into(),
+                reason: e.to_string(),
+            }),
         }
         drop(peer_pass);
     }
     // TCP through plain kernel forwarding (no XDP on the edge).
     {
-        let _ = sh(&["ip", "-n", &peer, "route", "add", "10.77.0.0/24", "via", "203.0.113.1"]);
+        let _ = sh(&[
+            "ip",
+            "-n",
+            &peer,
+            "route",
+            "add",
+            "10.77.0.0/24",
+            "via",
+            "203.0.113.1",
+        ]);
         let mut peer_pass = loader::load_object()?;
         attach(&mut peer_pass, "sip_edge_pass", &peer, "eth0")?;
-        let dur = if mode.quick { Duration::from_millis(300) } else { Duration::from_secs(2) };
+        let dur = if mode.quick {
+            Duration::from_millis(300)
+        } else {
+            Duration::from_secs(2)
+        };
         let to = SocketAddr::new(testnet::PEER_V4.into(), 9_001);
-        match tcp_throughput(&topo, SocketAddr::new(testnet::CLIENT_V4.into(), 45_001), to, to, dur) {
+        match tcp_throughput(
+            &topo,
+            SocketAddr::new(testnet::CLIENT_V4.into(), 45_001),
+            to,
+            to,
+            dur,
+        ) {
             Ok(bps) => {
-                progress(start, &format!("forward: TCP through kernel forwarding: {:.0} Mbit/s", bps / 1e6));
+                progress(
+                    start,
+                    &format!(
+                        "forward: TCP through kernel forwarding: {:.0} Mbit/s",
+                        bps / 1e6
+                    ),
+                );
                 out.tcp.push(("kernel forwarding".into(), bps));
             }
-            Err(e) => out.not_measured.push(NotMeasured { what: "TCP through kernel forwarding".into(), reason: e.to_string() }),
+            Err(e) => out.not_measured.push(NotMeasured {
+                what: "TCP through kernel forwarding".into(),
+                reason: e.to_string(),
+            }),
         }
     }
     // 4. Kernel forwarding + nftables DNAT + conntrack.
@@ -521,30 +833,51 @@ pub fn run(mode: Mode, start: Instant) -> Result<ForwardStage, BenchError> {
             out.forwarders.push(f);
             out.versions.push(("nftables".into(), v));
         }
-        Err(e) => out.not_measured.push(NotMeasured { what: "kernel forwarding + nftables DNAT".into(), reason: e.to_string() }),
+        Err(e) => out.not_measured.push(NotMeasured {
+            what: "kernel forwarding + nftables DNAT".into(),
+            reason: e.to_string(),
+        }),
     }
     // 5. Userspace relays.
     match tokio_relay(&mut g, &edge, mode, start) {
         Ok(f) => out.forwarders.push(f),
-        Err(e) => out.not_measured.push(NotMeasured { what: "tokio UDP relay".into(), reason: e.to_string() }),
+        Err(e) => out.not_measured.push(NotMeasured {
+            what: "tokio UDP relay".into(),
+            reason: e.to_string(),
+        }),
     }
     match rtpengine(&mut g, &edge, mode, start) {
         Ok((f, v)) => {
             out.forwarders.push(f);
             out.versions.push(("rtpengine-daemon".into(), v));
         }
-        Err(e) => out.not_measured.push(NotMeasured { what: "rtpengine-daemon".into(), reason: e.to_string() }),
+        Err(e) => out.not_measured.push(NotMeasured {
+            what: "rtpengine-daemon".into(),
+            reason: e.to_string(),
+        }),
     }
     // Ratios.
-    let redirect = out.forwarders.iter().find(|f| f.name.starts_with("bare redirect")).map(|f| f.rate_pps);
+    let redirect = out
+        .forwarders
+        .iter()
+        .find(|f| f.name.starts_with("bare redirect"))
+        .map(|f| f.rate_pps);
     if let Some(r) = redirect {
         for f in &mut out.forwarders {
             f.ratio_vs_redirect = Some(f.rate_pps / r);
         }
     }
     let fw = out.forwarders.clone();
-    let rate = |n: &str| fw.iter().find(|f| f.name.starts_with(n)).map(|f| f.rate_pps);
-    let zl = |n: &str| fw.iter().find(|f| f.name.starts_with(n)).map(|f| f.zero_loss_pps);
+    let rate = |n: &str| {
+        fw.iter()
+            .find(|f| f.name.starts_with(n))
+            .map(|f| f.rate_pps)
+    };
+    let zl = |n: &str| {
+        fw.iter()
+            .find(|f| f.name.starts_with(n))
+            .map(|f| f.zero_loss_pps)
+    };
     let mut ratio = |name: &str, a: Option<f64>, b: Option<f64>| {
         if let (Some(a), Some(b)) = (a, b) {
             if b > 0.0 {
@@ -552,21 +885,56 @@ pub fn run(mode: Mode, start: Instant) -> Result<ForwardStage, BenchError> {
             }
         }
     };
-    ratio("sip-edge 1 pinhole / bare redirect (target >= 0.85)", rate("sip-edge 1 pinhole"), rate("bare redirect"));
-    ratio("sip-edge 100k / bare redirect (target >= 0.6)", rate("sip-edge 100k"), rate("bare redirect"));
-    ratio("sip-edge 1 pinhole / nftables DNAT (target >= 3)", rate("sip-edge 1 pinhole"), rate("kernel forwarding"));
+    ratio(
+        "sip-edge 1 pinhole / bare redirect (target >= 0.85)",
+        rate("sip-edge 1 pinhole"),
+        rate("bare redirect"),
+    );
+    ratio(
+        "sip-edge 100k / bare redirect (target >= 0.6)",
+        rate("sip-edge 100k"),
+        rate("bare redirect"),
+    );
+    ratio(
+        "sip-edge 1 pinhole / nftables DNAT (target >= 3)",
+        rate("sip-edge 1 pinhole"),
+        rate("kernel forwarding"),
+    );
     // Userspace relays only by zero-loss rate: an unpaced burst overruns
     // their socket queues (rtpengine then discards the stream), so their
     // unpaced figure says nothing about their capacity.
-    ratio("zero-loss: sip-edge 100k / bare redirect", zl("sip-edge 100k"), zl("bare redirect"));
-    ratio("zero-loss: sip-edge 1 pinhole / tokio relay", zl("sip-edge 1 pinhole"), zl("tokio"));
-    ratio("zero-loss: sip-edge 1 pinhole / bare redirect", zl("sip-edge 1 pinhole"), zl("bare redirect"));
+    ratio(
+        "zero-loss: sip-edge 100k / bare redirect",
+        zl("sip-edge 100k"),
+        zl("bare redirect"),
+    );
+    ratio(
+        "zero-loss: sip-edge 1 pinhole / tokio relay",
+        zl("sip-edge 1 pinhole"),
+        zl("tokio"),
+    );
+    ratio(
+        "zero-loss: sip-edge 1 pinhole / bare redirect",
+        zl("sip-edge 1 pinhole"),
+        zl("bare redirect"),
+    );
     let tcp = |n: &str| out.tcp.iter().find(|t| t.0.starts_with(n)).map(|t| t.1);
     let (ta, tb) = (tcp("sip-edge"), tcp("kernel"));
-    ratio("zero-loss: sip-edge 1 pinhole / nftables DNAT", zl("sip-edge 1 pinhole"), zl("kernel forwarding"));
-    ratio("zero-loss: sip-edge 1 pinhole / rtpengine (target >= 20)", zl("sip-edge 1 pinhole"), zl("rtpengine"));
+    ratio(
+        "zero-loss: sip-edge 1 pinhole / nftables DNAT",
+        zl("sip-edge 1 pinhole"),
+        zl("kernel forwarding"),
+    );
+    ratio(
+        "zero-loss: sip-edge 1 pinhole / rtpengine (target >= 20)",
+        zl("sip-edge 1 pinhole"),
+        zl("rtpengine"),
+    );
     if let (Some(a), Some(b)) = (ta, tb) {
-        out.ratios.push(("TCP throughput: sip-edge pinhole / kernel forwarding".into(), a / b));
+        out.ratios.push((
+            "TCP throughput: sip-edge pinhole / kernel forwarding".into(),
+            a / b,
+        ));
     }
     drop(g);
     drop(topo);
@@ -576,7 +944,13 @@ pub fn run(mode: Mode, start: Instant) -> Result<ForwardStage, BenchError> {
 /// One TCP connection from the client (bound to `local`) to `to`, with the
 /// peer listening on `listen`; the client writes for `dur`. Bits per second
 /// the peer read.
-fn tcp_throughput(topo: &Topology, local: SocketAddr, to: SocketAddr, listen: SocketAddr, dur: Duration) -> Result<f64, BenchError> {
+fn tcp_throughput(
+    topo: &Topology,
+    local: SocketAddr,
+    to: SocketAddr,
+    listen: SocketAddr,
+    dur: Duration,
+) -> Result<f64, BenchError> {
     use std::io::{Read as _, Write as _};
     let l = topo.tcp_listen(&topo.peer, listen)?;
     let reader = std::thread::spawn(move || -> std::io::Result<(u64, Duration)> {
@@ -599,16 +973,24 @@ fn tcp_throughput(topo: &Topology, local: SocketAddr, to: SocketAddr, listen: So
     while t.elapsed() < dur {
         c.write_all(&buf).map_err(io("tcp write"))?;
     }
-    c.shutdown(std::net::Shutdown::Write).map_err(io("tcp shutdown"))?;
+    c.shutdown(std::net::Shutdown::Write)
+        .map_err(io("tcp shutdown"))?;
     let (total, took) = reader
         .join()
-        .map_err(|_| BenchError::Map { name: "tcp", detail: "reader panicked".into() })?
+        .map_err(|_| BenchError::Map {
+            name: "tcp",
+            detail: "reader panicked".into(),
+        })?
         .map_err(io("tcp read"))?;
     Ok(total as f64 * 8.0 / took.as_secs_f64())
 }
 
 fn reason_count(maps: &DatapathMaps, r: Reason) -> Result<u64, BenchError> {
-    Ok(maps.reasons()?.iter().find(|c| c.reason == r.name()).map_or(0, |c| c.packets))
+    Ok(maps
+        .reasons()?
+        .iter()
+        .find(|c| c.reason == r.name())
+        .map_or(0, |c| c.packets))
 }
 
 /// The pass program on ext0: a veth delivers XDP_TX'd frames only while its
@@ -619,8 +1001,16 @@ fn pass_on_ext(edge: &str) -> Result<Ebpf, BenchError> {
     Ok(e)
 }
 
-fn nft(g: &mut Gen, edge: &str, mode: Mode, start: Instant) -> Result<(Forwarder, String), BenchError> {
-    let v = Command::new("nft").arg("--version").output().map_err(io("nft --version (apt package nftables)"))?;
+fn nft(
+    g: &mut Gen,
+    edge: &str,
+    mode: Mode,
+    start: Instant,
+) -> Result<(Forwarder, String), BenchError> {
+    let v = Command::new("nft")
+        .arg("--version")
+        .output()
+        .map_err(io("nft --version (apt package nftables)"))?;
     let version = String::from_utf8_lossy(&v.stdout).trim().to_owned();
     let _pass = pass_on_ext(edge)?;
     let rules = format!(
@@ -629,19 +1019,39 @@ fn nft(g: &mut Gen, edge: &str, mode: Mode, start: Instant) -> Result<(Forwarder
     // Block syntax is file syntax: `nft -f`.
     let file = std::env::temp_dir().join(format!("sip-edge-bench-{}.nft", std::process::id()));
     std::fs::write(&file, format!("{rules}\n")).map_err(io(format!("write {}", file.display())))?;
-    let loaded = sh(&["ip", "netns", "exec", edge, "nft", "-f", &file.display().to_string()]);
+    let loaded = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        edge,
+        "nft",
+        "-f",
+        &file.display().to_string(),
+    ]);
     let _ = std::fs::remove_file(&file);
     loaded?;
     g.configure(testnet::EDGE_PUB_V4, 1, PORT_BASE)?;
-    let mut f = g.measure("kernel forwarding + nftables DNAT/conntrack", 1, mode, start);
-    let _ = sh(&["ip", "netns", "exec", edge, "nft", "delete", "table", "ip", "sebench"]);
+    let mut f = g.measure(
+        "kernel forwarding + nftables DNAT/conntrack",
+        1,
+        mode,
+        start,
+    );
+    let _ = sh(&[
+        "ip", "netns", "exec", edge, "nft", "delete", "table", "ip", "sebench",
+    ]);
     if let Ok(f) = &mut f {
         f.note = version.clone();
     }
     Ok((f?, version))
 }
 
-fn tokio_relay(g: &mut Gen, edge: &str, mode: Mode, start: Instant) -> Result<Forwarder, BenchError> {
+fn tokio_relay(
+    g: &mut Gen,
+    edge: &str,
+    mode: Mode,
+    start: Instant,
+) -> Result<Forwarder, BenchError> {
     let _pass = pass_on_ext(edge)?;
     let listen = SocketAddr::new(testnet::EDGE_PUB_V4.into(), RELAY_PORT);
     let to = SocketAddr::new(testnet::CLIENT_V4.into(), CLIENT_PORT);
@@ -651,12 +1061,15 @@ fn tokio_relay(g: &mut Gen, edge: &str, mode: Mode, start: Instant) -> Result<Fo
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
     let relay = std::thread::spawn(move || -> std::io::Result<()> {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         rt.block_on(async move {
             let s = tokio::net::UdpSocket::from_std(sock)?;
             let mut buf = vec![0u8; 2048];
             while !stop2.load(Ordering::Relaxed) {
-                match tokio::time::timeout(Duration::from_millis(100), s.recv_from(&mut buf)).await {
+                match tokio::time::timeout(Duration::from_millis(100), s.recv_from(&mut buf)).await
+                {
                     Ok(Ok((n, _))) => {
                         let _ = s.send_to(&buf[..n], to).await;
                     }
@@ -668,7 +1081,13 @@ fn tokio_relay(g: &mut Gen, edge: &str, mode: Mode, start: Instant) -> Result<Fo
         })
     });
     g.configure(testnet::EDGE_PUB_V4, 1, RELAY_PORT)?;
-    let f = g.measure_with("tokio UDP relay (1 thread)", 1, mode, start, Some(400_000.0));
+    let f = g.measure_with(
+        "tokio UDP relay (1 thread)",
+        1,
+        mode,
+        start,
+        Some(400_000.0),
+    );
     stop.store(true, Ordering::Relaxed);
     let _ = relay.join();
     f
@@ -682,10 +1101,19 @@ fn force_rcvbuf(sock: &UdpSocket) -> Result<(), BenchError> {
     let size: libc::c_int = 32 << 20;
     // SAFETY: valid socket fd and a correctly sized int option.
     let rc = unsafe {
-        libc::setsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, (&raw const size).cast(), 4)
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&raw const size).cast(),
+            4,
+        )
     };
     if rc != 0 {
-        return Err(BenchError::Io { op: "SO_RCVBUFFORCE".into(), source: std::io::Error::last_os_error() });
+        return Err(BenchError::Io {
+            op: "SO_RCVBUFFORCE".into(),
+            source: std::io::Error::last_os_error(),
+        });
     }
     Ok(())
 }
@@ -721,24 +1149,53 @@ fn ng(sock: &UdpSocket, cookie: &str, msg: &Ben) -> Result<String, BenchError> {
     ben(msg, &mut s);
     sock.send(s.as_bytes()).map_err(io("ng send"))?;
     let mut buf = vec![0u8; 65536];
-    let n = sock.recv(&mut buf).map_err(io("ng recv (is rtpengine listening?)"))?;
+    let n = sock
+        .recv(&mut buf)
+        .map_err(io("ng recv (is rtpengine listening?)"))?;
     Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
-fn rtpengine(g: &mut Gen, edge: &str, mode: Mode, start: Instant) -> Result<(Forwarder, String), BenchError> {
-    let v = Command::new("rtpengine").arg("--version").output().map_err(io("rtpengine --version (apt package rtpengine-daemon)"))?;
-    let version = String::from_utf8_lossy(&v.stdout).trim().trim_start_matches("Version: ").to_owned();
+fn rtpengine(
+    g: &mut Gen,
+    edge: &str,
+    mode: Mode,
+    start: Instant,
+) -> Result<(Forwarder, String), BenchError> {
+    let v = Command::new("rtpengine")
+        .arg("--version")
+        .output()
+        .map_err(io("rtpengine --version (apt package rtpengine-daemon)"))?;
+    let version = String::from_utf8_lossy(&v.stdout)
+        .trim()
+        .trim_start_matches("Version: ")
+        .to_owned();
     let _pass = pass_on_ext(edge)?;
     // rtpengine sizes its own sockets from the namespace defaults (see
     // `force_rcvbuf`); best effort, the figure is reported either way.
-    for kv in ["net.core.rmem_max=33554432", "net.core.rmem_default=33554432"] {
+    for kv in [
+        "net.core.rmem_max=33554432",
+        "net.core.rmem_default=33554432",
+    ] {
         let _ = sh(&["ip", "netns", "exec", edge, "sysctl", "-qw", kv]);
     }
     let log_path = std::env::temp_dir().join("sip-edge-bench-rtpengine.log");
-    let log = std::fs::File::create(&log_path).map_err(io(format!("create {}", log_path.display())))?;
+    let log =
+        std::fs::File::create(&log_path).map_err(io(format!("create {}", log_path.display())))?;
     let child = Command::new("nsenter")
         .arg(format!("--net=/run/netns/{edge}"))
-        .args(["--", "rtpengine", "--foreground", "--log-stderr", "--table=-1", "--interface=203.0.113.1", "--listen-ng=127.0.0.1:22222", "--port-min=30000", "--port-max=30999", "--log-level=4", "--no-redis-required"])
+        .args([
+            "--",
+            "rtpengine",
+            "--foreground",
+            "--log-stderr",
+            "--table=-1",
+            "--interface=203.0.113.1",
+            "--listen-ng=127.0.0.1:22222",
+            "--port-min=30000",
+            "--port-max=30999",
+            "--log-level=4",
+            "--no-redis-required",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::from(log))
@@ -747,12 +1204,22 @@ fn rtpengine(g: &mut Gen, edge: &str, mode: Mode, start: Instant) -> Result<(For
     let _d = Daemon(child);
     let sock = in_ns(edge, || UdpSocket::bind("127.0.0.1:0"))?.map_err(io("bind ng client"))?;
     sock.connect("127.0.0.1:22222").map_err(io("connect ng"))?;
-    sock.set_read_timeout(Some(Duration::from_millis(500))).map_err(io("timeout"))?;
-    let sdp = |ip: &str, port: u16| format!("v=0\r\no=- 1 1 IN IP4 {ip}\r\ns=-\r\nc=IN IP4 {ip}\r\nt=0 0\r\nm=audio {port} RTP/AVP 0\r\n");
-    let mut offer = Err(BenchError::Map { name: "rtpengine", detail: "no answer to ping within 5 s".into() });
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .map_err(io("timeout"))?;
+    let sdp = |ip: &str, port: u16| {
+        format!("v=0\r\no=- 1 1 IN IP4 {ip}\r\ns=-\r\nc=IN IP4 {ip}\r\nt=0 0\r\nm=audio {port} RTP/AVP 0\r\n")
+    };
+    let mut offer = Err(BenchError::Map {
+        name: "rtpengine",
+        detail: "no answer to ping within 5 s".into(),
+    });
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
-        if let Ok(r) = ng(&sock, "c0", &Ben::D(vec![("command".into(), Ben::S("ping".into()))])) {
+        if let Ok(r) = ng(
+            &sock,
+            "c0",
+            &Ben::D(vec![("command".into(), Ben::S("ping".into()))]),
+        ) {
             if r.contains("pong") {
                 offer = Ok(());
                 break;
@@ -775,23 +1242,54 @@ fn rtpengine(g: &mut Gen, edge: &str, mode: Mode, start: Instant) -> Result<(For
     // The client offers (its media at 10.77.0.2:40000); the answer comes
     // from the peer. rtpengine's port in the offer's SDP is where the
     // peer sends.
-    let r1 = ng(&sock, "c1", &call("offer", sdp("10.77.0.2", CLIENT_PORT), vec![]))?;
+    let r1 = ng(
+        &sock,
+        "c1",
+        &call("offer", sdp("10.77.0.2", CLIENT_PORT), vec![]),
+    )?;
     let port = r1
         .split("m=audio ")
         .nth(1)
         .and_then(|r| r.split(' ').next())
         .and_then(|p| p.parse::<u16>().ok())
-        .ok_or_else(|| BenchError::Map { name: "rtpengine", detail: format!("offer reply without m=audio: {r1}") })?;
-    let r2 = ng(&sock, "c2", &call("answer", sdp("198.51.100.2", GEN_SPORT), vec![("to-tag".into(), Ben::S("peer".into()))]))?;
+        .ok_or_else(|| BenchError::Map {
+            name: "rtpengine",
+            detail: format!("offer reply without m=audio: {r1}"),
+        })?;
+    let r2 = ng(
+        &sock,
+        "c2",
+        &call(
+            "answer",
+            sdp("198.51.100.2", GEN_SPORT),
+            vec![("to-tag".into(), Ben::S("peer".into()))],
+        ),
+    )?;
     if !r2.contains("result") || r2.contains("error") {
-        return Err(BenchError::Map { name: "rtpengine", detail: format!("answer failed: {r2}") });
+        return Err(BenchError::Map {
+            name: "rtpengine",
+            detail: format!("answer failed: {r2}"),
+        });
     }
     g.configure(testnet::EDGE_PUB_V4, 1, port)?;
-    let mut f = g.measure_with("rtpengine-daemon (userspace)", 1, mode, start, Some(400_000.0))?;
+    let mut f = g.measure_with(
+        "rtpengine-daemon (userspace)",
+        1,
+        mode,
+        start,
+        Some(400_000.0),
+    )?;
     f.note = format!(
         "rtpengine {version}, --table=-1 (no kernel module), default threads; it drops a stream's packets after its receive queue held >50 packets five times (log: {})",
         log_path.display()
     );
-    let _ = ng(&sock, "c3", &Ben::D(vec![("command".into(), Ben::S("delete".into())), ("call-id".into(), Ben::S("sebench".into()))]));
+    let _ = ng(
+        &sock,
+        "c3",
+        &Ben::D(vec![
+            ("command".into(), Ben::S("delete".into())),
+            ("call-id".into(), Ben::S("sebench".into())),
+        ]),
+    );
     Ok((f, version))
 }

@@ -128,9 +128,16 @@ impl Machine {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         let cpu = cpuinfo
             .lines()
-            .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, v)| v.trim().to_owned()))
+            .find_map(|l| {
+                l.strip_prefix("model name")
+                    .and_then(|r| r.split_once(':'))
+                    .map(|(_, v)| v.trim().to_owned())
+            })
             .unwrap_or_else(|| "unknown".into());
-        let cpus = cpuinfo.lines().filter(|l| l.starts_with("processor")).count();
+        let cpus = cpuinfo
+            .lines()
+            .filter(|l| l.starts_with("processor"))
+            .count();
         let uname = std::process::Command::new("uname")
             .arg("-srvm")
             .output()
@@ -142,9 +149,11 @@ impl Machine {
             uname,
             loadavg_start: loadavg(),
             loadavg_end: String::new(),
-            clocksource: std::fs::read_to_string("/sys/devices/system/clocksource/clocksource0/current_clocksource")
-                .map(|s| s.trim().to_owned())
-                .unwrap_or_default(),
+            clocksource: std::fs::read_to_string(
+                "/sys/devices/system/clocksource/clocksource0/current_clocksource",
+            )
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default(),
         }
     }
 }
@@ -205,7 +214,11 @@ pub struct Rng(u64);
 impl Rng {
     /// Seeded generator (seed 0 is replaced).
     pub fn new(seed: u64) -> Rng {
-        Rng(if seed == 0 { 0x9e37_79b9_7f4a_7c15 } else { seed })
+        Rng(if seed == 0 {
+            0x9e37_79b9_7f4a_7c15
+        } else {
+            seed
+        })
     }
 
     /// Next value.

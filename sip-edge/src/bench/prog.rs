@@ -26,8 +26,8 @@ use aya::{
 use serde::Serialize;
 use sip_edge_common::{
     addr_from_ip, bench_progs, map_names, BenchCfg, PinholeKey, PinholeRule, PinholeState, Reason,
-    MATCH_DST, POLICY_PASS, PROTO_TCP, PROTO_UDP, REASON_COUNT, ROLE_EXTERNAL,
-    ROLE_INTERNAL, RULE_REWRITE_DST, RULE_REWRITE_SRC, XDP_PROG_NAME,
+    MATCH_DST, POLICY_PASS, PROTO_TCP, PROTO_UDP, REASON_COUNT, ROLE_EXTERNAL, ROLE_INTERNAL,
+    RULE_REWRITE_DST, RULE_REWRITE_SRC, XDP_PROG_NAME,
 };
 
 use super::{progress, BenchError, Mode, Rng};
@@ -128,10 +128,18 @@ impl Kind {
         self == Kind::V6UdpRelay
     }
     fn proto(self) -> u8 {
-        if self == Kind::V4TcpRelay { PROTO_TCP } else { PROTO_UDP }
+        if self == Kind::V4TcpRelay {
+            PROTO_TCP
+        } else {
+            PROTO_UDP
+        }
     }
     fn peer(self) -> SocketAddr {
-        if self.v6() { SocketAddr::new(PEER6.into(), PEER_PORT) } else { SocketAddr::new(PEER4.into(), PEER_PORT) }
+        if self.v6() {
+            SocketAddr::new(PEER6.into(), PEER_PORT)
+        } else {
+            SocketAddr::new(PEER4.into(), PEER_PORT)
+        }
     }
     /// Flow `i`'s address: 10.77.64.0/18 or 2001:db8:77:100::/64, both
     /// routed via the fixture client (which has a permanent neighbour).
@@ -158,7 +166,15 @@ impl Kind {
 
 fn key(sa: SocketAddr, proto: u8) -> PinholeKey {
     let (family, addr) = addr_from_ip(sa.ip());
-    PinholeKey { addr, port: sa.port().to_be(), proto, family, role: ROLE_EXTERNAL, match_on: MATCH_DST, _pad: [0; 2] }
+    PinholeKey {
+        addr,
+        port: sa.port().to_be(),
+        proto,
+        family,
+        role: ROLE_EXTERNAL,
+        match_on: MATCH_DST,
+        _pad: [0; 2],
+    }
 }
 
 /// `struct xdp_md` for ctx_in (see `datapath::fixtures`).
@@ -170,7 +186,10 @@ fn xdp_md(len: usize, ingress_ifindex: u32) -> [u8; 24] {
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> BenchError {
-    move |e| BenchError::Map { name, detail: e.to_string() }
+    move |e| BenchError::Map {
+        name,
+        detail: e.to_string(),
+    }
 }
 
 /// Unlinks a private pin directory on drop (also on error paths).
@@ -204,16 +223,32 @@ impl Bench {
 
     fn reasons(&self) -> Result<Vec<u64>, BenchError> {
         (0..REASON_COUNT)
-            .map(|i| Ok(self.reasons.get(&i, 0).map_err(map_err(map_names::REASONS))?.iter().sum()))
+            .map(|i| {
+                Ok(self
+                    .reasons
+                    .get(&i, 0)
+                    .map_err(map_err(map_names::REASONS))?
+                    .iter()
+                    .sum())
+            })
             .collect()
     }
 
     /// Run `name` on `frame` `repeat` times; the kernel's mean ns per run.
     fn run(&self, name: &'static str, frame: &[u8], repeat: u32) -> Result<f64, BenchError> {
-        let e = if name == XDP_PROG_NAME { &self.ebpf } else { &self.base };
+        let e = if name == XDP_PROG_NAME {
+            &self.ebpf
+        } else {
+            &self.base
+        };
         let ctx = xdp_md(frame.len(), self.ext);
         let res = Self::prog(e, name)?
-            .test_run(TestRunOptions { data_in: Some(frame), ctx_in: Some(&ctx), repeat, ..TestRunOptions::new() })
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                ctx_in: Some(&ctx),
+                repeat,
+                ..TestRunOptions::new()
+            })
             .map_err(|source| BenchError::Program { name, source })?;
         Ok(res.duration.as_nanos() as f64)
     }
@@ -232,38 +267,95 @@ impl Bench {
 
 /// Run the stage.
 pub fn run(mode: Mode, start: Instant) -> Result<ProgStage, BenchError> {
-    let sizes: Vec<u32> = if mode.quick { vec![1, 10_000] } else { vec![1, 10_000, 100_000, 1_000_000] };
+    let sizes: Vec<u32> = if mode.quick {
+        vec![1, 10_000]
+    } else {
+        vec![1, 10_000, 100_000, 1_000_000]
+    };
     let cap = sizes.iter().copied().max().unwrap_or(1).max(1024);
-    progress(start, &format!("prog: namespace and datapath load (PINHOLES capacity {cap})"));
+    progress(
+        start,
+        &format!("prog: namespace and datapath load (PINHOLES capacity {cap})"),
+    );
     let ns = Netns::create()?;
     let n = ns.name().to_owned();
-    sh(&["ip", "-n", &n, "route", "add", "10.77.64.0/18", "via", "10.77.0.2", "dev", netns::IF_INT])?;
-    sh(&["ip", "-n", &n, "-6", "route", "add", "2001:db8:77:100::/64", "via", "2001:db8:77::2", "dev", netns::IF_INT])?;
+    sh(&[
+        "ip",
+        "-n",
+        &n,
+        "route",
+        "add",
+        "10.77.64.0/18",
+        "via",
+        "10.77.0.2",
+        "dev",
+        netns::IF_INT,
+    ])?;
+    sh(&[
+        "ip",
+        "-n",
+        &n,
+        "-6",
+        "route",
+        "add",
+        "2001:db8:77:100::/64",
+        "via",
+        "2001:db8:77::2",
+        "dev",
+        netns::IF_INT,
+    ])?;
     let pin = PinDir(PathBuf::from(format!("/sys/fs/bpf/{n}")));
     std::fs::create_dir(&pin.0).map_err(super::io(format!("mkdir {}", pin.0.display())))?;
     let mut ebpf = loader::load(MapSizes { max_pinholes: cap }, Some(&pin.0))?;
     let mut writer = DatapathMaps::from_pins(&pin.0)?;
     writer.apply_settings(&DatapathSettings {
         ifaces: vec![
-            DatapathIface { ifindex: ns.links.int, role: ROLE_INTERNAL },
-            DatapathIface { ifindex: ns.links.ext, role: ROLE_EXTERNAL },
+            DatapathIface {
+                ifindex: ns.links.int,
+                role: ROLE_INTERNAL,
+            },
+            DatapathIface {
+                ifindex: ns.links.ext,
+                role: ROLE_EXTERNAL,
+            },
         ],
-        edge_addrs: vec![netns::EDGE_INT4.into(), netns::EDGE_PUB4.into(), netns::EDGE_INT6.into(), netns::EDGE_PUB6.into()],
+        edge_addrs: vec![
+            netns::EDGE_INT4.into(),
+            netns::EDGE_PUB4.into(),
+            netns::EDGE_INT6.into(),
+            netns::EDGE_PUB6.into(),
+        ],
         media_ports: vec![(PORT_BASE, 60_000)],
         pass_ports: vec![SIP_PORT],
         default_policy: POLICY_PASS,
     })?;
     drop(writer);
-    let take = |e: &mut Ebpf, name: &'static str| e.take_map(name).ok_or(BenchError::Map { name, detail: "missing".into() });
-    let pinholes = HashMap::try_from(take(&mut ebpf, map_names::PINHOLES)?).map_err(map_err(map_names::PINHOLES))?;
-    let state = Array::try_from(take(&mut ebpf, map_names::PH_STATE)?).map_err(map_err(map_names::PH_STATE))?;
-    let reasons = PerCpuArray::try_from(take(&mut ebpf, map_names::REASONS)?).map_err(map_err(map_names::REASONS))?;
+    let take = |e: &mut Ebpf, name: &'static str| {
+        e.take_map(name).ok_or(BenchError::Map {
+            name,
+            detail: "missing".into(),
+        })
+    };
+    let pinholes = HashMap::try_from(take(&mut ebpf, map_names::PINHOLES)?)
+        .map_err(map_err(map_names::PINHOLES))?;
+    let state = Array::try_from(take(&mut ebpf, map_names::PH_STATE)?)
+        .map_err(map_err(map_names::PH_STATE))?;
+    let reasons = PerCpuArray::try_from(take(&mut ebpf, map_names::REASONS)?)
+        .map_err(map_err(map_names::REASONS))?;
     // Baselines from a second copy of the object: the trivial pass program
     // and the bare redirect (to the internal link).
     let mut base = loader::load_object()?;
-    let mut cfg: Array<MapData, BenchCfg> =
-        Array::try_from(take(&mut base, map_names::BENCH_CFG)?).map_err(map_err(map_names::BENCH_CFG))?;
-    cfg.set(0, BenchCfg { redirect_ifindex: ns.links.int, ..BenchCfg::default() }, 0).map_err(map_err(map_names::BENCH_CFG))?;
+    let mut cfg: Array<MapData, BenchCfg> = Array::try_from(take(&mut base, map_names::BENCH_CFG)?)
+        .map_err(map_err(map_names::BENCH_CFG))?;
+    cfg.set(
+        0,
+        BenchCfg {
+            redirect_ifindex: ns.links.int,
+            ..BenchCfg::default()
+        },
+        0,
+    )
+    .map_err(map_err(map_names::BENCH_CFG))?;
     // Keep every timed program in the XDP dispatcher (see the module doc).
     for (in_base, name, dev) in [
         (false, XDP_PROG_NAME, "sefx-oth-p"),
@@ -277,79 +369,191 @@ pub fn run(mode: Mode, start: Instant) -> Result<ProgStage, BenchError> {
             .try_into()
             .map_err(|source| BenchError::Program { name, source })?;
         if name != XDP_PROG_NAME {
-            p.load().map_err(|source| BenchError::Program { name, source })?;
+            p.load()
+                .map_err(|source| BenchError::Program { name, source })?;
         }
-        let idx = crate::testnet::ifindex(dev).ok_or(BenchError::Map { name: "ifindex", detail: dev.into() })?;
-        p.attach_to_if_index(idx, XdpMode::Driver).map_err(|source| BenchError::Program { name, source })?;
+        let idx = crate::testnet::ifindex(dev).ok_or(BenchError::Map {
+            name: "ifindex",
+            detail: dev.into(),
+        })?;
+        p.attach_to_if_index(idx, XdpMode::Driver)
+            .map_err(|source| BenchError::Program { name, source })?;
     }
-    let mut b = Bench { ebpf, base, pinholes, state, reasons, ext: ns.links.ext };
+    let mut b = Bench {
+        ebpf,
+        base,
+        pinholes,
+        state,
+        reasons,
+        ext: ns.links.ext,
+    };
     let _stats = StatsOff::new()?;
     let hot_runs: u32 = if mode.quick { 200_000 } else { 2_000_000 };
     let warm_min: u64 = if mode.quick { 20_000 } else { 200_000 };
     let mut rows = Vec::new();
     // Baselines on the v4 hit packet.
-    let frame = Kind::V4UdpRelay.packet(Kind::V4UdpRelay.peer(), Kind::V4UdpRelay.flow(0)).build()?;
+    let frame = Kind::V4UdpRelay
+        .packet(Kind::V4UdpRelay.peer(), Kind::V4UdpRelay.flow(0))
+        .build()?;
     let pass_ns = b.run("sip_edge_pass", &frame, hot_runs)?;
     let redir_ns = b.run(bench_progs::REDIRECT, &frame, hot_runs)?;
-    progress(start, &format!("prog: baselines sip_edge_pass {pass_ns:.1} ns, bare redirect {redir_ns:.1} ns"));
+    progress(
+        start,
+        &format!("prog: baselines sip_edge_pass {pass_ns:.1} ns, bare redirect {redir_ns:.1} ns"),
+    );
     for (case, ns_) in [("sip_edge_pass", pass_ns), ("bare_redirect", redir_ns)] {
-        rows.push(ProgRow { case: case.into(), class: "baseline", pinholes: 0, phase: "hot", ns_per_packet: ns_, packets: hot_runs as u64, flows: 1, ratio_vs_pass: ns_ / pass_ns, reasons: vec![] });
+        rows.push(ProgRow {
+            case: case.into(),
+            class: "baseline",
+            pinholes: 0,
+            phase: "hot",
+            ns_per_packet: ns_,
+            packets: hot_runs as u64,
+            flows: 1,
+            ratio_vs_pass: ns_ / pass_ns,
+            reasons: vec![],
+        });
     }
     let mut rng = Rng::new(0x5e_d9e);
     for &size in &sizes {
-        for kind in [Kind::V4UdpRelay, Kind::V6UdpRelay, Kind::V4TcpRelay, Kind::V4UdpNat] {
-            progress(start, &format!("prog: {} with {size} pinholes: installing", kind.name()));
+        for kind in [
+            Kind::V4UdpRelay,
+            Kind::V6UdpRelay,
+            Kind::V4TcpRelay,
+            Kind::V4UdpNat,
+        ] {
+            progress(
+                start,
+                &format!("prog: {} with {size} pinholes: installing", kind.name()),
+            );
             let keys = install(&mut b, kind, size, &mut rng)?;
             let (cold, warm) = walk(&b, kind, size, warm_min, &keys.1)?;
             for (phase, r) in [("cold", cold), ("warm", warm)] {
                 if let Some((ns_, packets, flows, reasons)) = r {
                     progress(start, &format!("prog: {} {size} pinholes {phase}: {ns_:.1} ns/packet over {packets} packets", kind.name()));
-                    rows.push(ProgRow { case: kind.name().into(), class: "hit", pinholes: size, phase, ns_per_packet: ns_, packets, flows, ratio_vs_pass: ns_ / pass_ns, reasons });
+                    rows.push(ProgRow {
+                        case: kind.name().into(),
+                        class: "hit",
+                        pinholes: size,
+                        phase,
+                        ns_per_packet: ns_,
+                        packets,
+                        flows,
+                        ratio_vs_pass: ns_ / pass_ns,
+                        reasons,
+                    });
                 }
             }
             if kind == Kind::V4UdpRelay {
                 // Drop and pass paths with this table installed.
                 let k = Kind::V4UdpRelay;
                 let cases = [
-                    ("drop-no-pinhole", "drop", k.packet(k.peer(), SocketAddr::new(netns::EDGE_PUB4.into(), 60_000)).build()?),
-                    ("drop-remote-mismatch", "drop", k.packet(SocketAddr::new(Ipv4Addr::new(198, 51, 100, 99).into(), PEER_PORT), k.flow(0)).build()?),
-                    ("pass-signalling", "pass", k.packet(k.peer(), SocketAddr::new(netns::EDGE_PUB4.into(), SIP_PORT)).build()?),
+                    (
+                        "drop-no-pinhole",
+                        "drop",
+                        k.packet(k.peer(), SocketAddr::new(netns::EDGE_PUB4.into(), 60_000))
+                            .build()?,
+                    ),
+                    (
+                        "drop-remote-mismatch",
+                        "drop",
+                        k.packet(
+                            SocketAddr::new(Ipv4Addr::new(198, 51, 100, 99).into(), PEER_PORT),
+                            k.flow(0),
+                        )
+                        .build()?,
+                    ),
+                    (
+                        "pass-signalling",
+                        "pass",
+                        k.packet(k.peer(), SocketAddr::new(netns::EDGE_PUB4.into(), SIP_PORT))
+                            .build()?,
+                    ),
                 ];
                 for (case, class, f) in cases {
                     let before = b.reasons()?;
                     let ns_ = b.run(XDP_PROG_NAME, &f, hot_runs)?;
                     let reasons = b.delta(&before)?;
-                    progress(start, &format!("prog: {case} {size} pinholes: {ns_:.1} ns/packet"));
-                    rows.push(ProgRow { case: case.into(), class, pinholes: size, phase: "hot", ns_per_packet: ns_, packets: hot_runs as u64, flows: 1, ratio_vs_pass: ns_ / pass_ns, reasons });
+                    progress(
+                        start,
+                        &format!("prog: {case} {size} pinholes: {ns_:.1} ns/packet"),
+                    );
+                    rows.push(ProgRow {
+                        case: case.into(),
+                        class,
+                        pinholes: size,
+                        phase: "hot",
+                        ns_per_packet: ns_,
+                        packets: hot_runs as u64,
+                        flows: 1,
+                        ratio_vs_pass: ns_ / pass_ns,
+                        reasons,
+                    });
                 }
             }
             uninstall(&mut b, &keys.0)?;
         }
     }
     let find = |case: &str, size: u32, phase: &str| {
-        rows.iter().find(|r| r.case == case && r.pinholes == size && r.phase == phase).map(|r| r.ns_per_packet)
+        rows.iter()
+            .find(|r| r.case == case && r.pinholes == size && r.phase == phase)
+            .map(|r| r.ns_per_packet)
     };
     let mut targets = Vec::new();
     let mut target = |what: String, limit: f64, m: Option<f64>| {
         if let Some(m) = m {
-            targets.push(Target { what, limit_ns: limit, measured_ns: m, met: m <= limit });
+            targets.push(Target {
+                what,
+                limit_ns: limit,
+                measured_ns: m,
+                met: m <= limit,
+            });
         }
     };
-    target("hit v4 UDP relay, 1 pinhole (warm)".into(), 80.0, find("hit-v4-udp-relay", 1, "warm"));
-    target("drop, no pinhole, 1 pinhole".into(), 40.0, find("drop-no-pinhole", 1, "hot"));
-    target("drop, remote mismatch, 1 pinhole".into(), 40.0, find("drop-remote-mismatch", 1, "hot"));
+    target(
+        "hit v4 UDP relay, 1 pinhole (warm)".into(),
+        80.0,
+        find("hit-v4-udp-relay", 1, "warm"),
+    );
+    target(
+        "drop, no pinhole, 1 pinhole".into(),
+        40.0,
+        find("drop-no-pinhole", 1, "hot"),
+    );
+    target(
+        "drop, remote mismatch, 1 pinhole".into(),
+        40.0,
+        find("drop-remote-mismatch", 1, "hot"),
+    );
     let big = sizes.iter().copied().max().unwrap_or(1);
-    target(format!("hit v4 UDP relay, {big} pinholes, random flows (warm)"), 250.0, find("hit-v4-udp-relay", big, "warm"));
-    target(format!("hit v4 UDP relay, {big} pinholes, random flows (cold)"), 250.0, find("hit-v4-udp-relay", big, "cold"));
+    target(
+        format!("hit v4 UDP relay, {big} pinholes, random flows (warm)"),
+        250.0,
+        find("hit-v4-udp-relay", big, "warm"),
+    );
+    target(
+        format!("hit v4 UDP relay, {big} pinholes, random flows (cold)"),
+        250.0,
+        find("hit-v4-udp-relay", big, "cold"),
+    );
     drop(b);
     drop(pin);
     drop(ns);
-    Ok(ProgStage { sizes, rows, targets })
+    Ok(ProgStage {
+        sizes,
+        rows,
+        targets,
+    })
 }
 
 /// Install a random cycle over `size` flows of `kind`: rule i rewrites the
 /// packet into flow next(i)'s key. Returns (keys, visiting order).
-fn install(b: &mut Bench, kind: Kind, size: u32, rng: &mut Rng) -> Result<(Vec<PinholeKey>, Vec<u32>), BenchError> {
+fn install(
+    b: &mut Bench,
+    kind: Kind,
+    size: u32,
+    rng: &mut Rng,
+) -> Result<(Vec<PinholeKey>, Vec<u32>), BenchError> {
     let mut order: Vec<u32> = (0..size).collect();
     for i in (1..order.len()).rev() {
         let j = rng.below(i as u64 + 1) as usize;
@@ -361,7 +565,11 @@ fn install(b: &mut Bench, kind: Kind, size: u32, rng: &mut Rng) -> Result<(Vec<P
     }
     let peer = kind.peer();
     let (_, peer_addr) = addr_from_ip(peer.ip());
-    let flags = if kind == Kind::V4UdpNat { RULE_REWRITE_DST } else { RULE_REWRITE_SRC | RULE_REWRITE_DST };
+    let flags = if kind == Kind::V4UdpNat {
+        RULE_REWRITE_DST
+    } else {
+        RULE_REWRITE_SRC | RULE_REWRITE_DST
+    };
     let mut keys = Vec::with_capacity(size as usize);
     for i in 0..size {
         let to = kind.flow(next[i as usize]);
@@ -378,8 +586,12 @@ fn install(b: &mut Bench, kind: Kind, size: u32, rng: &mut Rng) -> Result<(Vec<P
             pair_slot: i,
         };
         // Fresh state: no counters and an empty FIB cache per case.
-        b.state.set(i, PinholeState::default(), 0).map_err(map_err(map_names::PH_STATE))?;
-        b.pinholes.insert(k, rule, 0).map_err(map_err(map_names::PINHOLES))?;
+        b.state
+            .set(i, PinholeState::default(), 0)
+            .map_err(map_err(map_names::PH_STATE))?;
+        b.pinholes
+            .insert(k, rule, 0)
+            .map_err(map_err(map_names::PINHOLES))?;
         keys.push(k);
     }
     Ok((keys, order))
@@ -396,7 +608,13 @@ type Figure = Option<(f64, u64, u64, Vec<(String, u64)>)>;
 
 /// Walk the cycle: the first `size` runs (each flow once; only reported
 /// from 10k flows up) are cold, the next `max(size, warm_min)` warm.
-fn walk(b: &Bench, kind: Kind, size: u32, warm_min: u64, order: &[u32]) -> Result<(Figure, Figure), BenchError> {
+fn walk(
+    b: &Bench,
+    kind: Kind,
+    size: u32,
+    warm_min: u64,
+    order: &[u32],
+) -> Result<(Figure, Figure), BenchError> {
     let mut pos: u64 = 0;
     let size64 = size as u64;
     let phase = |runs: u64, pos: &mut u64| -> Result<Figure, BenchError> {
@@ -413,7 +631,11 @@ fn walk(b: &Bench, kind: Kind, size: u32, warm_min: u64, order: &[u32]) -> Resul
         let reasons = b.delta(&before)?;
         Ok(Some((total / runs as f64, runs, runs.min(size64), reasons)))
     };
-    let cold = if size >= 10_000 { phase(size64, &mut pos)? } else { phase(size64.min(CHAIN as u64), &mut pos).map(|_| None)? };
+    let cold = if size >= 10_000 {
+        phase(size64, &mut pos)?
+    } else {
+        phase(size64.min(CHAIN as u64), &mut pos).map(|_| None)?
+    };
     let warm = phase(size64.max(warm_min), &mut pos)?;
     Ok((cold, warm))
 }

@@ -33,26 +33,53 @@ fn fmt_rate(pps: f64) -> String {
 fn table(r: &Report) -> String {
     let mut s = String::new();
     if let Some(p) = &r.prog {
-        s.push_str("| path | pinholes | phase | ns/packet | × sip_edge_pass |\n|---|---:|---|---:|---:|\n");
+        s.push_str(
+            "| path | pinholes | phase | ns/packet | × sip_edge_pass |\n|---|---:|---|---:|---:|\n",
+        );
         for row in &p.rows {
-            s.push_str(&format!("| {} | {} | {} | {:.1} | {:.2} |\n", row.case, row.pinholes, row.phase, row.ns_per_packet, row.ratio_vs_pass));
+            s.push_str(&format!(
+                "| {} | {} | {} | {:.1} | {:.2} |\n",
+                row.case, row.pinholes, row.phase, row.ns_per_packet, row.ratio_vs_pass
+            ));
         }
         s.push_str("\n| target (issue #4) | limit ns | measured ns | met |\n|---|---:|---:|---|\n");
         for t in &p.targets {
-            s.push_str(&format!("| {} | {} | {:.1} | {} |\n", t.what, t.limit_ns, t.measured_ns, if t.met { "yes" } else { "no" }));
+            s.push_str(&format!(
+                "| {} | {} | {:.1} | {} |\n",
+                t.what,
+                t.limit_ns,
+                t.measured_ns,
+                if t.met { "yes" } else { "no" }
+            ));
         }
     }
     if let Some(f) = &r.forward {
         s.push_str("\n| forwarder | flows | unpaced Mpps | × bare redirect | zero-loss Mpps |\n|---|---:|---:|---:|---:|\n");
         for x in &f.forwarders {
-            let ratio = x.ratio_vs_redirect.map(|v| format!("{v:.2}")).unwrap_or_default();
-            s.push_str(&format!("| {} | {} | {} | {} | {} |\n", x.name, x.flows, fmt_rate(x.rate_pps), ratio, fmt_rate(x.zero_loss_pps)));
+            let ratio = x
+                .ratio_vs_redirect
+                .map(|v| format!("{v:.2}"))
+                .unwrap_or_default();
+            s.push_str(&format!(
+                "| {} | {} | {} | {} | {} |\n",
+                x.name,
+                x.flows,
+                fmt_rate(x.rate_pps),
+                ratio,
+                fmt_rate(x.zero_loss_pps)
+            ));
         }
         if let Some(j) = f.junk_drop_pps {
-            s.push_str(&format!("\nJunk drop (frames to un-pinholed media ports): {} Mpps.\n", fmt_rate(j)));
+            s.push_str(&format!(
+                "\nJunk drop (frames to un-pinholed media ports): {} Mpps.\n",
+                fmt_rate(j)
+            ));
         }
         for (n, bps) in &f.tcp {
-            s.push_str(&format!("\nTCP, one connection, {n}: {:.0} Mbit/s.\n", bps / 1e6));
+            s.push_str(&format!(
+                "\nTCP, one connection, {n}: {:.0} Mbit/s.\n",
+                bps / 1e6
+            ));
         }
         s.push_str("\n| ratio | value |\n|---|---:|\n");
         for (n, v) in &f.ratios {
@@ -63,7 +90,10 @@ fn table(r: &Report) -> String {
         }
         s.push('\n');
     }
-    s.push_str(&format!("\n- {}: {}\n", r.sip.not_measured.what, r.sip.not_measured.reason));
+    s.push_str(&format!(
+        "\n- {}: {}\n",
+        r.sip.not_measured.what, r.sip.not_measured.reason
+    ));
     for e in &r.stage_errors {
         s.push_str(&format!("- stage error, {}: {}\n", e.what, e.reason));
     }
@@ -80,7 +110,10 @@ fn main() -> anyhow::Result<()> {
     let mode = Mode { quick: args.quick };
     let mut report = Report {
         format: 1,
-        started_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        started_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
         mode,
         command: std::env::args().collect::<Vec<_>>().join(" "),
         machine: Machine::describe(),
@@ -89,31 +122,61 @@ fn main() -> anyhow::Result<()> {
         sip: bench::sip_stage(),
         stage_errors: vec![],
     };
-    progress(start, &format!("machine: {} x{}, {}, load {}", report.machine.cpu, report.machine.cpus, report.machine.uname, report.machine.loadavg_start));
+    progress(
+        start,
+        &format!(
+            "machine: {} x{}, {}, load {}",
+            report.machine.cpu,
+            report.machine.cpus,
+            report.machine.uname,
+            report.machine.loadavg_start
+        ),
+    );
     match prog::run(mode, start) {
         Ok(p) => report.prog = Some(p),
-        Err(e) => report.stage_errors.push(NotMeasured { what: "prog".into(), reason: format!("{e:#}") }),
+        Err(e) => report.stage_errors.push(NotMeasured {
+            what: "prog".into(),
+            reason: format!("{e:#}"),
+        }),
     }
     match forward::run(mode, start) {
         Ok(f) => report.forward = Some(f),
-        Err(e) => report.stage_errors.push(NotMeasured { what: "forward".into(), reason: format!("{e:#}") }),
+        Err(e) => report.stage_errors.push(NotMeasured {
+            what: "forward".into(),
+            reason: format!("{e:#}"),
+        }),
     }
     progress(start, "sip: not measured (see report)");
     report.machine.loadavg_end = bench::loadavg();
     if let Some(dir) = args.out.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("mkdir {}", dir.display()))?;
     }
-    std::fs::write(&args.out, serde_json::to_string_pretty(&report)?).with_context(|| format!("write {}", args.out.display()))?;
+    std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("write {}", args.out.display()))?;
     let svg = args.out.with_extension("svg");
     if let Err(e) = plot::draw(&report, &svg) {
         eprintln!("plot: {e}");
     }
     let md = table(&report);
-    std::fs::write(args.out.with_extension("md"), &md).with_context(|| format!("write {}", args.out.with_extension("md").display()))?;
+    std::fs::write(args.out.with_extension("md"), &md)
+        .with_context(|| format!("write {}", args.out.with_extension("md").display()))?;
     println!("{md}");
-    progress(start, &format!("wrote {}, {}, {} (load {} → {})", args.out.display(), svg.display(), args.out.with_extension("md").display(), report.machine.loadavg_start, report.machine.loadavg_end));
+    progress(
+        start,
+        &format!(
+            "wrote {}, {}, {} (load {} → {})",
+            args.out.display(),
+            svg.display(),
+            args.out.with_extension("md").display(),
+            report.machine.loadavg_start,
+            report.machine.loadavg_end
+        ),
+    );
     let ok = report.prog.as_ref().is_some_and(|p| !p.rows.is_empty())
-        && report.forward.as_ref().is_some_and(|f| !f.forwarders.is_empty());
+        && report
+            .forward
+            .as_ref()
+            .is_some_and(|f| !f.forwarders.is_empty());
     if !ok {
         eprintln!("a stage produced no figures: {:?}", report.stage_errors);
         std::process::exit(1);

@@ -35,18 +35,37 @@ struct Row {
 
 fn print_bench(b: &BenchResult) {
     let Some(ns) = b.ns_per_packet else {
-        println!("{:>9}     {:<36} {}", "-", b.name, b.note.as_deref().unwrap_or("not timed"));
+        println!(
+            "{:>9}     {:<36} {}",
+            "-",
+            b.name,
+            b.note.as_deref().unwrap_or("not timed")
+        );
         return;
     };
     let total = b.reasons.iter().map(|r| r.1).sum::<u64>().max(1);
-    let path: Vec<String> =
-        b.reasons.iter().map(|(r, c)| format!("{r} {:.1}%", *c as f64 * 100.0 / total as f64)).collect();
+    let path: Vec<String> = b
+        .reasons
+        .iter()
+        .map(|(r, c)| format!("{r} {:.1}%", *c as f64 * 100.0 / total as f64))
+        .collect();
     let target = match b.class.and_then(|c| c.target_ns().map(|t| (c, t))) {
-        Some((c, t)) => format!("  [{c:?} target <= {t} ns: {}]", if ns <= t { "met" } else { "MISSED" }),
+        Some((c, t)) => format!(
+            "  [{c:?} target <= {t} ns: {}]",
+            if ns <= t { "met" } else { "MISSED" }
+        ),
         None => String::new(),
     };
-    let note = b.note.as_deref().map(|n| format!("  ({n})")).unwrap_or_default();
-    println!("{ns:>9.1} ns  {:<36} {}{target}{note}", b.name, path.join(", "));
+    let note = b
+        .note
+        .as_deref()
+        .map(|n| format!("  ({n})"))
+        .unwrap_or_default();
+    println!(
+        "{ns:>9.1} ns  {:<36} {}{target}{note}",
+        b.name,
+        path.join(", ")
+    );
 }
 
 fn main() -> anyhow::Result<()> {
@@ -71,12 +90,21 @@ fn main() -> anyhow::Result<()> {
         let result = runner.run_fixture(f)?;
         let passed = result.passed();
         if !args.json {
-            println!("{} {} — {}", if passed { "PASS" } else { "FAIL" }, f.name, f.description);
+            println!(
+                "{} {} — {}",
+                if passed { "PASS" } else { "FAIL" },
+                f.name,
+                f.description
+            );
             for line in &result.failures {
                 println!("    {}", line.trim_end().replace('\n', "\n    "));
             }
         }
-        rows.push(Row { result, passed, bench: None });
+        rows.push(Row {
+            result,
+            passed,
+            bench: None,
+        });
     }
     if let Some(n) = args.repeat {
         let _stats = StatsOff::new()?;

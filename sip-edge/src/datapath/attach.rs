@@ -35,7 +35,9 @@ const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
     /// The pin directory is not on a BPF filesystem.
-    #[error("{dir} is not on bpffs; mount it with `mount -t bpf bpf /sys/fs/bpf` (or set pin_dir)")]
+    #[error(
+        "{dir} is not on bpffs; mount it with `mount -t bpf bpf /sys/fs/bpf` (or set pin_dir)"
+    )]
     NotBpffs {
         /// The directory.
         dir: PathBuf,
@@ -87,7 +89,11 @@ pub enum AttachError {
 }
 
 fn fs_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> AttachError + 'a {
-    move |source| AttachError::Fs { op, path: path.to_owned(), source }
+    move |source| AttachError::Fs {
+        op,
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// Whether `dir` (or its nearest existing ancestor) is on bpffs.
@@ -95,7 +101,9 @@ pub fn is_bpffs(dir: &Path) -> bool {
     let mut p = Some(dir);
     while let Some(d) = p {
         if d.exists() {
-            let Ok(c) = CString::new(d.as_os_str().as_encoded_bytes()) else { return false };
+            let Ok(c) = CString::new(d.as_os_str().as_encoded_bytes()) else {
+                return false;
+            };
             // SAFETY: statfs with a valid C string and an out-struct we own.
             let mut st: libc::statfs = unsafe { std::mem::zeroed() };
             if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
@@ -136,15 +144,30 @@ pub struct Datapath {
 pub fn settings_from(cfg: &Config) -> Result<DatapathSettings, AttachError> {
     let mut ifaces = Vec::new();
     for i in &cfg.interfaces {
-        let ifindex = ifindex(&i.name).ok_or_else(|| AttachError::NoInterface { name: i.name.clone() })?;
-        ifaces.push(DatapathIface { ifindex, role: i.role.code() });
+        let ifindex = ifindex(&i.name).ok_or_else(|| AttachError::NoInterface {
+            name: i.name.clone(),
+        })?;
+        ifaces.push(DatapathIface {
+            ifindex,
+            role: i.role.code(),
+        });
     }
     let mut pass_ports = cfg.signalling.ports.clone();
     pass_ports.extend(&cfg.signalling.admin_ports);
     Ok(DatapathSettings {
         ifaces,
-        edge_addrs: cfg.addresses.internal.iter().chain(&cfg.addresses.public).copied().collect(),
-        media_ports: cfg.media_ranges().iter().map(|r| (r.start, r.end)).collect(),
+        edge_addrs: cfg
+            .addresses
+            .internal
+            .iter()
+            .chain(&cfg.addresses.public)
+            .copied()
+            .collect(),
+        media_ports: cfg
+            .media_ranges()
+            .iter()
+            .map(|r| (r.start, r.end))
+            .collect(),
         pass_ports,
         default_policy: match cfg.policy.default {
             DefaultPolicy::Pass => sip_edge_common::POLICY_PASS,
@@ -163,7 +186,12 @@ impl Datapath {
         }
         std::fs::create_dir_all(&pin_dir).map_err(fs_err("create", &pin_dir))?;
         let settings = settings_from(cfg)?;
-        let mut ebpf = loader::load(MapSizes { max_pinholes: cfg.limits.max_pinholes }, Some(&pin_dir))?;
+        let mut ebpf = loader::load(
+            MapSizes {
+                max_pinholes: cfg.limits.max_pinholes,
+            },
+            Some(&pin_dir),
+        )?;
         let mut maps = DatapathMaps::from_ebpf(&mut ebpf)?;
         if maps.capacity() != cfg.limits.max_pinholes {
             warn!(
@@ -175,9 +203,14 @@ impl Datapath {
         maps.apply_settings(&settings)?;
         let prog: &mut Xdp = ebpf
             .program_mut(XDP_PROG_NAME)
-            .ok_or(LoadError::MissingProgram { name: XDP_PROG_NAME })?
+            .ok_or(LoadError::MissingProgram {
+                name: XDP_PROG_NAME,
+            })?
             .try_into()
-            .map_err(|source| LoadError::Verifier { name: XDP_PROG_NAME, source: Box::new(source) })?;
+            .map_err(|source| LoadError::Verifier {
+                name: XDP_PROG_NAME,
+                source: Box::new(source),
+            })?;
         let mut link_pins = Vec::new();
         let mut adopted = Vec::new();
         for (iface, dp) in cfg.interfaces.iter().zip(&settings.ifaces) {
@@ -192,12 +225,24 @@ impl Datapath {
             }
             link_pins.push(pin);
         }
-        Ok(Datapath { _ebpf: ebpf, maps, pin_dir, link_pins, adopted })
+        Ok(Datapath {
+            _ebpf: ebpf,
+            maps,
+            pin_dir,
+            link_pins,
+            adopted,
+        })
     }
 
     /// Detach and remove every pin (config `on_exit = "remove"`).
     pub fn remove(self) -> Result<(), AttachError> {
-        let Datapath { _ebpf, maps, pin_dir, link_pins, .. } = self;
+        let Datapath {
+            _ebpf,
+            maps,
+            pin_dir,
+            link_pins,
+            ..
+        } = self;
         drop(maps);
         drop(_ebpf);
         remove_pins(&pin_dir, &link_pins)
@@ -222,7 +267,13 @@ pub fn remove_pins(pin_dir: &Path, link_pins: &[PathBuf]) -> Result<(), AttachEr
     Ok(())
 }
 
-fn attach_and_pin(prog: &mut Xdp, name: &str, ifindex: u32, mode: XdpMode, pin: &Path) -> Result<(), AttachError> {
+fn attach_and_pin(
+    prog: &mut Xdp,
+    name: &str,
+    ifindex: u32,
+    mode: XdpMode,
+    pin: &Path,
+) -> Result<(), AttachError> {
     let flags = match mode {
         XdpMode::Native => AyaXdpMode::Driver,
         XdpMode::Skb => AyaXdpMode::Skb,
@@ -236,22 +287,37 @@ fn attach_and_pin(prog: &mut Xdp, name: &str, ifindex: u32, mode: XdpMode, pin: 
         },
         source,
     })?;
-    let link = prog.take_link(id).map_err(|source| AttachError::Attach { name: name.to_owned(), mode, hint: "internal error", source })?;
+    let link = prog.take_link(id).map_err(|source| AttachError::Attach {
+        name: name.to_owned(),
+        mode,
+        hint: "internal error",
+        source,
+    })?;
     let fd: FdLink = link.try_into().map_err(|e| AttachError::Adopt {
         path: pin.to_owned(),
-        reason: format!("kernel attached XDP through netlink, not bpf_link, so it cannot be pinned: {e}"),
+        reason: format!(
+            "kernel attached XDP through netlink, not bpf_link, so it cannot be pinned: {e}"
+        ),
     })?;
     // Dropping the returned PinnedLink closes our fd; the pin keeps the link.
-    fd.pin(pin).map_err(|e| AttachError::Adopt { path: pin.to_owned(), reason: e.to_string() })?;
+    fd.pin(pin).map_err(|e| AttachError::Adopt {
+        path: pin.to_owned(),
+        reason: e.to_string(),
+    })?;
     Ok(())
 }
 
 fn adopt_link(prog: &mut Xdp, pin: &Path) -> Result<(), AttachError> {
-    let adopt = |reason: String| AttachError::Adopt { path: pin.to_owned(), reason };
+    let adopt = |reason: String| AttachError::Adopt {
+        path: pin.to_owned(),
+        reason,
+    };
     let pinned = PinnedLink::from_pin(pin).map_err(|e| adopt(e.to_string()))?;
     let fd: FdLink = pinned.into();
     let link = XdpLink::try_from(fd).map_err(|e| adopt(e.to_string()))?;
-    let id = prog.attach_to_link(link).map_err(|e| adopt(e.to_string()))?;
+    let id = prog
+        .attach_to_link(link)
+        .map_err(|e| adopt(e.to_string()))?;
     // The pin still names the same link; let go of our handle only.
     let _ = prog.take_link(id).map_err(|e| adopt(e.to_string()))?;
     Ok(())

@@ -362,10 +362,18 @@ fn remove_pins(dir: &Path) -> Result<(), FixtureError> {
         match std::fs::remove_file(dir.join(name)) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => return Err(FixtureError::PinDir { path: dir.join(name), source }),
+            Err(source) => {
+                return Err(FixtureError::PinDir {
+                    path: dir.join(name),
+                    source,
+                })
+            }
         }
     }
-    std::fs::remove_dir(dir).map_err(|source| FixtureError::PinDir { path: dir.to_path_buf(), source })
+    std::fs::remove_dir(dir).map_err(|source| FixtureError::PinDir {
+        path: dir.to_path_buf(),
+        source,
+    })
 }
 
 /// `clock` in ns: CLOCK_MONOTONIC is the clock of `bpf_ktime_get_ns()`
@@ -373,7 +381,10 @@ fn remove_pins(dir: &Path) -> Result<(), FixtureError> {
 /// `bpf_ktime_get_coarse_ns()` (`PH_STATE.last_seen_ns`), which lags the
 /// fine clock by up to a tick: a run's window starts at the coarse reading.
 fn clock_ns(clock: libc::clockid_t) -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid pointer to a timespec; both clocks always exist.
     unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -395,8 +406,14 @@ fn os_error_of(e: &(dyn std::error::Error + 'static)) -> Option<i32> {
     None
 }
 
-fn take<T>(ebpf: &mut Ebpf, name: &'static str, conv: impl FnOnce(Map) -> Result<T, MapError>) -> Result<T, FixtureError> {
-    let map = ebpf.take_map(name).ok_or(FixtureError::MissingMap { name })?;
+fn take<T>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    conv: impl FnOnce(Map) -> Result<T, MapError>,
+) -> Result<T, FixtureError> {
+    let map = ebpf
+        .take_map(name)
+        .ok_or(FixtureError::MissingMap { name })?;
     conv(map).map_err(map_err(name))
 }
 
@@ -419,12 +436,16 @@ impl Runner {
     pub fn setup() -> Result<Setup, FixtureError> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
-            return Ok(Setup::Skipped("not root: BPF_PROG_TEST_RUN and network namespaces need root".into()));
+            return Ok(Setup::Skipped(
+                "not root: BPF_PROG_TEST_RUN and network namespaces need root".into(),
+            ));
         }
         let ns = match Netns::create() {
             Ok(ns) => ns,
             Err(e @ (NetnsError::Spawn { .. } | NetnsError::Command { .. })) => {
-                return Ok(Setup::Skipped(format!("cannot build the test namespace: {e}")))
+                return Ok(Setup::Skipped(format!(
+                    "cannot build the test namespace: {e}"
+                )))
             }
             Err(e) => return Err(e.into()),
         };
@@ -434,10 +455,15 @@ impl Runner {
         // share them with every other loader on the machine (it did, before
         // a2659b0; `datapath_verifier` guards that). Without bpffs, `None`.
         let bpffs = Path::new("/sys/fs/bpf");
-        let sizes = MapSizes { max_pinholes: MAX_PINHOLES };
+        let sizes = MapSizes {
+            max_pinholes: MAX_PINHOLES,
+        };
         let loaded = if is_bpffs(bpffs) {
             let pin_dir = bpffs.join(ns.name());
-            std::fs::create_dir(&pin_dir).map_err(|source| FixtureError::PinDir { path: pin_dir.clone(), source })?;
+            std::fs::create_dir(&pin_dir).map_err(|source| FixtureError::PinDir {
+                path: pin_dir.clone(),
+                source,
+            })?;
             let loaded = loader::load(sizes, Some(&pin_dir));
             remove_pins(&pin_dir)?;
             loaded
@@ -446,7 +472,9 @@ impl Runner {
         };
         let mut ebpf = match loaded {
             Ok(e) => e,
-            Err(e @ LoadError::Object { .. }) if matches!(os_error_of(&e), Some(libc::EPERM | libc::ENOSYS)) => {
+            Err(e @ LoadError::Object { .. })
+                if matches!(os_error_of(&e), Some(libc::EPERM | libc::ENOSYS)) =>
+            {
                 return Ok(Setup::Skipped(format!("BPF unavailable: {e}")))
             }
             Err(e) => return Err(e.into()),
@@ -454,17 +482,35 @@ impl Runner {
         let links = ns.links;
         // The namespace is fresh, so its ifindexes are small: IFACES (the
         // array) holds them; the high link goes in `IFACES_HI` (`iface-hi-*`).
-        let mut ifaces: Array<MapData, IfaceConfig> = take(&mut ebpf, map_names::IFACES, Array::try_from)?;
+        let mut ifaces: Array<MapData, IfaceConfig> =
+            take(&mut ebpf, map_names::IFACES, Array::try_from)?;
         for (idx, role) in [(links.int, ROLE_INTERNAL), (links.ext, ROLE_EXTERNAL)] {
-            ifaces.set(idx, IfaceConfig { role, _pad: [0; 7] }, 0).map_err(map_err(map_names::IFACES))?;
+            ifaces
+                .set(idx, IfaceConfig { role, _pad: [0; 7] }, 0)
+                .map_err(map_err(map_names::IFACES))?;
         }
-        let mut hi: HashMap<MapData, u32, IfaceConfig> = take(&mut ebpf, map_names::IFACES_HI, HashMap::try_from)?;
-        hi.insert(links.hi, IfaceConfig { role: ROLE_EXTERNAL, _pad: [0; 7] }, 0).map_err(map_err(map_names::IFACES_HI))?;
-        let mut tx: DevMapHash<MapData> = take(&mut ebpf, map_names::TX_PORTS, DevMapHash::try_from)?;
+        let mut hi: HashMap<MapData, u32, IfaceConfig> =
+            take(&mut ebpf, map_names::IFACES_HI, HashMap::try_from)?;
+        hi.insert(
+            links.hi,
+            IfaceConfig {
+                role: ROLE_EXTERNAL,
+                _pad: [0; 7],
+            },
+            0,
+        )
+        .map_err(map_err(map_names::IFACES_HI))?;
+        let mut tx: DevMapHash<MapData> =
+            take(&mut ebpf, map_names::TX_PORTS, DevMapHash::try_from)?;
         for idx in [links.int, links.ext] {
-            tx.insert(idx, idx, None, 0).map_err(|source| FixtureError::DevMap { name: map_names::TX_PORTS, source })?;
+            tx.insert(idx, idx, None, 0)
+                .map_err(|source| FixtureError::DevMap {
+                    name: map_names::TX_PORTS,
+                    source,
+                })?;
         }
-        let mut edge: HashMap<MapData, EdgeAddrKey, u32> = take(&mut ebpf, map_names::EDGE_ADDRS, HashMap::try_from)?;
+        let mut edge: HashMap<MapData, EdgeAddrKey, u32> =
+            take(&mut ebpf, map_names::EDGE_ADDRS, HashMap::try_from)?;
         for ip in [
             IpAddr::from(netns::EDGE_INT4),
             netns::EDGE_PUB4.into(),
@@ -472,10 +518,22 @@ impl Runner {
             netns::EDGE_PUB6.into(),
         ] {
             let (family, addr) = addr_from_ip(ip);
-            edge.insert(EdgeAddrKey { addr, family, _pad: [0; 3] }, 1, 0).map_err(map_err(map_names::EDGE_ADDRS))?;
+            edge.insert(
+                EdgeAddrKey {
+                    addr,
+                    family,
+                    _pad: [0; 3],
+                },
+                1,
+                0,
+            )
+            .map_err(map_err(map_names::EDGE_ADDRS))?;
         }
-        let mut policy: Array<MapData, PortPolicy> = take(&mut ebpf, map_names::PORT_POLICY, Array::try_from)?;
-        policy.set(0, port_policy(), 0).map_err(map_err(map_names::PORT_POLICY))?;
+        let mut policy: Array<MapData, PortPolicy> =
+            take(&mut ebpf, map_names::PORT_POLICY, Array::try_from)?;
+        policy
+            .set(0, port_policy(), 0)
+            .map_err(map_err(map_names::PORT_POLICY))?;
         let maps = Maps {
             pinholes: take(&mut ebpf, map_names::PINHOLES, HashMap::try_from)?,
             state: take(&mut ebpf, map_names::PH_STATE, Array::try_from)?,
@@ -495,13 +553,24 @@ impl Runner {
         let prog = self
             .ebpf
             .program(XDP_PROG_NAME)
-            .ok_or(FixtureError::Program { name: XDP_PROG_NAME, source: ProgramError::NotLoaded })?;
-        prog.try_into().map_err(|source| FixtureError::Program { name: XDP_PROG_NAME, source })
+            .ok_or(FixtureError::Program {
+                name: XDP_PROG_NAME,
+                source: ProgramError::NotLoaded,
+            })?;
+        prog.try_into().map_err(|source| FixtureError::Program {
+            name: XDP_PROG_NAME,
+            source,
+        })
     }
 
     /// One BPF_PROG_TEST_RUN: (action, output frame, kernel-reported mean
     /// duration per run).
-    fn run(&self, ingress: Iface, input: &[u8], repeat: u32) -> Result<(u32, Vec<u8>, Duration), FixtureError> {
+    fn run(
+        &self,
+        ingress: Iface,
+        input: &[u8],
+        repeat: u32,
+    ) -> Result<(u32, Vec<u8>, Duration), FixtureError> {
         let ctx = xdp_md(input.len(), ingress.index(&self.ns.links));
         // Room for a program that grows the frame (encapsulation); ours never does.
         let mut out = vec![0u8; input.len() + 512];
@@ -514,7 +583,10 @@ impl Runner {
                 repeat,
                 ..TestRunOptions::new()
             })
-            .map_err(|source| FixtureError::Program { name: XDP_PROG_NAME, source })?;
+            .map_err(|source| FixtureError::Program {
+                name: XDP_PROG_NAME,
+                source,
+            })?;
         out.truncate(res.data_size_out as usize);
         Ok((res.return_value, out, res.duration))
     }
@@ -522,40 +594,69 @@ impl Runner {
     fn reasons(&self) -> Result<Vec<u64>, FixtureError> {
         (0..REASON_COUNT)
             .map(|i| {
-                let v = self.maps.reasons.get(&i, 0).map_err(map_err(map_names::REASONS))?;
+                let v = self
+                    .maps
+                    .reasons
+                    .get(&i, 0)
+                    .map_err(map_err(map_names::REASONS))?;
                 Ok(v.iter().sum())
             })
             .collect()
     }
 
     fn install(&mut self, f: &Fixture) -> Result<(), FixtureError> {
-        self.maps.settings.set(0, f.settings, 0).map_err(map_err(map_names::SETTINGS))?;
+        self.maps
+            .settings
+            .set(0, f.settings, 0)
+            .map_err(map_err(map_names::SETTINGS))?;
         self.clear_neigh_miss()?;
         for p in &f.pinholes {
             if p.rule.slot < MAX_PINHOLES {
-                self.maps.state.set(p.rule.slot, p.state.unwrap_or_default(), 0).map_err(map_err(map_names::PH_STATE))?;
+                self.maps
+                    .state
+                    .set(p.rule.slot, p.state.unwrap_or_default(), 0)
+                    .map_err(map_err(map_names::PH_STATE))?;
             }
-            self.maps.pinholes.insert(p.key, p.rule, 0).map_err(map_err(map_names::PINHOLES))?;
+            self.maps
+                .pinholes
+                .insert(p.key, p.rule, 0)
+                .map_err(map_err(map_names::PINHOLES))?;
         }
         Ok(())
     }
 
     fn uninstall(&mut self, f: &Fixture) -> Result<(), FixtureError> {
         for p in &f.pinholes {
-            self.maps.pinholes.remove(&p.key).map_err(map_err(map_names::PINHOLES))?;
+            self.maps
+                .pinholes
+                .remove(&p.key)
+                .map_err(map_err(map_names::PINHOLES))?;
             if p.rule.slot < MAX_PINHOLES {
-                self.maps.state.set(p.rule.slot, PinholeState::default(), 0).map_err(map_err(map_names::PH_STATE))?;
+                self.maps
+                    .state
+                    .set(p.rule.slot, PinholeState::default(), 0)
+                    .map_err(map_err(map_names::PH_STATE))?;
             }
         }
         self.clear_neigh_miss()?;
-        self.maps.settings.set(0, Settings::default(), 0).map_err(map_err(map_names::SETTINGS))
+        self.maps
+            .settings
+            .set(0, Settings::default(), 0)
+            .map_err(map_err(map_names::SETTINGS))
     }
 
     fn clear_neigh_miss(&mut self) -> Result<(), FixtureError> {
-        let keys: Vec<NeighMissKey> =
-            self.maps.neigh_miss.keys().collect::<Result<_, _>>().map_err(map_err(map_names::NEIGH_MISS))?;
+        let keys: Vec<NeighMissKey> = self
+            .maps
+            .neigh_miss
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(map_names::NEIGH_MISS))?;
         for k in keys {
-            self.maps.neigh_miss.remove(&k).map_err(map_err(map_names::NEIGH_MISS))?;
+            self.maps
+                .neigh_miss
+                .remove(&k)
+                .map_err(map_err(map_names::NEIGH_MISS))?;
         }
         Ok(())
     }
@@ -569,7 +670,11 @@ impl Runner {
         let cleaned = self.uninstall(f);
         let failures = checked?;
         cleaned?;
-        Ok(FixtureResult { name: f.name.clone(), description: f.description.clone(), failures })
+        Ok(FixtureResult {
+            name: f.name.clone(),
+            description: f.description.clone(),
+            failures,
+        })
     }
 
     fn check(&self, f: &Fixture) -> Result<Vec<String>, FixtureError> {
@@ -582,7 +687,11 @@ impl Runner {
             let (action, out, _) = self.run(step.ingress, &step.input, 1)?;
             let after = self.reasons()?;
             if action != step.action {
-                fails.push(format!("{tag}: action {} expected, got {}", action_name(step.action), action_name(action)));
+                fails.push(format!(
+                    "{tag}: action {} expected, got {}",
+                    action_name(step.action),
+                    action_name(action)
+                ));
             }
             let expected = match &step.output {
                 Output::Exact(b) => Some(b.as_slice()),
@@ -591,7 +700,10 @@ impl Runner {
             };
             if let Some(exp) = expected {
                 if exp != out.as_slice() {
-                    fails.push(format!("{tag}: output frame differs\n{}", packet::diff(exp, &out)));
+                    fails.push(format!(
+                        "{tag}: output frame differs\n{}",
+                        packet::diff(exp, &out)
+                    ));
                 }
             }
             let mut want = vec![0u64; REASON_COUNT as usize];
@@ -601,13 +713,21 @@ impl Runner {
             for r in Reason::ALL {
                 let got = after[r as usize].wrapping_sub(before[r as usize]);
                 if got != want[r as usize] {
-                    fails.push(format!("{tag}: REASONS[{}] moved by {got}, expected {}", r.name(), want[r as usize]));
+                    fails.push(format!(
+                        "{tag}: REASONS[{}] moved by {got}, expected {}",
+                        r.name(),
+                        want[r as usize]
+                    ));
                 }
             }
         }
         let t1 = monotonic_ns();
         for s in &f.states {
-            let got = self.maps.state.get(&s.slot, 0).map_err(map_err(map_names::PH_STATE))?;
+            let got = self
+                .maps
+                .state
+                .get(&s.slot, 0)
+                .map_err(map_err(map_names::PH_STATE))?;
             fails.extend(compare_state(s, &got, t0_coarse, t1));
         }
         let want: HashSet<NeighMissKey> = f
@@ -615,21 +735,40 @@ impl Runner {
             .iter()
             .map(|(ip, iface)| {
                 let (family, addr) = addr_from_ip(*ip);
-                NeighMissKey { addr, ifindex: iface.index(&self.ns.links), family, _pad: [0; 3] }
+                NeighMissKey {
+                    addr,
+                    ifindex: iface.index(&self.ns.links),
+                    family,
+                    _pad: [0; 3],
+                }
             })
             .collect();
         let mut got = HashSet::new();
         for k in self.maps.neigh_miss.keys() {
             let k = k.map_err(map_err(map_names::NEIGH_MISS))?;
-            let v = self.maps.neigh_miss.get(&k, 0).map_err(map_err(map_names::NEIGH_MISS))?;
+            let v = self
+                .maps
+                .neigh_miss
+                .get(&k, 0)
+                .map_err(map_err(map_names::NEIGH_MISS))?;
             if v.packets == 0 || v.last_ns < t0 || v.last_ns > t1 {
-                fails.push(format!("NEIGH_MISS {}: packets {} last_ns {} (expected >0 and within the run)", show_nm(&k), v.packets, v.last_ns));
+                fails.push(format!(
+                    "NEIGH_MISS {}: packets {} last_ns {} (expected >0 and within the run)",
+                    show_nm(&k),
+                    v.packets,
+                    v.last_ns
+                ));
             }
             got.insert(k);
         }
         if got != want {
-            let show = |s: &HashSet<NeighMissKey>| s.iter().map(show_nm).collect::<Vec<_>>().join(", ");
-            fails.push(format!("NEIGH_MISS entries [{}], expected [{}]", show(&got), show(&want)));
+            let show =
+                |s: &HashSet<NeighMissKey>| s.iter().map(show_nm).collect::<Vec<_>>().join(", ");
+            fails.push(format!(
+                "NEIGH_MISS entries [{}], expected [{}]",
+                show(&got),
+                show(&want)
+            ));
         }
         Ok(fails)
     }
@@ -651,19 +790,29 @@ impl Runner {
     pub fn bench(&mut self, f: &Fixture, packets: u64) -> Result<BenchResult, FixtureError> {
         const HIT_CHUNK: u64 = 254;
         const HIT_CALLS: u64 = 40;
-        let mut res = BenchResult { name: f.name.clone(), ns_per_packet: None, packets: 0, reasons: vec![], class: f.bench, note: None };
+        let mut res = BenchResult {
+            name: f.name.clone(),
+            ns_per_packet: None,
+            packets: 0,
+            reasons: vec![],
+            class: f.bench,
+            note: None,
+        };
         let Some(step) = f.steps.first() else {
             res.note = Some("no steps".into());
             return Ok(res);
         };
         let (chunk, packets) = if step.action == XDP_REDIRECT {
             if f.bench != Some(BenchClass::Hit) {
-                res.note = Some("not timed: its rewrite is not repeatable (see bench-hit-*)".into());
+                res.note =
+                    Some("not timed: its rewrite is not repeatable (see bench-hit-*)".into());
                 return Ok(res);
             }
             let capped = packets.min(HIT_CHUNK * HIT_CALLS);
             if capped < packets {
-                res.note = Some(format!("hit path capped at {capped} runs ({HIT_CALLS} calls x {HIT_CHUNK}, TTL-bound)"));
+                res.note = Some(format!(
+                    "hit path capped at {capped} runs ({HIT_CALLS} calls x {HIT_CHUNK}, TTL-bound)"
+                ));
             }
             (HIT_CHUNK, capped)
         } else {
@@ -702,7 +851,9 @@ impl Runner {
 }
 
 fn show_nm(k: &NeighMissKey) -> String {
-    let ip = ip_from_addr(k.family, &k.addr).map(|i| i.to_string()).unwrap_or_else(|| format!("family {}", k.family));
+    let ip = ip_from_addr(k.family, &k.addr)
+        .map(|i| i.to_string())
+        .unwrap_or_else(|| format!("family {}", k.family));
     format!("{ip}@if{}", k.ifindex)
 }
 
@@ -710,7 +861,10 @@ fn compare_state(s: &StateExpect, got: &PinholeState, t0: u64, t1: u64) -> Vec<S
     let mut f = Vec::new();
     let tag = format!("PH_STATE[{}]", s.slot);
     if got.packets != s.packets {
-        f.push(format!("{tag}.packets = {}, expected {}", got.packets, s.packets));
+        f.push(format!(
+            "{tag}.packets = {}, expected {}",
+            got.packets, s.packets
+        ));
     }
     if got.bytes != s.bytes {
         f.push(format!("{tag}.bytes = {}, expected {}", got.bytes, s.bytes));
@@ -727,9 +881,15 @@ fn compare_state(s: &StateExpect, got: &PinholeState, t0: u64, t1: u64) -> Vec<S
         Latch::Done(sa) => (LATCH_DONE, addr_from_ip(sa.ip()).1, sa.port().to_be()),
     };
     if (got.latch_state, got.latched_addr, got.latched_port) != want {
-        let fam = if matches!(s.latch, Latch::Done(SocketAddr::V6(_))) { 6 } else { 4 };
+        let fam = if matches!(s.latch, Latch::Done(SocketAddr::V6(_))) {
+            6
+        } else {
+            4
+        };
         let show = |st: u32, a: &[u8; 16], p: u16| {
-            let ip = ip_from_addr(fam, a).map(|i| i.to_string()).unwrap_or_default();
+            let ip = ip_from_addr(fam, a)
+                .map(|i| i.to_string())
+                .unwrap_or_default();
             format!("state {st} {ip} port {}", u16::from_be(p))
         };
         f.push(format!(
@@ -752,9 +912,17 @@ const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 impl StatsOff {
     /// Write 0, remembering the previous value.
     pub fn new() -> Result<StatsOff, FixtureError> {
-        let old = std::fs::read_to_string(BPF_STATS).map_err(|source| FixtureError::Sysctl { path: BPF_STATS, source })?;
-        std::fs::write(BPF_STATS, "0").map_err(|source| FixtureError::Sysctl { path: BPF_STATS, source })?;
-        Ok(StatsOff { old: Some(old.trim().to_string()) })
+        let old = std::fs::read_to_string(BPF_STATS).map_err(|source| FixtureError::Sysctl {
+            path: BPF_STATS,
+            source,
+        })?;
+        std::fs::write(BPF_STATS, "0").map_err(|source| FixtureError::Sysctl {
+            path: BPF_STATS,
+            source,
+        })?;
+        Ok(StatsOff {
+            old: Some(old.trim().to_string()),
+        })
     }
 }
 

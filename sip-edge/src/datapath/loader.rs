@@ -31,7 +31,9 @@ pub enum LoadError {
         source: Box<aya::EbpfError>,
     },
     /// The program is missing from the object (build mismatch).
-    #[error("program {name} not found in the embedded object; rebuild with `cargo xtask build-ebpf`")]
+    #[error(
+        "program {name} not found in the embedded object; rebuild with `cargo xtask build-ebpf`"
+    )]
     MissingProgram {
         /// Program name.
         name: &'static str,
@@ -56,7 +58,9 @@ pub struct MapSizes {
 
 impl Default for MapSizes {
     fn default() -> Self {
-        MapSizes { max_pinholes: 65536 }
+        MapSizes {
+            max_pinholes: 65536,
+        }
     }
 }
 
@@ -79,15 +83,28 @@ pub fn load(sizes: MapSizes, pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> 
     let mut ebpf = loader.load(EBPF_OBJECT).map_err(|source| match pin_dir {
         // Re-adopting pins made by a build whose map layout differs fails
         // here; say how to get out of it rather than only what failed.
-        Some(dir) => LoadError::Adopt { dir: dir.to_owned(), source: Box::new(source) },
-        None => LoadError::Object { source: Box::new(source) },
+        Some(dir) => LoadError::Adopt {
+            dir: dir.to_owned(),
+            source: Box::new(source),
+        },
+        None => LoadError::Object {
+            source: Box::new(source),
+        },
     })?;
     let prog: &mut Xdp = ebpf
         .program_mut(XDP_PROG_NAME)
-        .ok_or(LoadError::MissingProgram { name: XDP_PROG_NAME })?
+        .ok_or(LoadError::MissingProgram {
+            name: XDP_PROG_NAME,
+        })?
         .try_into()
-        .map_err(|source| LoadError::Verifier { name: XDP_PROG_NAME, source: Box::new(source) })?;
-    prog.load().map_err(|source| LoadError::Verifier { name: XDP_PROG_NAME, source: Box::new(source) })?;
+        .map_err(|source| LoadError::Verifier {
+            name: XDP_PROG_NAME,
+            source: Box::new(source),
+        })?;
+    prog.load().map_err(|source| LoadError::Verifier {
+        name: XDP_PROG_NAME,
+        source: Box::new(source),
+    })?;
     Ok(ebpf)
 }
 
@@ -95,5 +112,9 @@ pub fn load(sizes: MapSizes, pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> 
 /// any program: for callers that load a program other than the datapath's
 /// (the pass-through program of the test topology).
 pub fn load_object() -> Result<Ebpf, LoadError> {
-    EbpfLoader::new().load(EBPF_OBJECT).map_err(|source| LoadError::Object { source: Box::new(source) })
+    EbpfLoader::new()
+        .load(EBPF_OBJECT)
+        .map_err(|source| LoadError::Object {
+            source: Box::new(source),
+        })
 }

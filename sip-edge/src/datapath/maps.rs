@@ -189,7 +189,12 @@ fn conv<T>(name: &'static str, r: Result<T, MapError>) -> Result<T, MapsError> {
 impl DatapathMaps {
     /// Take the maps out of a loaded object.
     pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
-        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(MapsError::Missing { name, pin_dir: None });
+        let mut take = |name: &'static str| {
+            ebpf.take_map(name).ok_or(MapsError::Missing {
+                name,
+                pin_dir: None,
+            })
+        };
         Self::from_maps(&mut take)
     }
 
@@ -198,15 +203,21 @@ impl DatapathMaps {
         let mut take = |name: &'static str| {
             let path = dir.join(name);
             if !path.exists() {
-                return Err(MapsError::Missing { name, pin_dir: Some(dir.to_owned()) });
+                return Err(MapsError::Missing {
+                    name,
+                    pin_dir: Some(dir.to_owned()),
+                });
             }
-            let data = MapData::from_pin(&path).map_err(|source| MapsError::Open { name, source })?;
+            let data =
+                MapData::from_pin(&path).map_err(|source| MapsError::Open { name, source })?;
             Map::from_map_data(data).map_err(|source| MapsError::Open { name, source })
         };
         Self::from_maps(&mut take)
     }
 
-    fn from_maps(take: &mut dyn FnMut(&'static str) -> Result<Map, MapsError>) -> Result<Self, MapsError> {
+    fn from_maps(
+        take: &mut dyn FnMut(&'static str) -> Result<Map, MapsError>,
+    ) -> Result<Self, MapsError> {
         use map_names::*;
         Ok(DatapathMaps {
             pinholes: conv(PINHOLES, HashMap::try_from(take(PINHOLES)?))?,
@@ -231,9 +242,16 @@ impl DatapathMaps {
         let stale_lo: Vec<u32> = (0..self.ifaces.len())
             .filter(|k| !wanted(*k) && self.ifaces.get(k, 0).is_ok_and(|c| c.role != 0))
             .collect();
-        let stale_hi: Vec<u32> = self.ifaces_hi.keys().filter_map(Result::ok).filter(|k| !wanted(*k)).collect();
+        let stale_hi: Vec<u32> = self
+            .ifaces_hi
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !wanted(*k))
+            .collect();
         for k in stale_lo {
-            self.ifaces.set(k, IfaceConfig::default(), BPF_ANY).map_err(op("update", IFACES))?;
+            self.ifaces
+                .set(k, IfaceConfig::default(), BPF_ANY)
+                .map_err(op("update", IFACES))?;
             // The devmap may lack it; a missing key is fine.
             let _ = self.tx_ports.remove(k);
         }
@@ -244,21 +262,41 @@ impl DatapathMaps {
         for i in &s.ifaces {
             self.tx_ports
                 .insert(i.ifindex, i.ifindex, None, BPF_ANY)
-                .map_err(|source| MapsError::TxPort { name: TX_PORTS, ifindex: i.ifindex, source })?;
-            let cfg = IfaceConfig { role: i.role, _pad: [0; 7] };
+                .map_err(|source| MapsError::TxPort {
+                    name: TX_PORTS,
+                    ifindex: i.ifindex,
+                    source,
+                })?;
+            let cfg = IfaceConfig {
+                role: i.role,
+                _pad: [0; 7],
+            };
             if i.ifindex < self.ifaces.len() {
-                self.ifaces.set(i.ifindex, cfg, BPF_ANY).map_err(op("update", IFACES))?;
+                self.ifaces
+                    .set(i.ifindex, cfg, BPF_ANY)
+                    .map_err(op("update", IFACES))?;
             } else {
-                self.ifaces_hi.insert(i.ifindex, cfg, BPF_ANY).map_err(op("update", IFACES_HI))?;
+                self.ifaces_hi
+                    .insert(i.ifindex, cfg, BPF_ANY)
+                    .map_err(op("update", IFACES_HI))?;
             }
         }
         let wanted: Vec<EdgeAddrKey> = s.edge_addrs.iter().map(|ip| edge_key(*ip)).collect();
-        let stale: Vec<EdgeAddrKey> = self.edge_addrs.keys().filter_map(Result::ok).filter(|k| !wanted.contains(k)).collect();
+        let stale: Vec<EdgeAddrKey> = self
+            .edge_addrs
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !wanted.contains(k))
+            .collect();
         for k in stale {
-            self.edge_addrs.remove(&k).map_err(op("delete", EDGE_ADDRS))?;
+            self.edge_addrs
+                .remove(&k)
+                .map_err(op("delete", EDGE_ADDRS))?;
         }
         for k in wanted {
-            self.edge_addrs.insert(k, 1, BPF_ANY).map_err(op("update", EDGE_ADDRS))?;
+            self.edge_addrs
+                .insert(k, 1, BPF_ANY)
+                .map_err(op("update", EDGE_ADDRS))?;
         }
         let mut policy = PortPolicy::EMPTY;
         for (a, b) in &s.media_ports {
@@ -269,9 +307,18 @@ impl DatapathMaps {
         for p in &s.pass_ports {
             PortPolicy::set(&mut policy.pass, *p);
         }
-        self.port_policy.set(0, policy, BPF_ANY).map_err(op("update", PORT_POLICY))?;
+        self.port_policy
+            .set(0, policy, BPF_ANY)
+            .map_err(op("update", PORT_POLICY))?;
         self.settings
-            .set(0, Settings { default_policy: s.default_policy, _pad: 0 }, BPF_ANY)
+            .set(
+                0,
+                Settings {
+                    default_policy: s.default_policy,
+                    _pad: 0,
+                },
+                BPF_ANY,
+            )
             .map_err(op("update", SETTINGS))?;
         Ok(())
     }
@@ -282,13 +329,20 @@ impl DatapathMaps {
     }
 
     fn used_slots(&self) -> BTreeSet<u32> {
-        self.pinholes.iter().filter_map(Result::ok).map(|(_, r)| r.slot).collect()
+        self.pinholes
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, r)| r.slot)
+            .collect()
     }
 
     fn free_slots(&self, n: usize) -> Result<Vec<u32>, MapsError> {
         let used = self.used_slots();
         let capacity = self.capacity();
-        let free: Vec<u32> = (0..capacity).filter(|s| !used.contains(s)).take(n).collect();
+        let free: Vec<u32> = (0..capacity)
+            .filter(|s| !used.contains(s))
+            .take(n)
+            .collect();
         if free.len() < n {
             return Err(MapsError::Full { capacity });
         }
@@ -299,17 +353,27 @@ impl DatapathMaps {
     /// edge-side addresses must be edge addresses and their ports media ports
     /// (DESIGN.md §3: pinholes only within configured ranges).
     pub fn check_policy(&self, flow: &Flow) -> Result<(), MapsError> {
-        let policy = self.port_policy.get(&0, 0).map_err(op("lookup", map_names::PORT_POLICY))?;
+        let policy = self
+            .port_policy
+            .get(&0, 0)
+            .map_err(op("lookup", map_names::PORT_POLICY))?;
         let mut edge_side = vec![flow.public()];
         if let Flow::Relay { edge_int, .. } = flow {
             edge_side.push(*edge_int);
         }
         for a in edge_side {
             if self.edge_addrs.get(&edge_key(a.ip()), 0).is_err() {
-                return Err(MapsError::Policy { reason: format!("{} is not an edge address of this datapath", a.ip()) });
+                return Err(MapsError::Policy {
+                    reason: format!("{} is not an edge address of this datapath", a.ip()),
+                });
             }
             if !PortPolicy::bit(&policy.media, a.port()) {
-                return Err(MapsError::Policy { reason: format!("port {} of {a} is not in a configured media range", a.port()) });
+                return Err(MapsError::Policy {
+                    reason: format!(
+                        "port {} of {a} is not in a configured media range",
+                        a.port()
+                    ),
+                });
             }
         }
         Ok(())
@@ -334,33 +398,51 @@ impl DatapathMaps {
     /// Install one raw rule; its `slot` must be free (see `free_slot`).
     pub fn insert_rule(&mut self, key: PinholeKey, rule: PinholeRule) -> Result<(), MapsError> {
         if rule.slot >= self.capacity() {
-            return Err(MapsError::Full { capacity: self.capacity() });
+            return Err(MapsError::Full {
+                capacity: self.capacity(),
+            });
         }
         // Fresh counters and latch state before the rule becomes visible.
-        self.state.set(rule.slot, PinholeState::default(), BPF_ANY).map_err(op("update", map_names::PH_STATE))?;
+        self.state
+            .set(rule.slot, PinholeState::default(), BPF_ANY)
+            .map_err(op("update", map_names::PH_STATE))?;
         match self.pinholes.insert(key, rule, BPF_NOEXIST) {
             Ok(()) => Ok(()),
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
-                Err(MapsError::Exists { key: describe_key(&key) })
+                Err(MapsError::Exists {
+                    key: describe_key(&key),
+                })
             }
-            Err(source) => Err(MapsError::Op { op: "insert", name: map_names::PINHOLES, source }),
+            Err(source) => Err(MapsError::Op {
+                op: "insert",
+                name: map_names::PINHOLES,
+                source,
+            }),
         }
     }
 
     /// Remove every rule whose slot is `slot`; with `with_pair`, also the
     /// rule of its pair slot. Returns the slots removed.
     pub fn delete_slot(&mut self, slot: u32, with_pair: bool) -> Result<Vec<u32>, MapsError> {
-        let entries: Vec<(PinholeKey, PinholeRule)> = self.pinholes.iter().filter_map(Result::ok).collect();
+        let entries: Vec<(PinholeKey, PinholeRule)> =
+            self.pinholes.iter().filter_map(Result::ok).collect();
         let Some((_, rule)) = entries.iter().find(|(_, r)| r.slot == slot) else {
             return Err(MapsError::NoSuchSlot { slot });
         };
         let mut slots = vec![slot];
-        if with_pair && rule.pair_slot != slot && entries.iter().any(|(_, r)| r.slot == rule.pair_slot) {
+        if with_pair
+            && rule.pair_slot != slot
+            && entries.iter().any(|(_, r)| r.slot == rule.pair_slot)
+        {
             slots.push(rule.pair_slot);
         }
         for (k, r) in entries.iter().filter(|(_, r)| slots.contains(&r.slot)) {
-            self.pinholes.remove(k).map_err(op("delete", map_names::PINHOLES))?;
-            self.state.set(r.slot, PinholeState::default(), BPF_ANY).map_err(op("update", map_names::PH_STATE))?;
+            self.pinholes
+                .remove(k)
+                .map_err(op("delete", map_names::PINHOLES))?;
+            self.state
+                .set(r.slot, PinholeState::default(), BPF_ANY)
+                .map_err(op("update", map_names::PH_STATE))?;
         }
         Ok(slots)
     }
@@ -382,8 +464,14 @@ impl DatapathMaps {
         Reason::ALL
             .iter()
             .map(|r| {
-                let per_cpu = self.reasons.get(&(*r as u32), 0).map_err(op("lookup", map_names::REASONS))?;
-                Ok(ReasonCount { reason: r.name(), packets: per_cpu.iter().sum() })
+                let per_cpu = self
+                    .reasons
+                    .get(&(*r as u32), 0)
+                    .map_err(op("lookup", map_names::REASONS))?;
+                Ok(ReasonCount {
+                    reason: r.name(),
+                    packets: per_cpu.iter().sum(),
+                })
             })
             .collect()
     }
@@ -405,7 +493,11 @@ impl DatapathMaps {
 
 fn edge_key(ip: IpAddr) -> EdgeAddrKey {
     let (family, addr) = addr_from_ip(ip);
-    EdgeAddrKey { addr, family, _pad: [0; 3] }
+    EdgeAddrKey {
+        addr,
+        family,
+        _pad: [0; 3],
+    }
 }
 
 fn sock(family: u8, addr: &[u8; 16], port_be: u16) -> String {
@@ -437,29 +529,55 @@ pub fn describe_key(k: &PinholeKey) -> String {
         "{} {} {} {}",
         proto_name(k.proto),
         role_name(k.role),
-        if k.match_on == MATCH_DST { "dst" } else { "src" },
+        if k.match_on == MATCH_DST {
+            "dst"
+        } else {
+            "src"
+        },
         sock(k.family, &k.addr, k.port)
     )
 }
 
 fn entry(k: &PinholeKey, r: &PinholeRule, st: &PinholeState) -> PinholeEntry {
     use sip_edge_common::{RULE_REWRITE_DST, RULE_REWRITE_SRC};
-    let keep_port = |new: u16, what: &str| if new == 0 { format!("{what}:*") } else { String::new() };
+    let keep_port = |new: u16, what: &str| {
+        if new == 0 {
+            format!("{what}:*")
+        } else {
+            String::new()
+        }
+    };
     let rewrite = |flag: u16, a: &[u8; 16], p: u16| {
-        (r.flags & flag != 0).then(|| if p == 0 { keep_port(p, &ip_from_addr(k.family, a).map(|i| i.to_string()).unwrap_or_default()) } else { sock(k.family, a, p) })
+        (r.flags & flag != 0).then(|| {
+            if p == 0 {
+                keep_port(
+                    p,
+                    &ip_from_addr(k.family, a)
+                        .map(|i| i.to_string())
+                        .unwrap_or_default(),
+                )
+            } else {
+                sock(k.family, a, p)
+            }
+        })
     };
     PinholeEntry {
         slot: r.slot,
         pair_slot: r.pair_slot,
         proto: proto_name(k.proto),
         role: role_name(k.role),
-        match_on: if k.match_on == MATCH_DST { "dst" } else { "src" },
+        match_on: if k.match_on == MATCH_DST {
+            "dst"
+        } else {
+            "src"
+        },
         local: sock(k.family, &k.addr, k.port),
         remote: sock(k.family, &r.remote_addr, r.remote_port),
         new_src: rewrite(RULE_REWRITE_SRC, &r.new_src, r.new_src_port),
         new_dst: rewrite(RULE_REWRITE_DST, &r.new_dst, r.new_dst_port),
         flags: r.flags,
-        latched: (st.latch_state == LATCH_DONE).then(|| sock(k.family, &st.latched_addr, st.latched_port)),
+        latched: (st.latch_state == LATCH_DONE)
+            .then(|| sock(k.family, &st.latched_addr, st.latched_port)),
         packets: st.packets,
         bytes: st.bytes,
         last_seen_ns: st.last_seen_ns,

@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 use serde::Serialize;
 use sip_edge_common::{
     addr_from_ip, PinholeKey, PinholeRule, MATCH_DST, MATCH_SRC, PROTO_TCP, PROTO_UDP,
-    ROLE_EXTERNAL, ROLE_INTERNAL, RULE_ANY_REMOTE_PORT, RULE_DST_FOLLOWS_PAIR, RULE_LATCH, RULE_LATCH_PORT,
-    RULE_REWRITE_DST, RULE_REWRITE_SRC,
+    ROLE_EXTERNAL, ROLE_INTERNAL, RULE_ANY_REMOTE_PORT, RULE_DST_FOLLOWS_PAIR, RULE_LATCH,
+    RULE_LATCH_PORT, RULE_REWRITE_DST, RULE_REWRITE_SRC,
 };
 
 /// Which end of a flow connects from a port signalling did not name (TCP
@@ -117,7 +117,15 @@ pub struct RulePair {
 
 fn key(addr: SocketAddr, proto: Proto, role: u8, match_on: u8) -> PinholeKey {
     let (family, a) = addr_from_ip(addr.ip());
-    PinholeKey { addr: a, port: addr.port().to_be(), proto: proto.number(), family, role, match_on, _pad: [0; 2] }
+    PinholeKey {
+        addr: a,
+        port: addr.port().to_be(),
+        proto: proto.number(),
+        family,
+        role,
+        match_on,
+        _pad: [0; 2],
+    }
 }
 
 fn a16(addr: SocketAddr) -> [u8; 16] {
@@ -141,12 +149,32 @@ impl Flow {
 
     fn check(&self) -> Result<(), FlowError> {
         let addrs: Vec<(&'static str, SocketAddr)> = match *self {
-            Flow::Relay { client, edge_int, public, peer, .. } => {
-                vec![("client", client), ("edge_int", edge_int), ("public", public), ("peer", peer)]
+            Flow::Relay {
+                client,
+                edge_int,
+                public,
+                peer,
+                ..
+            } => {
+                vec![
+                    ("client", client),
+                    ("edge_int", edge_int),
+                    ("public", public),
+                    ("peer", peer),
+                ]
             }
-            Flow::Nat { client, public, peer, .. } => vec![("client", client), ("public", public), ("peer", peer)],
+            Flow::Nat {
+                client,
+                public,
+                peer,
+                ..
+            } => vec![("client", client), ("public", public), ("peer", peer)],
         };
-        if let Flow::Nat { learn_port: LearnPort::Client, .. } = self {
+        if let Flow::Nat {
+            learn_port: LearnPort::Client,
+            ..
+        } = self
+        {
             return Err(FlowError::NatClientPort);
         }
         for (what, a) in &addrs {
@@ -165,7 +193,15 @@ impl Flow {
     pub fn rules(&self, slot_in: u32, slot_out: u32) -> Result<RulePair, FlowError> {
         self.check()?;
         Ok(match *self {
-            Flow::Relay { proto, client, edge_int, public, peer, latch_peer, learn_port } => {
+            Flow::Relay {
+                proto,
+                client,
+                edge_int,
+                public,
+                peer,
+                latch_peer,
+                learn_port,
+            } => {
                 let peer_learn = learn_port == LearnPort::Peer;
                 let client_learn = learn_port == LearnPort::Client;
                 let latch = if latch_peer {
@@ -175,8 +211,16 @@ impl Flow {
                 } else {
                     0
                 };
-                let follow = if latch_peer || peer_learn { RULE_DST_FOLLOWS_PAIR } else { 0 };
-                let in_follow = if client_learn { RULE_DST_FOLLOWS_PAIR } else { 0 };
+                let follow = if latch_peer || peer_learn {
+                    RULE_DST_FOLLOWS_PAIR
+                } else {
+                    0
+                };
+                let in_follow = if client_learn {
+                    RULE_DST_FOLLOWS_PAIR
+                } else {
+                    0
+                };
                 let out_learn = if client_learn { RULE_LATCH_PORT } else { 0 };
                 let inbound = PinholeRule {
                     remote_addr: a16(peer),
@@ -205,7 +249,14 @@ impl Flow {
                     outbound: (key(edge_int, proto, ROLE_INTERNAL, MATCH_DST), outbound),
                 }
             }
-            Flow::Nat { proto, client, public, peer, latch_peer, learn_port } => {
+            Flow::Nat {
+                proto,
+                client,
+                public,
+                peer,
+                latch_peer,
+                learn_port,
+            } => {
                 let peer_learn = learn_port == LearnPort::Peer;
                 let latch = if latch_peer {
                     RULE_LATCH
@@ -226,7 +277,11 @@ impl Flow {
                 };
                 // The client keeps sending to the peer's signalled address;
                 // with latching that is redirected to the latched one.
-                let follow = if latch_peer || peer_learn { RULE_REWRITE_DST | RULE_DST_FOLLOWS_PAIR } else { 0 };
+                let follow = if latch_peer || peer_learn {
+                    RULE_REWRITE_DST | RULE_DST_FOLLOWS_PAIR
+                } else {
+                    0
+                };
                 // The client answers the peer's ephemeral port, which only
                 // the inbound rule learns: the address stays strict here.
                 let any_port = if peer_learn { RULE_ANY_REMOTE_PORT } else { 0 };
@@ -271,14 +326,20 @@ mod tests {
         };
         let p = f.rules(3, 4).expect("rules");
         let (k, r) = p.inbound;
-        assert_eq!((k.role, k.match_on, u16::from_be(k.port)), (ROLE_EXTERNAL, MATCH_DST, 40000));
+        assert_eq!(
+            (k.role, k.match_on, u16::from_be(k.port)),
+            (ROLE_EXTERNAL, MATCH_DST, 40000)
+        );
         assert_eq!(&k.addr[..4], &[203, 0, 113, 1]);
         assert_eq!(&r.remote_addr[..4], &[198, 51, 100, 2]);
         assert_eq!(u16::from_be(r.new_dst_port), 4000);
         assert_eq!(u16::from_be(r.new_src_port), 40002);
         assert_eq!((r.slot, r.pair_slot), (3, 4));
         let (k, r) = p.outbound;
-        assert_eq!((k.role, k.match_on, u16::from_be(k.port)), (ROLE_INTERNAL, MATCH_DST, 40002));
+        assert_eq!(
+            (k.role, k.match_on, u16::from_be(k.port)),
+            (ROLE_INTERNAL, MATCH_DST, 40002)
+        );
         assert_eq!(&r.new_dst[..4], &[198, 51, 100, 2]);
         assert_eq!(u16::from_be(r.new_src_port), 40000);
         assert_eq!(r.flags & RULE_DST_FOLLOWS_PAIR, 0);
@@ -300,7 +361,11 @@ mod tests {
         assert_eq!(p.outbound.0.proto, PROTO_TCP);
         assert_ne!(p.outbound.1.flags & RULE_DST_FOLLOWS_PAIR, 0);
         assert_ne!(p.inbound.1.flags & RULE_LATCH, 0);
-        assert_eq!(p.inbound.1.flags & RULE_REWRITE_SRC, 0, "nat inbound keeps the peer's source");
+        assert_eq!(
+            p.inbound.1.flags & RULE_REWRITE_SRC,
+            0,
+            "nat inbound keeps the peer's source"
+        );
     }
 
     #[test]
@@ -313,7 +378,10 @@ mod tests {
             latch_peer: false,
             learn_port: LearnPort::Neither,
         };
-        assert_eq!(f.rules(0, 1), Err(FlowError::MixedFamilies { what: "public" }));
+        assert_eq!(
+            f.rules(0, 1),
+            Err(FlowError::MixedFamilies { what: "public" })
+        );
         let f = Flow::Nat {
             proto: Proto::Udp,
             client: sa("10.77.0.2:0"),
@@ -340,7 +408,11 @@ mod tests {
         let inbound = p.inbound.1.flags;
         assert_ne!(inbound & RULE_LATCH_PORT, 0, "peer port must be learned");
         assert_eq!(inbound & RULE_LATCH, 0, "the peer address must stay strict");
-        assert_ne!(p.outbound.1.flags & RULE_DST_FOLLOWS_PAIR, 0, "replies go to the learned port");
+        assert_ne!(
+            p.outbound.1.flags & RULE_DST_FOLLOWS_PAIR,
+            0,
+            "replies go to the learned port"
+        );
         let f = Flow::Relay {
             proto: Proto::Tcp,
             client: sa("10.77.0.2:4000"),

@@ -59,7 +59,10 @@ use crate::{
     },
     sip::{
         msmsgs,
-        sdp::{self, Allocation, CandidatePolicy, Endpoint, FlowRequest, MediaFlow, NoPinhole, RewritePolicy, Sdp},
+        sdp::{
+            self, Allocation, CandidatePolicy, Endpoint, FlowRequest, MediaFlow, NoPinhole,
+            RewritePolicy, Sdp,
+        },
     },
 };
 
@@ -111,14 +114,19 @@ pub struct MapsSink {
 impl MapsSink {
     /// Writes through `maps`.
     pub fn new(maps: Arc<Mutex<DatapathMaps>>) -> MapsSink {
-        MapsSink { maps, slots: HashMap::new() }
+        MapsSink {
+            maps,
+            slots: HashMap::new(),
+        }
     }
 }
 
 impl PinholeSink for MapsSink {
     fn install(&mut self, id: PinholeId, flow: &Flow) -> Result<(), SinkError> {
         let mut m = self.maps.lock().map_err(|_| SinkError::Poisoned)?;
-        let slots = m.add_flow(flow).map_err(|source| SinkError::Map { source })?;
+        let slots = m
+            .add_flow(flow)
+            .map_err(|source| SinkError::Map { source })?;
         self.slots.insert(id, slots);
         Ok(())
     }
@@ -138,7 +146,8 @@ impl PinholeSink for MapsSink {
     fn remove(&mut self, id: PinholeId) -> Result<(), SinkError> {
         let (s_in, _) = self.slots.remove(&id).ok_or(SinkError::Unknown { id })?;
         let mut m = self.maps.lock().map_err(|_| SinkError::Poisoned)?;
-        m.delete_slot(s_in, true).map_err(|source| SinkError::Map { source })?;
+        m.delete_slot(s_in, true)
+            .map_err(|source| SinkError::Map { source })?;
         Ok(())
     }
 
@@ -154,7 +163,11 @@ impl PinholeSink for MapsSink {
             .slots
             .iter()
             .map(|(id, (a, b))| {
-                let p = by_slot.get(a).copied().unwrap_or(0).saturating_add(by_slot.get(b).copied().unwrap_or(0));
+                let p = by_slot
+                    .get(a)
+                    .copied()
+                    .unwrap_or(0)
+                    .saturating_add(by_slot.get(b).copied().unwrap_or(0));
                 (*id, p)
             })
             .collect())
@@ -188,17 +201,23 @@ pub struct RecordingSink {
 }
 
 fn flow_keys(flow: &Flow) -> Vec<PinholeKey> {
-    flow.rules(0, 1).map(|p| vec![p.inbound.0, p.outbound.0]).unwrap_or_default()
+    flow.rules(0, 1)
+        .map(|p| vec![p.inbound.0, p.outbound.0])
+        .unwrap_or_default()
 }
 
 impl RecordingSink {
     fn put(&mut self, id: PinholeId, flow: &Flow) -> Result<(), SinkError> {
         let keys = flow_keys(flow);
         if keys.is_empty() {
-            return Err(SinkError::Refused { reason: format!("flow {flow:?} has no rules") });
+            return Err(SinkError::Refused {
+                reason: format!("flow {flow:?} has no rules"),
+            });
         }
         if keys.iter().any(|k| self.keys.contains(k)) {
-            return Err(SinkError::Refused { reason: format!("a key of {flow:?} exists") });
+            return Err(SinkError::Refused {
+                reason: format!("a key of {flow:?} exists"),
+            });
         }
         self.keys.extend(keys);
         self.installed.insert(id, *flow);
@@ -206,7 +225,10 @@ impl RecordingSink {
     }
 
     fn take(&mut self, id: PinholeId) -> Result<Flow, SinkError> {
-        let flow = self.installed.remove(&id).ok_or(SinkError::Unknown { id })?;
+        let flow = self
+            .installed
+            .remove(&id)
+            .ok_or(SinkError::Unknown { id })?;
         for k in flow_keys(&flow) {
             self.keys.remove(&k);
         }
@@ -219,7 +241,9 @@ impl PinholeSink for RecordingSink {
     fn install(&mut self, id: PinholeId, flow: &Flow) -> Result<(), SinkError> {
         if let Some(n) = self.installs_before_failure.as_mut() {
             if *n == 0 {
-                return Err(SinkError::Refused { reason: "scripted table-full".into() });
+                return Err(SinkError::Refused {
+                    reason: "scripted table-full".into(),
+                });
             }
             *n -= 1;
         }
@@ -245,7 +269,11 @@ impl PinholeSink for RecordingSink {
     }
 
     fn activity(&mut self) -> Result<Vec<(PinholeId, u64)>, SinkError> {
-        Ok(self.installed.keys().map(|id| (*id, self.packets.get(id).copied().unwrap_or(0))).collect())
+        Ok(self
+            .installed
+            .keys()
+            .map(|id| (*id, self.packets.get(id).copied().unwrap_or(0)))
+            .collect())
     }
 }
 
@@ -257,12 +285,19 @@ pub struct MediaController<S: PinholeSink> {
 }
 
 fn not_acceptable(reason: impl Into<String>) -> MediaError {
-    MediaError::NotAcceptable { reason: reason.into() }
+    MediaError::NotAcceptable {
+        reason: reason.into(),
+    }
 }
 
 /// `application/SDP; charset=x` → `application/sdp`.
 fn media_type(content_type: &str) -> String {
-    content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase()
+    content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
 }
 
 fn candidate_policy(c: MediaCandidates) -> CandidatePolicy {
@@ -278,7 +313,12 @@ fn endpoint(e: &Endpoint, index: usize) -> Result<SocketAddr, MediaError> {
     e.host
         .ip()
         .map(|ip| SocketAddr::new(ip, e.port))
-        .ok_or_else(|| not_acceptable(format!("stream {index}: media address {} is not an IP address", e.host)))
+        .ok_or_else(|| {
+            not_acceptable(format!(
+                "stream {index}: media address {} is not an IP address",
+                e.host
+            ))
+        })
 }
 
 fn stream_desc(f: &MediaFlow) -> Result<StreamDesc, MediaError> {
@@ -287,7 +327,10 @@ fn stream_desc(f: &MediaFlow) -> Result<StreamDesc, MediaError> {
         sdp::Proto::Tcp => Proto::Tcp,
     };
     let (rtp, rtcp) = match (&f.no_pinhole, &f.rtp) {
-        (None, Some(e)) => (Some(endpoint(e, f.index)?), f.rtcp.as_ref().map(|e| endpoint(e, f.index)).transpose()?),
+        (None, Some(e)) => (
+            Some(endpoint(e, f.index)?),
+            f.rtcp.as_ref().map(|e| endpoint(e, f.index)).transpose()?,
+        ),
         _ => (None, None),
     };
     Ok(StreamDesc {
@@ -302,14 +345,22 @@ fn stream_desc(f: &MediaFlow) -> Result<StreamDesc, MediaError> {
 impl MediaController<MapsSink> {
     /// Production controller over the shared map writer.
     pub fn from_config(config: &Config, maps: Arc<Mutex<DatapathMaps>>) -> Self {
-        MediaController::new(Settings::from_config(config), config.media.candidates, MapsSink::new(maps))
+        MediaController::new(
+            Settings::from_config(config),
+            config.media.candidates,
+            MapsSink::new(maps),
+        )
     }
 }
 
 impl<S: PinholeSink> MediaController<S> {
     /// A controller with explicit settings.
     pub fn new(settings: Settings, candidates: MediaCandidates, sink: S) -> Self {
-        MediaController { mgr: Manager::new(settings), sink, candidates: candidate_policy(candidates) }
+        MediaController {
+            mgr: Manager::new(settings),
+            sink,
+            candidates: candidate_policy(candidates),
+        }
     }
 
     /// The manager (read-only: tests and status output).
@@ -376,7 +427,9 @@ impl<S: PinholeSink> MediaController<S> {
                         }
                     }
                     self.mgr.rollback();
-                    return Err(MediaError::Exhausted { reason: e.to_string() });
+                    return Err(MediaError::Exhausted {
+                        reason: e.to_string(),
+                    });
                 }
             }
         }
@@ -399,20 +452,43 @@ impl<S: PinholeSink> MediaController<S> {
 
     fn on_sdp_body(&mut self, ev: &SdpEvent<'_>, now: Instant) -> Result<Vec<u8>, MediaError> {
         let parsed = Sdp::parse(ev.body).map_err(|e| not_acceptable(e.to_string()))?;
-        let streams = parsed.flows().iter().map(stream_desc).collect::<Result<Vec<_>, _>>()?;
+        let streams = parsed
+            .flows()
+            .iter()
+            .map(stream_desc)
+            .collect::<Result<Vec<_>, _>>()?;
         let to = ev.from_side.other();
-        let rewrite = self.mgr.settings().mode == MediaMode::Relay || ev.from_side == Side::Internal;
+        let rewrite =
+            self.mgr.settings().mode == MediaMode::Relay || ev.from_side == Side::Internal;
         let policy = self.rewrite_policy(to);
         if rewrite {
             // Dry run with a placeholder port: every way the rewrite can fail
             // shows here, before the manager allocates anything.
-            let edge = policy.edge_v4.map(IpAddr::V4).or(policy.edge_v6.map(IpAddr::V6));
+            let edge = policy
+                .edge_v4
+                .map(IpAddr::V4)
+                .or(policy.edge_v6.map(IpAddr::V6));
             let mut dry = |r: &FlowRequest<'_>| {
-                let want_v6 = r.flow.rtp.as_ref().and_then(|e| e.host.ip()).is_some_and(|ip| ip.is_ipv6());
-                let addr = if want_v6 { policy.edge_v6.map(IpAddr::V6).or(edge) } else { edge };
-                addr.map(|addr| Allocation { addr, port: 9, rtcp_port: None })
+                let want_v6 = r
+                    .flow
+                    .rtp
+                    .as_ref()
+                    .and_then(|e| e.host.ip())
+                    .is_some_and(|ip| ip.is_ipv6());
+                let addr = if want_v6 {
+                    policy.edge_v6.map(IpAddr::V6).or(edge)
+                } else {
+                    edge
+                };
+                addr.map(|addr| Allocation {
+                    addr,
+                    port: 9,
+                    rtcp_port: None,
+                })
             };
-            parsed.rewrite(&policy, &mut dry).map_err(|e| not_acceptable(e.to_string()))?;
+            parsed
+                .rewrite(&policy, &mut dry)
+                .map_err(|e| not_acceptable(e.to_string()))?;
         }
         let out = self.mgr.on_sdp(
             &SdpInput {
@@ -426,7 +502,8 @@ impl<S: PinholeSink> MediaController<S> {
             now,
         )?;
         let body = if rewrite {
-            let mut alloc = |r: &FlowRequest<'_>| out.allocations.get(r.flow.index).copied().flatten();
+            let mut alloc =
+                |r: &FlowRequest<'_>| out.allocations.get(r.flow.index).copied().flatten();
             match parsed.rewrite(&policy, &mut alloc) {
                 Ok(r) => r.sdp,
                 Err(e) => {
@@ -444,7 +521,9 @@ impl<S: PinholeSink> MediaController<S> {
     fn on_msmsgs_body(&mut self, ev: &SdpEvent<'_>, now: Instant) -> Result<Vec<u8>, MediaError> {
         let inv = msmsgs::parse(ev.body).map_err(|e| not_acceptable(e.to_string()))?;
         if inv.addressed && inv.endpoint.is_none() && inv.internal.is_none() {
-            return Err(not_acceptable("x-msmsgsinvite names IP-Address without a Port"));
+            return Err(not_acceptable(
+                "x-msmsgsinvite names IP-Address without a Port",
+            ));
         }
         // An inside sender's LAN address (IP-Address-Internal) is the one the
         // edge reaches; an outside sender's public one (IP-Address) is.
@@ -471,13 +550,15 @@ impl<S: PinholeSink> MediaController<S> {
                 return Err(not_acceptable("x-msmsgsinvite address was not rewritten"));
             }
             None => ev.body.to_vec(),
-            Some(edge) => match msmsgs::rewrite(ev.body, &mut |_: &msmsgs::Invitation| Some(edge)) {
-                Ok((b, _)) => b,
-                Err(e) => {
-                    self.mgr.rollback();
-                    return Err(not_acceptable(e.to_string()));
+            Some(edge) => {
+                match msmsgs::rewrite(ev.body, &mut |_: &msmsgs::Invitation| Some(edge)) {
+                    Ok((b, _)) => b,
+                    Err(e) => {
+                        self.mgr.rollback();
+                        return Err(not_acceptable(e.to_string()));
+                    }
                 }
-            },
+            }
         };
         self.apply(&out.ops)?;
         Ok(body)
@@ -493,11 +574,19 @@ impl<S: PinholeSink + Send> MediaControl for MediaController<S> {
             _ if t.starts_with("multipart/") => Err(not_acceptable(
                 "multipart bodies are not rewritten; send application/sdp on its own",
             )),
-            _ => Err(not_acceptable(format!("body type {t:?} is not a media description the edge can rewrite"))),
+            _ => Err(not_acceptable(format!(
+                "body type {t:?} is not a media description the edge can rewrite"
+            ))),
         }
     }
 
-    fn on_dialog_end(&mut self, dialog: &DialogKey, to_tag: Option<&str>, reason: EndReason, now: Instant) {
+    fn on_dialog_end(
+        &mut self,
+        dialog: &DialogKey,
+        to_tag: Option<&str>,
+        reason: EndReason,
+        now: Instant,
+    ) {
         let ops = self.mgr.on_dialog_end(dialog, to_tag, reason, now);
         self.apply_removals(&ops);
     }

@@ -353,7 +353,10 @@ struct Dialog {
 
 impl Dialog {
     fn ids(&self) -> impl Iterator<Item = PinholeId> + '_ {
-        self.flows.iter().map(|f| f.id).chain(self.transfers.iter().map(|t| t.id))
+        self.flows
+            .iter()
+            .map(|f| f.id)
+            .chain(self.transfers.iter().map(|t| t.id))
     }
 
     fn reserved(&self) -> u32 {
@@ -393,13 +396,22 @@ impl PortPool {
 
     /// A single port, or an even port with its odd neighbour free (`pair`).
     fn take(&mut self, pair: bool) -> Option<(u16, Option<u16>)> {
-        let mut candidates: Vec<(u16, u16)> = self.ranges.iter().map(|r| (r.start, r.end)).collect();
+        let mut candidates: Vec<(u16, u16)> =
+            self.ranges.iter().map(|r| (r.start, r.end)).collect();
         candidates.sort_unstable();
         // Two passes: from the cursor to the end, then from the start.
         for pass in 0..2 {
             for &(start, end) in &candidates {
-                let from = if pass == 0 { start.max(self.cursor) } else { start };
-                let to = if pass == 0 { end } else { end.min(self.cursor.saturating_sub(1)) };
+                let from = if pass == 0 {
+                    start.max(self.cursor)
+                } else {
+                    start
+                };
+                let to = if pass == 0 {
+                    end
+                } else {
+                    end.min(self.cursor.saturating_sub(1))
+                };
                 if from > to {
                     continue;
                 }
@@ -465,20 +477,28 @@ pub struct Manager {
 }
 
 fn forbidden(reason: impl Into<String>) -> MediaError {
-    MediaError::Forbidden { reason: reason.into() }
+    MediaError::Forbidden {
+        reason: reason.into(),
+    }
 }
 
 fn not_acceptable(reason: impl Into<String>) -> MediaError {
-    MediaError::NotAcceptable { reason: reason.into() }
+    MediaError::NotAcceptable {
+        reason: reason.into(),
+    }
 }
 
 fn exhausted(reason: impl Into<String>) -> MediaError {
-    MediaError::Exhausted { reason: reason.into() }
+    MediaError::Exhausted {
+        reason: reason.into(),
+    }
 }
 
 /// The map keys a flow occupies (both directions).
 fn keys_of(flow: &Flow) -> Vec<PinholeKey> {
-    flow.rules(0, 1).map(|p| vec![p.inbound.0, p.outbound.0]).unwrap_or_default()
+    flow.rules(0, 1)
+        .map(|p| vec![p.inbound.0, p.outbound.0])
+        .unwrap_or_default()
 }
 
 /// Whether `listen` can be a file transfer's listening end on `side`.
@@ -527,7 +547,12 @@ impl Manager {
         let mut v: Vec<(usize, bool, PinholeId, Flow)> = self
             .dialogs
             .get(dialog)
-            .map(|d| d.flows.iter().map(|f| (f.stream, f.rtcp, f.id, f.flow)).collect())
+            .map(|d| {
+                d.flows
+                    .iter()
+                    .map(|f| (f.stream, f.rtcp, f.id, f.flow))
+                    .collect()
+            })
             .unwrap_or_default();
         v.sort_by_key(|(s, r, _, _)| (*s, *r));
         v.into_iter().map(|(_, _, id, f)| (id, f)).collect()
@@ -535,7 +560,10 @@ impl Manager {
 
     /// File-transfer flows of one dialog, in the order they were installed.
     pub fn transfers_of(&self, dialog: &DialogKey) -> Vec<(PinholeId, Flow)> {
-        self.dialogs.get(dialog).map(|d| d.transfers.iter().map(|t| (t.id, t.flow)).collect()).unwrap_or_default()
+        self.dialogs
+            .get(dialog)
+            .map(|d| d.transfers.iter().map(|t| (t.id, t.flow)).collect())
+            .unwrap_or_default()
     }
 
     /// Dialogs tracked.
@@ -558,13 +586,20 @@ impl Manager {
             Side::Internal => &self.s.internal_addrs,
             Side::External => &self.s.public_addrs,
         };
-        list.iter().copied().find(|a| a.is_ipv4() == like.is_ipv4()).ok_or_else(|| {
-            not_acceptable(format!(
-                "no {} edge address on the {} side for media at {like}",
-                if like.is_ipv4() { "IPv4" } else { "IPv6" },
-                if facing == Side::Internal { "internal" } else { "public" }
-            ))
-        })
+        list.iter()
+            .copied()
+            .find(|a| a.is_ipv4() == like.is_ipv4())
+            .ok_or_else(|| {
+                not_acceptable(format!(
+                    "no {} edge address on the {} side for media at {like}",
+                    if like.is_ipv4() { "IPv4" } else { "IPv6" },
+                    if facing == Side::Internal {
+                        "internal"
+                    } else {
+                        "public"
+                    }
+                ))
+            })
     }
 
     fn is_edge_addr(&self, ip: IpAddr) -> bool {
@@ -572,9 +607,19 @@ impl Manager {
     }
 
     /// DESIGN.md §3 address rules for one endpoint named in SDP.
-    fn check_endpoint(&self, side: Side, source: SocketAddr, proto: Proto, ep: SocketAddr) -> Result<(), MediaError> {
+    fn check_endpoint(
+        &self,
+        side: Side,
+        source: SocketAddr,
+        proto: Proto,
+        ep: SocketAddr,
+    ) -> Result<(), MediaError> {
         let ip = ep.ip();
-        let allowed_subnet = self.s.allowed_internal_subnets.iter().any(|c| c.contains(ip));
+        let allowed_subnet = self
+            .s
+            .allowed_internal_subnets
+            .iter()
+            .any(|c| c.contains(ip));
         match side {
             Side::Internal => {
                 if ip != source.ip() && !allowed_subnet {
@@ -588,15 +633,21 @@ impl Manager {
                 // RFC 4145 §4: an active-only TCP end writes the discard port 9.
                 let tcp_discard = proto == Proto::Tcp && ep.port() == 9;
                 if ep.port() < MIN_MEDIA_PORT && !tcp_discard {
-                    return Err(forbidden(format!("media target {ep} uses a privileged port")));
+                    return Err(forbidden(format!(
+                        "media target {ep} uses a privileged port"
+                    )));
                 }
             }
             Side::External => {
                 if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() {
-                    return Err(forbidden(format!("peer media address {ip} is not routable")));
+                    return Err(forbidden(format!(
+                        "peer media address {ip} is not routable"
+                    )));
                 }
                 if self.is_edge_addr(ip) || allowed_subnet {
-                    return Err(forbidden(format!("peer media address {ip} points inside the edge")));
+                    return Err(forbidden(format!(
+                        "peer media address {ip} points inside the edge"
+                    )));
                 }
             }
         }
@@ -609,7 +660,10 @@ impl Manager {
         };
         let now = (d.client, d.reserved());
         let before = std::mem::replace(&mut d.counted, now);
-        self.total_flows = self.total_flows.saturating_sub(before.1).saturating_add(now.1);
+        self.total_flows = self
+            .total_flows
+            .saturating_sub(before.1)
+            .saturating_add(now.1);
         if let Some(c) = before.0 {
             let e = self.per_client.entry(c).or_insert(0);
             *e = e.saturating_sub(before.1);
@@ -629,7 +683,10 @@ impl Manager {
             return Ok(());
         };
         if self.total_flows > self.s.max_flows {
-            return Err(exhausted(format!("all {} media flows of the edge are in use", self.s.max_flows)));
+            return Err(exhausted(format!(
+                "all {} media flows of the edge are in use",
+                self.s.max_flows
+            )));
         }
         if let Some(c) = d.client {
             if self.client_flows(c) > self.s.max_flows_per_client {
@@ -703,12 +760,19 @@ impl Manager {
         }
     }
 
-    fn sdp_inner(&mut self, inp: &SdpInput<'_>, now: Instant, j: &mut Journal) -> Result<Outcome, MediaError> {
+    fn sdp_inner(
+        &mut self,
+        inp: &SdpInput<'_>,
+        now: Instant,
+        j: &mut Journal,
+    ) -> Result<Outcome, MediaError> {
         for (i, st) in inp.streams.iter().enumerate() {
             for ep in [st.rtp, st.rtcp].into_iter().flatten() {
                 self.check_endpoint(inp.from_side, inp.source, st.proto, ep)
                     .map_err(|e| match e {
-                        MediaError::Forbidden { reason } => forbidden(format!("stream {i}: {reason}")),
+                        MediaError::Forbidden { reason } => {
+                            forbidden(format!("stream {i}: {reason}"))
+                        }
                         other => other,
                     })?;
             }
@@ -716,10 +780,15 @@ impl Manager {
         let key = inp.dialog;
         if !self.dialogs.contains_key(key) {
             if inp.role != SdpRole::Offer {
-                return Err(not_acceptable("answer for a dialog whose offer the edge never saw"));
+                return Err(not_acceptable(
+                    "answer for a dialog whose offer the edge never saw",
+                ));
             }
             if self.dialogs.len() >= self.s.max_calls as usize {
-                return Err(exhausted(format!("{} calls with media already in progress", self.s.max_calls)));
+                return Err(exhausted(format!(
+                    "{} calls with media already in progress",
+                    self.s.max_calls
+                )));
             }
             self.dialogs.insert(
                 key.clone(),
@@ -756,15 +825,26 @@ impl Manager {
             return Err(not_acceptable("dialog vanished"));
         };
         if inp.role == SdpRole::Offer {
-            d.offer = Some(Offer { from: inp.from_side, streams: inp.streams.to_vec() });
-            return Ok(Outcome { allocations, ops: Vec::new() });
+            d.offer = Some(Offer {
+                from: inp.from_side,
+                streams: inp.streams.to_vec(),
+            });
+            return Ok(Outcome {
+                allocations,
+                ops: Vec::new(),
+            });
         }
         // An answer. Another fork after confirmation: rewrite only.
         if d.confirmed.as_ref().is_some_and(|c| *c != fork) {
-            return Ok(Outcome { allocations, ops: Vec::new() });
+            return Ok(Outcome {
+                allocations,
+                ops: Vec::new(),
+            });
         }
         let Some(offer) = d.offer.clone() else {
-            return Err(not_acceptable("answer without an outstanding offer (RFC 3264 §4)"));
+            return Err(not_acceptable(
+                "answer without an outstanding offer (RFC 3264 §4)",
+            ));
         };
         if offer.from == inp.from_side {
             return Err(not_acceptable("answer from the side that made the offer"));
@@ -792,7 +872,11 @@ impl Manager {
     }
 
     /// Edge blocks for the streams of an SDP about to be rewritten.
-    fn allocate(&mut self, inp: &SdpInput<'_>, j: &mut Journal) -> Result<Vec<Option<Allocation>>, MediaError> {
+    fn allocate(
+        &mut self,
+        inp: &SdpInput<'_>,
+        j: &mut Journal,
+    ) -> Result<Vec<Option<Allocation>>, MediaError> {
         let facing = inp.from_side.other();
         // Nat rewrites only the internal party's SDP (DESIGN.md §2).
         let rewrite = self.s.mode == MediaMode::Relay || inp.from_side == Side::Internal;
@@ -814,22 +898,29 @@ impl Manager {
             if d.slots.len() <= i {
                 d.slots.resize(i + 1, None);
             }
-            let compatible = d.slots[i].as_ref().is_some_and(|s| s.proto == st.proto && s.rtcp == need_rtcp);
+            let compatible = d.slots[i]
+                .as_ref()
+                .is_some_and(|s| s.proto == st.proto && s.rtcp == need_rtcp);
             if !compatible {
                 // RFC 3264 §8.1: a new stream may take a port-0 slot; its old
                 // ports go when the exchange completes.
                 if let Some(old) = d.slots[i].take() {
                     d.retired.extend(old.blocks.into_iter().flatten());
                 }
-                d.slots[i] = Some(Slot { proto: st.proto, rtcp: need_rtcp, blocks: [None, None] });
+                d.slots[i] = Some(Slot {
+                    proto: st.proto,
+                    rtcp: need_rtcp,
+                    blocks: [None, None],
+                });
             }
             let existing = d.slots[i].as_ref().and_then(|s| s.blocks[side_ix(facing)]);
             let block = match existing {
                 Some(b) if b.addr == addr => b,
                 other => {
-                    let (port, rtcp) = self.pool.take(need_rtcp).ok_or_else(|| {
-                        exhausted("no free port in the media port ranges")
-                    })?;
+                    let (port, rtcp) = self
+                        .pool
+                        .take(need_rtcp)
+                        .ok_or_else(|| exhausted("no free port in the media port ranges"))?;
                     let b = Block { addr, port, rtcp };
                     j.allocated.push(b);
                     let Some(d) = self.dialogs.get_mut(inp.dialog) else {
@@ -844,7 +935,11 @@ impl Manager {
                     b
                 }
             };
-            out.push(Some(Allocation { addr: block.addr, port: block.port, rtcp_port: block.rtcp }));
+            out.push(Some(Allocation {
+                addr: block.addr,
+                port: block.port,
+                rtcp_port: block.rtcp,
+            }));
         }
         Ok(out)
     }
@@ -873,7 +968,9 @@ impl Manager {
                 continue;
             };
             if o.proto != a.proto {
-                return Err(not_acceptable(format!("stream {i}: answer changes the transport")));
+                return Err(not_acceptable(format!(
+                    "stream {i}: answer changes the transport"
+                )));
             }
             let (int, ext, int_rtp, ext_rtp) = if inp.from_side == Side::Internal {
                 (a, o, a_rtp, o_rtp)
@@ -881,7 +978,9 @@ impl Manager {
                 (o, a, o_rtp, a_rtp)
             };
             let Some(slot) = d.slots.get(i).and_then(Option::as_ref) else {
-                return Err(not_acceptable(format!("stream {i}: no edge port was allocated")));
+                return Err(not_acceptable(format!(
+                    "stream {i}: no edge port was allocated"
+                )));
             };
             let missing = || not_acceptable(format!("stream {i}: no edge port was allocated"));
             let public = slot.blocks[side_ix(Side::External)].ok_or_else(missing)?;
@@ -899,7 +998,11 @@ impl Manager {
                 let flow = match self.s.mode {
                     MediaMode::Relay => {
                         let inner = slot.blocks[side_ix(Side::Internal)].ok_or_else(missing)?;
-                        let int_port = if is_rtcp { inner.rtcp } else { Some(inner.port) };
+                        let int_port = if is_rtcp {
+                            inner.rtcp
+                        } else {
+                            Some(inner.port)
+                        };
                         let Some(int_port) = int_port else { continue };
                         Flow::Relay {
                             proto: slot.proto,
@@ -920,7 +1023,8 @@ impl Manager {
                         learn_port,
                     },
                 };
-                flow.rules(0, 1).map_err(|e| not_acceptable(format!("stream {i}: {e}")))?;
+                flow.rules(0, 1)
+                    .map_err(|e| not_acceptable(format!("stream {i}: {e}")))?;
                 wanted.push((i, is_rtcp, flow));
             }
         }
@@ -945,7 +1049,9 @@ impl Manager {
         for (i, _, f) in &wanted {
             for pk in keys_of(f) {
                 if !taken.insert(pk) {
-                    return Err(forbidden(format!("stream {i}: media address already used by another flow")));
+                    return Err(forbidden(format!(
+                        "stream {i}: media address already used by another flow"
+                    )));
                 }
             }
         }
@@ -964,25 +1070,50 @@ impl Manager {
                 }
                 Some(f) if keys_of(&f.flow) == keys_of(&flow) => {
                     used_old.insert(f.id);
-                    updates.push(Op::Update { id: f.id, old: f.flow, flow });
-                    kept.push(Installed { flow, packets: 0, ..f.clone() });
+                    updates.push(Op::Update {
+                        id: f.id,
+                        old: f.flow,
+                        flow,
+                    });
+                    kept.push(Installed {
+                        flow,
+                        packets: 0,
+                        ..f.clone()
+                    });
                 }
                 _ => {
                     let id = PinholeId(self.next_id);
                     self.next_id += 1;
                     installs.push(Op::Install { id, flow });
-                    new_flows.push(Installed { id, stream, rtcp, flow, packets: 0 });
+                    new_flows.push(Installed {
+                        id,
+                        stream,
+                        rtcp,
+                        flow,
+                        packets: 0,
+                    });
                 }
             }
         }
         let removed: Vec<&Installed> = old.iter().filter(|f| !used_old.contains(&f.id)).collect();
-        let new_keys: HashSet<PinholeKey> = new_flows.iter().flat_map(|f| keys_of(&f.flow)).collect();
-        let (first, last): (Vec<&Installed>, Vec<&Installed>) =
-            removed.iter().partition(|f| keys_of(&f.flow).iter().any(|k| new_keys.contains(k)));
-        let mut ops: Vec<Op> = first.iter().map(|f| Op::Remove { id: f.id, flow: f.flow }).collect();
+        let new_keys: HashSet<PinholeKey> =
+            new_flows.iter().flat_map(|f| keys_of(&f.flow)).collect();
+        let (first, last): (Vec<&Installed>, Vec<&Installed>) = removed
+            .iter()
+            .partition(|f| keys_of(&f.flow).iter().any(|k| new_keys.contains(k)));
+        let mut ops: Vec<Op> = first
+            .iter()
+            .map(|f| Op::Remove {
+                id: f.id,
+                flow: f.flow,
+            })
+            .collect();
         ops.extend(installs);
         ops.extend(updates);
-        ops.extend(last.iter().map(|f| Op::Remove { id: f.id, flow: f.flow }));
+        ops.extend(last.iter().map(|f| Op::Remove {
+            id: f.id,
+            flow: f.flow,
+        }));
 
         // Apply to our own state.
         for f in &removed {
@@ -1013,7 +1144,13 @@ impl Manager {
     }
 
     /// The dialog (`to_tag: None`) or one fork of it ended.
-    pub fn on_dialog_end(&mut self, dialog: &DialogKey, to_tag: Option<&str>, _reason: EndReason, _now: Instant) -> Vec<Op> {
+    pub fn on_dialog_end(
+        &mut self,
+        dialog: &DialogKey,
+        to_tag: Option<&str>,
+        _reason: EndReason,
+        _now: Instant,
+    ) -> Vec<Op> {
         self.journal = None;
         let Some(d) = self.dialogs.get(dialog) else {
             return Vec::new();
@@ -1028,7 +1165,10 @@ impl Manager {
                 if let Some(d) = self.dialogs.get_mut(dialog) {
                     for f in std::mem::take(&mut d.flows) {
                         self.ids.remove(&f.id);
-                        ops.push(Op::Remove { id: f.id, flow: f.flow });
+                        ops.push(Op::Remove {
+                            id: f.id,
+                            flow: f.flow,
+                        });
                     }
                     d.active_fork = None;
                 }
@@ -1062,11 +1202,17 @@ impl Manager {
         let mut ops = Vec::new();
         for f in d.flows {
             self.ids.remove(&f.id);
-            ops.push(Op::Remove { id: f.id, flow: f.flow });
+            ops.push(Op::Remove {
+                id: f.id,
+                flow: f.flow,
+            });
         }
         for t in d.transfers {
             self.ids.remove(&t.id);
-            ops.push(Op::Remove { id: t.id, flow: t.flow });
+            ops.push(Op::Remove {
+                id: t.id,
+                flow: t.flow,
+            });
         }
         ops
     }
@@ -1077,7 +1223,9 @@ impl Manager {
         let Some(d) = self.dialogs.get_mut(key) else {
             return Vec::new();
         };
-        let (gone, kept): (Vec<Transfer>, Vec<Transfer>) = std::mem::take(&mut d.transfers).into_iter().partition(|t| pred(t));
+        let (gone, kept): (Vec<Transfer>, Vec<Transfer>) = std::mem::take(&mut d.transfers)
+            .into_iter()
+            .partition(|t| pred(t));
         d.transfers = kept;
         let mut ops = Vec::new();
         for t in gone {
@@ -1085,7 +1233,10 @@ impl Manager {
                 self.pool.free(b);
             }
             self.ids.remove(&t.id);
-            ops.push(Op::Remove { id: t.id, flow: t.flow });
+            ops.push(Op::Remove {
+                id: t.id,
+                flow: t.flow,
+            });
         }
         self.recount(key);
         ops
@@ -1134,7 +1285,10 @@ impl Manager {
                 let has_flows = !d.flows.is_empty();
                 age >= self.s.max_call
                     || (has_flows && d.ever_active && quiet >= self.s.idle_timeout)
-                    || (has_flows && !d.ever_active && d.confirmed_at.is_some() && quiet >= self.s.unused_timeout)
+                    || (has_flows
+                        && !d.ever_active
+                        && d.confirmed_at.is_some()
+                        && quiet >= self.s.unused_timeout)
             })
             .map(|(k, _)| k.clone())
             .collect();
@@ -1151,8 +1305,12 @@ impl Manager {
                 now.saturating_duration_since(t.last_activity) >= idle
             }
         };
-        let with_stale: Vec<DialogKey> =
-            self.dialogs.iter().filter(|(_, d)| d.transfers.iter().any(stale)).map(|(k, _)| k.clone()).collect();
+        let with_stale: Vec<DialogKey> = self
+            .dialogs
+            .iter()
+            .filter(|(_, d)| d.transfers.iter().any(stale))
+            .map(|(k, _)| k.clone())
+            .collect();
         for k in &with_stale {
             ops.extend(self.remove_transfers(k, stale));
         }
@@ -1163,7 +1321,11 @@ impl Manager {
     /// On error nothing changed; on success the caller rewrites the body to
     /// `advertise`, applies `ops` and, if that fails, calls
     /// [`Manager::rollback`].
-    pub fn on_invitation(&mut self, inp: &InvitationInput<'_>, now: Instant) -> Result<InvitationOutcome, MediaError> {
+    pub fn on_invitation(
+        &mut self,
+        inp: &InvitationInput<'_>,
+        now: Instant,
+    ) -> Result<InvitationOutcome, MediaError> {
         self.journal = None;
         let mut j = Journal {
             key: inp.dialog.clone(),
@@ -1183,7 +1345,12 @@ impl Manager {
         }
     }
 
-    fn invitation_inner(&mut self, inp: &InvitationInput<'_>, now: Instant, j: &mut Journal) -> Result<InvitationOutcome, MediaError> {
+    fn invitation_inner(
+        &mut self,
+        inp: &InvitationInput<'_>,
+        now: Instant,
+        j: &mut Journal,
+    ) -> Result<InvitationOutcome, MediaError> {
         let key = inp.dialog;
         let cookie = inp.cookie.map(str::to_owned);
         let addressed = !inp.listen.is_empty();
@@ -1228,13 +1395,17 @@ impl Manager {
         let mut first_err = None;
         let mut listener = None;
         for &l in inp.listen {
-            let r = self.check_endpoint(listen_side, inp.source, Proto::Tcp, l).and_then(|()| {
-                if transfer_port_ok(listen_side, l) {
-                    Ok(())
-                } else {
-                    Err(forbidden(format!("file transfer listener {l} uses a privileged port")))
-                }
-            });
+            let r = self
+                .check_endpoint(listen_side, inp.source, Proto::Tcp, l)
+                .and_then(|()| {
+                    if transfer_port_ok(listen_side, l) {
+                        Ok(())
+                    } else {
+                        Err(forbidden(format!(
+                            "file transfer listener {l} uses a privileged port"
+                        )))
+                    }
+                });
             match r {
                 Ok(()) => {
                     listener = Some(l);
@@ -1246,7 +1417,8 @@ impl Manager {
             }
         }
         let Some(listener) = listener else {
-            return Err(first_err.unwrap_or_else(|| not_acceptable("x-msmsgsinvite names no usable address")));
+            return Err(first_err
+                .unwrap_or_else(|| not_acceptable("x-msmsgsinvite names no usable address")));
         };
         let Some(d) = self.dialogs.get(key) else {
             return Err(not_acceptable("dialog vanished"));
@@ -1256,14 +1428,21 @@ impl Manager {
         // same cookie (INVITE → addressed ACCEPT, or the MSNFTP order INVITE
         // → ACCEPT → addressed ACCEPT from the inviter): without one, nobody
         // on the other side asked for this transfer.
-        let from_seen = d.seen.iter().rev().find(|s| s.cookie == cookie && s.side == conn_side).map(|s| s.source);
+        let from_seen = d
+            .seen
+            .iter()
+            .rev()
+            .find(|s| s.cookie == cookie && s.side == conn_side)
+            .map(|s| s.source);
         if is_accept && from_seen.is_none() {
             return Err(not_acceptable(format!(
                 "x-msmsgsinvite ACCEPT for invitation {cookie:?}: the edge forwarded no invitation with that cookie from the other party of this dialog"
             )));
         }
         let Some(connector) = from_seen.or(d.sources[side_ix(conn_side)]) else {
-            return Err(not_acceptable("the connecting party's signalling source is unknown in this dialog"));
+            return Err(not_acceptable(
+                "the connecting party's signalling source is unknown in this dialog",
+            ));
         };
         if connector.is_ipv4() != listener.is_ipv4() {
             return Err(not_acceptable(format!(
@@ -1273,13 +1452,17 @@ impl Manager {
         // A repeated invitation for the same transfer changes nothing.
         if let Some(t) = d.transfers.iter().find(|t| t.cookie == cookie) {
             if t.listener == listener && t.connector == connector {
-                return Ok(InvitationOutcome { advertise: Some(t.advertised), ops: Vec::new() });
+                return Ok(InvitationOutcome {
+                    advertise: Some(t.advertised),
+                    ops: Vec::new(),
+                });
             }
         }
         let mut ops = Vec::new();
         if let Some(d) = self.dialogs.get_mut(key) {
-            let (old, kept): (Vec<Transfer>, Vec<Transfer>) =
-                std::mem::take(&mut d.transfers).into_iter().partition(|t| t.cookie == cookie);
+            let (old, kept): (Vec<Transfer>, Vec<Transfer>) = std::mem::take(&mut d.transfers)
+                .into_iter()
+                .partition(|t| t.cookie == cookie);
             d.transfers = kept;
             for t in old {
                 for b in &t.blocks {
@@ -1287,19 +1470,31 @@ impl Manager {
                     j.freed.push(*b);
                 }
                 self.ids.remove(&t.id);
-                ops.push(Op::Remove { id: t.id, flow: t.flow });
+                ops.push(Op::Remove {
+                    id: t.id,
+                    flow: t.flow,
+                });
             }
         }
         let like = listener.ip();
-        let (int_addr, pub_addr) = (self.edge_addr(Side::Internal, like), self.edge_addr(Side::External, like));
-        let mut take = |pool: &mut PortPool, addr: &Result<IpAddr, MediaError>| -> Result<Block, MediaError> {
-            let addr = addr.clone()?;
-            let (port, _) =
-                pool.take(false).ok_or_else(|| exhausted("no free port in the media port ranges for a file transfer"))?;
-            let b = Block { addr, port, rtcp: None };
-            j.allocated.push(b);
-            Ok(b)
-        };
+        let (int_addr, pub_addr) = (
+            self.edge_addr(Side::Internal, like),
+            self.edge_addr(Side::External, like),
+        );
+        let mut take =
+            |pool: &mut PortPool, addr: &Result<IpAddr, MediaError>| -> Result<Block, MediaError> {
+                let addr = addr.clone()?;
+                let (port, _) = pool.take(false).ok_or_else(|| {
+                    exhausted("no free port in the media port ranges for a file transfer")
+                })?;
+                let b = Block {
+                    addr,
+                    port,
+                    rtcp: None,
+                };
+                j.allocated.push(b);
+                Ok(b)
+            };
         let connector_ep = SocketAddr::new(connector, LEARNED_PORT);
         let (flow, advertised, blocks) = match (conn_side, self.s.mode) {
             (Side::External, MediaMode::Nat) => {
@@ -1348,7 +1543,8 @@ impl Manager {
                 (flow, adv, vec![inner, public])
             }
         };
-        flow.rules(0, 1).map_err(|e| not_acceptable(format!("file transfer: {e}")))?;
+        flow.rules(0, 1)
+            .map_err(|e| not_acceptable(format!("file transfer: {e}")))?;
         let mut taken: HashSet<PinholeKey> = HashSet::new();
         for other in self.dialogs.values() {
             for f in &other.flows {
@@ -1359,7 +1555,9 @@ impl Manager {
             }
         }
         if keys_of(&flow).iter().any(|k| taken.contains(k)) {
-            return Err(forbidden(format!("file transfer listener {listener} is already used by another flow")));
+            return Err(forbidden(format!(
+                "file transfer listener {listener} is already used by another flow"
+            )));
         }
         let id = PinholeId(self.next_id);
         self.next_id += 1;
@@ -1382,7 +1580,10 @@ impl Manager {
         self.recount(key);
         self.check_caps(key)?;
         ops.push(Op::Install { id, flow });
-        Ok(InvitationOutcome { advertise: Some(advertised), ops })
+        Ok(InvitationOutcome {
+            advertise: Some(advertised),
+            ops,
+        })
     }
 }
 
@@ -1392,7 +1593,10 @@ mod tests {
 
     fn pool(ranges: &[(u16, u16)], reserved: &[u16]) -> PortPool {
         PortPool {
-            ranges: ranges.iter().map(|&(start, end)| PortRange { start, end }).collect(),
+            ranges: ranges
+                .iter()
+                .map(|&(start, end)| PortRange { start, end })
+                .collect(),
             reserved: reserved.iter().copied().collect(),
             used: BTreeSet::new(),
             cursor: 0,
@@ -1408,7 +1612,11 @@ mod tests {
         assert_eq!(p.take(true), None);
         assert_eq!(p.take(false), Some((40001, None)));
         assert_eq!(p.take(false), Some((40005, None)));
-        assert_eq!(p.take(false), None, "40004 is reserved, everything else used");
+        assert_eq!(
+            p.take(false),
+            None,
+            "40004 is reserved, everything else used"
+        );
     }
 
     #[test]
@@ -1418,7 +1626,11 @@ mod tests {
         let b = p.take(true).expect("second pair");
         assert_ne!(a, b);
         assert_eq!(p.take(true), None);
-        p.free(&Block { addr: IpAddr::from([203, 0, 113, 1]), port: a.0, rtcp: a.1 });
+        p.free(&Block {
+            addr: IpAddr::from([203, 0, 113, 1]),
+            port: a.0,
+            rtcp: a.1,
+        });
         assert_eq!(p.take(true), Some(a), "a released pair is reused");
     }
 

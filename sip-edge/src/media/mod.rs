@@ -136,7 +136,13 @@ pub trait MediaControl: Send {
     /// returns the body to forward.
     fn on_sdp(&mut self, ev: &SdpEvent<'_>, now: Instant) -> Result<Vec<u8>, MediaError>;
     /// The dialog (or, with `to_tag`, one fork of it) ended: remove its pinholes.
-    fn on_dialog_end(&mut self, dialog: &DialogKey, to_tag: Option<&str>, reason: EndReason, now: Instant);
+    fn on_dialog_end(
+        &mut self,
+        dialog: &DialogKey,
+        to_tag: Option<&str>,
+        reason: EndReason,
+        now: Instant,
+    );
     /// Periodic timer (idle/never-used/maximum-length expiry); the proxy
     /// calls it at least once a second. Returns dialogs whose media expired,
     /// so the proxy can end them (e.g. send BYE both ways).

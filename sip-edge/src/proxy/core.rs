@@ -184,8 +184,16 @@ fn ctx_key(branch: &str, method: &str) -> String {
 /// the inside's addresses unrewritten.
 fn is_sdp_type(ct: &str) -> bool {
     let base = ct.split(';').next().unwrap_or("").trim();
-    ["application/sdp", "text/x-msmsgsinvite", "application/ms-filetransfer+xml"].iter().any(|t| base.eq_ignore_ascii_case(t))
-        || base.get(..10).is_some_and(|p| p.eq_ignore_ascii_case("multipart/"))
+    [
+        "application/sdp",
+        "text/x-msmsgsinvite",
+        "application/ms-filetransfer+xml",
+    ]
+    .iter()
+    .any(|t| base.eq_ignore_ascii_case(t))
+        || base
+            .get(..10)
+            .is_some_and(|p| p.eq_ignore_ascii_case("multipart/"))
 }
 
 /// A media-bearing body that no offer/answer exchange covers (SDP in an
@@ -326,8 +334,7 @@ impl Proxy {
             let port = uri.port.unwrap_or(5061);
             // The UDP listener's port names us too (the Record-Route we give
             // UDP clients carries it).
-            host_eq
-                && (port == l.port || port == self.settings.port_for(*s, Proto::Udp))
+            host_eq && (port == l.port || port == self.settings.port_for(*s, Proto::Udp))
         })
     }
 
@@ -342,7 +349,10 @@ impl Proxy {
             Ok(m) => m,
             Err(e) => {
                 if info.proto == Proto::Udp {
-                    if matches!(e, crate::sip::message::MessageError::ContentLengthMismatch { .. }) {
+                    if matches!(
+                        e,
+                        crate::sip::message::MessageError::ContentLengthMismatch { .. }
+                    ) {
                         // §18.3: a datagram shorter than its Content-Length
                         // is discarded, not answered.
                         info!(conn, error = %e, "truncated datagram discarded");
@@ -772,13 +782,7 @@ impl Proxy {
                 },
             },
         );
-        self.arm_retransmit(
-            ctx_key(&new_branch, &method),
-            &dest,
-            &bytes,
-            is_invite,
-            now,
-        );
+        self.arm_retransmit(ctx_key(&new_branch, &method), &dest, &bytes, is_invite, now);
         out.push(Outgoing {
             dest,
             bytes,
@@ -791,7 +795,14 @@ impl Proxy {
     /// to `dest` when that is an unreliable (UDP) pseudo-connection
     /// (RFC 3261 §17.1.1.2, §17.1.2.2: Timers A and E run only over
     /// unreliable transports; TLS/TCP deliver or fail the connection).
-    fn arm_retransmit(&mut self, key: String, dest: &Dest, bytes: &[u8], invite: bool, now: Instant) {
+    fn arm_retransmit(
+        &mut self,
+        key: String,
+        dest: &Dest,
+        bytes: &[u8],
+        invite: bool,
+        now: Instant,
+    ) {
         if !self.dest_proto(dest).unreliable() {
             return;
         }
@@ -819,7 +830,12 @@ impl Proxy {
             return;
         };
         let bytes = build::cancel_for(&c.request);
-        if let Some(b) = c.request.top_via().ok().and_then(|v| v.branch().map(str::to_owned)) {
+        if let Some(b) = c
+            .request
+            .top_via()
+            .ok()
+            .and_then(|v| v.branch().map(str::to_owned))
+        {
             self.arm_retransmit(ctx_key(&b, "CANCEL"), &dest, &bytes, false, now);
         }
         out.push(Outgoing {
@@ -1109,7 +1125,9 @@ impl Proxy {
                 let body = String::from_utf8_lossy(msg.body());
                 let cmd = body.lines().find_map(|l| {
                     let (name, value) = l.split_once(':')?;
-                    name.trim().eq_ignore_ascii_case("Invitation-Command").then(|| value.trim())
+                    name.trim()
+                        .eq_ignore_ascii_case("Invitation-Command")
+                        .then(|| value.trim())
                 });
                 match cmd {
                     Some(c) if c.eq_ignore_ascii_case("ACCEPT") => Some(SdpRole::Answer),

@@ -682,22 +682,44 @@ fn media_bodies_outside_offer_answer_never_cross_unrewritten() {
         .replace("CSeq: 1 INVITE", "CSeq: 1 OPTIONS");
     assert!(text.contains("c=IN IP4"), "fixture carries SDP");
     let out = p.on_message(CALLER, text.as_bytes(), Instant::now());
-    let fwd: Vec<Message> = out.iter().filter(|o| matches!(o.dest, Dest::Hop { .. })).map(parse).collect();
+    let fwd: Vec<Message> = out
+        .iter()
+        .filter(|o| matches!(o.dest, Dest::Hop { .. }))
+        .map(parse)
+        .collect();
     assert_eq!(fwd.len(), 1, "OPTIONS forwarded: {out:?}");
-    assert!(fwd[0].body().is_empty(), "SDP crossed the edge: {}", String::from_utf8_lossy(fwd[0].body()));
+    assert!(
+        fwd[0].body().is_empty(),
+        "SDP crossed the edge: {}",
+        String::from_utf8_lossy(fwd[0].body())
+    );
     assert!(fwd[0].header("Content-Type").is_none());
-    assert!(rec.lock().unwrap().calls.is_empty(), "OPTIONS is no offer/answer");
+    assert!(
+        rec.lock().unwrap().calls.is_empty(),
+        "OPTIONS is no offer/answer"
+    );
 
     // A multipart body goes to the media layer (which refuses it) instead
     // of passing through with SDP inside.
     let (mut p, rec) = setup();
     let text = String::from_utf8(fixture("rfc3665_3_1_invite.sip"))
         .unwrap()
-        .replace("Content-Type: application/sdp", "Content-Type: multipart/mixed;boundary=b1");
-    rec.lock().unwrap().refuse = Some(MediaError::NotAcceptable { reason: "multipart".into() });
+        .replace(
+            "Content-Type: application/sdp",
+            "Content-Type: multipart/mixed;boundary=b1",
+        );
+    rec.lock().unwrap().refuse = Some(MediaError::NotAcceptable {
+        reason: "multipart".into(),
+    });
     let out = p.on_message(CALLER, text.as_bytes(), Instant::now());
-    assert!(out.iter().all(|o| !matches!(o.dest, Dest::Hop { .. })), "multipart INVITE forwarded: {out:?}");
-    assert!(out.iter().map(parse).any(|m| m.status() == Some(488)), "{out:?}");
+    assert!(
+        out.iter().all(|o| !matches!(o.dest, Dest::Hop { .. })),
+        "multipart INVITE forwarded: {out:?}"
+    );
+    assert!(
+        out.iter().map(parse).any(|m| m.status() == Some(488)),
+        "{out:?}"
+    );
 }
 
 // ---- UDP pseudo-connections: Via/Record-Route, Timer A/E, §18.3 ----
@@ -719,16 +741,30 @@ fn setup_udp_registered(now: Instant) -> Proxy {
     );
     let reg = "REGISTER sip:biloxi.example.com SIP/2.0\r\nVia: SIP/2.0/UDP 10.77.0.9:5062;branch=z9hG4bKudpreg1;rport\r\nMax-Forwards: 70\r\nFrom: Bob <sip:bob@biloxi.example.com>;tag=u1\r\nTo: Bob <sip:bob@biloxi.example.com>\r\nCall-ID: udpreg@10.77.0.9\r\nCSeq: 1 REGISTER\r\nContact: <sip:bob@10.77.0.9:5062>\r\nExpires: 3600\r\nContent-Length: 0\r\n\r\n";
     let out = p.on_message(UDP_CLIENT, reg.as_bytes(), now);
-    let fwd = parse(out.iter().find(|o| matches!(o.dest, Dest::Hop { .. })).unwrap());
+    let fwd = parse(
+        out.iter()
+            .find(|o| matches!(o.dest, Dest::Hop { .. }))
+            .unwrap(),
+    );
     // Toward the registrar (TLS) nothing is armed for retransmission.
     assert_eq!(p.next_retransmit(), None);
     let contact = fwd.name_addrs("Contact").unwrap()[0].uri.clone();
-    let ok = answer(&fwd, 200, "r1", &format!("Contact: <{contact}>;expires=3600\r\n"), "");
+    let ok = answer(
+        &fwd,
+        200,
+        "r1",
+        &format!("Contact: <{contact}>;expires=3600\r\n"),
+        "",
+    );
     let out = p.on_message(CALLEE, &ok, now);
     let back = to_conn(&out, UDP_CLIENT);
     assert_eq!(back[0].status(), Some(200));
     let via = back[0].top_via().unwrap();
-    assert_eq!(via.params.get("rport"), Some(Some("5062")), "RFC 3581 rport stamped");
+    assert_eq!(
+        via.params.get("rport"),
+        Some(Some("5062")),
+        "RFC 3581 rport stamped"
+    );
     p
 }
 
@@ -740,14 +776,28 @@ fn inbound_request(method: &str, branch: &str) -> String {
 fn invite_to_a_udp_client_retransmits_on_timer_a_until_a_provisional() {
     let t0 = Instant::now();
     let mut p = setup_udp_registered(t0);
-    let out = p.on_message(PEER_CALLER, inbound_request("INVITE", "z9hG4bKudpin1").as_bytes(), t0);
-    let sent: Vec<&Outgoing> = out.iter().filter(|o| o.dest == Dest::Conn(UDP_CLIENT)).collect();
+    let out = p.on_message(
+        PEER_CALLER,
+        inbound_request("INVITE", "z9hG4bKudpin1").as_bytes(),
+        t0,
+    );
+    let sent: Vec<&Outgoing> = out
+        .iter()
+        .filter(|o| o.dest == Dest::Conn(UDP_CLIENT))
+        .collect();
     assert_eq!(sent.len(), 1, "{out:?}");
     let inv = parse(sent[0]);
     let via = inv.top_via().unwrap();
-    assert_eq!((via.transport.as_str(), via.port), ("UDP", Some(5060)), "Via names our UDP port");
+    assert_eq!(
+        (via.transport.as_str(), via.port),
+        ("UDP", Some(5060)),
+        "Via names our UDP port"
+    );
     let rr = inv.name_addrs("Record-Route").unwrap();
-    assert_eq!(rr[0].uri, "sip:10.77.0.1:5060;transport=udp;lr", "the client routes back to our UDP port");
+    assert_eq!(
+        rr[0].uri, "sip:10.77.0.1:5060;transport=udp;lr",
+        "the client routes back to our UDP port"
+    );
     // §17.1.1.2: Timer A = T1, doubling: copies at 0.5 s, 1.5 s, 3.5 s.
     let ms = |n: u64| t0 + Duration::from_millis(n);
     assert_eq!(p.next_retransmit(), Some(ms(500)));
@@ -756,7 +806,10 @@ fn invite_to_a_udp_client_retransmits_on_timer_a_until_a_provisional() {
         let again = p.on_retransmit(ms(at));
         assert_eq!(again.len(), 1, "retransmission at {at} ms");
         assert_eq!(again[0].dest, Dest::Conn(UDP_CLIENT));
-        assert_eq!(again[0].bytes, sent[0].bytes, "a retransmission is byte-identical");
+        assert_eq!(
+            again[0].bytes, sent[0].bytes,
+            "a retransmission is byte-identical"
+        );
         assert_eq!(p.next_retransmit(), Some(ms(next)));
     }
     // A provisional stops Timer A (Proceeding state).
@@ -769,7 +822,11 @@ fn invite_to_a_udp_client_retransmits_on_timer_a_until_a_provisional() {
 fn non_invite_to_a_udp_client_caps_timer_e_at_t2_and_stops_on_final() {
     let t0 = Instant::now();
     let mut p = setup_udp_registered(t0);
-    let out = p.on_message(PEER_CALLER, inbound_request("MESSAGE", "z9hG4bKudpmsg").as_bytes(), t0);
+    let out = p.on_message(
+        PEER_CALLER,
+        inbound_request("MESSAGE", "z9hG4bKudpmsg").as_bytes(),
+        t0,
+    );
     let msg = to_conn(&out, UDP_CLIENT).remove(0);
     // §17.1.2.2: intervals 0.5, 1, 2, 4, 4 s (capped at T2).
     let mut fired = Vec::new();
@@ -783,7 +840,10 @@ fn non_invite_to_a_udp_client_caps_timer_e_at_t2_and_stops_on_final() {
     assert_eq!(fired, vec![500, 1500, 3500, 7500, 11500, 15500]);
     // A provisional keeps Timer E at T2; the final stops it.
     p.on_message(UDP_CLIENT, &answer(&msg, 100, "b1", "", ""), t);
-    assert_eq!(p.next_retransmit(), Some(t0 + Duration::from_millis(19_500)));
+    assert_eq!(
+        p.next_retransmit(),
+        Some(t0 + Duration::from_millis(19_500))
+    );
     let out = p.on_message(UDP_CLIENT, &answer(&msg, 200, "b1", "", ""), t);
     assert_eq!(to_conn(&out, PEER_CALLER)[0].status(), Some(200));
     assert!(p.on_retransmit(t0 + Duration::from_secs(20)).is_empty());
@@ -794,11 +854,19 @@ fn non_invite_to_a_udp_client_caps_timer_e_at_t2_and_stops_on_final() {
 fn timer_f_ends_udp_retransmissions_with_408() {
     let t0 = Instant::now();
     let mut p = setup_udp_registered(t0);
-    p.on_message(PEER_CALLER, inbound_request("MESSAGE", "z9hG4bKudpf").as_bytes(), t0);
+    p.on_message(
+        PEER_CALLER,
+        inbound_request("MESSAGE", "z9hG4bKudpf").as_bytes(),
+        t0,
+    );
     let out = p.on_tick(t0 + Duration::from_secs(33));
     assert_eq!(to_conn(&out, PEER_CALLER)[0].status(), Some(408));
     assert!(p.on_retransmit(t0 + Duration::from_secs(34)).is_empty());
-    assert_eq!(p.next_retransmit(), None, "entry forgotten with its transaction");
+    assert_eq!(
+        p.next_retransmit(),
+        None,
+        "entry forgotten with its transaction"
+    );
 }
 
 #[test]
@@ -814,15 +882,23 @@ fn requests_over_tls_are_never_retransmitted_by_the_core() {
 fn udp_datagrams_follow_rfc3261_18_3() {
     let now = Instant::now();
     let mut p = setup_udp_registered(now);
-    let good = inbound_request("OPTIONS", "z9hG4bKudpopt").replace("Via: SIP/2.0/TLS 198.51.100.3:40002", "Via: SIP/2.0/UDP 10.77.0.9:5062");
+    let good = inbound_request("OPTIONS", "z9hG4bKudpopt").replace(
+        "Via: SIP/2.0/TLS 198.51.100.3:40002",
+        "Via: SIP/2.0/UDP 10.77.0.9:5062",
+    );
     // Declared longer than the datagram: discarded, not answered.
     let short = good.replace("Content-Length: 0", "Content-Length: 10");
     assert!(p.on_message(UDP_CLIENT, short.as_bytes(), now).is_empty());
     // The same over a stream is answered 400 (the framer never does this,
     // but the core must not diverge silently).
-    assert_eq!(parse(&p.on_message(CALLER, short.as_bytes(), now)[0]).status(), Some(400));
+    assert_eq!(
+        parse(&p.on_message(CALLER, short.as_bytes(), now)[0]).status(),
+        Some(400)
+    );
     // Garbage without a Via: dropped (nothing to answer to, no reflection).
-    assert!(p.on_message(UDP_CLIENT, b"\x16\x03\x01 not sip at all\r\n\r\n", now).is_empty());
+    assert!(p
+        .on_message(UDP_CLIENT, b"\x16\x03\x01 not sip at all\r\n\r\n", now)
+        .is_empty());
     // Malformed with a Via: 400 back to the datagram's source.
     let bad = good.replace("CSeq: 1 OPTIONS", "CSeq: x OPTIONS\r\nBroken header line");
     let out = p.on_message(UDP_CLIENT, bad.as_bytes(), now);
@@ -830,9 +906,15 @@ fn udp_datagrams_follow_rfc3261_18_3() {
     assert_eq!(out[0].dest, Dest::Conn(UDP_CLIENT));
     assert_eq!(parse(&out[0]).status(), Some(400));
     // Content-Length absent: the body is the rest of the datagram.
-    let m = good.replace("Content-Length: 0\r\n", "").replace("\r\n\r\n", "\r\nContent-Type: text/plain\r\n\r\nhello");
+    let m = good
+        .replace("Content-Length: 0\r\n", "")
+        .replace("\r\n\r\n", "\r\nContent-Type: text/plain\r\n\r\nhello");
     let out = p.on_message(UDP_CLIENT, m.as_bytes(), now);
-    let fwd = parse(out.iter().find(|o| matches!(o.dest, Dest::Hop { .. })).unwrap());
+    let fwd = parse(
+        out.iter()
+            .find(|o| matches!(o.dest, Dest::Hop { .. }))
+            .unwrap(),
+    );
     assert_eq!(fwd.body(), b"hello");
     assert_eq!(fwd.header("Content-Length"), Some("5"));
 }
@@ -846,7 +928,13 @@ fn every_msmsgs_command_goes_to_the_media_layer() {
     let now = Instant::now();
     let inv = invite(&mut p, now);
     let rr = inv.name_addrs("Record-Route").unwrap();
-    let ok = answer(&inv, 200, "314159", "Contact: <sips:bob@198.51.100.2:5061>\r\n", SDP_B);
+    let ok = answer(
+        &inv,
+        200,
+        "314159",
+        "Contact: <sips:bob@198.51.100.2:5061>\r\n",
+        SDP_B,
+    );
     p.on_message(CALLEE, &ok, now);
     let ruri = inv.name_addrs("Contact").unwrap()[0].uri.clone();
     let body = "MIME-Version: 1.0\r\ninvitation-command: CANCEL\r\nInvitation-Cookie: 7\r\nCancel-Code: TIMEOUT\r\n";
@@ -860,8 +948,21 @@ fn every_msmsgs_command_goes_to_the_media_layer() {
     let out = p.on_message(CALLEE, msg.as_bytes(), now);
     let fwd = to_conn(&out, CALLER);
     assert_eq!(fwd.len(), 1, "MESSAGE forwarded to the caller: {out:?}");
-    assert!(fwd[0].body().ends_with(b"a=x-rewritten\r\n"), "body went through the media layer");
+    assert!(
+        fwd[0].body().ends_with(b"a=x-rewritten\r\n"),
+        "body went through the media layer"
+    );
     let calls = rec.lock().unwrap().calls.clone();
     assert_eq!(calls.len(), before + 1);
-    assert!(matches!(calls[before], Call::Sdp { role: SdpRole::Offer, side: Side::External, .. }), "{calls:?}");
+    assert!(
+        matches!(
+            calls[before],
+            Call::Sdp {
+                role: SdpRole::Offer,
+                side: Side::External,
+                ..
+            }
+        ),
+        "{calls:?}"
+    );
 }

@@ -182,9 +182,9 @@ pub async fn start(
             let s = UdpSocket::bind(addr)
                 .await
                 .map_err(|source| TransportError::Bind { what, addr, source })?;
-            let local = s
-                .local_addr()
-                .map_err(|source| TransportError::Bind { what, addr, source })?;
+            let local =
+                s.local_addr()
+                    .map_err(|source| TransportError::Bind { what, addr, source })?;
             Some((s, local))
         }
         None => None,
@@ -408,7 +408,10 @@ async fn drive(
     loop {
         // Timer A/E (UDP only) need sub-second precision: sleep until the
         // core's next retransmission, if any.
-        let retransmit = d.proxy.next_retransmit().map(tokio::time::Instant::from_std);
+        let retransmit = d
+            .proxy
+            .next_retransmit()
+            .map(tokio::time::Instant::from_std);
         tokio::select! {
             ev = events.recv() => {
                 let Some(ev) = ev else { break };
