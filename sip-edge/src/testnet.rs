@@ -654,3 +654,17 @@ impl Drop for AgentProcess {
         }
     }
 }
+
+/// Removes a datapath's pins (links of `int0`/`ext0` and every map) on
+/// drop, also on panic: tests and the demo must leave bpffs as they found it.
+pub struct Pins(pub PathBuf);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let links: Vec<PathBuf> = ["int0", "ext0"]
+            .iter()
+            .map(|i| crate::datapath::attach::link_pin(&self.0, i))
+            .collect();
+        let _ = crate::datapath::attach::remove_pins(&self.0, &links);
+    }
+}

@@ -36,17 +36,7 @@ fn ip(s: &str) -> IpAddr {
     s.parse().expect("test address")
 }
 
-/// Removes the pins (if the agent left any) on drop, even on panic.
-struct Pins(PathBuf);
-impl Drop for Pins {
-    fn drop(&mut self) {
-        let links: Vec<PathBuf> = ["int0", "ext0"]
-            .iter()
-            .map(|i| sip_edge::datapath::attach::link_pin(&self.0, i))
-            .collect();
-        let _ = sip_edge::datapath::attach::remove_pins(&self.0, &links);
-    }
-}
+use sip_edge::testnet::Pins;
 
 /// One agent run. Field order is drop order: the agent stops first, then
 /// the pins go, then the namespaces, then the temp dir.

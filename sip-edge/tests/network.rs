@@ -22,16 +22,7 @@ fn sa(s: &str) -> SocketAddr {
     s.parse().expect("test address")
 }
 
-struct Pins(PathBuf);
-impl Drop for Pins {
-    fn drop(&mut self) {
-        let links: Vec<PathBuf> = ["int0", "ext0"]
-            .iter()
-            .map(|i| sip_edge::datapath::attach::link_pin(&self.0, i))
-            .collect();
-        let _ = sip_edge::datapath::attach::remove_pins(&self.0, &links);
-    }
-}
+use sip_edge::testnet::Pins;
 
 fn cli(topo: &Topology, pin_dir: &Path, args: &[&str]) -> String {
     let out = topo

@@ -66,17 +66,7 @@ impl Drop for TempDir {
     }
 }
 
-/// Removes the pins on drop, in case the agent could not.
-struct Pins(PathBuf);
-impl Drop for Pins {
-    fn drop(&mut self) {
-        let links: Vec<PathBuf> = ["int0", "ext0"]
-            .iter()
-            .map(|i| sip_edge::datapath::attach::link_pin(&self.0, i))
-            .collect();
-        let _ = sip_edge::datapath::attach::remove_pins(&self.0, &links);
-    }
-}
+use sip_edge::testnet::Pins;
 
 fn step(title: &str) {
     println!("\n== {title}");
