@@ -17,7 +17,7 @@ use std::{
 use serde_json::Value;
 use sip_edge::{
     datapath::maps::DatapathMaps,
-    testnet::{self, udp_roundtrip, AgentProcess, Topology},
+    testnet::{self, udp_roundtrip, AgentProcess, Pins, Topology},
     testua::{
         self, media_of, reply, rtp_packet, sdp, Dialog, MsrpOffer, SdpSpec, TestPki, UaConn,
         UaIdentity, UaListener,
@@ -35,8 +35,6 @@ fn sa(s: &str) -> SocketAddr {
 fn ip(s: &str) -> IpAddr {
     s.parse().expect("test address")
 }
-
-use sip_edge::testnet::Pins;
 
 /// One agent run. Field order is drop order: the agent stops first, then
 /// the pins go, then the namespaces, then the temp dir.

@@ -14,15 +14,13 @@ use std::{
 };
 
 use serde_json::Value;
-use sip_edge::testnet::{self, udp_roundtrip, AgentProcess, Topology};
+use sip_edge::testnet::{self, udp_roundtrip, AgentProcess, Pins, Topology};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sip-edge");
 
 fn sa(s: &str) -> SocketAddr {
     s.parse().expect("test address")
 }
-
-use sip_edge::testnet::Pins;
 
 fn cli(topo: &Topology, pin_dir: &Path, args: &[&str]) -> String {
     let out = topo

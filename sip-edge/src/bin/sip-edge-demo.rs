@@ -16,7 +16,7 @@ use std::{
 };
 
 use sip_edge::{
-    testnet::{self, AgentProcess, Topology},
+    testnet::{self, AgentProcess, Pins, Topology},
     testua::{
         self, media_of, reply, rtp_packet, sdp, Dialog, SdpSpec, TestPki, UaConn, UaIdentity,
         UaListener,
@@ -65,8 +65,6 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
-
-use sip_edge::testnet::Pins;
 
 fn step(title: &str) {
     println!("\n== {title}");
