@@ -897,7 +897,9 @@ fn nothing_without_a_proxied_offer_and_bad_bodies_are_refused() {
         )
         .expect_err("fqdn");
     assert!(matches!(e, MediaError::NotAcceptable { .. }), "{e:?}");
-    let multipart = "--b\r\nContent-Type: application/sdp\r\n\r\nv=0\r\n--b--\r\n";
+    // Multipart: only one SDP part + address-free parts (Lync file
+    // transfer tests below); an SDP hidden in a text part is refused.
+    let multipart = "--b\r\nContent-Type: text/plain\r\n\r\nv=0\r\nc=IN IP4 10.77.0.2\r\n--b--\r\n";
     let e = h
         .sdp_typed(
             &d,
@@ -1679,4 +1681,345 @@ fn msmsgs_msnftp_order_inviter_listens_after_plain_accept() {
     );
     h.end(&d, None, EndReason::Bye);
     h.assert_no_orphans();
+}
+
+// ---- Office Communicator 2007 R2 / Lync file transfer: multipart/mixed ----
+// (media::control module docs; MIME splitting in sip::multipart)
+
+const FT_BOUNDARY: &str = "urn:uuid:6F3A2C1B-0D4E-4B8A-9C7D-2E5F1A3B4C5D";
+
+fn ft_xml(id: u32) -> String {
+    format!(
+        "<request xmlns=\"http://schemas.microsoft.com/rtc/2009/05/filetransfer\" requestId=\"{id}\">\r\n<publishFile>\r\n<fileInfo><name>report.pdf</name><size>1048576</size></fileInfo>\r\n</publishFile>\r\n</request>"
+    )
+}
+
+fn data_sdp(ip: &str, port: u16, setup: &str) -> String {
+    format!(
+        "v=0\r\no=- 0 0 IN IP4 {ip}\r\ns=session\r\nc=IN IP4 {ip}\r\nt=0 0\r\nm=data {port} TCP/TLS/MSRP *\r\na=setup:{setup}\r\na=connection:new\r\na=accept-types:application/octet-stream\r\n"
+    )
+}
+
+/// `--boundary`-delimited body of `parts` (content type, content), with a
+/// preamble and an epilogue like Communicator's.
+fn multipart(parts: &[(&str, &str)]) -> String {
+    let mut b = String::from("This is a multi-part message in MIME format.\r\n");
+    for (ct, content) in parts {
+        b.push_str(&format!(
+            "--{FT_BOUNDARY}\r\nContent-Type: {ct}\r\n\r\n{content}\r\n"
+        ));
+    }
+    b.push_str(&format!("--{FT_BOUNDARY}--\r\nepilogue\r\n"));
+    b
+}
+
+fn mixed_ct() -> String {
+    format!("multipart/mixed;boundary=\"{FT_BOUNDARY}\"")
+}
+
+/// The content of the part of type `ct` in a body built by [`multipart`].
+fn part_of<'a>(body: &'a str, ct: &str) -> &'a str {
+    let head = format!("Content-Type: {ct}\r\n\r\n");
+    let start = body.find(&head).expect("part") + head.len();
+    let len = body
+        .get(start..)
+        .and_then(|r| r.find(&format!("\r\n--{FT_BOUNDARY}")))
+        .expect("part end");
+    body.get(start..start + len).expect("part content")
+}
+
+impl H {
+    fn mixed(
+        &mut self,
+        d: &DialogKey,
+        tag: Option<&str>,
+        role: SdpRole,
+        side: Side,
+        src: &str,
+        body: &str,
+    ) -> Result<String, MediaError> {
+        self.sdp_typed(d, tag, role, side, src, body, &mixed_ct())
+    }
+}
+
+#[test]
+fn lync_file_transfer_multipart_rewrites_sdp_keeps_xml_and_installs_tcp_pinhole() {
+    let mut h = H::relay();
+    let d = dialog(60);
+    let xml = ft_xml(7);
+    let offer = multipart(&[
+        ("application/sdp", &data_sdp("10.77.0.2", 9, "active")),
+        ("application/ms-filetransfer+xml", &xml),
+    ]);
+    let out = h
+        .mixed(&d, None, SdpRole::Offer, Side::Internal, CLIENT, &offer)
+        .expect("offer");
+    assert!(!out.contains("10.77.0.2"), "private address leaked: {out}");
+    let sdp = part_of(&out, "application/sdp");
+    assert_eq!(c_addr(sdp), "203.0.113.1");
+    assert_eq!(
+        part_of(&out, "application/ms-filetransfer+xml"),
+        xml,
+        "XML part byte for byte"
+    );
+    // Everything but the SDP part is as received: boundary, preamble,
+    // part headers, epilogue.
+    assert_eq!(
+        out.replace(sdp, "SDP"),
+        offer.replace(&data_sdp("10.77.0.2", 9, "active"), "SDP"),
+        "{out}"
+    );
+    assert!(h.flows().is_empty(), "no pinhole before the answer");
+
+    // The answer: a multipart with only the SDP part (plain SDP works too).
+    let answer = multipart(&[(
+        "application/sdp",
+        &data_sdp("198.51.100.7", 5100, "passive"),
+    )]);
+    let back = h
+        .mixed(
+            &d,
+            Some("tt"),
+            SdpRole::Answer,
+            Side::External,
+            PEER_PROXY,
+            &answer,
+        )
+        .expect("answer");
+    let sdp = part_of(&back, "application/sdp");
+    assert_eq!(c_addr(sdp), "10.77.0.1");
+    assert!(!back.contains("198.51.100.7"), "{back}");
+    let edge_int = m_port(sdp, 0);
+    assert!((40000..=40099).contains(&edge_int), "{edge_int}");
+    let flows = h.flows();
+    assert_eq!(flows.len(), 1, "one TCP flow: {flows:?}");
+    assert!(
+        matches!(flows[0], Flow::Relay { proto: Proto::Tcp, peer, edge_int: e, .. }
+            if peer == sa("198.51.100.7:5100") && e.port() == edge_int),
+        "{:?}",
+        flows[0]
+    );
+
+    // INFO download / cancel: bare ms-filetransfer+xml passes unchanged and
+    // touches no pinhole.
+    let info = "<request requestId=\"8\"><downloadFile><fileInfo><name>report.pdf</name></fileInfo></downloadFile></request>";
+    for side in [Side::External, Side::Internal] {
+        let src = if side == Side::External {
+            PEER_PROXY
+        } else {
+            CLIENT
+        };
+        assert_eq!(
+            h.sdp_typed(
+                &d,
+                Some("tt"),
+                SdpRole::Offer,
+                side,
+                src,
+                info,
+                "application/ms-filetransfer+xml; charset=utf-8"
+            )
+            .expect("INFO body"),
+            info
+        );
+    }
+    assert_eq!(h.flows(), flows, "INFO changed no pinhole");
+
+    h.end(&d, Some("tt"), EndReason::Bye);
+    h.assert_no_orphans();
+}
+
+#[test]
+fn lync_file_transfer_inbound_in_nat_mode_and_plain_sdp_answer() {
+    // NAT mode: the external offer passes unchanged (nothing to hide),
+    // the internal answer's SDP part is rewritten.
+    let mut h = H::new(settings(MediaMode::Nat));
+    let d = dialog(61);
+    let offer = multipart(&[
+        ("application/ms-filetransfer+xml", &ft_xml(1)),
+        ("application/sdp", &data_sdp("198.51.100.7", 9, "active")),
+    ]);
+    let out = h
+        .mixed(&d, None, SdpRole::Offer, Side::External, PEER_PROXY, &offer)
+        .expect("offer");
+    assert_eq!(out, offer);
+    let back = h
+        .sdp(
+            &d,
+            Some("tt"),
+            SdpRole::Answer,
+            Side::Internal,
+            CLIENT,
+            &data_sdp("10.77.0.2", 6000, "passive"),
+        )
+        .expect("answer");
+    assert!(!back.contains("10.77.0.2"), "{back}");
+    assert_eq!(h.flows().len(), 1);
+    assert!(h.flows().iter().all(|f| f.proto() == Proto::Tcp));
+    h.end(&d, None, EndReason::Bye);
+    h.assert_no_orphans();
+}
+
+#[test]
+fn multipart_refusals_leave_nothing_behind() {
+    let mut h = H::relay();
+    let sdp = data_sdp("10.77.0.2", 9, "active");
+    let xml = ft_xml(3);
+    let nested = format!(
+        "multipart/mixed; boundary=inner\r\n\r\n--inner\r\nContent-Type: application/sdp\r\n\r\n{sdp}\r\n--inner--"
+    );
+    let cases: Vec<(&str, String, String)> = vec![
+        (
+            "two SDP parts",
+            mixed_ct(),
+            multipart(&[("application/sdp", &sdp), ("application/sdp", &sdp)]),
+        ),
+        (
+            "no SDP part",
+            mixed_ct(),
+            multipart(&[("application/ms-filetransfer+xml", &xml)]),
+        ),
+        (
+            "unknown part type",
+            mixed_ct(),
+            multipart(&[("application/sdp", &sdp), ("text/plain", "IP 10.77.0.2")]),
+        ),
+        (
+            "nested multipart",
+            mixed_ct(),
+            multipart(&[("application/ms-filetransfer+xml", &xml)]).replacen(
+                "Content-Type: application/ms-filetransfer+xml\r\n\r\n",
+                &format!("Content-Type: {nested}\r\n\r\nx"),
+                1,
+            ),
+        ),
+        (
+            "other multipart subtype",
+            mixed_ct().replace("mixed", "alternative"),
+            multipart(&[("application/sdp", &sdp)]),
+        ),
+        (
+            "no boundary parameter",
+            "multipart/mixed".to_owned(),
+            multipart(&[("application/sdp", &sdp)]),
+        ),
+        (
+            "wrong boundary",
+            "multipart/mixed; boundary=other".to_owned(),
+            multipart(&[("application/sdp", &sdp)]),
+        ),
+        (
+            "no close delimiter",
+            mixed_ct(),
+            multipart(&[("application/sdp", &sdp)]).replace(&format!("--{FT_BOUNDARY}--"), ""),
+        ),
+        (
+            "base64 SDP part",
+            mixed_ct(),
+            multipart(&[("application/sdp", &sdp)]).replace(
+                "Content-Type: application/sdp\r\n",
+                "Content-Type: application/sdp\r\nContent-Transfer-Encoding: base64\r\n",
+            ),
+        ),
+        (
+            "malformed part header",
+            mixed_ct(),
+            multipart(&[("application/sdp", &sdp)]).replace(
+                "Content-Type: application/sdp\r\n",
+                "Content-Type application/sdp\r\n",
+            ),
+        ),
+    ];
+    for (n, (what, ct, body)) in cases.iter().enumerate() {
+        let d = dialog(70 + n as u32);
+        let e = h
+            .sdp_typed(&d, None, SdpRole::Offer, Side::Internal, CLIENT, body, ct)
+            .expect_err(what);
+        assert!(
+            matches!(e, MediaError::NotAcceptable { .. }),
+            "{what}: {e:?}"
+        );
+        h.end(&d, None, EndReason::Failure(488));
+    }
+    assert!(h.c.sink().log.is_empty(), "{:?}", h.c.sink().log);
+    h.assert_no_orphans();
+
+    // A refused multipart answer installs nothing; the offer's ports go
+    // with the dialog.
+    let d = dialog(90);
+    h.mixed(
+        &d,
+        None,
+        SdpRole::Offer,
+        Side::Internal,
+        CLIENT,
+        &multipart(&[("application/sdp", &sdp)]),
+    )
+    .expect("offer");
+    let bad = multipart(&[
+        (
+            "application/sdp",
+            &data_sdp("198.51.100.7", 5100, "passive"),
+        ),
+        (
+            "application/sdp",
+            &data_sdp("198.51.100.7", 5102, "passive"),
+        ),
+    ]);
+    h.mixed(
+        &d,
+        Some("tt"),
+        SdpRole::Answer,
+        Side::External,
+        PEER_PROXY,
+        &bad,
+    )
+    .expect_err("two SDP answers");
+    assert!(h.flows().is_empty());
+    h.end(&d, None, EndReason::Failure(488));
+    h.assert_no_orphans();
+}
+
+#[test]
+fn every_truncation_of_a_multipart_offer_is_handled_without_panic() {
+    let mut h = H::relay();
+    let offer = multipart(&[
+        ("application/sdp", &data_sdp("10.77.0.2", 9, "active")),
+        ("application/ms-filetransfer+xml", &ft_xml(9)),
+    ]);
+    let close = offer.find(&format!("--{FT_BOUNDARY}--")).expect("close") + FT_BOUNDARY.len() + 4;
+    let answer = data_sdp("198.51.100.7", 5100, "passive");
+    let mut accepted = 0;
+    for n in 0..=offer.len() {
+        let d = dialog(1000 + n as u32);
+        let body = offer.get(..n).expect("ascii prefix");
+        match h.mixed(&d, None, SdpRole::Offer, Side::Internal, CLIENT, body) {
+            Ok(out) => {
+                assert!(
+                    n >= close,
+                    "a prefix without the close delimiter passed: {n}"
+                );
+                assert!(!out.contains("10.77.0.2"), "{out}");
+                accepted += 1;
+                h.sdp(
+                    &d,
+                    Some("tt"),
+                    SdpRole::Answer,
+                    Side::External,
+                    PEER_PROXY,
+                    &answer,
+                )
+                .expect("answer");
+                assert_eq!(h.flows().len(), 1);
+            }
+            Err(e) => assert!(matches!(e, MediaError::NotAcceptable { .. }), "{n}: {e:?}"),
+        }
+        h.end(&d, None, EndReason::Bye);
+        h.assert_no_orphans();
+    }
+    assert_eq!(
+        accepted,
+        offer.len() - close + 1,
+        "every prefix keeping the close delimiter"
+    );
 }

@@ -1,5 +1,5 @@
 //! The [`MediaControl`] implementation the proxy calls: takes each media
-//! body the proxy forwards, parses it (`sip::sdp`, `sip::msmsgs`), feeds its
+//! body the proxy forwards, parses it (`sip::sdp`, `sip::msmsgs`, `sip::multipart`), feeds its
 //! streams to the sans-IO `media::manager`, rewrites the body with the
 //! manager's edge allocations, and applies the manager's pinhole operations
 //! through a [`PinholeSink`] (production: [`MapsSink`] over
@@ -26,13 +26,29 @@
 //!   address without a port, or an address in any other command, is
 //!   refused (488). The offer/answer role the proxy reports is not used:
 //!   the invitation command decides.
-//! - `application/ms-filetransfer+xml` (Office Communicator 2007 file
-//!   transfer): refused (NotAcceptable, 488) for now; its addresses are not
-//!   rewritten yet, and passing it untouched would leak them.
-//! - `multipart/*` and anything else: refused (NotAcceptable, 488). Passing
-//!   them through untouched would leak private addresses and let media
-//!   descriptions bypass the pinhole rules; rewriting multipart is out of
-//!   scope for now.
+//! - `multipart/mixed` (Office Communicator 2007 R2 / Lync file transfer
+//!   INVITE and its answer, [MS-SIPRE]/[MS-FTIP]): split by `sip::multipart`
+//!   (RFC 2046 §5.1). Accepted only when its parts are exactly one
+//!   `application/sdp` plus any number of address-free parts
+//!   (`application/ms-filetransfer+xml`: request id, file name, size), each
+//!   with no transfer encoding other than 7bit/8bit/binary. The SDP part
+//!   goes through the `application/sdp` path unchanged in behaviour
+//!   (rewrite, offer/answer, pinholes; its `m=data … TCP/TLS` stream is a
+//!   TCP stream like any other); every other byte (preamble, boundary,
+//!   other parts, epilogue) is forwarded as received. More or fewer than
+//!   one SDP part, any other part type (nested multipart included), another
+//!   multipart subtype, or malformed MIME: refused (NotAcceptable, 488),
+//!   with nothing allocated or installed.
+//! - `application/ms-filetransfer+xml` on its own (INFO download, cancel,
+//!   progress inside the transfer dialog): carries no network address, so
+//!   it is returned unchanged. The proxy only hands a body over with the
+//!   `DialogKey` of a dialog it proxied, which is the condition for it.
+//!   (The proxy's role decision currently gives INFO/MESSAGE a role only
+//!   for x-msmsgsinvite commands, so it strips such an INFO body before it
+//!   gets here; that is `proxy::core`'s to change.)
+//! - Anything else: refused (NotAcceptable, 488). Passing it through
+//!   untouched would leak private addresses and let media descriptions
+//!   bypass the pinhole rules.
 //!
 //! A failed map write undoes every operation of the same body already
 //! applied and rolls the manager back, so nothing is left half-installed;
@@ -59,6 +75,7 @@ use crate::{
     },
     sip::{
         msmsgs,
+        multipart::Multipart,
         sdp::{
             self, Allocation, CandidatePolicy, Endpoint, FlowRequest, MediaFlow, NoPinhole,
             RewritePolicy, Sdp,
@@ -300,6 +317,22 @@ fn media_type(content_type: &str) -> String {
         .to_ascii_lowercase()
 }
 
+/// Turns a rewritten SDP into the body to forward (see `on_sdp_wrapped`).
+type BodyWrap<'a> = dyn Fn(&[u8]) -> Result<Vec<u8>, MediaError> + 'a;
+
+/// Part types a `multipart/mixed` body may carry next to its one SDP part:
+/// types known to hold no network address, forwarded byte for byte.
+const ADDRESS_FREE_PARTS: &[&str] = &["application/ms-filetransfer+xml"];
+
+/// Transfer encodings that leave a part readable as it is.
+fn identity_encoding(enc: Option<&str>) -> bool {
+    enc.is_none_or(|e| {
+        ["7bit", "8bit", "binary"]
+            .iter()
+            .any(|k| e.trim().eq_ignore_ascii_case(k))
+    })
+}
+
 fn candidate_policy(c: MediaCandidates) -> CandidatePolicy {
     match c {
         MediaCandidates::Keep => CandidatePolicy::Keep,
@@ -451,6 +484,18 @@ impl<S: PinholeSink> MediaController<S> {
     }
 
     fn on_sdp_body(&mut self, ev: &SdpEvent<'_>, now: Instant) -> Result<Vec<u8>, MediaError> {
+        self.on_sdp_wrapped(ev, now, &|sdp: &[u8]| Ok(sdp.to_vec()))
+    }
+
+    /// The SDP path; `wrap` turns the rewritten SDP into the body to
+    /// forward (identity, or the multipart reassembly). It runs before any
+    /// pinhole operation is applied, so its failure rolls everything back.
+    fn on_sdp_wrapped(
+        &mut self,
+        ev: &SdpEvent<'_>,
+        now: Instant,
+        wrap: &BodyWrap<'_>,
+    ) -> Result<Vec<u8>, MediaError> {
         let parsed = Sdp::parse(ev.body).map_err(|e| not_acceptable(e.to_string()))?;
         let streams = parsed
             .flows()
@@ -514,8 +559,62 @@ impl<S: PinholeSink> MediaController<S> {
         } else {
             ev.body.to_vec()
         };
+        let body = match wrap(&body) {
+            Ok(b) => b,
+            Err(e) => {
+                self.mgr.rollback();
+                return Err(e);
+            }
+        };
         self.apply(&out.ops)?;
         Ok(body)
+    }
+
+    /// `multipart/mixed` = one SDP part + address-free parts (module docs).
+    fn on_multipart_body(
+        &mut self,
+        ev: &SdpEvent<'_>,
+        now: Instant,
+    ) -> Result<Vec<u8>, MediaError> {
+        let t = media_type(ev.content_type);
+        if t != "multipart/mixed" {
+            return Err(not_acceptable(format!(
+                "{t} bodies are not rewritten; only multipart/mixed with one application/sdp part"
+            )));
+        }
+        let mp = Multipart::parse(ev.content_type, ev.body)
+            .map_err(|e| not_acceptable(e.to_string()))?;
+        let mut sdp_part = None;
+        for (i, part) in mp.parts().iter().enumerate() {
+            let pt = part.media_type();
+            if !identity_encoding(part.transfer_encoding.as_deref()) {
+                return Err(not_acceptable(format!(
+                    "multipart part {i} ({pt}) is transfer-encoded; it cannot be checked"
+                )));
+            }
+            if pt == "application/sdp" {
+                if sdp_part.replace(i).is_some() {
+                    return Err(not_acceptable("multipart body has more than one SDP part"));
+                }
+            } else if !ADDRESS_FREE_PARTS.contains(&pt.as_str()) {
+                return Err(not_acceptable(format!(
+                    "multipart part {i} has type {pt:?}, which the edge cannot rewrite"
+                )));
+            }
+        }
+        let index = sdp_part.ok_or_else(|| not_acceptable("multipart body has no SDP part"))?;
+        let sdp = mp
+            .content(index)
+            .ok_or_else(|| not_acceptable("multipart SDP part out of range"))?;
+        let part_ev = SdpEvent {
+            body: sdp,
+            content_type: "application/sdp",
+            ..ev.clone()
+        };
+        self.on_sdp_wrapped(&part_ev, now, &|new: &[u8]| {
+            mp.replace_content(index, new)
+                .map_err(|e| not_acceptable(e.to_string()))
+        })
     }
 
     fn on_msmsgs_body(&mut self, ev: &SdpEvent<'_>, now: Instant) -> Result<Vec<u8>, MediaError> {
@@ -571,9 +670,9 @@ impl<S: PinholeSink + Send> MediaControl for MediaController<S> {
         match t.as_str() {
             "application/sdp" => self.on_sdp_body(ev, now),
             "text/x-msmsgsinvite" => self.on_msmsgs_body(ev, now),
-            _ if t.starts_with("multipart/") => Err(not_acceptable(
-                "multipart bodies are not rewritten; send application/sdp on its own",
-            )),
+            // Address-free by definition (module docs): forwarded as is.
+            "application/ms-filetransfer+xml" => Ok(ev.body.to_vec()),
+            _ if t.starts_with("multipart/") => self.on_multipart_body(ev, now),
             _ => Err(not_acceptable(format!(
                 "body type {t:?} is not a media description the edge can rewrite"
             ))),
