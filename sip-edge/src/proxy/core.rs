@@ -1116,6 +1116,21 @@ impl Proxy {
         match method {
             "INVITE" | "UPDATE" => Some(SdpRole::Offer),
             "ACK" | "PRACK" => Some(SdpRole::Answer),
+            // Office Communicator file-transfer control (download, cancel,
+            // progress) rides in INFO/MESSAGE as ms-filetransfer+xml: no
+            // addresses, but a media body, so it goes through the media
+            // layer (which passes it through inside proxied dialogs).
+            "MESSAGE" | "INFO"
+                if msg.header("Content-Type").is_some_and(|ct| {
+                    ct.split(';')
+                        .next()
+                        .unwrap_or("")
+                        .trim()
+                        .eq_ignore_ascii_case("application/ms-filetransfer+xml")
+                }) =>
+            {
+                Some(SdpRole::Offer)
+            }
             "MESSAGE" | "INFO" => {
                 // Windows Messenger file transfer invitations ride in
                 // MESSAGE: INVITE command = offer, ACCEPT = answer; any

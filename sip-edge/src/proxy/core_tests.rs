@@ -966,3 +966,40 @@ fn every_msmsgs_command_goes_to_the_media_layer() {
         "{calls:?}"
     );
 }
+
+#[test]
+fn filetransfer_xml_in_info_reaches_the_media_layer() {
+    // Office Communicator's download/cancel requests carry an
+    // application/ms-filetransfer+xml body and no Invitation-Command line;
+    // they must go through the media layer, not be stripped.
+    let (mut p, rec) = setup();
+    let now = Instant::now();
+    let inv = invite(&mut p, now);
+    let rr = inv.name_addrs("Record-Route").unwrap();
+    let ok = answer(
+        &inv,
+        200,
+        "314159",
+        "Contact: <sips:bob@198.51.100.2:5061>\r\n",
+        SDP_B,
+    );
+    p.on_message(CALLEE, &ok, now);
+    let ruri = inv.name_addrs("Contact").unwrap()[0].uri.clone();
+    let body = "<request xmlns=\"http://schemas.microsoft.com/rtc/2009/05/filetransfer\" requestId=\"2\"><downloadFile><fileInfo><name>a.txt</name></fileInfo></downloadFile></request>";
+    let msg = format!(
+        "INFO {ruri} SIP/2.0\r\nVia: SIP/2.0/TLS client.biloxi.example.com:5061;branch=z9hG4bKinfo1\r\nMax-Forwards: 70\r\nRoute: <{}>,<{}>\r\nFrom: Bob <sips:bob@biloxi.example.com>;tag=314159\r\nTo: Alice <sips:alice@atlanta.example.com>;tag=9fxced76sl\r\nCall-ID: 3848276298220188511@atlanta.example.com\r\nCSeq: 2 INFO\r\nContent-Type: application/ms-filetransfer+xml\r\nContent-Length: {}\r\n\r\n{body}",
+        rr[0].uri,
+        rr[1].uri,
+        body.len()
+    );
+    let before = rec.lock().unwrap().calls.len();
+    let out = p.on_message(CALLEE, msg.as_bytes(), now);
+    let fwd = to_conn(&out, CALLER);
+    assert_eq!(fwd.len(), 1, "INFO forwarded to the caller: {out:?}");
+    assert!(fwd[0].body().starts_with(body.as_bytes()), "XML body kept");
+    assert_eq!(
+        rec.lock().unwrap().calls.len(),
+        before + 1,
+        "media layer consulted"
+    );
+}
