@@ -423,13 +423,7 @@ impl Drop for Topology {
     }
 }
 
-/// ifindex of `name` in the calling thread's namespace.
-pub fn ifindex(name: &str) -> Option<u32> {
-    let c = std::ffi::CString::new(name).ok()?;
-    // SAFETY: valid C string.
-    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    (i != 0).then_some(i)
-}
+pub use crate::datapath::attach::ifindex;
 
 fn socket2_tcp(family: i32) -> std::io::Result<std::os::fd::OwnedFd> {
     // SAFETY: plain socket(2); the fd is owned immediately.

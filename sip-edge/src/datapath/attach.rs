@@ -121,7 +121,8 @@ pub fn link_pin(pin_dir: &Path, name: &str) -> PathBuf {
     pin_dir.join(format!("link_{name}"))
 }
 
-fn ifindex(name: &str) -> Option<u32> {
+/// ifindex of interface `name` in the calling thread's network namespace.
+pub fn ifindex(name: &str) -> Option<u32> {
     let c = CString::new(name).ok()?;
     // SAFETY: valid C string.
     let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
