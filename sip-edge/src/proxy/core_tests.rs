@@ -919,11 +919,14 @@ fn udp_datagrams_follow_rfc3261_18_3() {
     assert_eq!(fwd.header("Content-Length"), Some("5"));
 }
 
-#[test]
-fn every_msmsgs_command_goes_to_the_media_layer() {
-    // An in-dialog MESSAGE from the callee carrying a Messenger CANCEL (any
-    // header case) must reach the media layer, which tears the transfer
-    // down; before, only INVITE/ACCEPT did and the body was stripped.
+/// A confirmed call (fixture INVITE, 200 from the callee), then an
+/// in-dialog `method` from the callee with `content_type` and `body`;
+/// returns what went to the caller and the media calls it caused.
+fn in_dialog_from_callee(
+    method: &str,
+    content_type: &str,
+    body: &str,
+) -> (Vec<Message>, Vec<Call>) {
     let (mut p, rec) = setup();
     let now = Instant::now();
     let inv = invite(&mut p, now);
@@ -937,31 +940,38 @@ fn every_msmsgs_command_goes_to_the_media_layer() {
     );
     p.on_message(CALLEE, &ok, now);
     let ruri = inv.name_addrs("Contact").unwrap()[0].uri.clone();
-    let body = "MIME-Version: 1.0\r\ninvitation-command: CANCEL\r\nInvitation-Cookie: 7\r\nCancel-Code: TIMEOUT\r\n";
     let msg = format!(
-        "MESSAGE {ruri} SIP/2.0\r\nVia: SIP/2.0/TLS client.biloxi.example.com:5061;branch=z9hG4bKmsg1\r\nMax-Forwards: 70\r\nRoute: <{}>,<{}>\r\nFrom: Bob <sips:bob@biloxi.example.com>;tag=314159\r\nTo: Alice <sips:alice@atlanta.example.com>;tag=9fxced76sl\r\nCall-ID: 3848276298220188511@atlanta.example.com\r\nCSeq: 2 MESSAGE\r\nContent-Type: text/x-msmsgsinvite; charset=UTF-8\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {ruri} SIP/2.0\r\nVia: SIP/2.0/TLS client.biloxi.example.com:5061;branch=z9hG4bKindlg1\r\nMax-Forwards: 70\r\nRoute: <{}>,<{}>\r\nFrom: Bob <sips:bob@biloxi.example.com>;tag=314159\r\nTo: Alice <sips:alice@atlanta.example.com>;tag=9fxced76sl\r\nCall-ID: 3848276298220188511@atlanta.example.com\r\nCSeq: 2 {method}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}",
         rr[0].uri,
         rr[1].uri,
         body.len()
     );
     let before = rec.lock().unwrap().calls.len();
     let out = p.on_message(CALLEE, msg.as_bytes(), now);
-    let fwd = to_conn(&out, CALLER);
-    assert_eq!(fwd.len(), 1, "MESSAGE forwarded to the caller: {out:?}");
+    let calls = rec.lock().unwrap().calls[before..].to_vec();
+    (to_conn(&out, CALLER), calls)
+}
+
+#[test]
+fn every_msmsgs_command_goes_to_the_media_layer() {
+    // An in-dialog MESSAGE from the callee carrying a Messenger CANCEL (any
+    // header case) must reach the media layer, which tears the transfer
+    // down; before, only INVITE/ACCEPT did and the body was stripped.
+    let body = "MIME-Version: 1.0\r\ninvitation-command: CANCEL\r\nInvitation-Cookie: 7\r\nCancel-Code: TIMEOUT\r\n";
+    let (fwd, calls) = in_dialog_from_callee("MESSAGE", "text/x-msmsgsinvite; charset=UTF-8", body);
+    assert_eq!(fwd.len(), 1, "MESSAGE forwarded to the caller");
     assert!(
         fwd[0].body().ends_with(b"a=x-rewritten\r\n"),
         "body went through the media layer"
     );
-    let calls = rec.lock().unwrap().calls.clone();
-    assert_eq!(calls.len(), before + 1);
     assert!(
         matches!(
-            calls[before],
-            Call::Sdp {
+            calls.as_slice(),
+            [Call::Sdp {
                 role: SdpRole::Offer,
                 side: Side::External,
                 ..
-            }
+            }]
         ),
         "{calls:?}"
     );
@@ -972,34 +982,9 @@ fn filetransfer_xml_in_info_reaches_the_media_layer() {
     // Office Communicator's download/cancel requests carry an
     // application/ms-filetransfer+xml body and no Invitation-Command line;
     // they must go through the media layer, not be stripped.
-    let (mut p, rec) = setup();
-    let now = Instant::now();
-    let inv = invite(&mut p, now);
-    let rr = inv.name_addrs("Record-Route").unwrap();
-    let ok = answer(
-        &inv,
-        200,
-        "314159",
-        "Contact: <sips:bob@198.51.100.2:5061>\r\n",
-        SDP_B,
-    );
-    p.on_message(CALLEE, &ok, now);
-    let ruri = inv.name_addrs("Contact").unwrap()[0].uri.clone();
     let body = "<request xmlns=\"http://schemas.microsoft.com/rtc/2009/05/filetransfer\" requestId=\"2\"><downloadFile><fileInfo><name>a.txt</name></fileInfo></downloadFile></request>";
-    let msg = format!(
-        "INFO {ruri} SIP/2.0\r\nVia: SIP/2.0/TLS client.biloxi.example.com:5061;branch=z9hG4bKinfo1\r\nMax-Forwards: 70\r\nRoute: <{}>,<{}>\r\nFrom: Bob <sips:bob@biloxi.example.com>;tag=314159\r\nTo: Alice <sips:alice@atlanta.example.com>;tag=9fxced76sl\r\nCall-ID: 3848276298220188511@atlanta.example.com\r\nCSeq: 2 INFO\r\nContent-Type: application/ms-filetransfer+xml\r\nContent-Length: {}\r\n\r\n{body}",
-        rr[0].uri,
-        rr[1].uri,
-        body.len()
-    );
-    let before = rec.lock().unwrap().calls.len();
-    let out = p.on_message(CALLEE, msg.as_bytes(), now);
-    let fwd = to_conn(&out, CALLER);
-    assert_eq!(fwd.len(), 1, "INFO forwarded to the caller: {out:?}");
+    let (fwd, calls) = in_dialog_from_callee("INFO", "application/ms-filetransfer+xml", body);
+    assert_eq!(fwd.len(), 1, "INFO forwarded to the caller");
     assert!(fwd[0].body().starts_with(body.as_bytes()), "XML body kept");
-    assert_eq!(
-        rec.lock().unwrap().calls.len(),
-        before + 1,
-        "media layer consulted"
-    );
+    assert_eq!(calls.len(), 1, "media layer consulted: {calls:?}");
 }
