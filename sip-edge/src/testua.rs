@@ -1048,6 +1048,49 @@ pub fn tcp_exchange(
     Ok((seen, got_up, got_down))
 }
 
+/// The agent configuration of the demo topology (`testnet::Topology`):
+/// interfaces, edge addresses, media ranges, TLS proxy on both sides and a
+/// route for peer.example.net to the peer namespace. `mode` is `"relay"` or
+/// `"nat"`. Shared by `cargo xtask demo` and the e2e tests so both exercise
+/// the same configuration.
+pub fn edge_config(pin_dir: &Path, pki: &TestPki, mode: &str) -> String {
+    format!(
+        r#"# sip-edge demo/test configuration (see sip-edge.example.toml)
+pin_dir = "{pin}"
+on_exit = "remove"
+[[interface]]
+name = "int0"
+role = "internal"
+[[interface]]
+name = "ext0"
+role = "external"
+[addresses]
+internal = ["10.77.0.1"]
+public = ["203.0.113.1"]
+[media]
+port_ranges = ["40000-40999"]
+mode = "{mode}"
+[signalling]
+ports = [5061]
+[proxy]
+internal_listen = "10.77.0.1:5061"
+external_listen = "203.0.113.1:5061"
+cert = "{cert}"
+key = "{key}"
+ca_roots = "{ca}"
+[[route]]
+domain = "peer.example.net"
+host = "198.51.100.2"
+port = 5061
+tls_name = "peer.example.net"
+"#,
+        pin = pin_dir.display(),
+        cert = pki.edge_cert.display(),
+        key = pki.edge_key.display(),
+        ca = pki.ca.display()
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -93,41 +93,7 @@ impl Edge {
         let pins = Pins(pin_dir.clone());
         let tmp = tempfile::tempdir().expect("tempdir");
         let pki = TestPki::generate(tmp.path()).expect("certificates");
-        let cfg = format!(
-            r#"
-pin_dir = "{pin}"
-on_exit = "remove"
-[[interface]]
-name = "int0"
-role = "internal"
-[[interface]]
-name = "ext0"
-role = "external"
-[addresses]
-internal = ["10.77.0.1"]
-public = ["203.0.113.1"]
-[media]
-port_ranges = ["40000-40999"]
-mode = "{mode}"
-[signalling]
-ports = [5061]
-[proxy]
-internal_listen = "10.77.0.1:5061"
-external_listen = "203.0.113.1:5061"
-cert = "{cert}"
-key = "{key}"
-ca_roots = "{ca}"
-[[route]]
-domain = "peer.example.net"
-host = "198.51.100.2"
-port = 5061
-tls_name = "peer.example.net"
-"#,
-            pin = pin_dir.display(),
-            cert = pki.edge_cert.display(),
-            key = pki.edge_key.display(),
-            ca = pki.ca.display(),
-        );
+        let cfg = testua::edge_config(&pin_dir, &pki, mode);
         let config = tmp.path().join("sip-edge.toml");
         std::fs::write(&config, cfg).expect("write config");
         let agent =

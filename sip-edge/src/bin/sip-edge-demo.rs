@@ -108,41 +108,7 @@ fn pinhole_count(topo: &Topology, pin_dir: &Path) -> Result<usize, String> {
 }
 
 fn config(pin_dir: &Path, pki: &TestPki) -> String {
-    format!(
-        r#"# sip-edge demo configuration (built in; see sip-edge.example.toml)
-pin_dir = "{pin}"
-on_exit = "remove"
-[[interface]]
-name = "int0"
-role = "internal"
-[[interface]]
-name = "ext0"
-role = "external"
-[addresses]
-internal = ["10.77.0.1"]
-public = ["203.0.113.1"]
-[media]
-port_ranges = ["40000-40999"]
-mode = "relay"
-[signalling]
-ports = [5061]
-[proxy]
-internal_listen = "10.77.0.1:5061"
-external_listen = "203.0.113.1:5061"
-cert = "{cert}"
-key = "{key}"
-ca_roots = "{ca}"
-[[route]]
-domain = "peer.example.net"
-host = "198.51.100.2"
-port = 5061
-tls_name = "peer.example.net"
-"#,
-        pin = pin_dir.display(),
-        cert = pki.edge_cert.display(),
-        key = pki.edge_key.display(),
-        ca = pki.ca.display()
-    )
+    testua::edge_config(pin_dir, pki, "relay")
 }
 
 /// Prints a UA's SIP log lines not printed yet.

@@ -545,10 +545,13 @@ mod tests {
         assert!(boundary(&long).is_err());
     }
 
+    /// A malformed body and the check its error must pass.
+    type Case = (&'static str, fn(&MultipartError) -> bool);
+
     #[test]
     fn malformed_bodies_are_refused() {
         let ct = "multipart/mixed;boundary=b";
-        let cases: &[(&str, fn(&MultipartError) -> bool)] = &[
+        let cases: &[Case] = &[
             ("no delimiter at all", |e| {
                 matches!(e, MultipartError::NoOpeningDelimiter { .. })
             }),
