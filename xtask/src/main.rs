@@ -27,7 +27,12 @@ const APT_PACKAGES: &[&str] = &[
 
 /// Debian packages only `cargo xtask bench` needs: the peers it measures
 /// sip-edge against (issue #4).
-const BENCH_APT_PACKAGES: &[&str] = &["nftables", "rtpengine-daemon"];
+const BENCH_APT_PACKAGES: &[&str] = &[
+    "nftables",
+    "rtpengine-daemon",
+    "kamailio",
+    "kamailio-tls-modules",
+];
 
 /// The toolchain the eBPF crate is built with (DESIGN.md §4).
 const NIGHTLY: &str = "nightly";
@@ -67,6 +72,9 @@ enum Cmd {
         /// JSON report path (the plot and table go beside it).
         #[arg(long, default_value = "target/bench/bench.json")]
         out: PathBuf,
+        /// Only these stages, comma-separated (prog, forward, sip).
+        #[arg(long)]
+        stages: Option<String>,
     },
 }
 
@@ -88,10 +96,10 @@ fn main() -> Result<()> {
             setup()?;
             demo(&root)
         }
-        Cmd::Bench { quick, out } => {
+        Cmd::Bench { quick, out, stages } => {
             setup()?;
             apt_install(BENCH_APT_PACKAGES)?;
-            bench(&root, quick, &out)
+            bench(&root, quick, &out, stages.as_deref())
         }
     }
 }
@@ -353,7 +361,7 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
 
 /// Build the bench binary in release (the forward stage's paced sender
 /// runs in userspace) and run it; it prints progress for every step.
-fn bench(root: &Path, quick: bool, out: &Path) -> Result<()> {
+fn bench(root: &Path, quick: bool, out: &Path, stages: Option<&str>) -> Result<()> {
     run(Command::new("cargo").args([
         "build",
         "--locked",
@@ -370,6 +378,9 @@ fn bench(root: &Path, quick: bool, out: &Path) -> Result<()> {
     cmd.arg("--out").arg(out);
     if quick {
         cmd.arg("--quick");
+    }
+    if let Some(s) = stages {
+        cmd.arg("--stages").arg(s);
     }
     run(&mut cmd)
 }

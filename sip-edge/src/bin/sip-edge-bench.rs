@@ -24,6 +24,31 @@ struct Args {
     /// table with `.md`.
     #[arg(long, default_value = "target/bench/bench.json")]
     out: PathBuf,
+    /// Stages to run, comma-separated (for profiling one stage); the report
+    /// marks the others as not run.
+    #[arg(long, value_delimiter = ',', default_values_t = [Stage::Prog, Stage::Forward, Stage::Sip])]
+    stages: Vec<Stage>,
+}
+
+/// One stage of the suite.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    /// BPF_PROG_TEST_RUN ns/packet by path and table size.
+    Prog,
+    /// Live-frame forwarding rates against peer forwarders.
+    Forward,
+    /// SIP over TLS through sip-edge and Kamailio.
+    Sip,
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Stage::Prog => "prog",
+            Stage::Forward => "forward",
+            Stage::Sip => "sip",
+        })
+    }
 }
 
 fn fmt_rate(pps: f64) -> String {
@@ -132,19 +157,23 @@ fn main() -> anyhow::Result<()> {
             report.machine.loadavg_start
         ),
     );
-    match prog::run(mode, start) {
-        Ok(p) => report.prog = Some(p),
-        Err(e) => report.stage_errors.push(NotMeasured {
-            what: "prog".into(),
-            reason: format!("{e:#}"),
-        }),
+    if args.stages.contains(&Stage::Prog) {
+        match prog::run(mode, start) {
+            Ok(p) => report.prog = Some(p),
+            Err(e) => report.stage_errors.push(NotMeasured {
+                what: "prog".into(),
+                reason: format!("{e:#}"),
+            }),
+        }
     }
-    match forward::run(mode, start) {
-        Ok(f) => report.forward = Some(f),
-        Err(e) => report.stage_errors.push(NotMeasured {
-            what: "forward".into(),
-            reason: format!("{e:#}"),
-        }),
+    if args.stages.contains(&Stage::Forward) {
+        match forward::run(mode, start) {
+            Ok(f) => report.forward = Some(f),
+            Err(e) => report.stage_errors.push(NotMeasured {
+                what: "forward".into(),
+                reason: format!("{e:#}"),
+            }),
+        }
     }
     progress(start, "sip: not measured (see report)");
     report.machine.loadavg_end = bench::loadavg();
@@ -172,11 +201,13 @@ fn main() -> anyhow::Result<()> {
             report.machine.loadavg_end
         ),
     );
-    let ok = report.prog.as_ref().is_some_and(|p| !p.rows.is_empty())
-        && report
-            .forward
-            .as_ref()
-            .is_some_and(|f| !f.forwarders.is_empty());
+    let ran = |s: Stage| args.stages.contains(&s);
+    let ok = (!ran(Stage::Prog) || report.prog.as_ref().is_some_and(|p| !p.rows.is_empty()))
+        && (!ran(Stage::Forward)
+            || report
+                .forward
+                .as_ref()
+                .is_some_and(|f| !f.forwarders.is_empty()));
     if !ok {
         eprintln!("a stage produced no figures: {:?}", report.stage_errors);
         std::process::exit(1);
