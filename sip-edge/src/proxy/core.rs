@@ -13,7 +13,7 @@
 //! last response.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     time::{Duration, Instant},
 };
 
@@ -164,6 +164,12 @@ pub struct Proxy {
     dialogs: HashMap<DialogKey, Dialog>,
     bindings: Bindings,
     retransmits: HashMap<String, Retransmit>,
+    /// Client-transaction keys sent on each connection, so a closed
+    /// connection fails its waiting transactions without scanning every
+    /// transaction (completed ones linger for 64*T1: tens of thousands at
+    /// a few hundred calls per second). Pruned lazily: entries whose
+    /// transaction is gone or finished are dropped on close and on tick.
+    sent_on: HashMap<ConnId, HashSet<String>>,
     counter: u64,
     stats: ProxyStats,
 }
@@ -217,6 +223,7 @@ impl Proxy {
             dialogs: HashMap::new(),
             bindings: Bindings::new(),
             retransmits: HashMap::new(),
+            sent_on: HashMap::new(),
             counter: 0,
             stats: ProxyStats::default(),
         }
@@ -247,12 +254,18 @@ impl Proxy {
     pub fn on_conn_closed(&mut self, conn: ConnId, now: Instant) -> Vec<Outgoing> {
         self.conns.remove(&conn);
         self.bindings.conn_closed(conn);
-        let waiting: Vec<String> = self
-            .client_txs
-            .iter()
-            .filter(|(_, c)| c.final_code.is_none() && c.sent_on == Some(conn))
-            .map(|(k, _)| k.clone())
+        let mut waiting: Vec<String> = self
+            .sent_on
+            .remove(&conn)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|k| {
+                self.client_txs
+                    .get(k)
+                    .is_some_and(|c| c.final_code.is_none() && c.sent_on == Some(conn))
+            })
             .collect();
+        waiting.sort();
         let mut out = Vec::new();
         for k in waiting {
             self.fail_client(&k, 503, now, &mut out);
@@ -261,28 +274,26 @@ impl Proxy {
     }
 
     /// The transport could not deliver the request of client transaction
-    /// `branch` (connect or TLS failure): 503 upstream.
-    pub fn on_unreachable(&mut self, branch: &str, now: Instant) -> Vec<Outgoing> {
-        let keys: Vec<String> = self
-            .client_txs
-            .keys()
-            .filter(|k| k.split('|').next() == Some(branch))
-            .cloned()
-            .collect();
+    /// `ckey` (connect or TLS failure): 503 upstream. A CANCEL of the same
+    /// branch would go the same way, so it fails too.
+    pub fn on_unreachable(&mut self, ckey: &str, now: Instant) -> Vec<Outgoing> {
         let mut out = Vec::new();
-        for k in keys {
-            self.fail_client(&k, 503, now, &mut out);
+        let branch = ckey.split('|').next().unwrap_or_default();
+        for k in [ckey.to_owned(), ctx_key(branch, "CANCEL")] {
+            if self.client_txs.contains_key(&k) {
+                self.fail_client(&k, 503, now, &mut out);
+            }
         }
         out
     }
 
-    /// The transport sent a request of `branch` over `conn` (so a closed
-    /// connection can fail the transactions that were waiting on it).
-    pub fn on_sent(&mut self, branch: &str, conn: ConnId) {
-        for (k, c) in self.client_txs.iter_mut() {
-            if k.split('|').next() == Some(branch) {
-                c.sent_on = Some(conn);
-            }
+    /// The transport sent the request of client transaction `ckey` over
+    /// `conn` (so a closed connection can fail the transactions that were
+    /// waiting on it).
+    pub fn on_sent(&mut self, ckey: &str, conn: ConnId) {
+        if let Some(c) = self.client_txs.get_mut(ckey) {
+            c.sent_on = Some(conn);
+            self.sent_on.entry(conn).or_default().insert(ckey.to_owned());
         }
     }
 
@@ -372,7 +383,7 @@ impl Proxy {
                     out.push(Outgoing {
                         dest: Dest::Conn(conn),
                         bytes,
-                        branch: None,
+                        client_tx: None,
                     });
                 }
                 return out;
@@ -412,7 +423,7 @@ impl Proxy {
         out.push(Outgoing {
             dest: Dest::Conn(conn),
             bytes: build::response(req, code, Some(tag), extra),
-            branch: None,
+            client_tx: None,
         });
     }
 
@@ -468,7 +479,7 @@ impl Proxy {
                 out.push(Outgoing {
                     dest: Dest::Conn(stx.conn),
                     bytes: r,
-                    branch: None,
+                    client_tx: None,
                 });
             }
             return Ok(());
@@ -734,7 +745,7 @@ impl Proxy {
             out.push(Outgoing {
                 dest,
                 bytes,
-                branch: None,
+                client_tx: None,
             });
             return Ok(());
         }
@@ -759,10 +770,13 @@ impl Proxy {
             out.push(Outgoing {
                 dest: Dest::Conn(conn),
                 bytes: trying,
-                branch: None,
+                client_tx: None,
             });
         }
         self.server_txs.insert(skey.clone(), server);
+        if let Dest::Conn(c) = dest {
+            self.sent_on.entry(c).or_default().insert(ckey.clone());
+        }
         self.client_txs.insert(
             ckey,
             ClientTx {
@@ -786,7 +800,7 @@ impl Proxy {
         out.push(Outgoing {
             dest,
             bytes,
-            branch: Some(new_branch),
+            client_tx: Some(ctx_key(&new_branch, &method)),
         });
         Ok(())
     }
@@ -841,7 +855,7 @@ impl Proxy {
         out.push(Outgoing {
             dest,
             bytes,
-            branch: None,
+            client_tx: None,
         });
     }
 
@@ -895,7 +909,7 @@ impl Proxy {
             out.push(Outgoing {
                 dest: r.dest.clone(),
                 bytes: r.bytes.clone(),
-                branch: None,
+                client_tx: None,
             });
         }
         out
@@ -1252,7 +1266,10 @@ impl Proxy {
             debug!(code, "stray response dropped");
             return;
         };
-        c.sent_on.get_or_insert(conn);
+        if c.sent_on.is_none() {
+            c.sent_on = Some(conn);
+            self.sent_on.entry(conn).or_default().insert(ckey.clone());
+        }
         if method == "CANCEL" || c.server_key.is_none() {
             // Responses to our own CANCEL/BYE end here.
             if code >= 200 {
@@ -1299,7 +1316,7 @@ impl Proxy {
             out.push(Outgoing {
                 dest: Dest::Conn(conn),
                 bytes: build::ack_for(&forwarded_invite, &msg),
-                branch: None,
+                client_tx: None,
             });
             if retransmitted_2xx {
                 self.stats.retransmissions_absorbed += 1;
@@ -1406,7 +1423,7 @@ impl Proxy {
         out.push(Outgoing {
             dest: Dest::Conn(stx_conn),
             bytes,
-            branch: None,
+            client_tx: None,
         });
     }
 
@@ -1440,7 +1457,7 @@ impl Proxy {
                 out.push(Outgoing {
                     dest: Dest::Conn(conn),
                     bytes: ack,
-                    branch: None,
+                    client_tx: None,
                 });
                 let request_uri = msg
                     .name_addrs("Contact")
@@ -1461,7 +1478,7 @@ impl Proxy {
                 out.push(Outgoing {
                     dest: Dest::Conn(conn),
                     bytes: build::bye(&leg, &via, &k.call_id, seq),
-                    branch: None,
+                    client_tx: None,
                 });
                 c.final_code = Some(code);
             } else if c.cancel == Cancel::None {
@@ -1469,7 +1486,7 @@ impl Proxy {
                 out.push(Outgoing {
                     dest: Dest::Conn(conn),
                     bytes: build::cancel_for(&c.request),
-                    branch: None,
+                    client_tx: None,
                 });
             }
             c.deadline = now + TIMER_64T1;
@@ -1484,7 +1501,7 @@ impl Proxy {
             out.push(Outgoing {
                 dest: Dest::Conn(s.conn),
                 bytes,
-                branch: None,
+                client_tx: None,
             });
         }
         self.dialogs.remove(k);
@@ -1654,7 +1671,7 @@ impl Proxy {
             out.push(Outgoing {
                 dest: Dest::Conn(s.conn),
                 bytes,
-                branch: None,
+                client_tx: None,
             });
         }
     }
@@ -1664,6 +1681,11 @@ impl Proxy {
     /// second.
     pub fn on_tick(&mut self, now: Instant) -> Vec<Outgoing> {
         let mut out = Vec::new();
+        let txs = &self.client_txs;
+        self.sent_on.retain(|_, keys| {
+            keys.retain(|k| txs.get(k).is_some_and(|c| c.final_code.is_none()));
+            !keys.is_empty()
+        });
         let due: Vec<String> = self
             .client_txs
             .iter()
@@ -1731,7 +1753,7 @@ impl Proxy {
                 out.push(Outgoing {
                     dest,
                     bytes,
-                    branch: Some(branch),
+                    client_tx: Some(ctx_key(&branch, "BYE")),
                 });
             }
         }

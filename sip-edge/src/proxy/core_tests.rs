@@ -193,7 +193,7 @@ fn invite(p: &mut Proxy, now: Instant) -> Message {
         })
         .collect();
     assert_eq!(fwd.len(), 1, "INVITE forwarded to the route: {out:?}");
-    assert!(fwd[0].branch.is_some());
+    assert!(fwd[0].client_tx.is_some());
     parse(fwd[0])
 }
 
@@ -202,7 +202,7 @@ fn rfc3665_3_1_successful_session_through_the_edge() {
     let (mut p, rec) = setup();
     let now = Instant::now();
     let inv = invite(&mut p, now);
-    p.on_sent(inv.top_via().unwrap().branch().unwrap(), CALLEE);
+    p.on_sent(&ctx_key(inv.top_via().unwrap().branch().unwrap(), "INVITE"), CALLEE);
     // §16.6: our Via on top with the external address, received stamped below.
     let vias = inv.vias().unwrap();
     assert_eq!(vias.len(), 2);
@@ -364,7 +364,7 @@ fn rfc3665_3_8_cancel_hop_by_hop() {
     let (mut p, rec) = setup();
     let now = Instant::now();
     let inv = invite(&mut p, now);
-    p.on_sent(inv.top_via().unwrap().branch().unwrap(), CALLEE);
+    p.on_sent(&ctx_key(inv.top_via().unwrap().branch().unwrap(), "INVITE"), CALLEE);
     p.on_message(CALLEE, &answer(&inv, 180, "c1", "", ""), now);
     let cancel = String::from_utf8(fixture("rfc3665_3_1_invite.sip"))
         .unwrap()
@@ -428,11 +428,29 @@ fn timer_b_answers_408_and_ends_media() {
 }
 
 #[test]
+fn closed_next_hop_connection_fails_only_waiting_transactions() {
+    let (mut p, _) = setup();
+    let now = Instant::now();
+    let inv = invite(&mut p, now);
+    p.on_sent(&ctx_key(inv.top_via().unwrap().branch().unwrap(), "INVITE"), CALLEE);
+    // Another connection closing touches nothing.
+    assert!(p.on_conn_closed(99, now).is_empty());
+    let out = p.on_conn_closed(CALLEE, now);
+    let r = to_conn(&out, CALLER);
+    assert_eq!(r.len(), 1, "one 503 upstream: {out:?}");
+    assert_eq!(r[0].status(), Some(503));
+    // The transaction is finished now: a second close (or a stale index
+    // entry) must not answer again.
+    p.on_sent(&ctx_key(inv.top_via().unwrap().branch().unwrap(), "INVITE"), CALLEE);
+    assert!(p.on_conn_closed(CALLEE, now).is_empty());
+}
+
+#[test]
 fn unreachable_next_hop_gives_503_with_retry_after() {
     let (mut p, _) = setup();
     let now = Instant::now();
     let inv = invite(&mut p, now);
-    let out = p.on_unreachable(inv.top_via().unwrap().branch().unwrap(), now);
+    let out = p.on_unreachable(&ctx_key(inv.top_via().unwrap().branch().unwrap(), "INVITE"), now);
     let r = &to_conn(&out, CALLER)[0];
     assert_eq!(r.status(), Some(503));
     assert!(r.header("Retry-After").is_some());

@@ -120,10 +120,10 @@ pub struct Outgoing {
     pub dest: Dest,
     /// Wire bytes.
     pub bytes: Vec<u8>,
-    /// Our Via branch when this is a request with a client transaction, so
-    /// the transport can report [`Proxy::on_unreachable`] if it cannot be
-    /// delivered.
-    pub branch: Option<String>,
+    /// The client-transaction key when this is a request the edge sends
+    /// statefully, so the transport can report [`Proxy::on_sent`] or
+    /// [`Proxy::on_unreachable`] for it without a search.
+    pub client_tx: Option<String>,
 }
 
 /// The edge's own address on one side: written into Via, Record-Route,

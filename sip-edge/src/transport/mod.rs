@@ -481,15 +481,15 @@ impl Driver {
     fn send_all(&mut self, out: Vec<Outgoing>) {
         for o in out {
             match o.dest {
-                Dest::Conn(c) => self.send_on(c, o.bytes, o.branch),
+                Dest::Conn(c) => self.send_on(c, o.bytes, o.client_tx),
                 Dest::Hop { side, hop } => match self.pool.get(&hop).copied() {
-                    Some(c) => self.send_on(c, o.bytes, o.branch),
+                    Some(c) => self.send_on(c, o.bytes, o.client_tx),
                     None => {
                         let first = !self.pending.contains_key(&hop);
                         self.pending
                             .entry(hop.clone())
                             .or_default()
-                            .push((o.bytes, o.branch));
+                            .push((o.bytes, o.client_tx));
                         if first {
                             spawn_connect(hop, side, self.shared.clone());
                         }
