@@ -620,6 +620,11 @@ impl AgentProcess {
         }
     }
 
+    /// The agent's process id (for reading its memory in /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGTERM and wait (bounded); returns whether it exited cleanly.
     pub fn stop(mut self) -> bool {
         self.terminate()

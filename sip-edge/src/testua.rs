@@ -246,6 +246,23 @@ fn tokio_tcp(s: std::net::TcpStream) -> Result<tokio::net::TcpStream, UaError> {
         .map_err(io("register socket with tokio (is a runtime current?)"))
 }
 
+/// The TLS client configuration of a test UA: trusts only `ca`, TLS 1.3
+/// or 1.2, no client certificate. Built once and shared by every
+/// connection of a load run (which also lets rustls resume sessions).
+pub fn client_config(ca: &Path) -> Result<Arc<rustls::ClientConfig>, UaError> {
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+    .map_err(|source| TlsError::Config {
+        what: "test UA client",
+        source,
+    })?
+    .with_root_certificates(tls::load_roots(ca)?)
+    .with_no_client_auth();
+    Ok(Arc::new(cfg))
+}
+
 /// Connect from namespace `ns` to `to` and run a TLS handshake that trusts
 /// only `ca` and verifies `server_name` (a DNS name or an IP address).
 pub async fn connect_tls(
@@ -258,21 +275,41 @@ pub async fn connect_tls(
     let std_stream = testnet::in_ns(ns, || std::net::TcpStream::connect_timeout(&to, wait))?
         .map_err(io(format!("connect to {to} from {ns}")))?;
     let tcp = tokio_tcp(std_stream)?;
+    handshake(tcp, to, client_config(ca)?, server_name, wait).await
+}
+
+/// Connect to `to` from the calling thread's own network namespace (a
+/// thread that entered one, e.g. a load generator's runtime thread) with a
+/// shared client configuration.
+pub async fn connect_tls_here(
+    to: SocketAddr,
+    cfg: Arc<rustls::ClientConfig>,
+    server_name: &str,
+    wait: Duration,
+) -> Result<UaConn, UaError> {
+    let tcp = tokio::time::timeout(wait, tokio::net::TcpStream::connect(to))
+        .await
+        .map_err(|_| UaError::Timeout {
+            what: format!("TCP connect to {to}"),
+            after: wait,
+        })?
+        .map_err(io(format!("connect to {to}")))?;
+    tcp.set_nodelay(true).map_err(io("set_nodelay"))?;
+    handshake(tcp, to, cfg, server_name, wait).await
+}
+
+async fn handshake(
+    tcp: tokio::net::TcpStream,
+    to: SocketAddr,
+    cfg: Arc<rustls::ClientConfig>,
+    server_name: &str,
+    wait: Duration,
+) -> Result<UaConn, UaError> {
     let local = tcp.local_addr().map_err(io("local_addr"))?;
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-    .map_err(|source| TlsError::Config {
-        what: "test UA client",
-        source,
-    })?
-    .with_root_certificates(tls::load_roots(ca)?)
-    .with_no_client_auth();
     let name = ServerName::try_from(server_name.to_owned()).map_err(|_| UaError::ServerName {
         name: server_name.to_owned(),
     })?;
-    let tls = tokio::time::timeout(wait, TlsConnector::from(Arc::new(cfg)).connect(name, tcp))
+    let tls = tokio::time::timeout(wait, TlsConnector::from(cfg).connect(name, tcp))
         .await
         .map_err(|_| UaError::Timeout {
             what: format!("TLS handshake with {to}"),
@@ -305,6 +342,21 @@ impl UaListener {
     ) -> Result<UaListener, UaError> {
         let l = testnet::in_ns(ns, || std::net::TcpListener::bind(addr))?
             .map_err(io(format!("listen on {addr} in {ns}")))?;
+        UaListener::from_std(l, addr, cert, key)
+    }
+
+    /// Listen on `addr` in the calling thread's own network namespace.
+    pub fn bind_here(addr: SocketAddr, cert: &Path, key: &Path) -> Result<UaListener, UaError> {
+        let l = std::net::TcpListener::bind(addr).map_err(io(format!("listen on {addr}")))?;
+        UaListener::from_std(l, addr, cert, key)
+    }
+
+    fn from_std(
+        l: std::net::TcpListener,
+        addr: SocketAddr,
+        cert: &Path,
+        key: &Path,
+    ) -> Result<UaListener, UaError> {
         l.set_nonblocking(true).map_err(io("set_nonblocking"))?;
         let listener = tokio::net::TcpListener::from_std(l)
             .map_err(io("register listener with tokio (is a runtime current?)"))?;

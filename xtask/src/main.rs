@@ -370,6 +370,9 @@ fn bench(root: &Path, quick: bool, out: &Path, stages: Option<&str>) -> Result<(
         "sip-edge",
         "--bin",
         "sip-edge-bench",
+        // The sip stage runs the agent binary next to the bench binary.
+        "--bin",
+        "sip-edge",
     ]))?;
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)

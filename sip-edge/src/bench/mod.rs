@@ -2,13 +2,14 @@
 //! (issue #4, DESIGN.md §6): `prog` times the XDP program with
 //! BPF_PROG_TEST_RUN per path and table size, `forward` pushes live frames
 //! through the edge of a namespace topology against peer forwarders, `sip`
-//! is a placeholder until a load generator exists. Everything is reported
+//! places TLS calls through sip-edge and through Kamailio. Everything is reported
 //! in one JSON document (`Report`) plus an SVG plot; ratios are always
 //! against peers measured in the same run.
 
 pub mod forward;
 pub mod plot;
 pub mod prog;
+pub mod sip;
 
 use std::time::Instant;
 
@@ -165,13 +166,6 @@ pub fn loadavg() -> String {
         .unwrap_or_default()
 }
 
-/// The signalling stage: not measured until a TLS load generator exists.
-#[derive(Clone, Debug, Serialize)]
-pub struct SipStage {
-    /// Always a reason for now.
-    pub not_measured: NotMeasured,
-}
-
 /// One run's every figure.
 #[derive(Debug, Serialize)]
 pub struct Report {
@@ -190,21 +184,9 @@ pub struct Report {
     /// Forwarding stage.
     pub forward: Option<forward::ForwardStage>,
     /// Signalling stage.
-    pub sip: SipStage,
+    pub sip: Option<sip::SipStage>,
     /// Stages that failed as a whole (the run continues with the next).
     pub stage_errors: Vec<NotMeasured>,
-}
-
-/// The `sip` stage's reason: the proxy core and TLS transport are in the
-/// tree (issue #3) but the suite has no TLS SIP load generator or Kamailio
-/// configuration yet, so there is nothing honest to report.
-pub fn sip_stage() -> SipStage {
-    SipStage {
-        not_measured: NotMeasured {
-            what: "SIP calls/s over TLS vs Kamailio, pinhole install latency, memory per call".into(),
-            reason: "not measured: the TLS SIP load generator and the Kamailio peer are not part of the suite yet; the e2e test measures pinhole install time (see README, Tests)".into(),
-        },
-    }
 }
 
 /// A small deterministic generator (xorshift64*) for random flow orders:

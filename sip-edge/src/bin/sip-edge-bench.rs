@@ -9,7 +9,7 @@ use std::{path::PathBuf, time::Instant};
 
 use anyhow::Context as _;
 use clap::Parser;
-use sip_edge::bench::{self, forward, plot, prog, progress, Machine, Mode, NotMeasured, Report};
+use sip_edge::bench::{self, forward, plot, prog, progress, sip, Machine, Mode, NotMeasured, Report};
 
 /// Benchmark the datapath and its peers; every figure is a ratio against
 /// peers measured in the same run.
@@ -115,12 +115,54 @@ fn table(r: &Report) -> String {
         }
         s.push('\n');
     }
-    s.push_str(&format!(
-        "\n- {}: {}\n",
-        r.sip.not_measured.what, r.sip.not_measured.reason
-    ));
+    if let Some(x) = &r.sip {
+        s.push_str(&sip_table(x));
+    }
     for e in &r.stage_errors {
         s.push_str(&format!("- stage error, {}: {}\n", e.what, e.reason));
+    }
+    s
+}
+
+fn sip_table(x: &sip::SipStage) -> String {
+    let mut s = String::from(
+        "\n| SIP over TLS | connections | workers | calls/s | calls | failed | setup p50 ms | setup p99 ms |\n|---|---|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in &x.runs {
+        s.push_str(&format!(
+            "| {} | {} | {} | {:.0} | {} | {} | {:.2} | {:.2} |\n",
+            r.system,
+            r.connections,
+            r.workers,
+            r.calls_per_s,
+            r.calls,
+            r.failed,
+            r.setup_p50_ms,
+            r.setup_p99_ms
+        ));
+    }
+    s.push_str("\n| pinhole install (200 OK → entry in PINHOLES) | calls | p50 ms | p99 ms | max ms |\n|---|---:|---:|---:|---:|\n");
+    for l in &x.install {
+        s.push_str(&format!(
+            "| sip-edge, {} | {} | {:.2} | {:.2} | {:.2} |\n",
+            l.condition, l.calls, l.p50_ms, l.p99_ms, l.max_ms
+        ));
+    }
+    s.push_str("\n| memory (PSS) | per | held | bytes each |\n|---|---|---:|---:|\n");
+    for m in &x.memory {
+        s.push_str(&format!(
+            "| {} | {} | {} | {:.0} |\n",
+            m.system, m.per, m.count, m.bytes_per_item
+        ));
+    }
+    if !x.ratios.is_empty() {
+        s.push_str("\n| ratio | value |\n|---|---:|\n");
+        for (n, v) in &x.ratios {
+            s.push_str(&format!("| {n} | {v:.2} |\n"));
+        }
+    }
+    for n in &x.not_measured {
+        s.push_str(&format!("\n- not measured, {}: {}\n", n.what, n.reason));
     }
     s
 }
@@ -144,7 +186,7 @@ fn main() -> anyhow::Result<()> {
         machine: Machine::describe(),
         prog: None,
         forward: None,
-        sip: bench::sip_stage(),
+        sip: None,
         stage_errors: vec![],
     };
     progress(
@@ -175,7 +217,15 @@ fn main() -> anyhow::Result<()> {
             }),
         }
     }
-    progress(start, "sip: not measured (see report)");
+    if args.stages.contains(&Stage::Sip) {
+        match sip::run(mode, start) {
+            Ok(x) => report.sip = Some(x),
+            Err(e) => report.stage_errors.push(NotMeasured {
+                what: "sip".into(),
+                reason: format!("{e:#}"),
+            }),
+        }
+    }
     report.machine.loadavg_end = bench::loadavg();
     if let Some(dir) = args.out.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("mkdir {}", dir.display()))?;
@@ -207,7 +257,12 @@ fn main() -> anyhow::Result<()> {
             || report
                 .forward
                 .as_ref()
-                .is_some_and(|f| !f.forwarders.is_empty()));
+                .is_some_and(|f| !f.forwarders.is_empty()))
+        && (!ran(Stage::Sip)
+            || report
+                .sip
+                .as_ref()
+                .is_some_and(|x| x.runs.iter().any(|r| r.calls > 0)));
     if !ok {
         eprintln!("a stage produced no figures: {:?}", report.stage_errors);
         std::process::exit(1);

@@ -1,0 +1,1226 @@
+//! Stage `sip`: SIP over TLS through sip-edge and through Kamailio 5.6
+//! (Debian `kamailio` + `kamailio-tls-modules`) on the same namespace
+//! topology, with the same load generator and the same called party.
+//!
+//! **Load generator: our own** (`sip_edge::testua` on tokio + rustls), not
+//! SIPp behind stunnel. SIPp has no TLS; behind `stunnel4` every call would
+//! cross one more userspace TLS hop per side, on the same two vCPUs as the
+//! proxy under test, and stunnel's own handshake and copy cost would set the
+//! ceiling for both systems. Our generator speaks TLS itself, opens either
+//! one persistent connection per worker or a fresh connection (full
+//! handshake, no session resumption) per call, and times each call's
+//! INVITE → 200 OK. It runs on the same machine as the proxy, so both
+//! systems are measured with the same generator cost in the background.
+//!
+//! A call: INVITE with an audio SDP offer → (100) → 200 OK with an answer →
+//! ACK → BYE → 200 OK. The caller (client namespace, 10.77.0.2) connects to
+//! the proxy's inside address 10.77.0.1:5061; the proxy forwards over TLS to
+//! the called party (peer namespace, 198.51.100.2:5061), which answers every
+//! INVITE and BYE. sip-edge runs in relay mode, so every call also rewrites
+//! both SDPs and installs (and removes) its pinholes in the XDP maps;
+//! Kamailio runs as a transaction-stateful record-routing TLS proxy (tm, rr)
+//! and touches no SDP.
+//!
+//! Figures: calls/s with persistent connections and with one new
+//! connection per call (a fixed number of workers, each running calls back
+//! to back for a fixed time); call setup time p50/p99; sip-edge's pinhole
+//! install latency (the called party sends 200 OK → the pinhole entry is
+//! visible in the pinned map), idle and under load; process memory (PSS,
+//! summed over Kamailio's processes) per idle TLS connection and per
+//! established call.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, AtomicU32, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+
+use super::{io, progress, BenchError, Mode, NotMeasured};
+use crate::{
+    datapath::maps::DatapathMaps,
+    testnet::{self, AgentProcess, Pins, Topology},
+    testua::{self, reply, sdp, Dialog, SdpSpec, TestPki, UaConn, UaError, UaIdentity, UaListener},
+};
+
+/// The proxy's inside listener (both systems).
+const PROXY_INSIDE: &str = "10.77.0.1:5061";
+/// The proxy's outside address (both systems).
+const PROXY_OUTSIDE: &str = "203.0.113.1:5061";
+/// The called party of the load.
+const CALLEE: &str = "198.51.100.2:5061";
+/// The called party of the install-latency probe (sip-edge only: a route of
+/// its own, so probe calls never mix with load calls).
+const PROBE_CALLEE: &str = "198.51.100.2:5062";
+/// Every SIP wait.
+const WAIT: Duration = Duration::from_secs(5);
+
+/// Sizes of one run.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct SipSizes {
+    /// Concurrent callers (each runs calls back to back).
+    pub workers: u32,
+    /// Seconds each load run lasts.
+    pub seconds: f64,
+    /// Probe calls per install-latency figure.
+    pub probe_calls: u32,
+    /// Idle TLS connections held for the memory figure.
+    pub idle_connections: u32,
+    /// Established calls held for the memory figure.
+    pub held_calls: u32,
+}
+
+impl SipSizes {
+    fn for_mode(mode: Mode) -> SipSizes {
+        if mode.quick {
+            SipSizes {
+                workers: 4,
+                seconds: 1.5,
+                probe_calls: 10,
+                idle_connections: 20,
+                held_calls: 20,
+            }
+        } else {
+            SipSizes {
+                workers: 16,
+                seconds: 8.0,
+                probe_calls: 200,
+                idle_connections: 1000,
+                held_calls: 1000,
+            }
+        }
+    }
+}
+
+/// One load run against one system.
+#[derive(Clone, Debug, Serialize)]
+pub struct LoadRun {
+    /// `sip-edge` or `kamailio`.
+    pub system: String,
+    /// `persistent` (one TLS connection per worker) or `per-call` (a new
+    /// TLS connection for every call).
+    pub connections: String,
+    /// Concurrent callers.
+    pub workers: u32,
+    /// Measured wall time, seconds.
+    pub seconds: f64,
+    /// Calls completed (INVITE … 200 for BYE).
+    pub calls: u64,
+    /// Calls that failed (timeout, error response, connection lost).
+    pub failed: u64,
+    /// Completed calls per second.
+    pub calls_per_s: f64,
+    /// INVITE sent → 200 OK received, median, ms.
+    pub setup_p50_ms: f64,
+    /// Same, 99th percentile, ms.
+    pub setup_p99_ms: f64,
+    /// Up to three distinct failure messages.
+    pub errors: Vec<String>,
+}
+
+/// Pinhole install latency: the called party sends 200 OK → the call's
+/// pinhole is visible in the pinned PINHOLES map (polled by this process).
+#[derive(Clone, Debug, Serialize)]
+pub struct InstallLatency {
+    /// `idle` or `under load (N workers, persistent)`.
+    pub condition: String,
+    /// Probe calls measured.
+    pub calls: u32,
+    /// Median, ms.
+    pub p50_ms: f64,
+    /// 99th percentile, ms.
+    pub p99_ms: f64,
+    /// Largest, ms.
+    pub max_ms: f64,
+    /// Load calls completed meanwhile (0 when idle).
+    pub background_calls: u64,
+}
+
+/// Memory of one system per held item.
+#[derive(Clone, Debug, Serialize)]
+pub struct MemoryFigure {
+    /// `sip-edge` or `kamailio`.
+    pub system: String,
+    /// `idle TLS connection` or `established call`.
+    pub per: String,
+    /// Items held.
+    pub count: u32,
+    /// PSS before, kB (summed over the system's processes).
+    pub pss_before_kb: u64,
+    /// PSS while holding them, kB.
+    pub pss_after_kb: u64,
+    /// (after − before) / count, bytes.
+    pub bytes_per_item: f64,
+}
+
+/// The stage's figures.
+#[derive(Clone, Debug, Serialize)]
+pub struct SipStage {
+    /// Which load generator and why (see the module documentation).
+    pub generator: String,
+    /// Peer versions (`kamailio -v`).
+    pub peer_versions: Vec<(String, String)>,
+    /// Sizes used.
+    pub sizes: SipSizes,
+    /// Load runs, sip-edge then Kamailio.
+    pub runs: Vec<LoadRun>,
+    /// sip-edge pinhole install latency.
+    pub install: Vec<InstallLatency>,
+    /// Memory per idle connection / per call.
+    pub memory: Vec<MemoryFigure>,
+    /// sip-edge / Kamailio, per connection mode.
+    pub ratios: Vec<(String, f64)>,
+    /// Figures that could not be measured, and why.
+    pub not_measured: Vec<NotMeasured>,
+}
+
+fn ua_err(what: &str) -> impl FnOnce(UaError) -> BenchError + '_ {
+    move |e| BenchError::Io {
+        op: what.to_owned(),
+        source: std::io::Error::other(e.to_string()),
+    }
+}
+
+fn sa(s: &str) -> SocketAddr {
+    // The constants above are valid socket addresses.
+    s.parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 9)))
+}
+
+fn caller() -> UaIdentity {
+    UaIdentity {
+        aor: "sips:alice@peer.example.net".into(),
+        contact: "sips:alice@10.77.0.2:5061".into(),
+        via_host: "10.77.0.2:5061".into(),
+        display: "Alice".into(),
+    }
+}
+
+fn callee(port: u16) -> UaIdentity {
+    UaIdentity {
+        aor: "sips:bob@peer.example.net".into(),
+        contact: format!("sips:bob@198.51.100.2:{port}"),
+        via_host: format!("198.51.100.2:{port}"),
+        display: "Bob".into(),
+    }
+}
+
+/// Run `fut` to completion on a current-thread runtime of a thread inside
+/// namespace `ns`: every socket it opens lives in that namespace.
+fn block_in_ns<T: Send>(
+    ns: &str,
+    fut: impl std::future::Future<Output = T> + Send,
+) -> Result<T, BenchError> {
+    testnet::in_ns(ns, || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map(|rt| rt.block_on(fut))
+            .map_err(io("tokio runtime"))
+    })?
+}
+
+// --- the called party ------------------------------------------------------
+
+/// Answers every INVITE (200 OK with an audio answer) and every BYE (200),
+/// on every connection, until `stop`.
+async fn callee_serve(listener: UaListener, stop: Arc<AtomicBool>) {
+    let next_port = Arc::new(AtomicU32::new(0));
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(conn) = listener.accept(Duration::from_millis(200)).await else {
+            continue;
+        };
+        tokio::spawn(callee_conn(
+            conn,
+            listener.addr.port(),
+            next_port.clone(),
+            stop.clone(),
+        ));
+    }
+}
+
+async fn callee_conn(
+    mut conn: UaConn,
+    port: u16,
+    next_port: Arc<AtomicU32>,
+    stop: Arc<AtomicBool>,
+) {
+    let me = callee(port);
+    let contact = format!("Contact: <{}>\r\n", me.contact);
+    while !stop.load(Ordering::Relaxed) {
+        let m = match conn.recv(Duration::from_millis(500)).await {
+            Ok(m) => m,
+            Err(UaError::Timeout { .. }) => continue,
+            Err(_) => return,
+        };
+        conn.log.clear();
+        let answer = if m.method().is_some_and(|x| x.is("INVITE")) {
+            let Ok(d) = Dialog::incoming(&me, &m) else {
+                return;
+            };
+            // Answer ports 20000..59998, even, distinct for 20000 calls.
+            let n = next_port.fetch_add(1, Ordering::Relaxed) % 20_000;
+            let body = sdp(
+                "bob",
+                1,
+                IpAddr::from([198, 51, 100, 2]),
+                &SdpSpec {
+                    audio: Some(20_000 + 2 * n as u16),
+                    ..Default::default()
+                },
+            );
+            reply(&m, 200, "OK", &d.local_tag, &contact, "application/sdp", &body)
+        } else if m.method().is_some_and(|x| x.is("ACK")) || m.status().is_some() {
+            continue;
+        } else {
+            reply(&m, 200, "OK", &testua::unique("t"), "", "", "")
+        };
+        if conn.send(&answer).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The load callee on its own thread in the peer namespace.
+struct Callee {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Callee {
+    fn start(ns: &str, addr: SocketAddr, pki: &TestPki) -> Result<Callee, BenchError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+        let (ns, cert, key, s) = (
+            ns.to_owned(),
+            pki.peer_cert.clone(),
+            pki.peer_key.clone(),
+            stop.clone(),
+        );
+        let thread = std::thread::spawn(move || {
+            let r = block_in_ns(&ns, async move {
+                match UaListener::bind_here(addr, &cert, &key) {
+                    Ok(l) => {
+                        let _ = ready_tx.send(Ok(()));
+                        callee_serve(l, s).await;
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.to_string()));
+                    }
+                }
+            });
+            if let Err(e) = r {
+                eprintln!("callee thread: {e}");
+            }
+        });
+        let mut c = Callee {
+            stop,
+            thread: Some(thread),
+        };
+        match ready_rx.recv_timeout(WAIT) {
+            Ok(Ok(())) => Ok(c),
+            Ok(Err(e)) => {
+                c.shutdown();
+                Err(BenchError::Io {
+                    op: format!("callee listen on {addr}"),
+                    source: std::io::Error::other(e),
+                })
+            }
+            Err(_) => {
+                c.shutdown();
+                Err(BenchError::Io {
+                    op: format!("callee listen on {addr}"),
+                    source: std::io::Error::other("not ready within 5 s"),
+                })
+            }
+        }
+    }
+
+    fn shutdown(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Callee {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+// --- the callers -----------------------------------------------------------
+
+/// What the callers connect to.
+#[derive(Clone)]
+struct Target {
+    addr: SocketAddr,
+    tls_name: &'static str,
+    cfg: Arc<rustls::ClientConfig>,
+    /// Request-URI of the calls.
+    ruri: &'static str,
+}
+
+#[derive(Default)]
+struct WorkerStats {
+    calls: u64,
+    failed: u64,
+    setup: Vec<Duration>,
+    errors: Vec<String>,
+}
+
+/// INVITE → 200 → ACK on `conn`; the dialog for the BYE, and the setup time.
+async fn establish(
+    conn: &mut UaConn,
+    t: &Target,
+    audio_port: u16,
+) -> Result<(Dialog, Duration), UaError> {
+    let mut d = Dialog::outgoing(&caller(), t.ruri);
+    let offer = sdp(
+        "alice",
+        1,
+        IpAddr::from([10, 77, 0, 2]),
+        &SdpSpec {
+            audio: Some(audio_port),
+            ..Default::default()
+        },
+    );
+    let t0 = Instant::now();
+    conn.send(&d.invite(&offer)).await?;
+    let ok = conn.recv_status(200, WAIT).await?;
+    let setup = t0.elapsed();
+    d.on_invite_response(&ok)?;
+    conn.send(&d.ack("", "")).await?;
+    Ok((d, setup))
+}
+
+async fn hang_up(conn: &mut UaConn, d: &mut Dialog) -> Result<(), UaError> {
+    conn.send(&d.request("BYE", "", "")).await?;
+    conn.recv_status(200, WAIT).await?;
+    conn.log.clear();
+    Ok(())
+}
+
+fn note_error(s: &mut WorkerStats, e: &UaError) {
+    let msg = e.to_string();
+    if s.errors.len() < 3 && !s.errors.contains(&msg) {
+        s.errors.push(msg);
+    }
+}
+
+/// One caller: calls back to back until `deadline` or `stop`.
+async fn worker(
+    t: Target,
+    id: u32,
+    per_call: bool,
+    deadline: Instant,
+    stop: Arc<AtomicBool>,
+) -> WorkerStats {
+    let mut s = WorkerStats::default();
+    let mut conn: Option<UaConn> = None;
+    let mut n: u32 = 0;
+    while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+        if conn.is_none() {
+            match testua::connect_tls_here(t.addr, t.cfg.clone(), t.tls_name, WAIT).await {
+                Ok(c) => conn = Some(c),
+                Err(e) => {
+                    s.failed += 1;
+                    note_error(&mut s, &e);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            }
+        }
+        let Some(c) = conn.as_mut() else { continue };
+        // Caller media ports 10000..19998, distinct per worker and call.
+        let port = 10_000 + 2 * ((id * 997 + n) % 5000) as u16;
+        n = n.wrapping_add(1);
+        let r = match establish(c, &t, port).await {
+            Ok((mut d, setup)) => hang_up(c, &mut d).await.map(|()| setup),
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(setup) => {
+                s.calls += 1;
+                s.setup.push(setup);
+                if per_call {
+                    conn = None;
+                }
+            }
+            Err(e) => {
+                // The connection may hold stray messages now: start afresh.
+                s.failed += 1;
+                note_error(&mut s, &e);
+                conn = None;
+            }
+        }
+    }
+    s
+}
+
+fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)].as_secs_f64() * 1e3
+}
+
+/// `workers` callers for `seconds` from the client namespace.
+fn load(
+    ns: &str,
+    system: &str,
+    t: &Target,
+    workers: u32,
+    seconds: f64,
+    per_call: bool,
+    stop: Arc<AtomicBool>,
+) -> Result<LoadRun, BenchError> {
+    let mut t = t.clone();
+    if per_call {
+        // A full handshake for every call (no session resumption): the
+        // conservative reading of "a new connection per call", and the one
+        // Kamailio 5.6 with Debian's OpenSSL 3 survives (resumed TLS 1.3
+        // sessions fail there with "unsupported algorithm" and double frees
+        // in its shared-memory TLS code).
+        let mut cfg = (*t.cfg).clone();
+        cfg.resumption = rustls::client::Resumption::disabled();
+        t.cfg = Arc::new(cfg);
+    }
+    let (stats, elapsed) = block_in_ns(ns, async move {
+        let t0 = Instant::now();
+        let deadline = t0 + Duration::from_secs_f64(seconds);
+        let handles: Vec<_> = (0..workers)
+            .map(|id| tokio::spawn(worker(t.clone(), id, per_call, deadline, stop.clone())))
+            .collect();
+        let mut all = Vec::new();
+        for h in handles {
+            if let Ok(s) = h.await {
+                all.push(s);
+            }
+        }
+        (all, t0.elapsed())
+    })?;
+    let mut setup: Vec<Duration> = stats.iter().flat_map(|s| s.setup.clone()).collect();
+    setup.sort();
+    let calls: u64 = stats.iter().map(|s| s.calls).sum();
+    let mut errors: Vec<String> = Vec::new();
+    for e in stats.iter().flat_map(|s| s.errors.iter()) {
+        if errors.len() < 3 && !errors.contains(e) {
+            errors.push(e.clone());
+        }
+    }
+    let secs = elapsed.as_secs_f64();
+    Ok(LoadRun {
+        system: system.into(),
+        connections: if per_call { "per-call" } else { "persistent" }.into(),
+        workers,
+        seconds: secs,
+        calls,
+        failed: stats.iter().map(|s| s.failed).sum(),
+        calls_per_s: calls as f64 / secs,
+        setup_p50_ms: percentile_ms(&setup, 0.50),
+        setup_p99_ms: percentile_ms(&setup, 0.99),
+        errors,
+    })
+}
+
+// --- memory ----------------------------------------------------------------
+
+/// Proportional set size of `pid`, kB (smaps_rollup).
+fn pss_kb(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// PSS summed over the processes whose command line contains `marker`.
+fn pss_of_marked(marker: &str) -> u64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    dir.filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(marker))
+                .unwrap_or(false)
+        })
+        .filter_map(pss_kb)
+        .sum()
+}
+
+/// Settle, then measure: the allocators' background work and the proxies'
+/// timers get a moment first.
+fn settle_and(measure: &(dyn Fn() -> u64 + Sync)) -> u64 {
+    std::thread::sleep(Duration::from_millis(500));
+    measure()
+}
+
+/// Hold `count` idle TLS connections to the proxy and measure before and
+/// while holding them.
+fn memory_idle(
+    ns: &str,
+    system: &str,
+    t: &Target,
+    count: u32,
+    measure: &(dyn Fn() -> u64 + Sync),
+) -> Result<MemoryFigure, BenchError> {
+    let before = settle_and(measure);
+    let t = t.clone();
+    let after = block_in_ns(ns, async move {
+        let mut held = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            let c = testua::connect_tls_here(t.addr, t.cfg.clone(), t.tls_name, WAIT)
+                .await
+                .map_err(ua_err("idle TLS connection"))?;
+            held.push(c);
+        }
+        let after = settle_and(measure);
+        drop(held);
+        Ok::<u64, BenchError>(after)
+    })??;
+    Ok(figure(system, "idle TLS connection", count, before, after))
+}
+
+/// Establish `count` calls over `workers` persistent connections, measure,
+/// then hang them all up.
+fn memory_calls(
+    ns: &str,
+    system: &str,
+    t: &Target,
+    count: u32,
+    workers: u32,
+    measure: &(dyn Fn() -> u64 + Sync),
+) -> Result<MemoryFigure, BenchError> {
+    let before = settle_and(measure);
+    let t = t.clone();
+    let after = block_in_ns(ns, async move {
+        let per = count.div_ceil(workers);
+        let tasks: Vec<_> = (0..workers)
+            .map(|w| {
+                let t = t.clone();
+                tokio::spawn(async move {
+                    let mut c =
+                        testua::connect_tls_here(t.addr, t.cfg.clone(), t.tls_name, WAIT).await?;
+                    let mut calls = Vec::new();
+                    for i in 0..per {
+                        let port = 10_000 + 2 * ((w * per + i) % 5000) as u16;
+                        calls.push(establish(&mut c, &t, port).await?.0);
+                    }
+                    Ok::<_, UaError>((c, calls))
+                })
+            })
+            .collect();
+        let mut held = Vec::new();
+        for h in tasks {
+            match h.await {
+                Ok(r) => held.push(r.map_err(ua_err("establish a held call"))?),
+                Err(e) => {
+                    return Err(BenchError::Io {
+                        op: "held-call task".into(),
+                        source: std::io::Error::other(e.to_string()),
+                    })
+                }
+            }
+        }
+        let after = settle_and(measure);
+        for (c, calls) in &mut held {
+            for d in calls {
+                hang_up(c, d).await.map_err(ua_err("hang up a held call"))?;
+            }
+        }
+        Ok::<u64, BenchError>(after)
+    })??;
+    Ok(figure(system, "established call", per_total(count, workers), before, after))
+}
+
+fn per_total(count: u32, workers: u32) -> u32 {
+    count.div_ceil(workers) * workers
+}
+
+fn figure(system: &str, per: &str, count: u32, before: u64, after: u64) -> MemoryFigure {
+    MemoryFigure {
+        system: system.into(),
+        per: per.into(),
+        count,
+        pss_before_kb: before,
+        pss_after_kb: after,
+        bytes_per_item: (after as f64 - before as f64) * 1024.0 / count.max(1) as f64,
+    }
+}
+
+// --- sip-edge ----------------------------------------------------------------
+
+/// The demo configuration (`testua::edge_config`, relay mode) widened for
+/// load: a larger media range, no per-client flow cap (every call comes
+/// from one client address), and a second route for the probe callee.
+fn edge_bench_config(pin_dir: &Path, pki: &TestPki) -> Result<String, BenchError> {
+    let base = testua::edge_config(pin_dir, pki, "relay");
+    let edits = [
+        (
+            "port_ranges = [\"40000-40999\"]\n",
+            "port_ranges = [\"20000-29999\"]\nmax_pinholes_per_client = 100000\n",
+        ),
+        (
+            "[[route]]\n",
+            "[[route]]\ndomain = \"probe.example.net\"\nhost = \"198.51.100.2\"\nport = 5062\ntls_name = \"peer.example.net\"\n[[route]]\n",
+        ),
+    ];
+    let mut cfg = base;
+    for (from, to) in edits {
+        if !cfg.contains(from) {
+            return Err(BenchError::Io {
+                op: "derive the bench agent configuration".into(),
+                source: std::io::Error::other(format!("`{}` not in testua::edge_config", from.trim())),
+            });
+        }
+        cfg = cfg.replacen(from, to, 1);
+    }
+    Ok(cfg)
+}
+
+/// Wait until something accepts TCP on `addr` from namespace `ns`, while
+/// `alive` says the process that should listen still runs.
+fn wait_listening(
+    ns: &str,
+    addr: SocketAddr,
+    what: &str,
+    mut alive: impl FnMut() -> bool,
+) -> Result<(), BenchError> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if !alive() {
+            return Err(BenchError::Io {
+                op: format!("{what} on {addr}"),
+                source: std::io::Error::other("the process exited"),
+            });
+        }
+        let up = testnet::in_ns(ns, || {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        })?;
+        if up {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(BenchError::Io {
+                op: format!("{what} on {addr}"),
+                source: std::io::Error::other("not listening within 15 s"),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One probe call: the probe callee's 200 OK → the pinhole whose remote is
+/// its answer's address is in the map. Returns that delay.
+async fn probe_call(
+    alice: &mut UaConn,
+    bob: &UaListener,
+    bob_conn: &mut Option<UaConn>,
+    maps: &DatapathMaps,
+    i: u32,
+) -> Result<Duration, BenchError> {
+    let mut a = Dialog::outgoing(&caller(), "sips:bob@probe.example.net");
+    let offer = sdp(
+        "alice",
+        1,
+        IpAddr::from([10, 77, 0, 2]),
+        &SdpSpec {
+            audio: Some(30_000 + 2 * (i % 1000) as u16),
+            ..Default::default()
+        },
+    );
+    alice.send(&a.invite(&offer)).await.map_err(ua_err("probe INVITE"))?;
+    if bob_conn.is_none() {
+        *bob_conn = Some(bob.accept(WAIT).await.map_err(ua_err("probe accept"))?);
+    }
+    let Some(b) = bob_conn.as_mut() else {
+        return Err(BenchError::Io {
+            op: "probe callee".into(),
+            source: std::io::Error::other("no connection"),
+        });
+    };
+    let inv = b.recv_request("INVITE", WAIT).await.map_err(ua_err("probe callee INVITE"))?;
+    let me = callee(5062);
+    let d = Dialog::incoming(&me, &inv).map_err(ua_err("probe dialog"))?;
+    let media_port = 6_000 + 2 * (i % 1000) as u16;
+    let remote = format!("198.51.100.2:{media_port}");
+    let answer = reply(
+        &inv,
+        200,
+        "OK",
+        &d.local_tag,
+        &format!("Contact: <{}>\r\n", me.contact),
+        "application/sdp",
+        &sdp(
+            "bob",
+            1,
+            IpAddr::from([198, 51, 100, 2]),
+            &SdpSpec {
+                audio: Some(media_port),
+                ..Default::default()
+            },
+        ),
+    );
+    let t0 = Instant::now();
+    b.send(&answer).await.map_err(ua_err("probe 200"))?;
+    let deadline = t0 + Duration::from_secs(2);
+    let took = loop {
+        let seen = maps
+            .list()?
+            .iter()
+            .any(|e| e.remote == remote);
+        if seen {
+            break t0.elapsed();
+        }
+        if Instant::now() > deadline {
+            return Err(BenchError::Io {
+                op: "probe pinhole".into(),
+                source: std::io::Error::other(format!(
+                    "no pinhole toward {remote} within 2 s of the 200 OK"
+                )),
+            });
+        }
+        std::thread::sleep(Duration::from_micros(50));
+    };
+    let ok = alice.recv_status(200, WAIT).await.map_err(ua_err("probe caller 200"))?;
+    a.on_invite_response(&ok).map_err(ua_err("probe 200"))?;
+    alice.send(&a.ack("", "")).await.map_err(ua_err("probe ACK"))?;
+    b.recv_request("ACK", WAIT).await.map_err(ua_err("probe callee ACK"))?;
+    alice
+        .send(&a.request("BYE", "", ""))
+        .await
+        .map_err(ua_err("probe BYE"))?;
+    let bye = b.recv_request("BYE", WAIT).await.map_err(ua_err("probe callee BYE"))?;
+    b.send(&reply(&bye, 200, "OK", &d.local_tag, "", "", ""))
+        .await
+        .map_err(ua_err("probe 200 BYE"))?;
+    alice.recv_status(200, WAIT).await.map_err(ua_err("probe BYE 200"))?;
+    alice.log.clear();
+    b.log.clear();
+    Ok(took)
+}
+
+/// `calls` probe calls; with `background` workers running persistent load
+/// calls meanwhile.
+fn install_latency(
+    topo: &Topology,
+    pki: &TestPki,
+    pin_dir: &Path,
+    load_target: &Target,
+    calls: u32,
+    background: u32,
+) -> Result<InstallLatency, BenchError> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let bg = (background > 0).then(|| {
+        let (ns, t, s) = (topo.client.clone(), load_target.clone(), stop.clone());
+        std::thread::spawn(move || load(&ns, "sip-edge", &t, background, 600.0, false, s))
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(io("tokio runtime"))?;
+    let maps = DatapathMaps::from_pins(pin_dir)?;
+    let probe = rt.block_on(async {
+        let bob = UaListener::bind(&topo.peer, sa(PROBE_CALLEE), &pki.peer_cert, &pki.peer_key)
+            .map_err(ua_err("probe callee listen"))?;
+        let mut alice = testua::connect_tls(
+            &topo.client,
+            sa(PROXY_INSIDE),
+            &pki.ca,
+            testua::EDGE_TLS_NAME,
+            WAIT,
+        )
+        .await
+        .map_err(ua_err("probe caller connect"))?;
+        let mut bob_conn = None;
+        let mut took = Vec::with_capacity(calls as usize);
+        for i in 0..calls {
+            took.push(probe_call(&mut alice, &bob, &mut bob_conn, &maps, i).await?);
+        }
+        Ok::<_, BenchError>(took)
+    });
+    stop.store(true, Ordering::Relaxed);
+    let bg_run = match bg {
+        Some(h) => match h.join() {
+            Ok(r) => Some(r?),
+            Err(_) => None,
+        },
+        None => None,
+    };
+    let mut took = probe?;
+    took.sort();
+    Ok(InstallLatency {
+        condition: if background > 0 {
+            format!("under load ({background} workers, persistent)")
+        } else {
+            "idle".into()
+        },
+        calls,
+        p50_ms: percentile_ms(&took, 0.50),
+        p99_ms: percentile_ms(&took, 0.99),
+        max_ms: took.last().map_or(0.0, |d| d.as_secs_f64() * 1e3),
+        background_calls: bg_run.map_or(0, |r| r.calls),
+    })
+}
+
+/// Every sip-edge figure: agent up (release binary next to this one), load
+/// runs, install latency, memory; agent stopped.
+fn run_sip_edge(
+    topo: &Topology,
+    pki: &TestPki,
+    dir: &Path,
+    sizes: SipSizes,
+    t: &Target,
+    stage: &mut SipStage,
+    start: Instant,
+) -> Result<(), BenchError> {
+    let bin = std::env::current_exe()
+        .map_err(io("current_exe"))?
+        .with_file_name("sip-edge");
+    if !bin.exists() {
+        return Err(BenchError::Io {
+            op: format!("agent binary {}", bin.display()),
+            source: std::io::Error::other("missing: build it with `cargo build --release -p sip-edge --bin sip-edge`"),
+        });
+    }
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/sip-edge-bench-sip-{}", std::process::id()));
+    let _pins = Pins(pin_dir.clone());
+    let cfg = dir.join("sip-edge.toml");
+    std::fs::write(&cfg, edge_bench_config(&pin_dir, pki)?).map_err(io("write agent config"))?;
+    // Per-call log lines would be measured as proxy cost; Kamailio runs at
+    // its warning level too.
+    std::env::set_var("SIP_EDGE_LOG", "warn");
+    let agent = AgentProcess::start(topo, &bin, &cfg, &pin_dir, &["int0", "ext0"])?;
+    let pid = agent.pid();
+    wait_listening(&topo.client, sa(PROXY_INSIDE), "sip-edge inside listener", || {
+        pss_kb(pid).is_some()
+    })?;
+    let measure = move || pss_kb(pid).unwrap_or(0);
+    let ns = topo.client.as_str();
+    for per_call in [false, true] {
+        let r = load(ns, "sip-edge", t, sizes.workers, sizes.seconds, per_call, Arc::default())?;
+        progress(start, &run_line(&r));
+        stage.runs.push(r);
+    }
+    for background in [0, sizes.workers] {
+        let l = install_latency(topo, pki, &pin_dir, t, sizes.probe_calls, background)?;
+        progress(
+            start,
+            &format!(
+                "sip-edge pinhole install, {}: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} calls)",
+                l.condition, l.p50_ms, l.p99_ms, l.max_ms, l.calls
+            ),
+        );
+        stage.install.push(l);
+    }
+    let m = memory_idle(ns, "sip-edge", t, sizes.idle_connections, &measure)?;
+    progress(start, &mem_line(&m));
+    stage.memory.push(m);
+    let m = memory_calls(ns, "sip-edge", t, sizes.held_calls, sizes.workers, &measure)?;
+    progress(start, &mem_line(&m));
+    stage.memory.push(m);
+    if !agent.stop() {
+        progress(start, "sip-edge agent did not exit cleanly on SIGTERM");
+    }
+    Ok(())
+}
+
+fn run_line(r: &LoadRun) -> String {
+    format!(
+        "{} {} ({} workers): {:.0} calls/s, {} calls, {} failed, setup p50 {:.2} ms p99 {:.2} ms{}",
+        r.system,
+        r.connections,
+        r.workers,
+        r.calls_per_s,
+        r.calls,
+        r.failed,
+        r.setup_p50_ms,
+        r.setup_p99_ms,
+        r.errors
+            .first()
+            .map(|e| format!(" (e.g. {e})"))
+            .unwrap_or_default()
+    )
+}
+
+fn mem_line(m: &MemoryFigure) -> String {
+    format!(
+        "{} memory per {}: {:.0} bytes ({} held, PSS {} → {} kB)",
+        m.system, m.per, m.bytes_per_item, m.count, m.pss_before_kb, m.pss_after_kb
+    )
+}
+
+// --- Kamailio ------------------------------------------------------------------
+
+/// A transaction-stateful, record-routing TLS proxy: initial requests go to
+/// the callee, in-dialog requests follow the route set. No dialog module,
+/// no SDP handling (Kamailio would need rtpengine for media).
+fn kamailio_cfg(pki: &TestPki, modules: &Path) -> String {
+    format!(
+        r#"#!KAMAILIO
+# sip-edge bench: Kamailio as a TLS record-routing proxy (generated).
+debug=0
+log_stderror=yes
+children=2
+tcp_children=1
+enable_tls=yes
+auto_aliases=no
+tcp_max_connections=20000
+tls_max_connections=20000
+tcp_connection_lifetime=3605
+listen=tls:{inside}
+listen=tls:{outside}
+mpath="{modules}"
+loadmodule "tls.so"
+loadmodule "sl.so"
+loadmodule "tm.so"
+loadmodule "rr.so"
+loadmodule "maxfwd.so"
+loadmodule "siputils.so"
+loadmodule "pv.so"
+loadmodule "textops.so"
+modparam("tls", "tls_method", "TLSv1.2+")
+modparam("tls", "certificate", "{cert}")
+modparam("tls", "private_key", "{key}")
+modparam("tls", "verify_certificate", 0)
+modparam("tls", "require_certificate", 0)
+modparam("rr", "enable_double_rr", 1)
+
+request_route {{
+    if (!mf_process_maxfwd_header("10")) {{
+        sl_send_reply("483", "Too Many Hops");
+        exit;
+    }}
+    if (has_totag()) {{
+        if (loose_route()) {{
+            t_relay();
+            exit;
+        }}
+        if (is_method("ACK")) {{
+            if (t_check_trans()) {{
+                t_relay();
+            }}
+            exit;
+        }}
+        sl_send_reply("404", "Not here");
+        exit;
+    }}
+    if (is_method("CANCEL")) {{
+        if (t_check_trans()) {{
+            t_relay();
+        }}
+        exit;
+    }}
+    t_check_trans();
+    record_route();
+    $du = "sip:{callee};transport=tls";
+    force_send_socket(tls:{outside});
+    if (!t_relay()) {{
+        sl_reply_error();
+    }}
+    exit;
+}}
+"#,
+        inside = PROXY_INSIDE,
+        outside = PROXY_OUTSIDE,
+        callee = CALLEE,
+        modules = modules.display(),
+        cert = pki.edge_cert.display(),
+        key = pki.edge_key.display(),
+    )
+}
+
+/// Kamailio's module directory (Debian multiarch path, or a fallback).
+fn kamailio_modules() -> Option<PathBuf> {
+    ["/usr/lib/x86_64-linux-gnu/kamailio/modules", "/usr/lib/kamailio/modules"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.join("tls.so").exists())
+}
+
+/// Kamailio in the edge namespace; every process killed on drop.
+struct Kamailio {
+    child: std::process::Child,
+    marker: String,
+}
+
+impl Kamailio {
+    fn start(topo: &Topology, pki: &TestPki, dir: &Path) -> Result<Kamailio, BenchError> {
+        let modules = kamailio_modules().ok_or_else(|| BenchError::Io {
+            op: "kamailio modules".into(),
+            source: std::io::Error::other("tls.so not found (install kamailio-tls-modules)"),
+        })?;
+        let cfg = dir.join("kamailio-bench.cfg");
+        std::fs::write(&cfg, kamailio_cfg(pki, &modules)).map_err(io("write kamailio.cfg"))?;
+        let run_dir = dir.join("kamailio-run");
+        std::fs::create_dir_all(&run_dir).map_err(io("kamailio runtime dir"))?;
+        // Outside the temporary directory, so it survives a failed run.
+        let log_path = std::env::temp_dir().join("sip-edge-bench-kamailio.log");
+        let log = std::fs::File::create(&log_path).map_err(io("kamailio log"))?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", topo.edge_path().display()))
+            .args(["--", "kamailio", "-DD", "-E", "-m", "256", "-M", "16", "-f"])
+            .arg(&cfg)
+            .arg("-Y")
+            .arg(&run_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(io("spawn kamailio"))?;
+        let mut k = Kamailio {
+            child,
+            marker: cfg.display().to_string(),
+        };
+        let up = wait_listening(&topo.client, sa(PROXY_INSIDE), "kamailio inside listener", || {
+            matches!(k.child.try_wait(), Ok(None))
+        });
+        if let Err(e) = up {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(5).collect();
+            eprintln!("kamailio log (last lines, newest first): {tail:?}");
+            return Err(e);
+        }
+        Ok(k)
+    }
+
+    fn pss(&self) -> u64 {
+        pss_of_marked(&self.marker)
+    }
+}
+
+impl Drop for Kamailio {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid; Kamailio's main process
+        // stops its children on SIGTERM.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // Children that outlived their parent.
+        let _ = Command::new("pkill").args(["-KILL", "-f", &self.marker]).status();
+    }
+}
+
+fn kamailio_version() -> Option<String> {
+    let out = Command::new("kamailio").arg("-v").output().ok()?;
+    let s = String::from_utf8_lossy(&out.stdout).into_owned();
+    s.lines().next().map(|l| l.trim().to_owned())
+}
+
+fn run_kamailio(
+    topo: &Topology,
+    pki: &TestPki,
+    dir: &Path,
+    sizes: SipSizes,
+    t: &Target,
+    stage: &mut SipStage,
+    start: Instant,
+) -> Result<(), BenchError> {
+    let k = Kamailio::start(topo, pki, dir)?;
+    let ns = topo.client.as_str();
+    for per_call in [false, true] {
+        let r = load(ns, "kamailio", t, sizes.workers, sizes.seconds, per_call, Arc::default())?;
+        progress(start, &run_line(&r));
+        stage.runs.push(r);
+    }
+    let marker = k.marker.clone();
+    let measure = move || pss_of_marked(&marker);
+    let m = memory_idle(ns, "kamailio", t, sizes.idle_connections, &measure)?;
+    progress(start, &mem_line(&m));
+    stage.memory.push(m);
+    let m = memory_calls(ns, "kamailio", t, sizes.held_calls, sizes.workers, &measure)?;
+    progress(start, &mem_line(&m));
+    stage.memory.push(m);
+    let _ = k.pss();
+    Ok(())
+}
+
+/// Run the stage. A system that fails is reported in `not_measured`; the
+/// stage fails as a whole only when the topology or callee cannot be built.
+pub fn run(mode: Mode, start: Instant) -> Result<SipStage, BenchError> {
+    let sizes = SipSizes::for_mode(mode);
+    progress(
+        start,
+        &format!(
+            "sip: {} workers × {:.1} s per run, {} probe calls, {} idle connections, {} held calls",
+            sizes.workers, sizes.seconds, sizes.probe_calls, sizes.idle_connections, sizes.held_calls
+        ),
+    );
+    let mut stage = SipStage {
+        generator: "sip-edge's own TLS load generator (sip_edge::testua on tokio + rustls): SIPp has no TLS, and stunnel in front of it would add a userspace TLS hop per side on the same two vCPUs".into(),
+        peer_versions: kamailio_version()
+            .map(|v| vec![("kamailio".to_owned(), v)])
+            .unwrap_or_default(),
+        sizes,
+        runs: Vec::new(),
+        install: Vec::new(),
+        memory: Vec::new(),
+        ratios: Vec::new(),
+        not_measured: Vec::new(),
+    };
+    let tmp = tempfile::tempdir().map_err(io("tempdir"))?;
+    let pki = TestPki::generate(tmp.path()).map_err(ua_err("certificates"))?;
+    let mut topo = Topology::create(&format!("bs{}", std::process::id() % 10_000))?;
+    topo.attach_pass_programs()?;
+    let _callee = Callee::start(&topo.peer, sa(CALLEE), &pki)?;
+    let target = Target {
+        addr: sa(PROXY_INSIDE),
+        tls_name: testua::EDGE_TLS_NAME,
+        cfg: testua::client_config(&pki.ca).map_err(ua_err("client TLS config"))?,
+        ruri: "sips:bob@peer.example.net",
+    };
+    if let Err(e) = run_sip_edge(&topo, &pki, tmp.path(), sizes, &target, &mut stage, start) {
+        progress(start, &format!("sip-edge: {e}"));
+        stage.not_measured.push(NotMeasured {
+            what: "sip-edge".into(),
+            reason: format!("{e:#}"),
+        });
+    }
+    if stage.peer_versions.is_empty() {
+        stage.not_measured.push(NotMeasured {
+            what: "kamailio".into(),
+            reason: "`kamailio -v` failed: is the kamailio package installed?".into(),
+        });
+    } else if let Err(e) = run_kamailio(&topo, &pki, tmp.path(), sizes, &target, &mut stage, start)
+    {
+        progress(start, &format!("kamailio: {e}"));
+        stage.not_measured.push(NotMeasured {
+            what: "kamailio".into(),
+            reason: format!("{e:#}"),
+        });
+    }
+    for conn in ["persistent", "per-call"] {
+        let rate = |sys: &str| {
+            stage
+                .runs
+                .iter()
+                .find(|r| r.system == sys && r.connections == conn)
+                .map(|r| r.calls_per_s)
+        };
+        if let (Some(a), Some(b)) = (rate("sip-edge"), rate("kamailio")) {
+            if b > 0.0 {
+                stage
+                    .ratios
+                    .push((format!("sip-edge / kamailio, calls/s, {conn} connections"), a / b));
+            }
+        }
+    }
+    Ok(stage)
+}
