@@ -965,6 +965,14 @@ fn mem_line(m: &MemoryFigure) -> String {
 /// A transaction-stateful, record-routing TLS proxy: initial requests go to
 /// the callee, in-dialog requests follow the route set. No dialog module,
 /// no SDP handling (Kamailio would need rtpengine for media).
+///
+/// One TCP worker (`tcp_children=1`): Kamailio 5.6's TLS module shares
+/// OpenSSL objects between its worker processes, which Debian's OpenSSL 3
+/// does not survive: with 4 workers, runs with a new connection per call
+/// failed handshakes and reads ("unsupported algorithm", "freeing already
+/// freed pointer" in the log). Upstream fixed this in 5.7+
+/// (`tls_threads_mode`); with one worker every TLS connection stays in one
+/// process, and Kamailio measured faster here than with 4 failing ones.
 fn kamailio_cfg(pki: &TestPki, modules: &Path) -> String {
     format!(
         r#"#!KAMAILIO
