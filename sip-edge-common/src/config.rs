@@ -35,6 +35,46 @@ pub struct EdgeAddrKey {
 }
 const _: () = assert!(core::mem::size_of::<EdgeAddrKey>() == 20);
 
+/// IPv4 addresses `EdgeList` holds inline.
+pub const EDGE_LIST_V4: usize = 16;
+/// IPv6 addresses `EdgeList` holds inline.
+pub const EDGE_LIST_V6: usize = 8;
+
+/// Value of `EDGE_LIST` (single entry): the edge-owned addresses of
+/// `EDGE_ADDRS` as short inline lists, so classifying a packet's
+/// destination is a scan of a few words in one or two cache lines instead
+/// of a jhash of a 20-byte key. With more addresses than fit inline the
+/// agent sets `overflow` and the datapath falls back to the `EDGE_ADDRS`
+/// hash for addresses not found inline. 208 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct EdgeList {
+    /// IPv4 entries in use (the first `n4` of `v4`).
+    pub n4: u32,
+    /// IPv6 entries in use.
+    pub n6: u32,
+    /// Non-zero: `EDGE_ADDRS` holds addresses beyond these lists.
+    pub overflow: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+    /// IPv4 addresses, network order (the 4 bytes as a native u32).
+    pub v4: [u32; EDGE_LIST_V4],
+    /// IPv6 addresses, network order (the 16 bytes as two native u64).
+    pub v6: [[u64; 2]; EDGE_LIST_V6],
+}
+const _: () = assert!(core::mem::size_of::<EdgeList>() == 208);
+
+/// Entries of `DST_PORTS`: one per (protocol, destination port).
+pub const DST_PORT_SLOTS: u32 = 2 * 65536;
+
+/// Index into `DST_PORTS` of a `MATCH_DST` key's protocol and port (host
+/// order): UDP ports first, every other protocol (TCP) after.
+#[inline(always)]
+pub fn dst_port_index(proto: u8, port: u16) -> u32 {
+    let hi = if proto == crate::PROTO_UDP { 0 } else { 65536 };
+    hi | port as u32
+}
+
 /// Words in one 65536-bit port bitmap.
 pub const PORT_BITMAP_WORDS: usize = 1024;
 

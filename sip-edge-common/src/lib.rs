@@ -37,6 +37,12 @@ pub mod map_names {
     pub const PORT_POLICY: &str = "PORT_POLICY";
     /// `HASH<EdgeAddrKey, u32>`: addresses owned by the edge (internal and public).
     pub const EDGE_ADDRS: &str = "EDGE_ADDRS";
+    /// `ARRAY<EdgeList>` (one entry): the edge addresses as inline lists.
+    pub const EDGE_LIST: &str = "EDGE_LIST";
+    /// `ARRAY<u32>` (mmapable) indexed by `dst_port_index`: how many
+    /// `MATCH_DST` rules use each protocol and port; 0 = the datapath skips
+    /// the pinhole lookup by destination.
+    pub const DST_PORTS: &str = "DST_PORTS";
     /// `ARRAY<Settings>` (one entry): global datapath settings.
     pub const SETTINGS: &str = "SETTINGS";
     /// `DEVMAP_HASH<u32 ifindex>`: the interfaces redirects may leave through.
@@ -54,7 +60,7 @@ pub mod map_names {
     pub const BENCH: [&str; 2] = [BENCH_CFG, BENCH_CNT];
 
     /// Every map name, for pinning and cleanup loops.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 12] = [
         PINHOLES,
         PH_STATE,
         REASONS,
@@ -65,6 +71,8 @@ pub mod map_names {
         TX_PORTS,
         NEIGH_MISS,
         IFACES_HI,
+        EDGE_LIST,
+        DST_PORTS,
     ];
 }
 

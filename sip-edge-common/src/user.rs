@@ -17,6 +17,7 @@ unsafe impl aya::Pod for PinholeRule {}
 unsafe impl aya::Pod for PinholeState {}
 unsafe impl aya::Pod for IfaceConfig {}
 unsafe impl aya::Pod for EdgeAddrKey {}
+unsafe impl aya::Pod for crate::EdgeList {}
 unsafe impl aya::Pod for PortPolicy {}
 unsafe impl aya::Pod for Settings {}
 unsafe impl aya::Pod for NeighMissKey {}

@@ -16,6 +16,7 @@
 //! | 0    | IPv6 extension headers: media port / otherwise        | `DropIpv6Ext` / `PassIpv6Ext` |  |
 //! | 0    | no UDP/TCP ports (ICMP, ...)                          | default policy       |          |
 //! | 1    | pinhole lookup by dst (then by src if R = internal)   | miss → step 6        |          |
+//! | 1    | (the dst lookup is skipped when `DST_PORTS` counts no `MATCH_DST` rule on the protocol and port: a miss) | | |
 //! | 1    | rule's state slot outside `PH_STATE` / family mismatch| `DropBadRule`        | drop     |
 //! | 2    | remote (or latched remote) differs                    | `DropRemoteMismatch` | drop     |
 //! | 3    | TTL / hop limit ≤ 1                                   | `DropTtlExceeded`    | drop     |
@@ -23,7 +24,7 @@
 //! | 5    | next hop: the pinhole's cached FIB result (< 1 s old, same dst) or `bpf_fib_lookup` | | |
 //! | 5    | FIB: no neighbour / other failure / egress ∉ TX_PORTS | `DropNoNeigh` / `DropFibFailed` / `DropNoTxPort` | drop |
 //! | 5    | FIB success, redirected                               | `Forwarded`          | redirect |
-//! | 6    | edge address, always-pass port                        | `PassSignalling`     | pass     |
+//! | 6    | edge address (`EDGE_LIST` scan, `EDGE_ADDRS` on overflow), always-pass port | `PassSignalling` | pass |
 //! | 6    | edge address, media port                              | `DropNoPinhole`      | drop     |
 //! | 6    | anything else                                         | `PassOther` / `DropOther` (SETTINGS) | |
 //!

@@ -19,8 +19,8 @@ use aya_ebpf::{
     helpers::{bpf_map_lookup_elem, bpf_map_update_elem, bpf_redirect_map},
 };
 use sip_edge_common::{
-    BenchCfg, EdgeAddrKey, IfaceConfig, NeighMiss, NeighMissKey, PinholeKey, PinholeRule,
-    PinholeState, PortPolicy, Settings, BENCH_CNT_LEN, IFACE_SLOTS, REASON_COUNT,
+    BenchCfg, EdgeAddrKey, EdgeList, IfaceConfig, NeighMiss, NeighMissKey, PinholeKey, PinholeRule,
+    PinholeState, PortPolicy, Settings, BENCH_CNT_LEN, DST_PORT_SLOTS, IFACE_SLOTS, REASON_COUNT,
 };
 
 /// Default number of pinholes (and of `PH_STATE` slots); the agent's loader
@@ -32,7 +32,7 @@ pub const DEFAULT_MAX_PINHOLES: usize = 65536;
 /// value). Never dereferenced; the loader replaces references to the static
 /// with the map's fd.
 #[repr(C)]
-pub struct MapDef<const TYPE: usize, K, V, const MAX: usize> {
+pub struct MapDef<const TYPE: usize, K, V, const MAX: usize, const FLAGS: usize = 0> {
     /// `BPF_MAP_TYPE_*`.
     r#type: *const [i32; TYPE],
     /// Key type.
@@ -41,12 +41,17 @@ pub struct MapDef<const TYPE: usize, K, V, const MAX: usize> {
     value: *const V,
     /// Default size.
     max_entries: *const [i32; MAX],
+    /// `BPF_F_*` creation flags.
+    map_flags: *const [i32; FLAGS],
 }
 
 // SAFETY: the members are BTF placeholders, never read or written.
-unsafe impl<const TYPE: usize, K, V, const MAX: usize> Sync for MapDef<TYPE, K, V, MAX> {}
+unsafe impl<const TYPE: usize, K, V, const MAX: usize, const FLAGS: usize> Sync
+    for MapDef<TYPE, K, V, MAX, FLAGS>
+{
+}
 
-impl<const TYPE: usize, K, V, const MAX: usize> MapDef<TYPE, K, V, MAX> {
+impl<const TYPE: usize, K, V, const MAX: usize, const FLAGS: usize> MapDef<TYPE, K, V, MAX, FLAGS> {
     /// The placeholder definition.
     pub const fn new() -> Self {
         Self {
@@ -54,6 +59,7 @@ impl<const TYPE: usize, K, V, const MAX: usize> MapDef<TYPE, K, V, MAX> {
             key: core::ptr::null(),
             value: core::ptr::null(),
             max_entries: core::ptr::null(),
+            map_flags: core::ptr::null(),
         }
     }
 
@@ -113,6 +119,9 @@ const HASH: usize = bpf_map_type::BPF_MAP_TYPE_HASH as usize;
 const ARRAY: usize = bpf_map_type::BPF_MAP_TYPE_ARRAY as usize;
 const PERCPU_ARRAY: usize = bpf_map_type::BPF_MAP_TYPE_PERCPU_ARRAY as usize;
 const LRU_HASH: usize = bpf_map_type::BPF_MAP_TYPE_LRU_HASH as usize;
+/// `BPF_F_MMAPABLE`: the agent maps the array into its memory and updates
+/// single words with atomic instructions.
+const MMAPABLE: usize = 1 << 10;
 const DEVMAP_HASH: usize = bpf_map_type::BPF_MAP_TYPE_DEVMAP_HASH as usize;
 
 /// The pinhole table, written only by the agent's map writer. A plain HASH,
@@ -157,6 +166,23 @@ pub static PORT_POLICY: MapDef<ARRAY, u32, PortPolicy, 1> = MapDef::new();
 #[unsafe(link_section = ".maps")]
 #[unsafe(no_mangle)]
 pub static EDGE_ADDRS: MapDef<HASH, EdgeAddrKey, u32, 64> = MapDef::new();
+
+/// The addresses of `EDGE_ADDRS` as inline lists (entry 0), scanned
+/// instead of hashing; `overflow` sends a miss on to `EDGE_ADDRS`.
+#[unsafe(link_section = ".maps")]
+#[unsafe(no_mangle)]
+pub static EDGE_LIST: MapDef<ARRAY, u32, EdgeList, 1> = MapDef::new();
+
+/// Number of `MATCH_DST` rules per (protocol, destination port), indexed by
+/// `dst_port_index`; 0 = no rule can match a packet's destination, so the
+/// `PINHOLES` lookup by destination is skipped (junk to unused media ports
+/// drops without hashing). Maintained by the agent's map writer with atomic
+/// adds through mmap (counted up before a rule is inserted, down after it
+/// is removed, so a visible rule is always counted).
+#[unsafe(link_section = ".maps")]
+#[unsafe(no_mangle)]
+pub static DST_PORTS: MapDef<ARRAY, u32, u64, { DST_PORT_SLOTS as usize }, MMAPABLE> =
+    MapDef::new();
 
 /// Global settings (entry 0). Missing: all zero, i.e. `POLICY_PASS`.
 #[unsafe(link_section = ".maps")]

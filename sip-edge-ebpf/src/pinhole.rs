@@ -14,14 +14,14 @@
 use core::intrinsics::{atomic_cxchg, atomic_xadd, AtomicOrdering};
 
 use sip_edge_common::{
-    PinholeKey, PinholeRule, PinholeState, Reason, LATCH_CLAIMING, LATCH_DONE, LATCH_NONE,
+    dst_port_index, PinholeKey, PinholeRule, PinholeState, Reason, LATCH_CLAIMING, LATCH_DONE, LATCH_NONE,
     MATCH_DST, MATCH_SRC, ROLE_INTERNAL, RULE_ANY_REMOTE_PORT, RULE_DST_FOLLOWS_PAIR, RULE_LATCH,
     RULE_LATCH_PORT, RULE_REWRITE_DST, RULE_REWRITE_SRC,
 };
 
 use crate::{
     count,
-    maps::{PH_STATE, PINHOLES},
+    maps::{DST_PORTS, PH_STATE, PINHOLES},
     parse::Packet,
     to_addr,
 };
@@ -59,7 +59,12 @@ pub fn lookup(pkt: &Packet, role: u8) -> Result<Option<Hit>, Reason> {
         match_on: MATCH_DST,
         _pad: [0; 2],
     };
-    let (rule, match_src) = match PINHOLES.get_ptr(&key) {
+    let by_dst = if dst_port_used(pkt) {
+        PINHOLES.get_ptr(&key)
+    } else {
+        None
+    };
+    let (rule, match_src) = match by_dst {
         Some(r) => (r, false),
         None if role == ROLE_INTERNAL => {
             key.addr = to_addr(&pkt.src);
@@ -79,6 +84,18 @@ pub fn lookup(pkt: &Packet, role: u8) -> Result<Option<Hit>, Reason> {
         state,
         match_src,
     }))
+}
+
+/// Whether any `MATCH_DST` rule uses the packet's protocol and destination
+/// port (`DST_PORTS`); a missing entry counts as used.
+#[inline(always)]
+fn dst_port_used(pkt: &Packet) -> bool {
+    let idx = dst_port_index(pkt.proto, u16::from_be(pkt.dport));
+    match DST_PORTS.get_ptr(&idx) {
+        // SAFETY: a live array value; the agent changes it with atomic adds.
+        Some(n) => (unsafe { n.read_volatile() }) != 0,
+        None => true,
+    }
 }
 
 /// Two network-order addresses, compared as two 64-bit words.

@@ -1,12 +1,14 @@
 //! Verdicts for packets that do not use a pinhole: the edge-address port
-//! policy (`EDGE_ADDRS` + `PORT_POLICY`) and the default policy (`SETTINGS`).
+//! policy (`EDGE_LIST`/`EDGE_ADDRS` + `PORT_POLICY`) and the default policy (`SETTINGS`).
 //! Always-pass ports are checked before media ports, so a port in both sets
 //! is signalling.
 
-use sip_edge_common::{EdgeAddrKey, PortPolicy, Reason, POLICY_DROP};
+use sip_edge_common::{
+    EdgeAddrKey, PortPolicy, Reason, EDGE_LIST_V4, EDGE_LIST_V6, FAMILY_V4, POLICY_DROP,
+};
 
 use crate::{
-    maps::{EDGE_ADDRS, PORT_POLICY, SETTINGS},
+    maps::{EDGE_ADDRS, EDGE_LIST, PORT_POLICY, SETTINGS},
     parse::Packet,
 };
 
@@ -24,12 +26,46 @@ pub enum PortClass {
 const _: () = assert!(core::mem::size_of::<EdgeAddrKey>() == 20);
 const _: () = assert!(core::mem::offset_of!(EdgeAddrKey, family) == 16);
 
-/// Classify the packet's destination: edge address + port bitmaps.
+/// Whether the packet's destination is an edge address: a scan of the
+/// inline `EDGE_LIST`, then (only when the agent flagged more addresses
+/// than fit inline) the `EDGE_ADDRS` hash.
 #[inline(always)]
-pub fn classify(pkt: &Packet) -> PortClass {
-    if !pkt.has_ports {
-        return PortClass::Other;
+fn is_edge(pkt: &Packet) -> bool {
+    let Some(l) = EDGE_LIST.get_ptr(&0) else {
+        return edge_hash(pkt);
+    };
+    // SAFETY: a live array map value (plain data written whole by the agent).
+    let l = unsafe { &*l };
+    if pkt.family == FAMILY_V4 {
+        let a = pkt.dst[0] as u32 | (pkt.dst[1] as u32) << 16;
+        let n = l.n4 as usize;
+        for i in 0..EDGE_LIST_V4 {
+            if i >= n {
+                break;
+            }
+            if l.v4[i] == a {
+                return true;
+            }
+        }
+    } else {
+        // SAFETY: same size, both plain integers.
+        let a: [u64; 2] = unsafe { core::mem::transmute(pkt.dst) };
+        let n = l.n6 as usize;
+        for i in 0..EDGE_LIST_V6 {
+            if i >= n {
+                break;
+            }
+            if l.v6[i][0] == a[0] && l.v6[i][1] == a[1] {
+                return true;
+            }
+        }
     }
+    l.overflow != 0 && edge_hash(pkt)
+}
+
+/// `EDGE_ADDRS` lookup of the packet's destination.
+#[inline(always)]
+fn edge_hash(pkt: &Packet) -> bool {
     // The key as 16-bit words: `family` and its padding form the last two
     // (little-endian: family is the low byte), avoiding byte stores and a
     // memset call for the 3-byte padding; layout asserted below.
@@ -47,7 +83,13 @@ pub fn classify(pkt: &Packet) -> PortClass {
     ];
     // SAFETY: same size; EdgeAddrKey has alignment 1.
     let key = unsafe { &*(&raw const words).cast::<EdgeAddrKey>() };
-    if EDGE_ADDRS.get_ptr(key).is_none() {
+    EDGE_ADDRS.get_ptr(key).is_some()
+}
+
+/// Classify the packet's destination: edge address + port bitmaps.
+#[inline(always)]
+pub fn classify(pkt: &Packet) -> PortClass {
+    if !pkt.has_ports || !is_edge(pkt) {
         return PortClass::Other;
     }
     // A missing entry behaves as an all-zero policy.

@@ -25,7 +25,7 @@ use aya::{
 };
 use serde::Serialize;
 use sip_edge_common::{
-    addr_from_ip, bench_progs, map_names, BenchCfg, PinholeKey, PinholeRule, PinholeState, Reason,
+    addr_from_ip, bench_progs, dst_port_index, map_names, BenchCfg, PinholeKey, PinholeRule, PinholeState, Reason,
     MATCH_DST, POLICY_PASS, PROTO_TCP, PROTO_UDP, REASON_COUNT, ROLE_EXTERNAL, ROLE_INTERNAL,
     RULE_REWRITE_DST, RULE_REWRITE_SRC, XDP_PROG_NAME,
 };
@@ -210,6 +210,8 @@ struct Bench {
     pinholes: HashMap<MapData, PinholeKey, PinholeRule>,
     state: Array<MapData, PinholeState>,
     reasons: PerCpuArray<MapData, u64>,
+    /// `DST_PORTS`, counted here as the map writer would (single writer).
+    dst_ports: Array<MapData, u64>,
     ext: u32,
 }
 
@@ -342,6 +344,8 @@ pub fn run(mode: Mode, start: Instant) -> Result<ProgStage, BenchError> {
         .map_err(map_err(map_names::PH_STATE))?;
     let reasons = PerCpuArray::try_from(take(&mut ebpf, map_names::REASONS)?)
         .map_err(map_err(map_names::REASONS))?;
+    let dst_ports = Array::try_from(take(&mut ebpf, map_names::DST_PORTS)?)
+        .map_err(map_err(map_names::DST_PORTS))?;
     // Baselines from a second copy of the object: the trivial pass program
     // and the bare redirect (to the internal link).
     let mut base = loader::load_object()?;
@@ -385,6 +389,7 @@ pub fn run(mode: Mode, start: Instant) -> Result<ProgStage, BenchError> {
         pinholes,
         state,
         reasons,
+        dst_ports,
         ext: ns.links.ext,
     };
     let _stats = StatsOff::new()?;
@@ -594,14 +599,32 @@ fn install(
             .map_err(map_err(map_names::PINHOLES))?;
         keys.push(k);
     }
+    set_dst_counts(b, &keys, true)?;
     Ok((keys, order))
+}
+
+/// Write the `DST_PORTS` counts of `keys` (or zero them): one write per
+/// distinct (protocol, port) instead of one atomic add per rule.
+fn set_dst_counts(b: &mut Bench, keys: &[PinholeKey], on: bool) -> Result<(), BenchError> {
+    let mut counts = std::collections::BTreeMap::<u32, u64>::new();
+    for k in keys {
+        *counts
+            .entry(dst_port_index(k.proto, u16::from_be(k.port)))
+            .or_default() += 1;
+    }
+    for (idx, n) in counts {
+        b.dst_ports
+            .set(idx, if on { n } else { 0 }, 0)
+            .map_err(map_err(map_names::DST_PORTS))?;
+    }
+    Ok(())
 }
 
 fn uninstall(b: &mut Bench, keys: &[PinholeKey]) -> Result<(), BenchError> {
     for k in keys {
         b.pinholes.remove(k).map_err(map_err(map_names::PINHOLES))?;
     }
-    Ok(())
+    set_dst_counts(b, keys, false)
 }
 
 type Figure = Option<(f64, u64, u64, Vec<(String, u64)>)>;

@@ -18,7 +18,8 @@ use aya::maps::{xdp::DevMapHash, Array, HashMap, Map, MapData, MapError, PerCpuA
 use aya::programs::{ProgramError, Xdp};
 use aya::{Ebpf, TestRun, TestRunOptions};
 use sip_edge_common::{
-    addr_from_ip, ip_from_addr, map_names, EdgeAddrKey, IfaceConfig, NeighMiss, NeighMissKey,
+    addr_from_ip, dst_port_index, ip_from_addr, map_names, EdgeAddrKey, EdgeList, IfaceConfig,
+    NeighMiss, NeighMissKey, MATCH_DST,
     PinholeKey, PinholeRule, PinholeState, PortPolicy, Reason, Settings, LATCH_DONE, LATCH_NONE,
     REASON_COUNT, ROLE_EXTERNAL, ROLE_INTERNAL, XDP_PROG_NAME,
 };
@@ -162,6 +163,10 @@ pub struct Pinhole {
     pub rule: PinholeRule,
     /// Initial `PH_STATE[rule.slot]`; zeroed when `None`.
     pub state: Option<PinholeState>,
+    /// Whether the runner counts the rule in `DST_PORTS` as the map writer
+    /// does; `false` installs it uncounted, to check that the datapath then
+    /// skips the lookup by destination.
+    pub counted: bool,
 }
 
 /// What the output frame must be.
@@ -323,6 +328,7 @@ struct Maps {
     reasons: PerCpuArray<MapData, u64>,
     settings: Array<MapData, Settings>,
     neigh_miss: HashMap<MapData, NeighMissKey, NeighMiss>,
+    dst_ports: Array<MapData, u64>,
 }
 
 /// A loaded program in its own namespace. Field order is drop order: the
@@ -511,12 +517,17 @@ impl Runner {
         }
         let mut edge: HashMap<MapData, EdgeAddrKey, u32> =
             take(&mut ebpf, map_names::EDGE_ADDRS, HashMap::try_from)?;
-        for ip in [
+        let edge_ips = [
             IpAddr::from(netns::EDGE_INT4),
             netns::EDGE_PUB4.into(),
             netns::EDGE_INT6.into(),
             netns::EDGE_PUB6.into(),
-        ] {
+        ];
+        let mut list: Array<MapData, EdgeList> =
+            take(&mut ebpf, map_names::EDGE_LIST, Array::try_from)?;
+        list.set(0, super::maps::edge_list(&edge_ips), 0)
+            .map_err(map_err(map_names::EDGE_LIST))?;
+        for ip in edge_ips {
             let (family, addr) = addr_from_ip(ip);
             edge.insert(
                 EdgeAddrKey {
@@ -540,6 +551,7 @@ impl Runner {
             reasons: take(&mut ebpf, map_names::REASONS, PerCpuArray::try_from)?,
             settings: take(&mut ebpf, map_names::SETTINGS, Array::try_from)?,
             neigh_miss: take(&mut ebpf, map_names::NEIGH_MISS, HashMap::try_from)?,
+            dst_ports: take(&mut ebpf, map_names::DST_PORTS, Array::try_from)?,
         };
         Ok(Setup::Ready(Box::new(Runner { ebpf, maps, ns })))
     }
@@ -617,6 +629,9 @@ impl Runner {
                     .set(p.rule.slot, p.state.unwrap_or_default(), 0)
                     .map_err(map_err(map_names::PH_STATE))?;
             }
+            if p.counted {
+                self.count_dst(&p.key, 1)?;
+            }
             self.maps
                 .pinholes
                 .insert(p.key, p.rule, 0)
@@ -625,12 +640,33 @@ impl Runner {
         Ok(())
     }
 
+    /// Add `delta` to the `DST_PORTS` count of a `MATCH_DST` key (what the
+    /// map writer does with atomics; the runner is the only writer here).
+    fn count_dst(&mut self, key: &PinholeKey, delta: i64) -> Result<(), FixtureError> {
+        if key.match_on != MATCH_DST {
+            return Ok(());
+        }
+        let idx = dst_port_index(key.proto, u16::from_be(key.port));
+        let n = self
+            .maps
+            .dst_ports
+            .get(&idx, 0)
+            .map_err(map_err(map_names::DST_PORTS))?;
+        self.maps
+            .dst_ports
+            .set(idx, n.saturating_add_signed(delta), 0)
+            .map_err(map_err(map_names::DST_PORTS))
+    }
+
     fn uninstall(&mut self, f: &Fixture) -> Result<(), FixtureError> {
         for p in &f.pinholes {
             self.maps
                 .pinholes
                 .remove(&p.key)
                 .map_err(map_err(map_names::PINHOLES))?;
+            if p.counted {
+                self.count_dst(&p.key, -1)?;
+            }
             if p.rule.slot < MAX_PINHOLES {
                 self.maps
                     .state

@@ -6,17 +6,20 @@
 use std::{
     collections::BTreeSet,
     net::{IpAddr, SocketAddr},
+    os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
+    sync::atomic::{AtomicU64, Ordering},
 };
 
 use aya::{
-    maps::{Array, DevMapHash, HashMap, Map, MapData, MapError, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, IterableMap, Map, MapData, MapError, PerCpuArray},
     Ebpf,
 };
 use serde::Serialize;
 use sip_edge_common::{
-    addr_from_ip, ip_from_addr, map_names, EdgeAddrKey, IfaceConfig, NeighMiss, NeighMissKey,
-    PinholeKey, PinholeRule, PinholeState, PortPolicy, Reason, Settings, LATCH_DONE, MATCH_DST,
+    addr_from_ip, dst_port_index, ip_from_addr, map_names, EdgeAddrKey, EdgeList, IfaceConfig, NeighMiss, NeighMissKey,
+    PinholeKey, PinholeRule, PinholeState, PortPolicy, Reason, Settings, DST_PORT_SLOTS,
+    EDGE_LIST_V4, EDGE_LIST_V6, FAMILY_V4, LATCH_DONE, MATCH_DST,
     PROTO_TCP, PROTO_UDP, ROLE_EXTERNAL, ROLE_INTERNAL,
 };
 
@@ -90,6 +93,23 @@ pub enum MapsError {
         /// Which rule is broken.
         reason: String,
     },
+    /// Mapping a map into memory failed.
+    #[error("mmap of map {name} failed: {source}; was it created by an older sip-edge without BPF_F_MMAPABLE? (stop the agent and remove the pins)")]
+    Mmap {
+        /// Map name.
+        name: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// More edge addresses than `EDGE_ADDRS` holds.
+    #[error("{count} edge addresses configured; the datapath holds at most {max}")]
+    TooManyEdgeAddrs {
+        /// Addresses configured.
+        count: usize,
+        /// Capacity.
+        max: u32,
+    },
     /// No rule uses the given slot.
     #[error("no pinhole with slot {slot}")]
     NoSuchSlot {
@@ -153,9 +173,148 @@ pub struct DatapathMaps {
     ifaces_hi: HashMap<MapData, u32, IfaceConfig>,
     port_policy: Array<MapData, PortPolicy>,
     edge_addrs: HashMap<MapData, EdgeAddrKey, u32>,
+    edge_list: Array<MapData, EdgeList>,
+    dst_ports: DstPorts,
     settings: Array<MapData, Settings>,
     tx_ports: DevMapHash<MapData>,
     neigh_miss: HashMap<MapData, NeighMissKey, NeighMiss>,
+}
+
+/// `DST_PORTS` mapped into this process (`BPF_F_MMAPABLE`): counts of
+/// `MATCH_DST` rules per (protocol, port), changed with atomic adds so the
+/// agent and a concurrent CLI never lose each other's updates.
+struct DstPorts {
+    /// Keeps the map (and the mapping's backing object) alive.
+    _map: MapData,
+    /// Start of the mapping: `DST_PORT_SLOTS` u64 counters.
+    base: *mut u8,
+    /// Bytes mapped.
+    len: usize,
+}
+
+// SAFETY: the mapping is shared memory accessed only through atomics; the
+// pointer is owned by this struct and unmapped once, on drop.
+unsafe impl Send for DstPorts {}
+
+impl DstPorts {
+    fn new(map: Map) -> Result<Self, MapsError> {
+        let name = map_names::DST_PORTS;
+        let Map::Array(data) = map else {
+            return Err(MapsError::Open {
+                name,
+                source: MapError::InvalidMapType { map_type: 0 },
+            });
+        };
+        let len = DST_PORT_SLOTS as usize * 8;
+        let info = data.info().map_err(|source| MapsError::Open { name, source })?;
+        if info.max_entries() != DST_PORT_SLOTS || info.value_size() != 8 {
+            return Err(MapsError::Mmap {
+                name,
+                source: std::io::Error::other("unexpected map size"),
+            });
+        }
+        // SAFETY: a fresh shared mapping of the map's data pages; the
+        // kernel refuses (EINVAL) maps created without BPF_F_MMAPABLE.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                data.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(MapsError::Mmap {
+                name,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(DstPorts {
+            _map: data,
+            base: p.cast(),
+            len,
+        })
+    }
+
+    fn counter(&self, key: &PinholeKey) -> Option<&AtomicU64> {
+        if key.match_on != MATCH_DST {
+            return None;
+        }
+        let idx = dst_port_index(key.proto, u16::from_be(key.port)) as usize;
+        // SAFETY: idx < DST_PORT_SLOTS (index is at most 2^17 - 1), each
+        // element is an 8-byte aligned u64 of the page-aligned mapping.
+        Some(unsafe { &*self.base.add(idx * 8).cast::<AtomicU64>() })
+    }
+
+    /// Count a rule on `key` (before it becomes visible).
+    fn add(&self, key: &PinholeKey) {
+        if let Some(c) = self.counter(key) {
+            c.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Uncount a rule on `key` (after it was removed).
+    fn sub(&self, key: &PinholeKey) {
+        if let Some(c) = self.counter(key) {
+            // Never below zero: a count that is too high only costs a hash
+            // lookup, one too low would hide a rule.
+            let _ = c.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1));
+        }
+    }
+
+    /// Recount from the installed rules (agent start: the pins may come
+    /// from a build that had no `DST_PORTS`).
+    fn rebuild(&self, keys: &[PinholeKey]) {
+        let mut counts = vec![0u64; DST_PORT_SLOTS as usize];
+        for k in keys.iter().filter(|k| k.match_on == MATCH_DST) {
+            counts[dst_port_index(k.proto, u16::from_be(k.port)) as usize] += 1;
+        }
+        for (i, n) in counts.into_iter().enumerate() {
+            // SAFETY: as in `counter`.
+            let c = unsafe { &*self.base.add(i * 8).cast::<AtomicU64>() };
+            c.store(n, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for DstPorts {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `new`.
+        unsafe {
+            libc::munmap(self.base.cast(), self.len);
+        }
+    }
+}
+
+/// `EDGE_LIST` for `addrs`: the first addresses of each family inline,
+/// `overflow` set when any did not fit.
+pub fn edge_list(addrs: &[IpAddr]) -> EdgeList {
+    let mut l = EdgeList::default();
+    for ip in addrs {
+        let (family, a) = addr_from_ip(*ip);
+        if family == FAMILY_V4 {
+            if (l.n4 as usize) < EDGE_LIST_V4 {
+                l.v4[l.n4 as usize] = u32::from_ne_bytes([a[0], a[1], a[2], a[3]]);
+                l.n4 += 1;
+            } else {
+                l.overflow = 1;
+            }
+        } else if (l.n6 as usize) < EDGE_LIST_V6 {
+            let mut w = [0u64; 2];
+            for (i, chunk) in a.chunks_exact(8).enumerate() {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(chunk);
+                w[i] = u64::from_ne_bytes(b);
+            }
+            l.v6[l.n6 as usize] = w;
+            l.n6 += 1;
+        } else {
+            l.overflow = 1;
+        }
+    }
+    l
 }
 
 /// An attached interface as the datapath knows it.
@@ -195,7 +354,13 @@ impl DatapathMaps {
                 pin_dir: None,
             })
         };
-        Self::from_maps(&mut take)
+        let maps = Self::from_maps(&mut take)?;
+        // The owner of a (re)loaded datapath recounts DST_PORTS from the
+        // rules: re-adopted pins may predate it or an interrupted writer may
+        // have left a count behind.
+        let keys: Vec<PinholeKey> = maps.pinholes.keys().filter_map(Result::ok).collect();
+        maps.dst_ports.rebuild(&keys);
+        Ok(maps)
     }
 
     /// Open the maps pinned under `dir` by a running (or kept) datapath.
@@ -227,6 +392,8 @@ impl DatapathMaps {
             ifaces_hi: conv(IFACES_HI, HashMap::try_from(take(IFACES_HI)?))?,
             port_policy: conv(PORT_POLICY, Array::try_from(take(PORT_POLICY)?))?,
             edge_addrs: conv(EDGE_ADDRS, HashMap::try_from(take(EDGE_ADDRS)?))?,
+            edge_list: conv(EDGE_LIST, Array::try_from(take(EDGE_LIST)?))?,
+            dst_ports: DstPorts::new(take(DST_PORTS)?)?,
             settings: conv(SETTINGS, Array::try_from(take(SETTINGS)?))?,
             tx_ports: conv(TX_PORTS, DevMapHash::try_from(take(TX_PORTS)?))?,
             neigh_miss: conv(NEIGH_MISS, HashMap::try_from(take(NEIGH_MISS)?))?,
@@ -281,6 +448,13 @@ impl DatapathMaps {
                     .map_err(op("update", IFACES_HI))?;
             }
         }
+        let max = self.edge_addrs.map().info().map_or(64, |i| i.max_entries());
+        if s.edge_addrs.len() > max as usize {
+            return Err(MapsError::TooManyEdgeAddrs {
+                count: s.edge_addrs.len(),
+                max,
+            });
+        }
         let wanted: Vec<EdgeAddrKey> = s.edge_addrs.iter().map(|ip| edge_key(*ip)).collect();
         let stale: Vec<EdgeAddrKey> = self
             .edge_addrs
@@ -298,6 +472,10 @@ impl DatapathMaps {
                 .insert(k, 1, BPF_ANY)
                 .map_err(op("update", EDGE_ADDRS))?;
         }
+        // After EDGE_ADDRS: the list's overflow flag points the datapath there.
+        self.edge_list
+            .set(0, edge_list(&s.edge_addrs), BPF_ANY)
+            .map_err(op("update", EDGE_LIST))?;
         let mut policy = PortPolicy::EMPTY;
         for (a, b) in &s.media_ports {
             for p in *a..=*b {
@@ -389,7 +567,9 @@ impl DatapathMaps {
         self.insert_rule(pair.inbound.0, pair.inbound.1)?;
         if let Err(e) = self.insert_rule(pair.outbound.0, pair.outbound.1) {
             // Roll back: a half flow must never stay installed.
-            let _ = self.pinholes.remove(&pair.inbound.0);
+            if self.pinholes.remove(&pair.inbound.0).is_ok() {
+                self.dst_ports.sub(&pair.inbound.0);
+            }
             return Err(e);
         }
         Ok((s_in, s_out))
@@ -406,7 +586,14 @@ impl DatapathMaps {
         self.state
             .set(rule.slot, PinholeState::default(), BPF_ANY)
             .map_err(op("update", map_names::PH_STATE))?;
-        match self.pinholes.insert(key, rule, BPF_NOEXIST) {
+        // Counted before it becomes visible (the datapath skips the lookup
+        // by destination on a zero count).
+        self.dst_ports.add(&key);
+        let r = self.pinholes.insert(key, rule, BPF_NOEXIST);
+        if r.is_err() {
+            self.dst_ports.sub(&key);
+        }
+        match r {
             Ok(()) => Ok(()),
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
                 Err(MapsError::Exists {
@@ -440,6 +627,7 @@ impl DatapathMaps {
             self.pinholes
                 .remove(k)
                 .map_err(op("delete", map_names::PINHOLES))?;
+            self.dst_ports.sub(k);
             self.state
                 .set(r.slot, PinholeState::default(), BPF_ANY)
                 .map_err(op("update", map_names::PH_STATE))?;
