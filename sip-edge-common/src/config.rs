@@ -36,18 +36,24 @@ pub struct EdgeAddrKey {
 const _: () = assert!(core::mem::size_of::<EdgeAddrKey>() == 20);
 
 /// IPv4 addresses `EdgeList` holds inline.
-pub const EDGE_LIST_V4: usize = 16;
+pub const EDGE_LIST_V4: usize = 32;
 /// IPv6 addresses `EdgeList` holds inline.
-pub const EDGE_LIST_V6: usize = 8;
+pub const EDGE_LIST_V6: usize = 32;
 
 /// Value of `EDGE_LIST` (single entry): the edge-owned addresses of
 /// `EDGE_ADDRS` as short inline lists, so classifying a packet's
-/// destination is a scan of a few words in one or two cache lines instead
-/// of a jhash of a 20-byte key. With more addresses than fit inline the
-/// agent sets `overflow` and the datapath falls back to the `EDGE_ADDRS`
-/// hash for addresses not found inline. 208 bytes.
+/// destination is a scan of a few words instead of a jhash of a 20-byte
+/// key, and the layout of the port-indexed pinhole table `PH_DST`. With
+/// more addresses than fit inline the agent sets `overflow` and the
+/// datapath falls back to the `EDGE_ADDRS` hash for addresses not found
+/// inline (they are never indexed). 672 bytes.
+///
+/// Edge address index: IPv4 entry `i` is `i`, IPv6 entry `j` is `n4 + j`.
+/// A `MATCH_DST` rule on edge address index `a < indexed` and host-order
+/// port `p` with `port_base <= p < port_base + port_span` lives in
+/// `PH_DST[a * port_span + (p - port_base)]`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EdgeList {
     /// IPv4 entries in use (the first `n4` of `v4`).
     pub n4: u32,
@@ -55,14 +61,36 @@ pub struct EdgeList {
     pub n6: u32,
     /// Non-zero: `EDGE_ADDRS` holds addresses beyond these lists.
     pub overflow: u32,
+    /// Edge address indexes below this one have their ports in `PH_DST`.
+    pub indexed: u32,
+    /// First port (host order) of the `PH_DST` port window.
+    pub port_base: u32,
+    /// Ports per edge address in `PH_DST`; 0 = no rule is indexed.
+    pub port_span: u32,
     /// Explicit padding.
-    pub _pad: u32,
+    pub _pad: [u32; 2],
     /// IPv4 addresses, network order (the 4 bytes as a native u32).
     pub v4: [u32; EDGE_LIST_V4],
     /// IPv6 addresses, network order (the 16 bytes as two native u64).
     pub v6: [[u64; 2]; EDGE_LIST_V6],
 }
-const _: () = assert!(core::mem::size_of::<EdgeList>() == 208);
+const _: () = assert!(core::mem::size_of::<EdgeList>() == 672);
+
+impl Default for EdgeList {
+    fn default() -> Self {
+        EdgeList {
+            n4: 0,
+            n6: 0,
+            overflow: 0,
+            indexed: 0,
+            port_base: 0,
+            port_span: 0,
+            _pad: [0; 2],
+            v4: [0; EDGE_LIST_V4],
+            v6: [[0; 2]; EDGE_LIST_V6],
+        }
+    }
+}
 
 /// Entries of `DST_PORTS`: one per (protocol, destination port).
 pub const DST_PORT_SLOTS: u32 = 2 * 65536;

@@ -37,6 +37,9 @@ pub mod map_names {
     pub const PORT_POLICY: &str = "PORT_POLICY";
     /// `HASH<EdgeAddrKey, u32>`: addresses owned by the edge (internal and public).
     pub const EDGE_ADDRS: &str = "EDGE_ADDRS";
+    /// `ARRAY<DstSlot>` (mmapable): `MATCH_DST` rules with their state,
+    /// indexed by edge address and port (`EdgeList`).
+    pub const PH_DST: &str = "PH_DST";
     /// `ARRAY<EdgeList>` (one entry): the edge addresses as inline lists.
     pub const EDGE_LIST: &str = "EDGE_LIST";
     /// `ARRAY<u32>` (mmapable) indexed by `dst_port_index`: how many
@@ -60,7 +63,7 @@ pub mod map_names {
     pub const BENCH: [&str; 2] = [BENCH_CFG, BENCH_CNT];
 
     /// Every map name, for pinning and cleanup loops.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         PINHOLES,
         PH_STATE,
         REASONS,
@@ -73,6 +76,7 @@ pub mod map_names {
         IFACES_HI,
         EDGE_LIST,
         DST_PORTS,
+        PH_DST,
     ];
 }
 

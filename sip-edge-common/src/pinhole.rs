@@ -151,3 +151,54 @@ const _: () = assert!(core::mem::size_of::<PinholeState>() == 96);
 
 /// `PinholeState::fib_at_ns` while one CPU rewrites the cache entry.
 pub const FIB_WRITING: u64 = 1;
+
+/// Slot ids with this bit set name a `PH_DST` entry (index in the low
+/// bits); others a `PH_STATE` slot. `PinholeRule::slot`/`pair_slot` and
+/// `pinhole del` use these ids.
+pub const SLOT_DST: u32 = 1 << 31;
+
+/// `DstSlot::ctl`: the entry holds a live rule.
+pub const DST_VALID: u32 = 1 << 0;
+/// `DstSlot::ctl`: the live rule is `rules[1]` (else `rules[0]`).
+pub const DST_SEL: u32 = 1 << 1;
+/// `DstSlot::ctl`: a writer has claimed the free entry and is filling it
+/// (not yet visible to the datapath).
+pub const DST_CLAIMED: u32 = 1 << 2;
+/// `DstSlot::ctl` bits 8..16: the rule's protocol; bits 16..24: its role.
+pub const DST_CTL_PROTO_SHIFT: u32 = 8;
+/// See `DST_CTL_PROTO_SHIFT`.
+pub const DST_CTL_ROLE_SHIFT: u32 = 16;
+
+/// Value of the `PH_DST` array (mmapable, so each value is 256-byte
+/// aligned in one page): a `MATCH_DST` rule on an edge address and media
+/// port, stored at the index of its address and port (see `EdgeList`),
+/// together with its state. One random flow touches one page and three
+/// adjacent cache lines instead of a hash bucket, an element and a
+/// separate `PH_STATE` slot.
+///
+/// Written by the agent through a shared mapping, never as a whole value
+/// while live: a rule is replaced by writing the idle copy of `rules` and
+/// then flipping `DST_SEL` in `ctl` with one 32-bit store, so a reader
+/// sees either rule whole; `state` (counters, latch, FIB cache) is only
+/// written by the datapath once the entry is published, so replacing a
+/// rule keeps its counters and latch. 256 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DstSlot {
+    /// Counters, latch and FIB cache, as for a `PH_STATE` slot.
+    pub state: PinholeState,
+    /// `DST_VALID | DST_SEL | DST_CLAIMED`, protocol and role (see the
+    /// `DST_CTL_*` shifts); 0 = free.
+    pub ctl: u32,
+    /// Rules in `PINHOLES` whose key indexes this entry (another protocol
+    /// or role on the same port, or a key whose entry was taken): while
+    /// non-zero, a packet that misses this entry tries `PINHOLES`.
+    pub overflow: u32,
+    /// Explicit padding.
+    pub _pad: [u32; 6],
+    /// The rule and its replacement copy; `DST_SEL` picks the live one.
+    pub rules: [PinholeRule; 2],
+}
+const _: () = assert!(core::mem::size_of::<DstSlot>() == 256);
+const _: () = assert!(core::mem::offset_of!(DstSlot, ctl) == 96);
+const _: () = assert!(core::mem::offset_of!(DstSlot, rules) == 128);

@@ -18,6 +18,7 @@ unsafe impl aya::Pod for PinholeState {}
 unsafe impl aya::Pod for IfaceConfig {}
 unsafe impl aya::Pod for EdgeAddrKey {}
 unsafe impl aya::Pod for crate::EdgeList {}
+unsafe impl aya::Pod for crate::DstSlot {}
 unsafe impl aya::Pod for PortPolicy {}
 unsafe impl aya::Pod for Settings {}
 unsafe impl aya::Pod for NeighMissKey {}

@@ -16,7 +16,7 @@
 //! | 0    | IPv6 extension headers: media port / otherwise        | `DropIpv6Ext` / `PassIpv6Ext` |  |
 //! | 0    | no UDP/TCP ports (ICMP, ...)                          | default policy       |          |
 //! | 1    | pinhole lookup by dst (then by src if R = internal)   | miss → step 6        |          |
-//! | 1    | (the dst lookup is skipped when `DST_PORTS` counts no `MATCH_DST` rule on the protocol and port: a miss) | | |
+//! | 1    | by dst: skipped (a miss) when `DST_PORTS` counts no `MATCH_DST` rule on the protocol and port; the `PH_DST` entry of an indexed edge address + port (a live entry of another protocol/role is a miss), `PINHOLES` when not indexed or the entry's `overflow` count is non-zero | | |
 //! | 1    | rule's state slot outside `PH_STATE` / family mismatch| `DropBadRule`        | drop     |
 //! | 2    | remote (or latched remote) differs                    | `DropRemoteMismatch` | drop     |
 //! | 3    | TTL / hop limit ≤ 1                                   | `DropTtlExceeded`    | drop     |
@@ -107,16 +107,19 @@ fn try_sip_edge_xdp(ctx: &XdpContext) -> Result<u32, Reason> {
         return Err(Reason::PassUnknownIface);
     }
     let pkt = parse::ip(ctx, l3, ver)?;
+    if pkt.kind == Kind::NoPorts {
+        return Err(policy::default_policy());
+    }
+    let dst = policy::dst(&pkt);
     let media = match pkt.kind {
-        Kind::Plain => match pinhole::lookup(&pkt, role)? {
+        Kind::Plain => match pinhole::lookup(&pkt, role, &dst)? {
             Some(hit) => return forward(ctx, &pkt, &hit, ifindex),
             None => Reason::DropNoPinhole,
         },
         Kind::Fragment => Reason::DropFragment,
-        Kind::Ipv6Ext => Reason::DropIpv6Ext,
-        Kind::NoPorts => return Err(policy::default_policy()),
+        _ => Reason::DropIpv6Ext,
     };
-    Err(policy::unmatched(&pkt, media))
+    Err(policy::unmatched(&pkt, &dst, media))
 }
 
 /// Role of the ingress interface; 0 when it is not configured.

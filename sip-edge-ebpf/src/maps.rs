@@ -19,8 +19,9 @@ use aya_ebpf::{
     helpers::{bpf_map_lookup_elem, bpf_map_update_elem, bpf_redirect_map},
 };
 use sip_edge_common::{
-    BenchCfg, EdgeAddrKey, EdgeList, IfaceConfig, NeighMiss, NeighMissKey, PinholeKey, PinholeRule,
-    PinholeState, PortPolicy, Settings, BENCH_CNT_LEN, DST_PORT_SLOTS, IFACE_SLOTS, REASON_COUNT,
+    BenchCfg, DstSlot, EdgeAddrKey, EdgeList, IfaceConfig, NeighMiss, NeighMissKey, PinholeKey,
+    PinholeRule, PinholeState, PortPolicy, Settings, BENCH_CNT_LEN, DST_PORT_SLOTS, IFACE_SLOTS,
+    REASON_COUNT,
 };
 
 /// Default number of pinholes (and of `PH_STATE` slots); the agent's loader
@@ -129,6 +130,19 @@ const DEVMAP_HASH: usize = bpf_map_type::BPF_MAP_TYPE_DEVMAP_HASH as usize;
 #[unsafe(link_section = ".maps")]
 #[unsafe(no_mangle)]
 pub static PINHOLES: MapDef<HASH, PinholeKey, PinholeRule, DEFAULT_MAX_PINHOLES> = MapDef::new();
+
+/// Default number of `PH_DST` entries; the loader sizes it from the edge
+/// addresses and media ranges.
+pub const DEFAULT_DST_SLOTS: usize = 65536;
+
+/// `MATCH_DST` rules on edge addresses and media ports, with their state,
+/// indexed by edge address and port (`EdgeList`): one array lookup and one
+/// page per packet instead of a hash lookup plus a `PH_STATE` slot.
+/// Mmapable: the agent publishes and replaces rules in place (see
+/// `DstSlot`), and values are page-aligned (256 bytes, whole cache lines).
+#[unsafe(link_section = ".maps")]
+#[unsafe(no_mangle)]
+pub static PH_DST: MapDef<ARRAY, u32, DstSlot, DEFAULT_DST_SLOTS, MMAPABLE> = MapDef::new();
 
 /// Counters and latch state of each rule, indexed by `PinholeRule::slot`.
 /// Kept apart from the rule so the agent can replace a rule atomically

@@ -14,15 +14,17 @@
 use core::intrinsics::{atomic_cxchg, atomic_xadd, AtomicOrdering};
 
 use sip_edge_common::{
-    dst_port_index, PinholeKey, PinholeRule, PinholeState, Reason, LATCH_CLAIMING, LATCH_DONE, LATCH_NONE,
-    MATCH_DST, MATCH_SRC, ROLE_INTERNAL, RULE_ANY_REMOTE_PORT, RULE_DST_FOLLOWS_PAIR, RULE_LATCH,
-    RULE_LATCH_PORT, RULE_REWRITE_DST, RULE_REWRITE_SRC,
+    dst_port_index, PinholeKey, PinholeRule, PinholeState, Reason, DST_CTL_PROTO_SHIFT,
+    DST_CTL_ROLE_SHIFT, DST_SEL, DST_VALID, LATCH_CLAIMING, LATCH_DONE, LATCH_NONE, MATCH_DST,
+    MATCH_SRC, ROLE_INTERNAL, RULE_ANY_REMOTE_PORT, RULE_DST_FOLLOWS_PAIR, RULE_LATCH,
+    RULE_LATCH_PORT, RULE_REWRITE_DST, RULE_REWRITE_SRC, SLOT_DST,
 };
 
 use crate::{
     count,
-    maps::{DST_PORTS, PH_STATE, PINHOLES},
+    maps::{DST_PORTS, PH_DST, PH_STATE, PINHOLES},
     parse::Packet,
+    policy::{Dst, NO_SLOT},
     to_addr,
 };
 
@@ -45,11 +47,12 @@ pub struct Hit {
     pub match_src: bool,
 }
 
-/// Look up the packet's pinhole: by destination, then (inside only) by
-/// source for nat-mode SNAT rules. `Ok(None)` is a miss; a rule whose slot
-/// is outside `PH_STATE` is `DropBadRule`.
+/// Look up the packet's pinhole: by destination (its `PH_DST` entry when
+/// `d` has one, else `PINHOLES`), then (inside only) by source for
+/// nat-mode SNAT rules. `Ok(None)` is a miss; a rule whose slot is outside
+/// `PH_STATE` is `DropBadRule`.
 #[inline(always)]
-pub fn lookup(pkt: &Packet, role: u8) -> Result<Option<Hit>, Reason> {
+pub fn lookup(pkt: &Packet, role: u8, d: &Dst) -> Result<Option<Hit>, Reason> {
     let mut key = PinholeKey {
         addr: to_addr(&pkt.dst),
         port: pkt.dport,
@@ -59,31 +62,70 @@ pub fn lookup(pkt: &Packet, role: u8) -> Result<Option<Hit>, Reason> {
         match_on: MATCH_DST,
         _pad: [0; 2],
     };
-    let by_dst = if dst_port_used(pkt) {
-        PINHOLES.get_ptr(&key)
-    } else {
-        None
-    };
-    let (rule, match_src) = match by_dst {
-        Some(r) => (r, false),
-        None if role == ROLE_INTERNAL => {
-            key.addr = to_addr(&pkt.src);
-            key.port = pkt.sport;
-            key.match_on = MATCH_SRC;
-            match PINHOLES.get_ptr(&key) {
-                Some(r) => (r, true),
-                None => return Ok(None),
+    if dst_port_used(pkt) {
+        let mut try_hash = true;
+        if d.slot != NO_SLOT {
+            try_hash = false;
+            if let Some(e) = PH_DST.get_ptr_mut(&d.slot) {
+                // SAFETY: a live PH_DST value; `ctl` is one aligned 32-bit
+                // word the agent changes with single stores.
+                let ctl = unsafe { (&raw const (*e).ctl).read_volatile() };
+                let want = DST_VALID
+                    | (pkt.proto as u32) << DST_CTL_PROTO_SHIFT
+                    | (role as u32) << DST_CTL_ROLE_SHIFT;
+                if ctl & !DST_SEL == want {
+                    let sel = ((ctl & DST_SEL) != 0) as usize;
+                    return Ok(Some(Hit {
+                        // SAFETY: `sel` is 0 or 1, inside the value.
+                        rule: unsafe { (&raw const (*e).rules).cast::<PinholeRule>().add(sel) },
+                        state: e.cast::<PinholeState>(),
+                        match_src: false,
+                    }));
+                }
+                try_hash = unsafe { (&raw const (*e).overflow).read_volatile() } != 0;
             }
         }
-        None => return Ok(None),
-    };
+        if try_hash {
+            if let Some(r) = PINHOLES.get_ptr(&key) {
+                return hit(r, false).map(Some);
+            }
+        }
+    }
+    if role != ROLE_INTERNAL {
+        return Ok(None);
+    }
+    key.addr = to_addr(&pkt.src);
+    key.port = pkt.sport;
+    key.match_on = MATCH_SRC;
+    match PINHOLES.get_ptr(&key) {
+        Some(r) => hit(r, true).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// A `PINHOLES` rule with its state slot.
+#[inline(always)]
+fn hit(rule: *const PinholeRule, match_src: bool) -> Result<Hit, Reason> {
     let slot = unsafe { (*rule).slot };
-    let state = PH_STATE.get_ptr_mut(&slot).ok_or(Reason::DropBadRule)?;
-    Ok(Some(Hit {
+    let state = state_ptr(slot).ok_or(Reason::DropBadRule)?;
+    Ok(Hit {
         rule,
         state,
         match_src,
-    }))
+    })
+}
+
+/// The state of slot id `slot`: a `PH_DST` entry's (`SLOT_DST` set) or a
+/// `PH_STATE` slot.
+#[inline(always)]
+fn state_ptr(slot: u32) -> Option<*mut PinholeState> {
+    if slot & SLOT_DST != 0 {
+        PH_DST
+            .get_ptr_mut(&(slot & !SLOT_DST))
+            .map(|e| e.cast::<PinholeState>())
+    } else {
+        PH_STATE.get_ptr_mut(&slot)
+    }
 }
 
 /// Whether any `MATCH_DST` rule uses the packet's protocol and destination
@@ -231,7 +273,7 @@ pub fn target(pkt: &Packet, hit: &Hit) -> Result<Target, Reason> {
     }
     if flags & RULE_DST_FOLLOWS_PAIR != 0 {
         let pair = unsafe { (*rule).pair_slot };
-        if let Some(ps) = PH_STATE.get_ptr(&pair) {
+        if let Some(ps) = state_ptr(pair) {
             let w =
                 unsafe { ((ps as *const u8).add(LATCH_WORD_OFF) as *const u64).read_volatile() };
             if w as u32 == LATCH_DONE {

@@ -26,16 +26,34 @@ pub enum PortClass {
 const _: () = assert!(core::mem::size_of::<EdgeAddrKey>() == 20);
 const _: () = assert!(core::mem::offset_of!(EdgeAddrKey, family) == 16);
 
-/// Whether the packet's destination is an edge address: a scan of the
-/// inline `EDGE_LIST`, then (only when the agent flagged more addresses
-/// than fit inline) the `EDGE_ADDRS` hash.
+/// `Dst::slot` when the destination has no `PH_DST` entry.
+pub const NO_SLOT: u32 = u32::MAX;
+
+/// What the packet's destination is to the edge, computed once per packet.
+#[derive(Clone, Copy)]
+pub struct Dst {
+    /// An edge address.
+    pub edge: bool,
+    /// The `PH_DST` index of its address and port, or `NO_SLOT`.
+    pub slot: u32,
+}
+
+/// Classify the destination address: a scan of the inline `EDGE_LIST`
+/// (which also gives the address's `PH_DST` rows), then (only when the
+/// agent flagged more addresses than fit inline) the `EDGE_ADDRS` hash.
 #[inline(always)]
-fn is_edge(pkt: &Packet) -> bool {
+pub fn dst(pkt: &Packet) -> Dst {
+    let mut d = Dst {
+        edge: false,
+        slot: NO_SLOT,
+    };
     let Some(l) = EDGE_LIST.get_ptr(&0) else {
-        return edge_hash(pkt);
+        d.edge = edge_hash(pkt);
+        return d;
     };
     // SAFETY: a live array map value (plain data written whole by the agent).
     let l = unsafe { &*l };
+    let mut idx = u32::MAX;
     if pkt.family == FAMILY_V4 {
         let a = pkt.dst[0] as u32 | (pkt.dst[1] as u32) << 16;
         let n = l.n4 as usize;
@@ -44,7 +62,8 @@ fn is_edge(pkt: &Packet) -> bool {
                 break;
             }
             if l.v4[i] == a {
-                return true;
+                idx = i as u32;
+                break;
             }
         }
     } else {
@@ -56,11 +75,21 @@ fn is_edge(pkt: &Packet) -> bool {
                 break;
             }
             if l.v6[i][0] == a[0] && l.v6[i][1] == a[1] {
-                return true;
+                idx = l.n4 + i as u32;
+                break;
             }
         }
     }
-    l.overflow != 0 && edge_hash(pkt)
+    if idx == u32::MAX {
+        d.edge = l.overflow != 0 && edge_hash(pkt);
+        return d;
+    }
+    d.edge = true;
+    let off = (u16::from_be(pkt.dport) as u32).wrapping_sub(l.port_base);
+    if pkt.has_ports && idx < l.indexed && off < l.port_span {
+        d.slot = idx * l.port_span + off;
+    }
+    d
 }
 
 /// `EDGE_ADDRS` lookup of the packet's destination.
@@ -88,8 +117,8 @@ fn edge_hash(pkt: &Packet) -> bool {
 
 /// Classify the packet's destination: edge address + port bitmaps.
 #[inline(always)]
-pub fn classify(pkt: &Packet) -> PortClass {
-    if !pkt.has_ports || !is_edge(pkt) {
+pub fn classify(pkt: &Packet, d: &Dst) -> PortClass {
+    if !pkt.has_ports || !d.edge {
         return PortClass::Other;
     }
     // A missing entry behaves as an all-zero policy.
@@ -129,9 +158,9 @@ pub fn default_policy() -> Reason {
 /// * `DropIpv6Ext` (IPv6 with extension headers, never fast-pathed):
 ///   anything not aimed at a media port is `PassIpv6Ext`.
 #[inline(always)]
-pub fn unmatched(pkt: &Packet, media: Reason) -> Reason {
+pub fn unmatched(pkt: &Packet, d: &Dst, media: Reason) -> Reason {
     let ext = media as u32 == Reason::DropIpv6Ext as u32;
-    match classify(pkt) {
+    match classify(pkt, d) {
         PortClass::Media => media,
         _ if ext => Reason::PassIpv6Ext,
         PortClass::Pass => Reason::PassSignalling,

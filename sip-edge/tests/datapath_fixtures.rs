@@ -21,19 +21,26 @@ fn run_group(group: &str) {
         }
     };
     let mut failed = Vec::new();
-    for f in &mine {
-        let res = runner.run_fixture(f).expect("fixture runner error");
-        if res.passed() {
-            eprintln!("PASS {} — {}", f.name, f.description);
-        } else {
-            let msg = format!(
-                "FAIL {} — {}\n    {}",
-                f.name,
-                f.description,
-                res.failures.join("\n    ")
-            );
-            eprintln!("{msg}");
-            failed.push(msg);
+    // Each fixture twice: MATCH_DST rules in their PH_DST entries (as the
+    // map writer places them), then all in PINHOLES behind PH_DST overflow
+    // counts (as for a key whose entry is taken). Verdicts must not differ.
+    for hash_only in [false, true] {
+        runner.hash_only = hash_only;
+        let mode = if hash_only { "hash" } else { "ph_dst" };
+        for f in &mine {
+            let res = runner.run_fixture(f).expect("fixture runner error");
+            if res.passed() {
+                eprintln!("PASS [{mode}] {} — {}", f.name, f.description);
+            } else {
+                let msg = format!(
+                    "FAIL [{mode}] {} — {}\n    {}",
+                    f.name,
+                    f.description,
+                    res.failures.join("\n    ")
+                );
+                eprintln!("{msg}");
+                failed.push(msg);
+            }
         }
     }
     assert!(

@@ -98,8 +98,14 @@ fn load_without_pin_dir_does_not_pin_into_sys_fs_bpf() {
         );
         return;
     }
-    let mut ebpf = loader::load(MapSizes { max_pinholes: 1024 }, None)
-        .unwrap_or_else(|e| panic!("load failed: {e:?}"));
+    let mut ebpf = loader::load(
+        MapSizes {
+            max_pinholes: 1024,
+            ..MapSizes::default()
+        },
+        None,
+    )
+    .unwrap_or_else(|e| panic!("load failed: {e:?}"));
     let ours = match ebpf.take_map(map_names::PINHOLES) {
         Some(aya::maps::Map::HashMap(md)) => md.info().expect("map info").id(),
         other => panic!("PINHOLES is not a plain hash map: {other:?}"),
@@ -165,8 +171,14 @@ fn pinned_maps_are_readopted_by_a_second_load() {
         ..Default::default()
     };
     {
-        let mut first =
-            loader::load(MapSizes { max_pinholes: 1024 }, Some(dir.path())).expect("first load");
+        let mut first = loader::load(
+            MapSizes {
+                max_pinholes: 1024,
+                ..MapSizes::default()
+            },
+            Some(dir.path()),
+        )
+        .expect("first load");
         let mut ph: HashMap<_, PinholeKey, PinholeRule> =
             HashMap::try_from(first.map_mut(map_names::PINHOLES).expect("PINHOLES"))
                 .expect("hash map");
@@ -179,8 +191,14 @@ fn pinned_maps_are_readopted_by_a_second_load() {
                 dir.path().display()
             );
         }
-        let second =
-            loader::load(MapSizes { max_pinholes: 1024 }, Some(dir.path())).expect("second load");
+        let second = loader::load(
+            MapSizes {
+                max_pinholes: 1024,
+                ..MapSizes::default()
+            },
+            Some(dir.path()),
+        )
+        .expect("second load");
         let ph2: HashMap<_, PinholeKey, PinholeRule> =
             HashMap::try_from(second.map(map_names::PINHOLES).expect("PINHOLES"))
                 .expect("hash map");

@@ -621,6 +621,8 @@ pub fn run(mode: Mode, start: Instant) -> Result<ForwardStage, BenchError> {
             loader::load(
                 MapSizes {
                     max_pinholes: 131_072,
+                    // The media window on the four edge addresses below.
+                    dst_slots: 4 * (65_000 - PORT_BASE as u32 + 1),
                 },
                 None,
             )

@@ -19,14 +19,14 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray},
+    maps::{Array, MapData, PerCpuArray},
     programs::{Xdp, XdpMode},
     Ebpf, TestRun, TestRunOptions,
 };
 use serde::Serialize;
 use sip_edge_common::{
-    addr_from_ip, bench_progs, dst_port_index, map_names, BenchCfg, PinholeKey, PinholeRule, PinholeState, Reason,
-    MATCH_DST, POLICY_PASS, PROTO_TCP, PROTO_UDP, REASON_COUNT, ROLE_EXTERNAL, ROLE_INTERNAL,
+    addr_from_ip, bench_progs, map_names, BenchCfg, PinholeKey, PinholeRule, Reason, MATCH_DST,
+    POLICY_PASS, PROTO_TCP, PROTO_UDP, REASON_COUNT, ROLE_EXTERNAL, ROLE_INTERNAL,
     RULE_REWRITE_DST, RULE_REWRITE_SRC, XDP_PROG_NAME,
 };
 
@@ -207,11 +207,10 @@ impl Drop for PinDir {
 struct Bench {
     ebpf: Ebpf,
     base: Ebpf,
-    pinholes: HashMap<MapData, PinholeKey, PinholeRule>,
-    state: Array<MapData, PinholeState>,
+    /// The production map writer: rules go where the agent puts them
+    /// (`PH_DST` for these `MATCH_DST` keys on edge addresses).
+    writer: DatapathMaps,
     reasons: PerCpuArray<MapData, u64>,
-    /// `DST_PORTS`, counted here as the map writer would (single writer).
-    dst_ports: Array<MapData, u64>,
     ext: u32,
 }
 
@@ -308,7 +307,30 @@ pub fn run(mode: Mode, start: Instant) -> Result<ProgStage, BenchError> {
     ])?;
     let pin = PinDir(PathBuf::from(format!("/sys/fs/bpf/{n}")));
     std::fs::create_dir(&pin.0).map_err(super::io(format!("mkdir {}", pin.0.display())))?;
-    let mut ebpf = loader::load(MapSizes { max_pinholes: cap }, Some(&pin.0))?;
+    // Every flow address is an edge address (flows are MATCH_DST rules on
+    // media ports of the edge, as the agent installs them), so PH_DST
+    // indexes all of them: the media window on each address.
+    let addrs_per_family = cap.div_ceil(PER_ADDR);
+    let mut edge_addrs: Vec<IpAddr> = vec![
+        netns::EDGE_INT4.into(),
+        netns::EDGE_PUB4.into(),
+        netns::EDGE_INT6.into(),
+        netns::EDGE_PUB6.into(),
+    ];
+    for a in 0..addrs_per_family {
+        for kind in [Kind::V4UdpRelay, Kind::V6UdpRelay] {
+            edge_addrs.push(kind.flow(a * PER_ADDR).ip());
+        }
+    }
+    let media_ports = vec![(PORT_BASE, PORT_BASE + PER_ADDR as u16)];
+    let dst_slots = edge_addrs.len() as u32 * (PER_ADDR + 1);
+    let mut ebpf = loader::load(
+        MapSizes {
+            max_pinholes: cap,
+            dst_slots,
+        },
+        Some(&pin.0),
+    )?;
     let mut writer = DatapathMaps::from_pins(&pin.0)?;
     writer.apply_settings(&DatapathSettings {
         ifaces: vec![
@@ -321,31 +343,19 @@ pub fn run(mode: Mode, start: Instant) -> Result<ProgStage, BenchError> {
                 role: ROLE_EXTERNAL,
             },
         ],
-        edge_addrs: vec![
-            netns::EDGE_INT4.into(),
-            netns::EDGE_PUB4.into(),
-            netns::EDGE_INT6.into(),
-            netns::EDGE_PUB6.into(),
-        ],
-        media_ports: vec![(PORT_BASE, 60_000)],
+        edge_addrs,
+        media_ports,
         pass_ports: vec![SIP_PORT],
         default_policy: POLICY_PASS,
     })?;
-    drop(writer);
     let take = |e: &mut Ebpf, name: &'static str| {
         e.take_map(name).ok_or(BenchError::Map {
             name,
             detail: "missing".into(),
         })
     };
-    let pinholes = HashMap::try_from(take(&mut ebpf, map_names::PINHOLES)?)
-        .map_err(map_err(map_names::PINHOLES))?;
-    let state = Array::try_from(take(&mut ebpf, map_names::PH_STATE)?)
-        .map_err(map_err(map_names::PH_STATE))?;
     let reasons = PerCpuArray::try_from(take(&mut ebpf, map_names::REASONS)?)
         .map_err(map_err(map_names::REASONS))?;
-    let dst_ports = Array::try_from(take(&mut ebpf, map_names::DST_PORTS)?)
-        .map_err(map_err(map_names::DST_PORTS))?;
     // Baselines from a second copy of the object: the trivial pass program
     // and the bare redirect (to the internal link).
     let mut base = loader::load_object()?;
@@ -386,10 +396,8 @@ pub fn run(mode: Mode, start: Instant) -> Result<ProgStage, BenchError> {
     let mut b = Bench {
         ebpf,
         base,
-        pinholes,
-        state,
+        writer,
         reasons,
-        dst_ports,
         ext: ns.links.ext,
     };
     let _stats = StatsOff::new()?;
@@ -552,13 +560,13 @@ pub fn run(mode: Mode, start: Instant) -> Result<ProgStage, BenchError> {
 }
 
 /// Install a random cycle over `size` flows of `kind`: rule i rewrites the
-/// packet into flow next(i)'s key. Returns (keys, visiting order).
+/// packet into flow next(i)'s key. Returns (slot ids, visiting order).
 fn install(
     b: &mut Bench,
     kind: Kind,
     size: u32,
     rng: &mut Rng,
-) -> Result<(Vec<PinholeKey>, Vec<u32>), BenchError> {
+) -> Result<(Vec<u32>, Vec<u32>), BenchError> {
     let mut order: Vec<u32> = (0..size).collect();
     for i in (1..order.len()).rev() {
         let j = rng.below(i as u64 + 1) as usize;
@@ -590,41 +598,19 @@ fn install(
             slot: i,
             pair_slot: i,
         };
-        // Fresh state: no counters and an empty FIB cache per case.
-        b.state
-            .set(i, PinholeState::default(), 0)
-            .map_err(map_err(map_names::PH_STATE))?;
-        b.pinholes
-            .insert(k, rule, 0)
-            .map_err(map_err(map_names::PINHOLES))?;
-        keys.push(k);
+        // The writer gives the rule fresh state (no counters, empty FIB
+        // cache) and its PH_DST entry; the id replaces `slot`.
+        let id = b.writer.insert_rule(k, rule)?;
+        keys.push(id);
     }
-    set_dst_counts(b, &keys, true)?;
     Ok((keys, order))
 }
 
-/// Write the `DST_PORTS` counts of `keys` (or zero them): one write per
-/// distinct (protocol, port) instead of one atomic add per rule.
-fn set_dst_counts(b: &mut Bench, keys: &[PinholeKey], on: bool) -> Result<(), BenchError> {
-    let mut counts = std::collections::BTreeMap::<u32, u64>::new();
-    for k in keys {
-        *counts
-            .entry(dst_port_index(k.proto, u16::from_be(k.port)))
-            .or_default() += 1;
-    }
-    for (idx, n) in counts {
-        b.dst_ports
-            .set(idx, if on { n } else { 0 }, 0)
-            .map_err(map_err(map_names::DST_PORTS))?;
+fn uninstall(b: &mut Bench, ids: &[u32]) -> Result<(), BenchError> {
+    for id in ids {
+        b.writer.delete_slot(*id, false)?;
     }
     Ok(())
-}
-
-fn uninstall(b: &mut Bench, keys: &[PinholeKey]) -> Result<(), BenchError> {
-    for k in keys {
-        b.pinholes.remove(k).map_err(map_err(map_names::PINHOLES))?;
-    }
-    set_dst_counts(b, keys, false)
 }
 
 type Figure = Option<(f64, u64, u64, Vec<(String, u64)>)>;

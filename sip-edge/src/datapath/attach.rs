@@ -190,6 +190,7 @@ impl Datapath {
         let mut ebpf = loader::load(
             MapSizes {
                 max_pinholes: cfg.limits.max_pinholes,
+                dst_slots: settings.dst_slots(),
             },
             Some(&pin_dir),
         )?;

@@ -18,10 +18,10 @@ use aya::maps::{xdp::DevMapHash, Array, HashMap, Map, MapData, MapError, PerCpuA
 use aya::programs::{ProgramError, Xdp};
 use aya::{Ebpf, TestRun, TestRunOptions};
 use sip_edge_common::{
-    addr_from_ip, dst_port_index, ip_from_addr, map_names, EdgeAddrKey, EdgeList, IfaceConfig,
-    NeighMiss, NeighMissKey, MATCH_DST,
-    PinholeKey, PinholeRule, PinholeState, PortPolicy, Reason, Settings, LATCH_DONE, LATCH_NONE,
-    REASON_COUNT, ROLE_EXTERNAL, ROLE_INTERNAL, XDP_PROG_NAME,
+    addr_from_ip, dst_port_index, ip_from_addr, map_names, DstSlot, EdgeAddrKey, EdgeList,
+    IfaceConfig, NeighMiss, NeighMissKey, PinholeKey, PinholeRule, PinholeState, PortPolicy,
+    Reason, Settings, DST_VALID, LATCH_DONE, LATCH_NONE, MATCH_DST, REASON_COUNT, ROLE_EXTERNAL,
+    ROLE_INTERNAL, SLOT_DST, XDP_PROG_NAME,
 };
 
 use super::loader::{self, LoadError, MapSizes};
@@ -329,6 +329,7 @@ struct Maps {
     settings: Array<MapData, Settings>,
     neigh_miss: HashMap<MapData, NeighMissKey, NeighMiss>,
     dst_ports: Array<MapData, u64>,
+    dst: Array<MapData, DstSlot>,
 }
 
 /// A loaded program in its own namespace. Field order is drop order: the
@@ -337,7 +338,20 @@ pub struct Runner {
     ebpf: Ebpf,
     maps: Maps,
     ns: Netns,
+    /// `EDGE_LIST` as written: the `PH_DST` layout.
+    layout: EdgeList,
+    /// Install every rule in `PINHOLES` (with `PH_DST` overflow counts)
+    /// instead of giving `MATCH_DST` rules their `PH_DST` entry, as the map
+    /// writer does for a key whose entry is taken.
+    pub hash_only: bool,
+    /// Fixture slot → slot id of the installed fixture's rules placed in
+    /// `PH_DST`.
+    placed: std::collections::HashMap<u32, u32>,
 }
+
+/// `PH_DST` entries the runner loads with: the media range on the four
+/// edge addresses.
+const DST_SLOTS: u32 = 4 * 1000;
 
 /// `struct xdp_md` as BPF_PROG_TEST_RUN takes it in `ctx_in`: data 0,
 /// data_end = frame length, data_meta 0, ingress_ifindex, rx_queue_index 0,
@@ -463,6 +477,7 @@ impl Runner {
         let bpffs = Path::new("/sys/fs/bpf");
         let sizes = MapSizes {
             max_pinholes: MAX_PINHOLES,
+            dst_slots: DST_SLOTS,
         };
         let loaded = if is_bpffs(bpffs) {
             let pin_dir = bpffs.join(ns.name());
@@ -525,7 +540,12 @@ impl Runner {
         ];
         let mut list: Array<MapData, EdgeList> =
             take(&mut ebpf, map_names::EDGE_LIST, Array::try_from)?;
-        list.set(0, super::maps::edge_list(&edge_ips), 0)
+        let layout = super::maps::edge_list(
+            &edge_ips,
+            &[(*table::MEDIA_PORTS.start(), *table::MEDIA_PORTS.end())],
+            DST_SLOTS,
+        );
+        list.set(0, layout, 0)
             .map_err(map_err(map_names::EDGE_LIST))?;
         for ip in edge_ips {
             let (family, addr) = addr_from_ip(ip);
@@ -552,8 +572,16 @@ impl Runner {
             settings: take(&mut ebpf, map_names::SETTINGS, Array::try_from)?,
             neigh_miss: take(&mut ebpf, map_names::NEIGH_MISS, HashMap::try_from)?,
             dst_ports: take(&mut ebpf, map_names::DST_PORTS, Array::try_from)?,
+            dst: take(&mut ebpf, map_names::PH_DST, Array::try_from)?,
         };
-        Ok(Setup::Ready(Box::new(Runner { ebpf, maps, ns })))
+        Ok(Setup::Ready(Box::new(Runner {
+            ebpf,
+            maps,
+            ns,
+            layout,
+            hash_only: false,
+            placed: Default::default(),
+        })))
     }
 
     /// Name of the namespace the runner works in.
@@ -622,22 +650,90 @@ impl Runner {
             .set(0, f.settings, 0)
             .map_err(map_err(map_names::SETTINGS))?;
         self.clear_neigh_miss()?;
-        for p in &f.pinholes {
-            if p.rule.slot < MAX_PINHOLES {
-                self.maps
-                    .state
-                    .set(p.rule.slot, p.state.unwrap_or_default(), 0)
-                    .map_err(map_err(map_names::PH_STATE))?;
+        // MATCH_DST rules on an indexed key take its PH_DST entry (ids
+        // `SLOT_DST | index`, fixture slots and pair slots mapped), as the
+        // map writer places them; a slot past PH_STATE stays in PINHOLES
+        // (it tests DropBadRule).
+        self.placed.clear();
+        if !self.hash_only {
+            for p in &f.pinholes {
+                if let Some(idx) = self.dst_index(&p.key) {
+                    if p.rule.slot < MAX_PINHOLES
+                        && !self.placed.values().any(|v| *v == SLOT_DST | idx)
+                    {
+                        self.placed.insert(p.rule.slot, SLOT_DST | idx);
+                    }
+                }
             }
+        }
+        for p in &f.pinholes {
+            let mut rule = p.rule;
+            rule.slot = self.id_of(rule.slot);
+            rule.pair_slot = self.id_of(rule.pair_slot);
             if p.counted {
                 self.count_dst(&p.key, 1)?;
             }
+            if rule.slot & SLOT_DST != 0 && self.placed.contains_key(&p.rule.slot) {
+                let idx = rule.slot & !SLOT_DST;
+                let mut e = self.dst_get(idx)?;
+                e.state = p.state.unwrap_or_default();
+                e.ctl = DST_VALID | super::maps::ctl_key(&p.key);
+                e.rules = [rule, PinholeRule::default()];
+                self.dst_set(idx, e)?;
+                continue;
+            }
+            if rule.slot < MAX_PINHOLES {
+                self.maps
+                    .state
+                    .set(rule.slot, p.state.unwrap_or_default(), 0)
+                    .map_err(map_err(map_names::PH_STATE))?;
+            }
+            if let Some(idx) = self.dst_index(&p.key) {
+                let mut e = self.dst_get(idx)?;
+                e.overflow += 1;
+                self.dst_set(idx, e)?;
+            }
             self.maps
                 .pinholes
-                .insert(p.key, p.rule, 0)
+                .insert(p.key, rule, 0)
                 .map_err(map_err(map_names::PINHOLES))?;
         }
         Ok(())
+    }
+
+    fn dst_index(&self, key: &PinholeKey) -> Option<u32> {
+        super::maps::dst_index(&self.layout, DST_SLOTS, key)
+    }
+
+    /// The installed id of fixture slot `slot`.
+    fn id_of(&self, slot: u32) -> u32 {
+        self.placed.get(&slot).copied().unwrap_or(slot)
+    }
+
+    fn dst_get(&self, idx: u32) -> Result<DstSlot, FixtureError> {
+        self.maps
+            .dst
+            .get(&idx, 0)
+            .map_err(map_err(map_names::PH_DST))
+    }
+
+    fn dst_set(&mut self, idx: u32, e: DstSlot) -> Result<(), FixtureError> {
+        self.maps
+            .dst
+            .set(idx, e, 0)
+            .map_err(map_err(map_names::PH_DST))
+    }
+
+    /// State of fixture slot `slot` as installed.
+    fn state_of(&self, slot: u32) -> Result<PinholeState, FixtureError> {
+        let id = self.id_of(slot);
+        if id & SLOT_DST != 0 {
+            return Ok(self.dst_get(id & !SLOT_DST)?.state);
+        }
+        self.maps
+            .state
+            .get(&id, 0)
+            .map_err(map_err(map_names::PH_STATE))
     }
 
     /// Add `delta` to the `DST_PORTS` count of a `MATCH_DST` key (what the
@@ -660,13 +756,20 @@ impl Runner {
 
     fn uninstall(&mut self, f: &Fixture) -> Result<(), FixtureError> {
         for p in &f.pinholes {
+            if p.counted {
+                self.count_dst(&p.key, -1)?;
+            }
+            if let Some(idx) = self.dst_index(&p.key) {
+                self.dst_set(idx, DstSlot::default())?;
+            }
+            let id = self.id_of(p.rule.slot);
+            if id & SLOT_DST != 0 && self.placed.contains_key(&p.rule.slot) {
+                continue;
+            }
             self.maps
                 .pinholes
                 .remove(&p.key)
                 .map_err(map_err(map_names::PINHOLES))?;
-            if p.counted {
-                self.count_dst(&p.key, -1)?;
-            }
             if p.rule.slot < MAX_PINHOLES {
                 self.maps
                     .state
@@ -674,6 +777,7 @@ impl Runner {
                     .map_err(map_err(map_names::PH_STATE))?;
             }
         }
+        self.placed.clear();
         self.clear_neigh_miss()?;
         self.maps
             .settings
@@ -759,11 +863,7 @@ impl Runner {
         }
         let t1 = monotonic_ns();
         for s in &f.states {
-            let got = self
-                .maps
-                .state
-                .get(&s.slot, 0)
-                .map_err(map_err(map_names::PH_STATE))?;
+            let got = self.state_of(s.slot)?;
             fails.extend(compare_state(s, &got, t0_coarse, t1));
         }
         let want: HashSet<NeighMissKey> = f

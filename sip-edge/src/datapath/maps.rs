@@ -8,7 +8,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
-    sync::atomic::{AtomicU64, Ordering},
+    sync::atomic::{AtomicU32, AtomicU64, Ordering},
 };
 
 use aya::{
@@ -17,10 +17,11 @@ use aya::{
 };
 use serde::Serialize;
 use sip_edge_common::{
-    addr_from_ip, dst_port_index, ip_from_addr, map_names, EdgeAddrKey, EdgeList, IfaceConfig, NeighMiss, NeighMissKey,
-    PinholeKey, PinholeRule, PinholeState, PortPolicy, Reason, Settings, DST_PORT_SLOTS,
-    EDGE_LIST_V4, EDGE_LIST_V6, FAMILY_V4, LATCH_DONE, MATCH_DST,
-    PROTO_TCP, PROTO_UDP, ROLE_EXTERNAL, ROLE_INTERNAL,
+    addr_from_ip, dst_port_index, ip_from_addr, map_names, DstSlot, EdgeAddrKey, EdgeList,
+    IfaceConfig, NeighMiss, NeighMissKey, PinholeKey, PinholeRule, PinholeState, PortPolicy,
+    Reason, Settings, DST_CLAIMED, DST_CTL_PROTO_SHIFT, DST_CTL_ROLE_SHIFT, DST_PORT_SLOTS,
+    DST_SEL, DST_VALID, EDGE_LIST_V4, EDGE_LIST_V6, FAMILY_V4, FAMILY_V6, LATCH_DONE, MATCH_DST,
+    PROTO_TCP, PROTO_UDP, ROLE_EXTERNAL, ROLE_INTERNAL, SLOT_DST,
 };
 
 use super::rules::{Flow, FlowError};
@@ -29,6 +30,8 @@ use super::rules::{Flow, FlowError};
 const BPF_NOEXIST: u64 = 1;
 /// `BPF_ANY`.
 const BPF_ANY: u64 = 0;
+/// `BPF_EXIST`: update only an existing key.
+const BPF_EXIST: u64 = 2;
 
 /// Errors of the map writer.
 #[derive(Debug, thiserror::Error)]
@@ -175,44 +178,50 @@ pub struct DatapathMaps {
     edge_addrs: HashMap<MapData, EdgeAddrKey, u32>,
     edge_list: Array<MapData, EdgeList>,
     dst_ports: DstPorts,
+    dst: DstTable,
+    /// `EDGE_LIST` as last read or written: the `PH_DST` layout.
+    layout: EdgeList,
     settings: Array<MapData, Settings>,
     tx_ports: DevMapHash<MapData>,
     neigh_miss: HashMap<MapData, NeighMissKey, NeighMiss>,
 }
 
-/// `DST_PORTS` mapped into this process (`BPF_F_MMAPABLE`): counts of
-/// `MATCH_DST` rules per (protocol, port), changed with atomic adds so the
-/// agent and a concurrent CLI never lose each other's updates.
-struct DstPorts {
-    /// Keeps the map (and the mapping's backing object) alive.
+/// An mmapable ARRAY map mapped shared into this process.
+struct Mapped {
+    /// Keeps the map alive.
     _map: MapData,
-    /// Start of the mapping: `DST_PORT_SLOTS` u64 counters.
+    /// Start of the mapping (page-aligned: value `i` at `i * value_size`).
     base: *mut u8,
     /// Bytes mapped.
     len: usize,
+    /// Entries.
+    entries: u32,
 }
 
-// SAFETY: the mapping is shared memory accessed only through atomics; the
-// pointer is owned by this struct and unmapped once, on drop.
-unsafe impl Send for DstPorts {}
+// SAFETY: the mapping is shared memory, accessed through atomics or
+// volatile copies with the ordering documented at each use; the pointer is
+// owned by this struct and unmapped once, on drop.
+unsafe impl Send for Mapped {}
 
-impl DstPorts {
-    fn new(map: Map) -> Result<Self, MapsError> {
-        let name = map_names::DST_PORTS;
+impl Mapped {
+    fn new(name: &'static str, map: Map, value_size: u32) -> Result<Self, MapsError> {
         let Map::Array(data) = map else {
             return Err(MapsError::Open {
                 name,
                 source: MapError::InvalidMapType { map_type: 0 },
             });
         };
-        let len = DST_PORT_SLOTS as usize * 8;
-        let info = data.info().map_err(|source| MapsError::Open { name, source })?;
-        if info.max_entries() != DST_PORT_SLOTS || info.value_size() != 8 {
+        let info = data
+            .info()
+            .map_err(|source| MapsError::Open { name, source })?;
+        if info.value_size() != value_size {
             return Err(MapsError::Mmap {
                 name,
-                source: std::io::Error::other("unexpected map size"),
+                source: std::io::Error::other("unexpected value size"),
             });
         }
+        let entries = info.max_entries();
+        let len = (entries as usize * value_size as usize).max(1);
         // SAFETY: a fresh shared mapping of the map's data pages; the
         // kernel refuses (EINVAL) maps created without BPF_F_MMAPABLE.
         let p = unsafe {
@@ -231,21 +240,50 @@ impl DstPorts {
                 source: std::io::Error::last_os_error(),
             });
         }
-        Ok(DstPorts {
+        Ok(Mapped {
             _map: data,
             base: p.cast(),
             len,
+            entries,
         })
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `new`.
+        unsafe {
+            libc::munmap(self.base.cast(), self.len);
+        }
+    }
+}
+
+/// `DST_PORTS`: counts of `MATCH_DST` rules per (protocol, port), changed
+/// with atomic adds so the agent and a concurrent CLI never lose each
+/// other's updates.
+struct DstPorts(Mapped);
+
+impl DstPorts {
+    fn new(map: Map) -> Result<Self, MapsError> {
+        let m = Mapped::new(map_names::DST_PORTS, map, 8)?;
+        if m.entries != DST_PORT_SLOTS {
+            return Err(MapsError::Mmap {
+                name: map_names::DST_PORTS,
+                source: std::io::Error::other("unexpected map size"),
+            });
+        }
+        Ok(DstPorts(m))
+    }
+
+    fn at(&self, idx: u32) -> &AtomicU64 {
+        // SAFETY: idx < DST_PORT_SLOTS (checked in `new`; `dst_port_index`
+        // is at most 2^17 - 1), each element an 8-byte aligned u64.
+        unsafe { &*self.0.base.add(idx as usize * 8).cast::<AtomicU64>() }
     }
 
     fn counter(&self, key: &PinholeKey) -> Option<&AtomicU64> {
-        if key.match_on != MATCH_DST {
-            return None;
-        }
-        let idx = dst_port_index(key.proto, u16::from_be(key.port)) as usize;
-        // SAFETY: idx < DST_PORT_SLOTS (index is at most 2^17 - 1), each
-        // element is an 8-byte aligned u64 of the page-aligned mapping.
-        Some(unsafe { &*self.base.add(idx * 8).cast::<AtomicU64>() })
+        (key.match_on == MATCH_DST)
+            .then(|| self.at(dst_port_index(key.proto, u16::from_be(key.port))))
     }
 
     /// Count a rule on `key` (before it becomes visible).
@@ -272,26 +310,207 @@ impl DstPorts {
             counts[dst_port_index(k.proto, u16::from_be(k.port)) as usize] += 1;
         }
         for (i, n) in counts.into_iter().enumerate() {
-            // SAFETY: as in `counter`.
-            let c = unsafe { &*self.base.add(i * 8).cast::<AtomicU64>() };
-            c.store(n, Ordering::SeqCst);
+            self.at(i as u32).store(n, Ordering::SeqCst);
         }
     }
 }
 
-impl Drop for DstPorts {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in `new`.
-        unsafe {
-            libc::munmap(self.base.cast(), self.len);
+/// `PH_DST` (see `DstSlot`): the agent claims a free entry with a
+/// compare-and-swap on `ctl`, fills state and rule, then publishes with one
+/// store; replaces a live rule by filling the idle copy and flipping
+/// `DST_SEL`; removes by storing 0.
+struct DstTable(Mapped);
+
+impl DstTable {
+    fn entry(&self, idx: u32) -> Option<*mut DstSlot> {
+        // SAFETY: in bounds when idx < entries; values are 256-byte strided.
+        (idx < self.0.entries).then(|| unsafe { self.0.base.add(idx as usize * 256).cast() })
+    }
+
+    fn ctl(&self, idx: u32) -> Option<&AtomicU32> {
+        // SAFETY: an aligned u32 inside a live entry of the mapping.
+        self.entry(idx)
+            .map(|e| unsafe { &*(&raw mut (*e).ctl).cast::<AtomicU32>() })
+    }
+
+    fn overflow(&self, idx: u32) -> Option<&AtomicU32> {
+        // SAFETY: as for `ctl`.
+        self.entry(idx)
+            .map(|e| unsafe { &*(&raw mut (*e).overflow).cast::<AtomicU32>() })
+    }
+
+    /// Claim the free entry `idx` for `key`; false when it is taken.
+    fn claim(&self, idx: u32, key: &PinholeKey) -> bool {
+        self.ctl(idx).is_some_and(|c| {
+            c.compare_exchange(
+                0,
+                DST_CLAIMED | ctl_key(key),
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            )
+            .is_ok()
+        })
+    }
+
+    /// Undo a claim that was never published.
+    fn unclaim(&self, idx: u32) {
+        if let Some(c) = self.ctl(idx) {
+            let cur = c.load(Ordering::SeqCst);
+            if cur & DST_CLAIMED != 0 && cur & DST_VALID == 0 {
+                let _ = c.compare_exchange(cur, 0, Ordering::SeqCst, Ordering::SeqCst);
+            }
         }
     }
+
+    /// Fill a claimed entry with fresh state and `rule`, then make it
+    /// visible to the datapath.
+    fn publish(&self, idx: u32, key: &PinholeKey, rule: &PinholeRule) {
+        let (Some(e), Some(c)) = (self.entry(idx), self.ctl(idx)) else {
+            return;
+        };
+        // SAFETY: the entry is claimed by us and not visible yet; volatile
+        // so the copies are not elided or merged across the publish below.
+        unsafe {
+            (&raw mut (*e).state).write_volatile(PinholeState::default());
+            (&raw mut (*e).rules)
+                .cast::<PinholeRule>()
+                .write_volatile(*rule);
+        }
+        c.store(DST_VALID | ctl_key(key), Ordering::SeqCst);
+    }
+
+    /// Replace the live rule of entry `idx` without a reader ever seeing a
+    /// torn rule: write the idle copy, then flip `DST_SEL` (one store).
+    /// State (counters, latch, FIB cache) is kept.
+    fn replace(&self, idx: u32, rule: &PinholeRule) -> bool {
+        let (Some(e), Some(c)) = (self.entry(idx), self.ctl(idx)) else {
+            return false;
+        };
+        let cur = c.load(Ordering::SeqCst);
+        if cur & DST_VALID == 0 {
+            return false;
+        }
+        let idle = usize::from(cur & DST_SEL == 0);
+        // SAFETY: the idle copy is not read by the datapath (it reads the
+        // copy `DST_SEL` names, re-read per packet).
+        unsafe {
+            (&raw mut (*e).rules)
+                .cast::<PinholeRule>()
+                .add(idle)
+                .write_volatile(*rule);
+        }
+        c.compare_exchange(cur, cur ^ DST_SEL, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+    }
+
+    /// Remove the live rule of entry `idx`.
+    fn remove(&self, idx: u32) {
+        if let Some(c) = self.ctl(idx) {
+            c.store(0, Ordering::SeqCst);
+        }
+    }
+
+    /// Live rule and state of entry `idx`, with its `ctl`.
+    fn read(&self, idx: u32) -> Option<(u32, PinholeRule, PinholeState)> {
+        let e = self.entry(idx)?;
+        let ctl = self.ctl(idx)?.load(Ordering::SeqCst);
+        if ctl & DST_VALID == 0 {
+            return None;
+        }
+        let sel = usize::from(ctl & DST_SEL != 0);
+        // SAFETY: reads of a live entry; the counters may be mid-update,
+        // which a listing tolerates.
+        let (rule, state) = unsafe {
+            (
+                (&raw const (*e).rules)
+                    .cast::<PinholeRule>()
+                    .add(sel)
+                    .read_volatile(),
+                (&raw const (*e).state).read_volatile(),
+            )
+        };
+        Some((ctl, rule, state))
+    }
+}
+
+/// The key bits of `DstSlot::ctl` for `key`.
+pub fn ctl_key(key: &PinholeKey) -> u32 {
+    (key.proto as u32) << DST_CTL_PROTO_SHIFT | (key.role as u32) << DST_CTL_ROLE_SHIFT
+}
+
+/// The `PH_DST` index of a `MATCH_DST` key under layout `l` of a table
+/// with `entries` entries; `None` when the key is not indexed there.
+pub fn dst_index(l: &EdgeList, entries: u32, key: &PinholeKey) -> Option<u32> {
+    if key.match_on != MATCH_DST || l.port_span == 0 {
+        return None;
+    }
+    let a = &key.addr;
+    let idx = if key.family == FAMILY_V4 {
+        let w = u32::from_ne_bytes([a[0], a[1], a[2], a[3]]);
+        l.v4[..(l.n4 as usize).min(EDGE_LIST_V4)]
+            .iter()
+            .position(|x| *x == w)? as u32
+    } else {
+        let w = v6_words(a);
+        l.n4 + l.v6[..(l.n6 as usize).min(EDGE_LIST_V6)]
+            .iter()
+            .position(|x| *x == w)? as u32
+    };
+    let off = (u16::from_be(key.port) as u32).wrapping_sub(l.port_base);
+    if idx >= l.indexed || off >= l.port_span {
+        return None;
+    }
+    let i = idx.checked_mul(l.port_span)?.checked_add(off)?;
+    (i < entries).then_some(i)
+}
+
+/// The key of `PH_DST` entry `idx` with `ctl` under layout `l`.
+fn dst_key(l: &EdgeList, idx: u32, ctl: u32) -> Option<PinholeKey> {
+    if l.port_span == 0 {
+        return None;
+    }
+    let a = idx / l.port_span;
+    let port = (l.port_base + idx % l.port_span) as u16;
+    let (family, addr) = if a < l.n4 {
+        let mut addr = [0u8; 16];
+        addr[..4].copy_from_slice(&l.v4.get(a as usize)?.to_ne_bytes());
+        (FAMILY_V4, addr)
+    } else {
+        let w = l.v6.get((a - l.n4) as usize)?;
+        let mut addr = [0u8; 16];
+        addr[..8].copy_from_slice(&w[0].to_ne_bytes());
+        addr[8..].copy_from_slice(&w[1].to_ne_bytes());
+        (FAMILY_V6, addr)
+    };
+    Some(PinholeKey {
+        addr,
+        port: port.to_be(),
+        proto: (ctl >> DST_CTL_PROTO_SHIFT) as u8,
+        family,
+        role: (ctl >> DST_CTL_ROLE_SHIFT) as u8,
+        match_on: MATCH_DST,
+        _pad: [0; 2],
+    })
+}
+
+/// A v6 address as the two native words `EdgeList::v6` holds.
+fn v6_words(a: &[u8; 16]) -> [u64; 2] {
+    let mut w = [0u64; 2];
+    for (i, chunk) in a.chunks_exact(8).enumerate() {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(chunk);
+        w[i] = u64::from_ne_bytes(b);
+    }
+    w
 }
 
 /// `EDGE_LIST` for `addrs`: the first addresses of each family inline,
-/// `overflow` set when any did not fit.
-pub fn edge_list(addrs: &[IpAddr]) -> EdgeList {
+/// `overflow` set when any did not fit; the `PH_DST` window spans every
+/// media range, and as many inline addresses as `dst_entries` has rows for
+/// are indexed.
+pub fn edge_list(addrs: &[IpAddr], media_ports: &[(u16, u16)], dst_entries: u32) -> EdgeList {
     let mut l = EdgeList::default();
+    let mut v6 = Vec::new();
     for ip in addrs {
         let (family, a) = addr_from_ip(*ip);
         if family == FAMILY_V4 {
@@ -301,18 +520,24 @@ pub fn edge_list(addrs: &[IpAddr]) -> EdgeList {
             } else {
                 l.overflow = 1;
             }
-        } else if (l.n6 as usize) < EDGE_LIST_V6 {
-            let mut w = [0u64; 2];
-            for (i, chunk) in a.chunks_exact(8).enumerate() {
-                let mut b = [0u8; 8];
-                b.copy_from_slice(chunk);
-                w[i] = u64::from_ne_bytes(b);
-            }
-            l.v6[l.n6 as usize] = w;
+        } else {
+            v6.push(a);
+        }
+    }
+    for a in v6 {
+        if (l.n6 as usize) < EDGE_LIST_V6 {
+            l.v6[l.n6 as usize] = v6_words(&a);
             l.n6 += 1;
         } else {
             l.overflow = 1;
         }
+    }
+    let lo = media_ports.iter().map(|r| r.0.min(r.1)).min();
+    let hi = media_ports.iter().map(|r| r.0.max(r.1)).max();
+    if let (Some(lo), Some(hi)) = (lo, hi) {
+        l.port_base = lo as u32;
+        l.port_span = hi as u32 - lo as u32 + 1;
+        l.indexed = (l.n4 + l.n6).min(dst_entries / l.port_span);
     }
     l
 }
@@ -341,6 +566,18 @@ pub struct DatapathSettings {
     pub default_policy: u32,
 }
 
+/// Most `PH_DST` entries `DatapathSettings::dst_slots` asks for (256 MiB).
+pub const MAX_DST_SLOTS: u32 = 1 << 20;
+
+impl DatapathSettings {
+    /// `PH_DST` entries that index every inline edge address's media
+    /// window (at least 1, at most `MAX_DST_SLOTS`): the loader's size.
+    pub fn dst_slots(&self) -> u32 {
+        let l = edge_list(&self.edge_addrs, &self.media_ports, u32::MAX);
+        (l.indexed.saturating_mul(l.port_span)).clamp(1, MAX_DST_SLOTS)
+    }
+}
+
 fn conv<T>(name: &'static str, r: Result<T, MapError>) -> Result<T, MapsError> {
     r.map_err(|source| MapsError::Open { name, source })
 }
@@ -355,11 +592,7 @@ impl DatapathMaps {
             })
         };
         let maps = Self::from_maps(&mut take)?;
-        // The owner of a (re)loaded datapath recounts DST_PORTS from the
-        // rules: re-adopted pins may predate it or an interrupted writer may
-        // have left a count behind.
-        let keys: Vec<PinholeKey> = maps.pinholes.keys().filter_map(Result::ok).collect();
-        maps.dst_ports.rebuild(&keys);
+        maps.recount();
         Ok(maps)
     }
 
@@ -384,7 +617,7 @@ impl DatapathMaps {
         take: &mut dyn FnMut(&'static str) -> Result<Map, MapsError>,
     ) -> Result<Self, MapsError> {
         use map_names::*;
-        Ok(DatapathMaps {
+        let mut m = DatapathMaps {
             pinholes: conv(PINHOLES, HashMap::try_from(take(PINHOLES)?))?,
             state: conv(PH_STATE, Array::try_from(take(PH_STATE)?))?,
             reasons: conv(REASONS, PerCpuArray::try_from(take(REASONS)?))?,
@@ -394,10 +627,40 @@ impl DatapathMaps {
             edge_addrs: conv(EDGE_ADDRS, HashMap::try_from(take(EDGE_ADDRS)?))?,
             edge_list: conv(EDGE_LIST, Array::try_from(take(EDGE_LIST)?))?,
             dst_ports: DstPorts::new(take(DST_PORTS)?)?,
+            dst: DstTable(Mapped::new(PH_DST, take(PH_DST)?, 256)?),
+            layout: EdgeList::default(),
             settings: conv(SETTINGS, Array::try_from(take(SETTINGS)?))?,
             tx_ports: conv(TX_PORTS, DevMapHash::try_from(take(TX_PORTS)?))?,
             neigh_miss: conv(NEIGH_MISS, HashMap::try_from(take(NEIGH_MISS)?))?,
-        })
+        };
+        m.layout = m.edge_list.get(&0, 0).unwrap_or_default();
+        Ok(m)
+    }
+
+    /// Recount `DST_PORTS` and the `PH_DST` overflow counts from the
+    /// installed rules. Done by the owner of a (re)loaded datapath:
+    /// re-adopted pins may predate them or an interrupted writer may have
+    /// left a count behind.
+    fn recount(&self) {
+        let mut keys: Vec<PinholeKey> = self.pinholes.keys().filter_map(Result::ok).collect();
+        for idx in 0..self.dst.0.entries {
+            if let Some(o) = self.dst.overflow(idx) {
+                o.store(0, Ordering::SeqCst);
+            }
+        }
+        for k in &keys {
+            if let Some(o) =
+                dst_index(&self.layout, self.dst.0.entries, k).and_then(|i| self.dst.overflow(i))
+            {
+                o.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        for idx in 0..self.dst.0.entries {
+            if let Some((ctl, _, _)) = self.dst.read(idx) {
+                keys.extend(dst_key(&self.layout, idx, ctl));
+            }
+        }
+        self.dst_ports.rebuild(&keys);
     }
 
     /// Replace the configuration maps' contents with `s` (stale entries of
@@ -473,9 +736,34 @@ impl DatapathMaps {
                 .map_err(op("update", EDGE_ADDRS))?;
         }
         // After EDGE_ADDRS: the list's overflow flag points the datapath there.
+        let list = edge_list(&s.edge_addrs, &s.media_ports, self.dst.0.entries);
+        if list != self.layout {
+            // Another layout gives every PH_DST index another address and
+            // port: rules indexed under the old one would answer for the
+            // wrong key, so they go, and so do hash rules the overflow
+            // counts point at (recounted below).
+            let mut dropped = 0u32;
+            for idx in 0..self.dst.0.entries {
+                if let Some((ctl, _, _)) = self.dst.read(idx) {
+                    self.dst.remove(idx);
+                    if let Some(k) = dst_key(&self.layout, idx, ctl) {
+                        self.dst_ports.sub(&k);
+                    }
+                    dropped += 1;
+                }
+            }
+            if dropped > 0 {
+                tracing::warn!(
+                    dropped,
+                    "edge addresses or media ranges changed: pinholes indexed under the old layout were removed"
+                );
+            }
+        }
         self.edge_list
-            .set(0, edge_list(&s.edge_addrs), BPF_ANY)
+            .set(0, list, BPF_ANY)
             .map_err(op("update", EDGE_LIST))?;
+        self.layout = list;
+        self.recount();
         let mut policy = PortPolicy::EMPTY;
         for (a, b) in &s.media_ports {
             for p in *a..=*b {
@@ -558,40 +846,140 @@ impl DatapathMaps {
     }
 
     /// Install both rules of `flow` (after `check_policy`); returns the
-    /// slots (inbound, outbound). Nothing is left behind on failure.
+    /// slot ids (inbound, outbound). A `MATCH_DST` rule takes the `PH_DST`
+    /// entry of its key when that is free, anything else a `PH_STATE` slot.
+    /// Nothing is left behind on failure.
     pub fn add_flow(&mut self, flow: &Flow) -> Result<(u32, u32), MapsError> {
         self.check_policy(flow)?;
-        let slots = self.free_slots(2)?;
-        let (s_in, s_out) = (slots[0], slots[1]);
-        let pair = flow.rules(s_in, s_out)?;
-        self.insert_rule(pair.inbound.0, pair.inbound.1)?;
-        if let Err(e) = self.insert_rule(pair.outbound.0, pair.outbound.1) {
-            // Roll back: a half flow must never stay installed.
-            if self.pinholes.remove(&pair.inbound.0).is_ok() {
-                self.dst_ports.sub(&pair.inbound.0);
+        let probe = flow.rules(0, 0)?;
+        let keys = [probe.inbound.0, probe.outbound.0];
+        let mut claimed: Vec<u32> = Vec::new();
+        let mut ids = [None; 2];
+        for (n, k) in keys.iter().enumerate() {
+            if let Some(idx) = self.dst_index(k) {
+                if self.dst.claim(idx, k) {
+                    claimed.push(idx);
+                    ids[n] = Some(SLOT_DST | idx);
+                }
             }
+        }
+        let need = ids.iter().filter(|i| i.is_none()).count();
+        let free = match self.free_slots(need) {
+            Ok(f) => f,
+            Err(e) => {
+                claimed.iter().for_each(|i| self.dst.unclaim(*i));
+                return Err(e);
+            }
+        };
+        let mut free = free.into_iter();
+        let s_in = ids[0].or_else(|| free.next()).unwrap_or(0);
+        let s_out = ids[1].or_else(|| free.next()).unwrap_or(0);
+        let pair = match flow.rules(s_in, s_out) {
+            Ok(p) => p,
+            Err(e) => {
+                claimed.iter().for_each(|i| self.dst.unclaim(*i));
+                return Err(e.into());
+            }
+        };
+        if let Err(e) = self.install(pair.inbound.0, pair.inbound.1) {
+            claimed.iter().for_each(|i| self.dst.unclaim(*i));
+            return Err(e);
+        }
+        if let Err(e) = self.install(pair.outbound.0, pair.outbound.1) {
+            // Roll back: a half flow must never stay installed.
+            let _ = self.remove_one(s_in);
+            claimed.iter().for_each(|i| self.dst.unclaim(*i));
             return Err(e);
         }
         Ok((s_in, s_out))
     }
 
-    /// Install one raw rule; its `slot` must be free (see `free_slot`).
-    pub fn insert_rule(&mut self, key: PinholeKey, rule: PinholeRule) -> Result<(), MapsError> {
+    /// The `PH_DST` index of `key` under the current layout.
+    fn dst_index(&self, key: &PinholeKey) -> Option<u32> {
+        dst_index(&self.layout, self.dst.0.entries, key)
+    }
+
+    /// Install one raw rule and return its slot id. A `MATCH_DST` key with a
+    /// free `PH_DST` entry goes there (its `slot` becomes that entry's id,
+    /// and a `pair_slot` equal to the old `slot` follows); anything else
+    /// goes to `PINHOLES` with `rule.slot` as its `PH_STATE` slot, which
+    /// must be free (see `free_slots`).
+    pub fn insert_rule(
+        &mut self,
+        key: PinholeKey,
+        mut rule: PinholeRule,
+    ) -> Result<u32, MapsError> {
+        if let Some(idx) = self.dst_index(&key) {
+            if self.dst.claim(idx, &key) {
+                let id = SLOT_DST | idx;
+                if rule.pair_slot == rule.slot {
+                    rule.pair_slot = id;
+                }
+                rule.slot = id;
+                if let Err(e) = self.install(key, rule) {
+                    self.dst.unclaim(idx);
+                    return Err(e);
+                }
+                return Ok(id);
+            }
+        }
+        self.install(key, rule)?;
+        Ok(rule.slot)
+    }
+
+    /// Write a rule whose slot id is decided (a claimed `PH_DST` entry or a
+    /// free `PH_STATE` slot).
+    fn install(&mut self, key: PinholeKey, rule: PinholeRule) -> Result<(), MapsError> {
+        if rule.slot & SLOT_DST != 0 {
+            let idx = rule.slot & !SLOT_DST;
+            if self.dst_index(&key) != Some(idx) {
+                return Err(MapsError::Policy {
+                    reason: format!(
+                        "slot {:#x} is not the entry of {}",
+                        rule.slot,
+                        describe_key(&key)
+                    ),
+                });
+            }
+            // Counted before it becomes visible (the datapath skips the
+            // lookup by destination on a zero count).
+            self.dst_ports.add(&key);
+            self.dst.publish(idx, &key, &rule);
+            return Ok(());
+        }
         if rule.slot >= self.capacity() {
             return Err(MapsError::Full {
                 capacity: self.capacity(),
             });
         }
+        // A live PH_DST entry with the same key is the same pinhole.
+        let overflow = self.dst_index(&key);
+        if let Some(idx) = overflow {
+            if let Some((ctl, _, _)) = self.dst.read(idx) {
+                if ctl & !DST_SEL == DST_VALID | ctl_key(&key) {
+                    return Err(MapsError::Exists {
+                        key: describe_key(&key),
+                    });
+                }
+            }
+        }
         // Fresh counters and latch state before the rule becomes visible.
         self.state
             .set(rule.slot, PinholeState::default(), BPF_ANY)
             .map_err(op("update", map_names::PH_STATE))?;
-        // Counted before it becomes visible (the datapath skips the lookup
-        // by destination on a zero count).
+        // Counted before it becomes visible: DST_PORTS, and the overflow
+        // count that sends misses of its PH_DST entry here.
         self.dst_ports.add(&key);
+        let ov = overflow.and_then(|i| self.dst.overflow(i));
+        if let Some(o) = ov {
+            o.fetch_add(1, Ordering::SeqCst);
+        }
         let r = self.pinholes.insert(key, rule, BPF_NOEXIST);
         if r.is_err() {
             self.dst_ports.sub(&key);
+            if let Some(o) = ov {
+                o.fetch_sub(1, Ordering::SeqCst);
+            }
         }
         match r {
             Ok(()) => Ok(()),
@@ -608,29 +996,78 @@ impl DatapathMaps {
         }
     }
 
-    /// Remove every rule whose slot is `slot`; with `with_pair`, also the
-    /// rule of its pair slot. Returns the slots removed.
-    pub fn delete_slot(&mut self, slot: u32, with_pair: bool) -> Result<Vec<u32>, MapsError> {
-        let entries: Vec<(PinholeKey, PinholeRule)> =
-            self.pinholes.iter().filter_map(Result::ok).collect();
-        let Some((_, rule)) = entries.iter().find(|(_, r)| r.slot == slot) else {
-            return Err(MapsError::NoSuchSlot { slot });
-        };
-        let mut slots = vec![slot];
-        if with_pair
-            && rule.pair_slot != slot
-            && entries.iter().any(|(_, r)| r.slot == rule.pair_slot)
-        {
-            slots.push(rule.pair_slot);
+    /// Replace the rule of slot id `slot` by `rule` (same key): atomically
+    /// for readers, keeping its counters and latch state (a re-INVITE that
+    /// changes the rewrite). `rule.slot` is set to `slot`.
+    pub fn replace_rule(&mut self, slot: u32, mut rule: PinholeRule) -> Result<(), MapsError> {
+        rule.slot = slot;
+        if slot & SLOT_DST != 0 {
+            return if self.dst.replace(slot & !SLOT_DST, &rule) {
+                Ok(())
+            } else {
+                Err(MapsError::NoSuchSlot { slot })
+            };
         }
-        for (k, r) in entries.iter().filter(|(_, r)| slots.contains(&r.slot)) {
+        let key = self
+            .pinholes
+            .iter()
+            .filter_map(Result::ok)
+            .find(|(_, r)| r.slot == slot)
+            .map(|(k, _)| k)
+            .ok_or(MapsError::NoSuchSlot { slot })?;
+        // A hash update swaps the element whole (RCU); PH_STATE is untouched.
+        self.pinholes
+            .insert(key, rule, BPF_EXIST)
+            .map_err(op("update", map_names::PINHOLES))
+    }
+
+    /// Remove the rule(s) with slot id `slot`; `Ok(None)` when none.
+    /// Returns the pair slot of the removed rule.
+    fn remove_one(&mut self, slot: u32) -> Result<Option<u32>, MapsError> {
+        if slot & SLOT_DST != 0 {
+            let idx = slot & !SLOT_DST;
+            let Some((ctl, rule, _)) = self.dst.read(idx) else {
+                return Ok(None);
+            };
+            self.dst.remove(idx);
+            if let Some(k) = dst_key(&self.layout, idx, ctl) {
+                self.dst_ports.sub(&k);
+            }
+            return Ok(Some(rule.pair_slot));
+        }
+        let entries: Vec<(PinholeKey, PinholeRule)> = self
+            .pinholes
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, r)| r.slot == slot)
+            .collect();
+        let Some(pair) = entries.first().map(|(_, r)| r.pair_slot) else {
+            return Ok(None);
+        };
+        for (k, r) in &entries {
             self.pinholes
                 .remove(k)
                 .map_err(op("delete", map_names::PINHOLES))?;
             self.dst_ports.sub(k);
+            if let Some(o) = self.dst_index(k).and_then(|i| self.dst.overflow(i)) {
+                let _ = o.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1));
+            }
             self.state
                 .set(r.slot, PinholeState::default(), BPF_ANY)
                 .map_err(op("update", map_names::PH_STATE))?;
+        }
+        Ok(Some(pair))
+    }
+
+    /// Remove every rule whose slot is `slot`; with `with_pair`, also the
+    /// rule of its pair slot. Returns the slots removed.
+    pub fn delete_slot(&mut self, slot: u32, with_pair: bool) -> Result<Vec<u32>, MapsError> {
+        let Some(pair) = self.remove_one(slot)? else {
+            return Err(MapsError::NoSuchSlot { slot });
+        };
+        let mut slots = vec![slot];
+        if with_pair && pair != slot && self.remove_one(pair)?.is_some() {
+            slots.push(pair);
         }
         Ok(slots)
     }
@@ -642,6 +1079,13 @@ impl DatapathMaps {
             let (k, r) = item.map_err(op("iterate", map_names::PINHOLES))?;
             let st = self.state.get(&r.slot, 0).unwrap_or_default();
             out.push(entry(&k, &r, &st));
+        }
+        for idx in 0..self.dst.0.entries {
+            if let Some((ctl, r, st)) = self.dst.read(idx) {
+                if let Some(k) = dst_key(&self.layout, idx, ctl) {
+                    out.push(entry(&k, &r, &st));
+                }
+            }
         }
         out.sort_by_key(|e| e.slot);
         Ok(out)
@@ -769,5 +1213,74 @@ fn entry(k: &PinholeKey, r: &PinholeRule, st: &PinholeState) -> PinholeEntry {
         packets: st.packets,
         bytes: st.bytes,
         last_seen_ns: st.last_seen_ns,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sip_edge_common::{PROTO_UDP, ROLE_EXTERNAL};
+
+    fn key(sa: &str) -> PinholeKey {
+        let sa: SocketAddr = sa.parse().expect("test address");
+        let (family, addr) = addr_from_ip(sa.ip());
+        PinholeKey {
+            addr,
+            port: sa.port().to_be(),
+            proto: PROTO_UDP,
+            family,
+            role: ROLE_EXTERNAL,
+            match_on: MATCH_DST,
+            _pad: [0; 2],
+        }
+    }
+
+    fn ips(list: &[&str]) -> Vec<IpAddr> {
+        list.iter().map(|s| s.parse().expect("test ip")).collect()
+    }
+
+    #[test]
+    fn dst_index_round_trips_and_refuses_what_is_not_indexed() {
+        let addrs = ips(&["10.77.0.1", "2001:db8:ff::1", "203.0.113.1"]);
+        let l = edge_list(&addrs, &[(41000, 41999), (40000, 40099)], 3 * 2000);
+        assert_eq!((l.n4, l.n6, l.port_base, l.port_span), (2, 1, 40000, 2000));
+        assert_eq!(l.indexed, 3);
+        let mut seen = BTreeSet::new();
+        for sa in [
+            "10.77.0.1:40000",
+            "203.0.113.1:41999",
+            "[2001:db8:ff::1]:40050",
+        ] {
+            let k = key(sa);
+            let idx = dst_index(&l, 6000, &k).expect("indexed");
+            assert!(seen.insert(idx), "{sa}: index {idx} reused");
+            let ctl = DST_VALID | ctl_key(&k);
+            assert_eq!(dst_key(&l, idx, ctl), Some(k), "{sa}");
+        }
+        // Outside the window, not an edge address, a source key, or past
+        // the table: not indexed.
+        assert_eq!(dst_index(&l, 6000, &key("10.77.0.1:39999")), None);
+        assert_eq!(dst_index(&l, 6000, &key("10.77.0.1:42000")), None);
+        assert_eq!(dst_index(&l, 6000, &key("10.77.0.9:40000")), None);
+        let mut src = key("10.77.0.1:40000");
+        src.match_on = sip_edge_common::MATCH_SRC;
+        assert_eq!(dst_index(&l, 6000, &src), None);
+        assert_eq!(dst_index(&l, 3999, &key("[2001:db8:ff::1]:40000")), None);
+    }
+
+    #[test]
+    fn edge_list_overflows_instead_of_dropping_addresses() {
+        let many: Vec<IpAddr> = (0..EDGE_LIST_V4 as u32 + 1)
+            .map(|i| IpAddr::V4(std::net::Ipv4Addr::from(0xcb00_7100 + i)))
+            .collect();
+        let l = edge_list(&many, &[(40000, 40999)], 1000 * 4);
+        assert_eq!(l.n4 as usize, EDGE_LIST_V4);
+        assert_eq!(l.overflow, 1);
+        // Only as many addresses as the table has rows for are indexed.
+        assert_eq!(l.indexed, 4);
+        assert_eq!(dst_index(&l, 4000, &key("203.0.113.3:40000")), Some(3000));
+        assert_eq!(dst_index(&l, 4000, &key("203.0.113.4:40000")), None);
+        let none = edge_list(&many, &[], 1000);
+        assert_eq!((none.port_span, none.indexed), (0, 0));
     }
 }
