@@ -189,7 +189,8 @@ fn ua_err(what: &str) -> impl FnOnce(UaError) -> BenchError + '_ {
 
 fn sa(s: &str) -> SocketAddr {
     // The constants above are valid socket addresses.
-    s.parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 9)))
+    s.parse()
+        .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 9)))
 }
 
 fn caller() -> UaIdentity {
@@ -208,6 +209,19 @@ fn callee(port: u16) -> UaIdentity {
         via_host: format!("198.51.100.2:{port}"),
         display: "Bob".into(),
     }
+}
+
+/// An SDP offer or answer with one audio stream at `addr`:`port`.
+fn audio_sdp(user: &str, addr: IpAddr, port: u16) -> String {
+    sdp(
+        user,
+        1,
+        addr,
+        &SdpSpec {
+            audio: Some(port),
+            ..Default::default()
+        },
+    )
 }
 
 /// Run `fut` to completion on a current-thread runtime of a thread inside
@@ -265,16 +279,20 @@ async fn callee_conn(
             };
             // Answer ports 20000..59998, even, distinct for 20000 calls.
             let n = next_port.fetch_add(1, Ordering::Relaxed) % 20_000;
-            let body = sdp(
+            let body = audio_sdp(
                 "bob",
-                1,
                 IpAddr::from([198, 51, 100, 2]),
-                &SdpSpec {
-                    audio: Some(20_000 + 2 * n as u16),
-                    ..Default::default()
-                },
+                20_000 + 2 * n as u16,
             );
-            reply(&m, 200, "OK", &d.local_tag, &contact, "application/sdp", &body)
+            reply(
+                &m,
+                200,
+                "OK",
+                &d.local_tag,
+                &contact,
+                "application/sdp",
+                &body,
+            )
         } else if m.method().is_some_and(|x| x.is("ACK")) || m.status().is_some() {
             continue;
         } else {
@@ -382,15 +400,7 @@ async fn establish(
     audio_port: u16,
 ) -> Result<(Dialog, Duration), UaError> {
     let mut d = Dialog::outgoing(&caller(), t.ruri);
-    let offer = sdp(
-        "alice",
-        1,
-        IpAddr::from([10, 77, 0, 2]),
-        &SdpSpec {
-            audio: Some(audio_port),
-            ..Default::default()
-        },
-    );
+    let offer = audio_sdp("alice", IpAddr::from([10, 77, 0, 2]), audio_port);
     let t0 = Instant::now();
     conn.send(&d.invite(&offer)).await?;
     let ok = conn.recv_status(200, WAIT).await?;
@@ -640,7 +650,13 @@ fn memory_calls(
         }
         Ok::<u64, BenchError>(after)
     })??;
-    Ok(figure(system, "established call", per_total(count, workers), before, after))
+    Ok(figure(
+        system,
+        "established call",
+        per_total(count, workers),
+        before,
+        after,
+    ))
 }
 
 fn per_total(count: u32, workers: u32) -> u32 {
@@ -680,7 +696,10 @@ fn edge_bench_config(pin_dir: &Path, pki: &TestPki) -> Result<String, BenchError
         if !cfg.contains(from) {
             return Err(BenchError::Io {
                 op: "derive the bench agent configuration".into(),
-                source: std::io::Error::other(format!("`{}` not in testua::edge_config", from.trim())),
+                source: std::io::Error::other(format!(
+                    "`{}` not in testua::edge_config",
+                    from.trim()
+                )),
             });
         }
         cfg = cfg.replacen(from, to, 1);
@@ -730,16 +749,15 @@ async fn probe_call(
     i: u32,
 ) -> Result<Duration, BenchError> {
     let mut a = Dialog::outgoing(&caller(), "sips:bob@probe.example.net");
-    let offer = sdp(
+    let offer = audio_sdp(
         "alice",
-        1,
         IpAddr::from([10, 77, 0, 2]),
-        &SdpSpec {
-            audio: Some(30_000 + 2 * (i % 1000) as u16),
-            ..Default::default()
-        },
+        30_000 + 2 * (i % 1000) as u16,
     );
-    alice.send(&a.invite(&offer)).await.map_err(ua_err("probe INVITE"))?;
+    alice
+        .send(&a.invite(&offer))
+        .await
+        .map_err(ua_err("probe INVITE"))?;
     if bob_conn.is_none() {
         *bob_conn = Some(bob.accept(WAIT).await.map_err(ua_err("probe accept"))?);
     }
@@ -749,7 +767,10 @@ async fn probe_call(
             source: std::io::Error::other("no connection"),
         });
     };
-    let inv = b.recv_request("INVITE", WAIT).await.map_err(ua_err("probe callee INVITE"))?;
+    let inv = b
+        .recv_request("INVITE", WAIT)
+        .await
+        .map_err(ua_err("probe callee INVITE"))?;
     let me = callee(5062);
     let d = Dialog::incoming(&me, &inv).map_err(ua_err("probe dialog"))?;
     let media_port = 6_000 + 2 * (i % 1000) as u16;
@@ -761,24 +782,13 @@ async fn probe_call(
         &d.local_tag,
         &format!("Contact: <{}>\r\n", me.contact),
         "application/sdp",
-        &sdp(
-            "bob",
-            1,
-            IpAddr::from([198, 51, 100, 2]),
-            &SdpSpec {
-                audio: Some(media_port),
-                ..Default::default()
-            },
-        ),
+        &audio_sdp("bob", IpAddr::from([198, 51, 100, 2]), media_port),
     );
     let t0 = Instant::now();
     b.send(&answer).await.map_err(ua_err("probe 200"))?;
     let deadline = t0 + Duration::from_secs(2);
     let took = loop {
-        let seen = maps
-            .list()?
-            .iter()
-            .any(|e| e.remote == remote);
+        let seen = maps.list()?.iter().any(|e| e.remote == remote);
         if seen {
             break t0.elapsed();
         }
@@ -792,19 +802,33 @@ async fn probe_call(
         }
         std::thread::sleep(Duration::from_micros(50));
     };
-    let ok = alice.recv_status(200, WAIT).await.map_err(ua_err("probe caller 200"))?;
+    let ok = alice
+        .recv_status(200, WAIT)
+        .await
+        .map_err(ua_err("probe caller 200"))?;
     a.on_invite_response(&ok).map_err(ua_err("probe 200"))?;
-    alice.send(&a.ack("", "")).await.map_err(ua_err("probe ACK"))?;
-    b.recv_request("ACK", WAIT).await.map_err(ua_err("probe callee ACK"))?;
+    alice
+        .send(&a.ack("", ""))
+        .await
+        .map_err(ua_err("probe ACK"))?;
+    b.recv_request("ACK", WAIT)
+        .await
+        .map_err(ua_err("probe callee ACK"))?;
     alice
         .send(&a.request("BYE", "", ""))
         .await
         .map_err(ua_err("probe BYE"))?;
-    let bye = b.recv_request("BYE", WAIT).await.map_err(ua_err("probe callee BYE"))?;
+    let bye = b
+        .recv_request("BYE", WAIT)
+        .await
+        .map_err(ua_err("probe callee BYE"))?;
     b.send(&reply(&bye, 200, "OK", &d.local_tag, "", "", ""))
         .await
         .map_err(ua_err("probe 200 BYE"))?;
-    alice.recv_status(200, WAIT).await.map_err(ua_err("probe BYE 200"))?;
+    alice
+        .recv_status(200, WAIT)
+        .await
+        .map_err(ua_err("probe BYE 200"))?;
     alice.log.clear();
     b.log.clear();
     Ok(took)
@@ -890,10 +914,15 @@ fn run_sip_edge(
     if !bin.exists() {
         return Err(BenchError::Io {
             op: format!("agent binary {}", bin.display()),
-            source: std::io::Error::other("missing: build it with `cargo build --release -p sip-edge --bin sip-edge`"),
+            source: std::io::Error::other(
+                "missing: build it with `cargo build --release -p sip-edge --bin sip-edge`",
+            ),
         });
     }
-    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/sip-edge-bench-sip-{}", std::process::id()));
+    let pin_dir = PathBuf::from(format!(
+        "/sys/fs/bpf/sip-edge-bench-sip-{}",
+        std::process::id()
+    ));
     let _pins = Pins(pin_dir.clone());
     let cfg = dir.join("sip-edge.toml");
     std::fs::write(&cfg, edge_bench_config(&pin_dir, pki)?).map_err(io("write agent config"))?;
@@ -902,13 +931,24 @@ fn run_sip_edge(
     std::env::set_var("SIP_EDGE_LOG", "warn");
     let agent = AgentProcess::start(topo, &bin, &cfg, &pin_dir, &["int0", "ext0"])?;
     let pid = agent.pid();
-    wait_listening(&topo.client, sa(PROXY_INSIDE), "sip-edge inside listener", || {
-        pss_kb(pid).is_some()
-    })?;
+    wait_listening(
+        &topo.client,
+        sa(PROXY_INSIDE),
+        "sip-edge inside listener",
+        || pss_kb(pid).is_some(),
+    )?;
     let measure = move || pss_kb(pid).unwrap_or(0);
     let ns = topo.client.as_str();
     for per_call in [false, true] {
-        let r = load(ns, "sip-edge", t, sizes.workers, sizes.seconds, per_call, Arc::default())?;
+        let r = load(
+            ns,
+            "sip-edge",
+            t,
+            sizes.workers,
+            sizes.seconds,
+            per_call,
+            Arc::default(),
+        )?;
         progress(start, &run_line(&r));
         stage.runs.push(r);
     }
@@ -1050,10 +1090,13 @@ request_route {{
 
 /// Kamailio's module directory (Debian multiarch path, or a fallback).
 fn kamailio_modules() -> Option<PathBuf> {
-    ["/usr/lib/x86_64-linux-gnu/kamailio/modules", "/usr/lib/kamailio/modules"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.join("tls.so").exists())
+    [
+        "/usr/lib/x86_64-linux-gnu/kamailio/modules",
+        "/usr/lib/kamailio/modules",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.join("tls.so").exists())
 }
 
 /// Kamailio in the edge namespace; every process killed on drop.
@@ -1090,9 +1133,12 @@ impl Kamailio {
             child,
             marker: cfg.display().to_string(),
         };
-        let up = wait_listening(&topo.client, sa(PROXY_INSIDE), "kamailio inside listener", || {
-            matches!(k.child.try_wait(), Ok(None))
-        });
+        let up = wait_listening(
+            &topo.client,
+            sa(PROXY_INSIDE),
+            "kamailio inside listener",
+            || matches!(k.child.try_wait(), Ok(None)),
+        );
         if let Err(e) = up {
             let log = std::fs::read_to_string(&log_path).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(5).collect();
@@ -1122,7 +1168,9 @@ impl Drop for Kamailio {
         let _ = self.child.kill();
         let _ = self.child.wait();
         // Children that outlived their parent.
-        let _ = Command::new("pkill").args(["-KILL", "-f", &self.marker]).status();
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-f", &self.marker])
+            .status();
     }
 }
 
@@ -1144,7 +1192,15 @@ fn run_kamailio(
     let k = Kamailio::start(topo, pki, dir)?;
     let ns = topo.client.as_str();
     for per_call in [false, true] {
-        let r = load(ns, "kamailio", t, sizes.workers, sizes.seconds, per_call, Arc::default())?;
+        let r = load(
+            ns,
+            "kamailio",
+            t,
+            sizes.workers,
+            sizes.seconds,
+            per_call,
+            Arc::default(),
+        )?;
         progress(start, &run_line(&r));
         stage.runs.push(r);
     }
@@ -1168,7 +1224,11 @@ pub fn run(mode: Mode, start: Instant) -> Result<SipStage, BenchError> {
         start,
         &format!(
             "sip: {} workers × {:.1} s per run, {} probe calls, {} idle connections, {} held calls",
-            sizes.workers, sizes.seconds, sizes.probe_calls, sizes.idle_connections, sizes.held_calls
+            sizes.workers,
+            sizes.seconds,
+            sizes.probe_calls,
+            sizes.idle_connections,
+            sizes.held_calls
         ),
     );
     let mut stage = SipStage {
@@ -1224,9 +1284,10 @@ pub fn run(mode: Mode, start: Instant) -> Result<SipStage, BenchError> {
         };
         if let (Some(a), Some(b)) = (rate("sip-edge"), rate("kamailio")) {
             if b > 0.0 {
-                stage
-                    .ratios
-                    .push((format!("sip-edge / kamailio, calls/s, {conn} connections"), a / b));
+                stage.ratios.push((
+                    format!("sip-edge / kamailio, calls/s, {conn} connections"),
+                    a / b,
+                ));
             }
         }
     }

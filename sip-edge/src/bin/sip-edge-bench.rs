@@ -9,7 +9,9 @@ use std::{path::PathBuf, time::Instant};
 
 use anyhow::Context as _;
 use clap::Parser;
-use sip_edge::bench::{self, forward, plot, prog, progress, sip, Machine, Mode, NotMeasured, Report};
+use sip_edge::bench::{
+    self, forward, plot, prog, progress, sip, Machine, Mode, NotMeasured, Report,
+};
 
 /// Benchmark the datapath and its peers; every figure is a ratio against
 /// peers measured in the same run.

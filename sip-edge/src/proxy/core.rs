@@ -293,7 +293,10 @@ impl Proxy {
     pub fn on_sent(&mut self, ckey: &str, conn: ConnId) {
         if let Some(c) = self.client_txs.get_mut(ckey) {
             c.sent_on = Some(conn);
-            self.sent_on.entry(conn).or_default().insert(ckey.to_owned());
+            self.sent_on
+                .entry(conn)
+                .or_default()
+                .insert(ckey.to_owned());
         }
     }
 

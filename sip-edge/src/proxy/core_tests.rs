@@ -202,7 +202,10 @@ fn rfc3665_3_1_successful_session_through_the_edge() {
     let (mut p, rec) = setup();
     let now = Instant::now();
     let inv = invite(&mut p, now);
-    p.on_sent(&ctx_key(inv.top_via().unwrap().branch().unwrap(), "INVITE"), CALLEE);
+    p.on_sent(
+        &ctx_key(inv.top_via().unwrap().branch().unwrap(), "INVITE"),
+        CALLEE,
+    );
     // §16.6: our Via on top with the external address, received stamped below.
     let vias = inv.vias().unwrap();
     assert_eq!(vias.len(), 2);
@@ -364,7 +367,10 @@ fn rfc3665_3_8_cancel_hop_by_hop() {
     let (mut p, rec) = setup();
     let now = Instant::now();
     let inv = invite(&mut p, now);
-    p.on_sent(&ctx_key(inv.top_via().unwrap().branch().unwrap(), "INVITE"), CALLEE);
+    p.on_sent(
+        &ctx_key(inv.top_via().unwrap().branch().unwrap(), "INVITE"),
+        CALLEE,
+    );
     p.on_message(CALLEE, &answer(&inv, 180, "c1", "", ""), now);
     let cancel = String::from_utf8(fixture("rfc3665_3_1_invite.sip"))
         .unwrap()
@@ -432,7 +438,10 @@ fn closed_next_hop_connection_fails_only_waiting_transactions() {
     let (mut p, _) = setup();
     let now = Instant::now();
     let inv = invite(&mut p, now);
-    p.on_sent(&ctx_key(inv.top_via().unwrap().branch().unwrap(), "INVITE"), CALLEE);
+    p.on_sent(
+        &ctx_key(inv.top_via().unwrap().branch().unwrap(), "INVITE"),
+        CALLEE,
+    );
     // Another connection closing touches nothing.
     assert!(p.on_conn_closed(99, now).is_empty());
     let out = p.on_conn_closed(CALLEE, now);
@@ -441,7 +450,10 @@ fn closed_next_hop_connection_fails_only_waiting_transactions() {
     assert_eq!(r[0].status(), Some(503));
     // The transaction is finished now: a second close (or a stale index
     // entry) must not answer again.
-    p.on_sent(&ctx_key(inv.top_via().unwrap().branch().unwrap(), "INVITE"), CALLEE);
+    p.on_sent(
+        &ctx_key(inv.top_via().unwrap().branch().unwrap(), "INVITE"),
+        CALLEE,
+    );
     assert!(p.on_conn_closed(CALLEE, now).is_empty());
 }
 
@@ -450,7 +462,10 @@ fn unreachable_next_hop_gives_503_with_retry_after() {
     let (mut p, _) = setup();
     let now = Instant::now();
     let inv = invite(&mut p, now);
-    let out = p.on_unreachable(&ctx_key(inv.top_via().unwrap().branch().unwrap(), "INVITE"), now);
+    let out = p.on_unreachable(
+        &ctx_key(inv.top_via().unwrap().branch().unwrap(), "INVITE"),
+        now,
+    );
     let r = &to_conn(&out, CALLER)[0];
     assert_eq!(r.status(), Some(503));
     assert!(r.header("Retry-After").is_some());
