@@ -74,10 +74,19 @@ pub fn lookup(pkt: &Packet, role: u8, d: &Dst) -> Result<Option<Hit>, Reason> {
                     | (pkt.proto as u32) << DST_CTL_PROTO_SHIFT
                     | (role as u32) << DST_CTL_ROLE_SHIFT;
                 if ctl & !DST_SEL == want {
-                    let sel = ((ctl & DST_SEL) != 0) as usize;
+                    // A branch, not `rules.add(sel)`: the CPU predicts it
+                    // (copy 0 unless the rule was replaced an odd number of
+                    // times) and fetches the rule's cache line in parallel
+                    // with `ctl`'s instead of after it.
+                    let rules = unsafe { (&raw const (*e).rules).cast::<PinholeRule>() };
+                    let rule = if ctl & DST_SEL == 0 {
+                        rules
+                    } else {
+                        // SAFETY: index 1 of the two-element array.
+                        unsafe { rules.add(1) }
+                    };
                     return Ok(Some(Hit {
-                        // SAFETY: `sel` is 0 or 1, inside the value.
-                        rule: unsafe { (&raw const (*e).rules).cast::<PinholeRule>().add(sel) },
+                        rule,
                         state: e.cast::<PinholeState>(),
                         match_src: false,
                     }));
