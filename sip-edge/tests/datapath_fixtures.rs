@@ -156,3 +156,163 @@ fn harness_reports_every_mismatch() {
         );
     }
 }
+
+/// The map writer's `PH_DST` path end to end, through the production
+/// loader and `DatapathMaps`: `add_flow` places both relay rules in PH_DST,
+/// a packet hits; `replace_rule` (a re-INVITE moving the client's port)
+/// takes effect on the next packet without losing the counters, twice (both
+/// rule copies); `delete_slot` closes the pinhole again.
+#[test]
+fn writer_places_replaces_and_removes_ph_dst_rules() {
+    use std::net::{IpAddr, SocketAddr};
+
+    use aya::programs::{TestRun, TestRunOptions, Xdp};
+    use sip_edge::datapath::{
+        fixtures::{netns, packet::Packet, XDP_DROP, XDP_REDIRECT},
+        loader::{self, MapSizes},
+        maps::{DatapathIface, DatapathMaps, DatapathSettings},
+        rules::{Flow, LearnPort, Proto},
+    };
+    use sip_edge_common::{
+        map_names, POLICY_PASS, ROLE_EXTERNAL, ROLE_INTERNAL, SLOT_DST, XDP_PROG_NAME,
+    };
+
+    // SAFETY: plain getter.
+    if unsafe { libc::geteuid() } != 0 {
+        sip_edge::testnet::record_skip(
+            "datapath_fixtures::writer_places_replaces_and_removes_ph_dst_rules",
+            "not root",
+        );
+        return;
+    }
+    let ns = netns::Netns::create().expect("namespace");
+    struct Pins(std::path::PathBuf);
+    impl Drop for Pins {
+        fn drop(&mut self) {
+            for name in map_names::ALL {
+                let _ = std::fs::remove_file(self.0.join(name));
+            }
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let pins = Pins(std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/{}",
+        ns.name()
+    )));
+    std::fs::create_dir(&pins.0).expect("pin dir");
+    let settings = DatapathSettings {
+        ifaces: vec![
+            DatapathIface {
+                ifindex: ns.links.int,
+                role: ROLE_INTERNAL,
+            },
+            DatapathIface {
+                ifindex: ns.links.ext,
+                role: ROLE_EXTERNAL,
+            },
+        ],
+        edge_addrs: vec![
+            IpAddr::from(netns::EDGE_INT4),
+            netns::EDGE_PUB4.into(),
+            netns::EDGE_INT6.into(),
+            netns::EDGE_PUB6.into(),
+        ],
+        media_ports: vec![(40000, 40999)],
+        pass_ports: vec![5061],
+        default_policy: POLICY_PASS,
+    };
+    let mut ebpf = loader::load(
+        MapSizes {
+            max_pinholes: 64,
+            dst_slots: settings.dst_slots(),
+        },
+        Some(&pins.0),
+    )
+    .expect("load");
+    let mut maps = DatapathMaps::from_ebpf(&mut ebpf).expect("maps");
+    maps.apply_settings(&settings).expect("settings");
+
+    let peer = SocketAddr::new(netns::PEER4.into(), 5000);
+    let public = SocketAddr::new(netns::EDGE_PUB4.into(), 40000);
+    let flow = |client_port: u16| Flow::Relay {
+        proto: Proto::Udp,
+        client: SocketAddr::new(netns::CLIENT4.into(), client_port),
+        edge_int: SocketAddr::new(netns::EDGE_INT4.into(), 40002),
+        public,
+        peer,
+        latch_peer: false,
+        learn_port: LearnPort::Neither,
+    };
+    let (s_in, s_out) = maps.add_flow(&flow(4000)).expect("add flow");
+    assert_ne!(s_in & SLOT_DST, 0, "inbound rule not in PH_DST: {s_in:#x}");
+    assert_ne!(
+        s_out & SLOT_DST,
+        0,
+        "outbound rule not in PH_DST: {s_out:#x}"
+    );
+
+    let frame = Packet::udp(netns::MAC_GW, netns::MAC_EXT, peer, public)
+        .build()
+        .expect("frame");
+    let ext = ns.links.ext;
+    let run = |ebpf: &aya::Ebpf| -> (u32, Option<u16>) {
+        let prog: &Xdp = ebpf
+            .program(XDP_PROG_NAME)
+            .expect("program")
+            .try_into()
+            .expect("xdp");
+        let mut ctx = [0u8; 24];
+        ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+        ctx[12..16].copy_from_slice(&ext.to_ne_bytes());
+        let mut out = vec![0u8; frame.len() + 512];
+        let res = prog
+            .test_run(TestRunOptions {
+                data_in: Some(&frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                repeat: 1,
+                ..TestRunOptions::new()
+            })
+            .expect("test run");
+        // Ethernet 14 + IPv4 20: the UDP destination port.
+        let dport =
+            (res.return_value == XDP_REDIRECT).then(|| u16::from_be_bytes([out[36], out[37]]));
+        (res.return_value, dport)
+    };
+    let packets = |maps: &DatapathMaps| {
+        maps.list()
+            .expect("list")
+            .iter()
+            .find(|e| e.slot == s_in)
+            .map(|e| e.packets)
+    };
+    assert_eq!(run(&ebpf), (XDP_REDIRECT, Some(4000)));
+    assert_eq!(packets(&maps), Some(1));
+
+    // Twice: the first replacement writes copy 1, the second copy 0 again.
+    for (n, port) in [(2, 4100u16), (3, 4200)] {
+        let pair = flow(port).rules(s_in, s_out).expect("rules");
+        maps.replace_rule(s_in, pair.inbound.1).expect("replace");
+        assert_eq!(
+            run(&ebpf),
+            (XDP_REDIRECT, Some(port)),
+            "after replacing with client port {port}"
+        );
+        assert_eq!(
+            packets(&maps),
+            Some(n),
+            "counters kept across the replacement"
+        );
+    }
+
+    assert_eq!(
+        maps.delete_slot(s_in, true).expect("delete"),
+        vec![s_in, s_out]
+    );
+    assert_eq!(run(&ebpf).0, XDP_DROP, "pinhole closed");
+    assert!(maps.list().expect("list").is_empty());
+    drop(maps);
+    drop(ebpf);
+    drop(pins);
+    drop(ns);
+}
