@@ -43,6 +43,8 @@ use std::{
 use serde::Serialize;
 
 use super::{io, progress, BenchError, Mode, NotMeasured};
+use sip_edge_common::{addr_from_ip, PinholeKey, MATCH_DST, PROTO_UDP, ROLE_EXTERNAL};
+
 use crate::{
     datapath::maps::DatapathMaps,
     testnet::{self, AgentProcess, Pins, Topology},
@@ -784,23 +786,37 @@ async fn probe_call(
         "application/sdp",
         &audio_sdp("bob", IpAddr::from([198, 51, 100, 2]), media_port),
     );
+    // The pinhole the answer opens: the callee's media arrives at the
+    // public address and port the edge offered it in the INVITE.
+    let offered = testua::media_of(inv.body(), "audio")
+        .map_err(ua_err("probe INVITE SDP"))?
+        .addr;
+    let (family, addr) = addr_from_ip(offered.ip());
+    let key = PinholeKey {
+        addr,
+        port: offered.port().to_be(),
+        proto: PROTO_UDP,
+        family,
+        role: ROLE_EXTERNAL,
+        match_on: MATCH_DST,
+        _pad: [0; 2],
+    };
     let t0 = Instant::now();
     b.send(&answer).await.map_err(ua_err("probe 200"))?;
     let deadline = t0 + Duration::from_secs(2);
     let took = loop {
-        let seen = maps.list()?.iter().any(|e| e.remote == remote);
-        if seen {
+        if maps.lookup(&key)?.is_some_and(|e| e.remote == remote) {
             break t0.elapsed();
         }
         if Instant::now() > deadline {
             return Err(BenchError::Io {
                 op: "probe pinhole".into(),
                 source: std::io::Error::other(format!(
-                    "no pinhole toward {remote} within 2 s of the 200 OK"
+                    "no pinhole at {offered} toward {remote} within 2 s of the 200 OK"
                 )),
             });
         }
-        std::thread::sleep(Duration::from_micros(50));
+        std::thread::sleep(Duration::from_micros(20));
     };
     let ok = alice
         .recv_status(200, WAIT)

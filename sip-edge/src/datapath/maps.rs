@@ -1097,6 +1097,27 @@ impl DatapathMaps {
         Ok(out)
     }
 
+    /// The rule installed under `key`, if any: one read of its `PH_DST`
+    /// entry or one `PINHOLES` lookup, not a walk (for pollers such as the
+    /// benchmark's pinhole install timer).
+    pub fn lookup(&self, key: &PinholeKey) -> Result<Option<PinholeEntry>, MapsError> {
+        if let Some(idx) = self.dst_index(key) {
+            if let Some((ctl, r, st)) = self.dst.read(idx) {
+                if dst_key(&self.layout, idx, ctl).as_ref() == Some(key) {
+                    return Ok(Some(entry(key, &r, &st)));
+                }
+            }
+        }
+        match self.pinholes.get(key, 0) {
+            Ok(r) => {
+                let st = self.state.get(&r.slot, 0).unwrap_or_default();
+                Ok(Some(entry(key, &r, &st)))
+            }
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(op("lookup", map_names::PINHOLES)(e)),
+        }
+    }
+
     /// Per-reason packet counts summed over CPUs, in `Reason` order.
     pub fn reasons(&self) -> Result<Vec<ReasonCount>, MapsError> {
         Reason::ALL
