@@ -1,8 +1,11 @@
 //! The pinhole table: what a packet must look like to use the fast path and
 //! how it is rewritten. Written only by the agent's map writer; read by the
-//! XDP program. Runtime state the datapath writes (counters, latch) lives in
-//! a separate `PH_STATE` slot so the agent can replace a rule atomically
-//! (one `bpf_map_update_elem`) without clobbering counters.
+//! XDP program. Runtime state the datapath writes (counters, latch) lives
+//! apart from the rule so the agent can replace a rule atomically without
+//! clobbering counters: for `PINHOLES` rules in a separate `PH_STATE` slot
+//! (the rule is replaced with one `bpf_map_update_elem`), for `MATCH_DST`
+//! rules on edge addresses in the same `PH_DST` entry as the rule, next to
+//! two rule copies (see `DstSlot`).
 //!
 //! One rule describes one direction of one flow. Both media modes of
 //! DESIGN.md §2 are sets of such rules:
@@ -181,7 +184,11 @@ pub const DST_CTL_ROLE_SHIFT: u32 = 16;
 /// then flipping `DST_SEL` in `ctl` with one 32-bit store, so a reader
 /// sees either rule whole; `state` (counters, latch, FIB cache) is only
 /// written by the datapath once the entry is published, so replacing a
-/// rule keeps its counters and latch. 256 bytes.
+/// rule keeps its counters and latch. A reader still on the old copy is
+/// one packet's processing (under a microsecond); the agent replaces rules
+/// on signalling (milliseconds apart), so it never rewrites a copy a reader
+/// can still be in. The publish and flip stores are ordered after the
+/// copies' stores (x86 TSO; the agent's stores are SeqCst). 256 bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct DstSlot {

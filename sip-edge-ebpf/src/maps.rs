@@ -3,8 +3,9 @@
 //! The agent's loader pins every map by name under its pin directory (and
 //! re-adopts existing pins); the object itself asks for no pinning, so a
 //! test or benchmark load without a pin directory never touches bpffs. The
-//! agent writes the configuration maps and `PINHOLES`; this program writes
-//! only `PH_STATE`, `REASONS` and `NEIGH_MISS`.
+//! agent writes the configuration maps, `PINHOLES`, `DST_PORTS` and the
+//! rules of `PH_DST`; this program writes only `PH_STATE`, the state part
+//! of `PH_DST` entries, `REASONS` and `NEIGH_MISS`.
 //!
 //! The maps are BTF-defined (`.maps` section, libbpf layout) rather than
 //! aya-ebpf's legacy `maps` definitions: the legacy ones carry no key/value

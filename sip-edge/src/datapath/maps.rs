@@ -2,6 +2,16 @@
 //! the datapath's maps either from a freshly loaded object or from their
 //! pins (for the CLI, while an agent runs), writes the configuration maps,
 //! installs/removes pinhole rules with their state slots, and reads counters.
+//!
+//! Where a rule goes: a `MATCH_DST` rule on an edge address and a port of
+//! the media window takes its `PH_DST` entry (rule and state together,
+//! written through a shared mapping of the map: claim with a
+//! compare-and-swap, publish with one store, replace by flipping between
+//! two rule copies); everything else (nat SNAT rules, keys whose entry is
+//! taken or not indexed) goes to `PINHOLES` with a `PH_STATE` slot. Slot
+//! ids with `SLOT_DST` set name `PH_DST` entries. `DST_PORTS` counts the
+//! `MATCH_DST` rules per protocol and port with atomic adds, so the agent
+//! and the CLI can write concurrently.
 
 use std::{
     collections::BTreeSet,
