@@ -255,7 +255,7 @@ fn writer_places_replaces_and_removes_ph_dst_rules() {
         .build()
         .expect("frame");
     let ext = ns.links.ext;
-    let run = |ebpf: &aya::Ebpf| -> (u32, Option<u16>) {
+    let run_frame = |ebpf: &aya::Ebpf, frame: &[u8]| -> (u32, Option<u16>) {
         let prog: &Xdp = ebpf
             .program(XDP_PROG_NAME)
             .expect("program")
@@ -267,7 +267,7 @@ fn writer_places_replaces_and_removes_ph_dst_rules() {
         let mut out = vec![0u8; frame.len() + 512];
         let res = prog
             .test_run(TestRunOptions {
-                data_in: Some(&frame),
+                data_in: Some(frame),
                 data_out: Some(&mut out),
                 ctx_in: Some(&ctx),
                 repeat: 1,
@@ -279,6 +279,7 @@ fn writer_places_replaces_and_removes_ph_dst_rules() {
             (res.return_value == XDP_REDIRECT).then(|| u16::from_be_bytes([out[36], out[37]]));
         (res.return_value, dport)
     };
+    let run = |ebpf: &aya::Ebpf| run_frame(ebpf, &frame);
     let packets = |maps: &DatapathMaps| {
         maps.list()
             .expect("list")
@@ -304,6 +305,43 @@ fn writer_places_replaces_and_removes_ph_dst_rules() {
             "counters kept across the replacement"
         );
     }
+
+    // The same flow again is the same pinhole.
+    assert!(matches!(
+        maps.add_flow(&flow(4000)),
+        Err(sip_edge::datapath::maps::MapsError::Exists { .. })
+    ));
+    // TCP on the same edge ports: the PH_DST entries are taken by the UDP
+    // rules, so these go to PINHOLES behind the entries' overflow counts,
+    // and still hit.
+    let tcp = Flow::Relay {
+        proto: Proto::Tcp,
+        client: SocketAddr::new(netns::CLIENT4.into(), 4000),
+        edge_int: SocketAddr::new(netns::EDGE_INT4.into(), 40002),
+        public,
+        peer,
+        latch_peer: false,
+        learn_port: LearnPort::Neither,
+    };
+    let (t_in, t_out) = maps.add_flow(&tcp).expect("add tcp flow");
+    assert_eq!(
+        (t_in & SLOT_DST, t_out & SLOT_DST),
+        (0, 0),
+        "tcp rules in PINHOLES"
+    );
+    let syn = Packet::tcp(netns::MAC_GW, netns::MAC_EXT, peer, public)
+        .build()
+        .expect("tcp frame");
+    assert_eq!(
+        run_frame(&ebpf, &syn),
+        (XDP_REDIRECT, Some(4000)),
+        "tcp via overflow"
+    );
+    assert_eq!(
+        maps.delete_slot(t_in, true).expect("delete tcp"),
+        vec![t_in, t_out]
+    );
+    assert_eq!(run_frame(&ebpf, &syn).0, XDP_DROP, "tcp pinhole closed");
 
     assert_eq!(
         maps.delete_slot(s_in, true).expect("delete"),

@@ -957,6 +957,13 @@ impl DatapathMaps {
                     ),
                 });
             }
+            // The same key in PINHOLES (placed there while this entry was
+            // taken) is the same pinhole: refuse, as BPF_NOEXIST would.
+            if self.pinholes.get(&key, 0).is_ok() {
+                return Err(MapsError::Exists {
+                    key: describe_key(&key),
+                });
+            }
             // Counted before it becomes visible (the datapath skips the
             // lookup by destination on a zero count).
             self.dst_ports.add(&key);
