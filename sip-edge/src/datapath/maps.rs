@@ -653,16 +653,17 @@ impl DatapathMaps {
     /// left a count behind.
     fn recount(&self) {
         let mut keys: Vec<PinholeKey> = self.pinholes.keys().filter_map(Result::ok).collect();
-        for idx in 0..self.dst.0.entries {
-            if let Some(o) = self.dst.overflow(idx) {
-                o.store(0, Ordering::SeqCst);
+        // Counted first, stored once per entry: a count never dips to 0
+        // under a live PINHOLES rule while the datapath runs.
+        let mut overflow = std::collections::HashMap::<u32, u32>::new();
+        for k in &keys {
+            if let Some(i) = dst_index(&self.layout, self.dst.0.entries, k) {
+                *overflow.entry(i).or_default() += 1;
             }
         }
-        for k in &keys {
-            if let Some(o) =
-                dst_index(&self.layout, self.dst.0.entries, k).and_then(|i| self.dst.overflow(i))
-            {
-                o.fetch_add(1, Ordering::SeqCst);
+        for idx in 0..self.dst.0.entries {
+            if let Some(o) = self.dst.overflow(idx) {
+                o.store(overflow.get(&idx).copied().unwrap_or(0), Ordering::SeqCst);
             }
         }
         for idx in 0..self.dst.0.entries {
