@@ -280,12 +280,17 @@ fn writer_places_replaces_and_removes_ph_dst_rules() {
         (res.return_value, dport)
     };
     let run = |ebpf: &aya::Ebpf| run_frame(ebpf, &frame);
+    // The listing and the per-slot read (the media layer's idle check)
+    // must agree.
     let packets = |maps: &DatapathMaps| {
-        maps.list()
+        let listed = maps
+            .list()
             .expect("list")
             .iter()
             .find(|e| e.slot == s_in)
-            .map(|e| e.packets)
+            .map(|e| e.packets);
+        assert_eq!(maps.packets(s_in).expect("packets"), listed);
+        listed
     };
     assert_eq!(run(&ebpf), (XDP_REDIRECT, Some(4000)));
     assert_eq!(packets(&maps), Some(1));
@@ -336,6 +341,11 @@ fn writer_places_replaces_and_removes_ph_dst_rules() {
         run_frame(&ebpf, &syn),
         (XDP_REDIRECT, Some(4000)),
         "tcp via overflow"
+    );
+    assert_eq!(
+        maps.packets(t_in).expect("packets"),
+        Some(1),
+        "a PINHOLES rule's counter, read by slot"
     );
     assert_eq!(
         maps.delete_slot(t_in, true).expect("delete tcp"),

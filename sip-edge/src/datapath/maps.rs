@@ -1136,6 +1136,20 @@ impl DatapathMaps {
         }
     }
 
+    /// Packets forwarded by the rule in `slot` (a `PH_DST` entry id or a
+    /// `PH_STATE` slot); `None` when nothing is installed there. O(1): the
+    /// media layer's idle check reads its own slots, not the whole table.
+    pub fn packets(&self, slot: u32) -> Result<Option<u64>, MapsError> {
+        if slot & SLOT_DST != 0 {
+            return Ok(self.dst.read(slot & !SLOT_DST).map(|(_, _, st)| st.packets));
+        }
+        match self.state.get(&slot, 0) {
+            Ok(st) => Ok(Some(st.packets)),
+            Err(aya::maps::MapError::OutOfBounds { .. }) => Ok(None),
+            Err(e) => Err(op("lookup", map_names::PH_STATE)(e)),
+        }
+    }
+
     /// Per-reason packet counts summed over CPUs, in `Reason` order.
     pub fn reasons(&self) -> Result<Vec<ReasonCount>, MapsError> {
         Reason::ALL

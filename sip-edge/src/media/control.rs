@@ -170,24 +170,17 @@ impl PinholeSink for MapsSink {
 
     fn activity(&mut self) -> Result<Vec<(PinholeId, u64)>, SinkError> {
         let m = self.maps.lock().map_err(|_| SinkError::Poisoned)?;
-        let by_slot: HashMap<u32, u64> = m
-            .list()
-            .map_err(|source| SinkError::Map { source })?
-            .into_iter()
-            .map(|e| (e.slot, e.packets))
-            .collect();
-        Ok(self
-            .slots
+        let count = |slot: u32| -> Result<u64, SinkError> {
+            Ok(m.packets(slot)
+                .map_err(|source| SinkError::Map { source })?
+                .unwrap_or(0))
+        };
+        // Per pinhole, not a listing of every installed rule: this runs
+        // every tick, and PH_DST can hold up to 2^20 entries.
+        self.slots
             .iter()
-            .map(|(id, (a, b))| {
-                let p = by_slot
-                    .get(a)
-                    .copied()
-                    .unwrap_or(0)
-                    .saturating_add(by_slot.get(b).copied().unwrap_or(0));
-                (*id, p)
-            })
-            .collect())
+            .map(|(id, (a, b))| Ok((*id, count(*a)?.saturating_add(count(*b)?))))
+            .collect()
     }
 }
 
