@@ -113,6 +113,8 @@ struct Ua<S> {
     rd: ReadHalf<S>,
     wr: WriteHalf<S>,
     framer: Framer,
+    /// CRLF keep-alive pongs received so far.
+    pongs: u32,
 }
 
 impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite> Ua<S> {
@@ -122,6 +124,7 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite> Ua<S> {
             rd,
             wr,
             framer: Framer::new(role, FramerLimits::default()),
+            pongs: 0,
         }
     }
 
@@ -135,6 +138,10 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite> Ua<S> {
             loop {
                 match self.framer.next_frame().unwrap() {
                     Some(Frame::Message(m)) => return Message::from_frame(&m).unwrap(),
+                    Some(Frame::Pong) => {
+                        self.pongs += 1;
+                        continue;
+                    }
                     Some(_) => continue,
                     None => {}
                 }
@@ -545,6 +552,7 @@ async fn malformed_input_gets_400_and_the_connection_survives() {
         .await;
     let ok = alice.recv_status(200).await;
     assert_eq!(ok.call_id().unwrap(), "ok1");
+    assert_eq!(alice.pongs, 1, "the CRLFCRLF ping got its CRLF pong");
 }
 
 #[tokio::test]

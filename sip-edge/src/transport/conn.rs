@@ -4,12 +4,15 @@
 //! the driver queues for it, and closes on EOF, framing error, idle timeout
 //! or shutdown. Every error ends only this connection, and is logged.
 
-use std::time::Duration;
+use std::{
+    sync::atomic::{AtomicU32, AtomicU64, Ordering},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    sync::{mpsc, watch},
+    sync::{mpsc, watch, Notify},
 };
 use tracing::{debug, info, warn};
 
@@ -20,7 +23,10 @@ use crate::{
 };
 
 /// Messages queued for one connection before the driver treats it as stuck.
-pub const WRITE_QUEUE: usize = 256;
+pub const WRITE_QUEUE: usize = 1024;
+
+/// Queued messages are coalesced into one write up to about this size.
+const BATCH_BYTES: usize = 64 * 1024;
 
 /// Static parameters of a connection task.
 #[derive(Clone, Debug)]
@@ -65,78 +71,125 @@ pub async fn run<S>(
         return;
     }
     let (mut rd, mut wr) = tokio::io::split(stream);
-    let mut framer = Framer::new(role, params.limits);
-    let mut buf = vec![0u8; 16 * 1024];
-    let idle = tokio::time::sleep(params.idle);
-    tokio::pin!(idle);
-    let ka_every = params
-        .keepalive
-        .filter(|_| role == KeepAliveRole::Initiator)
-        .unwrap_or(Duration::from_secs(3600 * 24));
-    let mut ka = tokio::time::interval_at(tokio::time::Instant::now() + ka_every, ka_every);
-    let why = loop {
-        tokio::select! {
-            r = rd.read(&mut buf) => {
-                let n = match r {
-                    Ok(0) => break "peer closed",
+    // Reading and writing run as two futures of this one task, polled
+    // together: the reader may wait for room in the driver's event queue
+    // while the writer keeps draining what the driver queued for this
+    // connection. (In one loop, a reader blocked on a busy driver stopped
+    // the writes too, the write queue filled, and the driver failed
+    // requests it could not queue: seen under load on a shared trunk.)
+    // Atomics, not Cells: the task must stay Send. `last_activity` is ms
+    // since `epoch`.
+    let epoch = tokio::time::Instant::now();
+    let last_activity = AtomicU64::new(0);
+    let touch = || {
+        let ms = u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        last_activity.store(ms, Ordering::Relaxed);
+    };
+    let pongs_due = AtomicU32::new(0);
+    let pong_wake = Notify::new();
+    let why = {
+        let reader = async {
+            let mut framer = Framer::new(role, params.limits);
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                let n = match rd.read(&mut buf).await {
+                    Ok(0) => return "peer closed",
                     Ok(n) => n,
                     Err(e) => {
                         info!(error = %e, "read failed");
-                        break "read error";
+                        return "read error";
                     }
                 };
-                idle.as_mut().reset(tokio::time::Instant::now() + params.idle);
+                touch();
                 if let Err(e) = framer.push(buf.get(..n).unwrap_or_default()) {
                     warn!(error = %e, "framing failed; closing");
-                    break "framing error";
+                    return "framing error";
                 }
-                let mut closed = None;
                 loop {
                     match framer.next_frame() {
                         Ok(Some(Frame::Message(raw))) => {
                             let bytes: Bytes = raw.into_bytes();
                             if events.send(Event::Message { conn, bytes }).await.is_err() {
-                                closed = Some("driver gone");
-                                break;
+                                return "driver gone";
                             }
                         }
                         Ok(Some(Frame::Ping)) => {
-                            // RFC 5626 §4.4.1: answer a CRLFCRLF ping with CRLF.
-                            if let Err(e) = wr.write_all(PONG).await {
-                                info!(error = %e, "pong write failed");
-                                closed = Some("write error");
-                                break;
-                            }
+                            // RFC 5626 §4.4.1: answer a CRLFCRLF ping with
+                            // CRLF (written by the writer, in order).
+                            pongs_due.fetch_add(1, Ordering::Relaxed);
+                            pong_wake.notify_one();
                         }
                         Ok(Some(Frame::Pong)) => debug!("keep-alive pong"),
                         Ok(None) => break,
                         Err(e) => {
                             warn!(error = %e, "framing failed; closing");
-                            closed = Some("framing error");
-                            break;
+                            return "framing error";
                         }
                     }
                 }
-                if let Some(w) = closed {
-                    break w;
-                }
             }
-            m = rx.recv() => {
-                let Some(bytes) = m else { break "driver dropped the writer" };
-                if let Err(e) = wr.write_all(&bytes).await {
+        };
+        let writer = async {
+            let ka_every = params
+                .keepalive
+                .filter(|_| role == KeepAliveRole::Initiator)
+                .unwrap_or(Duration::from_secs(3600 * 24));
+            let mut ka = tokio::time::interval_at(tokio::time::Instant::now() + ka_every, ka_every);
+            let mut out: Vec<u8> = Vec::with_capacity(16 * 1024);
+            loop {
+                out.clear();
+                tokio::select! {
+                    m = rx.recv() => {
+                        let Some(bytes) = m else { return "driver dropped the writer" };
+                        out.extend_from_slice(&bytes);
+                        // Whatever else is queued goes out in the same
+                        // write: fewer TLS records and syscalls under load.
+                        while out.len() < BATCH_BYTES {
+                            match rx.try_recv() {
+                                Ok(more) => out.extend_from_slice(&more),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    () = pong_wake.notified() => {
+                        for _ in 0..pongs_due.swap(0, Ordering::Relaxed) {
+                            out.extend_from_slice(PONG);
+                        }
+                    }
+                    _ = ka.tick() => out.extend_from_slice(PING),
+                }
+                if out.is_empty() {
+                    continue;
+                }
+                if let Err(e) = async {
+                    wr.write_all(&out).await?;
+                    wr.flush().await
+                }
+                .await
+                {
                     info!(error = %e, "write failed");
-                    break "write error";
+                    return "write error";
                 }
-                idle.as_mut().reset(tokio::time::Instant::now() + params.idle);
+                touch();
             }
-            _ = ka.tick() => {
-                if let Err(e) = wr.write_all(PING).await {
-                    info!(error = %e, "ping write failed");
-                    break "write error";
+        };
+        let idle = async {
+            loop {
+                let due = epoch
+                    + Duration::from_millis(last_activity.load(Ordering::Relaxed))
+                    + params.idle;
+                if tokio::time::Instant::now() >= due {
+                    return;
                 }
+                tokio::time::sleep_until(due).await;
             }
-            () = &mut idle => break "idle timeout",
-            _ = shutdown.changed() => break "shutdown",
+        };
+        tokio::pin!(reader, writer, idle);
+        tokio::select! {
+            w = &mut reader => w,
+            w = &mut writer => w,
+            () = &mut idle => "idle timeout",
+            _ = shutdown.changed() => "shutdown",
         }
     };
     let _ = wr.shutdown().await;
