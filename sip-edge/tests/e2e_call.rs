@@ -654,6 +654,9 @@ async fn relay_mode_calls_over_tls_open_and_close_pinholes() {
     let inner = media_of(&call.answer, "audio").expect("answer").addr;
     eventually(&b_rtp2, public, &a_old, &rtp_packet(0, 5))
         .expect("media to the old port before the re-INVITE");
+    let (got, _) = rtp_burst(&b_rtp2, public, &a_old, 30, 5);
+    assert_eq!(got, 30, "burst before the re-INVITE");
+    let before = e.packets_at(public);
     alice
         .send(&call.a.invite(&sdp(
             "alice",
@@ -706,6 +709,13 @@ async fn relay_mode_calls_over_tls_open_and_close_pinholes() {
     assert!(
         silent(&a_old, &moved),
         "media still reaches the old port after the re-INVITE"
+    );
+    // The rule was replaced in place (same key, same slot): its counter
+    // carries on instead of starting again from zero.
+    assert!(
+        e.packets_at(public) > before,
+        "counter reset by the re-INVITE: {} after, {before} before",
+        e.packets_at(public)
     );
     eventually(
         &a_new,

@@ -149,9 +149,26 @@ impl PinholeSink for MapsSink {
     }
 
     fn update(&mut self, id: PinholeId, old: &Flow, flow: &Flow) -> Result<(), SinkError> {
-        // Same keys: the old rules must go before the insert (BPF_NOEXIST).
-        // The gap is two syscalls long; no packet of an established stream
-        // depends on it for longer than that.
+        let (s_in, s_out) = *self.slots.get(&id).ok_or(SinkError::Unknown { id })?;
+        let map = |source: MapsError| SinkError::Map { source };
+        let was = old.rules(s_in, s_out).map_err(|e| map(e.into()))?;
+        let now = flow.rules(s_in, s_out).map_err(|e| map(e.into()))?;
+        if was.inbound.0 == now.inbound.0 && was.outbound.0 == now.outbound.0 {
+            // Same keys (the usual re-INVITE: the edge keeps its ports):
+            // replace both rules in place, atomically for the datapath,
+            // keeping counters, latch and FIB cache.
+            let mut m = self.maps.lock().map_err(|_| SinkError::Poisoned)?;
+            m.check_policy(flow).map_err(map)?;
+            m.replace_rule(s_in, now.inbound.1).map_err(map)?;
+            if let Err(e) = m.replace_rule(s_out, now.outbound.1) {
+                // Never leave half a flow: put the inbound rule back.
+                let _ = m.replace_rule(s_in, was.inbound.1);
+                return Err(map(e));
+            }
+            return Ok(());
+        }
+        // Other keys: the old rules must go before the insert (a key may be
+        // shared). The gap is a few map writes long.
         self.remove(id)?;
         if let Err(e) = self.install(id, flow) {
             let _ = self.install(id, old);
