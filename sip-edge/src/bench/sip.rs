@@ -965,29 +965,10 @@ fn run_sip_edge(
         || pss_kb(pid).is_some(),
     )?;
     let measure = move || pss_kb(pid).unwrap_or(0);
-    let ns = topo.client.as_str();
-    // Memory first, on a fresh process: after the load runs the allocator
-    // reuses freed memory and the growth per held item reads near zero.
-    let m = memory_idle(ns, "sip-edge", t, sizes.idle_connections, &measure)?;
-    progress(start, &mem_line(&m));
-    stage.memory.push(m);
-    let m = memory_calls(ns, "sip-edge", t, sizes.held_calls, sizes.workers, &measure)?;
-    progress(start, &mem_line(&m));
-    stage.memory.push(m);
-    for per_call in [false, true] {
-        let r = load(
-            ns,
-            "sip-edge",
-            t,
-            sizes.workers,
-            sizes.seconds,
-            per_call,
-            Arc::default(),
-        )?;
-        progress(start, &run_line(&r));
-        stage.runs.push(r);
-    }
-    for background in [0, sizes.workers] {
+    memory_then_load(&topo.client, "sip-edge", t, sizes, &measure, stage, start)?;
+    // Idle, a quarter of the load workers (the proxy has headroom), and
+    // all of them (saturated: the answer queues behind other calls).
+    for background in [0, sizes.workers / 4, sizes.workers] {
         let l = install_latency(topo, pki, &pin_dir, t, sizes.probe_calls, background)?;
         progress(
             start,
@@ -1000,6 +981,41 @@ fn run_sip_edge(
     }
     if !agent.stop() {
         progress(start, "sip-edge agent did not exit cleanly on SIGTERM");
+    }
+    Ok(())
+}
+
+/// The figures both systems get, in this order: memory per idle connection
+/// and per call first, on a fresh process (after the load runs the
+/// allocators reuse what the calls freed and the growth reads near zero),
+/// then calls/s with persistent and with per-call connections.
+fn memory_then_load(
+    ns: &str,
+    system: &str,
+    t: &Target,
+    sizes: SipSizes,
+    measure: &(dyn Fn() -> u64 + Sync),
+    stage: &mut SipStage,
+    start: Instant,
+) -> Result<(), BenchError> {
+    let m = memory_idle(ns, system, t, sizes.idle_connections, measure)?;
+    progress(start, &mem_line(&m));
+    stage.memory.push(m);
+    let m = memory_calls(ns, system, t, sizes.held_calls, sizes.workers, measure)?;
+    progress(start, &mem_line(&m));
+    stage.memory.push(m);
+    for per_call in [false, true] {
+        let r = load(
+            ns,
+            system,
+            t,
+            sizes.workers,
+            sizes.seconds,
+            per_call,
+            Arc::default(),
+        )?;
+        progress(start, &run_line(&r));
+        stage.runs.push(r);
     }
     Ok(())
 }
@@ -1220,29 +1236,9 @@ fn run_kamailio(
     start: Instant,
 ) -> Result<(), BenchError> {
     let k = Kamailio::start(topo, pki, dir)?;
-    let ns = topo.client.as_str();
-    // Memory first, on fresh processes (see run_sip_edge).
     let marker = k.marker.clone();
     let measure = move || pss_of_marked(&marker);
-    let m = memory_idle(ns, "kamailio", t, sizes.idle_connections, &measure)?;
-    progress(start, &mem_line(&m));
-    stage.memory.push(m);
-    let m = memory_calls(ns, "kamailio", t, sizes.held_calls, sizes.workers, &measure)?;
-    progress(start, &mem_line(&m));
-    stage.memory.push(m);
-    for per_call in [false, true] {
-        let r = load(
-            ns,
-            "kamailio",
-            t,
-            sizes.workers,
-            sizes.seconds,
-            per_call,
-            Arc::default(),
-        )?;
-        progress(start, &run_line(&r));
-        stage.runs.push(r);
-    }
+    memory_then_load(&topo.client, "kamailio", t, sizes, &measure, stage, start)?;
     drop(k);
     Ok(())
 }
