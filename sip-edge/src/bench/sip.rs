@@ -132,7 +132,8 @@ pub struct LoadRun {
 }
 
 /// Pinhole install latency: the called party sends 200 OK → the call's
-/// pinhole is visible in the pinned PINHOLES map (polled by this process).
+/// pinhole is visible in the pinned maps (`DatapathMaps::lookup` of the one
+/// key the answer opens, polled every 20 µs by this process).
 #[derive(Clone, Debug, Serialize)]
 pub struct InstallLatency {
     /// `idle` or `under load (N workers, persistent)`.

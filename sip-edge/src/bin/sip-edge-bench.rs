@@ -149,7 +149,7 @@ fn sip_table(x: &sip::SipStage) -> String {
             r.setup_p99_ms
         ));
     }
-    s.push_str("\n| pinhole install (200 OK → entry in PINHOLES) | calls | p50 ms | p99 ms | max ms |\n|---|---:|---:|---:|---:|\n");
+    s.push_str("\n| pinhole install (200 OK → rule visible in the maps) | calls | p50 ms | p99 ms | max ms |\n|---|---:|---:|---:|---:|\n");
     for l in &x.install {
         s.push_str(&format!(
             "| sip-edge, {} | {} | {:.2} | {:.2} | {:.2} |\n",
