@@ -699,18 +699,22 @@ impl Manager {
         Ok(())
     }
 
-    /// One SDP body passing through (see the module policies). On error
-    /// nothing changed. On success the caller applies `ops` and, if that
-    /// fails, calls [`Manager::rollback`].
-    pub fn on_sdp(&mut self, inp: &SdpInput<'_>, now: Instant) -> Result<Outcome, MediaError> {
+    /// Run `f` against a journal of dialog `key`: on success the journal is
+    /// kept for [`Manager::rollback`], on error everything `f` changed is
+    /// undone at once.
+    fn journaled<T>(
+        &mut self,
+        key: &DialogKey,
+        f: impl FnOnce(&mut Self, &mut Journal) -> Result<T, MediaError>,
+    ) -> Result<T, MediaError> {
         self.journal = None;
         let mut j = Journal {
-            key: inp.dialog.clone(),
-            before: self.dialogs.get(inp.dialog).cloned(),
+            key: key.clone(),
+            before: self.dialogs.get(key).cloned(),
             allocated: Vec::new(),
             freed: Vec::new(),
         };
-        match self.sdp_inner(inp, now, &mut j) {
+        match f(self, &mut j) {
             Ok(o) => {
                 self.journal = Some(j);
                 Ok(o)
@@ -720,6 +724,13 @@ impl Manager {
                 Err(e)
             }
         }
+    }
+
+    /// One SDP body passing through (see the module policies). On error
+    /// nothing changed. On success the caller applies `ops` and, if that
+    /// fails, calls [`Manager::rollback`].
+    pub fn on_sdp(&mut self, inp: &SdpInput<'_>, now: Instant) -> Result<Outcome, MediaError> {
+        self.journaled(inp.dialog, |m, j| m.sdp_inner(inp, now, j))
     }
 
     /// Undo the last successful [`Manager::on_sdp`] (its ops could not be
@@ -1326,23 +1337,7 @@ impl Manager {
         inp: &InvitationInput<'_>,
         now: Instant,
     ) -> Result<InvitationOutcome, MediaError> {
-        self.journal = None;
-        let mut j = Journal {
-            key: inp.dialog.clone(),
-            before: self.dialogs.get(inp.dialog).cloned(),
-            allocated: Vec::new(),
-            freed: Vec::new(),
-        };
-        match self.invitation_inner(inp, now, &mut j) {
-            Ok(o) => {
-                self.journal = Some(j);
-                Ok(o)
-            }
-            Err(e) => {
-                self.undo(j);
-                Err(e)
-            }
-        }
+        self.journaled(inp.dialog, |m, j| m.invitation_inner(inp, now, j))
     }
 
     fn invitation_inner(
