@@ -1,0 +1,417 @@
+//! The proxy state machine: server and client transactions, dialogs (for
+//! SDP roles, media ends and BYE on media expiry) and routing. Events come
+//! from the transport through the `on_*` methods with an `Instant`; every
+//! method returns the [`Outgoing`] messages to send. No I/O, no clock.
+//!
+//! Requests sent to a UDP pseudo-connection (legacy internal clients) are
+//! retransmitted here, not in the transport, because this is where the
+//! transaction state that stops them lives (Timer A/E, RFC 3261 §17.1.1.2,
+//! §17.1.2.2): the driver sleeps until [`Proxy::next_retransmit`] and calls
+//! [`Proxy::on_retransmit`]; a response, Timer B/F or the end of the
+//! transaction ends them. Requests the edge receives over UDP need nothing
+//! new: server transactions already absorb retransmissions and resend the
+//! last response.
+//!
+//! This file owns the state (the `Proxy` record, its transactions and
+//! dialogs) and the entry point; the work on it is split by concern:
+//! `request` (validate, absorb, forward), `response` (match, relay, hand
+//! SDP to media), `transactions` (timers, retransmission, failing a
+//! branch), `dialogs` (SDP roles, confirm and end media), `routing`
+//! (Via/Record-Route, targets, Contact and registration bindings).
+
+mod dialogs;
+mod request;
+mod response;
+mod routing;
+mod transactions;
+
+use std::{
+    collections::{HashMap, HashSet},
+    time::{Duration, Instant},
+};
+
+use tracing::{debug, info, info_span, warn};
+
+use super::{
+    bindings::{Bindings, CONTACT_LIFETIME, TOKEN_PREFIX},
+    build::{self, ByeLeg},
+    ConnId, ConnInfo, Dest, HopTarget, Outgoing, Proto, ProxySettings,
+};
+use crate::{
+    media::{DialogKey, EndReason, MediaControl, MediaError, SdpEvent, SdpRole, Side},
+    sip::{
+        message::{Message, NameAddr, StartLine, Via},
+        uri::{Host, SipUri},
+    },
+};
+
+/// RFC 3261 §17.1.1.1: T1.
+const T1: Duration = Duration::from_millis(500);
+/// RFC 3261 §17.1.2.2: T2, the cap of Timer E (non-INVITE retransmissions).
+const T2: Duration = Duration::from_secs(4);
+/// Most armed UDP retransmissions; beyond it a request is sent once only
+/// (bounded memory: every entry holds a copy of the request).
+const MAX_RETRANSMISSIONS: usize = 10_000;
+/// Timers B, F, H, J and the Accepted state (RFC 6026) are 64*T1.
+const TIMER_64T1: Duration = Duration::from_millis(64 * 500);
+/// Timer C (§16.6 step 11): more than 3 minutes.
+const TIMER_C: Duration = Duration::from_secs(181);
+/// Max-Forwards we add when a request has none (§16.6 step 3).
+const DEFAULT_MAX_FORWARDS: u32 = 70;
+/// Most live server transactions; beyond it new requests get 503.
+const MAX_SERVER_TXS: usize = 100_000;
+/// Retry-After (seconds) we put on our own 503s (§21.5.4).
+const RETRY_AFTER_SECS: u32 = 5;
+/// Extensions this proxy implements for Proxy-Require (§16.3 step 5):
+/// none need proxy support except `path`/`outbound` handling we do.
+const SUPPORTED_PROXY_EXT: &[&str] = &["path", "outbound"];
+/// RFC 3261 §8.1.1.7 magic cookie.
+const MAGIC_COOKIE: &str = "z9hG4bK";
+
+/// Counters for tests and logs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProxyStats {
+    /// Requests forwarded.
+    pub requests_forwarded: u64,
+    /// Responses forwarded.
+    pub responses_forwarded: u64,
+    /// Responses the proxy generated.
+    pub responses_generated: u64,
+    /// Retransmissions absorbed.
+    pub retransmissions_absorbed: u64,
+}
+
+/// A server transaction (§17.2): the request as received.
+#[derive(Debug)]
+struct ServerTx {
+    conn: ConnId,
+    request: Message,
+    client_key: Option<String>,
+    last_response: Option<Vec<u8>>,
+    final_sent: bool,
+    to_tag: String,
+    /// Set once final: when to forget it (absorbs retransmissions until then).
+    expires: Option<Instant>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cancel {
+    None,
+    /// CANCEL received before any provisional: send it once one arrives (§9.1).
+    Pending,
+    Sent,
+}
+
+/// A client transaction (§17.1): the request as forwarded.
+#[derive(Debug)]
+struct ClientTx {
+    server_key: Option<String>,
+    request: Message,
+    /// Where the request went (CANCEL/ACK follow it, §9.1).
+    dest: Dest,
+    /// The connection it went out on, once the transport says so.
+    sent_on: Option<ConnId>,
+    provisional: bool,
+    final_code: Option<u16>,
+    deadline: Instant,
+    cancel: Cancel,
+    dialog: Option<DialogKey>,
+    initial_invite: bool,
+    offer_in_request: bool,
+}
+
+/// A request the edge sent over an unreliable transport (UDP) and
+/// retransmits until answered (RFC 3261 §17.1.1.2 Timer A for INVITE,
+/// §17.1.2.2 Timer E for non-INVITE), keyed like the client transaction.
+#[derive(Debug)]
+struct Retransmit {
+    dest: Dest,
+    bytes: Vec<u8>,
+    /// When Timer A/E fires next.
+    next: Instant,
+    /// The current interval (T1 doubling; capped at T2 for non-INVITE).
+    interval: Duration,
+    invite: bool,
+    /// Timer B/F: give up then. Client transactions also end by their own
+    /// deadline; a CANCEL (no client transaction of its own here) only so.
+    until: Instant,
+}
+
+/// One INVITE dialog (set) the edge proxied.
+#[derive(Debug)]
+struct Dialog {
+    caller_side: Side,
+    offer_in_invite: bool,
+    awaiting_ack_answer: bool,
+    confirmed: bool,
+    ended: bool,
+    caller_cseq: u32,
+    callee_cseq: u32,
+    /// (destination, leg) for BYEs toward the caller and the callee.
+    to_caller: Option<(Dest, Side, ByeLeg)>,
+    to_callee: Option<(Dest, Side, ByeLeg)>,
+}
+
+/// How a request is refused: status and extra headers.
+struct Reject {
+    code: u16,
+    why: String,
+    extra: Vec<(&'static str, String)>,
+}
+
+fn reject(code: u16, why: impl Into<String>) -> Reject {
+    Reject {
+        code,
+        why: why.into(),
+        extra: Vec::new(),
+    }
+}
+
+/// The proxy core; see the module docs.
+pub struct Proxy {
+    settings: ProxySettings,
+    media: Box<dyn MediaControl>,
+    conns: HashMap<ConnId, ConnInfo>,
+    server_txs: HashMap<String, ServerTx>,
+    client_txs: HashMap<String, ClientTx>,
+    dialogs: HashMap<DialogKey, Dialog>,
+    bindings: Bindings,
+    retransmits: HashMap<String, Retransmit>,
+    /// Client-transaction keys sent on each connection, so a closed
+    /// connection fails its waiting transactions without scanning every
+    /// transaction (completed ones linger for 64*T1: tens of thousands at
+    /// a few hundred calls per second). Pruned lazily: entries whose
+    /// transaction is gone or finished are dropped on close and on tick.
+    sent_on: HashMap<ConnId, HashSet<String>>,
+    counter: u64,
+    stats: ProxyStats,
+}
+
+fn tx_key(branch: &str, via: &Via, method: &str) -> String {
+    // §17.2.3: branch + sent-by + method, ACK matching the INVITE.
+    let method = if method == "ACK" { "INVITE" } else { method };
+    format!("{branch}|{}:{}|{method}", via.host, via.port.unwrap_or(0))
+}
+
+fn ctx_key(branch: &str, method: &str) -> String {
+    format!("{branch}|{method}")
+}
+
+impl Proxy {
+    /// A core with the given settings and media layer.
+    pub fn new(settings: ProxySettings, media: Box<dyn MediaControl>) -> Self {
+        Self {
+            settings,
+            media,
+            conns: HashMap::new(),
+            server_txs: HashMap::new(),
+            client_txs: HashMap::new(),
+            dialogs: HashMap::new(),
+            bindings: Bindings::new(),
+            retransmits: HashMap::new(),
+            sent_on: HashMap::new(),
+            counter: 0,
+            stats: ProxyStats::default(),
+        }
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> ProxyStats {
+        self.stats
+    }
+
+    /// Number of live transactions and dialogs (tests check nothing leaks).
+    pub fn live(&self) -> (usize, usize, usize) {
+        (
+            self.server_txs.len(),
+            self.client_txs.len(),
+            self.dialogs.len(),
+        )
+    }
+
+    /// A connection was accepted or opened.
+    pub fn on_conn_open(&mut self, conn: ConnId, info: ConnInfo) {
+        self.conns.insert(conn, info);
+    }
+
+    fn next_id(&mut self) -> u64 {
+        self.counter += 1;
+        self.counter
+    }
+
+    fn new_branch(&mut self) -> String {
+        let n = self.next_id();
+        format!(
+            "{MAGIC_COOKIE}-se{n:x}x{:08x}",
+            (n.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as u32
+        )
+    }
+
+    fn new_tag(&mut self) -> String {
+        let n = self.next_id();
+        format!("se{:x}", n.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+    }
+
+    /// Whether a URI names this edge (either side's address and port).
+    fn names_us(&self, uri: &SipUri) -> Option<Side> {
+        [Side::Internal, Side::External].into_iter().find(|s| {
+            let l = self.settings.local(*s);
+            let host_eq = match (&uri.host, &l.host) {
+                (Host::Name(a), Host::Name(b)) => a.eq_ignore_ascii_case(b),
+                (a, b) => a == b,
+            };
+            let port = uri.port.unwrap_or(5061);
+            // The UDP listener's port names us too (the Record-Route we give
+            // UDP clients carries it).
+            host_eq && (port == l.port || port == self.settings.port_for(*s, Proto::Udp))
+        })
+    }
+
+    /// A framed message arrived on `conn`.
+    pub fn on_message(&mut self, conn: ConnId, raw: &[u8], now: Instant) -> Vec<Outgoing> {
+        let mut out = Vec::new();
+        let Some(info) = self.conns.get(&conn).copied() else {
+            warn!(conn, "message on unknown connection dropped");
+            return out;
+        };
+        let mut msg = match Message::parse(raw) {
+            Ok(m) => m,
+            Err(e) => {
+                if info.proto == Proto::Udp {
+                    if matches!(
+                        e,
+                        crate::sip::message::MessageError::ContentLengthMismatch { .. }
+                    ) {
+                        // §18.3: a datagram shorter than its Content-Length
+                        // is discarded, not answered.
+                        info!(conn, error = %e, "truncated datagram discarded");
+                        return out;
+                    }
+                    if !has_via_line(raw) {
+                        // Nothing to route a 400 by (§18.2.2 needs the
+                        // Via); answering junk from any source would only
+                        // make the edge a reflector.
+                        info!(conn, error = %e, "malformed datagram without Via dropped");
+                        return out;
+                    }
+                }
+                info!(conn, error = %e, "refusing malformed message");
+                if let Some(bytes) = build::bad_request_raw(raw, &e.to_string()) {
+                    self.stats.responses_generated += 1;
+                    out.push(Outgoing {
+                        dest: Dest::Conn(conn),
+                        bytes,
+                        client_tx: None,
+                    });
+                }
+                return out;
+            }
+        };
+        let call_id = msg.call_id().map(str::to_owned).unwrap_or_default();
+        let span = info_span!("call", call_id = %call_id);
+        let _g = span.enter();
+        match msg.start {
+            StartLine::Request { .. } => {
+                if let Err(r) = self.on_request(conn, info, &mut msg, now, &mut out) {
+                    if msg.method().is_some_and(|m| m.is("ACK")) {
+                        // §17: ACK is never answered.
+                        debug!(code = r.code, why = %r.why, "dropping ACK");
+                    } else {
+                        info!(code = r.code, why = %r.why, "rejecting request");
+                        let tag = self.new_tag();
+                        self.respond_local(conn, &msg, r.code, &tag, &r.extra, &mut out);
+                    }
+                }
+            }
+            StartLine::Response { .. } => self.on_response(conn, info, msg, now, &mut out),
+        }
+        out
+    }
+
+    fn respond_local(
+        &mut self,
+        conn: ConnId,
+        req: &Message,
+        code: u16,
+        tag: &str,
+        extra: &[(&'static str, String)],
+        out: &mut Vec<Outgoing>,
+    ) {
+        self.stats.responses_generated += 1;
+        out.push(Outgoing {
+            dest: Dest::Conn(conn),
+            bytes: build::response(req, code, Some(tag), extra),
+            client_tx: None,
+        });
+    }
+
+    /// Ends every dialog's media (agent shutdown).
+    pub fn shutdown(&mut self, now: Instant) {
+        let keys: Vec<DialogKey> = self.dialogs.keys().cloned().collect();
+        for k in keys {
+            self.end_dialog(&k, None, EndReason::Shutdown, now);
+        }
+        self.dialogs.clear();
+    }
+}
+
+fn media_reject(e: &MediaError) -> Reject {
+    let mut r = reject(e.status(), e.to_string());
+    if e.status() == 503 {
+        r.extra.push(("Retry-After", RETRY_AFTER_SECS.to_string()));
+    }
+    r
+}
+
+fn busy(why: &str) -> Reject {
+    Reject {
+        code: 503,
+        why: why.into(),
+        extra: vec![("Retry-After", RETRY_AFTER_SECS.to_string())],
+    }
+}
+
+/// Whether a raw (unparsable) message has a Via header line, long or
+/// compact form (§7.3.3), to send a 400 back by.
+fn has_via_line(raw: &[u8]) -> bool {
+    raw.split(|b| *b == b'\n').skip(1).any(|l| {
+        let name = l.split(|b| *b == b':').next().unwrap_or_default();
+        let name = String::from_utf8_lossy(name);
+        l.contains(&b':') && crate::sip::message::same_header(name.trim(), "Via")
+    })
+}
+
+/// Bodies that can carry media addresses: they go through the media layer
+/// or not across the edge at all. Multipart is included so a multipart
+/// body with SDP inside is refused by the media layer instead of leaking
+/// the inside's addresses unrewritten.
+fn is_sdp_type(ct: &str) -> bool {
+    let base = ct.split(';').next().unwrap_or("").trim();
+    [
+        "application/sdp",
+        "text/x-msmsgsinvite",
+        "application/ms-filetransfer+xml",
+    ]
+    .iter()
+    .any(|t| base.eq_ignore_ascii_case(t))
+        || base
+            .get(..10)
+            .is_some_and(|p| p.eq_ignore_ascii_case("multipart/"))
+}
+
+/// A media-bearing body that no offer/answer exchange covers (SDP in an
+/// OPTIONS 200, a retransmitted 2xx, an out-of-dialog MESSAGE...) would
+/// cross the edge with the other side's private addresses in it: remove it.
+fn strip_unhandled_media_body(msg: &mut Message) {
+    msg.set_body(Vec::new());
+    msg.remove_header("Content-Type");
+    debug!("media-bearing body outside an offer/answer exchange removed");
+}
+
+/// Expires of a REGISTER: the header (§10.2.1.1).
+fn register_expires(msg: &Message) -> Option<u32> {
+    msg.header("Expires").and_then(|e| e.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,430 @@
+//! Requests: validation (§16.3), server transactions and retransmission
+//! absorption, CANCEL (§9.2), and forwarding with Via/Record-Route/Path.
+
+use super::*;
+
+impl Proxy {
+    pub(super) fn on_request(
+        &mut self,
+        conn: ConnId,
+        info: ConnInfo,
+        msg: &mut Message,
+        now: Instant,
+        out: &mut Vec<Outgoing>,
+    ) -> Result<(), Reject> {
+        let bad = |e: crate::sip::message::MessageError| reject(400, e.to_string());
+        if let StartLine::Request { version, .. } = &msg.start {
+            if !version.eq_ignore_ascii_case("SIP/2.0") {
+                return Err(reject(505, "version"));
+            }
+        }
+        let method = msg.method().map(ToString::to_string).unwrap_or_default();
+        // §16.3 step 1: the headers we need must parse.
+        msg.call_id().map_err(bad)?;
+        let cseq = msg.cseq().map_err(bad)?;
+        if cseq.method.to_string() != method {
+            return Err(reject(400, "CSeq method does not match the Request-Line"));
+        }
+        msg.from().map_err(bad)?;
+        msg.to().map_err(bad)?;
+        let vias = msg.vias().map_err(bad)?;
+        let top = vias.first().cloned().ok_or_else(|| reject(400, "no Via"))?;
+        // §18.2.1 / RFC 3581: stamp received (and rport when asked).
+        msg.stamp_top_via(info.peer).map_err(bad)?;
+        let top = msg.top_via().unwrap_or(top);
+        let branch = top.branch().unwrap_or_default().to_owned();
+        if !branch.starts_with(MAGIC_COOKIE) {
+            // RFC 2543 transactions cannot be matched reliably; every
+            // RFC 3261 element sends the cookie (§8.1.1.7).
+            return Err(reject(400, "Via branch lacks the z9hG4bK magic cookie"));
+        }
+        let skey = tx_key(&branch, &top, &method);
+
+        // Retransmission or ACK/CANCEL for an existing server transaction.
+        if method == "ACK" {
+            if let Some(stx) = self.server_txs.get(&skey) {
+                if stx.final_sent {
+                    // §17.2.1: ACK for our non-2xx final response ends here.
+                    self.stats.retransmissions_absorbed += 1;
+                    debug!("ACK for non-2xx absorbed");
+                    return Ok(());
+                }
+            }
+        } else if let Some(stx) = self.server_txs.get(&skey) {
+            self.stats.retransmissions_absorbed += 1;
+            if let Some(r) = stx.last_response.clone() {
+                out.push(Outgoing {
+                    dest: Dest::Conn(stx.conn),
+                    bytes: r,
+                    client_tx: None,
+                });
+            }
+            return Ok(());
+        }
+        if method == "CANCEL" {
+            return self.on_cancel(conn, msg, &top, &branch, now, out);
+        }
+
+        // §16.3 step 3: Max-Forwards.
+        let mf = match msg.max_forwards() {
+            Some(r) => r.map_err(bad)?,
+            None => DEFAULT_MAX_FORWARDS + 1,
+        };
+        if mf == 0 {
+            return Err(reject(483, "Max-Forwards reached 0"));
+        }
+        // §16.3 step 4: loop detection, cheap form: a Via of ours whose
+        // branch is a live client transaction for the same Call-ID/CSeq.
+        for v in vias.iter().skip(1) {
+            if let Some(b) = v.branch() {
+                if let Some(ctx) = self.client_txs.get(&ctx_key(b, &method)) {
+                    if ctx.request.call_id().ok() == msg.call_id().ok()
+                        && ctx.request.cseq().ok().map(|c| c.seq) == Some(cseq.seq)
+                    {
+                        return Err(reject(482, "request looped back to the edge"));
+                    }
+                }
+            }
+        }
+        // §16.3 step 5: Proxy-Require.
+        let unsupported: Vec<String> = msg
+            .header_all("Proxy-Require")
+            .flat_map(|v| v.split(','))
+            .map(|t| t.trim().to_owned())
+            .filter(|t| {
+                !t.is_empty()
+                    && !SUPPORTED_PROXY_EXT
+                        .iter()
+                        .any(|s| s.eq_ignore_ascii_case(t))
+            })
+            .collect();
+        if !unsupported.is_empty() {
+            return Err(Reject {
+                code: 420,
+                why: "unsupported Proxy-Require".into(),
+                extra: vec![("Unsupported", unsupported.join(", "))],
+            });
+        }
+        if self.server_txs.len() >= MAX_SERVER_TXS && method != "ACK" {
+            return Err(Reject {
+                code: 503,
+                why: "transaction table full".into(),
+                extra: vec![("Retry-After", RETRY_AFTER_SECS.to_string())],
+            });
+        }
+        let ruri = match msg.request_uri() {
+            Some(Ok(u)) => u,
+            Some(Err(_)) | None => return Err(reject(416, "Request-URI is not sip:/sips:")),
+        };
+
+        // §16.4: strict-router compatibility, then pop our own Routes.
+        let mut ruri = ruri;
+        if ruri.userinfo.is_none()
+            && self.names_us(&ruri).is_some()
+            && msg.header("Route").is_some()
+        {
+            let mut routes = msg.name_addrs("Route").map_err(bad)?;
+            if let Some(last) = routes.pop() {
+                msg.set_request_uri(&last.uri);
+                msg.set_name_addrs("Route", &routes);
+                ruri = SipUri::parse(&last.uri).map_err(|_| reject(416, "bad Route URI"))?;
+            }
+        }
+        let mut routes = msg.name_addrs("Route").map_err(bad)?;
+        let before = routes.len();
+        while let Some(first) = routes.first() {
+            match first.sip_uri() {
+                Ok(u) if self.names_us(&u).is_some() => {
+                    routes.remove(0);
+                }
+                _ => break,
+            }
+        }
+        if routes.len() != before {
+            msg.set_name_addrs("Route", &routes);
+        }
+
+        let from_side = info.side;
+        let dialog_key = self.dialog_key_of(msg);
+        let to_tag = msg.to_tag().ok().flatten();
+        // Requests to the edge itself (no user part, no Route left).
+        if ruri.userinfo.is_none() && routes.is_empty() && self.names_us(&ruri).is_some() {
+            if method == "OPTIONS" {
+                let tag = self.new_tag();
+                self.respond_local(
+                    conn,
+                    msg,
+                    200,
+                    &tag,
+                    &[(
+                        "Allow",
+                        "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, PRACK, MESSAGE, REGISTER"
+                            .into(),
+                    )],
+                    out,
+                );
+                return Ok(());
+            }
+            return Err(reject(404, "nothing to route to at the edge itself"));
+        }
+
+        // Target selection.
+        let (dest, dest_side) = self.select_target(from_side, &method, msg, &ruri, &routes, now)?;
+        if method == "REGISTER" && from_side == Side::External {
+            return Err(reject(
+                403,
+                "registrations are only proxied from the inside",
+            ));
+        }
+
+        // Dialog bookkeeping and SDP before anything is sent.
+        let is_invite = method == "INVITE";
+        let initial_invite = is_invite && to_tag.is_none();
+        if initial_invite {
+            if let Some(k) = &dialog_key {
+                self.dialogs.entry(k.clone()).or_insert(Dialog {
+                    caller_side: from_side,
+                    offer_in_invite: false,
+                    awaiting_ack_answer: false,
+                    confirmed: false,
+                    ended: false,
+                    caller_cseq: cseq.seq,
+                    callee_cseq: 0,
+                    to_caller: None,
+                    to_callee: None,
+                });
+            }
+        }
+        if let Some(k) = &dialog_key {
+            if let Some(d) = self.dialogs.get_mut(k) {
+                if from_side == d.caller_side {
+                    d.caller_cseq = d.caller_cseq.max(cseq.seq);
+                } else {
+                    d.callee_cseq = d.callee_cseq.max(cseq.seq);
+                }
+            }
+        }
+        let has_sdp = !msg.body().is_empty() && msg.header("Content-Type").is_some_and(is_sdp_type);
+        if has_sdp {
+            let role = self.request_sdp_role(&method, msg, dialog_key.as_ref());
+            if role.is_none() || dialog_key.is_none() {
+                strip_unhandled_media_body(msg);
+            }
+            if let (Some(role), Some(k)) = (role, dialog_key.clone()) {
+                let callee_tag = self.callee_tag(&k, msg);
+                let ct = msg.header("Content-Type").unwrap_or_default().to_owned();
+                let body = msg.body().to_vec();
+                let ev = SdpEvent {
+                    dialog: &k,
+                    to_tag: if role == SdpRole::Offer && initial_invite {
+                        None
+                    } else {
+                        callee_tag.as_deref()
+                    },
+                    role,
+                    from_side,
+                    source: info.peer,
+                    body: &body,
+                    content_type: &ct,
+                };
+                match self.media.on_sdp(&ev, now) {
+                    Ok(new_body) => msg.set_body(new_body),
+                    Err(e) => {
+                        if initial_invite {
+                            self.end_dialog(&k, None, EndReason::Failure(e.status()), now);
+                            self.dialogs.remove(&k);
+                        }
+                        return Err(media_reject(&e));
+                    }
+                }
+                if is_invite {
+                    if let Some(d) = self.dialogs.get_mut(&k) {
+                        if initial_invite {
+                            d.offer_in_invite = true;
+                        }
+                    }
+                }
+                if method == "ACK" {
+                    if let Some(d) = self.dialogs.get_mut(&k) {
+                        d.awaiting_ack_answer = false;
+                    }
+                }
+            }
+        }
+        if method == "BYE" {
+            if let Some(k) = &dialog_key {
+                let tag = self.callee_tag(k, msg);
+                self.end_dialog(k, tag.as_deref(), EndReason::Bye, now);
+                self.dialogs.remove(k);
+            }
+        }
+
+        // §16.6: build the forwarded request.
+        let contacts_lifetime = if method == "REGISTER" {
+            register_expires(msg).map_or(CONTACT_LIFETIME, |e| {
+                Duration::from_secs(e.into()) + TIMER_64T1
+            })
+        } else {
+            CONTACT_LIFETIME
+        };
+        self.rewrite_contacts(msg, from_side, conn, contacts_lifetime, now)?;
+        msg.set_header(
+            "Max-Forwards",
+            (mf.min(DEFAULT_MAX_FORWARDS + 1) - 1).to_string(),
+        );
+        let out_scheme = if ruri.scheme == "sips" { "sips" } else { "sip" };
+        let dest_proto = self.dest_proto(&dest);
+        if initial_invite || (to_tag.is_none() && matches!(method.as_str(), "SUBSCRIBE" | "REFER"))
+        {
+            // RFC 5658 double Record-Route: the incoming side's address
+            // below, the outgoing side's on top (the next hop sees it first).
+            let in_rr = self.rr_uri(from_side, out_scheme, info.proto);
+            let out_rr = self.rr_uri(dest_side, out_scheme, dest_proto);
+            msg.prepend_header("Record-Route", in_rr);
+            msg.prepend_header("Record-Route", out_rr);
+        }
+        if method == "REGISTER" && from_side == Side::Internal {
+            // RFC 3327 §5: Path with a flow token naming this connection.
+            let token = self
+                .bindings
+                .token_for(
+                    from_side,
+                    &format!("flow:{conn}"),
+                    Some(conn),
+                    contacts_lifetime,
+                    now,
+                )
+                .ok_or_else(|| busy("binding table full"))?;
+            let l = self.settings.local(Side::External);
+            msg.prepend_header(
+                "Path",
+                format!("<sip:{token}@{}:{};transport=tls;lr;ob>", l.host, l.port),
+            );
+            let sup = msg.header("Supported").map(str::to_owned);
+            if !sup
+                .as_deref()
+                .is_some_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("path")))
+            {
+                msg.set_header(
+                    "Supported",
+                    sup.map_or_else(|| "path".to_owned(), |s| format!("{s}, path")),
+                );
+            }
+        }
+        let new_branch = self.new_branch();
+        let via = self.via_for(dest_side, dest_proto, &new_branch);
+        msg.prepend_header("Via", via);
+
+        let bytes = msg.to_bytes();
+        self.stats.requests_forwarded += 1;
+        if method == "ACK" {
+            // §16.6: ACK for 2xx is forwarded end to end with no transaction.
+            out.push(Outgoing {
+                dest,
+                bytes,
+                client_tx: None,
+            });
+            return Ok(());
+        }
+        let to_tag_local = self.new_tag();
+        let ckey = ctx_key(&new_branch, &method);
+        let mut server = ServerTx {
+            conn,
+            request: msg.clone(),
+            client_key: Some(ckey.clone()),
+            last_response: None,
+            final_sent: false,
+            to_tag: to_tag_local.clone(),
+            expires: None,
+        };
+        // The stored request must answer with the received Via stack, not ours.
+        let _ = server.request.pop_top_via();
+        if is_invite {
+            // §16.2: 100 Trying hop by hop, so the UAC stops retransmitting.
+            let trying = build::response(&server.request, 100, None, &[]);
+            server.last_response = Some(trying.clone());
+            self.stats.responses_generated += 1;
+            out.push(Outgoing {
+                dest: Dest::Conn(conn),
+                bytes: trying,
+                client_tx: None,
+            });
+        }
+        self.server_txs.insert(skey.clone(), server);
+        if let Dest::Conn(c) = dest {
+            self.sent_on.entry(c).or_default().insert(ckey.clone());
+        }
+        self.client_txs.insert(
+            ckey,
+            ClientTx {
+                server_key: Some(skey),
+                request: msg.clone(),
+                dest: dest.clone(),
+                provisional: false,
+                final_code: None,
+                deadline: now + TIMER_64T1,
+                cancel: Cancel::None,
+                dialog: dialog_key.filter(|_| is_invite),
+                initial_invite,
+                offer_in_request: has_sdp,
+                sent_on: match dest {
+                    Dest::Conn(c) => Some(c),
+                    Dest::Hop { .. } => None,
+                },
+            },
+        );
+        self.arm_retransmit(ctx_key(&new_branch, &method), &dest, &bytes, is_invite, now);
+        out.push(Outgoing {
+            dest,
+            bytes,
+            client_tx: Some(ctx_key(&new_branch, &method)),
+        });
+        Ok(())
+    }
+
+    pub(super) fn on_cancel(
+        &mut self,
+        conn: ConnId,
+        msg: &Message,
+        top: &Via,
+        branch: &str,
+        now: Instant,
+        out: &mut Vec<Outgoing>,
+    ) -> Result<(), Reject> {
+        // §16.10: match the INVITE server transaction, answer 200 hop by hop.
+        let ikey = tx_key(branch, top, "INVITE");
+        let Some(stx) = self.server_txs.get(&ikey) else {
+            return Err(reject(481, "no INVITE transaction to cancel"));
+        };
+        let tag = stx.to_tag.clone();
+        let client_key = stx.client_key.clone();
+        let final_sent = stx.final_sent;
+        self.respond_local(conn, msg, 200, &tag, &[], out);
+        if final_sent {
+            return Ok(());
+        }
+        if let Some(ck) = client_key {
+            let mut send = false;
+            if let Some(c) = self.client_txs.get_mut(&ck) {
+                if c.cancel == Cancel::None && c.final_code.is_none() {
+                    if c.provisional {
+                        c.cancel = Cancel::Sent;
+                        send = true;
+                    } else {
+                        c.cancel = Cancel::Pending;
+                    }
+                    // If the UAS never answers 487 we answer it ourselves.
+                    c.deadline = now + TIMER_64T1;
+                }
+                if let Some(k) = c.dialog.clone() {
+                    self.end_dialog(&k, None, EndReason::Cancel, now);
+                }
+            }
+            if send {
+                let dest = self.client_dest(&ck);
+                self.push_cancel(&ck, dest, now, out);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,193 @@
+//! Responses: matching to client transactions (§17.1.3), forwarding upstream
+//! (§16.7), and the offer/answer hand-off to the media layer.
+
+use super::*;
+
+impl Proxy {
+    pub(super) fn on_response(
+        &mut self,
+        conn: ConnId,
+        info: ConnInfo,
+        mut msg: Message,
+        now: Instant,
+        out: &mut Vec<Outgoing>,
+    ) {
+        let code = msg.status().unwrap_or(0);
+        let (Ok(top), Ok(cseq)) = (msg.top_via(), msg.cseq()) else {
+            debug!("response without usable Via/CSeq dropped");
+            return;
+        };
+        let method = cseq.method.to_string();
+        let ckey = ctx_key(top.branch().unwrap_or_default(), &method);
+        if method == "CANCEL" {
+            // Any response stops a CANCEL's Timer E (§17.1.2.2: provisional
+            // only slows it, but a CANCEL is answered 200 at once, §9.2).
+            self.retransmits.remove(&ckey);
+        }
+        let Some(c) = self.client_txs.get_mut(&ckey) else {
+            // §16.7 step 1: no matching client transaction; we never send
+            // statelessly, so there is nothing to forward it to.
+            debug!(code, "stray response dropped");
+            return;
+        };
+        if c.sent_on.is_none() {
+            c.sent_on = Some(conn);
+            self.sent_on.entry(conn).or_default().insert(ckey.clone());
+        }
+        if method == "CANCEL" || c.server_key.is_none() {
+            // Responses to our own CANCEL/BYE end here.
+            if code >= 200 {
+                c.final_code = Some(code);
+                c.deadline = now;
+            }
+            return;
+        }
+        if code < 200 {
+            c.provisional = true;
+            c.deadline = now
+                + if method == "INVITE" {
+                    TIMER_C
+                } else {
+                    TIMER_64T1
+                };
+            let cancel_now = c.cancel == Cancel::Pending;
+            if cancel_now {
+                c.cancel = Cancel::Sent;
+                self.push_cancel(&ckey, Dest::Conn(conn), now, out);
+            }
+            if code == 100 {
+                return;
+            }
+        }
+        let Some(c) = self.client_txs.get_mut(&ckey) else {
+            return;
+        };
+        let retransmitted_2xx = code >= 200 && c.final_code.is_some();
+        let initial_invite = c.initial_invite;
+        let dialog = c.dialog.clone();
+        let offer_in_request = c.offer_in_request;
+        let server_key = c.server_key.clone();
+        let cancelled = c.cancel != Cancel::None;
+        let forwarded_invite = c.request.clone();
+        if code >= 200 {
+            c.final_code = Some(code);
+            // 2xx: RFC 6026 Accepted state keeps forwarding 2xx
+            // retransmissions; non-2xx: Completed, absorbs retransmissions.
+            c.deadline = now + TIMER_64T1;
+        }
+        if method == "INVITE" && code >= 300 {
+            // §17.1.1.3: the ACK for a non-2xx is ours to send.
+            out.push(Outgoing {
+                dest: Dest::Conn(conn),
+                bytes: build::ack_for(&forwarded_invite, &msg),
+                client_tx: None,
+            });
+            if retransmitted_2xx {
+                self.stats.retransmissions_absorbed += 1;
+                return;
+            }
+        }
+        let Some(skey) = server_key else { return };
+        let Some(stx_conn) = self.server_txs.get(&skey).map(|s| s.conn) else {
+            debug!("server transaction gone; response dropped");
+            return;
+        };
+        if self.server_txs.get(&skey).is_some_and(|s| s.final_sent)
+            && code >= 200
+            && !(200..300).contains(&code)
+        {
+            self.stats.retransmissions_absorbed += 1;
+            return;
+        }
+        let _ = msg.pop_top_via();
+        let callee_tag = msg.to_tag().ok().flatten();
+
+        // SDP in the response (§13.2.1 / RFC 3264 roles).
+        let has_sdp = !msg.body().is_empty() && msg.header("Content-Type").is_some_and(is_sdp_type);
+        let mut sdp_handled = false;
+        if has_sdp && (100..300).contains(&code) && !retransmitted_2xx {
+            let role = match (method.as_str(), code >= 200, offer_in_request) {
+                ("INVITE", true, true) => Some(SdpRole::Answer),
+                ("INVITE", false, true) => Some(SdpRole::EarlyAnswer),
+                ("INVITE", _, false) => Some(SdpRole::Offer),
+                ("UPDATE" | "PRACK", _, _) => Some(SdpRole::Answer),
+                _ => None,
+            };
+            let key = dialog.clone().or_else(|| self.dialog_key_of(&msg));
+            if let (Some(role), Some(k)) = (role, key) {
+                let ct = msg.header("Content-Type").unwrap_or_default().to_owned();
+                let body = msg.body().to_vec();
+                let ev = SdpEvent {
+                    dialog: &k,
+                    to_tag: callee_tag.as_deref(),
+                    role,
+                    from_side: info.side,
+                    source: info.peer,
+                    body: &body,
+                    content_type: &ct,
+                };
+                match self.media.on_sdp(&ev, now) {
+                    Ok(b) => {
+                        msg.set_body(b);
+                        sdp_handled = true;
+                        if method == "INVITE" && role == SdpRole::Offer && code >= 200 {
+                            if let Some(d) = self.dialogs.get_mut(&k) {
+                                d.awaiting_ack_answer = true;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        self.media_refused_response(
+                            &ckey, &skey, &k, &msg, &e, code, conn, now, out,
+                        );
+                        return;
+                    }
+                }
+            }
+        }
+        if has_sdp && !sdp_handled {
+            strip_unhandled_media_body(&mut msg);
+        }
+        if (200..300).contains(&code) && method == "INVITE" {
+            if let Some(k) = &dialog {
+                self.confirm_dialog(k, &forwarded_invite, &msg, stx_conn, conn, info.side);
+            }
+        }
+        if let Err(r) = self.rewrite_contacts(&mut msg, info.side, conn, CONTACT_LIFETIME, now) {
+            warn!(why = %r.why, "Contact rewrite failed; forwarding as is");
+        }
+        if method == "REGISTER" && (200..300).contains(&code) {
+            self.learn_registration(&msg, &forwarded_invite, now);
+        }
+        if code >= 300 && method == "INVITE" && initial_invite && !cancelled {
+            if let Some(k) = &dialog {
+                self.end_dialog(k, callee_tag.as_deref(), EndReason::Failure(code), now);
+                self.dialogs.remove(k);
+            }
+        } else if code >= 300 && cancelled {
+            if let Some(k) = &dialog {
+                self.dialogs.remove(k);
+            }
+        }
+        let bytes = msg.to_bytes();
+        self.stats.responses_forwarded += 1;
+        if let Some(s) = self.server_txs.get_mut(&skey) {
+            s.last_response = Some(bytes.clone());
+            if code >= 200 {
+                s.final_sent = true;
+                s.expires = Some(
+                    now + if method == "INVITE" && code < 300 {
+                        Duration::ZERO
+                    } else {
+                        TIMER_64T1
+                    },
+                );
+            }
+        }
+        out.push(Outgoing {
+            dest: Dest::Conn(stx_conn),
+            bytes,
+            client_tx: None,
+        });
+    }
+}

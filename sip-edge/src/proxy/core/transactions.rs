@@ -1,0 +1,331 @@
+//! Transaction timers and bookkeeping (RFC 3261 §17): what a sent, unreachable
+//! or closed connection does to client transactions, UDP retransmission
+//! (Timers A/E), Timer B/C/F expiry on tick, and failing a branch upstream.
+
+use super::*;
+
+impl Proxy {
+    /// A connection closed: its flow tokens die (RFC 5626 §5.3), client
+    /// transactions waiting on it fail as if the hop answered 503 (§16.7
+    /// step 1 treats a transport error so).
+    pub fn on_conn_closed(&mut self, conn: ConnId, now: Instant) -> Vec<Outgoing> {
+        self.conns.remove(&conn);
+        self.bindings.conn_closed(conn);
+        let mut waiting: Vec<String> = self
+            .sent_on
+            .remove(&conn)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|k| {
+                self.client_txs
+                    .get(k)
+                    .is_some_and(|c| c.final_code.is_none() && c.sent_on == Some(conn))
+            })
+            .collect();
+        waiting.sort();
+        let mut out = Vec::new();
+        for k in waiting {
+            self.fail_client(&k, 503, now, &mut out);
+        }
+        out
+    }
+
+    /// The transport could not deliver the request of client transaction
+    /// `ckey` (connect or TLS failure): 503 upstream. A CANCEL of the same
+    /// branch would go the same way, so it fails too.
+    pub fn on_unreachable(&mut self, ckey: &str, now: Instant) -> Vec<Outgoing> {
+        let mut out = Vec::new();
+        let branch = ckey.split('|').next().unwrap_or_default();
+        for k in [ckey.to_owned(), ctx_key(branch, "CANCEL")] {
+            if self.client_txs.contains_key(&k) {
+                self.fail_client(&k, 503, now, &mut out);
+            }
+        }
+        out
+    }
+
+    /// The transport sent the request of client transaction `ckey` over
+    /// `conn` (so a closed connection can fail the transactions that were
+    /// waiting on it).
+    pub fn on_sent(&mut self, ckey: &str, conn: ConnId) {
+        if let Some(c) = self.client_txs.get_mut(ckey) {
+            c.sent_on = Some(conn);
+            self.sent_on
+                .entry(conn)
+                .or_default()
+                .insert(ckey.to_owned());
+        }
+    }
+
+    /// Arms Timer A (INVITE) or E (non-INVITE) for a request the edge sent
+    /// to `dest` when that is an unreliable (UDP) pseudo-connection
+    /// (RFC 3261 §17.1.1.2, §17.1.2.2: Timers A and E run only over
+    /// unreliable transports; TLS/TCP deliver or fail the connection).
+    pub(super) fn arm_retransmit(
+        &mut self,
+        key: String,
+        dest: &Dest,
+        bytes: &[u8],
+        invite: bool,
+        now: Instant,
+    ) {
+        if !self.dest_proto(dest).unreliable() {
+            return;
+        }
+        if self.retransmits.len() >= MAX_RETRANSMISSIONS {
+            warn!("retransmission table full; request sent once only");
+            return;
+        }
+        self.retransmits.insert(
+            key,
+            Retransmit {
+                dest: dest.clone(),
+                bytes: bytes.to_vec(),
+                next: now + T1,
+                interval: T1,
+                invite,
+                until: now + TIMER_64T1,
+            },
+        );
+    }
+
+    /// Sends the CANCEL of client transaction `ckey` to `dest` (§9.1), armed
+    /// for retransmission over UDP like any non-INVITE request.
+    pub(super) fn push_cancel(
+        &mut self,
+        ckey: &str,
+        dest: Dest,
+        now: Instant,
+        out: &mut Vec<Outgoing>,
+    ) {
+        let Some(c) = self.client_txs.get(ckey) else {
+            return;
+        };
+        let bytes = build::cancel_for(&c.request);
+        if let Some(b) = c
+            .request
+            .top_via()
+            .ok()
+            .and_then(|v| v.branch().map(str::to_owned))
+        {
+            self.arm_retransmit(ctx_key(&b, "CANCEL"), &dest, &bytes, false, now);
+        }
+        out.push(Outgoing {
+            dest,
+            bytes,
+            client_tx: None,
+        });
+    }
+
+    /// When [`Self::on_retransmit`] next has work (Timer A/E granularity is
+    /// finer than the 1 s tick); `None` when nothing is armed.
+    pub fn next_retransmit(&self) -> Option<Instant> {
+        self.retransmits.values().map(|r| r.next).min()
+    }
+
+    /// Fires due Timer A/E retransmissions (RFC 3261 §17.1.1.2: INVITE every
+    /// T1, 2*T1, 4*T1... until a provisional; §17.1.2.2: non-INVITE at
+    /// min(2^n*T1, T2), at T2 once a provisional came, until a final) and
+    /// forgets entries whose transaction is answered or timed out.
+    pub fn on_retransmit(&mut self, now: Instant) -> Vec<Outgoing> {
+        let mut out = Vec::new();
+        let due: Vec<String> = self
+            .retransmits
+            .iter()
+            .filter(|(_, r)| r.next <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in due {
+            let state = self
+                .client_txs
+                .get(&k)
+                .map(|c| (c.final_code.is_some(), c.provisional));
+            let Some(r) = self.retransmits.get_mut(&k) else {
+                continue;
+            };
+            let is_cancel = k.ends_with("|CANCEL");
+            let done = match state {
+                Some((final_seen, provisional)) => final_seen || (r.invite && provisional),
+                // The transaction ended (answered, failed, timed out);
+                // only a CANCEL lives without one, until its Timer F.
+                None => !is_cancel,
+            };
+            if done || r.until <= now {
+                self.retransmits.remove(&k);
+                continue;
+            }
+            let provisional = state.is_some_and(|(_, p)| p);
+            r.interval = if r.invite {
+                r.interval.saturating_mul(2)
+            } else if provisional {
+                T2
+            } else {
+                r.interval.saturating_mul(2).min(T2)
+            };
+            r.next = now + r.interval;
+            debug!(key = %k, "retransmitting request over UDP (Timer A/E)");
+            out.push(Outgoing {
+                dest: r.dest.clone(),
+                bytes: r.bytes.clone(),
+                client_tx: None,
+            });
+        }
+        out
+    }
+
+    pub(super) fn client_dest(&self, ckey: &str) -> Dest {
+        match self.client_txs.get(ckey) {
+            Some(c) => match c.sent_on.filter(|s| self.conns.contains_key(s)) {
+                Some(s) => Dest::Conn(s),
+                None => c.dest.clone(),
+            },
+            // Unreachable by construction (callers hold the key); a Conn
+            // that does not exist makes the transport drop the message.
+            None => Dest::Conn(ConnId::MAX),
+        }
+    }
+
+    pub(super) fn fail_client(
+        &mut self,
+        ckey: &str,
+        code: u16,
+        now: Instant,
+        out: &mut Vec<Outgoing>,
+    ) {
+        let Some(c) = self.client_txs.remove(ckey) else {
+            return;
+        };
+        if c.final_code.is_some() {
+            return;
+        }
+        let code = if c.cancel != Cancel::None { 487 } else { code };
+        if let Some(k) = &c.dialog {
+            if c.initial_invite {
+                let reason = if code == 408 {
+                    EndReason::Timeout
+                } else if code == 487 {
+                    EndReason::Cancel
+                } else {
+                    EndReason::Failure(code)
+                };
+                self.end_dialog(k, None, reason, now);
+                self.dialogs.remove(k);
+            }
+        }
+        let Some(skey) = c.server_key else { return };
+        let method = c
+            .request
+            .method()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        if method == "ACK" {
+            return;
+        }
+        if let Some(s) = self.server_txs.get_mut(&skey) {
+            if s.final_sent {
+                return;
+            }
+            let extra: Vec<(&str, String)> = if code == 503 {
+                vec![("Retry-After", RETRY_AFTER_SECS.to_string())]
+            } else {
+                Vec::new()
+            };
+            let bytes = build::response(&s.request, code, Some(&s.to_tag), &extra);
+            s.final_sent = true;
+            s.last_response = Some(bytes.clone());
+            s.expires = Some(now + TIMER_64T1);
+            self.stats.responses_generated += 1;
+            info!(code, "answering for an unreachable or silent next hop");
+            out.push(Outgoing {
+                dest: Dest::Conn(s.conn),
+                bytes,
+                client_tx: None,
+            });
+        }
+    }
+
+    /// Timers: B/F/C and the Completed/Accepted lifetimes, binding expiry,
+    /// and the media layer's expiry (BYE both ways). Call at least once a
+    /// second.
+    pub fn on_tick(&mut self, now: Instant) -> Vec<Outgoing> {
+        let mut out = Vec::new();
+        let txs = &self.client_txs;
+        self.sent_on.retain(|_, keys| {
+            keys.retain(|k| txs.get(k).is_some_and(|c| c.final_code.is_none()));
+            !keys.is_empty()
+        });
+        let due: Vec<String> = self
+            .client_txs
+            .iter()
+            .filter(|(_, c)| c.deadline <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in due {
+            let Some(c) = self.client_txs.get_mut(&k) else {
+                continue;
+            };
+            if c.final_code.is_some() {
+                self.client_txs.remove(&k);
+                continue;
+            }
+            let is_invite = c.request.method().is_some_and(|m| m.is("INVITE"));
+            if is_invite && c.provisional && c.cancel == Cancel::None {
+                // Timer C (§16.8): cancel the branch, wait 64*T1 for 487.
+                c.cancel = Cancel::Sent;
+                c.deadline = now + TIMER_64T1;
+                let dest = self.client_dest(&k);
+                self.push_cancel(&k, dest, now, &mut out);
+                continue;
+            }
+            // Timer B/F (§17.1.1.2, §17.1.2.2): 408 upstream (§16.8).
+            self.fail_client(&k, 408, now, &mut out);
+        }
+        self.server_txs
+            .retain(|_, s| s.expires.is_none_or(|e| e > now));
+        self.bindings.expire(now);
+        for k in self.media.on_tick(now) {
+            let span = info_span!("call", call_id = %k.call_id);
+            let _g = span.enter();
+            let Some(d) = self.dialogs.remove(&k) else {
+                continue;
+            };
+            info!("media expired; sending BYE both ways");
+            let legs = [(d.to_caller, d.callee_cseq), (d.to_callee, d.caller_cseq)];
+            for (leg, cseq) in legs {
+                let Some((dest, side, leg)) = leg else {
+                    continue;
+                };
+                let branch = self.new_branch();
+                let proto = self.dest_proto(&dest);
+                let via = self.via_for(side, proto, &branch);
+                let bytes = build::bye(&leg, &via, &k.call_id, cseq.saturating_add(1).max(1));
+                self.arm_retransmit(ctx_key(&branch, "BYE"), &dest, &bytes, false, now);
+                if let Ok(m) = Message::parse(&bytes) {
+                    self.client_txs.insert(
+                        ctx_key(&branch, "BYE"),
+                        ClientTx {
+                            server_key: None,
+                            request: m,
+                            dest: dest.clone(),
+                            provisional: false,
+                            final_code: None,
+                            deadline: now + TIMER_64T1,
+                            cancel: Cancel::None,
+                            dialog: None,
+                            initial_invite: false,
+                            offer_in_request: false,
+                            sent_on: None,
+                        },
+                    );
+                }
+                out.push(Outgoing {
+                    dest,
+                    bytes,
+                    client_tx: Some(ctx_key(&branch, "BYE")),
+                });
+            }
+        }
+        out.extend(self.on_retransmit(now));
+        out
+    }
+}
