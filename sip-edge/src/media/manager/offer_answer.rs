@@ -1,0 +1,345 @@
+//! Offer/answer (RFC 3264): rewriting each SDP to edge ports, and turning a
+//! completed exchange into pinhole operations (install, update, remove).
+
+use super::*;
+
+impl Manager {
+    /// One SDP body passing through (see the module policies). On error
+    /// nothing changed. On success the caller applies `ops` and, if that
+    /// fails, calls [`Manager::rollback`].
+    pub fn on_sdp(&mut self, inp: &SdpInput<'_>, now: Instant) -> Result<Outcome, MediaError> {
+        self.journaled(inp.dialog, |m, j| m.sdp_inner(inp, now, j))
+    }
+
+    pub(super) fn sdp_inner(
+        &mut self,
+        inp: &SdpInput<'_>,
+        now: Instant,
+        j: &mut Journal,
+    ) -> Result<Outcome, MediaError> {
+        for (i, st) in inp.streams.iter().enumerate() {
+            for ep in [st.rtp, st.rtcp].into_iter().flatten() {
+                self.check_endpoint(inp.from_side, inp.source, st.proto, ep)
+                    .map_err(|e| match e {
+                        MediaError::Forbidden { reason } => {
+                            forbidden(format!("stream {i}: {reason}"))
+                        }
+                        other => other,
+                    })?;
+            }
+        }
+        let key = inp.dialog;
+        if !self.dialogs.contains_key(key) {
+            if inp.role != SdpRole::Offer {
+                return Err(not_acceptable(
+                    "answer for a dialog whose offer the edge never saw",
+                ));
+            }
+            if self.dialogs.len() >= self.s.max_calls as usize {
+                return Err(exhausted(format!(
+                    "{} calls with media already in progress",
+                    self.s.max_calls
+                )));
+            }
+            self.dialogs.insert(
+                key.clone(),
+                Dialog {
+                    created: now,
+                    client: None,
+                    counted: (None, 0),
+                    slots: Vec::new(),
+                    retired: Vec::new(),
+                    offer: None,
+                    active_fork: None,
+                    confirmed: None,
+                    confirmed_at: None,
+                    flows: Vec::new(),
+                    last_activity: now,
+                    ever_active: false,
+                    sources: [None, None],
+                    seen: Vec::new(),
+                    transfers: Vec::new(),
+                },
+            );
+        }
+        if let Some(d) = self.dialogs.get_mut(key) {
+            d.sources[side_ix(inp.from_side)] = Some(inp.source.ip());
+            if inp.from_side == Side::Internal {
+                d.client = Some(inp.source.ip());
+            }
+        }
+        let allocations = self.allocate(inp, j)?;
+        self.recount(key);
+        self.check_caps(key)?;
+        let fork = inp.to_tag.unwrap_or("").to_owned();
+        let Some(d) = self.dialogs.get_mut(key) else {
+            return Err(not_acceptable("dialog vanished"));
+        };
+        if inp.role == SdpRole::Offer {
+            d.offer = Some(Offer {
+                from: inp.from_side,
+                streams: inp.streams.to_vec(),
+            });
+            return Ok(Outcome {
+                allocations,
+                ops: Vec::new(),
+            });
+        }
+        // An answer. Another fork after confirmation: rewrite only.
+        if d.confirmed.as_ref().is_some_and(|c| *c != fork) {
+            return Ok(Outcome {
+                allocations,
+                ops: Vec::new(),
+            });
+        }
+        let Some(offer) = d.offer.clone() else {
+            return Err(not_acceptable(
+                "answer without an outstanding offer (RFC 3264 §4)",
+            ));
+        };
+        if offer.from == inp.from_side {
+            return Err(not_acceptable("answer from the side that made the offer"));
+        }
+        if offer.streams.len() != inp.streams.len() {
+            return Err(not_acceptable(format!(
+                "answer has {} m-lines, offer had {} (RFC 3264 §6)",
+                inp.streams.len(),
+                offer.streams.len()
+            )));
+        }
+        let ops = self.commit(key, &offer.streams, inp, now, j)?;
+        if let Some(d) = self.dialogs.get_mut(key) {
+            d.active_fork = Some(fork.clone());
+            if inp.role == SdpRole::Answer {
+                if d.confirmed.is_none() {
+                    d.confirmed = Some(fork);
+                    d.confirmed_at = Some(now);
+                }
+                // Offer/answer exchange complete (RFC 3264 §4).
+                d.offer = None;
+            }
+        }
+        Ok(Outcome { allocations, ops })
+    }
+
+    /// Offer + answer known: compute the wanted flows and diff them against
+    /// the installed ones.
+    pub(super) fn commit(
+        &mut self,
+        key: &DialogKey,
+        offer: &[StreamDesc],
+        inp: &SdpInput<'_>,
+        now: Instant,
+        j: &mut Journal,
+    ) -> Result<Vec<Op>, MediaError> {
+        let Some(d) = self.dialogs.get(key) else {
+            return Err(not_acceptable("dialog vanished"));
+        };
+        let mut wanted: Vec<(usize, bool, Flow)> = Vec::new();
+        let mut release: Vec<usize> = Vec::new();
+        for (i, (o, a)) in offer.iter().zip(inp.streams.iter()).enumerate() {
+            if o.rejected || a.rejected {
+                release.push(i);
+                continue;
+            }
+            let (Some(o_rtp), Some(a_rtp)) = (o.rtp, a.rtp) else {
+                continue;
+            };
+            if o.proto != a.proto {
+                return Err(not_acceptable(format!(
+                    "stream {i}: answer changes the transport"
+                )));
+            }
+            let (int, ext, int_rtp, ext_rtp) = if inp.from_side == Side::Internal {
+                (a, o, a_rtp, o_rtp)
+            } else {
+                (o, a, o_rtp, a_rtp)
+            };
+            let Some(slot) = d.slots.get(i).and_then(Option::as_ref) else {
+                return Err(not_acceptable(format!(
+                    "stream {i}: no edge port was allocated"
+                )));
+            };
+            let missing = || not_acceptable(format!("stream {i}: no edge port was allocated"));
+            let public = slot.blocks[side_ix(Side::External)].ok_or_else(missing)?;
+            let learn_port = match tcp_connector(o, a, inp.from_side) {
+                Some(Side::External) => LearnPort::Peer,
+                Some(Side::Internal) => LearnPort::Client,
+                None => LearnPort::Neither,
+            };
+            let mut pairs = vec![(false, int_rtp, ext_rtp, Some(public.port))];
+            if let (Some(ci), Some(ce)) = (int.rtcp, ext.rtcp) {
+                pairs.push((true, ci, ce, public.rtcp));
+            }
+            for (is_rtcp, client, peer, pub_port) in pairs {
+                let Some(pub_port) = pub_port else { continue };
+                let flow = match self.s.mode {
+                    MediaMode::Relay => {
+                        let inner = slot.blocks[side_ix(Side::Internal)].ok_or_else(missing)?;
+                        let int_port = if is_rtcp {
+                            inner.rtcp
+                        } else {
+                            Some(inner.port)
+                        };
+                        let Some(int_port) = int_port else { continue };
+                        Flow::Relay {
+                            proto: slot.proto,
+                            client,
+                            edge_int: SocketAddr::new(inner.addr, int_port),
+                            public: SocketAddr::new(public.addr, pub_port),
+                            peer,
+                            latch_peer: self.s.latch,
+                            learn_port,
+                        }
+                    }
+                    MediaMode::Nat => Flow::Nat {
+                        proto: slot.proto,
+                        client,
+                        public: SocketAddr::new(public.addr, pub_port),
+                        peer,
+                        latch_peer: self.s.latch,
+                        learn_port,
+                    },
+                };
+                flow.rules(0, 1)
+                    .map_err(|e| not_acceptable(format!("stream {i}: {e}")))?;
+                wanted.push((i, is_rtcp, flow));
+            }
+        }
+        // Map keys must be unique: in nat mode the client's own address is a
+        // key, so two calls (or m-lines) cannot share it.
+        let mut taken: HashSet<PinholeKey> = HashSet::new();
+        for (k, other) in &self.dialogs {
+            // File transfers are not replaced by an offer/answer: their keys
+            // stay taken, this dialog's included.
+            for t in &other.transfers {
+                taken.extend(keys_of(&t.flow));
+            }
+            if k == key {
+                continue;
+            }
+            for f in &other.flows {
+                for pk in keys_of(&f.flow) {
+                    taken.insert(pk);
+                }
+            }
+        }
+        for (i, _, f) in &wanted {
+            for pk in keys_of(f) {
+                if !taken.insert(pk) {
+                    return Err(forbidden(format!(
+                        "stream {i}: media address already used by another flow"
+                    )));
+                }
+            }
+        }
+
+        let old: Vec<Installed> = d.flows.clone();
+        let mut kept: Vec<Installed> = Vec::new();
+        let mut installs: Vec<Op> = Vec::new();
+        let mut updates: Vec<Op> = Vec::new();
+        let mut new_flows: Vec<Installed> = Vec::new();
+        let mut used_old: BTreeSet<PinholeId> = BTreeSet::new();
+        for (stream, rtcp, flow) in wanted {
+            match old.iter().find(|f| f.stream == stream && f.rtcp == rtcp) {
+                Some(f) if f.flow == flow => {
+                    used_old.insert(f.id);
+                    kept.push(f.clone());
+                }
+                Some(f) if keys_of(&f.flow) == keys_of(&flow) => {
+                    used_old.insert(f.id);
+                    updates.push(Op::Update {
+                        id: f.id,
+                        old: f.flow,
+                        flow,
+                    });
+                    kept.push(Installed {
+                        flow,
+                        packets: 0,
+                        ..f.clone()
+                    });
+                }
+                _ => {
+                    let id = PinholeId(self.next_id);
+                    self.next_id += 1;
+                    installs.push(Op::Install { id, flow });
+                    new_flows.push(Installed {
+                        id,
+                        stream,
+                        rtcp,
+                        flow,
+                        packets: 0,
+                    });
+                }
+            }
+        }
+        let removed: Vec<&Installed> = old.iter().filter(|f| !used_old.contains(&f.id)).collect();
+        let new_keys: HashSet<PinholeKey> =
+            new_flows.iter().flat_map(|f| keys_of(&f.flow)).collect();
+        let (first, last): (Vec<&Installed>, Vec<&Installed>) = removed
+            .iter()
+            .partition(|f| keys_of(&f.flow).iter().any(|k| new_keys.contains(k)));
+        let mut ops: Vec<Op> = first
+            .iter()
+            .map(|f| Op::Remove {
+                id: f.id,
+                flow: f.flow,
+            })
+            .collect();
+        ops.extend(installs);
+        ops.extend(updates);
+        ops.extend(last.iter().map(|f| Op::Remove {
+            id: f.id,
+            flow: f.flow,
+        }));
+
+        // Apply to our own state.
+        for f in &removed {
+            self.ids.remove(&f.id);
+        }
+        for f in &new_flows {
+            self.ids.insert(f.id, key.clone());
+        }
+        let Some(d) = self.dialogs.get_mut(key) else {
+            return Err(not_acceptable("dialog vanished"));
+        };
+        kept.extend(new_flows);
+        d.flows = kept;
+        d.last_activity = now;
+        for i in release {
+            if let Some(s) = d.slots.get_mut(i).and_then(Option::take) {
+                d.retired.extend(s.blocks.into_iter().flatten());
+            }
+        }
+        // Retired blocks: no wanted flow uses them any more.
+        let retired = std::mem::take(&mut d.retired);
+        for b in &retired {
+            self.pool.free(b);
+        }
+        j.freed.extend(retired);
+        self.recount(key);
+        Ok(ops)
+    }
+}
+
+/// Which end of a TCP stream connects (and so uses an ephemeral source
+/// port), from the offer's and the answer's `a=setup` (RFC 4145 §4.1: absent
+/// means `active` in an offer and `passive` in an answer; MSRP follows the
+/// same default, the offerer connects, RFC 4975 §8.1). `None`: nobody
+/// connects yet (`holdconn`) or the stream is not TCP.
+pub(super) fn tcp_connector(
+    offer: &StreamDesc,
+    answer: &StreamDesc,
+    answer_side: Side,
+) -> Option<Side> {
+    if offer.proto != Proto::Tcp {
+        return None;
+    }
+    let o = offer.setup.as_deref().unwrap_or("active");
+    let a = answer.setup.as_deref().unwrap_or("passive");
+    match (o, a) {
+        (_, "active") => Some(answer_side),
+        ("active" | "actpass", "passive") => Some(answer_side.other()),
+        _ => None,
+    }
+}

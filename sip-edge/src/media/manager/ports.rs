@@ -1,0 +1,165 @@
+//! Edge port allocation: which edge address faces a side, the port pool of
+//! each address family's ranges, and the blocks an m-line keeps across re-offers.
+
+use super::*;
+
+impl PortPool {
+    pub(super) fn usable(&self, p: u16) -> bool {
+        p >= MIN_MEDIA_PORT && !self.reserved.contains(&p) && !self.used.contains(&p)
+    }
+
+    /// A single port, or an even port with its odd neighbour free (`pair`).
+    pub(super) fn take(&mut self, pair: bool) -> Option<(u16, Option<u16>)> {
+        let mut candidates: Vec<(u16, u16)> =
+            self.ranges.iter().map(|r| (r.start, r.end)).collect();
+        candidates.sort_unstable();
+        // Two passes: from the cursor to the end, then from the start.
+        for pass in 0..2 {
+            for &(start, end) in &candidates {
+                let from = if pass == 0 {
+                    start.max(self.cursor)
+                } else {
+                    start
+                };
+                let to = if pass == 0 {
+                    end
+                } else {
+                    end.min(self.cursor.saturating_sub(1))
+                };
+                if from > to {
+                    continue;
+                }
+                let mut p = from;
+                loop {
+                    if pair {
+                        if p.is_multiple_of(2) && p < to && self.usable(p) && self.usable(p + 1) {
+                            self.used.insert(p);
+                            self.used.insert(p + 1);
+                            self.cursor = p.saturating_add(2);
+                            return Some((p, Some(p + 1)));
+                        }
+                    } else if self.usable(p) {
+                        self.used.insert(p);
+                        self.cursor = p.saturating_add(1);
+                        return Some((p, None));
+                    }
+                    if p >= to {
+                        break;
+                    }
+                    p += 1;
+                }
+            }
+        }
+        None
+    }
+
+    pub(super) fn free(&mut self, b: &Block) {
+        self.used.remove(&b.port);
+        if let Some(r) = b.rtcp {
+            self.used.remove(&r);
+        }
+    }
+
+    pub(super) fn retake(&mut self, b: &Block) {
+        self.used.insert(b.port);
+        if let Some(r) = b.rtcp {
+            self.used.insert(r);
+        }
+    }
+}
+
+impl Manager {
+    pub(super) fn edge_addr(&self, facing: Side, like: IpAddr) -> Result<IpAddr, MediaError> {
+        let list = match facing {
+            Side::Internal => &self.s.internal_addrs,
+            Side::External => &self.s.public_addrs,
+        };
+        list.iter()
+            .copied()
+            .find(|a| a.is_ipv4() == like.is_ipv4())
+            .ok_or_else(|| {
+                not_acceptable(format!(
+                    "no {} edge address on the {} side for media at {like}",
+                    if like.is_ipv4() { "IPv4" } else { "IPv6" },
+                    if facing == Side::Internal {
+                        "internal"
+                    } else {
+                        "public"
+                    }
+                ))
+            })
+    }
+
+    /// Edge blocks for the streams of an SDP about to be rewritten.
+    pub(super) fn allocate(
+        &mut self,
+        inp: &SdpInput<'_>,
+        j: &mut Journal,
+    ) -> Result<Vec<Option<Allocation>>, MediaError> {
+        let facing = inp.from_side.other();
+        // Nat rewrites only the internal party's SDP (DESIGN.md §2).
+        let rewrite = self.s.mode == MediaMode::Relay || inp.from_side == Side::Internal;
+        let mut out = Vec::with_capacity(inp.streams.len());
+        for (i, st) in inp.streams.iter().enumerate() {
+            let Some(rtp) = st.rtp else {
+                out.push(None);
+                continue;
+            };
+            if !rewrite {
+                out.push(None);
+                continue;
+            }
+            let addr = self.edge_addr(facing, rtp.ip())?;
+            let need_rtcp = st.rtcp.is_some();
+            let Some(d) = self.dialogs.get_mut(inp.dialog) else {
+                return Err(not_acceptable("dialog vanished"));
+            };
+            if d.slots.len() <= i {
+                d.slots.resize(i + 1, None);
+            }
+            let compatible = d.slots[i]
+                .as_ref()
+                .is_some_and(|s| s.proto == st.proto && s.rtcp == need_rtcp);
+            if !compatible {
+                // RFC 3264 §8.1: a new stream may take a port-0 slot; its old
+                // ports go when the exchange completes.
+                if let Some(old) = d.slots[i].take() {
+                    d.retired.extend(old.blocks.into_iter().flatten());
+                }
+                d.slots[i] = Some(Slot {
+                    proto: st.proto,
+                    rtcp: need_rtcp,
+                    blocks: [None, None],
+                });
+            }
+            let existing = d.slots[i].as_ref().and_then(|s| s.blocks[side_ix(facing)]);
+            let block = match existing {
+                Some(b) if b.addr == addr => b,
+                other => {
+                    let (port, rtcp) = self
+                        .pool
+                        .take(need_rtcp)
+                        .ok_or_else(|| exhausted("no free port in the media port ranges"))?;
+                    let b = Block { addr, port, rtcp };
+                    j.allocated.push(b);
+                    let Some(d) = self.dialogs.get_mut(inp.dialog) else {
+                        return Err(not_acceptable("dialog vanished"));
+                    };
+                    if let Some(old) = other {
+                        d.retired.push(old);
+                    }
+                    if let Some(s) = d.slots.get_mut(i).and_then(Option::as_mut) {
+                        s.blocks[side_ix(facing)] = Some(b);
+                    }
+                    b
+                }
+            };
+            out.push(Some(Allocation {
+                addr: block.addr,
+                port: block.port,
+                rtcp_port: block.rtcp,
+            }));
+        }
+        Ok(out)
+    }
+}
