@@ -1,6 +1,6 @@
 //! Configuration shared by the benchmark-only XDP programs (`sip_edge_gen`,
 //! `sip_edge_redirect`, `sip_edge_sink` in `sip-edge-ebpf/src/bench.rs`) and
-//! the bench binary (`sip-edge/src/bench/`), which writes it. The agent
+//! the bench binary (`tests/src/bench/`), which writes it. The agent
 //! never attaches these programs.
 
 /// Bytes of the Ethernet + IPv4 + UDP headers the generator stamps.
@@ -37,8 +37,10 @@ pub const BENCH_CNT_SINK: u32 = 1;
 /// Entries of `BENCH_CNT`.
 pub const BENCH_CNT_LEN: u32 = 2;
 
-/// Names of the benchmark programs in the datapath object.
+/// Names of the programs in the harness object (`sip-edge-ebpf/src/harness.rs`).
 pub mod bench_progs {
+    /// Pass-through (test end hosts, the XDP_PASS baseline).
+    pub const PASS: &str = "sip_edge_pass";
     /// Live-frame generator (XDP_TX).
     pub const GEN: &str = "sip_edge_gen";
     /// Bare redirect forwarder.

@@ -1,7 +1,8 @@
-//! Benchmark-only XDP programs (issue #4), never attached by the agent:
-//! a live-frame traffic generator, a bare redirect forwarder (the
-//! forwarding ceiling) and a counting sink. Configured through `BENCH_CFG`
-//! and counted in `BENCH_CNT` by the bench binary (`sip-edge/src/bench/`).
+//! Benchmark-only XDP programs (issue #4) of the harness object, never
+//! attached by the agent: a live-frame traffic generator, a bare redirect
+//! forwarder (the forwarding ceiling) and a counting sink. Configured
+//! through `BENCH_CFG` and counted in `BENCH_CNT` by the bench binary
+//! (`tests/src/bench/`).
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
@@ -9,12 +10,22 @@ use aya_ebpf::{
     macros::xdp,
     programs::XdpContext,
 };
-use sip_edge_common::{BENCH_CNT_GEN, BENCH_CNT_SINK, PROTO_UDP};
+use sip_edge_common::{BenchCfg, BENCH_CNT_GEN, BENCH_CNT_LEN, BENCH_CNT_SINK, PROTO_UDP};
 
 use crate::{
-    maps::{BENCH_CFG, BENCH_CNT},
+    mapdef::{MapDef, ARRAY, PERCPU_ARRAY},
     parse::{ptr_at, EthHdr, Ipv4Hdr},
 };
+
+/// Benchmark programs' settings (entry 0), written by the bench binary.
+#[unsafe(link_section = ".maps")]
+#[unsafe(no_mangle)]
+pub static BENCH_CFG: MapDef<ARRAY, u32, BenchCfg, 1> = MapDef::new();
+
+/// Benchmark counters per CPU: generator sequence, sink count.
+#[unsafe(link_section = ".maps")]
+#[unsafe(no_mangle)]
+pub static BENCH_CNT: MapDef<PERCPU_ARRAY, u32, u64, { BENCH_CNT_LEN as usize }> = MapDef::new();
 
 /// Header words the generator stamps (42 bytes: Ethernet, IPv4, UDP).
 const HDR_WORDS: usize = 21;

@@ -1,4 +1,5 @@
-//! The sip-edge XDP program (issue #2): forwards packets that match a
+//! The sip-edge XDP program (issue #2), the only program of the object the
+//! agent embeds (test and bench programs live in `harness.rs`): forwards packets that match a
 //! pinhole (rewrite + incremental checksums + FIB + devmap redirect), drops
 //! unmatched traffic aimed at media ports of edge addresses, passes the rest
 //! to the kernel, and counts every verdict in `REASONS`.
@@ -38,8 +39,8 @@
     reason = "core::intrinsics atomics: the bpfel target has no atomic CAS in core::sync::atomic"
 )]
 
-mod bench;
 mod fib;
+mod mapdef;
 mod maps;
 mod nat;
 mod parse;
@@ -85,15 +86,6 @@ pub fn sip_edge_xdp(ctx: XdpContext) -> u32 {
             }
         }
     }
-}
-
-/// Pass-through program for the end hosts of test and benchmark topologies
-/// (never attached by the agent): a veth accepts XDP_REDIRECTed frames only
-/// while its peer runs an XDP program. Also the "trivial XDP_PASS" baseline
-/// of the benchmarks.
-#[xdp]
-pub fn sip_edge_pass(_ctx: XdpContext) -> u32 {
-    XDP_PASS
 }
 
 /// The verdict. `Ok` is a forwarded packet (the redirect action); every

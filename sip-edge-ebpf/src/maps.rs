@@ -1,5 +1,6 @@
 //! Every BPF map of the datapath, declared in one place (katran's
-//! `balancer_maps.h` shape). Names are exactly `sip_edge_common::map_names`.
+//! `balancer_maps.h` shape); README "Inspecting with bpftool" has the table
+//! of each map's key, value, writer and readers. Names are exactly `sip_edge_common::map_names`.
 //! The agent's loader pins every map by name under its pin directory (and
 //! re-adopts existing pins); the object itself asks for no pinning, so a
 //! test or benchmark load without a pin directory never touches bpffs. The
@@ -7,124 +8,20 @@
 //! rules of `PH_DST`; this program writes only `PH_STATE`, the state part
 //! of `PH_DST` entries, `REASONS` and `NEIGH_MISS`.
 //!
-//! The maps are BTF-defined (`.maps` section, libbpf layout) rather than
-//! aya-ebpf's legacy `maps` definitions: the legacy ones carry no key/value
-//! BTF, so `bpftool map dump` could only print hex. `MapDef` below is that
-//! libbpf layout; accessors are the thin helper wrappers aya-ebpf would
-//! provide.
+//! The maps are BTF-defined (`.maps` section, libbpf layout, see
+//! `mapdef.rs`) so `bpftool map dump` prints every field.
 
-use core::{ffi::c_void, ptr::NonNull};
-
-use aya_ebpf::{
-    bindings::{bpf_devmap_val, bpf_map_type, xdp_action::XDP_REDIRECT},
-    helpers::{bpf_map_lookup_elem, bpf_map_update_elem, bpf_redirect_map},
-};
+use aya_ebpf::bindings::bpf_devmap_val;
 use sip_edge_common::{
-    BenchCfg, DstSlot, EdgeAddrKey, EdgeList, IfaceConfig, NeighMiss, NeighMissKey, PinholeKey,
-    PinholeRule, PinholeState, PortPolicy, Settings, BENCH_CNT_LEN, DST_PORT_SLOTS, IFACE_SLOTS,
-    REASON_COUNT,
+    DstSlot, EdgeAddrKey, EdgeList, IfaceConfig, NeighMiss, NeighMissKey, PinholeKey, PinholeRule,
+    PinholeState, PortPolicy, Settings, DST_PORT_SLOTS, IFACE_SLOTS, REASON_COUNT,
 };
+
+use crate::mapdef::{MapDef, ARRAY, DEVMAP_HASH, HASH, LRU_HASH, MMAPABLE, PERCPU_ARRAY};
 
 /// Default number of pinholes (and of `PH_STATE` slots); the agent's loader
 /// overrides both from its configuration before the maps are created.
 pub const DEFAULT_MAX_PINHOLES: usize = 65536;
-
-/// A BTF map definition: every member is a pointer whose pointee encodes
-/// the value in BTF (array length for integers, pointee type for key and
-/// value). Never dereferenced; the loader replaces references to the static
-/// with the map's fd.
-#[repr(C)]
-pub struct MapDef<const TYPE: usize, K, V, const MAX: usize, const FLAGS: usize = 0> {
-    /// `BPF_MAP_TYPE_*`.
-    r#type: *const [i32; TYPE],
-    /// Key type.
-    key: *const K,
-    /// Value type.
-    value: *const V,
-    /// Default size.
-    max_entries: *const [i32; MAX],
-    /// `BPF_F_*` creation flags.
-    map_flags: *const [i32; FLAGS],
-}
-
-// SAFETY: the members are BTF placeholders, never read or written.
-unsafe impl<const TYPE: usize, K, V, const MAX: usize, const FLAGS: usize> Sync
-    for MapDef<TYPE, K, V, MAX, FLAGS>
-{
-}
-
-impl<const TYPE: usize, K, V, const MAX: usize, const FLAGS: usize> MapDef<TYPE, K, V, MAX, FLAGS> {
-    /// The placeholder definition.
-    pub const fn new() -> Self {
-        Self {
-            r#type: core::ptr::null(),
-            key: core::ptr::null(),
-            value: core::ptr::null(),
-            max_entries: core::ptr::null(),
-            map_flags: core::ptr::null(),
-        }
-    }
-
-    #[inline(always)]
-    fn as_ptr(&self) -> *mut c_void {
-        core::ptr::from_ref(self).cast_mut().cast()
-    }
-
-    /// `bpf_map_lookup_elem`: a pointer to the value, or `None`.
-    #[inline(always)]
-    pub fn get_ptr_mut(&self, key: &K) -> Option<*mut V> {
-        // SAFETY: the helper only reads `size_of::<K>()` bytes of the key.
-        let p = unsafe { bpf_map_lookup_elem(self.as_ptr(), core::ptr::from_ref(key).cast()) };
-        NonNull::new(p.cast::<V>()).map(NonNull::as_ptr)
-    }
-
-    /// Same as `get_ptr_mut`, for reading.
-    #[inline(always)]
-    pub fn get_ptr(&self, key: &K) -> Option<*const V> {
-        self.get_ptr_mut(key).map(|p| p.cast_const())
-    }
-
-    /// `bpf_map_update_elem` with `flags` (`BPF_ANY` = 0).
-    #[inline(always)]
-    pub fn insert(&self, key: &K, value: &V, flags: u64) -> Result<(), i64> {
-        // SAFETY: the helper copies `size_of::<K>()` / `size_of::<V>()` bytes.
-        let rc = unsafe {
-            bpf_map_update_elem(
-                self.as_ptr(),
-                core::ptr::from_ref(key).cast(),
-                core::ptr::from_ref(value).cast(),
-                flags,
-            )
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(rc)
-        }
-    }
-
-    /// `bpf_redirect_map` (devmaps only): `Ok(XDP_REDIRECT)`, or on a miss
-    /// `Err` carrying the action in the low bits of `flags`.
-    #[inline(always)]
-    pub fn redirect(&self, key: u32, flags: u64) -> Result<u32, u32> {
-        // SAFETY: plain helper call on this map.
-        let rc = unsafe { bpf_redirect_map(self.as_ptr(), key as u64, flags) };
-        if rc == XDP_REDIRECT as i64 {
-            Ok(XDP_REDIRECT)
-        } else {
-            Err(rc as u32)
-        }
-    }
-}
-
-const HASH: usize = bpf_map_type::BPF_MAP_TYPE_HASH as usize;
-const ARRAY: usize = bpf_map_type::BPF_MAP_TYPE_ARRAY as usize;
-const PERCPU_ARRAY: usize = bpf_map_type::BPF_MAP_TYPE_PERCPU_ARRAY as usize;
-const LRU_HASH: usize = bpf_map_type::BPF_MAP_TYPE_LRU_HASH as usize;
-/// `BPF_F_MMAPABLE`: the agent maps the array into its memory and updates
-/// single words with atomic instructions.
-const MMAPABLE: usize = 1 << 10;
-const DEVMAP_HASH: usize = bpf_map_type::BPF_MAP_TYPE_DEVMAP_HASH as usize;
 
 /// The pinhole table, written only by the agent's map writer. A plain HASH,
 /// never LRU: a full table must refuse new calls, not evict live ones.
@@ -215,14 +112,3 @@ pub static TX_PORTS: MapDef<DEVMAP_HASH, u32, bpf_devmap_val, 64> = MapDef::new(
 #[unsafe(link_section = ".maps")]
 #[unsafe(no_mangle)]
 pub static NEIGH_MISS: MapDef<LRU_HASH, NeighMissKey, NeighMiss, 1024> = MapDef::new();
-
-/// Benchmark programs' settings (entry 0), written by the bench binary.
-/// Unused by `sip_edge_xdp`; the agent neither writes nor pins it.
-#[unsafe(link_section = ".maps")]
-#[unsafe(no_mangle)]
-pub static BENCH_CFG: MapDef<ARRAY, u32, BenchCfg, 1> = MapDef::new();
-
-/// Benchmark counters per CPU: generator sequence, sink count.
-#[unsafe(link_section = ".maps")]
-#[unsafe(no_mangle)]
-pub static BENCH_CNT: MapDef<PERCPU_ARRAY, u32, u64, { BENCH_CNT_LEN as usize }> = MapDef::new();

@@ -3,7 +3,6 @@
 //! tests drive these directly.
 
 pub mod agent;
-pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod datapath;
@@ -11,6 +10,4 @@ pub mod media;
 pub mod ports;
 pub mod proxy;
 pub mod sip;
-pub mod testnet;
-pub mod testua;
 pub mod transport;

@@ -38,8 +38,12 @@ const BENCH_APT_PACKAGES: &[&str] = &[
 const NIGHTLY: &str = "nightly";
 /// bpf-linker release known to build against Debian's LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.13.0";
-/// Stable path of the datapath object `build-ebpf` writes.
-const EBPF_OUT: &str = "target/bpf/sip-edge.bpf.o";
+/// The objects `build-ebpf` writes (cargo bin name, stable path): the
+/// datapath the agent embeds, and the harness programs of tests and benches.
+const EBPF_OBJECTS: &[(&str, &str)] = &[
+    ("sip-edge", "target/bpf/sip-edge.bpf.o"),
+    ("sip-edge-harness", "target/bpf/sip-edge-harness.bpf.o"),
+];
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "sip-edge development tasks")]
@@ -52,7 +56,8 @@ struct Cli {
 enum Cmd {
     /// Install everything the build and the tests need (idempotent).
     Setup,
-    /// Build the XDP object (BTF, unstripped) to target/bpf/sip-edge.bpf.o.
+    /// Build the XDP objects (BTF, unstripped) to target/bpf/: sip-edge.bpf.o
+    /// (the datapath) and sip-edge-harness.bpf.o (test and bench programs).
     BuildEbpf,
     /// Set up, build, and run every test; ends with `N passed, N failed`.
     Test {
@@ -271,12 +276,14 @@ fn build_ebpf(root: &Path) -> Result<()> {
         .env_remove("RUSTC")
         .env_remove("RUSTC_WORKSPACE_WRAPPER")
         .env_remove("RUSTFLAGS"))?;
-    let built = target_dir.join("bpfel-unknown-none/release/sip-edge");
-    let out = root.join(EBPF_OUT);
-    std::fs::create_dir_all(out.parent().context("no parent")?)?;
-    std::fs::copy(&built, &out)
-        .with_context(|| format!("copy {} -> {}", built.display(), out.display()))?;
-    step(&format!("wrote {}", out.display()));
+    for (bin, path) in EBPF_OBJECTS {
+        let built = target_dir.join("bpfel-unknown-none/release").join(bin);
+        let out = root.join(path);
+        std::fs::create_dir_all(out.parent().context("no parent")?)?;
+        std::fs::copy(&built, &out)
+            .with_context(|| format!("copy {} -> {}", built.display(), out.display()))?;
+        step(&format!("wrote {}", out.display()));
+    }
     Ok(())
 }
 
@@ -367,10 +374,12 @@ fn bench(root: &Path, quick: bool, out: &Path, stages: Option<&str>) -> Result<(
         "--locked",
         "--release",
         "-p",
-        "sip-edge",
+        "sip-edge-tests",
         "--bin",
         "sip-edge-bench",
         // The sip stage runs the agent binary next to the bench binary.
+        "-p",
+        "sip-edge",
         "--bin",
         "sip-edge",
     ]))?;
@@ -389,7 +398,19 @@ fn bench(root: &Path, quick: bool, out: &Path, stages: Option<&str>) -> Result<(
 }
 
 fn demo(root: &Path) -> Result<()> {
-    run(Command::new("cargo").args(["build", "--locked", "-p", "sip-edge", "--bins"]))?;
+    // The demo binary runs the agent binary built beside it.
+    run(Command::new("cargo").args([
+        "build",
+        "--locked",
+        "-p",
+        "sip-edge",
+        "--bin",
+        "sip-edge",
+        "-p",
+        "sip-edge-tests",
+        "--bin",
+        "sip-edge-demo",
+    ]))?;
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"));

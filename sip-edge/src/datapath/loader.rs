@@ -111,14 +111,3 @@ pub fn load(sizes: MapSizes, pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> 
     })?;
     Ok(ebpf)
 }
-
-/// Parse the embedded object and create its (unpinned) maps without loading
-/// any program: for callers that load a program other than the datapath's
-/// (the pass-through program of the test topology).
-pub fn load_object() -> Result<Ebpf, LoadError> {
-    EbpfLoader::new()
-        .load(EBPF_OBJECT)
-        .map_err(|source| LoadError::Object {
-            source: Box::new(source),
-        })
-}

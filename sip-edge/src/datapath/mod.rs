@@ -3,7 +3,6 @@
 //! BPF maps).
 
 pub mod attach;
-pub mod fixtures;
 pub mod loader;
 pub mod maps;
 pub mod neigh;

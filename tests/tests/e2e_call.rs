@@ -1,6 +1,6 @@
 //! End-to-end proof of issue #3 in network namespaces: the real agent binary
 //! runs the TLS SIP proxy and the XDP datapath in the edge namespace; test
-//! user agents (`sip_edge::testua`) in the client and peer namespaces place
+//! user agents (`sip_edge_tests::testua`) in the client and peer namespaces place
 //! real TLS calls through it, exchange RTP-sized UDP, an MSRP file and
 //! Windows Messenger (x-msmsgsinvite) TCP transfers over the pinholes the
 //! calls opened, and every scenario ends with the pinhole
@@ -10,13 +10,13 @@
 use std::{
     io::Write,
     net::{IpAddr, SocketAddr, UdpSocket},
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
-use sip_edge::{
-    datapath::maps::DatapathMaps,
+use sip_edge::datapath::maps::DatapathMaps;
+use sip_edge_tests::{
     testnet::{self, udp_roundtrip, AgentProcess, Pins, Topology},
     testua::{
         self, media_of, reply, rtp_packet, sdp, Dialog, MsrpOffer, SdpSpec, TestPki, UaConn,
@@ -24,7 +24,6 @@ use sip_edge::{
     },
 };
 
-const BIN: &str = env!("CARGO_BIN_EXE_sip-edge");
 /// Every SIP wait.
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -96,9 +95,14 @@ impl Edge {
         let cfg = testua::edge_config(&pin_dir, &pki, mode);
         let config = tmp.path().join("sip-edge.toml");
         std::fs::write(&config, cfg).expect("write config");
-        let agent =
-            AgentProcess::start(&topo, Path::new(BIN), &config, &pin_dir, &["int0", "ext0"])
-                .expect("start agent");
+        let agent = AgentProcess::start(
+            &topo,
+            &testnet::agent_bin(),
+            &config,
+            &pin_dir,
+            &["int0", "ext0"],
+        )
+        .expect("start agent");
         // The SIP listeners come up right after the datapath: wait for them.
         let deadline = Instant::now() + Duration::from_secs(10);
         while testnet::in_ns(&topo.client, || {
@@ -126,7 +130,7 @@ impl Edge {
     fn cli(&self, args: &[&str]) -> String {
         let out = self
             .topo
-            .edge_cmd(Path::new(BIN))
+            .edge_cmd(&testnet::agent_bin())
             .args(args)
             .arg("--pin-dir")
             .arg(&self.pin_dir)

@@ -2,7 +2,7 @@
 //! (Debian `kamailio` + `kamailio-tls-modules`) on the same namespace
 //! topology, with the same load generator and the same called party.
 //!
-//! **Load generator: our own** (`sip_edge::testua` on tokio + rustls), not
+//! **Load generator: our own** (`sip_edge_tests::testua` on tokio + rustls), not
 //! SIPp behind stunnel. SIPp has no TLS; behind `stunnel4` every call would
 //! cross one more userspace TLS hop per side, on the same two vCPUs as the
 //! proxy under test, and stunnel's own handshake and copy cost would set the
@@ -46,10 +46,10 @@ use super::{io, progress, BenchError, Mode, NotMeasured};
 use sip_edge_common::{addr_from_ip, PinholeKey, MATCH_DST, PROTO_UDP, ROLE_EXTERNAL};
 
 use crate::{
-    datapath::maps::DatapathMaps,
     testnet::{self, AgentProcess, Pins, Topology},
     testua::{self, reply, sdp, Dialog, SdpSpec, TestPki, UaConn, UaError, UaIdentity, UaListener},
 };
+use sip_edge::datapath::maps::DatapathMaps;
 
 /// The proxy's inside listener (both systems).
 const PROXY_INSIDE: &str = "10.77.0.1:5061";
@@ -936,9 +936,7 @@ fn run_sip_edge(
     stage: &mut SipStage,
     start: Instant,
 ) -> Result<(), BenchError> {
-    let bin = std::env::current_exe()
-        .map_err(io("current_exe"))?
-        .with_file_name("sip-edge");
+    let bin = testnet::agent_bin();
     if !bin.exists() {
         return Err(BenchError::Io {
             op: format!("agent binary {}", bin.display()),
@@ -1260,7 +1258,7 @@ pub fn run(mode: Mode, start: Instant) -> Result<SipStage, BenchError> {
         ),
     );
     let mut stage = SipStage {
-        generator: "sip-edge's own TLS load generator (sip_edge::testua on tokio + rustls): SIPp has no TLS, and stunnel in front of it would add a userspace TLS hop per side on the same two vCPUs".into(),
+        generator: "sip-edge's own TLS load generator (sip_edge_tests::testua on tokio + rustls): SIPp has no TLS, and stunnel in front of it would add a userspace TLS hop per side on the same two vCPUs".into(),
         peer_versions: kamailio_version()
             .map(|v| vec![("kamailio".to_owned(), v)])
             .unwrap_or_default(),

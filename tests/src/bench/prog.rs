@@ -32,16 +32,16 @@ use sip_edge_common::{
 
 use super::{progress, BenchError, Mode, Rng};
 use crate::{
-    datapath::{
-        fixtures::{
-            netns::{self, Netns},
-            packet::Packet,
-            StatsOff,
-        },
-        loader::{self, MapSizes},
-        maps::{DatapathIface, DatapathMaps, DatapathSettings},
+    fixtures::{
+        netns::{self, Netns},
+        packet::Packet,
+        StatsOff,
     },
     testnet::sh,
+};
+use sip_edge::datapath::{
+    loader::{self, MapSizes},
+    maps::{DatapathIface, DatapathMaps, DatapathSettings},
 };
 
 /// Program runs per test-run call on the hit paths (TTL 255 allows 254).
@@ -183,7 +183,7 @@ fn key(sa: SocketAddr, proto: u8) -> PinholeKey {
     }
 }
 
-/// `struct xdp_md` for ctx_in (see `datapath::fixtures`).
+/// `struct xdp_md` for ctx_in (see `crate::fixtures`).
 fn xdp_md(len: usize, ingress_ifindex: u32) -> [u8; 24] {
     let mut b = [0u8; 24];
     b[4..8].copy_from_slice(&(len as u32).to_ne_bytes());
@@ -364,7 +364,7 @@ pub fn run(mode: Mode, start: Instant) -> Result<ProgStage, BenchError> {
         .map_err(map_err(map_names::REASONS))?;
     // Baselines from a second copy of the object: the trivial pass program
     // and the bare redirect (to the internal link).
-    let mut base = loader::load_object()?;
+    let mut base = crate::harness::load()?;
     let mut cfg: Array<MapData, BenchCfg> = Array::try_from(take(&mut base, map_names::BENCH_CFG)?)
         .map_err(map_err(map_names::BENCH_CFG))?;
     cfg.set(
@@ -379,7 +379,7 @@ pub fn run(mode: Mode, start: Instant) -> Result<ProgStage, BenchError> {
     // Keep every timed program in the XDP dispatcher (see the module doc).
     for (in_base, name, dev) in [
         (false, XDP_PROG_NAME, "sefx-oth-p"),
-        (true, "sip_edge_pass", "sefx-int-p"),
+        (true, crate::harness::PASS_PROG, "sefx-int-p"),
         (true, bench_progs::REDIRECT, "sefx-ext-p"),
     ] {
         let e = if in_base { &mut base } else { &mut ebpf };
@@ -420,16 +420,19 @@ pub fn run(mode: Mode, start: Instant) -> Result<ProgStage, BenchError> {
     let warm_until =
         Instant::now() + std::time::Duration::from_millis(if mode.quick { 200 } else { 1500 });
     while Instant::now() < warm_until {
-        b.run("sip_edge_pass", &frame, hot_runs)?;
+        b.run(crate::harness::PASS_PROG, &frame, hot_runs)?;
         b.run(XDP_PROG_NAME, &frame, hot_runs / 4)?;
     }
-    let pass_ns = b.run("sip_edge_pass", &frame, hot_runs)?;
+    let pass_ns = b.run(crate::harness::PASS_PROG, &frame, hot_runs)?;
     let redir_ns = b.run(bench_progs::REDIRECT, &frame, hot_runs)?;
     progress(
         start,
         &format!("prog: baselines sip_edge_pass {pass_ns:.1} ns, bare redirect {redir_ns:.1} ns"),
     );
-    for (case, ns_) in [("sip_edge_pass", pass_ns), ("bare_redirect", redir_ns)] {
+    for (case, ns_) in [
+        (crate::harness::PASS_PROG, pass_ns),
+        ("bare_redirect", redir_ns),
+    ] {
         rows.push(ProgRow {
             case: case.into(),
             class: "baseline",
@@ -456,7 +459,7 @@ pub fn run(mode: Mode, start: Instant) -> Result<ProgStage, BenchError> {
                 &format!("prog: {} with {size} pinholes: installing", kind.name()),
             );
             let keys = install(&mut b, kind, size, &mut rng)?;
-            let pass_here = b.run("sip_edge_pass", &frame, hot_runs / 4)?;
+            let pass_here = b.run(crate::harness::PASS_PROG, &frame, hot_runs / 4)?;
             let (cold, warm) = walk(&b, kind, size, warm_min, &keys.1)?;
             for (phase, r) in [("cold", cold), ("warm", warm)] {
                 if let Some((ns_, packets, flows, reasons)) = r {
@@ -502,7 +505,7 @@ pub fn run(mode: Mode, start: Instant) -> Result<ProgStage, BenchError> {
                     ),
                 ];
                 for (case, class, f) in cases {
-                    let pass_here = b.run("sip_edge_pass", &frame, hot_runs / 4)?;
+                    let pass_here = b.run(crate::harness::PASS_PROG, &frame, hot_runs / 4)?;
                     let before = b.reasons()?;
                     let ns_ = b.run(XDP_PROG_NAME, &f, hot_runs)?;
                     let reasons = b.delta(&before)?;

@@ -1,4 +1,4 @@
-//! `sip-edge-tester`: runs every datapath fixture (`datapath::fixtures`)
+//! `sip-edge-tester`: runs every datapath fixture (`sip_edge_tests::fixtures`)
 //! through BPF_PROG_TEST_RUN in a private namespace and prints PASS/FAIL per
 //! fixture; with `--repeat N` it also times each fixture's path (ns/packet,
 //! kernel-measured, with `kernel.bpf_stats_enabled` forced to 0).
@@ -7,7 +7,7 @@
 //! (not root / BPF unavailable).
 
 use clap::Parser;
-use sip_edge::datapath::fixtures::{self, BenchResult, FixtureResult, Runner, Setup, StatsOff};
+use sip_edge_tests::fixtures::{self, BenchResult, FixtureResult, Runner, Setup, StatsOff};
 
 /// Verify (and optionally benchmark) the XDP datapath against its fixtures.
 #[derive(Parser, Debug)]

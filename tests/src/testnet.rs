@@ -47,7 +47,29 @@ pub const PEER_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 2);
 /// Name of the pass-through XDP program in the datapath object, attached to
 /// the client's and peer's veth ends: a veth only accepts XDP_REDIRECTed
 /// frames when its peer runs XDP (veth_xdp_xmit needs the receive NAPI).
-pub const PASS_PROG: &str = "sip_edge_pass";
+pub use crate::harness::PASS_PROG;
+
+/// The agent binary the system tests, the demo and the bench run: the
+/// `sip-edge` built into the same target directory as the running
+/// executable (`target/<profile>/`, also from a test binary under
+/// `target/<profile>/deps/`), or `$SIP_EDGE_BIN`. It lives in another crate,
+/// so cargo builds it only as part of the workspace: `cargo xtask test`
+/// builds everything first; alone, `cargo build -p sip-edge` (with
+/// `--release` for the bench).
+pub fn agent_bin() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("SIP_EDGE_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    let mut dir = exe
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.pop();
+    }
+    dir.join("sip-edge")
+}
 
 /// Errors of building the topology.
 #[derive(Debug, thiserror::Error)]
@@ -120,7 +142,7 @@ pub fn unavailable_reason() -> Option<String> {
     if Command::new("nsenter").arg("--version").output().is_err() {
         return Some("`nsenter` (util-linux) not installed".into());
     }
-    if !crate::datapath::attach::is_bpffs(std::path::Path::new("/sys/fs/bpf")) {
+    if !sip_edge::datapath::attach::is_bpffs(std::path::Path::new("/sys/fs/bpf")) {
         return Some("/sys/fs/bpf is not bpffs; run `cargo xtask setup` (mounts it)".into());
     }
     None
@@ -344,7 +366,7 @@ impl Topology {
     pub fn attach_pass_programs(&mut self) -> Result<(), TestnetError> {
         for ns in [self.client.clone(), self.peer.clone()] {
             let ebpf = in_ns(&ns, || -> Result<Ebpf, String> {
-                let mut ebpf = crate::datapath::loader::load_object().map_err(|e| e.to_string())?;
+                let mut ebpf = crate::harness::load().map_err(|e| e.to_string())?;
                 let prog: &mut Xdp = ebpf
                     .program_mut(PASS_PROG)
                     .ok_or_else(|| format!("{PASS_PROG} missing from the object"))?
@@ -423,7 +445,7 @@ impl Drop for Topology {
     }
 }
 
-pub use crate::datapath::attach::ifindex;
+pub use sip_edge::datapath::attach::ifindex;
 
 fn socket2_tcp(family: i32) -> std::io::Result<std::os::fd::OwnedFd> {
     // SAFETY: plain socket(2); the fd is owned immediately.
@@ -597,7 +619,7 @@ impl AgentProcess {
         loop {
             if ifaces
                 .iter()
-                .all(|i| crate::datapath::attach::link_pin(pin_dir, i).exists())
+                .all(|i| sip_edge::datapath::attach::link_pin(pin_dir, i).exists())
                 && pin_dir.join("PINHOLES").exists()
             {
                 // Give the agent a moment to finish writing config maps.
@@ -662,8 +684,8 @@ impl Drop for Pins {
     fn drop(&mut self) {
         let links: Vec<PathBuf> = ["int0", "ext0"]
             .iter()
-            .map(|i| crate::datapath::attach::link_pin(&self.0, i))
+            .map(|i| sip_edge::datapath::attach::link_pin(&self.0, i))
             .collect();
-        let _ = crate::datapath::attach::remove_pins(&self.0, &links);
+        let _ = sip_edge::datapath::attach::remove_pins(&self.0, &links);
     }
 }

@@ -2,7 +2,7 @@
 //! edge / peer topology in network namespaces, generates throwaway
 //! certificates, starts the real agent (TLS SIP proxy + XDP datapath) in the
 //! edge namespace with a built-in config, and lets two built-in user agents
-//! (`sip_edge::testua`) place a call from inside to outside: INVITE, 180,
+//! (`sip_edge_tests::testua`) place a call from inside to outside: INVITE, 180,
 //! 200, ACK, a few seconds of RTP-sized UDP both ways through the pinholes
 //! the call opened, the pinhole table with its counters, the datapath
 //! statistics, BYE, and the empty table. Everything it creates (namespaces,
@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sip_edge::{
+use sip_edge_tests::{
     testnet::{self, AgentProcess, Pins, Topology},
     testua::{
         self, media_of, reply, rtp_packet, sdp, Dialog, SdpSpec, TestPki, UaConn, UaIdentity,
@@ -52,10 +52,7 @@ fn main() -> ExitCode {
 }
 
 fn bin() -> PathBuf {
-    std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(|d| d.join("sip-edge")))
-        .unwrap_or_else(|| PathBuf::from("sip-edge"))
+    testnet::agent_bin()
 }
 
 /// Removes the demo's temp dir on drop.

@@ -24,9 +24,9 @@ use sip_edge_common::{
     ROLE_INTERNAL, SLOT_DST, XDP_PROG_NAME,
 };
 
-use super::loader::{self, LoadError, MapSizes};
 use netns::{Links, Netns, NetnsError};
 use packet::PacketError;
+use sip_edge::datapath::loader::{self, LoadError, MapSizes};
 
 pub use table::all as fixtures;
 
@@ -540,7 +540,7 @@ impl Runner {
         ];
         let mut list: Array<MapData, EdgeList> =
             take(&mut ebpf, map_names::EDGE_LIST, Array::try_from)?;
-        let layout = super::maps::edge_list(
+        let layout = sip_edge::datapath::maps::edge_list(
             &edge_ips,
             &[(*table::MEDIA_PORTS.start(), *table::MEDIA_PORTS.end())],
             DST_SLOTS,
@@ -677,7 +677,7 @@ impl Runner {
                 let idx = rule.slot & !SLOT_DST;
                 let mut e = self.dst_get(idx)?;
                 e.state = p.state.unwrap_or_default();
-                e.ctl = DST_VALID | super::maps::ctl_key(&p.key);
+                e.ctl = DST_VALID | sip_edge::datapath::maps::ctl_key(&p.key);
                 e.rules = [rule, PinholeRule::default()];
                 self.dst_set(idx, e)?;
                 continue;
@@ -702,7 +702,7 @@ impl Runner {
     }
 
     fn dst_index(&self, key: &PinholeKey) -> Option<u32> {
-        super::maps::dst_index(&self.layout, DST_SLOTS, key)
+        sip_edge::datapath::maps::dst_index(&self.layout, DST_SLOTS, key)
     }
 
     /// The installed id of fixture slot `slot`.

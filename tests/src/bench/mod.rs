@@ -20,22 +20,22 @@ use serde::Serialize;
 pub enum BenchError {
     /// The namespace used by `prog` could not be built.
     #[error(transparent)]
-    Netns(#[from] crate::datapath::fixtures::netns::NetnsError),
+    Netns(#[from] crate::fixtures::netns::NetnsError),
     /// The forwarding topology failed.
     #[error(transparent)]
     Testnet(#[from] crate::testnet::TestnetError),
     /// Loading the datapath object failed.
     #[error(transparent)]
-    Load(#[from] crate::datapath::loader::LoadError),
+    Load(#[from] sip_edge::datapath::loader::LoadError),
     /// The map writer failed.
     #[error(transparent)]
-    Maps(#[from] crate::datapath::maps::MapsError),
+    Maps(#[from] sip_edge::datapath::maps::MapsError),
     /// A test packet could not be built.
     #[error(transparent)]
-    Packet(#[from] crate::datapath::fixtures::packet::PacketError),
+    Packet(#[from] crate::fixtures::packet::PacketError),
     /// A fixture-runner helper failed.
     #[error(transparent)]
-    Fixture(#[from] crate::datapath::fixtures::FixtureError),
+    Fixture(#[from] crate::fixtures::FixtureError),
     /// A program is missing, failed to load/attach, or a test run failed.
     #[error("program {name}: {source}")]
     Program {

@@ -38,7 +38,7 @@ fn map_names_fit_bpf_obj_name() {
 #[test]
 fn production_loader_passes_verifier_and_declares_every_map() {
     if let Some(r) = skip_reason() {
-        sip_edge::testnet::record_skip(
+        sip_edge_tests::testnet::record_skip(
             "datapath_verifier::production_loader_passes_verifier_and_declares_every_map",
             &r,
         );
@@ -73,16 +73,50 @@ fn production_loader_passes_verifier_and_declares_every_map() {
         .filter(|n| !n.starts_with('.'))
         .collect();
     names.sort_unstable();
-    let mut want: Vec<&str> = map_names::ALL
-        .iter()
-        .chain(map_names::BENCH.iter())
-        .copied()
-        .collect();
+    let mut want: Vec<&str> = map_names::ALL.to_vec();
     want.sort_unstable();
+    assert_eq!(names, want, "the object declares exactly map_names::ALL");
+    let progs: Vec<&str> = ebpf.programs().map(|(n, _)| n).collect();
     assert_eq!(
-        names, want,
-        "the object declares exactly map_names::ALL + BENCH"
+        progs,
+        [XDP_PROG_NAME],
+        "the object the agent embeds holds the datapath program only"
     );
+}
+
+/// The test and bench programs live in their own object, with the bench
+/// maps, so nothing of theirs ships inside the agent.
+#[test]
+fn harness_object_holds_the_test_programs_and_bench_maps() {
+    use sip_edge_common::bench_progs;
+    use sip_edge_tests::harness;
+    if let Some(r) = skip_reason() {
+        sip_edge_tests::testnet::record_skip(
+            "datapath_verifier::harness_object_holds_the_test_programs_and_bench_maps",
+            &r,
+        );
+        return;
+    }
+    let ebpf = harness::load().unwrap_or_else(|e| panic!("parse failed: {e:?}"));
+    let mut progs: Vec<&str> = ebpf.programs().map(|(n, _)| n).collect();
+    progs.sort_unstable();
+    let mut want = [
+        bench_progs::GEN,
+        bench_progs::PASS,
+        bench_progs::REDIRECT,
+        bench_progs::SINK,
+    ];
+    want.sort_unstable();
+    assert_eq!(progs, want);
+    let mut maps: Vec<&str> = ebpf
+        .maps()
+        .map(|(n, _)| n)
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    maps.sort_unstable();
+    let mut want_maps = map_names::BENCH.to_vec();
+    want_maps.sort_unstable();
+    assert_eq!(maps, want_maps);
 }
 
 /// `load(.., None)` promises unpinned maps (tests and benchmarks must not
@@ -92,7 +126,7 @@ fn production_loader_passes_verifier_and_declares_every_map() {
 #[test]
 fn load_without_pin_dir_does_not_pin_into_sys_fs_bpf() {
     if let Some(r) = skip_reason() {
-        sip_edge::testnet::record_skip(
+        sip_edge_tests::testnet::record_skip(
             "datapath_verifier::load_without_pin_dir_does_not_pin_into_sys_fs_bpf",
             &r,
         );
@@ -132,7 +166,7 @@ fn load_without_pin_dir_does_not_pin_into_sys_fs_bpf() {
 #[test]
 fn pinned_maps_are_readopted_by_a_second_load() {
     if let Some(r) = skip_reason() {
-        sip_edge::testnet::record_skip(
+        sip_edge_tests::testnet::record_skip(
             "datapath_verifier::pinned_maps_are_readopted_by_a_second_load",
             &r,
         );
@@ -140,7 +174,7 @@ fn pinned_maps_are_readopted_by_a_second_load() {
     }
     let root = Path::new("/sys/fs/bpf");
     if !is_bpffs(root) {
-        sip_edge::testnet::record_skip(
+        sip_edge_tests::testnet::record_skip(
             "datapath_verifier::pinned_maps_are_readopted_by_a_second_load",
             "/sys/fs/bpf is not a bpffs mount (mount -t bpf bpf /sys/fs/bpf)",
         );

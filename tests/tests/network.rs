@@ -14,9 +14,7 @@ use std::{
 };
 
 use serde_json::Value;
-use sip_edge::testnet::{self, udp_roundtrip, AgentProcess, Pins, Topology};
-
-const BIN: &str = env!("CARGO_BIN_EXE_sip-edge");
+use sip_edge_tests::testnet::{self, udp_roundtrip, AgentProcess, Pins, Topology};
 
 fn sa(s: &str) -> SocketAddr {
     s.parse().expect("test address")
@@ -24,7 +22,7 @@ fn sa(s: &str) -> SocketAddr {
 
 fn cli(topo: &Topology, pin_dir: &Path, args: &[&str]) -> String {
     let out = topo
-        .edge_cmd(Path::new(BIN))
+        .edge_cmd(&testnet::agent_bin())
         .args(args)
         .arg("--pin-dir")
         .arg(pin_dir)
@@ -125,8 +123,14 @@ fn pinholes_added_with_the_cli_carry_udp_and_tcp_through_xdp() {
     let _pins = Pins(pin_dir.clone());
     let tmp = tempfile::tempdir().expect("tempdir");
     let config = write_config(tmp.path(), &pin_dir);
-    let agent = AgentProcess::start(&topo, Path::new(BIN), &config, &pin_dir, &["int0", "ext0"])
-        .expect("start agent");
+    let agent = AgentProcess::start(
+        &topo,
+        &testnet::agent_bin(),
+        &config,
+        &pin_dir,
+        &["int0", "ext0"],
+    )
+    .expect("start agent");
 
     let client = topo
         .udp(&topo.client, sa("10.77.0.2:4000"))
@@ -435,8 +439,14 @@ fn pinholes_added_with_the_cli_carry_udp_and_tcp_through_xdp() {
     std::thread::sleep(Duration::from_millis(300));
     assert!(agent.stop(), "agent did not exit cleanly on SIGTERM");
     std::thread::sleep(Duration::from_millis(300));
-    let agent = AgentProcess::start(&topo, Path::new(BIN), &config, &pin_dir, &["int0", "ext0"])
-        .expect("restart agent");
+    let agent = AgentProcess::start(
+        &topo,
+        &testnet::agent_bin(),
+        &config,
+        &pin_dir,
+        &["int0", "ext0"],
+    )
+    .expect("restart agent");
     std::thread::sleep(Duration::from_millis(300));
     running.store(false, Ordering::Relaxed);
     let sent = sender.join().expect("sender");

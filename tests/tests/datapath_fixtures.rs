@@ -1,10 +1,10 @@
-//! Runs every datapath fixture (`sip_edge::datapath::fixtures`) through
+//! Runs every datapath fixture (`sip_edge_tests::fixtures`) through
 //! BPF_PROG_TEST_RUN, one #[test] per fixture group, each in its own
 //! namespace. Without root or BPF the tests print `SKIPPED: <reason>` and
 //! return: a skip is not a pass.
 
-use sip_edge::datapath::fixtures::{self, Output, Runner, Setup, XDP_PASS};
 use sip_edge_common::Reason;
+use sip_edge_tests::fixtures::{self, Output, Runner, Setup, XDP_PASS};
 
 fn run_group(group: &str) {
     let all = fixtures::fixtures().expect("fixture packets build");
@@ -13,7 +13,7 @@ fn run_group(group: &str) {
     let mut runner = match Runner::setup().expect("fixture runner setup") {
         Setup::Ready(r) => r,
         Setup::Skipped(reason) => {
-            sip_edge::testnet::record_skip(
+            sip_edge_tests::testnet::record_skip(
                 &format!("datapath_fixtures::{group}"),
                 &format!("{reason} ({} fixtures not run)", mine.len()),
             );
@@ -127,7 +127,7 @@ fn harness_reports_every_mismatch() {
     let mut runner = match Runner::setup().expect("fixture runner setup") {
         Setup::Ready(r) => r,
         Setup::Skipped(reason) => {
-            sip_edge::testnet::record_skip(
+            sip_edge_tests::testnet::record_skip(
                 "datapath_fixtures::harness_reports_every_mismatch",
                 &reason,
             );
@@ -168,7 +168,6 @@ fn writer_places_replaces_and_removes_ph_dst_rules() {
 
     use aya::programs::{TestRun, TestRunOptions, Xdp};
     use sip_edge::datapath::{
-        fixtures::{netns, packet::Packet, XDP_DROP, XDP_REDIRECT},
         loader::{self, MapSizes},
         maps::{DatapathIface, DatapathMaps, DatapathSettings},
         rules::{Flow, LearnPort, Proto},
@@ -176,10 +175,11 @@ fn writer_places_replaces_and_removes_ph_dst_rules() {
     use sip_edge_common::{
         map_names, POLICY_PASS, ROLE_EXTERNAL, ROLE_INTERNAL, SLOT_DST, XDP_PROG_NAME,
     };
+    use sip_edge_tests::fixtures::{netns, packet::Packet, XDP_DROP, XDP_REDIRECT};
 
     // SAFETY: plain getter.
     if unsafe { libc::geteuid() } != 0 {
-        sip_edge::testnet::record_skip(
+        sip_edge_tests::testnet::record_skip(
             "datapath_fixtures::writer_places_replaces_and_removes_ph_dst_rules",
             "not root",
         );

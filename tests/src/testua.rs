@@ -31,13 +31,13 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-use crate::{
+use crate::testnet::{self, TestnetError};
+use sip_edge::{
     config::ClientAuth,
     sip::{
         framer::{Frame, Framer, FramerLimits, KeepAliveRole, PONG},
         message::Message,
     },
-    testnet::{self, TestnetError},
     transport::tls::{self, TlsError},
 };
 

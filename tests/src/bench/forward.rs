@@ -35,12 +35,10 @@ use sip_edge_common::{
 };
 
 use super::{io, progress, BenchError, Mode, NotMeasured};
-use crate::{
-    datapath::{
-        loader::{self, MapSizes},
-        maps::{DatapathIface, DatapathMaps, DatapathSettings},
-    },
-    testnet::{self, in_ns, sh, Topology},
+use crate::testnet::{self, in_ns, sh, Topology};
+use sip_edge::datapath::{
+    loader::{self, MapSizes},
+    maps::{DatapathIface, DatapathMaps, DatapathSettings},
 };
 
 /// One rate-search trial: (paced rate asked for, rate achieved, frames lost), rates in packets/s.
@@ -490,7 +488,7 @@ pub fn run(mode: Mode, start: Instant) -> Result<ForwardStage, BenchError> {
             "ext0",
         ])?;
     }
-    let mut obj = loader::load_object()?;
+    let mut obj = crate::harness::load()?;
     let cfg = Array::try_from(obj.take_map(map_names::BENCH_CFG).ok_or(BenchError::Map {
         name: map_names::BENCH_CFG,
         detail: "missing".into(),
@@ -548,7 +546,7 @@ pub fn run(mode: Mode, start: Instant) -> Result<ForwardStage, BenchError> {
 
     // 1. The method's own ceiling: generator → XDP drop at the edge.
     {
-        let mut e = loader::load_object()?;
+        let mut e = crate::harness::load()?;
         attach(&mut e, bench_progs::SINK, &edge, "ext0")?;
         let ecnt: PerCpuArray<MapData, u64> =
             PerCpuArray::try_from(e.take_map(map_names::BENCH_CNT).ok_or(BenchError::Map {
@@ -589,7 +587,7 @@ pub fn run(mode: Mode, start: Instant) -> Result<ForwardStage, BenchError> {
     }
     // 2. Bare redirect forwarder (ceiling).
     {
-        let mut e = loader::load_object()?;
+        let mut e = crate::harness::load()?;
         let mut c: Array<MapData, BenchCfg> =
             Array::try_from(e.take_map(map_names::BENCH_CFG).ok_or(BenchError::Map {
                 name: map_names::BENCH_CFG,
@@ -743,18 +741,18 @@ pub fn run(mode: Mode, start: Instant) -> Result<ForwardStage, BenchError> {
             "dev",
             "ext0",
         ])?;
-        let mut peer_pass = loader::load_object()?;
-        attach(&mut peer_pass, "sip_edge_pass", &peer, "eth0")?;
+        let mut peer_pass = crate::harness::load()?;
+        attach(&mut peer_pass, crate::harness::PASS_PROG, &peer, "eth0")?;
         let client = SocketAddr::new(testnet::CLIENT_V4.into(), 45_000);
         let edge_port = 62_000;
-        let flow = crate::datapath::rules::Flow::Relay {
-            proto: crate::datapath::rules::Proto::Tcp,
+        let flow = sip_edge::datapath::rules::Flow::Relay {
+            proto: sip_edge::datapath::rules::Proto::Tcp,
             client,
             edge_int: SocketAddr::new(testnet::EDGE_INT_V4.into(), edge_port),
             public: SocketAddr::new(pub1.into(), edge_port),
             peer: SocketAddr::new(testnet::PEER_V4.into(), 9_000),
             latch_peer: false,
-            learn_port: crate::datapath::rules::LearnPort::Neither,
+            learn_port: sip_edge::datapath::rules::LearnPort::Neither,
         };
         maps.add_flow(&flow)?;
         let dur = if mode.quick {
@@ -798,8 +796,8 @@ pub fn run(mode: Mode, start: Instant) -> Result<ForwardStage, BenchError> {
             "via",
             "203.0.113.1",
         ]);
-        let mut peer_pass = loader::load_object()?;
-        attach(&mut peer_pass, "sip_edge_pass", &peer, "eth0")?;
+        let mut peer_pass = crate::harness::load()?;
+        attach(&mut peer_pass, crate::harness::PASS_PROG, &peer, "eth0")?;
         let dur = if mode.quick {
             Duration::from_millis(300)
         } else {
@@ -998,8 +996,8 @@ fn reason_count(maps: &DatapathMaps, r: Reason) -> Result<u64, BenchError> {
 /// The pass program on ext0: a veth delivers XDP_TX'd frames only while its
 /// peer end runs XDP (it needs the receive NAPI).
 fn pass_on_ext(edge: &str) -> Result<Ebpf, BenchError> {
-    let mut e = loader::load_object()?;
-    attach(&mut e, "sip_edge_pass", edge, "ext0")?;
+    let mut e = crate::harness::load()?;
+    attach(&mut e, crate::harness::PASS_PROG, edge, "ext0")?;
     Ok(e)
 }
 

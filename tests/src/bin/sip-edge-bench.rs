@@ -1,4 +1,4 @@
-//! `sip-edge-bench`: runs the benchmark suite (`sip_edge::bench`, issue #4)
+//! `sip-edge-bench`: runs the benchmark suite (`sip_edge_tests::bench`, issue #4)
 //! and writes one JSON report, an SVG plot beside it and a Markdown table
 //! (also printed) for the README. Driven by `cargo xtask bench`.
 //!
@@ -9,7 +9,7 @@ use std::{path::PathBuf, time::Instant};
 
 use anyhow::Context as _;
 use clap::Parser;
-use sip_edge::bench::{
+use sip_edge_tests::bench::{
     self, forward, plot, prog, progress, sip, Machine, Mode, NotMeasured, Report,
 };
 
@@ -178,7 +178,7 @@ fn sip_table(x: &sip::SipStage) -> String {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let start = Instant::now();
-    if let Some(reason) = sip_edge::testnet::unavailable_reason() {
+    if let Some(reason) = sip_edge_tests::testnet::unavailable_reason() {
         println!("SKIPPED: {reason}");
         std::process::exit(77);
     }

@@ -1,0 +1,15 @@
+//! sip-edge's test harness: what the system tests, the demo and the
+//! benchmarks share, kept out of the agent crate so the product's
+//! dependency tree carries no test-only crate.
+//!
+//! - `testnet`: network namespaces, veths, the agent as a child process;
+//! - `testua`: a TLS SIP user agent and a throwaway PKI;
+//! - `fixtures`: the datapath verdict fixtures and their BPF_PROG_TEST_RUN runner;
+//! - `harness`: the test/bench XDP object (pass-through, generator, sink);
+//! - `bench`: the benchmark suite behind `cargo xtask bench`.
+
+pub mod bench;
+pub mod fixtures;
+pub mod harness;
+pub mod testnet;
+pub mod testua;
