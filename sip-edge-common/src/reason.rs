@@ -52,10 +52,14 @@ pub enum Reason {
     DropMalformed = 18,
     /// Pinhole matched, but the rule's rewrite is inconsistent (family).
     DropBadRule = 19,
+    /// Would be `DropOther` under the drop policy, but a local socket the
+    /// host opened owns the packet's 4-tuple (a TCP connection past LISTEN,
+    /// a connected UDP socket): the reply to the agent's own connections.
+    PassLocalSocket = 20,
 }
 
 /// Number of reason codes; size of the `REASONS` array.
-pub const REASON_COUNT: u32 = 20;
+pub const REASON_COUNT: u32 = 21;
 
 impl Reason {
     /// Every reason, in discriminant order.
@@ -80,6 +84,7 @@ impl Reason {
         Reason::Latched,
         Reason::DropMalformed,
         Reason::DropBadRule,
+        Reason::PassLocalSocket,
     ];
 
     /// Stable snake_case name used in JSON output and docs.
@@ -105,6 +110,7 @@ impl Reason {
             Reason::Latched => "latched",
             Reason::DropMalformed => "drop_malformed",
             Reason::DropBadRule => "drop_bad_rule",
+            Reason::PassLocalSocket => "pass_local_socket",
         }
     }
 }

@@ -28,6 +28,7 @@
 //! | 6    | edge address (`EDGE_LIST` scan, `EDGE_ADDRS` on overflow), always-pass port | `PassSignalling` | pass |
 //! | 6    | edge address, media port                              | `DropNoPinhole`      | drop     |
 //! | 6    | anything else                                         | `PassOther` / `DropOther` (SETTINGS) | |
+//! | 6    | `DropOther`, but a socket the host opened owns the 4-tuple | `PassLocalSocket`  | pass     |
 //!
 //! `Latched` is counted in addition to the packet's own reason when the
 //! packet latched a pinhole.
@@ -46,6 +47,7 @@ mod nat;
 mod parse;
 mod pinhole;
 mod policy;
+mod socket;
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
@@ -66,7 +68,8 @@ const PASS_MASK: u64 = (1 << Reason::PassNotIp as u32)
     | (1 << Reason::PassSignalling as u32)
     | (1 << Reason::PassOther as u32)
     | (1 << Reason::PassFragment as u32)
-    | (1 << Reason::PassIpv6Ext as u32);
+    | (1 << Reason::PassIpv6Ext as u32)
+    | (1 << Reason::PassLocalSocket as u32);
 const _: () = assert!(REASON_COUNT <= 64, "PASS_MASK holds one bit per reason");
 
 /// Entry point: runs the verdict and counts its reason.
@@ -111,7 +114,7 @@ fn try_sip_edge_xdp(ctx: &XdpContext) -> Result<u32, Reason> {
         Kind::Fragment => Reason::DropFragment,
         _ => Reason::DropIpv6Ext,
     };
-    Err(policy::unmatched(&pkt, &dst, media))
+    Err(policy::unmatched(ctx, &pkt, &dst, media))
 }
 
 /// Role of the ingress interface; 0 when it is not configured.

@@ -7,9 +7,12 @@ use sip_edge_common::{
     EdgeAddrKey, PortPolicy, Reason, EDGE_LIST_V4, EDGE_LIST_V6, FAMILY_V4, POLICY_DROP,
 };
 
+use aya_ebpf::programs::XdpContext;
+
 use crate::{
     maps::{EDGE_ADDRS, EDGE_LIST, PORT_POLICY, SETTINGS},
     parse::Packet,
+    socket,
 };
 
 /// What the destination port of a packet aimed at the edge is.
@@ -156,14 +159,21 @@ pub fn default_policy() -> Reason {
 ///   and forwarding only the first fragment would be useless): an
 ///   always-pass port is `PassSignalling`, anything else the default policy;
 /// * `DropIpv6Ext` (IPv6 with extension headers, never fast-pathed):
-///   anything not aimed at a media port is `PassIpv6Ext`.
+///   anything not aimed at a media port is `PassIpv6Ext`;
+/// * under the drop policy, what a local socket the host opened owns is
+///   `PassLocalSocket` (see `socket.rs`).
 #[inline(always)]
-pub fn unmatched(pkt: &Packet, d: &Dst, media: Reason) -> Reason {
+pub fn unmatched(ctx: &XdpContext, pkt: &Packet, d: &Dst, media: Reason) -> Reason {
     let ext = media as u32 == Reason::DropIpv6Ext as u32;
     match classify(pkt, d) {
         PortClass::Media => media,
         _ if ext => Reason::PassIpv6Ext,
         PortClass::Pass => Reason::PassSignalling,
-        PortClass::Other => default_policy(),
+        PortClass::Other => match default_policy() {
+            // Drop-by-default drops unsolicited traffic, never the replies
+            // to the host's own connections (DESIGN.md §3).
+            Reason::DropOther if socket::owned_by_local_socket(ctx, pkt) => Reason::PassLocalSocket,
+            r => r,
+        },
     }
 }

@@ -70,6 +70,11 @@ fn contact(me: &UaIdentity) -> String {
 
 impl Edge {
     fn start(tag: &str, mode: &str) -> Edge {
+        Edge::start_with(tag, mode, "")
+    }
+
+    /// `start` with `extra` appended to the configuration (whole tables).
+    fn start_with(tag: &str, mode: &str, extra: &str) -> Edge {
         let mut topo = Topology::create(tag).expect("create namespaces");
         topo.attach_pass_programs()
             .expect("attach pass programs on the end hosts");
@@ -92,7 +97,7 @@ impl Edge {
         let pins = Pins(pin_dir.clone());
         let tmp = tempfile::tempdir().expect("tempdir");
         let pki = TestPki::generate(tmp.path()).expect("certificates");
-        let cfg = testua::edge_config(&pin_dir, &pki, mode);
+        let cfg = testua::edge_config(&pin_dir, &pki, mode) + extra;
         let config = tmp.path().join("sip-edge.toml");
         std::fs::write(&config, cfg).expect("write config");
         let agent = AgentProcess::start(
@@ -1399,5 +1404,72 @@ async fn each_mode_carries_calls_in_the_other_direction_too() {
     bye_from_alice(&mut alice, &mut bob, &mut call).await;
     e.assert_empty("nat outbound call after BYE");
     drop((alice, bob, a_rtp, b_rtp));
+    e.stop();
+}
+
+/// Issue #14 item 2: with `[policy] default = "drop"` the edge must still
+/// receive the replies to connections it opened itself (the agent's TLS
+/// connection to the next hop arrives on an ephemeral port that is neither
+/// a media nor a signalling port), while unsolicited traffic to the same
+/// port is dropped in XDP, not answered by the kernel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_policy_passes_the_edges_own_connections_and_drops_the_rest() {
+    const NAME: &str = "e2e_call::drop_policy_passes_the_edges_own_connections_and_drops_the_rest";
+    if let Some(reason) = testnet::unavailable_reason() {
+        testnet::record_skip(NAME, &reason);
+        return;
+    }
+    let e = Edge::start_with(
+        &format!("d{}", std::process::id()),
+        "relay",
+        "[policy]\ndefault = \"drop\"\n",
+    );
+    let mut alice = e.connect_alice().await;
+    let mut bob = Bob::new(&e);
+    let a_rtp = e.udp(&e.topo.client, "10.77.0.2:4000");
+    let b_rtp = e.udp(&e.topo.peer, "198.51.100.2:5000");
+    let spec = |port| SdpSpec {
+        audio: Some(port),
+        video: None,
+        msrp: None,
+    };
+    // Fails with "edge connects to the peer" / 503 when the SYN-ACK of the
+    // agent's own connection is dropped as `drop_other`.
+    let mut call = call_out(&mut alice, &mut bob, &spec(4000), &spec(5000)).await;
+    let offer = media_of(&call.offer, "audio").expect("offer audio");
+    eventually(&b_rtp, offer.addr, &a_rtp, &rtp_packet(0, 9))
+        .expect("media through a pinhole under the drop policy");
+    // The port the edge's connection to bob uses: unsolicited traffic to it
+    // from another source must be dropped in XDP (a timeout, not the
+    // kernel's RST), UDP and TCP alike, and counted.
+    let edge_port = bob.conn().remote;
+    assert_eq!(edge_port.ip(), ip("203.0.113.1"));
+    let before = e.reason("drop_other");
+    let probe = e.udp(&e.topo.peer, "198.51.100.2:7000");
+    for _ in 0..5 {
+        probe
+            .send_to(b"unsolicited", edge_port)
+            .expect("send probe");
+    }
+    let refused = testnet::in_ns(&e.topo.peer, || {
+        std::net::TcpStream::connect_timeout(&edge_port, Duration::from_millis(500))
+    })
+    .expect("netns");
+    match refused {
+        Err(err) => assert_eq!(
+            err.kind(),
+            std::io::ErrorKind::TimedOut,
+            "an unsolicited SYN to the edge's port must be dropped, not answered: {err}"
+        ),
+        Ok(_) => panic!("an unsolicited connection to {edge_port} was accepted"),
+    }
+    let dropped = e.reason("drop_other") - before;
+    assert!(
+        dropped >= 6,
+        "5 UDP probes and at least one SYN must count as drop_other, got {dropped}"
+    );
+    // The edge's own connection still works after the probes.
+    bye_from_alice(&mut alice, &mut bob, &mut call).await;
+    e.assert_empty("drop policy");
     e.stop();
 }
