@@ -184,7 +184,30 @@ pub struct Proxy {
     /// transaction is gone or finished are dropped on close and on tick.
     sent_on: HashMap<ConnId, HashSet<String>>,
     counter: u64,
+    /// Random per instance (per agent run): the counter restarts at zero on
+    /// every start, and RFC 3261 wants branches (§8.1.1.7) and tags
+    /// (§19.3) unique across space and time, so that a stateful next hop
+    /// never takes a new run's request for a retransmission of an old one.
+    run_id: String,
     stats: ProxyStats,
+}
+
+/// 64 random bits as 16 hex digits, from the OS (getrandom(2)). Should the
+/// OS refuse, the clock and the process id still make each run differ:
+/// uniqueness, not secrecy, is what branches and tags need.
+fn run_id() -> String {
+    let mut b = [0u8; 8];
+    let n = match getrandom::getrandom(&mut b) {
+        Ok(()) => u64::from_le_bytes(b),
+        Err(e) => {
+            warn!(error = %e, "no OS randomness; deriving the run id from the clock");
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            (t ^ u64::from(std::process::id()).rotate_left(40)).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        }
+    };
+    format!("{n:016x}")
 }
 
 fn tx_key(branch: &str, via: &Via, method: &str) -> String {
@@ -211,6 +234,7 @@ impl Proxy {
             retransmits: HashMap::new(),
             sent_on: HashMap::new(),
             counter: 0,
+            run_id: run_id(),
             stats: ProxyStats::default(),
         }
     }
@@ -241,15 +265,12 @@ impl Proxy {
 
     fn new_branch(&mut self) -> String {
         let n = self.next_id();
-        format!(
-            "{MAGIC_COOKIE}-se{n:x}x{:08x}",
-            (n.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as u32
-        )
+        format!("{MAGIC_COOKIE}-se{}x{n:x}", self.run_id)
     }
 
     fn new_tag(&mut self) -> String {
         let n = self.next_id();
-        format!("se{:x}", n.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+        format!("se{}x{n:x}", self.run_id)
     }
 
     /// Whether a URI names this edge (either side's address and port).

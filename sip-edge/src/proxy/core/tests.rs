@@ -1021,3 +1021,43 @@ fn filetransfer_xml_in_info_reaches_the_media_layer() {
     assert!(fwd[0].body().starts_with(body.as_bytes()), "XML body kept");
     assert_eq!(calls.len(), 1, "media layer consulted: {calls:?}");
 }
+
+// ---- Identifiers (RFC 3261 §8.1.1.7, §19.3): unique across restarts ----
+
+#[test]
+fn branches_and_tags_differ_between_two_runs() {
+    // Two `Proxy` instances stand for two agent runs: each starts its
+    // counter afresh, so only a per-run random part can tell them apart.
+    // A stateful next hop that still remembers the first run's INVITE
+    // would otherwise take the second run's first INVITE for a
+    // retransmission of it (RFC 3261 §17.2.3 matches on the branch).
+    let (mut a, _) = setup();
+    let (mut b, _) = setup();
+    let (ba, bb) = (a.new_branch(), b.new_branch());
+    assert_ne!(ba, bb, "first branch of two runs repeats");
+    for br in [&ba, &bb] {
+        assert!(br.starts_with(MAGIC_COOKIE), "{br}");
+        assert!(
+            br.len() >= MAGIC_COOKIE.len() + 16,
+            "too little entropy: {br}"
+        );
+        assert!(
+            br.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || b"-.!%*_+`'~".contains(&c)),
+            "branch is a token (§25.1): {br}"
+        );
+    }
+    let (ta, tb) = (a.new_tag(), b.new_tag());
+    assert_ne!(ta, tb, "first tag of two runs repeats");
+    // Within one run they stay unique too.
+    assert_ne!(a.new_branch(), ba);
+    assert_ne!(a.new_tag(), ta);
+    // And the forwarded INVITE carries such a branch.
+    let inv = invite(&mut b, Instant::now());
+    let v = inv.top_via().unwrap();
+    let br = v.branch().unwrap();
+    assert!(
+        br.starts_with(MAGIC_COOKIE) && br.len() >= MAGIC_COOKIE.len() + 16,
+        "{br}"
+    );
+}
