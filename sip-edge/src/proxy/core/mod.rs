@@ -380,6 +380,10 @@ fn media_reject(e: &MediaError) -> Reject {
     let mut r = reject(e.status(), e.to_string());
     if e.status() == 503 {
         r.extra.push(("Retry-After", RETRY_AFTER_SECS.to_string()));
+    } else {
+        // §20.43: say which rule refused it, so the far party's logs show
+        // why its offer (or answer) got 488.
+        r.extra.push(("Warning", build::warning(&e.to_string())));
     }
     r
 }
@@ -402,22 +406,93 @@ fn has_via_line(raw: &[u8]) -> bool {
     })
 }
 
-/// Bodies that can carry media addresses: they go through the media layer
-/// or not across the edge at all. Multipart is included so a multipart
-/// body with SDP inside is refused by the media layer instead of leaking
-/// the inside's addresses unrewritten.
-fn is_sdp_type(ct: &str) -> bool {
-    let base = ct.split(';').next().unwrap_or("").trim();
-    [
-        "application/sdp",
-        "text/x-msmsgsinvite",
-        "application/ms-filetransfer+xml",
-    ]
-    .iter()
-    .any(|t| base.eq_ignore_ascii_case(t))
-        || base
-            .get(..10)
-            .is_some_and(|p| p.eq_ignore_ascii_case("multipart/"))
+/// What a message body means to the edge.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BodyKind {
+    /// Nothing in it is rewritten (text, images, S/MIME-signed or
+    /// encrypted bodies without SDP...): forwarded byte for byte.
+    Opaque,
+    /// Carries media addresses the edge must rewrite: it goes through the
+    /// media layer, or not across the edge at all.
+    Media,
+    /// Carries media the edge must rewrite under a `multipart/signed`
+    /// signature (RFC 1847, S/MIME RFC 8551, RFC 3261 §23): rewriting would
+    /// break the signature and forwarding unrewritten would leak the
+    /// inside, so it is refused.
+    SignedMedia,
+}
+
+/// Top-level types that go to the media layer. `ms-filetransfer+xml` is
+/// address-free but rides in INFO/MESSAGE of a file-transfer dialog, where
+/// the media layer passes it on (see `media::control`).
+const MEDIA_TYPES: &[&str] = &[
+    "application/sdp",
+    "text/x-msmsgsinvite",
+    "application/ms-filetransfer+xml",
+];
+
+/// Part types inside a multipart body that the edge must rewrite.
+const REWRITTEN_PART_TYPES: &[&str] = &["application/sdp", "text/x-msmsgsinvite"];
+
+/// Multipart nesting looked into; deeper bodies count as media-bearing
+/// (the media layer refuses them) rather than pass unchecked.
+const MAX_MULTIPART_DEPTH: usize = 4;
+
+/// Classifies a body by its Content-Type and, for `multipart/*`, by the
+/// parts it holds (RFC 2046 §5.1): only a part the edge must rewrite makes
+/// it media-bearing, so a signed or mixed body without SDP passes intact.
+fn body_kind(ct: &str, body: &[u8]) -> BodyKind {
+    let base = crate::sip::multipart::base_type(ct);
+    if MEDIA_TYPES.contains(&base.as_str()) {
+        return BodyKind::Media;
+    }
+    multipart_kind(ct, body, 0, false)
+}
+
+fn multipart_kind(ct: &str, body: &[u8], depth: usize, signed: bool) -> BodyKind {
+    let base = crate::sip::multipart::base_type(ct);
+    let media = if signed {
+        BodyKind::SignedMedia
+    } else {
+        BodyKind::Media
+    };
+    if REWRITTEN_PART_TYPES.contains(&base.as_str()) {
+        return media;
+    }
+    if !base.starts_with("multipart/") {
+        // Includes application/pkcs7-mime (S/MIME encryption, RFC 8551
+        // §3.3): end-to-end encrypted, nothing the edge could rewrite.
+        return BodyKind::Opaque;
+    }
+    let signed = signed || base == "multipart/signed";
+    if depth >= MAX_MULTIPART_DEPTH {
+        return media;
+    }
+    // A body that does not parse as MIME cannot be shown SDP-free: treat it
+    // as media-bearing, so it is refused or removed, never passed unread.
+    let Ok(mp) = crate::sip::multipart::Multipart::parse(ct, body) else {
+        return media;
+    };
+    let mut kind = BodyKind::Opaque;
+    for (i, part) in mp.parts().iter().enumerate() {
+        let part_ct = part.content_type.as_deref().unwrap_or("text/plain");
+        let content = mp.content(i).unwrap_or_default();
+        match multipart_kind(part_ct, content, depth + 1, signed) {
+            BodyKind::SignedMedia => return BodyKind::SignedMedia,
+            BodyKind::Media => kind = BodyKind::Media,
+            BodyKind::Opaque => {}
+        }
+    }
+    kind
+}
+
+/// The refusal of a signed body the edge would have to rewrite.
+fn signed_media_refusal() -> MediaError {
+    MediaError::NotAcceptable {
+        reason: "signed body (multipart/signed) carries SDP the edge must rewrite; \
+                 rewriting would break the signature (RFC 3261 section 23); send it unsigned"
+            .into(),
+    }
 }
 
 /// A media-bearing body that no offer/answer exchange covers (SDP in an

@@ -204,8 +204,22 @@ impl Proxy {
                 }
             }
         }
-        let has_sdp = !msg.body().is_empty() && msg.header("Content-Type").is_some_and(is_sdp_type);
-        if has_sdp {
+        let kind = match msg.header("Content-Type") {
+            Some(ct) if !msg.body().is_empty() => body_kind(ct, msg.body()),
+            _ => BodyKind::Opaque,
+        };
+        if kind == BodyKind::SignedMedia {
+            // Neither rewritable nor forwardable (see BodyKind): refuse.
+            let e = signed_media_refusal();
+            if initial_invite {
+                if let Some(k) = &dialog_key {
+                    self.dialogs.remove(k);
+                }
+            }
+            warn!(error = %e, "refusing a signed media body");
+            return Err(media_reject(&e));
+        }
+        if kind == BodyKind::Media {
             let role = self.request_sdp_role(&method, msg, dialog_key.as_ref());
             if role.is_none() || dialog_key.is_none() {
                 strip_unhandled_media_body(msg);
@@ -366,7 +380,7 @@ impl Proxy {
                 cancel: Cancel::None,
                 dialog: dialog_key.filter(|_| is_invite),
                 initial_invite,
-                offer_in_request: has_sdp,
+                offer_in_request: kind == BodyKind::Media,
                 sent_on: match dest {
                     Dest::Conn(c) => Some(c),
                     Dest::Hop { .. } => None,

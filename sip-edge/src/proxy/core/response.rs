@@ -103,7 +103,11 @@ impl Proxy {
         let callee_tag = msg.to_tag().ok().flatten();
 
         // SDP in the response (§13.2.1 / RFC 3264 roles).
-        let has_sdp = !msg.body().is_empty() && msg.header("Content-Type").is_some_and(is_sdp_type);
+        let kind = match msg.header("Content-Type") {
+            Some(ct) if !msg.body().is_empty() => body_kind(ct, msg.body()),
+            _ => BodyKind::Opaque,
+        };
+        let has_sdp = kind != BodyKind::Opaque;
         let mut sdp_handled = false;
         if has_sdp && (100..300).contains(&code) && !retransmitted_2xx {
             let role = match (method.as_str(), code >= 200, offer_in_request) {
@@ -126,7 +130,12 @@ impl Proxy {
                     body: &body,
                     content_type: &ct,
                 };
-                match self.media.on_sdp(&ev, now) {
+                let result = if kind == BodyKind::SignedMedia {
+                    Err(signed_media_refusal())
+                } else {
+                    self.media.on_sdp(&ev, now)
+                };
+                match result {
                     Ok(b) => {
                         msg.set_body(b);
                         sdp_handled = true;

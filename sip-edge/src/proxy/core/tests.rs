@@ -1061,3 +1061,173 @@ fn branches_and_tags_differ_between_two_runs() {
         "{br}"
     );
 }
+
+// ---- Bodies the edge does not rewrite (RFC 3261 §23, RFC 1847) ----
+
+/// A request from the internal caller to biloxi with `ct` and `body`.
+fn request_with_body(method: &str, ct: &str, body: &str) -> Vec<u8> {
+    let head = String::from_utf8(fixture("rfc3665_3_1_invite.sip")).unwrap();
+    let head = head.split("\r\n\r\n").next().unwrap().to_owned();
+    let head = head
+        .replacen("INVITE sips:", &format!("{method} sips:"), 1)
+        .replace("CSeq: 1 INVITE", &format!("CSeq: 1 {method}"))
+        .replace(
+            "Content-Type: application/sdp",
+            &format!("Content-Type: {ct}"),
+        )
+        .replace(
+            "Content-Length: 151",
+            &format!("Content-Length: {}", body.len()),
+        );
+    format!("{head}\r\n\r\n{body}").into_bytes()
+}
+
+const SIGNED_CT: &str =
+    "multipart/signed;protocol=\"application/pkcs7-signature\";micalg=sha-256;boundary=sig42";
+
+/// An S/MIME-signed body (RFC 8551 §3.5, RFC 1847 §2.1) around `inner`.
+fn signed(inner_ct: &str, inner: &str) -> String {
+    format!(
+        "--sig42\r\nContent-Type: {inner_ct}\r\n\r\n{inner}\r\n--sig42\r\nContent-Type: application/pkcs7-signature; name=smime.p7s\r\nContent-Transfer-Encoding: binary\r\n\r\n\u{1}\u{2}fake-signature\r\n--sig42--\r\n"
+    )
+}
+
+#[test]
+fn signed_message_body_passes_byte_exact() {
+    // A MESSAGE with a signed text body: nothing in it is an address the
+    // edge rewrites, and any change would break the signature (RFC 3261
+    // §23.3). It must reach the next hop exactly as sent.
+    let (mut p, rec) = setup();
+    let body = signed("text/plain", "Watson, come here.");
+    let out = p.on_message(
+        CALLER,
+        &request_with_body("MESSAGE", SIGNED_CT, &body),
+        Instant::now(),
+    );
+    let fwd: Vec<Message> = out
+        .iter()
+        .filter(|o| matches!(o.dest, Dest::Hop { .. }))
+        .map(parse)
+        .collect();
+    assert_eq!(fwd.len(), 1, "MESSAGE forwarded: {out:?}");
+    assert_eq!(
+        fwd[0].body(),
+        body.as_bytes(),
+        "signed body changed on the way"
+    );
+    assert_eq!(fwd[0].header("Content-Type"), Some(SIGNED_CT));
+    assert!(rec.lock().unwrap().calls.is_empty(), "no media layer work");
+
+    // Non-media multipart (a text part and an image) passes too.
+    let (mut p, _) = setup();
+    let ct = "multipart/mixed;boundary=mx";
+    let body = "--mx\r\nContent-Type: text/plain\r\n\r\nhi\r\n--mx\r\nContent-Type: image/png\r\n\r\nPNG\r\n--mx--\r\n";
+    let out = p.on_message(
+        CALLER,
+        &request_with_body("MESSAGE", ct, body),
+        Instant::now(),
+    );
+    let fwd: Vec<Message> = out
+        .iter()
+        .filter(|o| matches!(o.dest, Dest::Hop { .. }))
+        .map(parse)
+        .collect();
+    assert_eq!(fwd[0].body(), body.as_bytes());
+    assert_eq!(fwd[0].header("Content-Type"), Some(ct));
+}
+
+#[test]
+fn signed_sdp_the_edge_must_rewrite_is_refused_not_broken() {
+    // A signed offer: the edge must rewrite the SDP (it names the inside),
+    // which would break the signature. Refuse it with a clear reason
+    // rather than forward a body whose signature no longer verifies.
+    let (mut p, rec) = setup();
+    let sdp = "v=0\r\no=alice 1 1 IN IP4 10.77.0.2\r\ns=-\r\nc=IN IP4 10.77.0.2\r\nt=0 0\r\nm=audio 49172 RTP/AVP 0\r\n";
+    let body = signed("application/sdp", sdp);
+    let out = p.on_message(
+        CALLER,
+        &request_with_body("INVITE", SIGNED_CT, &body),
+        Instant::now(),
+    );
+    assert!(
+        out.iter().all(|o| !matches!(o.dest, Dest::Hop { .. })),
+        "signed SDP forwarded: {out:?}"
+    );
+    let r = to_conn(&out, CALLER);
+    let last = r.last().expect("a final response");
+    assert_eq!(last.status(), Some(488), "{r:?}");
+    let w = last.header("Warning").unwrap_or_default();
+    assert!(w.contains("signed"), "Warning says why: {w:?}");
+    assert!(
+        rec.lock().unwrap().calls.is_empty(),
+        "nothing reached media"
+    );
+    assert_eq!(p.live().2, 0, "no dialog left");
+}
+
+#[test]
+fn only_parts_the_edge_rewrites_make_a_body_media_bearing() {
+    let sdp = "v=0\r\nc=IN IP4 10.77.0.2\r\nm=audio 4000 RTP/AVP 0\r\n";
+    let mixed = |inner_ct: &str, inner: &str| {
+        format!("--m1\r\nContent-Type: {inner_ct}\r\n\r\n{inner}\r\n--m1--\r\n")
+    };
+    let signed_ct = SIGNED_CT;
+    let cases: Vec<(&str, String, BodyKind)> = vec![
+        ("application/sdp", sdp.into(), BodyKind::Media),
+        (
+            "Application/SDP; charset=utf-8",
+            sdp.into(),
+            BodyKind::Media,
+        ),
+        ("text/plain", "hi".into(), BodyKind::Opaque),
+        (
+            "application/pkcs7-mime; smime-type=enveloped-data",
+            "x".into(),
+            BodyKind::Opaque,
+        ),
+        (
+            "multipart/mixed;boundary=m1",
+            mixed("application/sdp", sdp),
+            BodyKind::Media,
+        ),
+        (
+            "multipart/mixed;boundary=m1",
+            mixed("text/plain", "hi"),
+            BodyKind::Opaque,
+        ),
+        // An address-free part alone is not rewritten when inside multipart.
+        (
+            "multipart/mixed;boundary=m1",
+            mixed("application/ms-filetransfer+xml", "<a/>"),
+            BodyKind::Opaque,
+        ),
+        (signed_ct, signed("text/plain", "hi"), BodyKind::Opaque),
+        (
+            signed_ct,
+            signed("application/sdp", sdp),
+            BodyKind::SignedMedia,
+        ),
+        (
+            signed_ct,
+            signed("text/x-msmsgsinvite", "Invitation-Command: INVITE"),
+            BodyKind::SignedMedia,
+        ),
+        // SDP nested in a signed part of a mixed body is still signed.
+        (
+            "multipart/mixed;boundary=m1",
+            mixed(signed_ct, &signed("application/sdp", sdp)),
+            BodyKind::SignedMedia,
+        ),
+        // Unparsable MIME cannot be shown SDP-free (nor to hold SDP: the
+        // media layer refuses it, or it is removed outside offer/answer).
+        (
+            "multipart/mixed;boundary=m1",
+            "no delimiters here".into(),
+            BodyKind::Media,
+        ),
+        (signed_ct, "garbage".into(), BodyKind::Media),
+    ];
+    for (ct, body, want) in cases {
+        assert_eq!(body_kind(ct, body.as_bytes()), want, "{ct}: {body:?}");
+    }
+}
