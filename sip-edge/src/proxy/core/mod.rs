@@ -183,6 +183,10 @@ pub struct Proxy {
     /// a few hundred calls per second). Pruned lazily: entries whose
     /// transaction is gone or finished are dropped on close and on tick.
     sent_on: HashMap<ConnId, HashSet<String>>,
+    /// The next hop each connection the edge sent a routed request on was
+    /// opened for: tells which `[[route]]` a far party's SDP comes through
+    /// (its `media_sources`, DESIGN.md §3). Removed on close.
+    conn_hops: HashMap<ConnId, HopTarget>,
     counter: u64,
     /// Random per instance (per agent run): the counter restarts at zero on
     /// every start, and RFC 3261 wants branches (§8.1.1.7) and tags
@@ -233,6 +237,7 @@ impl Proxy {
             bindings: Bindings::new(),
             retransmits: HashMap::new(),
             sent_on: HashMap::new(),
+            conn_hops: HashMap::new(),
             counter: 0,
             run_id: run_id(),
             stats: ProxyStats::default(),
@@ -271,6 +276,29 @@ impl Proxy {
     fn new_tag(&mut self) -> String {
         let n = self.next_id();
         format!("se{}x{n:x}", self.run_id)
+    }
+
+    /// The extra media sources of the far party whose message arrived on
+    /// `conn` (`hop`: the next hop a response's request went to): those of
+    /// its `[[route]]`, matched by the hop the connection was opened for or
+    /// by the peer address; none for the inside or an unmatched peer.
+    fn far_media_sources(
+        &self,
+        conn: ConnId,
+        info: &ConnInfo,
+        hop: Option<&HopTarget>,
+    ) -> Vec<crate::config::Cidr> {
+        if info.side != Side::External {
+            return Vec::new();
+        }
+        let hop = hop.or_else(|| self.conn_hops.get(&conn));
+        let peer = info.peer.ip().to_canonical();
+        self.settings
+            .route_media
+            .iter()
+            .find(|r| hop == Some(&r.hop) || r.host_ip.is_some_and(|ip| ip.to_canonical() == peer))
+            .map(|r| r.sources.clone())
+            .unwrap_or_default()
     }
 
     /// Whether a URI names this edge (either side's address and port).

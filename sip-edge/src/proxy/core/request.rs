@@ -228,6 +228,7 @@ impl Proxy {
                 let callee_tag = self.callee_tag(&k, msg);
                 let ct = msg.header("Content-Type").unwrap_or_default().to_owned();
                 let body = msg.body().to_vec();
+                let media_sources = self.far_media_sources(conn, &info, None);
                 let ev = SdpEvent {
                     dialog: &k,
                     to_tag: if role == SdpRole::Offer && initial_invite {
@@ -238,6 +239,7 @@ impl Proxy {
                     role,
                     from_side,
                     source: info.peer,
+                    media_sources: &media_sources,
                     body: &body,
                     content_type: &ct,
                 };

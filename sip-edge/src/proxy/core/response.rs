@@ -34,6 +34,15 @@ impl Proxy {
             c.sent_on = Some(conn);
             self.sent_on.entry(conn).or_default().insert(ckey.clone());
         }
+        let dest_hop = match &c.dest {
+            Dest::Hop { hop, .. } => Some(hop.clone()),
+            Dest::Conn(_) => None,
+        };
+        if let Some(hop) = &dest_hop {
+            // The far party's later requests (re-INVITE, ACK with an
+            // answer) come on this connection: remember its route.
+            self.conn_hops.entry(conn).or_insert_with(|| hop.clone());
+        }
         if method == "CANCEL" || c.server_key.is_none() {
             // Responses to our own CANCEL/BYE end here.
             if code >= 200 {
@@ -121,12 +130,14 @@ impl Proxy {
             if let (Some(role), Some(k)) = (role, key) {
                 let ct = msg.header("Content-Type").unwrap_or_default().to_owned();
                 let body = msg.body().to_vec();
+                let media_sources = self.far_media_sources(conn, &info, dest_hop.as_ref());
                 let ev = SdpEvent {
                     dialog: &k,
                     to_tag: callee_tag.as_deref(),
                     role,
                     from_side: info.side,
                     source: info.peer,
+                    media_sources: &media_sources,
                     body: &body,
                     content_type: &ct,
                 };

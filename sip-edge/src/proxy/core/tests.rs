@@ -29,6 +29,8 @@ enum Call {
 #[derive(Default)]
 struct Recorder {
     calls: Vec<Call>,
+    /// `media_sources` of each SDP event, in order.
+    sources: Vec<Vec<crate::config::Cidr>>,
     refuse: Option<MediaError>,
     expire: Vec<DialogKey>,
 }
@@ -44,6 +46,7 @@ impl MediaControl for Media {
             to_tag: ev.to_tag.map(str::to_owned),
             source: ev.source,
         });
+        r.sources.push(ev.media_sources.to_vec());
         if let Some(e) = r.refuse.clone() {
             return Err(e);
         }
@@ -102,6 +105,7 @@ fn setup() -> (Proxy, Arc<Mutex<Recorder>>) {
             port: 5061,
         },
         routes: vec![("biloxi.example.com".into(), hop())],
+        route_media: Vec::new(),
         default_route: None,
         internal_next_hop: None,
         internal_udp_port: None,
@@ -1230,4 +1234,87 @@ fn only_parts_the_edge_rewrites_make_a_body_media_bearing() {
     for (ct, body, want) in cases {
         assert_eq!(body_kind(ct, body.as_bytes()), want, "{ct}: {body:?}");
     }
+}
+
+// ---- The far party's route reaches the media layer (DESIGN.md §3) ----
+
+#[test]
+fn route_media_sources_follow_the_far_partys_connection() {
+    let (mut p, rec) = setup();
+    let carrier = vec![crate::config::parse_cidr("192.0.2.0/24").unwrap()];
+    p.settings.route_media = vec![crate::proxy::RouteMedia {
+        hop: hop(),
+        // As for a route by host name: only the connection tells.
+        host_ip: None,
+        sources: carrier.clone(),
+    }];
+    // The route's host name resolved to another address than CALLEE's.
+    const SBC: ConnId = 7;
+    p.on_conn_open(
+        SBC,
+        ConnInfo {
+            side: Side::External,
+            peer: "192.0.2.10:5061".parse().unwrap(),
+            proto: Proto::Tls,
+        },
+    );
+    let now = Instant::now();
+    let inv = invite(&mut p, now);
+    p.on_sent(
+        &ctx_key(inv.top_via().unwrap().branch().unwrap(), "INVITE"),
+        SBC,
+    );
+    let ok = answer(&inv, 200, "t7", "Contact: <sips:bob@192.0.2.10>\r\n", SDP_B);
+    p.on_message(SBC, &ok, now);
+    let got = rec.lock().unwrap().sources.clone();
+    assert_eq!(
+        got,
+        vec![Vec::new(), carrier.clone()],
+        "offer from inside, answer via the route"
+    );
+
+    // A peer matched by the route's IP literal, connecting in.
+    let (mut p, rec) = setup();
+    p.settings.route_media = vec![crate::proxy::RouteMedia {
+        hop: HopTarget {
+            host: "198.51.100.3".into(),
+            port: 5061,
+            tls_name: "chicago.example.com".into(),
+        },
+        host_ip: Some("198.51.100.3".parse().unwrap()),
+        sources: carrier.clone(),
+    }];
+    let inv = invite(&mut p, now);
+    let ok = answer(
+        &inv,
+        200,
+        "t8",
+        "Contact: <sips:bob@198.51.100.2>\r\n",
+        SDP_B,
+    );
+    // The answer from CALLEE (198.51.100.2): not that route.
+    p.on_message(CALLEE, &ok, now);
+    assert_eq!(rec.lock().unwrap().sources, vec![Vec::new(), Vec::new()]);
+    assert_eq!(
+        p.far_media_sources(PEER_CALLER, &p.conns[&PEER_CALLER], None),
+        carrier
+    );
+}
+
+#[test]
+fn a_policy_refusal_says_which_rule_in_the_warning() {
+    let (mut p, rec) = setup();
+    rec.lock().unwrap().refuse = Some(MediaError::Forbidden {
+        reason: "stream 0: media 10.77.0.99:5000 is an address inside an internal subnet (rule internal-subnet)".into(),
+        rule: Some(crate::media::policy::Refusal::InternalSubnet),
+    });
+    let out = p.on_message(CALLER, &fixture("rfc3665_3_1_invite.sip"), Instant::now());
+    let r = to_conn(&out, CALLER);
+    let last = r.last().unwrap();
+    assert_eq!(last.status(), Some(488));
+    let w = last.header("Warning").unwrap_or_default();
+    assert!(
+        w.starts_with("399 ") && w.contains("rule internal-subnet"),
+        "{w}"
+    );
 }
