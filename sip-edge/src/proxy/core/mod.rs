@@ -187,6 +187,9 @@ pub struct Proxy {
     /// opened for: tells which `[[route]]` a far party's SDP comes through
     /// (its `media_sources`, DESIGN.md §3). Removed on close.
     conn_hops: HashMap<ConnId, HopTarget>,
+    /// Dialogs to end with BYE both ways once the message being handled
+    /// has been forwarded (a refused answer in an ACK: the ACK first).
+    byes_after: Vec<(DialogKey, Dialog)>,
     counter: u64,
     /// Random per instance (per agent run): the counter restarts at zero on
     /// every start, and RFC 3261 wants branches (§8.1.1.7) and tags
@@ -238,6 +241,7 @@ impl Proxy {
             retransmits: HashMap::new(),
             sent_on: HashMap::new(),
             conn_hops: HashMap::new(),
+            byes_after: Vec::new(),
             counter: 0,
             run_id: run_id(),
             stats: ProxyStats::default(),
@@ -373,6 +377,9 @@ impl Proxy {
                 }
             }
             StartLine::Response { .. } => self.on_response(conn, info, msg, now, &mut out),
+        }
+        for (k, d) in std::mem::take(&mut self.byes_after) {
+            self.send_byes(&k, d, now, &mut out);
         }
         out
     }

@@ -245,6 +245,20 @@ impl Proxy {
                 };
                 match self.media.on_sdp(&ev, now) {
                     Ok(new_body) => msg.set_body(new_body),
+                    Err(e) if method == "ACK" => {
+                        // The answer of a late offer (RFC 3264 §4, offer in
+                        // the 2xx) is refused: an ACK cannot be answered, so
+                        // the ACK goes on without the answer (it completes
+                        // the callee's INVITE, which stops its 2xx
+                        // retransmissions) and the call is ended toward
+                        // both parties right after it, with nothing opened.
+                        warn!(error = %e, "media refused the answer in ACK; ending the call");
+                        self.end_dialog(&k, None, EndReason::Failure(e.status()), now);
+                        if let Some(d) = self.dialogs.remove(&k) {
+                            self.byes_after.push((k.clone(), d));
+                        }
+                        strip_unhandled_media_body(msg);
+                    }
                     Err(e) => {
                         if initial_invite {
                             self.end_dialog(&k, None, EndReason::Failure(e.status()), now);

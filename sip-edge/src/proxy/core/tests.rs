@@ -1318,3 +1318,75 @@ fn a_policy_refusal_says_which_rule_in_the_warning() {
         "{w}"
     );
 }
+
+#[test]
+fn a_refused_answer_in_ack_ends_the_call_both_ways() {
+    // Late offer (RFC 3264 §4): offer in the 2xx, answer in the ACK. An ACK
+    // cannot be refused with a response, so the edge completes the
+    // callee's INVITE with the ACK (answer removed: nothing unchecked
+    // crosses) and ends the call toward both parties.
+    let (mut p, rec) = setup();
+    let now = Instant::now();
+    let out = p.on_message(
+        CALLER,
+        &request_with_body("INVITE", "application/sdp", ""),
+        now,
+    );
+    let inv = out
+        .iter()
+        .find(|o| matches!(o.dest, Dest::Hop { .. }))
+        .map(parse)
+        .unwrap();
+    p.on_sent(
+        &ctx_key(inv.top_via().unwrap().branch().unwrap(), "INVITE"),
+        CALLEE,
+    );
+    let ok = answer(
+        &inv,
+        200,
+        "t5",
+        "Contact: <sips:bob@198.51.100.2>\r\n",
+        SDP_B,
+    );
+    let out = p.on_message(CALLEE, &ok, now);
+    let ok_up = to_conn(&out, CALLER).pop().unwrap();
+    assert_eq!(ok_up.status(), Some(200));
+    rec.lock().unwrap().refuse = Some(MediaError::Forbidden {
+        reason: "answer aims inside".into(),
+        rule: None,
+    });
+    let rr = ok_up.name_addrs("Record-Route").unwrap();
+    let target = ok_up.name_addrs("Contact").unwrap()[0].uri.clone();
+    let sdp = "v=0\r\no=alice 1 1 IN IP4 10.77.0.2\r\ns=-\r\nc=IN IP4 10.77.0.2\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n";
+    let routes: Vec<String> = rr.iter().map(|r| format!("<{}>", r.uri)).collect();
+    let ack = format!(
+        "ACK {target} SIP/2.0\r\nVia: SIP/2.0/TLS client.atlanta.example.com:5061;branch=z9hG4bKack1\r\nMax-Forwards: 70\r\nRoute: {}\r\nFrom: Alice <sips:alice@atlanta.example.com>;tag=9fxced76sl\r\nTo: Bob <sips:bob@biloxi.example.com>;tag=t5\r\nCall-ID: 3848276298220188511@atlanta.example.com\r\nCSeq: 1 ACK\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{sdp}",
+        routes.join(","),
+        sdp.len()
+    );
+    let out = p.on_message(CALLER, ack.as_bytes(), now);
+    let down: Vec<Message> = out
+        .iter()
+        .filter(|o| o.dest != Dest::Conn(CALLER))
+        .map(parse)
+        .collect();
+    let methods: Vec<String> = down
+        .iter()
+        .map(|m| m.method().unwrap().to_string())
+        .collect();
+    assert_eq!(methods, vec!["ACK", "BYE"], "{out:?}");
+    assert!(down[0].body().is_empty(), "refused answer forwarded");
+    let up: Vec<String> = to_conn(&out, CALLER)
+        .iter()
+        .map(|m| m.method().map(|x| x.to_string()).unwrap_or_default())
+        .collect();
+    assert_eq!(up, vec!["BYE"], "the caller is told too");
+    assert!(rec.lock().unwrap().calls.iter().any(|c| matches!(
+        c,
+        Call::End {
+            reason: EndReason::Failure(488),
+            ..
+        }
+    )));
+    assert_eq!(p.live().2, 0, "dialog gone");
+}
