@@ -198,6 +198,24 @@ pub struct Media {
     /// ICE candidate handling for SDP leaving the inside.
     #[serde(default)]
     pub candidates: MediaCandidates,
+    /// Which outside addresses may receive a call's media besides those
+    /// that are never allowed (DESIGN.md §3): `"signalling"` (default: the
+    /// far party's signalling source, plus its route's `media_sources`) or
+    /// `"any-public"` (any public unicast address).
+    #[serde(default)]
+    pub external_sources: MediaExternalSources,
+}
+
+/// `[media] external_sources`: see [`Media::external_sources`].
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum MediaExternalSources {
+    /// Only the far party's signalling source (and its route's
+    /// `media_sources`), as Linux's SIP helper does.
+    #[default]
+    Signalling,
+    /// Any public unicast address (explicit opt-in).
+    AnyPublic,
 }
 
 fn default_max_pinholes_per_client() -> u32 {
@@ -520,9 +538,25 @@ pub struct Route {
     /// Name the server certificate must carry; defaults to `host`.
     #[serde(default)]
     pub tls_name: Option<String>,
+    /// Addresses (CIDR) this route's far parties may receive media at
+    /// besides their signalling source: carriers whose SBC sends and
+    /// receives media from other hosts than its signalling. May name a
+    /// private range (a private interconnect); never the edge, an internal
+    /// subnet, loopback, link-local, multicast or unspecified addresses.
+    #[serde(default)]
+    pub media_sources: Vec<String>,
 }
 
 impl Route {
+    /// The validated `media_sources`.
+    pub fn media_sources(&self) -> Vec<Cidr> {
+        // validate() has checked every entry.
+        self.media_sources
+            .iter()
+            .filter_map(|s| parse_cidr(s).ok())
+            .collect()
+    }
+
     /// The route's next hop (serde's `flatten` cannot be combined with
     /// `deny_unknown_fields`, so the fields are repeated here).
     pub fn next_hop(&self) -> NextHop {
@@ -745,7 +779,69 @@ pub fn parse_port_range(s: &str) -> Result<PortRange, String> {
     Ok(PortRange { start, end })
 }
 
+/// Whether two networks share an address (one contains the other's base).
+fn overlaps(a: &Cidr, b: &Cidr) -> bool {
+    a.contains(b.addr) || b.contains(a.addr)
+}
+
 impl Config {
+    /// A `media_sources` list (per `[[route]]`; a future `[[peer]]` takes
+    /// the same key and check): CIDRs that may widen where outside media
+    /// goes, but never into what DESIGN.md §3 forbids whatever the config.
+    fn validate_media_sources(&self, field: &str, list: &[String]) -> Result<(), ConfigError> {
+        let internal = self.media.allowed_subnets();
+        for (i, s) in list.iter().enumerate() {
+            let at = format!("{field}[{i}]");
+            let c = parse_cidr(s).map_err(|reason| invalid(&at, reason))?;
+            let base = c.addr.to_canonical();
+            let fixed = match base {
+                IpAddr::V4(a) => {
+                    a.octets()[0] == 0
+                        || a.is_loopback()
+                        || a.is_link_local()
+                        || a.is_multicast()
+                        || a.octets()[0] >= 240
+                }
+                IpAddr::V6(a) => {
+                    a.is_unspecified()
+                        || a.is_loopback()
+                        || a.is_multicast()
+                        || (a.segments()[0] & 0xffc0) == 0xfe80
+                }
+            };
+            // A prefix short enough to hold such ranges (say 0.0.0.0/1) is
+            // refused too: the table would still win, but the admin meant
+            // something else.
+            let wide = [
+                "0.0.0.0/8",
+                "127.0.0.0/8",
+                "169.254.0.0/16",
+                "224.0.0.0/4",
+                "240.0.0.0/4",
+                "::1",
+                "fe80::/10",
+                "ff00::/8",
+            ]
+            .iter()
+            .filter_map(|n| parse_cidr(n).ok())
+            .any(|n| n.len >= c.len && c.contains(n.addr));
+            if fixed || wide {
+                return Err(invalid(at, format!("{s:?} covers loopback, link-local, multicast, broadcast or unspecified addresses, which never receive media; list the carrier's media subnets")));
+            }
+            if let Some(n) = internal.iter().find(|n| overlaps(n, &c)) {
+                return Err(invalid(at, format!("{s:?} overlaps internal subnet {}/{} (media.allowed_internal_subnets); the outside may never aim media inside", n.addr, n.len)));
+            }
+            let edge = self.addresses.internal.iter().chain(&self.addresses.public);
+            if let Some(e) = edge.into_iter().find(|e| c.contains(e.to_canonical())) {
+                return Err(invalid(
+                    at,
+                    format!("{s:?} contains the edge's own address {e}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Read, parse and validate `path`.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -868,6 +964,9 @@ impl Config {
                 "limits.max_pinholes",
                 "must be between 1 and 16777216",
             ));
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            self.validate_media_sources(&format!("route[{i}].media_sources"), &r.media_sources)?;
         }
         match &self.proxy {
             Some(p) => p.validate(&self.routes)?,
@@ -1015,6 +1114,62 @@ mod tests {
         );
         assert_eq!(c.routes.len(), 1);
         assert_eq!(c.routes[0].next_hop().server_name(), "biloxi.example.com");
+    }
+
+    #[test]
+    fn media_source_keys_default_to_the_signalling_source_and_are_validated() {
+        let both = format!("{GOOD}{PROXY}");
+        let c = Config::from_toml(&both).expect("valid");
+        assert_eq!(c.media.external_sources, MediaExternalSources::Signalling);
+        assert!(c.routes[0].media_sources.is_empty());
+        let c = Config::from_toml(&both.replace(
+            "port_ranges = [\"40000-40999\", \"50000\"]",
+            "port_ranges = [\"40000-40999\"]\nexternal_sources = \"any-public\"",
+        ))
+        .expect("valid");
+        assert_eq!(c.media.external_sources, MediaExternalSources::AnyPublic);
+        let e = err_of(&both.replace(
+            "port_ranges = [\"40000-40999\", \"50000\"]",
+            "port_ranges = [\"40000-40999\"]\nexternal_sources = \"anything\"",
+        ));
+        assert!(e.contains("external_sources"), "{e}");
+        let with = |list: &str| {
+            format!(
+                "{}\n{}",
+                GOOD.replace(
+                    "[signalling]",
+                    "allowed_internal_subnets = [\"10.77.0.0/24\"]\n[signalling]",
+                ),
+                PROXY.replace(
+                    "tls_name = \"biloxi.example.com\"",
+                    &format!("tls_name = \"biloxi.example.com\"\nmedia_sources = {list}"),
+                )
+            )
+        };
+        let c = Config::from_toml(&with(
+            "[\"192.0.2.0/24\", \"172.20.0.0/16\", \"2001:db8:c::/48\"]",
+        ))
+        .expect("valid");
+        assert_eq!(c.routes[0].media_sources().len(), 3);
+        for (bad, says) in [
+            ("[\"192.0.2.0/33\"]", "prefix length"),
+            ("[\"192.0.2.1/24\"]", "host bits"),
+            ("[\"carrier\"]", "not an IP address"),
+            ("[\"10.0.0.0/8\"]", "overlaps internal subnet"),
+            ("[\"10.77.0.64/26\"]", "overlaps internal subnet"),
+            ("[\"203.0.113.0/24\"]", "edge's own address"),
+            ("[\"127.0.0.0/8\"]", "loopback"),
+            ("[\"169.254.0.0/16\"]", "link-local"),
+            ("[\"fe80::/64\"]", "link-local"),
+            ("[\"224.0.0.0/8\"]", "multicast"),
+            ("[\"128.0.0.0/1\"]", "multicast"),
+        ] {
+            let e = err_of(&with(bad));
+            assert!(
+                e.contains("route[0].media_sources[0]") && e.contains(says),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -14,6 +14,7 @@ use sip_edge::{
     media::{
         control::{MediaController, Recorded, RecordingSink},
         manager::Settings,
+        policy::ExternalSources,
         DialogKey, EndReason, MediaControl, MediaError, SdpEvent, SdpRole, Side,
     },
 };
@@ -44,6 +45,9 @@ fn settings(mode: MediaMode) -> Settings {
         unused_timeout: Duration::from_secs(20),
         max_call: Duration::from_secs(4 * 3600),
         latch: false,
+        // The scenarios model a peer proxy (PEER_PROXY) in front of UAs
+        // whose media comes from other public addresses.
+        external_sources: ExternalSources::AnyPublic,
     }
 }
 
@@ -107,6 +111,7 @@ impl H {
             role,
             from_side: side,
             source: sa(src),
+            media_sources: &[],
             body: body.as_bytes(),
             content_type: ct,
         };

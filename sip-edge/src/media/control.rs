@@ -376,12 +376,19 @@ fn stream_desc(f: &MediaFlow) -> Result<StreamDesc, MediaError> {
         ),
         _ => (None, None),
     };
+    // The MSRP path is where the peer connects (RFC 4975 §9); a name
+    // (not an IP literal) is no address the edge could send to.
+    let path = match (&f.no_pinhole, &f.msrp_path) {
+        (None, Some(uri)) => sdp::msrp_path_addr(uri),
+        _ => None,
+    };
     Ok(StreamDesc {
         proto,
         rtp,
         rtcp,
         rejected: f.no_pinhole == Some(NoPinhole::PortZero),
         setup: f.setup.as_ref().map(|s| s.trim().to_ascii_lowercase()),
+        path,
     })
 }
 
@@ -552,6 +559,7 @@ impl<S: PinholeSink> MediaController<S> {
                 role: ev.role,
                 from_side: ev.from_side,
                 source: ev.source,
+                media_sources: ev.media_sources,
                 streams: &streams,
             },
             now,
@@ -646,6 +654,7 @@ impl<S: PinholeSink> MediaController<S> {
                 dialog: ev.dialog,
                 from_side: ev.from_side,
                 source: ev.source,
+                media_sources: ev.media_sources,
                 command: inv.command.as_ref(),
                 cookie: inv.cookie.as_deref(),
                 listen: &listen,

@@ -9,6 +9,10 @@
 
 pub mod control;
 pub mod manager;
+pub mod policy;
+
+#[cfg(test)]
+mod tests;
 
 use std::{net::SocketAddr, time::Instant};
 
@@ -71,6 +75,10 @@ pub struct SdpEvent<'a> {
     /// source: a pinhole's internal target must be this host or inside an
     /// allowed subnet, DESIGN.md §3).
     pub source: SocketAddr,
+    /// Extra addresses (CIDR) the far party may receive media at besides
+    /// its signalling source: the `media_sources` of its `[[route]]`, as
+    /// the proxy matched it from the connection (empty for the inside).
+    pub media_sources: &'a [crate::config::Cidr],
     /// The body as received.
     pub body: &'a [u8],
     /// Content-Type of the body (`application/sdp`, `text/x-msmsgsinvite`, ...).
@@ -92,8 +100,10 @@ pub enum MediaError {
     /// signalling source nor in an allowed subnet (488, or 403).
     #[error("media refused by policy: {reason}")]
     Forbidden {
-        /// Which rule.
+        /// What was refused and why, for the Warning header and logs.
         reason: String,
+        /// The endpoint-policy rule, when one refused it (DESIGN.md §3).
+        rule: Option<policy::Refusal>,
     },
     /// Per-client or global pinhole/port limit reached (503 with Retry-After).
     #[error("media capacity exhausted: {reason}")]

@@ -95,16 +95,22 @@ pub fn bad_request_raw(raw: &[u8], why: &str) -> Option<Vec<u8>> {
             out.extend_from_slice(b"\r\n");
         }
     }
-    // Warning (§20.43) carries the reason; keep it ASCII and short.
+    out.extend_from_slice(
+        format!("Warning: {}\r\nContent-Length: 0\r\n\r\n", warning(why)).as_bytes(),
+    );
+    Some(out)
+}
+
+/// A Warning header value (§20.43, code 399 "miscellaneous") carrying
+/// `why`, kept ASCII, unquoted-safe and short: it is for the humans reading
+/// the far party's logs, not for machines.
+pub fn warning(why: &str) -> String {
     let why: String = why
         .chars()
         .filter(|c| c.is_ascii() && !c.is_ascii_control() && *c != '"' && *c != '\\')
-        .take(120)
+        .take(160)
         .collect();
-    out.extend_from_slice(
-        format!("Warning: 399 sip-edge \"{why}\"\r\nContent-Length: 0\r\n\r\n").as_bytes(),
-    );
-    Some(out)
+    format!("399 sip-edge \"{why}\"")
 }
 
 /// The ACK for a non-2xx final response to the INVITE `invite` that the

@@ -29,7 +29,7 @@ use std::net::SocketAddr;
 
 pub use self::core::{Proxy, ProxyStats};
 use crate::{
-    config::{Config, NextHop},
+    config::{Cidr, Config, NextHop},
     media::Side,
     sip::uri::Host,
 };
@@ -136,6 +136,20 @@ pub struct LocalAddr {
     pub port: u16,
 }
 
+/// One `[[route]]`'s `media_sources` and how its far party is recognised:
+/// a connection the edge opened to the route's next hop, or one whose peer
+/// address is the route's `host` when that is an IP literal (the carrier
+/// connecting in). A future `[[peer]]` section maps onto the same record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteMedia {
+    /// The route's next hop.
+    pub hop: HopTarget,
+    /// The next hop's address, when `host` is an IP literal.
+    pub host_ip: Option<std::net::IpAddr>,
+    /// Extra addresses the far party may receive media at.
+    pub sources: Vec<Cidr>,
+}
+
 /// Static settings of the core.
 #[derive(Clone, Debug)]
 pub struct ProxySettings {
@@ -149,6 +163,10 @@ pub struct ProxySettings {
     pub default_route: Option<HopTarget>,
     /// Where requests from outside go unless for a registered client.
     pub internal_next_hop: Option<HopTarget>,
+    /// Routes with `media_sources` (DESIGN.md §3): how a far party's
+    /// connection is recognised as belonging to one, and its extra media
+    /// addresses, handed to the media layer with each SDP from outside.
+    pub route_media: Vec<RouteMedia>,
     /// Port of the internal UDP listener, if any: our Via and
     /// Record-Route toward UDP clients carry it (they send in-dialog
     /// requests there, §18.1.1), and Route entries with it name us.
@@ -186,6 +204,16 @@ impl ProxySettings {
                         r.domain.to_ascii_lowercase(),
                         HopTarget::from(&r.next_hop()),
                     )
+                })
+                .collect(),
+            route_media: cfg
+                .routes
+                .iter()
+                .filter(|r| !r.media_sources.is_empty())
+                .map(|r| RouteMedia {
+                    hop: HopTarget::from(&r.next_hop()),
+                    host_ip: r.host.parse().ok(),
+                    sources: r.media_sources(),
                 })
                 .collect(),
             default_route: p.default_route.as_ref().map(HopTarget::from),

@@ -25,7 +25,9 @@
 //!   work; that is the peer's side of the story.
 //! - ICE (RFC 8839): a [`CandidatePolicy`] decides what happens to host
 //!   candidates with private addresses (and mDNS `.local` names); in the
-//!   non-`Keep` policies the `raddr`/`rport` of other candidates are
+//!   non-`Keep` policies server-reflexive, peer-reflexive and relayed
+//!   candidates with a private address are dropped, and the
+//!   `raddr`/`rport` of other candidates are
 //!   scrubbed to `0.0.0.0`/`::` port 9 as RFC 8839 §5.1 allows, so the
 //!   private address does not leak. `a=remote-candidates` passes through.
 //! - `o=` keeps user, session id and version (we rewrite deterministically
@@ -198,11 +200,13 @@ impl<F: FnMut(&FlowRequest<'_>) -> Option<Allocation>> PortAllocator for F {
 pub enum CandidatePolicy {
     /// Leave every candidate alone.
     Keep,
-    /// Drop host candidates with private addresses or `.local` names.
+    /// Drop host candidates with private addresses or `.local` names, and
+    /// other candidates with private addresses.
     RemovePrivateHost,
     /// Replace the first private host candidate per component with the
     /// stream's new address:port (so the default destination is also a
-    /// candidate, no ice-mismatch), drop the other private ones.
+    /// candidate, no ice-mismatch), drop the other private ones (of any
+    /// candidate type).
     ReplacePrivateHost,
     /// Drop every candidate (ICE off through the edge).
     RemoveAll,
@@ -307,6 +311,13 @@ fn parse_msrp_uri(uri: &str) -> Option<(&str, Host, u16, &str)> {
     let auth = auth.rsplit_once('@').map_or(auth, |(_, h)| h);
     let (host, port) = crate::sip::uri::parse_hostport(auth, uri).ok()?;
     Some((scheme, host, port?, tail))
+}
+
+/// The address of an MSRP URI (`msrp://10.0.0.1:2855/s;tcp`), when its
+/// host is an IP literal.
+pub fn msrp_path_addr(uri: &str) -> Option<SocketAddr> {
+    let (_, host, port, _) = parse_msrp_uri(uri)?;
+    host.ip().map(|ip| SocketAddr::new(ip, port))
 }
 
 impl Sdp {
@@ -788,6 +799,13 @@ fn candidate(
         f[4] = sdp_addr(addr);
         f[5] = port.to_string();
         return Some(CandidateAction::Replace(f.join(" ")));
+    }
+    // Non-host (srflx, prflx, relay) with a private address of its own: a
+    // STUN/TURN server inside, or a double NAT, hands those out (RFC 8445
+    // §5.1.1.2); they name the inside as much as a host candidate does, and
+    // the edge's own address already stands in for the component.
+    if host_private {
+        return Some(CandidateAction::Drop);
     }
     // Non-host: hide a private related address.
     let mut changed = false;

@@ -40,11 +40,19 @@
 //!   have carried something; never-used (`unused_timeout`) for confirmed
 //!   dialogs whose pinholes never carried a packet. Early media alone never
 //!   starts the never-used clock: callees may ring for minutes.
-//! - **Security** (DESIGN.md §3): an internal target must be the signalling
-//!   source of the party that sent the SDP or inside an allowed subnet, on a
-//!   port ≥ 1024; an external peer must not name loopback, unspecified, an
-//!   edge address or an allowed internal subnet. Caps (flows per client IP,
-//!   flows overall, calls) refuse new work with `Exhausted`, never evict.
+//! - **Security** (DESIGN.md §3): every endpoint either side names (`c=`,
+//!   `a=rtcp`, MSRP `a=path`, x-msmsgsinvite listeners), in offers and
+//!   answers, passes `media::policy::EndpointPolicy::check`: never the
+//!   edge, loopback, link-local, unspecified, multicast, broadcast or a port
+//!   below 1024; an internal target must be the signalling source of the
+//!   party that sent the SDP or inside an allowed subnet; an external remote
+//!   never an internal subnet or private range, and by default only the far
+//!   party's signalling source (route `media_sources` and `[media]
+//!   external_sources = "any-public"` widen that). A refusal is logged
+//!   (target `sip_edge::security`) and nothing is allocated. TCP ends that
+//!   are not the connecting one must name a port ≥ 1024 too (only a
+//!   connector's port is learned). Caps (flows per client IP, flows overall,
+//!   calls) refuse new work with `Exhausted`, never evict.
 //! - **File transfers** (`text/x-msmsgsinvite`, [`Manager::on_invitation`]):
 //!   the party whose invitation names `IP-Address`/`Port` listens there and
 //!   the dialog's other party connects over TCP from an ephemeral port
@@ -92,9 +100,12 @@ use std::{
 
 use sip_edge_common::PinholeKey;
 
-use super::{DialogKey, EndReason, MediaError, SdpRole, Side};
+use super::{
+    policy::{EndpointPolicy, ExternalSources, Naming, Refusal},
+    DialogKey, EndReason, MediaError, SdpRole, Side,
+};
 use crate::{
-    config::{Cidr, Config, MediaMode, PortRange, MIN_MEDIA_PORT},
+    config::{Cidr, Config, MediaExternalSources, MediaMode, PortRange, MIN_MEDIA_PORT},
     datapath::rules::{Flow, LearnPort, Proto},
     sip::{msmsgs::Command, sdp::Allocation},
 };
@@ -170,6 +181,9 @@ pub struct Settings {
     pub max_call: Duration,
     /// Latch peers (opt-in).
     pub latch: bool,
+    /// Which outside addresses may receive media (`[media]
+    /// external_sources`; DESIGN.md §3, `media::policy`).
+    pub external_sources: ExternalSources,
 }
 
 impl Settings {
@@ -193,6 +207,10 @@ impl Settings {
             unused_timeout: Duration::from_secs(m.unused_timeout_secs),
             max_call: Duration::from_secs(m.max_call_secs),
             latch: m.latch,
+            external_sources: match m.external_sources {
+                MediaExternalSources::Signalling => ExternalSources::Signalling,
+                MediaExternalSources::AnyPublic => ExternalSources::AnyPublic,
+            },
         }
     }
 }
@@ -212,6 +230,9 @@ pub struct StreamDesc {
     pub rejected: bool,
     /// RFC 4145 `a=setup` value (lowercase) for TCP streams, if present.
     pub setup: Option<String>,
+    /// The first MSRP `a=path` URI's address, when it is an IP literal
+    /// (RFC 4975 §9: where the peer connects); checked like `c=`.
+    pub path: Option<SocketAddr>,
 }
 
 /// One `text/x-msmsgsinvite` invitation as the manager sees it.
@@ -223,6 +244,8 @@ pub struct InvitationInput<'a> {
     pub from_side: Side,
     /// Signalling source (transport address it arrived on).
     pub source: SocketAddr,
+    /// Extra media sources of the far party's route (outside only).
+    pub media_sources: &'a [Cidr],
     /// `Invitation-Command`, if present.
     pub command: Option<&'a Command>,
     /// `Invitation-Cookie`, if present.
@@ -255,6 +278,8 @@ pub struct SdpInput<'a> {
     pub from_side: Side,
     /// Signalling source (transport address it arrived on).
     pub source: SocketAddr,
+    /// Extra media sources of the far party's route (outside only).
+    pub media_sources: &'a [Cidr],
     /// The streams, in m-line order.
     pub streams: &'a [StreamDesc],
 }
@@ -398,6 +423,7 @@ struct Journal {
 #[derive(Debug)]
 pub struct Manager {
     s: Settings,
+    policy: EndpointPolicy,
     pool: PortPool,
     dialogs: BTreeMap<DialogKey, Dialog>,
     ids: HashMap<PinholeId, DialogKey>,
@@ -410,6 +436,7 @@ pub struct Manager {
 fn forbidden(reason: impl Into<String>) -> MediaError {
     MediaError::Forbidden {
         reason: reason.into(),
+        rule: None,
     }
 }
 
@@ -441,8 +468,19 @@ impl Manager {
             used: BTreeSet::new(),
             cursor: 0,
         };
+        let policy = EndpointPolicy {
+            edge_addrs: s
+                .internal_addrs
+                .iter()
+                .chain(&s.public_addrs)
+                .copied()
+                .collect(),
+            internal_subnets: s.allowed_internal_subnets.clone(),
+            external: s.external_sources,
+        };
         Manager {
             s,
+            policy,
             pool,
             dialogs: BTreeMap::new(),
             ids: HashMap::new(),

@@ -17,15 +17,18 @@ impl Manager {
         now: Instant,
         j: &mut Journal,
     ) -> Result<Outcome, MediaError> {
+        let who = Self::naming(inp.from_side, inp.source, inp.media_sources);
         for (i, st) in inp.streams.iter().enumerate() {
-            for ep in [st.rtp, st.rtcp].into_iter().flatten() {
-                self.check_endpoint(inp.from_side, inp.source, st.proto, ep)
-                    .map_err(|e| match e {
-                        MediaError::Forbidden { reason } => {
-                            forbidden(format!("stream {i}: {reason}"))
-                        }
-                        other => other,
-                    })?;
+            let named = [("media", st.rtp), ("RTCP", st.rtcp), ("MSRP path", st.path)];
+            for (what, ep) in named {
+                let Some(ep) = ep else { continue };
+                self.check_endpoint(
+                    inp.dialog,
+                    &who,
+                    st.proto,
+                    ep,
+                    &format!("stream {i}: {what}"),
+                )?;
             }
         }
         let key = inp.dialog;
@@ -167,6 +170,29 @@ impl Manager {
                 Some(Side::Internal) => LearnPort::Client,
                 None => LearnPort::Neither,
             };
+            // Only a connecting TCP end's port is learned; the listening
+            // end's port is where the edge sends, so it meets the port rule
+            // now that the answer says who listens (RFC 4145 §4.1).
+            for (side, ep, learned) in [
+                (Side::Internal, int_rtp, learn_port == LearnPort::Client),
+                (Side::External, ext_rtp, learn_port == LearnPort::Peer),
+            ] {
+                // `holdconn` (nobody connects yet): nothing flows until a
+                // new offer says who connects, which is checked then.
+                let connects = learn_port != LearnPort::Neither;
+                if slot.proto == Proto::Tcp && connects && !learned && ep.port() < MIN_MEDIA_PORT {
+                    let source =
+                        d.sources[side_ix(side)].map_or(inp.source, |ip| SocketAddr::new(ip, 0));
+                    let who = Self::naming(side, source, &[]);
+                    return Err(policy::refused(
+                        key,
+                        &who,
+                        &format!("stream {i}: listening TCP end"),
+                        ep,
+                        Refusal::PortBelow1024,
+                    ));
+                }
+            }
             let mut pairs = vec![(false, int_rtp, ext_rtp, Some(public.port))];
             if let (Some(ci), Some(ce)) = (int.rtcp, ext.rtcp) {
                 pairs.push((true, ci, ce, public.rtcp));

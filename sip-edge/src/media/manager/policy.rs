@@ -4,56 +4,40 @@
 use super::*;
 
 impl Manager {
-    pub(super) fn is_edge_addr(&self, ip: IpAddr) -> bool {
-        self.s.internal_addrs.contains(&ip) || self.s.public_addrs.contains(&ip)
-    }
-
-    /// DESIGN.md §3 address rules for one endpoint named in SDP.
+    /// DESIGN.md §3 for one endpoint named in SDP or an invitation: the one
+    /// table in `media::policy`. A refusal is logged as a security event
+    /// (who, which address, which rule) and becomes `Forbidden` (488) with
+    /// the rule in the Warning text.
     pub(super) fn check_endpoint(
         &self,
-        side: Side,
-        source: SocketAddr,
+        dialog: &DialogKey,
+        who: &Naming<'_>,
         proto: Proto,
         ep: SocketAddr,
+        what: &str,
     ) -> Result<(), MediaError> {
-        let ip = ep.ip();
-        let allowed_subnet = self
-            .s
-            .allowed_internal_subnets
-            .iter()
-            .any(|c| c.contains(ip));
-        match side {
-            Side::Internal => {
-                if ip != source.ip() && !allowed_subnet {
-                    return Err(forbidden(format!(
-                        "media target {ep} is neither the client's signalling source {} nor in an allowed internal subnet",
-                        source.ip()
-                    )));
-                }
-                // Media never needs a privileged port; refusing them keeps a
-                // client from aiming the edge at its own services.
-                // RFC 4145 §4: an active-only TCP end writes the discard port 9.
-                let tcp_discard = proto == Proto::Tcp && ep.port() == 9;
-                if ep.port() < MIN_MEDIA_PORT && !tcp_discard {
-                    return Err(forbidden(format!(
-                        "media target {ep} uses a privileged port"
-                    )));
-                }
-            }
-            Side::External => {
-                if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() {
-                    return Err(forbidden(format!(
-                        "peer media address {ip} is not routable"
-                    )));
-                }
-                if self.is_edge_addr(ip) || allowed_subnet {
-                    return Err(forbidden(format!(
-                        "peer media address {ip} points inside the edge"
-                    )));
-                }
-            }
+        // RFC 4145 §4: an active-only TCP end writes the discard port 9; it
+        // connects and its port is learned (checked again in `commit`, once
+        // the answer shows who connects).
+        let learned = proto == Proto::Tcp && ep.port() == LEARNED_PORT;
+        self.policy
+            .check(who, proto, ep, learned)
+            .map_err(|rule| refused(dialog, who, what, ep, rule))
+    }
+
+    pub(super) fn naming<'a>(
+        side: Side,
+        source: SocketAddr,
+        media_sources: &'a [Cidr],
+    ) -> Naming<'a> {
+        Naming {
+            side,
+            source,
+            media_sources: match side {
+                Side::External => media_sources,
+                Side::Internal => &[],
+            },
         }
-        Ok(())
     }
 
     pub(super) fn recount(&mut self, key: &DialogKey) {
@@ -99,5 +83,29 @@ impl Manager {
             }
         }
         Ok(())
+    }
+}
+
+/// The security log line and the error of one refused endpoint.
+pub(super) fn refused(
+    dialog: &DialogKey,
+    who: &Naming<'_>,
+    what: &str,
+    ep: SocketAddr,
+    rule: Refusal,
+) -> MediaError {
+    tracing::warn!(
+        target: "sip_edge::security",
+        call_id = %dialog.call_id,
+        side = ?who.side,
+        signalling_source = %who.source,
+        endpoint = %ep,
+        what,
+        rule = rule.rule(),
+        "media endpoint refused"
+    );
+    MediaError::Forbidden {
+        reason: format!("{what} {ep} is {rule}"),
+        rule: Some(rule),
     }
 }

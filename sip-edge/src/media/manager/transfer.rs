@@ -65,9 +65,10 @@ impl Manager {
         // The listener: the first named address that passes §3.
         let mut first_err = None;
         let mut listener = None;
+        let who = Self::naming(listen_side, inp.source, inp.media_sources);
         for &l in inp.listen {
             let r = self
-                .check_endpoint(listen_side, inp.source, Proto::Tcp, l)
+                .check_endpoint(key, &who, Proto::Tcp, l, "file transfer listener")
                 .and_then(|()| {
                     if transfer_port_ok(listen_side, l) {
                         Ok(())
@@ -115,6 +116,17 @@ impl Manager {
                 "the connecting party's signalling source is unknown in this dialog",
             ));
         };
+        // The connector is a pinhole remote too (the edge lets it in and
+        // answers it): the same table applies to its address. Its port is
+        // learned from its SYN.
+        let conn_who = Self::naming(conn_side, SocketAddr::new(connector, 0), inp.media_sources);
+        self.check_endpoint(
+            key,
+            &conn_who,
+            Proto::Tcp,
+            SocketAddr::new(connector, LEARNED_PORT),
+            "file transfer connector",
+        )?;
         if connector.is_ipv4() != listener.is_ipv4() {
             return Err(not_acceptable(format!(
                 "file transfer between {connector} and {listener} would need address family translation"
@@ -262,8 +274,8 @@ impl Manager {
 fn transfer_port_ok(side: Side, listen: SocketAddr) -> bool {
     match side {
         // Same rule as for SDP targets, without RFC 4145's port-9 exception:
-        // a listener must name the port it listens on.
-        Side::Internal => listen.port() >= MIN_MEDIA_PORT,
-        Side::External => listen.port() != 0,
+        // a listener must name the port it listens on, on either side
+        // (DESIGN.md §3: never a port below 1024).
+        Side::Internal | Side::External => listen.port() >= MIN_MEDIA_PORT,
     }
 }

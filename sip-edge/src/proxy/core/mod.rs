@@ -183,8 +183,38 @@ pub struct Proxy {
     /// a few hundred calls per second). Pruned lazily: entries whose
     /// transaction is gone or finished are dropped on close and on tick.
     sent_on: HashMap<ConnId, HashSet<String>>,
+    /// The next hop each connection the edge sent a routed request on was
+    /// opened for: tells which `[[route]]` a far party's SDP comes through
+    /// (its `media_sources`, DESIGN.md §3). Removed on close.
+    conn_hops: HashMap<ConnId, HopTarget>,
+    /// Dialogs to end with BYE both ways once the message being handled
+    /// has been forwarded (a refused answer in an ACK: the ACK first).
+    byes_after: Vec<(DialogKey, Dialog)>,
     counter: u64,
+    /// Random per instance (per agent run): the counter restarts at zero on
+    /// every start, and RFC 3261 wants branches (§8.1.1.7) and tags
+    /// (§19.3) unique across space and time, so that a stateful next hop
+    /// never takes a new run's request for a retransmission of an old one.
+    run_id: String,
     stats: ProxyStats,
+}
+
+/// 64 random bits as 16 hex digits, from the OS (getrandom(2)). Should the
+/// OS refuse, the clock and the process id still make each run differ:
+/// uniqueness, not secrecy, is what branches and tags need.
+fn run_id() -> String {
+    let mut b = [0u8; 8];
+    let n = match getrandom::getrandom(&mut b) {
+        Ok(()) => u64::from_le_bytes(b),
+        Err(e) => {
+            warn!(error = %e, "no OS randomness; deriving the run id from the clock");
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            (t ^ u64::from(std::process::id()).rotate_left(40)).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        }
+    };
+    format!("{n:016x}")
 }
 
 fn tx_key(branch: &str, via: &Via, method: &str) -> String {
@@ -210,7 +240,10 @@ impl Proxy {
             bindings: Bindings::new(),
             retransmits: HashMap::new(),
             sent_on: HashMap::new(),
+            conn_hops: HashMap::new(),
+            byes_after: Vec::new(),
             counter: 0,
+            run_id: run_id(),
             stats: ProxyStats::default(),
         }
     }
@@ -241,15 +274,35 @@ impl Proxy {
 
     fn new_branch(&mut self) -> String {
         let n = self.next_id();
-        format!(
-            "{MAGIC_COOKIE}-se{n:x}x{:08x}",
-            (n.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as u32
-        )
+        format!("{MAGIC_COOKIE}-se{}x{n:x}", self.run_id)
     }
 
     fn new_tag(&mut self) -> String {
         let n = self.next_id();
-        format!("se{:x}", n.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+        format!("se{}x{n:x}", self.run_id)
+    }
+
+    /// The extra media sources of the far party whose message arrived on
+    /// `conn` (`hop`: the next hop a response's request went to): those of
+    /// its `[[route]]`, matched by the hop the connection was opened for or
+    /// by the peer address; none for the inside or an unmatched peer.
+    fn far_media_sources(
+        &self,
+        conn: ConnId,
+        info: &ConnInfo,
+        hop: Option<&HopTarget>,
+    ) -> Vec<crate::config::Cidr> {
+        if info.side != Side::External {
+            return Vec::new();
+        }
+        let hop = hop.or_else(|| self.conn_hops.get(&conn));
+        let peer = info.peer.ip().to_canonical();
+        self.settings
+            .route_media
+            .iter()
+            .find(|r| hop == Some(&r.hop) || r.host_ip.is_some_and(|ip| ip.to_canonical() == peer))
+            .map(|r| r.sources.clone())
+            .unwrap_or_default()
     }
 
     /// Whether a URI names this edge (either side's address and port).
@@ -325,6 +378,9 @@ impl Proxy {
             }
             StartLine::Response { .. } => self.on_response(conn, info, msg, now, &mut out),
         }
+        for (k, d) in std::mem::take(&mut self.byes_after) {
+            self.send_byes(&k, d, now, &mut out);
+        }
         out
     }
 
@@ -359,6 +415,10 @@ fn media_reject(e: &MediaError) -> Reject {
     let mut r = reject(e.status(), e.to_string());
     if e.status() == 503 {
         r.extra.push(("Retry-After", RETRY_AFTER_SECS.to_string()));
+    } else {
+        // §20.43: say which rule refused it, so the far party's logs show
+        // why its offer (or answer) got 488.
+        r.extra.push(("Warning", build::warning(&e.to_string())));
     }
     r
 }
@@ -381,22 +441,93 @@ fn has_via_line(raw: &[u8]) -> bool {
     })
 }
 
-/// Bodies that can carry media addresses: they go through the media layer
-/// or not across the edge at all. Multipart is included so a multipart
-/// body with SDP inside is refused by the media layer instead of leaking
-/// the inside's addresses unrewritten.
-fn is_sdp_type(ct: &str) -> bool {
-    let base = ct.split(';').next().unwrap_or("").trim();
-    [
-        "application/sdp",
-        "text/x-msmsgsinvite",
-        "application/ms-filetransfer+xml",
-    ]
-    .iter()
-    .any(|t| base.eq_ignore_ascii_case(t))
-        || base
-            .get(..10)
-            .is_some_and(|p| p.eq_ignore_ascii_case("multipart/"))
+/// What a message body means to the edge.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BodyKind {
+    /// Nothing in it is rewritten (text, images, S/MIME-signed or
+    /// encrypted bodies without SDP...): forwarded byte for byte.
+    Opaque,
+    /// Carries media addresses the edge must rewrite: it goes through the
+    /// media layer, or not across the edge at all.
+    Media,
+    /// Carries media the edge must rewrite under a `multipart/signed`
+    /// signature (RFC 1847, S/MIME RFC 8551, RFC 3261 §23): rewriting would
+    /// break the signature and forwarding unrewritten would leak the
+    /// inside, so it is refused.
+    SignedMedia,
+}
+
+/// Top-level types that go to the media layer. `ms-filetransfer+xml` is
+/// address-free but rides in INFO/MESSAGE of a file-transfer dialog, where
+/// the media layer passes it on (see `media::control`).
+const MEDIA_TYPES: &[&str] = &[
+    "application/sdp",
+    "text/x-msmsgsinvite",
+    "application/ms-filetransfer+xml",
+];
+
+/// Part types inside a multipart body that the edge must rewrite.
+const REWRITTEN_PART_TYPES: &[&str] = &["application/sdp", "text/x-msmsgsinvite"];
+
+/// Multipart nesting looked into; deeper bodies count as media-bearing
+/// (the media layer refuses them) rather than pass unchecked.
+const MAX_MULTIPART_DEPTH: usize = 4;
+
+/// Classifies a body by its Content-Type and, for `multipart/*`, by the
+/// parts it holds (RFC 2046 §5.1): only a part the edge must rewrite makes
+/// it media-bearing, so a signed or mixed body without SDP passes intact.
+fn body_kind(ct: &str, body: &[u8]) -> BodyKind {
+    let base = crate::sip::multipart::base_type(ct);
+    if MEDIA_TYPES.contains(&base.as_str()) {
+        return BodyKind::Media;
+    }
+    multipart_kind(ct, body, 0, false)
+}
+
+fn multipart_kind(ct: &str, body: &[u8], depth: usize, signed: bool) -> BodyKind {
+    let base = crate::sip::multipart::base_type(ct);
+    let media = if signed {
+        BodyKind::SignedMedia
+    } else {
+        BodyKind::Media
+    };
+    if REWRITTEN_PART_TYPES.contains(&base.as_str()) {
+        return media;
+    }
+    if !base.starts_with("multipart/") {
+        // Includes application/pkcs7-mime (S/MIME encryption, RFC 8551
+        // §3.3): end-to-end encrypted, nothing the edge could rewrite.
+        return BodyKind::Opaque;
+    }
+    let signed = signed || base == "multipart/signed";
+    if depth >= MAX_MULTIPART_DEPTH {
+        return media;
+    }
+    // A body that does not parse as MIME cannot be shown SDP-free: treat it
+    // as media-bearing, so it is refused or removed, never passed unread.
+    let Ok(mp) = crate::sip::multipart::Multipart::parse(ct, body) else {
+        return media;
+    };
+    let mut kind = BodyKind::Opaque;
+    for (i, part) in mp.parts().iter().enumerate() {
+        let part_ct = part.content_type.as_deref().unwrap_or("text/plain");
+        let content = mp.content(i).unwrap_or_default();
+        match multipart_kind(part_ct, content, depth + 1, signed) {
+            BodyKind::SignedMedia => return BodyKind::SignedMedia,
+            BodyKind::Media => kind = BodyKind::Media,
+            BodyKind::Opaque => {}
+        }
+    }
+    kind
+}
+
+/// The refusal of a signed body the edge would have to rewrite.
+fn signed_media_refusal() -> MediaError {
+    MediaError::NotAcceptable {
+        reason: "signed body (multipart/signed) carries SDP the edge must rewrite; \
+                 rewriting would break the signature (RFC 3261 section 23); send it unsigned"
+            .into(),
+    }
 }
 
 /// A media-bearing body that no offer/answer exchange covers (SDP in an

@@ -204,8 +204,22 @@ impl Proxy {
                 }
             }
         }
-        let has_sdp = !msg.body().is_empty() && msg.header("Content-Type").is_some_and(is_sdp_type);
-        if has_sdp {
+        let kind = match msg.header("Content-Type") {
+            Some(ct) if !msg.body().is_empty() => body_kind(ct, msg.body()),
+            _ => BodyKind::Opaque,
+        };
+        if kind == BodyKind::SignedMedia {
+            // Neither rewritable nor forwardable (see BodyKind): refuse.
+            let e = signed_media_refusal();
+            if initial_invite {
+                if let Some(k) = &dialog_key {
+                    self.dialogs.remove(k);
+                }
+            }
+            warn!(error = %e, "refusing a signed media body");
+            return Err(media_reject(&e));
+        }
+        if kind == BodyKind::Media {
             let role = self.request_sdp_role(&method, msg, dialog_key.as_ref());
             if role.is_none() || dialog_key.is_none() {
                 strip_unhandled_media_body(msg);
@@ -214,6 +228,7 @@ impl Proxy {
                 let callee_tag = self.callee_tag(&k, msg);
                 let ct = msg.header("Content-Type").unwrap_or_default().to_owned();
                 let body = msg.body().to_vec();
+                let media_sources = self.far_media_sources(conn, &info, None);
                 let ev = SdpEvent {
                     dialog: &k,
                     to_tag: if role == SdpRole::Offer && initial_invite {
@@ -224,11 +239,26 @@ impl Proxy {
                     role,
                     from_side,
                     source: info.peer,
+                    media_sources: &media_sources,
                     body: &body,
                     content_type: &ct,
                 };
                 match self.media.on_sdp(&ev, now) {
                     Ok(new_body) => msg.set_body(new_body),
+                    Err(e) if method == "ACK" => {
+                        // The answer of a late offer (RFC 3264 §4, offer in
+                        // the 2xx) is refused: an ACK cannot be answered, so
+                        // the ACK goes on without the answer (it completes
+                        // the callee's INVITE, which stops its 2xx
+                        // retransmissions) and the call is ended toward
+                        // both parties right after it, with nothing opened.
+                        warn!(error = %e, "media refused the answer in ACK; ending the call");
+                        self.end_dialog(&k, None, EndReason::Failure(e.status()), now);
+                        if let Some(d) = self.dialogs.remove(&k) {
+                            self.byes_after.push((k.clone(), d));
+                        }
+                        strip_unhandled_media_body(msg);
+                    }
                     Err(e) => {
                         if initial_invite {
                             self.end_dialog(&k, None, EndReason::Failure(e.status()), now);
@@ -366,7 +396,7 @@ impl Proxy {
                 cancel: Cancel::None,
                 dialog: dialog_key.filter(|_| is_invite),
                 initial_invite,
-                offer_in_request: has_sdp,
+                offer_in_request: kind == BodyKind::Media,
                 sent_on: match dest {
                     Dest::Conn(c) => Some(c),
                     Dest::Hop { .. } => None,

@@ -34,6 +34,15 @@ impl Proxy {
             c.sent_on = Some(conn);
             self.sent_on.entry(conn).or_default().insert(ckey.clone());
         }
+        let dest_hop = match &c.dest {
+            Dest::Hop { hop, .. } => Some(hop.clone()),
+            Dest::Conn(_) => None,
+        };
+        if let Some(hop) = &dest_hop {
+            // The far party's later requests (re-INVITE, ACK with an
+            // answer) come on this connection: remember its route.
+            self.conn_hops.entry(conn).or_insert_with(|| hop.clone());
+        }
         if method == "CANCEL" || c.server_key.is_none() {
             // Responses to our own CANCEL/BYE end here.
             if code >= 200 {
@@ -103,7 +112,11 @@ impl Proxy {
         let callee_tag = msg.to_tag().ok().flatten();
 
         // SDP in the response (§13.2.1 / RFC 3264 roles).
-        let has_sdp = !msg.body().is_empty() && msg.header("Content-Type").is_some_and(is_sdp_type);
+        let kind = match msg.header("Content-Type") {
+            Some(ct) if !msg.body().is_empty() => body_kind(ct, msg.body()),
+            _ => BodyKind::Opaque,
+        };
+        let has_sdp = kind != BodyKind::Opaque;
         let mut sdp_handled = false;
         if has_sdp && (100..300).contains(&code) && !retransmitted_2xx {
             let role = match (method.as_str(), code >= 200, offer_in_request) {
@@ -117,16 +130,23 @@ impl Proxy {
             if let (Some(role), Some(k)) = (role, key) {
                 let ct = msg.header("Content-Type").unwrap_or_default().to_owned();
                 let body = msg.body().to_vec();
+                let media_sources = self.far_media_sources(conn, &info, dest_hop.as_ref());
                 let ev = SdpEvent {
                     dialog: &k,
                     to_tag: callee_tag.as_deref(),
                     role,
                     from_side: info.side,
                     source: info.peer,
+                    media_sources: &media_sources,
                     body: &body,
                     content_type: &ct,
                 };
-                match self.media.on_sdp(&ev, now) {
+                let result = if kind == BodyKind::SignedMedia {
+                    Err(signed_media_refusal())
+                } else {
+                    self.media.on_sdp(&ev, now)
+                };
+                match result {
                     Ok(b) => {
                         msg.set_body(b);
                         sdp_handled = true;

@@ -29,6 +29,8 @@ enum Call {
 #[derive(Default)]
 struct Recorder {
     calls: Vec<Call>,
+    /// `media_sources` of each SDP event, in order.
+    sources: Vec<Vec<crate::config::Cidr>>,
     refuse: Option<MediaError>,
     expire: Vec<DialogKey>,
 }
@@ -44,6 +46,7 @@ impl MediaControl for Media {
             to_tag: ev.to_tag.map(str::to_owned),
             source: ev.source,
         });
+        r.sources.push(ev.media_sources.to_vec());
         if let Some(e) = r.refuse.clone() {
             return Err(e);
         }
@@ -102,6 +105,7 @@ fn setup() -> (Proxy, Arc<Mutex<Recorder>>) {
             port: 5061,
         },
         routes: vec![("biloxi.example.com".into(), hop())],
+        route_media: Vec::new(),
         default_route: None,
         internal_next_hop: None,
         internal_udp_port: None,
@@ -1020,4 +1024,369 @@ fn filetransfer_xml_in_info_reaches_the_media_layer() {
     assert_eq!(fwd.len(), 1, "INFO forwarded to the caller");
     assert!(fwd[0].body().starts_with(body.as_bytes()), "XML body kept");
     assert_eq!(calls.len(), 1, "media layer consulted: {calls:?}");
+}
+
+// ---- Identifiers (RFC 3261 §8.1.1.7, §19.3): unique across restarts ----
+
+#[test]
+fn branches_and_tags_differ_between_two_runs() {
+    // Two `Proxy` instances stand for two agent runs: each starts its
+    // counter afresh, so only a per-run random part can tell them apart.
+    // A stateful next hop that still remembers the first run's INVITE
+    // would otherwise take the second run's first INVITE for a
+    // retransmission of it (RFC 3261 §17.2.3 matches on the branch).
+    let (mut a, _) = setup();
+    let (mut b, _) = setup();
+    let (ba, bb) = (a.new_branch(), b.new_branch());
+    assert_ne!(ba, bb, "first branch of two runs repeats");
+    for br in [&ba, &bb] {
+        assert!(br.starts_with(MAGIC_COOKIE), "{br}");
+        assert!(
+            br.len() >= MAGIC_COOKIE.len() + 16,
+            "too little entropy: {br}"
+        );
+        assert!(
+            br.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || b"-.!%*_+`'~".contains(&c)),
+            "branch is a token (§25.1): {br}"
+        );
+    }
+    let (ta, tb) = (a.new_tag(), b.new_tag());
+    assert_ne!(ta, tb, "first tag of two runs repeats");
+    // Within one run they stay unique too.
+    assert_ne!(a.new_branch(), ba);
+    assert_ne!(a.new_tag(), ta);
+    // And the forwarded INVITE carries such a branch.
+    let inv = invite(&mut b, Instant::now());
+    let v = inv.top_via().unwrap();
+    let br = v.branch().unwrap();
+    assert!(
+        br.starts_with(MAGIC_COOKIE) && br.len() >= MAGIC_COOKIE.len() + 16,
+        "{br}"
+    );
+}
+
+// ---- Bodies the edge does not rewrite (RFC 3261 §23, RFC 1847) ----
+
+/// A request from the internal caller to biloxi with `ct` and `body`.
+fn request_with_body(method: &str, ct: &str, body: &str) -> Vec<u8> {
+    let head = String::from_utf8(fixture("rfc3665_3_1_invite.sip")).unwrap();
+    let head = head.split("\r\n\r\n").next().unwrap().to_owned();
+    let head = head
+        .replacen("INVITE sips:", &format!("{method} sips:"), 1)
+        .replace("CSeq: 1 INVITE", &format!("CSeq: 1 {method}"))
+        .replace(
+            "Content-Type: application/sdp",
+            &format!("Content-Type: {ct}"),
+        )
+        .replace(
+            "Content-Length: 151",
+            &format!("Content-Length: {}", body.len()),
+        );
+    format!("{head}\r\n\r\n{body}").into_bytes()
+}
+
+const SIGNED_CT: &str =
+    "multipart/signed;protocol=\"application/pkcs7-signature\";micalg=sha-256;boundary=sig42";
+
+/// An S/MIME-signed body (RFC 8551 §3.5, RFC 1847 §2.1) around `inner`.
+fn signed(inner_ct: &str, inner: &str) -> String {
+    format!(
+        "--sig42\r\nContent-Type: {inner_ct}\r\n\r\n{inner}\r\n--sig42\r\nContent-Type: application/pkcs7-signature; name=smime.p7s\r\nContent-Transfer-Encoding: binary\r\n\r\n\u{1}\u{2}fake-signature\r\n--sig42--\r\n"
+    )
+}
+
+#[test]
+fn signed_message_body_passes_byte_exact() {
+    // A MESSAGE with a signed text body: nothing in it is an address the
+    // edge rewrites, and any change would break the signature (RFC 3261
+    // §23.3). It must reach the next hop exactly as sent.
+    let (mut p, rec) = setup();
+    let body = signed("text/plain", "Watson, come here.");
+    let out = p.on_message(
+        CALLER,
+        &request_with_body("MESSAGE", SIGNED_CT, &body),
+        Instant::now(),
+    );
+    let fwd: Vec<Message> = out
+        .iter()
+        .filter(|o| matches!(o.dest, Dest::Hop { .. }))
+        .map(parse)
+        .collect();
+    assert_eq!(fwd.len(), 1, "MESSAGE forwarded: {out:?}");
+    assert_eq!(
+        fwd[0].body(),
+        body.as_bytes(),
+        "signed body changed on the way"
+    );
+    assert_eq!(fwd[0].header("Content-Type"), Some(SIGNED_CT));
+    assert!(rec.lock().unwrap().calls.is_empty(), "no media layer work");
+
+    // Non-media multipart (a text part and an image) passes too.
+    let (mut p, _) = setup();
+    let ct = "multipart/mixed;boundary=mx";
+    let body = "--mx\r\nContent-Type: text/plain\r\n\r\nhi\r\n--mx\r\nContent-Type: image/png\r\n\r\nPNG\r\n--mx--\r\n";
+    let out = p.on_message(
+        CALLER,
+        &request_with_body("MESSAGE", ct, body),
+        Instant::now(),
+    );
+    let fwd: Vec<Message> = out
+        .iter()
+        .filter(|o| matches!(o.dest, Dest::Hop { .. }))
+        .map(parse)
+        .collect();
+    assert_eq!(fwd[0].body(), body.as_bytes());
+    assert_eq!(fwd[0].header("Content-Type"), Some(ct));
+}
+
+#[test]
+fn signed_sdp_the_edge_must_rewrite_is_refused_not_broken() {
+    // A signed offer: the edge must rewrite the SDP (it names the inside),
+    // which would break the signature. Refuse it with a clear reason
+    // rather than forward a body whose signature no longer verifies.
+    let (mut p, rec) = setup();
+    let sdp = "v=0\r\no=alice 1 1 IN IP4 10.77.0.2\r\ns=-\r\nc=IN IP4 10.77.0.2\r\nt=0 0\r\nm=audio 49172 RTP/AVP 0\r\n";
+    let body = signed("application/sdp", sdp);
+    let out = p.on_message(
+        CALLER,
+        &request_with_body("INVITE", SIGNED_CT, &body),
+        Instant::now(),
+    );
+    assert!(
+        out.iter().all(|o| !matches!(o.dest, Dest::Hop { .. })),
+        "signed SDP forwarded: {out:?}"
+    );
+    let r = to_conn(&out, CALLER);
+    let last = r.last().expect("a final response");
+    assert_eq!(last.status(), Some(488), "{r:?}");
+    let w = last.header("Warning").unwrap_or_default();
+    assert!(w.contains("signed"), "Warning says why: {w:?}");
+    assert!(
+        rec.lock().unwrap().calls.is_empty(),
+        "nothing reached media"
+    );
+    assert_eq!(p.live().2, 0, "no dialog left");
+}
+
+#[test]
+fn only_parts_the_edge_rewrites_make_a_body_media_bearing() {
+    let sdp = "v=0\r\nc=IN IP4 10.77.0.2\r\nm=audio 4000 RTP/AVP 0\r\n";
+    let mixed = |inner_ct: &str, inner: &str| {
+        format!("--m1\r\nContent-Type: {inner_ct}\r\n\r\n{inner}\r\n--m1--\r\n")
+    };
+    let signed_ct = SIGNED_CT;
+    let cases: Vec<(&str, String, BodyKind)> = vec![
+        ("application/sdp", sdp.into(), BodyKind::Media),
+        (
+            "Application/SDP; charset=utf-8",
+            sdp.into(),
+            BodyKind::Media,
+        ),
+        ("text/plain", "hi".into(), BodyKind::Opaque),
+        (
+            "application/pkcs7-mime; smime-type=enveloped-data",
+            "x".into(),
+            BodyKind::Opaque,
+        ),
+        (
+            "multipart/mixed;boundary=m1",
+            mixed("application/sdp", sdp),
+            BodyKind::Media,
+        ),
+        (
+            "multipart/mixed;boundary=m1",
+            mixed("text/plain", "hi"),
+            BodyKind::Opaque,
+        ),
+        // An address-free part alone is not rewritten when inside multipart.
+        (
+            "multipart/mixed;boundary=m1",
+            mixed("application/ms-filetransfer+xml", "<a/>"),
+            BodyKind::Opaque,
+        ),
+        (signed_ct, signed("text/plain", "hi"), BodyKind::Opaque),
+        (
+            signed_ct,
+            signed("application/sdp", sdp),
+            BodyKind::SignedMedia,
+        ),
+        (
+            signed_ct,
+            signed("text/x-msmsgsinvite", "Invitation-Command: INVITE"),
+            BodyKind::SignedMedia,
+        ),
+        // SDP nested in a signed part of a mixed body is still signed.
+        (
+            "multipart/mixed;boundary=m1",
+            mixed(signed_ct, &signed("application/sdp", sdp)),
+            BodyKind::SignedMedia,
+        ),
+        // Unparsable MIME cannot be shown SDP-free (nor to hold SDP: the
+        // media layer refuses it, or it is removed outside offer/answer).
+        (
+            "multipart/mixed;boundary=m1",
+            "no delimiters here".into(),
+            BodyKind::Media,
+        ),
+        (signed_ct, "garbage".into(), BodyKind::Media),
+    ];
+    for (ct, body, want) in cases {
+        assert_eq!(body_kind(ct, body.as_bytes()), want, "{ct}: {body:?}");
+    }
+}
+
+// ---- The far party's route reaches the media layer (DESIGN.md §3) ----
+
+#[test]
+fn route_media_sources_follow_the_far_partys_connection() {
+    let (mut p, rec) = setup();
+    let carrier = vec![crate::config::parse_cidr("192.0.2.0/24").unwrap()];
+    p.settings.route_media = vec![crate::proxy::RouteMedia {
+        hop: hop(),
+        // As for a route by host name: only the connection tells.
+        host_ip: None,
+        sources: carrier.clone(),
+    }];
+    // The route's host name resolved to another address than CALLEE's.
+    const SBC: ConnId = 7;
+    p.on_conn_open(
+        SBC,
+        ConnInfo {
+            side: Side::External,
+            peer: "192.0.2.10:5061".parse().unwrap(),
+            proto: Proto::Tls,
+        },
+    );
+    let now = Instant::now();
+    let inv = invite(&mut p, now);
+    p.on_sent(
+        &ctx_key(inv.top_via().unwrap().branch().unwrap(), "INVITE"),
+        SBC,
+    );
+    let ok = answer(&inv, 200, "t7", "Contact: <sips:bob@192.0.2.10>\r\n", SDP_B);
+    p.on_message(SBC, &ok, now);
+    let got = rec.lock().unwrap().sources.clone();
+    assert_eq!(
+        got,
+        vec![Vec::new(), carrier.clone()],
+        "offer from inside, answer via the route"
+    );
+
+    // A peer matched by the route's IP literal, connecting in.
+    let (mut p, rec) = setup();
+    p.settings.route_media = vec![crate::proxy::RouteMedia {
+        hop: HopTarget {
+            host: "198.51.100.3".into(),
+            port: 5061,
+            tls_name: "chicago.example.com".into(),
+        },
+        host_ip: Some("198.51.100.3".parse().unwrap()),
+        sources: carrier.clone(),
+    }];
+    let inv = invite(&mut p, now);
+    let ok = answer(
+        &inv,
+        200,
+        "t8",
+        "Contact: <sips:bob@198.51.100.2>\r\n",
+        SDP_B,
+    );
+    // The answer from CALLEE (198.51.100.2): not that route.
+    p.on_message(CALLEE, &ok, now);
+    assert_eq!(rec.lock().unwrap().sources, vec![Vec::new(), Vec::new()]);
+    assert_eq!(
+        p.far_media_sources(PEER_CALLER, &p.conns[&PEER_CALLER], None),
+        carrier
+    );
+}
+
+#[test]
+fn a_policy_refusal_says_which_rule_in_the_warning() {
+    let (mut p, rec) = setup();
+    rec.lock().unwrap().refuse = Some(MediaError::Forbidden {
+        reason: "stream 0: media 10.77.0.99:5000 is an address inside an internal subnet (rule internal-subnet)".into(),
+        rule: Some(crate::media::policy::Refusal::InternalSubnet),
+    });
+    let out = p.on_message(CALLER, &fixture("rfc3665_3_1_invite.sip"), Instant::now());
+    let r = to_conn(&out, CALLER);
+    let last = r.last().unwrap();
+    assert_eq!(last.status(), Some(488));
+    let w = last.header("Warning").unwrap_or_default();
+    assert!(
+        w.starts_with("399 ") && w.contains("rule internal-subnet"),
+        "{w}"
+    );
+}
+
+#[test]
+fn a_refused_answer_in_ack_ends_the_call_both_ways() {
+    // Late offer (RFC 3264 §4): offer in the 2xx, answer in the ACK. An ACK
+    // cannot be refused with a response, so the edge completes the
+    // callee's INVITE with the ACK (answer removed: nothing unchecked
+    // crosses) and ends the call toward both parties.
+    let (mut p, rec) = setup();
+    let now = Instant::now();
+    let out = p.on_message(
+        CALLER,
+        &request_with_body("INVITE", "application/sdp", ""),
+        now,
+    );
+    let inv = out
+        .iter()
+        .find(|o| matches!(o.dest, Dest::Hop { .. }))
+        .map(parse)
+        .unwrap();
+    p.on_sent(
+        &ctx_key(inv.top_via().unwrap().branch().unwrap(), "INVITE"),
+        CALLEE,
+    );
+    let ok = answer(
+        &inv,
+        200,
+        "t5",
+        "Contact: <sips:bob@198.51.100.2>\r\n",
+        SDP_B,
+    );
+    let out = p.on_message(CALLEE, &ok, now);
+    let ok_up = to_conn(&out, CALLER).pop().unwrap();
+    assert_eq!(ok_up.status(), Some(200));
+    rec.lock().unwrap().refuse = Some(MediaError::Forbidden {
+        reason: "answer aims inside".into(),
+        rule: None,
+    });
+    let rr = ok_up.name_addrs("Record-Route").unwrap();
+    let target = ok_up.name_addrs("Contact").unwrap()[0].uri.clone();
+    let sdp = "v=0\r\no=alice 1 1 IN IP4 10.77.0.2\r\ns=-\r\nc=IN IP4 10.77.0.2\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n";
+    let routes: Vec<String> = rr.iter().map(|r| format!("<{}>", r.uri)).collect();
+    let ack = format!(
+        "ACK {target} SIP/2.0\r\nVia: SIP/2.0/TLS client.atlanta.example.com:5061;branch=z9hG4bKack1\r\nMax-Forwards: 70\r\nRoute: {}\r\nFrom: Alice <sips:alice@atlanta.example.com>;tag=9fxced76sl\r\nTo: Bob <sips:bob@biloxi.example.com>;tag=t5\r\nCall-ID: 3848276298220188511@atlanta.example.com\r\nCSeq: 1 ACK\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{sdp}",
+        routes.join(","),
+        sdp.len()
+    );
+    let out = p.on_message(CALLER, ack.as_bytes(), now);
+    let down: Vec<Message> = out
+        .iter()
+        .filter(|o| o.dest != Dest::Conn(CALLER))
+        .map(parse)
+        .collect();
+    let methods: Vec<String> = down
+        .iter()
+        .map(|m| m.method().unwrap().to_string())
+        .collect();
+    assert_eq!(methods, vec!["ACK", "BYE"], "{out:?}");
+    assert!(down[0].body().is_empty(), "refused answer forwarded");
+    let up: Vec<String> = to_conn(&out, CALLER)
+        .iter()
+        .map(|m| m.method().map(|x| x.to_string()).unwrap_or_default())
+        .collect();
+    assert_eq!(up, vec!["BYE"], "the caller is told too");
+    assert!(rec.lock().unwrap().calls.iter().any(|c| matches!(
+        c,
+        Call::End {
+            reason: EndReason::Failure(488),
+            ..
+        }
+    )));
+    assert_eq!(p.live().2, 0, "dialog gone");
 }

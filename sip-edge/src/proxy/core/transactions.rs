@@ -10,6 +10,7 @@ impl Proxy {
     /// step 1 treats a transport error so).
     pub fn on_conn_closed(&mut self, conn: ConnId, now: Instant) -> Vec<Outgoing> {
         self.conns.remove(&conn);
+        self.conn_hops.remove(&conn);
         self.bindings.conn_closed(conn);
         let mut waiting: Vec<String> = self
             .sent_on
@@ -50,6 +51,9 @@ impl Proxy {
     pub fn on_sent(&mut self, ckey: &str, conn: ConnId) {
         if let Some(c) = self.client_txs.get_mut(ckey) {
             c.sent_on = Some(conn);
+            if let Dest::Hop { hop, .. } = &c.dest {
+                self.conn_hops.insert(conn, hop.clone());
+            }
             self.sent_on
                 .entry(conn)
                 .or_default()
@@ -290,42 +294,54 @@ impl Proxy {
                 continue;
             };
             info!("media expired; sending BYE both ways");
-            let legs = [(d.to_caller, d.callee_cseq), (d.to_callee, d.caller_cseq)];
-            for (leg, cseq) in legs {
-                let Some((dest, side, leg)) = leg else {
-                    continue;
-                };
-                let branch = self.new_branch();
-                let proto = self.dest_proto(&dest);
-                let via = self.via_for(side, proto, &branch);
-                let bytes = build::bye(&leg, &via, &k.call_id, cseq.saturating_add(1).max(1));
-                self.arm_retransmit(ctx_key(&branch, "BYE"), &dest, &bytes, false, now);
-                if let Ok(m) = Message::parse(&bytes) {
-                    self.client_txs.insert(
-                        ctx_key(&branch, "BYE"),
-                        ClientTx {
-                            server_key: None,
-                            request: m,
-                            dest: dest.clone(),
-                            provisional: false,
-                            final_code: None,
-                            deadline: now + TIMER_64T1,
-                            cancel: Cancel::None,
-                            dialog: None,
-                            initial_invite: false,
-                            offer_in_request: false,
-                            sent_on: None,
-                        },
-                    );
-                }
-                out.push(Outgoing {
-                    dest,
-                    bytes,
-                    client_tx: Some(ctx_key(&branch, "BYE")),
-                });
-            }
+            self.send_byes(&k, d, now, &mut out);
         }
         out.extend(self.on_retransmit(now));
         out
+    }
+
+    /// BYE on each leg of dialog `d` (already removed from the table), each
+    /// as a client transaction of its own.
+    pub(super) fn send_byes(
+        &mut self,
+        k: &DialogKey,
+        d: Dialog,
+        now: Instant,
+        out: &mut Vec<Outgoing>,
+    ) {
+        let legs = [(d.to_caller, d.callee_cseq), (d.to_callee, d.caller_cseq)];
+        for (leg, cseq) in legs {
+            let Some((dest, side, leg)) = leg else {
+                continue;
+            };
+            let branch = self.new_branch();
+            let proto = self.dest_proto(&dest);
+            let via = self.via_for(side, proto, &branch);
+            let bytes = build::bye(&leg, &via, &k.call_id, cseq.saturating_add(1).max(1));
+            self.arm_retransmit(ctx_key(&branch, "BYE"), &dest, &bytes, false, now);
+            if let Ok(m) = Message::parse(&bytes) {
+                self.client_txs.insert(
+                    ctx_key(&branch, "BYE"),
+                    ClientTx {
+                        server_key: None,
+                        request: m,
+                        dest: dest.clone(),
+                        provisional: false,
+                        final_code: None,
+                        deadline: now + TIMER_64T1,
+                        cancel: Cancel::None,
+                        dialog: None,
+                        initial_invite: false,
+                        offer_in_request: false,
+                        sent_on: None,
+                    },
+                );
+            }
+            out.push(Outgoing {
+                dest,
+                bytes,
+                client_tx: Some(ctx_key(&branch, "BYE")),
+            });
+        }
     }
 }

@@ -1,0 +1,377 @@
+//! Endpoint-policy tests of the media layer (DESIGN.md §3, issue #14 item 1):
+//! SDP bodies go through `control::MediaController` with a recording sink
+//! and synthetic instants, like the proxy sends them; each case checks what
+//! was refused and that nothing was installed for it.
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use super::{
+    control::{MediaController, RecordingSink},
+    manager::Settings,
+    policy::{ExternalSources, Refusal},
+    DialogKey, MediaControl, MediaError, SdpEvent, SdpRole, Side,
+};
+use crate::config::{parse_cidr, Cidr, MediaCandidates, MediaMode, PortRange};
+
+/// The inside client (signalling and media).
+const CLIENT: &str = "10.77.0.2:40001";
+/// The far party's signalling source (direct TLS federation).
+const PEER: &str = "198.51.100.2:5061";
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().expect("test address")
+}
+
+fn settings() -> Settings {
+    Settings {
+        mode: MediaMode::Relay,
+        internal_addrs: vec![
+            "10.77.0.1".parse().expect("ip"),
+            "fd00:77::1".parse().expect("ip"),
+        ],
+        public_addrs: vec![
+            "203.0.113.1".parse().expect("ip"),
+            "2001:db8:e::1".parse().expect("ip"),
+        ],
+        port_ranges: vec![PortRange {
+            start: 40000,
+            end: 40099,
+        }],
+        reserved_ports: Vec::new(),
+        allowed_internal_subnets: Vec::new(),
+        max_flows_per_client: 8,
+        max_flows: 1000,
+        max_calls: 100,
+        idle_timeout: Duration::from_secs(60),
+        unused_timeout: Duration::from_secs(20),
+        max_call: Duration::from_secs(3600),
+        latch: false,
+        external_sources: ExternalSources::Signalling,
+    }
+}
+
+struct H {
+    c: MediaController<RecordingSink>,
+    now: Instant,
+    /// What the proxy matched for the far party's route.
+    media_sources: Vec<Cidr>,
+}
+
+impl H {
+    fn new(s: Settings) -> H {
+        H {
+            c: MediaController::new(
+                s,
+                MediaCandidates::ReplacePrivateHost,
+                RecordingSink::default(),
+            ),
+            now: Instant::now(),
+            media_sources: Vec::new(),
+        }
+    }
+
+    fn sdp(
+        &mut self,
+        d: &DialogKey,
+        role: SdpRole,
+        side: Side,
+        src: &str,
+        body: &str,
+    ) -> Result<String, MediaError> {
+        let tag = (role != SdpRole::Offer).then_some("t1");
+        let ev = SdpEvent {
+            dialog: d,
+            to_tag: tag,
+            role,
+            from_side: side,
+            source: sa(src),
+            media_sources: &self.media_sources,
+            body: body.as_bytes(),
+            content_type: "application/sdp",
+        };
+        self.c
+            .on_sdp(&ev, self.now)
+            .map(|b| String::from_utf8(b).expect("utf-8"))
+    }
+
+    fn installed(&self) -> usize {
+        self.c.sink().installed.len()
+    }
+}
+
+fn dialog(n: u32) -> DialogKey {
+    DialogKey {
+        call_id: format!("policy-{n}"),
+        from_tag: "f".into(),
+    }
+}
+
+/// One audio stream at `ip`:`port`; `extra` goes after the m= line.
+fn audio(ip: &str, port: u16, extra: &str) -> String {
+    let fam = if ip.contains(':') { "IP6" } else { "IP4" };
+    format!("v=0\r\no=- 1 1 IN {fam} {ip}\r\ns=-\r\nc=IN {fam} {ip}\r\nt=0 0\r\nm=audio {port} RTP/AVP 0\r\n{extra}")
+}
+
+/// What an outside party may not name as its media address, whatever the
+/// configuration says (DESIGN.md §3), with why.
+const FORBIDDEN_EXTERNAL: &[(&str, u16, &str, &str)] = &[
+    ("10.77.0.99", 5000, "", "another inside host (RFC 1918)"),
+    ("10.77.0.2", 5000, "", "the inside caller itself"),
+    ("172.16.9.9", 5000, "", "RFC 1918"),
+    ("192.168.1.1", 5000, "", "RFC 1918"),
+    ("100.64.0.1", 5000, "", "CGNAT (RFC 6598)"),
+    ("169.254.10.10", 5000, "", "IPv4 link-local"),
+    ("fe80::1", 5000, "", "IPv6 link-local"),
+    ("fd00:77::99", 5000, "", "IPv6 ULA"),
+    ("::ffff:10.77.0.99", 5000, "", "IPv4-mapped inside host"),
+    ("::ffff:127.0.0.1", 5000, "", "IPv4-mapped loopback"),
+    ("127.0.0.1", 5000, "", "loopback"),
+    ("::1", 5000, "", "IPv6 loopback"),
+    ("0.0.0.0", 5000, "", "unspecified"),
+    ("255.255.255.255", 5000, "", "broadcast"),
+    ("203.0.113.1", 5000, "", "the edge's public address"),
+    ("10.77.0.1", 5000, "", "the edge's internal address"),
+    ("198.51.100.2", 80, "", "a privileged port of the far party"),
+    (
+        "198.51.100.2",
+        1023,
+        "",
+        "a privileged port of the far party",
+    ),
+    (
+        "198.51.100.2",
+        5000,
+        "a=rtcp:5001 IN IP4 10.77.0.99\r\n",
+        "RTCP aimed inside",
+    ),
+    (
+        "198.51.100.2",
+        5000,
+        "a=rtcp:53\r\n",
+        "RTCP on a privileged port",
+    ),
+];
+
+const INSIDE_OFFER: &str = "v=0\r\no=- 1 1 IN IP4 10.77.0.2\r\ns=-\r\nc=IN IP4 10.77.0.2\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n";
+
+#[test]
+fn an_outside_answer_never_aims_media_at_forbidden_targets() {
+    for (n, (ip, port, extra, why)) in FORBIDDEN_EXTERNAL.iter().enumerate() {
+        let mut h = H::new(settings());
+        let d = dialog(n as u32);
+        h.sdp(&d, SdpRole::Offer, Side::Internal, CLIENT, INSIDE_OFFER)
+            .expect("inside offer");
+        let e = h
+            .sdp(
+                &d,
+                SdpRole::Answer,
+                Side::External,
+                PEER,
+                &audio(ip, *port, extra),
+            )
+            .expect_err(why);
+        assert!(matches!(e, MediaError::Forbidden { .. }), "{why}: {e:?}");
+        assert_eq!(h.installed(), 0, "{why}: a pinhole was opened");
+    }
+}
+
+#[test]
+fn an_outside_offer_never_aims_media_at_forbidden_targets() {
+    for (n, (ip, port, extra, why)) in FORBIDDEN_EXTERNAL.iter().enumerate() {
+        let mut h = H::new(settings());
+        let d = dialog(100 + n as u32);
+        let e = h
+            .sdp(
+                &d,
+                SdpRole::Offer,
+                Side::External,
+                PEER,
+                &audio(ip, *port, extra),
+            )
+            .expect_err(why);
+        assert!(matches!(e, MediaError::Forbidden { .. }), "{why}: {e:?}");
+        assert_eq!(e.status(), 488, "{why}");
+        assert_eq!(h.installed(), 0, "{why}");
+        assert_eq!(h.c.manager().dialogs(), 0, "{why}: state kept");
+    }
+}
+
+#[test]
+fn by_default_outside_media_comes_from_the_signalling_source() {
+    // Linux's SIP helper (nf_conntrack_sip) default: the far party's media
+    // address is the address its signalling came from.
+    let mut h = H::new(settings());
+    let d = dialog(200);
+    h.sdp(&d, SdpRole::Offer, Side::Internal, CLIENT, INSIDE_OFFER)
+        .expect("inside offer");
+    let e = h
+        .sdp(
+            &d,
+            SdpRole::Answer,
+            Side::External,
+            PEER,
+            &audio("198.51.100.7", 5000, ""),
+        )
+        .expect_err("a public address other than the signalling source");
+    assert!(matches!(e, MediaError::Forbidden { .. }), "{e:?}");
+    assert_eq!(h.installed(), 0);
+    // The signalling source itself is fine.
+    let mut h = H::new(settings());
+    h.sdp(&d, SdpRole::Offer, Side::Internal, CLIENT, INSIDE_OFFER)
+        .expect("inside offer");
+    h.sdp(
+        &d,
+        SdpRole::Answer,
+        Side::External,
+        PEER,
+        &audio("198.51.100.2", 5000, ""),
+    )
+    .expect("the far party's own address");
+    assert_eq!(h.installed(), 2, "RTP and RTCP");
+}
+
+#[test]
+fn msrp_paths_pass_the_same_policy() {
+    let mut h = H::new(settings());
+    let d = dialog(300);
+    let offer = "v=0\r\no=- 1 1 IN IP4 10.77.0.2\r\ns=-\r\nc=IN IP4 10.77.0.2\r\nt=0 0\r\nm=message 2855 TCP/MSRP *\r\na=path:msrp://10.77.0.2:2855/s111;tcp\r\n";
+    h.sdp(&d, SdpRole::Offer, Side::Internal, CLIENT, offer)
+        .expect("offer");
+    let answer = "v=0\r\no=- 1 1 IN IP4 198.51.100.2\r\ns=-\r\nc=IN IP4 198.51.100.2\r\nt=0 0\r\nm=message 2856 TCP/MSRP *\r\na=path:msrp://10.77.0.99:2856/s222;tcp\r\n";
+    let e = h
+        .sdp(&d, SdpRole::Answer, Side::External, PEER, answer)
+        .expect_err("MSRP path aimed inside");
+    assert!(matches!(e, MediaError::Forbidden { .. }), "{e:?}");
+    assert_eq!(h.installed(), 0);
+}
+
+#[test]
+fn private_srflx_and_relay_candidates_never_leave_unchanged() {
+    // RFC 8445 §5.1.1: a server-reflexive or relayed candidate normally
+    // carries a public address, but a STUN/TURN server inside (or a
+    // double NAT) gives private ones; they name the inside all the same.
+    let mut h = H::new(settings());
+    let d = dialog(400);
+    let offer = format!(
+        "{INSIDE_OFFER}a=candidate:1 1 UDP 2130706431 10.77.0.2 4000 typ host\r\na=candidate:2 1 UDP 1694498815 10.77.5.5 4100 typ srflx raddr 10.77.0.2 rport 4000\r\na=candidate:3 1 UDP 16777215 192.168.7.7 4200 typ relay raddr 10.77.0.2 rport 4000\r\na=candidate:4 1 UDP 1694498815 198.51.100.77 4300 typ srflx raddr 10.77.0.2 rport 4000\r\n"
+    );
+    let out = h
+        .sdp(&d, SdpRole::Offer, Side::Internal, CLIENT, &offer)
+        .expect("offer");
+    for private in ["10.77.5.5", "192.168.7.7", "10.77.0.2"] {
+        assert!(
+            !out.contains(private),
+            "{private} left toward the outside:\n{out}"
+        );
+    }
+    assert!(
+        out.contains("198.51.100.77 4300 typ srflx"),
+        "public candidate kept:\n{out}"
+    );
+}
+
+#[test]
+fn route_media_sources_and_any_public_widen_only_the_source_rule() {
+    let answer_from = |s: Settings, sources: &[&str], ip: &str| {
+        let mut h = H::new(s);
+        h.media_sources = sources
+            .iter()
+            .map(|c| parse_cidr(c).expect("cidr"))
+            .collect();
+        let d = dialog(500);
+        h.sdp(&d, SdpRole::Offer, Side::Internal, CLIENT, INSIDE_OFFER)
+            .expect("inside offer");
+        let r = h.sdp(
+            &d,
+            SdpRole::Answer,
+            Side::External,
+            PEER,
+            &audio(ip, 5000, ""),
+        );
+        (r, h.installed())
+    };
+    // A carrier whose SBC has media on 192.0.2.0/24.
+    let (r, n) = answer_from(settings(), &["192.0.2.0/24"], "192.0.2.40");
+    assert!(r.is_ok() && n == 2, "{r:?}");
+    let (r, n) = answer_from(settings(), &["192.0.2.0/24"], "198.51.100.7");
+    assert!(
+        matches!(
+            r,
+            Err(MediaError::Forbidden {
+                rule: Some(Refusal::NotSignallingSource),
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    assert_eq!(n, 0);
+    // A private interconnect, listed explicitly.
+    let (r, _) = answer_from(settings(), &["172.20.0.0/16"], "172.20.3.3");
+    assert!(r.is_ok(), "{r:?}");
+    // any-public: every public unicast address, never the table.
+    let any = Settings {
+        external_sources: ExternalSources::AnyPublic,
+        ..settings()
+    };
+    let (r, _) = answer_from(any.clone(), &[], "198.51.100.7");
+    assert!(r.is_ok(), "{r:?}");
+    for (ip, rule) in [
+        ("10.77.0.99", Refusal::PrivateRange),
+        ("169.254.0.9", Refusal::LinkLocal),
+        ("203.0.113.1", Refusal::EdgeAddress),
+    ] {
+        let (r, n) = answer_from(any.clone(), &[], ip);
+        assert!(
+            matches!(r, Err(MediaError::Forbidden { rule: Some(got), .. }) if got == rule),
+            "{ip}: {r:?}"
+        );
+        assert_eq!(n, 0, "{ip}");
+    }
+    // An allowed internal subnet is an internal subnet, named as such.
+    let inside = Settings {
+        external_sources: ExternalSources::AnyPublic,
+        allowed_internal_subnets: vec![parse_cidr("10.77.0.0/24").expect("cidr")],
+        ..settings()
+    };
+    let (r, _) = answer_from(inside, &["10.0.0.0/8"], "10.77.0.99");
+    assert!(
+        matches!(
+            r,
+            Err(MediaError::Forbidden {
+                rule: Some(Refusal::InternalSubnet),
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn a_listening_tcp_end_outside_needs_an_unprivileged_port() {
+    // The inside offers to connect (a=setup:active, port 9 by RFC 4145
+    // §4); the outside answers passive on port 25: the edge would send the
+    // inside's TCP stream to a mail server.
+    let mut h = H::new(settings());
+    let d = dialog(600);
+    let offer = "v=0\r\no=- 1 1 IN IP4 10.77.0.2\r\ns=-\r\nc=IN IP4 10.77.0.2\r\nt=0 0\r\nm=application 9 TCP wb\r\na=setup:active\r\n";
+    h.sdp(&d, SdpRole::Offer, Side::Internal, CLIENT, offer)
+        .expect("active end may write port 9");
+    let answer = "v=0\r\no=- 1 1 IN IP4 198.51.100.2\r\ns=-\r\nc=IN IP4 198.51.100.2\r\nt=0 0\r\nm=application 9 TCP wb\r\na=setup:passive\r\n";
+    let e = h
+        .sdp(&d, SdpRole::Answer, Side::External, PEER, answer)
+        .expect_err("the listening end names port 9");
+    assert!(
+        matches!(
+            e,
+            MediaError::Forbidden {
+                rule: Some(Refusal::PortBelow1024),
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert_eq!(h.installed(), 0);
+}
