@@ -95,6 +95,17 @@ pub enum Event {
         /// The message bytes.
         bytes: Bytes,
     },
+    /// The connection's reader stopped (the peer closed its side, or
+    /// framing failed): the driver answers `refused` if any, then drops its
+    /// writer, so the connection writes everything queued for it before it
+    /// closes (events of one connection arrive in order, so the responses
+    /// to every message it delivered are queued by then).
+    Closing {
+        /// Which.
+        conn: ConnId,
+        /// A message the framer refused and that is answered first.
+        refused: Option<Refused>,
+    },
     /// The connection ended.
     Closed {
         /// Which.
@@ -105,6 +116,17 @@ pub enum Event {
         /// The hop.
         hop: HopTarget,
     },
+}
+
+/// A message the stream framer refused, to answer before the close.
+#[derive(Debug)]
+pub struct Refused {
+    /// The offending head as far as it was read.
+    pub head: Bytes,
+    /// The status to answer with (`FrameError::response_code`).
+    pub code: u16,
+    /// The framer's error, for the Warning.
+    pub why: String,
 }
 
 /// A running transport: the bound addresses and a handle to await.
@@ -460,6 +482,16 @@ impl Driver {
             Event::Message { conn, bytes } => {
                 let out = self.proxy.on_message(conn, &bytes, now);
                 self.send_all(out);
+            }
+            Event::Closing { conn, refused } => {
+                if let Some(r) = refused {
+                    let out = self.proxy.on_framing_error(conn, &r.head, r.code, &r.why);
+                    self.send_all(out);
+                }
+                // The connection task drains its queue once this, the only
+                // sender, is gone, then closes; nothing new goes to it.
+                self.writers.remove(&conn);
+                self.pool.retain(|_, c| *c != conn);
             }
             Event::Closed { conn } => {
                 self.writers.remove(&conn);

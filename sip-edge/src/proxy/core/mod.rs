@@ -374,6 +374,34 @@ impl Proxy {
         out
     }
 
+    /// The stream framer refused what `conn` sent and the connection will
+    /// close: the error response to send first (400/413/513 from
+    /// `FrameError::response_code`), built from the offending `head` (its
+    /// Via, From, To, Call-ID and CSeq lines) with a Warning carrying `why`.
+    /// Nothing when `head` starts a response (never answered, §17.1.3).
+    pub fn on_framing_error(
+        &mut self,
+        conn: ConnId,
+        head: &[u8],
+        code: u16,
+        why: &str,
+    ) -> Vec<Outgoing> {
+        let Some(info) = self.conns.get(&conn) else {
+            return Vec::new();
+        };
+        let host = self.settings.local(info.side).host.to_string();
+        let Some(bytes) = build::error_raw(head, code, &host, why) else {
+            return Vec::new();
+        };
+        info!(conn, code, why, "answering a message the framer refused");
+        self.stats.responses_generated += 1;
+        vec![Outgoing {
+            dest: Dest::Conn(conn),
+            bytes,
+            client_tx: None,
+        }]
+    }
+
     /// Sends a response the edge generates to `req` on `conn`; returns its
     /// bytes (a server transaction may keep them for retransmissions).
     fn respond_local(

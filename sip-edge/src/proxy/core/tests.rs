@@ -1256,3 +1256,24 @@ fn non_invite_over_udp_keeps_absorbing_for_timer_j() {
     p.on_tick(now + Duration::from_secs(33));
     assert_eq!(p.live().0, 0);
 }
+
+/// Issue #14 item 7: a message the stream framer refused is answered
+/// before the close, from the head it kept; a response head is not.
+#[test]
+fn framing_errors_are_answered_from_the_kept_head() {
+    let (mut p, _) = setup();
+    let head = b"INVITE sips:bob@biloxi.example.com SIP/2.0\r\nVia: SIP/2.0/TLS 198.51.100.3:40002;branch=z9hG4bKbig\r\nCall-ID: big@chicago\r\nCSeq: 1 INVITE\r\nContent-Length: 99999999\r\n\r\n";
+    let out = p.on_framing_error(PEER_CALLER, head, 413, "body over the limit");
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].dest, Dest::Conn(PEER_CALLER));
+    let r = parse(&out[0]);
+    assert_eq!(r.status(), Some(413));
+    assert_eq!(r.call_id().unwrap(), "big@chicago");
+    assert_eq!(
+        r.header("Warning"),
+        Some("399 203.0.113.1 \"body over the limit\"")
+    );
+    assert!(p
+        .on_framing_error(CALLEE, b"SIP/2.0 200 OK\r\nCall-ID: x\r\n", 513, "x")
+        .is_empty());
+}
