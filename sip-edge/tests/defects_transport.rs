@@ -8,11 +8,11 @@
 //! - A framing error whose head was delimited is answered (400/413/513)
 //!   before the connection closes, and what the edge already had to say on
 //!   that connection is written first.
+//! - Outgoing connections leave from the edge's address on their side.
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
-    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -25,7 +25,7 @@ use sip_edge::{
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
+    net::{TcpListener, TcpStream},
 };
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -221,4 +221,51 @@ async fn a_response_for_a_closing_connection_is_written_before_the_close() {
         "{}",
         String::from_utf8_lossy(&got)
     );
+}
+
+/// Accepts one connection on `l` and returns the address it came from.
+async fn source_of_next_connection(l: &TcpListener) -> SocketAddr {
+    let (_s, peer) = tokio::time::timeout(WAIT, l.accept())
+        .await
+        .expect("the edge never connected to the next hop")
+        .unwrap();
+    peer
+}
+
+/// Sends a request from inside that the edge routes to the next hop.
+async fn send_outbound_request(tcp: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(tcp).await.unwrap();
+    let msg = "MESSAGE sip:bob@biloxi.example.com SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:5999;branch=z9hG4bKsrc1\r\nMax-Forwards: 70\r\nFrom: <sip:alice@atlanta.example.com>;tag=a1\r\nTo: <sip:bob@biloxi.example.com>\r\nCall-ID: src1@atlanta\r\nCSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n";
+    s.write_all(msg.as_bytes()).await.unwrap();
+    s
+}
+
+/// Issue #14 item 4: a connection the edge opens to an external next hop
+/// leaves from the edge's external address (here 127.0.0.2, the external
+/// listener's), the one its Via and Record-Route name, not whatever source
+/// the kernel picks for the route (127.0.0.1 toward 127.0.0.1).
+#[tokio::test]
+async fn outgoing_connections_leave_from_the_sides_edge_address() {
+    let pki = pki();
+    let hop = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (edge, _stop) = edge(&pki, "", hop.local_addr().unwrap().port()).await;
+    let _client = send_outbound_request(edge.internal_tcp.expect("TCP listener")).await;
+    let src = source_of_next_connection(&hop).await;
+    assert_eq!(src.ip(), "127.0.0.2".parse::<IpAddr>().unwrap());
+}
+
+/// Issue #14 item 4: `proxy.external_source_address` overrides it.
+#[tokio::test]
+async fn the_source_address_of_a_side_can_be_configured() {
+    let pki = pki();
+    let hop = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (edge, _stop) = edge(
+        &pki,
+        "external_source_address = \"127.0.0.3\"",
+        hop.local_addr().unwrap().port(),
+    )
+    .await;
+    let _client = send_outbound_request(edge.internal_tcp.expect("TCP listener")).await;
+    let src = source_of_next_connection(&hop).await;
+    assert_eq!(src.ip(), "127.0.0.3".parse::<IpAddr>().unwrap());
 }

@@ -11,6 +11,7 @@
 //! → driver → connection writer → TLS → socket.
 
 pub mod conn;
+pub mod source;
 pub mod tls;
 pub mod udp;
 
@@ -28,7 +29,7 @@ use std::{
 use bytes::Bytes;
 use rustls::pki_types::ServerName;
 use tokio::{
-    net::{TcpListener, TcpStream, UdpSocket},
+    net::{TcpListener, UdpSocket},
     sync::{mpsc, watch},
     task::JoinHandle,
 };
@@ -64,6 +65,13 @@ pub enum TransportError {
         /// The OS error.
         #[source]
         source: std::io::Error,
+    },
+    /// A configured source address for outgoing connections is unusable.
+    #[error(transparent)]
+    Source {
+        /// The bind error (names the config key).
+        #[from]
+        source: source::ConnectError,
     },
     /// TLS material could not be loaded.
     #[error(transparent)]
@@ -154,6 +162,8 @@ struct Shared {
     events: mpsc::Sender<Event>,
     shutdown: watch::Receiver<bool>,
     connector: TlsConnector,
+    /// Where outgoing connections leave from, per side.
+    sources: source::Sources,
 }
 
 /// Decrements the live-connection count when a connection task ends.
@@ -215,6 +225,8 @@ pub async fn start(
     let mut settings = ProxySettings::from_config(cfg, int_addr.port(), ext_addr.port())
         .ok_or(TransportError::NoProxySection)?;
     settings.internal_udp_port = udp_addr.map(|a| a.port());
+    let sources = source::verify(source::Sources::from_config(cfg), cfg)?;
+    info!(?sources, "outgoing connections leave from these addresses");
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
     let (stop_tx, stop_rx) = watch::channel(false);
     let shared = Shared {
@@ -229,6 +241,7 @@ pub async fn start(
         events: events_tx,
         shutdown: stop_rx,
         connector: TlsConnector::from(client_tls),
+        sources,
     };
     tokio::spawn(accept_loop(
         int_l,
@@ -354,14 +367,16 @@ fn spawn_connect(hop: HopTarget, side: Side, shared: Shared) {
                 Ok(n) => n,
                 Err(e) => return fail(format!("bad TLS name {:?}: {e}", hop.tls_name)).await,
             };
+            // From the edge's address on this side (issue #14 item 4): the
+            // one Via and Record-Route name, and a peer allow-lists.
             let tcp = match tokio::time::timeout(
                 HANDSHAKE_TIMEOUT,
-                TcpStream::connect((hop.host.as_str(), hop.port)),
+                source::connect(&hop.host, hop.port, side, &shared.sources),
             )
             .await
             {
                 Ok(Ok(t)) => t,
-                Ok(Err(e)) => return fail(format!("connect: {e}")).await,
+                Ok(Err(e)) => return fail(e.to_string()).await,
                 Err(_) => return fail("connect timed out".into()).await,
             };
             let peer = match tcp.peer_addr() {
