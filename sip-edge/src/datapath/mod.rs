@@ -4,6 +4,7 @@
 
 pub mod attach;
 pub mod fixtures;
+pub mod hostcheck;
 pub mod loader;
 pub mod maps;
 pub mod neigh;
