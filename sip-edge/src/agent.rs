@@ -1,9 +1,11 @@
-//! The agent's main loop: bring the datapath up from the config, start the
-//! TLS SIP proxy when the config has a `[proxy]` section (its media layer
-//! writes pinholes through its own handle on the pinned maps), service the
-//! datapath (resolve next hops the datapath met unresolved) until `shutdown`
-//! resolves, then stop the proxy and keep or remove the datapath as
-//! configured.
+//! The agent's main loop: bring the datapath up from the config, check the
+//! host settings it needs (forwarding on the attached interfaces; warned,
+//! see `datapath::hostcheck`), start the TLS SIP proxy when the config has
+//! a `[proxy]` section (its media layer writes pinholes through its own
+//! handle on the pinned maps), service the datapath (resolve next hops the
+//! datapath met unresolved; log a rising `drop_fib_failed` with the fix)
+//! until `shutdown` resolves, then stop the proxy and keep or remove the
+//! datapath as configured.
 
 use std::{
     future::Future,
@@ -11,12 +13,14 @@ use std::{
     time::Duration,
 };
 
+use sip_edge_common::reason::Reason;
 use tracing::{info, warn};
 
 use crate::{
     config::{Config, OnExit},
     datapath::{
         attach::{AttachError, Datapath},
+        hostcheck::{self, FibFailWatch},
         maps::{DatapathMaps, MapsError},
         neigh,
     },
@@ -60,6 +64,33 @@ pub enum AgentError {
 
 /// How often the agent looks for unresolved next hops.
 const NEIGH_POLL: Duration = Duration::from_millis(50);
+/// How often the agent reads `drop_fib_failed` (a log line per rise at most
+/// this often: media loss is reported within seconds, never per packet).
+const FIB_WATCH: Duration = Duration::from_secs(10);
+
+/// Checks the host settings the datapath needs on the attached interfaces
+/// (`hostcheck`), logs each missing one with its fix, and returns them.
+fn check_host(cfg: &Config) -> Vec<hostcheck::Finding> {
+    let ifaces: Vec<&str> = cfg.interfaces.iter().map(|i| i.name.as_str()).collect();
+    let addrs = || cfg.addresses.internal.iter().chain(&cfg.addresses.public);
+    let v4 = addrs().any(std::net::IpAddr::is_ipv4);
+    let v6 = addrs().any(std::net::IpAddr::is_ipv6);
+    hostcheck::check(&ifaces, v4, v6, |p| std::fs::read_to_string(p))
+}
+
+/// The `drop_fib_failed` total, if the counters can be read.
+fn fib_failed(maps: &DatapathMaps) -> Option<u64> {
+    match maps.reasons() {
+        Ok(r) => r
+            .iter()
+            .find(|c| c.reason == Reason::DropFibFailed.name())
+            .map(|c| c.packets),
+        Err(e) => {
+            warn!(error = %e, "reading REASONS");
+            None
+        }
+    }
+}
 
 /// Run the agent until `shutdown` completes.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
@@ -74,6 +105,19 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         info!(ranges = ?cfg.media.port_ranges, "media ranges added to net.ipv4.ip_local_reserved_ports");
     }
     info!(pin_dir = %cfg.pin_dir.display(), adopted = ?dp.adopted, "datapath up");
+    // Warn, never refuse (hostcheck's module docs say why): media is lost
+    // until the admin fixes these, and the watch below repeats the hint.
+    let findings = check_host(&cfg);
+    for f in &findings {
+        warn!(finding = %f, "host setting the datapath needs is missing; media through XDP will be dropped");
+    }
+    if findings.is_empty() {
+        info!("forwarding is on for every attached interface (bpf_fib_lookup can forward)");
+    }
+    let mut fib_watch = FibFailWatch::default();
+    if let Some(total) = fib_failed(&dp.maps) {
+        fib_watch.observe(total);
+    }
     let (stop_proxy, proxy_stopped) = tokio::sync::oneshot::channel::<()>();
     let proxy = match cfg.proxy {
         Some(_) => {
@@ -95,9 +139,24 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     };
     tokio::pin!(shutdown);
     let mut tick = tokio::time::interval(NEIGH_POLL);
+    let mut fib_tick = tokio::time::interval(FIB_WATCH);
     loop {
         tokio::select! {
             () = &mut shutdown => break,
+            _ = fib_tick.tick() => {
+                let Some(lost) = fib_failed(&dp.maps).and_then(|t| fib_watch.observe(t)) else {
+                    continue;
+                };
+                // Re-read the settings: they are the usual cause, and may
+                // have changed since start.
+                let findings = check_host(&cfg);
+                if findings.is_empty() {
+                    warn!(lost, "media packets dropped as drop_fib_failed: bpf_fib_lookup found no route; forwarding is on, so check the route to the destination (ip route get ADDR) and that its egress interface is an attached [[interface]]");
+                }
+                for f in &findings {
+                    warn!(lost, finding = %f, "media packets dropped as drop_fib_failed");
+                }
+            }
             _ = tick.tick() => {
                 match dp.maps.take_neigh_misses() {
                     Ok(misses) => for (ifindex, addr) in misses {

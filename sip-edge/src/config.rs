@@ -603,6 +603,16 @@ pub struct ProxySection {
     /// default); each remote address:port is a pseudo-connection.
     #[serde(default)]
     pub internal_udp_listen: Option<SocketAddr>,
+    /// Source address of connections the edge opens toward internal next
+    /// hops; defaults to the internal listener's address (or, when that is
+    /// the wildcard, the first `addresses.internal` of the hop's family).
+    #[serde(default)]
+    pub internal_source_address: Option<IpAddr>,
+    /// Source address of connections the edge opens toward external next
+    /// hops (what a carrier allow-lists); defaults to the external
+    /// listener's address (or the first `addresses.public` of the family).
+    #[serde(default)]
+    pub external_source_address: Option<IpAddr>,
     /// PEM certificate chain presented on both listeners.
     pub cert: PathBuf,
     /// PEM private key of `cert`.
@@ -646,7 +656,38 @@ fn default_max_connections() -> usize {
 }
 
 impl ProxySection {
-    fn validate(&self, routes: &[Route]) -> Result<(), ConfigError> {
+    fn validate(&self, routes: &[Route], addresses: &Addresses) -> Result<(), ConfigError> {
+        // A source address must be one unicast address of this host on its
+        // own side: an internal address on the outside would leak the
+        // inside (and be dropped by any sane peer), and the reverse would
+        // make internal hops see the public address.
+        for (field, src, other_side) in [
+            (
+                "proxy.internal_source_address",
+                self.internal_source_address,
+                &addresses.public,
+            ),
+            (
+                "proxy.external_source_address",
+                self.external_source_address,
+                &addresses.internal,
+            ),
+        ] {
+            let Some(ip) = src else { continue };
+            let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+            if ip.is_unspecified() || ip.is_multicast() || broadcast {
+                return Err(invalid(
+                    field,
+                    format!("{ip} is not a unicast address; name one address of this host on that side, or remove the key to use the listener's"),
+                ));
+            }
+            if other_side.contains(&ip) {
+                return Err(invalid(
+                    field,
+                    format!("{ip} is an edge address of the other side; connections must leave from an address of their own side"),
+                ));
+            }
+        }
         // Port 0 (tests: the OS picks) binds two distinct ports.
         if self.internal_listen == self.external_listen && self.internal_listen.port() != 0 {
             return Err(invalid("proxy.external_listen", "must differ from proxy.internal_listen: the side a message came from is the listener it arrived on"));
@@ -969,7 +1010,7 @@ impl Config {
             self.validate_media_sources(&format!("route[{i}].media_sources"), &r.media_sources)?;
         }
         match &self.proxy {
-            Some(p) => p.validate(&self.routes)?,
+            Some(p) => p.validate(&self.routes, &self.addresses)?,
             None if !self.routes.is_empty() => {
                 return Err(invalid("route", "[[route]] needs a [proxy] section"));
             }
@@ -1205,6 +1246,53 @@ mod tests {
             .proxy
             .and_then(|p| p.internal_udp_listen);
         assert_eq!(udp, Some("10.77.0.1:5060".parse().expect("addr")));
+    }
+
+    /// Issue #14 item 4: per-side source addresses of outgoing connections.
+    #[test]
+    fn source_addresses_parse_and_are_validated() {
+        let both = format!("{GOOD}{PROXY}");
+        let with = |kv: &str| both.replace("[proxy]\n", &format!("[proxy]\n{kv}\n"));
+        let c = Config::from_toml(&both).expect("valid");
+        let p = c.proxy.expect("proxy");
+        assert_eq!(
+            (p.internal_source_address, p.external_source_address),
+            (None, None),
+            "default: the listener's address"
+        );
+        let c =
+            Config::from_toml(&with("external_source_address = \"203.0.113.5\"")).expect("valid");
+        assert_eq!(
+            c.proxy.and_then(|p| p.external_source_address),
+            Some("203.0.113.5".parse().expect("ip"))
+        );
+        for (kv, field) in [
+            (
+                "external_source_address = \"0.0.0.0\"",
+                "proxy.external_source_address",
+            ),
+            (
+                "external_source_address = \"224.0.0.1\"",
+                "proxy.external_source_address",
+            ),
+            (
+                "external_source_address = \"10.77.0.1\"",
+                "proxy.external_source_address",
+            ),
+            (
+                "internal_source_address = \"203.0.113.1\"",
+                "proxy.internal_source_address",
+            ),
+            (
+                "internal_source_address = \"255.255.255.255\"",
+                "proxy.internal_source_address",
+            ),
+        ] {
+            let e = err_of(&with(kv));
+            assert!(e.contains(field), "{kv}: {e}");
+        }
+        let e = err_of(&with("external_source_address = \"not-an-ip\""));
+        assert!(e.contains("external_source_address"), "{e}");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! BPF maps).
 
 pub mod attach;
+pub mod hostcheck;
 pub mod loader;
 pub mod maps;
 pub mod neigh;

@@ -18,6 +18,7 @@ pub fn reason(code: u16) -> &'static str {
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
+        413 => "Request Entity Too Large",
         416 => "Unsupported URI Scheme",
         420 => "Bad Extension",
         480 => "Temporarily Unavailable",
@@ -29,6 +30,7 @@ pub fn reason(code: u16) -> &'static str {
         500 => "Server Internal Error",
         503 => "Service Unavailable",
         505 => "Version Not Supported",
+        513 => "Message Too Large",
         _ => "Error",
     }
 }
@@ -68,17 +70,42 @@ pub fn response(
     out.into_bytes()
 }
 
-/// A 400 for bytes the message layer refused: the Via, From, To, Call-ID
-/// and CSeq lines are copied raw from the head when present, so the client
-/// can match it (§8.2.6, §16.3 step 1). `None` for responses, which are
-/// never answered.
-pub fn bad_request_raw(raw: &[u8], why: &str) -> Option<Vec<u8>> {
+/// Longest Warning text the edge writes (a log line, not a document).
+const WARN_TEXT_MAX: usize = 120;
+
+/// The value of a Warning header (RFC 3261 §20.43) the edge adds to its
+/// own error responses: code 399 (miscellaneous), the edge's host as the
+/// warn-agent and `why` as a quoted string, cut to printable ASCII without
+/// quotes or backslashes (so it always parses) and to [`WARN_TEXT_MAX`]
+/// characters.
+pub fn warning_value(host: &str, why: &str) -> String {
+    let text: String = why
+        .chars()
+        .filter(|c| c.is_ascii() && !c.is_ascii_control() && *c != '"' && *c != '\\')
+        .take(WARN_TEXT_MAX)
+        .collect();
+    format!("399 {host} \"{text}\"")
+}
+
+/// An error response (400, 413, 505, 513...) for bytes the framer or the
+/// message layer refused: the Via, From, To, Call-ID and CSeq lines are
+/// copied raw from the head when present, so the client can match it
+/// (§8.2.6, §16.3 step 1), and a Warning from `host` carries `why`. A head
+/// cut short (a framer limit) contributes only its complete lines. `None`
+/// for responses, which are never answered.
+pub fn error_raw(raw: &[u8], code: u16, host: &str, why: &str) -> Option<Vec<u8>> {
     if raw.starts_with(b"SIP/") {
         return None;
     }
-    let head_end = memchr::memmem::find(raw, b"\r\n\r\n").unwrap_or(raw.len());
-    let head = raw.get(..head_end).unwrap_or_default();
-    let mut out = b"SIP/2.0 400 Bad Request\r\n".to_vec();
+    let head = match memchr::memmem::find(raw, b"\r\n\r\n") {
+        Some(end) => raw.get(..end).unwrap_or_default(),
+        // No blank line: keep whole lines only (a cut Via would mislead).
+        None => match memchr::memrchr(b'\n', raw) {
+            Some(last) => raw.get(..last).unwrap_or_default(),
+            None => raw,
+        },
+    };
+    let mut out = format!("SIP/2.0 {code} {}\r\n", reason(code)).into_bytes();
     for line in head.split(|b| *b == b'\n').skip(1) {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         let Some(colon) = line.iter().position(|b| *b == b':') else {
@@ -96,21 +123,13 @@ pub fn bad_request_raw(raw: &[u8], why: &str) -> Option<Vec<u8>> {
         }
     }
     out.extend_from_slice(
-        format!("Warning: {}\r\nContent-Length: 0\r\n\r\n", warning(why)).as_bytes(),
+        format!(
+            "Warning: {}\r\nContent-Length: 0\r\n\r\n",
+            warning_value(host, why)
+        )
+        .as_bytes(),
     );
     Some(out)
-}
-
-/// A Warning header value (§20.43, code 399 "miscellaneous") carrying
-/// `why`, kept ASCII, unquoted-safe and short: it is for the humans reading
-/// the far party's logs, not for machines.
-pub fn warning(why: &str) -> String {
-    let why: String = why
-        .chars()
-        .filter(|c| c.is_ascii() && !c.is_ascii_control() && *c != '"' && *c != '\\')
-        .take(160)
-        .collect();
-    format!("399 sip-edge \"{why}\"")
 }
 
 /// The ACK for a non-2xx final response to the INVITE `invite` that the
@@ -226,11 +245,18 @@ mod tests {
     #[test]
     fn bad_request_from_garbage_head() {
         let raw = b"INVITE sip:x SIP/2.0\r\nVia: SIP/2.0/TLS a;branch=z9hG4bK1\r\nbroken line\r\nCall-ID: q\r\nContent-Length: 0\r\n\r\n";
-        let out = bad_request_raw(raw, "bad header line 3: \"broken\"").unwrap();
+        let out = error_raw(raw, 400, "10.77.0.1", "bad header line 3: \"broken\"").unwrap();
         let m = Message::parse(&out).unwrap();
         assert_eq!(m.status(), Some(400));
         assert_eq!(m.call_id().unwrap(), "q");
-        assert!(m.header("Warning").unwrap().contains("bad header line 3"));
-        assert!(bad_request_raw(b"SIP/2.0 200 OK\r\n\r\n", "x").is_none());
+        let w = m.header("Warning").unwrap();
+        assert!(w.starts_with("399 10.77.0.1 \"bad header line 3"), "{w}");
+        assert!(error_raw(b"SIP/2.0 200 OK\r\n\r\n", 400, "h", "x").is_none());
+        // A head cut at a limit: the partial last line is left out.
+        let cut = b"INVITE sip:x SIP/2.0\r\nCall-ID: q\r\nVia: SIP/2.0/TLS a;bra";
+        let m = Message::parse(&error_raw(cut, 513, "h", "too big").unwrap()).unwrap();
+        assert_eq!(m.status(), Some(513));
+        assert_eq!(m.call_id().unwrap(), "q");
+        assert!(m.header("Via").is_none());
     }
 }

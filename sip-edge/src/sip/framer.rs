@@ -195,6 +195,27 @@ pub enum FrameError {
     },
 }
 
+impl FrameError {
+    /// The SIP status a request refused with this error is answered with
+    /// before the connection closes, when the offending message's head is
+    /// known well enough to answer (its first line was read): 400 for a
+    /// malformed start line or Content-Length (RFC 3261 §21.4.1), 413 for a
+    /// body over the limit (§21.4.11), 513 for a head over the limit
+    /// (§21.5.11). `None` where nothing SIP-shaped came (binary junk, TLS on
+    /// a plain port) or the caller misused the framer: those close silently.
+    pub fn response_code(&self) -> Option<u16> {
+        match self {
+            FrameError::BadStartLine { .. }
+            | FrameError::MissingContentLength { .. }
+            | FrameError::InvalidContentLength { .. }
+            | FrameError::ConflictingContentLength { .. } => Some(400),
+            FrameError::BodyTooLarge { .. } => Some(413),
+            FrameError::HeadersTooLarge { .. } => Some(513),
+            FrameError::Garbage { .. } | FrameError::BufferFull { .. } => None,
+        }
+    }
+}
+
 /// Where the framer is within the current message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -229,6 +250,9 @@ pub struct Framer {
     /// Stream offset of `buf[0]`.
     consumed: u64,
     failed: Option<FrameError>,
+    /// The start of the offending message's head when framing failed with
+    /// an error that is answered ([`FrameError::response_code`]).
+    failed_head: Option<Bytes>,
 }
 
 impl Framer {
@@ -241,6 +265,7 @@ impl Framer {
             state: State::Boundary,
             consumed: 0,
             failed: None,
+            failed_head: None,
         }
     }
 
@@ -281,7 +306,21 @@ impl Framer {
         }
     }
 
+    /// After an error with a [`FrameError::response_code`]: the offending
+    /// message's head as buffered (at most `max_header_bytes`; cut short
+    /// when the head was over the limit or not all read yet), to build the
+    /// error response from (Via, Call-ID, CSeq...).
+    pub fn failed_head(&self) -> Option<&[u8]> {
+        self.failed_head.as_deref()
+    }
+
     fn fail(&mut self, e: FrameError) -> FrameError {
+        // Errors are raised while the message is at the buffer's start
+        // (between messages or inside its head), so its head is a prefix.
+        if e.response_code().is_some() && !matches!(self.state, State::Boundary) {
+            let keep = self.buf.len().min(self.limits.max_header_bytes);
+            self.failed_head = Some(self.buf.split_to(keep).freeze());
+        }
         self.buf = BytesMut::new();
         self.failed = Some(e.clone());
         e
@@ -943,5 +982,55 @@ mod tests {
                 limit: 80
             })
         );
+    }
+
+    /// Issue #14 item 7: errors whose message head is known keep that head
+    /// (after a complete earlier message) so the connection can answer
+    /// 400/413/513 before closing; junk keeps nothing and gets no answer.
+    #[test]
+    fn answerable_errors_keep_the_offending_head() {
+        let limits = FramerLimits {
+            max_header_bytes: 128,
+            max_body_bytes: 16,
+        };
+        let ok = "OPTIONS sip:a SIP/2.0\r\nl: 0\r\n\r\n";
+        let cases: [(String, Option<u16>); 5] = [
+            (
+                "INVITE sip:a\r\nCall-ID: c1\r\nl: 0\r\n\r\n".into(),
+                Some(400),
+            ),
+            (
+                "INVITE sip:a SIP/2.0\r\nCall-ID: c1\r\n\r\n".into(),
+                Some(400),
+            ),
+            (
+                "INVITE sip:a SIP/2.0\r\nCall-ID: c1\r\nl: 17\r\n\r\n".into(),
+                Some(413),
+            ),
+            (
+                format!(
+                    "INVITE sip:a SIP/2.0\r\nCall-ID: c1\r\nX: {}\r\n",
+                    "y".repeat(200)
+                ),
+                Some(513),
+            ),
+            ("\x16\x03\x01 junk".into(), None),
+        ];
+        for (bad, code) in cases {
+            let mut f = Framer::new(KeepAliveRole::Responder, limits);
+            f.push(format!("{ok}{bad}").as_bytes()).unwrap();
+            assert_eq!(f.next_frame(), Ok(Some(msg(ok))));
+            let e = f.next_frame().expect_err(&bad);
+            assert_eq!(e.response_code(), code, "{bad:?}: {e}");
+            match code {
+                Some(_) => {
+                    let head = f.failed_head().expect("head kept");
+                    assert!(head.starts_with(b"INVITE sip:a"), "{bad:?}");
+                    assert!(head.len() <= limits.max_header_bytes);
+                    assert!(memchr::memmem::find(head, b"Call-ID: c1").is_some());
+                }
+                None => assert_eq!(f.failed_head(), None),
+            }
+        }
     }
 }

@@ -2,7 +2,9 @@
 //! sans-IO framer, hands whole messages to the proxy driver, answers RFC 5626
 //! keep-alive pings, sends pings on connections the edge opened, writes what
 //! the driver queues for it, and closes on EOF, framing error, idle timeout
-//! or shutdown. Every error ends only this connection, and is logged.
+//! or shutdown. On EOF or a framing error the driver first answers the
+//! refused message (400/413/513) and the queue is written out before the
+//! close. Every error ends only this connection, and is logged.
 
 use std::{
     sync::atomic::{AtomicU32, AtomicU64, Ordering},
@@ -16,10 +18,10 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-use super::Event;
+use super::{Event, Refused};
 use crate::{
     proxy::{ConnId, ConnInfo, HopTarget},
-    sip::framer::{Frame, Framer, FramerLimits, KeepAliveRole, PING, PONG},
+    sip::framer::{Frame, FrameError, Framer, FramerLimits, KeepAliveRole, PING, PONG},
 };
 
 /// Messages queued for one connection before the driver treats it as stuck.
@@ -91,9 +93,28 @@ pub async fn run<S>(
         let reader = async {
             let mut framer = Framer::new(role, params.limits);
             let mut buf = vec![0u8; 16 * 1024];
+            // The reader is done: the driver answers a refused message,
+            // then lets the writer drain what it queued and close (the
+            // writer ends the connection; this future never completes).
+            let closing = |refused: Option<Refused>| async {
+                if events.send(Event::Closing { conn, refused }).await.is_err() {
+                    return "driver gone";
+                }
+                std::future::pending().await
+            };
+            let refused = |framer: &Framer, e: &FrameError| {
+                Some(Refused {
+                    head: Bytes::copy_from_slice(framer.failed_head()?),
+                    code: e.response_code()?,
+                    why: e.to_string(),
+                })
+            };
             loop {
                 let n = match rd.read(&mut buf).await {
-                    Ok(0) => return "peer closed",
+                    Ok(0) => {
+                        debug!("peer closed its side; flushing");
+                        return closing(None).await;
+                    }
                     Ok(n) => n,
                     Err(e) => {
                         info!(error = %e, "read failed");
@@ -103,7 +124,7 @@ pub async fn run<S>(
                 touch();
                 if let Err(e) = framer.push(buf.get(..n).unwrap_or_default()) {
                     warn!(error = %e, "framing failed; closing");
-                    return "framing error";
+                    return closing(refused(&framer, &e)).await;
                 }
                 loop {
                     match framer.next_frame() {
@@ -122,8 +143,8 @@ pub async fn run<S>(
                         Ok(Some(Frame::Pong)) => debug!("keep-alive pong"),
                         Ok(None) => break,
                         Err(e) => {
-                            warn!(error = %e, "framing failed; closing");
-                            return "framing error";
+                            warn!(error = %e, "framing failed; answering and closing");
+                            return closing(refused(&framer, &e)).await;
                         }
                     }
                 }
@@ -140,7 +161,7 @@ pub async fn run<S>(
                 out.clear();
                 tokio::select! {
                     m = rx.recv() => {
-                        let Some(bytes) = m else { return "driver dropped the writer" };
+                        let Some(bytes) = m else { return "closing: queue written" };
                         out.extend_from_slice(&bytes);
                         // Whatever else is queued goes out in the same
                         // write: fewer TLS records and syscalls under load.

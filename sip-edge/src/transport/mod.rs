@@ -11,6 +11,7 @@
 //! → driver → connection writer → TLS → socket.
 
 pub mod conn;
+pub mod source;
 pub mod tls;
 pub mod udp;
 
@@ -28,7 +29,7 @@ use std::{
 use bytes::Bytes;
 use rustls::pki_types::ServerName;
 use tokio::{
-    net::{TcpListener, TcpStream, UdpSocket},
+    net::{TcpListener, UdpSocket},
     sync::{mpsc, watch},
     task::JoinHandle,
 };
@@ -65,6 +66,13 @@ pub enum TransportError {
         #[source]
         source: std::io::Error,
     },
+    /// A configured source address for outgoing connections is unusable.
+    #[error(transparent)]
+    Source {
+        /// The bind error (names the config key).
+        #[from]
+        source: source::ConnectError,
+    },
     /// TLS material could not be loaded.
     #[error(transparent)]
     Tls {
@@ -95,6 +103,17 @@ pub enum Event {
         /// The message bytes.
         bytes: Bytes,
     },
+    /// The connection's reader stopped (the peer closed its side, or
+    /// framing failed): the driver answers `refused` if any, then drops its
+    /// writer, so the connection writes everything queued for it before it
+    /// closes (events of one connection arrive in order, so the responses
+    /// to every message it delivered are queued by then).
+    Closing {
+        /// Which.
+        conn: ConnId,
+        /// A message the framer refused and that is answered first.
+        refused: Option<Refused>,
+    },
     /// The connection ended.
     Closed {
         /// Which.
@@ -105,6 +124,17 @@ pub enum Event {
         /// The hop.
         hop: HopTarget,
     },
+}
+
+/// A message the stream framer refused, to answer before the close.
+#[derive(Debug)]
+pub struct Refused {
+    /// The offending head as far as it was read.
+    pub head: Bytes,
+    /// The status to answer with (`FrameError::response_code`).
+    pub code: u16,
+    /// The framer's error, for the Warning.
+    pub why: String,
 }
 
 /// A running transport: the bound addresses and a handle to await.
@@ -132,6 +162,8 @@ struct Shared {
     events: mpsc::Sender<Event>,
     shutdown: watch::Receiver<bool>,
     connector: TlsConnector,
+    /// Where outgoing connections leave from, per side.
+    sources: source::Sources,
 }
 
 /// Decrements the live-connection count when a connection task ends.
@@ -193,6 +225,8 @@ pub async fn start(
     let mut settings = ProxySettings::from_config(cfg, int_addr.port(), ext_addr.port())
         .ok_or(TransportError::NoProxySection)?;
     settings.internal_udp_port = udp_addr.map(|a| a.port());
+    let sources = source::verify(source::Sources::from_config(cfg), cfg)?;
+    info!(?sources, "outgoing connections leave from these addresses");
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
     let (stop_tx, stop_rx) = watch::channel(false);
     let shared = Shared {
@@ -207,6 +241,7 @@ pub async fn start(
         events: events_tx,
         shutdown: stop_rx,
         connector: TlsConnector::from(client_tls),
+        sources,
     };
     tokio::spawn(accept_loop(
         int_l,
@@ -332,14 +367,16 @@ fn spawn_connect(hop: HopTarget, side: Side, shared: Shared) {
                 Ok(n) => n,
                 Err(e) => return fail(format!("bad TLS name {:?}: {e}", hop.tls_name)).await,
             };
+            // From the edge's address on this side (issue #14 item 4): the
+            // one Via and Record-Route name, and a peer allow-lists.
             let tcp = match tokio::time::timeout(
                 HANDSHAKE_TIMEOUT,
-                TcpStream::connect((hop.host.as_str(), hop.port)),
+                source::connect(&hop.host, hop.port, side, &shared.sources),
             )
             .await
             {
                 Ok(Ok(t)) => t,
-                Ok(Err(e)) => return fail(format!("connect: {e}")).await,
+                Ok(Err(e)) => return fail(e.to_string()).await,
                 Err(_) => return fail("connect timed out".into()).await,
             };
             let peer = match tcp.peer_addr() {
@@ -460,6 +497,16 @@ impl Driver {
             Event::Message { conn, bytes } => {
                 let out = self.proxy.on_message(conn, &bytes, now);
                 self.send_all(out);
+            }
+            Event::Closing { conn, refused } => {
+                if let Some(r) = refused {
+                    let out = self.proxy.on_framing_error(conn, &r.head, r.code, &r.why);
+                    self.send_all(out);
+                }
+                // The connection task drains its queue once this, the only
+                // sender, is gone, then closes; nothing new goes to it.
+                self.writers.remove(&conn);
+                self.pool.retain(|_, c| *c != conn);
             }
             Event::Closed { conn } => {
                 self.writers.remove(&conn);

@@ -168,18 +168,26 @@ impl Proxy {
             }
             c.deadline = now + TIMER_64T1;
         }
-        if let Some(s) = self.server_txs.get_mut(skey) {
-            let extra = media_reject(e).extra;
-            let bytes = build::response(&s.request, e.status(), Some(&s.to_tag), &extra);
-            s.final_sent = true;
-            s.last_response = Some(bytes.clone());
-            s.expires = Some(now + TIMER_64T1);
-            self.stats.responses_generated += 1;
-            out.push(Outgoing {
-                dest: Dest::Conn(s.conn),
-                bytes,
-                client_tx: None,
-            });
+        if let Some(caller) = self.server_txs.get(skey).map(|s| s.conn) {
+            let mut extra = media_reject(e).extra;
+            // The answer came from the other side: its details (addresses,
+            // which policy rule) stay there; the caller learns only that
+            // the edge refused it.
+            extra.push(self.warning(
+                caller,
+                "the answering party's session description was refused by the edge",
+            ));
+            if let Some(s) = self.server_txs.get_mut(skey) {
+                let bytes = build::response(&s.request, e.status(), Some(&s.to_tag), &extra);
+                s.last_response = Some(bytes.clone());
+                self.stats.responses_generated += 1;
+                out.push(Outgoing {
+                    dest: Dest::Conn(caller),
+                    bytes,
+                    client_tx: None,
+                });
+            }
+            self.server_final(skey, e.status(), now);
         }
         self.dialogs.remove(k);
     }

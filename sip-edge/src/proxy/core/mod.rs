@@ -223,6 +223,48 @@ fn tx_key(branch: &str, via: &Via, method: &str) -> String {
     format!("{branch}|{}:{}|{method}", via.host, via.port.unwrap_or(0))
 }
 
+/// The server-transaction key of a request (RFC 3261 §17.2.3). With the
+/// `z9hG4bK` cookie the branch identifies the transaction; without it the
+/// request comes from an RFC 2543 element, whose branch (if any) is not
+/// unique, so the key is what RFC 2543 matched on: Request-URI, From tag,
+/// Call-ID, CSeq number and method, and the top Via (sent-by and branch;
+/// `received`/`rport` are the edge's own additions). ACK takes the INVITE's
+/// method so it finds its transaction (§17.2.3); CANCEL asks for the
+/// INVITE's key explicitly (§9.2). The To tag
+/// is left out: a retransmission carries the INVITE's own, and an ACK
+/// carries the response's, which the caller checks where it matters.
+fn server_key(msg: &Message, top: &Via, method: &str) -> String {
+    let branch = top.branch().unwrap_or_default();
+    if branch.starts_with(MAGIC_COOKIE) {
+        return tx_key(branch, top, method);
+    }
+    let method = if method == "ACK" { "INVITE" } else { method };
+    let uri = match &msg.start {
+        StartLine::Request { uri, .. } => uri.as_str(),
+        StartLine::Response { .. } => "",
+    };
+    let from_tag = msg.from_tag().ok().flatten().unwrap_or_default();
+    let call_id = msg.call_id().unwrap_or_default();
+    let seq = msg.cseq().map_or(0, |c| c.seq);
+    format!(
+        "2543|{uri}|{from_tag}|{call_id}|{seq}|{method}|{}:{}|{branch}",
+        via_sent_by_host(top),
+        top.port.unwrap_or(0)
+    )
+}
+
+fn via_sent_by_host(v: &Via) -> String {
+    v.host.to_string().to_ascii_lowercase()
+}
+
+/// Whether a stored response is a 2xx (its ACK is a transaction of its own,
+/// §17.1.1.3, never absorbed by the INVITE's server transaction).
+fn is_2xx(response: &[u8]) -> bool {
+    response
+        .get(..9)
+        .is_some_and(|s| s.eq_ignore_ascii_case(b"SIP/2.0 2"))
+}
+
 fn ctx_key(branch: &str, method: &str) -> String {
     format!("{branch}|{method}")
 }
@@ -349,7 +391,8 @@ impl Proxy {
                     }
                 }
                 info!(conn, error = %e, "refusing malformed message");
-                if let Some(bytes) = build::bad_request_raw(raw, &e.to_string()) {
+                let host = self.settings.local(info.side).host.to_string();
+                if let Some(bytes) = build::error_raw(raw, 400, &host, &e.to_string()) {
                     self.stats.responses_generated += 1;
                     out.push(Outgoing {
                         dest: Dest::Conn(conn),
@@ -372,7 +415,10 @@ impl Proxy {
                     } else {
                         info!(code = r.code, why = %r.why, "rejecting request");
                         let tag = self.new_tag();
-                        self.respond_local(conn, &msg, r.code, &tag, &r.extra, &mut out);
+                        let mut extra = r.extra;
+                        extra.push(self.warning(conn, &r.why));
+                        let bytes = self.respond_local(conn, &msg, r.code, &tag, &extra, &mut out);
+                        self.remember_local_final(conn, info, msg, tag, bytes, now);
                     }
                 }
             }
@@ -384,6 +430,36 @@ impl Proxy {
         out
     }
 
+    /// The stream framer refused what `conn` sent and the connection will
+    /// close: the error response to send first (400/413/513 from
+    /// `FrameError::response_code`), built from the offending `head` (its
+    /// Via, From, To, Call-ID and CSeq lines) with a Warning carrying `why`.
+    /// Nothing when `head` starts a response (never answered, §17.1.3).
+    pub fn on_framing_error(
+        &mut self,
+        conn: ConnId,
+        head: &[u8],
+        code: u16,
+        why: &str,
+    ) -> Vec<Outgoing> {
+        let Some(info) = self.conns.get(&conn) else {
+            return Vec::new();
+        };
+        let host = self.settings.local(info.side).host.to_string();
+        let Some(bytes) = build::error_raw(head, code, &host, why) else {
+            return Vec::new();
+        };
+        info!(conn, code, why, "answering a message the framer refused");
+        self.stats.responses_generated += 1;
+        vec![Outgoing {
+            dest: Dest::Conn(conn),
+            bytes,
+            client_tx: None,
+        }]
+    }
+
+    /// Sends a response the edge generates to `req` on `conn`; returns its
+    /// bytes (a server transaction may keep them for retransmissions).
     fn respond_local(
         &mut self,
         conn: ConnId,
@@ -392,12 +468,64 @@ impl Proxy {
         tag: &str,
         extra: &[(&'static str, String)],
         out: &mut Vec<Outgoing>,
-    ) {
+    ) -> Vec<u8> {
         self.stats.responses_generated += 1;
+        let bytes = build::response(req, code, Some(tag), extra);
         out.push(Outgoing {
             dest: Dest::Conn(conn),
-            bytes: build::response(req, code, Some(tag), extra),
+            bytes: bytes.clone(),
             client_tx: None,
+        });
+        bytes
+    }
+
+    /// RFC 3261 §20.43: a Warning (code 399, miscellaneous) naming this
+    /// edge by its address on the side of `conn`, so the party the edge
+    /// refused sees why in its log. The text is the party's own problem
+    /// (its request, its SDP) or a generic one; never the other side's
+    /// details (callers pass only such texts).
+    fn warning(&self, conn: ConnId, why: &str) -> (&'static str, String) {
+        let side = self.conns.get(&conn).map_or(Side::Internal, |i| i.side);
+        (
+            "Warning",
+            build::warning_value(&self.settings.local(side).host.to_string(), why),
+        )
+    }
+
+    /// A final response the edge generated to `req` creates the server
+    /// transaction it would have had if forwarded (RFC 3261 §17.2.1,
+    /// §17.2.2): an INVITE's absorbs the ACK for it (Timer H, 64*T1) and
+    /// retransmissions get the same response; a non-INVITE's absorbs
+    /// retransmissions over UDP for Timer J (64*T1) and, over TLS/TCP,
+    /// where Timer J is 0, is not kept at all. Without it the ACK for the
+    /// edge's own 488 was routed on to a callee that never saw the INVITE.
+    fn remember_local_final(
+        &mut self,
+        conn: ConnId,
+        info: ConnInfo,
+        req: Message,
+        to_tag: String,
+        response: Vec<u8>,
+        now: Instant,
+    ) {
+        let (Some(method), Ok(top)) = (req.method().map(ToString::to_string), req.top_via()) else {
+            return;
+        };
+        if method != "INVITE" && !info.proto.unreliable() {
+            return;
+        }
+        if self.server_txs.len() >= MAX_SERVER_TXS {
+            return;
+        }
+        let key = server_key(&req, &top, &method);
+        self.server_txs.entry(key).or_insert(ServerTx {
+            conn,
+            request: req,
+            client_key: None,
+            last_response: Some(response),
+            final_sent: true,
+            to_tag,
+            expires: Some(now + TIMER_64T1),
         });
     }
 
@@ -415,10 +543,6 @@ fn media_reject(e: &MediaError) -> Reject {
     let mut r = reject(e.status(), e.to_string());
     if e.status() == 503 {
         r.extra.push(("Retry-After", RETRY_AFTER_SECS.to_string()));
-    } else {
-        // §20.43: say which rule refused it, so the far party's logs show
-        // why its offer (or answer) got 488.
-        r.extra.push(("Warning", build::warning(&e.to_string())));
     }
     r
 }

@@ -32,37 +32,44 @@ impl Proxy {
         // §18.2.1 / RFC 3581: stamp received (and rport when asked).
         msg.stamp_top_via(info.peer).map_err(bad)?;
         let top = msg.top_via().unwrap_or(top);
-        let branch = top.branch().unwrap_or_default().to_owned();
-        if !branch.starts_with(MAGIC_COOKIE) {
-            // RFC 2543 transactions cannot be matched reliably; every
-            // RFC 3261 element sends the cookie (§8.1.1.7).
-            return Err(reject(400, "Via branch lacks the z9hG4bK magic cookie"));
-        }
-        let skey = tx_key(&branch, &top, &method);
+        // §17.2.3: a branch without the z9hG4bK cookie is an RFC 2543
+        // element's; `server_key` matches its requests the RFC 2543 way.
+        let skey = server_key(msg, &top, &method);
 
         // Retransmission or ACK/CANCEL for an existing server transaction.
         if method == "ACK" {
             if let Some(stx) = self.server_txs.get(&skey) {
-                if stx.final_sent {
-                    // §17.2.1: ACK for our non-2xx final response ends here.
+                // §17.2.1: the ACK for a non-2xx final response ends here.
+                // (The ACK for a 2xx is end to end; an RFC 2543 one may
+                // match the INVITE's key while it lingers.)
+                if stx.final_sent && !stx.last_response.as_deref().is_some_and(is_2xx) {
                     self.stats.retransmissions_absorbed += 1;
                     debug!("ACK for non-2xx absorbed");
                     return Ok(());
                 }
             }
-        } else if let Some(stx) = self.server_txs.get(&skey) {
-            self.stats.retransmissions_absorbed += 1;
-            if let Some(r) = stx.last_response.clone() {
-                out.push(Outgoing {
-                    dest: Dest::Conn(stx.conn),
-                    bytes: r,
-                    client_tx: None,
-                });
+        } else {
+            if let Some(stx) = self.server_txs.get(&skey) {
+                self.stats.retransmissions_absorbed += 1;
+                // §18.2.2: over a stream the response goes back on the
+                // connection the request came on when the first is gone.
+                let dest = if self.conns.contains_key(&stx.conn) {
+                    stx.conn
+                } else {
+                    conn
+                };
+                if let Some(r) = stx.last_response.clone() {
+                    out.push(Outgoing {
+                        dest: Dest::Conn(dest),
+                        bytes: r,
+                        client_tx: None,
+                    });
+                }
+                return Ok(());
             }
-            return Ok(());
         }
         if method == "CANCEL" {
-            return self.on_cancel(conn, msg, &top, &branch, now, out);
+            return self.on_cancel(conn, msg, &top, now, out);
         }
 
         // §16.3 step 3: Max-Forwards.
@@ -417,12 +424,11 @@ impl Proxy {
         conn: ConnId,
         msg: &Message,
         top: &Via,
-        branch: &str,
         now: Instant,
         out: &mut Vec<Outgoing>,
     ) -> Result<(), Reject> {
         // §16.10: match the INVITE server transaction, answer 200 hop by hop.
-        let ikey = tx_key(branch, top, "INVITE");
+        let ikey = server_key(msg, top, "INVITE");
         let Some(stx) = self.server_txs.get(&ikey) else {
             return Err(reject(481, "no INVITE transaction to cancel"));
         };

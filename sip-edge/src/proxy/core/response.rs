@@ -193,16 +193,9 @@ impl Proxy {
         self.stats.responses_forwarded += 1;
         if let Some(s) = self.server_txs.get_mut(&skey) {
             s.last_response = Some(bytes.clone());
-            if code >= 200 {
-                s.final_sent = true;
-                s.expires = Some(
-                    now + if method == "INVITE" && code < 300 {
-                        Duration::ZERO
-                    } else {
-                        TIMER_64T1
-                    },
-                );
-            }
+        }
+        if code >= 200 {
+            self.server_final(&skey, code, now);
         }
         out.push(Outgoing {
             dest: Dest::Conn(stx_conn),

@@ -535,7 +535,6 @@ fn requests_that_cannot_be_handled_get_proper_responses() {
         |s| s.replace("Max-Forwards: 70", "Max-Forwards: 70\r\nbroken header line"),
         400,
     );
-    reject_case(|s| s.replace("branch=z9hG4bK74bf9", "branch=74bf9"), 400);
     reject_case(|s| s.replace("SIP/2.0\r\nVia", "SIP/3.0\r\nVia"), 505);
 }
 
@@ -554,6 +553,9 @@ fn media_refusal_answers_the_offer() {
         out.iter().all(|o| o.dest == Dest::Conn(CALLER)),
         "nothing forwarded"
     );
+    // Only the server transaction that absorbs the ACK (Timer H, §17.2.1).
+    assert_eq!(p.live(), (1, 0, 0));
+    p.on_tick(Instant::now() + Duration::from_secs(33));
     assert_eq!(p.live(), (0, 0, 0));
 }
 
@@ -1389,4 +1391,258 @@ fn a_refused_answer_in_ack_ends_the_call_both_ways() {
         }
     )));
     assert_eq!(p.live().2, 0, "dialog gone");
+}
+
+// --- issue #14 item 7 ---------------------------------------------------
+
+/// The fixture INVITE turned into the caller's ACK for a final response
+/// that carried To-tag `tag` (same Via, so it matches the INVITE's server
+/// transaction, §17.2.3), without a body.
+fn caller_ack(invite: &str, tag: &str) -> String {
+    let head = invite.split("Content-Type").next().unwrap_or(invite);
+    (head.to_owned() + "Content-Length: 0\r\n\r\n")
+        .replacen("INVITE sips", "ACK sips", 1)
+        .replace("CSeq: 1 INVITE", "CSeq: 1 ACK")
+        .replace(
+            "To: Bob <sips:bob@biloxi.example.com>",
+            &format!("To: Bob <sips:bob@biloxi.example.com>;tag={tag}"),
+        )
+}
+
+/// RFC 3261 §17.2.3: a request whose branch lacks the `z9hG4bK` cookie
+/// comes from an RFC 2543 element; it is matched the RFC 2543 way
+/// (Request-URI, From tag, Call-ID, CSeq, top Via) and processed, not
+/// refused. Retransmissions and the ACK for a non-2xx still match.
+#[test]
+fn rfc2543_invite_without_the_cookie_is_proxied_and_its_ack_absorbed() {
+    let (mut p, _) = setup();
+    let now = Instant::now();
+    let text = String::from_utf8(fixture("rfc3665_3_1_invite.sip"))
+        .unwrap()
+        .replace("branch=z9hG4bK74bf9", "branch=74bf9");
+    let out = p.on_message(CALLER, text.as_bytes(), now);
+    let back = to_conn(&out, CALLER);
+    assert_eq!(back.len(), 1, "{out:?}");
+    assert_eq!(back[0].status(), Some(100), "processed, not refused");
+    let fwd = out
+        .iter()
+        .find(|o| matches!(o.dest, Dest::Hop { .. }))
+        .expect("INVITE forwarded");
+    let inv = parse(fwd);
+    assert!(
+        inv.top_via()
+            .unwrap()
+            .branch()
+            .unwrap()
+            .starts_with("z9hG4bK"),
+        "the edge's own branch is RFC 3261"
+    );
+    // A retransmission matches the first INVITE the RFC 2543 way.
+    let out = p.on_message(CALLER, text.as_bytes(), now);
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(parse(&out[0]).status(), Some(100));
+    // Another INVITE with the same cookie-less branch but another Call-ID
+    // is another transaction (the branch alone identifies nothing here).
+    let other = text.replace(
+        "3848276298220188511@atlanta.example.com",
+        "other-call@atlanta.example.com",
+    );
+    let out = p.on_message(CALLER, other.as_bytes(), now);
+    assert!(
+        out.iter().any(|o| matches!(o.dest, Dest::Hop { .. })),
+        "{out:?}"
+    );
+    // 486 upstream, and the caller's ACK for it ends at the edge.
+    let out = p.on_message(CALLEE, &answer(&inv, 486, "b1", "", ""), now);
+    assert_eq!(to_conn(&out, CALLER)[0].status(), Some(486));
+    let out = p.on_message(CALLER, caller_ack(&text, "b1").as_bytes(), now);
+    assert!(out.is_empty(), "{out:?}");
+}
+
+/// RFC 3261 §17.2.1: a final response the edge generates itself (here the
+/// media layer's 488) creates the INVITE server transaction that absorbs
+/// the caller's ACK. Without it the ACK was routed on to a callee that
+/// never saw the INVITE, with the edge's To-tag and the inside Via.
+#[test]
+fn a_locally_rejected_invite_absorbs_its_ack_and_retransmissions() {
+    let (mut p, rec) = setup();
+    rec.lock().unwrap().refuse = Some(MediaError::NotAcceptable {
+        reason: "no IPv4 edge address for media".into(),
+    });
+    let now = Instant::now();
+    let text = String::from_utf8(fixture("rfc3665_3_1_invite.sip")).unwrap();
+    let out = p.on_message(CALLER, text.as_bytes(), now);
+    let r = to_conn(&out, CALLER);
+    assert_eq!(r.len(), 1, "{out:?}");
+    assert_eq!(r[0].status(), Some(488));
+    let tag = r[0]
+        .to_tag()
+        .unwrap()
+        .expect("a final response carries a To-tag");
+    let first = out[0].bytes.clone();
+    let out = p.on_message(CALLER, caller_ack(&text, &tag).as_bytes(), now);
+    assert!(
+        out.is_empty(),
+        "the ACK for the edge's own 488 ends at the edge: {out:?}"
+    );
+    // A retransmitted INVITE gets the same 488 again, without a second
+    // trip through the media layer.
+    let out = p.on_message(CALLER, text.as_bytes(), now);
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(out[0].bytes, first);
+    let sdp_calls = rec
+        .lock()
+        .unwrap()
+        .calls
+        .iter()
+        .filter(|c| matches!(c, Call::Sdp { .. }))
+        .count();
+    assert_eq!(sdp_calls, 1);
+    // Timer H (64*T1) ends it.
+    p.on_tick(now + Duration::from_secs(33));
+    assert_eq!(p.live(), (0, 0, 0));
+}
+
+/// RFC 3261 §20.43: the edge's own 4xx/5xx carry a Warning (code 399) with
+/// the edge's host on the side the response goes to and a short reason, so
+/// the rejected party's log shows why.
+#[test]
+fn the_edges_own_errors_say_why_in_a_warning() {
+    let r = reject_case(
+        |s| {
+            s.replace(
+                "INVITE sips:bob@biloxi.example.com",
+                "INVITE sips:bob@nowhere.example.org",
+            )
+        },
+        404,
+    );
+    let w = r.header("Warning").expect("a Warning on the 404");
+    assert!(w.starts_with("399 10.77.0.1 \""), "{w}");
+    assert!(w.contains("no [[route]] for nowhere.example.org"), "{w}");
+
+    let (mut p, rec) = setup();
+    rec.lock().unwrap().refuse = Some(MediaError::NotAcceptable {
+        reason: "no IPv4 edge address for media".into(),
+    });
+    let out = p.on_message(CALLER, &fixture("rfc3665_3_1_invite.sip"), Instant::now());
+    let w = to_conn(&out, CALLER)[0]
+        .header("Warning")
+        .map(str::to_owned)
+        .expect("a Warning on the 488");
+    assert!(w.starts_with("399 10.77.0.1 \""), "{w}");
+    assert!(w.contains("no IPv4 edge address for media"), "{w}");
+
+    let (mut p, _) = setup();
+    let now = Instant::now();
+    let inv = invite(&mut p, now);
+    let out = p.on_unreachable(
+        &ctx_key(inv.top_via().unwrap().branch().unwrap(), "INVITE"),
+        now,
+    );
+    let w = to_conn(&out, CALLER)[0]
+        .header("Warning")
+        .map(str::to_owned)
+        .expect("a Warning on the 503");
+    assert!(w.starts_with("399 10.77.0.1 \""), "{w}");
+
+    // Toward the outside the Warning names the public address, never the
+    // inside one.
+    let (mut p, _) = setup();
+    let out = p.on_message(
+        PEER_CALLER,
+        inbound_request("INVITE", "z9hG4bKnoroute").as_bytes(),
+        Instant::now(),
+    );
+    let r = to_conn(&out, PEER_CALLER);
+    assert_eq!(r[0].status(), Some(404), "{out:?}");
+    let w = r[0].header("Warning").expect("a Warning on the 404");
+    assert!(w.starts_with("399 203.0.113.1 \""), "{w}");
+}
+
+const MESSAGE_FROM_INSIDE: &str = "MESSAGE sips:bob@biloxi.example.com SIP/2.0\r\nVia: SIP/2.0/TLS client.atlanta.example.com:5061;branch=z9hG4bKmsg1\r\nMax-Forwards: 70\r\nFrom: Alice <sips:alice@atlanta.example.com>;tag=m1\r\nTo: Bob <sips:bob@biloxi.example.com>\r\nCall-ID: msg1@atlanta.example.com\r\nCSeq: 1 MESSAGE\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nhi";
+
+/// RFC 3261 §17.2.2: Timer J is 0 on reliable transports, so a non-INVITE
+/// server transaction over TLS ends with its final response. A later
+/// request reusing the branch (here on a new connection, the first one
+/// closed) is a new request, not answered with the stored response on the
+/// closed connection.
+#[test]
+fn non_invite_over_tls_ends_at_its_final_response() {
+    let (mut p, _) = setup();
+    let now = Instant::now();
+    let out = p.on_message(CALLER, MESSAGE_FROM_INSIDE.as_bytes(), now);
+    let fwd = parse(
+        out.iter()
+            .find(|o| matches!(o.dest, Dest::Hop { .. }))
+            .expect("forwarded"),
+    );
+    let out = p.on_message(CALLEE, &answer(&fwd, 200, "b1", "", ""), now);
+    assert_eq!(to_conn(&out, CALLER)[0].status(), Some(200));
+    assert_eq!(p.live().0, 0, "Timer J = 0 over TLS");
+    p.on_conn_closed(CALLER, now);
+    const CALLER2: ConnId = 4;
+    p.on_conn_open(
+        CALLER2,
+        ConnInfo {
+            side: Side::Internal,
+            peer: "10.77.0.2:40003".parse().unwrap(),
+            proto: Proto::Tls,
+        },
+    );
+    let again = MESSAGE_FROM_INSIDE.replace("CSeq: 1 MESSAGE", "CSeq: 2 MESSAGE");
+    let out = p.on_message(CALLER2, again.as_bytes(), now);
+    assert!(
+        out.iter().any(|o| matches!(o.dest, Dest::Hop { .. })),
+        "a new request, forwarded: {out:?}"
+    );
+    assert!(
+        out.iter().all(|o| o.dest != Dest::Conn(CALLER)),
+        "nothing for the closed connection: {out:?}"
+    );
+}
+
+/// Over UDP the same transaction lingers for Timer J (64*T1) and absorbs
+/// retransmissions with the stored response (§17.2.2).
+#[test]
+fn non_invite_over_udp_keeps_absorbing_for_timer_j() {
+    let now = Instant::now();
+    let mut p = setup_udp_registered(now);
+    let req = MESSAGE_FROM_INSIDE.replace(
+        "Via: SIP/2.0/TLS client.atlanta.example.com:5061",
+        "Via: SIP/2.0/UDP 10.77.0.9:5062",
+    );
+    let out = p.on_message(UDP_CLIENT, req.as_bytes(), now);
+    let fwd = parse(
+        out.iter()
+            .find(|o| matches!(o.dest, Dest::Hop { .. }))
+            .expect("forwarded"),
+    );
+    p.on_message(CALLEE, &answer(&fwd, 200, "b1", "", ""), now);
+    let out = p.on_message(UDP_CLIENT, req.as_bytes(), now);
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(parse(&out[0]).status(), Some(200));
+    p.on_tick(now + Duration::from_secs(33));
+    assert_eq!(p.live().0, 0);
+}
+
+/// Issue #14 item 7: a message the stream framer refused is answered
+/// before the close, from the head it kept; a response head is not.
+#[test]
+fn framing_errors_are_answered_from_the_kept_head() {
+    let (mut p, _) = setup();
+    let head = b"INVITE sips:bob@biloxi.example.com SIP/2.0\r\nVia: SIP/2.0/TLS 198.51.100.3:40002;branch=z9hG4bKbig\r\nCall-ID: big@chicago\r\nCSeq: 1 INVITE\r\nContent-Length: 99999999\r\n\r\n";
+    let out = p.on_framing_error(PEER_CALLER, head, 413, "body over the limit");
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].dest, Dest::Conn(PEER_CALLER));
+    let r = parse(&out[0]);
+    assert_eq!(r.status(), Some(413));
+    assert_eq!(r.call_id().unwrap(), "big@chicago");
+    assert_eq!(
+        r.header("Warning"),
+        Some("399 203.0.113.1 \"body over the limit\"")
+    );
+    assert!(p
+        .on_framing_error(CALLEE, b"SIP/2.0 200 OK\r\nCall-ID: x\r\n", 513, "x")
+        .is_empty());
 }

@@ -225,26 +225,68 @@ impl Proxy {
         if method == "ACK" {
             return;
         }
-        if let Some(s) = self.server_txs.get_mut(&skey) {
-            if s.final_sent {
-                return;
+        let Some(conn) = self
+            .server_txs
+            .get(&skey)
+            .filter(|s| !s.final_sent)
+            .map(|s| s.conn)
+        else {
+            return;
+        };
+        let mut extra: Vec<(&str, String)> = if code == 503 {
+            vec![("Retry-After", RETRY_AFTER_SECS.to_string())]
+        } else {
+            Vec::new()
+        };
+        let why = match code {
+            408 => "no final response from the next hop",
+            487 => "request cancelled",
+            _ => "next hop unreachable",
+        };
+        extra.push(self.warning(conn, why));
+        let Some(s) = self.server_txs.get_mut(&skey) else {
+            return;
+        };
+        let bytes = build::response(&s.request, code, Some(&s.to_tag), &extra);
+        s.last_response = Some(bytes.clone());
+        self.stats.responses_generated += 1;
+        info!(code, "answering for an unreachable or silent next hop");
+        out.push(Outgoing {
+            dest: Dest::Conn(conn),
+            bytes,
+            client_tx: None,
+        });
+        self.server_final(&skey, code, now);
+    }
+
+    /// The server transaction `skey` sent its final response `code`: how
+    /// long it lingers. RFC 3261 §17.2.1: an INVITE's waits for the ACK of
+    /// a non-2xx (Timer H, 64*T1, on every transport) and ends at a 2xx;
+    /// §17.2.2: a non-INVITE's absorbs retransmissions for Timer J, 64*T1
+    /// over UDP and 0 over TLS/TCP, so over a stream it ends here (kept, it
+    /// answered a later request reusing its branch with the stored response,
+    /// on a connection that may be long closed).
+    pub(super) fn server_final(&mut self, skey: &str, code: u16, now: Instant) {
+        let Some(s) = self.server_txs.get_mut(skey) else {
+            return;
+        };
+        s.final_sent = true;
+        let invite = s.request.method().is_some_and(|m| m.is("INVITE"));
+        let unreliable = self
+            .conns
+            .get(&s.conn)
+            .is_some_and(|i| i.proto.unreliable());
+        let linger = match (invite, code) {
+            (true, 200..=299) => Some(Duration::ZERO),
+            (true, _) => Some(TIMER_64T1),
+            (false, _) if unreliable => Some(TIMER_64T1),
+            (false, _) => None,
+        };
+        match linger {
+            Some(d) => s.expires = Some(now + d),
+            None => {
+                self.server_txs.remove(skey);
             }
-            let extra: Vec<(&str, String)> = if code == 503 {
-                vec![("Retry-After", RETRY_AFTER_SECS.to_string())]
-            } else {
-                Vec::new()
-            };
-            let bytes = build::response(&s.request, code, Some(&s.to_tag), &extra);
-            s.final_sent = true;
-            s.last_response = Some(bytes.clone());
-            s.expires = Some(now + TIMER_64T1);
-            self.stats.responses_generated += 1;
-            info!(code, "answering for an unreachable or silent next hop");
-            out.push(Outgoing {
-                dest: Dest::Conn(s.conn),
-                bytes,
-                client_tx: None,
-            });
         }
     }
 
