@@ -59,28 +59,30 @@ pub fn dst(pkt: &Packet) -> Dst {
     let mut idx = u32::MAX;
     if pkt.family == FAMILY_V4 {
         let a = pkt.dst[0] as u32 | (pkt.dst[1] as u32) << 16;
-        let n = l.n4 as usize;
-        for i in 0..EDGE_LIST_V4 {
-            if i >= n {
+        let mut i = 0;
+        while i < EDGE_LIST_V4 {
+            if i >= count(&raw const l.n4) {
                 break;
             }
             if l.v4[i] == a {
                 idx = i as u32;
                 break;
             }
+            i += 1;
         }
     } else {
         // SAFETY: same size, both plain integers.
         let a: [u64; 2] = unsafe { core::mem::transmute(pkt.dst) };
-        let n = l.n6 as usize;
-        for i in 0..EDGE_LIST_V6 {
-            if i >= n {
+        let mut i = 0;
+        while i < EDGE_LIST_V6 {
+            if i >= count(&raw const l.n6) {
                 break;
             }
             if l.v6[i][0] == a[0] && l.v6[i][1] == a[1] {
                 idx = l.n4 + i as u32;
                 break;
             }
+            i += 1;
         }
     }
     if idx == u32::MAX {
@@ -93,6 +95,26 @@ pub fn dst(pkt: &Packet) -> Dst {
         d.slot = idx * l.port_span + off;
     }
     d
+}
+
+/// An `EdgeList` entry count, read afresh on every iteration of a scan.
+///
+/// With a count read once, LLVM merges the two loop exits `i >= n` and
+/// `i == EDGE_LIST_*` into one `i == min(n, EDGE_LIST_*)` register compare.
+/// The 6.1 verifier learns nothing from a failed equality test between a
+/// range and a constant inside it, so it walks the scan past the end of the
+/// 672-byte map value and rejects the program ("invalid access to map
+/// value"; newer verifiers, 6.12 here, narrow the range and accept it). A
+/// volatile load inside the loop can be neither hoisted nor merged: every
+/// iteration keeps the exit on the constant bound (`i` is a known constant
+/// to the verifier) and an ordered `i >= n` compare, so the index never
+/// passes `EDGE_LIST_* - 1` on any kernel. Cost: one L1-hot load per
+/// scanned entry. The agent writes the value whole; a scan already read the
+/// entries one by one, so a concurrent update is no less safe than before.
+#[inline(always)]
+fn count(n: *const u32) -> usize {
+    // SAFETY: `n` points into a live array map value.
+    unsafe { core::ptr::read_volatile(n) as usize }
 }
 
 /// `EDGE_ADDRS` lookup of the packet's destination.

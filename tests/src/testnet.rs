@@ -599,7 +599,12 @@ pub struct AgentProcess {
 
 impl AgentProcess {
     /// Start `sip-edge run --config <config>` in the edge namespace and wait
-    /// (bounded) until its links are pinned under `pin_dir`.
+    /// (bounded) until it says it is ready: the line it logs once the
+    /// datapath is attached and configured and, with `[proxy]`, its SIP
+    /// listeners are bound. Not the pins under `pin_dir`: on a restart the
+    /// previous run's pins already exist, and a slow machine would signal
+    /// the new agent before it swapped its program in. The agent's log goes
+    /// on to our stderr. The links of `ifaces` must be pinned by then.
     pub fn start(
         topo: &Topology,
         bin: &std::path::Path,
@@ -607,23 +612,55 @@ impl AgentProcess {
         pin_dir: &std::path::Path,
         ifaces: &[&str],
     ) -> Result<AgentProcess, TestnetError> {
-        let child = topo
-            .edge_cmd(bin)
-            .args(["run", "--config"])
+        use std::io::BufRead as _;
+        /// Logged last when ready: datapath-only, or with the SIP proxy.
+        const READY: [&str; 2] = ["no [proxy] section", "SIP listeners up"];
+        let mut cmd = topo.edge_cmd(bin);
+        cmd.args(["run", "--config"])
             .arg(config)
             .stdin(Stdio::null())
-            .spawn()
-            .map_err(io_err("spawn agent"))?;
+            .stderr(Stdio::piped())
+            .env("NO_COLOR", "1");
+        // The ready lines are info; keep them whatever filter is set.
+        if let Ok(f) = std::env::var("SIP_EDGE_LOG") {
+            cmd.env(
+                "SIP_EDGE_LOG",
+                format!("{f},sip_edge::agent=info,sip_edge::transport=info"),
+            );
+        }
+        let mut child = cmd.spawn().map_err(io_err("spawn agent"))?;
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        if let Some(err) = child.stderr.take() {
+            // Ends at EOF, when the agent exits.
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                    eprintln!("{line}");
+                    if READY.iter().any(|r| line.contains(r)) {
+                        let _ = ready_tx.send(());
+                    }
+                }
+            });
+        }
         let mut agent = AgentProcess { child };
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
-            if ifaces
-                .iter()
-                .all(|i| sip_edge::datapath::attach::link_pin(pin_dir, i).exists())
-                && pin_dir.join("PINHOLES").exists()
-            {
-                // Give the agent a moment to finish writing config maps.
-                std::thread::sleep(Duration::from_millis(200));
+            let ready = ready_rx.recv_timeout(Duration::from_millis(50));
+            if let Err(std::sync::mpsc::RecvTimeoutError::Disconnected) = ready {
+                // Its stderr is closed: it is exiting; do not spin.
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if ready.is_ok() {
+                let missing: Vec<&str> = ifaces
+                    .iter()
+                    .copied()
+                    .filter(|i| !sip_edge::datapath::attach::link_pin(pin_dir, i).exists())
+                    .collect();
+                if !missing.is_empty() {
+                    return Err(TestnetError::Cmd {
+                        cmd: "sip-edge run".into(),
+                        stderr: format!("ready, but no link pinned for {missing:?}"),
+                    });
+                }
                 return Ok(agent);
             }
             if let Ok(Some(status)) = agent.child.try_wait() {
@@ -635,10 +672,9 @@ impl AgentProcess {
             if std::time::Instant::now() > deadline {
                 return Err(TestnetError::Cmd {
                     cmd: "sip-edge run".into(),
-                    stderr: "links not pinned within 20 s".into(),
+                    stderr: "agent not ready within 60 s".into(),
                 });
             }
-            std::thread::sleep(Duration::from_millis(50));
         }
     }
 

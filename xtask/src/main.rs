@@ -12,6 +12,8 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
+mod kernels;
+
 /// Debian packages the build and the tests need.
 const APT_PACKAGES: &[&str] = &[
     // bpf-linker links against LLVM 22 (matches nightly's LLVM).
@@ -81,6 +83,10 @@ enum Cmd {
         #[arg(long)]
         stages: Option<String>,
     },
+    /// Kernel support matrix: boot Debian's 6.1 and 6.12 cloud kernels
+    /// under qemu, load the XDP program and run the verifier and fixture
+    /// tests in each (and on the host); table + target/kernels/report.json.
+    Kernels,
 }
 
 fn main() -> Result<()> {
@@ -105,6 +111,10 @@ fn main() -> Result<()> {
             setup()?;
             apt_install(BENCH_APT_PACKAGES)?;
             bench(&root, quick, &out, stages.as_deref())
+        }
+        Cmd::Kernels => {
+            setup()?;
+            kernels::kernels(&root)
         }
     }
 }
