@@ -462,3 +462,24 @@ fn mangled_sdp_never_panics() {
     }
     let _: SocketAddr = "203.0.113.5:1".parse().expect("addr");
 }
+
+/// Found by the `proxy_sequence` fuzz target: a disabled (port 0) or
+/// inactive MSRP stream kept its `a=path` as received, so the inside
+/// client's address left toward the outside. A stream without a pinhole
+/// still names the edge, never the party behind it.
+#[test]
+fn streams_without_a_pinhole_hide_their_msrp_path_too() {
+    for (m, dir) in [("m=message 0 TCP/MSRP *", ""), ("m=message 2855 TCP/MSRP *", "a=inactive\r\n")] {
+        let body = format!(
+            "v=0\r\no=- 1 1 IN IP4 10.77.0.2\r\ns=-\r\nc=IN IP4 10.77.0.2\r\nt=0 0\r\n\
+             {m}\r\na=path:msrp://10.77.0.2:2855/s1;tcp\r\n{dir}"
+        );
+        let sdp = Sdp::parse(body.as_bytes()).expect("parse");
+        let out = sdp
+            .rewrite(&policy(CandidatePolicy::ReplacePrivateHost), &mut counter())
+            .expect("rewrite");
+        let s = text(&out.sdp);
+        assert!(!s.contains("10.77.0.2"), "inside address left in {m:?}:\n{s}");
+        assert!(s.contains(&format!("a=path:msrp://{EDGE}:")), "{s}");
+    }
+}

@@ -690,13 +690,18 @@ impl Sdp {
                         None => return Err(bad("a=candidate")),
                     }
                 } else if let Some(v) = t.strip_prefix(b"a=path:") {
-                    if let Some(p) = rtp_port {
+                    // A stream without a pinhole (port 0, inactive) keeps
+                    // its port but still names the edge: its path is the
+                    // party's own address, which must not cross the edge
+                    // any more than a live stream's (like `a=rtcp` above).
+                    if !multicast {
                         let s = std::str::from_utf8(v).map_err(|_| bad("a=path"))?;
                         let mut uris: Vec<String> =
                             s.split_ascii_whitespace().map(str::to_owned).collect();
                         if let Some(first) = uris.first_mut() {
-                            let (scheme, _, _, tail) =
+                            let (scheme, _, orig, tail) =
                                 parse_msrp_uri(first).ok_or_else(|| bad("a=path"))?;
+                            let p = rtp_port.unwrap_or(orig);
                             *first = format!("{scheme}{}{tail}", SocketAddr::new(addr, p));
                         }
                         new = Some(format!("a=path:{}", uris.join(" ")));
