@@ -483,3 +483,22 @@ fn streams_without_a_pinhole_hide_their_msrp_path_too() {
         assert!(s.contains(&format!("a=path:msrp://{EDGE}:")), "{s}");
     }
 }
+
+/// Found by the `proxy_sequence` fuzz target: an IPv4-mapped IPv6 form of
+/// a private address (`::ffff:10.77.0.99`) was not private to the
+/// candidate filter, so the host candidate left toward the outside.
+#[test]
+fn ipv4_mapped_private_addresses_are_private() {
+    for a in ["::ffff:10.77.0.99", "::ffff:192.168.1.1", "::ffff:127.0.0.1", "::ffff:100.64.0.1"] {
+        assert!(is_private(a.parse().expect("ip")), "{a}");
+    }
+    assert!(!is_private("::ffff:198.51.100.2".parse().expect("ip")));
+    let body = "v=0\r\no=- 1 1 IN IP4 10.77.0.2\r\ns=-\r\nc=IN IP4 10.77.0.2\r\nt=0 0\r\n\
+                m=audio 4000 RTP/AVP 0\r\n\
+                a=candidate:1 1 UDP 2130706431 ::ffff:10.77.0.99 4000 typ host\r\n";
+    let out = Sdp::parse(body.as_bytes())
+        .expect("parse")
+        .rewrite(&policy(CandidatePolicy::RemovePrivateHost), &mut counter())
+        .expect("rewrite");
+    assert!(!text(&out.sdp).contains("10.77.0.99"), "{}", text(&out.sdp));
+}

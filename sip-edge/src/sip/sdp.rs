@@ -248,8 +248,13 @@ pub struct Sdp {
 }
 
 /// True for addresses that must not leave the inside: RFC 1918, CGNAT
-/// (RFC 6598), loopback, link-local, unspecified, ULA (RFC 4193).
+/// (RFC 6598), loopback, link-local, unspecified, ULA (RFC 4193), also
+/// written as IPv4-mapped IPv6 (`::ffff:10.0.0.1` is the same host).
 pub fn is_private(ip: IpAddr) -> bool {
+    let ip = match ip {
+        IpAddr::V6(a) => a.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
     match ip {
         IpAddr::V4(a) => {
             let o = a.octets();
