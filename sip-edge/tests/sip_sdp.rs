@@ -469,7 +469,10 @@ fn mangled_sdp_never_panics() {
 /// still names the edge, never the party behind it.
 #[test]
 fn streams_without_a_pinhole_hide_their_msrp_path_too() {
-    for (m, dir) in [("m=message 0 TCP/MSRP *", ""), ("m=message 2855 TCP/MSRP *", "a=inactive\r\n")] {
+    for (m, dir) in [
+        ("m=message 0 TCP/MSRP *", ""),
+        ("m=message 2855 TCP/MSRP *", "a=inactive\r\n"),
+    ] {
         let body = format!(
             "v=0\r\no=- 1 1 IN IP4 10.77.0.2\r\ns=-\r\nc=IN IP4 10.77.0.2\r\nt=0 0\r\n\
              {m}\r\na=path:msrp://10.77.0.2:2855/s1;tcp\r\n{dir}"
@@ -479,7 +482,10 @@ fn streams_without_a_pinhole_hide_their_msrp_path_too() {
             .rewrite(&policy(CandidatePolicy::ReplacePrivateHost), &mut counter())
             .expect("rewrite");
         let s = text(&out.sdp);
-        assert!(!s.contains("10.77.0.2"), "inside address left in {m:?}:\n{s}");
+        assert!(
+            !s.contains("10.77.0.2"),
+            "inside address left in {m:?}:\n{s}"
+        );
         assert!(s.contains(&format!("a=path:msrp://{EDGE}:")), "{s}");
     }
 }
@@ -489,7 +495,12 @@ fn streams_without_a_pinhole_hide_their_msrp_path_too() {
 /// candidate filter, so the host candidate left toward the outside.
 #[test]
 fn ipv4_mapped_private_addresses_are_private() {
-    for a in ["::ffff:10.77.0.99", "::ffff:192.168.1.1", "::ffff:127.0.0.1", "::ffff:100.64.0.1"] {
+    for a in [
+        "::ffff:10.77.0.99",
+        "::ffff:192.168.1.1",
+        "::ffff:127.0.0.1",
+        "::ffff:100.64.0.1",
+    ] {
         assert!(is_private(a.parse().expect("ip")), "{a}");
     }
     assert!(!is_private("::ffff:198.51.100.2".parse().expect("ip")));
@@ -501,4 +512,22 @@ fn ipv4_mapped_private_addresses_are_private() {
         .rewrite(&policy(CandidatePolicy::RemovePrivateHost), &mut counter())
         .expect("rewrite");
     assert!(!text(&out.sdp).contains("10.77.0.99"), "{}", text(&out.sdp));
+}
+
+/// Found by the `proxy_sequence` fuzz target: on a multicast stream the
+/// `a=rtcp` line was left alone even when it named a unicast inside host.
+#[test]
+fn a_unicast_rtcp_address_on_a_multicast_stream_is_hidden() {
+    let body = "v=0\r\no=- 1 1 IN IP4 10.77.0.2\r\ns=-\r\nc=IN IP4 224.0.0.5/16\r\nt=0 0\r\n\
+                m=video 5004 RTP/AVP 96\r\na=rtcp:5005 IN IP4 10.77.0.99\r\n";
+    let out = Sdp::parse(body.as_bytes())
+        .expect("parse")
+        .rewrite(&policy(CandidatePolicy::ReplacePrivateHost), &mut counter())
+        .expect("rewrite");
+    let s = text(&out.sdp);
+    assert!(!s.contains("10.77.0.99"), "{s}");
+    assert!(
+        s.contains("c=IN IP4 224.0.0.5/16"),
+        "the group address stays: {s}"
+    );
 }

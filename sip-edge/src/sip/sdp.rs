@@ -673,7 +673,14 @@ impl Sdp {
                         } else {
                             format!("a=rtcp:{p}")
                         });
-                    } else if f.len() > 1 && !multicast {
+                    } else if f.len() > 1
+                        && !(multicast
+                            && f.get(3)
+                                .and_then(|a| a.parse::<IpAddr>().ok())
+                                .is_some_and(|a| a.is_multicast()))
+                    {
+                        // A unicast RTCP address names a host even on a
+                        // multicast stream (RFC 3605 §2.1): hide it.
                         new = Some(format!(
                             "a=rtcp:{orig} IN {} {}",
                             addr_type(addr),
