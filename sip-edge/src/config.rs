@@ -10,6 +10,7 @@ use std::{
 
 use serde::Deserialize;
 
+pub mod check;
 pub mod forms;
 
 /// Default directory for pinned maps and links.

@@ -10,10 +10,12 @@ fn example() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sip-edge.example.toml")
 }
 
+/// The example names interfaces this machine lacks: it is valid as a
+/// file, checked as if on another machine.
 #[test]
 fn check_config_accepts_the_shipped_example() {
     let out = Command::new(BIN)
-        .args(["check-config", "--config"])
+        .args(["check-config", "--no-host-checks", "--config"])
         .arg(example())
         .output()
         .expect("run");
