@@ -49,8 +49,23 @@ pub enum Command {
         /// Skip what depends on this machine (interfaces, bpffs, local
         /// addresses, certificate/key/CA files): for checking a file on
         /// another machine than the edge.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "host")]
         no_host_checks: bool,
+        /// Also check the host's settings, as `sip-edge doctor` does.
+        #[arg(long)]
+        host: bool,
+    },
+    /// Check the host the edge runs on (IP forwarding, rp_filter, XDP
+    /// support of the NIC drivers, reserved media ports across reboots,
+    /// the firewall letting the signalling ports in) and say what to
+    /// change. Changes nothing. Exit 0 when nothing fails, 1 otherwise.
+    Doctor {
+        /// TOML configuration file of the edge.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Add, delete or list pinholes in the running datapath's maps.
     Pinhole {

@@ -1,14 +1,19 @@
 //! `sip-edge` binary: parses the command line, sets up logging and hands
-//! over to the library. Exit codes: 0 ok, 1 runtime error, 64 bad config or
-//! usage (EX_USAGE): `run` runs the whole `check-config` first, so a bad
-//! file exits 64 before anything is loaded or attached.
+//! over to the library. Exit codes: 0 ok, 1 runtime error or a failed
+//! `doctor` check, 64 bad config or usage (EX_USAGE): `run` runs the whole
+//! `check-config` first, so a bad file exits 64 before anything is loaded
+//! or attached.
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use sip_edge::{
     cli::{self, Cli, Command},
-    config::check::{Options, RealHost, Report},
+    config::{
+        check::{Options, RealHost, Report},
+        Config,
+    },
+    doctor::{self as host_doctor, RealProbe, Status},
 };
 
 const EX_USAGE: u8 = 64;
@@ -60,6 +65,7 @@ fn main() -> ExitCode {
         Command::CheckConfig {
             config,
             no_host_checks,
+            host,
         } => {
             let opts = Options {
                 host_checks: !no_host_checks,
@@ -70,10 +76,35 @@ fn main() -> ExitCode {
                 return ExitCode::from(EX_USAGE);
             }
             print!("{}", report.render());
-            ExitCode::SUCCESS
+            match (host, report.config) {
+                (true, Some(cfg)) => doctor(&cfg, false),
+                _ => ExitCode::SUCCESS,
+            }
         }
+        Command::Doctor { config, json } => match Config::from_file(&config) {
+            Ok(cfg) => doctor(&cfg, json),
+            Err(e) => {
+                eprintln!("sip-edge: {e}");
+                ExitCode::from(EX_USAGE)
+            }
+        },
         Command::Pinhole { action } => print_or_fail(cli::pinhole(&action)),
         Command::Stats(opts) => print_or_fail(cli::stats(&opts)),
+    }
+}
+
+/// `doctor`: prints every host check; exit 1 when one fails.
+fn doctor(cfg: &Config, json: bool) -> ExitCode {
+    let checks = host_doctor::run(cfg, &RealProbe);
+    if json {
+        print!("{}", host_doctor::render_json(&checks));
+    } else {
+        print!("{}", host_doctor::render(&checks));
+    }
+    if checks.iter().any(|c| c.status == Status::Fail) {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     }
 }
 
