@@ -30,18 +30,42 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Load, attach and pin the datapath per the config file and run until
-    /// SIGINT/SIGTERM. Re-adopts a datapath an earlier run left pinned.
+    /// Check the config file as check-config does (exit 64 on any error,
+    /// before anything is loaded or attached), then load, attach and pin
+    /// the datapath and run until SIGINT/SIGTERM. Re-adopts a datapath an
+    /// earlier run left pinned.
     Run {
         /// TOML configuration file (see sip-edge.example.toml).
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Validate a configuration file and exit (0 valid, 64 invalid).
+    /// Check a configuration file as `run` would, without attaching
+    /// anything: key rules, interfaces, pin_dir, addresses, TLS files.
+    /// Exit 0 valid (warnings printed), 64 invalid.
     CheckConfig {
         /// TOML configuration file.
         #[arg(long, short)]
         config: PathBuf,
+        /// Skip what depends on this machine (interfaces, bpffs, local
+        /// addresses, certificate/key/CA files): for checking a file on
+        /// another machine than the edge.
+        #[arg(long, conflicts_with = "host")]
+        no_host_checks: bool,
+        /// Also check the host's settings, as `sip-edge doctor` does.
+        #[arg(long)]
+        host: bool,
+    },
+    /// Check the host the edge runs on (IP forwarding, rp_filter, XDP
+    /// support of the NIC drivers, reserved media ports across reboots,
+    /// the firewall letting the signalling ports in) and say what to
+    /// change. Changes nothing. Exit 0 when nothing fails, 1 otherwise.
+    Doctor {
+        /// TOML configuration file of the edge.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Add, delete or list pinholes in the running datapath's maps.
     Pinhole {

@@ -3,12 +3,15 @@
 //! exits with code 64 (EX_USAGE) on any error from here.
 
 use std::{
-    collections::HashSet,
+    collections::HashMap,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
 };
 
 use serde::Deserialize;
+
+pub mod check;
+pub mod forms;
 
 /// Default directory for pinned maps and links.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/sip-edge";
@@ -26,13 +29,17 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// The file is not valid TOML for this schema (unknown key, wrong type).
-    #[error("invalid config {path}: {source}")]
+    #[error("invalid config {path}: {source}{hint}")]
     Parse {
         /// The file.
         path: PathBuf,
-        /// The TOML error (carries line and column).
+        /// The TOML error (carries line and column; boxed to keep
+        /// `Result<_, ConfigError>` small).
         #[source]
-        source: toml::de::Error,
+        source: Box<toml::de::Error>,
+        /// "did you mean" for an unknown key or value, or empty
+        /// (`forms::hint`).
+        hint: String,
     },
     /// A value parsed but breaks a rule; `field` names it as in the file.
     #[error("invalid config: {field}: {reason}")]
@@ -140,8 +147,10 @@ pub struct XdpSection {
 #[serde(deny_unknown_fields)]
 pub struct Addresses {
     /// The edge's addresses on the internal side.
+    #[serde(deserialize_with = "forms::ip_list")]
     pub internal: Vec<IpAddr>,
     /// The edge's public addresses (outside).
+    #[serde(deserialize_with = "forms::ip_list")]
     pub public: Vec<IpAddr>,
 }
 
@@ -586,8 +595,10 @@ pub enum ClientAuth {
 #[serde(deny_unknown_fields)]
 pub struct ProxySection {
     /// TLS listener for internal clients, e.g. `"10.77.0.1:5061"`.
+    #[serde(deserialize_with = "forms::socket_addr")]
     pub internal_listen: SocketAddr,
     /// TLS listener for external peers, e.g. `"203.0.113.1:5061"`.
+    #[serde(deserialize_with = "forms::socket_addr")]
     pub external_listen: SocketAddr,
     /// Host written into Via/Record-Route/Contact on the internal side;
     /// defaults to the internal listen address.
@@ -597,21 +608,21 @@ pub struct ProxySection {
     #[serde(default)]
     pub external_advertise: Option<String>,
     /// Optional plain TCP listener for legacy internal clients (off by default).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "forms::opt_socket_addr")]
     pub internal_tcp_listen: Option<SocketAddr>,
     /// Optional plain UDP listener for legacy internal clients (off by
     /// default); each remote address:port is a pseudo-connection.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "forms::opt_socket_addr")]
     pub internal_udp_listen: Option<SocketAddr>,
     /// Source address of connections the edge opens toward internal next
     /// hops; defaults to the internal listener's address (or, when that is
     /// the wildcard, the first `addresses.internal` of the hop's family).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "forms::opt_ip")]
     pub internal_source_address: Option<IpAddr>,
     /// Source address of connections the edge opens toward external next
     /// hops (what a carrier allow-lists); defaults to the external
     /// listener's address (or the first `addresses.public` of the family).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "forms::opt_ip")]
     pub external_source_address: Option<IpAddr>,
     /// PEM certificate chain presented on both listeners.
     pub cert: PathBuf,
@@ -755,7 +766,7 @@ impl ProxySection {
                 return Err(invalid(format!("{field}.port"), "port 0 is not a port"));
             }
         }
-        let mut domains = HashSet::new();
+        let mut domains = HashMap::new();
         for (i, r) in routes.iter().enumerate() {
             let d = r.domain.to_ascii_lowercase();
             let bare = d.strip_prefix("*.").unwrap_or(&d);
@@ -768,10 +779,13 @@ impl ProxySection {
                     ),
                 ));
             }
-            if !domains.insert(d) {
+            if let Some(first) = domains.insert(d, i) {
                 return Err(invalid(
                     format!("route[{i}].domain"),
-                    format!("{:?} is routed twice", r.domain),
+                    format!(
+                        "{:?} is routed twice (route[{first}] and route[{i}]); keep one [[route]] per domain",
+                        r.domain
+                    ),
                 ));
             }
         }
@@ -808,14 +822,23 @@ pub fn parse_port_range(s: &str) -> Result<PortRange, String> {
         Some((a, b)) => (a.trim(), b.trim()),
         None => (s.trim(), s.trim()),
     };
-    let start: u16 = a
-        .parse()
-        .map_err(|_| format!("{a:?} is not a port number (1-65535)"))?;
-    let end: u16 = b
-        .parse()
-        .map_err(|_| format!("{b:?} is not a port number (1-65535)"))?;
+    let start: u16 = a.parse().map_err(|_| {
+        format!(
+            "{s:?}: {a:?} is not a port number (1-65535); {}",
+            forms::RANGE_FORM
+        )
+    })?;
+    let end: u16 = b.parse().map_err(|_| {
+        format!(
+            "{s:?}: {b:?} is not a port number (1-65535); {}",
+            forms::RANGE_FORM
+        )
+    })?;
     if start > end {
-        return Err(format!("range {s:?} is empty: {start} > {end}"));
+        return Err(format!(
+            "range {s:?} is empty: {start} > {end}; {}, low port first",
+            forms::RANGE_FORM
+        ));
     }
     Ok(PortRange { start, end })
 }
@@ -890,9 +913,10 @@ impl Config {
             source,
         })?;
         Config::from_toml(&text).map_err(|e| match e {
-            ConfigError::Parse { source, .. } => ConfigError::Parse {
+            ConfigError::Parse { source, hint, .. } => ConfigError::Parse {
                 path: path.to_owned(),
                 source,
+                hint,
             },
             other => other,
         })
@@ -902,7 +926,8 @@ impl Config {
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
             path: PathBuf::from("<text>"),
-            source,
+            hint: forms::hint(source.message()),
+            source: Box::new(source),
         })?;
         config.validate()?;
         Ok(config)
@@ -926,7 +951,7 @@ impl Config {
                 "at least one [[interface]] is required",
             ));
         }
-        let mut names = HashSet::new();
+        let mut names = HashMap::new();
         for (i, iface) in self.interfaces.iter().enumerate() {
             let field = format!("interface[{i}].name");
             if iface.name.is_empty() || iface.name.len() > 15 || iface.name.contains('/') {
@@ -938,8 +963,14 @@ impl Config {
                     ),
                 ));
             }
-            if !names.insert(iface.name.as_str()) {
-                return Err(invalid(field, format!("{:?} is listed twice", iface.name)));
+            if let Some(first) = names.insert(iface.name.as_str(), i) {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "{:?} is listed more than once (interface[{first}] and interface[{i}]); an interface has one role: remove one entry",
+                        iface.name
+                    ),
+                ));
             }
         }
         if self.addresses.public.is_empty() {
@@ -948,17 +979,22 @@ impl Config {
                 "at least one public address is required",
             ));
         }
-        let mut seen = HashSet::new();
+        let mut seen = HashMap::new();
         for (field, list) in [
             ("addresses.internal", &self.addresses.internal),
             ("addresses.public", &self.addresses.public),
         ] {
             for ip in list {
                 if ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() {
-                    return Err(invalid(field, format!("{ip} cannot be an edge address")));
+                    return Err(invalid(field, format!("{ip} cannot be an edge address (unspecified, multicast or loopback); list the unicast addresses the edge has on that side")));
                 }
-                if !seen.insert(*ip) {
-                    return Err(invalid(field, format!("{ip} is listed more than once")));
+                if let Some(first) = seen.insert(*ip, field) {
+                    let why = if first == field {
+                        format!("{ip} is listed more than once in {field}; remove the repeat")
+                    } else {
+                        format!("{ip} is listed more than once, in {first} and in {field}; an edge address belongs to one side: keep it in the list of the side it faces")
+                    };
+                    return Err(invalid(field, why));
                 }
             }
         }
@@ -976,17 +1012,18 @@ impl Config {
             if range.start < MIN_MEDIA_PORT {
                 return Err(invalid(field, format!("{r:?} starts below {MIN_MEDIA_PORT}; media ports must not be privileged ports")));
             }
-            for other in &ranges {
+            for (j, other) in ranges.iter().enumerate() {
                 let o: &PortRange = other;
                 if range.start <= o.end && o.start <= range.end {
                     return Err(invalid(
                         field,
-                        format!("{r:?} overlaps {}-{}", o.start, o.end),
+                        format!("{r:?} overlaps media.port_ranges[{j}] ({}-{}); ranges must not share ports: merge them into one `lo-hi` range", o.start, o.end),
                     ));
                 }
             }
             ranges.push(range);
         }
+        let mut seen_ports = HashMap::new();
         for (field, ports) in [
             ("signalling.ports", &self.signalling.ports),
             ("signalling.admin_ports", &self.signalling.admin_ports),
@@ -994,6 +1031,17 @@ impl Config {
             for p in ports {
                 if *p == 0 {
                     return Err(invalid(field, "port 0 is not a port"));
+                }
+                if let Some(first) = seen_ports.insert(*p, field) {
+                    let lists = if first == field {
+                        format!("twice in {field}")
+                    } else {
+                        format!("in {first} and in {field}")
+                    };
+                    return Err(invalid(
+                        field,
+                        format!("port {p} is listed more than once, {lists}; list each port once"),
+                    ));
                 }
                 if let Some(r) = ranges.iter().find(|r| r.contains(*p)) {
                     return Err(invalid(field, format!("port {p} lies inside media range {}-{}; the edge's own ports must never be media ports", r.start, r.end)));
@@ -1113,7 +1161,7 @@ mod tests {
     #[test]
     fn duplicate_interface_and_address_are_rejected() {
         let e = err_of(&GOOD.replace("name = \"ext0\"", "name = \"int0\""));
-        assert!(e.contains("listed twice"), "{e}");
+        assert!(e.contains("listed more than once"), "{e}");
         let e = err_of(&GOOD.replace("public = [\"203.0.113.1\"]", "public = [\"10.77.0.1\"]"));
         assert!(e.contains("more than once"), "{e}");
     }

@@ -1,13 +1,19 @@
 //! `sip-edge` binary: parses the command line, sets up logging and hands
-//! over to the library. Exit codes: 0 ok, 1 runtime error, 64 bad config or
-//! usage (EX_USAGE).
+//! over to the library. Exit codes: 0 ok, 1 runtime error or a failed
+//! `doctor` check, 64 bad config or usage (EX_USAGE): `run` runs the whole
+//! `check-config` first, so a bad file exits 64 before anything is loaded
+//! or attached.
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use sip_edge::{
     cli::{self, Cli, Command},
-    config::Config,
+    config::{
+        check::{Options, RealHost, Report},
+        Config,
+    },
+    doctor::{self as host_doctor, RealProbe, Status},
 };
 
 const EX_USAGE: u8 = 64;
@@ -22,12 +28,14 @@ fn main() -> ExitCode {
         .init();
     match cli.command {
         Command::Run { config } => {
-            let cfg = match Config::from_file(&config) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("sip-edge: {e}");
-                    return ExitCode::from(EX_USAGE);
-                }
+            // The whole check-config first (TLS files, interfaces, bpffs,
+            // listeners): a bad file exits 64 before the kernel is touched.
+            let report = Report::of_file(&config, Options::default(), &RealHost);
+            if report.has_errors() || !report.findings.is_empty() {
+                eprint!("{}", report.render());
+            }
+            let Some(cfg) = report.into_config() else {
+                return ExitCode::from(EX_USAGE);
             };
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -54,11 +62,27 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::CheckConfig { config } => match Config::from_file(&config) {
-            Ok(_) => {
-                println!("{}: ok", config.display());
-                ExitCode::SUCCESS
+        Command::CheckConfig {
+            config,
+            no_host_checks,
+            host,
+        } => {
+            let opts = Options {
+                host_checks: !no_host_checks,
+            };
+            let report = Report::of_file(&config, opts, &RealHost);
+            if report.has_errors() {
+                eprint!("{}", report.render());
+                return ExitCode::from(EX_USAGE);
             }
+            print!("{}", report.render());
+            match (host, report.config) {
+                (true, Some(cfg)) => doctor(&cfg, false),
+                _ => ExitCode::SUCCESS,
+            }
+        }
+        Command::Doctor { config, json } => match Config::from_file(&config) {
+            Ok(cfg) => doctor(&cfg, json),
             Err(e) => {
                 eprintln!("sip-edge: {e}");
                 ExitCode::from(EX_USAGE)
@@ -66,6 +90,21 @@ fn main() -> ExitCode {
         },
         Command::Pinhole { action } => print_or_fail(cli::pinhole(&action)),
         Command::Stats(opts) => print_or_fail(cli::stats(&opts)),
+    }
+}
+
+/// `doctor`: prints every host check; exit 1 when one fails.
+fn doctor(cfg: &Config, json: bool) -> ExitCode {
+    let checks = host_doctor::run(cfg, &RealProbe);
+    if json {
+        print!("{}", host_doctor::render_json(&checks));
+    } else {
+        print!("{}", host_doctor::render(&checks));
+    }
+    if checks.iter().any(|c| c.status == Status::Fail) {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

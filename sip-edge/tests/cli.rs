@@ -10,10 +10,12 @@ fn example() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("sip-edge.example.toml")
 }
 
+/// The example names interfaces this machine lacks: it is valid as a
+/// file, checked as if on another machine.
 #[test]
 fn check_config_accepts_the_shipped_example() {
     let out = Command::new(BIN)
-        .args(["check-config", "--config"])
+        .args(["check-config", "--no-host-checks", "--config"])
         .arg(example())
         .output()
         .expect("run");
@@ -95,4 +97,60 @@ fn commands_without_a_datapath_say_what_to_do() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("is the agent running"), "{args:?}: {err}");
     }
+}
+
+/// `doctor --json`: every check with its status and fix; a missing
+/// interface fails (exit 1) instead of five unreadable sysctls. Read-only,
+/// so it runs on whatever host the tests run on.
+#[test]
+fn doctor_prints_json_and_fails_on_a_missing_interface() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("doctor.toml");
+    std::fs::write(
+        &cfg,
+        "[[interface]]\nname = \"se-nodoc0\"\nrole = \"external\"\n[addresses]\ninternal = []\npublic = [\"203.0.113.1\"]\n[media]\nport_ranges = [\"40000-40999\"]\n[signalling]\nports = [5061]\n",
+    )
+    .expect("write");
+    let out = Command::new(BIN)
+        .args(["doctor", "--json", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("run");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let checks = v["checks"].as_array().expect("checks");
+    let iface = checks
+        .iter()
+        .find(|c| c["check"] == "interface")
+        .expect("interface check");
+    assert_eq!(iface["status"], "FAIL");
+    assert_eq!(iface["subject"], "se-nodoc0");
+    assert!(
+        !checks
+            .iter()
+            .any(|c| c["check"] == "forwarding" && c["subject"] == "se-nodoc0/ipv4"),
+        "no per-interface checks for a missing interface: {v}"
+    );
+    for name in ["reserved_ports", "firewall", "bpf_jit"] {
+        assert!(
+            checks.iter().any(|c| c["check"] == name),
+            "{name} missing: {v}"
+        );
+    }
+    // check-config --host runs the doctor after the file checks.
+    let out = Command::new(BIN)
+        .args(["check-config", "--host", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("run");
+    assert_eq!(
+        out.status.code(),
+        Some(64),
+        "the file check fails first (no such interface)"
+    );
 }
