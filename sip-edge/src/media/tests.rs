@@ -12,7 +12,7 @@ use super::{
     control::{MediaController, RecordingSink},
     manager::Settings,
     policy::{ExternalSources, Refusal},
-    DialogKey, MediaControl, MediaError, SdpEvent, SdpRole, Side,
+    DialogKey, FarMedia, MediaControl, MediaError, SdpEvent, SdpRole, Side,
 };
 use crate::config::{parse_cidr, Cidr, MediaCandidates, MediaMode, PortRange};
 
@@ -58,6 +58,8 @@ struct H {
     now: Instant,
     /// What the proxy matched for the far party's route.
     media_sources: Vec<Cidr>,
+    /// How the proxy says the far party's media is learned.
+    far_media: FarMedia,
 }
 
 impl H {
@@ -70,6 +72,7 @@ impl H {
             ),
             now: Instant::now(),
             media_sources: Vec::new(),
+            far_media: FarMedia::Config,
         }
     }
 
@@ -89,6 +92,7 @@ impl H {
             from_side: side,
             source: sa(src),
             media_sources: &self.media_sources,
+            far_media: self.far_media,
             body: body.as_bytes(),
             content_type: "application/sdp",
         };

@@ -39,6 +39,7 @@ use tracing::{info, info_span, warn, Instrument};
 use self::conn::ConnParams;
 use crate::{
     config::{ClientAuth, Config},
+    control,
     media::{MediaControl, Side},
     proxy::{ConnId, ConnInfo, Dest, HopTarget, Outgoing, Proto, Proxy, ProxySettings},
     sip::framer::FramerLimits,
@@ -124,6 +125,14 @@ pub enum Event {
         /// The hop.
         hop: HopTarget,
     },
+    /// An accepted connection's TLS client certificate is valid for these
+    /// `[[peer]] tls_identity` names (sent before `Opened`).
+    Identity {
+        /// Which.
+        conn: ConnId,
+        /// The names.
+        names: Vec<String>,
+    },
 }
 
 /// A message the stream framer refused, to answer before the close.
@@ -150,6 +159,8 @@ pub struct Running {
     pub internal_udp: Option<SocketAddr>,
     /// Completes after shutdown once the driver has stopped.
     pub driver: JoinHandle<()>,
+    /// Control-socket queries the driver answers (`registrations`).
+    pub control: mpsc::Sender<control::Request>,
 }
 
 /// Shared state of the accept loops and connectors.
@@ -164,6 +175,8 @@ struct Shared {
     connector: TlsConnector,
     /// Where outgoing connections leave from, per side.
     sources: source::Sources,
+    /// `[[peer]] tls_identity` names a client certificate is checked for.
+    peer_identities: Arc<Vec<String>>,
 }
 
 /// Decrements the live-connection count when a connection task ends.
@@ -242,7 +255,16 @@ pub async fn start(
         shutdown: stop_rx,
         connector: TlsConnector::from(client_tls),
         sources,
+        peer_identities: Arc::new(
+            cfg.peers
+                .iter()
+                .filter_map(|p| p.tls_identity.clone())
+                .collect(),
+        ),
     };
+    if !settings.access.enforce {
+        warn!("no [access] or [[peer]] section: requests from any outside party are proxied to the inside; list served domains and trusted peers to restrict them");
+    }
     tokio::spawn(accept_loop(
         int_l,
         Side::Internal,
@@ -263,13 +285,17 @@ pub async fn start(
     }
     info!(%int_addr, %ext_addr, tcp = ?tcp_addr, udp = ?udp_addr, "SIP listeners up");
     let proxy = Proxy::new(settings, media);
-    let driver = tokio::spawn(drive(proxy, events_rx, shared, stop_tx, shutdown));
+    let (control_tx, control_rx) = mpsc::channel(16);
+    let driver = tokio::spawn(drive(
+        proxy, events_rx, control_rx, shared, stop_tx, shutdown,
+    ));
     Ok(Running {
         internal: int_addr,
         external: ext_addr,
         internal_tcp: tcp_addr,
         internal_udp: udp_addr,
         driver,
+        control: control_tx,
     })
 }
 
@@ -311,6 +337,17 @@ async fn accept_loop(listener: TcpListener, side: Side, tls: Option<TlsAcceptor>
                                     peer,
                                     proto: Proto::Tls,
                                 };
+                                let names = identities(
+                                    s.get_ref().1.peer_certificates(),
+                                    &shared.peer_identities,
+                                );
+                                if !names.is_empty() {
+                                    info!(?names, "client certificate names a trusted peer");
+                                    let ev = Event::Identity { conn, names };
+                                    if shared.events.send(ev).await.is_err() {
+                                        return;
+                                    }
+                                }
                                 conn::run(
                                     s,
                                     conn,
@@ -348,6 +385,29 @@ async fn accept_loop(listener: TcpListener, side: Side, tls: Option<TlsAcceptor>
             .instrument(span),
         );
     }
+}
+
+/// The `[[peer]] tls_identity` names the (already chain-verified) client
+/// certificate is valid for, by the name rules rustls applies to server
+/// certificates (RFC 5922 §7.1: SIP domain certificates name DNS SANs).
+fn identities(
+    certs: Option<&[rustls::pki_types::CertificateDer<'static>]>,
+    names: &[String],
+) -> Vec<String> {
+    let Some(leaf) = certs.and_then(|c| c.first()) else {
+        return Vec::new();
+    };
+    let Ok(cert) = webpki::EndEntityCert::try_from(leaf) else {
+        return Vec::new();
+    };
+    names
+        .iter()
+        .filter(|n| {
+            ServerName::try_from(n.as_str())
+                .is_ok_and(|sn| cert.verify_is_valid_for_subject_name(&sn).is_ok())
+        })
+        .cloned()
+        .collect()
 }
 
 fn spawn_connect(hop: HopTarget, side: Side, shared: Shared) {
@@ -429,6 +489,7 @@ struct Driver {
 async fn drive(
     proxy: Proxy,
     mut events: mpsc::Receiver<Event>,
+    mut control: mpsc::Receiver<control::Request>,
     shared: Shared,
     stop: watch::Sender<bool>,
     shutdown: impl Future<Output = ()>,
@@ -454,6 +515,7 @@ async fn drive(
                 let Some(ev) = ev else { break };
                 d.event(ev);
             }
+            Some(req) = control.recv() => d.control(req),
             _ = tick.tick() => {
                 let out = d.proxy.on_tick(Instant::now());
                 d.send_all(out);
@@ -476,6 +538,23 @@ async fn drive(
 }
 
 impl Driver {
+    /// A control-socket query about the proxy's state.
+    fn control(&mut self, req: control::Request) {
+        let answer = match req.query {
+            control::Query::Registrations => {
+                let list = self.proxy.registrations(Instant::now());
+                serde_json::to_value(list)
+                    .map(|v| {
+                        let mut m = serde_json::Map::new();
+                        m.insert("registrations".into(), v);
+                        m
+                    })
+                    .map_err(|e| e.to_string())
+            }
+        };
+        let _ = req.reply.send(answer);
+    }
+
     fn event(&mut self, ev: Event) {
         let now = Instant::now();
         match ev {
@@ -514,6 +593,7 @@ impl Driver {
                 let out = self.proxy.on_conn_closed(conn, now);
                 self.send_all(out);
             }
+            Event::Identity { conn, names } => self.proxy.on_conn_identity(conn, names),
             Event::ConnectFailed { hop } => {
                 for (_, branch) in self.pending.remove(&hop).unwrap_or_default() {
                     if let Some(b) = branch {

@@ -130,7 +130,8 @@ impl Proxy {
             if let (Some(role), Some(k)) = (role, key) {
                 let ct = msg.header("Content-Type").unwrap_or_default().to_owned();
                 let body = msg.body().to_vec();
-                let media_sources = self.far_media_sources(conn, &info, dest_hop.as_ref());
+                let (media_sources, far_media) =
+                    self.far_media(conn, &info, dest_hop.as_ref(), now);
                 let ev = SdpEvent {
                     dialog: &k,
                     to_tag: callee_tag.as_deref(),
@@ -138,6 +139,7 @@ impl Proxy {
                     from_side: info.side,
                     source: info.peer,
                     media_sources: &media_sources,
+                    far_media,
                     body: &body,
                     content_type: &ct,
                 };

@@ -108,6 +108,7 @@ fn setup() -> (Proxy, Arc<Mutex<Recorder>>) {
         route_media: Vec::new(),
         default_route: None,
         internal_next_hop: None,
+        access: Default::default(),
         internal_udp_port: None,
     };
     let rec = Arc::new(Mutex::new(Recorder::default()));
@@ -1298,7 +1299,8 @@ fn route_media_sources_follow_the_far_partys_connection() {
     p.on_message(CALLEE, &ok, now);
     assert_eq!(rec.lock().unwrap().sources, vec![Vec::new(), Vec::new()]);
     assert_eq!(
-        p.far_media_sources(PEER_CALLER, &p.conns[&PEER_CALLER], None),
+        p.far_media(PEER_CALLER, &p.conns[&PEER_CALLER], None, now)
+            .0,
         carrier
     );
 }
