@@ -180,6 +180,12 @@ impl Proxy {
         }
         if method == "REGISTER" && (200..300).contains(&code) {
             self.learn_registration(&msg, &forwarded_invite, now);
+            if info.side == Side::Internal {
+                // The registrar echoes the Path (RFC 3327 §5.3); the edge's
+                // entry names its inside address, which a remote user has
+                // no use for and the outside must not see.
+                msg.remove_header("Path");
+            }
         }
         if code >= 300 && method == "INVITE" && initial_invite && !cancelled {
             if let Some(k) = &dialog {
