@@ -406,7 +406,10 @@ impl Proxy {
                     flow: r.conn,
                     flow_state: if r.failed { "failed" } else { "up" }.into(),
                     contact: r.contact,
-                    edge_contact: format!("sip:{}@{}:{}", r.token, edge.host, edge.port),
+                    edge_contact: format!(
+                        "sip:{}@{}:{};transport=tls",
+                        r.token, edge.host, edge.port
+                    ),
                     expires_in_secs: r.expires.saturating_duration_since(now).as_secs(),
                 }
             })
