@@ -96,6 +96,8 @@ pub enum Event {
         writer: mpsc::Sender<Vec<u8>>,
         /// The next hop, for connections the edge opened.
         hop: Option<HopTarget>,
+        /// Keeps the connection open past its idle time (registrations).
+        hold: conn::Hold,
     },
     /// A framed message.
     Message {
@@ -481,6 +483,8 @@ type Queued = (Vec<u8>, Option<String>);
 struct Driver {
     proxy: Proxy,
     writers: HashMap<ConnId, mpsc::Sender<Vec<u8>>>,
+    /// Idle holds of the connections, set from live registrations.
+    holds: HashMap<ConnId, conn::Hold>,
     pool: HashMap<HopTarget, ConnId>,
     pending: HashMap<HopTarget, Vec<Queued>>,
     shared: Shared,
@@ -497,6 +501,7 @@ async fn drive(
     let mut d = Driver {
         proxy,
         writers: HashMap::new(),
+        holds: HashMap::new(),
         pool: HashMap::new(),
         pending: HashMap::new(),
         shared,
@@ -517,8 +522,10 @@ async fn drive(
             }
             Some(req) = control.recv() => d.control(req),
             _ = tick.tick() => {
-                let out = d.proxy.on_tick(Instant::now());
+                let now = Instant::now();
+                let out = d.proxy.on_tick(now);
                 d.send_all(out);
+                d.hold_registered_flows(now);
             }
             () = async {
                 match retransmit {
@@ -538,6 +545,16 @@ async fn drive(
 }
 
 impl Driver {
+    /// A flow that carries a live registration stays open until the
+    /// registration expires, idle or not (see `conn`).
+    fn hold_registered_flows(&self, now: Instant) {
+        for (conn, until) in self.proxy.registered_flows(now) {
+            if let Some(h) = self.holds.get(&conn) {
+                h.store(conn::hold_value(until), Ordering::Relaxed);
+            }
+        }
+    }
+
     /// A control-socket query about the proxy's state.
     fn control(&mut self, req: control::Request) {
         let answer = match req.query {
@@ -563,8 +580,10 @@ impl Driver {
                 info,
                 writer,
                 hop,
+                hold,
             } => {
                 self.writers.insert(conn, writer);
+                self.holds.insert(conn, hold);
                 self.proxy.on_conn_open(conn, info);
                 if let Some(hop) = hop {
                     self.pool.insert(hop.clone(), conn);
@@ -589,6 +608,7 @@ impl Driver {
             }
             Event::Closed { conn } => {
                 self.writers.remove(&conn);
+                self.holds.remove(&conn);
                 self.pool.retain(|_, c| *c != conn);
                 let out = self.proxy.on_conn_closed(conn, now);
                 self.send_all(out);

@@ -387,6 +387,17 @@ impl Proxy {
         Ok(())
     }
 
+    /// The connections that carry a live registration, with when it
+    /// expires (the transport keeps them open until then).
+    pub fn registered_flows(&self, now: Instant) -> Vec<(ConnId, Instant)> {
+        self.bindings
+            .registrations()
+            .into_iter()
+            .filter(|r| !r.failed && r.expires > now)
+            .filter_map(|r| Some((r.conn?, r.expires)))
+            .collect()
+    }
+
     /// The registrations the edge holds, for `sip-edge registrations`.
     pub fn registrations(&self, now: Instant) -> Vec<crate::control::RegistrationEntry> {
         self.bindings

@@ -1799,6 +1799,11 @@ fn a_remote_user_registers_through_the_edge_and_is_listed() {
     assert_eq!(r.flow_state, "up");
     assert_eq!(r.expires_in_secs, 600);
     assert!(r.edge_contact.contains("@10.77.0.1:5061"), "{r:?}");
+    // Its flow is kept open until the registration expires.
+    assert_eq!(
+        p.registered_flows(now),
+        vec![(REMOTE, now + Duration::from_secs(600))]
+    );
     // A remote user's AOR is never routed from outside to its flow: that is
     // the inside registrar's job (remote-to-remote goes through the PBX).
     let inbound = "INVITE sip:alice@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 198.51.100.2:5061;branch=z9hG4bKc1\r\nMax-Forwards: 70\r\nFrom: <sip:+1555@carrier.example>;tag=c1\r\nTo: <sip:alice@example.com>\r\nCall-ID: c1@carrier\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n";
