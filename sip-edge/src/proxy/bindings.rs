@@ -104,6 +104,9 @@ pub struct Bindings {
     /// Connection → Path tokens minted for REGISTERs sent over it, so a
     /// closed flow marks them failed too.
     paths: HashMap<ConnId, Vec<String>>,
+    /// Connection → Contact tokens of its live registrations: which
+    /// connections are remote users' flows, without a scan per request.
+    flows: HashMap<ConnId, Vec<String>>,
     keys: RandomState,
     counter: u64,
 }
@@ -123,6 +126,7 @@ impl Bindings {
             aors: HashMap::new(),
             regs: HashMap::new(),
             paths: HashMap::new(),
+            flows: HashMap::new(),
             keys: RandomState::new(),
             counter: 0,
         }
@@ -205,10 +209,17 @@ impl Bindings {
                 self.aors.remove(&aor);
             }
             self.regs.remove(token);
+            self.reindex();
             return;
         }
         if let Some(b) = self.by_token.get_mut(token) {
             b.expires = now + expires;
+            if let Some(c) = b.flow {
+                let list = self.flows.entry(c).or_default();
+                if !list.iter().any(|t| t == token) {
+                    list.push(token.to_owned());
+                }
+            }
             self.aors.insert(aor.clone(), token.to_owned());
             self.regs.insert(
                 token.to_owned(),
@@ -222,6 +233,14 @@ impl Bindings {
                     failed: false,
                 },
             );
+        }
+    }
+
+    /// Keeps the binding of `token` until at least `until` (a Path token
+    /// while the registrations it carries last).
+    pub fn extend(&mut self, token: &str, until: Instant) {
+        if let Some(b) = self.by_token.get_mut(token) {
+            b.expires = b.expires.max(until);
         }
     }
 
@@ -245,9 +264,11 @@ impl Bindings {
     /// Whether `conn` carries a live registration of a client on `side`
     /// (an outside remote user's flow, for `side == External`).
     pub fn has_live_registration(&self, conn: ConnId, side: Side, now: Instant) -> bool {
-        self.regs
-            .values()
-            .any(|r| r.conn == Some(conn) && r.flow.side == side && !r.failed && r.expires > now)
+        self.flows.get(&conn).is_some_and(|tokens| {
+            tokens.iter().filter_map(|t| self.regs.get(t)).any(|r| {
+                r.conn == Some(conn) && r.flow.side == side && !r.failed && r.expires > now
+            })
+        })
     }
 
     /// Live registrations of clients on `side`.
@@ -270,10 +291,10 @@ impl Bindings {
     /// expiry marked failed (RFC 5626 §5.3: requests for them get 430).
     pub fn conn_closed(&mut self, conn: ConnId) {
         let mut keep: Vec<String> = self.paths.remove(&conn).unwrap_or_default();
-        for r in self.regs.values_mut() {
-            if r.conn == Some(conn) {
+        for t in self.flows.remove(&conn).unwrap_or_default() {
+            if let Some(r) = self.regs.get_mut(&t) {
                 r.failed = true;
-                keep.push(r.token.clone());
+                keep.push(t);
             }
         }
         for t in &keep {
@@ -304,6 +325,16 @@ impl Bindings {
         self.regs.retain(|t, _| live.contains_key(t));
         self.paths.retain(|_, ts| {
             ts.retain(|t| live.contains_key(t));
+            !ts.is_empty()
+        });
+        self.reindex();
+    }
+
+    /// Rebuilds the flow → live registrations index (after removals).
+    fn reindex(&mut self) {
+        let regs = &self.regs;
+        self.flows.retain(|_, ts| {
+            ts.retain(|t| regs.get(t).is_some_and(|r| !r.failed));
             !ts.is_empty()
         });
     }

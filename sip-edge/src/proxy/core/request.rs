@@ -323,10 +323,12 @@ impl Proxy {
         }
 
         // §16.6: build the forwarded request.
+        // A REGISTER's tokens live as long as its transaction until the
+        // registrar grants the binding (`learn_registration` then sets the
+        // grant): REGISTERs the registrar refuses (401, 403) leave nothing
+        // behind for long, whatever Expires they asked for.
         let contacts_lifetime = if method == "REGISTER" {
-            register_expires(msg).map_or(CONTACT_LIFETIME, |e| {
-                Duration::from_secs(e.into()) + TIMER_64T1
-            })
+            TIMER_64T1
         } else {
             CONTACT_LIFETIME
         };

@@ -40,6 +40,10 @@ impl Proxy {
         }
     }
 
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the request's parts as on_request already split them"
+    )]
     pub(super) fn select_target(
         &mut self,
         from_side: Side,
@@ -230,6 +234,7 @@ impl Proxy {
         let Ok(sent) = register.name_addrs("Contact") else {
             return;
         };
+        let mut longest = Duration::ZERO;
         for c in sent {
             let Some(token) = c.sip_uri().ok().and_then(|u| u.userinfo) else {
                 continue;
@@ -269,6 +274,19 @@ impl Proxy {
             info!(%aor, expires = exp, side = ?flow.side, source = %flow.source, "registration through the edge");
             self.bindings
                 .register(&aor, &token, Duration::from_secs(exp), flow, now);
+            longest = longest.max(Duration::from_secs(exp));
+        }
+        // Our Path (the top one, RFC 3327 §5) lives as long as the longest
+        // binding it carries.
+        if let Some(path) = register
+            .name_addrs("Path")
+            .ok()
+            .and_then(|p| p.into_iter().next())
+            .and_then(|p| p.sip_uri().ok())
+            .and_then(|u| u.userinfo)
+            .filter(|t| t.starts_with(TOKEN_PREFIX))
+        {
+            self.bindings.extend(&path, now + longest);
         }
     }
 

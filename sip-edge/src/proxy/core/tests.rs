@@ -1994,3 +1994,35 @@ fn a_peers_rate_limit_answers_503() {
     assert_eq!(r.status(), Some(503));
     assert!(r.header("Retry-After").is_some());
 }
+
+#[test]
+fn tokens_of_a_refused_register_go_with_its_transaction_a_granted_path_lasts() {
+    let (mut p, _) = setup_access();
+    let now = Instant::now();
+    // A REGISTER asking for a day that the registrar refuses (401).
+    let out = p.on_message(
+        PEER_CALLER,
+        remote_register("z9hG4bKrf1", 86_400).as_bytes(),
+        now,
+    );
+    let reg = &to_registrar(&out)[0];
+    p.on_message(REGISTRAR, &answer(reg, 401, "reg", "", ""), now);
+    assert!(!p.bindings.is_empty());
+    p.on_tick(now + TIMER_64T1 + Duration::from_secs(1));
+    assert!(
+        p.bindings.is_empty(),
+        "a refused REGISTER's tokens outlive its transaction"
+    );
+    // A granted one: its Path keeps working for the registration's life.
+    let (_, path) = register_remote_alice(&mut p, now);
+    let later = now + Duration::from_secs(300);
+    p.on_tick(later);
+    let by_path = pbx_invite("sip:alice@example.com", &path, "z9hG4bKrf2", "")
+        .replace("Content-Type: application/sdp\r\n", "");
+    let out = p.on_message(REGISTRAR, by_path.as_bytes(), later);
+    assert_eq!(
+        to_conn(&out, REMOTE).len(),
+        1,
+        "the Path route still leads to alice's flow: {out:?}"
+    );
+}
