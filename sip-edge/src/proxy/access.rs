@@ -306,6 +306,19 @@ mod tests {
         assert_eq!(s.classify(&src("192.0.2.7", &[], false)), Party::Unknown);
         let ids = vec!["SIP.partner.example".to_owned()];
         assert_eq!(s.classify(&src("192.0.2.7", &ids, false)), Party::Peer(1));
+        // A connection the edge opened to a peer's host is that peer's.
+        let mut s = settings();
+        let hop = HopTarget {
+            host: "sbc.carrier.example".into(),
+            port: 5061,
+            tls_name: "sbc.carrier.example".into(),
+        };
+        s.peers[0].hop = Some(hop.clone());
+        let opened = Source {
+            opened_to: Some(&hop),
+            ..src("203.0.113.77", &[], false)
+        };
+        assert_eq!(s.classify(&opened), Party::Peer(0));
     }
 
     fn req<'a>(method: &'a str, host: &'a str) -> Request<'a> {

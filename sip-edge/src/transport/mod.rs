@@ -666,3 +666,31 @@ impl Driver {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_certificate_names_only_the_peers_it_is_valid_for() {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec![
+            "sbc.carrier.example".to_owned(),
+            "*.partner.example".to_owned(),
+        ])
+        .expect("params")
+        .self_signed(&key)
+        .expect("cert");
+        let der = vec![cert.der().clone()];
+        let names = [
+            "sbc.carrier.example".to_owned(),
+            "sip.partner.example".to_owned(),
+            "other.example".to_owned(),
+        ];
+        assert_eq!(
+            identities(Some(&der), &names),
+            vec!["sbc.carrier.example", "sip.partner.example"]
+        );
+        assert!(identities(None, &names).is_empty(), "no certificate");
+    }
+}
