@@ -3,9 +3,10 @@
 //! see `datapath::hostcheck`), start the TLS SIP proxy when the config has
 //! a `[proxy]` section (its media layer writes pinholes through its own
 //! handle on the pinned maps), service the datapath (resolve next hops the
-//! datapath met unresolved; log a rising `drop_fib_failed` with the fix)
-//! until `shutdown` resolves, then stop the proxy and keep or remove the
-//! datapath as configured.
+//! datapath met unresolved; log a rising `drop_fib_failed` with the fix),
+//! serve the control socket (`crate::control`; its `registrations` queries
+//! go to the proxy's driver) until `shutdown` resolves, then stop the proxy
+//! and keep or remove the datapath as configured.
 
 use std::{
     future::Future,
@@ -137,6 +138,27 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             None
         }
     };
+    // The control socket: a failure to serve it never stops the agent
+    // (the datapath and the proxy work without it); it is logged.
+    let (stop_control, control_stopped) = tokio::sync::oneshot::channel::<()>();
+    let control = if cfg.control.enabled {
+        match crate::control::bind(&cfg.control) {
+            Ok(listener) => Some(tokio::spawn(crate::control::serve(
+                listener,
+                cfg.control.socket.clone(),
+                proxy.as_ref().map(|p| p.control.clone()),
+                async move {
+                    let _ = control_stopped.await;
+                },
+            ))),
+            Err(e) => {
+                warn!(error = %e, "control socket not served; `sip-edge registrations` will not reach this agent");
+                None
+            }
+        }
+    } else {
+        None
+    };
     tokio::pin!(shutdown);
     let mut tick = tokio::time::interval(NEIGH_POLL);
     let mut fib_tick = tokio::time::interval(FIB_WATCH);
@@ -169,6 +191,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
                 }
             }
         }
+    }
+    let _ = stop_control.send(());
+    if let Some(c) = control {
+        let _ = c.await;
     }
     if let Some(p) = proxy {
         let _ = stop_proxy.send(());

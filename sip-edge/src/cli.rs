@@ -1,6 +1,7 @@
 //! Command-line interface: argument definitions (clap) and the `pinhole` and
 //! `stats` commands, which open the pinned maps of a running (or kept)
-//! datapath and print human or JSON output.
+//! datapath and print human or JSON output, and `registrations`, a client
+//! of the running agent's control socket (`crate::control`).
 
 use std::{net::SocketAddr, path::PathBuf};
 
@@ -75,6 +76,44 @@ pub enum Command {
     },
     /// Show per-reason packet counters of the running datapath.
     Stats(PinOpts),
+    /// List the registrations the running agent holds (remote users
+    /// registered through the edge, inside clients registered outside):
+    /// AOR, source, flow, expiry. Asks the agent's control socket.
+    Registrations(ControlOpts),
+}
+
+/// Where the running agent's control socket is, and output format.
+#[derive(Debug, Args, Clone)]
+pub struct ControlOpts {
+    /// The agent's control socket (`[control] socket`).
+    #[arg(long, default_value = crate::control::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `sip-edge registrations`: the agent's answer, as a table or as JSON
+/// (`{"registrations": [...]}`, fields in `crate::control`).
+pub fn registrations(opts: &ControlOpts) -> Result<String, crate::control::ControlError> {
+    use crate::control::{query, registrations_table, ControlError, Query, RegistrationEntry};
+    let fields = query(&opts.socket, Query::Registrations)?;
+    let value = fields
+        .get("registrations")
+        .cloned()
+        .unwrap_or(serde_json::Value::Array(Vec::new()));
+    let list: Vec<RegistrationEntry> =
+        serde_json::from_value(value).map_err(|e| ControlError::BadAnswer {
+            reason: e.to_string(),
+        })?;
+    if opts.json {
+        let v = serde_json::json!({ "registrations": list });
+        let text = serde_json::to_string_pretty(&v).map_err(|e| ControlError::BadAnswer {
+            reason: e.to_string(),
+        })?;
+        return Ok(text + "\n");
+    }
+    Ok(registrations_table(&list))
 }
 
 /// Where the pinned maps live, and output format.

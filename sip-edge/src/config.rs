@@ -51,7 +51,7 @@ pub enum ConfigError {
     },
 }
 
-fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         field: field.into(),
         reason: reason.into(),
@@ -505,6 +505,15 @@ pub struct Config {
     /// `[[route]]`: outbound routes by Request-URI domain.
     #[serde(default, rename = "route")]
     pub routes: Vec<Route>,
+    /// `[access]`: served domains and remote users (`crate::access`).
+    #[serde(default)]
+    pub access: Option<crate::access::AccessSection>,
+    /// `[[peer]]`: trusted outside peers (`crate::access`).
+    #[serde(default, rename = "peer")]
+    pub peers: Vec<crate::access::PeerSection>,
+    /// `[control]`: the agent's control socket (`crate::control`).
+    #[serde(default)]
+    pub control: crate::control::ControlSection,
 }
 
 /// A next hop the proxy opens TLS connections to.
@@ -852,7 +861,11 @@ impl Config {
     /// A `media_sources` list (per `[[route]]`; a future `[[peer]]` takes
     /// the same key and check): CIDRs that may widen where outside media
     /// goes, but never into what DESIGN.md §3 forbids whatever the config.
-    fn validate_media_sources(&self, field: &str, list: &[String]) -> Result<(), ConfigError> {
+    pub(crate) fn validate_media_sources(
+        &self,
+        field: &str,
+        list: &[String],
+    ) -> Result<(), ConfigError> {
         let internal = self.media.allowed_subnets();
         for (i, s) in list.iter().enumerate() {
             let at = format!("{field}[{i}]");
@@ -1064,6 +1077,8 @@ impl Config {
             }
             None => {}
         }
+        crate::access::validate(self)?;
+        self.control.validate()?;
         if !self.pin_dir.is_absolute() {
             return Err(invalid(
                 "pin_dir",

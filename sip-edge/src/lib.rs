@@ -2,9 +2,11 @@
 //! pin, map writer) and the commands `main.rs` dispatches to. Integration
 //! tests drive these directly.
 
+pub mod access;
 pub mod agent;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod datapath;
 pub mod doctor;
 pub mod media;

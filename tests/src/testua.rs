@@ -1130,12 +1130,23 @@ external_listen = "203.0.113.1:5061"
 cert = "{cert}"
 key = "{key}"
 ca_roots = "{ca}"
+[control]
+socket = "{control}"
 [[route]]
 domain = "peer.example.net"
 host = "198.51.100.2"
 port = 5061
 tls_name = "peer.example.net"
 "#,
+        // One control socket per agent: tests run agents side by side.
+        control = std::env::temp_dir()
+            .join(format!(
+                "{}.control.sock",
+                pin_dir
+                    .file_name()
+                    .map_or_else(|| "sip-edge".into(), |n| n.to_string_lossy())
+            ))
+            .display(),
         pin = pin_dir.display(),
         cert = pki.edge_cert.display(),
         key = pki.edge_key.display(),

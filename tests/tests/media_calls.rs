@@ -112,6 +112,7 @@ impl H {
             from_side: side,
             source: sa(src),
             media_sources: &[],
+            far_media: sip_edge::media::FarMedia::Config,
             body: body.as_bytes(),
             content_type: ct,
         };

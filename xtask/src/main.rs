@@ -27,6 +27,11 @@ const APT_PACKAGES: &[&str] = &[
     "util-linux",
 ];
 
+/// Debian packages only `cargo xtask test` needs: the real peers of the
+/// remote-user system test (tests/tests/remote_users.rs, issue #15),
+/// Kamailio as the inside registrar over TLS and baresip as a remote user.
+const TEST_APT_PACKAGES: &[&str] = &["kamailio", "kamailio-tls-modules", "baresip-core"];
+
 /// Debian packages only `cargo xtask bench` needs: the peers it measures
 /// sip-edge against (issue #4).
 const BENCH_APT_PACKAGES: &[&str] = &[
@@ -101,6 +106,7 @@ fn main() -> Result<()> {
         }
         Cmd::Test { args } => {
             setup()?;
+            apt_install(TEST_APT_PACKAGES)?;
             test(&root, &args)
         }
         Cmd::Demo => {

@@ -65,7 +65,7 @@ use sip_edge_common::PinholeKey;
 
 use super::{
     manager::{InvitationInput, Manager, Op, PinholeId, SdpInput, Settings, StreamDesc},
-    DialogKey, EndReason, MediaControl, MediaError, SdpEvent, Side,
+    DialogKey, EndReason, FarMedia, MediaControl, MediaError, SdpEvent, Side,
 };
 use crate::{
     config::{Config, MediaCandidates, MediaMode},
@@ -520,8 +520,9 @@ impl<S: PinholeSink> MediaController<S> {
             .map(stream_desc)
             .collect::<Result<Vec<_>, _>>()?;
         let to = ev.from_side.other();
-        let rewrite =
-            self.mgr.settings().mode == MediaMode::Relay || ev.from_side == Side::Internal;
+        let rewrite = self.mgr.settings().mode == MediaMode::Relay
+            || ev.from_side == Side::Internal
+            || ev.far_media == FarMedia::RemoteUser;
         let policy = self.rewrite_policy(to);
         if rewrite {
             // Dry run with a placeholder port: every way the rewrite can fail
@@ -560,6 +561,7 @@ impl<S: PinholeSink> MediaController<S> {
                 from_side: ev.from_side,
                 source: ev.source,
                 media_sources: ev.media_sources,
+                far_media: ev.far_media,
                 streams: &streams,
             },
             now,

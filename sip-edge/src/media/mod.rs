@@ -79,10 +79,38 @@ pub struct SdpEvent<'a> {
     /// its signalling source: the `media_sources` of its `[[route]]`, as
     /// the proxy matched it from the connection (empty for the inside).
     pub media_sources: &'a [crate::config::Cidr],
+    /// How the outside party's real media source is learned, as the proxy
+    /// decided from who the party is (a `[[peer]]`'s `latch`, a remote user
+    /// registered through the edge); `Config` for the inside and for
+    /// parties the proxy knows nothing about.
+    pub far_media: FarMedia,
     /// The body as received.
     pub body: &'a [u8],
     /// Content-Type of the body (`application/sdp`, `text/x-msmsgsinvite`, ...).
     pub content_type: &'a str,
+}
+
+/// How the outside party's real media source is learned (DESIGN.md §2:
+/// strict by default; latching is opt-in, happens once and never moves).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FarMedia {
+    /// `[media] latch` decides (strict unless it is set).
+    #[default]
+    Config,
+    /// Only the address and port signalling named (a `[[peer]]` with
+    /// `latch = "off"`).
+    Strict,
+    /// The address signalling named; the port is learned from the first
+    /// packet and fixed after (`latch = "port"`).
+    LatchPort,
+    /// Address and port learned once from the first packet
+    /// (`latch = "full"`).
+    Latch,
+    /// A remote user registered through the edge, maybe behind NAT: every
+    /// address its SDP names (private or not) is replaced by its signalling
+    /// source address, and the port is learned once from its first packet.
+    /// Media is never sent to, nor accepted from, a third address.
+    RemoteUser,
 }
 
 /// Why the media layer refused a body; the proxy answers the request with

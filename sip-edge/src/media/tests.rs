@@ -12,7 +12,7 @@ use super::{
     control::{MediaController, RecordingSink},
     manager::Settings,
     policy::{ExternalSources, Refusal},
-    DialogKey, MediaControl, MediaError, SdpEvent, SdpRole, Side,
+    DialogKey, FarMedia, MediaControl, MediaError, SdpEvent, SdpRole, Side,
 };
 use crate::config::{parse_cidr, Cidr, MediaCandidates, MediaMode, PortRange};
 
@@ -58,6 +58,8 @@ struct H {
     now: Instant,
     /// What the proxy matched for the far party's route.
     media_sources: Vec<Cidr>,
+    /// How the proxy says the far party's media is learned.
+    far_media: FarMedia,
 }
 
 impl H {
@@ -70,6 +72,7 @@ impl H {
             ),
             now: Instant::now(),
             media_sources: Vec::new(),
+            far_media: FarMedia::Config,
         }
     }
 
@@ -89,6 +92,7 @@ impl H {
             from_side: side,
             source: sa(src),
             media_sources: &self.media_sources,
+            far_media: self.far_media,
             body: body.as_bytes(),
             content_type: "application/sdp",
         };
@@ -374,4 +378,138 @@ fn a_listening_tcp_end_outside_needs_an_unprivileged_port() {
         "{e:?}"
     );
     assert_eq!(h.installed(), 0);
+}
+
+// --- remote users and peers (issue #15) ---------------------------------------
+
+/// A remote user's signalling source (its NAT's public address).
+const REMOTE_USER: &str = "198.51.100.20:40123";
+
+fn installed_flows(h: &H) -> Vec<crate::datapath::rules::Flow> {
+    h.c.sink().installed.values().copied().collect()
+}
+
+#[test]
+fn a_remote_users_media_is_pinned_to_its_signalling_address_with_the_port_learned() {
+    use crate::datapath::rules::{Flow, LearnPort};
+    for (n, (named, why)) in [
+        ("192.168.1.5", "its private address behind NAT"),
+        ("198.51.100.99", "a third public address"),
+        ("198.51.100.20", "its own public address"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut h = H::new(settings());
+        h.far_media = FarMedia::RemoteUser;
+        let d = dialog(300 + n as u32);
+        h.sdp(&d, SdpRole::Offer, Side::Internal, CLIENT, INSIDE_OFFER)
+            .expect("inside offer");
+        h.sdp(
+            &d,
+            SdpRole::Answer,
+            Side::External,
+            REMOTE_USER,
+            &audio(named, 7078, ""),
+        )
+        .unwrap_or_else(|e| panic!("{why}: {e}"));
+        // RTP and RTCP (port + 1).
+        let flows = installed_flows(&h);
+        assert_eq!(flows.len(), 2, "{why}");
+        let mut ports = Vec::new();
+        for f in flows {
+            match f {
+                Flow::Relay {
+                    peer,
+                    latch_peer,
+                    learn_port,
+                    ..
+                } => {
+                    assert_eq!(peer.ip(), sa(REMOTE_USER).ip(), "{why}");
+                    assert!(!latch_peer, "{why}: never a full latch (no third address)");
+                    assert_eq!(learn_port, LearnPort::Peer, "{why}: the port is learned");
+                    ports.push(peer.port());
+                }
+                other => panic!("{why}: {other:?}"),
+            }
+        }
+        ports.sort_unstable();
+        assert_eq!(ports, vec![7078, 7079], "{why}");
+    }
+    // The fixed table still applies to what is left: a port below 1024.
+    let mut h = H::new(settings());
+    h.far_media = FarMedia::RemoteUser;
+    let d = dialog(310);
+    h.sdp(&d, SdpRole::Offer, Side::Internal, CLIENT, INSIDE_OFFER)
+        .expect("inside offer");
+    let e = h
+        .sdp(
+            &d,
+            SdpRole::Answer,
+            Side::External,
+            REMOTE_USER,
+            &audio("192.168.1.5", 53, ""),
+        )
+        .expect_err("port 53");
+    assert!(matches!(e, MediaError::Forbidden { .. }), "{e:?}");
+}
+
+#[test]
+fn nat_mode_shows_the_inside_a_remote_users_public_address() {
+    let mut s = settings();
+    s.mode = MediaMode::Nat;
+    let mut h = H::new(s);
+    h.far_media = FarMedia::RemoteUser;
+    let d = dialog(320);
+    let fwd = h
+        .sdp(
+            &d,
+            SdpRole::Offer,
+            Side::External,
+            REMOTE_USER,
+            &audio("192.168.1.5", 7078, ""),
+        )
+        .expect("remote offer");
+    assert!(
+        fwd.contains("c=IN IP4 198.51.100.20") && !fwd.contains("192.168.1.5"),
+        "{fwd}"
+    );
+    assert!(fwd.contains("m=audio 7078 "), "{fwd}");
+}
+
+#[test]
+fn a_peers_latch_mode_decides_its_flows() {
+    use crate::datapath::rules::{Flow, LearnPort};
+    for (far, latch, learn) in [
+        (FarMedia::Strict, false, LearnPort::Neither),
+        (FarMedia::LatchPort, false, LearnPort::Peer),
+        (FarMedia::Latch, true, LearnPort::Neither),
+        (FarMedia::Config, false, LearnPort::Neither),
+    ] {
+        let mut h = H::new(settings());
+        h.far_media = far;
+        let d = dialog(330);
+        h.sdp(&d, SdpRole::Offer, Side::Internal, CLIENT, INSIDE_OFFER)
+            .expect("inside offer");
+        h.sdp(
+            &d,
+            SdpRole::Answer,
+            Side::External,
+            PEER,
+            &audio("198.51.100.2", 5000, ""),
+        )
+        .expect("answer");
+        match installed_flows(&h)[0] {
+            Flow::Relay {
+                latch_peer,
+                learn_port,
+                peer,
+                ..
+            } => {
+                assert_eq!((latch_peer, learn_port), (latch, learn), "{far:?}");
+                assert_eq!(peer, sa("198.51.100.2:5000"), "{far:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 }

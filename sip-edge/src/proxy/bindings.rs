@@ -4,22 +4,33 @@
 //! original URI and, when known, to the connection (RFC 5626 flow) the party
 //! sent it on. Filled by `proxy::core` when it forwards requests/responses,
 //! read when a request targets a token, emptied by expiry and by connection
-//! close. Registrations (AOR → token) come from 200 OKs to REGISTER.
+//! close. Registrations (AOR → token, with the registering client's side,
+//! source and flow) come from 200 OKs to REGISTER, from either side: inside
+//! clients registering with an outside registrar, and remote users outside
+//! registering with the inside registrar (`[access]`).
 //!
 //! Why tokens and not the original Contact: DESIGN.md §1 wants each side to
-//! see only the edge's addresses on its own side, and an internal client's
-//! Contact is unreachable from outside anyway; requests for it must come
-//! back over the client's own connection (RFC 5626 §5.3, RFC 3327 §5).
+//! see only the edge's addresses on its own side, and a client's Contact
+//! behind NAT is unreachable anyway; requests for it must come back over the
+//! client's own connection (RFC 5626 §5.3, RFC 3327 §5).
+//!
+//! Failed flows: when a registered client's connection closes, its
+//! registration tokens (Contact and Path) are kept, marked failed, until the
+//! registration would have expired, so a request for them is answered 430
+//! Flow Failed (RFC 5626 §5.3) and the registrar can try the client's other
+//! flows, rather than a 404 that says the binding never existed. Other
+//! tokens (dialog Contacts) are forgotten at once, as before.
 
 use std::{
     collections::{hash_map::RandomState, HashMap},
     hash::{BuildHasher, Hasher},
+    net::SocketAddr,
     time::{Duration, Instant},
 };
 
 use crate::media::Side;
 
-use super::ConnId;
+use super::{ConnId, Proto};
 
 /// Prefix of every token, so a token is recognisable in a Request-URI.
 pub const TOKEN_PREFIX: &str = "sef";
@@ -43,6 +54,40 @@ pub struct Binding {
     pub flow: Option<ConnId>,
     /// When the binding is forgotten.
     pub expires: Instant,
+    /// The flow closed while the binding was a registration's (or its
+    /// Path's): requests for it get 430 Flow Failed (RFC 5626 §5.3).
+    pub failed: bool,
+}
+
+/// The registering client's flow as the core saw it (for listings and for
+/// recognising a remote user's connection).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowInfo {
+    /// Side the client is on.
+    pub side: Side,
+    /// Its signalling source (the connection's peer address).
+    pub source: SocketAddr,
+    /// Transport of the flow.
+    pub proto: Proto,
+}
+
+/// One registration learnt through the edge (RFC 3261 §10.3).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Registration {
+    /// Lower-cased `user@host` of the To URI.
+    pub aor: String,
+    /// The token of the Contact the registrar holds.
+    pub token: String,
+    /// The client's flow.
+    pub flow: FlowInfo,
+    /// The connection it registered on.
+    pub conn: Option<ConnId>,
+    /// The client's own Contact URI.
+    pub contact: String,
+    /// When the registrar's grant runs out.
+    pub expires: Instant,
+    /// The flow closed (requests for the binding get 430).
+    pub failed: bool,
 }
 
 /// Token ↔ binding table plus registrations; see the module docs.
@@ -54,6 +99,14 @@ pub struct Bindings {
     by_original: HashMap<(Side, String, Option<ConnId>), String>,
     /// Registered AOR (lower-cased `user@host`) → token of the Contact.
     aors: HashMap<String, String>,
+    /// Contact token → registration (every registered Contact).
+    regs: HashMap<String, Registration>,
+    /// Connection → Path tokens minted for REGISTERs sent over it, so a
+    /// closed flow marks them failed too.
+    paths: HashMap<ConnId, Vec<String>>,
+    /// Connection → Contact tokens of its live registrations: which
+    /// connections are remote users' flows, without a scan per request.
+    flows: HashMap<ConnId, Vec<String>>,
     keys: RandomState,
     counter: u64,
 }
@@ -71,6 +124,9 @@ impl Bindings {
             by_token: HashMap::new(),
             by_original: HashMap::new(),
             aors: HashMap::new(),
+            regs: HashMap::new(),
+            paths: HashMap::new(),
+            flows: HashMap::new(),
             keys: RandomState::new(),
             counter: 0,
         }
@@ -120,6 +176,7 @@ impl Bindings {
                 original: original.to_owned(),
                 flow,
                 expires,
+                failed: false,
             },
         );
         self.by_original.insert(key, token.clone());
@@ -129,55 +186,187 @@ impl Bindings {
     /// The binding of a token, refreshing its lifetime.
     pub fn lookup(&mut self, token: &str, now: Instant) -> Option<Binding> {
         let b = self.by_token.get_mut(token)?;
-        b.expires = b.expires.max(now + CONTACT_LIFETIME);
+        if !b.failed {
+            b.expires = b.expires.max(now + CONTACT_LIFETIME);
+        }
         Some(b.clone())
     }
 
     /// Records (or, with `expires == 0`, removes) a registration of `aor`
-    /// to the Contact whose token is `token` (from a 200 OK to REGISTER).
-    pub fn register(&mut self, aor: &str, token: &str, expires: Duration, now: Instant) {
+    /// to the Contact whose token is `token` (from a 200 OK to REGISTER);
+    /// `flow` is the registering client's connection as the core knows it.
+    pub fn register(
+        &mut self,
+        aor: &str,
+        token: &str,
+        expires: Duration,
+        flow: FlowInfo,
+        now: Instant,
+    ) {
         let aor = aor.to_ascii_lowercase();
         if expires.is_zero() {
             if self.aors.get(&aor).map(String::as_str) == Some(token) {
                 self.aors.remove(&aor);
             }
+            self.regs.remove(token);
+            self.reindex();
             return;
         }
         if let Some(b) = self.by_token.get_mut(token) {
             b.expires = now + expires;
-            self.aors.insert(aor, token.to_owned());
+            if let Some(c) = b.flow {
+                let list = self.flows.entry(c).or_default();
+                if !list.iter().any(|t| t == token) {
+                    list.push(token.to_owned());
+                }
+            }
+            self.aors.insert(aor.clone(), token.to_owned());
+            self.regs.insert(
+                token.to_owned(),
+                Registration {
+                    aor,
+                    token: token.to_owned(),
+                    flow,
+                    conn: b.flow,
+                    contact: b.original.clone(),
+                    expires: now + expires,
+                    failed: false,
+                },
+            );
         }
     }
 
-    /// The binding registered for `aor` (`user@host`), if any and alive.
-    pub fn registered(&mut self, aor: &str, now: Instant) -> Option<(String, Binding)> {
+    /// Keeps the binding of `token` until at least `until` (a Path token
+    /// while the registrations it carries last).
+    pub fn extend(&mut self, token: &str, until: Instant) {
+        if let Some(b) = self.by_token.get_mut(token) {
+            b.expires = b.expires.max(until);
+        }
+    }
+
+    /// Remembers a Path token minted for a REGISTER sent over `conn`, so the
+    /// token fails with the flow instead of vanishing.
+    pub fn path_minted(&mut self, conn: ConnId, token: &str) {
+        let list = self.paths.entry(conn).or_default();
+        if !list.iter().any(|t| t == token) {
+            list.push(token.to_owned());
+        }
+    }
+
+    /// The binding registered for `aor` (`user@host`) by a client on
+    /// `side`, if any and alive.
+    pub fn registered(&mut self, aor: &str, side: Side, now: Instant) -> Option<(String, Binding)> {
         let token = self.aors.get(&aor.to_ascii_lowercase())?.clone();
         let b = self.by_token.get(&token)?.clone();
-        (b.expires > now).then_some((token, b))
+        (b.expires > now && !b.failed && b.side == side).then_some((token, b))
     }
 
-    /// Forgets bindings bound to a closed connection (their flow is gone;
-    /// RFC 5626 §5.3: the request then fails with 430, we answer 480).
+    /// Whether `conn` carries a live registration of a client on `side`
+    /// (an outside remote user's flow, for `side == External`).
+    pub fn has_live_registration(&self, conn: ConnId, side: Side, now: Instant) -> bool {
+        self.flows.get(&conn).is_some_and(|tokens| {
+            tokens.iter().filter_map(|t| self.regs.get(t)).any(|r| {
+                r.conn == Some(conn) && r.flow.side == side && !r.failed && r.expires > now
+            })
+        })
+    }
+
+    /// Live registrations of clients on `side`.
+    pub fn registrations_on(&self, side: Side, now: Instant) -> usize {
+        self.regs
+            .values()
+            .filter(|r| r.flow.side == side && !r.failed && r.expires > now)
+            .count()
+    }
+
+    /// Every registration held, failed ones included, sorted by AOR.
+    pub fn registrations(&self) -> Vec<Registration> {
+        let mut v: Vec<Registration> = self.regs.values().cloned().collect();
+        v.sort_by(|a, b| (&a.aor, &a.token).cmp(&(&b.aor, &b.token)));
+        v
+    }
+
+    /// A connection closed: bindings bound to it are forgotten, except a
+    /// registration's Contact and Path tokens, which stay until their
+    /// expiry marked failed (RFC 5626 §5.3: requests for them get 430).
     pub fn conn_closed(&mut self, conn: ConnId) {
-        self.retain(|b| b.flow != Some(conn));
+        let mut keep: Vec<String> = self.paths.remove(&conn).unwrap_or_default();
+        for t in self.flows.remove(&conn).unwrap_or_default() {
+            if let Some(r) = self.regs.get_mut(&t) {
+                r.failed = true;
+                keep.push(t);
+            }
+        }
+        for t in &keep {
+            if let Some(b) = self.by_token.get_mut(t) {
+                b.failed = true;
+            }
+        }
+        self.retain(|b| b.flow != Some(conn) || b.failed);
     }
 
-    /// Drops expired bindings.
+    /// Drops expired bindings and registrations (a registration's Contact
+    /// token may outlive its grant while a dialog still uses it).
     pub fn expire(&mut self, now: Instant) {
+        self.regs.retain(|_, r| r.expires > now);
+        let regs = &self.regs;
+        self.aors.retain(|_, t| regs.contains_key(t));
         self.retain(|b| b.expires > now);
     }
 
     fn retain(&mut self, keep: impl Fn(&Binding) -> bool) {
         self.by_token.retain(|_, b| keep(b));
         let live = &self.by_token;
-        self.by_original.retain(|_, t| live.contains_key(t));
+        // A failed token is never handed out again: the client's next
+        // REGISTER (on a new flow) gets a new one.
+        self.by_original
+            .retain(|_, t| live.get(t).is_some_and(|b| !b.failed));
         self.aors.retain(|_, t| live.contains_key(t));
+        self.regs.retain(|t, _| live.contains_key(t));
+        self.paths.retain(|_, ts| {
+            ts.retain(|t| live.contains_key(t));
+            !ts.is_empty()
+        });
+        self.reindex();
+    }
+
+    /// Rebuilds the flow → live registrations index (after removals).
+    fn reindex(&mut self) {
+        let regs = &self.regs;
+        self.flows.retain(|_, ts| {
+            ts.retain(|t| regs.get(t).is_some_and(|r| !r.failed));
+            !ts.is_empty()
+        });
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn flow() -> FlowInfo {
+        FlowInfo {
+            side: Side::Internal,
+            source: "10.0.0.2:5061".parse().unwrap(),
+            proto: Proto::Tls,
+        }
+    }
+
+    #[test]
+    fn a_dialog_contact_is_forgotten_with_its_flow_not_failed() {
+        let now = Instant::now();
+        let mut b = Bindings::new();
+        let t = b
+            .token_for(Side::External, "sip:x@h", Some(4), CONTACT_LIFETIME, now)
+            .unwrap();
+        let p = b
+            .token_for(Side::External, "flow:4", Some(4), CONTACT_LIFETIME, now)
+            .unwrap();
+        b.path_minted(4, &p);
+        b.conn_closed(4);
+        assert!(b.lookup(&t, now).is_none());
+        assert!(b.lookup(&p, now).is_some_and(|x| x.failed));
+    }
 
     #[test]
     fn same_contact_same_flow_reuses_token_and_close_forgets() {
@@ -213,15 +402,24 @@ mod tests {
         assert_eq!(t1, t2);
         assert_ne!(t1, t3);
         assert!(t1.starts_with(TOKEN_PREFIX));
-        b.register("A@Example.com", &t1, Duration::from_secs(60), now);
+        b.register("A@Example.com", &t1, Duration::from_secs(60), flow(), now);
         assert_eq!(
-            b.registered("a@example.com", now).map(|(t, _)| t),
+            b.registered("a@example.com", Side::Internal, now)
+                .map(|(t, _)| t),
             Some(t1.clone())
         );
+        assert!(b.has_live_registration(1, Side::Internal, now));
         b.conn_closed(1);
-        assert!(b.lookup(&t1, now).is_none());
-        assert!(b.registered("a@example.com", now).is_none());
+        // RFC 5626 §5.3: the registration's token stays, failed (430).
+        assert!(b.lookup(&t1, now).is_some_and(|x| x.failed));
+        assert!(b.registered("a@example.com", Side::Internal, now).is_none());
+        assert!(!b.has_live_registration(1, Side::Internal, now));
+        assert!(b.registrations()[0].failed);
         assert!(b.lookup(&t3, now).is_some());
+        // Gone once the registration would have expired.
+        b.expire(now + Duration::from_secs(61));
+        assert!(b.lookup(&t1, now).is_none());
+        assert!(b.registrations().is_empty());
     }
 
     #[test]
@@ -237,9 +435,10 @@ mod tests {
                 now,
             )
             .unwrap();
-        b.register("p@x", &t, Duration::from_secs(5), now);
-        b.register("p@x", &t, Duration::ZERO, now);
-        assert!(b.registered("p@x", now).is_none());
+        b.register("p@x", &t, Duration::from_secs(5), flow(), now);
+        b.register("p@x", &t, Duration::ZERO, flow(), now);
+        assert!(b.registered("p@x", Side::External, now).is_none());
+        assert!(b.registrations().is_empty());
         b.expire(now + Duration::from_secs(11));
         assert!(b.is_empty());
     }

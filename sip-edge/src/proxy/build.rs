@@ -21,6 +21,7 @@ pub fn reason(code: u16) -> &'static str {
         413 => "Request Entity Too Large",
         416 => "Unsupported URI Scheme",
         420 => "Bad Extension",
+        430 => "Flow Failed",
         480 => "Temporarily Unavailable",
         481 => "Call/Transaction Does Not Exist",
         482 => "Loop Detected",

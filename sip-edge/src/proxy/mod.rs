@@ -21,6 +21,7 @@
 //! honours Path routes inbound requests to the client's flow. Record-Route
 //! entries of other proxies pass unchanged (topology hiding is not a goal).
 
+pub mod access;
 pub mod bindings;
 pub mod build;
 mod core;
@@ -139,7 +140,7 @@ pub struct LocalAddr {
 /// One `[[route]]`'s `media_sources` and how its far party is recognised:
 /// a connection the edge opened to the route's next hop, or one whose peer
 /// address is the route's `host` when that is an IP literal (the carrier
-/// connecting in). A future `[[peer]]` section maps onto the same record.
+/// connecting in). `[[peer]]` entries carry their own (`access::PeerPolicy`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RouteMedia {
     /// The route's next hop.
@@ -167,6 +168,9 @@ pub struct ProxySettings {
     /// connection is recognised as belonging to one, and its extra media
     /// addresses, handed to the media layer with each SDP from outside.
     pub route_media: Vec<RouteMedia>,
+    /// Who may use the edge from outside: served domains, remote users,
+    /// trusted peers (`[access]`, `[[peer]]`; `proxy::access`).
+    pub access: access::AccessSettings,
     /// Port of the internal UDP listener, if any: our Via and
     /// Record-Route toward UDP clients carry it (they send in-dialog
     /// requests there, §18.1.1), and Route entries with it name us.
@@ -182,6 +186,7 @@ impl ProxySettings {
         external_port: u16,
     ) -> Option<ProxySettings> {
         let p = cfg.proxy.as_ref()?;
+        let access = crate::access::settings(cfg);
         let host = |adv: &Option<String>, listen: SocketAddr| {
             adv.as_deref()
                 .and_then(Host::parse)
@@ -205,6 +210,12 @@ impl ProxySettings {
                         HopTarget::from(&r.next_hop()),
                     )
                 })
+                .chain(access.peers.iter().flat_map(|p| {
+                    // A peer's domains route to it like a [[route]].
+                    p.hop
+                        .iter()
+                        .flat_map(move |h| p.domains.iter().map(move |d| (d.clone(), h.clone())))
+                }))
                 .collect(),
             route_media: cfg
                 .routes
@@ -218,6 +229,7 @@ impl ProxySettings {
                 .collect(),
             default_route: p.default_route.as_ref().map(HopTarget::from),
             internal_next_hop: p.internal_next_hop.as_ref().map(HopTarget::from),
+            access,
             // Known only once bound: the transport fills it in.
             internal_udp_port: None,
         })

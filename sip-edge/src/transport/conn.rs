@@ -5,9 +5,19 @@
 //! or shutdown. On EOF or a framing error the driver first answers the
 //! refused message (400/413/513) and the queue is written out before the
 //! close. Every error ends only this connection, and is logged.
+//!
+//! A connection that carries a live registration is not closed as idle
+//! before the registration expires (the driver sets its [`Hold`] from the
+//! proxy's registrations, as a registrar's `tcp_persistent_flag` keeps a
+//! registered TCP contact's connection as long as the contact is valid):
+//! a remote user behind NAT that sends no keep-alives can still be
+//! reached on the flow it registered on (RFC 5626 §5.3).
 
 use std::{
-    sync::atomic::{AtomicU32, AtomicU64, Ordering},
+    sync::{
+        atomic::{AtomicU32, AtomicU64, Ordering},
+        Arc, OnceLock,
+    },
     time::Duration,
 };
 
@@ -29,6 +39,24 @@ pub const WRITE_QUEUE: usize = 1024;
 
 /// Queued messages are coalesced into one write up to about this size.
 const BATCH_BYTES: usize = 64 * 1024;
+
+/// Milliseconds since a process-wide epoch until which a connection is
+/// kept open whatever its idle time (0: no hold); shared between the
+/// connection task and the driver.
+pub type Hold = Arc<AtomicU64>;
+
+fn hold_epoch() -> tokio::time::Instant {
+    static EPOCH: OnceLock<tokio::time::Instant> = OnceLock::new();
+    *EPOCH.get_or_init(tokio::time::Instant::now)
+}
+
+/// `at` as a [`Hold`] value.
+pub fn hold_value(at: std::time::Instant) -> u64 {
+    let at = tokio::time::Instant::from_std(at);
+    u64::try_from(at.saturating_duration_since(hold_epoch()).as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
 
 /// Static parameters of a connection task.
 #[derive(Clone, Debug)]
@@ -55,6 +83,7 @@ pub async fn run<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(WRITE_QUEUE);
+    let hold: Hold = Arc::new(AtomicU64::new(0));
     let role = if hop.is_some() {
         KeepAliveRole::Initiator
     } else {
@@ -66,6 +95,7 @@ pub async fn run<S>(
             info,
             writer: tx,
             hop,
+            hold: hold.clone(),
         })
         .await
         .is_err()
@@ -196,9 +226,11 @@ pub async fn run<S>(
         };
         let idle = async {
             loop {
-                let due = epoch
+                let held = hold_epoch() + Duration::from_millis(hold.load(Ordering::Relaxed));
+                let due = (epoch
                     + Duration::from_millis(last_activity.load(Ordering::Relaxed))
-                    + params.idle;
+                    + params.idle)
+                    .max(held);
                 if tokio::time::Instant::now() >= due {
                     return;
                 }

@@ -39,6 +39,7 @@ use tracing::{info, info_span, warn, Instrument};
 use self::conn::ConnParams;
 use crate::{
     config::{ClientAuth, Config},
+    control,
     media::{MediaControl, Side},
     proxy::{ConnId, ConnInfo, Dest, HopTarget, Outgoing, Proto, Proxy, ProxySettings},
     sip::framer::FramerLimits,
@@ -95,6 +96,8 @@ pub enum Event {
         writer: mpsc::Sender<Vec<u8>>,
         /// The next hop, for connections the edge opened.
         hop: Option<HopTarget>,
+        /// Keeps the connection open past its idle time (registrations).
+        hold: conn::Hold,
     },
     /// A framed message.
     Message {
@@ -124,6 +127,14 @@ pub enum Event {
         /// The hop.
         hop: HopTarget,
     },
+    /// An accepted connection's TLS client certificate is valid for these
+    /// `[[peer]] tls_identity` names (sent before `Opened`).
+    Identity {
+        /// Which.
+        conn: ConnId,
+        /// The names.
+        names: Vec<String>,
+    },
 }
 
 /// A message the stream framer refused, to answer before the close.
@@ -150,6 +161,8 @@ pub struct Running {
     pub internal_udp: Option<SocketAddr>,
     /// Completes after shutdown once the driver has stopped.
     pub driver: JoinHandle<()>,
+    /// Control-socket queries the driver answers (`registrations`).
+    pub control: mpsc::Sender<control::Request>,
 }
 
 /// Shared state of the accept loops and connectors.
@@ -164,6 +177,8 @@ struct Shared {
     connector: TlsConnector,
     /// Where outgoing connections leave from, per side.
     sources: source::Sources,
+    /// `[[peer]] tls_identity` names a client certificate is checked for.
+    peer_identities: Arc<Vec<String>>,
 }
 
 /// Decrements the live-connection count when a connection task ends.
@@ -242,7 +257,16 @@ pub async fn start(
         shutdown: stop_rx,
         connector: TlsConnector::from(client_tls),
         sources,
+        peer_identities: Arc::new(
+            cfg.peers
+                .iter()
+                .filter_map(|p| p.tls_identity.clone())
+                .collect(),
+        ),
     };
+    if !settings.access.enforce {
+        warn!("no [access] or [[peer]] section: requests from any outside party are proxied to the inside; list served domains and trusted peers to restrict them");
+    }
     tokio::spawn(accept_loop(
         int_l,
         Side::Internal,
@@ -263,13 +287,17 @@ pub async fn start(
     }
     info!(%int_addr, %ext_addr, tcp = ?tcp_addr, udp = ?udp_addr, "SIP listeners up");
     let proxy = Proxy::new(settings, media);
-    let driver = tokio::spawn(drive(proxy, events_rx, shared, stop_tx, shutdown));
+    let (control_tx, control_rx) = mpsc::channel(16);
+    let driver = tokio::spawn(drive(
+        proxy, events_rx, control_rx, shared, stop_tx, shutdown,
+    ));
     Ok(Running {
         internal: int_addr,
         external: ext_addr,
         internal_tcp: tcp_addr,
         internal_udp: udp_addr,
         driver,
+        control: control_tx,
     })
 }
 
@@ -311,6 +339,17 @@ async fn accept_loop(listener: TcpListener, side: Side, tls: Option<TlsAcceptor>
                                     peer,
                                     proto: Proto::Tls,
                                 };
+                                let names = identities(
+                                    s.get_ref().1.peer_certificates(),
+                                    &shared.peer_identities,
+                                );
+                                if !names.is_empty() {
+                                    info!(?names, "client certificate names a trusted peer");
+                                    let ev = Event::Identity { conn, names };
+                                    if shared.events.send(ev).await.is_err() {
+                                        return;
+                                    }
+                                }
                                 conn::run(
                                     s,
                                     conn,
@@ -348,6 +387,29 @@ async fn accept_loop(listener: TcpListener, side: Side, tls: Option<TlsAcceptor>
             .instrument(span),
         );
     }
+}
+
+/// The `[[peer]] tls_identity` names the (already chain-verified) client
+/// certificate is valid for, by the name rules rustls applies to server
+/// certificates (RFC 5922 §7.1: SIP domain certificates name DNS SANs).
+fn identities(
+    certs: Option<&[rustls::pki_types::CertificateDer<'static>]>,
+    names: &[String],
+) -> Vec<String> {
+    let Some(leaf) = certs.and_then(|c| c.first()) else {
+        return Vec::new();
+    };
+    let Ok(cert) = webpki::EndEntityCert::try_from(leaf) else {
+        return Vec::new();
+    };
+    names
+        .iter()
+        .filter(|n| {
+            ServerName::try_from(n.as_str())
+                .is_ok_and(|sn| cert.verify_is_valid_for_subject_name(&sn).is_ok())
+        })
+        .cloned()
+        .collect()
 }
 
 fn spawn_connect(hop: HopTarget, side: Side, shared: Shared) {
@@ -421,6 +483,8 @@ type Queued = (Vec<u8>, Option<String>);
 struct Driver {
     proxy: Proxy,
     writers: HashMap<ConnId, mpsc::Sender<Vec<u8>>>,
+    /// Idle holds of the connections, set from live registrations.
+    holds: HashMap<ConnId, conn::Hold>,
     pool: HashMap<HopTarget, ConnId>,
     pending: HashMap<HopTarget, Vec<Queued>>,
     shared: Shared,
@@ -429,6 +493,7 @@ struct Driver {
 async fn drive(
     proxy: Proxy,
     mut events: mpsc::Receiver<Event>,
+    mut control: mpsc::Receiver<control::Request>,
     shared: Shared,
     stop: watch::Sender<bool>,
     shutdown: impl Future<Output = ()>,
@@ -436,6 +501,7 @@ async fn drive(
     let mut d = Driver {
         proxy,
         writers: HashMap::new(),
+        holds: HashMap::new(),
         pool: HashMap::new(),
         pending: HashMap::new(),
         shared,
@@ -454,9 +520,12 @@ async fn drive(
                 let Some(ev) = ev else { break };
                 d.event(ev);
             }
+            Some(req) = control.recv() => d.control(req),
             _ = tick.tick() => {
-                let out = d.proxy.on_tick(Instant::now());
+                let now = Instant::now();
+                let out = d.proxy.on_tick(now);
                 d.send_all(out);
+                d.hold_registered_flows(now);
             }
             () = async {
                 match retransmit {
@@ -476,6 +545,33 @@ async fn drive(
 }
 
 impl Driver {
+    /// A flow that carries a live registration stays open until the
+    /// registration expires, idle or not (see `conn`).
+    fn hold_registered_flows(&self, now: Instant) {
+        for (conn, until) in self.proxy.registered_flows(now) {
+            if let Some(h) = self.holds.get(&conn) {
+                h.store(conn::hold_value(until), Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// A control-socket query about the proxy's state.
+    fn control(&mut self, req: control::Request) {
+        let answer = match req.query {
+            control::Query::Registrations => {
+                let list = self.proxy.registrations(Instant::now());
+                serde_json::to_value(list)
+                    .map(|v| {
+                        let mut m = serde_json::Map::new();
+                        m.insert("registrations".into(), v);
+                        m
+                    })
+                    .map_err(|e| e.to_string())
+            }
+        };
+        let _ = req.reply.send(answer);
+    }
+
     fn event(&mut self, ev: Event) {
         let now = Instant::now();
         match ev {
@@ -484,8 +580,10 @@ impl Driver {
                 info,
                 writer,
                 hop,
+                hold,
             } => {
                 self.writers.insert(conn, writer);
+                self.holds.insert(conn, hold);
                 self.proxy.on_conn_open(conn, info);
                 if let Some(hop) = hop {
                     self.pool.insert(hop.clone(), conn);
@@ -510,10 +608,12 @@ impl Driver {
             }
             Event::Closed { conn } => {
                 self.writers.remove(&conn);
+                self.holds.remove(&conn);
                 self.pool.retain(|_, c| *c != conn);
                 let out = self.proxy.on_conn_closed(conn, now);
                 self.send_all(out);
             }
+            Event::Identity { conn, names } => self.proxy.on_conn_identity(conn, names),
             Event::ConnectFailed { hop } => {
                 for (_, branch) in self.pending.remove(&hop).unwrap_or_default() {
                     if let Some(b) = branch {
@@ -564,5 +664,33 @@ impl Driver {
         } else if !ok {
             warn!(conn, "cannot queue message for connection; dropped");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_certificate_names_only_the_peers_it_is_valid_for() {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec![
+            "sbc.carrier.example".to_owned(),
+            "*.partner.example".to_owned(),
+        ])
+        .expect("params")
+        .self_signed(&key)
+        .expect("cert");
+        let der = vec![cert.der().clone()];
+        let names = [
+            "sbc.carrier.example".to_owned(),
+            "sip.partner.example".to_owned(),
+            "other.example".to_owned(),
+        ];
+        assert_eq!(
+            identities(Some(&der), &names),
+            vec!["sbc.carrier.example", "sip.partner.example"]
+        );
+        assert!(identities(None, &names).is_empty(), "no certificate");
     }
 }

@@ -187,6 +187,8 @@ async fn pseudo_conn(
         info,
         writer: tx,
         hop: None,
+        // UDP flows end by their own idle rule (module docs).
+        hold: Default::default(),
     };
     if events.send(opened).await.is_err() {
         return;

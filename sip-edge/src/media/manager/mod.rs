@@ -102,7 +102,7 @@ use sip_edge_common::PinholeKey;
 
 use super::{
     policy::{EndpointPolicy, ExternalSources, Naming, Refusal},
-    DialogKey, EndReason, MediaError, SdpRole, Side,
+    DialogKey, EndReason, FarMedia, MediaError, SdpRole, Side,
 };
 use crate::{
     config::{Cidr, Config, MediaExternalSources, MediaMode, PortRange, MIN_MEDIA_PORT},
@@ -280,6 +280,8 @@ pub struct SdpInput<'a> {
     pub source: SocketAddr,
     /// Extra media sources of the far party's route (outside only).
     pub media_sources: &'a [Cidr],
+    /// How the outside party's media source is learned (outside only).
+    pub far_media: FarMedia,
     /// The streams, in m-line order.
     pub streams: &'a [StreamDesc],
 }
@@ -364,6 +366,8 @@ struct Dialog {
     ever_active: bool,
     /// Last signalling source IP of each side (by `side_ix`).
     sources: [Option<IpAddr>; 2],
+    /// How the outside party's media source is learned (from its last SDP).
+    far_media: FarMedia,
     /// Address-free invitations, oldest first.
     seen: Vec<Seen>,
     /// File-transfer pinholes.

@@ -17,6 +17,21 @@ impl Manager {
         now: Instant,
         j: &mut Journal,
     ) -> Result<Outcome, MediaError> {
+        let pinned: Vec<StreamDesc>;
+        let pinned_inp: SdpInput<'_>;
+        let inp = if inp.from_side == Side::External && inp.far_media == FarMedia::RemoteUser {
+            // A remote user behind NAT names its private address (or any
+            // other): media goes only to its signalling source address,
+            // the port learned once (see `FarMedia::RemoteUser`).
+            pinned = pin_to_source(inp.streams, inp.source.ip());
+            pinned_inp = SdpInput {
+                streams: &pinned,
+                ..inp.clone()
+            };
+            &pinned_inp
+        } else {
+            inp
+        };
         let who = Self::naming(inp.from_side, inp.source, inp.media_sources);
         for (i, st) in inp.streams.iter().enumerate() {
             let named = [("media", st.rtp), ("RTCP", st.rtcp), ("MSRP path", st.path)];
@@ -60,6 +75,7 @@ impl Manager {
                     last_activity: now,
                     ever_active: false,
                     sources: [None, None],
+                    far_media: FarMedia::Config,
                     seen: Vec::new(),
                     transfers: Vec::new(),
                 },
@@ -69,6 +85,8 @@ impl Manager {
             d.sources[side_ix(inp.from_side)] = Some(inp.source.ip());
             if inp.from_side == Side::Internal {
                 d.client = Some(inp.source.ip());
+            } else {
+                d.far_media = inp.far_media;
             }
         }
         let allocations = self.allocate(inp, j)?;
@@ -170,6 +188,7 @@ impl Manager {
                 Some(Side::Internal) => LearnPort::Client,
                 None => LearnPort::Neither,
             };
+            let (latch_peer, learn_port) = far_latch(d.far_media, self.s.latch, learn_port);
             // Only a connecting TCP end's port is learned; the listening
             // end's port is where the edge sends, so it meets the port rule
             // now that the answer says who listens (RFC 4145 §4.1).
@@ -214,7 +233,7 @@ impl Manager {
                             edge_int: SocketAddr::new(inner.addr, int_port),
                             public: SocketAddr::new(public.addr, pub_port),
                             peer,
-                            latch_peer: self.s.latch,
+                            latch_peer,
                             learn_port,
                         }
                     }
@@ -223,7 +242,7 @@ impl Manager {
                         client,
                         public: SocketAddr::new(public.addr, pub_port),
                         peer,
-                        latch_peer: self.s.latch,
+                        latch_peer,
                         learn_port,
                     },
                 };
@@ -368,4 +387,36 @@ pub(super) fn tcp_connector(
         ("active" | "actpass", "passive") => Some(answer_side.other()),
         _ => None,
     }
+}
+
+/// The outside party's latching (DESIGN.md §2) from how it is known:
+/// `(latch_peer, learn_port)` for its flows. A port latch applies to an
+/// end whose port is not already learned as a TCP connector's.
+pub(super) fn far_latch(far: FarMedia, config_latch: bool, tcp: LearnPort) -> (bool, LearnPort) {
+    let port_learned = if tcp == LearnPort::Neither {
+        LearnPort::Peer
+    } else {
+        tcp
+    };
+    match far {
+        FarMedia::Config => (config_latch, tcp),
+        FarMedia::Strict => (false, tcp),
+        FarMedia::Latch => (true, tcp),
+        FarMedia::LatchPort | FarMedia::RemoteUser => (false, port_learned),
+    }
+}
+
+/// A remote user's streams with every address it named replaced by its
+/// signalling source address `ip` (ports kept: the port is learned later).
+pub(super) fn pin_to_source(streams: &[StreamDesc], ip: IpAddr) -> Vec<StreamDesc> {
+    let pin = |ep: Option<SocketAddr>| ep.map(|e| SocketAddr::new(ip, e.port()));
+    streams
+        .iter()
+        .map(|st| StreamDesc {
+            rtp: pin(st.rtp),
+            rtcp: pin(st.rtcp),
+            path: pin(st.path),
+            ..st.clone()
+        })
+        .collect()
 }

@@ -106,7 +106,14 @@ impl Manager {
                 continue;
             };
             if !rewrite {
-                out.push(None);
+                // nat: an outside remote user's SDP is rewritten only to
+                // name its own signalling address (already substituted in
+                // `rtp`), so the inside sends where the pinhole expects.
+                out.push((inp.far_media == FarMedia::RemoteUser).then(|| Allocation {
+                    addr: rtp.ip(),
+                    port: rtp.port(),
+                    rtcp_port: st.rtcp.map(|r| r.port()),
+                }));
                 continue;
             }
             let addr = self.edge_addr(facing, rtp.ip())?;

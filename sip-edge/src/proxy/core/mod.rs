@@ -33,12 +33,13 @@ use std::{
 use tracing::{debug, info, info_span, warn};
 
 use super::{
-    bindings::{Bindings, CONTACT_LIFETIME, TOKEN_PREFIX},
+    access::{self, Party, RateLimits},
+    bindings::{Bindings, FlowInfo, CONTACT_LIFETIME, TOKEN_PREFIX},
     build::{self, ByeLeg},
     ConnId, ConnInfo, Dest, HopTarget, Outgoing, Proto, ProxySettings,
 };
 use crate::{
-    media::{DialogKey, EndReason, MediaControl, MediaError, SdpEvent, SdpRole, Side},
+    media::{DialogKey, EndReason, FarMedia, MediaControl, MediaError, SdpEvent, SdpRole, Side},
     sip::{
         message::{Message, NameAddr, StartLine, Via},
         uri::{Host, SipUri},
@@ -187,6 +188,11 @@ pub struct Proxy {
     /// opened for: tells which `[[route]]` a far party's SDP comes through
     /// (its `media_sources`, DESIGN.md §3). Removed on close.
     conn_hops: HashMap<ConnId, HopTarget>,
+    /// Peer names each outside connection's TLS client certificate was
+    /// verified for (`[[peer]] tls_identity`), from the transport.
+    identities: HashMap<ConnId, Vec<String>>,
+    /// Per-peer request rate limits (`[[peer]] max_requests_per_sec`).
+    rates: RateLimits,
     /// Dialogs to end with BYE both ways once the message being handled
     /// has been forwarded (a refused answer in an ACK: the ACK first).
     byes_after: Vec<(DialogKey, Dialog)>,
@@ -283,6 +289,8 @@ impl Proxy {
             retransmits: HashMap::new(),
             sent_on: HashMap::new(),
             conn_hops: HashMap::new(),
+            identities: HashMap::new(),
+            rates: RateLimits::default(),
             byes_after: Vec::new(),
             counter: 0,
             run_id: run_id(),
@@ -309,6 +317,12 @@ impl Proxy {
         self.conns.insert(conn, info);
     }
 
+    /// The transport verified `conn`'s TLS client certificate for these
+    /// `[[peer]] tls_identity` names (before or after `on_conn_open`).
+    pub fn on_conn_identity(&mut self, conn: ConnId, names: Vec<String>) {
+        self.identities.insert(conn, names);
+    }
+
     fn next_id(&mut self) -> u64 {
         self.counter += 1;
         self.counter
@@ -324,27 +338,50 @@ impl Proxy {
         format!("se{}x{n:x}", self.run_id)
     }
 
-    /// The extra media sources of the far party whose message arrived on
-    /// `conn` (`hop`: the next hop a response's request went to): those of
-    /// its `[[route]]`, matched by the hop the connection was opened for or
-    /// by the peer address; none for the inside or an unmatched peer.
-    fn far_media_sources(
+    /// The media policy of the far party whose message arrived on `conn`
+    /// (`hop`: the next hop a response's request went to): a `[[peer]]`'s
+    /// `media_sources` and latching, a remote user's (its signalling
+    /// address only, port latched), or its `[[route]]`'s `media_sources`,
+    /// matched by the hop the connection was opened for or by the peer
+    /// address; nothing for the inside or an unmatched party.
+    fn far_media(
         &self,
         conn: ConnId,
         info: &ConnInfo,
         hop: Option<&HopTarget>,
-    ) -> Vec<crate::config::Cidr> {
+        now: Instant,
+    ) -> (Vec<crate::config::Cidr>, FarMedia) {
         if info.side != Side::External {
-            return Vec::new();
+            return (Vec::new(), FarMedia::Config);
         }
         let hop = hop.or_else(|| self.conn_hops.get(&conn));
+        let none = Vec::new();
+        let party = self.settings.access.classify(&access::Source {
+            ip: info.peer.ip(),
+            opened_to: hop,
+            identities: self.identities.get(&conn).unwrap_or(&none),
+            registered_flow: self
+                .bindings
+                .has_live_registration(conn, Side::External, now),
+        });
+        match party {
+            Party::Peer(n) => {
+                if let Some(p) = self.settings.access.peers.get(n) {
+                    return (p.media_sources.clone(), p.far_media);
+                }
+            }
+            Party::RemoteUser => return (Vec::new(), FarMedia::RemoteUser),
+            Party::Unknown => {}
+        }
         let peer = info.peer.ip().to_canonical();
-        self.settings
+        let sources = self
+            .settings
             .route_media
             .iter()
             .find(|r| hop == Some(&r.hop) || r.host_ip.is_some_and(|ip| ip.to_canonical() == peer))
             .map(|r| r.sources.clone())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        (sources, FarMedia::Config)
     }
 
     /// Whether a URI names this edge (either side's address and port).

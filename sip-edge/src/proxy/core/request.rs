@@ -139,9 +139,15 @@ impl Proxy {
         }
         let mut routes = msg.name_addrs("Route").map_err(bad)?;
         let before = routes.len();
+        // A Route of ours with a flow token is a Path the edge added to a
+        // REGISTER (RFC 3327 §5, RFC 5626 §5.3): it names the flow to use.
+        let mut flow_route: Option<String> = None;
         while let Some(first) = routes.first() {
             match first.sip_uri() {
                 Ok(u) if self.names_us(&u).is_some() => {
+                    if flow_route.is_none() {
+                        flow_route = u.userinfo.filter(|t| t.starts_with(TOKEN_PREFIX));
+                    }
                     routes.remove(0);
                 }
                 _ => break,
@@ -175,14 +181,33 @@ impl Proxy {
             return Err(reject(404, "nothing to route to at the edge itself"));
         }
 
-        // Target selection.
-        let (dest, dest_side) = self.select_target(from_side, &method, msg, &ruri, &routes, now)?;
-        if method == "REGISTER" && from_side == Side::External {
-            return Err(reject(
-                403,
-                "registrations are only proxied from the inside",
-            ));
+        // Who may use the edge from outside (no open relay), then target
+        // selection. Outside requests only ever go inside.
+        if from_side == Side::External {
+            self.admit_outside(
+                conn,
+                &info,
+                &method,
+                &ruri,
+                !routes.is_empty(),
+                flow_route.is_some(),
+                to_tag.is_some(),
+                now,
+            )?;
         }
+        let (dest, dest_side) = if method == "REGISTER" && from_side == Side::External {
+            self.remote_registrar()?
+        } else {
+            self.select_target(
+                from_side,
+                &method,
+                msg,
+                &ruri,
+                &routes,
+                flow_route.as_deref(),
+                now,
+            )?
+        };
 
         // Dialog bookkeeping and SDP before anything is sent.
         let is_invite = method == "INVITE";
@@ -235,7 +260,7 @@ impl Proxy {
                 let callee_tag = self.callee_tag(&k, msg);
                 let ct = msg.header("Content-Type").unwrap_or_default().to_owned();
                 let body = msg.body().to_vec();
-                let media_sources = self.far_media_sources(conn, &info, None);
+                let (media_sources, far_media) = self.far_media(conn, &info, None, now);
                 let ev = SdpEvent {
                     dialog: &k,
                     to_tag: if role == SdpRole::Offer && initial_invite {
@@ -247,6 +272,7 @@ impl Proxy {
                     from_side,
                     source: info.peer,
                     media_sources: &media_sources,
+                    far_media,
                     body: &body,
                     content_type: &ct,
                 };
@@ -297,10 +323,12 @@ impl Proxy {
         }
 
         // §16.6: build the forwarded request.
+        // A REGISTER's tokens live as long as its transaction until the
+        // registrar grants the binding (`learn_registration` then sets the
+        // grant): REGISTERs the registrar refuses (401, 403) leave nothing
+        // behind for long, whatever Expires they asked for.
         let contacts_lifetime = if method == "REGISTER" {
-            register_expires(msg).map_or(CONTACT_LIFETIME, |e| {
-                Duration::from_secs(e.into()) + TIMER_64T1
-            })
+            TIMER_64T1
         } else {
             CONTACT_LIFETIME
         };
@@ -320,8 +348,11 @@ impl Proxy {
             msg.prepend_header("Record-Route", in_rr);
             msg.prepend_header("Record-Route", out_rr);
         }
-        if method == "REGISTER" && from_side == Side::Internal {
-            // RFC 3327 §5: Path with a flow token naming this connection.
+        if method == "REGISTER" {
+            // RFC 3327 §5: Path with a flow token naming this connection, on
+            // the registrar's side, so requests for the client come back
+            // through the edge and leave over the flow it registered on
+            // (RFC 5626 §5.3; `ob`: the edge keeps the flow, §5.1).
             let token = self
                 .bindings
                 .token_for(
@@ -332,7 +363,8 @@ impl Proxy {
                     now,
                 )
                 .ok_or_else(|| busy("binding table full"))?;
-            let l = self.settings.local(Side::External);
+            self.bindings.path_minted(conn, &token);
+            let l = self.settings.local(dest_side);
             msg.prepend_header(
                 "Path",
                 format!("<sip:{token}@{}:{};transport=tls;lr;ob>", l.host, l.port),

@@ -130,7 +130,8 @@ impl Proxy {
             if let (Some(role), Some(k)) = (role, key) {
                 let ct = msg.header("Content-Type").unwrap_or_default().to_owned();
                 let body = msg.body().to_vec();
-                let media_sources = self.far_media_sources(conn, &info, dest_hop.as_ref());
+                let (media_sources, far_media) =
+                    self.far_media(conn, &info, dest_hop.as_ref(), now);
                 let ev = SdpEvent {
                     dialog: &k,
                     to_tag: callee_tag.as_deref(),
@@ -138,6 +139,7 @@ impl Proxy {
                     from_side: info.side,
                     source: info.peer,
                     media_sources: &media_sources,
+                    far_media,
                     body: &body,
                     content_type: &ct,
                 };
@@ -178,6 +180,12 @@ impl Proxy {
         }
         if method == "REGISTER" && (200..300).contains(&code) {
             self.learn_registration(&msg, &forwarded_invite, now);
+            if info.side == Side::Internal {
+                // The registrar echoes the Path (RFC 3327 §5.3); the edge's
+                // entry names its inside address, which a remote user has
+                // no use for and the outside must not see.
+                msg.remove_header("Path");
+            }
         }
         if code >= 300 && method == "INVITE" && initial_invite && !cancelled {
             if let Some(k) = &dialog {

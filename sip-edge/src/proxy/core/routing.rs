@@ -40,6 +40,10 @@ impl Proxy {
         }
     }
 
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the request's parts as on_request already split them"
+    )]
     pub(super) fn select_target(
         &mut self,
         from_side: Side,
@@ -47,6 +51,7 @@ impl Proxy {
         msg: &mut Message,
         ruri: &SipUri,
         routes: &[NameAddr],
+        flow_route: Option<&str>,
         now: Instant,
     ) -> Result<(Dest, Side), Reject> {
         // A token we minted (Contact or Path rewrite): restore and follow.
@@ -61,6 +66,10 @@ impl Proxy {
                     .lookup(token, now)
                     .ok_or_else(|| reject(404, "unknown or expired flow token"))?;
                 let _ = side;
+                if b.failed {
+                    // RFC 5626 §5.3: the registered client's flow is gone.
+                    return Err(flow_failed());
+                }
                 if !b.original.starts_with("flow:") {
                     msg.set_request_uri(&b.original);
                 }
@@ -77,8 +86,22 @@ impl Proxy {
                 };
             }
         }
-        // A Path flow token as the top remaining Route is ours too, but
-        // names_us() already popped it; the registered-AOR lookup covers it.
+        // A Path flow token of ours was the top Route (popped with our
+        // other Routes): the request leaves over that flow, Request-URI
+        // unchanged (RFC 5626 §5.3).
+        if let Some(token) = flow_route {
+            let b = self
+                .bindings
+                .lookup(token, now)
+                .ok_or_else(|| reject(404, "unknown or expired flow token"))?;
+            if b.failed {
+                return Err(flow_failed());
+            }
+            return match b.flow.filter(|c| self.conns.contains_key(c)) {
+                Some(c) => Ok((Dest::Conn(c), b.side)),
+                None => Err(flow_failed()),
+            };
+        }
         if let Some(first) = routes.first() {
             return Ok((
                 self.hop_of(&first.uri, from_side.other())?,
@@ -88,7 +111,9 @@ impl Proxy {
         match from_side {
             Side::External => {
                 let aor = aor_of(ruri);
-                if let Some((_, b)) = self.bindings.registered(&aor, now) {
+                // Only inside clients: a remote user's AOR is the inside
+                // registrar's to route (through the internal next hop).
+                if let Some((_, b)) = self.bindings.registered(&aor, Side::Internal, now) {
                     if let Some(c) = b.flow.filter(|c| self.conns.contains_key(c)) {
                         if !b.original.starts_with("flow:") {
                             msg.set_request_uri(&b.original);
@@ -209,6 +234,7 @@ impl Proxy {
         let Ok(sent) = register.name_addrs("Contact") else {
             return;
         };
+        let mut longest = Duration::ZERO;
         for c in sent {
             let Some(token) = c.sip_uri().ok().and_then(|u| u.userinfo) else {
                 continue;
@@ -232,11 +258,197 @@ impl Proxy {
                 })
                 .flatten();
             let exp = granted.unwrap_or(u64::from(default_exp));
-            info!(%aor, expires = exp, "registration through the edge");
+            let Some(flow) = self
+                .bindings
+                .lookup(&token, now)
+                .and_then(|b| b.flow)
+                .and_then(|c| self.conns.get(&c))
+                .map(|i| FlowInfo {
+                    side: i.side,
+                    source: i.peer,
+                    proto: i.proto,
+                })
+            else {
+                continue;
+            };
+            info!(%aor, expires = exp, side = ?flow.side, source = %flow.source, "registration through the edge");
             self.bindings
-                .register(&aor, &token, Duration::from_secs(exp), now);
+                .register(&aor, &token, Duration::from_secs(exp), flow, now);
+            longest = longest.max(Duration::from_secs(exp));
+        }
+        // Our Path (the top one, RFC 3327 §5) lives as long as the longest
+        // binding it carries.
+        if let Some(path) = register
+            .name_addrs("Path")
+            .ok()
+            .and_then(|p| p.into_iter().next())
+            .and_then(|p| p.sip_uri().ok())
+            .and_then(|u| u.userinfo)
+            .filter(|t| t.starts_with(TOKEN_PREFIX))
+        {
+            self.bindings.extend(&path, now + longest);
         }
     }
+
+    /// The registrar of remote users (`[access]`), on the inside.
+    pub(super) fn remote_registrar(&self) -> Result<(Dest, Side), Reject> {
+        let hop = self
+            .settings
+            .access
+            .registrar
+            .clone()
+            .ok_or_else(|| reject(403, "registrations are only proxied from the inside"))?;
+        Ok((
+            Dest::Hop {
+                side: Side::Internal,
+                hop,
+            },
+            Side::Internal,
+        ))
+    }
+
+    /// Who an outside connection's party is (`proxy::access`).
+    pub(super) fn outside_party(&self, conn: ConnId, info: &ConnInfo, now: Instant) -> Party {
+        let none = Vec::new();
+        self.settings.access.classify(&access::Source {
+            ip: info.peer.ip(),
+            opened_to: self.conn_hops.get(&conn),
+            identities: self.identities.get(&conn).unwrap_or(&none),
+            registered_flow: self
+                .bindings
+                .has_live_registration(conn, Side::External, now),
+        })
+    }
+
+    /// The no-open-relay check of a request from outside (`proxy::access`)
+    /// and a trusted peer's rate limit. A refusal is a security event.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the request's facts, each one a separate question"
+    )]
+    pub(super) fn admit_outside(
+        &mut self,
+        conn: ConnId,
+        info: &ConnInfo,
+        method: &str,
+        ruri: &SipUri,
+        foreign_route: bool,
+        flow_route: bool,
+        in_dialog: bool,
+        now: Instant,
+    ) -> Result<(), Reject> {
+        if !self.settings.access.enforce {
+            if method == "REGISTER" {
+                return Err(reject(
+                    403,
+                    "registrations are only proxied from the inside",
+                ));
+            }
+            return Ok(());
+        }
+        let party = self.outside_party(conn, info, now);
+        let host = ruri.host.to_string();
+        let host_is_edge = [Side::Internal, Side::External].iter().any(|s| {
+            match (&ruri.host, &self.settings.local(*s).host) {
+                (Host::Name(a), Host::Name(b)) => a.eq_ignore_ascii_case(b),
+                (a, b) => a == b,
+            }
+        });
+        let token = flow_route
+            || (self.names_us(ruri).is_some()
+                && ruri
+                    .userinfo
+                    .as_deref()
+                    .is_some_and(|u| u.starts_with(TOKEN_PREFIX)));
+        let req = access::Request {
+            method,
+            host: host.trim_start_matches('[').trim_end_matches(']'),
+            host_is_edge,
+            token,
+            foreign_route,
+            in_dialog,
+        };
+        if let Err(r) = access::decide(&self.settings.access, party, &req) {
+            warn!(
+                target: "sip_edge::security",
+                source = %info.peer,
+                method,
+                request_uri_host = %host,
+                ?party,
+                code = r.code,
+                "outside request refused: {}",
+                r.why
+            );
+            return Err(reject(r.code, r.why));
+        }
+        if method == "REGISTER"
+            && self.bindings.registrations_on(Side::External, now)
+                >= self.settings.access.max_remote_registrations
+            && !self
+                .bindings
+                .has_live_registration(conn, Side::External, now)
+        {
+            return Err(busy("remote-user registrations are at their limit"));
+        }
+        if let Party::Peer(n) = party {
+            let limit = self
+                .settings
+                .access
+                .peers
+                .get(n)
+                .map_or(0, |p| p.max_requests_per_sec);
+            if method != "ACK" && !self.rates.take(n, limit, now) {
+                warn!(target: "sip_edge::security", source = %info.peer, peer = n, "peer over its request rate; 503");
+                return Err(busy("request rate of this peer exceeded"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The connections that carry a live registration, with when it
+    /// expires (the transport keeps them open until then).
+    pub fn registered_flows(&self, now: Instant) -> Vec<(ConnId, Instant)> {
+        self.bindings
+            .registrations()
+            .into_iter()
+            .filter(|r| !r.failed && r.expires > now)
+            .filter_map(|r| Some((r.conn?, r.expires)))
+            .collect()
+    }
+
+    /// The registrations the edge holds, for `sip-edge registrations`.
+    pub fn registrations(&self, now: Instant) -> Vec<crate::control::RegistrationEntry> {
+        self.bindings
+            .registrations()
+            .into_iter()
+            .map(|r| {
+                let edge = self.settings.local(r.flow.side.other());
+                crate::control::RegistrationEntry {
+                    aor: r.aor,
+                    side: match r.flow.side {
+                        Side::External => "outside",
+                        Side::Internal => "inside",
+                    }
+                    .into(),
+                    source: r.flow.source.to_string(),
+                    transport: r.flow.proto.via_token().to_ascii_lowercase(),
+                    flow: r.conn,
+                    flow_state: if r.failed { "failed" } else { "up" }.into(),
+                    contact: r.contact,
+                    edge_contact: format!(
+                        "sip:{}@{}:{};transport=tls",
+                        r.token, edge.host, edge.port
+                    ),
+                    expires_in_secs: r.expires.saturating_duration_since(now).as_secs(),
+                }
+            })
+            .collect()
+    }
+}
+
+/// RFC 5626 §5.3: a request for a flow that no longer exists.
+fn flow_failed() -> Reject {
+    reject(430, "the client's flow is gone (RFC 5626 section 5.3)")
 }
 
 /// `user@host` of a URI, lower-cased (the registration key).

@@ -31,6 +31,8 @@ struct Recorder {
     calls: Vec<Call>,
     /// `media_sources` of each SDP event, in order.
     sources: Vec<Vec<crate::config::Cidr>>,
+    /// `far_media` of each SDP event, in order.
+    far: Vec<FarMedia>,
     refuse: Option<MediaError>,
     expire: Vec<DialogKey>,
 }
@@ -47,6 +49,7 @@ impl MediaControl for Media {
             source: ev.source,
         });
         r.sources.push(ev.media_sources.to_vec());
+        r.far.push(ev.far_media);
         if let Some(e) = r.refuse.clone() {
             return Err(e);
         }
@@ -108,6 +111,7 @@ fn setup() -> (Proxy, Arc<Mutex<Recorder>>) {
         route_media: Vec::new(),
         default_route: None,
         internal_next_hop: None,
+        access: Default::default(),
         internal_udp_port: None,
     };
     let rec = Arc::new(Mutex::new(Recorder::default()));
@@ -1298,7 +1302,8 @@ fn route_media_sources_follow_the_far_partys_connection() {
     p.on_message(CALLEE, &ok, now);
     assert_eq!(rec.lock().unwrap().sources, vec![Vec::new(), Vec::new()]);
     assert_eq!(
-        p.far_media_sources(PEER_CALLER, &p.conns[&PEER_CALLER], None),
+        p.far_media(PEER_CALLER, &p.conns[&PEER_CALLER], None, now)
+            .0,
         carrier
     );
 }
@@ -1645,4 +1650,379 @@ fn framing_errors_are_answered_from_the_kept_head() {
     assert!(p
         .on_framing_error(CALLEE, b"SIP/2.0 200 OK\r\nCall-ID: x\r\n", 513, "x")
         .is_empty());
+}
+
+// --- remote users and trusted peers (issue #15) ------------------------------
+
+/// A remote user outside (behind its NAT's public address).
+const REMOTE: ConnId = 10;
+/// The inside registrar/PBX, connected to the edge.
+const REGISTRAR: ConnId = 11;
+
+fn registrar_hop() -> HopTarget {
+    HopTarget {
+        host: "10.77.0.10".into(),
+        port: 5061,
+        tls_name: "pbx.example.com".into(),
+    }
+}
+
+/// `setup()` with `[access]` for example.com (registrar 10.77.0.10) and a
+/// carrier `[[peer]]` at 198.51.100.2/32 (the CALLEE connection); the
+/// PEER_CALLER connection (198.51.100.3) is nobody.
+fn setup_access() -> (Proxy, Arc<Mutex<Recorder>>) {
+    let (mut p, rec) = setup();
+    p.settings.internal_next_hop = Some(registrar_hop());
+    p.settings.access = super::access::AccessSettings {
+        enforce: true,
+        served_domains: vec!["example.com".into()],
+        remote_users: true,
+        registrar: Some(registrar_hop()),
+        max_remote_registrations: 100,
+        peers: vec![super::access::PeerPolicy {
+            name: "carrier".into(),
+            addresses: vec![crate::config::parse_cidr("198.51.100.2").unwrap()],
+            tls_identity: None,
+            hop: None,
+            domains: Vec::new(),
+            media_sources: vec![crate::config::parse_cidr("198.51.100.128/25").unwrap()],
+            far_media: FarMedia::LatchPort,
+            max_requests_per_sec: 0,
+        }],
+    };
+    p.on_conn_open(
+        REMOTE,
+        ConnInfo {
+            side: Side::External,
+            peer: "198.51.100.20:40123".parse().unwrap(),
+            proto: Proto::Tls,
+        },
+    );
+    p.on_conn_open(
+        REGISTRAR,
+        ConnInfo {
+            side: Side::Internal,
+            peer: "10.77.0.10:5061".parse().unwrap(),
+            proto: Proto::Tls,
+        },
+    );
+    (p, rec)
+}
+
+fn to_registrar(out: &[Outgoing]) -> Vec<Message> {
+    out.iter()
+        .filter(|o| {
+            o.dest
+                == Dest::Hop {
+                    side: Side::Internal,
+                    hop: registrar_hop(),
+                }
+        })
+        .map(parse)
+        .collect()
+}
+
+/// A remote user's REGISTER from behind a NAT (private Contact).
+fn remote_register(branch: &str, expires: u32) -> String {
+    format!("REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/TLS 192.168.1.5:5061;branch={branch};rport\r\nMax-Forwards: 70\r\nFrom: <sip:alice@example.com>;tag=r1\r\nTo: <sip:alice@example.com>\r\nCall-ID: reg-alice\r\nCSeq: 1 REGISTER\r\nSupported: outbound\r\nContact: <sip:alice@192.168.1.5:5061;transport=tls;ob>;reg-id=1;+sip.instance=\"<urn:uuid:00000000-0000-1000-8000-000A95A0E128>\"\r\nExpires: {expires}\r\nContent-Length: 0\r\n\r\n")
+}
+
+/// Registers alice through the edge; returns the Contact and Path the
+/// registrar stored (the edge's token URIs on the inside).
+fn register_remote_alice(p: &mut Proxy, now: Instant) -> (String, String) {
+    let out = p.on_message(REMOTE, remote_register("z9hG4bKrr1", 600).as_bytes(), now);
+    let fwd = to_registrar(&out);
+    assert_eq!(
+        fwd.len(),
+        1,
+        "REGISTER goes to the inside registrar: {out:?}"
+    );
+    let reg = &fwd[0];
+    let path = reg.name_addrs("Path").unwrap();
+    assert_eq!(path.len(), 1, "one Path of ours (RFC 3327 §5)");
+    let path_uri = path[0].uri.clone();
+    assert!(
+        path_uri.contains("@10.77.0.1:5061")
+            && path_uri.contains(";lr")
+            && path_uri.contains(";ob"),
+        "Path names the edge's inside address with a flow token: {path_uri}"
+    );
+    assert!(reg.header("Supported").unwrap().contains("path"));
+    let contact = reg.name_addrs("Contact").unwrap()[0].uri.clone();
+    assert!(
+        contact.starts_with("sip:sef") && contact.contains("@10.77.0.1:5061"),
+        "the registrar sees an edge Contact, never the private one: {contact}"
+    );
+    assert_eq!(reg.top_via().unwrap().host.to_string(), "10.77.0.1");
+    let ok = answer(
+        reg,
+        200,
+        "reg",
+        &format!("Contact: <{contact}>;expires=600\r\nPath: <{path_uri}>\r\n"),
+        "",
+    );
+    let out = p.on_message(REGISTRAR, &ok, now);
+    let back = to_conn(&out, REMOTE);
+    assert_eq!(back[0].status(), Some(200));
+    assert_eq!(
+        back[0].name_addrs("Contact").unwrap()[0].uri,
+        "sip:alice@192.168.1.5:5061;transport=tls;ob",
+        "the client sees its own Contact"
+    );
+    assert!(
+        back[0].header("Path").is_none(),
+        "the inside address in the Path never goes out"
+    );
+    (contact, path_uri)
+}
+
+/// The PBX's INVITE for alice at the Contact it holds, via her Path.
+fn pbx_invite(contact: &str, path: &str, branch: &str, sdp: &str) -> String {
+    format!("INVITE {contact} SIP/2.0\r\nVia: SIP/2.0/TLS 10.77.0.10:5061;branch={branch}\r\nRoute: <{path}>\r\nMax-Forwards: 69\r\nFrom: <sip:bob@example.com>;tag=pbx1\r\nTo: <sip:alice@example.com>\r\nCall-ID: {branch}@pbx\r\nCSeq: 1 INVITE\r\nContact: <sip:bob@10.77.0.10:5061;transport=tls>\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{sdp}", sdp.len())
+}
+
+const SDP_INSIDE: &str = "v=0\r\no=bob 1 1 IN IP4 10.77.0.2\r\ns=-\r\nc=IN IP4 10.77.0.2\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n";
+
+#[test]
+fn a_remote_user_registers_through_the_edge_and_is_listed() {
+    let (mut p, _) = setup_access();
+    let now = Instant::now();
+    register_remote_alice(&mut p, now);
+    let regs = p.registrations(now);
+    assert_eq!(regs.len(), 1, "{regs:?}");
+    let r = &regs[0];
+    assert_eq!(r.aor, "alice@example.com");
+    assert_eq!(r.side, "outside");
+    assert_eq!(r.source, "198.51.100.20:40123");
+    assert_eq!(r.transport, "tls");
+    assert_eq!(r.flow, Some(REMOTE));
+    assert_eq!(r.flow_state, "up");
+    assert_eq!(r.expires_in_secs, 600);
+    assert!(r.edge_contact.contains("@10.77.0.1:5061"), "{r:?}");
+    // Its flow is kept open until the registration expires.
+    assert_eq!(
+        p.registered_flows(now),
+        vec![(REMOTE, now + Duration::from_secs(600))]
+    );
+    // A remote user's AOR is never routed from outside to its flow: that is
+    // the inside registrar's job (remote-to-remote goes through the PBX).
+    let inbound = "INVITE sip:alice@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 198.51.100.2:5061;branch=z9hG4bKc1\r\nMax-Forwards: 70\r\nFrom: <sip:+1555@carrier.example>;tag=c1\r\nTo: <sip:alice@example.com>\r\nCall-ID: c1@carrier\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n";
+    let out = p.on_message(CALLEE, inbound.as_bytes(), now);
+    assert!(
+        to_conn(&out, REMOTE).is_empty(),
+        "no outside-to-outside hairpin"
+    );
+    assert_eq!(to_registrar(&out).len(), 1, "to the PBX: {out:?}");
+    // De-registration (Expires: 0) removes it.
+    let out = p.on_message(REMOTE, remote_register("z9hG4bKrr2", 0).as_bytes(), now);
+    let reg = &to_registrar(&out)[0];
+    let ok = answer(reg, 200, "reg", "", "");
+    p.on_message(REGISTRAR, &ok, now);
+    assert!(p.registrations(now).is_empty());
+}
+
+#[test]
+fn an_inside_call_to_a_remote_user_leaves_over_its_flow_with_its_media_pinned() {
+    let (mut p, rec) = setup_access();
+    let now = Instant::now();
+    let (contact, path) = register_remote_alice(&mut p, now);
+    let out = p.on_message(
+        REGISTRAR,
+        pbx_invite(&contact, &path, "z9hG4bKpbx1", SDP_INSIDE).as_bytes(),
+        now,
+    );
+    let d = to_conn(&out, REMOTE);
+    assert_eq!(d.len(), 1, "over the flow alice registered on: {out:?}");
+    assert_eq!(
+        d[0].request_uri().unwrap().unwrap().to_string(),
+        "sip:alice@192.168.1.5:5061;transport=tls;ob",
+        "the Request-URI is her own Contact again"
+    );
+    assert_eq!(d[0].top_via().unwrap().host.to_string(), "203.0.113.1");
+    assert!(d[0].header("Route").is_none(), "the Path route was ours");
+    // Her answer from behind the NAT names a private address: the media
+    // layer is told she is a remote user (pinned to her source, port learned).
+    let sdp_nat = "v=0\r\no=alice 1 1 IN IP4 192.168.1.5\r\ns=-\r\nc=IN IP4 192.168.1.5\r\nt=0 0\r\nm=audio 7078 RTP/AVP 0\r\n";
+    let ok = answer(
+        &d[0],
+        200,
+        "al1",
+        "Contact: <sip:alice@192.168.1.5:5061;transport=tls;ob>\r\n",
+        sdp_nat,
+    );
+    let out = p.on_message(REMOTE, &ok, now);
+    assert_eq!(to_conn(&out, REGISTRAR)[0].status(), Some(200));
+    let r = rec.lock().unwrap();
+    assert_eq!(r.far, vec![FarMedia::Config, FarMedia::RemoteUser]);
+    assert!(matches!(
+        &r.calls[1],
+        Call::Sdp { side: Side::External, source, .. } if source.to_string() == "198.51.100.20:40123"
+    ));
+}
+
+#[test]
+fn a_request_for_a_dead_flow_gets_430() {
+    let (mut p, _) = setup_access();
+    let now = Instant::now();
+    let (contact, path) = register_remote_alice(&mut p, now);
+    p.on_conn_closed(REMOTE, now);
+    let regs = p.registrations(now);
+    assert_eq!(regs[0].flow_state, "failed", "{regs:?}");
+    // By the Contact token (with the Path route, as a registrar sends it).
+    let out = p.on_message(
+        REGISTRAR,
+        pbx_invite(&contact, &path, "z9hG4bKdead1", SDP_INSIDE).as_bytes(),
+        now,
+    );
+    let r = to_conn(&out, REGISTRAR);
+    let fin = r.iter().find(|m| m.status() != Some(100)).expect("a final");
+    assert_eq!(
+        fin.status(),
+        Some(430),
+        "RFC 5626 §5.3 Flow Failed: {out:?}"
+    );
+    // By the Path route alone (a registrar that rewrites the Request-URI).
+    let by_path = pbx_invite("sip:alice@example.com", &path, "z9hG4bKdead2", "")
+        .replace("Content-Type: application/sdp\r\n", "");
+    let out = p.on_message(REGISTRAR, by_path.as_bytes(), now);
+    assert_eq!(to_conn(&out, REGISTRAR)[0].status(), Some(430), "{out:?}");
+    // Once the registration would have expired the token is unknown.
+    p.on_tick(now + Duration::from_secs(601));
+    assert!(p.registrations(now + Duration::from_secs(601)).is_empty());
+}
+
+#[test]
+fn no_open_relay_from_outside() {
+    let (mut p, _) = setup_access();
+    let now = Instant::now();
+    let invite_for = |ruri: &str, branch: &str| {
+        format!("INVITE {ruri} SIP/2.0\r\nVia: SIP/2.0/TLS 198.51.100.3:40002;branch={branch}\r\nMax-Forwards: 70\r\nFrom: <sip:mallory@evil.example>;tag=m1\r\nTo: <{ruri}>\r\nCall-ID: {branch}@x\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n")
+    };
+    let forwarded = |out: &[Outgoing]| {
+        out.iter()
+            .filter(|o| matches!(o.dest, Dest::Hop { .. }))
+            .count()
+    };
+    // Nobody (neither a peer nor a registered user): 403, even for a served domain.
+    for (ruri, b) in [
+        ("sip:+15551234@example.com", "z9hG4bKo1"),
+        ("sip:+15551234@pstn.foreign.example", "z9hG4bKo2"),
+        ("sip:+15551234@203.0.113.1", "z9hG4bKo3"),
+    ] {
+        let out = p.on_message(PEER_CALLER, invite_for(ruri, b).as_bytes(), now);
+        assert_eq!(to_conn(&out, PEER_CALLER)[0].status(), Some(403), "{ruri}");
+        assert_eq!(forwarded(&out), 0, "{ruri}: relayed");
+    }
+    // Nobody registers for a foreign domain either.
+    let reg = remote_register("z9hG4bKo4", 600)
+        .replace("REGISTER sip:example.com", "REGISTER sip:foreign.example");
+    let out = p.on_message(PEER_CALLER, reg.as_bytes(), now);
+    assert_eq!(to_conn(&out, PEER_CALLER)[0].status(), Some(404));
+    assert_eq!(forwarded(&out), 0);
+    // The carrier (a [[peer]] by source address): its calls for served
+    // domains and the edge's address go inside, a foreign domain is 404.
+    let out = p.on_message(
+        CALLEE,
+        invite_for("sip:+15551234@pstn.foreign.example", "z9hG4bKo5").as_bytes(),
+        now,
+    );
+    assert_eq!(to_conn(&out, CALLEE)[0].status(), Some(404));
+    assert_eq!(forwarded(&out), 0);
+    for (ruri, b) in [
+        ("sip:+15551234@example.com", "z9hG4bKo6"),
+        ("sip:+15551234@203.0.113.1", "z9hG4bKo7"),
+    ] {
+        let out = p.on_message(CALLEE, invite_for(ruri, b).as_bytes(), now);
+        assert_eq!(to_registrar(&out).len(), 1, "{ruri}: {out:?}");
+    }
+    // A preloaded Route beyond the edge is refused (it would relay).
+    let routed = invite_for("sip:+1555@example.com", "z9hG4bKo8").replace(
+        "Max-Forwards",
+        "Route: <sip:203.0.113.1:5061;lr>\r\nRoute: <sip:10.77.0.99;lr>\r\nMax-Forwards",
+    );
+    let out = p.on_message(CALLEE, routed.as_bytes(), now);
+    assert_eq!(to_conn(&out, CALLEE)[0].status(), Some(403));
+    // A registered remote user may call served domains, not foreign ones.
+    register_remote_alice(&mut p, now);
+    let out = p.on_message(
+        REMOTE,
+        invite_for("sip:+4930123@example.com", "z9hG4bKo9").as_bytes(),
+        now,
+    );
+    assert_eq!(to_registrar(&out).len(), 1, "{out:?}");
+    let out = p.on_message(
+        REMOTE,
+        invite_for("sip:bob@foreign.example", "z9hG4bKo10").as_bytes(),
+        now,
+    );
+    assert_eq!(to_conn(&out, REMOTE)[0].status(), Some(404));
+    assert_eq!(forwarded(&out), 0);
+}
+
+#[test]
+fn a_peer_is_matched_by_source_cidr_and_gets_its_media_policy() {
+    let (mut p, rec) = setup_access();
+    let now = Instant::now();
+    let inbound = format!("INVITE sip:+15551234@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 198.51.100.2:5061;branch=z9hG4bKpm1\r\nMax-Forwards: 70\r\nFrom: <sip:+1999@carrier.example>;tag=c1\r\nTo: <sip:+15551234@example.com>\r\nCall-ID: pm1@carrier\r\nCSeq: 1 INVITE\r\nContact: <sip:+1999@198.51.100.2:5061;transport=tls>\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{SDP_B}", SDP_B.len());
+    let out = p.on_message(CALLEE, inbound.as_bytes(), now);
+    assert_eq!(to_registrar(&out).len(), 1, "{out:?}");
+    let r = rec.lock().unwrap();
+    assert_eq!(r.far, vec![FarMedia::LatchPort], "the peer's latch mode");
+    assert_eq!(
+        r.sources[0],
+        vec![crate::config::parse_cidr("198.51.100.128/25").unwrap()],
+        "the peer's media_sources"
+    );
+}
+
+#[test]
+fn a_peers_rate_limit_answers_503() {
+    let (mut p, _) = setup_access();
+    p.settings.access.peers[0].max_requests_per_sec = 2;
+    let now = Instant::now();
+    let opt = |b: &str| {
+        format!("OPTIONS sip:+1@example.com SIP/2.0\r\nVia: SIP/2.0/TLS 198.51.100.2:5061;branch={b}\r\nMax-Forwards: 70\r\nFrom: <sip:c@carrier.example>;tag=o\r\nTo: <sip:+1@example.com>\r\nCall-ID: {b}\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n")
+    };
+    for b in ["z9hG4bKrl1", "z9hG4bKrl2"] {
+        assert_eq!(
+            to_registrar(&p.on_message(CALLEE, opt(b).as_bytes(), now)).len(),
+            1
+        );
+    }
+    let out = p.on_message(CALLEE, opt("z9hG4bKrl3").as_bytes(), now);
+    let r = &to_conn(&out, CALLEE)[0];
+    assert_eq!(r.status(), Some(503));
+    assert!(r.header("Retry-After").is_some());
+}
+
+#[test]
+fn tokens_of_a_refused_register_go_with_its_transaction_a_granted_path_lasts() {
+    let (mut p, _) = setup_access();
+    let now = Instant::now();
+    // A REGISTER asking for a day that the registrar refuses (401).
+    let out = p.on_message(
+        PEER_CALLER,
+        remote_register("z9hG4bKrf1", 86_400).as_bytes(),
+        now,
+    );
+    let reg = &to_registrar(&out)[0];
+    p.on_message(REGISTRAR, &answer(reg, 401, "reg", "", ""), now);
+    assert!(!p.bindings.is_empty());
+    p.on_tick(now + TIMER_64T1 + Duration::from_secs(1));
+    assert!(
+        p.bindings.is_empty(),
+        "a refused REGISTER's tokens outlive its transaction"
+    );
+    // A granted one: its Path keeps working for the registration's life.
+    let (_, path) = register_remote_alice(&mut p, now);
+    let later = now + Duration::from_secs(300);
+    p.on_tick(later);
+    let by_path = pbx_invite("sip:alice@example.com", &path, "z9hG4bKrf2", "")
+        .replace("Content-Type: application/sdp\r\n", "");
+    let out = p.on_message(REGISTRAR, by_path.as_bytes(), later);
+    assert_eq!(
+        to_conn(&out, REMOTE).len(),
+        1,
+        "the Path route still leads to alice's flow: {out:?}"
+    );
 }

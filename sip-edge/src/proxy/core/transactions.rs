@@ -11,6 +11,7 @@ impl Proxy {
     pub fn on_conn_closed(&mut self, conn: ConnId, now: Instant) -> Vec<Outgoing> {
         self.conns.remove(&conn);
         self.conn_hops.remove(&conn);
+        self.identities.remove(&conn);
         self.bindings.conn_closed(conn);
         let mut waiting: Vec<String> = self
             .sent_on

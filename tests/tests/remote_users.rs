@@ -1,0 +1,918 @@
+//! Issue #15 in network namespaces, with real third-party peers: the agent
+//! runs in the edge namespace with `[access]` (served domain example.com)
+//! and a carrier `[[peer]]`; Kamailio (Debian's, as registrar with usrloc
+//! and Path support, over TLS) runs in the client namespace as the inside
+//! PBX at 10.77.0.2:5070; baresip (Debian's) runs in the peer namespace as
+//! a remote user and registers over TLS to the edge's public address.
+//!
+//! One scenario per media mode (relay, nat), in order: baresip registers
+//! through the edge to Kamailio (`sip-edge registrations --json` lists
+//! it); an inside test UA (bob, registered at Kamailio) calls alice through
+//! Kamailio, baresip auto-answers, RTP crosses the XDP pinholes both ways
+//! (pinhole counters of both directions rise, the remote user's port is
+//! latched, and a Goertzel filter finds baresip's 440 Hz `ausine` tone in
+//! what bob receives), bob holds and resumes (re-INVITEs through the PBX;
+//! the edge ports stay) and hangs up; then alice calls bob (baresip driven
+//! through its `ctrl_tcp` socket), audio crosses again, and alice hangs up
+//! from outside; baresip is killed and a call to it gets 430 Flow Failed; a
+//! stranger outside (neither peer nor registered user) is refused 403 for
+//! served and foreign domains while the carrier sees nothing, though a
+//! request from inside for the carrier's domain does reach it. Needs root,
+//! kamailio + kamailio-tls-modules and baresip-core; skips through
+//! `testnet::record_skip` otherwise.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use sip_edge::sip::message::Message;
+use sip_edge_tests::{
+    testnet::{self, AgentProcess, Pins, Topology},
+    testua::{self, media_of, rtp_packet, sdp, Dialog, SdpSpec, TestPki, UaConn, UaIdentity},
+};
+
+/// Every SIP wait.
+const WAIT: Duration = Duration::from_secs(10);
+/// Kamailio, the inside registrar/PBX.
+const PBX: &str = "10.77.0.2:5070";
+/// The carrier `[[peer]]` (a second address in the peer namespace).
+const CARRIER: &str = "198.51.100.3:5061";
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().expect("test address")
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("test address")
+}
+
+/// A process group killed (SIGTERM, then SIGKILL) on drop: Kamailio forks
+/// workers, baresip may too; the whole group goes, by its id only.
+struct Group {
+    child: Child,
+    what: &'static str,
+    log: PathBuf,
+}
+
+impl Group {
+    fn spawn(mut cmd: Command, what: &'static str, log: PathBuf) -> Group {
+        let out = std::fs::File::create(&log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        cmd.stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .process_group(0);
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+        Group { child, what, log }
+    }
+
+    fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    fn tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    fn kill(&mut self, sig: i32) {
+        let pgid = self.child.id() as i32;
+        // SAFETY: kill(2) on the process group this test created.
+        unsafe { libc::kill(-pgid, sig) };
+    }
+
+    fn stop(&mut self) {
+        if !self.alive() {
+            return;
+        }
+        self.kill(libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && self.alive() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.kill(libc::SIGKILL);
+        let _ = self.child.wait();
+        eprintln!("{} stopped", self.what);
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        self.stop();
+        // Workers that outlived their parent are still in the group.
+        self.kill(libc::SIGKILL);
+    }
+}
+
+fn nsenter(ns: &str, program: &str) -> Command {
+    let mut c = Command::new("nsenter");
+    c.arg(format!("--net=/run/netns/{ns}"))
+        .arg("--")
+        .arg(program);
+    c
+}
+
+/// Kamailio's module directory (Debian's multiarch path, or a fallback).
+fn kamailio_modules() -> Option<PathBuf> {
+    [
+        "/usr/lib/x86_64-linux-gnu/kamailio/modules",
+        "/usr/lib/kamailio/modules",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.join("tls.so").exists() && p.join("registrar.so").exists())
+}
+
+fn which(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
+}
+
+/// Kamailio as a registrar with Path support (RFC 3327) and a
+/// record-routing proxy for everything else: REGISTER is saved in usrloc
+/// (Path stored, `use_path`), other initial requests are looked up and
+/// relayed over the stored Path; in-dialog requests follow the route set.
+/// One TCP worker: Kamailio 5.6's TLS shares OpenSSL state between workers,
+/// which Debian's OpenSSL 3 does not survive (see the bench).
+fn kamailio_cfg(pki: &TestPki, modules: &Path) -> String {
+    format!(
+        r#"#!KAMAILIO
+# sip-edge remote_users test: the inside registrar/PBX (generated).
+debug=2
+log_stderror=yes
+children=1
+tcp_children=1
+enable_tls=yes
+auto_aliases=no
+listen=tls:{PBX}
+mpath="{modules}"
+loadmodule "tls.so"
+loadmodule "tm.so"
+loadmodule "sl.so"
+loadmodule "rr.so"
+loadmodule "maxfwd.so"
+loadmodule "siputils.so"
+loadmodule "pv.so"
+loadmodule "textops.so"
+loadmodule "usrloc.so"
+loadmodule "registrar.so"
+loadmodule "xlog.so"
+modparam("tls", "tls_method", "TLSv1.2+")
+modparam("tls", "certificate", "{cert}")
+modparam("tls", "private_key", "{key}")
+modparam("tls", "verify_certificate", 0)
+modparam("tls", "require_certificate", 0)
+modparam("usrloc", "db_mode", 0)
+modparam("registrar", "use_path", 1)
+modparam("registrar", "path_mode", 2)
+
+request_route {{
+    xlog("L_INFO", "$rm $ru from $si:$sp\n");
+    if (!mf_process_maxfwd_header("10")) {{
+        sl_send_reply("483", "Too Many Hops");
+        exit;
+    }}
+    if (has_totag()) {{
+        if (loose_route()) {{
+            t_relay();
+            exit;
+        }}
+        if (is_method("ACK")) {{
+            if (t_check_trans()) {{
+                t_relay();
+            }}
+            exit;
+        }}
+        sl_send_reply("404", "Not here");
+        exit;
+    }}
+    if (is_method("CANCEL")) {{
+        if (t_check_trans()) {{
+            t_relay();
+        }}
+        exit;
+    }}
+    t_check_trans();
+    if (is_method("REGISTER")) {{
+        if (!save("location")) {{
+            sl_reply_error();
+        }}
+        exit;
+    }}
+    if (!lookup("location")) {{
+        sl_send_reply("404", "Not Found");
+        exit;
+    }}
+    record_route();
+    if (!t_relay()) {{
+        sl_reply_error();
+    }}
+    exit;
+}}
+"#,
+        modules = modules.display(),
+        cert = pki.client_cert.display(),
+        key = pki.client_key.display(),
+    )
+}
+
+/// baresip headless (DESIGN.md §4): a 440 Hz `ausine` tone as the source,
+/// received audio discarded to a file, auto-answer, registration every
+/// 60 s over TLS with the edge as outbound proxy.
+fn baresip_dir(dir: &Path, pki: &TestPki) -> PathBuf {
+    let home = dir.join("baresip");
+    std::fs::create_dir_all(&home).expect("baresip dir");
+    let config = format!(
+        "poll_method epoll\n\
+         sip_listen 198.51.100.2:5060\n\
+         sip_cafile {ca}\n\
+         call_local_timeout 120\n\
+         audio_player aufile,{out}\n\
+         audio_source ausine,440\n\
+         audio_alert aufile,{out}\n\
+         ausrc_srate 48000\n\
+         ausrc_channels 2\n\
+         rtp_ports 20000-20999\n\
+         module_path /usr/lib/baresip/modules\n\
+         module g711.so\n\
+         module ausine.so\n\
+         module aufile.so\n\
+         module ctrl_tcp.so\n\
+         ctrl_tcp_listen 127.0.0.1:4444\n\
+         module_app account.so\n\
+         module_app menu.so\n",
+        ca = pki.ca.display(),
+        out = dir.join("received.wav").display(),
+    );
+    std::fs::write(home.join("config"), config).expect("baresip config");
+    std::fs::write(
+        home.join("accounts"),
+        "<sip:alice@example.com;transport=tls>;auth_pass=none;outbound=\"sip:203.0.113.1:5061;transport=tls\";regint=60;answermode=auto;audio_codecs=pcmu\n",
+    )
+    .expect("baresip accounts");
+    std::fs::write(home.join("contacts"), "").expect("baresip contacts");
+    home
+}
+
+fn edge_config(pin_dir: &Path, pki: &TestPki, control: &Path, mode: &str) -> String {
+    format!(
+        r#"# issue #15 test configuration
+pin_dir = "{pin}"
+on_exit = "remove"
+[[interface]]
+name = "int0"
+role = "internal"
+[[interface]]
+name = "ext0"
+role = "external"
+[addresses]
+internal = ["10.77.0.1"]
+public = ["203.0.113.1"]
+[media]
+port_ranges = ["40000-40999"]
+mode = "{mode}"
+allowed_internal_subnets = ["10.77.0.0/24"]
+[signalling]
+ports = [5061]
+[proxy]
+internal_listen = "10.77.0.1:5061"
+external_listen = "203.0.113.1:5061"
+cert = "{cert}"
+key = "{key}"
+ca_roots = "{ca}"
+internal_next_hop = {{ host = "10.77.0.2", port = 5070, tls_name = "{client_name}" }}
+[access]
+served_domains = ["example.com"]
+[[peer]]
+name = "carrier"
+addresses = ["198.51.100.3"]
+host = "198.51.100.3"
+port = 5061
+tls_name = "{peer_name}"
+domains = ["carrier.example"]
+[control]
+socket = "{control}"
+mode = "0600"
+"#,
+        pin = pin_dir.display(),
+        cert = pki.edge_cert.display(),
+        key = pki.edge_key.display(),
+        ca = pki.ca.display(),
+        client_name = testua::CLIENT_TLS_NAME,
+        peer_name = testua::PEER_TLS_NAME,
+        control = control.display(),
+    )
+}
+
+fn wait_tcp(ns: &str, to: SocketAddr, what: &str, alive: &mut dyn FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while testnet::in_ns(ns, || {
+        std::net::TcpStream::connect_timeout(&to, Duration::from_millis(200))
+    })
+    .expect("netns")
+    .is_err()
+    {
+        assert!(alive(), "{what} exited before listening");
+        assert!(Instant::now() < deadline, "{what} never listened on {to}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `sip-edge registrations --json` through the control socket.
+fn registrations(control: &Path) -> Value {
+    let out = Command::new(testnet::agent_bin())
+        .args(["registrations", "--json", "--socket"])
+        .arg(control)
+        .output()
+        .expect("run sip-edge registrations");
+    assert!(
+        out.status.success(),
+        "sip-edge registrations failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("registrations JSON")
+}
+
+fn alice_entry(v: &Value) -> Option<Value> {
+    v["registrations"]
+        .as_array()?
+        .iter()
+        .find(|r| r["aor"] == "alice@example.com")
+        .cloned()
+}
+
+fn pinholes(topo: &Topology, pin_dir: &Path) -> Vec<Value> {
+    let out = topo
+        .edge_cmd(&testnet::agent_bin())
+        .args(["pinhole", "list", "--json", "--pin-dir"])
+        .arg(pin_dir)
+        .output()
+        .expect("pinhole list");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice::<Value>(&out.stdout)
+        .expect("json")
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn reason(topo: &Topology, pin_dir: &Path, name: &str) -> u64 {
+    let out = topo
+        .edge_cmd(&testnet::agent_bin())
+        .args(["stats", "--json", "--pin-dir"])
+        .arg(pin_dir)
+        .output()
+        .expect("stats");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("stats json");
+    v["reasons"]
+        .as_array()
+        .and_then(|a| a.iter().find(|r| r["reason"] == name))
+        .and_then(|r| r["packets"].as_u64())
+        .unwrap_or(0)
+}
+
+/// Packets of the rules matching packets that arrive on `role`'s side
+/// (`"internal"`: inside to outside; `"external"`: outside to inside).
+fn packets_from(list: &[Value], role: &str) -> u64 {
+    list.iter()
+        .filter(|e| e["role"] == role)
+        .map(|e| e["packets"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// One G.711 μ-law byte as linear PCM (ITU-T G.711 §A.2, inverted bits).
+fn ulaw(b: u8) -> f64 {
+    let u = !b;
+    let exp = (u >> 4) & 7;
+    let mag = ((i32::from(u & 0x0f) << 3) + 0x84) << exp;
+    let v = f64::from(mag - 0x84);
+    if u & 0x80 != 0 {
+        -v
+    } else {
+        v
+    }
+}
+
+/// Power at `freq` of 8 kHz samples (the Goertzel filter).
+fn goertzel(samples: &[f64], freq: f64) -> f64 {
+    let coeff = 2.0 * (2.0 * std::f64::consts::PI * freq / 8000.0).cos();
+    let (mut s1, mut s2) = (0.0, 0.0);
+    for x in samples {
+        let s0 = x + coeff * s1 - s2;
+        s2 = s1;
+        s1 = s0;
+    }
+    s1 * s1 + s2 * s2 - coeff * s1 * s2
+}
+
+/// RTP both ways between `sock` and `to` for about 2 s: bob's packets out,
+/// the PCMU payloads it receives from `to` back.
+async fn talk(sock: &std::net::UdpSocket, to: SocketAddr, ssrc: u32) -> Vec<u8> {
+    sock.set_nonblocking(true).expect("nonblocking");
+    let mut payload = Vec::new();
+    let mut buf = [0u8; 2048];
+    for seq in 0..100u16 {
+        sock.send_to(&rtp_packet(seq, ssrc), to).expect("send rtp");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            // RTP version 2, payload type 0 (PCMU), fixed 12-byte header.
+            if from == to && n > 12 && buf[0] >> 6 == 2 && buf[1] & 0x7f == 0 {
+                payload.extend_from_slice(&buf[12..n]);
+            }
+        }
+    }
+    payload
+}
+
+/// Whether `pcmu` carries the 440 Hz tone: far more power there than at
+/// 1000 Hz or 300 Hz.
+fn has_tone(pcmu: &[u8]) -> bool {
+    let samples: Vec<f64> = pcmu.iter().map(|b| ulaw(*b)).collect();
+    let tone = goertzel(&samples, 440.0);
+    let other = goertzel(&samples, 1000.0).max(goertzel(&samples, 300.0));
+    eprintln!("Goertzel: 440 Hz {tone:.3e}, off-tone {other:.3e}");
+    tone > 20.0 * other && tone > 0.0
+}
+
+/// One command to baresip's `ctrl_tcp` (a netstring of JSON).
+fn baresip_cmd(ns: &str, command: &str, params: &str) {
+    use std::io::Write as _;
+    let json =
+        serde_json::json!({"command": command, "params": params, "token": command}).to_string();
+    let mut s = testnet::in_ns(ns, || {
+        std::net::TcpStream::connect_timeout(&sa("127.0.0.1:4444"), Duration::from_secs(2))
+    })
+    .expect("netns")
+    .expect("baresip ctrl_tcp");
+    s.write_all(format!("{}:{json},", json.len()).as_bytes())
+        .expect("ctrl_tcp command");
+    // Let baresip read it before the connection goes.
+    std::thread::sleep(Duration::from_millis(200));
+}
+
+/// The final response to the request just sent (provisionals skipped).
+async fn final_response(conn: &mut UaConn) -> Message {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let m = conn.recv(left).await.expect("a response");
+        match m.status() {
+            Some(c) if c >= 200 => return m,
+            Some(_) => continue,
+            None => panic!("a request instead of a response: {:?}", m.method()),
+        }
+    }
+}
+
+fn bob() -> UaIdentity {
+    UaIdentity {
+        aor: "sip:bob@example.com".into(),
+        contact: "sip:bob@10.77.0.2:5090;transport=tls".into(),
+        via_host: "10.77.0.2:5090".into(),
+        display: "Bob".into(),
+    }
+}
+
+fn stranger() -> UaIdentity {
+    UaIdentity {
+        aor: "sip:mallory@evil.example".into(),
+        contact: "sip:mallory@198.51.100.2:5099;transport=tls".into(),
+        via_host: "198.51.100.2:5099".into(),
+        display: "Mallory".into(),
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn relay_mode_remote_baresip_through_the_edge_with_kamailio_inside() {
+    scenario("relay").await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn nat_mode_remote_baresip_through_the_edge_with_kamailio_inside() {
+    scenario("nat").await;
+}
+
+async fn scenario(mode: &str) {
+    let name =
+        format!("remote_users::{mode}_mode_remote_baresip_through_the_edge_with_kamailio_inside");
+    if let Some(reason) = testnet::unavailable_reason() {
+        testnet::record_skip(&name, &reason);
+        return;
+    }
+    let Some(modules) = kamailio_modules() else {
+        testnet::record_skip(&name, "kamailio with tls.so/registrar.so not installed (apt-get install kamailio kamailio-tls-modules)");
+        return;
+    };
+    if !which("kamailio")
+        || !which("baresip")
+        || !Path::new("/usr/lib/baresip/modules/ausine.so").exists()
+    {
+        testnet::record_skip(&name, "kamailio or baresip not installed (apt-get install kamailio kamailio-tls-modules baresip-core)");
+        return;
+    }
+    let tag = format!("ru{}{}", &mode[..1], std::process::id());
+    let mut topo = Topology::create(&tag).expect("namespaces");
+    topo.attach_pass_programs().expect("pass programs");
+    testnet::sh(&[
+        "ip",
+        "-n",
+        &topo.peer,
+        "addr",
+        "add",
+        "198.51.100.3/24",
+        "dev",
+        "eth0",
+    ])
+    .expect("carrier address");
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/sip-edge-test-{tag}"));
+    let _pins = Pins(pin_dir.clone());
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = TestPki::generate(tmp.path()).expect("certificates");
+    let control = tmp.path().join("control.sock");
+    let config = tmp.path().join("sip-edge.toml");
+    std::fs::write(&config, edge_config(&pin_dir, &pki, &control, mode)).expect("config");
+    let agent = AgentProcess::start(
+        &topo,
+        &testnet::agent_bin(),
+        &config,
+        &pin_dir,
+        &["int0", "ext0"],
+    )
+    .expect("start agent");
+    wait_tcp(&topo.client, sa("10.77.0.1:5061"), "the edge", &mut || true);
+
+    // --- the inside registrar/PBX, and bob registered with it.
+    let kcfg = tmp.path().join("kamailio.cfg");
+    std::fs::write(&kcfg, kamailio_cfg(&pki, &modules)).expect("kamailio cfg");
+    let krun = tmp.path().join("kamailio-run");
+    std::fs::create_dir_all(&krun).expect("kamailio run dir");
+    let mut kcmd = nsenter(&topo.client, "kamailio");
+    kcmd.args(["-DD", "-E", "-m", "64", "-M", "8", "-f"])
+        .arg(&kcfg)
+        .arg("-Y")
+        .arg(&krun);
+    let mut kamailio = Group::spawn(kcmd, "kamailio", tmp.path().join("kamailio.log"));
+    wait_tcp(&topo.client, sa(PBX), "kamailio", &mut || kamailio.alive());
+    let mut bob_conn = testua::connect_tls(
+        &topo.client,
+        sa(PBX),
+        &pki.ca,
+        testua::CLIENT_TLS_NAME,
+        WAIT,
+    )
+    .await
+    .expect("bob connects to the PBX");
+    let bob_listener = testua::UaListener::bind(
+        &topo.client,
+        sa("10.77.0.2:5090"),
+        &pki.client_cert,
+        &pki.client_key,
+    )
+    .expect("bob listens");
+    bob_conn
+        .send(&testua::register(
+            &bob(),
+            "sip:example.com",
+            &testua::unique("reg-"),
+            1,
+            300,
+        ))
+        .await
+        .expect("bob's REGISTER");
+    assert_eq!(
+        final_response(&mut bob_conn).await.status(),
+        Some(200),
+        "bob registered at the PBX"
+    );
+
+    // --- the remote user registers through the edge.
+    let home = baresip_dir(tmp.path(), &pki);
+    let mut bcmd = nsenter(&topo.peer, "baresip");
+    bcmd.arg("-f").arg(&home).env("HOME", tmp.path());
+    let mut baresip = Group::spawn(bcmd, "baresip", tmp.path().join("baresip.log"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let entry = loop {
+        if let Some(e) = alice_entry(&registrations(&control)) {
+            break e;
+        }
+        assert!(
+            baresip.alive() && Instant::now() < deadline,
+            "baresip never registered through the edge\nbaresip:\n{}\nkamailio:\n{}",
+            baresip.tail(),
+            kamailio.tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!(
+        "sip-edge registrations --json:\n{}",
+        serde_json::to_string_pretty(&registrations(&control)).unwrap_or_default()
+    );
+    assert_eq!(entry["side"], "outside", "{entry}");
+    assert_eq!(entry["transport"], "tls", "{entry}");
+    assert_eq!(entry["flow_state"], "up", "{entry}");
+    assert!(
+        entry["source"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("198.51.100.2:")),
+        "{entry}"
+    );
+    assert!(
+        entry["expires_in_secs"].as_u64().is_some_and(|e| e > 0),
+        "{entry}"
+    );
+    assert!(
+        entry["edge_contact"]
+            .as_str()
+            .is_some_and(|c| c.contains("@10.77.0.1:5061")),
+        "{entry}"
+    );
+
+    // --- bob (inside) calls alice through the PBX; audio both ways.
+    let rtp = topo
+        .udp(&topo.client, sa("10.77.0.2:4000"))
+        .expect("bob's RTP socket");
+    let mut call = Dialog::outgoing(&bob(), "sip:alice@example.com");
+    let offer = sdp(
+        "bob",
+        1,
+        ip("10.77.0.2"),
+        &SdpSpec {
+            audio: Some(4000),
+            video: None,
+            msrp: None,
+        },
+    );
+    bob_conn.send(&call.invite(&offer)).await.expect("INVITE");
+    let ok = loop {
+        let m = bob_conn.recv(WAIT).await.unwrap_or_else(|e| {
+            panic!(
+                "waiting for alice's answer: {e}\nbaresip:\n{}\nkamailio:\n{}",
+                baresip.tail(),
+                kamailio.tail()
+            )
+        });
+        match m.status() {
+            Some(200) => break m,
+            Some(c) if c < 200 => {
+                let _ = call.on_invite_response(&m);
+            }
+            other => panic!(
+                "the call failed: {other:?} {:?}\nbaresip:\n{}",
+                m.header("Warning"),
+                baresip.tail()
+            ),
+        }
+    };
+    call.on_invite_response(&ok).expect("200");
+    bob_conn.send(&call.ack("", "")).await.expect("ACK");
+    let answer = media_of(ok.body(), "audio").expect("answer audio");
+    let expected = if mode == "relay" {
+        "10.77.0.1"
+    } else {
+        "198.51.100.2"
+    };
+    assert_eq!(
+        answer.addr.ip(),
+        ip(expected),
+        "{mode}: the inside sees the edge (relay) or alice's public address (nat), never hers behind NAT"
+    );
+    let heard = talk(&rtp, answer.addr, 0xb0b).await;
+    let list = pinholes(&topo, &pin_dir);
+    let out = packets_from(&list, "internal");
+    let inn = packets_from(&list, "external");
+    eprintln!(
+        "{mode}: pinholes during the call: {}",
+        serde_json::to_string(&list).unwrap_or_default()
+    );
+    assert!(out >= 50, "{mode}: bob's RTP through XDP: {out} packets");
+    assert!(inn >= 20, "{mode}: alice's RTP through XDP: {inn} packets");
+    assert!(
+        heard.len() >= 160 * 20,
+        "{mode}: bob heard {} bytes of alice's audio",
+        heard.len()
+    );
+    assert!(
+        has_tone(&heard),
+        "{mode}: baresip's 440 Hz tone did not arrive intact"
+    );
+    assert!(
+        reason(&topo, &pin_dir, "latched") >= 1,
+        "{mode}: the remote user's port was latched (FarMedia::RemoteUser)"
+    );
+
+    // --- hold and resume from inside (RFC 3264 §8.4): the edge keeps its ports.
+    for (version, dir) in [(2, "a=sendonly"), (3, "a=sendrecv")] {
+        let body = sdp(
+            "bob",
+            version,
+            ip("10.77.0.2"),
+            &SdpSpec {
+                audio: Some(4000),
+                video: None,
+                msrp: None,
+            },
+        )
+        .replace("a=sendrecv", dir);
+        bob_conn
+            .send(&call.request("INVITE", "application/sdp", &body))
+            .await
+            .expect("re-INVITE");
+        let r = final_response(&mut bob_conn).await;
+        assert_eq!(r.status(), Some(200), "{mode}: re-INVITE ({dir})");
+        bob_conn.send(&call.ack("", "")).await.expect("ACK");
+        let again = media_of(r.body(), "audio").expect("re-answer audio");
+        assert_eq!(
+            again.addr, answer.addr,
+            "{mode}: the media address moved on {dir}"
+        );
+    }
+    let before = packets_from(&pinholes(&topo, &pin_dir), "external");
+    talk(&rtp, answer.addr, 0xb0b).await;
+    assert!(
+        packets_from(&pinholes(&topo, &pin_dir), "external") > before,
+        "{mode}: audio after resume"
+    );
+    bob_conn
+        .send(&call.request("BYE", "", ""))
+        .await
+        .expect("BYE");
+    assert_eq!(
+        final_response(&mut bob_conn).await.status(),
+        Some(200),
+        "hang-up from inside"
+    );
+    wait_no_pinholes(&topo, &pin_dir, mode, "bob's BYE");
+
+    // --- alice (outside) calls bob; audio both ways; alice hangs up.
+    baresip_cmd(&topo.peer, "dial", "sip:bob@example.com");
+    let mut bob_in = bob_listener
+        .accept(WAIT)
+        .await
+        .expect("the PBX reaches bob");
+    let inv = bob_in
+        .recv_request("INVITE", WAIT)
+        .await
+        .unwrap_or_else(|e| panic!("alice's INVITE: {e}\nbaresip:\n{}", baresip.tail()));
+    let alice_offer = media_of(inv.body(), "audio").expect("alice's offer");
+    assert_eq!(
+        alice_offer.addr.ip(),
+        ip(expected),
+        "{mode}: alice's offer as bob sees it"
+    );
+    let d = Dialog::incoming(&bob(), &inv).expect("bob's dialog");
+    let rtp2 = topo
+        .udp(&topo.client, sa("10.77.0.2:4002"))
+        .expect("bob's second RTP socket");
+    let bob_answer = sdp(
+        "bob",
+        1,
+        ip("10.77.0.2"),
+        &SdpSpec {
+            audio: Some(4002),
+            video: None,
+            msrp: None,
+        },
+    );
+    bob_in
+        .send(&testua::reply(
+            &inv,
+            200,
+            "OK",
+            &d.local_tag,
+            &format!("Contact: <{}>\r\n", bob().contact),
+            "application/sdp",
+            &bob_answer,
+        ))
+        .await
+        .expect("200");
+    bob_in.recv_request("ACK", WAIT).await.expect("alice's ACK");
+    let heard = talk(&rtp2, alice_offer.addr, 0xb0b2).await;
+    let list = pinholes(&topo, &pin_dir);
+    assert!(
+        packets_from(&list, "internal") >= 50,
+        "{mode}: bob's RTP to alice: {list:#?}"
+    );
+    assert!(
+        packets_from(&list, "external") >= 20,
+        "{mode}: alice's RTP to bob: {list:#?}"
+    );
+    assert!(has_tone(&heard), "{mode}: alice's tone in her own call");
+    baresip_cmd(&topo.peer, "hangup", "");
+    let bye = bob_in
+        .recv_request("BYE", WAIT)
+        .await
+        .expect("alice hangs up from outside");
+    bob_in
+        .send(&testua::reply(&bye, 200, "OK", &d.local_tag, "", "", ""))
+        .await
+        .expect("200 BYE");
+    wait_no_pinholes(&topo, &pin_dir, mode, "alice's BYE");
+
+    // --- the remote user's flow dies: a request for it gets 430.
+    // SIGKILL: no de-registration, the connection just dies (as when a
+    // NATed client loses its network).
+    baresip.kill(libc::SIGKILL);
+    let _ = baresip.child.wait();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let e = alice_entry(&registrations(&control)).expect("the binding stays until expiry");
+        if e["flow_state"] == "failed" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "flow never marked failed: {e}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut again = Dialog::outgoing(&bob(), "sip:alice@example.com");
+    bob_conn.send(&again.invite(&offer)).await.expect("INVITE");
+    let fail = final_response(&mut bob_conn).await;
+    assert_eq!(
+        fail.status(),
+        Some(430),
+        "RFC 5626 §5.3 Flow Failed through the PBX"
+    );
+    if let Some(ack) = again.ack_failure(&fail) {
+        let _ = bob_conn.send(&ack).await;
+    }
+
+    // --- no open relay: a stranger outside gets 403, the carrier nothing.
+    let carrier = testua::UaListener::bind(&topo.peer, sa(CARRIER), &pki.peer_cert, &pki.peer_key)
+        .expect("carrier listens");
+    let mut mallory = testua::connect_tls(
+        &topo.peer,
+        sa("203.0.113.1:5061"),
+        &pki.ca,
+        testua::EDGE_TLS_NAME,
+        WAIT,
+    )
+    .await
+    .expect("a stranger connects");
+    for target in [
+        "sip:+15551234@carrier.example",
+        "sip:+15551234@example.com",
+        "sip:bob@foreign.example",
+    ] {
+        let mut d = Dialog::outgoing(&stranger(), target);
+        mallory
+            .send(&d.invite(&offer.replace("10.77.0.2", "198.51.100.2")))
+            .await
+            .expect("INVITE");
+        let r = final_response(&mut mallory).await;
+        assert_eq!(r.status(), Some(403), "{target}: {:?}", r.header("Warning"));
+        if let Some(ack) = d.ack_failure(&r) {
+            let _ = mallory.send(&ack).await;
+        }
+    }
+    assert!(
+        carrier.accept(Duration::from_secs(1)).await.is_err(),
+        "the carrier was reached from outside"
+    );
+    // The route is real: from inside, the carrier's domain reaches it.
+    let mut inside = testua::connect_tls(
+        &topo.client,
+        sa("10.77.0.1:5061"),
+        &pki.ca,
+        testua::EDGE_TLS_NAME,
+        WAIT,
+    )
+    .await
+    .expect("inside connects to the edge");
+    let mut o = Dialog::outgoing(&bob(), "sip:+15551234@carrier.example");
+    inside
+        .send(&o.request("OPTIONS", "", ""))
+        .await
+        .expect("OPTIONS");
+    let mut at_carrier = carrier
+        .accept(WAIT)
+        .await
+        .expect("the edge reaches the carrier");
+    at_carrier
+        .recv_request("OPTIONS", WAIT)
+        .await
+        .expect("the carrier gets the inside's OPTIONS");
+
+    drop(at_carrier);
+    kamailio.stop();
+    assert!(agent.stop(), "agent did not exit cleanly");
+    drop(topo);
+}
+
+fn wait_no_pinholes(topo: &Topology, pin_dir: &Path, mode: &str, after: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !pinholes(topo, pin_dir).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "{mode}: pinholes left after {after}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
