@@ -212,7 +212,10 @@ mod tests {
                 let msg = PinDirLock::acquire_in(dir.path(), pin)
                     .expect_err("still held")
                     .to_string();
-                assert!(msg.contains("pid ") && msg.contains("stop that agent"), "{msg}");
+                assert!(
+                    msg.contains("pid ") && msg.contains("stop that agent"),
+                    "{msg}"
+                );
             }
             other => panic!("second lock not refused: {other:?}"),
         }
