@@ -524,7 +524,7 @@ fn default_invite_rate() -> u32 {
     10
 }
 fn default_invite_burst() -> u32 {
-    20
+    50
 }
 fn default_register_rate() -> u32 {
     5
@@ -1519,7 +1519,7 @@ mod tests {
                 l.invite_rate,
                 l.invite_burst
             ),
-            (50, 200, 10, 20)
+            (50, 200, 10, 50)
         );
         assert_eq!(
             (

@@ -21,6 +21,7 @@
 //! honours Path routes inbound requests to the client's flow. Record-Route
 //! entries of other proxies pass unchanged (topology hiding is not a goal).
 
+pub mod admission;
 pub mod bindings;
 pub mod build;
 mod core;

@@ -45,7 +45,10 @@ use self::{
 use crate::{
     config::{ClientAuth, Config},
     media::{MediaControl, Side},
-    proxy::{ConnId, ConnInfo, Dest, HopTarget, Outgoing, Proto, Proxy, ProxySettings},
+    proxy::{
+        admission::{Admission, AdmissionSettings},
+        ConnId, ConnInfo, Dest, HopTarget, Outgoing, Proto, Proxy, ProxySettings,
+    },
     sip::framer::FramerLimits,
 };
 
@@ -298,7 +301,8 @@ pub async fn start(
         tokio::spawn(udp::serve(s, shared.clone()));
     }
     info!(%int_addr, %ext_addr, tcp = ?tcp_addr, udp = ?udp_addr, "SIP listeners up");
-    let proxy = Proxy::new(settings, media);
+    let mut proxy = Proxy::new(settings, media);
+    proxy.set_admission(Admission::new(AdmissionSettings::from_limits(&cfg.limits)));
     let driver = tokio::spawn(drive(proxy, events_rx, shared, stop_tx, shutdown));
     Ok(Running {
         internal: int_addr,
