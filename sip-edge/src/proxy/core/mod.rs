@@ -20,6 +20,7 @@
 //! (Via/Record-Route, targets, Contact and registration bindings).
 
 mod admit;
+mod adopted;
 mod dialogs;
 mod request;
 mod response;

@@ -187,8 +187,19 @@ impl Proxy {
             return Err(reject(404, "nothing to route to at the edge itself"));
         }
 
+        // A BYE of a call from before a restart (issue #14 item 8): end
+        // its adopted pinholes; answered here if it cannot be routed.
+        let adopted_bye = method == "BYE" && self.end_adopted_dialog(msg, dialog_key.as_ref(), now);
         // Target selection.
-        let (dest, dest_side) = self.select_target(from_side, &method, msg, &ruri, &routes, now)?;
+        let (dest, dest_side) =
+            match self.select_target(from_side, &method, msg, &ruri, &routes, now) {
+                Ok(t) => t,
+                Err(_) if adopted_bye => {
+                    self.answer_adopted_bye(conn, msg, out);
+                    return Ok(());
+                }
+                Err(r) => return Err(r),
+            };
         if method == "REGISTER" && from_side == Side::External {
             return Err(reject(
                 403,

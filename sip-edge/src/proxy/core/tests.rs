@@ -33,6 +33,8 @@ struct Recorder {
     sources: Vec<Vec<crate::config::Cidr>>,
     refuse: Option<MediaError>,
     expire: Vec<DialogKey>,
+    /// Call-IDs (with caller tag) of calls "adopted" from an earlier run.
+    adopted: Vec<(String, String)>,
 }
 
 struct Media(Arc<Mutex<Recorder>>);
@@ -68,6 +70,13 @@ impl MediaControl for Media {
     }
     fn on_tick(&mut self, _now: Instant) -> Vec<DialogKey> {
         std::mem::take(&mut self.0.lock().unwrap().expire)
+    }
+    fn end_adopted(&mut self, call_id: &str, tags: &[&str], _now: Instant) -> bool {
+        let mut r = self.0.lock().unwrap();
+        let before = r.adopted.len();
+        r.adopted
+            .retain(|(c, t)| !(c == call_id && tags.contains(&t.as_str())));
+        r.adopted.len() != before
     }
 }
 
@@ -1768,4 +1777,34 @@ fn registration_brute_force_through_the_edge_is_blocked_with_403() {
         back[0].header("Retry-After").is_none(),
         "403 has no Retry-After"
     );
+}
+
+/// Issue #14 item 8: after a crash, a BYE for an old call could not be
+/// routed (its Contact token died with the old process) and got 404 while
+/// its pinholes stayed. Now the media layer ends the adopted call and the
+/// edge answers 200; a BYE for a call nobody knows still gets 404.
+#[test]
+fn a_bye_for_a_call_of_an_earlier_run_ends_its_adopted_pinholes() {
+    let (mut p, rec) = setup();
+    let now = Instant::now();
+    rec.lock()
+        .unwrap()
+        .adopted
+        .push(("old-call@atlanta".into(), "caller-tag".into()));
+    let bye = |call: &str| {
+        format!("BYE sips:sef0123456789abcdef1@10.77.0.1:5061;transport=tls SIP/2.0\r\nVia: SIP/2.0/TLS 10.77.0.2:5061;branch=z9hG4bKbye{call}\r\nRoute: <sips:10.77.0.1:5061;lr>\r\nMax-Forwards: 70\r\nFrom: <sips:alice@atlanta.example.com>;tag=caller-tag\r\nTo: <sips:bob@biloxi.example.com>;tag=callee-tag\r\nCall-ID: {call}\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n")
+    };
+    let out = p.on_message(CALLER, bye("old-call@atlanta").as_bytes(), now);
+    let back = to_conn(&out, CALLER);
+    assert_eq!(back.len(), 1, "{out:?}");
+    assert_eq!(back[0].status(), Some(200));
+    assert!(back[0]
+        .header("Warning")
+        .is_some_and(|w| w.contains("before an edge restart")));
+    assert!(
+        rec.lock().unwrap().adopted.is_empty(),
+        "its pinholes are gone"
+    );
+    let out = p.on_message(CALLER, bye("unknown@atlanta").as_bytes(), now);
+    assert_eq!(to_conn(&out, CALLER)[0].status(), Some(404));
 }
