@@ -22,6 +22,7 @@ use crate::{
     datapath::{
         attach::{AttachError, Datapath},
         hostcheck::{self, FibFailWatch},
+        lock::{LockError, PinDirLock},
         maps::{DatapathMaps, MapsError},
         neigh,
     },
@@ -33,6 +34,13 @@ use crate::{
 /// Why the agent stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
+    /// Another agent runs on the same pin_dir (or its lock is unusable).
+    #[error(transparent)]
+    Lock {
+        /// The lock error (names the other agent's pid).
+        #[from]
+        source: LockError,
+    },
     /// The datapath could not be brought up or removed.
     #[error(transparent)]
     Attach {
@@ -95,6 +103,10 @@ fn fib_failed(maps: &DatapathMaps) -> Option<u64> {
 
 /// Run the agent until `shutdown` completes.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    // Before anything touches the kernel (issue #14 item 8): a second agent
+    // on these pins would swap its program into our links and, with
+    // on_exit = "remove", delete them under us. Held until we return.
+    let _lock = PinDirLock::acquire(&cfg.pin_dir)?;
     let mut dp = Datapath::start(&cfg)?;
     // After the datapath is up (a failed attach changes nothing) and before
     // any socket of ours exists: never an ephemeral port in a media range,

@@ -440,24 +440,229 @@ pub struct Signalling {
     pub admin_ports: Vec<u16>,
 }
 
-/// `[limits]`.
+/// `[limits]`: table sizes, and what one source may cost the edge
+/// (issue #14 item 8). Connection limits apply at accept, per side and per
+/// source address; request limits are token buckets per source address
+/// (refill `*_rate` per second, hold `*_burst`), the excess answered 503
+/// with Retry-After; registration failures block a source with 403.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     /// Size of the pinhole table (each flow direction is one entry).
     #[serde(default = "default_max_pinholes")]
     pub max_pinholes: u32,
+    /// Connections one source address may hold open on a side.
+    #[serde(default = "default_max_connections_per_source")]
+    pub max_connections_per_source: u32,
+    /// Of those, how many may be in their TLS handshake at once.
+    #[serde(default = "default_max_handshakes_per_source")]
+    pub max_handshakes_per_source: u32,
+    /// Seconds a TLS handshake (or an outgoing TCP connect) may take.
+    #[serde(default = "default_handshake_timeout_secs")]
+    pub handshake_timeout_secs: u64,
+    /// Seconds a message may take from its first byte to its last; not
+    /// extended by each byte (the idle timer is separate).
+    #[serde(default = "default_message_timeout_secs")]
+    pub message_timeout_secs: u64,
+    /// New requests per second per source address (all methods but ACK and CANCEL).
+    #[serde(default = "default_request_rate")]
+    pub request_rate: u32,
+    /// Requests a source may send at once before `request_rate` applies.
+    #[serde(default = "default_request_burst")]
+    pub request_burst: u32,
+    /// New INVITEs (no To tag) per second per source address.
+    #[serde(default = "default_invite_rate")]
+    pub invite_rate: u32,
+    /// INVITE burst per source address.
+    #[serde(default = "default_invite_burst")]
+    pub invite_burst: u32,
+    /// REGISTERs per second per source address.
+    #[serde(default = "default_register_rate")]
+    pub register_rate: u32,
+    /// REGISTER burst per source address.
+    #[serde(default = "default_register_burst")]
+    pub register_burst: u32,
+    /// New requests per second from all sources together.
+    #[serde(default = "default_global_request_rate")]
+    pub global_request_rate: u32,
+    /// Global burst.
+    #[serde(default = "default_global_request_burst")]
+    pub global_request_burst: u32,
+    /// Source addresses tracked at once (bounded memory); beyond it new
+    /// sources share one bucket.
+    #[serde(default = "default_max_tracked_sources")]
+    pub max_tracked_sources: u32,
+    /// Failed registrations (403, or 401/407 to a REGISTER that carried
+    /// credentials) from one source within the window that block it.
+    #[serde(default = "default_register_failures_per_source")]
+    pub register_failures_per_source: u32,
+    /// Failed registrations for one AOR, from any source, within the window
+    /// that block further REGISTERs for it.
+    #[serde(default = "default_register_failures_per_aor")]
+    pub register_failures_per_aor: u32,
+    /// The window failures are counted in, seconds.
+    #[serde(default = "default_register_failure_window_secs")]
+    pub register_failure_window_secs: u64,
+    /// How long a blocked source (or AOR) gets 403, seconds.
+    #[serde(default = "default_block_secs")]
+    pub block_secs: u64,
 }
 
 fn default_max_pinholes() -> u32 {
     65536
+}
+fn default_max_connections_per_source() -> u32 {
+    128
+}
+fn default_max_handshakes_per_source() -> u32 {
+    16
+}
+fn default_handshake_timeout_secs() -> u64 {
+    10
+}
+fn default_message_timeout_secs() -> u64 {
+    10
+}
+fn default_request_rate() -> u32 {
+    50
+}
+fn default_request_burst() -> u32 {
+    200
+}
+fn default_invite_rate() -> u32 {
+    10
+}
+fn default_invite_burst() -> u32 {
+    50
+}
+fn default_register_rate() -> u32 {
+    5
+}
+fn default_register_burst() -> u32 {
+    20
+}
+fn default_global_request_rate() -> u32 {
+    2000
+}
+fn default_global_request_burst() -> u32 {
+    4000
+}
+fn default_max_tracked_sources() -> u32 {
+    65536
+}
+fn default_register_failures_per_source() -> u32 {
+    10
+}
+fn default_register_failures_per_aor() -> u32 {
+    20
+}
+fn default_register_failure_window_secs() -> u64 {
+    300
+}
+fn default_block_secs() -> u64 {
+    900
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_pinholes: default_max_pinholes(),
+            max_connections_per_source: default_max_connections_per_source(),
+            max_handshakes_per_source: default_max_handshakes_per_source(),
+            handshake_timeout_secs: default_handshake_timeout_secs(),
+            message_timeout_secs: default_message_timeout_secs(),
+            request_rate: default_request_rate(),
+            request_burst: default_request_burst(),
+            invite_rate: default_invite_rate(),
+            invite_burst: default_invite_burst(),
+            register_rate: default_register_rate(),
+            register_burst: default_register_burst(),
+            global_request_rate: default_global_request_rate(),
+            global_request_burst: default_global_request_burst(),
+            max_tracked_sources: default_max_tracked_sources(),
+            register_failures_per_source: default_register_failures_per_source(),
+            register_failures_per_aor: default_register_failures_per_aor(),
+            register_failure_window_secs: default_register_failure_window_secs(),
+            block_secs: default_block_secs(),
         }
+    }
+}
+
+impl Limits {
+    /// Rules types cannot express (called from `Config::validate`).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_pinholes == 0 || self.max_pinholes > 1 << 24 {
+            return Err(invalid(
+                "limits.max_pinholes",
+                "must be between 1 and 16777216",
+            ));
+        }
+        for (field, v) in [
+            (
+                "limits.max_connections_per_source",
+                self.max_connections_per_source,
+            ),
+            (
+                "limits.max_handshakes_per_source",
+                self.max_handshakes_per_source,
+            ),
+            ("limits.request_rate", self.request_rate),
+            ("limits.request_burst", self.request_burst),
+            ("limits.invite_rate", self.invite_rate),
+            ("limits.invite_burst", self.invite_burst),
+            ("limits.register_rate", self.register_rate),
+            ("limits.register_burst", self.register_burst),
+            ("limits.global_request_rate", self.global_request_rate),
+            ("limits.global_request_burst", self.global_request_burst),
+            ("limits.max_tracked_sources", self.max_tracked_sources),
+            (
+                "limits.register_failures_per_source",
+                self.register_failures_per_source,
+            ),
+            (
+                "limits.register_failures_per_aor",
+                self.register_failures_per_aor,
+            ),
+        ] {
+            if v == 0 || v > 10_000_000 {
+                return Err(invalid(
+                    field,
+                    "must be between 1 and 10000000 (raise it to loosen the limit; 0 would refuse everything)",
+                ));
+            }
+        }
+        if self.max_handshakes_per_source > self.max_connections_per_source {
+            return Err(invalid(
+                "limits.max_handshakes_per_source",
+                "must not exceed limits.max_connections_per_source (a handshake is a connection)",
+            ));
+        }
+        for (field, v, max) in [
+            (
+                "limits.handshake_timeout_secs",
+                self.handshake_timeout_secs,
+                300,
+            ),
+            (
+                "limits.message_timeout_secs",
+                self.message_timeout_secs,
+                3600,
+            ),
+            (
+                "limits.register_failure_window_secs",
+                self.register_failure_window_secs,
+                86_400,
+            ),
+            ("limits.block_secs", self.block_secs, 7 * 86_400),
+        ] {
+            if v == 0 || v > max {
+                return Err(invalid(
+                    field,
+                    format!("must be between 1 and {max} seconds"),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -658,7 +863,9 @@ pub struct ProxySection {
     /// Seconds between RFC 5626 CRLF pings on connections the edge opened; 0 = off.
     #[serde(default = "default_keepalive")]
     pub keepalive_secs: u64,
-    /// Most simultaneous connections; more are refused at accept.
+    /// Most simultaneous connections per side (the internal and the
+    /// external listeners each have this many; an outside flood never
+    /// takes the inside's); more are refused at accept.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
 }
@@ -1061,12 +1268,7 @@ impl Config {
                 }
             }
         }
-        if self.limits.max_pinholes == 0 || self.limits.max_pinholes > 1 << 24 {
-            return Err(invalid(
-                "limits.max_pinholes",
-                "must be between 1 and 16777216",
-            ));
-        }
+        self.limits.validate()?;
         for (i, r) in self.routes.iter().enumerate() {
             self.validate_media_sources(&format!("route[{i}].media_sources"), &r.media_sources)?;
         }
@@ -1356,6 +1558,89 @@ mod tests {
         }
         let e = err_of(&with("external_source_address = \"not-an-ip\""));
         assert!(e.contains("external_source_address"), "{e}");
+    }
+
+    /// Issue #14 item 8: the `[limits]` keys of connection and request
+    /// admission have sane defaults and are validated.
+    #[test]
+    fn limits_keys_default_and_are_validated() {
+        let c = Config::from_toml(GOOD).expect("valid");
+        let l = &c.limits;
+        assert_eq!(
+            (
+                l.max_connections_per_source,
+                l.max_handshakes_per_source,
+                l.handshake_timeout_secs,
+                l.message_timeout_secs
+            ),
+            (128, 16, 10, 10)
+        );
+        assert_eq!(
+            (
+                l.request_rate,
+                l.request_burst,
+                l.invite_rate,
+                l.invite_burst
+            ),
+            (50, 200, 10, 50)
+        );
+        assert_eq!(
+            (
+                l.register_rate,
+                l.register_burst,
+                l.global_request_rate,
+                l.global_request_burst
+            ),
+            (5, 20, 2000, 4000)
+        );
+        assert_eq!(
+            (
+                l.max_tracked_sources,
+                l.register_failures_per_source,
+                l.register_failures_per_aor,
+                l.register_failure_window_secs,
+                l.block_secs
+            ),
+            (65536, 10, 20, 300, 900)
+        );
+        let with = |kv: &str| format!("{GOOD}\n[limits]\n{kv}\n");
+        let c =
+            Config::from_toml(&with("invite_rate = 2\nmessage_timeout_secs = 30")).expect("valid");
+        assert_eq!(
+            (c.limits.invite_rate, c.limits.message_timeout_secs),
+            (2, 30)
+        );
+        for (kv, field) in [
+            (
+                "max_connections_per_source = 0",
+                "limits.max_connections_per_source",
+            ),
+            (
+                "max_handshakes_per_source = 200",
+                "limits.max_handshakes_per_source",
+            ),
+            (
+                "handshake_timeout_secs = 0",
+                "limits.handshake_timeout_secs",
+            ),
+            (
+                "message_timeout_secs = 99999",
+                "limits.message_timeout_secs",
+            ),
+            ("invite_rate = 0", "limits.invite_rate"),
+            ("register_burst = 0", "limits.register_burst"),
+            ("global_request_rate = 0", "limits.global_request_rate"),
+            ("max_tracked_sources = 0", "limits.max_tracked_sources"),
+            ("block_secs = 0", "limits.block_secs"),
+            (
+                "register_failures_per_aor = 0",
+                "limits.register_failures_per_aor",
+            ),
+            ("invite_rate = -1", "invite_rate"),
+        ] {
+            let e = err_of(&with(kv));
+            assert!(e.contains(field), "{kv}: {e}");
+        }
     }
 
     #[test]

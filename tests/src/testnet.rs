@@ -688,6 +688,13 @@ impl AgentProcess {
         self.terminate()
     }
 
+    /// SIGKILL and reap: a crash, so nothing of the agent's own exit path
+    /// runs (pins, links and rules stay as they were).
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     fn terminate(&mut self) -> bool {
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };

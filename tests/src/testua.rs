@@ -278,6 +278,23 @@ pub async fn connect_tls(
     handshake(tcp, to, client_config(ca)?, server_name, wait).await
 }
 
+/// Like [`connect_tls`], from the source address `local` (port 0: any) of
+/// namespace `ns`: a second address of a namespace (an attacker beside a
+/// legitimate peer) gets connections of its own.
+pub async fn connect_tls_from(
+    topo: &testnet::Topology,
+    ns: &str,
+    local: SocketAddr,
+    to: SocketAddr,
+    ca: &Path,
+    server_name: &str,
+    wait: Duration,
+) -> Result<UaConn, UaError> {
+    let std_stream = topo.tcp_connect(ns, local, to)?;
+    let tcp = tokio_tcp(std_stream)?;
+    handshake(tcp, to, client_config(ca)?, server_name, wait).await
+}
+
 /// Connect to `to` from the calling thread's own network namespace (a
 /// thread that entered one, e.g. a load generator's runtime thread) with a
 /// shared client configuration.

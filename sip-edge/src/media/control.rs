@@ -53,6 +53,11 @@
 //! A failed map write undoes every operation of the same body already
 //! applied and rolls the manager back, so nothing is left half-installed;
 //! the proxy gets `Exhausted` (503).
+//!
+//! Restart (issue #14 item 8, `media::adopt`): the production controller
+//! journals which dialog owns which rules, and at start adopts the rules
+//! an earlier run left: they keep forwarding, hold their ports, expire by
+//! their counters on tick, and a BYE for their dialog removes them.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -64,13 +69,15 @@ use std::{
 use sip_edge_common::PinholeKey;
 
 use super::{
+    adopt::{self, Adopted, AdoptedFlow, Journal, Timeouts},
     manager::{InvitationInput, Manager, Op, PinholeId, SdpInput, Settings, StreamDesc},
     DialogKey, EndReason, FarMedia, MediaControl, MediaError, SdpEvent, Side,
 };
 use crate::{
     config::{Config, MediaCandidates, MediaMode},
     datapath::{
-        maps::{DatapathMaps, MapsError},
+        lock,
+        maps::{describe_key, DatapathMaps, MapsError},
         rules::{Flow, Proto},
     },
     sip::{
@@ -136,7 +143,17 @@ impl MapsSink {
             slots: HashMap::new(),
         }
     }
+
+    /// Takes over an installed rule pair under `id` (adoption at start):
+    /// its counters are read on tick and `remove` deletes it.
+    pub fn adopt(&mut self, id: PinholeId, slots: (u32, u32)) {
+        self.slots.insert(id, slots);
+    }
 }
+
+/// Ids of adopted flows: far above any the manager hands out (it counts
+/// from 1).
+const ADOPTED_ID_BASE: u64 = 1 << 62;
 
 impl PinholeSink for MapsSink {
     fn install(&mut self, id: PinholeId, flow: &Flow) -> Result<(), SinkError> {
@@ -309,12 +326,38 @@ pub struct MediaController<S: PinholeSink> {
     mgr: Manager,
     sink: S,
     candidates: CandidatePolicy,
+    /// Rules an earlier run left (`media::adopt`).
+    adopted: Adopted,
+    /// Dialog → rules, for the next run after a crash (production only).
+    journal: Option<Journal>,
+    /// This run's prefix of journal ids.
+    run: String,
 }
 
 fn not_acceptable(reason: impl Into<String>) -> MediaError {
     MediaError::NotAcceptable {
         reason: reason.into(),
     }
+}
+
+/// The rule keys of a flow as the journal stores them (`describe_key`).
+fn flow_keys_text(flow: &Flow) -> Vec<String> {
+    flow.rules(0, 0)
+        .map(|p| vec![describe_key(&p.inbound.0), describe_key(&p.outbound.0)])
+        .unwrap_or_default()
+}
+
+/// A random tag per controller (per run), so journal ids of two runs
+/// never collide; the clock and pid if the OS has no randomness.
+fn run_tag() -> String {
+    let mut b = [0u8; 6];
+    if getrandom::getrandom(&mut b).is_err() {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        b.copy_from_slice(&(t ^ u64::from(std::process::id())).to_le_bytes()[..6]);
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// `application/SDP; charset=x` → `application/sdp`.
@@ -393,13 +436,101 @@ fn stream_desc(f: &MediaFlow) -> Result<StreamDesc, MediaError> {
 }
 
 impl MediaController<MapsSink> {
-    /// Production controller over the shared map writer.
+    /// Production controller over the shared map writer; adopts what an
+    /// earlier run left in the maps (`media::adopt`).
     pub fn from_config(config: &Config, maps: Arc<Mutex<DatapathMaps>>) -> Self {
-        MediaController::new(
+        let mut c = MediaController::new(
             Settings::from_config(config),
             config.media.candidates,
-            MapsSink::new(maps),
-        )
+            MapsSink::new(maps.clone()),
+        );
+        c.recover(&lock::state_path(&config.pin_dir), &maps, Instant::now());
+        c
+    }
+
+    /// Adopts every rule pair in the maps (none of this process's yet),
+    /// naming their dialogs from the journal at `state`, and starts this
+    /// run's journal there. Nothing here fails the start: without the
+    /// journal, rules are adopted without dialogs; without the maps, none.
+    pub fn recover(
+        &mut self,
+        state: &std::path::Path,
+        maps: &Arc<Mutex<DatapathMaps>>,
+        now: Instant,
+    ) {
+        let (journal, old) = match Journal::open(state) {
+            Ok((j, old)) => (Some(j), old),
+            Err(e) => {
+                tracing::warn!(error = %e, "media state journal unavailable");
+                (None, BTreeMap::new())
+            }
+        };
+        self.journal = journal;
+        let listed = match maps.lock() {
+            Ok(m) => m.list(),
+            Err(_) => {
+                tracing::warn!("pinhole maps unavailable (lock poisoned); nothing adopted");
+                return;
+            }
+        };
+        let entries = match listed {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the pinned rules; nothing adopted");
+                return;
+            }
+        };
+        let s = self.mgr.settings();
+        let edge: Vec<IpAddr> = s
+            .internal_addrs
+            .iter()
+            .chain(&s.public_addrs)
+            .copied()
+            .collect();
+        let found = adopt::found_flows(&entries, &edge, &s.port_ranges);
+        let by_key: HashMap<&str, &str> = old
+            .iter()
+            .flat_map(|(id, r)| r.keys.iter().map(move |k| (k.as_str(), id.as_str())))
+            .collect();
+        let mut keep = BTreeMap::new();
+        let (mut named, mut ports) = (0usize, 0usize);
+        for (n, f) in found.iter().enumerate() {
+            let journal_id = f
+                .keys
+                .iter()
+                .find_map(|k| by_key.get(k.as_str()))
+                .map(|s| (*s).to_owned());
+            let record = journal_id.as_ref().and_then(|j| old.get(j));
+            if let (Some(j), Some(r)) = (&journal_id, record) {
+                keep.insert(j.clone(), r.clone());
+                named += 1;
+            }
+            let id = PinholeId(ADOPTED_ID_BASE + n as u64);
+            self.sink.adopt(id, f.slots);
+            self.mgr.hold_ports(&f.ports);
+            ports += f.ports.len();
+            self.adopted.add(
+                AdoptedFlow {
+                    id,
+                    journal_id,
+                    dialog: record.map(|r| r.dialog.clone()),
+                    ports: f.ports.clone(),
+                },
+                f.packets,
+                now,
+            );
+        }
+        if let Some(j) = &mut self.journal {
+            j.reset(keep);
+        }
+        if !found.is_empty() {
+            tracing::info!(
+                flows = found.len(),
+                with_dialog = named,
+                ports_held = ports,
+                "adopted pinholes an earlier run left: they keep forwarding until their call ends (BYE) or they go idle"
+            );
+        }
     }
 }
 
@@ -410,6 +541,51 @@ impl<S: PinholeSink> MediaController<S> {
             mgr: Manager::new(settings),
             sink,
             candidates: candidate_policy(candidates),
+            adopted: Adopted::default(),
+            journal: None,
+            run: run_tag(),
+        }
+    }
+
+    /// Adopted flows still tracked (tests, status).
+    pub fn adopted(&self) -> usize {
+        self.adopted.len()
+    }
+
+    /// Records applied ops in the journal (the dialog of each new flow,
+    /// the removal of each gone one).
+    fn journal_ops(&mut self, ops: &[Op]) {
+        let Some(j) = &mut self.journal else {
+            return;
+        };
+        for op in ops {
+            match op {
+                Op::Install { id, flow } | Op::Update { id, flow, .. } => {
+                    if let Some(d) = self.mgr.dialog_of(*id) {
+                        j.add(&format!("{}-{}", self.run, id.0), d, flow_keys_text(flow));
+                    }
+                }
+                Op::Remove { id, .. } => j.del(&format!("{}-{}", self.run, id.0)),
+            }
+        }
+    }
+
+    /// Removes adopted flows (expired, or ended by a BYE).
+    fn drop_adopted(&mut self, flows: Vec<AdoptedFlow>, why: &str) {
+        for f in flows {
+            if let Err(e) = self.sink.remove(f.id) {
+                tracing::warn!(error = %e, "removing an adopted pinhole failed");
+            }
+            self.mgr.release_ports(&f.ports);
+            if let (Some(j), Some(jid)) = (&mut self.journal, &f.journal_id) {
+                j.del(jid);
+            }
+            tracing::info!(
+                call_id = f.dialog.as_ref().map_or("", |d| d.call_id.as_str()),
+                ports = ?f.ports,
+                why,
+                "adopted pinhole removed"
+            );
         }
     }
 
@@ -483,6 +659,7 @@ impl<S: PinholeSink> MediaController<S> {
                 }
             }
         }
+        self.journal_ops(ops);
         Ok(())
     }
 
@@ -498,6 +675,7 @@ impl<S: PinholeSink> MediaController<S> {
                 tracing::warn!(error = %e, "pinhole operation failed");
             }
         }
+        self.journal_ops(ops);
     }
 
     fn on_sdp_body(&mut self, ev: &SdpEvent<'_>, now: Instant) -> Result<Vec<u8>, MediaError> {
@@ -715,7 +893,9 @@ impl<S: PinholeSink + Send> MediaControl for MediaController<S> {
         match self.sink.activity() {
             Ok(counts) => {
                 for (id, packets) in counts {
-                    self.mgr.on_activity(id, packets, now);
+                    if !self.adopted.on_activity(id, packets, now) {
+                        self.mgr.on_activity(id, packets, now);
+                    }
                 }
             }
             // Without counters every call would look idle: skip this round's
@@ -727,6 +907,23 @@ impl<S: PinholeSink + Send> MediaControl for MediaController<S> {
         }
         let (expired, ops) = self.mgr.on_tick(now);
         self.apply_removals(&ops);
+        if !self.adopted.is_empty() {
+            let s = self.mgr.settings();
+            let t = Timeouts {
+                idle: s.idle_timeout,
+                unused: s.unused_timeout,
+                max_call: s.max_call,
+            };
+            let gone = self.adopted.expire(now, t);
+            self.drop_adopted(gone, "idle");
+        }
         expired
+    }
+
+    fn end_adopted(&mut self, call_id: &str, tags: &[&str], _now: Instant) -> bool {
+        let gone = self.adopted.end_dialog(call_id, tags);
+        let any = !gone.is_empty();
+        self.drop_adopted(gone, "BYE");
+        any
     }
 }

@@ -7,6 +7,7 @@
 //! Data flow: proxy → [`MediaControl`] → pinhole manager (decides) →
 //! `datapath::maps` (the only BPF map writer) → XDP.
 
+pub mod adopt;
 pub mod control;
 pub mod manager;
 pub mod policy;
@@ -185,4 +186,12 @@ pub trait MediaControl: Send {
     /// calls it at least once a second. Returns dialogs whose media expired,
     /// so the proxy can end them (e.g. send BYE both ways).
     fn on_tick(&mut self, now: Instant) -> Vec<DialogKey>;
+    /// A BYE for a dialog this process does not know (Call-ID `call_id`,
+    /// the BYE's From and To tags in `tags`): remove the pinholes an
+    /// earlier run of the agent left for it (`media::adopt`); whether there
+    /// were any.
+    fn end_adopted(&mut self, call_id: &str, tags: &[&str], now: Instant) -> bool {
+        let _ = (call_id, tags, now);
+        false
+    }
 }

@@ -22,6 +22,7 @@
 //! entries of other proxies pass unchanged (topology hiding is not a goal).
 
 pub mod access;
+pub mod admission;
 pub mod bindings;
 pub mod build;
 mod core;

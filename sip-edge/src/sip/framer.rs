@@ -37,6 +37,10 @@ pub const DEFAULT_MAX_HEADER_BYTES: usize = 16 * 1024;
 /// Default body limit: SDP with many candidates fits easily.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
 
+/// An empty buffer with more capacity than this is released
+/// ([`Framer::release_idle_buffer`]).
+const RELEASE_ABOVE: usize = 8 * 1024;
+
 /// How much of an offending line an error keeps for the log.
 const ERROR_SNIPPET: usize = 64;
 
@@ -293,6 +297,22 @@ impl Framer {
         }
         self.buf.extend_from_slice(data);
         Ok(())
+    }
+
+    /// Whether part of a message (its first byte or more, not only CRLFs
+    /// between messages) is buffered: the transport's message deadline
+    /// runs while this holds (issue #14 item 8).
+    pub fn in_message(&self) -> bool {
+        !matches!(self.state, State::Boundary)
+            || self.buf.iter().any(|b| *b != b'\r' && *b != b'\n')
+    }
+
+    /// Lets go of a buffer a large message grew, once nothing is left in
+    /// it, so an idle connection holds no more than a fresh one.
+    pub fn release_idle_buffer(&mut self) {
+        if self.buf.is_empty() && self.buf.capacity() > RELEASE_ABOVE {
+            self.buf = BytesMut::new();
+        }
     }
 
     /// The next complete frame, `Ok(None)` if more bytes are needed.

@@ -1,10 +1,17 @@
 //! One connection's task: reads bytes from the (TLS or TCP) stream into the
 //! sans-IO framer, hands whole messages to the proxy driver, answers RFC 5626
 //! keep-alive pings, sends pings on connections the edge opened, writes what
-//! the driver queues for it, and closes on EOF, framing error, idle timeout
-//! or shutdown. On EOF or a framing error the driver first answers the
-//! refused message (400/413/513) and the queue is written out before the
-//! close. Every error ends only this connection, and is logged.
+//! the driver queues for it, and closes on EOF, framing error, idle timeout,
+//! message deadline or shutdown. On EOF or a framing error the driver first
+//! answers the refused message (400/413/513) and the queue is written out
+//! before the close. Every error ends only this connection, and is logged.
+//!
+//! Two clocks (issue #14 item 8): the idle timer runs between messages and
+//! is reset by whole messages, keep-alives and writes, never by the bytes
+//! of a message still arriving; a message, once its first byte is in, must
+//! be complete within `message_timeout` whatever trickles in meanwhile.
+//! Before, every byte reset the idle timer, so a request dribbled a byte at
+//! a time held its connection (and buffer) forever.
 //!
 //! A connection that carries a live registration is not closed as idle
 //! before the registration expires (the driver sets its [`Hold`] from the
@@ -58,6 +65,13 @@ pub fn hold_value(at: std::time::Instant) -> u64 {
         .max(1)
 }
 
+/// A write buffer grown past this by a burst is released once written, so
+/// an idle connection does not keep a burst's worth of memory.
+const KEEP_WRITE_BUFFER: usize = 16 * 1024;
+
+/// `partial_since` value when no message is being received.
+const NO_PARTIAL: u64 = u64::MAX;
+
 /// Static parameters of a connection task.
 #[derive(Clone, Debug)]
 pub struct ConnParams {
@@ -65,6 +79,8 @@ pub struct ConnParams {
     pub idle: Duration,
     /// Ping interval on connections we opened (`None` = off).
     pub keepalive: Option<Duration>,
+    /// Longest a message may take from its first byte to its last.
+    pub message_timeout: Duration,
     /// Framer limits.
     pub limits: FramerLimits,
 }
@@ -117,6 +133,10 @@ pub async fn run<S>(
         let ms = u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
         last_activity.store(ms, Ordering::Relaxed);
     };
+    // ms since `epoch` when the message being received began (NO_PARTIAL:
+    // between messages); `timer_wake` tells the timers it changed.
+    let partial_since = AtomicU64::new(NO_PARTIAL);
+    let timer_wake = Notify::new();
     let pongs_due = AtomicU32::new(0);
     let pong_wake = Notify::new();
     let why = {
@@ -151,13 +171,18 @@ pub async fn run<S>(
                         return "read error";
                     }
                 };
-                touch();
+                let was_in = framer.in_message();
+                let mut frames = 0usize;
                 if let Err(e) = framer.push(buf.get(..n).unwrap_or_default()) {
                     warn!(error = %e, "framing failed; closing");
                     return closing(refused(&framer, &e)).await;
                 }
                 loop {
-                    match framer.next_frame() {
+                    let next = framer.next_frame();
+                    if matches!(next, Ok(Some(_))) {
+                        frames += 1;
+                    }
+                    match next {
                         Ok(Some(Frame::Message(raw))) => {
                             let bytes: Bytes = raw.into_bytes();
                             if events.send(Event::Message { conn, bytes }).await.is_err() {
@@ -178,6 +203,21 @@ pub async fn run<S>(
                         }
                     }
                 }
+                // Whole frames, or keep-alive bytes between messages, are
+                // activity; the bytes of an unfinished message are not.
+                let inside = framer.in_message();
+                if frames > 0 || !inside {
+                    touch();
+                }
+                if !inside {
+                    partial_since.store(NO_PARTIAL, Ordering::Relaxed);
+                } else if !was_in || frames > 0 {
+                    // A message began in this read: its deadline starts now.
+                    let ms = u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+                    partial_since.store(ms, Ordering::Relaxed);
+                    timer_wake.notify_one();
+                }
+                framer.release_idle_buffer();
             }
         };
         let writer = async {
@@ -186,7 +226,7 @@ pub async fn run<S>(
                 .filter(|_| role == KeepAliveRole::Initiator)
                 .unwrap_or(Duration::from_secs(3600 * 24));
             let mut ka = tokio::time::interval_at(tokio::time::Instant::now() + ka_every, ka_every);
-            let mut out: Vec<u8> = Vec::with_capacity(16 * 1024);
+            let mut out: Vec<u8> = Vec::new();
             loop {
                 out.clear();
                 tokio::select! {
@@ -222,30 +262,157 @@ pub async fn run<S>(
                     return "write error";
                 }
                 touch();
+                if out.capacity() > KEEP_WRITE_BUFFER {
+                    out = Vec::new();
+                }
             }
         };
-        let idle = async {
+        let timers = async {
             loop {
                 let held = hold_epoch() + Duration::from_millis(hold.load(Ordering::Relaxed));
-                let due = (epoch
+                let idle_due = (epoch
                     + Duration::from_millis(last_activity.load(Ordering::Relaxed))
                     + params.idle)
                     .max(held);
-                if tokio::time::Instant::now() >= due {
-                    return;
+                let msg_due = match partial_since.load(Ordering::Relaxed) {
+                    NO_PARTIAL => None,
+                    ms => Some(epoch + Duration::from_millis(ms) + params.message_timeout),
+                };
+                let now = tokio::time::Instant::now();
+                if msg_due.is_some_and(|d| now >= d) {
+                    warn!(
+                        target: "sip_edge::security",
+                        peer = %info.peer,
+                        side = ?info.side,
+                        rule = "limits.message_timeout_secs",
+                        limit_secs = params.message_timeout.as_secs(),
+                        "message not complete in time; connection closed"
+                    );
+                    return "message deadline";
                 }
-                tokio::time::sleep_until(due).await;
+                if now >= idle_due {
+                    return "idle timeout";
+                }
+                let due = msg_due.map_or(idle_due, |d| d.min(idle_due));
+                tokio::select! {
+                    () = tokio::time::sleep_until(due) => {}
+                    () = timer_wake.notified() => {}
+                }
             }
         };
-        tokio::pin!(reader, writer, idle);
+        tokio::pin!(reader, writer, timers);
         tokio::select! {
             w = &mut reader => w,
             w = &mut writer => w,
-            () = &mut idle => "idle timeout",
+            w = &mut timers => w,
             _ = shutdown.changed() => "shutdown",
         }
     };
     let _ = wr.shutdown().await;
     info!(reason = why, "connection closed");
     let _ = events.send(Event::Closed { conn }).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{media::Side, proxy::Proto};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const OPTIONS: &[u8] = b"OPTIONS sip:203.0.113.1 SIP/2.0\r\nVia: SIP/2.0/TLS 198.51.100.66:5061;branch=z9hG4bKx\r\nFrom: <sip:a@x>;tag=1\r\nTo: <sip:203.0.113.1>\r\nCall-ID: c\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n";
+
+    struct Harness {
+        task: tokio::task::JoinHandle<()>,
+        events: mpsc::Receiver<Event>,
+        client: tokio::io::DuplexStream,
+        _stop: watch::Sender<bool>,
+        /// The driver's end of the write queue: dropping it closes the
+        /// connection (after writing what is queued).
+        _writer: mpsc::Sender<Vec<u8>>,
+    }
+
+    /// One accepted connection with a 300 s idle timer and a 10 s message
+    /// deadline, its far end in `client`.
+    async fn harness() -> Harness {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let (tx, mut events) = mpsc::channel(64);
+        let (stop, stop_rx) = watch::channel(false);
+        let params = ConnParams {
+            idle: Duration::from_secs(300),
+            keepalive: None,
+            message_timeout: Duration::from_secs(10),
+            limits: FramerLimits::default(),
+        };
+        let info = ConnInfo {
+            side: Side::External,
+            peer: "198.51.100.66:40000".parse().expect("addr"),
+            proto: Proto::Tls,
+        };
+        let task = tokio::spawn(run(server, 7, info, None, params, tx, stop_rx));
+        let Some(Event::Opened { writer, .. }) = events.recv().await else {
+            panic!("no Opened event");
+        };
+        Harness {
+            task,
+            events,
+            client,
+            _stop: stop,
+            _writer: writer,
+        }
+    }
+
+    /// Writes `bytes` one per second (paused clock) until the connection
+    /// ends or `max` seconds pass; returns the seconds it lived.
+    async fn dribble(h: &mut Harness, bytes: &[u8], max: usize) -> u64 {
+        let t0 = tokio::time::Instant::now();
+        for b in bytes.iter().cycle().take(max) {
+            if h.client.write_all(&[*b]).await.is_err() || h.task.is_finished() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        t0.elapsed().as_secs()
+    }
+
+    /// Issue #14 item 8: every byte used to reset the idle timer, so a
+    /// dribbled request held its connection forever.
+    #[tokio::test(start_paused = true)]
+    async fn a_dribbled_message_is_cut_at_its_deadline_whatever_trickles_in() {
+        let mut h = harness().await;
+        let lived = dribble(&mut h, OPTIONS, 120).await;
+        assert!(
+            (10..=11).contains(&lived),
+            "closed after {lived} s, deadline 10 s"
+        );
+        let mut rest = Vec::new();
+        let _ = h.client.read_to_end(&mut rest).await;
+        assert!(matches!(
+            h.events.recv().await,
+            Some(Event::Closed { conn: 7 })
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_whole_messages_and_lone_crlfs_keep_a_connection_until_idle() {
+        let mut h = harness().await;
+        // Each message takes 5 s (split in a few writes), well within its
+        // 10 s deadline: twenty of them, 100 s, keep the connection.
+        for _ in 0..20 {
+            for chunk in OPTIONS.chunks(OPTIONS.len() / 4 + 1) {
+                h.client.write_all(chunk).await.expect("write");
+                tokio::time::sleep(Duration::from_millis(1250)).await;
+            }
+            assert!(matches!(h.events.recv().await, Some(Event::Message { .. })));
+        }
+        // A lone CRLF (RFC 3261 §7.5) is no message: no deadline.
+        h.client.write_all(b"\r\n").await.expect("crlf");
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(
+            !h.task.is_finished(),
+            "a lone CRLF must not start a deadline"
+        );
+        // Then nothing: the idle timer (300 s from the CRLF) ends it.
+        tokio::time::sleep(Duration::from_secs(245)).await;
+        assert!(h.task.is_finished(), "idle timeout");
+    }
 }

@@ -11,6 +11,8 @@
 //! → driver → connection writer → TLS → socket.
 
 pub mod conn;
+pub mod limits;
+pub mod memory;
 pub mod source;
 pub mod tls;
 pub mod udp;
@@ -36,17 +38,24 @@ use tokio::{
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::{info, info_span, warn, Instrument};
 
-use self::conn::ConnParams;
+use self::{
+    conn::ConnParams,
+    limits::{ConnLimitSettings, ConnLimits, Refusal},
+};
 use crate::{
     config::{ClientAuth, Config},
     control,
     media::{MediaControl, Side},
-    proxy::{ConnId, ConnInfo, Dest, HopTarget, Outgoing, Proto, Proxy, ProxySettings},
+    proxy::{
+        admission::{Admission, AdmissionSettings},
+        ConnId, ConnInfo, Dest, HopTarget, Outgoing, Proto, Proxy, ProxySettings,
+    },
     sip::framer::FramerLimits,
 };
 
-/// How long a TLS handshake or TCP connect may take.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// At most one refused-connection log line per rule per this long (a
+/// flood must not become a log flood); the line counts what it stands for.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 /// Depth of the driver's event queue (connections wait when it is full).
 const EVENT_QUEUE: usize = 1024;
 
@@ -169,8 +178,16 @@ pub struct Running {
 #[derive(Clone)]
 struct Shared {
     next_id: Arc<AtomicU64>,
+    /// Live connection tasks (accepted and opened); for logs.
     active: Arc<AtomicUsize>,
+    /// Connection tasks ended so far (the memory trim's clock).
+    closed: Arc<AtomicU64>,
+    /// Pseudo-connections of the UDP listener.
     max_connections: usize,
+    /// Accept-time limits per side and source (`limits`).
+    limits: ConnLimits,
+    /// `[limits] handshake_timeout_secs`.
+    handshake_timeout: Duration,
     params: ConnParams,
     events: mpsc::Sender<Event>,
     shutdown: watch::Receiver<bool>,
@@ -181,12 +198,26 @@ struct Shared {
     peer_identities: Arc<Vec<String>>,
 }
 
-/// Decrements the live-connection count when a connection task ends.
-struct ActiveGuard(Arc<AtomicUsize>);
+/// Counts a connection task as live until it ends, then as closed.
+struct ActiveGuard {
+    active: Arc<AtomicUsize>,
+    closed: Arc<AtomicU64>,
+}
+
+impl ActiveGuard {
+    fn new(shared: &Shared) -> ActiveGuard {
+        shared.active.fetch_add(1, Ordering::Relaxed);
+        ActiveGuard {
+            active: shared.active.clone(),
+            closed: shared.closed.clone(),
+        }
+    }
+}
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.active.fetch_sub(1, Ordering::Relaxed);
+        self.closed.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -247,10 +278,18 @@ pub async fn start(
     let shared = Shared {
         next_id: Arc::new(AtomicU64::new(1)),
         active: Arc::new(AtomicUsize::new(0)),
+        closed: Arc::new(AtomicU64::new(0)),
         max_connections: p.max_connections,
+        limits: ConnLimits::new(ConnLimitSettings {
+            per_side: p.max_connections,
+            per_source: cfg.limits.max_connections_per_source,
+            handshakes_per_source: cfg.limits.max_handshakes_per_source,
+        }),
+        handshake_timeout: Duration::from_secs(cfg.limits.handshake_timeout_secs),
         params: ConnParams {
             idle: Duration::from_secs(p.idle_timeout_secs),
             keepalive: (p.keepalive_secs > 0).then(|| Duration::from_secs(p.keepalive_secs)),
+            message_timeout: Duration::from_secs(cfg.limits.message_timeout_secs),
             limits: FramerLimits::default(),
         },
         events: events_tx,
@@ -286,7 +325,8 @@ pub async fn start(
         tokio::spawn(udp::serve(s, shared.clone()));
     }
     info!(%int_addr, %ext_addr, tcp = ?tcp_addr, udp = ?udp_addr, "SIP listeners up");
-    let proxy = Proxy::new(settings, media);
+    let mut proxy = Proxy::new(settings, media);
+    proxy.set_admission(Admission::new(AdmissionSettings::from_limits(&cfg.limits)));
     let (control_tx, control_rx) = mpsc::channel(16);
     let driver = tokio::spawn(drive(
         proxy, events_rx, control_rx, shared, stop_tx, shutdown,
@@ -301,8 +341,40 @@ pub async fn start(
     })
 }
 
+/// Refused connections of one accept loop, for rate-limited security logs.
+#[derive(Default)]
+struct RefusalLog {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RefusalLog {
+    fn refused(&mut self, side: Side, peer: SocketAddr, why: Refusal, shared: &Shared) {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.saturating_duration_since(t) < REFUSAL_LOG_EVERY)
+        {
+            self.suppressed += 1;
+            return;
+        }
+        self.last = Some(now);
+        let also = std::mem::take(&mut self.suppressed);
+        warn!(
+            target: "sip_edge::security",
+            %peer,
+            ?side,
+            rule = why.rule(),
+            open_on_side = shared.limits.open_on(side),
+            also_refused_since_last_line = also,
+            "connection refused at accept"
+        );
+    }
+}
+
 async fn accept_loop(listener: TcpListener, side: Side, tls: Option<TlsAcceptor>, shared: Shared) {
     let mut shutdown = shared.shutdown.clone();
+    let mut refusals = RefusalLog::default();
     loop {
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -316,12 +388,16 @@ async fn accept_loop(listener: TcpListener, side: Side, tls: Option<TlsAcceptor>
             },
             _ = shutdown.changed() => return,
         };
-        if shared.active.load(Ordering::Relaxed) >= shared.max_connections {
-            warn!(%peer, limit = shared.max_connections, "connection refused: max_connections reached");
-            continue;
-        }
-        shared.active.fetch_add(1, Ordering::Relaxed);
-        let guard = ActiveGuard(shared.active.clone());
+        // Issue #14 item 8: per-side budgets, per-source caps on
+        // connections and handshakes; dropping `tcp` closes it at once.
+        let mut permit = match shared.limits.admit(side, peer.ip()) {
+            Ok(p) => p,
+            Err(why) => {
+                refusals.refused(side, peer, why, &shared);
+                continue;
+            }
+        };
+        let guard = ActiveGuard::new(&shared);
         let conn = shared.next_id.fetch_add(1, Ordering::Relaxed);
         let shared = shared.clone();
         let tls = tls.clone();
@@ -332,7 +408,10 @@ async fn accept_loop(listener: TcpListener, side: Side, tls: Option<TlsAcceptor>
                 let _ = tcp.set_nodelay(true);
                 match tls {
                     Some(acc) => {
-                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acc.accept(tcp)).await {
+                        let hs =
+                            tokio::time::timeout(shared.handshake_timeout, acc.accept(tcp)).await;
+                        permit.handshake_over();
+                        match hs {
                             Ok(Ok(s)) => {
                                 let info = ConnInfo {
                                     side,
@@ -362,10 +441,17 @@ async fn accept_loop(listener: TcpListener, side: Side, tls: Option<TlsAcceptor>
                                 .await;
                             }
                             Ok(Err(e)) => info!(error = %e, "TLS handshake failed"),
-                            Err(_) => info!("TLS handshake timed out"),
+                            Err(_) => info!(
+                                target: "sip_edge::security",
+                                %peer,
+                                ?side,
+                                rule = "limits.handshake_timeout_secs",
+                                "TLS handshake not completed in time; connection closed"
+                            ),
                         }
                     }
                     None => {
+                        permit.handshake_over();
                         let info = ConnInfo {
                             side,
                             peer,
@@ -432,7 +518,7 @@ fn spawn_connect(hop: HopTarget, side: Side, shared: Shared) {
             // From the edge's address on this side (issue #14 item 4): the
             // one Via and Record-Route name, and a peer allow-lists.
             let tcp = match tokio::time::timeout(
-                HANDSHAKE_TIMEOUT,
+                shared.handshake_timeout,
                 source::connect(&hop.host, hop.port, side, &shared.sources),
             )
             .await
@@ -446,16 +532,17 @@ fn spawn_connect(hop: HopTarget, side: Side, shared: Shared) {
                 Err(e) => return fail(format!("peer address: {e}")).await,
             };
             let _ = tcp.set_nodelay(true);
-            let tls =
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, shared.connector.connect(name, tcp))
-                    .await
-                {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => return fail(format!("TLS: {e}")).await,
-                    Err(_) => return fail("TLS handshake timed out".into()).await,
-                };
-            shared.active.fetch_add(1, Ordering::Relaxed);
-            let _guard = ActiveGuard(shared.active.clone());
+            let tls = match tokio::time::timeout(
+                shared.handshake_timeout,
+                shared.connector.connect(name, tcp),
+            )
+            .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return fail(format!("TLS: {e}")).await,
+                Err(_) => return fail("TLS handshake timed out".into()).await,
+            };
+            let _guard = ActiveGuard::new(&shared);
             let info = ConnInfo {
                 side,
                 peer,
@@ -488,6 +575,7 @@ struct Driver {
     pool: HashMap<HopTarget, ConnId>,
     pending: HashMap<HopTarget, Vec<Queued>>,
     shared: Shared,
+    trim: memory::TrimPolicy,
 }
 
 async fn drive(
@@ -505,6 +593,7 @@ async fn drive(
         pool: HashMap::new(),
         pending: HashMap::new(),
         shared,
+        trim: memory::TrimPolicy::default(),
     };
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tokio::pin!(shutdown);
@@ -526,6 +615,12 @@ async fn drive(
                 let out = d.proxy.on_tick(now);
                 d.send_all(out);
                 d.hold_registered_flows(now);
+                // Issue #14 item 8: give freed connection memory back to
+                // the OS once connections went away (see `memory`); off the
+                // driver, which must keep routing meanwhile.
+                if d.trim.due(d.shared.closed.load(Ordering::Relaxed), now) {
+                    tokio::task::spawn_blocking(memory::trim);
+                }
             }
             () = async {
                 match retransmit {

@@ -691,8 +691,9 @@ fn figure(system: &str, per: &str, count: u32, before: u64, after: u64) -> Memor
 // --- sip-edge ----------------------------------------------------------------
 
 /// The demo configuration (`testua::edge_config`, relay mode) widened for
-/// load: a larger media range, no per-client flow cap (every call comes
-/// from one client address), and a second route for the probe callee.
+/// load: a larger media range, no per-client flow cap and no per-source
+/// connection or request limits (every call comes from one client
+/// address), and a second route for the probe callee.
 fn edge_bench_config(pin_dir: &Path, pki: &TestPki) -> Result<String, BenchError> {
     let base = testua::edge_config(pin_dir, pki, "relay");
     let edits = [
@@ -705,7 +706,13 @@ fn edge_bench_config(pin_dir: &Path, pki: &TestPki) -> Result<String, BenchError
             "[[route]]\ndomain = \"probe.example.net\"\nhost = \"198.51.100.2\"\nport = 5062\ntls_name = \"peer.example.net\"\n[[route]]\n",
         ),
     ];
-    let mut cfg = base;
+    // `[limits]` admission (issue #14 item 8) would throttle the load
+    // generator, which is one source address: lift it.
+    let mut cfg = base
+        + "\n[limits]\nmax_connections_per_source = 100000\nmax_handshakes_per_source = 100000\n\
+           request_rate = 10000000\nrequest_burst = 10000000\ninvite_rate = 10000000\n\
+           invite_burst = 10000000\nregister_rate = 10000000\nregister_burst = 10000000\n\
+           global_request_rate = 10000000\nglobal_request_burst = 10000000\n";
     for (from, to) in edits {
         if !cfg.contains(from) {
             return Err(BenchError::Io {

@@ -539,6 +539,24 @@ impl Manager {
         self.pool.used.len()
     }
 
+    /// The dialog an installed flow belongs to.
+    pub fn dialog_of(&self, id: PinholeId) -> Option<&DialogKey> {
+        self.ids.get(&id)
+    }
+
+    /// Marks `ports` taken (rules of an earlier run hold them, see
+    /// `media::adopt`), so no new call is given them.
+    pub fn hold_ports(&mut self, ports: &[u16]) {
+        self.pool.used.extend(ports.iter().copied());
+    }
+
+    /// Gives back ports taken by [`Manager::hold_ports`].
+    pub fn release_ports(&mut self, ports: &[u16]) {
+        for p in ports {
+            self.pool.used.remove(p);
+        }
+    }
+
     /// Flows counted against `client`'s cap.
     pub fn client_flows(&self, client: IpAddr) -> u32 {
         self.per_client.get(&client).copied().unwrap_or(0)

@@ -19,6 +19,8 @@
 //! branch), `dialogs` (SDP roles, confirm and end media), `routing`
 //! (Via/Record-Route, targets, Contact and registration bindings).
 
+mod admit;
+mod adopted;
 mod dialogs;
 mod request;
 mod response;
@@ -34,6 +36,7 @@ use tracing::{debug, info, info_span, warn};
 
 use super::{
     access::{self, Party, RateLimits},
+    admission::Admission,
     bindings::{Bindings, FlowInfo, CONTACT_LIFETIME, TOKEN_PREFIX},
     build::{self, ByeLeg},
     ConnId, ConnInfo, Dest, HopTarget, Outgoing, Proto, ProxySettings,
@@ -158,6 +161,9 @@ struct Reject {
     code: u16,
     why: String,
     extra: Vec<(&'static str, String)>,
+    /// Answer without a server transaction: admission refusals, so a flood
+    /// costs no state (their ACKs are absorbed by the edge's To tag).
+    stateless: bool,
 }
 
 fn reject(code: u16, why: impl Into<String>) -> Reject {
@@ -165,6 +171,7 @@ fn reject(code: u16, why: impl Into<String>) -> Reject {
         code,
         why: why.into(),
         extra: Vec::new(),
+        stateless: false,
     }
 }
 
@@ -203,6 +210,9 @@ pub struct Proxy {
     /// never takes a new run's request for a retransmission of an old one.
     run_id: String,
     stats: ProxyStats,
+    /// Rate limits and registration-failure blocks (`proxy::admission`);
+    /// unlimited unless the transport sets it from `[limits]`.
+    admission: Admission,
 }
 
 /// 64 random bits as 16 hex digits, from the OS (getrandom(2)). Should the
@@ -295,7 +305,18 @@ impl Proxy {
             counter: 0,
             run_id: run_id(),
             stats: ProxyStats::default(),
+            admission: Admission::unlimited(),
         }
+    }
+
+    /// Replaces the admission policy (the transport's, from `[limits]`).
+    pub fn set_admission(&mut self, a: Admission) {
+        self.admission = a;
+    }
+
+    /// Admission counters.
+    pub fn admission_stats(&self) -> super::admission::AdmissionStats {
+        self.admission.stats()
     }
 
     /// Counters.
@@ -452,10 +473,13 @@ impl Proxy {
                     } else {
                         info!(code = r.code, why = %r.why, "rejecting request");
                         let tag = self.new_tag();
+                        let stateless = r.stateless;
                         let mut extra = r.extra;
                         extra.push(self.warning(conn, &r.why));
                         let bytes = self.respond_local(conn, &msg, r.code, &tag, &extra, &mut out);
-                        self.remember_local_final(conn, info, msg, tag, bytes, now);
+                        if !stateless {
+                            self.remember_local_final(conn, info, msg, tag, bytes, now);
+                        }
                     }
                 }
             }
@@ -589,6 +613,7 @@ fn busy(why: &str) -> Reject {
         code: 503,
         why: why.into(),
         extra: vec![("Retry-After", RETRY_AFTER_SECS.to_string())],
+        stateless: false,
     }
 }
 

@@ -48,6 +48,10 @@ impl Proxy {
                     return Ok(());
                 }
             }
+            if self.is_ack_for_stateless_refusal(msg) {
+                self.stats.retransmissions_absorbed += 1;
+                return Ok(());
+            }
         } else {
             if let Some(stx) = self.server_txs.get(&skey) {
                 self.stats.retransmissions_absorbed += 1;
@@ -70,6 +74,12 @@ impl Proxy {
         }
         if method == "CANCEL" {
             return self.on_cancel(conn, msg, &top, now, out);
+        }
+        // Issue #14 item 8, #15: rates and registration blocks, charged
+        // only to new requests (retransmissions, ACK and CANCEL are
+        // absorbed or matched above).
+        if method != "ACK" {
+            self.admit(info, msg, &method, now)?;
         }
 
         // §16.3 step 3: Max-Forwards.
@@ -110,6 +120,7 @@ impl Proxy {
                 code: 420,
                 why: "unsupported Proxy-Require".into(),
                 extra: vec![("Unsupported", unsupported.join(", "))],
+                stateless: false,
             });
         }
         if self.server_txs.len() >= MAX_SERVER_TXS && method != "ACK" {
@@ -117,6 +128,7 @@ impl Proxy {
                 code: 503,
                 why: "transaction table full".into(),
                 extra: vec![("Retry-After", RETRY_AFTER_SECS.to_string())],
+                stateless: false,
             });
         }
         let ruri = match msg.request_uri() {
@@ -195,10 +207,14 @@ impl Proxy {
                 now,
             )?;
         }
+        // A BYE of a call from before a restart (issue #14 item 8): end
+        // its adopted pinholes; answered here if it cannot be routed.
+        let adopted_bye = method == "BYE" && self.end_adopted_dialog(msg, dialog_key.as_ref(), now);
+        // Target selection: outside REGISTERs go to the registrar.
         let (dest, dest_side) = if method == "REGISTER" && from_side == Side::External {
             self.remote_registrar()?
         } else {
-            self.select_target(
+            match self.select_target(
                 from_side,
                 &method,
                 msg,
@@ -206,7 +222,14 @@ impl Proxy {
                 &routes,
                 flow_route.as_deref(),
                 now,
-            )?
+            ) {
+                Ok(t) => t,
+                Err(_) if adopted_bye => {
+                    self.answer_adopted_bye(conn, msg, out);
+                    return Ok(());
+                }
+                Err(r) => return Err(r),
+            }
         };
 
         // Dialog bookkeeping and SDP before anything is sent.

@@ -108,6 +108,9 @@ impl Proxy {
             self.stats.retransmissions_absorbed += 1;
             return;
         }
+        if method == "REGISTER" && code >= 200 {
+            self.note_register_result(stx_conn, &forwarded_invite, code, now);
+        }
         let _ = msg.pop_top_via();
         let callee_tag = msg.to_tag().ok().flatten();
 

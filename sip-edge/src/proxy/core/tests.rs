@@ -35,6 +35,8 @@ struct Recorder {
     far: Vec<FarMedia>,
     refuse: Option<MediaError>,
     expire: Vec<DialogKey>,
+    /// Call-IDs (with caller tag) of calls "adopted" from an earlier run.
+    adopted: Vec<(String, String)>,
 }
 
 struct Media(Arc<Mutex<Recorder>>);
@@ -71,6 +73,13 @@ impl MediaControl for Media {
     }
     fn on_tick(&mut self, _now: Instant) -> Vec<DialogKey> {
         std::mem::take(&mut self.0.lock().unwrap().expire)
+    }
+    fn end_adopted(&mut self, call_id: &str, tags: &[&str], _now: Instant) -> bool {
+        let mut r = self.0.lock().unwrap();
+        let before = r.adopted.len();
+        r.adopted
+            .retain(|(c, t)| !(c == call_id && tags.contains(&t.as_str())));
+        r.adopted.len() != before
     }
 }
 
@@ -2025,4 +2034,157 @@ fn tokens_of_a_refused_register_go_with_its_transaction_a_granted_path_lasts() {
         1,
         "the Path route still leads to alice's flow: {out:?}"
     );
+}
+
+fn strict_admission() -> crate::proxy::admission::Admission {
+    use crate::proxy::admission::{Admission, AdmissionSettings, BucketSpec};
+    Admission::new(AdmissionSettings {
+        invite: BucketSpec { rate: 1, burst: 3 },
+        failures_per_source: 3,
+        ..AdmissionSettings::from_limits(&crate::config::Limits::default())
+    })
+}
+
+/// Issue #14 item 8: an INVITE flood from one inside host gets 503 with
+/// Retry-After past its burst, answered statelessly (no transaction, no
+/// 100 Trying, nothing forwarded); the retransmission of an admitted
+/// INVITE is absorbed, not charged; the ACK of a 503 ends at the edge.
+#[test]
+fn an_invite_flood_is_refused_statelessly_and_retransmissions_are_not_charged() {
+    let (mut p, _) = setup();
+    p.set_admission(strict_admission());
+    let now = Instant::now();
+    let base = String::from_utf8(fixture("rfc3665_3_1_invite.sip")).unwrap();
+    let nth = |n: usize| {
+        base.replace("z9hG4bK74bf9", &format!("z9hG4bKflood{n}"))
+            .replace(
+                "3848276298220188511@atlanta.example.com",
+                &format!("flood{n}@atlanta"),
+            )
+    };
+    let mut forwarded = 0;
+    let mut refused = Vec::new();
+    for n in 0..10 {
+        let out = p.on_message(CALLER, nth(n).as_bytes(), now);
+        forwarded += out
+            .iter()
+            .filter(|o| matches!(o.dest, Dest::Hop { .. }))
+            .count();
+        let back = to_conn(&out, CALLER);
+        assert_eq!(back.len(), 1, "{out:?}");
+        if back[0].status() == Some(503) {
+            refused.push(back[0].clone());
+        }
+    }
+    assert_eq!(forwarded, 3, "the burst");
+    assert_eq!(refused.len(), 7);
+    assert_eq!(refused[0].header("Retry-After"), Some("1"));
+    assert!(refused[0]
+        .header("Warning")
+        .is_some_and(|w| w.contains("too many requests")));
+    let (server_txs, _, _) = p.live();
+    assert_eq!(server_txs, 3, "refusals keep no transaction");
+    assert_eq!(p.admission_stats().admitted, 3);
+    // The first INVITE again: absorbed (100 Trying), not refused.
+    let out = p.on_message(CALLER, nth(0).as_bytes(), now);
+    assert_eq!(to_conn(&out, CALLER)[0].status(), Some(100));
+    assert_eq!(p.admission_stats().admitted, 3, "not charged");
+    // The ACK for a 503: absorbed at the edge, never routed on.
+    let to = refused[0].header("To").unwrap().to_owned();
+    let ack = nth(5)
+        .replacen(
+            "INVITE sips:bob@biloxi.example.com",
+            "ACK sips:bob@biloxi.example.com",
+            1,
+        )
+        .replace("CSeq: 1 INVITE", "CSeq: 1 ACK")
+        .replace(
+            "To: Bob <sips:bob@biloxi.example.com>",
+            &format!("To: {to}"),
+        );
+    assert!(ack.contains(";tag=se"), "{ack}");
+    let before = p.stats().retransmissions_absorbed;
+    let out = p.on_message(CALLER, ack.as_bytes(), now);
+    assert!(out.is_empty(), "{out:?}");
+    assert_eq!(p.stats().retransmissions_absorbed, before + 1);
+    // A second later a token is back.
+    let out = p.on_message(CALLER, nth(20).as_bytes(), now + Duration::from_secs(1));
+    assert_eq!(to_conn(&out, CALLER)[0].status(), Some(100));
+}
+
+/// Issue #15: a registrar's 401s to REGISTERs that carried credentials are
+/// failures; past the limit the source gets 403 for the block time, and
+/// its REGISTERs no longer reach the registrar.
+#[test]
+fn registration_brute_force_through_the_edge_is_blocked_with_403() {
+    let (mut p, _) = setup();
+    p.set_admission(strict_admission());
+    let now = Instant::now();
+    let reg = String::from_utf8(fixture("rfc3665_2_1_register.sip"))
+        .unwrap()
+        .replace("sips:ss2.biloxi.example.com", "sips:biloxi.example.com");
+    let with_creds = |n: usize| {
+        reg.replace("z9hG4bKnashds7", &format!("z9hG4bKguess{n}"))
+            .replace(
+                "Max-Forwards: 70\r\n",
+                &format!("Max-Forwards: 70\r\nAuthorization: Digest username=\"bob\", realm=\"biloxi.example.com\", nonce=\"n\", uri=\"sips:biloxi.example.com\", response=\"guess{n}\"\r\n"),
+            )
+    };
+    for n in 0..3 {
+        let msg = with_creds(n);
+        assert!(msg.contains("Authorization"), "fixture shape changed");
+        let out = p.on_message(CALLER, msg.as_bytes(), now);
+        let fwd = parse(
+            out.iter()
+                .find(|o| matches!(o.dest, Dest::Hop { .. }))
+                .unwrap(),
+        );
+        let out = p.on_message(CALLEE, &answer(&fwd, 401, "reg", "", ""), now);
+        assert_eq!(to_conn(&out, CALLER)[0].status(), Some(401));
+    }
+    let out = p.on_message(
+        CALLER,
+        with_creds(9).as_bytes(),
+        now + Duration::from_secs(1),
+    );
+    assert!(
+        !out.iter().any(|o| matches!(o.dest, Dest::Hop { .. })),
+        "a blocked source's REGISTER never reaches the registrar"
+    );
+    let back = to_conn(&out, CALLER);
+    assert_eq!(back[0].status(), Some(403));
+    assert!(
+        back[0].header("Retry-After").is_none(),
+        "403 has no Retry-After"
+    );
+}
+
+/// Issue #14 item 8: after a crash, a BYE for an old call could not be
+/// routed (its Contact token died with the old process) and got 404 while
+/// its pinholes stayed. Now the media layer ends the adopted call and the
+/// edge answers 200; a BYE for a call nobody knows still gets 404.
+#[test]
+fn a_bye_for_a_call_of_an_earlier_run_ends_its_adopted_pinholes() {
+    let (mut p, rec) = setup();
+    let now = Instant::now();
+    rec.lock()
+        .unwrap()
+        .adopted
+        .push(("old-call@atlanta".into(), "caller-tag".into()));
+    let bye = |call: &str| {
+        format!("BYE sips:sef0123456789abcdef1@10.77.0.1:5061;transport=tls SIP/2.0\r\nVia: SIP/2.0/TLS 10.77.0.2:5061;branch=z9hG4bKbye{call}\r\nRoute: <sips:10.77.0.1:5061;lr>\r\nMax-Forwards: 70\r\nFrom: <sips:alice@atlanta.example.com>;tag=caller-tag\r\nTo: <sips:bob@biloxi.example.com>;tag=callee-tag\r\nCall-ID: {call}\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n")
+    };
+    let out = p.on_message(CALLER, bye("old-call@atlanta").as_bytes(), now);
+    let back = to_conn(&out, CALLER);
+    assert_eq!(back.len(), 1, "{out:?}");
+    assert_eq!(back[0].status(), Some(200));
+    assert!(back[0]
+        .header("Warning")
+        .is_some_and(|w| w.contains("before an edge restart")));
+    assert!(
+        rec.lock().unwrap().adopted.is_empty(),
+        "its pinholes are gone"
+    );
+    let out = p.on_message(CALLER, bye("unknown@atlanta").as_bytes(), now);
+    assert_eq!(to_conn(&out, CALLER)[0].status(), Some(404));
 }

@@ -296,6 +296,7 @@ impl Proxy {
     /// second.
     pub fn on_tick(&mut self, now: Instant) -> Vec<Outgoing> {
         let mut out = Vec::new();
+        self.admission.tick(now);
         let txs = &self.client_txs;
         self.sent_on.retain(|_, keys| {
             keys.retain(|k| txs.get(k).is_some_and(|c| c.final_code.is_none()));

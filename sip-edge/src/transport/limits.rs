@@ -1,0 +1,317 @@
+//! Connection admission of the TLS/TCP listeners (issue #14 item 8): one
+//! outside address holding thousands of idle connections or stalled
+//! handshakes used to exhaust the single `max_connections` budget and lock
+//! the inside out. Three limits now apply at accept, before any byte is
+//! read:
+//!
+//! - each side has its own budget (`[proxy] max_connections` per side), so
+//!   an outside flood never takes the inside's slots, and the reverse;
+//! - each source address may hold at most `[limits]
+//!   max_connections_per_source` connections on a side;
+//! - of those, at most `max_handshakes_per_source` may still be in their
+//!   TLS handshake (a handshake costs the edge a private-key operation and
+//!   is what a slow-loris peer stalls; `handshake_timeout_secs` ends each).
+//!
+//! [`LimitTable`] is the sans-IO bookkeeping (unit-tested);
+//! [`ConnLimits`] shares it between the accept loops and hands out a
+//! [`Permit`] per connection that gives its slots back on drop, however
+//! the connection task ends. Entries of sources with nothing open are
+//! removed at once, so the table holds at most one entry per open
+//! connection. Connections the edge opens itself are not counted here:
+//! there is one per next hop, and a flood must never keep the edge from
+//! reaching its carrier.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{Arc, Mutex, PoisonError},
+};
+
+use crate::media::Side;
+
+/// Which limit refused a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The side's budget (`[proxy] max_connections`) is spent.
+    SideFull,
+    /// The source holds `max_connections_per_source` already.
+    SourceConnections,
+    /// The source has `max_handshakes_per_source` handshakes in progress.
+    SourceHandshakes,
+}
+
+impl Refusal {
+    /// The rule's name, as the security log prints it (config key).
+    pub fn rule(self) -> &'static str {
+        match self {
+            Refusal::SideFull => "proxy.max_connections (per side)",
+            Refusal::SourceConnections => "limits.max_connections_per_source",
+            Refusal::SourceHandshakes => "limits.max_handshakes_per_source",
+        }
+    }
+}
+
+/// The configured limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnLimitSettings {
+    /// Connections per side.
+    pub per_side: usize,
+    /// Connections per source address and side.
+    pub per_source: u32,
+    /// Handshakes in progress per source address and side.
+    pub handshakes_per_source: u32,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Counts {
+    open: u32,
+    handshaking: u32,
+}
+
+/// Open connections and handshakes per side and per source (sans-IO).
+#[derive(Debug)]
+pub struct LimitTable {
+    s: ConnLimitSettings,
+    sides: [usize; 2],
+    sources: HashMap<(Side, IpAddr), Counts>,
+}
+
+fn ix(side: Side) -> usize {
+    match side {
+        Side::Internal => 0,
+        Side::External => 1,
+    }
+}
+
+impl LimitTable {
+    /// An empty table.
+    pub fn new(s: ConnLimitSettings) -> LimitTable {
+        LimitTable {
+            s,
+            sides: [0, 0],
+            sources: HashMap::new(),
+        }
+    }
+
+    /// A new connection from `ip` on `side`, starting its handshake: counted,
+    /// or refused with the limit it would break.
+    pub fn open(&mut self, side: Side, ip: IpAddr) -> Result<(), Refusal> {
+        let ip = ip.to_canonical();
+        if self.sides[ix(side)] >= self.s.per_side {
+            return Err(Refusal::SideFull);
+        }
+        let c = self.sources.get(&(side, ip)).copied().unwrap_or_default();
+        if c.open >= self.s.per_source {
+            return Err(Refusal::SourceConnections);
+        }
+        if c.handshaking >= self.s.handshakes_per_source {
+            return Err(Refusal::SourceHandshakes);
+        }
+        self.sides[ix(side)] += 1;
+        let e = self.sources.entry((side, ip)).or_default();
+        e.open += 1;
+        e.handshaking += 1;
+        Ok(())
+    }
+
+    /// The handshake of a connection counted by `open` ended (done or not).
+    pub fn handshake_over(&mut self, side: Side, ip: IpAddr) {
+        if let Some(c) = self.sources.get_mut(&(side, ip.to_canonical())) {
+            c.handshaking = c.handshaking.saturating_sub(1);
+        }
+    }
+
+    /// A connection counted by `open` closed; `handshaking` if it closed
+    /// before `handshake_over`.
+    pub fn close(&mut self, side: Side, ip: IpAddr, handshaking: bool) {
+        let key = (side, ip.to_canonical());
+        self.sides[ix(side)] = self.sides[ix(side)].saturating_sub(1);
+        if let Some(c) = self.sources.get_mut(&key) {
+            c.open = c.open.saturating_sub(1);
+            if handshaking {
+                c.handshaking = c.handshaking.saturating_sub(1);
+            }
+            if c.open == 0 {
+                self.sources.remove(&key);
+            }
+        }
+    }
+
+    /// Connections open on `side`.
+    pub fn open_on(&self, side: Side) -> usize {
+        self.sides[ix(side)]
+    }
+
+    /// (open, handshaking) of `ip` on `side`.
+    pub fn of(&self, side: Side, ip: IpAddr) -> (u32, u32) {
+        self.sources
+            .get(&(side, ip.to_canonical()))
+            .map_or((0, 0), |c| (c.open, c.handshaking))
+    }
+
+    /// Sources tracked (bounded by the open connections).
+    pub fn sources(&self) -> usize {
+        self.sources.len()
+    }
+}
+
+/// The table shared by the accept loops.
+#[derive(Clone, Debug)]
+pub struct ConnLimits(Arc<Mutex<LimitTable>>);
+
+impl ConnLimits {
+    /// Limits per `s`.
+    pub fn new(s: ConnLimitSettings) -> ConnLimits {
+        ConnLimits(Arc::new(Mutex::new(LimitTable::new(s))))
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut LimitTable) -> T) -> T {
+        // The table stays consistent whatever panicked while holding it:
+        // every operation is a few counter updates.
+        let mut t = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        f(&mut t)
+    }
+
+    /// Admits a connection from `ip` on `side` (see [`LimitTable::open`]).
+    pub fn admit(&self, side: Side, ip: IpAddr) -> Result<Permit, Refusal> {
+        self.with(|t| t.open(side, ip))?;
+        Ok(Permit {
+            limits: self.clone(),
+            side,
+            ip,
+            handshaking: true,
+        })
+    }
+
+    /// Connections open on `side`.
+    pub fn open_on(&self, side: Side) -> usize {
+        self.with(|t| t.open_on(side))
+    }
+}
+
+/// One admitted connection's slots; given back on drop.
+#[derive(Debug)]
+pub struct Permit {
+    limits: ConnLimits,
+    side: Side,
+    ip: IpAddr,
+    handshaking: bool,
+}
+
+impl Permit {
+    /// The TLS handshake is over (plain TCP: at once).
+    pub fn handshake_over(&mut self) {
+        if std::mem::take(&mut self.handshaking) {
+            let (side, ip) = (self.side, self.ip);
+            self.limits.with(|t| t.handshake_over(side, ip));
+        }
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let (side, ip, hs) = (self.side, self.ip, self.handshaking);
+        self.limits.with(|t| t.close(side, ip, hs));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> LimitTable {
+        LimitTable::new(ConnLimitSettings {
+            per_side: 10,
+            per_source: 4,
+            handshakes_per_source: 2,
+        })
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    /// The lock-out of issue #14 item 8: one outside address filling the
+    /// budget. Sides are separate, and one source cannot take a side.
+    #[test]
+    fn an_outside_flood_never_takes_the_insides_slots() {
+        let mut t = table();
+        let mut outside = 0;
+        for n in 0..20u8 {
+            let src = IpAddr::from([198, 51, 100, 10 + n / 4]);
+            if t.open(Side::External, src).is_ok() {
+                t.handshake_over(Side::External, src);
+                outside += 1;
+            }
+        }
+        assert_eq!(outside, 10, "the external side's budget is its own");
+        assert_eq!(
+            t.open(Side::External, ip("198.51.100.99")),
+            Err(Refusal::SideFull)
+        );
+        for n in 0..4u8 {
+            assert_eq!(
+                t.open(Side::Internal, IpAddr::from([10, 77, 0, 2 + n])),
+                Ok(())
+            );
+        }
+        assert_eq!(t.open_on(Side::Internal), 4);
+    }
+
+    #[test]
+    fn stalled_handshakes_and_connections_are_capped_per_source() {
+        let mut t = table();
+        let a = ip("198.51.100.66");
+        assert_eq!(t.open(Side::External, a), Ok(()));
+        assert_eq!(t.open(Side::External, a), Ok(()));
+        assert_eq!(
+            t.open(Side::External, a),
+            Err(Refusal::SourceHandshakes),
+            "two stalled handshakes are the most one source gets"
+        );
+        assert_eq!(t.open(Side::External, ip("198.51.100.2")), Ok(()));
+        t.handshake_over(Side::External, a);
+        t.handshake_over(Side::External, a);
+        assert_eq!(t.open(Side::External, a), Ok(()));
+        t.handshake_over(Side::External, a);
+        assert_eq!(t.open(Side::External, a), Ok(()));
+        assert_eq!(t.of(Side::External, a), (4, 1));
+        assert_eq!(t.open(Side::External, a), Err(Refusal::SourceConnections));
+        // A v4-mapped v6 peer address is the same source.
+        assert_eq!(
+            t.open(Side::External, ip("::ffff:198.51.100.66")),
+            Err(Refusal::SourceConnections)
+        );
+        t.close(Side::External, a, true);
+        assert_eq!(t.of(Side::External, a), (3, 0));
+        for _ in 0..3 {
+            t.close(Side::External, a, false);
+        }
+        assert_eq!(t.of(Side::External, a), (0, 0));
+        assert_eq!(t.sources(), 1, "only the open peer's entry is left");
+        assert_eq!(t.open_on(Side::External), 1);
+    }
+
+    #[test]
+    fn permits_give_their_slots_back_on_drop() {
+        let l = ConnLimits::new(ConnLimitSettings {
+            per_side: 2,
+            per_source: 2,
+            handshakes_per_source: 1,
+        });
+        let a = ip("203.0.113.77");
+        let mut p1 = l.admit(Side::External, a).expect("first");
+        assert_eq!(
+            l.admit(Side::External, a).map(|_| ()),
+            Err(Refusal::SourceHandshakes)
+        );
+        p1.handshake_over();
+        p1.handshake_over();
+        let p2 = l.admit(Side::External, a).expect("second");
+        assert_eq!(l.open_on(Side::External), 2);
+        drop(p2);
+        drop(p1);
+        assert_eq!(l.open_on(Side::External), 0);
+        assert!(l.admit(Side::External, a).is_ok());
+    }
+}
