@@ -2188,3 +2188,33 @@ fn a_bye_for_a_call_of_an_earlier_run_ends_its_adopted_pinholes() {
     let out = p.on_message(CALLER, bye("unknown@atlanta").as_bytes(), now);
     assert_eq!(to_conn(&out, CALLER)[0].status(), Some(404));
 }
+
+/// Issue #15, from outside: a remote source guessing passwords through the
+/// edge (REGISTERs with credentials the inside registrar answers 401) is
+/// blocked at the edge with 403 once past the limit, and its next
+/// REGISTER never reaches the registrar.
+#[test]
+fn an_outside_registration_brute_force_is_blocked_at_the_edge() {
+    let (mut p, _) = setup_access();
+    p.set_admission(strict_admission());
+    let now = Instant::now();
+    let guess = |n: usize| {
+        remote_register(&format!("z9hG4bKbf{n}"), 600).replace(
+            "Max-Forwards: 70\r\n",
+            &format!("Max-Forwards: 70\r\nAuthorization: Digest username=\"alice\", realm=\"example.com\", nonce=\"n\", uri=\"sip:example.com\", response=\"guess{n}\"\r\n"),
+        )
+    };
+    for n in 0..3 {
+        let out = p.on_message(REMOTE, guess(n).as_bytes(), now);
+        let fwd = to_registrar(&out);
+        assert_eq!(fwd.len(), 1, "guess {n} reaches the registrar: {out:?}");
+        let out = p.on_message(REGISTRAR, &answer(&fwd[0], 401, "reg", "", ""), now);
+        assert_eq!(to_conn(&out, REMOTE)[0].status(), Some(401));
+    }
+    let out = p.on_message(REMOTE, guess(9).as_bytes(), now + Duration::from_secs(1));
+    assert!(
+        to_registrar(&out).is_empty(),
+        "a blocked source's REGISTER never reaches the registrar: {out:?}"
+    );
+    assert_eq!(to_conn(&out, REMOTE)[0].status(), Some(403));
+}
