@@ -12,6 +12,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
+mod fuzz;
 mod kernels;
 
 /// Debian packages the build and the tests need.
@@ -92,6 +93,15 @@ enum Cmd {
     /// under qemu, load the XDP program and run the verifier and fixture
     /// tests in each (and on the host); table + target/kernels/report.json.
     Kernels,
+    /// Run the cargo-fuzz targets of fuzz/ (or one) for a bounded time
+    /// each, seeded from the test fixtures; a table of runs and verdicts.
+    Fuzz {
+        /// A target name, or `all`.
+        target: String,
+        /// Seconds of fuzzing per target.
+        #[arg(long, default_value_t = 60)]
+        time: u64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -121,6 +131,10 @@ fn main() -> Result<()> {
         Cmd::Kernels => {
             setup()?;
             kernels::kernels(&root)
+        }
+        Cmd::Fuzz { target, time } => {
+            setup()?;
+            fuzz::fuzz(&root, &target, time)
         }
     }
 }
