@@ -441,6 +441,23 @@ impl<'a> Multipart<'a> {
         }
         let head = self.body.get(..part.content.start).unwrap_or_default();
         let tail = self.body.get(part.content.end..).unwrap_or_default();
+        // An empty part (RFC 2046 §5.1.1 allows one) has no empty line
+        // between headers and content, and the line break before the next
+        // delimiter may be the one that ended the previous delimiter line:
+        // content put there as is would be read as headers, or run into
+        // the delimiter line, so the receiver would see other parts than
+        // the edge checked. Give it the empty header block and its own
+        // line break.
+        let empty_part = part.content.start == part.headers.end;
+        if empty_part && !new.is_empty() {
+            let sep: &[u8] =
+                if tail.is_empty() || tail.starts_with(b"\n") || tail.starts_with(b"\r\n") {
+                    b""
+                } else {
+                    b"\r\n"
+                };
+            return Ok([head, b"\r\n", new, sep, tail].concat());
+        }
         Ok([head, new, tail].concat())
     }
 }
@@ -448,6 +465,26 @@ impl<'a> Multipart<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the `multipart` fuzz target: content replaced into an empty
+    /// part ran into the next delimiter line ("x=replaced--b"), so the
+    /// rewritten body no longer split into the parts the edge checked.
+    #[test]
+    fn content_replaced_into_an_empty_part_stays_that_part() {
+        for body in [
+            &b"--b\r\n--b\r\nContent-Type: text/plain\r\n\r\nhi\r\n--b--\r\n"[..],
+            b"--b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nhi\r\n--b--\r\n",
+        ] {
+            let m = Multipart::parse("multipart/mixed;boundary=b", body).unwrap();
+            assert_eq!(m.content(0), Some(&b""[..]));
+            let out = m.replace_content(0, b"x=replaced").unwrap();
+            let again = Multipart::parse("multipart/mixed;boundary=b", &out)
+                .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out)));
+            assert_eq!(again.parts().len(), 2);
+            assert_eq!(again.content(0), Some(&b"x=replaced"[..]));
+            assert_eq!(again.content(1), Some(&b"hi"[..]));
+        }
+    }
 
     const CT: &str = "multipart/mixed; boundary=\"----=_Part 1\"";
     const BODY: &str = "preamble text\r\n\
