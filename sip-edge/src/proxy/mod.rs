@@ -176,6 +176,11 @@ pub struct ProxySettings {
     /// Record-Route toward UDP clients carry it (they send in-dialog
     /// requests there, §18.1.1), and Route entries with it name us.
     pub internal_udp_port: Option<u16>,
+    /// How long the proxy keeps a dialog record at most: the media layer's
+    /// maximum call length (`[media] max_call_secs`). The media layer
+    /// expires every dialog it holds media for, but a dialog without media
+    /// (no SDP, every stream disabled) has only this bound.
+    pub max_dialog: std::time::Duration,
 }
 
 impl ProxySettings {
@@ -233,6 +238,7 @@ impl ProxySettings {
             access,
             // Known only once bound: the transport fills it in.
             internal_udp_port: None,
+            max_dialog: std::time::Duration::from_secs(cfg.media.max_call_secs),
         })
     }
 

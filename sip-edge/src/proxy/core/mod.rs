@@ -144,6 +144,9 @@ struct Retransmit {
 /// One INVITE dialog (set) the edge proxied.
 #[derive(Debug)]
 struct Dialog {
+    /// When its INVITE came: the record goes `max_dialog` + 64*T1 later
+    /// at the latest (see `ProxySettings::max_dialog`).
+    created: Instant,
     caller_side: Side,
     offer_in_invite: bool,
     awaiting_ack_answer: bool,

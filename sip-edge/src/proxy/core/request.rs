@@ -238,6 +238,7 @@ impl Proxy {
         if initial_invite {
             if let Some(k) = &dialog_key {
                 self.dialogs.entry(k.clone()).or_insert(Dialog {
+                    created: now,
                     caller_side: from_side,
                     offer_in_invite: false,
                     awaiting_ack_answer: false,

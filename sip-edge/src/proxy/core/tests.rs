@@ -122,6 +122,7 @@ fn setup() -> (Proxy, Arc<Mutex<Recorder>>) {
         internal_next_hop: None,
         access: Default::default(),
         internal_udp_port: None,
+        max_dialog: Duration::from_secs(4 * 3600),
     };
     let rec = Arc::new(Mutex::new(Recorder::default()));
     let mut p = Proxy::new(settings, Box::new(Media(rec.clone())));
@@ -2217,4 +2218,49 @@ fn an_outside_registration_brute_force_is_blocked_at_the_edge() {
         "a blocked source's REGISTER never reaches the registrar: {out:?}"
     );
     assert_eq!(to_conn(&out, REMOTE)[0].status(), Some(403));
+}
+
+/// Found by the `proxy_sequence` fuzz target: a dialog the media layer
+/// holds nothing for (no SDP, or every stream disabled) is never expired
+/// by it, and with its connections gone and no BYE the proxy kept its
+/// record forever: memory any caller could grow without bound. No dialog
+/// record outlives the maximum call length (plus 64*T1 for the BYE the
+/// media expiry sends).
+#[test]
+fn a_dialog_without_media_does_not_outlive_the_maximum_call_length() {
+    let (mut p, _) = setup();
+    let now = Instant::now();
+    let no_sdp = String::from_utf8(fixture("rfc3665_3_1_invite.sip"))
+        .unwrap()
+        .split("Content-Type")
+        .next()
+        .unwrap()
+        .to_owned()
+        + "Content-Length: 0\r\n\r\n";
+    let out = p.on_message(CALLER, no_sdp.as_bytes(), now);
+    let inv = parse(
+        out.iter()
+            .find(|o| matches!(o.dest, Dest::Hop { .. }))
+            .expect("INVITE forwarded"),
+    );
+    let out = p.on_message(
+        CALLEE,
+        &answer(
+            &inv,
+            200,
+            "t",
+            "Contact: <sips:bob@198.51.100.2:5061>\r\n",
+            "",
+        ),
+        now,
+    );
+    assert_eq!(to_conn(&out, CALLER)[0].status(), Some(200));
+    assert_eq!(p.live().2, 1, "the dialog is known");
+    p.on_conn_closed(CALLER, now);
+    p.on_conn_closed(CALLEE, now);
+    let max = p.settings.max_dialog;
+    p.on_tick(now + max);
+    assert_eq!(p.live().2, 1, "kept up to the maximum call length");
+    p.on_tick(now + max + Duration::from_secs(64 * 500 / 1000 + 1));
+    assert_eq!(p.live(), (0, 0, 0), "nothing left");
 }

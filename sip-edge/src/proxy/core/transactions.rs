@@ -340,6 +340,22 @@ impl Proxy {
             info!("media expired; sending BYE both ways");
             self.send_byes(&k, d, now, &mut out);
         }
+        // The media layer ends what it holds media for by `max_call`; a
+        // dialog without media (no SDP, every stream disabled) whose ends
+        // went away without a BYE would otherwise stay forever. 64*T1 past
+        // the maximum call length, no media expiry can still be pending.
+        let limit = self.settings.max_dialog + TIMER_64T1;
+        let stale: Vec<DialogKey> = self
+            .dialogs
+            .iter()
+            .filter(|(_, d)| now.saturating_duration_since(d.created) > limit)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in stale {
+            debug!(call_id = %k.call_id, "dialog record past the maximum call length forgotten");
+            self.media.on_dialog_end(&k, None, EndReason::Timeout, now);
+            self.dialogs.remove(&k);
+        }
         out.extend(self.on_retransmit(now));
         out
     }
