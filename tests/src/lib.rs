@@ -3,12 +3,15 @@
 //! dependency tree carries no test-only crate.
 //!
 //! - `testnet`: network namespaces, veths, the agent as a child process;
+//! - `edge`: the system tests' fixture: the agent in the edge namespace,
+//!   its CLI, the peer-side user agent and an outgoing call through it;
 //! - `testua`: a TLS SIP user agent and a throwaway PKI;
 //! - `fixtures`: the datapath verdict fixtures and their BPF_PROG_TEST_RUN runner;
 //! - `harness`: the test/bench XDP object (pass-through, generator, sink);
 //! - `bench`: the benchmark suite behind `cargo xtask bench`.
 
 pub mod bench;
+pub mod edge;
 pub mod fixtures;
 pub mod harness;
 pub mod testnet;

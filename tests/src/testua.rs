@@ -1117,15 +1117,13 @@ pub fn tcp_exchange(
     Ok((seen, got_up, got_down))
 }
 
-/// The agent configuration of the demo topology (`testnet::Topology`):
-/// interfaces, edge addresses, media ranges, TLS proxy on both sides and a
-/// route for peer.example.net to the peer namespace. `mode` is `"relay"` or
-/// `"nat"`. Shared by `cargo xtask demo` and the e2e tests so both exercise
-/// the same configuration.
-pub fn edge_config(pin_dir: &Path, pki: &TestPki, mode: &str) -> String {
+/// The datapath part of the agent configuration of the demo topology
+/// (`testnet::Topology`): pins removed on exit, interfaces, edge
+/// addresses, the media range 40000-40999 and SIP port 5061; `media` is
+/// appended to `[media]` (whole `key = value` lines).
+pub fn datapath_config(pin_dir: &Path, media: &str) -> String {
     format!(
-        r#"# sip-edge demo/test configuration (see sip-edge.example.toml)
-pin_dir = "{pin}"
+        r#"pin_dir = "{pin}"
 on_exit = "remove"
 [[interface]]
 name = "int0"
@@ -1138,16 +1136,46 @@ internal = ["10.77.0.1"]
 public = ["203.0.113.1"]
 [media]
 port_ranges = ["40000-40999"]
-mode = "{mode}"
-[signalling]
+{media}[signalling]
 ports = [5061]
-[proxy]
+"#,
+        pin = pin_dir.display(),
+    )
+}
+
+/// `[proxy]` of the demo topology: TLS listeners on both sides of the edge
+/// with `pki`'s edge certificate; `extra` is appended (whole lines).
+pub fn proxy_table(pki: &TestPki, extra: &str) -> String {
+    format!(
+        r#"[proxy]
 internal_listen = "10.77.0.1:5061"
 external_listen = "203.0.113.1:5061"
 cert = "{cert}"
 key = "{key}"
 ca_roots = "{ca}"
-[control]
+{extra}"#,
+        cert = pki.edge_cert.display(),
+        key = pki.edge_key.display(),
+        ca = pki.ca.display()
+    )
+}
+
+/// The agent configuration of the demo topology: `datapath_config` in
+/// media `mode` (`"relay"` or `"nat"`), `proxy_table`, a control socket
+/// and a route for peer.example.net to the peer namespace. Shared by
+/// `cargo xtask demo`, the bench and the system tests so all exercise the
+/// same configuration.
+pub fn edge_config(pin_dir: &Path, pki: &TestPki, mode: &str) -> String {
+    // One control socket per agent: tests run agents side by side.
+    let control = std::env::temp_dir().join(format!(
+        "{}.control.sock",
+        pin_dir
+            .file_name()
+            .map_or_else(|| "sip-edge".into(), |n| n.to_string_lossy())
+    ));
+    format!(
+        r#"# sip-edge demo/test configuration (see sip-edge.example.toml)
+{datapath}{proxy}[control]
 socket = "{control}"
 [[route]]
 domain = "peer.example.net"
@@ -1155,19 +1183,9 @@ host = "198.51.100.2"
 port = 5061
 tls_name = "peer.example.net"
 "#,
-        // One control socket per agent: tests run agents side by side.
-        control = std::env::temp_dir()
-            .join(format!(
-                "{}.control.sock",
-                pin_dir
-                    .file_name()
-                    .map_or_else(|| "sip-edge".into(), |n| n.to_string_lossy())
-            ))
-            .display(),
-        pin = pin_dir.display(),
-        cert = pki.edge_cert.display(),
-        key = pki.edge_key.display(),
-        ca = pki.ca.display()
+        datapath = datapath_config(pin_dir, &format!("mode = \"{mode}\"\n")),
+        proxy = proxy_table(pki, ""),
+        control = control.display(),
     )
 }
 

@@ -9,221 +9,44 @@
 
 use std::{
     io::Write,
-    net::{IpAddr, SocketAddr, UdpSocket},
-    path::PathBuf,
+    net::{SocketAddr, UdpSocket},
     time::{Duration, Instant},
 };
 
-use serde_json::Value;
-use sip_edge::datapath::maps::DatapathMaps;
+use sip_edge::{datapath::maps::DatapathMaps, sip::message::Message};
 use sip_edge_tests::{
-    testnet::{self, udp_roundtrip, AgentProcess, Pins, Topology},
-    testua::{
-        self, media_of, reply, rtp_packet, sdp, Dialog, MsrpOffer, SdpSpec, TestPki, UaConn,
-        UaIdentity, UaListener,
-    },
+    edge::{self, alice_id, bob_id, contact, ip, sa, Edge, Flow, OutCall, PeerUa, WAIT},
+    testnet::{self, udp_roundtrip},
+    testua::{self, media_of, reply, rtp_packet, sdp, Dialog, MsrpOffer, SdpSpec, UaConn},
 };
 
-/// Every SIP wait.
-const WAIT: Duration = Duration::from_secs(5);
-
-fn sa(s: &str) -> SocketAddr {
-    s.parse().expect("test address")
+/// `start_with` with nothing appended.
+fn start(tag: &str, mode: &str) -> Edge {
+    start_with(tag, mode, "")
 }
 
-fn ip(s: &str) -> IpAddr {
-    s.parse().expect("test address")
-}
-
-/// One agent run. Field order is drop order: the agent stops first, then
-/// the pins go, then the namespaces, then the temp dir.
-struct Edge {
-    agent: Option<AgentProcess>,
-    _pins: Pins,
-    topo: Topology,
-    pin_dir: PathBuf,
-    pki: TestPki,
-    _tmp: tempfile::TempDir,
-}
-
-fn alice() -> UaIdentity {
-    UaIdentity {
-        aor: "sips:alice@peer.example.net".into(),
-        contact: "sips:alice@10.77.0.2:5061".into(),
-        via_host: "10.77.0.2:5061".into(),
-        display: "Alice".into(),
-    }
-}
-
-fn bob() -> UaIdentity {
-    UaIdentity {
-        aor: "sips:bob@peer.example.net".into(),
-        contact: "sips:bob@198.51.100.2:5061".into(),
-        via_host: "198.51.100.2:5061".into(),
-        display: "Bob".into(),
-    }
-}
-
-fn contact(me: &UaIdentity) -> String {
-    format!("Contact: <{}>\r\n", me.contact)
-}
-
-impl Edge {
-    fn start(tag: &str, mode: &str) -> Edge {
-        Edge::start_with(tag, mode, "")
-    }
-
-    /// `start` with `extra` appended to the configuration (whole tables).
-    fn start_with(tag: &str, mode: &str, extra: &str) -> Edge {
-        let mut topo = Topology::create(tag).expect("create namespaces");
-        topo.attach_pass_programs()
-            .expect("attach pass programs on the end hosts");
-        // Regression guard: half of the edge's ephemeral range lies in the
-        // media range. XDP drops anything aimed at a media port without a
-        // pinhole, replies to the agent's own connections included, so
-        // calls only work because the agent reserves its media ranges
-        // (net.ipv4.ip_local_reserved_ports, see sip_edge::ports).
-        testnet::sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &topo.edge,
-            "sysctl",
-            "-qw",
-            "net.ipv4.ip_local_port_range=40000 41999",
-        ])
-        .expect("edge port range");
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/sip-edge-test-{tag}"));
-        let pins = Pins(pin_dir.clone());
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let pki = TestPki::generate(tmp.path()).expect("certificates");
-        let cfg = testua::edge_config(&pin_dir, &pki, mode) + extra;
-        let config = tmp.path().join("sip-edge.toml");
-        std::fs::write(&config, cfg).expect("write config");
-        let agent = AgentProcess::start(
-            &topo,
-            &testnet::agent_bin(),
-            &config,
-            &pin_dir,
-            &["int0", "ext0"],
-        )
-        .expect("start agent");
-        // The SIP listeners come up right after the datapath: wait for them.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while testnet::in_ns(&topo.client, || {
-            std::net::TcpStream::connect_timeout(&sa("10.77.0.1:5061"), Duration::from_millis(200))
-        })
-        .expect("netns")
-        .is_err()
-        {
-            assert!(
-                Instant::now() < deadline,
-                "the agent's internal SIP listener never came up"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Edge {
-            agent: Some(agent),
-            _pins: pins,
-            topo,
-            pin_dir,
-            pki,
-            _tmp: tmp,
-        }
-    }
-
-    fn cli(&self, args: &[&str]) -> String {
-        let out = self
-            .topo
-            .edge_cmd(&testnet::agent_bin())
-            .args(args)
-            .arg("--pin-dir")
-            .arg(&self.pin_dir)
-            .arg("--json")
-            .output()
-            .expect("run sip-edge CLI");
-        assert!(
-            out.status.success(),
-            "sip-edge {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn pinholes(&self) -> Vec<Value> {
-        let v: Value = serde_json::from_str(&self.cli(&["pinhole", "list"])).expect("list json");
-        v.as_array().expect("array").clone()
-    }
-
-    fn reason(&self, name: &str) -> u64 {
-        let v: Value = serde_json::from_str(&self.cli(&["stats"])).expect("stats json");
-        v["reasons"]
-            .as_array()
-            .expect("reasons")
-            .iter()
-            .find(|r| r["reason"] == name)
-            .and_then(|r| r["packets"].as_u64())
-            .unwrap_or_else(|| panic!("no reason {name}"))
-    }
-
-    /// The scenario's closing check: nothing left in the pinhole map.
-    fn assert_empty(&self, scenario: &str) {
-        let deadline = Instant::now() + Duration::from_secs(2);
-        loop {
-            let list = self.pinholes();
-            if list.is_empty() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{scenario}: pinholes left behind: {list:#?}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Packets the rule matching `local` (an edge address:port) carried.
-    fn packets_at(&self, local: SocketAddr) -> u64 {
-        self.pinholes()
-            .iter()
-            .filter(|e| e["local"].as_str() == Some(&local.to_string()))
-            .map(|e| e["packets"].as_u64().unwrap_or(0))
-            .sum()
-    }
-
-    async fn connect_alice(&self) -> UaConn {
-        testua::connect_tls(
-            &self.topo.client,
-            sa("10.77.0.1:5061"),
-            &self.pki.ca,
-            testua::EDGE_TLS_NAME,
-            WAIT,
-        )
-        .await
-        .expect("alice connects to the edge over TLS")
-    }
-
-    async fn connect_bob(&self) -> UaConn {
-        testua::connect_tls(
-            &self.topo.peer,
-            sa("203.0.113.1:5061"),
-            &self.pki.ca,
-            testua::EDGE_TLS_NAME,
-            WAIT,
-        )
-        .await
-        .expect("bob connects to the edge over TLS")
-    }
-
-    fn udp(&self, ns: &str, addr: &str) -> UdpSocket {
-        self.topo.udp(ns, sa(addr)).expect("media socket")
-    }
-
-    fn stop(mut self) {
-        if let Some(a) = self.agent.take() {
-            assert!(a.stop(), "agent did not exit cleanly");
-        }
-    }
+/// The agent on `testua::edge_config` in `mode` with `extra` appended to
+/// the configuration (whole tables).
+fn start_with(tag: &str, mode: &str, extra: &str) -> Edge {
+    let mut e = Edge::prepare(tag);
+    // Regression guard: half of the edge's ephemeral range lies in the
+    // media range. XDP drops anything aimed at a media port without a
+    // pinhole, replies to the agent's own connections included, so
+    // calls only work because the agent reserves its media ranges
+    // (net.ipv4.ip_local_reserved_ports, see sip_edge::ports).
+    testnet::sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &e.topo.edge,
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_local_port_range=40000 41999",
+    ])
+    .expect("edge port range");
+    e.write_config(&(testua::edge_config(&e.pin_dir, &e.pki, mode) + extra));
+    e.run_agent();
+    e
 }
 
 /// Send until received (first packets may meet an unresolved neighbour).
@@ -278,114 +101,21 @@ fn silent(rx: &UdpSocket, payload: &[u8]) -> bool {
     }
 }
 
-/// An established internal→external call.
-struct OutCall {
-    a: Dialog,
-    b: Dialog,
-    /// The offer as bob received it.
-    offer: Vec<u8>,
-    /// The answer as alice received it.
-    answer: Vec<u8>,
-}
-
-/// The peer side's connection from the edge (reused across calls).
-struct Bob {
-    listener: UaListener,
-    conn: Option<UaConn>,
-}
-
-impl Bob {
-    fn new(e: &Edge) -> Bob {
-        Bob {
-            listener: UaListener::bind(
-                &e.topo.peer,
-                sa("198.51.100.2:5061"),
-                &e.pki.peer_cert,
-                &e.pki.peer_key,
-            )
-            .expect("bob listens"),
-            conn: None,
-        }
-    }
-
-    /// The next request from the edge, accepting its connection if needed.
-    async fn recv_request(&mut self, method: &str) -> Message {
-        if self.conn.is_none() {
-            self.conn = Some(
-                self.listener
-                    .accept(WAIT)
-                    .await
-                    .expect("edge connects to the peer"),
-            );
-        }
-        self.conn()
-            .recv_request(method, WAIT)
-            .await
-            .unwrap_or_else(|e| panic!("bob waiting for {method}: {e}"))
-    }
-
-    fn conn(&mut self) -> &mut UaConn {
-        self.conn.as_mut().expect("bob's connection")
-    }
-}
-
-use sip_edge::sip::message::Message;
-
-/// INVITE from alice with `offer_spec`, 180 (with `early` SDP if set) and
-/// 200 with `answer_spec` from bob, ACK.
+/// INVITE from alice with `offer_spec`, 180 and 200 with `answer_spec`
+/// from bob, ACK (`edge::call_out`, `Flow::Ringing`).
 async fn call_out(
     alice: &mut UaConn,
-    bob: &mut Bob,
+    bob: &mut PeerUa,
     offer_spec: &SdpSpec,
     answer_spec: &SdpSpec,
 ) -> OutCall {
-    let mut a = Dialog::outgoing(&self::alice(), "sips:bob@peer.example.net");
-    alice
-        .send(&a.invite(&sdp("alice", 1, ip("10.77.0.2"), offer_spec)))
+    edge::call_out(alice, bob, offer_spec, answer_spec, Flow::Ringing)
         .await
-        .expect("send INVITE");
-    let inv = bob.recv_request("INVITE").await;
-    let b = Dialog::incoming(&self::bob(), &inv).expect("bob's dialog");
-    bob.conn()
-        .send(&reply(
-            &inv,
-            180,
-            "Ringing",
-            &b.local_tag,
-            &contact(&b.me),
-            "",
-            "",
-        ))
-        .await
-        .expect("180");
-    let ringing = alice.recv_status(180, WAIT).await.expect("alice gets 180");
-    a.on_invite_response(&ringing).expect("180");
-    bob.conn()
-        .send(&reply(
-            &inv,
-            200,
-            "OK",
-            &b.local_tag,
-            &contact(&b.me),
-            "application/sdp",
-            &sdp("bob", 1, ip("198.51.100.2"), answer_spec),
-        ))
-        .await
-        .expect("200");
-    let ok = alice.recv_status(200, WAIT).await.expect("alice gets 200");
-    a.on_invite_response(&ok).expect("200");
-    alice.send(&a.ack("", "")).await.expect("ACK");
-    bob.recv_request("ACK").await;
-    OutCall {
-        a,
-        b,
-        offer: inv.body().to_vec(),
-        answer: ok.body().to_vec(),
-    }
+        .unwrap_or_else(|code| panic!("the call got {code}"))
 }
 
 /// BYE from alice, 200 from bob.
-async fn bye_from_alice(alice: &mut UaConn, bob: &mut Bob, call: &mut OutCall) {
+async fn bye_from_alice(alice: &mut UaConn, bob: &mut PeerUa, call: &mut OutCall) {
     alice
         .send(&call.a.request("BYE", "", ""))
         .await
@@ -413,9 +143,9 @@ async fn relay_mode_calls_over_tls_open_and_close_pinholes() {
         testnet::record_skip(NAME, &reason);
         return;
     }
-    let e = Edge::start(&format!("r{}", std::process::id()), "relay");
+    let e = start(&format!("r{}", std::process::id()), "relay");
     let mut alice = e.connect_alice().await;
-    let mut bob = Bob::new(&e);
+    let mut bob = PeerUa::new(&e);
 
     // --- a. internal -> external call, relay: RTP both ways through XDP.
     let a_rtp = e.udp(&e.topo.client, "10.77.0.2:4000");
@@ -525,7 +255,7 @@ async fn relay_mode_calls_over_tls_open_and_close_pinholes() {
     );
 
     // --- c1. CANCEL while ringing (with early media installed) -> empty.
-    let mut a = Dialog::outgoing(&self::alice(), "sips:bob@peer.example.net");
+    let mut a = Dialog::outgoing(&alice_id(), "sips:bob@peer.example.net");
     alice
         .send(&a.invite(&sdp(
             "alice",
@@ -539,7 +269,7 @@ async fn relay_mode_calls_over_tls_open_and_close_pinholes() {
         .await
         .expect("INVITE");
     let inv = bob.recv_request("INVITE").await;
-    let b = Dialog::incoming(&self::bob(), &inv).expect("dialog");
+    let b = Dialog::incoming(&bob_id(), &inv).expect("dialog");
     let early = sdp(
         "bob",
         1,
@@ -598,7 +328,7 @@ async fn relay_mode_calls_over_tls_open_and_close_pinholes() {
     e.assert_empty("c. CANCEL during ringing");
 
     // --- c2. 486 Busy Here after early media -> empty.
-    let mut a = Dialog::outgoing(&self::alice(), "sips:bob@peer.example.net");
+    let mut a = Dialog::outgoing(&alice_id(), "sips:bob@peer.example.net");
     alice
         .send(&a.invite(&sdp(
             "alice",
@@ -612,7 +342,7 @@ async fn relay_mode_calls_over_tls_open_and_close_pinholes() {
         .await
         .expect("INVITE");
     let inv = bob.recv_request("INVITE").await;
-    let b = Dialog::incoming(&self::bob(), &inv).expect("dialog");
+    let b = Dialog::incoming(&bob_id(), &inv).expect("dialog");
     bob.conn()
         .send(&reply(
             &inv,
@@ -1022,7 +752,7 @@ async fn relay_mode_calls_over_tls_open_and_close_pinholes() {
     let maps = DatapathMaps::from_pins(&e.pin_dir).expect("open pinned maps");
     let mut install = Vec::new();
     for i in 0..20u16 {
-        let mut a = Dialog::outgoing(&self::alice(), "sips:bob@peer.example.net");
+        let mut a = Dialog::outgoing(&alice_id(), "sips:bob@peer.example.net");
         alice
             .send(&a.invite(&sdp(
                 "alice",
@@ -1036,7 +766,7 @@ async fn relay_mode_calls_over_tls_open_and_close_pinholes() {
             .await
             .expect("INVITE");
         let inv = bob.recv_request("INVITE").await;
-        let b = Dialog::incoming(&self::bob(), &inv).expect("dialog");
+        let b = Dialog::incoming(&bob_id(), &inv).expect("dialog");
         assert!(
             maps.list().expect("list").is_empty(),
             "pinholes before the answer"
@@ -1105,9 +835,9 @@ async fn nat_mode_inbound_call_to_a_registered_client() {
         testnet::record_skip(NAME, &reason);
         return;
     }
-    let e = Edge::start(&format!("t{}", std::process::id()), "nat");
+    let e = start(&format!("t{}", std::process::id()), "nat");
     let mut alice = e.connect_alice().await;
-    let mut registrar = Bob::new(&e);
+    let mut registrar = PeerUa::new(&e);
 
     // b. alice registers through the edge (the peer is also the registrar
     // of peer.example.net); the edge adds Path and remembers her flow.
@@ -1184,8 +914,8 @@ async fn nat_mode_inbound_call_to_a_registered_client() {
 /// REGISTER alice through the edge with `registrar` (the peer side) as the
 /// registrar of peer.example.net: the edge must add Path and hide her
 /// private Contact, and remember her flow for inbound requests.
-async fn register_alice(alice: &mut UaConn, registrar: &mut Bob) {
-    let me = self::alice();
+async fn register_alice(alice: &mut UaConn, registrar: &mut PeerUa) {
+    let me = alice_id();
     alice
         .send(&testua::register(
             &me,
@@ -1235,8 +965,8 @@ struct InCall {
 /// Bob (outside, connected to the public listener) calls alice's AOR with
 /// audio at `b_port`; alice answers with audio at `a_port`; ACK.
 async fn call_in(alice: &mut UaConn, bob: &mut UaConn, b_port: u16, a_port: u16) -> InCall {
-    let me = self::alice();
-    let mut b = Dialog::outgoing(&self::bob(), "sips:alice@peer.example.net");
+    let me = alice_id();
+    let mut b = Dialog::outgoing(&bob_id(), "sips:alice@peer.example.net");
     b.remote_target = "sips:alice@peer.example.net".into();
     let audio = |p| SdpSpec {
         audio: Some(p),
@@ -1327,9 +1057,9 @@ async fn each_mode_carries_calls_in_the_other_direction_too() {
         return;
     }
     // Relay, external -> internal.
-    let e = Edge::start(&format!("x{}", std::process::id()), "relay");
+    let e = start(&format!("x{}", std::process::id()), "relay");
     let mut alice = e.connect_alice().await;
-    let mut registrar = Bob::new(&e);
+    let mut registrar = PeerUa::new(&e);
     register_alice(&mut alice, &mut registrar).await;
     let mut bob = e.connect_bob().await;
     let a_rtp = e.udp(&e.topo.client, "10.77.0.2:4200");
@@ -1369,9 +1099,9 @@ async fn each_mode_carries_calls_in_the_other_direction_too() {
     e.stop();
 
     // Nat, internal -> external.
-    let e = Edge::start(&format!("y{}", std::process::id()), "nat");
+    let e = start(&format!("y{}", std::process::id()), "nat");
     let mut alice = e.connect_alice().await;
-    let mut bob = Bob::new(&e);
+    let mut bob = PeerUa::new(&e);
     let a_rtp = e.udp(&e.topo.client, "10.77.0.2:4300");
     let b_rtp = e.udp(&e.topo.peer, "198.51.100.2:5300");
     let audio = |p| SdpSpec {
@@ -1419,13 +1149,13 @@ async fn drop_policy_passes_the_edges_own_connections_and_drops_the_rest() {
         testnet::record_skip(NAME, &reason);
         return;
     }
-    let e = Edge::start_with(
+    let e = start_with(
         &format!("d{}", std::process::id()),
         "relay",
         "[policy]\ndefault = \"drop\"\n",
     );
     let mut alice = e.connect_alice().await;
-    let mut bob = Bob::new(&e);
+    let mut bob = PeerUa::new(&e);
     let a_rtp = e.udp(&e.topo.client, "10.77.0.2:4000");
     let b_rtp = e.udp(&e.topo.peer, "198.51.100.2:5000");
     let spec = |port| SdpSpec {

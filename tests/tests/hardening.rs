@@ -25,166 +25,22 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde_json::Value;
-use sip_edge::sip::message::Message;
 use sip_edge_tests::{
-    testnet::{self, udp_roundtrip, AgentProcess, Pins, Topology},
-    testua::{
-        self, media_of, reply, sdp, Dialog, SdpSpec, TestPki, UaConn, UaIdentity, UaListener,
-    },
+    edge::{self, alice_id, ip, response_for, sa, Edge, Flow, PeerUa, EDGE_EXT, EDGE_INT, WAIT},
+    testnet::{self, udp_roundtrip},
+    testua::{self, media_of, Dialog, SdpSpec, UaConn},
 };
 
-/// Every SIP wait.
-const WAIT: Duration = Duration::from_secs(5);
-/// The edge's listeners.
-const EDGE_INT: &str = "10.77.0.1:5061";
-const EDGE_EXT: &str = "203.0.113.1:5061";
 /// The attacker: a second address of the peer namespace.
 const ATTACKER: &str = "198.51.100.66";
 
-fn sa(s: &str) -> SocketAddr {
-    s.parse().expect("test address")
-}
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().expect("test address")
-}
-
-/// One agent run. Field order is drop order: the agent stops first, then
-/// the pins go, then the namespaces, then the temp dir.
-struct Edge {
-    agent: Option<AgentProcess>,
-    _pins: Pins,
-    topo: Topology,
-    pin_dir: PathBuf,
-    pki: TestPki,
-    config: PathBuf,
-    tmp: tempfile::TempDir,
-}
-
-impl Edge {
-    /// The demo/e2e configuration (`testua::edge_config`, relay mode)
-    /// passed through `tweak`, which may only use keys the agent had
-    /// before the fix, so the same test ran against the old agent.
-    fn start(tag: &str, tweak: impl Fn(String) -> String) -> Edge {
-        let mut topo = Topology::create(tag).expect("create namespaces");
-        topo.attach_pass_programs()
-            .expect("attach pass programs on the end hosts");
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/sip-edge-test-{tag}"));
-        let pins = Pins(pin_dir.clone());
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let pki = TestPki::generate(tmp.path()).expect("certificates");
-        let cfg = tweak(testua::edge_config(&pin_dir, &pki, "relay"));
-        let config = tmp.path().join("sip-edge.toml");
-        std::fs::write(&config, cfg).expect("write config");
-        let mut e = Edge {
-            agent: None,
-            _pins: pins,
-            topo,
-            pin_dir,
-            pki,
-            config,
-            tmp,
-        };
-        e.run_agent();
-        e
-    }
-
-    /// Start the agent on the current config and wait for its internal
-    /// listener.
-    fn run_agent(&mut self) {
-        let agent = AgentProcess::start(
-            &self.topo,
-            &testnet::agent_bin(),
-            &self.config,
-            &self.pin_dir,
-            &["int0", "ext0"],
-        )
-        .expect("start agent");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while testnet::in_ns(&self.topo.client, || {
-            std::net::TcpStream::connect_timeout(&sa(EDGE_INT), Duration::from_millis(200))
-        })
-        .expect("netns")
-        .is_err()
-        {
-            assert!(
-                Instant::now() < deadline,
-                "the agent's internal SIP listener never came up"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        self.agent = Some(agent);
-    }
-
-    fn agent_pid(&self) -> u32 {
-        self.agent.as_ref().map_or(0, AgentProcess::pid)
-    }
-
-    fn cli(&self, args: &[&str]) -> String {
-        let out = self
-            .topo
-            .edge_cmd(&testnet::agent_bin())
-            .args(args)
-            .arg("--pin-dir")
-            .arg(&self.pin_dir)
-            .arg("--json")
-            .output()
-            .expect("run sip-edge CLI");
-        assert!(
-            out.status.success(),
-            "sip-edge {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// Every installed rule, as `sip-edge pinhole list --json` prints it.
-    fn pinholes(&self) -> Vec<Value> {
-        let v: Value = serde_json::from_str(&self.cli(&["pinhole", "list"])).expect("list json");
-        v.as_array().expect("array").clone()
-    }
-
-    /// Whether a rule matches on edge address:port `local`.
-    fn has_rule_at(&self, local: SocketAddr) -> bool {
-        self.pinholes()
-            .iter()
-            .any(|e| e["local"].as_str() == Some(&local.to_string()))
-    }
-
-    async fn alice(&self) -> UaConn {
-        testua::connect_tls(
-            &self.topo.client,
-            sa(EDGE_INT),
-            &self.pki.ca,
-            testua::EDGE_TLS_NAME,
-            WAIT,
-        )
-        .await
-        .expect("alice connects to the edge over TLS")
-    }
-
-    fn udp(&self, ns: &str, addr: &str) -> UdpSocket {
-        self.topo.udp(ns, sa(addr)).expect("media socket")
-    }
-}
-
-fn alice_id() -> UaIdentity {
-    UaIdentity {
-        aor: "sips:alice@peer.example.net".into(),
-        contact: "sips:alice@10.77.0.2:5061".into(),
-        via_host: "10.77.0.2:5061".into(),
-        display: "Alice".into(),
-    }
-}
-
-fn bob_id() -> UaIdentity {
-    UaIdentity {
-        aor: "sips:bob@peer.example.net".into(),
-        contact: "sips:bob@198.51.100.2:5061".into(),
-        via_host: "198.51.100.2:5061".into(),
-        display: "Bob".into(),
-    }
+/// The agent on the demo/e2e configuration (`testua::edge_config`, relay
+/// mode) passed through `tweak`, which may only use keys the agent had
+/// before the fix, so the same test ran against the old agent.
+fn start(tag: &str, tweak: impl Fn(String) -> String) -> Edge {
+    Edge::start(tag, |pin_dir, pki| {
+        tweak(testua::edge_config(pin_dir, pki, "relay"))
+    })
 }
 
 /// An OPTIONS to the edge itself (answered 200 by the edge).
@@ -204,72 +60,6 @@ async fn ping(conn: &mut UaConn, via_host: &str, edge: &str) -> Result<u16, test
     Ok(m.status().unwrap_or(0))
 }
 
-/// The next response whose Call-ID is `call_id` (requests the edge sends
-/// meanwhile, e.g. BYEs of calls it ends, are skipped).
-async fn response_for(conn: &mut UaConn, call_id: &str) -> Message {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let m = conn
-            .recv(left)
-            .await
-            .unwrap_or_else(|e| panic!("waiting for a response to {call_id}: {e}"));
-        if m.status().is_some_and(|c| c >= 200) && m.call_id().ok() == Some(call_id) {
-            return m;
-        }
-    }
-}
-
-/// The peer side's connection from the edge.
-struct Bob {
-    listener: UaListener,
-    conn: Option<UaConn>,
-}
-
-impl Bob {
-    fn new(e: &Edge) -> Bob {
-        Bob {
-            listener: UaListener::bind(
-                &e.topo.peer,
-                sa("198.51.100.2:5061"),
-                &e.pki.peer_cert,
-                &e.pki.peer_key,
-            )
-            .expect("bob listens"),
-            conn: None,
-        }
-    }
-
-    /// The next request `method` from the edge (others, such as BYEs of
-    /// calls the edge ends, are skipped), accepting its connection if needed.
-    async fn recv_request(&mut self, method: &str) -> Message {
-        if self.conn.is_none() {
-            self.conn = Some(
-                self.listener
-                    .accept(WAIT)
-                    .await
-                    .expect("edge connects to the peer"),
-            );
-        }
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let m = self
-                .conn()
-                .recv(left)
-                .await
-                .unwrap_or_else(|e| panic!("bob waiting for {method}: {e}"));
-            if m.method().is_some_and(|x| x.is(method)) {
-                return m;
-            }
-        }
-    }
-
-    fn conn(&mut self) -> &mut UaConn {
-        self.conn.as_mut().expect("bob's connection")
-    }
-}
-
 /// An established internal→external call with the edge ports each side
 /// sends its audio to.
 struct Call {
@@ -285,7 +75,7 @@ struct Call {
 /// instead of 200.
 async fn call_out(
     alice: &mut UaConn,
-    bob: &mut Bob,
+    bob: &mut PeerUa,
     a_port: u16,
     b_port: u16,
 ) -> Result<Call, u16> {
@@ -294,42 +84,11 @@ async fn call_out(
         video: None,
         msrp: None,
     };
-    let mut a = Dialog::outgoing(&alice_id(), "sips:bob@peer.example.net");
-    alice
-        .send(&a.invite(&sdp("alice", 1, ip("10.77.0.2"), &spec(a_port))))
-        .await
-        .expect("send INVITE");
-    // The edge answers 100 Trying to what it forwards; a refusal arrives
-    // instead, before bob sees anything.
-    let first = alice.recv(WAIT).await.expect("alice gets a response");
-    if first.status() != Some(100) {
-        return Err(first.status().unwrap_or(0));
-    }
-    let inv = bob.recv_request("INVITE").await;
-    let b = Dialog::incoming(&bob_id(), &inv).expect("bob's dialog");
-    bob.conn()
-        .send(&reply(
-            &inv,
-            200,
-            "OK",
-            &b.local_tag,
-            &format!("Contact: <{}>\r\n", b.me.contact),
-            "application/sdp",
-            &sdp("bob", 1, ip("198.51.100.2"), &spec(b_port)),
-        ))
-        .await
-        .expect("200");
-    let ok = response_for(alice, &a.call_id).await;
-    if ok.status() != Some(200) {
-        return Err(ok.status().unwrap_or(0));
-    }
-    a.on_invite_response(&ok).expect("200");
-    alice.send(&a.ack("", "")).await.expect("ACK");
-    bob.recv_request("ACK").await;
-    let edge_int = media_of(ok.body(), "audio").expect("answer audio").addr;
-    let edge_pub = media_of(inv.body(), "audio").expect("offer audio").addr;
+    let call = edge::call_out(alice, bob, &spec(a_port), &spec(b_port), Flow::Refusable).await?;
+    let edge_int = media_of(&call.answer, "audio").expect("answer audio").addr;
+    let edge_pub = media_of(&call.offer, "audio").expect("offer audio").addr;
     Ok(Call {
-        a,
+        a: call.a,
         edge_int,
         edge_pub,
     })
@@ -355,7 +114,7 @@ async fn an_outside_connection_flood_never_locks_the_inside_out() {
         testnet::record_skip(NAME, &reason);
         return;
     }
-    let e = Edge::start(&format!("hc{}", std::process::id()), |c| {
+    let e = start(&format!("hc{}", std::process::id()), |c| {
         c.replace("[proxy]\n", "[proxy]\nmax_connections = 64\n")
     });
     testnet::sh(&[
@@ -431,7 +190,7 @@ async fn an_outside_connection_flood_never_locks_the_inside_out() {
     );
 
     // The inside still gets in, and so does a legitimate outside peer.
-    let mut alice = e.alice().await;
+    let mut alice = e.connect_alice().await;
     assert_eq!(
         ping(&mut alice, "10.77.0.2:5061", EDGE_INT)
             .await
@@ -476,9 +235,9 @@ async fn an_invite_flood_from_one_inside_host_gets_503_with_retry_after() {
         testnet::record_skip(NAME, &reason);
         return;
     }
-    let e = Edge::start(&format!("hi{}", std::process::id()), |c| c);
-    let bob = Bob::new(&e);
-    let mut alice = e.alice().await;
+    let e = start(&format!("hi{}", std::process::id()), |c| c);
+    let bob = PeerUa::skipping_others(&e);
+    let mut alice = e.connect_alice().await;
     const N: usize = 300;
     let mut first_invite = None;
     let started = Instant::now();
@@ -555,14 +314,14 @@ async fn after_kill_9_old_calls_keep_media_and_end_new_calls_get_free_ports() {
         testnet::record_skip(NAME, &reason);
         return;
     }
-    let mut e = Edge::start(&format!("hk{}", std::process::id()), |c| {
+    let mut e = start(&format!("hk{}", std::process::id()), |c| {
         c.replace(
             "[media]\n",
             "[media]\nidle_timeout_secs = 6\nunused_timeout_secs = 3\n",
         )
     });
-    let mut bob = Bob::new(&e);
-    let mut alice = e.alice().await;
+    let mut bob = PeerUa::skipping_others(&e);
+    let mut alice = e.connect_alice().await;
     let call1 = call_out(&mut alice, &mut bob, 4000, 5000)
         .await
         .expect("call 1");
@@ -577,9 +336,7 @@ async fn after_kill_9_old_calls_keep_media_and_end_new_calls_get_free_ports() {
     assert!(flows(&a3, call3.edge_int, &b3, b"c3 up"), "call 3 media");
 
     // The crash, and a restart on the same pins.
-    if let Some(a) = e.agent.take() {
-        a.kill9();
-    }
+    e.kill9();
     drop(alice);
     bob.conn = None;
     e.run_agent();
@@ -595,7 +352,7 @@ async fn after_kill_9_old_calls_keep_media_and_end_new_calls_get_free_ports() {
     );
 
     // (b) a new call gets ports no old rule holds.
-    let mut alice = e.alice().await;
+    let mut alice = e.connect_alice().await;
     let call2 = call_out(&mut alice, &mut bob, 4020, 5020)
         .await
         .unwrap_or_else(|code| panic!("a new call after the restart was refused with {code}"));
@@ -638,28 +395,8 @@ async fn after_kill_9_old_calls_keep_media_and_end_new_calls_get_free_ports() {
 
 /// A datapath-only configuration on `pin_dir` that removes every pin on exit.
 fn datapath_only_config(dir: &Path, pin_dir: &Path) -> PathBuf {
-    let cfg = format!(
-        r#"
-pin_dir = "{}"
-on_exit = "remove"
-[[interface]]
-name = "int0"
-role = "internal"
-[[interface]]
-name = "ext0"
-role = "external"
-[addresses]
-internal = ["10.77.0.1"]
-public = ["203.0.113.1"]
-[media]
-port_ranges = ["40000-40999"]
-[signalling]
-ports = [5061]
-"#,
-        pin_dir.display()
-    );
     let path = dir.join("second.toml");
-    std::fs::write(&path, cfg).expect("write config");
+    std::fs::write(&path, testua::datapath_config(pin_dir, "")).expect("write config");
     path
 }
 
@@ -675,9 +412,9 @@ async fn a_second_agent_on_the_same_pin_dir_is_refused() {
         testnet::record_skip(NAME, &reason);
         return;
     }
-    let e = Edge::start(&format!("hl{}", std::process::id()), |c| c);
+    let e = start(&format!("hl{}", std::process::id()), |c| c);
     let first = e.agent_pid();
-    let second_cfg = datapath_only_config(e.tmp.path(), &e.pin_dir);
+    let second_cfg = datapath_only_config(e.dir(), &e.pin_dir);
     let mut second = e
         .topo
         .edge_cmd(&testnet::agent_bin())
@@ -725,7 +462,7 @@ async fn a_second_agent_on_the_same_pin_dir_is_refused() {
         [true, true],
         "the running agent's links stay pinned"
     );
-    let mut alice = e.alice().await;
+    let mut alice = e.connect_alice().await;
     assert_eq!(
         ping(&mut alice, "10.77.0.2:5061", EDGE_INT)
             .await
@@ -825,7 +562,7 @@ fn connection_floods_do_not_grow_the_agents_memory() {
         testnet::record_skip(NAME, &reason);
         return;
     }
-    let e = Edge::start(&format!("hm{}", std::process::id()), |c| c);
+    let e = start(&format!("hm{}", std::process::id()), |c| c);
     let pid = e.agent_pid();
     let sources: Vec<IpAddr> = (100..116).map(|n| ip(&format!("10.77.0.{n}"))).collect();
     for s in &sources {

@@ -14,39 +14,10 @@ use std::{
 };
 
 use serde_json::Value;
-use sip_edge_tests::testnet::{self, udp_roundtrip, AgentProcess, Pins, Topology};
-
-fn sa(s: &str) -> SocketAddr {
-    s.parse().expect("test address")
-}
-
-fn cli(topo: &Topology, pin_dir: &Path, args: &[&str]) -> String {
-    let out = topo
-        .edge_cmd(&testnet::agent_bin())
-        .args(args)
-        .arg("--pin-dir")
-        .arg(pin_dir)
-        .arg("--json")
-        .output()
-        .expect("run sip-edge CLI");
-    assert!(
-        out.status.success(),
-        "sip-edge {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn reason(topo: &Topology, pin_dir: &Path, name: &str) -> u64 {
-    let v: Value = serde_json::from_str(&cli(topo, pin_dir, &["stats"])).expect("stats json");
-    v["reasons"]
-        .as_array()
-        .expect("reasons array")
-        .iter()
-        .find(|r| r["reason"] == name)
-        .and_then(|r| r["packets"].as_u64())
-        .unwrap_or_else(|| panic!("no reason {name} in stats"))
-}
+use sip_edge_tests::{
+    edge::{cli, reason, sa},
+    testnet::{self, udp_roundtrip, AgentProcess, Pins, Topology},
+};
 
 fn add(topo: &Topology, pin_dir: &Path, args: &[&str]) -> (u64, u64) {
     let mut full = vec!["pinhole", "add"];

@@ -22,7 +22,7 @@
 //! `testnet::record_skip` otherwise.
 
 use std::{
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -32,7 +32,8 @@ use std::{
 use serde_json::Value;
 use sip_edge::sip::message::Message;
 use sip_edge_tests::{
-    testnet::{self, AgentProcess, Pins, Topology},
+    edge::{ip, sa, Edge},
+    testnet,
     testua::{self, media_of, rtp_packet, sdp, Dialog, SdpSpec, TestPki, UaConn, UaIdentity},
 };
 
@@ -42,14 +43,6 @@ const WAIT: Duration = Duration::from_secs(10);
 const PBX: &str = "10.77.0.2:5070";
 /// The carrier `[[peer]]` (a second address in the peer namespace).
 const CARRIER: &str = "198.51.100.3:5061";
-
-fn sa(s: &str) -> SocketAddr {
-    s.parse().expect("test address")
-}
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().expect("test address")
-}
 
 /// A process group killed (SIGTERM, then SIGKILL) on drop: Kamailio forks
 /// workers, baresip may too; the whole group goes, by its id only.
@@ -260,34 +253,13 @@ fn baresip_dir(dir: &Path, pki: &TestPki) -> PathBuf {
     home
 }
 
+/// The demo topology's datapath and TLS proxy (`testua`) with Kamailio as
+/// the inside next hop, `[access]` for example.com, the carrier peer and a
+/// control socket at `control`.
 fn edge_config(pin_dir: &Path, pki: &TestPki, control: &Path, mode: &str) -> String {
     format!(
         r#"# issue #15 test configuration
-pin_dir = "{pin}"
-on_exit = "remove"
-[[interface]]
-name = "int0"
-role = "internal"
-[[interface]]
-name = "ext0"
-role = "external"
-[addresses]
-internal = ["10.77.0.1"]
-public = ["203.0.113.1"]
-[media]
-port_ranges = ["40000-40999"]
-mode = "{mode}"
-allowed_internal_subnets = ["10.77.0.0/24"]
-[signalling]
-ports = [5061]
-[proxy]
-internal_listen = "10.77.0.1:5061"
-external_listen = "203.0.113.1:5061"
-cert = "{cert}"
-key = "{key}"
-ca_roots = "{ca}"
-internal_next_hop = {{ host = "10.77.0.2", port = 5070, tls_name = "{client_name}" }}
-[access]
+{datapath}{proxy}[access]
 served_domains = ["example.com"]
 [[peer]]
 name = "carrier"
@@ -300,11 +272,17 @@ domains = ["carrier.example"]
 socket = "{control}"
 mode = "0600"
 "#,
-        pin = pin_dir.display(),
-        cert = pki.edge_cert.display(),
-        key = pki.edge_key.display(),
-        ca = pki.ca.display(),
-        client_name = testua::CLIENT_TLS_NAME,
+        datapath = testua::datapath_config(
+            pin_dir,
+            &format!("mode = \"{mode}\"\nallowed_internal_subnets = [\"10.77.0.0/24\"]\n"),
+        ),
+        proxy = testua::proxy_table(
+            pki,
+            &format!(
+                "internal_next_hop = {{ host = \"10.77.0.2\", port = 5070, tls_name = \"{}\" }}\n",
+                testua::CLIENT_TLS_NAME
+            ),
+        ),
         peer_name = testua::PEER_TLS_NAME,
         control = control.display(),
     )
@@ -345,40 +323,6 @@ fn alice_entry(v: &Value) -> Option<Value> {
         .iter()
         .find(|r| r["aor"] == "alice@example.com")
         .cloned()
-}
-
-fn pinholes(topo: &Topology, pin_dir: &Path) -> Vec<Value> {
-    let out = topo
-        .edge_cmd(&testnet::agent_bin())
-        .args(["pinhole", "list", "--json", "--pin-dir"])
-        .arg(pin_dir)
-        .output()
-        .expect("pinhole list");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice::<Value>(&out.stdout)
-        .expect("json")
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-}
-
-fn reason(topo: &Topology, pin_dir: &Path, name: &str) -> u64 {
-    let out = topo
-        .edge_cmd(&testnet::agent_bin())
-        .args(["stats", "--json", "--pin-dir"])
-        .arg(pin_dir)
-        .output()
-        .expect("stats");
-    let v: Value = serde_json::from_slice(&out.stdout).expect("stats json");
-    v["reasons"]
-        .as_array()
-        .and_then(|a| a.iter().find(|r| r["reason"] == name))
-        .and_then(|r| r["packets"].as_u64())
-        .unwrap_or(0)
 }
 
 /// Packets of the rules matching packets that arrive on `role`'s side
@@ -521,12 +465,11 @@ async fn scenario(mode: &str) {
         return;
     }
     let tag = format!("ru{}{}", &mode[..1], std::process::id());
-    let mut topo = Topology::create(&tag).expect("namespaces");
-    topo.attach_pass_programs().expect("pass programs");
+    let mut edge = Edge::prepare(&tag);
     testnet::sh(&[
         "ip",
         "-n",
-        &topo.peer,
+        &edge.topo.peer,
         "addr",
         "add",
         "198.51.100.3/24",
@@ -534,49 +477,38 @@ async fn scenario(mode: &str) {
         "eth0",
     ])
     .expect("carrier address");
-    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/sip-edge-test-{tag}"));
-    let _pins = Pins(pin_dir.clone());
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let pki = TestPki::generate(tmp.path()).expect("certificates");
-    let control = tmp.path().join("control.sock");
-    let config = tmp.path().join("sip-edge.toml");
-    std::fs::write(&config, edge_config(&pin_dir, &pki, &control, mode)).expect("config");
-    let agent = AgentProcess::start(
-        &topo,
-        &testnet::agent_bin(),
-        &config,
-        &pin_dir,
-        &["int0", "ext0"],
-    )
-    .expect("start agent");
-    wait_tcp(&topo.client, sa("10.77.0.1:5061"), "the edge", &mut || true);
+    let control = edge.dir().join("control.sock");
+    edge.write_config(&edge_config(&edge.pin_dir, &edge.pki, &control, mode));
+    edge.run_agent_within(Duration::from_secs(15));
 
     // --- the inside registrar/PBX, and bob registered with it.
-    let kcfg = tmp.path().join("kamailio.cfg");
-    std::fs::write(&kcfg, kamailio_cfg(&pki, &modules)).expect("kamailio cfg");
-    let krun = tmp.path().join("kamailio-run");
+    let kcfg = edge.dir().join("kamailio.cfg");
+    std::fs::write(&kcfg, kamailio_cfg(&edge.pki, &modules)).expect("kamailio cfg");
+    let krun = edge.dir().join("kamailio-run");
     std::fs::create_dir_all(&krun).expect("kamailio run dir");
-    let mut kcmd = nsenter(&topo.client, "kamailio");
+    let mut kcmd = nsenter(&edge.topo.client, "kamailio");
     kcmd.args(["-DD", "-E", "-m", "64", "-M", "8", "-f"])
         .arg(&kcfg)
         .arg("-Y")
         .arg(&krun);
-    let mut kamailio = Group::spawn(kcmd, "kamailio", tmp.path().join("kamailio.log"));
-    wait_tcp(&topo.client, sa(PBX), "kamailio", &mut || kamailio.alive());
+    let mut kamailio = Group::spawn(kcmd, "kamailio", edge.dir().join("kamailio.log"));
+    wait_tcp(&edge.topo.client, sa(PBX), "kamailio", &mut || {
+        kamailio.alive()
+    });
     let mut bob_conn = testua::connect_tls(
-        &topo.client,
+        &edge.topo.client,
         sa(PBX),
-        &pki.ca,
+        &edge.pki.ca,
         testua::CLIENT_TLS_NAME,
         WAIT,
     )
     .await
     .expect("bob connects to the PBX");
     let bob_listener = testua::UaListener::bind(
-        &topo.client,
+        &edge.topo.client,
         sa("10.77.0.2:5090"),
-        &pki.client_cert,
-        &pki.client_key,
+        &edge.pki.client_cert,
+        &edge.pki.client_key,
     )
     .expect("bob listens");
     bob_conn
@@ -596,10 +528,10 @@ async fn scenario(mode: &str) {
     );
 
     // --- the remote user registers through the edge.
-    let home = baresip_dir(tmp.path(), &pki);
-    let mut bcmd = nsenter(&topo.peer, "baresip");
-    bcmd.arg("-f").arg(&home).env("HOME", tmp.path());
-    let mut baresip = Group::spawn(bcmd, "baresip", tmp.path().join("baresip.log"));
+    let home = baresip_dir(edge.dir(), &edge.pki);
+    let mut bcmd = nsenter(&edge.topo.peer, "baresip");
+    bcmd.arg("-f").arg(&home).env("HOME", edge.dir());
+    let mut baresip = Group::spawn(bcmd, "baresip", edge.dir().join("baresip.log"));
     let deadline = Instant::now() + Duration::from_secs(20);
     let entry = loop {
         if let Some(e) = alice_entry(&registrations(&control)) {
@@ -638,8 +570,9 @@ async fn scenario(mode: &str) {
     );
 
     // --- bob (inside) calls alice through the PBX; audio both ways.
-    let rtp = topo
-        .udp(&topo.client, sa("10.77.0.2:4000"))
+    let rtp = edge
+        .topo
+        .udp(&edge.topo.client, sa("10.77.0.2:4000"))
         .expect("bob's RTP socket");
     let mut call = Dialog::outgoing(&bob(), "sip:alice@example.com");
     let offer = sdp(
@@ -687,7 +620,7 @@ async fn scenario(mode: &str) {
         "{mode}: the inside sees the edge (relay) or alice's public address (nat), never hers behind NAT"
     );
     let heard = talk(&rtp, answer.addr, 0xb0b).await;
-    let list = pinholes(&topo, &pin_dir);
+    let list = edge.pinholes();
     let out = packets_from(&list, "internal");
     let inn = packets_from(&list, "external");
     eprintln!(
@@ -706,7 +639,7 @@ async fn scenario(mode: &str) {
         "{mode}: baresip's 440 Hz tone did not arrive intact"
     );
     assert!(
-        reason(&topo, &pin_dir, "latched") >= 1,
+        edge.reason("latched") >= 1,
         "{mode}: the remote user's port was latched (FarMedia::RemoteUser)"
     );
 
@@ -736,10 +669,10 @@ async fn scenario(mode: &str) {
             "{mode}: the media address moved on {dir}"
         );
     }
-    let before = packets_from(&pinholes(&topo, &pin_dir), "external");
+    let before = packets_from(&edge.pinholes(), "external");
     talk(&rtp, answer.addr, 0xb0b).await;
     assert!(
-        packets_from(&pinholes(&topo, &pin_dir), "external") > before,
+        packets_from(&edge.pinholes(), "external") > before,
         "{mode}: audio after resume"
     );
     bob_conn
@@ -751,10 +684,10 @@ async fn scenario(mode: &str) {
         Some(200),
         "hang-up from inside"
     );
-    wait_no_pinholes(&topo, &pin_dir, mode, "bob's BYE");
+    wait_no_pinholes(&edge, mode, "bob's BYE");
 
     // --- alice (outside) calls bob; audio both ways; alice hangs up.
-    baresip_cmd(&topo.peer, "dial", "sip:bob@example.com");
+    baresip_cmd(&edge.topo.peer, "dial", "sip:bob@example.com");
     let mut bob_in = bob_listener
         .accept(WAIT)
         .await
@@ -770,8 +703,9 @@ async fn scenario(mode: &str) {
         "{mode}: alice's offer as bob sees it"
     );
     let d = Dialog::incoming(&bob(), &inv).expect("bob's dialog");
-    let rtp2 = topo
-        .udp(&topo.client, sa("10.77.0.2:4002"))
+    let rtp2 = edge
+        .topo
+        .udp(&edge.topo.client, sa("10.77.0.2:4002"))
         .expect("bob's second RTP socket");
     let bob_answer = sdp(
         "bob",
@@ -797,7 +731,7 @@ async fn scenario(mode: &str) {
         .expect("200");
     bob_in.recv_request("ACK", WAIT).await.expect("alice's ACK");
     let heard = talk(&rtp2, alice_offer.addr, 0xb0b2).await;
-    let list = pinholes(&topo, &pin_dir);
+    let list = edge.pinholes();
     assert!(
         packets_from(&list, "internal") >= 50,
         "{mode}: bob's RTP to alice: {list:#?}"
@@ -807,7 +741,7 @@ async fn scenario(mode: &str) {
         "{mode}: alice's RTP to bob: {list:#?}"
     );
     assert!(has_tone(&heard), "{mode}: alice's tone in her own call");
-    baresip_cmd(&topo.peer, "hangup", "");
+    baresip_cmd(&edge.topo.peer, "hangup", "");
     let bye = bob_in
         .recv_request("BYE", WAIT)
         .await
@@ -816,7 +750,7 @@ async fn scenario(mode: &str) {
         .send(&testua::reply(&bye, 200, "OK", &d.local_tag, "", "", ""))
         .await
         .expect("200 BYE");
-    wait_no_pinholes(&topo, &pin_dir, mode, "alice's BYE");
+    wait_no_pinholes(&edge, mode, "alice's BYE");
 
     // --- the remote user's flow dies: a request for it gets 430.
     // SIGKILL: no de-registration, the connection just dies (as when a
@@ -845,12 +779,17 @@ async fn scenario(mode: &str) {
     }
 
     // --- no open relay: a stranger outside gets 403, the carrier nothing.
-    let carrier = testua::UaListener::bind(&topo.peer, sa(CARRIER), &pki.peer_cert, &pki.peer_key)
-        .expect("carrier listens");
+    let carrier = testua::UaListener::bind(
+        &edge.topo.peer,
+        sa(CARRIER),
+        &edge.pki.peer_cert,
+        &edge.pki.peer_key,
+    )
+    .expect("carrier listens");
     let mut mallory = testua::connect_tls(
-        &topo.peer,
+        &edge.topo.peer,
         sa("203.0.113.1:5061"),
-        &pki.ca,
+        &edge.pki.ca,
         testua::EDGE_TLS_NAME,
         WAIT,
     )
@@ -878,9 +817,9 @@ async fn scenario(mode: &str) {
     );
     // The route is real: from inside, the carrier's domain reaches it.
     let mut inside = testua::connect_tls(
-        &topo.client,
+        &edge.topo.client,
         sa("10.77.0.1:5061"),
-        &pki.ca,
+        &edge.pki.ca,
         testua::EDGE_TLS_NAME,
         WAIT,
     )
@@ -902,17 +841,9 @@ async fn scenario(mode: &str) {
 
     drop(at_carrier);
     kamailio.stop();
-    assert!(agent.stop(), "agent did not exit cleanly");
-    drop(topo);
+    edge.stop();
 }
 
-fn wait_no_pinholes(topo: &Topology, pin_dir: &Path, mode: &str, after: &str) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !pinholes(topo, pin_dir).is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "{mode}: pinholes left after {after}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+fn wait_no_pinholes(edge: &Edge, mode: &str, after: &str) {
+    edge.assert_empty_within(&format!("{mode}: after {after}"), Duration::from_secs(5));
 }
