@@ -201,6 +201,15 @@ fn header_lines(m: &Message, name: &str) -> String {
         .collect()
 }
 
+/// The Record-Route values of `m`, in order (the route set, §12.1).
+fn record_routes(m: &Message) -> Vec<String> {
+    m.headers()
+        .iter()
+        .filter(|hd| sip_edge::sip::message::same_header(&hd.name, "Record-Route"))
+        .map(|hd| hd.value.clone())
+        .collect()
+}
+
 fn ua_host(h: &Harness, conn: ConnId) -> String {
     h.open.get(&conn).map(|i| i.peer.to_string()).unwrap_or_default()
 }
@@ -270,12 +279,7 @@ fn in_dialog(h: &mut Harness, conn: ConnId, pick: u8, method: u8, spec: &Option<
         .unwrap_or(1);
     let (from, to, routes, cseq) = if m.status().is_some() {
         // As caller: the route set is the Record-Route reversed (§12.1.2).
-        let mut rr: Vec<String> = m
-            .headers()
-            .iter()
-            .filter(|hd| sip_edge::sip::message::same_header(&hd.name, "Record-Route"))
-            .map(|hd| hd.value.clone())
-            .collect();
+        let mut rr = record_routes(&m);
         rr.reverse();
         let cseq = if method == "ACK" || method == "CANCEL" { cseq_n } else { cseq_n + 1 };
         (
@@ -285,12 +289,7 @@ fn in_dialog(h: &mut Harness, conn: ConnId, pick: u8, method: u8, spec: &Option<
             cseq,
         )
     } else {
-        let rr: Vec<String> = m
-            .headers()
-            .iter()
-            .filter(|hd| sip_edge::sip::message::same_header(&hd.name, "Record-Route"))
-            .map(|hd| hd.value.clone())
-            .collect();
+        let rr = record_routes(&m);
         (
             format!("{};tag=u{conn}", m.header("To").unwrap_or_default()),
             m.header("From").unwrap_or_default().to_owned(),
