@@ -56,10 +56,16 @@ pub enum Reason {
     /// host opened owns the packet's 4-tuple (a TCP connection past LISTEN,
     /// a connected UDP socket): the reply to the agent's own connections.
     PassLocalSocket = 20,
+    /// Would be `drop_other` (no ports, drop policy), but it is ICMP the host
+    /// needs: IPv6 neighbour discovery (types 133-137, hop limit 255), or an
+    /// ICMP/ICMPv6 error (unreachable, packet too big, time exceeded,
+    /// parameter problem) quoting a packet of a connection a local socket
+    /// owns (path MTU discovery for the agent's own connections).
+    PassHostIcmp = 21,
 }
 
 /// Number of reason codes; size of the `REASONS` array.
-pub const REASON_COUNT: u32 = 21;
+pub const REASON_COUNT: u32 = 22;
 
 impl Reason {
     /// Every reason, in discriminant order.
@@ -85,6 +91,7 @@ impl Reason {
         Reason::DropMalformed,
         Reason::DropBadRule,
         Reason::PassLocalSocket,
+        Reason::PassHostIcmp,
     ];
 
     /// Stable snake_case name used in JSON output and docs.
@@ -111,6 +118,7 @@ impl Reason {
             Reason::DropMalformed => "drop_malformed",
             Reason::DropBadRule => "drop_bad_rule",
             Reason::PassLocalSocket => "pass_local_socket",
+            Reason::PassHostIcmp => "pass_host_icmp",
         }
     }
 }

@@ -16,6 +16,7 @@
 //! | 0    | first fragment: always-pass / media / other port      | `PassSignalling` / `DropFragment` / default | |
 //! | 0    | IPv6 extension headers: media port / otherwise        | `DropIpv6Ext` / `PassIpv6Ext` |  |
 //! | 0    | no UDP/TCP ports (ICMP, ...)                          | default policy       |          |
+//! | 0    | no ports, `DropOther`, but ICMP the host needs (`icmp.rs`) | `PassHostIcmp`  | pass     |
 //! | 1    | pinhole lookup by dst (then by src if R = internal)   | miss → step 6        |          |
 //! | 1    | by dst: skipped (a miss) when `DST_PORTS` counts no `MATCH_DST` rule on the protocol and port; the `PH_DST` entry of an indexed edge address + port (a live entry of another protocol/role is a miss), `PINHOLES` when not indexed or the entry's `overflow` count is non-zero | | |
 //! | 1    | rule's state slot outside `PH_STATE` / family mismatch| `DropBadRule`        | drop     |
@@ -41,6 +42,7 @@
 )]
 
 mod fib;
+mod icmp;
 mod mapdef;
 mod maps;
 mod nat;
@@ -69,7 +71,8 @@ const PASS_MASK: u64 = (1 << Reason::PassNotIp as u32)
     | (1 << Reason::PassOther as u32)
     | (1 << Reason::PassFragment as u32)
     | (1 << Reason::PassIpv6Ext as u32)
-    | (1 << Reason::PassLocalSocket as u32);
+    | (1 << Reason::PassLocalSocket as u32)
+    | (1 << Reason::PassHostIcmp as u32);
 const _: () = assert!(REASON_COUNT <= 64, "PASS_MASK holds one bit per reason");
 
 /// Entry point: runs the verdict and counts its reason.
@@ -103,7 +106,10 @@ fn try_sip_edge_xdp(ctx: &XdpContext) -> Result<u32, Reason> {
     }
     let pkt = parse::ip(ctx, l3, ver)?;
     if pkt.kind == Kind::NoPorts {
-        return Err(policy::default_policy());
+        return Err(match policy::default_policy() {
+            Reason::DropOther if icmp::host_needs(ctx, &pkt) => Reason::PassHostIcmp,
+            r => r,
+        });
     }
     let dst = policy::dst(&pkt);
     let media = match pkt.kind {

@@ -1198,8 +1198,140 @@ async fn drop_policy_passes_the_edges_own_connections_and_drops_the_rest() {
         dropped >= 6,
         "5 UDP probes and at least one SYN must count as drop_other, got {dropped}"
     );
+    host_icmp_passes_under_the_drop_policy(&e, edge_port, bob.conn().local);
     // The edge's own connection still works after the probes.
     bye_from_alice(&mut alice, &mut bob, &mut call).await;
     e.assert_empty("drop policy");
     e.stop();
+}
+
+/// Under the drop policy the host's own IP stack keeps what it needs
+/// (`pass_host_icmp`): a "fragmentation needed" about the edge's TLS
+/// connection to the peer reaches the kernel (path MTU discovery), the same
+/// error about a 4-tuple no socket owns is dropped, and IPv6 neighbour
+/// discovery works on the XDP interface. Each fails when `icmp.rs` is not
+/// consulted: the errors count as `drop_other` and the IPv6 connect cannot
+/// resolve the edge's address.
+fn host_icmp_passes_under_the_drop_policy(e: &Edge, edge: SocketAddr, peer: SocketAddr) {
+    use sip_edge_tests::fixtures::packet::{Packet, L4};
+    let mac = [2, 0, 0, 0, 0, 1];
+    let frag_needed = |from: SocketAddr| {
+        let sent = Packet::tcp(mac, mac, from, peer)
+            .build()
+            .expect("quoted segment");
+        let mut err = Packet::udp(
+            mac,
+            mac,
+            SocketAddr::new(peer.ip(), 0),
+            SocketAddr::new(from.ip(), 0),
+        );
+        err.l4 = L4::Icmp {
+            ty: 3,
+            code: 4,
+            rest: [0, 0, 0x04, 0xb0],
+        };
+        // The IPv4 header and the first 8 bytes of the segment (RFC 792).
+        err.payload = sent[14..14 + 28].to_vec();
+        err.build().expect("icmp frame")
+    };
+    let send = |frame: Vec<u8>, to: SocketAddr| {
+        let sent = testnet::in_ns(&e.topo.peer, || send_raw_ipv4(&frame[14..], to)).expect("netns");
+        assert_eq!(sent.expect("raw send"), frame.len() - 14);
+    };
+    let (pass0, drop0) = (e.reason("pass_host_icmp"), e.reason("drop_other"));
+    // XDP on a veth runs in the receiver's NAPI poll: allow it a moment.
+    let grown = |name: &str, from: u64| {
+        let until = Instant::now() + Duration::from_secs(2);
+        while e.reason(name) <= from && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        e.reason(name) - from
+    };
+    send(frag_needed(edge), edge);
+    let owned = grown("pass_host_icmp", pass0);
+    assert_eq!(
+        owned, 1,
+        "fragmentation needed about the edge's own connection must pass"
+    );
+    let unowned = SocketAddr::new(edge.ip(), 1);
+    send(frag_needed(unowned), edge);
+    assert!(
+        grown("drop_other", drop0) >= 1,
+        "an error about an unowned tuple must count as drop_other"
+    );
+    assert_eq!(
+        e.reason("pass_host_icmp") - pass0,
+        1,
+        "an error about an unowned tuple passed"
+    );
+
+    // IPv6: forget the neighbours on both sides, then let the edge host
+    // connect to a listener of the peer over IPv6. The peer's neighbour
+    // advertisement (and the SYN-ACK, `pass_local_socket` over IPv6) must
+    // come through XDP on the edge's public interface.
+    for ns in [&e.topo.peer, &e.topo.edge] {
+        testnet::sh(&[
+            "ip", "netns", "exec", ns, "ip", "-6", "neigh", "flush", "all",
+        ])
+        .expect("flush neighbours");
+    }
+    let target = SocketAddr::new(testnet::PEER_V6.into(), 7443);
+    let listener = testnet::in_ns(&e.topo.peer, || std::net::TcpListener::bind(target))
+        .expect("netns")
+        .expect("peer IPv6 listener");
+    let (nd0, sock0) = (e.reason("pass_host_icmp"), e.reason("pass_local_socket"));
+    let res = testnet::in_ns(&e.topo.edge, || {
+        std::net::TcpStream::connect_timeout(&target, Duration::from_secs(4))
+    })
+    .expect("netns");
+    if let Err(err) = res {
+        panic!("the edge host cannot reach {target} over IPv6 under the drop policy: {err}");
+    }
+    drop(listener);
+    assert!(
+        grown("pass_host_icmp", nd0) >= 1,
+        "the neighbour advertisement must count as pass_host_icmp"
+    );
+    assert!(
+        grown("pass_local_socket", sock0) >= 1,
+        "the IPv6 SYN-ACK must count as pass_local_socket"
+    );
+}
+
+/// Sends one whole IPv4 packet (header included) through a raw socket.
+fn send_raw_ipv4(packet: &[u8], to: SocketAddr) -> std::io::Result<usize> {
+    let std::net::IpAddr::V4(v4) = to.ip() else {
+        return Err(std::io::Error::other("IPv4 only"));
+    };
+    // SAFETY: plain socket calls on a descriptor this function owns; the
+    // address and buffer outlive the calls.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let sin = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(v4.octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        let n = libc::sendto(
+            fd,
+            packet.as_ptr().cast(),
+            packet.len(),
+            0,
+            (&raw const sin).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        if n < 0 {
+            Err(err)
+        } else {
+            Ok(n as usize)
+        }
+    }
 }
