@@ -21,14 +21,19 @@ pub struct BenchCfg {
     pub per_addr: u32,
     /// First destination port, host order.
     pub port_base: u16,
-    /// Explicit padding.
-    pub _pad: u16,
+    /// Non-zero: flow `f`'s destination port is `BENCH_PORTS[f]` instead of
+    /// `port_base + f % per_addr` (peers that pick their own ports, e.g.
+    /// rtpengine); `flows` must then be at most `BENCH_PORTS_LEN`.
+    pub port_table: u16,
     /// Egress ifindex of `sip_edge_redirect`.
     pub redirect_ifindex: u32,
     /// Explicit padding.
     pub _pad2: u32,
 }
 const _: () = assert!(core::mem::size_of::<BenchCfg>() == 64);
+
+/// Entries of `BENCH_PORTS`: the most flows a port table can describe.
+pub const BENCH_PORTS_LEN: u32 = 4096;
 
 /// `BENCH_CNT` index: the generator's per-CPU sequence number.
 pub const BENCH_CNT_GEN: u32 = 0;

@@ -59,8 +59,10 @@ pub mod map_names {
     pub const BENCH_CFG: &str = "BENCH_CFG";
     /// `PERCPU_ARRAY<u64>`: generator sequence and sink count (`BENCH_CNT_*`).
     pub const BENCH_CNT: &str = "BENCH_CNT";
+    /// `ARRAY<u16>`: flow → destination port when `BenchCfg::port_table` is set.
+    pub const BENCH_PORTS: &str = "BENCH_PORTS";
     /// Maps only the benchmark programs use (not in `ALL`: nothing pins them).
-    pub const BENCH: [&str; 2] = [BENCH_CFG, BENCH_CNT];
+    pub const BENCH: [&str; 3] = [BENCH_CFG, BENCH_CNT, BENCH_PORTS];
 
     /// Every map name, for pinning and cleanup loops.
     pub const ALL: [&str; 13] = [

@@ -10,7 +10,9 @@ use aya_ebpf::{
     macros::xdp,
     programs::XdpContext,
 };
-use sip_edge_common::{BenchCfg, BENCH_CNT_GEN, BENCH_CNT_LEN, BENCH_CNT_SINK, PROTO_UDP};
+use sip_edge_common::{
+    BenchCfg, BENCH_CNT_GEN, BENCH_CNT_LEN, BENCH_CNT_SINK, BENCH_PORTS_LEN, PROTO_UDP,
+};
 
 use crate::{
     mapdef::{MapDef, ARRAY, PERCPU_ARRAY},
@@ -26,6 +28,11 @@ pub static BENCH_CFG: MapDef<ARRAY, u32, BenchCfg, 1> = MapDef::new();
 #[unsafe(link_section = ".maps")]
 #[unsafe(no_mangle)]
 pub static BENCH_CNT: MapDef<PERCPU_ARRAY, u32, u64, { BENCH_CNT_LEN as usize }> = MapDef::new();
+
+/// Destination port per flow when `BenchCfg::port_table` is set.
+#[unsafe(link_section = ".maps")]
+#[unsafe(no_mangle)]
+pub static BENCH_PORTS: MapDef<ARRAY, u32, u16, { BENCH_PORTS_LEN as usize }> = MapDef::new();
 
 /// Header words the generator stamps (42 bytes: Ethernet, IPv4, UDP).
 const HDR_WORDS: usize = 21;
@@ -80,8 +87,15 @@ pub fn sip_edge_gen(ctx: XdpContext) -> u32 {
         s = (s & 0xffff) + (s >> 16);
         s = (s & 0xffff) + (s >> 16);
         w.add(W_IP_CHECK).write_volatile(!(s as u16));
-        w.add(W_DPORT)
-            .write_volatile(((*cfg).port_base.wrapping_add(port_off as u16)).to_be());
+        let port = if (*cfg).port_table != 0 {
+            match BENCH_PORTS.get_ptr(&flow) {
+                Some(p) => *p,
+                None => return XDP_DROP,
+            }
+        } else {
+            (*cfg).port_base.wrapping_add(port_off as u16)
+        };
+        w.add(W_DPORT).write_volatile(port.to_be());
     }
     XDP_TX
 }

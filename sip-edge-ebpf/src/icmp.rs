@@ -124,14 +124,7 @@ fn quoted_v6(ctx: &XdpContext, off: usize) -> bool {
 
 /// Look the reply-direction 4-tuple up (`socket::owned_by_local_socket`).
 #[inline(always)]
-fn owned(
-    ctx: &XdpContext,
-    l4: usize,
-    family: u8,
-    proto: u8,
-    src: [u16; 8],
-    dst: [u16; 8],
-) -> bool {
+fn owned(ctx: &XdpContext, l4: usize, family: u8, proto: u8, src: [u16; 8], dst: [u16; 8]) -> bool {
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return false;
     }
