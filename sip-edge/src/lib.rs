@@ -10,6 +10,7 @@ pub mod control;
 pub mod datapath;
 pub mod doctor;
 pub mod media;
+pub mod metrics;
 pub mod ports;
 pub mod proxy;
 pub mod sip;
