@@ -467,9 +467,18 @@ impl Proxy {
         let call_id = msg.call_id().map(str::to_owned).unwrap_or_default();
         let span = info_span!("call", call_id = %call_id);
         let _g = span.enter();
+        crate::metrics::sip_message(info.side, &msg);
         match msg.start {
             StartLine::Request { .. } => {
                 if let Err(r) = self.on_request(conn, info, &mut msg, now, &mut out) {
+                    crate::metrics::local_refusal(
+                        info.peer,
+                        info.side,
+                        &msg,
+                        r.code,
+                        &r.why,
+                        r.stateless,
+                    );
                     if msg.method().is_some_and(|m| m.is("ACK")) {
                         // §17: ACK is never answered.
                         debug!(code = r.code, why = %r.why, "dropping ACK");
@@ -534,6 +543,7 @@ impl Proxy {
         out: &mut Vec<Outgoing>,
     ) -> Vec<u8> {
         self.stats.responses_generated += 1;
+        crate::metrics::sip_response(code, true);
         let bytes = build::response(req, code, Some(tag), extra);
         out.push(Outgoing {
             dest: Dest::Conn(conn),

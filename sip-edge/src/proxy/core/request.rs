@@ -237,6 +237,9 @@ impl Proxy {
         let initial_invite = is_invite && to_tag.is_none();
         if initial_invite {
             if let Some(k) = &dialog_key {
+                if !self.dialogs.contains_key(k) {
+                    crate::metrics::call_started();
+                }
                 self.dialogs.entry(k.clone()).or_insert(Dialog {
                     created: now,
                     caller_side: from_side,
