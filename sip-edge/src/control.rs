@@ -175,6 +175,12 @@ pub enum ControlError {
 pub enum Query {
     /// The registrations the proxy holds (see the module docs).
     Registrations,
+    /// The agent's state (`crate::status::StatusReport`).
+    Status,
+    /// The calls the proxy tracks with their pinholes (`crate::status`).
+    Calls,
+    /// The pinholes the media layer installed (`crate::status`).
+    Pinholes,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -321,6 +327,9 @@ async fn dispatch(
                 .map_err(|_| "the SIP proxy has stopped".to_owned())?;
             rx.await
                 .map_err(|_| "the SIP proxy did not answer".to_owned())?
+        }
+        Query::Status | Query::Calls | Query::Pinholes => {
+            crate::status::dispatch(query, proxy).await
         }
     }
 }

@@ -16,4 +16,5 @@ pub mod metrics;
 pub mod ports;
 pub mod proxy;
 pub mod sip;
+pub mod status;
 pub mod transport;

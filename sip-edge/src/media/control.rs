@@ -996,6 +996,23 @@ impl<S: PinholeSink + Send> MediaControl for MediaController<S> {
         expired
     }
 
+    fn pinholes(&mut self) -> Vec<crate::status::PinholeStatus> {
+        let mut out = Vec::new();
+        for d in self.mgr.dialog_keys() {
+            let flows = self.mgr.flows_of(&d).into_iter().map(|f| (f, "media"));
+            let transfers = self
+                .mgr
+                .transfers_of(&d)
+                .into_iter()
+                .map(|f| (f, "transfer"));
+            for ((id, flow), kind) in flows.chain(transfers).collect::<Vec<_>>() {
+                let c = self.sink.counters(id).unwrap_or_default();
+                out.push(crate::status::PinholeStatus::new(id.0, &d, kind, &flow, &c));
+            }
+        }
+        out
+    }
+
     fn end_adopted(&mut self, call_id: &str, tags: &[&str], _now: Instant) -> bool {
         let gone = self.adopted.end_dialog(call_id, tags);
         let any = !gone.is_empty();

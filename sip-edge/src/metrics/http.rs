@@ -35,6 +35,26 @@ pub async fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
+/// The agent's side: serves `[admin] metrics_listen` if set, until
+/// `shutdown`. A bind failure is logged and the agent runs on without the
+/// endpoint, as without the control socket: forwarding never depends on it.
+pub async fn start(
+    cfg: &crate::config::Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let addr = cfg.admin.metrics_listen?;
+    match bind(addr).await {
+        Ok(l) => {
+            crate::status::listener("metrics", l.local_addr().unwrap_or(addr));
+            Some(tokio::spawn(serve(l, cfg.pin_dir.clone(), shutdown)))
+        }
+        Err(e) => {
+            warn!(%addr, error = %e, "metrics endpoint not served ([admin] metrics_listen): is the port free and the address on this host?");
+            None
+        }
+    }
+}
+
 /// Serves `listener` until `shutdown` resolves. The datapath counters come
 /// from the maps pinned under `pin_dir`, opened once here (a handle of its
 /// own: scrapes never wait on the media layer's writer).

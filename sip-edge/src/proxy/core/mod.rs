@@ -21,6 +21,7 @@
 
 mod admit;
 mod adopted;
+mod calls;
 mod dialogs;
 mod request;
 mod response;
@@ -157,6 +158,8 @@ struct Dialog {
     /// (destination, leg) for BYEs toward the caller and the callee.
     to_caller: Option<(Dest, Side, ByeLeg)>,
     to_callee: Option<(Dest, Side, ByeLeg)>,
+    /// From and To URIs of the initial INVITE (status queries, `calls`).
+    parties: [String; 2],
 }
 
 /// How a request is refused: status and extra headers.

@@ -251,6 +251,7 @@ impl Proxy {
                     callee_cseq: 0,
                     to_caller: None,
                     to_callee: None,
+                    parties: [msg.from(), msg.to()].map(|p| p.map(|n| n.uri).unwrap_or_default()),
                 });
             }
         }
