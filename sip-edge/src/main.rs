@@ -14,6 +14,7 @@ use sip_edge::{
         Config,
     },
     doctor::{self as host_doctor, RealProbe, Status},
+    logging::LogFormat,
 };
 
 const EX_USAGE: u8 = 64;
@@ -31,7 +32,12 @@ fn main() -> ExitCode {
             // The whole check-config first (TLS files, interfaces, bpffs,
             // listeners): a bad file exits 64 before the kernel is touched.
             let report = Report::of_file(&config, Options::default(), &RealHost);
-            if report.has_errors() || !report.findings.is_empty() {
+            if format == Some(LogFormat::Json) && !report.has_errors() {
+                // Every stderr line of a JSON-logging agent is JSON.
+                for f in &report.findings {
+                    tracing::warn!(config = %config.display(), finding = %f, "check-config");
+                }
+            } else if report.has_errors() || !report.findings.is_empty() {
                 eprint!("{}", report.render());
             }
             let Some(cfg) = report.into_config() else {

@@ -113,7 +113,7 @@ impl Metrics {
         );
         r.register(
             "overload_503",
-            "503 responses the edge generated outside admission control, by cause (media capacity, transaction table)",
+            "503 responses the edge generated outside admission control, by cause (media-capacity, next-hop-unreachable, server-busy)",
             m.overload_503.clone(),
         );
         r.register(
@@ -397,6 +397,8 @@ pub fn local_refusal(
     }
     let cause = if why.contains("media capacity") {
         "media-capacity"
+    } else if why.contains("unreachable") {
+        "next-hop-unreachable"
     } else {
         "server-busy"
     };

@@ -633,13 +633,13 @@ async fn drive(
             ev = events.recv() => {
                 let Some(ev) = ev else { break };
                 d.event(ev);
+                crate::metrics::calls_active(d.proxy.live().2);
             }
             Some(req) = control.recv() => d.control(req),
             _ = tick.tick() => {
                 let now = Instant::now();
                 let out = d.proxy.on_tick(now);
                 d.send_all(out);
-                crate::metrics::calls_active(d.proxy.live().2);
                 d.hold_registered_flows(now);
                 // Issue #14 item 8: give freed connection memory back to
                 // the OS once connections went away (see `memory`); off the

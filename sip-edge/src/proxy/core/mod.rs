@@ -458,6 +458,7 @@ impl Proxy {
                 let host = self.settings.local(info.side).host.to_string();
                 if let Some(bytes) = build::error_raw(raw, 400, &host, &e.to_string()) {
                     self.stats.responses_generated += 1;
+                    crate::metrics::sip_response(400, true);
                     out.push(Outgoing {
                         dest: Dest::Conn(conn),
                         bytes,
@@ -527,6 +528,7 @@ impl Proxy {
         };
         info!(conn, code, why, "answering a message the framer refused");
         self.stats.responses_generated += 1;
+        crate::metrics::sip_response(code, true);
         vec![Outgoing {
             dest: Dest::Conn(conn),
             bytes,

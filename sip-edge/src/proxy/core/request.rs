@@ -441,6 +441,7 @@ impl Proxy {
             let trying = build::response(&server.request, 100, None, &[]);
             server.last_response = Some(trying.clone());
             self.stats.responses_generated += 1;
+            crate::metrics::sip_response(100, true);
             out.push(Outgoing {
                 dest: Dest::Conn(conn),
                 bytes: trying,
