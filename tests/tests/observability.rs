@@ -320,7 +320,7 @@ async fn a_real_call_shows_in_prometheus_status_calls_and_json_logs() {
     assert_eq!(n(&st, "calls_active"), 1, "{st:#}");
     let in_use = n(&st, "pinholes_in_use");
     assert!(
-        in_use >= 2 && in_use % 2 == 0,
+        in_use >= 2 && in_use.is_multiple_of(2),
         "two rules per flow: {in_use}"
     );
     assert!(n(&st, "pinholes_capacity") >= in_use);
