@@ -25,6 +25,9 @@
 //! registrar holds: the edge's address on the registrar's side with the
 //! flow token), `expires_in_secs` (seconds left of the registrar's grant).
 //!
+//! `status`, `calls` and `pinholes` (`sip-edge status|calls|pinholes`)
+//! are answered by `crate::status`, which documents their JSON.
+//!
 //! Data flow: CLI → socket → [`serve`] → [`Request`] on a channel → the
 //! driver that owns the state → JSON → socket → CLI.
 

@@ -675,3 +675,101 @@ pub fn pinholes_table(list: &[PinholeStatus]) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datapath::rules::{LearnPort, Proto};
+
+    fn pinhole() -> PinholeStatus {
+        let flow = Flow::Relay {
+            proto: Proto::Udp,
+            client: "10.77.0.2:4000".parse().expect("addr"),
+            edge_int: "10.77.0.1:40002".parse().expect("addr"),
+            public: "203.0.113.1:40000".parse().expect("addr"),
+            peer: "198.51.100.2:5000".parse().expect("addr"),
+            latch_peer: false,
+            learn_port: LearnPort::Neither,
+        };
+        let d = DialogKey {
+            call_id: "c1@x".into(),
+            from_tag: "f1".into(),
+        };
+        let c = FlowCounters {
+            packets: 10,
+            bytes: 1720,
+            last_seen_ns: 0,
+            slots: (3, 4),
+        };
+        PinholeStatus::new(7, &d, "media", &flow, &c)
+    }
+
+    #[test]
+    fn a_flow_becomes_its_documented_fields() {
+        let p = pinhole();
+        let v = serde_json::to_value(&p).expect("json");
+        for key in [
+            "id",
+            "call_id",
+            "from_tag",
+            "kind",
+            "proto",
+            "mode",
+            "client",
+            "edge_internal",
+            "public",
+            "peer",
+            "slots",
+            "packets",
+            "bytes",
+            "last_seen_secs",
+        ] {
+            assert!(v.get(key).is_some(), "{key} missing: {v}");
+        }
+        assert_eq!(v["proto"], "udp");
+        assert_eq!(v["mode"], "relay");
+        assert_eq!(v["edge_internal"], "10.77.0.1:40002");
+        assert_eq!(v["slots"], serde_json::json!([3, 4]));
+        assert!(v["last_seen_secs"].is_null(), "never used: null, not 0");
+        let back: PinholeStatus = serde_json::from_value(v).expect("round trip");
+        assert_eq!(back, p);
+    }
+
+    #[test]
+    fn tables_show_the_calls_and_their_pinholes() {
+        let call = CallEntry {
+            call_id: "c1@x".into(),
+            from_tag: "f1".into(),
+            caller: "sips:alice@example.com".into(),
+            callee: "sips:bob@example.net".into(),
+            caller_side: "internal".into(),
+            state: "confirmed".into(),
+            age_secs: 75,
+            pinholes: vec![pinhole()],
+        };
+        let t = calls_table(std::slice::from_ref(&call));
+        assert!(
+            t.contains("c1@x") && t.contains("sips:alice@example.com") && t.contains("1m15s"),
+            "{t}"
+        );
+        assert!(t.contains("10 pkts 1720 bytes, last never"), "{t}");
+        assert_eq!(calls_table(&[]), "no calls\n");
+        let p = pinholes_table(&call.pinholes);
+        assert!(
+            p.starts_with("source: agent\n") && p.contains("203.0.113.1:40000"),
+            "{p}"
+        );
+        let r = StatusReport {
+            version: "0.1.0".into(),
+            calls_active: 1,
+            pinholes_in_use: 2,
+            pinholes_capacity: 65536,
+            ..StatusReport::default()
+        };
+        let s = status_text(&r);
+        assert!(
+            s.contains("pinholes:       2/65536") && s.contains("calls active:   1"),
+            "{s}"
+        );
+    }
+}

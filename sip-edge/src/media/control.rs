@@ -173,6 +173,7 @@ impl MapsSink {
     /// its counters are read on tick and `remove` deletes it.
     pub fn adopt(&mut self, id: PinholeId, slots: (u32, u32)) {
         self.slots.insert(id, slots);
+        crate::metrics::pinholes_in_use(self.slots.len() * 2);
     }
 }
 
