@@ -245,29 +245,37 @@ impl PinholeSink for MapsSink {
 
     fn activity(&mut self) -> Result<Vec<(PinholeId, u64)>, SinkError> {
         let m = self.maps.lock().map_err(|_| SinkError::Poisoned)?;
-        let count = |slot: u32| -> Result<u64, SinkError> {
-            Ok(m.packets(slot)
+        let read = |slot: u32| -> Result<(u64, u64), SinkError> {
+            Ok(m.counters(slot)
                 .map_err(|source| SinkError::Map { source })?
-                .unwrap_or(0))
+                .map_or((0, 0), |(p, b, _)| (p, b)))
         };
         // Per pinhole, not a listing of every installed rule: this runs
-        // every tick, and PH_DST can hold up to 2^20 entries.
-        let out: Result<Vec<(PinholeId, u64)>, SinkError> = self
-            .slots
-            .iter()
-            .map(|(id, (a, b))| Ok((*id, count(*a)?.saturating_add(count(*b)?))))
-            .collect();
-        // The forwarded-traffic metrics: each flow's growth since the last
-        // reading (a rule re-installed under the same id restarts at 0).
+        // every tick, and PH_DST can hold up to 2^20 entries. One read per
+        // rule gives both the idle check's packets and the forwarded-traffic
+        // metrics (each flow's growth since the last reading).
         let (mut packets, mut bytes) = (0u64, 0u64);
-        for (id, slots) in &self.slots {
-            let now = flow_totals(&m, *slots);
+        let mut out = Vec::with_capacity(self.slots.len());
+        let mut failed = None;
+        for (id, (a, b)) in &self.slots {
+            let (x, y) = match (read(*a), read(*b)) {
+                (Ok(x), Ok(y)) => (x, y),
+                (Err(e), _) | (_, Err(e)) => {
+                    failed = Some(e);
+                    break;
+                }
+            };
+            let now = (x.0.saturating_add(y.0), x.1.saturating_add(y.1));
+            out.push((*id, now.0));
             let last = self.seen.insert(*id, now).unwrap_or_default();
             packets = packets.saturating_add(now.0.saturating_sub(last.0));
             bytes = bytes.saturating_add(now.1.saturating_sub(last.1));
         }
         crate::metrics::forwarded(packets, bytes);
-        out
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
     }
 
     fn counters(&mut self, id: PinholeId) -> Option<FlowCounters> {
