@@ -118,6 +118,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         info!(ranges = ?cfg.media.port_ranges, "media ranges added to net.ipv4.ip_local_reserved_ports");
     }
     info!(pin_dir = %cfg.pin_dir.display(), adopted = ?dp.adopted, "datapath up");
+    crate::status::agent_started(&cfg, !dp.adopted.is_empty());
     // Warn, never refuse (hostcheck's module docs say why): media is lost
     // until the admin fixes these, and the watch below repeats the hint.
     let findings = check_host(&cfg);
@@ -143,6 +144,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
                 let _ = proxy_stopped.await;
             })
             .await?;
+            crate::status::transport_up(&running);
             Some(running)
         }
         None => {
@@ -171,6 +173,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     } else {
         None
     };
+    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let metrics = crate::metrics::http::start(&cfg, async move {
+        let _ = metrics_stopped.await;
+    })
+    .await;
     tokio::pin!(shutdown);
     let mut tick = tokio::time::interval(NEIGH_POLL);
     let mut fib_tick = tokio::time::interval(FIB_WATCH);
@@ -207,6 +214,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     let _ = stop_control.send(());
     if let Some(c) = control {
         let _ = c.await;
+    }
+    let _ = stop_metrics.send(());
+    if let Some(m) = metrics {
+        let _ = m.await;
     }
     if let Some(p) = proxy {
         let _ = stop_proxy.send(());

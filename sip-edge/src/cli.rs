@@ -23,6 +23,9 @@ pub struct Cli {
     /// Log filter (tracing EnvFilter syntax), e.g. "info" or "sip_edge=debug".
     #[arg(long, global = true, default_value = "info", env = "SIP_EDGE_LOG")]
     pub log: String,
+    /// Log line format: human (default) or json; overrides `[log] format`.
+    #[arg(long, global = true, value_enum, env = "SIP_EDGE_LOG_FORMAT")]
+    pub log_format: Option<crate::logging::LogFormat>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -80,6 +83,16 @@ pub enum Command {
     /// registered through the edge, inside clients registered outside):
     /// AOR, source, flow, expiry. Asks the agent's control socket.
     Registrations(ControlOpts),
+    /// The running agent's state: version, uptime, config, listeners,
+    /// datapath, calls, pinholes, registrations, admission. Asks the
+    /// agent's control socket.
+    Status(ControlOpts),
+    /// The calls the running agent tracks: Call-ID, parties, age, and
+    /// each call's pinholes with packets, bytes and last activity.
+    Calls(ControlOpts),
+    /// The pinholes the running agent installed, with their calls; when
+    /// no agent answers, the rules in the pinned maps (says which).
+    Pinholes(crate::status::PinholesOpts),
 }
 
 /// Where the running agent's control socket is, and output format.

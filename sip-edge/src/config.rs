@@ -719,6 +719,12 @@ pub struct Config {
     /// `[control]`: the agent's control socket (`crate::control`).
     #[serde(default)]
     pub control: crate::control::ControlSection,
+    /// `[admin]`: the metrics endpoint (`crate::admin`).
+    #[serde(default)]
+    pub admin: crate::admin::AdminSection,
+    /// `[log]`: log format (`crate::logging`).
+    #[serde(default)]
+    pub log: crate::logging::LogSection,
 }
 
 /// A next hop the proxy opens TLS connections to.
@@ -1281,6 +1287,7 @@ impl Config {
         }
         crate::access::validate(self)?;
         self.control.validate()?;
+        self.admin.validate(self)?;
         if !self.pin_dir.is_absolute() {
             return Err(invalid(
                 "pin_dir",

@@ -25,6 +25,9 @@
 //! registrar holds: the edge's address on the registrar's side with the
 //! flow token), `expires_in_secs` (seconds left of the registrar's grant).
 //!
+//! `status`, `calls` and `pinholes` (`sip-edge status|calls|pinholes`)
+//! are answered by `crate::status`, which documents their JSON.
+//!
 //! Data flow: CLI → socket → [`serve`] → [`Request`] on a channel → the
 //! driver that owns the state → JSON → socket → CLI.
 
@@ -175,6 +178,12 @@ pub enum ControlError {
 pub enum Query {
     /// The registrations the proxy holds (see the module docs).
     Registrations,
+    /// The agent's state (`crate::status::StatusReport`).
+    Status,
+    /// The calls the proxy tracks with their pinholes (`crate::status`).
+    Calls,
+    /// The pinholes the media layer installed (`crate::status`).
+    Pinholes,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -321,6 +330,9 @@ async fn dispatch(
                 .map_err(|_| "the SIP proxy has stopped".to_owned())?;
             rx.await
                 .map_err(|_| "the SIP proxy did not answer".to_owned())?
+        }
+        Query::Status | Query::Calls | Query::Pinholes => {
+            crate::status::dispatch(query, proxy).await
         }
     }
 }

@@ -14,24 +14,30 @@ use sip_edge::{
         Config,
     },
     doctor::{self as host_doctor, RealProbe, Status},
+    logging::LogFormat,
 };
 
 const EX_USAGE: u8 = 64;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    let format = cli.log_format.or_else(|| match &cli.command {
+        Command::Run { config } => sip_edge::logging::format_in(config),
+        _ => None,
+    });
+    sip_edge::logging::init(&cli.log, format.unwrap_or_default());
     match cli.command {
         Command::Run { config } => {
+            sip_edge::status::set_config_path(&config);
             // The whole check-config first (TLS files, interfaces, bpffs,
             // listeners): a bad file exits 64 before the kernel is touched.
             let report = Report::of_file(&config, Options::default(), &RealHost);
-            if report.has_errors() || !report.findings.is_empty() {
+            if format == Some(LogFormat::Json) && !report.has_errors() {
+                // Every stderr line of a JSON-logging agent is JSON.
+                for f in &report.findings {
+                    tracing::warn!(config = %config.display(), finding = %f, "check-config");
+                }
+            } else if report.has_errors() || !report.findings.is_empty() {
                 eprint!("{}", report.render());
             }
             let Some(cfg) = report.into_config() else {
@@ -90,6 +96,9 @@ fn main() -> ExitCode {
         },
         Command::Pinhole { action } => print_or_fail(cli::pinhole(&action)),
         Command::Stats(opts) => print_or_fail(cli::stats(&opts)),
+        Command::Status(opts) => print_or_fail(sip_edge::status::status(&opts)),
+        Command::Calls(opts) => print_or_fail(sip_edge::status::calls(&opts)),
+        Command::Pinholes(opts) => print_or_fail(sip_edge::status::pinholes(&opts)),
         Command::Registrations(opts) => match cli::registrations(&opts) {
             Ok(s) => {
                 print!("{s}");
@@ -118,7 +127,7 @@ fn doctor(cfg: &Config, json: bool) -> ExitCode {
     }
 }
 
-fn print_or_fail(r: Result<String, sip_edge::datapath::maps::MapsError>) -> ExitCode {
+fn print_or_fail<E: std::fmt::Display>(r: Result<String, E>) -> ExitCode {
     match r {
         Ok(s) => {
             print!("{s}");

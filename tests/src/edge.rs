@@ -167,6 +167,14 @@ impl Edge {
         self.agent = Some(agent);
     }
 
+    /// Every line the running agent logged so far (empty when none runs).
+    pub fn agent_log(&self) -> Vec<String> {
+        self.agent
+            .as_ref()
+            .map(AgentProcess::log_lines)
+            .unwrap_or_default()
+    }
+
     /// The running agent's pid (0 when none runs).
     pub fn agent_pid(&self) -> u32 {
         self.agent.as_ref().map_or(0, AgentProcess::pid)

@@ -595,6 +595,8 @@ pub fn record_skip(test: &str, reason: &str) {
 /// SIGKILL) on drop.
 pub struct AgentProcess {
     child: std::process::Child,
+    /// Every line the agent logged so far (`log_lines`).
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl AgentProcess {
@@ -630,18 +632,23 @@ impl AgentProcess {
         }
         let mut child = cmd.spawn().map_err(io_err("spawn agent"))?;
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         if let Some(err) = child.stderr.take() {
+            let log = log.clone();
             // Ends at EOF, when the agent exits.
             std::thread::spawn(move || {
                 for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
                     eprintln!("{line}");
+                    if let Ok(mut l) = log.lock() {
+                        l.push(line.clone());
+                    }
                     if READY.iter().any(|r| line.contains(r)) {
                         let _ = ready_tx.send(());
                     }
                 }
             });
         }
-        let mut agent = AgentProcess { child };
+        let mut agent = AgentProcess { child, log };
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
             let ready = ready_rx.recv_timeout(Duration::from_millis(50));
@@ -676,6 +683,11 @@ impl AgentProcess {
                 });
             }
         }
+    }
+
+    /// Every line the agent has logged so far (stderr), in order.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
     /// The agent's process id (for reading its memory in /proc).

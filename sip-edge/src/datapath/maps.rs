@@ -1150,6 +1150,22 @@ impl DatapathMaps {
         }
     }
 
+    /// Packets, bytes and last-seen time (CLOCK_MONOTONIC ns, 0 = never)
+    /// of the rule in `slot`, like [`DatapathMaps::packets`]: O(1), for the
+    /// status queries and the forwarded-bytes metric.
+    pub fn counters(&self, slot: u32) -> Result<Option<(u64, u64, u64)>, MapsError> {
+        let st = if slot & SLOT_DST != 0 {
+            self.dst.read(slot & !SLOT_DST).map(|(_, _, st)| st)
+        } else {
+            match self.state.get(&slot, 0) {
+                Ok(st) => Some(st),
+                Err(aya::maps::MapError::OutOfBounds { .. }) => None,
+                Err(e) => return Err(op("lookup", map_names::PH_STATE)(e)),
+            }
+        };
+        Ok(st.map(|st| (st.packets, st.bytes, st.last_seen_ns)))
+    }
+
     /// Per-reason packet counts summed over CPUs, in `Reason` order.
     pub fn reasons(&self) -> Result<Vec<ReasonCount>, MapsError> {
         Reason::ALL

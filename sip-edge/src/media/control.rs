@@ -127,12 +127,36 @@ pub trait PinholeSink {
     fn remove(&mut self, id: PinholeId) -> Result<(), SinkError>;
     /// Packets each installed flow has carried (both directions summed).
     fn activity(&mut self) -> Result<Vec<(PinholeId, u64)>, SinkError>;
+    /// One flow's counters for the status queries (`crate::status`):
+    /// packets and bytes of both directions, the latest last-seen time
+    /// (CLOCK_MONOTONIC ns, 0 = never) and its rule slots. `None` when the
+    /// sink keeps no counters.
+    fn counters(&mut self, id: PinholeId) -> Option<FlowCounters> {
+        let _ = id;
+        None
+    }
+}
+
+/// What [`PinholeSink::counters`] reports for one flow.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowCounters {
+    /// Packets, both directions.
+    pub packets: u64,
+    /// Bytes, both directions.
+    pub bytes: u64,
+    /// CLOCK_MONOTONIC ns of the last packet either way; 0 = never.
+    pub last_seen_ns: u64,
+    /// Rule slots (inbound, outbound), as `sip-edge pinhole list` shows them.
+    pub slots: (u32, u32),
 }
 
 /// Production sink: the map writer, shared with the rest of the agent.
 pub struct MapsSink {
     maps: Arc<Mutex<DatapathMaps>>,
     slots: HashMap<PinholeId, (u32, u32)>,
+    /// Packets and bytes of each flow at its last reading, so the
+    /// forwarded-traffic metrics count each packet once.
+    seen: HashMap<PinholeId, (u64, u64)>,
 }
 
 impl MapsSink {
@@ -141,6 +165,7 @@ impl MapsSink {
         MapsSink {
             maps,
             slots: HashMap::new(),
+            seen: HashMap::new(),
         }
     }
 
@@ -148,7 +173,15 @@ impl MapsSink {
     /// its counters are read on tick and `remove` deletes it.
     pub fn adopt(&mut self, id: PinholeId, slots: (u32, u32)) {
         self.slots.insert(id, slots);
+        crate::metrics::pinholes_in_use(self.slots.len() * 2);
     }
+}
+
+/// Packets and bytes of both rules of a flow (0 for a rule not found).
+fn flow_totals(m: &DatapathMaps, (a, b): (u32, u32)) -> (u64, u64) {
+    let read = |s: u32| m.counters(s).ok().flatten().unwrap_or_default();
+    let (x, y) = (read(a), read(b));
+    (x.0.saturating_add(y.0), x.1.saturating_add(y.1))
 }
 
 /// Ids of adopted flows: far above any the manager hands out (it counts
@@ -158,10 +191,13 @@ const ADOPTED_ID_BASE: u64 = 1 << 62;
 impl PinholeSink for MapsSink {
     fn install(&mut self, id: PinholeId, flow: &Flow) -> Result<(), SinkError> {
         let mut m = self.maps.lock().map_err(|_| SinkError::Poisoned)?;
+        let started = Instant::now();
         let slots = m
             .add_flow(flow)
             .map_err(|source| SinkError::Map { source })?;
+        crate::metrics::pinhole_installed(started.elapsed());
         self.slots.insert(id, slots);
+        crate::metrics::pinholes_in_use(self.slots.len() * 2);
         Ok(())
     }
 
@@ -195,8 +231,13 @@ impl PinholeSink for MapsSink {
     }
 
     fn remove(&mut self, id: PinholeId) -> Result<(), SinkError> {
-        let (s_in, _) = self.slots.remove(&id).ok_or(SinkError::Unknown { id })?;
+        let (s_in, s_out) = self.slots.remove(&id).ok_or(SinkError::Unknown { id })?;
+        crate::metrics::pinholes_in_use(self.slots.len() * 2);
         let mut m = self.maps.lock().map_err(|_| SinkError::Poisoned)?;
+        // What the flow forwarded since the last tick, before it is gone.
+        let last = self.seen.remove(&id).unwrap_or_default();
+        let now = flow_totals(&m, (s_in, s_out));
+        crate::metrics::forwarded(now.0.saturating_sub(last.0), now.1.saturating_sub(last.1));
         m.delete_slot(s_in, true)
             .map_err(|source| SinkError::Map { source })?;
         Ok(())
@@ -204,17 +245,50 @@ impl PinholeSink for MapsSink {
 
     fn activity(&mut self) -> Result<Vec<(PinholeId, u64)>, SinkError> {
         let m = self.maps.lock().map_err(|_| SinkError::Poisoned)?;
-        let count = |slot: u32| -> Result<u64, SinkError> {
-            Ok(m.packets(slot)
+        let read = |slot: u32| -> Result<(u64, u64), SinkError> {
+            Ok(m.counters(slot)
                 .map_err(|source| SinkError::Map { source })?
-                .unwrap_or(0))
+                .map_or((0, 0), |(p, b, _)| (p, b)))
         };
         // Per pinhole, not a listing of every installed rule: this runs
-        // every tick, and PH_DST can hold up to 2^20 entries.
-        self.slots
-            .iter()
-            .map(|(id, (a, b))| Ok((*id, count(*a)?.saturating_add(count(*b)?))))
-            .collect()
+        // every tick, and PH_DST can hold up to 2^20 entries. One read per
+        // rule gives both the idle check's packets and the forwarded-traffic
+        // metrics (each flow's growth since the last reading).
+        let (mut packets, mut bytes) = (0u64, 0u64);
+        let mut out = Vec::with_capacity(self.slots.len());
+        let mut failed = None;
+        for (id, (a, b)) in &self.slots {
+            let (x, y) = match (read(*a), read(*b)) {
+                (Ok(x), Ok(y)) => (x, y),
+                (Err(e), _) | (_, Err(e)) => {
+                    failed = Some(e);
+                    break;
+                }
+            };
+            let now = (x.0.saturating_add(y.0), x.1.saturating_add(y.1));
+            out.push((*id, now.0));
+            let last = self.seen.insert(*id, now).unwrap_or_default();
+            packets = packets.saturating_add(now.0.saturating_sub(last.0));
+            bytes = bytes.saturating_add(now.1.saturating_sub(last.1));
+        }
+        crate::metrics::forwarded(packets, bytes);
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
+    fn counters(&mut self, id: PinholeId) -> Option<FlowCounters> {
+        let slots = *self.slots.get(&id)?;
+        let m = self.maps.lock().ok()?;
+        let read = |s: u32| m.counters(s).ok().flatten().unwrap_or_default();
+        let (a, b) = (read(slots.0), read(slots.1));
+        Some(FlowCounters {
+            packets: a.0.saturating_add(b.0),
+            bytes: a.1.saturating_add(b.1),
+            last_seen_ns: a.2.max(b.2),
+            slots,
+        })
     }
 }
 
@@ -310,6 +384,13 @@ impl PinholeSink for RecordingSink {
         self.take(id)?;
         self.log.push(Recorded::Remove(id));
         Ok(())
+    }
+
+    fn counters(&mut self, id: PinholeId) -> Option<FlowCounters> {
+        self.installed.contains_key(&id).then(|| FlowCounters {
+            packets: self.packets.get(&id).copied().unwrap_or(0),
+            ..FlowCounters::default()
+        })
     }
 
     fn activity(&mut self) -> Result<Vec<(PinholeId, u64)>, SinkError> {
@@ -866,7 +947,7 @@ impl<S: PinholeSink> MediaController<S> {
 impl<S: PinholeSink + Send> MediaControl for MediaController<S> {
     fn on_sdp(&mut self, ev: &SdpEvent<'_>, now: Instant) -> Result<Vec<u8>, MediaError> {
         let t = media_type(ev.content_type);
-        match t.as_str() {
+        let r = match t.as_str() {
             "application/sdp" => self.on_sdp_body(ev, now),
             "text/x-msmsgsinvite" => self.on_msmsgs_body(ev, now),
             // Address-free by definition (module docs): forwarded as is.
@@ -875,7 +956,11 @@ impl<S: PinholeSink + Send> MediaControl for MediaController<S> {
             _ => Err(not_acceptable(format!(
                 "body type {t:?} is not a media description the edge can rewrite"
             ))),
+        };
+        if let Err(e) = &r {
+            crate::metrics::media_refused(&ev.dialog.call_id, ev.from_side, ev.source, e);
         }
+        r
     }
 
     fn on_dialog_end(
@@ -918,6 +1003,23 @@ impl<S: PinholeSink + Send> MediaControl for MediaController<S> {
             self.drop_adopted(gone, "idle");
         }
         expired
+    }
+
+    fn pinholes(&mut self) -> Vec<crate::status::PinholeStatus> {
+        let mut out = Vec::new();
+        for d in self.mgr.dialog_keys() {
+            let flows = self.mgr.flows_of(&d).into_iter().map(|f| (f, "media"));
+            let transfers = self
+                .mgr
+                .transfers_of(&d)
+                .into_iter()
+                .map(|f| (f, "transfer"));
+            for ((id, flow), kind) in flows.chain(transfers).collect::<Vec<_>>() {
+                let c = self.sink.counters(id).unwrap_or_default();
+                out.push(crate::status::PinholeStatus::new(id.0, &d, kind, &flow, &c));
+            }
+        }
+        out
     }
 
     fn end_adopted(&mut self, call_id: &str, tags: &[&str], _now: Instant) -> bool {

@@ -194,4 +194,9 @@ pub trait MediaControl: Send {
         let _ = (call_id, tags, now);
         false
     }
+    /// Every flow this media layer installed, with its dialog and counters
+    /// (`sip-edge calls`, `sip-edge pinholes`; `crate::status`).
+    fn pinholes(&mut self) -> Vec<crate::status::PinholeStatus> {
+        Vec::new()
+    }
 }

@@ -202,20 +202,24 @@ struct Shared {
 struct ActiveGuard {
     active: Arc<AtomicUsize>,
     closed: Arc<AtomicU64>,
+    side: Side,
 }
 
 impl ActiveGuard {
-    fn new(shared: &Shared) -> ActiveGuard {
+    fn new(shared: &Shared, side: Side) -> ActiveGuard {
         shared.active.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::connection_open(side, 1);
         ActiveGuard {
             active: shared.active.clone(),
             closed: shared.closed.clone(),
+            side,
         }
     }
 }
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
+        crate::metrics::connection_open(self.side, -1);
         self.active.fetch_sub(1, Ordering::Relaxed);
         self.closed.fetch_add(1, Ordering::Relaxed);
     }
@@ -350,6 +354,7 @@ struct RefusalLog {
 
 impl RefusalLog {
     fn refused(&mut self, side: Side, peer: SocketAddr, why: Refusal, shared: &Shared) {
+        crate::metrics::connection_refused(side, why.rule());
         let now = Instant::now();
         if self
             .last
@@ -397,7 +402,7 @@ async fn accept_loop(listener: TcpListener, side: Side, tls: Option<TlsAcceptor>
                 continue;
             }
         };
-        let guard = ActiveGuard::new(&shared);
+        let guard = ActiveGuard::new(&shared, side);
         let conn = shared.next_id.fetch_add(1, Ordering::Relaxed);
         let shared = shared.clone();
         let tls = tls.clone();
@@ -411,6 +416,12 @@ async fn accept_loop(listener: TcpListener, side: Side, tls: Option<TlsAcceptor>
                         let hs =
                             tokio::time::timeout(shared.handshake_timeout, acc.accept(tcp)).await;
                         permit.handshake_over();
+                        crate::metrics::tls_handshake(
+                            false,
+                            hs.as_ref().map_or(Some("timeout"), |r| {
+                                r.as_ref().err().map(crate::metrics::tls_failure)
+                            }),
+                        );
                         match hs {
                             Ok(Ok(s)) => {
                                 let info = ConnInfo {
@@ -440,7 +451,15 @@ async fn accept_loop(listener: TcpListener, side: Side, tls: Option<TlsAcceptor>
                                 )
                                 .await;
                             }
-                            Ok(Err(e)) => info!(error = %e, "TLS handshake failed"),
+                            Ok(Err(e)) => info!(
+                                target: "sip_edge::security",
+                                %peer,
+                                ?side,
+                                rule = "tls",
+                                reason = crate::metrics::tls_failure(&e),
+                                error = %e,
+                                "TLS handshake failed; connection closed"
+                            ),
                             Err(_) => info!(
                                 target: "sip_edge::security",
                                 %peer,
@@ -532,17 +551,23 @@ fn spawn_connect(hop: HopTarget, side: Side, shared: Shared) {
                 Err(e) => return fail(format!("peer address: {e}")).await,
             };
             let _ = tcp.set_nodelay(true);
-            let tls = match tokio::time::timeout(
+            let hs = tokio::time::timeout(
                 shared.handshake_timeout,
                 shared.connector.connect(name, tcp),
             )
-            .await
-            {
+            .await;
+            crate::metrics::tls_handshake(
+                true,
+                hs.as_ref().map_or(Some("timeout"), |r| {
+                    r.as_ref().err().map(crate::metrics::tls_failure)
+                }),
+            );
+            let tls = match hs {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => return fail(format!("TLS: {e}")).await,
                 Err(_) => return fail("TLS handshake timed out".into()).await,
             };
-            let _guard = ActiveGuard::new(&shared);
+            let _guard = ActiveGuard::new(&shared, side);
             let info = ConnInfo {
                 side,
                 peer,
@@ -608,6 +633,7 @@ async fn drive(
             ev = events.recv() => {
                 let Some(ev) = ev else { break };
                 d.event(ev);
+                crate::metrics::calls_active(d.proxy.live().2);
             }
             Some(req) = control.recv() => d.control(req),
             _ = tick.tick() => {
@@ -662,6 +688,9 @@ impl Driver {
                         m
                     })
                     .map_err(|e| e.to_string())
+            }
+            q @ (control::Query::Status | control::Query::Calls | control::Query::Pinholes) => {
+                crate::status::answer(&mut self.proxy, q, Instant::now())
             }
         };
         let _ = req.reply.send(answer);

@@ -529,6 +529,11 @@ impl Manager {
             .unwrap_or_default()
     }
 
+    /// Keys of the dialogs tracked, in order (status queries).
+    pub fn dialog_keys(&self) -> Vec<DialogKey> {
+        self.dialogs.keys().cloned().collect()
+    }
+
     /// Dialogs tracked.
     pub fn dialogs(&self) -> usize {
         self.dialogs.len()

@@ -104,6 +104,7 @@ pub(super) fn refused(
         rule = rule.rule(),
         "media endpoint refused"
     );
+    crate::metrics::pinhole_refused(rule.rule());
     MediaError::Forbidden {
         reason: format!("{what} {ep} is {rule}"),
         rule: Some(rule),

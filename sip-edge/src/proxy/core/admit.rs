@@ -46,6 +46,7 @@ impl Proxy {
         let Verdict::Refuse(r) = self.admission.check(&req, now) else {
             return Ok(());
         };
+        crate::metrics::admission_refused(r.rule.key(), r.code);
         if let Some(also) = r.log {
             warn!(
                 target: "sip_edge::security",

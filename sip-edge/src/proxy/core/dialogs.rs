@@ -121,6 +121,9 @@ impl Proxy {
         out: &mut Vec<Outgoing>,
     ) {
         warn!(error = %e, code, "media refused the answer; failing the call");
+        if self.client_txs.get(ckey).is_some_and(|c| c.initial_invite) {
+            crate::metrics::call_final(e.status());
+        }
         let tag = msg.to_tag().ok().flatten();
         self.end_dialog(k, tag.as_deref(), EndReason::Failure(e.status()), now);
         // Toward the UAS: a 2xx needs ACK + BYE, a provisional a CANCEL.
@@ -181,6 +184,7 @@ impl Proxy {
                 let bytes = build::response(&s.request, e.status(), Some(&s.to_tag), &extra);
                 s.last_response = Some(bytes.clone());
                 self.stats.responses_generated += 1;
+                crate::metrics::sip_response(e.status(), true);
                 out.push(Outgoing {
                     dest: Dest::Conn(caller),
                     bytes,

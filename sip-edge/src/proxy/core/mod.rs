@@ -21,6 +21,7 @@
 
 mod admit;
 mod adopted;
+mod calls;
 mod dialogs;
 mod request;
 mod response;
@@ -157,6 +158,8 @@ struct Dialog {
     /// (destination, leg) for BYEs toward the caller and the callee.
     to_caller: Option<(Dest, Side, ByeLeg)>,
     to_callee: Option<(Dest, Side, ByeLeg)>,
+    /// From and To URIs of the initial INVITE (status queries, `calls`).
+    parties: [String; 2],
 }
 
 /// How a request is refused: status and extra headers.
@@ -455,6 +458,7 @@ impl Proxy {
                 let host = self.settings.local(info.side).host.to_string();
                 if let Some(bytes) = build::error_raw(raw, 400, &host, &e.to_string()) {
                     self.stats.responses_generated += 1;
+                    crate::metrics::sip_response(400, true);
                     out.push(Outgoing {
                         dest: Dest::Conn(conn),
                         bytes,
@@ -467,9 +471,18 @@ impl Proxy {
         let call_id = msg.call_id().map(str::to_owned).unwrap_or_default();
         let span = info_span!("call", call_id = %call_id);
         let _g = span.enter();
+        crate::metrics::sip_message(info.side, &msg);
         match msg.start {
             StartLine::Request { .. } => {
                 if let Err(r) = self.on_request(conn, info, &mut msg, now, &mut out) {
+                    crate::metrics::local_refusal(
+                        info.peer,
+                        info.side,
+                        &msg,
+                        r.code,
+                        &r.why,
+                        r.stateless,
+                    );
                     if msg.method().is_some_and(|m| m.is("ACK")) {
                         // §17: ACK is never answered.
                         debug!(code = r.code, why = %r.why, "dropping ACK");
@@ -515,6 +528,7 @@ impl Proxy {
         };
         info!(conn, code, why, "answering a message the framer refused");
         self.stats.responses_generated += 1;
+        crate::metrics::sip_response(code, true);
         vec![Outgoing {
             dest: Dest::Conn(conn),
             bytes,
@@ -534,6 +548,7 @@ impl Proxy {
         out: &mut Vec<Outgoing>,
     ) -> Vec<u8> {
         self.stats.responses_generated += 1;
+        crate::metrics::sip_response(code, true);
         let bytes = build::response(req, code, Some(tag), extra);
         out.push(Outgoing {
             dest: Dest::Conn(conn),

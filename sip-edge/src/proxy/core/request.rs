@@ -237,6 +237,9 @@ impl Proxy {
         let initial_invite = is_invite && to_tag.is_none();
         if initial_invite {
             if let Some(k) = &dialog_key {
+                if !self.dialogs.contains_key(k) {
+                    crate::metrics::call_started();
+                }
                 self.dialogs.entry(k.clone()).or_insert(Dialog {
                     created: now,
                     caller_side: from_side,
@@ -248,6 +251,7 @@ impl Proxy {
                     callee_cseq: 0,
                     to_caller: None,
                     to_callee: None,
+                    parties: [msg.from(), msg.to()].map(|p| p.map(|n| n.uri).unwrap_or_default()),
                 });
             }
         }
@@ -437,6 +441,7 @@ impl Proxy {
             let trying = build::response(&server.request, 100, None, &[]);
             server.last_response = Some(trying.clone());
             self.stats.responses_generated += 1;
+            crate::metrics::sip_response(100, true);
             out.push(Outgoing {
                 dest: Dest::Conn(conn),
                 bytes: trying,

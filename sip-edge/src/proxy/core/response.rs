@@ -190,6 +190,9 @@ impl Proxy {
                 msg.remove_header("Path");
             }
         }
+        if method == "INVITE" && initial_invite {
+            crate::metrics::call_final(code);
+        }
         if code >= 300 && method == "INVITE" && initial_invite && !cancelled {
             if let Some(k) = &dialog {
                 self.end_dialog(k, callee_tag.as_deref(), EndReason::Failure(code), now);

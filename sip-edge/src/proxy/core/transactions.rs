@@ -245,9 +245,14 @@ impl Proxy {
             _ => "next hop unreachable",
         };
         extra.push(self.warning(conn, why));
+        let info = self.conns.get(&conn).copied();
         let Some(s) = self.server_txs.get_mut(&skey) else {
             return;
         };
+        crate::metrics::sip_response(code, true);
+        if let Some(i) = info {
+            crate::metrics::local_refusal(i.peer, i.side, &s.request, code, why, false);
+        }
         let bytes = build::response(&s.request, code, Some(&s.to_tag), &extra);
         s.last_response = Some(bytes.clone());
         self.stats.responses_generated += 1;
