@@ -30,6 +30,9 @@ pub enum LoadError {
         #[source]
         source: Box<aya::EbpfError>,
     },
+    /// The pins have another map layout version (`datapath::layout`).
+    #[error(transparent)]
+    Layout(#[from] super::layout::LayoutError),
     /// The program is missing from the object (build mismatch).
     #[error(
         "program {name} not found in the embedded object; rebuild with `cargo xtask build-ebpf`"
@@ -71,6 +74,11 @@ impl Default for MapSizes {
 /// without attaching it. With `pin_dir`, maps are pinned there by name (an
 /// existing pin is reused, so its contents survive).
 pub fn load(sizes: MapSizes, pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> {
+    // Before aya opens any pin: maps of another layout are refused with
+    // an explanation, never re-adopted and misread.
+    if let Some(dir) = pin_dir {
+        super::layout::check(dir)?;
+    }
     let mut loader = EbpfLoader::new();
     loader
         .map_max_entries(map_names::PINHOLES, sizes.max_pinholes)

@@ -2208,13 +2208,19 @@ fn in_dialog_requests_of_a_call_from_before_a_restart_get_481() {
         .adopted
         .push(("old-call@atlanta".into(), "caller-tag".into()));
     let req = |method: &str, to_tag: &str, n: u32| {
-        let to_tag = if to_tag.is_empty() { String::new() } else { format!(";tag={to_tag}") };
+        let to_tag = if to_tag.is_empty() {
+            String::new()
+        } else {
+            format!(";tag={to_tag}")
+        };
         format!("{method} sips:sef0123456789abcdef1@10.77.0.1:5061;transport=tls SIP/2.0\r\nVia: SIP/2.0/TLS 10.77.0.2:5061;branch=z9hG4bK{method}{n}\r\nRoute: <sips:10.77.0.1:5061;lr>\r\nMax-Forwards: 70\r\nFrom: <sips:alice@atlanta.example.com>;tag=caller-tag\r\nTo: <sips:bob@biloxi.example.com>{to_tag}\r\nCall-ID: old-call@atlanta\r\nCSeq: {n} {method}\r\nContact: <sips:alice@10.77.0.2:5061;transport=tls>\r\nContent-Length: 0\r\n\r\n")
     };
     for (n, method) in [(3, "INVITE"), (4, "UPDATE"), (5, "INFO")] {
         let out = p.on_message(CALLER, req(method, "callee-tag", n).as_bytes(), now);
         let back = to_conn(&out, CALLER);
-        let last = back.last().unwrap_or_else(|| panic!("{method}: no answer: {out:?}"));
+        let last = back
+            .last()
+            .unwrap_or_else(|| panic!("{method}: no answer: {out:?}"));
         assert_eq!(last.status(), Some(481), "{method}: {last:?}");
         assert!(
             !out.iter().any(|o| matches!(o.dest, Dest::Hop { .. })),
@@ -2228,7 +2234,10 @@ fn in_dialog_requests_of_a_call_from_before_a_restart_get_481() {
     );
     // Out of a dialog (no To tag) an unknown token is still 404.
     let out = p.on_message(CALLER, req("INVITE", "", 9).as_bytes(), now);
-    assert_eq!(to_conn(&out, CALLER).last().and_then(|m| m.status()), Some(404));
+    assert_eq!(
+        to_conn(&out, CALLER).last().and_then(|m| m.status()),
+        Some(404)
+    );
 }
 
 /// Issue #15, from outside: a remote source guessing passwords through the
