@@ -31,6 +31,24 @@ pub struct LayoutError {
     pub expected: u32,
 }
 
+/// Records this build's layout version in a freshly loaded object's
+/// `SETTINGS` (the loader calls it right after creating or re-adopting the
+/// pins, so no pins exist without it for longer than that).
+pub fn record(ebpf: &mut aya::Ebpf) -> Result<(), aya::maps::MapError> {
+    let map = ebpf
+        .map_mut(map_names::SETTINGS)
+        .ok_or(aya::maps::MapError::InvalidName {
+            name: map_names::SETTINGS.into(),
+        })?;
+    let mut arr: Array<&mut MapData, Settings> = Array::try_from(map)?;
+    let mut s = arr.get(&0, 0)?;
+    if s.layout_version != MAP_LAYOUT_VERSION {
+        s.layout_version = MAP_LAYOUT_VERSION;
+        arr.set(0, s, 0)?;
+    }
+    Ok(())
+}
+
 /// Whether any map of the datapath is pinned under `pin_dir`.
 pub fn has_pins(pin_dir: &Path) -> bool {
     map_names::ALL.iter().any(|n| pin_dir.join(n).exists())

@@ -33,6 +33,15 @@ pub enum LoadError {
     /// The pins have another map layout version (`datapath::layout`).
     #[error(transparent)]
     Layout(#[from] super::layout::LayoutError),
+    /// Writing the layout version into the new pins failed.
+    #[error("recording the map layout version in the maps pinned under {dir} failed: {source}")]
+    RecordLayout {
+        /// The pin directory.
+        dir: std::path::PathBuf,
+        /// aya's error.
+        #[source]
+        source: aya::maps::MapError,
+    },
     /// The program is missing from the object (build mismatch).
     #[error(
         "program {name} not found in the embedded object; rebuild with `cargo xtask build-ebpf`"
@@ -103,6 +112,12 @@ pub fn load(sizes: MapSizes, pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> 
             source: Box::new(source),
         },
     })?;
+    if let Some(dir) = pin_dir {
+        super::layout::record(&mut ebpf).map_err(|source| LoadError::RecordLayout {
+            dir: dir.to_owned(),
+            source,
+        })?;
+    }
     let prog: &mut Xdp = ebpf
         .program_mut(XDP_PROG_NAME)
         .ok_or(LoadError::MissingProgram {
