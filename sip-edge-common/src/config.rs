@@ -154,10 +154,20 @@ pub struct Settings {
     /// `POLICY_PASS` or `POLICY_DROP`, for traffic that is neither a
     /// pinhole hit nor aimed at a media port of an edge address.
     pub default_policy: u32,
-    /// Explicit padding / future flags; zero.
-    pub _pad: u32,
+    /// The pinned map layout this datapath's maps were created with
+    /// (`MAP_LAYOUT_VERSION` of the sip-edge that created them; 0 in pins
+    /// that predate the field). Written by userspace at load, read by
+    /// loaders and the CLI before they trust any pinned map; the XDP
+    /// program ignores it.
+    pub layout_version: u32,
 }
 const _: () = assert!(core::mem::size_of::<Settings>() == 8);
+
+/// Version of the pinned map layout: names, key and value types, sizes and
+/// meaning of every map in `map_names::ALL`. Bump it with any change a
+/// loader re-adopting older pins could misread; `Settings::layout_version`
+/// carries it in the pins.
+pub const MAP_LAYOUT_VERSION: u32 = 1;
 
 /// Key of `NEIGH_MISS`: a next hop `bpf_fib_lookup` could not resolve. 24 bytes.
 #[repr(C)]

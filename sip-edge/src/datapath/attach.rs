@@ -194,7 +194,7 @@ impl Datapath {
             },
             Some(&pin_dir),
         )?;
-        let mut maps = DatapathMaps::from_ebpf(&mut ebpf)?;
+        let mut maps = DatapathMaps::from_ebpf_pinned(&mut ebpf, &pin_dir)?;
         if maps.capacity() != cfg.limits.max_pinholes {
             warn!(
                 pinned = maps.capacity(),
@@ -266,6 +266,8 @@ pub fn remove_pins(pin_dir: &Path, link_pins: &[PathBuf]) -> Result<(), AttachEr
     }
     // Only if nothing else lives there.
     let _ = std::fs::remove_dir(pin_dir);
+    // The map writer lock goes with the maps it guarded.
+    let _ = std::fs::remove_file(super::writer::writer_lock_path(pin_dir));
     Ok(())
 }
 

@@ -30,6 +30,18 @@ pub enum LoadError {
         #[source]
         source: Box<aya::EbpfError>,
     },
+    /// The pins have another map layout version (`datapath::layout`).
+    #[error(transparent)]
+    Layout(#[from] super::layout::LayoutError),
+    /// Writing the layout version into the new pins failed.
+    #[error("recording the map layout version in the maps pinned under {dir} failed: {source}")]
+    RecordLayout {
+        /// The pin directory.
+        dir: std::path::PathBuf,
+        /// aya's error.
+        #[source]
+        source: aya::maps::MapError,
+    },
     /// The program is missing from the object (build mismatch).
     #[error(
         "program {name} not found in the embedded object; rebuild with `cargo xtask build-ebpf`"
@@ -71,6 +83,11 @@ impl Default for MapSizes {
 /// without attaching it. With `pin_dir`, maps are pinned there by name (an
 /// existing pin is reused, so its contents survive).
 pub fn load(sizes: MapSizes, pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> {
+    // Before aya opens any pin: maps of another layout are refused with
+    // an explanation, never re-adopted and misread.
+    if let Some(dir) = pin_dir {
+        super::layout::check(dir)?;
+    }
     let mut loader = EbpfLoader::new();
     loader
         .map_max_entries(map_names::PINHOLES, sizes.max_pinholes)
@@ -95,6 +112,12 @@ pub fn load(sizes: MapSizes, pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> 
             source: Box::new(source),
         },
     })?;
+    if let Some(dir) = pin_dir {
+        super::layout::record(&mut ebpf).map_err(|source| LoadError::RecordLayout {
+            dir: dir.to_owned(),
+            source,
+        })?;
+    }
     let prog: &mut Xdp = ebpf
         .program_mut(XDP_PROG_NAME)
         .ok_or(LoadError::MissingProgram {

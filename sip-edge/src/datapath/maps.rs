@@ -10,8 +10,12 @@
 //! two rule copies); everything else (nat SNAT rules, keys whose entry is
 //! taken or not indexed) goes to `PINHOLES` with a `PH_STATE` slot. Slot
 //! ids with `SLOT_DST` set name `PH_DST` entries. `DST_PORTS` counts the
-//! `MATCH_DST` rules per protocol and port with atomic adds, so the agent
-//! and the CLI can write concurrently.
+//! `MATCH_DST` rules per protocol and port with atomic adds.
+//!
+//! Handles on pinned maps (the agent's, the CLI's) change the pinhole
+//! tables only under the pin directory's writer lock (`datapath::writer`,
+//! which lists the races it closes) and re-read `EDGE_LIST` inside it; they
+//! refuse pins of another map layout version (`datapath::layout`).
 
 use std::{
     collections::BTreeSet,
@@ -30,11 +34,15 @@ use sip_edge_common::{
     addr_from_ip, dst_port_index, ip_from_addr, map_names, DstSlot, EdgeAddrKey, EdgeList,
     IfaceConfig, NeighMiss, NeighMissKey, PinholeKey, PinholeRule, PinholeState, PortPolicy,
     Reason, Settings, DST_CLAIMED, DST_CTL_PROTO_SHIFT, DST_CTL_ROLE_SHIFT, DST_PORT_SLOTS,
-    DST_SEL, DST_VALID, EDGE_LIST_V4, EDGE_LIST_V6, FAMILY_V4, FAMILY_V6, LATCH_DONE, MATCH_DST,
-    PROTO_TCP, PROTO_UDP, ROLE_EXTERNAL, ROLE_INTERNAL, SLOT_DST,
+    DST_SEL, DST_VALID, EDGE_LIST_V4, EDGE_LIST_V6, FAMILY_V4, FAMILY_V6, LATCH_DONE,
+    MAP_LAYOUT_VERSION, MATCH_DST, PROTO_TCP, PROTO_UDP, ROLE_EXTERNAL, ROLE_INTERNAL, SLOT_DST,
 };
 
-use super::rules::{Flow, FlowError};
+use super::{
+    layout::{self, LayoutError},
+    rules::{Flow, FlowError},
+    writer::{WriterError, WriterGuard, WriterLock},
+};
 
 /// `BPF_NOEXIST`: insert only if the key is new.
 const BPF_NOEXIST: u64 = 1;
@@ -129,6 +137,12 @@ pub enum MapsError {
         /// The slot asked for.
         slot: u32,
     },
+    /// The writer lock of the pin directory (`datapath::writer`).
+    #[error(transparent)]
+    Writer(#[from] WriterError),
+    /// The pins have another map layout (`datapath::layout`).
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
 }
 
 fn op(op: &'static str, name: &'static str) -> impl FnOnce(MapError) -> MapsError {
@@ -194,6 +208,9 @@ pub struct DatapathMaps {
     settings: Array<MapData, Settings>,
     tx_ports: DevMapHash<MapData>,
     neigh_miss: HashMap<MapData, NeighMissKey, NeighMiss>,
+    /// The pin directory's writer lock; `None` for maps nobody else can
+    /// open (an object loaded without pins: tests, benchmarks).
+    writer: Option<WriterLock>,
 }
 
 /// An mmapable ARRAY map mapped shared into this process.
@@ -593,21 +610,63 @@ fn conv<T>(name: &'static str, r: Result<T, MapError>) -> Result<T, MapsError> {
 }
 
 impl DatapathMaps {
-    /// Take the maps out of a loaded object.
+    /// Take the maps out of a loaded object (loaded without pins: nobody
+    /// else writes them).
     pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
+        Self::from_ebpf_with(ebpf, None)
+    }
+
+    /// Take the maps out of an object loaded with its maps pinned under
+    /// `pin_dir`: the recount and every later change happen under the pin
+    /// directory's writer lock.
+    pub fn from_ebpf_pinned(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<Self, MapsError> {
+        Self::from_ebpf_with(ebpf, Some(WriterLock::open(pin_dir)?))
+    }
+
+    fn from_ebpf_with(ebpf: &mut Ebpf, writer: Option<WriterLock>) -> Result<Self, MapsError> {
         let mut take = |name: &'static str| {
             ebpf.take_map(name).ok_or(MapsError::Missing {
                 name,
                 pin_dir: None,
             })
         };
-        let maps = Self::from_maps(&mut take)?;
+        let mut maps = Self::from_maps(&mut take)?;
+        maps.writer = writer;
+        let _g = maps.begin()?;
+        // Record the layout first thing (`datapath::layout`); the loader
+        // checked that re-adopted pins carry this very version.
+        let mut s = maps.settings.get(&0, 0).unwrap_or_default();
+        if s.layout_version != MAP_LAYOUT_VERSION {
+            s.layout_version = MAP_LAYOUT_VERSION;
+            maps.settings
+                .set(0, s, BPF_ANY)
+                .map_err(op("update", map_names::SETTINGS))?;
+        }
         maps.recount();
         Ok(maps)
     }
 
-    /// Open the maps pinned under `dir` by a running (or kept) datapath.
+    /// Takes the writer lock (when the maps are pinned) and re-reads the
+    /// `PH_DST` layout under it: the start of every change.
+    fn begin(&mut self) -> Result<Option<WriterGuard>, MapsError> {
+        let g = self.guard()?;
+        self.layout = self.pinned_layout();
+        Ok(g)
+    }
+
+    fn guard(&self) -> Result<Option<WriterGuard>, MapsError> {
+        Ok(self.writer.as_ref().map(WriterLock::lock).transpose()?)
+    }
+
+    fn pinned_layout(&self) -> EdgeList {
+        self.edge_list.get(&0, 0).unwrap_or_default()
+    }
+
+    /// Open the maps pinned under `dir` by a running (or kept) datapath,
+    /// after checking their layout version.
     pub fn from_pins(dir: &Path) -> Result<Self, MapsError> {
+        layout::check(dir)?;
+        let writer = WriterLock::open(dir)?;
         let mut take = |name: &'static str| {
             let path = dir.join(name);
             if !path.exists() {
@@ -620,7 +679,9 @@ impl DatapathMaps {
                 MapData::from_pin(&path).map_err(|source| MapsError::Open { name, source })?;
             Map::from_map_data(data).map_err(|source| MapsError::Open { name, source })
         };
-        Self::from_maps(&mut take)
+        let mut maps = Self::from_maps(&mut take)?;
+        maps.writer = Some(writer);
+        Ok(maps)
     }
 
     fn from_maps(
@@ -642,6 +703,7 @@ impl DatapathMaps {
             settings: conv(SETTINGS, Array::try_from(take(SETTINGS)?))?,
             tx_ports: conv(TX_PORTS, DevMapHash::try_from(take(TX_PORTS)?))?,
             neigh_miss: conv(NEIGH_MISS, HashMap::try_from(take(NEIGH_MISS)?))?,
+            writer: None,
         };
         m.layout = m.edge_list.get(&0, 0).unwrap_or_default();
         Ok(m)
@@ -678,6 +740,7 @@ impl DatapathMaps {
     /// an earlier configuration are removed).
     pub fn apply_settings(&mut self, s: &DatapathSettings) -> Result<(), MapsError> {
         use map_names::*;
+        let _g = self.begin()?;
         let wanted = |k: u32| s.ifaces.iter().any(|i| i.ifindex == k);
         // IFACES is an array indexed by ifindex: "stale" is a non-zero role.
         let stale_lo: Vec<u32> = (0..self.ifaces.len())
@@ -792,7 +855,7 @@ impl DatapathMaps {
                 0,
                 Settings {
                     default_policy: s.default_policy,
-                    _pad: 0,
+                    layout_version: MAP_LAYOUT_VERSION,
                 },
                 BPF_ANY,
             )
@@ -867,6 +930,7 @@ impl DatapathMaps {
     /// entry of its key when that is free, anything else a `PH_STATE` slot.
     /// Nothing is left behind on failure.
     pub fn add_flow(&mut self, flow: &Flow) -> Result<(u32, u32), MapsError> {
+        let _g = self.begin()?;
         self.check_policy(flow)?;
         let probe = flow.rules(0, 0)?;
         let keys = [probe.inbound.0, probe.outbound.0];
@@ -926,6 +990,7 @@ impl DatapathMaps {
         key: PinholeKey,
         mut rule: PinholeRule,
     ) -> Result<u32, MapsError> {
+        let _g = self.begin()?;
         if let Some(idx) = self.dst_index(&key) {
             if self.dst.claim(idx, &key) {
                 let id = SLOT_DST | idx;
@@ -1024,6 +1089,7 @@ impl DatapathMaps {
     /// for readers, keeping its counters and latch state (a re-INVITE that
     /// changes the rewrite). `rule.slot` is set to `slot`.
     pub fn replace_rule(&mut self, slot: u32, mut rule: PinholeRule) -> Result<(), MapsError> {
+        let _g = self.begin()?;
         rule.slot = slot;
         if slot & SLOT_DST != 0 {
             return if self.dst.replace(slot & !SLOT_DST, &rule) {
@@ -1086,6 +1152,7 @@ impl DatapathMaps {
     /// Remove every rule whose slot is `slot`; with `with_pair`, also the
     /// rule of its pair slot. Returns the slots removed.
     pub fn delete_slot(&mut self, slot: u32, with_pair: bool) -> Result<Vec<u32>, MapsError> {
+        let _g = self.begin()?;
         let Some(pair) = self.remove_one(slot)? else {
             return Err(MapsError::NoSuchSlot { slot });
         };
@@ -1098,6 +1165,10 @@ impl DatapathMaps {
 
     /// Every installed rule with its counters, sorted by slot.
     pub fn list(&self) -> Result<Vec<PinholeEntry>, MapsError> {
+        // A consistent view: no writer is half way, and the layout is the
+        // pinned one, not the one cached when this handle opened.
+        let _g = self.guard()?;
+        let layout = self.pinned_layout();
         let mut out = Vec::new();
         for item in self.pinholes.iter() {
             let (k, r) = item.map_err(op("iterate", map_names::PINHOLES))?;
@@ -1106,7 +1177,7 @@ impl DatapathMaps {
         }
         for idx in 0..self.dst.0.entries {
             if let Some((ctl, r, st)) = self.dst.read(idx) {
-                if let Some(k) = dst_key(&self.layout, idx, ctl) {
+                if let Some(k) = dst_key(&layout, idx, ctl) {
                     out.push(entry(&k, &r, &st));
                 }
             }

@@ -64,7 +64,7 @@ impl Proxy {
                 let b = self
                     .bindings
                     .lookup(token, now)
-                    .ok_or_else(|| reject(404, "unknown or expired flow token"))?;
+                    .ok_or_else(|| unknown_token(msg))?;
                 let _ = side;
                 if b.failed {
                     // RFC 5626 §5.3: the registered client's flow is gone.
@@ -93,7 +93,7 @@ impl Proxy {
             let b = self
                 .bindings
                 .lookup(token, now)
-                .ok_or_else(|| reject(404, "unknown or expired flow token"))?;
+                .ok_or_else(|| unknown_token(msg))?;
             if b.failed {
                 return Err(flow_failed());
             }
@@ -459,4 +459,22 @@ pub(super) fn aor_of(u: &SipUri) -> String {
         .map(|s| s.split(';').next().unwrap_or(s))
         .unwrap_or("");
     format!("{user}@{}", u.host).to_ascii_lowercase()
+}
+
+/// The answer to a request whose flow token (in its Request-URI or top
+/// Route) this edge does not know. Inside a dialog (a To tag) that is 481
+/// Call/Transaction Does Not Exist (RFC 3261 §12.2.2): the edge minted the
+/// token for a dialog it no longer has, typically one from before a
+/// restart, and 481 is what makes the sender end it (RFC 5057 §5.1: a 481
+/// to a re-INVITE or UPDATE terminates the dialog). Outside a dialog the
+/// token named a registration's flow that is gone: 404.
+fn unknown_token(msg: &Message) -> Reject {
+    if msg.to_tag().ok().flatten().is_some() {
+        reject(
+            481,
+            "no such dialog at this edge (its flow token is unknown, e.g. the call predates an edge restart)",
+        )
+    } else {
+        reject(404, "unknown or expired flow token")
+    }
 }

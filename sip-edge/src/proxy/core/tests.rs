@@ -2163,7 +2163,8 @@ fn registration_brute_force_through_the_edge_is_blocked_with_403() {
 /// Issue #14 item 8: after a crash, a BYE for an old call could not be
 /// routed (its Contact token died with the old process) and got 404 while
 /// its pinholes stayed. Now the media layer ends the adopted call and the
-/// edge answers 200; a BYE for a call nobody knows still gets 404.
+/// edge answers 200; a BYE for a call nobody knows gets 481 (issue #8:
+/// RFC 3261 §15.1.2, it used to get 404).
 #[test]
 fn a_bye_for_a_call_of_an_earlier_run_ends_its_adopted_pinholes() {
     let (mut p, rec) = setup();
@@ -2187,7 +2188,56 @@ fn a_bye_for_a_call_of_an_earlier_run_ends_its_adopted_pinholes() {
         "its pinholes are gone"
     );
     let out = p.on_message(CALLER, bye("unknown@atlanta").as_bytes(), now);
-    assert_eq!(to_conn(&out, CALLER)[0].status(), Some(404));
+    assert_eq!(to_conn(&out, CALLER)[0].status(), Some(481));
+}
+
+/// Issue #8, item 10: after a restart, a re-INVITE or UPDATE of a call
+/// from before it (its Contact token died with the old process) got 404
+/// Not Found, which tells the sender nothing about the dialog; 481
+/// Call/Transaction Does Not Exist is right (RFC 3261 §12.2.2) and makes
+/// the sender end the call (RFC 5057 §5.1), whose BYE then removes its
+/// adopted pinholes. The adopted pinholes stay until then: a re-INVITE is
+/// no proof the call ended. An out-of-dialog request with an unknown token
+/// keeps its 404.
+#[test]
+fn in_dialog_requests_of_a_call_from_before_a_restart_get_481() {
+    let (mut p, rec) = setup();
+    let now = Instant::now();
+    rec.lock()
+        .unwrap()
+        .adopted
+        .push(("old-call@atlanta".into(), "caller-tag".into()));
+    let req = |method: &str, to_tag: &str, n: u32| {
+        let to_tag = if to_tag.is_empty() {
+            String::new()
+        } else {
+            format!(";tag={to_tag}")
+        };
+        format!("{method} sips:sef0123456789abcdef1@10.77.0.1:5061;transport=tls SIP/2.0\r\nVia: SIP/2.0/TLS 10.77.0.2:5061;branch=z9hG4bK{method}{n}\r\nRoute: <sips:10.77.0.1:5061;lr>\r\nMax-Forwards: 70\r\nFrom: <sips:alice@atlanta.example.com>;tag=caller-tag\r\nTo: <sips:bob@biloxi.example.com>{to_tag}\r\nCall-ID: old-call@atlanta\r\nCSeq: {n} {method}\r\nContact: <sips:alice@10.77.0.2:5061;transport=tls>\r\nContent-Length: 0\r\n\r\n")
+    };
+    for (n, method) in [(3, "INVITE"), (4, "UPDATE"), (5, "INFO")] {
+        let out = p.on_message(CALLER, req(method, "callee-tag", n).as_bytes(), now);
+        let back = to_conn(&out, CALLER);
+        let last = back
+            .last()
+            .unwrap_or_else(|| panic!("{method}: no answer: {out:?}"));
+        assert_eq!(last.status(), Some(481), "{method}: {last:?}");
+        assert!(
+            !out.iter().any(|o| matches!(o.dest, Dest::Hop { .. })),
+            "{method} is not forwarded anywhere"
+        );
+    }
+    assert_eq!(
+        rec.lock().unwrap().adopted.len(),
+        1,
+        "a re-INVITE is no BYE: the adopted pinholes stay"
+    );
+    // Out of a dialog (no To tag) an unknown token is still 404.
+    let out = p.on_message(CALLER, req("INVITE", "", 9).as_bytes(), now);
+    assert_eq!(
+        to_conn(&out, CALLER).last().and_then(|m| m.status()),
+        Some(404)
+    );
 }
 
 /// Issue #15, from outside: a remote source guessing passwords through the
