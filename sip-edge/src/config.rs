@@ -719,6 +719,9 @@ pub struct Config {
     /// `[control]`: the agent's control socket (`crate::control`).
     #[serde(default)]
     pub control: crate::control::ControlSection,
+    /// `[agent]`: drain time, log filter, certificate checks (`crate::service`).
+    #[serde(default)]
+    pub agent: crate::service::AgentSection,
 }
 
 /// A next hop the proxy opens TLS connections to.
@@ -1281,6 +1284,7 @@ impl Config {
         }
         crate::access::validate(self)?;
         self.control.validate()?;
+        self.agent.validate()?;
         if !self.pin_dir.is_absolute() {
             return Err(invalid(
                 "pin_dir",

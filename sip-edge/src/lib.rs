@@ -12,5 +12,6 @@ pub mod doctor;
 pub mod media;
 pub mod ports;
 pub mod proxy;
+pub mod service;
 pub mod sip;
 pub mod transport;

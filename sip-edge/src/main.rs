@@ -22,10 +22,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    // With a reload handle: `[agent] log` sets the filter at start and on
+    // reload (`service::reload`).
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .init();
+        .with_filter_reloading();
+    let log_handle = logs.reload_handle();
+    logs.init();
     match cli.command {
         Command::Run { config } => {
             // The whole check-config first (TLS files, interfaces, bpffs,
@@ -47,7 +51,27 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(sip_edge::agent::run(cfg, shutdown_signal())) {
+            let set_log: sip_edge::service::reload::SetLog = Box::new(move |f: &str| {
+                let filter = tracing_subscriber::EnvFilter::try_new(f).map_err(|e| e.to_string())?;
+                log_handle.reload(filter).map_err(|e| e.to_string())
+            });
+            if let Some(f) = &cfg.agent.log {
+                if let Err(e) = set_log(f) {
+                    eprintln!("sip-edge: [agent] log {f:?}: {e}");
+                }
+            }
+            let run = async {
+                let (stops, hangups) = signals();
+                let svc = sip_edge::agent::Service {
+                    stops,
+                    hangups,
+                    config_path: Some(config.clone()),
+                    set_log: Some(set_log),
+                    default_log: cli.log.clone(),
+                };
+                sip_edge::agent::run_service(cfg, svc).await
+            };
+            match rt.block_on(run) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!(
@@ -90,6 +114,16 @@ fn main() -> ExitCode {
         },
         Command::Pinhole { action } => print_or_fail(cli::pinhole(&action)),
         Command::Stats(opts) => print_or_fail(cli::stats(&opts)),
+        Command::Reload(opts) => match cli::reload(&opts) {
+            Ok(s) => {
+                print!("{s}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("sip-edge: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Registrations(opts) => match cli::registrations(&opts) {
             Ok(s) => {
                 print!("{s}");
@@ -131,21 +165,41 @@ fn print_or_fail(r: Result<String, sip_edge::datapath::maps::MapsError>) -> Exit
     }
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
+/// SIGTERM and SIGINT as stop requests (the first drains calls, the
+/// second stops at once: `agent::Service`), SIGHUP as reload requests.
+/// Without signal handlers, ctrl-c is the only way out.
+fn signals() -> (
+    tokio::sync::mpsc::Receiver<()>,
+    tokio::sync::mpsc::Receiver<()>,
+) {
     use tokio::signal::unix::{signal, SignalKind};
-    let term = signal(SignalKind::terminate());
-    let int = signal(SignalKind::interrupt());
-    match (term, int) {
-        (Ok(mut t), Ok(mut i)) => {
-            tokio::select! {
-                _ = t.recv() => {},
-                _ = i.recv() => {},
-            }
+    let (stop_tx, stops) = tokio::sync::mpsc::channel(4);
+    let (hup_tx, hangups) = tokio::sync::mpsc::channel(4);
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) {
+        (Ok(mut t), Ok(mut i), Ok(mut h)) => {
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = t.recv() => { let _ = stop_tx.try_send(()); }
+                        _ = i.recv() => { let _ = stop_tx.try_send(()); }
+                        _ = h.recv() => { let _ = hup_tx.try_send(()); }
+                    }
+                }
+            });
         }
         _ => {
-            // Without signal handlers, ctrl-c is the only way out.
-            let _ = tokio::signal::ctrl_c().await;
+            eprintln!("sip-edge: cannot install signal handlers; only ctrl-c stops the agent");
+            tokio::spawn(async move {
+                let _keep = hup_tx;
+                while tokio::signal::ctrl_c().await.is_ok() {
+                    let _ = stop_tx.try_send(());
+                }
+            });
         }
     }
+    (stops, hangups)
 }

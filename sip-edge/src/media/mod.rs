@@ -194,4 +194,13 @@ pub trait MediaControl: Send {
         let _ = (call_id, tags, now);
         false
     }
+    /// A reloaded config's media settings (`crate::service`): apply to new
+    /// offers, keep what is installed. Layers without settings ignore it.
+    fn reconfigure(
+        &mut self,
+        settings: manager::Settings,
+        candidates: crate::config::MediaCandidates,
+    ) {
+        let _ = (settings, candidates);
+    }
 }
