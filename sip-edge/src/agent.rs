@@ -305,6 +305,7 @@ pub async fn run_service(cfg: Config, mut svc: Service) -> Result<(), AgentError
                     Some(r) => {
                         info!("SIGHUP: reloading the configuration");
                         r.reload().await;
+                        retime(&mut cert_tick, &mut cert_every, r);
                     }
                     None => warn!("SIGHUP ignored: the agent was not started from a config file"),
                 }
@@ -312,7 +313,11 @@ pub async fn run_service(cfg: Config, mut svc: Service) -> Result<(), AgentError
             Some(req) = queries.recv() => {
                 if req.query == crate::control::Query::Reload {
                     let out = match &mut reloader {
-                        Some(r) => r.reload().await,
+                        Some(r) => {
+                            let out = r.reload().await;
+                            retime(&mut cert_tick, &mut cert_every, r);
+                            out
+                        }
                         None => Outcome {
                             ok: false,
                             error: Some("the agent was not started from a config file".into()),
@@ -327,11 +332,6 @@ pub async fn run_service(cfg: Config, mut svc: Service) -> Result<(), AgentError
             _ = cert_tick.tick(), if cert_every > 0 => {
                 if let Some(r) = &reloader {
                     r.check_cert_files();
-                    let every = r.applied().agent.cert_check_secs;
-                    if every != cert_every {
-                        cert_every = every;
-                        cert_tick = tokio::time::interval(Duration::from_secs(every.max(1)));
-                    }
                 }
             }
             _ = fib_tick.tick() => {
@@ -428,5 +428,15 @@ fn outcome_fields(out: Outcome) -> Result<serde_json::Map<String, serde_json::Va
         }
         Ok(_) => Err("reload outcome is not an object".into()),
         Err(e) => Err(e.to_string()),
+    }
+}
+
+/// After a reload: the certificate check runs every `[agent]
+/// cert_check_secs` of the applied config (0: off).
+fn retime(tick: &mut tokio::time::Interval, every: &mut u64, r: &Reloader) {
+    let now = r.applied().agent.cert_check_secs;
+    if now != *every {
+        *every = now;
+        *tick = tokio::time::interval(Duration::from_secs(now.max(1)));
     }
 }
