@@ -371,7 +371,9 @@ pub async fn run_service(cfg: Config, mut svc: Service) -> Result<(), AgentError
             warn!(error = %e, "SIP driver task ended abnormally");
         }
     }
-    let on_exit = reloader.as_ref().map_or(cfg.on_exit, |r| r.applied().on_exit);
+    let on_exit = reloader
+        .as_ref()
+        .map_or(cfg.on_exit, |r| r.applied().on_exit);
     match on_exit {
         OnExit::Keep => {
             info!("exiting; datapath stays attached and pinned (on_exit = \"keep\")");
@@ -405,13 +407,15 @@ fn forward_query(
                 let req = match e {
                     mpsc::error::TrySendError::Full(r) | mpsc::error::TrySendError::Closed(r) => r,
                 };
-                let _ = req.reply.send(Err("the SIP proxy is busy or stopped; try again".into()));
+                let _ = req
+                    .reply
+                    .send(Err("the SIP proxy is busy or stopped; try again".into()));
             }
         }
         None => {
-            let _ = req
-                .reply
-                .send(Err("no [proxy] section: this agent runs no SIP proxy".into()));
+            let _ = req.reply.send(Err(
+                "no [proxy] section: this agent runs no SIP proxy".into()
+            ));
         }
     }
 }

@@ -133,8 +133,7 @@ pub fn reload(opts: &ControlOpts) -> Result<String, crate::control::ControlError
         return Ok(serde_json::to_string_pretty(&fields).map_err(bad)? + "\n");
     }
     let changes: Vec<crate::service::diff::Change> =
-        serde_json::from_value(fields.get("changes").cloned().unwrap_or_default())
-            .map_err(bad)?;
+        serde_json::from_value(fields.get("changes").cloned().unwrap_or_default()).map_err(bad)?;
     let outcome = crate::service::reload::Outcome {
         ok: true,
         error: None,

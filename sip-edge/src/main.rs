@@ -52,7 +52,8 @@ fn main() -> ExitCode {
                 }
             };
             let set_log: sip_edge::service::reload::SetLog = Box::new(move |f: &str| {
-                let filter = tracing_subscriber::EnvFilter::try_new(f).map_err(|e| e.to_string())?;
+                let filter =
+                    tracing_subscriber::EnvFilter::try_new(f).map_err(|e| e.to_string())?;
                 log_handle.reload(filter).map_err(|e| e.to_string())
             });
             if let Some(f) = &cfg.agent.log {

@@ -43,7 +43,9 @@ fn start(tag: &str, tweak: impl Fn(String) -> String) -> Edge {
 fn control_socket(e: &Edge) -> PathBuf {
     std::env::temp_dir().join(format!(
         "{}.control.sock",
-        e.pin_dir.file_name().map_or_else(Default::default, |n| n.to_string_lossy())
+        e.pin_dir
+            .file_name()
+            .map_or_else(Default::default, |n| n.to_string_lossy())
     ))
 }
 
@@ -96,7 +98,12 @@ async fn hang_up(alice: &mut UaConn, bob: &mut PeerUa, c: &mut Call) {
         .await
         .expect("200 for BYE");
     let r = response_for(alice, &c.out.a.call_id).await;
-    assert_eq!(r.status(), Some(200), "BYE answered: {:?}", r.header("Warning"));
+    assert_eq!(
+        r.status(),
+        Some(200),
+        "BYE answered: {:?}",
+        r.header("Warning")
+    );
 }
 
 /// Send until received (the first packets may meet an unresolved neighbour).
@@ -106,7 +113,13 @@ fn flows(from: &UdpSocket, to: SocketAddr, rx: &UdpSocket, payload: &[u8]) -> bo
 
 /// Calls until one is admitted or `tries` are refused (503 each), with a
 /// pause between: a SIGHUP's reload is applied a moment after the signal.
-async fn call_eventually(alice: &mut UaConn, bob: &mut PeerUa, a: u16, b: u16, tries: u32) -> Result<Call, u16> {
+async fn call_eventually(
+    alice: &mut UaConn,
+    bob: &mut PeerUa,
+    a: u16,
+    b: u16,
+    tries: u32,
+) -> Result<Call, u16> {
     let mut last = 0;
     for _ in 0..tries {
         match call(alice, bob, a, b).await {
@@ -139,7 +152,9 @@ async fn reload_changes_a_limit_live_with_a_call_up_and_a_bad_file_changes_nothi
     let base = base.into_inner();
     let mut alice = e.connect_alice().await;
     let mut bob = PeerUa::new(&e);
-    let mut c1 = call(&mut alice, &mut bob, 4000, 5000).await.expect("call 1");
+    let mut c1 = call(&mut alice, &mut bob, 4000, 5000)
+        .await
+        .expect("call 1");
     let a1 = e.udp(&e.topo.client, "10.77.0.2:4000");
     let b1 = e.udp(&e.topo.peer, "198.51.100.2:5000");
     assert!(flows(&a1, c1.edge_int, &b1, b"c1 before"), "call 1 media");
@@ -159,25 +174,38 @@ async fn reload_changes_a_limit_live_with_a_call_up_and_a_bad_file_changes_nothi
     let said = text(&out.stdout);
     assert!(out.status.success(), "reload: {}{said}", text(&out.stderr));
     assert!(said.contains("media.max_calls: 1 -> 2: applied"), "{said}");
-    assert!(said.contains("xdp.mode: (unset) -> \"skb\": needs a restart"), "{said}");
+    assert!(
+        said.contains("xdp.mode: (unset) -> \"skb\": needs a restart"),
+        "{said}"
+    );
     let mut c2 = call(&mut alice, &mut bob, 4010, 5010)
         .await
         .expect("call 2 admitted after the reload");
-    assert!(flows(&a1, c1.edge_int, &b1, b"c1 across"), "call 1 media across the reload");
+    assert!(
+        flows(&a1, c1.edge_int, &b1, b"c1 across"),
+        "call 1 media across the reload"
+    );
 
     // A bad file: lowers the limit, and has one invalid key. SIGHUP first,
     // then `sip-edge reload` for the answer; neither changes anything.
-    e.write_config(
-        &with_media(&base, "max_calls = 1\n")
-            .replacen("[signalling]\n", "[limits]\ninvite_rate = 0\n[signalling]\n", 1),
-    );
+    e.write_config(&with_media(&base, "max_calls = 1\n").replacen(
+        "[signalling]\n",
+        "[limits]\ninvite_rate = 0\n[signalling]\n",
+        1,
+    ));
     e.signal(libc::SIGHUP);
     let out = reload(&e);
     let said = text(&out.stderr);
     assert!(!out.status.success(), "a bad file must be refused");
-    assert!(said.contains("limits.invite_rate") && said.contains("nothing changed"), "{said}");
+    assert!(
+        said.contains("limits.invite_rate") && said.contains("nothing changed"),
+        "{said}"
+    );
     // Still max_calls = 2 (2 up): a third is refused, not because of 1.
-    assert_eq!(call(&mut alice, &mut bob, 4020, 5020).await.err(), Some(503));
+    assert_eq!(
+        call(&mut alice, &mut bob, 4020, 5020).await.err(),
+        Some(503)
+    );
     hang_up(&mut alice, &mut bob, &mut c2).await;
     let mut c2 = call(&mut alice, &mut bob, 4010, 5010)
         .await
@@ -189,7 +217,10 @@ async fn reload_changes_a_limit_live_with_a_call_up_and_a_bad_file_changes_nothi
     let mut c3 = call_eventually(&mut alice, &mut bob, 4020, 5020, 10)
         .await
         .expect("call 3 admitted after SIGHUP");
-    assert!(flows(&a1, c1.edge_int, &b1, b"c1 end"), "call 1 media after SIGHUP");
+    assert!(
+        flows(&a1, c1.edge_int, &b1, b"c1 end"),
+        "call 1 media after SIGHUP"
+    );
     for c in [&mut c3, &mut c2, &mut c1] {
         hang_up(&mut alice, &mut bob, c).await;
     }
@@ -209,10 +240,13 @@ async fn presented(e: &Edge, ca: &Path) -> Result<CertificateDer<'static>, Strin
     let tcp = tokio::net::TcpStream::from_std(tcp).map_err(|x| x.to_string())?;
     let cfg = testua::client_config(ca).map_err(|x| x.to_string())?;
     let name = ServerName::try_from(testua::EDGE_TLS_NAME).map_err(|x| x.to_string())?;
-    let tls = tokio::time::timeout(WAIT, tokio_rustls::TlsConnector::from(cfg).connect(name, tcp))
-        .await
-        .map_err(|_| "handshake timed out".to_owned())?
-        .map_err(|x| x.to_string())?;
+    let tls = tokio::time::timeout(
+        WAIT,
+        tokio_rustls::TlsConnector::from(cfg).connect(name, tcp),
+    )
+    .await
+    .map_err(|_| "handshake timed out".to_owned())?
+    .map_err(|x| x.to_string())?;
     tls.get_ref()
         .1
         .peer_certificates()
@@ -248,7 +282,9 @@ async fn a_renewed_certificate_serves_new_handshakes_while_a_call_spans_the_swap
     assert_eq!(presented(&e, &e.pki.ca).await.expect("probe A"), cert_a);
     let mut alice = e.connect_alice().await;
     let mut bob = PeerUa::new(&e);
-    let mut c = call(&mut alice, &mut bob, 4000, 5000).await.expect("call under A");
+    let mut c = call(&mut alice, &mut bob, 4000, 5000)
+        .await
+        .expect("call under A");
     let a1 = e.udp(&e.topo.client, "10.77.0.2:4000");
     let b1 = e.udp(&e.topo.peer, "198.51.100.2:5000");
     assert!(flows(&a1, c.edge_int, &b1, b"under A"), "media under A");
@@ -270,8 +306,14 @@ async fn a_renewed_certificate_serves_new_handshakes_while_a_call_spans_the_swap
         cert_b,
         "a new handshake is shown B"
     );
-    assert!(presented(&e, &e.pki.ca).await.is_err(), "A's CA no longer verifies the edge");
-    assert!(flows(&a1, c.edge_int, &b1, b"under B"), "the call's media across the swap");
+    assert!(
+        presented(&e, &e.pki.ca).await.is_err(),
+        "A's CA no longer verifies the edge"
+    );
+    assert!(
+        flows(&a1, c.edge_int, &b1, b"under B"),
+        "the call's media across the swap"
+    );
 
     // A mismatched pair (C's certificate, B's key): refused, B stays.
     let dir_c = e.dir().join("c");
@@ -282,7 +324,10 @@ async fn a_renewed_certificate_serves_new_handshakes_while_a_call_spans_the_swap
     assert!(!out.status.success(), "mismatched pair must be refused");
     let said = text(&out.stderr);
     assert!(said.contains("nothing changed"), "{said}");
-    assert_eq!(presented(&e, &pki_b.ca).await.expect("probe B again"), cert_b);
+    assert_eq!(
+        presented(&e, &pki_b.ca).await.expect("probe B again"),
+        cert_b
+    );
 
     // The call ends cleanly over its original connections: alice's (made
     // under A) and the edge's to bob (`PeerUa` reads the one it accepted).
@@ -303,7 +348,10 @@ async fn a_renewed_certificate_serves_new_handshakes_while_a_call_spans_the_swap
         if presented(&e, &pki_c.ca).await.ok().as_ref() == Some(&cert_c) {
             break;
         }
-        assert!(Instant::now() < deadline, "the changed files were never picked up");
+        assert!(
+            Instant::now() < deadline,
+            "the changed files were never picked up"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     e.stop();
@@ -344,7 +392,15 @@ async fn sigterm_drains_calls_then_exits() {
         assert_eq!(first.status(), Some(100), "admitted before the drain began");
         let inv = bob.recv_request("INVITE").await;
         bob.conn()
-            .send(&reply(&inv, 486, "Busy Here", &testua::unique("t"), "", "", ""))
+            .send(&reply(
+                &inv,
+                486,
+                "Busy Here",
+                &testua::unique("t"),
+                "",
+                "",
+                "",
+            ))
             .await
             .expect("486");
         let busy = response_for(&mut alice, &d.call_id).await;
@@ -355,14 +411,28 @@ async fn sigterm_drains_calls_then_exits() {
         assert!(Instant::now() < deadline, "no 503 while draining");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert!(refused.header("Retry-After").is_some(), "503 carries Retry-After");
-    assert!(flows(&a1, c.edge_int, &b1, b"draining"), "media while draining");
-    assert!(e.wait_exit(Duration::from_millis(500)).is_none(), "still draining with a call up");
+    assert!(
+        refused.header("Retry-After").is_some(),
+        "503 carries Retry-After"
+    );
+    assert!(
+        flows(&a1, c.edge_int, &b1, b"draining"),
+        "media while draining"
+    );
+    assert!(
+        e.wait_exit(Duration::from_millis(500)).is_none(),
+        "still draining with a call up"
+    );
     let t0 = Instant::now();
     hang_up(&mut alice, &mut bob, &mut c).await;
-    let status = e.wait_exit(Duration::from_secs(10)).expect("agent exits once the call ended");
+    let status = e
+        .wait_exit(Duration::from_secs(10))
+        .expect("agent exits once the call ended");
     assert!(status.success(), "{status}");
-    assert!(t0.elapsed() < Duration::from_secs(10), "exit follows the last BYE");
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "exit follows the last BYE"
+    );
 
     drop((alice, bob));
 
@@ -375,7 +445,9 @@ async fn sigterm_drains_calls_then_exits() {
     let _c = call(&mut alice, &mut bob, 4010, 5010).await.expect("call");
     let t0 = Instant::now();
     e.signal(libc::SIGTERM);
-    let status = e.wait_exit(Duration::from_secs(15)).expect("agent exits after the drain time");
+    let status = e
+        .wait_exit(Duration::from_secs(15))
+        .expect("agent exits after the drain time");
     let took = t0.elapsed();
     assert!(status.success(), "{status}");
     assert!(
@@ -385,7 +457,11 @@ async fn sigterm_drains_calls_then_exits() {
 }
 
 /// Receives sd_notify datagrams until one contains `want`.
-fn notified(sock: &std::os::unix::net::UnixDatagram, want: &str, within: Duration) -> Result<String, String> {
+fn notified(
+    sock: &std::os::unix::net::UnixDatagram,
+    want: &str,
+    within: Duration,
+) -> Result<String, String> {
     let deadline = Instant::now() + within;
     let mut seen = Vec::new();
     let mut buf = [0u8; 4096];
@@ -426,7 +502,8 @@ async fn readiness_reaches_a_fake_notify_socket() {
     e.write_config(&testua::edge_config(&e.pin_dir, &e.pki, "relay"));
     let path = e.dir().join("notify.sock");
     let sock = std::os::unix::net::UnixDatagram::bind(&path).expect("bind notify socket");
-    sock.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
     let child = e
         .topo
         .edge_cmd(&testnet::agent_bin())

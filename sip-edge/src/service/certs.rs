@@ -108,9 +108,13 @@ pub fn summary(k: &CertifiedKey) -> String {
     k.cert
         .first()
         .and_then(|c| {
-            x509_parser::parse_x509_certificate(c)
-                .ok()
-                .map(|(_, x)| format!("subject {}, serial {}", x.subject(), x.raw_serial_as_string()))
+            x509_parser::parse_x509_certificate(c).ok().map(|(_, x)| {
+                format!(
+                    "subject {}, serial {}",
+                    x.subject(),
+                    x.raw_serial_as_string()
+                )
+            })
         })
         .unwrap_or_else(|| "unparsable certificate".into())
 }
@@ -232,9 +236,9 @@ pub fn server_config(
             )
         }
     };
-    Ok(Arc::new(
-        builder.with_cert_resolver(Arc::new(ServerResolver(store.clone()))),
-    ))
+    Ok(Arc::new(builder.with_cert_resolver(Arc::new(
+        ServerResolver(store.clone()),
+    ))))
 }
 
 /// The config for outgoing connections over `store` (as
@@ -264,7 +268,10 @@ mod tests {
             .expect("params")
             .self_signed(&key)
             .expect("cert");
-        let (c, k) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+        let (c, k) = (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.key")),
+        );
         std::fs::write(&c, cert.pem()).expect("write");
         std::fs::write(&k, key.serialize_pem()).expect("write");
         (c, k)
@@ -289,7 +296,10 @@ mod tests {
         std::fs::copy(&kb, &ka).expect("copy");
         match store.check_files() {
             Ok(CertCheck::Replaced { summary }) => {
-                assert!(summary.contains("b.example.net") || summary.contains("serial"), "{summary}")
+                assert!(
+                    summary.contains("b.example.net") || summary.contains("serial"),
+                    "{summary}"
+                )
             }
             other => panic!("expected a replacement: {other:?}"),
         }

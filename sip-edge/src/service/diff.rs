@@ -300,11 +300,20 @@ host = "198.51.100.2"
     fn each_changed_key_is_listed_with_its_class() {
         let new = with(&[
             ("[media]\n", "[media]\nmax_calls = 5\nmode = \"nat\"\n"),
-            ("[signalling]\n", "[limits]\ninvite_rate = 1\nmax_pinholes = 1024\n[signalling]\n"),
+            (
+                "[signalling]\n",
+                "[limits]\ninvite_rate = 1\nmax_pinholes = 1024\n[signalling]\n",
+            ),
             ("host = \"198.51.100.2\"", "host = \"198.51.100.3\""),
             ("\"10.77.0.1:5061\"", "\"10.77.0.1:5062\""),
-            ("cert = \"/etc/sip-edge/edge.pem\"", "cert = \"/etc/sip-edge/edge2.pem\""),
-            ("pin_dir = \"/sys/fs/bpf/sip-edge\"", "pin_dir = \"/sys/fs/bpf/other\"\n[agent]\nlog = \"debug\""),
+            (
+                "cert = \"/etc/sip-edge/edge.pem\"",
+                "cert = \"/etc/sip-edge/edge2.pem\"",
+            ),
+            (
+                "pin_dir = \"/sys/fs/bpf/sip-edge\"",
+                "pin_dir = \"/sys/fs/bpf/other\"\n[agent]\nlog = \"debug\"",
+            ),
         ]);
         assert_eq!(
             changes(&new),
@@ -341,7 +350,10 @@ host = "198.51.100.2"
         assert_eq!(d[0].new, None);
         assert_eq!(d[0].old.as_deref(), Some("\"peer.example.net\""));
         let text = render(&d);
-        assert!(text.contains("route[0].host: \"198.51.100.2\" -> (unset): applied"), "{text}");
+        assert!(
+            text.contains("route[0].host: \"198.51.100.2\" -> (unset): applied"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -407,12 +419,24 @@ host = "198.51.100.2"
             ("[media]\n", "[media]\nmode = \"nat\"\n"),
         ]));
         assert!(diff(&b, &b, &n).iter().all(|c| c.apply == Apply::Restart));
-        let live_only = Config::from_toml(&with(&[
-            ("host = \"198.51.100.2\"", "host = \"198.51.100.3\""),
-            ("[media]\n", "[media]\nmax_calls = 5\nlatch = true\nport_ranges = [\"41000-41999\"]\n"),
-            ("[signalling]\n", "[limits]\ninvite_rate = 1\n[agent]\ndrain_secs = 9\n[signalling]\n"),
-            ("cert = \"/etc/sip-edge/edge.pem\"", "cert = \"/etc/sip-edge/edge2.pem\"\nidle_timeout_secs = 9"),
-        ]).replacen("port_ranges = [\"40000-40999\"]\n", "", 1))
+        let live_only = Config::from_toml(
+            &with(&[
+                ("host = \"198.51.100.2\"", "host = \"198.51.100.3\""),
+                (
+                    "[media]\n",
+                    "[media]\nmax_calls = 5\nlatch = true\nport_ranges = [\"41000-41999\"]\n",
+                ),
+                (
+                    "[signalling]\n",
+                    "[limits]\ninvite_rate = 1\n[agent]\ndrain_secs = 9\n[signalling]\n",
+                ),
+                (
+                    "cert = \"/etc/sip-edge/edge.pem\"",
+                    "cert = \"/etc/sip-edge/edge2.pem\"\nidle_timeout_secs = 9",
+                ),
+            ])
+            .replacen("port_ranges = [\"40000-40999\"]\n", "", 1),
+        )
         .expect("live-only");
         assert_eq!(effective(&started, &live_only), live_only);
     }

@@ -18,12 +18,7 @@
 //! Data in: the config file, the running parts' handles. Data out: an
 //! [`Outcome`] (logged, sent to the control client).
 
-use std::{
-    net::SocketAddr,
-    path::PathBuf,
-    sync::Arc,
-    time::Duration,
-};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
@@ -178,7 +173,9 @@ impl Reloader {
         notify::reloading();
         let out = self.reload_inner().await;
         match &out.error {
-            Some(e) => warn!(file = %self.path.display(), error = %e.trim_end(), "reload refused; the running configuration is unchanged"),
+            Some(e) => {
+                warn!(file = %self.path.display(), error = %e.trim_end(), "reload refused; the running configuration is unchanged")
+            }
             None => {
                 for c in &out.changes {
                     info!(

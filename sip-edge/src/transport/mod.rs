@@ -240,8 +240,7 @@ pub async fn start(
     // swapped on reload (`service::certs`).
     let certs = crate::service::certs::CertStore::load(&p.cert, &p.key)?;
     let int_tls = crate::service::certs::server_config(&certs, ClientAuth::None, &client_ca)?;
-    let ext_tls =
-        crate::service::certs::server_config(&certs, p.external_client_auth, &client_ca)?;
+    let ext_tls = crate::service::certs::server_config(&certs, p.external_client_auth, &client_ca)?;
     let client_tls = crate::service::certs::client_config(&p.ca_roots, &certs)?;
     let bind = |what: &'static str, addr: SocketAddr| async move {
         TcpListener::bind(addr)
@@ -419,8 +418,11 @@ async fn accept_loop(listener: TcpListener, side: Side, tls: Option<TlsAcceptor>
                 let _ = tcp.set_nodelay(true);
                 match tls {
                     Some(acc) => {
-                        let hs =
-                            tokio::time::timeout(**shared.handshake_timeout.load(), acc.accept(tcp)).await;
+                        let hs = tokio::time::timeout(
+                            **shared.handshake_timeout.load(),
+                            acc.accept(tcp),
+                        )
+                        .await;
                         permit.handshake_over();
                         match hs {
                             Ok(Ok(s)) => {
