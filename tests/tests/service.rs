@@ -225,6 +225,51 @@ async fn reload_changes_a_limit_live_with_a_call_up_and_a_bad_file_changes_nothi
         hang_up(&mut alice, &mut bob, c).await;
     }
     e.assert_empty("after the reloads");
+
+    // New media ranges apply to the next call: its edge ports come from
+    // the new range (outside the window the datapath indexed at start, so
+    // its rules live in the hash table) and its media crosses XDP both ways.
+    e.write_config(
+        &with_media(
+            &base,
+            "max_calls = 3
+",
+        )
+        .replacen(
+            "port_ranges = [\"40000-40999\"]",
+            "port_ranges = [\"42000-42099\"]",
+            1,
+        ),
+    );
+    let out = reload(&e);
+    let said = text(&out.stdout);
+    assert!(out.status.success(), "reload: {}{said}", text(&out.stderr));
+    assert!(
+        said.contains("media.port_ranges: [\"40000-40999\"] -> [\"42000-42099\"]: applied"),
+        "{said}"
+    );
+    let mut c4 = call(&mut alice, &mut bob, 4030, 5030)
+        .await
+        .expect("call in the new range");
+    let edge_pub = media_of(&c4.out.offer, "audio").expect("offer audio").addr;
+    for p in [c4.edge_int.port(), edge_pub.port()] {
+        assert!(
+            (42000..=42099).contains(&p),
+            "edge port {p} not from the new range"
+        );
+    }
+    let a4 = e.udp(&e.topo.client, "10.77.0.2:4030");
+    let b4 = e.udp(&e.topo.peer, "198.51.100.2:5030");
+    assert!(
+        flows(&a4, c4.edge_int, &b4, b"new range out"),
+        "media out, new range"
+    );
+    assert!(
+        flows(&b4, edge_pub, &a4, b"new range in"),
+        "media in, new range"
+    );
+    hang_up(&mut alice, &mut bob, &mut c4).await;
+    e.assert_empty("after the range change");
     e.stop();
 }
 
