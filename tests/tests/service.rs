@@ -21,6 +21,7 @@ use std::{
     net::{SocketAddr, UdpSocket},
     path::{Path, PathBuf},
     process::{Output, Stdio},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -549,16 +550,31 @@ async fn readiness_reaches_a_fake_notify_socket() {
     let sock = std::os::unix::net::UnixDatagram::bind(&path).expect("bind notify socket");
     sock.set_read_timeout(Some(Duration::from_millis(200)))
         .expect("timeout");
-    let child = e
-        .topo
-        .edge_cmd(&testnet::agent_bin())
-        .args(["run", "--config"])
-        .arg(e.config_path())
-        .env("NOTIFY_SOCKET", &path)
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("spawn agent");
-    let mut child = Child(child);
+    let mut child = Child(
+        e.topo
+            .edge_cmd(&testnet::agent_bin())
+            .args(["run", "--config"])
+            .arg(e.config_path())
+            .env("NOTIFY_SOCKET", &path)
+            .env("SIP_EDGE_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn agent"),
+    );
+    // The agent's log, line by line (read off the pipe so it never fills).
+    let log = Arc::new(Mutex::new(Vec::<String>::new()));
+    if let Some(err) = child.0.stderr.take() {
+        let log = log.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                eprintln!("{line}");
+                log.lock().expect("log").push(line);
+            }
+        });
+    }
     let ready = notified(&sock, "READY=1", Duration::from_secs(60)).expect("READY=1");
     assert!(ready.contains("STATUS="), "{ready}");
     let up = testnet::in_ns(&e.topo.client, || {
@@ -566,6 +582,12 @@ async fn readiness_reaches_a_fake_notify_socket() {
     })
     .expect("netns");
     assert!(up.is_ok(), "READY=1 came before the listener answered");
+    // The reload also turns on debug logging (`[agent] log`, the tracing
+    // reload handle): sd_notify's debug line appears only after it.
+    e.write_config(&format!(
+        "{}[agent]\nlog = \"info,sip_edge::service=debug\"\n",
+        testua::edge_config(&e.pin_dir, &e.pki, "relay")
+    ));
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(child.0.id() as libc::pid_t, libc::SIGHUP) };
     notified(&sock, "RELOADING=1", Duration::from_secs(10)).expect("RELOADING=1");
@@ -578,4 +600,21 @@ async fn readiness_reaches_a_fake_notify_socket() {
         assert!(Instant::now() < deadline, "agent did not exit");
         std::thread::sleep(Duration::from_millis(20));
     }
+    std::thread::sleep(Duration::from_millis(200));
+    let log = log.lock().expect("log").clone();
+    let reloaded = log
+        .iter()
+        .position(|l| l.contains("config key changed: applied") && l.contains("agent.log"))
+        .unwrap_or_else(|| panic!("no agent.log change in the log: {log:#?}"));
+    let debug: Vec<usize> = (0..log.len())
+        .filter(|i| log[*i].contains("sd_notify sent"))
+        .collect();
+    assert!(
+        !debug.is_empty(),
+        "no debug line after the reload: {log:#?}"
+    );
+    assert!(
+        debug.iter().all(|i| *i > reloaded),
+        "debug lines before the reload set the filter: {log:#?}"
+    );
 }
