@@ -11,8 +11,14 @@
 //! - SIGTERM drains: new INVITEs get 503 with Retry-After, the call in
 //!   progress ends with BYE and the agent exits then, or when the drain
 //!   time is over;
+//! - a reload of `media.port_ranges` gives the next call ports from the
+//!   new range, with media through XDP both ways;
 //! - sd_notify: READY=1 reaches a fake NOTIFY_SOCKET once the listeners
-//!   answer, RELOADING=1/READY=1 around a SIGHUP, STOPPING=1 on SIGTERM.
+//!   answer, RELOADING=1/READY=1 around a SIGHUP, STOPPING=1 on SIGTERM;
+//!   the SIGHUP's `[agent] log` filter takes effect (tracing reload handle).
+//!
+//! Run against the agent before this change (`SIP_EDGE_BIN` at main's
+//! build) every test failed: no `reload` command, no `[agent]` table.
 //!
 //! Needs root; skips through `testnet::record_skip`. Namespaces and pins
 //! are tagged `rl…`; every wait is bounded.
