@@ -5,14 +5,21 @@
 //! handle on the pinned maps), service the datapath (resolve next hops the
 //! datapath met unresolved; log a rising `drop_fib_failed` with the fix),
 //! serve the control socket (`crate::control`; its `registrations` queries
-//! go to the proxy's driver) until `shutdown` resolves, then stop the proxy
-//! and keep or remove the datapath as configured.
+//! go to the proxy's driver, `reload` is answered here) until `shutdown`
+//! resolves, then stop the proxy and keep or remove the datapath as
+//! configured. As a service (`run_service`, `crate::service`): reload on
+//! SIGHUP or `sip-edge reload`, look at the certificate files, tell
+//! systemd when ready, and on the first stop signal drain calls for
+//! `[agent] drain_secs` (a second one stops at once).
 
 use std::{
     future::Future,
+    path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration,
 };
+
+use tokio::sync::{mpsc, oneshot};
 
 use sip_edge_common::reason::Reason;
 use tracing::{info, warn};
@@ -28,7 +35,11 @@ use crate::{
     },
     media::control::MediaController,
     ports::{self, PortsError},
-    transport::{self, TransportError},
+    service::{
+        notify,
+        reload::{Outcome, Reloader, SetLog, TransportHandle},
+    },
+    transport::{self, live::Command, TransportError},
 };
 
 /// Why the agent stopped with an error.
@@ -101,8 +112,54 @@ fn fib_failed(maps: &DatapathMaps) -> Option<u64> {
     }
 }
 
-/// Run the agent until `shutdown` completes.
+/// How the agent runs as a service (`main.rs` fills it from the signals
+/// and the command line).
+pub struct Service {
+    /// Stop requests (SIGTERM, SIGINT): the first drains calls for
+    /// `[agent] drain_secs`, the second stops at once.
+    pub stops: mpsc::Receiver<()>,
+    /// Reload requests (SIGHUP).
+    pub hangups: mpsc::Receiver<()>,
+    /// The config file, re-read on reload (none: reload is refused).
+    pub config_path: Option<PathBuf>,
+    /// Sets the log filter on reload.
+    pub set_log: Option<SetLog>,
+    /// The filter in force when `[agent] log` is unset (`--log`).
+    pub default_log: String,
+}
+
+/// How often a drain asks how many calls are left.
+const DRAIN_POLL: Duration = Duration::from_millis(200);
+
+/// Run the agent until `shutdown` completes (no reload, no drain wait
+/// beyond `[agent] drain_secs`; tests and embedders).
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    let (stop_tx, stops) = mpsc::channel(1);
+    let (_hangup_tx, hangups) = mpsc::channel(1);
+    let svc = Service {
+        stops,
+        hangups,
+        config_path: None,
+        set_log: None,
+        default_log: String::new(),
+    };
+    let agent = run_service(cfg, svc);
+    tokio::pin!(agent);
+    tokio::pin!(shutdown);
+    let mut signalled = false;
+    loop {
+        tokio::select! {
+            r = &mut agent => return r,
+            () = &mut shutdown, if !signalled => {
+                signalled = true;
+                let _ = stop_tx.send(()).await;
+            }
+        }
+    }
+}
+
+/// Run the agent as a service until stopped (module docs).
+pub async fn run_service(cfg: Config, mut svc: Service) -> Result<(), AgentError> {
     // Before anything touches the kernel (issue #14 item 8): a second agent
     // on these pins would swap its program into our links and, with
     // on_exit = "remove", delete them under us. Held until we return.
@@ -155,12 +212,15 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     // The control socket: a failure to serve it never stops the agent
     // (the datapath and the proxy work without it); it is logged.
     let (stop_control, control_stopped) = tokio::sync::oneshot::channel::<()>();
+    // Queries come here first: `reload` is the agent's, the rest go on to
+    // the proxy's driver (`forward_query`).
+    let (queries_tx, mut queries) = mpsc::channel::<crate::control::Request>(16);
     let control = if cfg.control.enabled {
         match crate::control::bind(&cfg.control) {
             Ok(listener) => Some(tokio::spawn(crate::control::serve(
                 listener,
                 cfg.control.socket.clone(),
-                proxy.as_ref().map(|p| p.control.clone()),
+                Some(queries_tx),
                 async move {
                     let _ = control_stopped.await;
                 },
@@ -178,12 +238,109 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         let _ = metrics_stopped.await;
     })
     .await;
-    tokio::pin!(shutdown);
+    let mut reloader = svc.config_path.take().map(|path| {
+        Reloader::new(
+            path,
+            cfg.clone(),
+            proxy.as_ref().map(|p| TransportHandle {
+                commands: p.commands.clone(),
+                certs: p.certs.clone(),
+                internal: p.internal,
+                external: p.external,
+                internal_udp: p.internal_udp,
+            }),
+            svc.set_log.take(),
+            std::mem::take(&mut svc.default_log),
+        )
+    });
+    // Listeners bound, XDP attached, control socket up.
+    notify::ready("running");
+    let mut cert_every = cfg.agent.cert_check_secs;
+    let mut cert_tick = tokio::time::interval(Duration::from_secs(cert_every.max(1)));
+    let mut drain_tick = tokio::time::interval(DRAIN_POLL);
+    let mut drain_until: Option<tokio::time::Instant> = None;
+    let (mut stops_open, mut hangups_open) = (true, true);
     let mut tick = tokio::time::interval(NEIGH_POLL);
     let mut fib_tick = tokio::time::interval(FIB_WATCH);
     loop {
         tokio::select! {
-            () = &mut shutdown => break,
+            s = svc.stops.recv(), if stops_open => {
+                let Some(()) = s else {
+                    stops_open = false;
+                    continue;
+                };
+                if drain_until.is_some() {
+                    info!("second stop signal: stopping now, calls in progress or not");
+                    break;
+                }
+                let drain = reloader
+                    .as_ref()
+                    .map_or(cfg.agent.drain_secs, |r| r.applied().agent.drain_secs);
+                match &proxy {
+                    Some(p) if drain > 0 => {
+                        notify::stopping(&format!("draining calls for up to {drain} s"));
+                        let _ = p.commands.send(Command::Drain).await;
+                        info!(drain_secs = drain, "stop requested: draining calls (new INVITEs get 503); a second SIGTERM stops at once");
+                        drain_until = Some(tokio::time::Instant::now() + Duration::from_secs(drain));
+                    }
+                    _ => {
+                        notify::stopping("stopping");
+                        break;
+                    }
+                }
+            }
+            _ = drain_tick.tick(), if drain_until.is_some() => {
+                let left = match &proxy {
+                    Some(p) => calls(p).await,
+                    None => 0,
+                };
+                if left == 0 {
+                    info!("drain: every call has ended; stopping");
+                    break;
+                }
+                if drain_until.is_some_and(|t| tokio::time::Instant::now() >= t) {
+                    warn!(calls = left, "drain time over; stopping with calls in progress");
+                    break;
+                }
+            }
+            h = svc.hangups.recv(), if hangups_open => {
+                if h.is_none() {
+                    hangups_open = false;
+                    continue;
+                }
+                match &mut reloader {
+                    Some(r) => {
+                        info!("SIGHUP: reloading the configuration");
+                        r.reload().await;
+                        retime(&mut cert_tick, &mut cert_every, r);
+                    }
+                    None => warn!("SIGHUP ignored: the agent was not started from a config file"),
+                }
+            }
+            Some(req) = queries.recv() => {
+                if req.query == crate::control::Query::Reload {
+                    let out = match &mut reloader {
+                        Some(r) => {
+                            let out = r.reload().await;
+                            retime(&mut cert_tick, &mut cert_every, r);
+                            out
+                        }
+                        None => Outcome {
+                            ok: false,
+                            error: Some("the agent was not started from a config file".into()),
+                            ..Outcome::default()
+                        },
+                    };
+                    let _ = req.reply.send(outcome_fields(out));
+                } else {
+                    forward_query(req, proxy.as_ref().map(|p| &p.control));
+                }
+            }
+            _ = cert_tick.tick(), if cert_every > 0 => {
+                if let Some(r) = &reloader {
+                    r.check_cert_files();
+                }
+            }
             _ = fib_tick.tick() => {
                 let Some(lost) = fib_failed(&dp.maps).and_then(|t| fib_watch.observe(t)) else {
                     continue;
@@ -225,7 +382,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             warn!(error = %e, "SIP driver task ended abnormally");
         }
     }
-    match cfg.on_exit {
+    let on_exit = reloader
+        .as_ref()
+        .map_or(cfg.on_exit, |r| r.applied().on_exit);
+    match on_exit {
         OnExit::Keep => {
             info!("exiting; datapath stays attached and pinned (on_exit = \"keep\")");
             Ok(())
@@ -235,5 +395,63 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             info!("exiting; datapath detached and pins removed (on_exit = \"remove\")");
             Ok(())
         }
+    }
+}
+
+/// Calls the proxy has not ended (0 once its driver is gone).
+async fn calls(p: &transport::Running) -> usize {
+    let (reply, answer) = oneshot::channel();
+    if p.commands.send(Command::Calls { reply }).await.is_err() {
+        return 0;
+    }
+    answer.await.unwrap_or(0)
+}
+
+/// A control query that is not the agent's own goes to the proxy driver.
+fn forward_query(
+    req: crate::control::Request,
+    proxy: Option<&mpsc::Sender<crate::control::Request>>,
+) {
+    match proxy {
+        Some(p) => {
+            if let Err(e) = p.try_send(req) {
+                let req = match e {
+                    mpsc::error::TrySendError::Full(r) | mpsc::error::TrySendError::Closed(r) => r,
+                };
+                let _ = req
+                    .reply
+                    .send(Err("the SIP proxy is busy or stopped; try again".into()));
+            }
+        }
+        None => {
+            let _ = req.reply.send(Err(
+                "no [proxy] section: this agent runs no SIP proxy".into()
+            ));
+        }
+    }
+}
+
+/// A reload's outcome as the control socket's answer.
+fn outcome_fields(out: Outcome) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    if let Some(e) = out.error {
+        return Err(format!("{e}\nnothing changed"));
+    }
+    match serde_json::to_value(&out) {
+        Ok(serde_json::Value::Object(mut m)) => {
+            m.remove("ok");
+            Ok(m)
+        }
+        Ok(_) => Err("reload outcome is not an object".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// After a reload: the certificate check runs every `[agent]
+/// cert_check_secs` of the applied config (0: off).
+fn retime(tick: &mut tokio::time::Interval, every: &mut u64, r: &Reloader) {
+    let now = r.applied().agent.cert_check_secs;
+    if now != *every {
+        *every = now;
+        *tick = tokio::time::interval(Duration::from_secs(now.max(1)));
     }
 }

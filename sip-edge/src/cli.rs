@@ -93,6 +93,12 @@ pub enum Command {
     /// The pinholes the running agent installed, with their calls; when
     /// no agent answers, the rules in the pinned maps (says which).
     Pinholes(crate::status::PinholesOpts),
+    /// Ask the running agent to re-read its config file (as SIGHUP does):
+    /// checked in full first (a bad file changes nothing and the answer
+    /// says why), then what can change live is applied; prints each
+    /// changed key and whether it was applied or needs a restart. Exit 1
+    /// when the agent refused the file.
+    Reload(ControlOpts),
 }
 
 /// Where the running agent's control socket is, and output format.
@@ -127,6 +133,32 @@ pub fn registrations(opts: &ControlOpts) -> Result<String, crate::control::Contr
         return Ok(text + "\n");
     }
     Ok(registrations_table(&list))
+}
+
+/// `sip-edge reload`: the agent's answer, as text or JSON.
+pub fn reload(opts: &ControlOpts) -> Result<String, crate::control::ControlError> {
+    use crate::control::{query, ControlError, Query};
+    let fields = query(&opts.socket, Query::Reload)?;
+    let bad = |e: serde_json::Error| ControlError::BadAnswer {
+        reason: e.to_string(),
+    };
+    if opts.json {
+        return Ok(serde_json::to_string_pretty(&fields).map_err(bad)? + "\n");
+    }
+    let changes: Vec<crate::service::diff::Change> =
+        serde_json::from_value(fields.get("changes").cloned().unwrap_or_default()).map_err(bad)?;
+    let outcome = crate::service::reload::Outcome {
+        ok: true,
+        error: None,
+        changes,
+        warnings: serde_json::from_value(fields.get("warnings").cloned().unwrap_or_default())
+            .unwrap_or_default(),
+        certificate: fields
+            .get("certificate")
+            .and_then(|c| c.as_str())
+            .map(str::to_owned),
+    };
+    Ok(outcome.render())
 }
 
 /// Where the pinned maps live, and output format.

@@ -725,6 +725,9 @@ pub struct Config {
     /// `[log]`: log format (`crate::logging`).
     #[serde(default)]
     pub log: crate::logging::LogSection,
+    /// `[agent]`: drain time, log filter, certificate checks (`crate::service`).
+    #[serde(default)]
+    pub agent: crate::service::AgentSection,
 }
 
 /// A next hop the proxy opens TLS connections to.
@@ -1288,6 +1291,7 @@ impl Config {
         crate::access::validate(self)?;
         self.control.validate()?;
         self.admin.validate(self)?;
+        self.agent.validate()?;
         if !self.pin_dir.is_absolute() {
             return Err(invalid(
                 "pin_dir",

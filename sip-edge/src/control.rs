@@ -184,6 +184,12 @@ pub enum Query {
     Calls,
     /// The pinholes the media layer installed (`crate::status`).
     Pinholes,
+    /// Re-read, check and apply the config file (`crate::service::reload`);
+    /// answered by the agent: `{"ok": true, "changes": [CHANGE, ...],
+    /// "warnings": [...], "certificate": "..."}`, each CHANGE `{"key",
+    /// "old", "new", "apply": "live" | "restart"}`, or `{"ok": false,
+    /// "error": "why; nothing changed"}`.
+    Reload,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -334,7 +340,26 @@ async fn dispatch(
         Query::Status | Query::Calls | Query::Pinholes => {
             crate::status::dispatch(query, proxy).await
         }
+        Query::Reload => ask_reload(proxy).await,
     }
+}
+
+/// `reload` goes to whoever holds `owner` (the agent, which forwards the
+/// other queries to the proxy driver).
+async fn ask_reload(
+    owner: Option<mpsc::Sender<Request>>,
+) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    let owner = owner.ok_or("this agent cannot reload")?;
+    let (tx, rx) = oneshot::channel();
+    owner
+        .send(Request {
+            query: Query::Reload,
+            reply: tx,
+        })
+        .await
+        .map_err(|_| "the agent has stopped".to_owned())?;
+    rx.await
+        .map_err(|_| "the agent did not answer".to_owned())?
 }
 
 /// Client side: asks the agent at `path` and returns the answer's fields

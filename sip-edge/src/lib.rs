@@ -15,6 +15,7 @@ pub mod media;
 pub mod metrics;
 pub mod ports;
 pub mod proxy;
+pub mod service;
 pub mod sip;
 pub mod status;
 pub mod transport;

@@ -48,17 +48,42 @@ pub fn format_in(path: &Path) -> Option<LogFormat> {
 
 /// Installs the process's subscriber: `filter` (EnvFilter syntax, `info`
 /// when it does not parse), `format`, stderr.
-pub fn init(filter: &str, format: LogFormat) {
+pub fn init(filter: &str, format: LogFormat) -> SetFilter {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
+    // With a reload handle either way: `[agent] log` sets the filter at
+    // start and on reload (`crate::service::reload`).
     match format {
-        LogFormat::Human => b.init(),
-        LogFormat::Json => b.json().with_current_span(true).with_span_list(true).init(),
+        LogFormat::Human => {
+            let b = b.with_filter_reloading();
+            let h = b.reload_handle();
+            b.init();
+            Box::new(move |f: &str| {
+                let nf = tracing_subscriber::EnvFilter::try_new(f).map_err(|e| e.to_string())?;
+                h.reload(nf).map_err(|e| e.to_string())
+            })
+        }
+        LogFormat::Json => {
+            let b = b
+                .json()
+                .with_current_span(true)
+                .with_span_list(true)
+                .with_filter_reloading();
+            let h = b.reload_handle();
+            b.init();
+            Box::new(move |f: &str| {
+                let nf = tracing_subscriber::EnvFilter::try_new(f).map_err(|e| e.to_string())?;
+                h.reload(nf).map_err(|e| e.to_string())
+            })
+        }
     }
 }
+
+/// Sets the running log filter (an `EnvFilter` directive string).
+pub type SetFilter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
 #[cfg(test)]
 mod tests {

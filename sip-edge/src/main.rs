@@ -25,7 +25,7 @@ fn main() -> ExitCode {
         Command::Run { config } => sip_edge::logging::format_in(config),
         _ => None,
     });
-    sip_edge::logging::init(&cli.log, format.unwrap_or_default());
+    let set_log = sip_edge::logging::init(&cli.log, format.unwrap_or_default());
     match cli.command {
         Command::Run { config } => {
             sip_edge::status::set_config_path(&config);
@@ -53,7 +53,23 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(sip_edge::agent::run(cfg, shutdown_signal())) {
+            if let Some(f) = &cfg.agent.log {
+                if let Err(e) = set_log(f) {
+                    eprintln!("sip-edge: [agent] log {f:?}: {e}");
+                }
+            }
+            let run = async {
+                let (stops, hangups) = signals();
+                let svc = sip_edge::agent::Service {
+                    stops,
+                    hangups,
+                    config_path: Some(config.clone()),
+                    set_log: Some(set_log),
+                    default_log: cli.log.clone(),
+                };
+                sip_edge::agent::run_service(cfg, svc).await
+            };
+            match rt.block_on(run) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!(
@@ -99,6 +115,16 @@ fn main() -> ExitCode {
         Command::Status(opts) => print_or_fail(sip_edge::status::status(&opts)),
         Command::Calls(opts) => print_or_fail(sip_edge::status::calls(&opts)),
         Command::Pinholes(opts) => print_or_fail(sip_edge::status::pinholes(&opts)),
+        Command::Reload(opts) => match cli::reload(&opts) {
+            Ok(s) => {
+                print!("{s}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("sip-edge: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Registrations(opts) => match cli::registrations(&opts) {
             Ok(s) => {
                 print!("{s}");
@@ -140,21 +166,41 @@ fn print_or_fail<E: std::fmt::Display>(r: Result<String, E>) -> ExitCode {
     }
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
+/// SIGTERM and SIGINT as stop requests (the first drains calls, the
+/// second stops at once: `agent::Service`), SIGHUP as reload requests.
+/// Without signal handlers, ctrl-c is the only way out.
+fn signals() -> (
+    tokio::sync::mpsc::Receiver<()>,
+    tokio::sync::mpsc::Receiver<()>,
+) {
     use tokio::signal::unix::{signal, SignalKind};
-    let term = signal(SignalKind::terminate());
-    let int = signal(SignalKind::interrupt());
-    match (term, int) {
-        (Ok(mut t), Ok(mut i)) => {
-            tokio::select! {
-                _ = t.recv() => {},
-                _ = i.recv() => {},
-            }
+    let (stop_tx, stops) = tokio::sync::mpsc::channel(4);
+    let (hup_tx, hangups) = tokio::sync::mpsc::channel(4);
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) {
+        (Ok(mut t), Ok(mut i), Ok(mut h)) => {
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = t.recv() => { let _ = stop_tx.try_send(()); }
+                        _ = i.recv() => { let _ = stop_tx.try_send(()); }
+                        _ = h.recv() => { let _ = hup_tx.try_send(()); }
+                    }
+                }
+            });
         }
         _ => {
-            // Without signal handlers, ctrl-c is the only way out.
-            let _ = tokio::signal::ctrl_c().await;
+            eprintln!("sip-edge: cannot install signal handlers; only ctrl-c stops the agent");
+            tokio::spawn(async move {
+                let _keep = hup_tx;
+                while tokio::signal::ctrl_c().await.is_ok() {
+                    let _ = stop_tx.try_send(());
+                }
+            });
         }
     }
+    (stops, hangups)
 }

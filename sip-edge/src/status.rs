@@ -336,6 +336,8 @@ fn fields(key: &str, v: impl Serialize) -> Result<Fields, String> {
 /// owns `proxy`).
 pub fn answer(proxy: &mut Proxy, query: Query, now: Instant) -> Result<Fields, String> {
     match query {
+        // The agent's own (`crate::agent`); never forwarded here.
+        Query::Reload => Err("reload is answered by the agent".into()),
         Query::Calls => fields("calls", proxy.calls(now)),
         Query::Pinholes => {
             let mut m = fields("pinholes", proxy.media_pinholes())?;

@@ -180,6 +180,27 @@ impl Edge {
         self.agent.as_ref().map_or(0, AgentProcess::pid)
     }
 
+    /// Sends `signal` to the running agent (SIGHUP, SIGTERM...).
+    pub fn signal(&self, signal: libc::c_int) {
+        if let Some(a) = &self.agent {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(a.pid() as libc::pid_t, signal) };
+        }
+    }
+
+    /// Waits up to `within` for the agent to exit after a signal; its exit
+    /// status (the agent is gone then), or `None` while it still runs.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let status = self.agent.as_mut()?.wait_exit(within)?;
+        self.agent = None;
+        Some(status)
+    }
+
+    /// The configuration file the agent runs on.
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
     /// `kill -9` of the agent: no cleanup, the pins stay.
     pub fn kill9(&mut self) {
         if let Some(a) = self.agent.take() {

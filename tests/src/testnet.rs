@@ -695,6 +695,21 @@ impl AgentProcess {
         self.child.id()
     }
 
+    /// Waits up to `within` for the agent to exit on its own (after a
+    /// signal the test sent); its exit status, or `None` if it still runs.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGTERM and wait (bounded); returns whether it exited cleanly.
     pub fn stop(mut self) -> bool {
         self.terminate()

@@ -13,6 +13,7 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
 mod fuzz;
+mod install;
 mod kernels;
 
 /// Debian packages the build and the tests need.
@@ -30,13 +31,15 @@ const APT_PACKAGES: &[&str] = &[
 
 /// Debian packages only `cargo xtask test` needs: the real peers of the
 /// remote-user system test (tests/tests/remote_users.rs, issue #15),
-/// Kamailio as the inside registrar over TLS and baresip as a remote user.
+/// Kamailio as the inside registrar over TLS and baresip as a remote user;
+/// systemd for `systemd-analyze verify` of the unit (xtask/src/install.rs).
 const TEST_APT_PACKAGES: &[&str] = &[
     "kamailio",
     "kamailio-tls-modules",
     "baresip-core",
     // tests/tests/observability.rs scrapes the agent with a real server.
     "prometheus",
+    "systemd",
 ];
 
 /// Debian packages only `cargo xtask bench` needs: the peers it measures
@@ -108,6 +111,20 @@ enum Cmd {
         #[arg(long, default_value_t = 60)]
         time: u64,
     },
+    /// Build in release and install the agent as a systemd service: the
+    /// binary, packaging/sip-edge.service and, unless one exists, the
+    /// example configuration as /etc/sip-edge/sip-edge.toml.
+    Install {
+        /// Prefix of the binary (PREFIX/bin/sip-edge).
+        #[arg(long, default_value = "/usr/local")]
+        prefix: PathBuf,
+        /// Write everything below this directory (DESTDIR).
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+        /// Install this binary instead of building one.
+        #[arg(long)]
+        bin: Option<PathBuf>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -142,6 +159,19 @@ fn main() -> Result<()> {
             setup()?;
             fuzz::fuzz(&root, &target, time)
         }
+        Cmd::Install {
+            prefix,
+            root: dest,
+            bin,
+        } => install::install(
+            &root,
+            &install::Options {
+                prefix,
+                root: dest,
+                bin,
+            },
+        )
+        .map(|_| ()),
     }
 }
 

@@ -863,6 +863,30 @@ impl DatapathMaps {
         Ok(())
     }
 
+    /// Replace only the port policy (media and always-pass ports), as a
+    /// reload of the media ranges does (`crate::service`): the PH_DST
+    /// layout stays as at start, so no installed rule moves or goes; a
+    /// rule on a port outside the layout's window lives in PINHOLES, where
+    /// the datapath looks it up as for any unindexed key.
+    pub fn set_port_policy(
+        &mut self,
+        media_ports: &[(u16, u16)],
+        pass_ports: &[u16],
+    ) -> Result<(), MapsError> {
+        let mut policy = PortPolicy::EMPTY;
+        for (a, b) in media_ports {
+            for p in *a..=*b {
+                PortPolicy::set(&mut policy.media, p);
+            }
+        }
+        for p in pass_ports {
+            PortPolicy::set(&mut policy.pass, *p);
+        }
+        self.port_policy
+            .set(0, policy, BPF_ANY)
+            .map_err(op("update", map_names::PORT_POLICY))
+    }
+
     /// Capacity of the pinhole table.
     pub fn capacity(&self) -> u32 {
         self.state.len()

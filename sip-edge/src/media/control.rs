@@ -1028,4 +1028,9 @@ impl<S: PinholeSink + Send> MediaControl for MediaController<S> {
         self.drop_adopted(gone, "BYE");
         any
     }
+
+    fn reconfigure(&mut self, settings: Settings, candidates: MediaCandidates) {
+        self.mgr.reconfigure(settings);
+        self.candidates = candidate_policy(candidates);
+    }
 }

@@ -199,4 +199,13 @@ pub trait MediaControl: Send {
     fn pinholes(&mut self) -> Vec<crate::status::PinholeStatus> {
         Vec::new()
     }
+    /// A reloaded config's media settings (`crate::service`): apply to new
+    /// offers, keep what is installed. Layers without settings ignore it.
+    fn reconfigure(
+        &mut self,
+        settings: manager::Settings,
+        candidates: crate::config::MediaCandidates,
+    ) {
+        let _ = (settings, candidates);
+    }
 }

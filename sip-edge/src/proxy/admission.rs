@@ -389,6 +389,13 @@ impl Admission {
         Admission::new(AdmissionSettings::unlimited())
     }
 
+    /// New limits (a reload, `crate::service`): buckets keep their tokens
+    /// (capped at the new burst at their next refill), blocks in progress
+    /// keep their end, and failures counted stay counted.
+    pub fn set_settings(&mut self, s: AdmissionSettings) {
+        self.s = s;
+    }
+
     /// Counters.
     pub fn stats(&self) -> AdmissionStats {
         self.stats

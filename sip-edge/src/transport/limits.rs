@@ -187,6 +187,12 @@ impl ConnLimits {
     pub fn open_on(&self, side: Side) -> usize {
         self.with(|t| t.open_on(side))
     }
+
+    /// New limits (a reload): connections already open stay; the next
+    /// `admit` checks against these.
+    pub fn set_settings(&self, s: ConnLimitSettings) {
+        self.with(|t| t.s = s);
+    }
 }
 
 /// One admitted connection's slots; given back on drop.

@@ -12,6 +12,7 @@
 
 pub mod conn;
 pub mod limits;
+pub mod live;
 pub mod memory;
 pub mod source;
 pub mod tls;
@@ -50,7 +51,6 @@ use crate::{
         admission::{Admission, AdmissionSettings},
         ConnId, ConnInfo, Dest, HopTarget, Outgoing, Proto, Proxy, ProxySettings,
     },
-    sip::framer::FramerLimits,
 };
 
 /// At most one refused-connection log line per rule per this long (a
@@ -172,6 +172,10 @@ pub struct Running {
     pub driver: JoinHandle<()>,
     /// Control-socket queries the driver answers (`registrations`).
     pub control: mpsc::Sender<control::Request>,
+    /// Reload and drain commands (`live`, `crate::service`).
+    pub commands: mpsc::Sender<live::Command>,
+    /// The certificate the listeners present (swapped on reload).
+    pub certs: Arc<crate::service::certs::CertStore>,
 }
 
 /// Shared state of the accept loops and connectors.
@@ -186,16 +190,18 @@ struct Shared {
     max_connections: usize,
     /// Accept-time limits per side and source (`limits`).
     limits: ConnLimits,
-    /// `[limits] handshake_timeout_secs`.
-    handshake_timeout: Duration,
-    params: ConnParams,
+    /// `[limits] handshake_timeout_secs` (swapped on reload).
+    handshake_timeout: Arc<arc_swap::ArcSwap<Duration>>,
+    /// Parameters of new connections (swapped on reload).
+    params: Arc<arc_swap::ArcSwap<ConnParams>>,
     events: mpsc::Sender<Event>,
     shutdown: watch::Receiver<bool>,
     connector: TlsConnector,
     /// Where outgoing connections leave from, per side.
     sources: source::Sources,
-    /// `[[peer]] tls_identity` names a client certificate is checked for.
-    peer_identities: Arc<Vec<String>>,
+    /// `[[peer]] tls_identity` names a client certificate is checked for
+    /// (swapped on reload).
+    peer_identities: Arc<arc_swap::ArcSwap<Vec<String>>>,
 }
 
 /// Counts a connection task as live until it ends, then as closed.
@@ -234,9 +240,12 @@ pub async fn start(
 ) -> Result<Running, TransportError> {
     let p = cfg.proxy.as_ref().ok_or(TransportError::NoProxySection)?;
     let client_ca = p.client_ca.clone().unwrap_or_else(|| p.ca_roots.clone());
-    let int_tls = tls::server_config(&p.cert, &p.key, ClientAuth::None, &client_ca)?;
-    let ext_tls = tls::server_config(&p.cert, &p.key, p.external_client_auth, &client_ca)?;
-    let client_tls = tls::client_config(&p.ca_roots, &p.cert, &p.key)?;
+    // One certificate store for both listeners and outgoing connections,
+    // swapped on reload (`service::certs`).
+    let certs = crate::service::certs::CertStore::load(&p.cert, &p.key)?;
+    let int_tls = crate::service::certs::server_config(&certs, ClientAuth::None, &client_ca)?;
+    let ext_tls = crate::service::certs::server_config(&certs, p.external_client_auth, &client_ca)?;
+    let client_tls = crate::service::certs::client_config(&p.ca_roots, &certs)?;
     let bind = |what: &'static str, addr: SocketAddr| async move {
         TcpListener::bind(addr)
             .await
@@ -289,23 +298,15 @@ pub async fn start(
             per_source: cfg.limits.max_connections_per_source,
             handshakes_per_source: cfg.limits.max_handshakes_per_source,
         }),
-        handshake_timeout: Duration::from_secs(cfg.limits.handshake_timeout_secs),
-        params: ConnParams {
-            idle: Duration::from_secs(p.idle_timeout_secs),
-            keepalive: (p.keepalive_secs > 0).then(|| Duration::from_secs(p.keepalive_secs)),
-            message_timeout: Duration::from_secs(cfg.limits.message_timeout_secs),
-            limits: FramerLimits::default(),
-        },
+        handshake_timeout: Arc::new(arc_swap::ArcSwap::from_pointee(Duration::from_secs(
+            cfg.limits.handshake_timeout_secs,
+        ))),
+        params: Arc::new(arc_swap::ArcSwap::from_pointee(live::conn_params(cfg))),
         events: events_tx,
         shutdown: stop_rx,
         connector: TlsConnector::from(client_tls),
         sources,
-        peer_identities: Arc::new(
-            cfg.peers
-                .iter()
-                .filter_map(|p| p.tls_identity.clone())
-                .collect(),
-        ),
+        peer_identities: Arc::new(arc_swap::ArcSwap::from_pointee(live::peer_identities(cfg))),
     };
     if !settings.access.enforce {
         warn!("no [access] or [[peer]] section: requests from any outside party are proxied to the inside; list served domains and trusted peers to restrict them");
@@ -332,8 +333,15 @@ pub async fn start(
     let mut proxy = Proxy::new(settings, media);
     proxy.set_admission(Admission::new(AdmissionSettings::from_limits(&cfg.limits)));
     let (control_tx, control_rx) = mpsc::channel(16);
+    let (commands_tx, commands_rx) = mpsc::channel(4);
     let driver = tokio::spawn(drive(
-        proxy, events_rx, control_rx, shared, stop_tx, shutdown,
+        proxy,
+        events_rx,
+        control_rx,
+        commands_rx,
+        shared,
+        stop_tx,
+        shutdown,
     ));
     Ok(Running {
         internal: int_addr,
@@ -342,6 +350,8 @@ pub async fn start(
         internal_udp: udp_addr,
         driver,
         control: control_tx,
+        commands: commands_tx,
+        certs,
     })
 }
 
@@ -413,8 +423,11 @@ async fn accept_loop(listener: TcpListener, side: Side, tls: Option<TlsAcceptor>
                 let _ = tcp.set_nodelay(true);
                 match tls {
                     Some(acc) => {
-                        let hs =
-                            tokio::time::timeout(shared.handshake_timeout, acc.accept(tcp)).await;
+                        let hs = tokio::time::timeout(
+                            **shared.handshake_timeout.load(),
+                            acc.accept(tcp),
+                        )
+                        .await;
                         permit.handshake_over();
                         crate::metrics::tls_handshake(
                             false,
@@ -431,7 +444,7 @@ async fn accept_loop(listener: TcpListener, side: Side, tls: Option<TlsAcceptor>
                                 };
                                 let names = identities(
                                     s.get_ref().1.peer_certificates(),
-                                    &shared.peer_identities,
+                                    &shared.peer_identities.load(),
                                 );
                                 if !names.is_empty() {
                                     info!(?names, "client certificate names a trusted peer");
@@ -445,7 +458,7 @@ async fn accept_loop(listener: TcpListener, side: Side, tls: Option<TlsAcceptor>
                                     conn,
                                     info,
                                     None,
-                                    shared.params.clone(),
+                                    (**shared.params.load()).clone(),
                                     shared.events.clone(),
                                     shared.shutdown.clone(),
                                 )
@@ -481,7 +494,7 @@ async fn accept_loop(listener: TcpListener, side: Side, tls: Option<TlsAcceptor>
                             conn,
                             info,
                             None,
-                            shared.params.clone(),
+                            (**shared.params.load()).clone(),
                             shared.events.clone(),
                             shared.shutdown.clone(),
                         )
@@ -537,7 +550,7 @@ fn spawn_connect(hop: HopTarget, side: Side, shared: Shared) {
             // From the edge's address on this side (issue #14 item 4): the
             // one Via and Record-Route name, and a peer allow-lists.
             let tcp = match tokio::time::timeout(
-                shared.handshake_timeout,
+                **shared.handshake_timeout.load(),
                 source::connect(&hop.host, hop.port, side, &shared.sources),
             )
             .await
@@ -552,7 +565,7 @@ fn spawn_connect(hop: HopTarget, side: Side, shared: Shared) {
             };
             let _ = tcp.set_nodelay(true);
             let hs = tokio::time::timeout(
-                shared.handshake_timeout,
+                **shared.handshake_timeout.load(),
                 shared.connector.connect(name, tcp),
             )
             .await;
@@ -578,7 +591,7 @@ fn spawn_connect(hop: HopTarget, side: Side, shared: Shared) {
                 conn,
                 info,
                 Some(hop.clone()),
-                shared.params.clone(),
+                (**shared.params.load()).clone(),
                 shared.events.clone(),
                 shared.shutdown.clone(),
             )
@@ -607,6 +620,7 @@ async fn drive(
     proxy: Proxy,
     mut events: mpsc::Receiver<Event>,
     mut control: mpsc::Receiver<control::Request>,
+    mut commands: mpsc::Receiver<live::Command>,
     shared: Shared,
     stop: watch::Sender<bool>,
     shutdown: impl Future<Output = ()>,
@@ -636,6 +650,7 @@ async fn drive(
                 crate::metrics::calls_active(d.proxy.live().2);
             }
             Some(req) = control.recv() => d.control(req),
+            Some(cmd) = commands.recv() => d.live(cmd),
             _ = tick.tick() => {
                 let now = Instant::now();
                 let out = d.proxy.on_tick(now);
@@ -692,6 +707,8 @@ impl Driver {
             q @ (control::Query::Status | control::Query::Calls | control::Query::Pinholes) => {
                 crate::status::answer(&mut self.proxy, q, Instant::now())
             }
+            // The agent's own (`crate::agent`); never forwarded here.
+            control::Query::Reload => Err("reload is answered by the agent".into()),
         };
         let _ = req.reply.send(answer);
     }

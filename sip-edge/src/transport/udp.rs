@@ -194,7 +194,7 @@ async fn pseudo_conn(
         return;
     }
     debug!("UDP pseudo-connection opened");
-    let idle_for = shared.params.idle;
+    let idle_for = shared.params.load().idle;
     let idle = tokio::time::sleep(idle_for);
     tokio::pin!(idle);
     let mut shutdown = shared.shutdown.clone();

@@ -500,6 +500,27 @@ impl Manager {
         &self.s
     }
 
+    /// Settings of a reloaded config (`crate::service`): caps, policy and
+    /// timers apply to what comes next (timers to calls in progress too,
+    /// from the next tick); ports of calls in progress stay held whatever
+    /// the new ranges, and new calls get ports from the new ranges. Edge
+    /// addresses and the mode need a restart: the caller keeps them.
+    pub fn reconfigure(&mut self, s: Settings) {
+        self.pool.ranges = s.port_ranges.clone();
+        self.pool.reserved = s.reserved_ports.iter().copied().collect();
+        self.policy = EndpointPolicy {
+            edge_addrs: s
+                .internal_addrs
+                .iter()
+                .chain(&s.public_addrs)
+                .copied()
+                .collect(),
+            internal_subnets: s.allowed_internal_subnets.clone(),
+            external: s.external_sources,
+        };
+        self.s = s;
+    }
+
     /// Every installed flow id (tests: "no orphans" means this is empty).
     pub fn installed(&self) -> BTreeSet<PinholeId> {
         self.ids.keys().copied().collect()

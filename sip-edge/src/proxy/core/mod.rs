@@ -23,6 +23,7 @@ mod admit;
 mod adopted;
 mod calls;
 mod dialogs;
+mod live;
 mod request;
 mod response;
 mod routing;
@@ -219,6 +220,8 @@ pub struct Proxy {
     /// Rate limits and registration-failure blocks (`proxy::admission`);
     /// unlimited unless the transport sets it from `[limits]`.
     admission: Admission,
+    /// A graceful stop is under way: new INVITEs get 503 (`live`).
+    draining: bool,
 }
 
 /// 64 random bits as 16 hex digits, from the OS (getrandom(2)). Should the
@@ -312,6 +315,7 @@ impl Proxy {
             run_id: run_id(),
             stats: ProxyStats::default(),
             admission: Admission::unlimited(),
+            draining: false,
         }
     }
 

@@ -78,6 +78,7 @@ impl Proxy {
         // Issue #14 item 8, #15: rates and registration blocks, charged
         // only to new requests (retransmissions, ACK and CANCEL are
         // absorbed or matched above).
+        self.refuse_while_draining(msg, &method)?;
         if method != "ACK" {
             self.admit(info, msg, &method, now)?;
         }

@@ -2314,3 +2314,86 @@ fn a_dialog_without_media_does_not_outlive_the_maximum_call_length() {
     p.on_tick(now + max + Duration::from_secs(64 * 500 / 1000 + 1));
     assert_eq!(p.live(), (0, 0, 0), "nothing left");
 }
+
+/// A graceful stop (`live`, `crate::service`): once draining, a new
+/// INVITE gets 503 with Retry-After and goes nowhere, while the call in
+/// progress goes on and its BYE ends it.
+#[test]
+fn a_drain_refuses_new_invites_and_lets_calls_in_progress_end() {
+    let (mut p, _rec) = setup();
+    let now = Instant::now();
+    let inv = invite(&mut p, now);
+    p.on_sent(
+        &ctx_key(inv.top_via().unwrap().branch().unwrap(), "INVITE"),
+        CALLEE,
+    );
+    let ok = answer(
+        &inv,
+        200,
+        "314159",
+        "Contact: <sips:bob@198.51.100.2:5061>\r\n",
+        SDP_B,
+    );
+    p.on_message(CALLEE, &ok, now);
+    assert_eq!(p.calls_in_progress(), 1);
+    p.start_drain();
+    let second = String::from_utf8(fixture("rfc3665_3_1_invite.sip"))
+        .unwrap()
+        .replace("3848276298220188511", "42")
+        .replace("z9hG4bK74bf9", "z9hG4bKsecond");
+    let out = p.on_message(CALLER, second.as_bytes(), now);
+    assert!(
+        out.iter().all(|o| o.dest == Dest::Conn(CALLER)),
+        "nothing forwarded while draining: {out:?}"
+    );
+    let back = to_conn(&out, CALLER);
+    assert_eq!(back.len(), 1, "{back:?}");
+    assert_eq!(back[0].status(), Some(503));
+    assert_eq!(back[0].header("Retry-After"), Some("5"));
+    assert_eq!(p.calls_in_progress(), 1, "the refused INVITE is no call");
+    // The call in progress: BYE from the callee still crosses.
+    let rr = inv.name_addrs("Record-Route").unwrap();
+    let bye = String::from_utf8(fixture("rfc3665_3_1_bye.sip"))
+        .unwrap()
+        .replace(
+            "sips:alice@client.atlanta.example.com",
+            &inv.name_addrs("Contact").unwrap()[0].uri,
+        )
+        .replace(
+            "<sips:ss2.biloxi.example.com;lr>,<sips:ss1.atlanta.example.com;lr>",
+            &format!("<{}>,<{}>", rr[0].uri, rr[1].uri),
+        );
+    let out = p.on_message(CALLEE, bye.as_bytes(), now);
+    let b = to_conn(&out, CALLER);
+    assert_eq!(b.len(), 1, "BYE forwarded while draining: {out:?}");
+    let out = p.on_message(CALLER, &answer(&b[0], 200, "x", "", ""), now);
+    assert_eq!(to_conn(&out, CALLEE)[0].status(), Some(200));
+    assert_eq!(p.calls_in_progress(), 0, "the call ended");
+}
+
+/// A reload's new routes (`Proxy::set_settings`) take new requests to the
+/// new next hop; the edge's own addresses stay those of the listeners.
+#[test]
+fn reloaded_routes_apply_to_new_requests_and_keep_the_edge_addresses() {
+    let (mut p, _rec) = setup();
+    let now = Instant::now();
+    let new_hop = HopTarget {
+        host: "198.51.100.9".into(),
+        port: 5061,
+        tls_name: "biloxi.example.com".into(),
+    };
+    let mut s = p.settings.clone();
+    s.routes = vec![("biloxi.example.com".into(), new_hop.clone())];
+    s.internal.port = 9999;
+    p.set_settings(s);
+    assert_eq!(p.settings.internal.port, 5061, "listener port kept");
+    let out = p.on_message(CALLER, &fixture("rfc3665_3_1_invite.sip"), now);
+    assert!(
+        out.iter().any(|o| o.dest
+            == Dest::Hop {
+                side: Side::External,
+                hop: new_hop.clone()
+            }),
+        "INVITE goes to the reloaded route: {out:?}"
+    );
+}
