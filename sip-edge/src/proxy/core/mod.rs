@@ -254,7 +254,9 @@ fn tx_key(branch: &str, via: &Via, method: &str) -> String {
 /// carries the response's, which the caller checks where it matters.
 fn server_key(msg: &Message, top: &Via, method: &str) -> String {
     let branch = top.branch().unwrap_or_default();
-    if branch.starts_with(MAGIC_COOKIE) {
+    // The cookie alone identifies nothing (RFC 4475 §3.2.1): such a
+    // request is matched the RFC 2543 way, like one without the cookie.
+    if branch.starts_with(MAGIC_COOKIE) && branch.len() > MAGIC_COOKIE.len() {
         return tx_key(branch, top, method);
     }
     let method = if method == "ACK" { "INVITE" } else { method };
@@ -735,3 +737,5 @@ fn register_expires(msg: &Message) -> Option<u32> {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod torture;
