@@ -252,7 +252,21 @@ fn tx_key(branch: &str, via: &Via, method: &str) -> String {
 /// INVITE's key explicitly (§9.2). The To tag
 /// is left out: a retransmission carries the INVITE's own, and an ACK
 /// carries the response's, which the caller checks where it matters.
-fn server_key(msg: &Message, top: &Via, method: &str) -> String {
+///
+/// The side the request arrived on is part of the key: the same branch
+/// and sent-by from the other side of the edge is never a retransmission
+/// (it cannot be: the two sides are different networks), and matching it
+/// would hand one side's stored response to the other (RFC 4475 messages
+/// sent from both sides did exactly that).
+fn server_key(side: Side, msg: &Message, top: &Via, method: &str) -> String {
+    let side = match side {
+        Side::Internal => "i",
+        Side::External => "e",
+    };
+    format!("{side}|{}", server_key_on_side(msg, top, method))
+}
+
+fn server_key_on_side(msg: &Message, top: &Via, method: &str) -> String {
     let branch = top.branch().unwrap_or_default();
     // The cookie alone identifies nothing (RFC 4475 §3.2.1): such a
     // request is matched the RFC 2543 way, like one without the cookie.
@@ -583,7 +597,7 @@ impl Proxy {
         if self.server_txs.len() >= MAX_SERVER_TXS {
             return;
         }
-        let key = server_key(&req, &top, &method);
+        let key = server_key(info.side, &req, &top, &method);
         self.server_txs.entry(key).or_insert(ServerTx {
             conn,
             request: req,

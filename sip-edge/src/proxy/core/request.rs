@@ -35,7 +35,7 @@ impl Proxy {
         let top = msg.top_via().unwrap_or(top);
         // §17.2.3: a branch without the z9hG4bK cookie is an RFC 2543
         // element's; `server_key` matches its requests the RFC 2543 way.
-        let skey = server_key(msg, &top, &method);
+        let skey = server_key(info.side, msg, &top, &method);
 
         // Retransmission or ACK/CANCEL for an existing server transaction.
         if method == "ACK" {
@@ -482,7 +482,8 @@ impl Proxy {
         out: &mut Vec<Outgoing>,
     ) -> Result<(), Reject> {
         // §16.10: match the INVITE server transaction, answer 200 hop by hop.
-        let ikey = server_key(msg, top, "INVITE");
+        let side = self.conns.get(&conn).map_or(Side::Internal, |i| i.side);
+        let ikey = server_key(side, msg, top, "INVITE");
         let Some(stx) = self.server_txs.get(&ikey) else {
             return Err(reject(481, "no INVITE transaction to cancel"));
         };

@@ -289,7 +289,7 @@ fn run(side: Side) -> Vec<String> {
     let mut edge = Edge::new(side);
     let mut deviations = Vec::new();
     for case in CASES {
-        let bytes = corpus::load(dir(), case).unwrap_or_else(|e| panic!("{e:?}"));
+        let bytes = corpus::load(dir(), case).unwrap_or_else(|e| panic!("{e}"));
         let seen = edge.send(&bytes);
         let want: Vec<Seen> = case
             .expected(side == Side::External)
@@ -329,7 +329,7 @@ fn corpus_is_complete_and_byte_exact() {
     assert_eq!(names.len(), CASES.len(), "a message is listed twice");
     for case in CASES {
         // `load` checks the recorded length.
-        corpus::load(dir(), case).unwrap_or_else(|e| panic!("{e:?}"));
+        corpus::load(dir(), case).unwrap_or_else(|e| panic!("{e}"));
     }
     // The bytes the RFC writes in <hex>: quoted NUL/BEL/DEL, no trailing
     // space lost.
@@ -399,4 +399,41 @@ fn bare_cookie_branches_are_matched_the_rfc_2543_way() {
         });
         assert!(forwarded, "{call} was not forwarded: {out:?}");
     }
+}
+
+/// The same request from the other side of the edge is a new request, not
+/// a retransmission (RFC 4475's `invut` sent from inside, answered 486 by
+/// the next hop, then from outside within Timer H): before, the second
+/// got the first's stored 486 at once, never reaching its own next hop.
+#[test]
+fn the_same_branch_from_the_other_side_is_no_retransmission() {
+    let invut = CASES.iter().find(|c| c.name == "invut").expect("invut");
+    let bytes = corpus::load(dir(), invut).expect("invut");
+    let mut edge = Edge::new(Side::Internal);
+    assert_eq!(edge.send(&bytes), vec![Seen::Forward]);
+    let outside = 60;
+    edge.proxy.on_conn_open(
+        outside,
+        ConnInfo {
+            side: Side::External,
+            peer: "198.51.100.2:40000".parse().expect("addr"),
+            proto: Proto::Tls,
+        },
+    );
+    let out = edge.proxy.on_message(outside, &bytes, edge.now);
+    let to_inside_hop = out.iter().any(|o| {
+        matches!(
+            &o.dest,
+            Dest::Hop {
+                side: Side::Internal,
+                ..
+            }
+        ) && Message::parse(&o.bytes).is_ok_and(|m| m.method().is_some_and(|x| x.is("INVITE")))
+    });
+    assert!(to_inside_hop, "not forwarded inside: {out:?}");
+    assert!(
+        !out.iter().any(|o| o.dest == Dest::Conn(outside)
+            && Message::parse(&o.bytes).is_ok_and(|m| m.status() == Some(486))),
+        "the inside transaction's 486 went outside"
+    );
 }
