@@ -172,6 +172,24 @@ impl Proxy {
         let to_tag = msg.to_tag().ok().flatten();
         // Requests to the edge itself (no user part, no Route left).
         if ruri.userinfo.is_none() && routes.is_empty() && self.names_us(&ruri).is_some() {
+            // The edge is the UAS here: a Require it does not support is
+            // answered 420 (RFC 3261 §8.2.2.3); a proxy only checks
+            // Proxy-Require, forwarding Require (RFC 4475 §3.3.5). It
+            // supports no extension as a UAS (its one answer is OPTIONS).
+            let required: Vec<String> = msg
+                .header_all("Require")
+                .flat_map(|v| v.split(','))
+                .map(|t| t.trim().to_owned())
+                .filter(|t| !t.is_empty())
+                .collect();
+            if !required.is_empty() && method != "ACK" {
+                return Err(Reject {
+                    code: 420,
+                    why: "unsupported Require".into(),
+                    extra: vec![("Unsupported", required.join(", "))],
+                    stateless: false,
+                });
+            }
             if method == "OPTIONS" {
                 let tag = self.new_tag();
                 self.respond_local(

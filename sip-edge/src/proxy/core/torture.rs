@@ -437,3 +437,51 @@ fn the_same_branch_from_the_other_side_is_no_retransmission() {
         "the inside transaction's 486 went outside"
     );
 }
+
+/// RFC 3261 §8.2.2.3 with the edge as the UAS (an OPTIONS to the edge
+/// itself): a Require it does not support gets 420 with Unsupported;
+/// before, the edge answered 200. RFC 4475 §3.3.5 (`bext01`) is the
+/// proxy half: Require is forwarded, Proxy-Require checked.
+#[test]
+fn require_at_the_edge_itself_gets_420() {
+    let mut edge = Edge::new(Side::Internal);
+    let conn = 70;
+    edge.proxy.on_conn_open(
+        conn,
+        ConnInfo {
+            side: Side::Internal,
+            peer: edge.sender(),
+            proto: Proto::Tls,
+        },
+    );
+    let options = |n: u32, require: &str| {
+        format!(
+            "OPTIONS sip:10.77.0.1:5061 SIP/2.0\r\nVia: SIP/2.0/TLS 10.77.0.2:5061;branch=z9hG4bKreq{n}\r\nMax-Forwards: 70\r\nFrom: <sip:a@example.com>;tag=1\r\nTo: <sip:10.77.0.1>\r\nCall-ID: req-{n}@example.com\r\nCSeq: 1 OPTIONS\r\n{require}Content-Length: 0\r\n\r\n"
+        )
+    };
+    let answer = |out: Vec<Outgoing>| {
+        assert_eq!(out.len(), 1, "{out:?}");
+        Message::parse(&out[0].bytes).expect("response")
+    };
+    let r = answer(
+        edge.proxy.on_message(
+            conn,
+            options(
+                1,
+                "Require: nothingSupportsThis, nothingSupportsThisEither\r\n",
+            )
+            .as_bytes(),
+            edge.now,
+        ),
+    );
+    assert_eq!(r.status(), Some(420));
+    assert_eq!(
+        r.header("Unsupported"),
+        Some("nothingSupportsThis, nothingSupportsThisEither")
+    );
+    let r = answer(
+        edge.proxy
+            .on_message(conn, options(2, "").as_bytes(), edge.now),
+    );
+    assert_eq!(r.status(), Some(200));
+}
