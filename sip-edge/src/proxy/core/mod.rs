@@ -453,10 +453,12 @@ impl Proxy {
                     if matches!(
                         e,
                         crate::sip::message::MessageError::ContentLengthMismatch { .. }
-                    ) {
-                        // §18.3: a datagram shorter than its Content-Length
-                        // is discarded, not answered.
-                        info!(conn, error = %e, "truncated datagram discarded");
+                    ) && raw.starts_with(b"SIP/")
+                    {
+                        // §18.3: a response shorter than its Content-Length
+                        // is discarded; a request gets 400 (below, by its
+                        // Via), as RFC 4475 §3.1.2.2 says of `clerr`.
+                        info!(conn, error = %e, "truncated response datagram discarded");
                         return out;
                     }
                     if !has_via_line(raw) {
