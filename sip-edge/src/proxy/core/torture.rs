@@ -68,8 +68,13 @@ tls_name = "client.example.net"
 "#;
 
 fn config() -> Config {
-    let path =
-        std::env::temp_dir().join(format!("sip-edge-torture-unit-{}.toml", std::process::id()));
+    // One file per call: the tests run in parallel threads.
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!(
+        "sip-edge-torture-unit-{}-{n}.toml",
+        std::process::id()
+    ));
     std::fs::write(&path, CONFIG).expect("write config");
     let cfg = Config::from_file(&path).expect("the torture config is valid");
     let _ = std::fs::remove_file(&path);
