@@ -16,7 +16,7 @@
 //! framing error closes the connection). Needs root; skips through
 //! `testnet::record_skip`. Every wait is bounded.
 
-use std::{path::Path, time::Duration};
+use std::{io::Write as _, path::Path, time::Duration};
 
 use sip_edge::sip::message::Message;
 use sip_edge_tests::{
@@ -359,8 +359,10 @@ async fn rfc4475_and_rfc5118_from_both_sides() {
         ));
         failed.extend(deviations.into_iter().map(|d| format!("[{label}] {d}")));
     }
+    // Straight to stderr, past libtest's capture: the score shows in
+    // every run, passing or not (`cargo xtask test` captures output).
     for line in &report {
-        println!("{line}");
+        let _ = writeln!(std::io::stderr(), "{line}");
     }
     e.assert_empty("torture corpus");
     e.stop();

@@ -9,6 +9,7 @@
 //! RFCs. Runs without privileges, so the table is checked everywhere.
 
 use std::{
+    io::Write as _,
     path::Path,
     sync::{Arc, Mutex},
     time::Instant,
@@ -405,7 +406,10 @@ fn check(side: Side, udp: bool) {
     let deviations = run(side, udp);
     let ok = CASES.len() - deviations.len();
     let over = if udp { "UDP" } else { "TLS" };
-    println!(
+    // Straight to stderr, past libtest's capture: the score shows in
+    // every run, passing or not.
+    let _ = writeln!(
+        std::io::stderr(),
         "torture (sans-IO, from the {side:?} side over {over}): {ok}/{} messages with the RFC's outcome",
         CASES.len()
     );
