@@ -430,16 +430,18 @@ impl UaConn {
 
     /// Send one message (written and flushed before this returns).
     pub async fn send(&mut self, text: &str) -> Result<(), UaError> {
-        self.stream
-            .write_all(text.as_bytes())
-            .await
-            .map_err(io("send SIP"))?;
+        self.send_bytes(text.as_bytes()).await
+    }
+
+    /// Send raw bytes, which need not be text (torture messages).
+    pub async fn send_bytes(&mut self, bytes: &[u8]) -> Result<(), UaError> {
+        self.stream.write_all(bytes).await.map_err(io("send SIP"))?;
         self.stream.flush().await.map_err(io("flush SIP"))?;
         self.log.push(LogLine {
             sent: true,
             at: self.opened.elapsed(),
             when: Instant::now(),
-            first_line: first_line(text.as_bytes()),
+            first_line: first_line(bytes),
         });
         Ok(())
     }

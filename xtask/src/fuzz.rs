@@ -22,8 +22,20 @@ const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// Every target with the fixture directories or files that seed it.
 pub const TARGETS: &[(&str, &[&str])] = &[
-    ("framer", &["sip-edge/tests/fixtures/sip"]),
-    ("message", &["sip-edge/tests/fixtures/sip"]),
+    (
+        "framer",
+        &[
+            "sip-edge/tests/fixtures/sip",
+            "sip-edge/tests/fixtures/torture",
+        ],
+    ),
+    (
+        "message",
+        &[
+            "sip-edge/tests/fixtures/sip",
+            "sip-edge/tests/fixtures/torture",
+        ],
+    ),
     ("sdp", &["sip-edge/tests/fixtures/sdp"]),
     ("multipart", &[]),
     (
@@ -70,7 +82,9 @@ fn seed(root: &Path, target: &str, seeds: &[&str], corpus: &Path) -> Result<()> 
             std::fs::read_dir(&p)
                 .with_context(|| format!("read {}", p.display()))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|f| f.is_file())
+                // Messages only: the torture directory also holds its
+                // table (`corpus.rs`).
+                .filter(|f| f.is_file() && f.extension().is_none_or(|e| e != "rs"))
                 .collect()
         } else {
             vec![p]

@@ -478,6 +478,12 @@ impl Framer {
                     }
                 },
                 b'\t' => {}
+                // RFC 3261 §25.1 quoted-pair: a backslash escapes any
+                // character but CR and LF, NUL and DEL included (RFC 4475
+                // §3.1.1.2 quotes BEL, NUL and DEL in a display name). The
+                // backslash is an escape when an odd run of them precedes.
+                0..=0x1f | 0x7f
+                    if at == HeadPart::Headers && escaped_by_backslash(&self.buf[..i]) => {}
                 0..=0x1f | 0x7f => {
                     return Err(FrameError::Garbage {
                         byte,
@@ -519,6 +525,12 @@ impl Framer {
 fn snippet(b: &[u8]) -> String {
     let b = b.get(..ERROR_SNIPPET).unwrap_or(b);
     String::from_utf8_lossy(b).into_owned()
+}
+
+/// Whether the byte after `before` is escaped: an odd number of
+/// backslashes ends `before`.
+fn escaped_by_backslash(before: &[u8]) -> bool {
+    before.iter().rev().take_while(|b| **b == b'\\').count() % 2 == 1
 }
 
 /// RFC 3261 §25.1 `token` characters.
@@ -666,6 +678,31 @@ mod tests {
     }
 
     const OPTIONS: &str = "OPTIONS sip:edge.example.com SIP/2.0\r\nVia: SIP/2.0/TLS 192.0.2.10:5061;branch=z9hG4bK1\r\nCall-ID: a@b\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n";
+
+    #[test]
+    fn quoted_pair_control_characters_are_sip() {
+        // RFC 3261 §25.1 quoted-pair, RFC 4475 §3.1.1.2: NUL, BEL and DEL
+        // after a backslash belong to the header.
+        let m = "OPTIONS sip:a@example.com SIP/2.0\r\nTo: \"BEL:\\\x07 NUL:\\\x00 DEL:\\\x7f\" <sip:a@example.com>\r\nl: 0\r\n\r\n";
+        assert_eq!(
+            frames_of(KeepAliveRole::Responder, m.as_bytes()),
+            Ok(vec![msg(m)])
+        );
+        // Bare, or after an escaped backslash, they are still junk.
+        for bad in [
+            "OPTIONS sip:a@example.com SIP/2.0\r\nTo: \"a\x00\" <sip:a@example.com>\r\nl: 0\r\n\r\n",
+            "OPTIONS sip:a@example.com SIP/2.0\r\nTo: \"a\\\\\x00\" <sip:a@example.com>\r\nl: 0\r\n\r\n",
+            "OPTIONS sip:a@\\\x00 SIP/2.0\r\nl: 0\r\n\r\n",
+        ] {
+            assert!(
+                matches!(
+                    frames_of(KeepAliveRole::Responder, bad.as_bytes()),
+                    Err(FrameError::Garbage { byte: 0, .. })
+                ),
+                "{bad:?}"
+            );
+        }
+    }
 
     #[test]
     fn single_message_without_body() {

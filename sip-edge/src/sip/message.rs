@@ -657,6 +657,21 @@ impl Message {
             headers,
             body: Vec::new(),
         };
+        // Two Content-Length values that disagree leave the body length
+        // unknown (RFC 4475 §3.3.9): the framer refuses them on streams,
+        // this refuses them in datagrams.
+        let conflict = {
+            let mut lengths = msg.header_all("Content-Length").map(str::trim);
+            let first = lengths.next();
+            first.and_then(|f| lengths.find(|v| *v != f).map(|o| format!("{f}, {o}")))
+        };
+        if let Some(values) = conflict {
+            return Err(MessageError::BadHeaderValue {
+                name: "Content-Length",
+                value: cut(&values),
+                reason: "conflicting values",
+            });
+        }
         let declared = match msg.header("Content-Length") {
             Some(v) => Some(
                 v.parse::<usize>()
@@ -1367,6 +1382,24 @@ mod tests {
         assert!(m
             .to_bytes()
             .ends_with(b"X: y\r\nContent-Length: 3\r\n\r\nhey"));
+    }
+
+    #[test]
+    fn conflicting_content_lengths_are_refused() {
+        // RFC 4475 §3.3.9 (mcl01) as a datagram: the framer is not there
+        // to refuse it.
+        assert!(matches!(
+            Message::parse(b"OPTIONS sip:a@b SIP/2.0\r\nContent-Length: 13\r\nl: 5\r\n\r\nThere's no way to know"),
+            Err(MessageError::BadHeaderValue {
+                name: "Content-Length",
+                ..
+            })
+        ));
+        // The same value twice is no conflict.
+        assert!(
+            Message::parse(b"OPTIONS sip:a@b SIP/2.0\r\nl: 2\r\nContent-Length: 2\r\n\r\nhi")
+                .is_ok()
+        );
     }
 
     #[test]

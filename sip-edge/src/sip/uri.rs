@@ -78,10 +78,7 @@ impl Host {
     /// domain name.
     pub fn parse(s: &str) -> Option<Host> {
         if let Some(inner) = s.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
-            return inner
-                .parse::<Ipv6Addr>()
-                .ok()
-                .map(|a| Host::Ip(IpAddr::V6(a)));
+            return parse_ipv6_reference(inner).map(|a| Host::Ip(IpAddr::V6(a)));
         }
         if let Ok(ip) = s.parse::<IpAddr>() {
             return Some(Host::Ip(ip));
@@ -100,6 +97,22 @@ impl Host {
             Host::Name(_) => None,
         }
     }
+}
+
+/// The address inside an IPv6 reference. RFC 3261's ABNF (from RFC 2373)
+/// admits three colons before an embedded IPv4 address
+/// (`2001:db8:::192.0.2.1`), which RFC 4291 does not; RFC 5118 §4.10 asks
+/// implementations to tolerate both, so that form reads as the two-colon
+/// address it means. Nothing else beyond RFC 4291 is accepted.
+fn parse_ipv6_reference(inner: &str) -> Option<Ipv6Addr> {
+    if let Ok(a) = inner.parse::<Ipv6Addr>() {
+        return Some(a);
+    }
+    let (head, v4) = inner.split_once(":::")?;
+    if v4.contains(':') || v4.parse::<Ipv4Addr>().is_err() || head.contains("::") {
+        return None;
+    }
+    format!("{head}::{v4}").parse().ok()
 }
 
 impl From<IpAddr> for Host {
@@ -196,13 +209,16 @@ impl SipUri {
                 scheme: cut(scheme),
             });
         }
-        let (before_q, headers) = rest.find('?').map_or((rest, ""), |i| rest.split_at(i));
-        // '@' cannot appear unescaped in host or uri-parameters (§25.1), so
-        // the first one ends the userinfo, which may itself contain ';'.
-        let (userinfo, hostpart) = match before_q.find('@') {
-            Some(i) => (Some(before_q[..i].to_owned()), &before_q[i + 1..]),
-            None => (None, before_q),
+        // '@' cannot appear unescaped in host, uri-parameters or headers
+        // (§25.1), so the first one ends the userinfo, which may itself
+        // contain ';' and '?' (`user-unreserved`, RFC 4475 §3.1.1.2).
+        let (userinfo, after_at) = match rest.find('@') {
+            Some(i) => (Some(rest[..i].to_owned()), &rest[i + 1..]),
+            None => (None, rest),
         };
+        let (hostpart, headers) = after_at
+            .find('?')
+            .map_or((after_at, ""), |i| after_at.split_at(i));
         // Params start at the first ';' after the host (an IPv6 reference
         // has no ';').
         let (hostport, params) = hostpart
@@ -265,6 +281,35 @@ mod tests {
             u.to_string(),
             "sips:bob@client.biloxi.example.com:5061;transport=tls;lr?Subject=x"
         );
+    }
+
+    #[test]
+    fn rfc5118_abnf_bug_three_colons_are_tolerated() {
+        // RFC 5118 §4.10: both forms name the same address.
+        let three = SipUri::parse("sip:user@[2001:db8:::192.0.2.1]").unwrap();
+        let two = SipUri::parse("sip:user@[2001:db8::192.0.2.1]").unwrap();
+        assert_eq!(three.host, two.host);
+        // Only before an embedded IPv4 address, and never a second "::".
+        for bad in [
+            "sip:[2001:db8:::1]",
+            "sip:[2001::db8:::192.0.2.1]",
+            "sip:[2001:db8::::192.0.2.1]",
+        ] {
+            assert!(SipUri::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn user_part_may_hold_question_marks() {
+        // RFC 4475 §3.1.1.2: '?' is user-unreserved; headers follow the host.
+        let u = SipUri::parse(
+            "sip:1_unusual.URI~(to-be!sure)&isn't+it$/crazy?,/;;*:&it+has=1,weird!*pas$wo~d_too.(doesn't-it)@example.com",
+        )
+        .unwrap();
+        assert_eq!(u.host, Host::Name("example.com".into()));
+        assert_eq!(u.headers, "");
+        let h = SipUri::parse("sip:user@example.com?Route=%3Csip:example.com%3E").unwrap();
+        assert_eq!(h.headers, "?Route=%3Csip:example.com%3E");
     }
 
     #[test]

@@ -258,9 +258,25 @@ fn tx_key(branch: &str, via: &Via, method: &str) -> String {
 /// INVITE's key explicitly (§9.2). The To tag
 /// is left out: a retransmission carries the INVITE's own, and an ACK
 /// carries the response's, which the caller checks where it matters.
-fn server_key(msg: &Message, top: &Via, method: &str) -> String {
+///
+/// The side the request arrived on is part of the key: the same branch
+/// and sent-by from the other side of the edge is never a retransmission
+/// (it cannot be: the two sides are different networks), and matching it
+/// would hand one side's stored response to the other (RFC 4475 messages
+/// sent from both sides did exactly that).
+fn server_key(side: Side, msg: &Message, top: &Via, method: &str) -> String {
+    let side = match side {
+        Side::Internal => "i",
+        Side::External => "e",
+    };
+    format!("{side}|{}", server_key_on_side(msg, top, method))
+}
+
+fn server_key_on_side(msg: &Message, top: &Via, method: &str) -> String {
     let branch = top.branch().unwrap_or_default();
-    if branch.starts_with(MAGIC_COOKIE) {
+    // The cookie alone identifies nothing (RFC 4475 §3.2.1): such a
+    // request is matched the RFC 2543 way, like one without the cookie.
+    if branch.starts_with(MAGIC_COOKIE) && branch.len() > MAGIC_COOKIE.len() {
         return tx_key(branch, top, method);
     }
     let method = if method == "ACK" { "INVITE" } else { method };
@@ -444,10 +460,12 @@ impl Proxy {
                     if matches!(
                         e,
                         crate::sip::message::MessageError::ContentLengthMismatch { .. }
-                    ) {
-                        // §18.3: a datagram shorter than its Content-Length
-                        // is discarded, not answered.
-                        info!(conn, error = %e, "truncated datagram discarded");
+                    ) && raw.starts_with(b"SIP/")
+                    {
+                        // §18.3: a response shorter than its Content-Length
+                        // is discarded; a request gets 400 (below, by its
+                        // Via), as RFC 4475 §3.1.2.2 says of `clerr`.
+                        info!(conn, error = %e, "truncated response datagram discarded");
                         return out;
                     }
                     if !has_via_line(raw) {
@@ -600,7 +618,7 @@ impl Proxy {
         if self.server_txs.len() >= MAX_SERVER_TXS {
             return;
         }
-        let key = server_key(&req, &top, &method);
+        let key = server_key(info.side, &req, &top, &method);
         self.server_txs.entry(key).or_insert(ServerTx {
             conn,
             request: req,
@@ -754,3 +772,5 @@ fn register_expires(msg: &Message) -> Option<u32> {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod torture;

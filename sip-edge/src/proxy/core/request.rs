@@ -27,6 +27,7 @@ impl Proxy {
         }
         msg.from().map_err(bad)?;
         msg.to().map_err(bad)?;
+        check_header_syntax(msg)?;
         let vias = msg.vias().map_err(bad)?;
         let top = vias.first().cloned().ok_or_else(|| reject(400, "no Via"))?;
         // §18.2.1 / RFC 3581: stamp received (and rport when asked).
@@ -34,7 +35,7 @@ impl Proxy {
         let top = msg.top_via().unwrap_or(top);
         // §17.2.3: a branch without the z9hG4bK cookie is an RFC 2543
         // element's; `server_key` matches its requests the RFC 2543 way.
-        let skey = server_key(msg, &top, &method);
+        let skey = server_key(info.side, msg, &top, &method);
 
         // Retransmission or ACK/CANCEL for an existing server transaction.
         if method == "ACK" {
@@ -132,10 +133,7 @@ impl Proxy {
                 stateless: false,
             });
         }
-        let ruri = match msg.request_uri() {
-            Some(Ok(u)) => u,
-            Some(Err(_)) | None => return Err(reject(416, "Request-URI is not sip:/sips:")),
-        };
+        let ruri = request_uri(msg)?;
 
         // §16.4: strict-router compatibility, then pop our own Routes.
         let mut ruri = ruri;
@@ -175,6 +173,24 @@ impl Proxy {
         let to_tag = msg.to_tag().ok().flatten();
         // Requests to the edge itself (no user part, no Route left).
         if ruri.userinfo.is_none() && routes.is_empty() && self.names_us(&ruri).is_some() {
+            // The edge is the UAS here: a Require it does not support is
+            // answered 420 (RFC 3261 §8.2.2.3); a proxy only checks
+            // Proxy-Require, forwarding Require (RFC 4475 §3.3.5). It
+            // supports no extension as a UAS (its one answer is OPTIONS).
+            let required: Vec<String> = msg
+                .header_all("Require")
+                .flat_map(|v| v.split(','))
+                .map(|t| t.trim().to_owned())
+                .filter(|t| !t.is_empty())
+                .collect();
+            if !required.is_empty() && method != "ACK" {
+                return Err(Reject {
+                    code: 420,
+                    why: "unsupported Require".into(),
+                    extra: vec![("Unsupported", required.join(", "))],
+                    stateless: false,
+                });
+            }
             if method == "OPTIONS" {
                 let tag = self.new_tag();
                 self.respond_local(
@@ -490,7 +506,8 @@ impl Proxy {
         out: &mut Vec<Outgoing>,
     ) -> Result<(), Reject> {
         // §16.10: match the INVITE server transaction, answer 200 hop by hop.
-        let ikey = server_key(msg, top, "INVITE");
+        let side = self.conns.get(&conn).map_or(Side::Internal, |i| i.side);
+        let ikey = server_key(side, msg, top, "INVITE");
         let Some(stx) = self.server_txs.get(&ikey) else {
             return Err(reject(481, "no INVITE transaction to cancel"));
         };
@@ -525,4 +542,107 @@ impl Proxy {
         }
         Ok(())
     }
+}
+
+/// The Request-URI as a SIP URI, or the refusal RFC 3261 asks for: 416
+/// for a well-formed URI of a scheme the edge does not route (§8.2.2.1,
+/// RFC 4475 §3.3.2/§3.3.3), 400 for one that is no URI at all (in `<>`,
+/// RFC 4475 §3.1.2.7) or a malformed `sip:`/`sips:` one (an IPv6 address
+/// without brackets, RFC 5118 §4.2), and 400 for escaped headers, which
+/// have no place in a Request-URI (§19.1.5, RFC 4475 §3.1.2.11).
+fn request_uri(msg: &Message) -> Result<SipUri, Reject> {
+    use crate::sip::message::MessageError;
+    use crate::sip::uri::UriError;
+    match msg.request_uri() {
+        Some(Ok(u)) if !u.headers.is_empty() => Err(reject(
+            400,
+            "escaped headers in the Request-URI (RFC 3261 section 19.1.5)",
+        )),
+        Some(Ok(u)) => Ok(u),
+        Some(Err(MessageError::BadUri {
+            source: UriError::UnsupportedScheme { scheme, .. },
+            ..
+        })) if is_scheme(&scheme) => Err(reject(416, "Request-URI is not sip:/sips:")),
+        Some(Err(e)) => Err(reject(400, e.to_string())),
+        None => Err(reject(400, "no Request-URI")),
+    }
+}
+
+/// RFC 3986 §3.1 `scheme = ALPHA *( ALPHA / DIGIT / "+" / "-" / "." )`.
+fn is_scheme(s: &str) -> bool {
+    s.bytes().next().is_some_and(|b| b.is_ascii_alphabetic())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
+}
+
+/// Headers that occur once (RFC 3261 §7.3.1, §20: no comma list, no
+/// repetition); a request with two is refused (RFC 4475 §3.3.8).
+const SINGLE_VALUE: &[&str] = &["Call-ID", "CSeq", "From", "To", "Max-Forwards"];
+
+/// §16.3 step 1 beyond what the accessors check: single-value headers
+/// occur once, and the name-addr headers the edge reads (From, To,
+/// Contact) follow §20.10 and §25.1, so the edge never passes on a
+/// malformed one it could only guess at (RFC 4475 §3.1.2.13, §3.1.2.15:
+/// "a proxy must not propagate the error").
+fn check_header_syntax(msg: &Message) -> Result<(), Reject> {
+    for name in SINGLE_VALUE {
+        let values: usize = match *name {
+            "From" | "To" => msg
+                .header_all(name)
+                .map(|v| crate::sip::message::split_list(v).len())
+                .sum(),
+            _ => msg.header_all(name).count(),
+        };
+        if values > 1 {
+            return Err(reject(400, format!("{name} occurs more than once")));
+        }
+    }
+    let from = msg.from().map_err(|e| reject(400, e.to_string()))?;
+    let to = msg.to().map_err(|e| reject(400, e.to_string()))?;
+    let contacts = msg
+        .name_addrs("Contact")
+        .map_err(|e| reject(400, e.to_string()))?;
+    for (name, na) in [("From", &from), ("To", &to)]
+        .into_iter()
+        .chain(contacts.iter().map(|c| ("Contact", c)))
+    {
+        if let Some(d) = &na.display {
+            if !is_display_name(d) {
+                return Err(reject(
+                    400,
+                    format!("{name} display name is neither tokens nor a quoted string"),
+                ));
+            }
+        }
+        // §20.10: a URI with a comma, question mark or semicolon must be
+        // in <>; without them a ';' starts header parameters, so only ','
+        // and '?' are left in the URI to betray it.
+        if !na.angle && na.uri.contains(['?', ',']) {
+            return Err(reject(
+                400,
+                format!("{name} URI with headers or a comma must be enclosed in <>"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// RFC 3261 §25.1 `display-name = *(token LWS) / quoted-string`.
+fn is_display_name(d: &str) -> bool {
+    if let Some(inner) = d.strip_prefix('"') {
+        // A quoted string ends at its first unescaped quote, which must be
+        // the last character.
+        let mut escaped = false;
+        for (i, c) in inner.char_indices() {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                '"' => return i + 1 == inner.len(),
+                _ => {}
+            }
+        }
+        return false;
+    }
+    d.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-.!%*_+`'~".contains(&b) || b == b' ' || b == b'\t')
 }

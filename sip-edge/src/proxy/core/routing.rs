@@ -156,6 +156,19 @@ impl Proxy {
 
     pub(super) fn hop_of(&self, uri: &str, side: Side) -> Result<Dest, Reject> {
         let u = SipUri::parse(uri).map_err(|_| reject(416, "next hop is not a sip:/sips: URI"))?;
+        if !routable_host(&u.host) {
+            // A Route or Contact from a message naming the edge host's own
+            // loopback (RFC 4475 §3.1.1.11 preloads 127.0.0.1:5080), an
+            // unspecified, multicast or broadcast address: relaying there
+            // would reach services on the edge host itself or nobody, so
+            // the edge refuses (local policy, RFC 3261 §16.5), as
+            // `check-config` refuses such configured next hops.
+            warn!(target: "sip_edge::security", next_hop = %u.host, "refusing a next hop on loopback or a non-unicast address");
+            return Err(reject(
+                403,
+                "the next hop is a loopback, unspecified, multicast or broadcast address",
+            ));
+        }
         let host = match &u.host {
             Host::Ip(std::net::IpAddr::V6(a)) => a.to_string(),
             h => h.to_string(),
@@ -476,5 +489,24 @@ fn unknown_token(msg: &Message) -> Reject {
         )
     } else {
         reject(404, "unknown or expired flow token")
+    }
+}
+
+/// Whether a message may send the edge to `host`: not `localhost`, not a
+/// loopback, unspecified, multicast or broadcast address (IPv4-mapped
+/// IPv6 included).
+fn routable_host(host: &Host) -> bool {
+    match host {
+        Host::Name(n) => {
+            let n = n.trim_end_matches('.');
+            !(n.eq_ignore_ascii_case("localhost") || n.to_ascii_lowercase().ends_with(".localhost"))
+        }
+        Host::Ip(ip) => {
+            let ip = ip.to_canonical();
+            !(ip.is_loopback()
+                || ip.is_unspecified()
+                || ip.is_multicast()
+                || matches!(ip, std::net::IpAddr::V4(a) if a.is_broadcast()))
+        }
     }
 }

@@ -939,11 +939,20 @@ fn udp_datagrams_follow_rfc3261_18_3() {
         "Via: SIP/2.0/TLS 198.51.100.3:40002",
         "Via: SIP/2.0/UDP 10.77.0.9:5062",
     );
-    // Declared longer than the datagram: discarded, not answered.
+    // A request declared longer than the datagram: 400 (§18.3 "SHOULD
+    // generate a 400", RFC 4475 §3.1.2.2); before, it was discarded.
     let short = good.replace("Content-Length: 0", "Content-Length: 10");
-    assert!(p.on_message(UDP_CLIENT, short.as_bytes(), now).is_empty());
-    // The same over a stream is answered 400 (the framer never does this,
-    // but the core must not diverge silently).
+    let out = p.on_message(UDP_CLIENT, short.as_bytes(), now);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].dest, Dest::Conn(UDP_CLIENT));
+    assert_eq!(parse(&out[0]).status(), Some(400));
+    // A response declared longer than the datagram: discarded (§18.3).
+    let short_response = "SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 10.77.0.1:5060;branch=z9hG4bKx\r\nFrom: <sip:a@b>;tag=1\r\nTo: <sip:a@b>;tag=2\r\nCall-ID: c\r\nCSeq: 1 OPTIONS\r\nContent-Length: 10\r\n\r\n";
+    assert!(p
+        .on_message(UDP_CLIENT, short_response.as_bytes(), now)
+        .is_empty());
+    // The same request over a stream is answered 400 too (the framer never
+    // does this, but the core must not diverge silently).
     assert_eq!(
         parse(&p.on_message(CALLER, short.as_bytes(), now)[0]).status(),
         Some(400)
