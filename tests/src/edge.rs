@@ -172,6 +172,14 @@ impl Edge {
         self.agent.as_ref().map_or(0, AgentProcess::pid)
     }
 
+    /// The running agent's log so far (empty when none runs).
+    pub fn agent_log(&self) -> Vec<String> {
+        self.agent
+            .as_ref()
+            .map(AgentProcess::log)
+            .unwrap_or_default()
+    }
+
     /// `kill -9` of the agent: no cleanup, the pins stay.
     pub fn kill9(&mut self) {
         if let Some(a) = self.agent.take() {

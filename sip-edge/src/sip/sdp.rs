@@ -490,6 +490,29 @@ impl Sdp {
         &self.flows
     }
 
+    /// The address of every ICE candidate (RFC 8839 §5.1) written as an
+    /// IP literal, with the index of its m-line. FQDN (mDNS) candidates
+    /// name no address and are left out; a malformed line is the
+    /// rewrite's business (it refuses the body).
+    pub fn candidate_addrs(&self) -> Vec<(usize, IpAddr)> {
+        let mut out = Vec::new();
+        for (k, &start) in self.media_starts.iter().enumerate() {
+            let end = self
+                .media_starts
+                .get(k + 1)
+                .copied()
+                .unwrap_or(self.lines.len());
+            for l in self.lines.get(start..end).unwrap_or_default() {
+                if let Some(v) = l.text.strip_prefix(b"a=candidate:") {
+                    if let Some(ip) = fields(v).get(4).and_then(|a| a.parse::<IpAddr>().ok()) {
+                        out.push((k, ip));
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// The body as parsed (byte-identical to the input).
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::new();
