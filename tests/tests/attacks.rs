@@ -683,7 +683,9 @@ async fn nat_slipstreaming_shapes_open_no_pinhole() {
         "relay",
         "",
         "",
-        &(LIMITS.to_owned() + &inside_next_hop()),
+        &(LIMITS.to_owned()
+            + &inside_next_hop()
+            + "[access]\nserved_domains = [\"corp.example\"]\nremote_users = true\n"),
     );
     let alice_l = alice_listener(&e);
     // The SIP an ALG would act on: a REGISTER and an INVITE whose Contact
