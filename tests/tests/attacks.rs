@@ -885,9 +885,11 @@ fn gone_within(e: &Edge, c: &Call, within: Duration, what: &str) -> Duration {
 /// Attack 4: dialog abuse. A stranger's BYE (wrong tags; right tags from
 /// another connection) and CANCEL (wrong branch; right branch from
 /// another connection) end nothing: media keeps flowing, pinholes stay.
-/// An INVITE that never gets a 2xx opens nothing lasting; a 2xx whose ACK
+/// An INVITE that never gets a 2xx opens nothing lasting (Timer C, `[proxy]
+/// timer_c_secs`, ends its early media); a 2xx whose ACK
 /// never comes is torn down (`[proxy] ack_timeout_secs`, RFC 3261
-/// §13.3.1.4); a call whose party's connection drops loses its pinholes.
+/// §13.3.1.4); a call whose party's connection drops loses its pinholes
+/// once its media stops.
 #[tokio::test(flavor = "current_thread")]
 async fn a_strangers_bye_or_cancel_ends_nothing_and_half_made_dialogs_go() {
     if skip("attacks::a_strangers_bye_or_cancel_ends_nothing_and_half_made_dialogs_go") {
@@ -897,7 +899,7 @@ async fn a_strangers_bye_or_cancel_ends_nothing_and_half_made_dialogs_go() {
         &format!("ak4{}", std::process::id()),
         "relay",
         "idle_timeout_secs = 4\nunused_timeout_secs = 3\n",
-        "ack_timeout_secs = 3\n",
+        "ack_timeout_secs = 3\ntimer_c_secs = 4\n",
         LIMITS,
     );
     let mut bob = PeerUa::skipping_others(&e);
@@ -1058,8 +1060,8 @@ async fn a_strangers_bye_or_cancel_ends_nothing_and_half_made_dialogs_go() {
     e.assert_empty("calls 1 and 2 ended");
 
     // d. An INVITE that never gets a 2xx: early media (183 with SDP)
-    // opens pinholes; nobody sends, bob never answers: they go after the
-    // never-used timeout (3 s), long before Timer C.
+    // opens pinholes; bob never answers: they go when the edge gives the
+    // branch up (Timer C, `timer_c_secs = 4` here, 181 s by default).
     let mut a3 = Dialog::outgoing(&alice_id(), "sips:bob@peer.example.net");
     alice
         .send(&a3.invite(&testua::sdp("alice", 1, ip("10.77.0.2"), &spec(4020))))
@@ -1083,7 +1085,13 @@ async fn a_strangers_bye_or_cancel_ends_nothing_and_half_made_dialogs_go() {
     alice.recv_status(183, WAIT).await.expect("alice gets 183");
     assert!(!e.pinholes().is_empty(), "early media opens pinholes");
     let t0 = Instant::now();
-    e.assert_empty_within("an INVITE without a 2xx", Duration::from_secs(12));
+    e.assert_empty_within("an INVITE without a 2xx", Duration::from_secs(9));
+    let cancel = bob.recv_request("CANCEL").await;
+    assert_eq!(
+        cancel.call_id().ok(),
+        Some(a3.call_id.as_str()),
+        "Timer C cancels the branch"
+    );
     eprintln!(
         "early pinholes of an unanswered INVITE gone after {:?}",
         t0.elapsed()
@@ -1157,13 +1165,25 @@ async fn a_strangers_bye_or_cancel_ends_nothing_and_half_made_dialogs_go() {
         .send(&reply(&bye, 200, "OK", &b4.local_tag, "", "", ""))
         .await
         .expect("200 BYE");
+    let bye = alice
+        .recv_request("BYE", WAIT)
+        .await
+        .expect("alice gets a BYE");
+    assert_eq!(bye.call_id().ok(), Some(a4.call_id.as_str()));
+    alice
+        .send(&reply(&bye, 200, "OK", &a4.local_tag, "", "", ""))
+        .await
+        .expect("200 BYE");
     assert!(
         security_line(&e, &["ack"]).is_some() || plain_log(&e).iter().any(|l| l.contains("no ACK")),
         "the agent says why it ended the call"
     );
 
-    // f. A party's connection drops mid-call: nobody can reach it through
-    // the edge any more; its pinholes go.
+    // f. A party's connection drops mid-call and nothing is sent any
+    // more: the pinholes expire by the idle timer (4 s here) and the
+    // other party is sent a BYE. (The call is not ended at the close
+    // itself: the edge closes idle client connections after
+    // `[proxy] idle_timeout_secs`, mid-call too.)
     let c5 = call(&mut alice, &mut bob, 4030, 5030).await;
     let a5 = e.udp(&e.topo.client, "10.77.0.2:4030");
     let b5 = e.udp(&e.topo.peer, "198.51.100.2:5030");
@@ -1176,6 +1196,12 @@ async fn a_strangers_bye_or_cancel_ends_nothing_and_half_made_dialogs_go() {
         "a dropped connection's call",
     );
     eprintln!("a dropped connection's pinholes went after {took:?}");
+    let bye = bob.recv_request("BYE").await;
+    assert_eq!(
+        bye.call_id().ok(),
+        Some(c5.call.a.call_id.as_str()),
+        "BYE for call 5"
+    );
     let _ = m;
 }
 
@@ -1684,7 +1710,10 @@ async fn framing_abuse_over_tls_is_answered_closed_and_bounded() {
                 closed += 1;
             }
         }
-        assert_eq!(closed, 100, "round {round}: stalled bodies all cut at the deadline");
+        assert_eq!(
+            closed, 100,
+            "round {round}: stalled bodies all cut at the deadline"
+        );
         drop(held);
         std::thread::sleep(Duration::from_secs(1));
         afters.push(rss_kb(pid));

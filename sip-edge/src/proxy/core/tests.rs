@@ -123,6 +123,8 @@ fn setup() -> (Proxy, Arc<Mutex<Recorder>>) {
         access: Default::default(),
         internal_udp_port: None,
         max_dialog: Duration::from_secs(4 * 3600),
+        ack_timeout: Duration::from_secs(32),
+        timer_c: Duration::from_secs(181),
     };
     let rec = Arc::new(Mutex::new(Recorder::default()));
     let mut p = Proxy::new(settings, Box::new(Media(rec.clone())));
