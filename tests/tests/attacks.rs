@@ -1010,12 +1010,11 @@ async fn a_strangers_bye_or_cancel_ends_nothing_and_half_made_dialogs_go() {
         "the stranger's CANCEL was accepted: {:?}",
         r.status()
     );
-    match bob.conn().recv(Duration::from_millis(700)).await {
-        Ok(req) => assert!(
+    if let Ok(req) = bob.conn().recv(Duration::from_millis(700)).await {
+        assert!(
             !req.method().is_some_and(|x| x.is("CANCEL")),
             "the stranger's CANCEL reached bob"
-        ),
-        Err(_) => {}
+        );
     }
     // The call still completes.
     bob.conn()
@@ -1653,8 +1652,6 @@ async fn framing_abuse_over_tls_is_answered_closed_and_bounded() {
     assert_eq!(status_of(&got), Some(200), "one byte per record");
 
     // e. 10,000 keep-alive pings on the same connection: 10,000 pongs.
-    let pings = testua::unique("");
-    let _ = pings;
     let ping_block = "\r\n\r\n".repeat(500);
     for _ in 0..20 {
         s.write_all(ping_block.as_bytes()).await.expect("pings");
