@@ -877,6 +877,24 @@ pub struct ProxySection {
     /// takes the inside's); more are refused at accept.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Seconds a 2xx to an INVITE waits for its ACK before the edge ends
+    /// the call both ways (RFC 3261 §13.3.1.4: 64*T1, the time a UAS
+    /// retransmits its 2xx before giving up).
+    #[serde(default = "default_ack_timeout")]
+    pub ack_timeout_secs: u64,
+    /// Seconds an INVITE branch may stay provisional (ringing, early
+    /// media) before the edge cancels it (Timer C, RFC 3261 §16.6 step
+    /// 11, which wants more than 3 minutes; lower it only for tests).
+    #[serde(default = "default_timer_c")]
+    pub timer_c_secs: u64,
+}
+
+fn default_timer_c() -> u64 {
+    181
+}
+
+fn default_ack_timeout() -> u64 {
+    32
 }
 
 fn default_idle_timeout() -> u64 {
@@ -951,6 +969,12 @@ impl ProxySection {
         }
         if self.max_connections == 0 {
             return Err(invalid("proxy.max_connections", "must be at least 1"));
+        }
+        if !(1..=3600).contains(&self.ack_timeout_secs) {
+            return Err(invalid("proxy.ack_timeout_secs", "must be 1 to 3600"));
+        }
+        if !(1..=3600).contains(&self.timer_c_secs) {
+            return Err(invalid("proxy.timer_c_secs", "must be 1 to 3600"));
         }
         for (field, adv) in [
             ("proxy.internal_advertise", &self.internal_advertise),

@@ -180,6 +180,8 @@ pub struct Topology {
     pub edge: String,
     /// Peer namespace name.
     pub peer: String,
+    /// Attacker namespace name, once [`Topology::add_attacker`] made it.
+    pub attacker: Option<String>,
     pass_progs: Vec<Ebpf>,
 }
 
@@ -194,6 +196,7 @@ impl Topology {
             client: format!("se-{tag}-cl"),
             edge: format!("se-{tag}-edge"),
             peer: format!("se-{tag}-peer"),
+            attacker: None,
             pass_progs: Vec::new(),
         };
         for ns in [&t.client, &t.edge, &t.peer] {
@@ -387,6 +390,50 @@ impl Topology {
         Ok(())
     }
 
+    /// A fourth namespace on the outside segment (`se-<tag>-atk`): a
+    /// macvlan (bridge mode) on the peer's `eth0`, so it shares the wire
+    /// between the peer and the edge's `ext0` (what it sends reaches the
+    /// edge's XDP program like the peer's traffic), with address `addr`
+    /// (in 198.51.100.0/24 or 203.0.113.0/24) and a route to the edge's
+    /// public prefix. Removed on drop with the others.
+    pub fn add_attacker(&mut self, addr: Ipv4Addr) -> Result<String, TestnetError> {
+        if !is_test_addr(IpAddr::V4(addr)) {
+            return Err(TestnetError::Unavailable {
+                reason: format!("{addr} is not a test address"),
+            });
+        }
+        let ns = self.edge.replace("-edge", "-atk");
+        let _ = sh(&["ip", "netns", "del", &ns]);
+        sh(&["ip", "netns", "add", &ns])?;
+        self.attacker = Some(ns.clone());
+        let cidr = format!("{addr}/24");
+        let p = self.peer.as_str();
+        for cmd in [
+            vec![
+                "ip", "-n", p, "link", "add", "link", "eth0", "name", "atk0", "type", "macvlan",
+                "mode", "bridge",
+            ],
+            vec!["ip", "-n", p, "link", "set", "atk0", "netns", &ns],
+            vec!["ip", "-n", &ns, "link", "set", "atk0", "name", "eth0"],
+            vec!["ip", "-n", &ns, "addr", "add", &cidr, "dev", "eth0"],
+            vec!["ip", "-n", &ns, "link", "set", "lo", "up"],
+            vec!["ip", "-n", &ns, "link", "set", "eth0", "up"],
+            vec![
+                "ip",
+                "-n",
+                &ns,
+                "route",
+                "add",
+                "203.0.113.0/24",
+                "dev",
+                "eth0",
+            ],
+        ] {
+            sh(&cmd)?;
+        }
+        Ok(ns)
+    }
+
     /// `/run/netns/<edge>`.
     pub fn edge_path(&self) -> PathBuf {
         PathBuf::from(format!("/run/netns/{}", self.edge))
@@ -439,7 +486,10 @@ impl Topology {
 impl Drop for Topology {
     fn drop(&mut self) {
         self.pass_progs.clear();
-        for ns in [&self.client, &self.edge, &self.peer] {
+        for ns in [&self.client, &self.edge, &self.peer]
+            .into_iter()
+            .chain(self.attacker.as_ref())
+        {
             let _ = sh(&["ip", "netns", "del", ns]);
         }
     }
@@ -595,9 +645,15 @@ pub fn record_skip(test: &str, reason: &str) {
 /// SIGKILL) on drop.
 pub struct AgentProcess {
     child: std::process::Child,
-    /// Every line the agent logged so far (`log_lines`).
-    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    log: AgentLog,
 }
+
+/// The last [`AGENT_LOG_LINES`] lines the agent wrote to stderr, kept for
+/// tests that check what it logged.
+pub type AgentLog = std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<String>>>;
+
+/// How many of the agent's log lines an [`AgentLog`] keeps.
+pub const AGENT_LOG_LINES: usize = 20_000;
 
 impl AgentProcess {
     /// Start `sip-edge run --config <config>` in the edge namespace and wait
@@ -632,7 +688,7 @@ impl AgentProcess {
         }
         let mut child = cmd.spawn().map_err(io_err("spawn agent"))?;
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = AgentLog::default();
         if let Some(err) = child.stderr.take() {
             let log = log.clone();
             // Ends at EOF, when the agent exits.
@@ -640,7 +696,10 @@ impl AgentProcess {
                 for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
                     eprintln!("{line}");
                     if let Ok(mut l) = log.lock() {
-                        l.push(line.clone());
+                        if l.len() >= AGENT_LOG_LINES {
+                            l.pop_front();
+                        }
+                        l.push_back(line.clone());
                     }
                     if READY.iter().any(|r| line.contains(r)) {
                         let _ = ready_tx.send(());
@@ -685,9 +744,12 @@ impl AgentProcess {
         }
     }
 
-    /// Every line the agent has logged so far (stderr), in order.
+    /// The agent's log so far (stderr; its last [`AGENT_LOG_LINES`] lines), in order.
     pub fn log_lines(&self) -> Vec<String> {
-        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+        self.log
+            .lock()
+            .map(|l| l.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// The agent's process id (for reading its memory in /proc).

@@ -773,6 +773,26 @@ impl<S: PinholeSink> MediaController<S> {
         wrap: &BodyWrap<'_>,
     ) -> Result<Vec<u8>, MediaError> {
         let parsed = Sdp::parse(ev.body).map_err(|e| not_acceptable(e.to_string()))?;
+        // Addresses the edge passes on but never pinholes still meet the
+        // policy (DESIGN.md §3): ICE candidates, and multicast streams,
+        // which no edge carries (a pinhole is one-to-one) and which would
+        // have the other side send its media to a group on its own LAN.
+        let (dialog, side, source) = (ev.dialog, ev.from_side, ev.source);
+        for (index, ip) in parsed.candidate_addrs() {
+            let what = format!("stream {index}: ICE candidate");
+            self.mgr
+                .check_unpinholed(dialog, side, source, &what, SocketAddr::new(ip, 0))?;
+        }
+        for f in parsed.flows() {
+            if f.no_pinhole != Some(NoPinhole::Multicast) {
+                continue;
+            }
+            if let Some(ip) = f.rtp.as_ref().and_then(|e| e.host.ip()) {
+                let what = format!("stream {}: media", f.index);
+                let ep = SocketAddr::new(ip, f.rtp.as_ref().map_or(0, |e| e.port));
+                self.mgr.check_unpinholed(dialog, side, source, &what, ep)?;
+            }
+        }
         let streams = parsed
             .flows()
             .iter()

@@ -185,6 +185,27 @@ fn fixed_refusal(ip: IpAddr) -> Option<Refusal> {
 }
 
 impl EndpointPolicy {
+    /// Decides the address of an ICE candidate (RFC 8839 §5.1). The edge
+    /// never pinholes a candidate, and private ones (RFC 1918, ULA,
+    /// link-local) are what a client behind NAT lists as a matter of
+    /// course, so the rewrite hides those (`sip::sdp`); but no host has a
+    /// loopback (RFC 8445 §5.1.1.1: never a candidate), unspecified,
+    /// multicast, broadcast or reserved address, nor one of the edge's own,
+    /// so a candidate naming one is an attempt to aim the other party's
+    /// connectivity checks (and the media they select) somewhere it was
+    /// never meant to go: refused like any other endpoint.
+    pub fn check_candidate(&self, ip: IpAddr) -> Result<(), Refusal> {
+        let ip = canonical(ip);
+        match fixed_refusal(ip) {
+            Some(Refusal::LinkLocal) | None => {}
+            Some(r) => return Err(r),
+        }
+        if self.edge_addrs.iter().any(|e| canonical(*e) == ip) {
+            return Err(Refusal::EdgeAddress);
+        }
+        Ok(())
+    }
+
     /// Decides one endpoint `ep` that `who` names for a pinhole of `proto`.
     /// `port_learned`: the endpoint connects (RFC 4145 active TCP end) and
     /// its port is learned from its first packet, so the port written (the
@@ -321,6 +342,30 @@ mod tests {
             Err(Refusal::InternalSubnet)
         );
         assert_eq!(check(&p, &who, "10.1.0.5:80"), Err(Refusal::PortBelow1024));
+    }
+
+    #[test]
+    fn candidates_never_name_loopback_broadcast_multicast_or_the_edge() {
+        let p = policy(ExternalSources::Signalling);
+        for (a, want) in [
+            ("127.0.0.1", Some(Refusal::Loopback)),
+            ("::1", Some(Refusal::Loopback)),
+            ("::ffff:127.0.0.1", Some(Refusal::Loopback)),
+            ("0.0.0.0", Some(Refusal::Unspecified)),
+            ("255.255.255.255", Some(Refusal::Broadcast)),
+            ("224.0.0.1", Some(Refusal::Multicast)),
+            ("ff02::1", Some(Refusal::Multicast)),
+            ("203.0.113.1", Some(Refusal::EdgeAddress)),
+            ("::ffff:10.77.0.1", Some(Refusal::EdgeAddress)),
+            // What NATed and IPv6 clients list: hidden by the rewrite.
+            ("192.168.1.2", None),
+            ("fe80::1", None),
+            ("169.254.3.3", None),
+            ("198.51.100.9", None),
+        ] {
+            let ip: IpAddr = a.parse().expect("ip");
+            assert_eq!(p.check_candidate(ip).err(), want, "{a}");
+        }
     }
 
     #[test]

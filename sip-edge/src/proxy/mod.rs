@@ -181,6 +181,11 @@ pub struct ProxySettings {
     /// expires every dialog it holds media for, but a dialog without media
     /// (no SDP, every stream disabled) has only this bound.
     pub max_dialog: std::time::Duration,
+    /// How long a 2xx to an INVITE waits for its ACK before the call is
+    /// ended both ways (`[proxy] ack_timeout_secs`).
+    pub ack_timeout: std::time::Duration,
+    /// Timer C (`[proxy] timer_c_secs`).
+    pub timer_c: std::time::Duration,
 }
 
 impl ProxySettings {
@@ -239,6 +244,8 @@ impl ProxySettings {
             // Known only once bound: the transport fills it in.
             internal_udp_port: None,
             max_dialog: std::time::Duration::from_secs(cfg.media.max_call_secs),
+            ack_timeout: std::time::Duration::from_secs(p.ack_timeout_secs),
+            timer_c: std::time::Duration::from_secs(p.timer_c_secs),
         })
     }
 

@@ -73,6 +73,14 @@ pub enum SdpError {
         /// m-line index (0-based).
         index: usize,
     },
+    /// More m-lines than [`MAX_MEDIA_LINES`].
+    #[error("{count} media streams in one session description; the edge takes at most {limit}")]
+    TooManyStreams {
+        /// m-lines in the body.
+        count: usize,
+        /// [`MAX_MEDIA_LINES`].
+        limit: usize,
+    },
     /// No edge address is configured for a family the SDP uses.
     #[error("no edge {family} address configured to hide stream {index}'s address")]
     NoEdgeAddress {
@@ -82,6 +90,13 @@ pub enum SdpError {
         family: &'static str,
     },
 }
+
+/// Most m-lines one body may carry. Every stream may cost the edge a port
+/// pair and a pinhole pair, and the body limit (64 kB) alone lets an
+/// offer name thousands; real sessions carry a handful (audio, video,
+/// content, BFCP, MSRP), and WebRTC's dozens of unified-plan m-lines
+/// share one BUNDLE transport.
+pub const MAX_MEDIA_LINES: usize = 64;
 
 fn cut(s: &[u8]) -> String {
     String::from_utf8_lossy(s.get(..96).unwrap_or(s)).into_owned()
@@ -351,6 +366,12 @@ impl Sdp {
             .filter(|(_, l)| l.text.starts_with(b"m="))
             .map(|(i, _)| i)
             .collect();
+        if media_starts.len() > MAX_MEDIA_LINES {
+            return Err(SdpError::TooManyStreams {
+                count: media_starts.len(),
+                limit: MAX_MEDIA_LINES,
+            });
+        }
         let session_end = media_starts.first().copied().unwrap_or(lines.len());
         let bad = |i: usize, what, l: &Line| SdpError::BadLine {
             line_no: i + 1,
@@ -488,6 +509,29 @@ impl Sdp {
     /// The media flows as received.
     pub fn flows(&self) -> &[MediaFlow] {
         &self.flows
+    }
+
+    /// The address of every ICE candidate (RFC 8839 §5.1) written as an
+    /// IP literal, with the index of its m-line. FQDN (mDNS) candidates
+    /// name no address and are left out; a malformed line is the
+    /// rewrite's business (it refuses the body).
+    pub fn candidate_addrs(&self) -> Vec<(usize, IpAddr)> {
+        let mut out = Vec::new();
+        for (k, &start) in self.media_starts.iter().enumerate() {
+            let end = self
+                .media_starts
+                .get(k + 1)
+                .copied()
+                .unwrap_or(self.lines.len());
+            for l in self.lines.get(start..end).unwrap_or_default() {
+                if let Some(v) = l.text.strip_prefix(b"a=candidate:") {
+                    if let Some(ip) = fields(v).get(4).and_then(|a| a.parse::<IpAddr>().ok()) {
+                        out.push((k, ip));
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// The body as parsed (byte-identical to the input).
@@ -853,4 +897,49 @@ fn candidate(
         return Some(CandidateAction::Replace(f.join(" ")));
     }
     Some(CandidateAction::Keep)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_streams(n: usize) -> Vec<u8> {
+        let mut s = String::from(
+            "v=0\r\no=- 1 1 IN IP4 198.51.100.2\r\ns=-\r\nc=IN IP4 198.51.100.2\r\nt=0 0\r\n",
+        );
+        for i in 0..n {
+            s.push_str(&format!("m=audio {} RTP/AVP 0\r\n", 20000 + 2 * i));
+        }
+        s.into_bytes()
+    }
+
+    #[test]
+    fn more_m_lines_than_the_cap_are_refused_before_anything_is_read() {
+        assert_eq!(
+            Sdp::parse(&with_streams(MAX_MEDIA_LINES))
+                .map(|s| s.flows().len())
+                .ok(),
+            Some(MAX_MEDIA_LINES)
+        );
+        assert_eq!(
+            Sdp::parse(&with_streams(1000)).err(),
+            Some(SdpError::TooManyStreams {
+                count: 1000,
+                limit: MAX_MEDIA_LINES
+            })
+        );
+    }
+
+    #[test]
+    fn candidate_addresses_are_listed_per_stream() {
+        let body = b"v=0\r\nc=IN IP4 198.51.100.2\r\nm=audio 5000 RTP/AVP 0\r\na=candidate:1 1 UDP 1 127.0.0.1 5000 typ host\r\na=candidate:2 1 UDP 1 abc.local 5000 typ host\r\nm=video 5002 RTP/AVP 96\r\na=candidate:1 1 UDP 1 ::1 5002 typ host\r\n";
+        let sdp = Sdp::parse(body).expect("sdp");
+        assert_eq!(
+            sdp.candidate_addrs(),
+            vec![
+                (0, "127.0.0.1".parse().expect("ip")),
+                (1, "::1".parse().expect("ip"))
+            ]
+        );
+    }
 }

@@ -25,6 +25,24 @@ impl Manager {
             .map_err(|rule| refused(dialog, who, what, ep, rule))
     }
 
+    /// [`crate::media::policy::EndpointPolicy::check_candidate`] for an
+    /// address the edge forwards but never pinholes (an ICE candidate, a
+    /// multicast stream's group), named by `side` from `source`; a
+    /// refusal is logged and answered like an endpoint's.
+    pub fn check_unpinholed(
+        &self,
+        dialog: &DialogKey,
+        side: Side,
+        source: SocketAddr,
+        what: &str,
+        ep: SocketAddr,
+    ) -> Result<(), MediaError> {
+        let who = Self::naming(side, source, &[]);
+        self.policy
+            .check_candidate(ep.ip())
+            .map_err(|rule| refused(dialog, &who, what, ep, rule))
+    }
+
     pub(super) fn naming<'a>(
         side: Side,
         source: SocketAddr,
@@ -106,7 +124,10 @@ pub(super) fn refused(
     );
     crate::metrics::pinhole_refused(rule.rule());
     MediaError::Forbidden {
-        reason: format!("{what} {ep} is {rule}"),
+        // The rule first: the Warning text is cut at 120 characters
+        // (`proxy::build::warning_value`), and the rule is what a caller's
+        // admin needs from it.
+        reason: format!("rule {}: {what} {ep} is {rule}", rule.rule()),
         rule: Some(rule),
     }
 }

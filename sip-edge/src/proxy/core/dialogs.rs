@@ -27,6 +27,58 @@ impl Proxy {
         Some(k)
     }
 
+    /// Who sends on `conn` (see [`PartyId`]).
+    pub(super) fn party_id(&self, conn: ConnId, info: &ConnInfo, now: Instant) -> PartyId {
+        if info.side == Side::External {
+            if let Party::Peer(n) = self.outside_party(conn, info, now) {
+                return PartyId::Peer(n);
+            }
+        }
+        PartyId::Addr(info.peer.ip().to_canonical())
+    }
+
+    /// An in-dialog request (`k` known, To tag present) must come from
+    /// the dialog's party on the side it arrives from: the caller's
+    /// source on the caller's side, the callee's on the other. Anything
+    /// else is refused 403 and logged as a security event.
+    pub(super) fn check_dialog_party(
+        &self,
+        k: &DialogKey,
+        conn: ConnId,
+        info: &ConnInfo,
+        method: &str,
+        now: Instant,
+    ) -> Result<(), Reject> {
+        let Some(d) = self.dialogs.get(k) else {
+            return Ok(());
+        };
+        let got = self.party_id(conn, info, now);
+        // Either party may be on either side (an inside-to-inside call
+        // has both inside); the callee is unknown until it answered.
+        let ok = match d.callee {
+            Some(callee) => got == callee || (info.side == d.caller_side && got == d.caller),
+            None => info.side != d.caller_side || got == d.caller,
+        };
+        if ok {
+            return Ok(());
+        }
+        warn!(
+            target: "sip_edge::security",
+            source = %info.peer,
+            side = ?info.side,
+            method,
+            call_id = %k.call_id,
+            caller = ?d.caller,
+            callee = ?d.callee,
+            rule = "in-dialog-from-party",
+            "in-dialog request from a source that is not the dialog's party refused"
+        );
+        Err(reject(
+            403,
+            "in-dialog request from a source that is not a party of the dialog",
+        ))
+    }
+
     /// The callee's tag of a message in dialog `k`.
     pub(super) fn callee_tag(&self, k: &DialogKey, msg: &Message) -> Option<String> {
         let from = msg.from_tag().ok().flatten();

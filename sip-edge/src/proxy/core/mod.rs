@@ -60,8 +60,6 @@ const T2: Duration = Duration::from_secs(4);
 const MAX_RETRANSMISSIONS: usize = 10_000;
 /// Timers B, F, H, J and the Accepted state (RFC 6026) are 64*T1.
 const TIMER_64T1: Duration = Duration::from_millis(64 * 500);
-/// Timer C (§16.6 step 11): more than 3 minutes.
-const TIMER_C: Duration = Duration::from_secs(181);
 /// Max-Forwards we add when a request has none (§16.6 step 3).
 const DEFAULT_MAX_FORWARDS: u32 = 70;
 /// Most live server transactions; beyond it new requests get 503.
@@ -161,6 +159,23 @@ struct Dialog {
     to_callee: Option<(Dest, Side, ByeLeg)>,
     /// From and To URIs of the initial INVITE (status queries, `calls`).
     parties: [String; 2],
+    /// Who the caller is (its INVITE's source) and, once it answered, who
+    /// the callee is: only they may send requests in the dialog.
+    caller: PartyId,
+    callee: Option<PartyId>,
+    /// A 2xx to an INVITE was forwarded and its ACK has not come: the
+    /// call is ended both ways then (`ProxySettings::ack_timeout`).
+    ack_due: Option<Instant>,
+}
+
+/// Who a dialog's party is, as the edge can tell: a trusted peer (any
+/// of its addresses), or the source address of its signalling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PartyId {
+    /// `[[peer]]` number.
+    Peer(usize),
+    /// Its signalling source address.
+    Addr(std::net::IpAddr),
 }
 
 /// How a request is refused: status and extra headers.

@@ -224,6 +224,13 @@ impl Proxy {
                 now,
             )?;
         }
+        // Only the dialog's own parties may speak in it: a stranger who
+        // learnt its Call-ID and tags (an ex-participant, a leaked log)
+        // must not end it with a BYE, move its media with a re-INVITE or
+        // answer a late offer with an ACK.
+        if let Some(k) = dialog_key.as_ref().filter(|_| to_tag.is_some()) {
+            self.check_dialog_party(k, conn, &info, &method, now)?;
+        }
         // A BYE of a call from before a restart (issue #14 item 8): end
         // its adopted pinholes; answered here if it cannot be routed.
         let adopted_bye = method == "BYE" && self.end_adopted_dialog(msg, dialog_key.as_ref(), now);
@@ -257,6 +264,7 @@ impl Proxy {
                 if !self.dialogs.contains_key(k) {
                     crate::metrics::call_started();
                 }
+                let caller = self.party_id(conn, &info, now);
                 self.dialogs.entry(k.clone()).or_insert(Dialog {
                     created: now,
                     caller_side: from_side,
@@ -269,6 +277,9 @@ impl Proxy {
                     to_caller: None,
                     to_callee: None,
                     parties: [msg.from(), msg.to()].map(|p| p.map(|n| n.uri).unwrap_or_default()),
+                    caller,
+                    callee: None,
+                    ack_due: None,
                 });
             }
         }
@@ -357,6 +368,11 @@ impl Proxy {
                         d.awaiting_ack_answer = false;
                     }
                 }
+            }
+        }
+        if method == "ACK" {
+            if let Some(d) = dialog_key.as_ref().and_then(|k| self.dialogs.get_mut(k)) {
+                d.ack_due = None;
             }
         }
         if method == "BYE" {
@@ -511,6 +527,20 @@ impl Proxy {
         let Some(stx) = self.server_txs.get(&ikey) else {
             return Err(reject(481, "no INVITE transaction to cancel"));
         };
+        // §9.2 matches a CANCEL by its Via alone, which anyone can copy:
+        // only the INVITE's sender (its address, on its side) may cancel.
+        let sender = self.conns.get(&stx.conn).map(|i| (i.side, i.peer.ip()));
+        let this = self.conns.get(&conn).map(|i| (i.side, i.peer.ip()));
+        if sender.is_none() || sender != this {
+            warn!(
+                target: "sip_edge::security",
+                source = ?this.map(|t| t.1),
+                invite_from = ?sender.map(|s| s.1),
+                rule = "cancel-from-invite-sender",
+                "CANCEL from another party than the INVITE's refused"
+            );
+            return Err(reject(481, "no INVITE transaction to cancel"));
+        }
         let tag = stx.to_tag.clone();
         let client_key = stx.client_key.clone();
         let final_sent = stx.final_sent;

@@ -55,7 +55,7 @@ impl Proxy {
             c.provisional = true;
             c.deadline = now
                 + if method == "INVITE" {
-                    TIMER_C
+                    self.settings.timer_c
                 } else {
                     TIMER_64T1
                 };
@@ -113,6 +113,12 @@ impl Proxy {
         }
         let _ = msg.pop_top_via();
         let callee_tag = msg.to_tag().ok().flatten();
+        if method == "INVITE" && callee_tag.is_some() && code < 300 {
+            let who = self.party_id(conn, &info, now);
+            if let Some(d) = dialog.as_ref().and_then(|k| self.dialogs.get_mut(k)) {
+                d.callee.get_or_insert(who);
+            }
+        }
 
         // SDP in the response (§13.2.1 / RFC 3264 roles).
         let kind = match msg.header("Content-Type") {
@@ -176,6 +182,10 @@ impl Proxy {
         if (200..300).contains(&code) && method == "INVITE" {
             if let Some(k) = &dialog {
                 self.confirm_dialog(k, &forwarded_invite, &msg, stx_conn, conn, info.side);
+                let due = now + self.settings.ack_timeout;
+                if let Some(d) = self.dialogs.get_mut(k) {
+                    d.ack_due.get_or_insert(due);
+                }
             }
         }
         if let Err(r) = self.rewrite_contacts(&mut msg, info.side, conn, CONTACT_LIFETIME, now) {

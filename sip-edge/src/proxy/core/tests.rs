@@ -123,6 +123,8 @@ fn setup() -> (Proxy, Arc<Mutex<Recorder>>) {
         access: Default::default(),
         internal_udp_port: None,
         max_dialog: Duration::from_secs(4 * 3600),
+        ack_timeout: Duration::from_secs(32),
+        timer_c: Duration::from_secs(181),
     };
     let rec = Arc::new(Mutex::new(Recorder::default()));
     let mut p = Proxy::new(settings, Box::new(Media(rec.clone())));
@@ -2313,8 +2315,11 @@ fn a_dialog_without_media_does_not_outlive_the_maximum_call_length() {
         ),
         now,
     );
-    assert_eq!(to_conn(&out, CALLER)[0].status(), Some(200));
+    let ok = &to_conn(&out, CALLER)[0];
+    assert_eq!(ok.status(), Some(200));
     assert_eq!(p.live().2, 1, "the dialog is known");
+    // The caller ACKs (an un-ACKed 2xx ends sooner: `ack_timeout`).
+    let _ = p.on_message(CALLER, ack_2xx(ok, "t").as_bytes(), now);
     p.on_conn_closed(CALLER, now);
     p.on_conn_closed(CALLEE, now);
     let max = p.settings.max_dialog;
@@ -2405,4 +2410,108 @@ fn reloaded_routes_apply_to_new_requests_and_keep_the_edge_addresses() {
             }),
         "INVITE goes to the reloaded route: {out:?}"
     );
+}
+
+/// The ACK the caller of the RFC 3665 fixture sends for the 2xx `ok`
+/// (callee tag `tag`): through the Record-Route set to its Contact.
+fn ack_2xx(ok: &Message, tag: &str) -> String {
+    let rr = ok.name_addrs("Record-Route").unwrap();
+    let target = ok.name_addrs("Contact").unwrap()[0].uri.clone();
+    let routes: String = rr
+        .iter()
+        .rev()
+        .map(|r| format!("Route: <{}>\r\n", r.uri))
+        .collect();
+    format!(
+        "ACK {target} SIP/2.0\r\nVia: SIP/2.0/TLS client.atlanta.example.com:5061;branch=z9hG4bKack2xx\r\n{routes}Max-Forwards: 70\r\nFrom: Alice <sips:alice@atlanta.example.com>;tag=9fxced76sl\r\nTo: Bob <sips:bob@biloxi.example.com>;tag={tag}\r\nCall-ID: 3848276298220188511@atlanta.example.com\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n"
+    )
+}
+
+/// An answered INVITE of the RFC 3665 fixture (callee tag `tag`): the
+/// 2xx as the caller got it.
+fn answered(p: &mut Proxy, tag: &str, now: Instant) -> Message {
+    let out = p.on_message(CALLER, &fixture("rfc3665_3_1_invite.sip"), now);
+    let inv = parse(
+        out.iter()
+            .find(|o| matches!(o.dest, Dest::Hop { .. }))
+            .expect("INVITE forwarded"),
+    );
+    let out = p.on_message(
+        CALLEE,
+        &answer(
+            &inv,
+            200,
+            tag,
+            "Contact: <sips:bob@198.51.100.2:5061>\r\n",
+            SDP_B,
+        ),
+        now,
+    );
+    to_conn(&out, CALLER)[0].clone()
+}
+
+/// Issue #8 item 4: a 2xx whose ACK never came kept the call (and its
+/// pinholes) until the idle or maximum-length timer. Now the call is
+/// ended both ways `ack_timeout` after the 2xx (RFC 3261 §13.3.1.4); an
+/// ACKed call is left alone.
+#[test]
+fn a_2xx_without_its_ack_ends_the_call_both_ways() {
+    let (mut p, rec) = setup();
+    let now = Instant::now();
+    let ok = answered(&mut p, "t1", now);
+    assert_eq!(ok.status(), Some(200));
+    let wait = p.settings.ack_timeout;
+    assert!(p.on_tick(now + wait - Duration::from_secs(1)).is_empty());
+    let out = p.on_tick(now + wait + Duration::from_millis(1));
+    let byes_to_caller = to_conn(&out, CALLER);
+    assert!(
+        byes_to_caller
+            .iter()
+            .any(|m| m.method().is_some_and(|x| x.is("BYE"))),
+        "BYE to the caller: {out:?}"
+    );
+    assert!(
+        rec.lock()
+            .unwrap()
+            .calls
+            .iter()
+            .any(|c| matches!(c, Call::End { .. })),
+        "media ended"
+    );
+    assert_eq!(p.live().2, 0, "dialog gone");
+
+    // An ACKed call stays.
+    let (mut p, _) = setup();
+    let ok = answered(&mut p, "t2", now);
+    let _ = p.on_message(CALLER, ack_2xx(&ok, "t2").as_bytes(), now);
+    assert!(p.on_tick(now + wait * 2).is_empty());
+    assert_eq!(p.live().2, 1, "an ACKed call is kept");
+}
+
+/// Issue #8 item 4: a BYE with the dialog's Call-ID and tags from a
+/// connection of another address ended the call's media and was routed
+/// on. Now only the dialog's parties speak in it: 403, nothing ended.
+#[test]
+fn a_bye_from_a_stranger_with_the_dialogs_tags_is_refused() {
+    let (mut p, rec) = setup();
+    let now = Instant::now();
+    let ok = answered(&mut p, "t3", now);
+    let _ = p.on_message(CALLER, ack_2xx(&ok, "t3").as_bytes(), now);
+    // Another outside party (198.51.100.3), not the callee (198.51.100.2).
+    let stranger = PEER_CALLER;
+    let bye = "BYE sips:alice@10.77.0.2 SIP/2.0\r\nVia: SIP/2.0/TLS 198.51.100.3:5061;branch=z9hG4bKstranger\r\nMax-Forwards: 70\r\nFrom: Bob <sips:bob@biloxi.example.com>;tag=t3\r\nTo: Alice <sips:alice@atlanta.example.com>;tag=9fxced76sl\r\nCall-ID: 3848276298220188511@atlanta.example.com\r\nCSeq: 9 BYE\r\nContent-Length: 0\r\n\r\n";
+    let out = p.on_message(stranger, bye.as_bytes(), now);
+    let r = to_conn(&out, stranger);
+    assert_eq!(r.len(), 1, "{out:?}");
+    assert_eq!(r[0].status(), Some(403));
+    assert!(to_conn(&out, CALLER).is_empty(), "not routed on");
+    assert!(
+        !rec.lock()
+            .unwrap()
+            .calls
+            .iter()
+            .any(|c| matches!(c, Call::End { .. })),
+        "media untouched"
+    );
+    assert_eq!(p.live().2, 1, "dialog kept");
 }

@@ -324,10 +324,16 @@ impl Proxy {
             let is_invite = c.request.method().is_some_and(|m| m.is("INVITE"));
             if is_invite && c.provisional && c.cancel == Cancel::None {
                 // Timer C (§16.8): cancel the branch, wait 64*T1 for 487.
+                // The edge has given up on it: its early media ends now,
+                // not when (or if) the 487 comes.
                 c.cancel = Cancel::Sent;
                 c.deadline = now + TIMER_64T1;
+                let dialog = c.dialog.clone().filter(|_| c.initial_invite);
                 let dest = self.client_dest(&k);
                 self.push_cancel(&k, dest, now, &mut out);
+                if let Some(d) = dialog {
+                    self.end_dialog(&d, None, EndReason::Cancel, now);
+                }
                 continue;
             }
             // Timer B/F (§17.1.1.2, §17.1.2.2): 408 upstream (§16.8).
@@ -344,6 +350,30 @@ impl Proxy {
             };
             info!("media expired; sending BYE both ways");
             self.send_byes(&k, d, now, &mut out);
+        }
+        // RFC 3261 §13.3.1.4: a 2xx whose ACK never came (64*T1 by
+        // default) ends the call both ways, media first. A caller that
+        // takes the 2xx and never ACKs would otherwise hold a confirmed
+        // call, and its pinholes, until the idle or maximum-length timer.
+        let unacked: Vec<DialogKey> = self
+            .dialogs
+            .iter()
+            .filter(|(_, d)| d.ack_due.is_some_and(|t| t <= now))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in unacked {
+            let span = info_span!("call", call_id = %k.call_id);
+            let _g = span.enter();
+            warn!(
+                target: "sip_edge::security",
+                rule = "proxy.ack_timeout_secs",
+                limit_secs = self.settings.ack_timeout.as_secs(),
+                "no ACK for the 2xx in time; ending the call both ways"
+            );
+            self.end_dialog(&k, None, EndReason::Timeout, now);
+            if let Some(d) = self.dialogs.remove(&k) {
+                self.send_byes(&k, d, now, &mut out);
+            }
         }
         // The media layer ends what it holds media for by `max_call`; a
         // dialog without media (no SDP, every stream disabled) whose ends
