@@ -284,6 +284,7 @@ pub async fn start(
             per_side: p.max_connections,
             per_source: cfg.limits.max_connections_per_source,
             handshakes_per_source: cfg.limits.max_handshakes_per_source,
+            v6_prefix: cfg.limits.ipv6_source_prefix,
         }),
         handshake_timeout: Duration::from_secs(cfg.limits.handshake_timeout_secs),
         params: ConnParams {
