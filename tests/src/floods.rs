@@ -298,6 +298,18 @@ pub async fn sip_flood(
     edge: &str,
     same: Option<&str>,
 ) -> FloodTally {
+    sip_flood_within(conn, method, n, edge, same, Duration::from_secs(30)).await
+}
+
+/// [`sip_flood`], reading responses for at most `within`.
+pub async fn sip_flood_within(
+    conn: &mut UaConn,
+    method: &str,
+    n: usize,
+    edge: &str,
+    same: Option<&str>,
+    within: Duration,
+) -> FloodTally {
     let mut t = FloodTally::default();
     let via = conn.local;
     let fixed = same.map(|_| request(method, via, edge, same));
@@ -310,9 +322,12 @@ pub async fn sip_flood(
         }
         t.sent += 1;
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + within;
     while t.refused + t.other_final < t.sent && Instant::now() < deadline {
-        let Ok(m) = conn.recv(Duration::from_secs(2)).await else {
+        let quiet = deadline
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_secs(2));
+        let Ok(m) = conn.recv(quiet).await else {
             break;
         };
         match m.status() {

@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 
 mod fuzz;
 mod kernels;
+mod soak;
 
 /// Debian packages the build and the tests need.
 const APT_PACKAGES: &[&str] = &[
@@ -102,6 +103,14 @@ enum Cmd {
         #[arg(long, default_value_t = 60)]
         time: u64,
     },
+    /// Calls with media through the edge for N minutes under a UDP spray,
+    /// stalled handshakes and an INVITE flood; fails if a call failed or
+    /// the agent's fds leaked.
+    Soak {
+        /// Minutes of calls.
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -135,6 +144,10 @@ fn main() -> Result<()> {
         Cmd::Fuzz { target, time } => {
             setup()?;
             fuzz::fuzz(&root, &target, time)
+        }
+        Cmd::Soak { minutes } => {
+            setup()?;
+            soak::soak(&root, minutes)
         }
     }
 }
