@@ -32,6 +32,17 @@ pub const ALERT_PROTOCOL_VERSION: u8 = 70;
 /// that version only; `pad` bytes of a padding extension (RFC 7685) are
 /// added; `declared` overrides the handshake length field (a lie).
 pub fn client_hello(version: u16, pad: usize, declared: Option<u32>) -> Vec<u8> {
+    hello_with(version, pad, declared, true)
+}
+
+/// A ClientHello as a real TLS 1.0/1.1 client sends it: `version`, no
+/// signature_algorithms (a TLS 1.2 extension; OpenSSL's `s_client -tls1`
+/// sends none), no supported_versions.
+pub fn old_client_hello(version: u16) -> Vec<u8> {
+    hello_with(version, 0, None, false)
+}
+
+fn hello_with(version: u16, pad: usize, declared: Option<u32>, sigalgs: bool) -> Vec<u8> {
     let mut body = Vec::new();
     body.extend_from_slice(&version.to_be_bytes());
     body.extend((0..32u8).map(|i| i.wrapping_mul(37)));
@@ -49,7 +60,9 @@ pub fn client_hello(version: u16, pad: usize, declared: Option<u32>) -> Vec<u8> 
     // ec_point_formats: uncompressed.
     ext.extend_from_slice(&[0x00, 0x0b, 0x00, 0x02, 0x01, 0x00]);
     // signature_algorithms: ecdsa_secp256r1_sha256, rsa_pss_rsae_sha256.
-    ext.extend_from_slice(&[0x00, 0x0d, 0x00, 0x06, 0x00, 0x04, 0x04, 0x03, 0x08, 0x04]);
+    if sigalgs {
+        ext.extend_from_slice(&[0x00, 0x0d, 0x00, 0x06, 0x00, 0x04, 0x04, 0x03, 0x08, 0x04]);
+    }
     let mut left = pad;
     while left > 0 {
         let n = left.min(0xfff0);

@@ -297,8 +297,11 @@ async fn stalled_handshakes_from_one_ipv6_64_share_one_sources_cap() {
 }
 
 /// Attack 7, part 2: TLS 1.0- and 1.1-only ClientHellos get a fatal
-/// protocol_version alert (RFC 5246 §7.2.2; rustls speaks 1.2 and 1.3
-/// only); an oversized ClientHello (64 kB of extensions, and one whose
+/// protocol_version alert (RFC 8996 §5; rustls speaks 1.2 and 1.3 only).
+/// Run against the agent before the fix: a hello without
+/// signature_algorithms, as real TLS 1.0/1.1 clients send (OpenSSL's
+/// `s_client -tls1` too), got handshake_failure (40) from rustls; the edge
+/// now judges the first record itself (`transport::hello`); an oversized ClientHello (64 kB of extensions, and one whose
 /// length field claims 16 MB) and plaintext SIP on the TLS port are cut
 /// at once, not held until the handshake timeout; none gets a SIP answer,
 /// and the edge serves a legitimate handshake afterwards.
@@ -322,10 +325,21 @@ async fn old_versions_oversized_hellos_and_plaintext_on_the_tls_port_are_refused
             .expect("TCP connect to the TLS port")
     };
 
-    for (version, name) in [(0x0301u16, "TLS 1.0"), (0x0302, "TLS 1.1")] {
+    for (name, hello) in [
+        ("TLS 1.0", floods::old_client_hello(0x0301)),
+        ("TLS 1.1", floods::old_client_hello(0x0302)),
+        (
+            "TLS 1.0 (with signature_algorithms)",
+            floods::client_hello(0x0301, 0, None),
+        ),
+        (
+            "TLS 1.1 (with signature_algorithms)",
+            floods::client_hello(0x0302, 0, None),
+        ),
+    ] {
         let mut s = connect();
         let t = Instant::now();
-        let r = floods::send_and_read(&mut s, &floods::client_hello(version, 0, None), quick);
+        let r = floods::send_and_read(&mut s, &hello, quick);
         eprintln!("{name}-only ClientHello: {r:?} after {:?}", t.elapsed());
         assert_eq!(
             r,

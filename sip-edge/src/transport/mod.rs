@@ -11,6 +11,7 @@
 //! → driver → connection writer → TLS → socket.
 
 pub mod conn;
+pub mod hello;
 pub mod limits;
 pub mod memory;
 pub mod source;
@@ -409,8 +410,13 @@ async fn accept_loop(listener: TcpListener, side: Side, tls: Option<TlsAcceptor>
                 let _ = tcp.set_nodelay(true);
                 match tls {
                     Some(acc) => {
-                        let hs =
-                            tokio::time::timeout(shared.handshake_timeout, acc.accept(tcp)).await;
+                        // The first record is judged before rustls (RFC 8996
+                        // alerts, `hello`), within the same timeout.
+                        let hs = tokio::time::timeout(
+                            shared.handshake_timeout,
+                            hello::accept(&acc, tcp),
+                        )
+                        .await;
                         permit.handshake_over();
                         match hs {
                             Ok(Ok(s)) => {
