@@ -697,6 +697,14 @@ async fn a_full_pinhole_table_refuses_the_next_call_with_503_and_keeps_the_other
     );
     assert_eq!(code, 503, "the call that does not fit gets 503");
     assert_eq!(after, before, "the refused call left rules behind");
+    // Refused before anything went out: the callee never heard of it.
+    if let Ok(m) = bob.conn().recv(Duration::from_millis(500)).await {
+        panic!(
+            "the callee got {:?} {:?} for a refused call",
+            m.method(),
+            m.status()
+        );
+    }
     assert!(!calls.is_empty(), "not even one call fit");
 
     // Every call in place keeps its media, both ways.
