@@ -9,10 +9,13 @@
 //!
 //! It reports calls placed and failed, media loss each way, the attacks'
 //! counts, and the agent's RSS and open fds at start and end; it exits
-//! non-zero if a call failed, a pinhole was left behind or the agent's fds
-//! did not return to where they started. Bounded: every loop stops at the
-//! deadline, every wait has a timeout; the namespaces, pins and temp files
-//! go away on exit (RAII guards of `sip_edge_tests::edge`).
+//! non-zero if a call failed, the agent died, a pinhole was left behind or
+//! the agent's fds did not return to where they started. Bounded: every
+//! loop stops at the deadline, every wait has a timeout; the attack
+//! threads are stopped and joined on every way out (a panic too), so the
+//! namespaces, pins and temp files go away on exit (RAII guards of
+//! `sip_edge_tests::edge`). Checked by killing the agent mid-soak: the
+//! soak reported the failed call and exited 1, and left nothing behind.
 
 use std::{
     net::{IpAddr, SocketAddr, UdpSocket},
@@ -26,7 +29,7 @@ use std::{
 
 use clap::Parser;
 use sip_edge_tests::{
-    edge::{self, response_for, sa, Edge, Flow, PeerUa, EDGE_EXT, WAIT},
+    edge::{self, response_for, sa, Edge, Flow, PeerUa, EDGE_EXT, EDGE_INT, WAIT},
     floods, testnet,
     testua::{self, media_of, rtp_packet, SdpSpec},
 };
@@ -49,6 +52,40 @@ struct Args {
     /// Stalled handshakes kept open per attacker address.
     #[arg(long, default_value_t = 20)]
     stalled_per_source: usize,
+}
+
+/// Attack threads: `stop` set and every thread joined on drop.
+struct Attacks {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<(u64, u64)>>,
+}
+
+impl Attacks {
+    fn new() -> Attacks {
+        Attacks {
+            stop: Arc::new(AtomicBool::new(false)),
+            threads: Vec::new(),
+        }
+    }
+
+    fn spawn(&mut self, f: impl FnOnce() -> (u64, u64) + Send + 'static) {
+        self.threads.push(std::thread::spawn(f));
+    }
+
+    /// Stops and joins the threads; their counts in spawn order.
+    fn finish(&mut self) -> Vec<(u64, u64)> {
+        self.stop.store(true, Relaxed);
+        self.threads
+            .drain(..)
+            .map(|t| t.join().unwrap_or((0, 0)))
+            .collect()
+    }
+}
+
+impl Drop for Attacks {
+    fn drop(&mut self) {
+        self.finish();
+    }
 }
 
 /// RTP packets each way per call (20 ms apart: 1 s of audio).
@@ -357,17 +394,20 @@ async fn soak(args: &Args) -> bool {
     let drops0 = e.reason("drop_no_pinhole") + e.reason("drop_remote_mismatch");
     eprintln!("soak: baseline RSS {rss0} kB, fds {fd0}; attacks start");
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let spray = {
+    // The attack threads, stopped and joined on every way out of here
+    // (a panic too), so the fixture's guards run before the process ends.
+    let mut attacks = Attacks::new();
+    let stop = attacks.stop.clone();
+    {
         let (ns, src, stop, rate) = (
             atk.ns.clone(),
             sources.clone(),
             stop.clone(),
             args.spray_rate,
         );
-        std::thread::spawn(move || spray_loop(&ns, &src, rate, &stop))
-    };
-    let flood = {
+        attacks.spawn(move || (spray_loop(&ns, &src, rate, &stop), 0));
+    }
+    {
         let (ns, src, stop, ca) = (
             atk.ns.clone(),
             sources[..10].to_vec(),
@@ -375,9 +415,9 @@ async fn soak(args: &Args) -> bool {
             e.pki.ca.clone(),
         );
         let rate = args.flood_rate;
-        std::thread::spawn(move || flood_loop(&ns, &src, &ca, rate, stop))
-    };
-    let stalled = {
+        attacks.spawn(move || flood_loop(&ns, &src, &ca, rate, stop));
+    }
+    {
         let (e, ns, src, stop) = (
             e.clone(),
             atk.ns.clone(),
@@ -385,8 +425,8 @@ async fn soak(args: &Args) -> bool {
             stop.clone(),
         );
         let per = args.stalled_per_source;
-        std::thread::spawn(move || stalled_loop(&e, &ns, &src, per, &stop))
-    };
+        attacks.spawn(move || (stalled_loop(&e, &ns, &src, per, &stop), 0));
+    }
     let mut t = Tally::default();
     let mut rss_max = rss0;
     let deadline = Instant::now() + Duration::from_secs_f64(args.minutes * 60.0);
@@ -421,9 +461,24 @@ async fn soak(args: &Args) -> bool {
                     Ok(_) => unreachable!("matched above"),
                 };
                 eprintln!("soak: call {} failed: {why}", t.placed);
-                // Start over with fresh user agents.
+                // Start over with fresh user agents; an edge that no
+                // longer answers ends the soak.
                 bob = PeerUa::skipping_others(&e);
-                alice = e.connect_alice().await;
+                match testua::connect_tls(
+                    &e.topo.client,
+                    sa(EDGE_INT),
+                    &e.pki.ca,
+                    testua::EDGE_TLS_NAME,
+                    WAIT,
+                )
+                .await
+                {
+                    Ok(c) => alice = c,
+                    Err(err) => {
+                        eprintln!("soak: the edge no longer answers ({err}); stopping");
+                        break;
+                    }
+                }
             }
         }
         n = (n + 1) % 399;
@@ -439,12 +494,9 @@ async fn soak(args: &Args) -> bool {
             );
         }
     }
-    stop.store(true, Relaxed);
-    let opened = stalled.join().unwrap_or(0);
-    let sprayed = spray.join().unwrap_or(0);
-    let (flood_sent, flood_refused) = flood.join().unwrap_or((0, 0));
+    let counts = attacks.finish();
+    let (sprayed, (flood_sent, flood_refused), opened) = (counts[0].0, counts[1], counts[2].0);
     let rss_end_attack = floods::rss_kb(pid);
-    drop(alice);
     // Stalled handshakes end by the agent's timeout (10 s by default); the
     // attacker's sockets are closed by now.
     let fd_end = floods::wait_fds_at_most(pid, fd0 + 2, Duration::from_secs(30));
@@ -472,9 +524,11 @@ async fn soak(args: &Args) -> bool {
     println!("  attack 7: {opened} stalled handshakes opened");
     println!("  attack 8: {flood_sent} INVITEs flooded, {flood_refused} answered 503");
     println!("  agent RSS: start {rss0} kB, max {rss_max} kB, end of attacks {rss_end_attack} kB, end {rss_end} kB");
-    println!("  agent fds: start {fd0}, end {fd_end}");
+    // A dead agent has no fds (and its zombie no RSS).
+    let alive = fd_end > 0 && rss_end > 0;
+    println!("  agent fds: start {fd0}, end {fd_end}; agent alive: {alive}");
     println!("  pinholes left: {left}");
-    let ok = t.failed == 0 && t.placed > 0 && fd_end <= fd0 + 2 && left == 0;
+    let ok = alive && t.failed == 0 && t.placed > 0 && fd_end <= fd0 + 2 && left == 0;
     println!("soak {}", if ok { "passed" } else { "FAILED" });
     ok
 }
