@@ -482,7 +482,9 @@ pub struct Limits {
     /// REGISTER burst per source address.
     #[serde(default = "default_register_burst")]
     pub register_burst: u32,
-    /// New requests per second from all sources together.
+    /// New requests per second from all sources of one side together
+    /// (each side has its own budget: an outside flood never spends the
+    /// inside's).
     #[serde(default = "default_global_request_rate")]
     pub global_request_rate: u32,
     /// Global burst.
@@ -506,6 +508,10 @@ pub struct Limits {
     /// How long a blocked source (or AOR) gets 403, seconds.
     #[serde(default = "default_block_secs")]
     pub block_secs: u64,
+    /// Prefix length an IPv6 source is counted by, for the connection and
+    /// request limits above (one host commonly holds a whole /64).
+    #[serde(default = "default_ipv6_source_prefix")]
+    pub ipv6_source_prefix: u8,
 }
 
 fn default_max_pinholes() -> u32 {
@@ -562,6 +568,9 @@ fn default_register_failure_window_secs() -> u64 {
 fn default_block_secs() -> u64 {
     900
 }
+fn default_ipv6_source_prefix() -> u8 {
+    64
+}
 
 impl Default for Limits {
     fn default() -> Self {
@@ -584,6 +593,7 @@ impl Default for Limits {
             register_failures_per_aor: default_register_failures_per_aor(),
             register_failure_window_secs: default_register_failure_window_secs(),
             block_secs: default_block_secs(),
+            ipv6_source_prefix: default_ipv6_source_prefix(),
         }
     }
 }
@@ -630,6 +640,12 @@ impl Limits {
                     "must be between 1 and 10000000 (raise it to loosen the limit; 0 would refuse everything)",
                 ));
             }
+        }
+        if !(32..=128).contains(&self.ipv6_source_prefix) {
+            return Err(invalid(
+                "limits.ipv6_source_prefix",
+                "must be between 32 and 128 (64: one source per /64, the usual end-site assignment)",
+            ));
         }
         if self.max_handshakes_per_source > self.max_connections_per_source {
             return Err(invalid(
@@ -1638,6 +1654,7 @@ mod tests {
             ),
             (65536, 10, 20, 300, 900)
         );
+        assert_eq!(l.ipv6_source_prefix, 64);
         let with = |kv: &str| format!("{GOOD}\n[limits]\n{kv}\n");
         let c =
             Config::from_toml(&with("invite_rate = 2\nmessage_timeout_secs = 30")).expect("valid");
@@ -1672,6 +1689,8 @@ mod tests {
                 "limits.register_failures_per_aor",
             ),
             ("invite_rate = -1", "invite_rate"),
+            ("ipv6_source_prefix = 16", "limits.ipv6_source_prefix"),
+            ("ipv6_source_prefix = 129", "limits.ipv6_source_prefix"),
         ] {
             let e = err_of(&with(kv));
             assert!(e.contains(field), "{kv}: {e}");

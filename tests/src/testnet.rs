@@ -821,3 +821,110 @@ impl Drop for Pins {
         let _ = sip_edge::datapath::attach::remove_pins(&self.0, &links);
     }
 }
+
+/// An attacker namespace on the outside (`<topology tag>-atk`), behind the
+/// peer namespace: `eth0` with `n` addresses 198.51.100.130.. (/25), its
+/// default route via the peer (198.51.100.129 on the peer's `atk0`), which
+/// forwards; the edge reaches 198.51.100.128/25 via the peer
+/// (198.51.100.2), so the attacker's packets enter the edge on `ext0`
+/// through the agent's XDP program like any outside traffic. Removed on
+/// drop (with its veth; the edge route goes with the topology).
+pub struct Attacker {
+    /// The namespace.
+    pub ns: String,
+    /// Its source addresses, one per simulated attacker host.
+    pub addrs: Vec<Ipv4Addr>,
+}
+
+impl Topology {
+    /// Adds the attacker namespace with `n` (1..=100) source addresses.
+    pub fn add_attacker_pool(&self, n: usize) -> Result<Attacker, TestnetError> {
+        let n = n.clamp(1, 100);
+        let ns = self.peer.replace("-peer", "-atk");
+        let _ = sh(&["ip", "netns", "del", &ns]);
+        sh(&["ip", "netns", "add", &ns])?;
+        let atk = Attacker {
+            ns: ns.clone(),
+            addrs: (0..n)
+                .map(|i| Ipv4Addr::new(198, 51, 100, 130 + i as u8))
+                .collect(),
+        };
+        let (p, e, a) = (self.peer.as_str(), self.edge.as_str(), ns.as_str());
+        let cmds: Vec<Vec<&str>> = vec![
+            vec![
+                "ip", "-n", p, "link", "add", "atk0", "type", "veth", "peer", "name", "eth0",
+                "netns", a,
+            ],
+            vec![
+                "ip",
+                "-n",
+                p,
+                "addr",
+                "add",
+                "198.51.100.129/25",
+                "dev",
+                "atk0",
+            ],
+            vec!["ip", "-n", p, "link", "set", "atk0", "up"],
+            vec!["ip", "-n", a, "link", "set", "lo", "up"],
+            vec!["ip", "-n", a, "link", "set", "eth0", "up"],
+            vec![
+                "ip",
+                "netns",
+                "exec",
+                p,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ],
+            vec![
+                "ip",
+                "-n",
+                e,
+                "route",
+                "add",
+                "198.51.100.128/25",
+                "via",
+                "198.51.100.2",
+                "dev",
+                "ext0",
+            ],
+        ];
+        for cmd in &cmds {
+            sh(cmd)?;
+        }
+        for addr in &atk.addrs {
+            sh(&[
+                "ip",
+                "-n",
+                a,
+                "addr",
+                "add",
+                &format!("{addr}/25"),
+                "dev",
+                "eth0",
+            ])?;
+        }
+        sh(&[
+            "ip",
+            "-n",
+            a,
+            "route",
+            "add",
+            "default",
+            "via",
+            "198.51.100.129",
+        ])?;
+        // As for the end hosts: complete checksums in software.
+        let _ = sh(&[
+            "ip", "netns", "exec", a, "ethtool", "-K", "eth0", "tx", "off",
+        ]);
+        Ok(atk)
+    }
+}
+
+impl Drop for Attacker {
+    fn drop(&mut self) {
+        let _ = sh(&["ip", "netns", "del", &self.ns]);
+    }
+}

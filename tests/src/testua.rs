@@ -315,6 +315,18 @@ pub async fn connect_tls_here(
     handshake(tcp, to, cfg, server_name, wait).await
 }
 
+/// A TLS handshake to `to` on a TCP connection the caller made (e.g. bound
+/// to one of many source addresses).
+pub async fn connect_tls_stream(
+    tcp: tokio::net::TcpStream,
+    to: SocketAddr,
+    cfg: Arc<rustls::ClientConfig>,
+    server_name: &str,
+    wait: Duration,
+) -> Result<UaConn, UaError> {
+    handshake(tcp, to, cfg, server_name, wait).await
+}
+
 async fn handshake(
     tcp: tokio::net::TcpStream,
     to: SocketAddr,

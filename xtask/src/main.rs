@@ -15,6 +15,7 @@ use clap::{Parser, Subcommand};
 mod fuzz;
 mod install;
 mod kernels;
+mod soak;
 
 /// Debian packages the build and the tests need.
 const APT_PACKAGES: &[&str] = &[
@@ -125,6 +126,14 @@ enum Cmd {
         #[arg(long)]
         bin: Option<PathBuf>,
     },
+    /// Calls with media through the edge for N minutes under a UDP spray,
+    /// stalled handshakes and an INVITE flood; fails if a call failed or
+    /// the agent's fds leaked.
+    Soak {
+        /// Minutes of calls.
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -172,6 +181,10 @@ fn main() -> Result<()> {
             },
         )
         .map(|_| ()),
+        Cmd::Soak { minutes } => {
+            setup()?;
+            soak::soak(&root, minutes)
+        }
     }
 }
 

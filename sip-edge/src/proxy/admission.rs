@@ -8,9 +8,10 @@
 //! log) do, in one place:
 //!
 //! - **Rates.** A token bucket per source address for new requests, and
-//!   stricter ones for new INVITEs (no To tag) and REGISTERs, plus one
-//!   global bucket: a request passes only when every bucket that applies
-//!   holds a token. The excess is answered 503 with a Retry-After of the
+//!   stricter ones for new INVITEs (no To tag) and REGISTERs, plus a
+//!   global bucket per side (an outside flood from many addresses never
+//!   spends the inside's budget, issue #8): a request passes only when
+//!   every bucket that applies holds a token. The excess is answered 503 with a Retry-After of the
 //!   time until a token is back (RFC 3261 §21.5.4), before the proxy keeps
 //!   any state for it, so a flood never reaches the next hop (a registrar,
 //!   a carrier) unthrottled. A small hand-written bucket rather than
@@ -27,6 +28,9 @@
 //!   counts a failure per try, so it ends up blocked itself. A success
 //!   clears its source's failures, not its AOR's (the guesser's successes
 //!   are what we fear).
+//! - **Sources.** An IPv4 source is its address; an IPv6 source is its
+//!   `ipv6_source_prefix` (/64 by default, [`source_key`]): one host holds
+//!   a whole /64 and could otherwise take a fresh bucket per address.
 //! - **Logging.** Each refusal says whether to log it: the first per source
 //!   and rule, then at most one line per [`LOG_EVERY`] carrying how many it
 //!   stands for, so a flood is never a log flood. Blocks always log.
@@ -41,7 +45,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::config::Limits;
+use crate::{config::Limits, media::Side};
 
 /// At most one log line per source and rule per this long.
 pub const LOG_EVERY: Duration = Duration::from_secs(10);
@@ -71,8 +75,10 @@ pub struct AdmissionSettings {
     pub invite: BucketSpec,
     /// REGISTERs per source.
     pub register: BucketSpec,
-    /// All new requests together.
+    /// All new requests of one side together (each side has its own).
     pub global: BucketSpec,
+    /// IPv6 sources are keyed by this prefix length (1..=128).
+    pub v6_prefix: u8,
     /// Sources (and AORs) tracked at once.
     pub max_sources: usize,
     /// Registration failures of a source within `window` that block it.
@@ -106,6 +112,7 @@ impl AdmissionSettings {
                 rate: l.global_request_rate,
                 burst: l.global_request_burst,
             },
+            v6_prefix: l.ipv6_source_prefix,
             max_sources: usize::try_from(l.max_tracked_sources).unwrap_or(usize::MAX),
             failures_per_source: l.register_failures_per_source,
             failures_per_aor: l.register_failures_per_aor,
@@ -178,7 +185,7 @@ pub enum Rule {
     SourceInvites,
     /// The source's REGISTER bucket is empty.
     SourceRegisters,
-    /// The global bucket is empty.
+    /// The global bucket of the request's side is empty.
     Global,
     /// The source is blocked after registration failures.
     BlockedSource,
@@ -216,6 +223,8 @@ impl Rule {
 pub struct Request<'a> {
     /// The signalling source (the connection's peer address).
     pub source: IpAddr,
+    /// The side it came from (whose global bucket it spends).
+    pub side: Side,
     /// The method, as in the Request-Line.
     pub method: &'a str,
     /// No To tag: a dialog-creating or out-of-dialog request.
@@ -325,8 +334,9 @@ struct Aor {
 #[derive(Debug)]
 pub struct Admission {
     s: AdmissionSettings,
-    global: Bucket,
-    global_log: LogGate,
+    /// Per side (`side_ix`).
+    global: [Bucket; 2],
+    global_log: [LogGate; 2],
     sources: HashMap<IpAddr, Source>,
     /// Shared by new sources while `sources` is full.
     overflow: Option<Source>,
@@ -355,6 +365,29 @@ fn note_failure(list: &mut VecDeque<Instant>, now: Instant, window: Duration, li
     u32::try_from(list.len()).unwrap_or(u32::MAX)
 }
 
+/// The key a source is tracked under: an IPv4 address (v4-mapped IPv6
+/// included) as it is, an IPv6 address cut to its first `v6_prefix` bits.
+/// Per-address keys let one host with a /64 (the usual end-site
+/// assignment, RFC 6177) rotate through 2^64 addresses, each with full
+/// buckets; the connection limits (`transport::limits`) key the same way.
+pub fn source_key(ip: IpAddr, v6_prefix: u8) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(a) => {
+            let bits = u32::from(v6_prefix.min(128));
+            let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
+            IpAddr::V6((u128::from(a) & mask).into())
+        }
+        v4 => v4,
+    }
+}
+
+fn side_ix(side: Side) -> usize {
+    match side {
+        Side::Internal => 0,
+        Side::External => 1,
+    }
+}
+
 fn secs_ceil(d: Duration) -> u32 {
     let s = d.as_secs() + u64::from(d.subsec_nanos() > 0);
     u32::try_from(s.max(1)).unwrap_or(u32::MAX)
@@ -365,8 +398,8 @@ impl Admission {
     pub fn new(s: AdmissionSettings) -> Admission {
         let now = Instant::now();
         Admission {
-            global: Bucket::full(s.global, now),
-            global_log: LogGate::new(),
+            global: [Bucket::full(s.global, now); 2],
+            global_log: [LogGate::new(), LogGate::new()],
             sources: HashMap::new(),
             overflow: None,
             aors: HashMap::new(),
@@ -435,7 +468,7 @@ impl Admission {
         if !self.s.enabled {
             return Verdict::Admit;
         }
-        let ip = req.source.to_canonical();
+        let ip = source_key(req.source, self.s.v6_prefix);
         let (window, per_source, block) = (self.s.window, self.s.failures_per_source, self.s.block);
         let aor_blocked = match (req.method.eq_ignore_ascii_case("REGISTER"), req.aor) {
             (true, Some(a)) => self
@@ -491,13 +524,14 @@ impl Admission {
             let log = src.log.pass(now);
             return self.refuse(503, wait, rule, log);
         }
-        self.global.refill(global, now);
-        if !self.global.ready() {
-            let wait = self.global.wait(global);
-            let log = self.global_log.pass(now);
+        let side = side_ix(req.side);
+        self.global[side].refill(global, now);
+        if !self.global[side].ready() {
+            let wait = self.global[side].wait(global);
+            let log = self.global_log[side].pass(now);
             return self.refuse(503, wait, Rule::Global, log);
         }
-        self.global.take();
+        self.global[side].take();
         let src = self.source_mut(ip, now);
         src.request.take();
         if is_invite {
@@ -536,7 +570,7 @@ impl Admission {
         if !self.s.enabled {
             return Vec::new();
         }
-        let ip = source.to_canonical();
+        let ip = source_key(source, self.s.v6_prefix);
         let failed = code == 403 || (credentials && matches!(code, 401 | 407));
         let (window, block) = (self.s.window, self.s.block);
         let (per_source, per_aor) = (self.s.failures_per_source, self.s.failures_per_aor);
@@ -629,6 +663,7 @@ mod tests {
                 rate: 1000,
                 burst: 1000,
             },
+            v6_prefix: 64,
             max_sources: 4,
             failures_per_source: 3,
             failures_per_aor: 5,
@@ -642,8 +677,14 @@ mod tests {
     }
 
     fn req<'a>(source: &str, method: &'a str, aor: Option<&'a str>) -> Request<'a> {
+        let source = ip(source);
         Request {
-            source: ip(source),
+            source,
+            side: if source.to_string().starts_with("10.") {
+                Side::Internal
+            } else {
+                Side::External
+            },
             method,
             initial: true,
             aor,
@@ -734,6 +775,7 @@ mod tests {
         for n in 0..50u8 {
             let r = Request {
                 source: IpAddr::from([198, 51, 100, n]),
+                side: Side::External,
                 method: "OPTIONS",
                 initial: true,
                 aor: None,
@@ -742,6 +784,68 @@ mod tests {
         }
         assert_eq!(ok, 10);
         assert_eq!(a.stats().refused_by(Rule::Global), 40);
+    }
+
+    /// Issue #8: 50 outside sources flooding together drained the one
+    /// global bucket, and the inside's calls got 503 with them. Each side
+    /// has its own global budget now.
+    #[test]
+    fn an_outside_flood_never_spends_the_insides_global_budget() {
+        let t0 = Instant::now();
+        let mut s = settings();
+        s.global = BucketSpec { rate: 1, burst: 10 };
+        s.max_sources = 100;
+        let mut a = Admission::new(s);
+        for n in 0..50u8 {
+            let r = req(&format!("198.51.100.{n}"), "OPTIONS", None);
+            let _ = admitted(&mut a, &r, t0, 5);
+        }
+        assert_eq!(a.stats().admitted, 10, "the outside's global burst");
+        let inside = req("10.77.0.2", "INVITE", None);
+        assert_eq!(a.check(&inside, t0), Verdict::Admit);
+        let outside = req("198.51.100.200", "INVITE", None);
+        assert!(matches!(
+            a.check(&outside, t0),
+            Verdict::Refuse(Refusal {
+                rule: Rule::Global,
+                ..
+            })
+        ));
+    }
+
+    /// Issue #8: a source keyed by its full IPv6 address could rotate
+    /// through its /64 and get a full bucket per address. IPv6 sources are
+    /// keyed by their /64 (`limits.ipv6_source_prefix`).
+    #[test]
+    fn ipv6_sources_are_keyed_by_their_64() {
+        let t0 = Instant::now();
+        let mut a = Admission::new(settings());
+        let mut ok = 0;
+        for n in 0..100u16 {
+            let r = Request {
+                source: IpAddr::from([0x2001, 0xdb8, 0xff, 0, 0x1, 0x2, 0x3, n]),
+                side: Side::External,
+                method: "INVITE",
+                initial: true,
+                aor: None,
+            };
+            ok += admitted(&mut a, &r, t0, 1);
+        }
+        assert_eq!(ok, 5, "one INVITE burst for the whole /64");
+        assert_eq!(a.tracked().0, 1);
+        let other = req("2001:db8:fe::1", "INVITE", None);
+        assert_eq!(a.check(&other, t0), Verdict::Admit, "another /64");
+        assert_eq!(
+            source_key(ip("2001:db8:ff:0:1:2:3:4"), 64),
+            ip("2001:db8:ff::")
+        );
+        assert_eq!(source_key(ip("2001:db8:ff::1"), 128), ip("2001:db8:ff::1"));
+        assert_eq!(source_key(ip("2001:db8:ff::1"), 48), ip("2001:db8:ff::"));
+        assert_eq!(
+            source_key(ip("::ffff:198.51.100.7"), 64),
+            ip("198.51.100.7"),
+            "a v4-mapped address is its IPv4 address"
+        );
     }
 
     /// Issue #15: brute force against the registrar. Challenges to
@@ -877,6 +981,7 @@ mod tests {
         for n in 0..200u8 {
             let r = Request {
                 source: IpAddr::from([203, 0, 113, n]),
+                side: Side::External,
                 method: "OPTIONS",
                 initial: true,
                 aor: None,
@@ -889,6 +994,7 @@ mod tests {
         for n in 0..100u8 {
             let r = Request {
                 source: IpAddr::from([192, 0, 2, n]),
+                side: Side::External,
                 method: "OPTIONS",
                 initial: true,
                 aor: None,

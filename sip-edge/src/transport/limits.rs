@@ -7,7 +7,8 @@
 //! - each side has its own budget (`[proxy] max_connections` per side), so
 //!   an outside flood never takes the inside's slots, and the reverse;
 //! - each source address may hold at most `[limits]
-//!   max_connections_per_source` connections on a side;
+//!   max_connections_per_source` connections on a side (an IPv6 source is
+//!   its `ipv6_source_prefix`, /64 by default: `admission::source_key`);
 //! - of those, at most `max_handshakes_per_source` may still be in their
 //!   TLS handshake (a handshake costs the edge a private-key operation and
 //!   is what a slow-loris peer stalls; `handshake_timeout_secs` ends each).
@@ -27,7 +28,7 @@ use std::{
     sync::{Arc, Mutex, PoisonError},
 };
 
-use crate::media::Side;
+use crate::{media::Side, proxy::admission::source_key};
 
 /// Which limit refused a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,6 +61,8 @@ pub struct ConnLimitSettings {
     pub per_source: u32,
     /// Handshakes in progress per source address and side.
     pub handshakes_per_source: u32,
+    /// IPv6 sources are counted by this prefix length.
+    pub v6_prefix: u8,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -96,7 +99,7 @@ impl LimitTable {
     /// A new connection from `ip` on `side`, starting its handshake: counted,
     /// or refused with the limit it would break.
     pub fn open(&mut self, side: Side, ip: IpAddr) -> Result<(), Refusal> {
-        let ip = ip.to_canonical();
+        let ip = source_key(ip, self.s.v6_prefix);
         if self.sides[ix(side)] >= self.s.per_side {
             return Err(Refusal::SideFull);
         }
@@ -116,7 +119,10 @@ impl LimitTable {
 
     /// The handshake of a connection counted by `open` ended (done or not).
     pub fn handshake_over(&mut self, side: Side, ip: IpAddr) {
-        if let Some(c) = self.sources.get_mut(&(side, ip.to_canonical())) {
+        if let Some(c) = self
+            .sources
+            .get_mut(&(side, source_key(ip, self.s.v6_prefix)))
+        {
             c.handshaking = c.handshaking.saturating_sub(1);
         }
     }
@@ -124,7 +130,7 @@ impl LimitTable {
     /// A connection counted by `open` closed; `handshaking` if it closed
     /// before `handshake_over`.
     pub fn close(&mut self, side: Side, ip: IpAddr, handshaking: bool) {
-        let key = (side, ip.to_canonical());
+        let key = (side, source_key(ip, self.s.v6_prefix));
         self.sides[ix(side)] = self.sides[ix(side)].saturating_sub(1);
         if let Some(c) = self.sources.get_mut(&key) {
             c.open = c.open.saturating_sub(1);
@@ -145,7 +151,7 @@ impl LimitTable {
     /// (open, handshaking) of `ip` on `side`.
     pub fn of(&self, side: Side, ip: IpAddr) -> (u32, u32) {
         self.sources
-            .get(&(side, ip.to_canonical()))
+            .get(&(side, source_key(ip, self.s.v6_prefix)))
             .map_or((0, 0), |c| (c.open, c.handshaking))
     }
 
@@ -230,6 +236,7 @@ mod tests {
             per_side: 10,
             per_source: 4,
             handshakes_per_source: 2,
+            v6_prefix: 64,
         })
     }
 
@@ -298,12 +305,46 @@ mod tests {
         assert_eq!(t.open_on(Side::External), 1);
     }
 
+    /// Issue #8: a host with a /64 rotating its source address took a
+    /// fresh per-source budget with each one. Now an IPv6 source is its
+    /// /64 (configurable): addresses in one /64 share the caps, another
+    /// /64 has its own.
+    #[test]
+    fn ipv6_sources_in_one_64_share_their_caps() {
+        let mut t = table();
+        let mut ok = 0;
+        for n in 0..20u16 {
+            let a = IpAddr::from([0x2001, 0xdb8, 0xff, 0, 0, 0, 0x66, n]);
+            if t.open(Side::External, a).is_ok() {
+                ok += 1;
+            }
+        }
+        assert_eq!(ok, 2, "two handshakes for the whole /64");
+        assert_eq!(
+            t.of(Side::External, ip("2001:db8:ff::1234:5678")),
+            (2, 2),
+            "any address of the /64 sees its count"
+        );
+        assert_eq!(t.open(Side::External, ip("2001:db8:fe::66")), Ok(()));
+        t.close(Side::External, ip("2001:db8:ff::abcd"), true);
+        assert_eq!(t.of(Side::External, ip("2001:db8:ff::66:0")), (1, 1));
+        let mut per_address = LimitTable::new(ConnLimitSettings {
+            v6_prefix: 128,
+            ..t.s
+        });
+        for n in 0..4u16 {
+            let a = IpAddr::from([0x2001, 0xdb8, 0xff, 0, 0, 0, 0x66, n]);
+            assert_eq!(per_address.open(Side::External, a), Ok(()));
+        }
+    }
+
     #[test]
     fn permits_give_their_slots_back_on_drop() {
         let l = ConnLimits::new(ConnLimitSettings {
             per_side: 2,
             per_source: 2,
             handshakes_per_source: 1,
+            v6_prefix: 64,
         });
         let a = ip("203.0.113.77");
         let mut p1 = l.admit(Side::External, a).expect("first");

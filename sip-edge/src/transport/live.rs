@@ -108,6 +108,7 @@ pub fn live_settings(
             per_side: p.max_connections,
             per_source: cfg.limits.max_connections_per_source,
             handshakes_per_source: cfg.limits.max_handshakes_per_source,
+            v6_prefix: cfg.limits.ipv6_source_prefix,
         },
         peer_identities: peer_identities(cfg),
     })

@@ -11,6 +11,7 @@
 //! → driver → connection writer → TLS → socket.
 
 pub mod conn;
+pub mod hello;
 pub mod limits;
 pub mod live;
 pub mod memory;
@@ -297,6 +298,7 @@ pub async fn start(
             per_side: p.max_connections,
             per_source: cfg.limits.max_connections_per_source,
             handshakes_per_source: cfg.limits.max_handshakes_per_source,
+            v6_prefix: cfg.limits.ipv6_source_prefix,
         }),
         handshake_timeout: Arc::new(arc_swap::ArcSwap::from_pointee(Duration::from_secs(
             cfg.limits.handshake_timeout_secs,
@@ -423,9 +425,11 @@ async fn accept_loop(listener: TcpListener, side: Side, tls: Option<TlsAcceptor>
                 let _ = tcp.set_nodelay(true);
                 match tls {
                     Some(acc) => {
+                        // The first record is judged before rustls (RFC 8996
+                        // alerts, `hello`), within the same timeout.
                         let hs = tokio::time::timeout(
                             **shared.handshake_timeout.load(),
-                            acc.accept(tcp),
+                            hello::accept(&acc, tcp),
                         )
                         .await;
                         permit.handshake_over();

@@ -39,6 +39,7 @@ impl Proxy {
             .map(|u| aor_of(&u));
         let req = Request {
             source: info.peer.ip(),
+            side: info.side,
             method,
             initial,
             aor: aor.as_deref(),
