@@ -719,6 +719,9 @@ pub struct Config {
     /// `[control]`: the agent's control socket (`crate::control`).
     #[serde(default)]
     pub control: crate::control::ControlSection,
+    /// `[ha]`: call state replicated to other edge nodes (`crate::ha`).
+    #[serde(default)]
+    pub ha: Option<crate::ha::HaSection>,
 }
 
 /// A next hop the proxy opens TLS connections to.
@@ -1281,6 +1284,9 @@ impl Config {
         }
         crate::access::validate(self)?;
         self.control.validate()?;
+        if let Some(h) = &self.ha {
+            h.validate()?;
+        }
         if !self.pin_dir.is_absolute() {
             return Err(invalid(
                 "pin_dir",

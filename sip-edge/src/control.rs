@@ -175,6 +175,8 @@ pub enum ControlError {
 pub enum Query {
     /// The registrations the proxy holds (see the module docs).
     Registrations,
+    /// The HA node's role, store health and replication lag (`crate::ha`).
+    Ha,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -312,6 +314,7 @@ async fn dispatch(
     proxy: Option<mpsc::Sender<Request>>,
 ) -> Result<serde_json::Map<String, serde_json::Value>, String> {
     match query {
+        Query::Ha => crate::ha::status_fields(),
         Query::Registrations => {
             let proxy = proxy.ok_or("no [proxy] section: this agent runs no SIP proxy")?;
             let (tx, rx) = oneshot::channel();

@@ -9,6 +9,7 @@ pub mod config;
 pub mod control;
 pub mod datapath;
 pub mod doctor;
+pub mod ha;
 pub mod media;
 pub mod ports;
 pub mod proxy;

@@ -90,6 +90,16 @@ fn main() -> ExitCode {
         },
         Command::Pinhole { action } => print_or_fail(cli::pinhole(&action)),
         Command::Stats(opts) => print_or_fail(cli::stats(&opts)),
+        Command::HaStatus(opts) => match cli::ha_status(&opts) {
+            Ok(s) => {
+                print!("{s}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("sip-edge: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Registrations(opts) => match cli::registrations(&opts) {
             Ok(s) => {
                 print!("{s}");

@@ -6,6 +6,7 @@
 //! - `edge`: the system tests' fixture: the agent in the edge namespace,
 //!   its CLI, the peer-side user agent and an outgoing call through it;
 //! - `testua`: a TLS SIP user agent and a throwaway PKI;
+//! - `ha_net`: the two-edge HA topology with a Redis store (issue #11);
 //! - `fixtures`: the datapath verdict fixtures and their BPF_PROG_TEST_RUN runner;
 //! - `harness`: the test/bench XDP object (pass-through, generator, sink);
 //! - `bench`: the benchmark suite behind `cargo xtask bench`.
@@ -13,6 +14,7 @@
 pub mod bench;
 pub mod edge;
 pub mod fixtures;
+pub mod ha_net;
 pub mod harness;
 pub mod testnet;
 pub mod testua;

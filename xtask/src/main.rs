@@ -31,7 +31,13 @@ const APT_PACKAGES: &[&str] = &[
 /// Debian packages only `cargo xtask test` needs: the real peers of the
 /// remote-user system test (tests/tests/remote_users.rs, issue #15),
 /// Kamailio as the inside registrar over TLS and baresip as a remote user.
-const TEST_APT_PACKAGES: &[&str] = &["kamailio", "kamailio-tls-modules", "baresip-core"];
+const TEST_APT_PACKAGES: &[&str] = &[
+    "kamailio",
+    "kamailio-tls-modules",
+    "baresip-core",
+    // tests/tests/ha.rs: the store two edge nodes share (issue #11).
+    "redis-server",
+];
 
 /// Debian packages only `cargo xtask bench` needs: the peers it measures
 /// sip-edge against (issue #4).

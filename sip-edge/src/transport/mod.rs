@@ -663,6 +663,8 @@ impl Driver {
                     })
                     .map_err(|e| e.to_string())
             }
+            // Answered by the control socket itself (`crate::ha`).
+            control::Query::Ha => crate::ha::status_fields(),
         };
         let _ = req.reply.send(answer);
     }
