@@ -110,8 +110,12 @@ impl HaNet {
             sh(&["ip", "netns", "add", ns])?;
             run(&[
                 cmd(&format!("ip -n {ns} link set lo up")),
-                cmd(&format!("ip netns exec {ns} sysctl -qw net.ipv4.conf.all.rp_filter=0")),
-                cmd(&format!("ip netns exec {ns} sysctl -qw net.ipv4.conf.default.rp_filter=0")),
+                cmd(&format!(
+                    "ip netns exec {ns} sysctl -qw net.ipv4.conf.all.rp_filter=0"
+                )),
+                cmd(&format!(
+                    "ip netns exec {ns} sysctl -qw net.ipv4.conf.default.rp_filter=0"
+                )),
             ])?;
         }
         let (c, p, s) = (&t.client, &t.peer, &t.store);
@@ -124,9 +128,15 @@ impl HaNet {
             let e = t.edge(n);
             let (o, l) = (n.octet(), n.link());
             cmds.extend([
-                cmd(&format!("ip -n {e} link add int0 type veth peer name {l} netns {c}")),
-                cmd(&format!("ip -n {e} link add ext0 type veth peer name {l} netns {p}")),
-                cmd(&format!("ip -n {e} link add ha0 type veth peer name {l} netns {s}")),
+                cmd(&format!(
+                    "ip -n {e} link add int0 type veth peer name {l} netns {c}"
+                )),
+                cmd(&format!(
+                    "ip -n {e} link add ext0 type veth peer name {l} netns {p}"
+                )),
+                cmd(&format!(
+                    "ip -n {e} link add ha0 type veth peer name {l} netns {s}"
+                )),
                 cmd(&format!("ip -n {e} addr add 10.77.0.{o}/32 dev int0")),
                 cmd(&format!("ip -n {e} addr add 203.0.113.{o}/32 dev ext0")),
                 cmd(&format!("ip -n {e} addr add 10.77.9.{o}/32 dev ha0")),
@@ -139,19 +149,31 @@ impl HaNet {
                 cmd(&format!("ip -n {e} route add 10.77.0.2/32 dev int0")),
                 cmd(&format!("ip -n {e} route add 198.51.100.2/32 dev ext0")),
                 cmd(&format!("ip -n {e} route add 10.77.9.1/32 dev ha0")),
-                cmd(&format!("ip -n {c} route add 10.77.0.{o}/32 dev {l} src 10.77.0.2")),
-                cmd(&format!("ip -n {p} route add 203.0.113.{o}/32 dev {l} src 198.51.100.2")),
-                cmd(&format!("ip -n {s} route add 10.77.9.{o}/32 dev {l} src 10.77.9.1")),
+                cmd(&format!(
+                    "ip -n {c} route add 10.77.0.{o}/32 dev {l} src 10.77.0.2"
+                )),
+                cmd(&format!(
+                    "ip -n {p} route add 203.0.113.{o}/32 dev {l} src 198.51.100.2"
+                )),
+                cmd(&format!(
+                    "ip -n {s} route add 10.77.9.{o}/32 dev {l} src 10.77.9.1"
+                )),
                 // bpf_fib_lookup refuses to forward when forwarding is off.
-                cmd(&format!("ip netns exec {e} sysctl -qw net.ipv4.ip_forward=1")),
-                cmd(&format!("ip netns exec {e} sysctl -qw net.ipv4.ip_nonlocal_bind=1")),
+                cmd(&format!(
+                    "ip netns exec {e} sysctl -qw net.ipv4.ip_forward=1"
+                )),
+                cmd(&format!(
+                    "ip netns exec {e} sysctl -qw net.ipv4.ip_nonlocal_bind=1"
+                )),
             ]);
-            // Senders compute checksums in software (testnet.rs says why).
-            for ns in [c, p] {
+        }
+        run(&cmds)?;
+        // Senders compute checksums in software (testnet.rs says why).
+        for ns in [c, p] {
+            for l in ["eth0", "eth1"] {
                 let _ = sh(&["ip", "netns", "exec", ns, "ethtool", "-K", l, "tx", "off"]);
             }
         }
-        run(&cmds)?;
         t.vips_on(Node::A)?;
         Ok(t)
     }
@@ -189,8 +211,12 @@ impl HaNet {
         run(&[
             cmd(&format!("ip -n {e} addr add {VIP_INT}/32 dev int0")),
             cmd(&format!("ip -n {e} addr add {VIP_EXT}/32 dev ext0")),
-            cmd(&format!("ip -n {c} route replace {VIP_INT}/32 dev {l} src 10.77.0.2")),
-            cmd(&format!("ip -n {p} route replace {VIP_EXT}/32 dev {l} src 198.51.100.2")),
+            cmd(&format!(
+                "ip -n {c} route replace {VIP_INT}/32 dev {l} src 10.77.0.2"
+            )),
+            cmd(&format!(
+                "ip -n {p} route replace {VIP_EXT}/32 dev {l} src 198.51.100.2"
+            )),
         ])
     }
 
@@ -200,13 +226,44 @@ impl HaNet {
     pub fn move_vips(&self, from: Node, to: Node) -> Result<Duration, TestnetError> {
         let t0 = Instant::now();
         let e = self.edge(from);
-        let _ = sh(&["ip", "-n", e, "addr", "del", &format!("{VIP_INT}/32"), "dev", "int0"]);
-        let _ = sh(&["ip", "-n", e, "addr", "del", &format!("{VIP_EXT}/32"), "dev", "ext0"]);
+        let _ = sh(&[
+            "ip",
+            "-n",
+            e,
+            "addr",
+            "del",
+            &format!("{VIP_INT}/32"),
+            "dev",
+            "int0",
+        ]);
+        let _ = sh(&[
+            "ip",
+            "-n",
+            e,
+            "addr",
+            "del",
+            &format!("{VIP_EXT}/32"),
+            "dev",
+            "ext0",
+        ]);
         self.vips_on(to)?;
         for ns in [&self.client, &self.peer] {
             let _ = sh(&["ip", "-n", ns, "neigh", "flush", "dev", from.link()]);
         }
         Ok(t0.elapsed())
+    }
+
+    /// Edge `n`'s links to the client and the peer down (`false`) or up:
+    /// with `kill -9` of its agent, the node is gone as a machine that
+    /// lost power is (its XDP program, which outlives the agent, forwards
+    /// nothing more).
+    pub fn set_links(&self, n: Node, up: bool) -> Result<(), TestnetError> {
+        let e = self.edge(n);
+        let state = if up { "up" } else { "down" };
+        run(&[
+            cmd(&format!("ip -n {e} link set int0 {state}")),
+            cmd(&format!("ip -n {e} link set ext0 {state}")),
+        ])
     }
 
     /// The pass-through program on the client's and peer's links, so

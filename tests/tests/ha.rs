@@ -48,7 +48,9 @@ fn unavailable() -> Option<String> {
         .output()
         .is_err()
     {
-        return Some("redis-server not installed (Debian redis-server; cargo xtask test installs it)".into());
+        return Some(
+            "redis-server not installed (Debian redis-server; cargo xtask test installs it)".into(),
+        );
     }
     None
 }
@@ -67,10 +69,8 @@ impl EdgeNode {
     fn new(tag: &str, node: Node, dir: &Path, pki: &TestPki, role: &str) -> EdgeNode {
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/sip-edge-test-{tag}-{}", node.name()));
         let pins = Pins(pin_dir.clone());
-        let socket = std::env::temp_dir().join(format!(
-            "sip-edge-test-{tag}-{}.control.sock",
-            node.name()
-        ));
+        let socket =
+            std::env::temp_dir().join(format!("sip-edge-test-{tag}-{}.control.sock", node.name()));
         let config = dir.join(format!("edge-{}.toml", node.name()));
         let text = format!(
             "{}[ha]\nstore = \"redis://{}/\"\nnode = \"{}\"\nrole = \"{role}\"\nsync_interval_ms = 100\n",
@@ -98,6 +98,16 @@ impl EdgeNode {
         )
         .expect("start agent");
         self.agent = Some(agent);
+        // The control socket comes up just after the SIP listeners.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "edge {}: control socket never came up",
+                self.node.name()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn kill9(&mut self) {
@@ -147,7 +157,11 @@ impl EdgeNode {
             .arg(&self.pin_dir)
             .output()
             .expect("pinhole list");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: Value = serde_json::from_slice(&out.stdout).expect("list json");
         let mut l: Vec<String> = v
             .as_array()
@@ -243,7 +257,8 @@ fn pump(
                     for _ in 0..64 {
                         let Ok(n) = s.recv(&mut buf) else { break };
                         if n >= 12 {
-                            let ssrc = u32::from_be_bytes([buf[8], buf[9], buf[10], buf[11]]) as usize;
+                            let ssrc =
+                                u32::from_be_bytes([buf[8], buf[9], buf[10], buf[11]]) as usize;
                             if ssrc < received.len() {
                                 received[ssrc].push(u16::from_be_bytes([buf[2], buf[3]]));
                             }
@@ -313,18 +328,22 @@ async fn twenty_calls_survive_a_kill_9_of_the_active_edge() {
 
     // 20 calls through a.
     let mut bob = PeerUa::on_listener(
-        UaListener::bind(&net.peer, sa("198.51.100.2:5061"), &pki.peer_cert, &pki.peer_key)
-            .expect("bob listens"),
+        UaListener::bind(
+            &net.peer,
+            sa("198.51.100.2:5061"),
+            &pki.peer_cert,
+            &pki.peer_key,
+        )
+        .expect("bob listens"),
     );
     let mut alice_a = alice(&net, &pki).await;
     let mut calls = Vec::new();
     for i in 0..CALLS {
         calls.push(call(&mut alice_a, &mut bob, i).await);
     }
-    let owned = a
-        .wait_ha("its calls written", Duration::from_secs(5), |v| {
-            u(v, "owned") >= CALLS as u64 && u(v, "queued") == 0
-        })["owned"]
+    let owned = a.wait_ha("its calls written", Duration::from_secs(5), |v| {
+        u(v, "owned") >= CALLS as u64 && u(v, "queued") == 0
+    })["owned"]
         .as_u64()
         .unwrap_or(0);
     let bs = b.wait_ha("a's calls mirrored", Duration::from_secs(5), |v| {
@@ -350,6 +369,7 @@ async fn twenty_calls_survive_a_kill_9_of_the_active_edge() {
     // The crash and the failover.
     let at_kill = seq.load(Ordering::Relaxed);
     a.kill9();
+    net.set_links(Node::A, false).expect("edge a's links down");
     drop(alice_a);
     bob.conn = None;
     let moved_in = net.move_vips(Node::A, Node::B).expect("move the addresses");
@@ -361,7 +381,7 @@ async fn twenty_calls_survive_a_kill_9_of_the_active_edge() {
     let mut before = 0;
     let mut up = Vec::new();
     let mut down = Vec::new();
-    let mut resumed = vec![true; CALLS];
+    let mut resumed = [true; CALLS];
     for (i, ok) in resumed.iter_mut().enumerate() {
         for (s, list) in [(2 * i, &mut up), (2 * i + 1, &mut down)] {
             let got = &m.received[s];
@@ -394,15 +414,24 @@ async fn twenty_calls_survive_a_kill_9_of_the_active_edge() {
     // Edge a returns while b carries the calls: it resynchronises from
     // the store before taking traffic, so its old rules (now b's calls)
     // go and b's calls are mirrored instead.
+    net.set_links(Node::A, true).expect("edge a's links up");
     a.start(&net);
     let as_ = a.ha();
     assert_eq!(as_["resynced"], true, "{as_:#}");
     let b_owned = u(&b.ha(), "owned");
-    assert!(b_owned >= CALLS as u64, "b owns every call's flows: {:#}", b.ha());
+    assert!(
+        b_owned >= CALLS as u64,
+        "b owns every call's flows: {:#}",
+        b.ha()
+    );
     a.wait_ha("b's calls mirrored", Duration::from_secs(3), |v| {
         u(v, "mirrored") == b_owned && u(v, "owned") == 0
     });
-    assert_eq!(a.rules(), b.rules(), "a's maps mirror b's calls, nothing else");
+    assert_eq!(
+        a.rules(),
+        b.rules(),
+        "a's maps mirror b's calls, nothing else"
+    );
 
     // Every call ends with a BYE through b.
     let mut alice_b = alice(&net, &pki).await;
@@ -465,7 +494,9 @@ async fn a_store_outage_never_fails_a_call_and_heals() {
     let mut redis = RedisServer::start(&net, tmp.path()).expect("redis-server");
     let mut a = EdgeNode::new(&tag, Node::A, tmp.path(), &pki, "active");
     a.start(&net);
-    a.wait_ha("store up", Duration::from_secs(5), |v| v["store_up"] == true);
+    a.wait_ha("store up", Duration::from_secs(5), |v| {
+        v["store_up"] == true
+    });
 
     redis.stop();
     let down = a.wait_ha("the outage seen", Duration::from_secs(5), |v| {
@@ -480,8 +511,13 @@ async fn a_store_outage_never_fails_a_call_and_heals() {
     assert!(text.contains("DOWN"), "ha-status shows the outage: {text}");
 
     let mut bob = PeerUa::on_listener(
-        UaListener::bind(&net.peer, sa("198.51.100.2:5061"), &pki.peer_cert, &pki.peer_key)
-            .expect("bob listens"),
+        UaListener::bind(
+            &net.peer,
+            sa("198.51.100.2:5061"),
+            &pki.peer_cert,
+            &pki.peer_key,
+        )
+        .expect("bob listens"),
     );
     let mut alice_a = alice(&net, &pki).await;
     let t0 = Instant::now();
@@ -518,7 +554,9 @@ async fn a_store_outage_never_fails_a_call_and_heals() {
 
     // The store returns (empty): the node writes its live calls again.
     redis.restart(&net).expect("redis-server again");
-    let back = a.wait_ha("the store back", Duration::from_secs(5), |v| v["store_up"] == true);
+    let back = a.wait_ha("the store back", Duration::from_secs(5), |v| {
+        v["store_up"] == true
+    });
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let keys = redis.cli(&["--scan", "--pattern", "sip-edge:a:*"]);
@@ -534,7 +572,10 @@ async fn a_store_outage_never_fails_a_call_and_heals() {
 
     // Their BYEs remove the keys.
     for c in &mut calls {
-        alice_a.send(&c.a.request("BYE", "", "")).await.expect("BYE");
+        alice_a
+            .send(&c.a.request("BYE", "", ""))
+            .await
+            .expect("BYE");
         let bye = bob.recv_request("BYE").await;
         bob.conn()
             .send(&testua::reply(&bye, 200, "OK", "", "", "", ""))
@@ -544,7 +585,11 @@ async fn a_store_outage_never_fails_a_call_and_heals() {
         assert_eq!(r.status(), Some(200), "BYE during single-node mode");
     }
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !redis.cli(&["--scan", "--pattern", "sip-edge:*"]).trim().is_empty() {
+    while !redis
+        .cli(&["--scan", "--pattern", "sip-edge:*"])
+        .trim()
+        .is_empty()
+    {
         assert!(Instant::now() < deadline, "keys of ended calls remain");
         std::thread::sleep(Duration::from_millis(100));
     }

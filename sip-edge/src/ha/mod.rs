@@ -158,7 +158,10 @@ impl HaSection {
         if !id_ok(&self.key_prefix) {
             return Err(invalid(
                 "ha.key_prefix",
-                format!("{:?} must be 1 to 32 of a-z, 0-9, '-' and '_'", self.key_prefix),
+                format!(
+                    "{:?} must be 1 to 32 of a-z, 0-9, '-' and '_'",
+                    self.key_prefix
+                ),
             ));
         }
         if !(50..=5000).contains(&self.sync_interval_ms) {
@@ -402,9 +405,18 @@ mod tests {
         for (bad, why) in [
             ("store = \"http://x\"\nnode = \"a\"\n", "redis://"),
             ("store = \"redis://x:6379\"\nnode = \"A b\"\n", "ha.node"),
-            ("store = \"redis://x:6379\"\nnode = \"a\"\nrole = \"leader\"\n", "role"),
-            ("store = \"redis://x:6379\"\nnode = \"a\"\nsync_interval_ms = 10\n", "sync_interval_ms"),
-            ("store = \"redis://x:6379\"\nnode = \"a\"\nstroe = 1\n", "stroe"),
+            (
+                "store = \"redis://x:6379\"\nnode = \"a\"\nrole = \"leader\"\n",
+                "role",
+            ),
+            (
+                "store = \"redis://x:6379\"\nnode = \"a\"\nsync_interval_ms = 10\n",
+                "sync_interval_ms",
+            ),
+            (
+                "store = \"redis://x:6379\"\nnode = \"a\"\nstroe = 1\n",
+                "stroe",
+            ),
         ] {
             let e = section(bad).unwrap_err();
             assert!(e.contains(why), "{bad}: {e}");
@@ -430,6 +442,9 @@ mod tests {
         st.store_health(false, "timeout");
         assert_eq!(st.outages.load(Ordering::Relaxed), 2);
         let text = status_text(&st.json());
-        assert!(text.contains("DOWN") && text.contains("outages 2"), "{text}");
+        assert!(
+            text.contains("DOWN") && text.contains("outages 2"),
+            "{text}"
+        );
     }
 }

@@ -184,7 +184,9 @@ mod tests {
     }
 
     fn store(list: &[(&str, Record)]) -> BTreeMap<String, Record> {
-        list.iter().map(|(k, r)| ((*k).to_owned(), r.clone())).collect()
+        list.iter()
+            .map(|(k, r)| ((*k).to_owned(), r.clone()))
+            .collect()
     }
 
     fn installs(a: &[Action]) -> Vec<&str> {
@@ -214,7 +216,11 @@ mod tests {
             ("p:b:ph:9", rec("b", "9", 40020)),
         ]);
         let a = r.reconcile(&s);
-        assert_eq!(installs(&a), vec!["p:a:ph:1", "p:a:ph:2"], "own keys skipped");
+        assert_eq!(
+            installs(&a),
+            vec!["p:a:ph:1", "p:a:ph:2"],
+            "own keys skipped"
+        );
         assert!(r.reconcile(&s).is_empty(), "nothing changed");
         // Call 1 ended at its owner (or its key expired).
         let s2 = store(&[("p:a:ph:2", rec("a", "2", 40010))]);
@@ -225,7 +231,10 @@ mod tests {
         // A re-INVITE moved call 2's flow: removed, then installed again.
         let s3 = store(&[("p:a:ph:2", rec("a", "2", 40030))]);
         let a = r.reconcile(&s3);
-        assert_eq!((removes(&a), installs(&a)), (vec!["p:a:ph:2"], vec!["p:a:ph:2"]));
+        assert_eq!(
+            (removes(&a), installs(&a)),
+            (vec!["p:a:ph:2"], vec!["p:a:ph:2"])
+        );
         assert!(matches!(a[0], Action::Remove(_)), "removal first: {a:?}");
         // The store emptied (every call over): no mirror left.
         assert_eq!(removes(&r.reconcile(&BTreeMap::new())), vec!["p:a:ph:2"]);

@@ -125,12 +125,7 @@ pub struct Handle {
 /// Starts the task (inside a tokio runtime). `own` is this node's live set
 /// at start (flows its previous run left that the store still had), `ttl`
 /// the keys' time to live.
-pub fn spawn(
-    section: &HaSection,
-    status: Arc<Status>,
-    ttl: Duration,
-    own: Vec<Record>,
-) -> Handle {
+pub fn spawn(section: &HaSection, status: Arc<Status>, ttl: Duration, own: Vec<Record>) -> Handle {
     let (tx, rx) = mpsc::channel(section.queue);
     let (snap_tx, snap_rx) = watch::channel(None);
     let task = Task {
@@ -285,6 +280,11 @@ impl Task {
     /// Writes the whole live set when asked to (pipelined).
     async fn flush(&mut self) {
         if !self.rewrite_all {
+            return;
+        }
+        if self.own.is_empty() {
+            // Nothing to write (an empty pipeline is an error to Redis).
+            self.rewrite_all = false;
             return;
         }
         let Some(mut conn) = self.conn().await else {

@@ -450,7 +450,10 @@ impl MediaController<MapsSink> {
         );
         c.recover(&lock::state_path(&config.pin_dir), &maps, Instant::now());
         if let Some(h) = &config.ha {
-            c.ha_start(h, std::time::Duration::from_secs(config.media.idle_timeout_secs));
+            c.ha_start(
+                h,
+                std::time::Duration::from_secs(config.media.idle_timeout_secs),
+            );
         }
         c
     }

@@ -86,9 +86,7 @@ impl<S: PinholeSink> MediaController<S> {
         });
         if let Ok(snap) = first {
             self.ha_apply(&snap);
-            status
-                .resynced
-                .store(true, Ordering::Relaxed);
+            status.resynced.store(true, Ordering::Relaxed);
             tracing::info!(
                 mirrored = self.ha.as_ref().map_or(0, |h| h.replicas.len()),
                 "HA: resynchronised from the store before taking traffic"
