@@ -138,6 +138,7 @@ pub fn spawn(section: &HaSection, status: Arc<Status>, ttl: Duration, own: Vec<R
             .collect(),
         conn: None,
         rewrite_all: true,
+        deleted: std::collections::HashSet::new(),
     };
     tokio::spawn(task.run(rx, snap_tx));
     Handle {
@@ -154,6 +155,10 @@ struct Task {
     conn: Option<ConnectionManager>,
     /// Write the whole live set at the next answer (start, after an outage).
     rewrite_all: bool,
+    /// Keys deleted while the store did not answer: deleted at its first
+    /// answer, so another node's mirror of an ended call does not wait for
+    /// the key's TTL.
+    deleted: std::collections::HashSet<String>,
 }
 
 impl Task {
@@ -248,6 +253,7 @@ impl Task {
             }
             Change::Del(key) => {
                 self.own.remove(&key);
+                self.deleted.insert(key.clone());
                 let mut cmd = redis::cmd("DEL");
                 cmd.arg(key);
                 cmd
@@ -256,9 +262,8 @@ impl Task {
         self.status
             .owned
             .store(self.own.len() as u64, Ordering::Relaxed);
-        // During an outage the change only updates the live set: it is
-        // written with the rest at the first answer. A delete is lost then,
-        // and its key expires by its TTL.
+        // During an outage the change only updates the live set (and the
+        // deleted keys): it is written with the rest at the first answer.
         if !self.status.store_up.load(Ordering::Relaxed) {
             return;
         }
@@ -270,6 +275,7 @@ impl Task {
             match tokio::time::timeout(self.timeout(), cmd.query_async::<()>(&mut conn)).await {
                 Ok(Ok(())) => {
                     self.status.writes.fetch_add(1, Ordering::Relaxed);
+                    self.deleted.clear();
                 }
                 Ok(Err(e)) => self.failed(&e.to_string()),
                 Err(_) => self.failed("write timed out"),
@@ -282,7 +288,7 @@ impl Task {
         if !self.rewrite_all {
             return;
         }
-        if self.own.is_empty() {
+        if self.own.is_empty() && self.deleted.is_empty() {
             // Nothing to write (an empty pipeline is an error to Redis).
             self.rewrite_all = false;
             return;
@@ -291,6 +297,9 @@ impl Task {
             return;
         };
         let mut pipe = redis::pipe();
+        for k in &self.deleted {
+            pipe.cmd("DEL").arg(k).ignore();
+        }
         for (k, r) in &self.own {
             if let Ok(json) = serde_json::to_string(r) {
                 pipe.cmd("SET")
@@ -301,10 +310,11 @@ impl Task {
                     .ignore();
             }
         }
-        let n = self.own.len() as u64;
+        let n = (self.own.len() + self.deleted.len()) as u64;
         match tokio::time::timeout(self.timeout(), pipe.query_async::<()>(&mut conn)).await {
             Ok(Ok(())) => {
                 self.status.writes.fetch_add(n, Ordering::Relaxed);
+                self.deleted.clear();
                 self.status.store_health(true, "");
                 self.rewrite_all = false;
             }
