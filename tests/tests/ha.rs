@@ -365,6 +365,13 @@ async fn twenty_calls_survive_a_kill_9_of_the_active_edge() {
         u(v, "mirrored") == owned
     });
     assert_eq!(u(&bs, "owned"), 0, "b owns nothing yet: {bs:#}");
+    println!(
+        "HA standby before the failover: mirrored {} flows of a's {}, replication lag bound {} ms, last read {} ms ago",
+        u(&bs, "mirrored"),
+        owned,
+        u(&bs, "lag_ms"),
+        u(&bs, "last_sync_age_ms")
+    );
     assert_eq!(a.rules(), b.rules(), "b's maps hold a's rules");
 
     // Media both ways on every call.
