@@ -147,6 +147,30 @@ pub fn spawn(section: &HaSection, status: Arc<Status>, ttl: Duration, own: Vec<R
     }
 }
 
+/// A handle with no task behind it (tests of the media layer's side):
+/// what it writes comes out of the receiver, and reads go in through the
+/// sender.
+#[cfg(test)]
+pub fn detached(
+    status: Arc<Status>,
+    queue: usize,
+) -> (
+    Handle,
+    mpsc::Receiver<Change>,
+    watch::Sender<Option<Arc<Snapshot>>>,
+) {
+    let (tx, rx) = mpsc::channel(queue);
+    let (snap_tx, snap_rx) = watch::channel(None);
+    (
+        Handle {
+            writer: Writer { tx, status },
+            snapshot: snap_rx,
+        },
+        rx,
+        snap_tx,
+    )
+}
+
 struct Task {
     section: HaSection,
     status: Arc<Status>,

@@ -239,3 +239,229 @@ impl<S: PinholeSink> MediaController<S> {
             .store(h.replicas.len() as u64, Ordering::Relaxed);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::{
+        config::{MediaCandidates, MediaMode, PortRange},
+        datapath::rules::{LearnPort, Proto},
+        media::{manager::Settings, policy::ExternalSources},
+    };
+
+    fn settings() -> Settings {
+        Settings {
+            mode: MediaMode::Relay,
+            internal_addrs: vec!["10.77.0.1".parse().expect("ip")],
+            public_addrs: vec!["203.0.113.1".parse().expect("ip")],
+            port_ranges: vec![PortRange {
+                start: 40000,
+                end: 40099,
+            }],
+            reserved_ports: Vec::new(),
+            allowed_internal_subnets: Vec::new(),
+            max_flows_per_client: 8,
+            max_flows: 1000,
+            max_calls: 100,
+            idle_timeout: Duration::from_secs(60),
+            unused_timeout: Duration::from_secs(20),
+            max_call: Duration::from_secs(3600),
+            latch: false,
+            external_sources: ExternalSources::Signalling,
+        }
+    }
+
+    fn record(node: &str, id: &str, call: &str, port: u16) -> Record {
+        Record {
+            node: node.into(),
+            id: id.into(),
+            call_id: call.into(),
+            from_tag: "caller".into(),
+            flow: Flow::Relay {
+                proto: Proto::Udp,
+                client: "10.77.0.2:4000".parse().expect("addr"),
+                edge_int: format!("10.77.0.1:{port}").parse().expect("addr"),
+                public: format!("203.0.113.1:{}", port + 1).parse().expect("addr"),
+                peer: "198.51.100.2:5000".parse().expect("addr"),
+                latch_peer: false,
+                learn_port: LearnPort::Neither,
+            },
+            ports: vec![port, port + 1],
+            written_ms: 1,
+        }
+    }
+
+    type Fixture = (
+        MediaController<RecordingSink>,
+        tokio::sync::mpsc::Receiver<Change>,
+        tokio::sync::watch::Sender<Option<Arc<Snapshot>>>,
+        Arc<Status>,
+    );
+
+    fn node_b() -> Fixture {
+        let section: HaSection =
+            toml::from_str("store = \"redis://127.0.0.1:1/\"\nnode = \"b\"\nrole = \"standby\"\n")
+                .expect("section");
+        let status = Arc::new(Status::new(&section));
+        let (handle, rx, snap) = store::detached(status.clone(), 64);
+        let mut c = MediaController::new(
+            settings(),
+            MediaCandidates::ReplacePrivateHost,
+            RecordingSink::default(),
+        );
+        c.ha = Some(HaNode {
+            section: section.clone(),
+            status: status.clone(),
+            handle,
+            replicas: Replicas::new("b", MIRROR_ID_BASE),
+        });
+        (c, rx, snap, status)
+    }
+
+    fn read(snap: &tokio::sync::watch::Sender<Option<Arc<Snapshot>>>, list: &[(&str, Record)]) {
+        let records: BTreeMap<String, Record> = list
+            .iter()
+            .map(|(k, r)| ((*k).to_owned(), r.clone()))
+            .collect();
+        snap.send(Some(Arc::new(Snapshot { records })))
+            .expect("snapshot");
+    }
+
+    fn drain(rx: &mut tokio::sync::mpsc::Receiver<Change>) -> Vec<Change> {
+        let mut v = Vec::new();
+        while let Ok(c) = rx.try_recv() {
+            v.push(c);
+        }
+        v
+    }
+
+    /// Issue #11: the standby holds the active node's pinholes; media
+    /// reaching it makes the whole call its own (written under its prefix,
+    /// the old key deleted); a BYE then removes the rules and the key.
+    #[test]
+    fn a_mirror_carries_media_then_is_taken_over_and_ended_by_its_bye() {
+        let (mut c, mut rx, snap, status) = node_b();
+        let now = Instant::now();
+        read(
+            &snap,
+            &[
+                ("sip-edge:a:ph:r1-1", record("a", "r1-1", "call-1", 40010)),
+                ("sip-edge:a:ph:r1-2", record("a", "r1-2", "call-1", 40012)),
+                ("sip-edge:b:ph:x-1", record("b", "x-1", "own", 40020)),
+            ],
+        );
+        assert!(c.on_tick(now).is_empty());
+        assert_eq!(
+            c.sink().installed.len(),
+            2,
+            "a's two flows mirrored, b's own skipped"
+        );
+        assert_eq!(status.mirrored.load(Ordering::Relaxed), 2);
+        assert!(drain(&mut rx).is_empty(), "mirroring writes nothing");
+        // A new call of b's own never takes a mirrored port.
+        assert_eq!(c.manager().ports_in_use(), 4);
+
+        // Media of the first flow reaches b.
+        let ids: Vec<PinholeId> = c.sink().installed.keys().copied().collect();
+        c.sink_mut().packets.insert(ids[0], 7);
+        c.on_tick(now + Duration::from_secs(1));
+        assert_eq!(c.adopted(), 2, "both flows of the call taken over");
+        assert_eq!(status.claimed.load(Ordering::Relaxed), 2);
+        assert_eq!(status.role(), Role::Active);
+        let w = drain(&mut rx);
+        let puts: Vec<&Record> = w
+            .iter()
+            .filter_map(|c| match c {
+                Change::Put(r) => Some(&**r),
+                Change::Del(_) => None,
+            })
+            .collect();
+        let dels: Vec<&str> = w
+            .iter()
+            .filter_map(|c| match c {
+                Change::Del(k) => Some(k.as_str()),
+                Change::Put(_) => None,
+            })
+            .collect();
+        assert_eq!(puts.len(), 2);
+        assert!(puts.iter().all(|r| r.node == "b" && r.call_id == "call-1"));
+        assert_eq!(dels, vec!["sip-edge:a:ph:r1-1", "sip-edge:a:ph:r1-2"]);
+        // A read from before the deletes does not mirror them again.
+        c.on_tick(now + Duration::from_secs(2));
+        assert_eq!(c.sink().installed.len(), 2);
+
+        // The BYE (callee's: From = callee tag, To = caller tag).
+        assert!(c.end_adopted(
+            "call-1",
+            &["callee", "caller"],
+            now + Duration::from_secs(3)
+        ));
+        assert!(c.sink().installed.is_empty(), "rules gone with the BYE");
+        let dels: Vec<String> = drain(&mut rx)
+            .into_iter()
+            .filter_map(|c| match c {
+                Change::Del(k) => Some(k),
+                Change::Put(_) => None,
+            })
+            .collect();
+        assert_eq!(dels.len(), 2);
+        assert!(
+            dels.iter().all(|k| k.starts_with("sip-edge:b:ph:")),
+            "{dels:?}"
+        );
+        assert_eq!(c.manager().ports_in_use(), 0, "ports released");
+    }
+
+    /// A mirror goes when its key goes (the call ended at its owner, or
+    /// the owner died and the key expired): no rule without a dialog.
+    #[test]
+    fn a_mirror_goes_with_its_key_and_a_bye_claims_an_unclaimed_call() {
+        let (mut c, _rx, snap, status) = node_b();
+        let now = Instant::now();
+        read(
+            &snap,
+            &[
+                ("sip-edge:a:ph:r1-1", record("a", "r1-1", "call-1", 40010)),
+                ("sip-edge:a:ph:r1-2", record("a", "r1-2", "call-2", 40012)),
+            ],
+        );
+        c.on_tick(now);
+        assert_eq!(c.sink().installed.len(), 2);
+        read(
+            &snap,
+            &[("sip-edge:a:ph:r1-2", record("a", "r1-2", "call-2", 40012))],
+        );
+        c.on_tick(now + Duration::from_secs(1));
+        assert_eq!(
+            c.sink().installed.len(),
+            1,
+            "call 1's mirror gone with its key"
+        );
+        assert_eq!(status.mirrored.load(Ordering::Relaxed), 1);
+        // A BYE for call 2 reaches b before any of its media did.
+        assert!(c.end_adopted(
+            "call-2",
+            &["caller", "callee"],
+            now + Duration::from_secs(2)
+        ));
+        assert!(c.sink().installed.is_empty());
+        assert_eq!(c.manager().ports_in_use(), 0);
+    }
+
+    /// Signalling never waits for the store: a full queue drops the
+    /// change, counts it, and the call goes on.
+    #[test]
+    fn a_full_queue_drops_and_counts_never_blocks() {
+        let section: HaSection =
+            toml::from_str("store = \"redis://127.0.0.1:1/\"\nnode = \"a\"\n").expect("section");
+        let status = Arc::new(Status::new(&section));
+        let (handle, _rx, _snap) = store::detached(status.clone(), 2);
+        for n in 0..5 {
+            handle.writer.send(Change::Del(format!("k{n}")));
+        }
+        assert_eq!(status.queued.load(Ordering::Relaxed), 2);
+        assert_eq!(status.dropped.load(Ordering::Relaxed), 3);
+    }
+}
