@@ -189,6 +189,18 @@ impl EdgeNode {
     }
 }
 
+impl Drop for EdgeNode {
+    /// A node killed and not restarted (a failed assertion midway) leaves
+    /// its lock, journal and socket behind: remove them with the agent.
+    fn drop(&mut self) {
+        self.agent.take();
+        use sip_edge::datapath::lock;
+        let _ = std::fs::remove_file(lock::state_path(&self.pin_dir));
+        let _ = std::fs::remove_file(lock::lock_path(Path::new(lock::RUN_DIR), &self.pin_dir));
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
 fn u(v: &Value, k: &str) -> u64 {
     v[k].as_u64().unwrap_or(0)
 }
