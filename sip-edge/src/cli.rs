@@ -99,6 +99,9 @@ pub enum Command {
     /// changed key and whether it was applied or needs a restart. Exit 1
     /// when the agent refused the file.
     Reload(ControlOpts),
+    /// Show the HA node's role, store health and replication lag
+    /// (`[ha]`). Asks the agent's control socket.
+    HaStatus(ControlOpts),
 }
 
 /// Where the running agent's control socket is, and output format.
@@ -159,6 +162,23 @@ pub fn reload(opts: &ControlOpts) -> Result<String, crate::control::ControlError
             .map(str::to_owned),
     };
     Ok(outcome.render())
+}
+
+/// `sip-edge ha-status`: the agent's HA state as text or as JSON
+/// (`{"ha": {...}}`, fields in `crate::ha::Status::json`).
+pub fn ha_status(opts: &ControlOpts) -> Result<String, crate::control::ControlError> {
+    use crate::control::{query, ControlError, Query};
+    let fields = query(&opts.socket, Query::Ha)?;
+    let v = fields.get("ha").cloned().unwrap_or(serde_json::Value::Null);
+    if opts.json {
+        let text = serde_json::to_string_pretty(&serde_json::json!({ "ha": v })).map_err(|e| {
+            ControlError::BadAnswer {
+                reason: e.to_string(),
+            }
+        })?;
+        return Ok(text + "\n");
+    }
+    Ok(crate::ha::status_text(&v))
 }
 
 /// Where the pinned maps live, and output format.

@@ -744,6 +744,9 @@ pub struct Config {
     /// `[agent]`: drain time, log filter, certificate checks (`crate::service`).
     #[serde(default)]
     pub agent: crate::service::AgentSection,
+    /// `[ha]`: call state replicated to other edge nodes (`crate::ha`).
+    #[serde(default)]
+    pub ha: Option<crate::ha::HaSection>,
 }
 
 /// A next hop the proxy opens TLS connections to.
@@ -1332,6 +1335,9 @@ impl Config {
         self.control.validate()?;
         self.admin.validate(self)?;
         self.agent.validate()?;
+        if let Some(h) = &self.ha {
+            h.validate()?;
+        }
         if !self.pin_dir.is_absolute() {
             return Err(invalid(
                 "pin_dir",

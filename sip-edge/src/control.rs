@@ -190,6 +190,8 @@ pub enum Query {
     /// "old", "new", "apply": "live" | "restart"}`, or `{"ok": false,
     /// "error": "why; nothing changed"}`.
     Reload,
+    /// The HA node's role, store health and replication lag (`crate::ha`).
+    Ha,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -327,6 +329,7 @@ async fn dispatch(
     proxy: Option<mpsc::Sender<Request>>,
 ) -> Result<serde_json::Map<String, serde_json::Value>, String> {
     match query {
+        Query::Ha => crate::ha::status_fields(),
         Query::Registrations => {
             let proxy = proxy.ok_or("no [proxy] section: this agent runs no SIP proxy")?;
             let (tx, rx) = oneshot::channel();

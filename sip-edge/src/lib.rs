@@ -10,6 +10,7 @@ pub mod config;
 pub mod control;
 pub mod datapath;
 pub mod doctor;
+pub mod ha;
 pub mod logging;
 pub mod media;
 pub mod metrics;

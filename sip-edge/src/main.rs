@@ -125,6 +125,16 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::HaStatus(opts) => match cli::ha_status(&opts) {
+            Ok(s) => {
+                print!("{s}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("sip-edge: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Registrations(opts) => match cli::registrations(&opts) {
             Ok(s) => {
                 print!("{s}");

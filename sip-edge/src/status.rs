@@ -338,6 +338,7 @@ pub fn answer(proxy: &mut Proxy, query: Query, now: Instant) -> Result<Fields, S
     match query {
         // The agent's own (`crate::agent`); never forwarded here.
         Query::Reload => Err("reload is answered by the agent".into()),
+        Query::Ha => crate::ha::status_fields(),
         Query::Calls => fields("calls", proxy.calls(now)),
         Query::Pinholes => {
             let mut m = fields("pinholes", proxy.media_pinholes())?;

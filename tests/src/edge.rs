@@ -329,6 +329,16 @@ impl PeerUa {
         }
     }
 
+    /// A peer on `listener` (topologies other than `Edge`'s), skipping
+    /// other messages as `skipping_others` does.
+    pub fn on_listener(listener: UaListener) -> PeerUa {
+        PeerUa {
+            listener,
+            conn: None,
+            skip_others: true,
+        }
+    }
+
     /// A peer whose `recv_request` skips other messages (such as BYEs of
     /// calls the edge ends) until the request asked for, within `WAIT`.
     pub fn skipping_others(e: &Edge) -> PeerUa {

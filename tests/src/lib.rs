@@ -7,6 +7,7 @@
 //!   its CLI, the peer-side user agent and an outgoing call through it;
 //! - `testua`: a TLS SIP user agent and a throwaway PKI;
 //! - `floods`: attack generators of the flood tests and the soak;
+//! - `ha_net`: the two-edge HA topology with a Redis store (issue #11);
 //! - `fixtures`: the datapath verdict fixtures and their BPF_PROG_TEST_RUN runner;
 //! - `harness`: the test/bench XDP object (pass-through, generator, sink);
 //! - `bench`: the benchmark suite behind `cargo xtask bench`.
@@ -15,6 +16,7 @@ pub mod bench;
 pub mod edge;
 pub mod fixtures;
 pub mod floods;
+pub mod ha_net;
 pub mod harness;
 pub mod testnet;
 pub mod testua;

@@ -670,10 +670,20 @@ impl AgentProcess {
         pin_dir: &std::path::Path,
         ifaces: &[&str],
     ) -> Result<AgentProcess, TestnetError> {
+        Self::start_cmd(topo.edge_cmd(bin), config, pin_dir, ifaces)
+    }
+
+    /// `start` with the command that runs the agent binary in its
+    /// namespace (`nsenter --net=...`), for topologies of their own.
+    pub fn start_cmd(
+        mut cmd: Command,
+        config: &std::path::Path,
+        pin_dir: &std::path::Path,
+        ifaces: &[&str],
+    ) -> Result<AgentProcess, TestnetError> {
         use std::io::BufRead as _;
         /// Logged last when ready: datapath-only, or with the SIP proxy.
         const READY: [&str; 2] = ["no [proxy] section", "SIP listeners up"];
-        let mut cmd = topo.edge_cmd(bin);
         cmd.args(["run", "--config"])
             .arg(config)
             .stdin(Stdio::null())

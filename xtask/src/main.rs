@@ -33,7 +33,8 @@ const APT_PACKAGES: &[&str] = &[
 /// Debian packages only `cargo xtask test` needs: the real peers of the
 /// remote-user system test (tests/tests/remote_users.rs, issue #15),
 /// Kamailio as the inside registrar over TLS and baresip as a remote user;
-/// systemd for `systemd-analyze verify` of the unit (xtask/src/install.rs).
+/// systemd for `systemd-analyze verify` of the unit (xtask/src/install.rs);
+/// redis-server for the HA test (tests/tests/ha.rs).
 const TEST_APT_PACKAGES: &[&str] = &[
     "kamailio",
     "kamailio-tls-modules",
@@ -41,6 +42,8 @@ const TEST_APT_PACKAGES: &[&str] = &[
     // tests/tests/observability.rs scrapes the agent with a real server.
     "prometheus",
     "systemd",
+    // tests/tests/ha.rs: the store two edge nodes share (issue #11).
+    "redis-server",
 ];
 
 /// Debian packages only `cargo xtask bench` needs: the peers it measures

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sip_edge_common::{
     addr_from_ip, PinholeKey, PinholeRule, MATCH_DST, MATCH_SRC, PROTO_TCP, PROTO_UDP,
     ROLE_EXTERNAL, ROLE_INTERNAL, RULE_ANY_REMOTE_PORT, RULE_DST_FOLLOWS_PAIR, RULE_LATCH,
@@ -16,7 +16,8 @@ use sip_edge_common::{
 /// an ephemeral source port). That end's address stays strict; its port is
 /// learned once from the first packet (SYN) and fixed afterwards, and the
 /// opposite rule sends to the learned port.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
 pub enum LearnPort {
     /// Both ports are the signalled ones (UDP media, passive TCP ends).
     #[default]
@@ -29,7 +30,7 @@ pub enum LearnPort {
 }
 
 /// Transport of a flow.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Proto {
     /// RTP/RTCP and other datagram media.
@@ -48,8 +49,10 @@ impl Proto {
     }
 }
 
-/// One media flow between an internal client and an external peer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// One media flow between an internal client and an external peer
+/// (serde: the HA store's record of it, `crate::ha`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Flow {
     /// Both legs anchored at the edge (DESIGN.md §2 relay).
     Relay {

@@ -461,6 +461,20 @@ impl Adopted {
             .collect()
     }
 
+    /// Removes and returns the flows `pick` chooses (HA: those whose
+    /// store key is gone, `crate::ha`).
+    pub fn take_where(&mut self, pick: impl Fn(&AdoptedFlow) -> bool) -> Vec<AdoptedFlow> {
+        let ids: Vec<PinholeId> = self
+            .flows
+            .iter()
+            .filter(|(_, f)| pick(&f.flow))
+            .map(|(id, _)| *id)
+            .collect();
+        ids.into_iter()
+            .filter_map(|id| self.flows.remove(&id).map(|f| f.flow))
+            .collect()
+    }
+
     /// Removes and returns the flows of the dialog with Call-ID `call_id`
     /// whose caller tag is one of `tags` (a BYE's From and To tags: either
     /// party may send it).

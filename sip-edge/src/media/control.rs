@@ -68,6 +68,8 @@ use std::{
 
 use sip_edge_common::PinholeKey;
 
+mod ha;
+
 use super::{
     adopt::{self, Adopted, AdoptedFlow, Journal, Timeouts},
     manager::{InvitationInput, Manager, Op, PinholeId, SdpInput, Settings, StreamDesc},
@@ -413,6 +415,8 @@ pub struct MediaController<S: PinholeSink> {
     journal: Option<Journal>,
     /// This run's prefix of journal ids.
     run: String,
+    /// Replication to the other edge nodes (`crate::ha`), with `[ha]`.
+    ha: Option<ha::HaNode>,
 }
 
 fn not_acceptable(reason: impl Into<String>) -> MediaError {
@@ -526,6 +530,12 @@ impl MediaController<MapsSink> {
             MapsSink::new(maps.clone()),
         );
         c.recover(&lock::state_path(&config.pin_dir), &maps, Instant::now());
+        if let Some(h) = &config.ha {
+            c.ha_start(
+                h,
+                std::time::Duration::from_secs(config.media.idle_timeout_secs),
+            );
+        }
         c
     }
 
@@ -625,6 +635,7 @@ impl<S: PinholeSink> MediaController<S> {
             adopted: Adopted::default(),
             journal: None,
             run: run_tag(),
+            ha: None,
         }
     }
 
@@ -636,6 +647,7 @@ impl<S: PinholeSink> MediaController<S> {
     /// Records applied ops in the journal (the dialog of each new flow,
     /// the removal of each gone one).
     fn journal_ops(&mut self, ops: &[Op]) {
+        self.ha_ops(ops);
         let Some(j) = &mut self.journal else {
             return;
         };
@@ -654,6 +666,7 @@ impl<S: PinholeSink> MediaController<S> {
     /// Removes adopted flows (expired, or ended by a BYE).
     fn drop_adopted(&mut self, flows: Vec<AdoptedFlow>, why: &str) {
         for f in flows {
+            self.ha_adopted_gone(&f);
             if let Err(e) = self.sink.remove(f.id) {
                 tracing::warn!(error = %e, "removing an adopted pinhole failed");
             }
@@ -998,7 +1011,9 @@ impl<S: PinholeSink + Send> MediaControl for MediaController<S> {
         match self.sink.activity() {
             Ok(counts) => {
                 for (id, packets) in counts {
-                    if !self.adopted.on_activity(id, packets, now) {
+                    if !self.adopted.on_activity(id, packets, now)
+                        && !self.ha_activity(id, packets, now)
+                    {
                         self.mgr.on_activity(id, packets, now);
                     }
                 }
@@ -1010,6 +1025,7 @@ impl<S: PinholeSink + Send> MediaControl for MediaController<S> {
                 return Vec::new();
             }
         }
+        self.ha_tick();
         let (expired, ops) = self.mgr.on_tick(now);
         self.apply_removals(&ops);
         if !self.adopted.is_empty() {
@@ -1042,7 +1058,8 @@ impl<S: PinholeSink + Send> MediaControl for MediaController<S> {
         out
     }
 
-    fn end_adopted(&mut self, call_id: &str, tags: &[&str], _now: Instant) -> bool {
+    fn end_adopted(&mut self, call_id: &str, tags: &[&str], now: Instant) -> bool {
+        self.ha_claim_dialog(call_id, tags, now);
         let gone = self.adopted.end_dialog(call_id, tags);
         let any = !gone.is_empty();
         self.drop_adopted(gone, "BYE");

@@ -713,6 +713,8 @@ impl Driver {
             }
             // The agent's own (`crate::agent`); never forwarded here.
             control::Query::Reload => Err("reload is answered by the agent".into()),
+            // Answered by the control socket itself (`crate::ha`).
+            control::Query::Ha => crate::ha::status_fields(),
         };
         let _ = req.reply.send(answer);
     }
