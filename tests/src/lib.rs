@@ -8,11 +8,13 @@
 //! - `testua`: a TLS SIP user agent and a throwaway PKI;
 //! - `fixtures`: the datapath verdict fixtures and their BPF_PROG_TEST_RUN runner;
 //! - `harness`: the test/bench XDP object (pass-through, generator, sink);
+//! - `softphone`: Kamailio and baresip as real third-party peers, tone checks;
 //! - `bench`: the benchmark suite behind `cargo xtask bench`.
 
 pub mod bench;
 pub mod edge;
 pub mod fixtures;
 pub mod harness;
+pub mod softphone;
 pub mod testnet;
 pub mod testua;
