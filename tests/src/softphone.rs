@@ -493,6 +493,8 @@ impl Linphone {
     /// Write a `linphonerc` for `aor` (`user@domain`) registering over TLS
     /// through `proxy` (`host:port`) every 60 s, trusting `ca`; start
     /// `linphonec -a` (auto-answer) in `ns`, sending a `tone_hz` tone.
+    /// Every request goes through `proxy` (`reg_route`): a call to
+    /// `user@domain` would otherwise resolve the domain in DNS.
     pub fn start(
         ns: &str,
         dir: &Path,
@@ -502,7 +504,9 @@ impl Linphone {
         tone_hz: u32,
     ) -> Linphone {
         let home = dir.join("linphone");
-        std::fs::create_dir_all(&home).expect("linphone dir");
+        // liblinphone never starts its core (no REGISTER, nothing) when it
+        // cannot create its database here.
+        std::fs::create_dir_all(home.join(".local/share/linphone")).expect("linphone dir");
         let tone = home.join("tone.wav");
         std::fs::write(&tone, tone_wav(f64::from(tone_hz), 8000, 30)).expect("tone file");
         let heard = home.join("heard.wav");
@@ -516,6 +520,7 @@ impl Linphone {
                  sip_tls_port=-1\n\
                  root_ca={ca}\n\
                  verify_server_certs=1\n\
+                 verify_server_cn=0\n\
                  default_proxy=0\n\
                  [rtp]\n\
                  audio_rtp_port=26000\n\
@@ -523,6 +528,7 @@ impl Linphone {
                  echocancellation=0\n\
                  [proxy_0]\n\
                  reg_proxy=<sip:{proxy};transport=tls>\n\
+                 reg_route=<sip:{proxy};transport=tls;lr>\n\
                  reg_identity=sip:{aor}\n\
                  reg_expires=60\n\
                  reg_sendregister=1\n\
@@ -534,7 +540,8 @@ impl Linphone {
         let mut cmd = nsenter(ns, "linphonec");
         cmd.arg("-c")
             .arg(&rc)
-            .args(["-a", "-d", "0"])
+            .args(["-a", "-d", "5", "-l"])
+            .arg(dir.join("linphone-debug.log"))
             .env("HOME", &home);
         let (group, stdin) = Group::spawn_piped(cmd, "linphonec", dir.join("linphonec.log"));
         let mut l = Linphone {
@@ -555,7 +562,8 @@ impl Linphone {
             .unwrap_or_else(|e| panic!("linphonec {line}: {e}\n{}", self.group.tail()));
     }
 
-    /// What it recorded in its latest call so far.
+    /// What it recorded in its latest call (liblinphone writes the file
+    /// when the call ends).
     pub fn heard(&self) -> Wav {
         Wav::read(&self.heard)
     }

@@ -29,7 +29,7 @@ use std::{
 use serde_json::Value;
 use sip_edge_tests::{
     edge::Edge,
-    softphone::{self, tone_secs, Baresip, BaresipSpec, Group},
+    softphone::{self, tone_secs, Baresip, BaresipSpec, Group, Linphone, Wav},
     testnet,
     testua::{self, TestPki},
 };
@@ -140,38 +140,65 @@ fn packets_from(list: &[Value], role: &str) -> u64 {
         .sum()
 }
 
-/// One softphone's ear: seconds of `freq` in what `b` played since sample
-/// `from` (the whole file when it restarted since).
-fn heard_secs(b: &Baresip, from: usize, freq: f64, own: f64) -> (f64, f64, usize) {
-    let w = b.heard();
+/// One phone as the checks see it: what it recorded so far, the tone it
+/// sends, and its logs for failure messages.
+struct Ear<'a> {
+    who: &'static str,
+    heard: &'a dyn Fn() -> Wav,
+    sends_hz: f64,
+    log: &'a dyn Fn() -> String,
+}
+
+impl<'a> Ear<'a> {
+    fn baresip(
+        who: &'static str,
+        b: &'a Baresip,
+        heard: &'a dyn Fn() -> Wav,
+        log: &'a dyn Fn() -> String,
+    ) -> Ear<'a> {
+        Ear {
+            who,
+            heard,
+            sends_hz: f64::from(b.tone_hz),
+            log,
+        }
+    }
+}
+
+/// Seconds of `freq` in what `ear` recorded since sample `from` (the
+/// whole recording when it restarted since), and seconds recorded.
+fn heard_secs(ear: &Ear<'_>, from: usize, freq: f64) -> (f64, f64) {
+    let w = (ear.heard)();
     let start = if w.samples.len() >= from { from } else { 0 };
     let part = &w.samples[start..];
-    let secs = part.len() as f64 / f64::from(w.rate);
     (
-        tone_secs(part, w.rate, freq, &[own, 425.0, 300.0]),
-        secs,
-        w.samples.len(),
+        tone_secs(part, w.rate, freq, &[ear.sends_hz, 425.0, 300.0]),
+        part.len() as f64 / f64::from(w.rate),
     )
 }
 
 /// Listen for `LISTEN` and require the edge's pinholes to have counted
 /// packets both ways and, `by_ear`, each side to have heard the other's
-/// tone.
-fn both_hear(what: &str, edge: &Edge, alice: &Baresip, bob: &Baresip, by_ear: bool) {
-    let (a0, b0) = (alice.heard().samples.len(), bob.heard().samples.len());
+/// tone (`outside` hears `inside`'s and the other way round).
+fn both_hear(what: &str, edge: &Edge, outside: &Ear<'_>, inside: &Ear<'_>, by_ear: bool) {
+    let (o0, i0) = (
+        (outside.heard)().samples.len(),
+        (inside.heard)().samples.len(),
+    );
     let before = edge.pinholes();
     let (out0, in0) = (
         packets_from(&before, "internal"),
         packets_from(&before, "external"),
     );
     std::thread::sleep(LISTEN);
-    let (alice_heard, alice_secs, _) = heard_secs(alice, a0, BOB_HZ, ALICE_HZ);
-    let (bob_heard, bob_secs, _) = heard_secs(bob, b0, ALICE_HZ, BOB_HZ);
+    let (o_heard, o_secs) = heard_secs(outside, o0, inside.sends_hz);
+    let (i_heard, i_secs) = heard_secs(inside, i0, outside.sends_hz);
     let list = edge.pinholes();
     let out = packets_from(&list, "internal").saturating_sub(out0);
     let inn = packets_from(&list, "external").saturating_sub(in0);
     eprintln!(
-        "{what}: alice heard bob's tone {alice_heard:.1} s of {alice_secs:.1} s, bob heard alice's {bob_heard:.1} s of {bob_secs:.1} s; XDP forwarded {out} packets out, {inn} in"
+        "{what}: {} heard {} Hz for {o_heard:.1} s of {o_secs:.1} s, {} heard {} Hz for {i_heard:.1} s of {i_secs:.1} s; XDP forwarded {out} packets out, {inn} in",
+        outside.who, inside.sends_hz, inside.who, outside.sends_hz
     );
     // 50 packets/s each way at 20 ms ptime: a third of them at least.
     assert!(
@@ -185,18 +212,22 @@ fn both_hear(what: &str, edge: &Edge, alice: &Baresip, bob: &Baresip, by_ear: bo
     if !by_ear {
         return;
     }
-    assert!(
-        bob_heard >= MIN_TONE_SECS,
-        "{what}: bob (inside) heard alice's {ALICE_HZ} Hz tone for {bob_heard:.1} s of {bob_secs:.1} s\nalice:\n{}\nbob:\n{}",
-        alice.group.tail(),
-        bob.group.tail()
-    );
-    assert!(
-        alice_heard >= MIN_TONE_SECS,
-        "{what}: alice (outside) heard bob's {BOB_HZ} Hz tone for {alice_heard:.1} s of {alice_secs:.1} s\nalice:\n{}\nbob:\n{}",
-        alice.group.tail(),
-        bob.group.tail()
-    );
+    for (ear, heard, secs, other) in [
+        (inside, i_heard, i_secs, outside),
+        (outside, o_heard, o_secs, inside),
+    ] {
+        assert!(
+            heard >= MIN_TONE_SECS,
+            "{what}: {} heard {}'s {} Hz tone for {heard:.1} s of {secs:.1} s\n{}:\n{}\n{}:\n{}",
+            ear.who,
+            other.who,
+            other.sends_hz,
+            outside.who,
+            (outside.log)(),
+            inside.who,
+            (inside.log)()
+        );
+    }
 }
 
 /// Wait until both phones logged the call as established.
@@ -247,6 +278,8 @@ fn hang_up(what: &str, edge: &Edge, from: &mut Baresip, other: &mut Baresip) {
 /// it decodes after a re-INVITE, also in a direct call on loopback with no
 /// edge in between.
 fn hold_resume(what: &str, edge: &Edge, from: &Baresip, alice: &Baresip, bob: &Baresip) {
+    let (a_heard, a_log) = (|| alice.heard(), || alice.group.tail());
+    let (b_heard, b_log) = (|| bob.heard(), || bob.group.tail());
     let ports = |list: Vec<Value>| {
         let mut l: Vec<String> = list.iter().map(|e| e["local"].to_string()).collect();
         l.sort();
@@ -272,7 +305,13 @@ fn hold_resume(what: &str, edge: &Edge, from: &Baresip, alice: &Baresip, bob: &B
         before,
         "{what}: the edge's media ports moved on hold/resume"
     );
-    both_hear(&format!("{what} after resume"), edge, alice, bob, false);
+    both_hear(
+        &format!("{what} after resume"),
+        edge,
+        &Ear::baresip("alice", alice, &a_heard, &a_log),
+        &Ear::baresip("bob", bob, &b_heard, &b_log),
+        false,
+    );
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -363,7 +402,13 @@ async fn scenario(mode: &str) {
     let marks = (alice.log_mark(), bob.log_mark());
     bob.ok("dial", "sip:alice@example.com");
     established(&what, marks, &mut alice, &mut bob, &kamailio);
-    both_hear(&what, &edge, &alice, &bob, true);
+    both_hear(
+        &what,
+        &edge,
+        &Ear::baresip("alice", &alice, &|| alice.heard(), &|| alice.group.tail()),
+        &Ear::baresip("bob", &bob, &|| bob.heard(), &|| bob.group.tail()),
+        true,
+    );
     hold_resume(&what, &edge, &bob, &alice, &bob);
     hang_up(&what, &edge, &mut alice, &mut bob);
 
@@ -372,7 +417,13 @@ async fn scenario(mode: &str) {
     let marks = (alice.log_mark(), bob.log_mark());
     alice.ok("dial", "sip:bob@example.com");
     established(&what, marks, &mut alice, &mut bob, &kamailio);
-    both_hear(&what, &edge, &alice, &bob, true);
+    both_hear(
+        &what,
+        &edge,
+        &Ear::baresip("alice", &alice, &|| alice.heard(), &|| alice.group.tail()),
+        &Ear::baresip("bob", &bob, &|| bob.heard(), &|| bob.group.tail()),
+        true,
+    );
     hold_resume(&what, &edge, &alice, &alice, &bob);
     hang_up(&what, &edge, &mut bob, &mut alice);
 
@@ -382,7 +433,13 @@ async fn scenario(mode: &str) {
     alice.ok("uafind", "sip:alice-srtp@example.com");
     alice.ok("dial", "sip:bob-srtp@example.com");
     established(&what, marks, &mut alice, &mut bob, &kamailio);
-    both_hear(&what, &edge, &alice, &bob, true);
+    both_hear(
+        &what,
+        &edge,
+        &Ear::baresip("alice", &alice, &|| alice.heard(), &|| alice.group.tail()),
+        &Ear::baresip("bob", &bob, &|| bob.heard(), &|| bob.group.tail()),
+        true,
+    );
     hang_up(&what, &edge, &mut alice, &mut bob);
 
     eprintln!("{mode}: all scenarios after {:?}", started.elapsed());
@@ -390,4 +447,212 @@ async fn scenario(mode: &str) {
     bob.group.stop();
     kamailio.stop();
     edge.stop();
+}
+
+/// carol's (outside, linphonec) tone.
+const CAROL_HZ: f64 = 500.0;
+
+/// A second SIP stack outside: linphonec (liblinphone 5.1, belle-sip,
+/// mediastreamer2) registers through the edge over TLS; bob (baresip,
+/// inside) calls it and it hangs up, then it calls bob and bob hangs up;
+/// each hears the other's tone (linphonec plays a WAV file this test
+/// writes and records what it receives).
+#[tokio::test(flavor = "current_thread")]
+async fn linphone_outside_calls_and_is_called_by_baresip_inside() {
+    let name = "softphones::linphone_outside_calls_and_is_called_by_baresip_inside";
+    if let Some(reason) = testnet::unavailable_reason() {
+        testnet::record_skip(name, &reason);
+        return;
+    }
+    let Some(modules) = softphone::kamailio_modules() else {
+        testnet::record_skip(name, "kamailio with tls.so/registrar.so not installed (apt-get install kamailio kamailio-tls-modules)");
+        return;
+    };
+    if !softphone::which("kamailio")
+        || !softphone::baresip_installed()
+        || !softphone::which("linphonec")
+    {
+        testnet::record_skip(name, "kamailio, baresip or linphonec not installed (apt-get install kamailio kamailio-tls-modules baresip-core linphone-cli)");
+        return;
+    }
+    let mode = "relay";
+    let started = Instant::now();
+    let tag = format!("phl{}", std::process::id());
+    let mut edge = Edge::prepare(&tag);
+    // liblinphone calls the network down ("Local loopback network only")
+    // five seconds after start when no default route gives it a local
+    // address, and then closes its flows. The outside host's default route
+    // points at the edge, whose namespace has no way further: whatever
+    // else linphonec might try (DNS) dies there.
+    testnet::sh(&[
+        "ip",
+        "-n",
+        &edge.topo.peer,
+        "route",
+        "add",
+        "default",
+        "via",
+        "203.0.113.1",
+        "dev",
+        "eth0",
+    ])
+    .expect("default route outside");
+    let control = edge.dir().join("control.sock");
+    edge.write_config(&edge_config(&edge.pin_dir, &edge.pki, &control, mode));
+    edge.run_agent_within(Duration::from_secs(15));
+    let mut kamailio =
+        softphone::start_kamailio(&edge.topo.client, edge.dir(), &edge.pki, &modules, PBX);
+    let mut bob = Baresip::start(
+        &edge.topo.client,
+        edge.dir(),
+        &edge.pki.ca,
+        &bob_spec(&edge.pki),
+    );
+    let mut carol = Linphone::start(
+        &edge.topo.peer,
+        edge.dir(),
+        &edge.pki.ca,
+        "carol@example.com",
+        "203.0.113.1:5061",
+        CAROL_HZ as u32,
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let entry = loop {
+        if let Some(e) = registered(&control, "carol@example.com") {
+            break e;
+        }
+        assert!(
+            carol.group.alive() && Instant::now() < deadline,
+            "linphonec never registered through the edge\nlinphonec:\n{}\nkamailio:\n{}",
+            carol.group.tail(),
+            kamailio.tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(entry["transport"], "tls", "{entry}");
+    assert!(
+        bob.saw(
+            "bob@example.com: {0/TLS/v4} 200 OK",
+            0,
+            Duration::from_secs(20)
+        ),
+        "bob never registered at the PBX\n{}",
+        bob.group.tail()
+    );
+
+    // --- bob (inside) calls carol (outside); carol hangs up.
+    let what = "linphonec: bob (inside) calls carol (outside)";
+    let marks = (carol.log_mark(), bob.log_mark());
+    bob.ok("dial", "sip:carol@example.com");
+    let ok = bob.saw("established", marks.1, Duration::from_secs(15))
+        && carol.saw("connected", marks.0, Duration::from_secs(15));
+    assert!(
+        ok,
+        "{what}: not established\nlinphonec:\n{}\nbob:\n{}\nkamailio:\n{}",
+        carol.group.tail(),
+        bob.group.tail(),
+        kamailio.tail()
+    );
+    listen_both(what, &edge, &carol, &bob);
+    let mark = bob.log_mark();
+    carol.send("terminate");
+    assert!(
+        bob.saw("terminated", mark, Duration::from_secs(10)),
+        "{what}: linphonec's BYE never reached bob\n{}\n{}",
+        carol.group.tail(),
+        bob.group.tail()
+    );
+    edge.assert_empty_within(
+        &format!("{what}: after the hang-up"),
+        Duration::from_secs(5),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    carol_heard(what, &carol);
+    bob.clear_recordings();
+    let _ = std::fs::remove_file(&carol.heard);
+
+    // --- carol (outside) calls bob (inside); bob hangs up.
+    let what = "linphonec: carol (outside) calls bob (inside)";
+    let marks = (carol.log_mark(), bob.log_mark());
+    carol.send("call sip:bob@example.com");
+    let ok = bob.saw("established", marks.1, Duration::from_secs(15))
+        && carol.saw("connected", marks.0, Duration::from_secs(15));
+    assert!(
+        ok,
+        "{what}: not established\nlinphonec:\n{}\nbob:\n{}\nkamailio:\n{}",
+        carol.group.tail(),
+        bob.group.tail(),
+        kamailio.tail()
+    );
+    listen_both(what, &edge, &carol, &bob);
+    let mark = carol.log_mark();
+    bob.ok("hangup", "");
+    assert!(
+        carol.saw("ended", mark, Duration::from_secs(10)),
+        "{what}: bob's BYE never reached linphonec\n{}\nkamailio:\n{}",
+        carol.group.tail(),
+        kamailio.tail()
+    );
+    edge.assert_empty_within(
+        &format!("{what}: after the hang-up"),
+        Duration::from_secs(5),
+    );
+
+    carol_heard(what, &carol);
+
+    eprintln!("linphonec: all scenarios after {:?}", started.elapsed());
+    carol.send("quit");
+    carol.group.stop();
+    bob.group.stop();
+    kamailio.stop();
+    edge.stop();
+}
+
+/// During a call with carol: media through XDP both ways, and bob hears
+/// carol's tone.
+fn listen_both(what: &str, edge: &Edge, carol: &Linphone, bob: &Baresip) {
+    let b0 = bob.heard().samples.len();
+    both_hear(
+        what,
+        edge,
+        &Ear {
+            who: "carol (linphonec)",
+            heard: &|| carol.heard(),
+            sends_hz: CAROL_HZ,
+            log: &|| carol.group.tail(),
+        },
+        &Ear::baresip("bob", bob, &|| bob.heard(), &|| bob.group.tail()),
+        false,
+    );
+    let w = bob.heard();
+    let part = &w.samples[b0.min(w.samples.len())..];
+    let secs = tone_secs(part, w.rate, CAROL_HZ, &[BOB_HZ, 425.0, 300.0]);
+    eprintln!("{what}: bob heard carol's {CAROL_HZ} Hz for {secs:.1} s");
+    assert!(
+        secs >= MIN_TONE_SECS,
+        "{what}: bob heard carol's {CAROL_HZ} Hz tone for {secs:.1} s\n{}",
+        bob.group.tail()
+    );
+}
+
+/// After a call with bob ended: carol's recording of it holds bob's tone.
+fn carol_heard(what: &str, carol: &Linphone) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let secs = loop {
+        let w = carol.heard();
+        let secs = tone_secs(&w.samples, w.rate, BOB_HZ, &[CAROL_HZ, 425.0, 300.0]);
+        if secs >= MIN_TONE_SECS || Instant::now() >= deadline {
+            eprintln!(
+                "{what}: carol heard bob's {BOB_HZ} Hz for {secs:.1} s of {:.1} s",
+                w.secs()
+            );
+            break secs;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        secs >= MIN_TONE_SECS,
+        "{what}: carol (linphonec) heard bob's {BOB_HZ} Hz tone for {secs:.1} s\n{}",
+        carol.group.tail()
+    );
 }

@@ -30,8 +30,15 @@ const APT_PACKAGES: &[&str] = &[
 
 /// Debian packages only `cargo xtask test` needs: the real peers of the
 /// remote-user system test (tests/tests/remote_users.rs, issue #15),
-/// Kamailio as the inside registrar over TLS and baresip as a remote user.
-const TEST_APT_PACKAGES: &[&str] = &["kamailio", "kamailio-tls-modules", "baresip-core"];
+/// Kamailio as the inside registrar over TLS and baresip as a remote user;
+/// and of the softphone interop tests (tests/tests/softphones.rs, issue
+/// #9), linphone-cli (linphonec) as a second client stack.
+const TEST_APT_PACKAGES: &[&str] = &[
+    "kamailio",
+    "kamailio-tls-modules",
+    "baresip-core",
+    "linphone-cli",
+];
 
 /// Debian packages only `cargo xtask bench` needs: the peers it measures
 /// sip-edge against (issue #4).
