@@ -22,6 +22,8 @@ use serde_json::Value;
 
 use crate::{testnet, testua::TestPki};
 
+pub mod demo;
+
 /// A process group killed (SIGTERM, then SIGKILL) on drop: Kamailio forks
 /// workers, baresip may too; the whole group goes, by its id only.
 pub struct Group {

@@ -81,7 +81,12 @@ enum Cmd {
         args: Vec<String>,
     },
     /// Set up, build, and run the demo: namespaces, agent, traffic through XDP.
-    Demo,
+    Demo {
+        /// Two real baresip softphones (Debian's baresip-core) place the
+        /// call instead of the built-in user agents.
+        #[arg(long)]
+        baresip: bool,
+    },
     /// Set up (plus the bench peers), build in release and run the
     /// benchmark suite: JSON report, SVG plot and Markdown table.
     Bench {
@@ -126,9 +131,12 @@ fn main() -> Result<()> {
             apt_install(TEST_APT_PACKAGES)?;
             test(&root, &args)
         }
-        Cmd::Demo => {
+        Cmd::Demo { baresip } => {
             setup()?;
-            demo(&root)
+            if baresip {
+                apt_install(&["baresip-core"])?;
+            }
+            demo(&root, baresip)
         }
         Cmd::Bench { quick, out, stages } => {
             setup()?;
@@ -434,7 +442,7 @@ fn bench(root: &Path, quick: bool, out: &Path, stages: Option<&str>) -> Result<(
     run(&mut cmd)
 }
 
-fn demo(root: &Path) -> Result<()> {
+fn demo(root: &Path, baresip: bool) -> Result<()> {
     // The demo binary runs the agent binary built beside it.
     run(Command::new("cargo").args([
         "build",
@@ -451,7 +459,11 @@ fn demo(root: &Path) -> Result<()> {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
-    run(&mut Command::new(target.join("debug/sip-edge-demo")))
+    let mut cmd = Command::new(target.join("debug/sip-edge-demo"));
+    if baresip {
+        cmd.arg("--baresip");
+    }
+    run(&mut cmd)
 }
 
 #[cfg(test)]
