@@ -17,8 +17,10 @@
 //! hang-up from outside; outside to inside call, hold and resume from
 //! outside, hang-up from inside; an SRTP call (SDES `a=crypto`, baresip
 //! `mediaenc=srtp-mand`) whose keys must cross the edge unharmed for either
-//! side to hear anything. Needs root, kamailio + kamailio-tls-modules and
-//! baresip-core; skips through `testnet::record_skip` otherwise.
+//! side to hear anything. Every baresip call offers `a=rtcp-mux` (RFC
+//! 5761). A third test puts linphonec (linphone-cli) outside instead.
+//! Needs root, kamailio + kamailio-tls-modules, baresip-core and
+//! linphone-cli; skips through `testnet::record_skip` otherwise.
 
 use std::{
     path::Path,
@@ -34,6 +36,9 @@ use sip_edge_tests::{
     testua::{self, TestPki},
 };
 
+/// Both baresips offer and accept `a=rtcp-mux` (RFC 5761): RTP and RTCP
+/// on one port through one pinhole.
+const MUX: &str = "rtcp_mux yes\n";
 /// Kamailio, the inside registrar/PBX.
 const PBX: &str = "10.77.0.2:5070";
 /// alice's (outside) tone.
@@ -79,7 +84,8 @@ fn account(user: &str, outbound: &str, extra: &str) -> String {
     )
 }
 
-fn alice_spec(pki: &TestPki) -> BaresipSpec<'_> {
+/// alice, outside; `extra` config lines (`rtcp_mux yes`).
+fn alice_spec<'a>(pki: &'a TestPki, extra: &'a str) -> BaresipSpec<'a> {
     BaresipSpec {
         name: "alice",
         listen: "198.51.100.2:5060",
@@ -89,12 +95,13 @@ fn alice_spec(pki: &TestPki) -> BaresipSpec<'_> {
             account("alice-srtp", "203.0.113.1:5061", ";mediaenc=srtp-mand"),
         ],
         modules: &["srtp.so"],
-        extra: "",
+        extra,
         identity: Some((&pki.peer_cert, &pki.peer_key)),
     }
 }
 
-fn bob_spec(pki: &TestPki) -> BaresipSpec<'_> {
+/// bob, inside; `extra` config lines (`rtcp_mux yes`).
+fn bob_spec<'a>(pki: &'a TestPki, extra: &'a str) -> BaresipSpec<'a> {
     BaresipSpec {
         name: "bob",
         listen: "10.77.0.2:5080",
@@ -104,7 +111,7 @@ fn bob_spec(pki: &TestPki) -> BaresipSpec<'_> {
             account("bob-srtp", PBX, ";mediaenc=srtp-mand"),
         ],
         modules: &["srtp.so"],
-        extra: "",
+        extra,
         identity: Some((&pki.client_cert, &pki.client_key)),
     }
 }
@@ -352,13 +359,13 @@ async fn scenario(mode: &str) {
         &edge.topo.client,
         edge.dir(),
         &edge.pki.ca,
-        &bob_spec(&edge.pki),
+        &bob_spec(&edge.pki, MUX),
     );
     let mut alice = Baresip::start(
         &edge.topo.peer,
         edge.dir(),
         &edge.pki.ca,
-        &alice_spec(&edge.pki),
+        &alice_spec(&edge.pki, MUX),
     );
     let deadline = Instant::now() + Duration::from_secs(20);
     for aor in ["alice@example.com", "alice-srtp@example.com"] {
@@ -506,7 +513,7 @@ async fn linphone_outside_calls_and_is_called_by_baresip_inside() {
         &edge.topo.client,
         edge.dir(),
         &edge.pki.ca,
-        &bob_spec(&edge.pki),
+        &bob_spec(&edge.pki, ""),
     );
     let mut carol = Linphone::start(
         &edge.topo.peer,
