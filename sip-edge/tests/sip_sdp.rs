@@ -230,6 +230,61 @@ fn rfc8839_candidates_per_policy() {
     }
 }
 
+/// An ICE offer with public host candidates only (baresip's `ice`
+/// module outside, seen in tests/tests/softphones.rs): relayed, its
+/// default destination becomes the edge, so a host candidate naming the
+/// party's own address would leave the callee with a default destination
+/// no candidate matches (RFC 8445 §5.4: ice-mismatch) and an address
+/// around the relay. The first host candidate per component now names the
+/// edge's address and port, the others go; a non-host public candidate
+/// stays as before.
+#[test]
+fn rfc8445_public_host_candidates_follow_the_relayed_default_destination() {
+    let raw = b"v=0\r\no=- 1 1 IN IP4 198.51.100.2\r\ns=-\r\nc=IN IP4 198.51.100.2\r\nt=0 0\r\na=ice-ufrag:8P6wL9y\r\na=ice-pwd:ErgxWbwFakFEljC2ytnDAT5xZyfBEMf\r\nm=audio 20674 RTP/AVP 0\r\na=rtcp-mux\r\na=candidate:c6336402 1 UDP 2113929471 198.51.100.2 20674 typ host\r\na=candidate:ba0dfe20 1 UDP 2113929471 2001:db8:ff::2 20674 typ host\r\na=candidate:5 1 UDP 1694498815 192.0.2.9 30000 typ srflx raddr 198.51.100.2 rport 20674\r\n";
+    let sdp = Sdp::parse(raw).unwrap();
+    for p in [
+        CandidatePolicy::ReplacePrivateHost,
+        CandidatePolicy::RemovePrivateHost,
+    ] {
+        let t = text(&sdp.rewrite(&policy(p), &mut counter()).unwrap().sdp);
+        assert!(t.contains("m=audio 40000 RTP/AVP 0\r\n"), "{t}");
+        assert!(!t.contains("198.51.100.2 20674"), "{p:?}: {t}");
+        assert!(!t.contains("2001:db8:ff::2"), "{p:?}: {t}");
+        assert!(
+            t.contains("a=candidate:5 1 UDP 1694498815 192.0.2.9 30000 typ srflx"),
+            "{p:?}: {t}"
+        );
+        let hosts = t.matches("typ host").count();
+        if p == CandidatePolicy::ReplacePrivateHost {
+            assert!(
+                t.contains("a=candidate:c6336402 1 UDP 2113929471 203.0.113.5 40000 typ host\r\n"),
+                "{t}"
+            );
+            assert_eq!(hosts, 1, "{t}");
+        } else {
+            assert_eq!(hosts, 0, "{t}");
+        }
+    }
+    // A host candidate that already is the default destination (nat mode:
+    // the outside party's own address shown to the inside) stays.
+    let mut same = |_: &FlowRequest<'_>| {
+        Some(Allocation {
+            addr: "198.51.100.2".parse().ok()?,
+            port: 20674,
+            rtcp_port: None,
+        })
+    };
+    let t = text(
+        &sdp.rewrite(&policy(CandidatePolicy::ReplacePrivateHost), &mut same)
+            .unwrap()
+            .sdp,
+    );
+    assert!(
+        t.contains("a=candidate:c6336402 1 UDP 2113929471 198.51.100.2 20674 typ host\r\n"),
+        "{t}"
+    );
+}
+
 #[test]
 fn rfc4975_msrp_path_rewritten() {
     let sdp = Sdp::parse(&fixture("sdp/rfc4975_example.sdp")).unwrap();

@@ -10,6 +10,7 @@
 //! - `ha_net`: the two-edge HA topology with a Redis store (issue #11);
 //! - `fixtures`: the datapath verdict fixtures and their BPF_PROG_TEST_RUN runner;
 //! - `harness`: the test/bench XDP object (pass-through, generator, sink);
+//! - `softphone`: Kamailio and baresip as real third-party peers, tone checks;
 //! - `bench`: the benchmark suite behind `cargo xtask bench`.
 
 pub mod bench;
@@ -18,5 +19,6 @@ pub mod fixtures;
 pub mod floods;
 pub mod ha_net;
 pub mod harness;
+pub mod softphone;
 pub mod testnet;
 pub mod testua;

@@ -23,9 +23,8 @@
 
 use std::{
     net::SocketAddr,
-    os::unix::process::CommandExt,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::Path,
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -33,6 +32,7 @@ use serde_json::Value;
 use sip_edge::sip::message::Message;
 use sip_edge_tests::{
     edge::{ip, sa, Edge},
+    softphone::{self, has_tone, kamailio_modules, Baresip, BaresipSpec},
     testnet,
     testua::{self, media_of, rtp_packet, sdp, Dialog, SdpSpec, TestPki, UaConn, UaIdentity},
 };
@@ -44,213 +44,19 @@ const PBX: &str = "10.77.0.2:5070";
 /// The carrier `[[peer]]` (a second address in the peer namespace).
 const CARRIER: &str = "198.51.100.3:5061";
 
-/// A process group killed (SIGTERM, then SIGKILL) on drop: Kamailio forks
-/// workers, baresip may too; the whole group goes, by its id only.
-struct Group {
-    child: Child,
-    what: &'static str,
-    log: PathBuf,
-}
-
-impl Group {
-    fn spawn(mut cmd: Command, what: &'static str, log: PathBuf) -> Group {
-        let out = std::fs::File::create(&log).expect("log file");
-        let err = out.try_clone().expect("log file");
-        cmd.stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .process_group(0);
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {what}: {e}"));
-        Group { child, what, log }
-    }
-
-    fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    fn tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    }
-
-    fn kill(&mut self, sig: i32) {
-        let pgid = self.child.id() as i32;
-        // SAFETY: kill(2) on the process group this test created.
-        unsafe { libc::kill(-pgid, sig) };
-    }
-
-    fn stop(&mut self) {
-        if !self.alive() {
-            return;
-        }
-        self.kill(libc::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline && self.alive() {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        self.kill(libc::SIGKILL);
-        let _ = self.child.wait();
-        eprintln!("{} stopped", self.what);
-    }
-}
-
-impl Drop for Group {
-    fn drop(&mut self) {
-        self.stop();
-        // Workers that outlived their parent are still in the group.
-        self.kill(libc::SIGKILL);
-    }
-}
-
-fn nsenter(ns: &str, program: &str) -> Command {
-    let mut c = Command::new("nsenter");
-    c.arg(format!("--net=/run/netns/{ns}"))
-        .arg("--")
-        .arg(program);
-    c
-}
-
-/// Kamailio's module directory (Debian's multiarch path, or a fallback).
-fn kamailio_modules() -> Option<PathBuf> {
-    [
-        "/usr/lib/x86_64-linux-gnu/kamailio/modules",
-        "/usr/lib/kamailio/modules",
-    ]
-    .iter()
-    .map(PathBuf::from)
-    .find(|p| p.join("tls.so").exists() && p.join("registrar.so").exists())
-}
-
-fn which(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
-}
-
-/// Kamailio as a registrar with Path support (RFC 3327) and a
-/// record-routing proxy for everything else: REGISTER is saved in usrloc
-/// (Path stored, `use_path`), other initial requests are looked up and
-/// relayed over the stored Path; in-dialog requests follow the route set.
-/// One TCP worker: Kamailio 5.6's TLS shares OpenSSL state between workers,
-/// which Debian's OpenSSL 3 does not survive (see the bench).
-fn kamailio_cfg(pki: &TestPki, modules: &Path) -> String {
-    format!(
-        r#"#!KAMAILIO
-# sip-edge remote_users test: the inside registrar/PBX (generated).
-debug=2
-log_stderror=yes
-children=1
-tcp_children=1
-enable_tls=yes
-auto_aliases=no
-listen=tls:{PBX}
-mpath="{modules}"
-loadmodule "tls.so"
-loadmodule "tm.so"
-loadmodule "sl.so"
-loadmodule "rr.so"
-loadmodule "maxfwd.so"
-loadmodule "siputils.so"
-loadmodule "pv.so"
-loadmodule "textops.so"
-loadmodule "usrloc.so"
-loadmodule "registrar.so"
-loadmodule "xlog.so"
-modparam("tls", "tls_method", "TLSv1.2+")
-modparam("tls", "certificate", "{cert}")
-modparam("tls", "private_key", "{key}")
-modparam("tls", "verify_certificate", 0)
-modparam("tls", "require_certificate", 0)
-modparam("usrloc", "db_mode", 0)
-modparam("registrar", "use_path", 1)
-modparam("registrar", "path_mode", 2)
-
-request_route {{
-    xlog("L_INFO", "$rm $ru from $si:$sp\n");
-    if (!mf_process_maxfwd_header("10")) {{
-        sl_send_reply("483", "Too Many Hops");
-        exit;
-    }}
-    if (has_totag()) {{
-        if (loose_route()) {{
-            t_relay();
-            exit;
-        }}
-        if (is_method("ACK")) {{
-            if (t_check_trans()) {{
-                t_relay();
-            }}
-            exit;
-        }}
-        sl_send_reply("404", "Not here");
-        exit;
-    }}
-    if (is_method("CANCEL")) {{
-        if (t_check_trans()) {{
-            t_relay();
-        }}
-        exit;
-    }}
-    t_check_trans();
-    if (is_method("REGISTER")) {{
-        if (!save("location")) {{
-            sl_reply_error();
-        }}
-        exit;
-    }}
-    if (!lookup("location")) {{
-        sl_send_reply("404", "Not Found");
-        exit;
-    }}
-    record_route();
-    if (!t_relay()) {{
-        sl_reply_error();
-    }}
-    exit;
-}}
-"#,
-        modules = modules.display(),
-        cert = pki.client_cert.display(),
-        key = pki.client_key.display(),
-    )
-}
-
 /// baresip headless (DESIGN.md §4): a 440 Hz `ausine` tone as the source,
-/// received audio discarded to a file, auto-answer, registration every
-/// 60 s over TLS with the edge as outbound proxy.
-fn baresip_dir(dir: &Path, pki: &TestPki) -> PathBuf {
-    let home = dir.join("baresip");
-    std::fs::create_dir_all(&home).expect("baresip dir");
-    let config = format!(
-        "poll_method epoll\n\
-         sip_listen 198.51.100.2:5060\n\
-         sip_cafile {ca}\n\
-         call_local_timeout 120\n\
-         audio_player aufile,{out}\n\
-         audio_source ausine,440\n\
-         audio_alert aufile,{out}\n\
-         ausrc_srate 48000\n\
-         ausrc_channels 2\n\
-         rtp_ports 20000-20999\n\
-         module_path /usr/lib/baresip/modules\n\
-         module g711.so\n\
-         module ausine.so\n\
-         module aufile.so\n\
-         module ctrl_tcp.so\n\
-         ctrl_tcp_listen 127.0.0.1:4444\n\
-         module_app account.so\n\
-         module_app menu.so\n",
-        ca = pki.ca.display(),
-        out = dir.join("received.wav").display(),
-    );
-    std::fs::write(home.join("config"), config).expect("baresip config");
-    std::fs::write(
-        home.join("accounts"),
-        "<sip:alice@example.com;transport=tls>;auth_pass=none;outbound=\"sip:203.0.113.1:5061;transport=tls\";regint=60;answermode=auto;audio_codecs=pcmu\n",
-    )
-    .expect("baresip accounts");
-    std::fs::write(home.join("contacts"), "").expect("baresip contacts");
-    home
+/// auto-answer, registration every 60 s over TLS with the edge as outbound
+/// proxy.
+fn baresip_spec() -> BaresipSpec<'static> {
+    BaresipSpec {
+        name: "baresip",
+        listen: "198.51.100.2:5060",
+        tone_hz: 440,
+        accounts: vec!["<sip:alice@example.com;transport=tls>;auth_pass=none;outbound=\"sip:203.0.113.1:5061;transport=tls\";regint=60;answermode=auto;audio_codecs=pcmu".into()],
+        modules: &[],
+        extra: "",
+        identity: None,
+    }
 }
 
 /// The demo topology's datapath and TLS proxy (`testua`) with Kamailio as
@@ -288,20 +94,6 @@ mode = "0600"
     )
 }
 
-fn wait_tcp(ns: &str, to: SocketAddr, what: &str, alive: &mut dyn FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while testnet::in_ns(ns, || {
-        std::net::TcpStream::connect_timeout(&to, Duration::from_millis(200))
-    })
-    .expect("netns")
-    .is_err()
-    {
-        assert!(alive(), "{what} exited before listening");
-        assert!(Instant::now() < deadline, "{what} never listened on {to}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// `sip-edge registrations --json` through the control socket.
 fn registrations(control: &Path) -> Value {
     let out = Command::new(testnet::agent_bin())
@@ -334,31 +126,6 @@ fn packets_from(list: &[Value], role: &str) -> u64 {
         .sum()
 }
 
-/// One G.711 μ-law byte as linear PCM (ITU-T G.711 §A.2, inverted bits).
-fn ulaw(b: u8) -> f64 {
-    let u = !b;
-    let exp = (u >> 4) & 7;
-    let mag = ((i32::from(u & 0x0f) << 3) + 0x84) << exp;
-    let v = f64::from(mag - 0x84);
-    if u & 0x80 != 0 {
-        -v
-    } else {
-        v
-    }
-}
-
-/// Power at `freq` of 8 kHz samples (the Goertzel filter).
-fn goertzel(samples: &[f64], freq: f64) -> f64 {
-    let coeff = 2.0 * (2.0 * std::f64::consts::PI * freq / 8000.0).cos();
-    let (mut s1, mut s2) = (0.0, 0.0);
-    for x in samples {
-        let s0 = x + coeff * s1 - s2;
-        s2 = s1;
-        s1 = s0;
-    }
-    s1 * s1 + s2 * s2 - coeff * s1 * s2
-}
-
 /// RTP both ways between `sock` and `to` for about 2 s: bob's packets out,
 /// the PCMU payloads it receives from `to` back.
 async fn talk(sock: &std::net::UdpSocket, to: SocketAddr, ssrc: u32) -> Vec<u8> {
@@ -376,32 +143,6 @@ async fn talk(sock: &std::net::UdpSocket, to: SocketAddr, ssrc: u32) -> Vec<u8> 
         }
     }
     payload
-}
-
-/// Whether `pcmu` carries the 440 Hz tone: far more power there than at
-/// 1000 Hz or 300 Hz.
-fn has_tone(pcmu: &[u8]) -> bool {
-    let samples: Vec<f64> = pcmu.iter().map(|b| ulaw(*b)).collect();
-    let tone = goertzel(&samples, 440.0);
-    let other = goertzel(&samples, 1000.0).max(goertzel(&samples, 300.0));
-    eprintln!("Goertzel: 440 Hz {tone:.3e}, off-tone {other:.3e}");
-    tone > 20.0 * other && tone > 0.0
-}
-
-/// One command to baresip's `ctrl_tcp` (a netstring of JSON).
-fn baresip_cmd(ns: &str, command: &str, params: &str) {
-    use std::io::Write as _;
-    let json =
-        serde_json::json!({"command": command, "params": params, "token": command}).to_string();
-    let mut s = testnet::in_ns(ns, || {
-        std::net::TcpStream::connect_timeout(&sa("127.0.0.1:4444"), Duration::from_secs(2))
-    })
-    .expect("netns")
-    .expect("baresip ctrl_tcp");
-    s.write_all(format!("{}:{json},", json.len()).as_bytes())
-        .expect("ctrl_tcp command");
-    // Let baresip read it before the connection goes.
-    std::thread::sleep(Duration::from_millis(200));
 }
 
 /// The final response to the request just sent (provisionals skipped).
@@ -457,10 +198,7 @@ async fn scenario(mode: &str) {
         testnet::record_skip(&name, "kamailio with tls.so/registrar.so not installed (apt-get install kamailio kamailio-tls-modules)");
         return;
     };
-    if !which("kamailio")
-        || !which("baresip")
-        || !Path::new("/usr/lib/baresip/modules/ausine.so").exists()
-    {
+    if !softphone::which("kamailio") || !softphone::baresip_installed() {
         testnet::record_skip(&name, "kamailio or baresip not installed (apt-get install kamailio kamailio-tls-modules baresip-core)");
         return;
     }
@@ -482,19 +220,8 @@ async fn scenario(mode: &str) {
     edge.run_agent_within(Duration::from_secs(15));
 
     // --- the inside registrar/PBX, and bob registered with it.
-    let kcfg = edge.dir().join("kamailio.cfg");
-    std::fs::write(&kcfg, kamailio_cfg(&edge.pki, &modules)).expect("kamailio cfg");
-    let krun = edge.dir().join("kamailio-run");
-    std::fs::create_dir_all(&krun).expect("kamailio run dir");
-    let mut kcmd = nsenter(&edge.topo.client, "kamailio");
-    kcmd.args(["-DD", "-E", "-m", "64", "-M", "8", "-f"])
-        .arg(&kcfg)
-        .arg("-Y")
-        .arg(&krun);
-    let mut kamailio = Group::spawn(kcmd, "kamailio", edge.dir().join("kamailio.log"));
-    wait_tcp(&edge.topo.client, sa(PBX), "kamailio", &mut || {
-        kamailio.alive()
-    });
+    let mut kamailio =
+        softphone::start_kamailio(&edge.topo.client, edge.dir(), &edge.pki, &modules, PBX);
     let mut bob_conn = testua::connect_tls(
         &edge.topo.client,
         sa(PBX),
@@ -528,19 +255,16 @@ async fn scenario(mode: &str) {
     );
 
     // --- the remote user registers through the edge.
-    let home = baresip_dir(edge.dir(), &edge.pki);
-    let mut bcmd = nsenter(&edge.topo.peer, "baresip");
-    bcmd.arg("-f").arg(&home).env("HOME", edge.dir());
-    let mut baresip = Group::spawn(bcmd, "baresip", edge.dir().join("baresip.log"));
+    let mut baresip = Baresip::start(&edge.topo.peer, edge.dir(), &edge.pki.ca, &baresip_spec());
     let deadline = Instant::now() + Duration::from_secs(20);
     let entry = loop {
         if let Some(e) = alice_entry(&registrations(&control)) {
             break e;
         }
         assert!(
-            baresip.alive() && Instant::now() < deadline,
+            baresip.group.alive() && Instant::now() < deadline,
             "baresip never registered through the edge\nbaresip:\n{}\nkamailio:\n{}",
-            baresip.tail(),
+            baresip.group.tail(),
             kamailio.tail()
         );
         std::thread::sleep(Duration::from_millis(200));
@@ -590,7 +314,7 @@ async fn scenario(mode: &str) {
         let m = bob_conn.recv(WAIT).await.unwrap_or_else(|e| {
             panic!(
                 "waiting for alice's answer: {e}\nbaresip:\n{}\nkamailio:\n{}",
-                baresip.tail(),
+                baresip.group.tail(),
                 kamailio.tail()
             )
         });
@@ -602,7 +326,7 @@ async fn scenario(mode: &str) {
             other => panic!(
                 "the call failed: {other:?} {:?}\nbaresip:\n{}",
                 m.header("Warning"),
-                baresip.tail()
+                baresip.group.tail()
             ),
         }
     };
@@ -687,7 +411,7 @@ async fn scenario(mode: &str) {
     wait_no_pinholes(&edge, mode, "bob's BYE");
 
     // --- alice (outside) calls bob; audio both ways; alice hangs up.
-    baresip_cmd(&edge.topo.peer, "dial", "sip:bob@example.com");
+    baresip.ok("dial", "sip:bob@example.com");
     let mut bob_in = bob_listener
         .accept(WAIT)
         .await
@@ -695,7 +419,7 @@ async fn scenario(mode: &str) {
     let inv = bob_in
         .recv_request("INVITE", WAIT)
         .await
-        .unwrap_or_else(|e| panic!("alice's INVITE: {e}\nbaresip:\n{}", baresip.tail()));
+        .unwrap_or_else(|e| panic!("alice's INVITE: {e}\nbaresip:\n{}", baresip.group.tail()));
     let alice_offer = media_of(inv.body(), "audio").expect("alice's offer");
     assert_eq!(
         alice_offer.addr.ip(),
@@ -741,7 +465,7 @@ async fn scenario(mode: &str) {
         "{mode}: alice's RTP to bob: {list:#?}"
     );
     assert!(has_tone(&heard), "{mode}: alice's tone in her own call");
-    baresip_cmd(&edge.topo.peer, "hangup", "");
+    baresip.ok("hangup", "");
     let bye = bob_in
         .recv_request("BYE", WAIT)
         .await
@@ -755,8 +479,7 @@ async fn scenario(mode: &str) {
     // --- the remote user's flow dies: a request for it gets 430.
     // SIGKILL: no de-registration, the connection just dies (as when a
     // NATed client loses its network).
-    baresip.kill(libc::SIGKILL);
-    let _ = baresip.child.wait();
+    baresip.group.kill9();
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let e = alice_entry(&registrations(&control)).expect("the binding stays until expiry");

@@ -34,7 +34,9 @@ const APT_PACKAGES: &[&str] = &[
 /// remote-user system test (tests/tests/remote_users.rs, issue #15),
 /// Kamailio as the inside registrar over TLS and baresip as a remote user;
 /// systemd for `systemd-analyze verify` of the unit (xtask/src/install.rs);
-/// redis-server for the HA test (tests/tests/ha.rs).
+/// redis-server for the HA test (tests/tests/ha.rs); linphone-cli
+/// (linphonec) as a second client stack of the softphone interop tests
+/// (tests/tests/softphones.rs, issue #9).
 const TEST_APT_PACKAGES: &[&str] = &[
     "kamailio",
     "kamailio-tls-modules",
@@ -44,6 +46,7 @@ const TEST_APT_PACKAGES: &[&str] = &[
     "systemd",
     // tests/tests/ha.rs: the store two edge nodes share (issue #11).
     "redis-server",
+    "linphone-cli",
 ];
 
 /// Debian packages only `cargo xtask bench` needs: the peers it measures
@@ -87,7 +90,12 @@ enum Cmd {
         args: Vec<String>,
     },
     /// Set up, build, and run the demo: namespaces, agent, traffic through XDP.
-    Demo,
+    Demo {
+        /// Two real baresip softphones (Debian's baresip-core) place the
+        /// call instead of the built-in user agents.
+        #[arg(long)]
+        baresip: bool,
+    },
     /// Set up (plus the bench peers), build in release and run the
     /// benchmark suite: JSON report, SVG plot and Markdown table.
     Bench {
@@ -154,9 +162,12 @@ fn main() -> Result<()> {
             apt_install(TEST_APT_PACKAGES)?;
             test(&root, &args)
         }
-        Cmd::Demo => {
+        Cmd::Demo { baresip } => {
             setup()?;
-            demo(&root)
+            if baresip {
+                apt_install(&["baresip-core"])?;
+            }
+            demo(&root, baresip)
         }
         Cmd::Bench { quick, out, stages } => {
             setup()?;
@@ -479,7 +490,7 @@ fn bench(root: &Path, quick: bool, out: &Path, stages: Option<&str>) -> Result<(
     run(&mut cmd)
 }
 
-fn demo(root: &Path) -> Result<()> {
+fn demo(root: &Path, baresip: bool) -> Result<()> {
     // The demo binary runs the agent binary built beside it.
     run(Command::new("cargo").args([
         "build",
@@ -496,7 +507,11 @@ fn demo(root: &Path) -> Result<()> {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
-    run(&mut Command::new(target.join("debug/sip-edge-demo")))
+    let mut cmd = Command::new(target.join("debug/sip-edge-demo"));
+    if baresip {
+        cmd.arg("--baresip");
+    }
+    run(&mut cmd)
 }
 
 #[cfg(test)]

@@ -215,13 +215,14 @@ impl<F: FnMut(&FlowRequest<'_>) -> Option<Allocation>> PortAllocator for F {
 pub enum CandidatePolicy {
     /// Leave every candidate alone.
     Keep,
-    /// Drop host candidates with private addresses or `.local` names, and
-    /// other candidates with private addresses.
+    /// Drop host candidates with private addresses or `.local` names, or
+    /// naming another address than the stream's new one (the party's own,
+    /// where the edge relays), and other candidates with private addresses.
     RemovePrivateHost,
-    /// Replace the first private host candidate per component with the
+    /// Replace the first such host candidate per component with the
     /// stream's new address:port (so the default destination is also a
-    /// candidate, no ice-mismatch), drop the other private ones (of any
-    /// candidate type).
+    /// candidate, no ice-mismatch), drop the other ones and private
+    /// candidates of any type.
     ReplacePrivateHost,
     /// Drop every candidate (ICE off through the edge).
     RemoveAll,
@@ -839,7 +840,15 @@ fn candidate(
         CandidatePolicy::RemovePrivateHost | CandidatePolicy::ReplacePrivateHost => {}
     }
     if f[7] == "host" {
-        if !host_private {
+        // A public host candidate other than the stream's new address is
+        // the party's own address where the edge put itself in between
+        // (relay mode): left alone it is a default destination that no
+        // candidate matches (RFC 8445 §5.4 ice-mismatch, which ICE-only
+        // clients such as baresip's `ice` module answer by giving up on
+        // the call's media), and a path around the edge's pinholes. It
+        // goes the way of a private one.
+        let moved = f[4].parse::<IpAddr>().is_ok_and(|ip| ip != addr);
+        if !host_private && !moved {
             return Some(CandidateAction::Keep);
         }
         if policy == CandidatePolicy::RemovePrivateHost {

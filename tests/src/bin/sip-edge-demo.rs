@@ -7,6 +7,9 @@
 //! the call opened, the pinhole table with its counters, the datapath
 //! statistics, BYE, and the empty table. Everything it creates (namespaces,
 //! pins, temp files) is removed on exit, on error too (RAII guards).
+//!
+//! With `--baresip`, two real baresip softphones place the call instead
+//! (`sip_edge_tests::softphone::demo`).
 
 use std::{
     net::{IpAddr, SocketAddr, UdpSocket},
@@ -16,6 +19,7 @@ use std::{
 };
 
 use sip_edge_tests::{
+    softphone,
     testnet::{self, AgentProcess, Pins, Topology},
     testua::{
         self, media_of, reply, rtp_packet, sdp, Dialog, SdpSpec, TestPki, UaConn, UaIdentity,
@@ -174,7 +178,11 @@ fn demo() -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| format!("tokio runtime: {e}"))?;
-    let result = rt.block_on(call(&topo, &pki, &pin_dir));
+    let result = if std::env::args().any(|a| a == "--baresip") {
+        softphone::demo::call(&topo, &pki, &tmp.0, &|args| show(&topo, args, &pin_dir))
+    } else {
+        rt.block_on(call(&topo, &pki, &pin_dir))
+    };
 
     step("stopping the agent (on_exit = \"remove\": detaches XDP, removes pins) and deleting the namespaces");
     let clean = agent.stop();
