@@ -449,8 +449,100 @@ pub fn render(maps: Option<&DatapathMaps>) -> Result<String, std::fmt::Error> {
         }
     }
     encode_registry(&mut out, &dp)?;
+    if let Some(ha) = crate::ha::current() {
+        encode_registry(&mut out, &ha_registry(&ha))?;
+    }
     encode_eof(&mut out)?;
     Ok(out)
+}
+
+/// The HA node's state at scrape time (`crate::ha::Status`, what
+/// `sip-edge ha-status` shows).
+fn ha_registry(ha: &crate::ha::Status) -> Registry {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut r = Registry::with_prefix("sip_edge_ha");
+    let gauge = |r: &mut Registry, name: &str, help: &str, v: i64| {
+        let g = Gauge::<i64>::default();
+        g.set(v);
+        r.register(name, help, g);
+    };
+    let counter = |r: &mut Registry, name: &str, help: &str, v: u64| {
+        let c = Counter::<u64>::default();
+        c.inc_by(v);
+        r.register(name, help, c);
+    };
+    let role: Family<Labels<1>, Gauge<i64>> = Family::default();
+    role.get_or_create(&[("role", ha.role().name().to_owned())])
+        .set(1);
+    r.register("role", "This node's HA role (1 for the current one)", role);
+    let n = |a: &std::sync::atomic::AtomicU64| i64::try_from(a.load(Relaxed)).unwrap_or(i64::MAX);
+    gauge(
+        &mut r,
+        "store_up",
+        "1 when the HA store answered the last command",
+        i64::from(ha.store_up.load(Relaxed)),
+    );
+    gauge(
+        &mut r,
+        "resynced",
+        "1 once the start-up read of the store finished",
+        i64::from(ha.resynced.load(Relaxed)),
+    );
+    gauge(
+        &mut r,
+        "lag_milliseconds",
+        "Replication lag bound at the last read of the store (sync interval + read time)",
+        n(&ha.lag_ms),
+    );
+    gauge(
+        &mut r,
+        "flows_owned",
+        "Flows this node owns and writes to the store",
+        n(&ha.owned),
+    );
+    gauge(
+        &mut r,
+        "flows_mirrored",
+        "Other nodes' flows mirrored in this node's maps",
+        n(&ha.mirrored),
+    );
+    gauge(
+        &mut r,
+        "queued",
+        "Changes waiting for the store",
+        n(&ha.queued),
+    );
+    counter(
+        &mut r,
+        "flows_claimed",
+        "Mirrored flows this node took over",
+        ha.claimed.load(Relaxed),
+    );
+    counter(
+        &mut r,
+        "store_writes",
+        "Writes to the HA store",
+        ha.writes.load(Relaxed),
+    );
+    counter(
+        &mut r,
+        "store_errors",
+        "Failed reads or writes of the HA store",
+        ha.errors.load(Relaxed),
+    );
+    counter(
+        &mut r,
+        "store_outages",
+        "Times the HA store stopped answering",
+        ha.outages.load(Relaxed),
+    );
+    counter(
+        &mut r,
+        "dropped",
+        "Changes dropped because the store queue was full",
+        ha.dropped.load(Relaxed),
+    );
+    r
 }
 
 #[cfg(test)]

@@ -69,6 +69,10 @@ pub struct StatusReport {
     pub registrations: u64,
     /// Admission control (`[limits]` rates and blocks) since start.
     pub admission: AdmissionStatus,
+    /// The HA node (`[ha]`; absent without it): the fields of
+    /// `sip-edge ha-status --json` (node, role, store, store_up, lag_ms...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ha: Option<serde_json::Value>,
 }
 
 /// One thing the agent listens on.
@@ -321,6 +325,7 @@ fn agent_part() -> StatusReport {
             .unwrap_or_default(),
         pinholes_capacity: info.as_ref().map_or(0, |i| i.capacity),
         datapath: info.map(|i| i.datapath).unwrap_or_default(),
+        ha: crate::ha::current().map(|h| h.json()),
         ..StatusReport::default()
     }
 }
@@ -524,6 +529,22 @@ pub fn status_text(r: &StatusReport) -> String {
         let _ = write!(s, " ({})", by.join(", "));
     }
     let _ = writeln!(s, ", {} blocks", r.admission.blocks);
+    if let Some(h) = &r.ha {
+        let f = |k: &str| match &h[k] {
+            serde_json::Value::String(v) => v.clone(),
+            serde_json::Value::Null => "-".to_owned(),
+            v => v.to_string(),
+        };
+        let _ = writeln!(
+            s,
+            "ha:             node {}, role {}, store {} ({}), lag {} ms",
+            f("node"),
+            f("role"),
+            f("store"),
+            if h["store_up"] == true { "up" } else { "DOWN" },
+            f("lag_ms")
+        );
+    }
     s
 }
 
@@ -774,5 +795,30 @@ mod tests {
             s.contains("pinholes:       2/65536") && s.contains("calls active:   1"),
             "{s}"
         );
+    }
+
+    /// With `[ha]`, the status names the node's role, the store's health
+    /// and the lag (issue #11); without it there is no `ha` field at all.
+    #[test]
+    fn the_ha_node_shows_in_status() {
+        let plain = StatusReport::default();
+        let v = serde_json::to_value(&plain).expect("json");
+        assert!(v.get("ha").is_none(), "{v}");
+        assert!(!status_text(&plain).contains("ha:"));
+        let r = StatusReport {
+            ha: Some(serde_json::json!({
+                "node": "edge-b", "role": "standby", "store": "redis://10.77.9.1:6379/0",
+                "store_up": false, "lag_ms": 120
+            })),
+            ..StatusReport::default()
+        };
+        let s = status_text(&r);
+        assert!(
+            s.contains("ha:             node edge-b, role standby, store redis://10.77.9.1:6379/0 (DOWN), lag 120 ms"),
+            "{s}"
+        );
+        let back: StatusReport =
+            serde_json::from_value(serde_json::to_value(&r).expect("json")).expect("parse");
+        assert_eq!(back, r);
     }
 }

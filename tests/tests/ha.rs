@@ -566,6 +566,18 @@ async fn a_store_outage_never_fails_a_call_and_heals() {
         .expect("ha-status");
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("DOWN"), "ha-status shows the outage: {text}");
+    // `sip-edge status` carries the same (issue #11).
+    let status = std::process::Command::new(testnet::agent_bin())
+        .args(["status", "--json", "--socket"])
+        .arg(&a.socket)
+        .output()
+        .expect("status");
+    let status: Value = serde_json::from_slice(&status.stdout).expect("status json");
+    assert_eq!(
+        status["ha"]["store_up"], false,
+        "status shows the outage: {status}"
+    );
+    assert_eq!(status["ha"]["node"], down["node"], "{status}");
 
     let mut bob = PeerUa::on_listener(
         UaListener::bind(

@@ -339,6 +339,11 @@ pub fn publish(status: Arc<Status>) {
     let _ = STATUS.set(status);
 }
 
+/// The published HA status, when this agent runs an `[ha]` node.
+pub fn current() -> Option<Arc<Status>> {
+    STATUS.get().cloned()
+}
+
 /// The control socket's answer to `ha`.
 pub fn status_fields() -> Result<serde_json::Map<String, serde_json::Value>, String> {
     let s = STATUS

@@ -196,3 +196,27 @@ fn tls_failures_have_bounded_reasons() {
     let other = std::io::Error::other("peer said something odd");
     assert_eq!(tls_failure(&other), "io");
 }
+
+/// The HA node's state is scraped with the rest (issue #11: `/metrics`
+/// carries role, store health and lag).
+#[test]
+fn the_ha_node_is_exposed() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let ha = crate::ha::Status::default();
+    ha.set_role(crate::ha::Role::Standby);
+    ha.store_up.store(true, Relaxed);
+    ha.lag_ms.store(137, Relaxed);
+    ha.mirrored.store(40, Relaxed);
+    ha.outages.store(2, Relaxed);
+    let mut out = String::new();
+    encode_registry(&mut out, &ha_registry(&ha)).expect("encode");
+    for line in [
+        "sip_edge_ha_role{role=\"standby\"} 1",
+        "sip_edge_ha_store_up 1",
+        "sip_edge_ha_lag_milliseconds 137",
+        "sip_edge_ha_flows_mirrored 40",
+        "sip_edge_ha_store_outages_total 2",
+    ] {
+        assert!(out.lines().any(|l| l == line), "{line} missing in:\n{out}");
+    }
+}
