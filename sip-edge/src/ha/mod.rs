@@ -88,6 +88,14 @@ pub struct HaSection {
     /// counted): memory stays bounded through an outage.
     #[serde(default = "default_queue")]
     pub queue: usize,
+    /// A file holding a secret (at least 32 bytes, e.g. `openssl rand
+    /// -hex 32`; surrounding whitespace ignored) that every node of the
+    /// pair shares: the flow tokens in the Contacts the edge rewrites are
+    /// sealed with a key derived from it, so the other node (and this
+    /// node after a restart) routes the in-dialog requests of calls it did
+    /// not set up (`proxy::tokens`). Without it those get 481.
+    #[serde(default)]
+    pub token_key_file: Option<std::path::PathBuf>,
 }
 
 fn default_prefix() -> String {
@@ -182,7 +190,31 @@ impl HaSection {
                 format!("{} is outside 1..=1000000", self.queue),
             ));
         }
+        self.token_key()?;
         Ok(())
+    }
+
+    /// The flow-token key from `token_key_file`, if configured.
+    pub fn token_key(&self) -> Result<Option<crate::proxy::tokens::TokenKey>, ConfigError> {
+        use crate::proxy::tokens::{TokenKey, MIN_SECRET_LEN};
+        let Some(path) = &self.token_key_file else {
+            return Ok(None);
+        };
+        let raw = std::fs::read(path).map_err(|e| {
+            invalid(
+                "ha.token_key_file",
+                format!("cannot read {}: {e}", path.display()),
+            )
+        })?;
+        TokenKey::from_secret(raw.trim_ascii()).map(Some).ok_or_else(|| {
+            invalid(
+                "ha.token_key_file",
+                format!(
+                    "{} holds fewer than {MIN_SECRET_LEN} bytes of secret (e.g. write `openssl rand -hex 32` into it)",
+                    path.display()
+                ),
+            )
+        })
     }
 
     /// The key of flow `id` of `node`.

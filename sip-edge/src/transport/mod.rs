@@ -334,6 +334,13 @@ pub async fn start(
     info!(%int_addr, %ext_addr, tcp = ?tcp_addr, udp = ?udp_addr, "SIP listeners up");
     let mut proxy = Proxy::new(settings, media);
     proxy.set_admission(Admission::new(AdmissionSettings::from_limits(&cfg.limits)));
+    // Flow tokens other HA nodes and later runs can open (`proxy::tokens`);
+    // the file was checked when the config was loaded.
+    match cfg.ha.as_ref().map(|h| h.token_key()) {
+        Some(Ok(Some(key))) => proxy.set_token_key(key),
+        Some(Err(e)) => warn!(error = %e, "flow tokens stay per-process"),
+        _ => {}
+    }
     let (control_tx, control_rx) = mpsc::channel(16);
     let (commands_tx, commands_rx) = mpsc::channel(4);
     let driver = tokio::spawn(drive(
