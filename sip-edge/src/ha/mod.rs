@@ -196,25 +196,10 @@ impl HaSection {
 
     /// The flow-token key from `token_key_file`, if configured.
     pub fn token_key(&self) -> Result<Option<crate::proxy::tokens::TokenKey>, ConfigError> {
-        use crate::proxy::tokens::{TokenKey, MIN_SECRET_LEN};
-        let Some(path) = &self.token_key_file else {
-            return Ok(None);
-        };
-        let raw = std::fs::read(path).map_err(|e| {
-            invalid(
-                "ha.token_key_file",
-                format!("cannot read {}: {e}", path.display()),
-            )
-        })?;
-        TokenKey::from_secret(raw.trim_ascii()).map(Some).ok_or_else(|| {
-            invalid(
-                "ha.token_key_file",
-                format!(
-                    "{} holds fewer than {MIN_SECRET_LEN} bytes of secret (e.g. write `openssl rand -hex 32` into it)",
-                    path.display()
-                ),
-            )
-        })
+        self.token_key_file
+            .as_deref()
+            .map(|p| crate::proxy::tokens::key_from_file("ha.token_key_file", p))
+            .transpose()
     }
 
     /// The key of flow `id` of `node`.

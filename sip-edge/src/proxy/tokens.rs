@@ -21,10 +21,11 @@
 //!   but hex decodes whatever case an intermediary leaves). The original
 //!   URI is encrypted, not only authenticated: DESIGN.md §1 wants neither
 //!   side to learn the other side's addresses.
-//! - **Key**: with `[ha] token_key_file`, derived (HKDF-SHA256) from the
-//!   secret in that file, which every node of the pair (and every run of
-//!   the agent) shares; without it, a random key per process, so tokens
-//!   are only good in the process that minted them, as before.
+//! - **Key**: with `[proxy] token_key_file` (else `[ha] token_key_file`),
+//!   derived (HKDF-SHA256) from the secret in that file, which every node
+//!   of the pair and every run of the agent shares; without either, a
+//!   random key per process, so tokens are only good in the process that
+//!   minted them, as before (in-dialog requests after a restart: 481).
 //! - **Resolution**: the token table is asked first (it knows the live
 //!   connection a Contact came over, and failed registrations). A token the
 //!   table does not know is opened with the key: a forged or altered token
@@ -51,7 +52,10 @@ use ring::{
     hkdf,
 };
 
-use crate::media::Side;
+use crate::{
+    config::{invalid, ConfigError},
+    media::Side,
+};
 
 use super::bindings::TOKEN_PREFIX;
 
@@ -107,6 +111,22 @@ fn random<const N: usize>() -> [u8; N] {
         }
     }
     b
+}
+
+/// The key derived from the secret in `path` (config field `field`):
+/// surrounding whitespace ignored, at least [`MIN_SECRET_LEN`] bytes.
+pub fn key_from_file(field: &str, path: &std::path::Path) -> Result<TokenKey, ConfigError> {
+    let raw = std::fs::read(path)
+        .map_err(|e| invalid(field, format!("cannot read {}: {e}", path.display())))?;
+    TokenKey::from_secret(raw.trim_ascii()).ok_or_else(|| {
+        invalid(
+            field,
+            format!(
+                "{} holds fewer than {MIN_SECRET_LEN} bytes of secret (write e.g. `openssl rand -hex 32` into it)",
+                path.display()
+            ),
+        )
+    })
 }
 
 impl TokenKey {
