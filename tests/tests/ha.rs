@@ -4,8 +4,10 @@
 //!
 //! - 20 calls with sequence-numbered RTP both ways through edge a; `kill -9`
 //!   of a; the virtual addresses move to b; every stream's loss is
-//!   measured, every call must be carried by b and end with a BYE through
-//!   b; edge a comes back while the calls are up, resynchronises from the
+//!   measured, every call must be carried by b; a re-INVITE through b
+//!   reaches the outside peer and its 200 comes back, and every call ends
+//!   with a BYE through b that the peer receives and answers (the nodes
+//!   share `[ha] token_key_file`: b opens a's flow tokens); edge a comes back while the calls are up, resynchronises from the
 //!   store before taking traffic (its old rules go, b's calls are mirrored),
 //!   and after the BYEs no rule is left on either node nor a key in the
 //!   store;
