@@ -822,6 +822,15 @@ impl Driver {
     }
 }
 
+/// The flow-token secret file: `[proxy]`'s, else `[ha]`'s.
+fn token_key_file(cfg: &Config) -> Option<(&'static str, &std::path::Path)> {
+    let proxy = cfg.proxy.as_ref().and_then(|p| p.token_key_file.as_deref());
+    let ha = cfg.ha.as_ref().and_then(|h| h.token_key_file.as_deref());
+    proxy
+        .map(|p| ("proxy.token_key_file", p))
+        .or(ha.map(|p| ("ha.token_key_file", p)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -848,13 +857,4 @@ mod tests {
         );
         assert!(identities(None, &names).is_empty(), "no certificate");
     }
-}
-
-/// The flow-token secret file: `[proxy]`'s, else `[ha]`'s.
-fn token_key_file(cfg: &Config) -> Option<(&'static str, &std::path::Path)> {
-    let proxy = cfg.proxy.as_ref().and_then(|p| p.token_key_file.as_deref());
-    let ha = cfg.ha.as_ref().and_then(|h| h.token_key_file.as_deref());
-    proxy
-        .map(|p| ("proxy.token_key_file", p))
-        .or(ha.map(|p| ("ha.token_key_file", p)))
 }
