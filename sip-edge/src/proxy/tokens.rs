@@ -281,4 +281,28 @@ mod tests {
         }
         assert!(TokenKey::from_secret(b"short").is_none());
     }
+
+    #[test]
+    fn the_key_file_is_read_trimmed_and_a_short_or_missing_one_refused() {
+        let dir = std::env::temp_dir().join(format!("sip-edge-tokens-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.key");
+        std::fs::write(&good, [SECRET, b"\n"].concat()).unwrap();
+        let from_file = key_from_file("proxy.token_key_file", &good).unwrap();
+        let t = TokenKey::from_secret(SECRET)
+            .unwrap()
+            .seal(Side::Internal, "sip:a@h");
+        assert!(from_file.open(&t).is_some(), "trailing newline ignored");
+        let short = dir.join("short.key");
+        std::fs::write(&short, "tooshort\n").unwrap();
+        let e = key_from_file("ha.token_key_file", &short)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ha.token_key_file") && e.contains("32"), "{e}");
+        let e = key_from_file("proxy.token_key_file", &dir.join("absent"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cannot read"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
