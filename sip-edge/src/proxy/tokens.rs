@@ -44,8 +44,10 @@
 //!   registers again over a new flow (RFC 5626 §4.4).
 //! - **Security**: an outsider cannot make the edge go anywhere a token
 //!   did not already name: only a holder of the key can mint one, and a
-//!   token only names an address a party gave the edge as its own. Tokens
-//!   carry no expiry: an old token still only routes to that party.
+//!   token only names an address a party gave the edge as its own. An
+//!   outside party's foreign token used from outside is refused (403): the
+//!   edge never relays outside to outside. Tokens carry no expiry: an old
+//!   token still only routes to that party.
 
 use ring::{
     aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305, NONCE_LEN},

@@ -63,7 +63,7 @@ impl Proxy {
             {
                 let Some(b) = self.bindings.lookup(token, now) else {
                     // Minted by another node or an earlier run.
-                    return self.follow_foreign(token, msg, routes, false);
+                    return self.follow_foreign(token, from_side, msg, routes, false);
                 };
                 let _ = side;
                 if b.failed {
@@ -91,7 +91,7 @@ impl Proxy {
         // unchanged (RFC 5626 §5.3).
         if let Some(token) = flow_route {
             let Some(b) = self.bindings.lookup(token, now) else {
-                return self.follow_foreign(token, msg, routes, true);
+                return self.follow_foreign(token, from_side, msg, routes, true);
             };
             if b.failed {
                 return Err(flow_failed());
@@ -160,6 +160,7 @@ impl Proxy {
     fn follow_foreign(
         &self,
         token: &str,
+        from_side: Side,
         msg: &mut Message,
         routes: &[NameAddr],
         path: bool,
@@ -167,6 +168,13 @@ impl Proxy {
         let Some(sealed) = self.bindings.foreign(token) else {
             return Err(unknown_token(msg));
         };
+        // Outside requests only ever go inside: an outside party's token
+        // used from outside would make the edge a relay between outside
+        // parties (tokens of outside parties are only shown inside).
+        if from_side == Side::External && sealed.side == Side::External {
+            warn!(target: "sip_edge::security", "an outside party's flow token used from outside; refused");
+            return Err(reject(403, "this flow token is not usable from outside"));
+        }
         // A flow lives only in the process that holds its connection
         // (RFC 5626 §5.3): the client must register again over a new one.
         if path || sealed.original.starts_with("flow:") {

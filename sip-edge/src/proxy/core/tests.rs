@@ -2609,6 +2609,14 @@ fn a_token_minted_by_one_proxy_routes_at_another_with_the_same_key() {
         key.seal(Side::External, "sips:x@127.0.0.1:5080")
     );
     assert_eq!(refused(&mut b, &lo), Some(403));
+    // An outside party's token used from outside: no outside-to-outside
+    // relay.
+    let out = b.on_message(PEER_CALLER, bye(&token_uri, 4).as_bytes(), now);
+    assert!(!out.iter().any(|o| matches!(o.dest, Dest::Hop { .. })));
+    assert_eq!(
+        to_conn(&out, PEER_CALLER).last().and_then(Message::status),
+        Some(403)
+    );
     // A Path (flow) token: the flow lives only where its connection is.
     let path = format!("sips:{}@10.77.0.1:5061", key.seal(Side::External, "flow:7"));
     assert_eq!(refused(&mut b, &path), Some(430));
