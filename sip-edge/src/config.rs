@@ -906,6 +906,12 @@ pub struct ProxySection {
     /// 11, which wants more than 3 minutes; lower it only for tests).
     #[serde(default = "default_timer_c")]
     pub timer_c_secs: u64,
+    /// A file with a secret (≥ 32 bytes) the flow tokens are sealed with
+    /// (`proxy::tokens`), so the agent after a restart still routes the
+    /// in-dialog requests of calls it set up before; `[ha] token_key_file`
+    /// does the same across the pair and is used when this is unset.
+    #[serde(default)]
+    pub token_key_file: Option<PathBuf>,
 }
 
 fn default_timer_c() -> u64 {
@@ -930,6 +936,9 @@ fn default_max_connections() -> usize {
 
 impl ProxySection {
     fn validate(&self, routes: &[Route], addresses: &Addresses) -> Result<(), ConfigError> {
+        if let Some(p) = &self.token_key_file {
+            crate::proxy::tokens::key_from_file("proxy.token_key_file", p)?;
+        }
         // A source address must be one unicast address of this host on its
         // own side: an internal address on the outside would leak the
         // inside (and be dropped by any sane peer), and the reverse would

@@ -163,9 +163,11 @@ fn rules_at(e: &Edge, addrs: &[SocketAddr]) -> usize {
 /// ways, a restart, a second `kill -9` and restart (each restart swaps a
 /// newly loaded program into the pinned links): not one numbered datagram
 /// of 100 directions is lost or duplicated. The restarted agent adopts
-/// every rule (the table holds exactly what it held before), answers a
-/// re-INVITE or UPDATE of an adopted call 481 (it was 404), ends exactly
-/// one call's rules on its BYE, expires the calls that fell silent by the
+/// every rule (the table holds exactly what it held before), routes a
+/// re-INVITE or UPDATE of an adopted call to the far party (its flow
+/// tokens are sealed with `[proxy] token_key_file`; it was 481, and 404
+/// before that), forwards one call's BYE to the far party and ends
+/// exactly that call's rules, expires the calls that fell silent by the
 /// idle rule while live ones keep theirs, and once all are silent none is
 /// left. Run against the agent before the fix: the re-INVITE got 404.
 #[tokio::test(flavor = "current_thread")]
@@ -177,7 +179,15 @@ async fn fifty_calls_survive_two_kill_9_restarts_without_losing_a_packet() {
         return;
     }
     let mut e = Edge::start(&format!("cr{}", std::process::id()), |pin_dir, pki| {
+        // A flow-token secret that outlives the process: the restarted
+        // agent routes the old calls' in-dialog requests.
+        let key = pki.ca.with_file_name("token.key");
+        std::fs::write(&key, "crash-restart-token-secret-0123456789\n").expect("token key");
         testua::edge_config(pin_dir, pki, "relay")
+            .replace(
+                "[proxy]\n",
+                &format!("[proxy]\ntoken_key_file = \"{}\"\n", key.display()),
+            )
             .replace(
                 "[media]\n",
                 "[media]\nidle_timeout_secs = 6\nunused_timeout_secs = 6\nmax_pinholes_per_client = 512\n",
@@ -290,27 +300,47 @@ async fn fifty_calls_survive_two_kill_9_restarts_without_losing_a_packet() {
         "the same rules after the restarts"
     );
 
-    // In-dialog requests of an adopted call: 481, nothing removed.
+    // In-dialog requests of an adopted call reach bob through the
+    // restarted agent (its flow tokens are sealed with the configured
+    // key), his 200 comes back, and nothing is removed.
     let mut alice = e.connect_alice().await;
     bob.conn = None;
     let mut legs = Arc::try_unwrap(legs).unwrap_or_else(|_| panic!("legs still shared"));
     for method in ["INVITE", "UPDATE"] {
         let d = &mut legs[1].a;
         alice.send(&d.request(method, "", "")).await.expect("send");
+        let req = bob.recv_request(method).await;
+        assert_eq!(req.call_id().ok(), Some(d.call_id.as_str()));
+        bob.conn()
+            .send(&testua::reply(
+                &req,
+                200,
+                "OK",
+                "",
+                &edge::contact(&edge::bob_id()),
+                "",
+                "",
+            ))
+            .await
+            .expect("bob's 200");
         let r = response_for(&mut alice, &d.call_id.clone()).await;
         assert_eq!(
             r.status(),
-            Some(481),
+            Some(200),
             "{method} of an adopted call: {:?}",
             r.header("Warning")
         );
         if method == "INVITE" {
-            if let Some(ack) = d.ack_failure(&r) {
-                alice.send(&ack).await.expect("ACK of the 481");
-            }
+            d.on_invite_response(&r).expect("200");
+            alice.send(&d.ack("", "")).await.expect("ACK");
+            bob.recv_request("ACK").await;
         }
     }
-    assert_eq!(e.pinholes().len(), before, "a 481 removes nothing");
+    assert_eq!(
+        e.pinholes().len(),
+        before,
+        "a re-INVITE or UPDATE removes nothing"
+    );
 
     // A BYE ends exactly its call's rules (RTP and RTCP).
     let locals = |e: &Edge| -> Vec<String> {
@@ -332,12 +362,23 @@ async fn fifty_calls_survive_two_kill_9_restarts_without_losing_a_packet() {
     {
         let d = &mut legs[0].a;
         alice.send(&d.request("BYE", "", "")).await.expect("BYE");
+        // Bob is told (it used to be answered by the edge alone).
+        let bye = bob.recv_request("BYE").await;
+        assert_eq!(bye.call_id().ok(), Some(d.call_id.as_str()));
+        bob.conn()
+            .send(&testua::reply(&bye, 200, "OK", "", "", "", ""))
+            .await
+            .expect("bob's 200 to BYE");
         let r = response_for(&mut alice, &d.call_id.clone()).await;
         assert_eq!(
             r.status(),
             Some(200),
             "BYE of an adopted call: {:?}",
             r.header("Warning")
+        );
+        assert!(
+            r.header("Warning").is_none(),
+            "bob's 200, not the edge's own"
         );
     }
     let after_bye = locals(&e);

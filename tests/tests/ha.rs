@@ -4,8 +4,10 @@
 //!
 //! - 20 calls with sequence-numbered RTP both ways through edge a; `kill -9`
 //!   of a; the virtual addresses move to b; every stream's loss is
-//!   measured, every call must be carried by b and end with a BYE through
-//!   b; edge a comes back while the calls are up, resynchronises from the
+//!   measured, every call must be carried by b; a re-INVITE through b
+//!   reaches the outside peer and its 200 comes back, and every call ends
+//!   with a BYE through b that the peer receives and answers (the nodes
+//!   share `[ha] token_key_file`: b opens a's flow tokens); edge a comes back while the calls are up, resynchronises from the
 //!   store before taking traffic (its old rules go, b's calls are mirrored),
 //!   and after the BYEs no rule is left on either node nor a key in the
 //!   store;
@@ -72,11 +74,16 @@ impl EdgeNode {
         let socket =
             std::env::temp_dir().join(format!("sip-edge-test-{tag}-{}.control.sock", node.name()));
         let config = dir.join(format!("edge-{}.toml", node.name()));
+        // The pair's shared flow-token secret: each node routes in-dialog
+        // requests on the other's Contact tokens.
+        let key = dir.join("token.key");
+        std::fs::write(&key, "ha-test-token-secret-0123456789abcdef\n").expect("token key");
         let text = format!(
-            "{}[ha]\nstore = \"redis://{}/\"\nnode = \"{}\"\nrole = \"{role}\"\nsync_interval_ms = 100\n",
+            "{}[ha]\nstore = \"redis://{}/\"\nnode = \"{}\"\nrole = \"{role}\"\nsync_interval_ms = 100\ntoken_key_file = \"{}\"\n",
             testua::edge_config(&pin_dir, pki, "relay"),
             sip_edge_tests::ha_net::STORE,
             node.name(),
+            key.display(),
         );
         std::fs::write(&config, text).expect("write config");
         EdgeNode {
@@ -490,15 +497,59 @@ async fn twenty_calls_survive_a_kill_9_of_the_active_edge() {
         "a's maps mirror b's calls, nothing else"
     );
 
-    // Every call ends with a BYE through b.
+    // In-dialog requests through b reach bob (issue #11): the Contact
+    // tokens a minted open at b (the pair shares the token key). A
+    // re-INVITE without a body (a session refresh, RFC 4028) goes to bob,
+    // whose 200 comes back to alice, and her ACK reaches him.
     let mut alice_b = alice(&net, &pki).await;
+    {
+        let c = calls.last_mut().expect("calls");
+        alice_b
+            .send(&c.a.request("INVITE", "", ""))
+            .await
+            .expect("re-INVITE");
+        let reinv = bob.recv_request("INVITE").await;
+        assert_eq!(reinv.call_id().ok(), Some(c.a.call_id.as_str()));
+        assert!(reinv.to_tag().ok().flatten().is_some(), "in-dialog");
+        bob.conn()
+            .send(&testua::reply(
+                &reinv,
+                200,
+                "OK",
+                "",
+                &edge::contact(&edge::bob_id()),
+                "",
+                "",
+            ))
+            .await
+            .expect("200 to the re-INVITE");
+        let ok = response_for(&mut alice_b, &c.a.call_id).await;
+        assert_eq!(ok.status(), Some(200), "re-INVITE through b: {ok:?}");
+        c.a.on_invite_response(&ok).expect("200");
+        alice_b.send(&c.a.ack("", "")).await.expect("ACK");
+        bob.recv_request("ACK").await;
+        println!("HA failover: a re-INVITE through b reached the far party and its 200 came back");
+    }
+
+    // Every call ends with a BYE through b, which bob receives and
+    // answers (not an answer of the edge's own).
     let mut ended = 0;
     for (i, c) in calls.iter_mut().enumerate() {
         alice_b
             .send(&c.a.request("BYE", "", ""))
             .await
             .expect("BYE");
+        let bye = bob.recv_request("BYE").await;
+        assert_eq!(bye.call_id().ok(), Some(c.a.call_id.as_str()));
+        bob.conn()
+            .send(&testua::reply(&bye, 200, "OK", "", "", "", ""))
+            .await
+            .expect("bob's 200 to BYE");
         let r = response_for(&mut alice_b, &c.a.call_id).await;
+        assert!(
+            r.header("Warning").is_none(),
+            "call {i}: the 200 is bob's, not the edge's own: {r:?}"
+        );
         if r.status() == Some(200) && resumed[i] {
             ended += 1;
         } else {

@@ -246,6 +246,22 @@ pub fn check(cfg: &Config, opts: Options, host: &dyn Host) -> Vec<Finding> {
         if let Some(p) = &cfg.proxy {
             out.extend(tls::check(p, std::time::SystemTime::now()));
         }
+        // The flow-token secret (`proxy::tokens`) is a key like proxy.key.
+        let token_keys = [
+            (
+                "proxy.token_key_file",
+                cfg.proxy.as_ref().and_then(|p| p.token_key_file.as_deref()),
+            ),
+            (
+                "ha.token_key_file",
+                cfg.ha.as_ref().and_then(|h| h.token_key_file.as_deref()),
+            ),
+        ];
+        for (key, path) in token_keys {
+            if let Some(f) = path.and_then(|p| tls::world_readable(key, p)) {
+                out.push(f);
+            }
+        }
     }
     // Stable: errors first, each group in the order of the file.
     out.sort_by_key(|f| f.severity);

@@ -88,6 +88,14 @@ pub struct HaSection {
     /// counted): memory stays bounded through an outage.
     #[serde(default = "default_queue")]
     pub queue: usize,
+    /// A file holding a secret (at least 32 bytes, e.g. `openssl rand
+    /// -hex 32`; surrounding whitespace ignored) that every node of the
+    /// pair shares: the flow tokens in the Contacts the edge rewrites are
+    /// sealed with a key derived from it, so the other node (and this
+    /// node after a restart) routes the in-dialog requests of calls it did
+    /// not set up (`proxy::tokens`). Without it those get 481.
+    #[serde(default)]
+    pub token_key_file: Option<std::path::PathBuf>,
 }
 
 fn default_prefix() -> String {
@@ -182,7 +190,16 @@ impl HaSection {
                 format!("{} is outside 1..=1000000", self.queue),
             ));
         }
+        self.token_key()?;
         Ok(())
+    }
+
+    /// The flow-token key from `token_key_file`, if configured.
+    pub fn token_key(&self) -> Result<Option<crate::proxy::tokens::TokenKey>, ConfigError> {
+        self.token_key_file
+            .as_deref()
+            .map(|p| crate::proxy::tokens::key_from_file("ha.token_key_file", p))
+            .transpose()
     }
 
     /// The key of flow `id` of `node`.

@@ -22,15 +22,17 @@
 //! tokens (dialog Contacts) are forgotten at once, as before.
 
 use std::{
-    collections::{hash_map::RandomState, HashMap},
-    hash::{BuildHasher, Hasher},
+    collections::HashMap,
     net::SocketAddr,
     time::{Duration, Instant},
 };
 
 use crate::media::Side;
 
-use super::{ConnId, Proto};
+use super::{
+    tokens::{Sealed, TokenKey},
+    ConnId, Proto,
+};
 
 /// Prefix of every token, so a token is recognisable in a Request-URI.
 pub const TOKEN_PREFIX: &str = "sef";
@@ -107,8 +109,9 @@ pub struct Bindings {
     /// Connection → Contact tokens of its live registrations: which
     /// connections are remote users' flows, without a scan per request.
     flows: HashMap<ConnId, Vec<String>>,
-    keys: RandomState,
-    counter: u64,
+    /// Seals new tokens and opens ones the table does not hold
+    /// (`proxy::tokens`).
+    key: TokenKey,
 }
 
 impl Default for Bindings {
@@ -127,9 +130,26 @@ impl Bindings {
             regs: HashMap::new(),
             paths: HashMap::new(),
             flows: HashMap::new(),
-            keys: RandomState::new(),
-            counter: 0,
+            key: TokenKey::random(),
         }
+    }
+
+    /// Seals tokens with `key` from now on (`[ha] token_key_file`: shared
+    /// by the nodes and runs that must resolve each other's tokens). Set
+    /// before the first token is minted.
+    pub fn set_key(&mut self, key: TokenKey) {
+        self.key = key;
+    }
+
+    /// What a token the table does not hold says, if it was sealed with
+    /// our key by *another* process (the other node, an earlier run). A
+    /// token of this process that the table forgot (closed flow, expiry)
+    /// gives `None`, as does a forged or altered one.
+    pub fn foreign(&self, token: &str) -> Option<Sealed> {
+        if self.by_token.contains_key(token) {
+            return None;
+        }
+        self.key.open(token).filter(|s| !s.ours)
     }
 
     /// Number of live bindings.
@@ -163,12 +183,10 @@ impl Bindings {
         if self.by_token.len() >= MAX_BINDINGS {
             return None;
         }
-        // Unguessable enough that an outside peer cannot address another
-        // client's flow by counting (SipHash with a per-process random key).
-        self.counter += 1;
-        let mut h = self.keys.build_hasher();
-        h.write_u64(self.counter);
-        let token = format!("{TOKEN_PREFIX}{:016x}{:x}", h.finish(), self.counter);
+        // Sealed (`proxy::tokens`): unguessable, so an outside peer cannot
+        // address another client's flow, and readable by the nodes that
+        // share the key.
+        let token = self.key.seal(side, original);
         self.by_token.insert(
             token.clone(),
             Binding {

@@ -26,6 +26,7 @@ pub mod admission;
 pub mod bindings;
 pub mod build;
 mod core;
+pub mod tokens;
 
 use std::net::SocketAddr;
 

@@ -334,6 +334,14 @@ pub async fn start(
     info!(%int_addr, %ext_addr, tcp = ?tcp_addr, udp = ?udp_addr, "SIP listeners up");
     let mut proxy = Proxy::new(settings, media);
     proxy.set_admission(Admission::new(AdmissionSettings::from_limits(&cfg.limits)));
+    // Flow tokens other HA nodes and later runs can open (`proxy::tokens`);
+    // the file was checked when the config was loaded.
+    let key_file = token_key_file(cfg);
+    match key_file.map(|(f, p)| crate::proxy::tokens::key_from_file(f, p)) {
+        Some(Ok(key)) => proxy.set_token_key(key),
+        Some(Err(e)) => warn!(error = %e, "flow tokens stay per-process"),
+        None => {}
+    }
     let (control_tx, control_rx) = mpsc::channel(16);
     let (commands_tx, commands_rx) = mpsc::channel(4);
     let driver = tokio::spawn(drive(
@@ -812,6 +820,15 @@ impl Driver {
             warn!(conn, "cannot queue message for connection; dropped");
         }
     }
+}
+
+/// The flow-token secret file: `[proxy]`'s, else `[ha]`'s.
+fn token_key_file(cfg: &Config) -> Option<(&'static str, &std::path::Path)> {
+    let proxy = cfg.proxy.as_ref().and_then(|p| p.token_key_file.as_deref());
+    let ha = cfg.ha.as_ref().and_then(|h| h.token_key_file.as_deref());
+    proxy
+        .map(|p| ("proxy.token_key_file", p))
+        .or(ha.map(|p| ("ha.token_key_file", p)))
 }
 
 #[cfg(test)]

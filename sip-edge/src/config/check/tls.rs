@@ -379,6 +379,27 @@ fn read_key(key: &str, path: &Path, out: &mut Vec<Finding>) -> Option<PrivateKey
     pk
 }
 
+/// A warning when the secret file `path` (config field `key`) is
+/// readable by every user.
+pub fn world_readable(key: &str, path: &Path) -> Option<Finding> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+        if mode & 0o004 != 0 {
+            return Some(Finding::warning(
+                key,
+                TlsProblem::KeyReadable {
+                    path: path.to_owned(),
+                    mode,
+                },
+            ));
+        }
+    }
+    let _ = (key, path);
+    None
+}
+
 fn subject(c: &X509Certificate<'_>) -> String {
     let s = c.subject().to_string();
     if s.is_empty() {

@@ -5,7 +5,9 @@
 //! pinholes; when it had any, the edge answers the BYE itself with 200 (RFC
 //! 3261 §15.1.2: the session is over as far as the edge, which anchored
 //! its media, is concerned) and a Warning saying the other party was not
-//! told; otherwise the routing error stands.
+//! told; otherwise the routing error stands. With a shared token key
+//! (`proxy::tokens`) the old Contact tokens still open, the BYE is routed
+//! on to the far party and this answer is not needed.
 
 use super::*;
 

@@ -350,6 +350,13 @@ impl Proxy {
         }
     }
 
+    /// Seals flow tokens with a key shared with the other HA node and
+    /// later runs (`proxy::tokens`; `[ha] token_key_file`), so they can
+    /// route this process's dialogs. Call before the first message.
+    pub fn set_token_key(&mut self, key: super::tokens::TokenKey) {
+        self.bindings.set_key(key);
+    }
+
     /// Replaces the admission policy (the transport's, from `[limits]`).
     pub fn set_admission(&mut self, a: Admission) {
         self.admission = a;

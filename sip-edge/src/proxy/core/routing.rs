@@ -61,10 +61,10 @@ impl Proxy {
                 .as_deref()
                 .filter(|u| u.starts_with(TOKEN_PREFIX))
             {
-                let b = self
-                    .bindings
-                    .lookup(token, now)
-                    .ok_or_else(|| unknown_token(msg))?;
+                let Some(b) = self.bindings.lookup(token, now) else {
+                    // Minted by another node or an earlier run.
+                    return self.follow_foreign(token, from_side, msg, routes, false);
+                };
                 let _ = side;
                 if b.failed {
                     // RFC 5626 §5.3: the registered client's flow is gone.
@@ -90,10 +90,9 @@ impl Proxy {
         // other Routes): the request leaves over that flow, Request-URI
         // unchanged (RFC 5626 §5.3).
         if let Some(token) = flow_route {
-            let b = self
-                .bindings
-                .lookup(token, now)
-                .ok_or_else(|| unknown_token(msg))?;
+            let Some(b) = self.bindings.lookup(token, now) else {
+                return self.follow_foreign(token, from_side, msg, routes, true);
+            };
             if b.failed {
                 return Err(flow_failed());
             }
@@ -152,6 +151,43 @@ impl Proxy {
                 }
             }
         }
+    }
+
+    /// Routes on a token this process does not hold (`proxy::tokens`):
+    /// sealed with our key by another node or run, it names the party's
+    /// side and own Contact. `path` is set when the token was a Path
+    /// (flow) Route of ours.
+    fn follow_foreign(
+        &self,
+        token: &str,
+        from_side: Side,
+        msg: &mut Message,
+        routes: &[NameAddr],
+        path: bool,
+    ) -> Result<(Dest, Side), Reject> {
+        let Some(sealed) = self.bindings.foreign(token) else {
+            return Err(unknown_token(msg));
+        };
+        // Outside requests only ever go inside: an outside party's token
+        // used from outside would make the edge a relay between outside
+        // parties (tokens of outside parties are only shown inside).
+        if from_side == Side::External && sealed.side == Side::External {
+            warn!(target: "sip_edge::security", "an outside party's flow token used from outside; refused");
+            return Err(reject(403, "this flow token is not usable from outside"));
+        }
+        // A flow lives only in the process that holds its connection
+        // (RFC 5626 §5.3): the client must register again over a new one.
+        if path || sealed.original.starts_with("flow:") {
+            return Err(flow_failed());
+        }
+        info!(side = ?sealed.side, "routing on a flow token minted by another node or run");
+        msg.set_request_uri(&sealed.original);
+        // Further Routes (the far party's own proxies) come first; the
+        // next hop, Route or Contact, passes `hop_of`'s checks.
+        let next = routes
+            .first()
+            .map_or(sealed.original.as_str(), |r| r.uri.as_str());
+        Ok((self.hop_of(next, sealed.side)?, sealed.side))
     }
 
     pub(super) fn hop_of(&self, uri: &str, side: Side) -> Result<Dest, Reject> {

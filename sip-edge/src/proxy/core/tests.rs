@@ -2515,3 +2515,109 @@ fn a_bye_from_a_stranger_with_the_dialogs_tags_is_refused() {
     );
     assert_eq!(p.live().2, 1, "dialog kept");
 }
+
+/// Issue #11: a Contact token minted by one Proxy (node a, or the run
+/// before a restart) routes an in-dialog request at another Proxy that
+/// shares the token key (node b), to the party's own Contact; another
+/// key, an altered token or a hop the edge must never open are refused.
+#[test]
+fn a_token_minted_by_one_proxy_routes_at_another_with_the_same_key() {
+    const SECRET: &[u8] = b"a secret both ha nodes share, 32+ bytes";
+    let keyed = |secret: &[u8]| {
+        let (mut p, rec) = setup();
+        p.set_token_key(crate::proxy::tokens::TokenKey::from_secret(secret).unwrap());
+        (p, rec)
+    };
+    let now = Instant::now();
+    let (mut a, _) = keyed(SECRET);
+    let inv = invite(&mut a, now);
+    let ok = answer(
+        &inv,
+        200,
+        "314159",
+        "Contact: <sips:bob@198.51.100.2:5061>\r\n",
+        SDP_B,
+    );
+    let out = a.on_message(CALLEE, &ok, now);
+    let token_uri = to_conn(&out, CALLER)[0].name_addrs("Contact").unwrap()[0]
+        .uri
+        .clone();
+    let rr = inv.name_addrs("Record-Route").unwrap();
+    let bye = |ruri: &str, cseq: u32| {
+        format!(
+            "BYE {ruri} SIP/2.0\r\nVia: SIP/2.0/TLS client.atlanta.example.com:5061;branch=z9hG4bKbye{cseq}\r\nRoute: <{}>\r\nRoute: <{}>\r\nMax-Forwards: 70\r\nFrom: Alice <sips:alice@atlanta.example.com>;tag=9fxced76sl\r\nTo: Bob <sips:bob@biloxi.example.com>;tag=314159\r\nCall-ID: 3848276298220188511@atlanta.example.com\r\nCSeq: {cseq} BYE\r\nContent-Length: 0\r\n\r\n",
+            rr[1].uri, rr[0].uri
+        )
+    };
+    let refused = |p: &mut Proxy, ruri: &str| {
+        let out = p.on_message(CALLER, bye(ruri, 3).as_bytes(), now);
+        assert!(
+            !out.iter().any(|o| matches!(o.dest, Dest::Hop { .. })),
+            "{ruri}: {out:?}"
+        );
+        to_conn(&out, CALLER).last().and_then(Message::status)
+    };
+
+    // Node b, same key: the BYE leaves for bob's own Contact over TLS.
+    let (mut b, _) = keyed(SECRET);
+    let out = b.on_message(CALLER, bye(&token_uri, 2).as_bytes(), now);
+    let fwd: Vec<&Outgoing> = out
+        .iter()
+        .filter(|o| {
+            o.dest
+                == Dest::Hop {
+                    side: Side::External,
+                    hop: HopTarget {
+                        host: "198.51.100.2".into(),
+                        port: 5061,
+                        tls_name: "198.51.100.2".into(),
+                    },
+                }
+        })
+        .collect();
+    assert_eq!(fwd.len(), 1, "BYE routed by node b: {out:?}");
+    let m = parse(fwd[0]);
+    assert!(m.method().unwrap().is("BYE"));
+    assert_eq!(
+        m.request_uri().unwrap().unwrap().to_string(),
+        "sips:bob@198.51.100.2:5061",
+        "token restored at b"
+    );
+    assert!(m.header("Route").is_none(), "our Routes popped");
+
+    // Another key, an altered token: 481 (the dialog is unknown here).
+    let (mut c, _) = keyed(b"some other secret that is 32+ bytes");
+    assert_eq!(refused(&mut c, &token_uri), Some(481));
+    let (mut d, _) = setup();
+    assert_eq!(refused(&mut d, &token_uri), Some(481), "per-process key");
+    let at = token_uri.find("sef").unwrap() + 20;
+    let mut altered = token_uri.clone().into_bytes();
+    altered[at] = if altered[at] == b'0' { b'1' } else { b'0' };
+    let altered = String::from_utf8(altered).unwrap();
+    assert_eq!(refused(&mut b, &altered), Some(481));
+
+    // A token of this very process that the table forgot (its flow
+    // closed) keeps the old answer: it is not "foreign".
+    a.on_conn_closed(CALLEE, now);
+    assert_eq!(refused(&mut a, &token_uri), Some(481));
+
+    // A sealed token naming the edge host's loopback (a party that gave
+    // such a Contact): refused like any such Route or Contact.
+    let key = crate::proxy::tokens::TokenKey::from_secret(SECRET).unwrap();
+    let lo = format!(
+        "sips:{}@10.77.0.1:5061",
+        key.seal(Side::External, "sips:x@127.0.0.1:5080")
+    );
+    assert_eq!(refused(&mut b, &lo), Some(403));
+    // An outside party's token used from outside: no outside-to-outside
+    // relay.
+    let out = b.on_message(PEER_CALLER, bye(&token_uri, 4).as_bytes(), now);
+    assert!(!out.iter().any(|o| matches!(o.dest, Dest::Hop { .. })));
+    assert_eq!(
+        to_conn(&out, PEER_CALLER).last().and_then(Message::status),
+        Some(403)
+    );
+    // A Path (flow) token: the flow lives only where its connection is.
+    let path = format!("sips:{}@10.77.0.1:5061", key.seal(Side::External, "flow:7"));
+    assert_eq!(refused(&mut b, &path), Some(430));
+}
