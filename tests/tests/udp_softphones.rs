@@ -15,7 +15,8 @@
 //! `udp` from her own source port, and the Contact the registrar stored
 //! (Kamailio's log) is the edge's TLS token URI on its external address;
 //! the responses carol receives carry her Via stamped `received` and
-//! `rport` (RFC 3581); she calls alice and alice calls her, each hears the
+//! `rport` (RFC 3581); the INVITE she receives names the edge's UDP
+//! listener in its Via, Record-Route and Contact (`transport=udp`); she calls alice and alice calls her, each hears the
 //! other's tone (alice 700 Hz, carol 900 Hz) in its recording, and the
 //! edge's pinholes count packets both ways. Needs root, kamailio +
 //! kamailio-tls-modules and baresip-core; skips through
@@ -374,6 +375,14 @@ async fn udp_baresip_inside_calls_and_is_called_by_tls_baresip_outside() {
             .first()
             .is_some_and(|v| v.contains("10.77.0.1:5060;transport=udp")),
         "{what}: the edge's Record-Route toward carol names its UDP listener\n{invite}"
+    );
+    // The remote target carol gets is reachable the way she talks to the
+    // edge: its UDP listener, transport=udp (issue #9).
+    assert!(
+        hdr("contact")
+            .first()
+            .is_some_and(|v| v.contains("@10.77.0.1:5060;transport=udp>")),
+        "{what}: the Contact toward carol names the edge's UDP listener\n{invite}"
     );
     both_hear(what, &edge, &alice, &carol);
     hang_up(what, &edge, &mut carol, &mut alice);
