@@ -18,7 +18,8 @@
 //! `rport` (RFC 3581); the INVITE she receives names the edge's UDP
 //! listener in its Via, Record-Route and Contact (`transport=udp`); she calls alice and alice calls her, each hears the
 //! other's tone (alice 700 Hz, carol 900 Hz) in its recording, and the
-//! edge's pinholes count packets both ways. Needs root, kamailio +
+//! edge's pinholes count packets both ways; carol's de-registration on
+//! exit removes her binding at the edge. Needs root, kamailio +
 //! kamailio-tls-modules and baresip-core; skips through
 //! `testnet::record_skip` otherwise.
 
@@ -389,7 +390,24 @@ async fn udp_baresip_inside_calls_and_is_called_by_tls_baresip_outside() {
 
     eprintln!("all scenarios after {:?}", started.elapsed());
     alice.group.stop();
+    // baresip de-registers on SIGTERM (Contact `;expires=0`, no Expires
+    // header): the edge drops carol's binding instead of keeping it.
     carol.group.stop();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let regs = registrations(&control);
+        let kept = regs["registrations"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|r| r["aor"] == "carol@example.net"));
+        if !kept {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "carol's binding outlived her de-registration: {regs}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     kamailio.stop();
     edge.stop();
 }

@@ -282,7 +282,15 @@ impl Proxy {
                     })
                 })
                 .flatten();
-            let exp = granted.unwrap_or(u64::from(default_exp));
+            // Without a grant in the 200, what the client asked: its
+            // Contact's own `expires` first (§10.2.1.1), so a
+            // de-registration (`;expires=0`) removes the binding.
+            let asked = c
+                .params
+                .get("expires")
+                .flatten()
+                .and_then(|e| e.parse::<u64>().ok());
+            let exp = granted.or(asked).unwrap_or(u64::from(default_exp));
             let Some(flow) = self
                 .bindings
                 .lookup(&token, now)

@@ -827,6 +827,31 @@ fn inbound_request(method: &str, branch: &str) -> String {
     format!("{method} sips:bob@biloxi.example.com SIP/2.0\r\nVia: SIP/2.0/TLS 198.51.100.3:40002;branch={branch}\r\nMax-Forwards: 70\r\nFrom: <sips:carol@chicago.example.com>;tag=cc1\r\nTo: <sips:bob@biloxi.example.com>\r\nCall-ID: {branch}@chicago\r\nCSeq: 1 {method}\r\nContact: <sips:carol@198.51.100.3:40002>\r\nContent-Length: 0\r\n\r\n")
 }
 
+/// A de-registration that says `expires=0` on its Contact (RFC 3261
+/// §10.2.1.1: the parameter overrides the Expires header; baresip sends
+/// no header) removes the edge's binding when the registrar's 200 lists
+/// no Contact, instead of keeping it for the default 3600 s.
+#[test]
+fn deregistration_by_contact_expires_zero_removes_the_binding() {
+    let t0 = Instant::now();
+    let mut p = setup_udp_registered(t0);
+    assert_eq!(p.registrations(t0).len(), 1, "registered first");
+    let reg = "REGISTER sip:biloxi.example.com SIP/2.0\r\nVia: SIP/2.0/UDP 10.77.0.9:5062;branch=z9hG4bKudpdereg;rport\r\nMax-Forwards: 70\r\nFrom: Bob <sip:bob@biloxi.example.com>;tag=u1\r\nTo: Bob <sip:bob@biloxi.example.com>\r\nCall-ID: udpreg@10.77.0.9\r\nCSeq: 2 REGISTER\r\nContact: <sip:bob@10.77.0.9:5062>;expires=0\r\nContent-Length: 0\r\n\r\n";
+    let out = p.on_message(UDP_CLIENT, reg.as_bytes(), t0);
+    let fwd = parse(
+        out.iter()
+            .find(|o| matches!(o.dest, Dest::Hop { .. }))
+            .unwrap(),
+    );
+    let out = p.on_message(CALLEE, &answer(&fwd, 200, "r2", "", ""), t0);
+    assert_eq!(to_conn(&out, UDP_CLIENT)[0].status(), Some(200));
+    let left = p.registrations(t0);
+    assert!(
+        left.is_empty(),
+        "binding kept after de-registration: {left:?}"
+    );
+}
+
 /// Issue #9: the Contact a UDP client receives names the edge's UDP
 /// listener with `transport=udp` (the transport the client uses), not the
 /// TLS listener, and the client's own Contact reaches the TLS side as a
