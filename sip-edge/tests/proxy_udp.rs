@@ -602,3 +602,43 @@ async fn udp_listener_is_absent_unless_configured() {
         "no UDP answer without internal_udp_listen"
     );
 }
+
+/// RFC 5626 §4.4.2: a UDP client's keep-alive is a STUN Binding request
+/// (RFC 5389) on its SIP flow; the edge answers it with a Binding success
+/// response (same transaction id) whose XOR-MAPPED-ADDRESS is the
+/// client's source address, and ignores STUN that is not a request.
+#[tokio::test]
+async fn stun_binding_request_on_the_udp_listener_is_answered_with_the_source_address() {
+    let edge = Edge::start(true).await;
+    let ua = UdpUa::new(edge.udp()).await;
+    let txid: [u8; 12] = *b"up-stun-txid";
+    let mut req = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42];
+    req.extend_from_slice(&txid);
+    ua.sock.send_to(&req, edge.udp()).await.unwrap();
+    let r = ua
+        .recv_raw(WAIT)
+        .await
+        .expect("no STUN Binding response from the edge");
+    assert_eq!(r.len(), 32, "{r:02x?}");
+    assert_eq!(&r[..4], &[0x01, 0x01, 0x00, 0x0c], "success, 12 bytes");
+    assert_eq!(&r[4..8], &[0x21, 0x12, 0xa4, 0x42]);
+    assert_eq!(&r[8..20], &txid);
+    assert_eq!(&r[20..24], &[0x00, 0x20, 0x00, 0x08], "XOR-MAPPED-ADDRESS");
+    assert_eq!(r[25], 0x01, "IPv4");
+    let port = u16::from_be_bytes([r[26], r[27]]) ^ 0x2112;
+    let ip: Vec<u8> = r[28..32]
+        .iter()
+        .zip([0x21, 0x12, 0xa4, 0x42])
+        .map(|(a, k)| a ^ k)
+        .collect();
+    assert_eq!(port, ua.port(), "mapped port is the client's source port");
+    assert_eq!(ip, [127, 0, 0, 1]);
+    // A Binding success response sent to the edge is not answered.
+    let mut resp = r.clone();
+    resp[8] ^= 1;
+    ua.sock.send_to(&resp, edge.udp()).await.unwrap();
+    assert!(ua.recv_raw(Duration::from_millis(300)).await.is_none());
+    // The flow still carries SIP afterwards.
+    ua.send("\r\n\r\n").await;
+    assert_eq!(ua.recv_raw(WAIT).await.as_deref(), Some(&b"\r\n"[..]));
+}

@@ -183,7 +183,7 @@ modparam("registrar", "use_path", 1)
 modparam("registrar", "path_mode", 2)
 
 request_route {{
-    xlog("L_INFO", "$rm $ru from $si:$sp\n");
+    xlog("L_INFO", "$rm $ru from $si:$sp contact $ct\n");
     if (!mf_process_maxfwd_header("10")) {{
         sl_send_reply("483", "Too Many Hops");
         exit;
@@ -310,6 +310,17 @@ pub struct Baresip {
 impl Baresip {
     /// Write `spec`'s config into `dir/<name>/` and start baresip in `ns`.
     pub fn start(ns: &str, dir: &Path, ca: &Path, spec: &BaresipSpec<'_>) -> Baresip {
+        Baresip::start_with_args(ns, dir, ca, spec, &[])
+    }
+
+    /// `start`, with extra command-line `args` (`-s`: SIP trace to the log).
+    pub fn start_with_args(
+        ns: &str,
+        dir: &Path,
+        ca: &Path,
+        spec: &BaresipSpec<'_>,
+        args: &[&str],
+    ) -> Baresip {
         let home = dir.join(spec.name);
         std::fs::create_dir_all(&home).expect("baresip dir");
         let dumps = dir.join(format!("{}-audio", spec.name));
@@ -366,7 +377,7 @@ impl Baresip {
         std::fs::write(home.join("accounts"), accounts).expect("baresip accounts");
         std::fs::write(home.join("contacts"), "").expect("baresip contacts");
         let mut cmd = nsenter(ns, "baresip");
-        cmd.arg("-f").arg(&home).env("HOME", dir);
+        cmd.arg("-f").arg(&home).args(args).env("HOME", dir);
         let group = Group::spawn(cmd, spec.name, dir.join(format!("{}.log", spec.name)));
         let mut b = Baresip {
             group,

@@ -16,6 +16,7 @@ pub mod limits;
 pub mod live;
 pub mod memory;
 pub mod source;
+pub mod stun;
 pub mod tls;
 pub mod udp;
 

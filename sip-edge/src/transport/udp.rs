@@ -16,11 +16,12 @@
 //! and port whatever the Via says (RFC 3581 symmetric response; the core
 //! stamps `received`/`rport` on the top Via).
 //!
-//! Keep-alives (documented choice): a datagram that is exactly CRLFCRLF is
-//! answered with CRLF, as on streams (RFC 5626 §4.4.1; over UDP §4.4.2 asks
-//! for STUN, but the pong costs less than the ping, so it cannot amplify).
-//! Other all-CRLF datagrams and STUN Binding requests only count as traffic
-//! (STUN answering is not implemented). Leading CRLFs before a message are
+//! Keep-alives: a STUN Binding request (RFC 5626 §4.4.2, the UDP
+//! keep-alive) is answered with a Binding success response carrying the
+//! source address (`super::stun`); a datagram that is exactly CRLFCRLF is
+//! answered with CRLF, as on streams (§4.4.1; the pong costs less than
+//! the ping, so it cannot amplify). Other all-CRLF datagrams and other
+//! STUN messages only count as traffic. Leading CRLFs before a message are
 //! skipped (§7.5 tolerance).
 //!
 //! Lifetime: a pseudo-connection ends after `idle_timeout_secs` without a
@@ -46,7 +47,7 @@ use bytes::Bytes;
 use tokio::{net::UdpSocket, sync::mpsc};
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use super::{conn::WRITE_QUEUE, Event, Shared};
+use super::{conn::WRITE_QUEUE, stun, Event, Shared};
 use crate::{
     media::Side,
     proxy::{ConnId, ConnInfo, Proto},
@@ -60,15 +61,15 @@ pub const UDP_MTU_LIMIT: usize = 1300;
 const MAX_DATAGRAM: usize = 65_535;
 /// Datagrams queued for one pseudo-connection before new ones are dropped.
 const INBOUND_QUEUE: usize = 64;
-/// RFC 5389 §6 magic cookie of STUN messages.
-const STUN_COOKIE: [u8; 4] = [0x21, 0x12, 0xa4, 0x42];
 
 /// What one received datagram is.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Datagram {
     /// CRLFCRLF: answer CRLF.
     Ping,
-    /// Other keep-alive traffic (lone CRLFs, STUN): refreshes the flow only.
+    /// A STUN message (RFC 5389): a Binding request is answered.
+    Stun(Bytes),
+    /// Other keep-alive traffic (lone CRLFs): refreshes the flow only.
     KeepAlive,
     /// A SIP message (possibly malformed: the core answers or drops it).
     Message(Bytes),
@@ -84,11 +85,8 @@ pub fn classify(d: Bytes) -> Datagram {
     }
     // RFC 5389 §6: top two bits zero, cookie at offset 4; RFC 5626 §4.4.2
     // keep-alives over UDP are STUN Binding requests.
-    if d.len() >= 20
-        && d.first().is_some_and(|b| b & 0xc0 == 0)
-        && d.get(4..8) == Some(&STUN_COOKIE[..])
-    {
-        return Datagram::KeepAlive;
+    if stun::is_stun(&d) {
+        return Datagram::Stun(d);
     }
     let skip = d
         .iter()
@@ -210,6 +208,16 @@ async fn pseudo_conn(
                             debug!(error = %e, "pong send failed");
                         }
                     }
+                    Datagram::Stun(d) => match stun::binding_response(&d, peer) {
+                        // RFC 5626 §4.4.2: the flow is alive; tell the
+                        // client the address it is seen from.
+                        Some(answer) => {
+                            if let Err(e) = socket.send_to(&answer, peer).await {
+                                debug!(error = %e, "STUN answer send failed");
+                            }
+                        }
+                        None => debug!("STUN message other than a Binding request"),
+                    },
                     Datagram::KeepAlive => debug!("UDP keep-alive"),
                     Datagram::Message(bytes) => {
                         if events.send(Event::Message { conn, bytes }).await.is_err() {
@@ -251,9 +259,10 @@ mod tests {
         assert_eq!(classify(Bytes::from_static(b"\r\n\r\n")), Datagram::Ping);
         assert_eq!(classify(Bytes::from_static(b"\r\n")), Datagram::KeepAlive);
         let mut stun = vec![0x00, 0x01, 0x00, 0x00];
-        stun.extend_from_slice(&STUN_COOKIE);
+        stun.extend_from_slice(&stun::MAGIC_COOKIE.to_be_bytes());
         stun.extend_from_slice(&[7; 12]);
-        assert_eq!(classify(Bytes::from(stun)), Datagram::KeepAlive);
+        let stun = Bytes::from(stun);
+        assert_eq!(classify(stun.clone()), Datagram::Stun(stun));
         assert_eq!(
             classify(Bytes::from_static(b"\r\nOPTIONS sip:x SIP/2.0\r\n\r\n")),
             Datagram::Message(Bytes::from_static(b"OPTIONS sip:x SIP/2.0\r\n\r\n"))

@@ -393,13 +393,13 @@ impl Proxy {
         } else {
             CONTACT_LIFETIME
         };
-        self.rewrite_contacts(msg, from_side, conn, contacts_lifetime, now)?;
+        let dest_proto = self.dest_proto(&dest);
+        self.rewrite_contacts(msg, from_side, conn, dest_proto, contacts_lifetime, now)?;
         msg.set_header(
             "Max-Forwards",
             (mf.min(DEFAULT_MAX_FORWARDS + 1) - 1).to_string(),
         );
         let out_scheme = if ruri.scheme == "sips" { "sips" } else { "sip" };
-        let dest_proto = self.dest_proto(&dest);
         if initial_invite || (to_tag.is_none() && matches!(method.as_str(), "SUBSCRIBE" | "REFER"))
         {
             // RFC 5658 double Record-Route: the incoming side's address

@@ -188,7 +188,10 @@ impl Proxy {
                 }
             }
         }
-        if let Err(r) = self.rewrite_contacts(&mut msg, info.side, conn, CONTACT_LIFETIME, now) {
+        let to_proto = self.conns.get(&stx_conn).map_or(Proto::Tls, |i| i.proto);
+        if let Err(r) =
+            self.rewrite_contacts(&mut msg, info.side, conn, to_proto, CONTACT_LIFETIME, now)
+        {
             warn!(why = %r.why, "Contact rewrite failed; forwarding as is");
         }
         if method == "REGISTER" && (200..300).contains(&code) {

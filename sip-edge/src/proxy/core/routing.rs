@@ -219,12 +219,17 @@ impl Proxy {
         })
     }
 
-    /// Replaces every Contact URI by a token URI on the receiving side.
+    /// Replaces every Contact URI by a token URI on the receiving side,
+    /// reachable over `to_proto`, the transport the message leaves on: a
+    /// UDP client gets the UDP listener with `transport=udp` (it may not
+    /// speak TLS at all, and its target refresh must come back the way it
+    /// talks to the edge); everyone else the TLS listener.
     pub(super) fn rewrite_contacts(
         &mut self,
         msg: &mut Message,
         from_side: Side,
         conn: ConnId,
+        to_proto: Proto,
         lifetime: Duration,
         now: Instant,
     ) -> Result<(), Reject> {
@@ -259,12 +264,19 @@ impl Proxy {
                 .bindings
                 .token_for(from_side, &c.uri, Some(conn), lifetime, now)
                 .ok_or_else(|| busy("binding table full"))?;
-            let tls = if u.scheme == "sips" {
-                ""
+            c.uri = if to_proto == Proto::Udp {
+                // sips cannot be had over UDP (RFC 5630 §3.1.3), as in
+                // `rr_uri`.
+                format!(
+                    "sip:{token}@{}:{};transport=udp",
+                    to.host,
+                    self.settings.port_for(from_side.other(), Proto::Udp)
+                )
+            } else if u.scheme == "sips" {
+                format!("sips:{token}@{}:{}", to.host, to.port)
             } else {
-                ";transport=tls"
+                format!("sip:{token}@{}:{};transport=tls", to.host, to.port)
             };
-            c.uri = format!("{}:{token}@{}:{}{tls}", u.scheme, to.host, to.port);
             c.angle = true;
         }
         msg.set_name_addrs("Contact", &contacts);
@@ -306,7 +318,15 @@ impl Proxy {
                     })
                 })
                 .flatten();
-            let exp = granted.unwrap_or(u64::from(default_exp));
+            // Without a grant in the 200, what the client asked: its
+            // Contact's own `expires` first (§10.2.1.1), so a
+            // de-registration (`;expires=0`) removes the binding.
+            let asked = c
+                .params
+                .get("expires")
+                .flatten()
+                .and_then(|e| e.parse::<u64>().ok());
+            let exp = granted.or(asked).unwrap_or(u64::from(default_exp));
             let Some(flow) = self
                 .bindings
                 .lookup(&token, now)

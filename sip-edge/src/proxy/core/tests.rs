@@ -827,6 +827,61 @@ fn inbound_request(method: &str, branch: &str) -> String {
     format!("{method} sips:bob@biloxi.example.com SIP/2.0\r\nVia: SIP/2.0/TLS 198.51.100.3:40002;branch={branch}\r\nMax-Forwards: 70\r\nFrom: <sips:carol@chicago.example.com>;tag=cc1\r\nTo: <sips:bob@biloxi.example.com>\r\nCall-ID: {branch}@chicago\r\nCSeq: 1 {method}\r\nContact: <sips:carol@198.51.100.3:40002>\r\nContent-Length: 0\r\n\r\n")
 }
 
+/// A de-registration that says `expires=0` on its Contact (RFC 3261
+/// §10.2.1.1: the parameter overrides the Expires header; baresip sends
+/// no header) removes the edge's binding when the registrar's 200 lists
+/// no Contact, instead of keeping it for the default 3600 s.
+#[test]
+fn deregistration_by_contact_expires_zero_removes_the_binding() {
+    let t0 = Instant::now();
+    let mut p = setup_udp_registered(t0);
+    assert_eq!(p.registrations(t0).len(), 1, "registered first");
+    let reg = "REGISTER sip:biloxi.example.com SIP/2.0\r\nVia: SIP/2.0/UDP 10.77.0.9:5062;branch=z9hG4bKudpdereg;rport\r\nMax-Forwards: 70\r\nFrom: Bob <sip:bob@biloxi.example.com>;tag=u1\r\nTo: Bob <sip:bob@biloxi.example.com>\r\nCall-ID: udpreg@10.77.0.9\r\nCSeq: 2 REGISTER\r\nContact: <sip:bob@10.77.0.9:5062>;expires=0\r\nContent-Length: 0\r\n\r\n";
+    let out = p.on_message(UDP_CLIENT, reg.as_bytes(), t0);
+    let fwd = parse(
+        out.iter()
+            .find(|o| matches!(o.dest, Dest::Hop { .. }))
+            .unwrap(),
+    );
+    let out = p.on_message(CALLEE, &answer(&fwd, 200, "r2", "", ""), t0);
+    assert_eq!(to_conn(&out, UDP_CLIENT)[0].status(), Some(200));
+    let left = p.registrations(t0);
+    assert!(
+        left.is_empty(),
+        "binding kept after de-registration: {left:?}"
+    );
+}
+
+/// Issue #9: the Contact a UDP client receives names the edge's UDP
+/// listener with `transport=udp` (the transport the client uses), not the
+/// TLS listener, and the client's own Contact reaches the TLS side as a
+/// TLS (here sips) URI.
+#[test]
+fn contact_toward_a_udp_client_names_the_udp_listener() {
+    let t0 = Instant::now();
+    let mut p = setup_udp_registered(t0);
+    let out = p.on_message(
+        PEER_CALLER,
+        inbound_request("INVITE", "z9hG4bKudpct1").as_bytes(),
+        t0,
+    );
+    let inv = to_conn(&out, UDP_CLIENT).remove(0);
+    let c = inv.name_addrs("Contact").unwrap()[0].uri.clone();
+    assert!(
+        c.starts_with("sip:") && c.ends_with("@10.77.0.1:5060;transport=udp"),
+        "Contact toward the UDP client: {c}"
+    );
+    let ok = answer(&inv, 200, "u2", "Contact: <sip:bob@10.77.0.9:5062>\r\n", "");
+    let out = p.on_message(UDP_CLIENT, &ok, t0);
+    let back = to_conn(&out, PEER_CALLER);
+    assert_eq!(back[0].status(), Some(200), "{out:?}");
+    let c = back[0].name_addrs("Contact").unwrap()[0].uri.clone();
+    assert!(
+        !c.contains("transport=udp") && c.contains(":5061"),
+        "Contact toward the TLS side: {c}"
+    );
+}
+
 #[test]
 fn invite_to_a_udp_client_retransmits_on_timer_a_until_a_provisional() {
     let t0 = Instant::now();
