@@ -936,9 +936,6 @@ fn default_max_connections() -> usize {
 
 impl ProxySection {
     fn validate(&self, routes: &[Route], addresses: &Addresses) -> Result<(), ConfigError> {
-        if let Some(p) = &self.token_key_file {
-            crate::proxy::tokens::key_from_file("proxy.token_key_file", p)?;
-        }
         // A source address must be one unicast address of this host on its
         // own side: an internal address on the outside would leak the
         // inside (and be dropped by any sane peer), and the reverse would

@@ -193,6 +193,14 @@ pub enum Problem {
         /// The OS error.
         error: String,
     },
+    /// A flow-token key file cannot be used (`proxy::tokens`): missing,
+    /// unreadable or too short. A host check like the TLS files, so the
+    /// file alone can be checked on another machine.
+    #[error("{reason}")]
+    TokenKey {
+        /// What is wrong, naming the file.
+        reason: String,
+    },
     /// A TLS file problem (see [`tls::TlsProblem`]).
     #[error(transparent)]
     Tls {
@@ -258,7 +266,15 @@ pub fn check(cfg: &Config, opts: Options, host: &dyn Host) -> Vec<Finding> {
             ),
         ];
         for (key, path) in token_keys {
-            if let Some(f) = path.and_then(|p| tls::world_readable(key, p)) {
+            let Some(p) = path else { continue };
+            if let Err(e) = crate::proxy::tokens::key_from_file(key, p) {
+                out.push(Finding::error(
+                    key,
+                    Problem::TokenKey {
+                        reason: e.to_string(),
+                    },
+                ));
+            } else if let Some(f) = tls::world_readable(key, p) {
                 out.push(f);
             }
         }
