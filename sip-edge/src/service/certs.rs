@@ -33,19 +33,15 @@ use std::{
 use arc_swap::ArcSwap;
 use rustls::{
     client::ResolvesClientCert,
-    server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier},
+    server::{ClientHello, ResolvesServerCert},
     sign::CertifiedKey,
     ClientConfig, ServerConfig, SignatureScheme,
 };
 
 use crate::{
     config::ClientAuth,
-    transport::tls::{load_certs, load_key, load_roots, TlsError},
+    transport::tls::{client_builder, load_certs, load_key, provider, server_builder, TlsError},
 };
-
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
 
 /// What identifies a file's content without reading it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -215,27 +211,7 @@ pub fn server_config(
     client_auth: ClientAuth,
     client_ca: &Path,
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    let builder = ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|source| TlsError::Config {
-            what: "server",
-            source,
-        })?;
-    let builder = match client_auth {
-        ClientAuth::None => builder.with_no_client_auth(),
-        ClientAuth::Optional | ClientAuth::Required => {
-            let roots = Arc::new(load_roots(client_ca)?);
-            let v = WebPkiClientVerifier::builder_with_provider(roots, provider());
-            let v = if client_auth == ClientAuth::Optional {
-                v.allow_unauthenticated()
-            } else {
-                v
-            };
-            builder.with_client_cert_verifier(
-                v.build().map_err(|source| TlsError::Verifier { source })?,
-            )
-        }
-    };
+    let builder = server_builder(client_auth, client_ca)?;
     Ok(Arc::new(builder.with_cert_resolver(Arc::new(
         ServerResolver(store.clone()),
     ))))
@@ -247,13 +223,7 @@ pub fn client_config(
     ca_roots: &Path,
     store: &Arc<CertStore>,
 ) -> Result<Arc<ClientConfig>, TlsError> {
-    let cfg = ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|source| TlsError::Config {
-            what: "client",
-            source,
-        })?
-        .with_root_certificates(load_roots(ca_roots)?)
+    let cfg = client_builder(ca_roots)?
         .with_client_cert_resolver(Arc::new(ClientResolver(store.clone())));
     Ok(Arc::new(cfg))
 }

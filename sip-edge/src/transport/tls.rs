@@ -11,9 +11,10 @@
 use std::{path::Path, sync::Arc};
 
 use rustls::{
+    client::WantsClientCert,
     pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer},
-    server::WebPkiClientVerifier,
-    ClientConfig, RootCertStore, ServerConfig,
+    server::{WantsServerCert, WebPkiClientVerifier},
+    ClientConfig, ConfigBuilder, RootCertStore, ServerConfig,
 };
 
 use crate::config::ClientAuth;
@@ -65,7 +66,7 @@ pub enum TlsError {
     },
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
@@ -107,20 +108,20 @@ pub fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
-/// Server config for a listener.
-pub fn server_config(
-    cert: &Path,
-    key: &Path,
+/// The part of a server config every listener shares (protocol versions
+/// and client authentication), before its certificate source is chosen:
+/// a fixed pair here, a swappable store in `service::certs`.
+pub(crate) fn server_builder(
     client_auth: ClientAuth,
     client_ca: &Path,
-) -> Result<Arc<ServerConfig>, TlsError> {
+) -> Result<ConfigBuilder<ServerConfig, WantsServerCert>, TlsError> {
     let builder = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|source| TlsError::Config {
             what: "server",
             source,
         })?;
-    let builder = match client_auth {
+    Ok(match client_auth {
         ClientAuth::None => builder.with_no_client_auth(),
         ClientAuth::Optional | ClientAuth::Required => {
             let roots = Arc::new(load_roots(client_ca)?);
@@ -134,8 +135,31 @@ pub fn server_config(
                 v.build().map_err(|source| TlsError::Verifier { source })?,
             )
         }
-    };
-    let cfg = builder
+    })
+}
+
+/// The part of a client config every outgoing connection shares: protocol
+/// versions and the roots server names are verified against (RFC 5922 §7).
+pub(crate) fn client_builder(
+    ca_roots: &Path,
+) -> Result<ConfigBuilder<ClientConfig, WantsClientCert>, TlsError> {
+    Ok(ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|source| TlsError::Config {
+            what: "client",
+            source,
+        })?
+        .with_root_certificates(load_roots(ca_roots)?))
+}
+
+/// Server config for a listener.
+pub fn server_config(
+    cert: &Path,
+    key: &Path,
+    client_auth: ClientAuth,
+    client_ca: &Path,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let cfg = server_builder(client_auth, client_ca)?
         .with_single_cert(load_certs(cert)?, load_key(key)?)
         .map_err(|source| TlsError::Config {
             what: "server",
@@ -152,13 +176,7 @@ pub fn client_config(
     cert: &Path,
     key: &Path,
 ) -> Result<Arc<ClientConfig>, TlsError> {
-    let cfg = ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|source| TlsError::Config {
-            what: "client",
-            source,
-        })?
-        .with_root_certificates(load_roots(ca_roots)?)
+    let cfg = client_builder(ca_roots)?
         .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
         .map_err(|source| TlsError::Config {
             what: "client",
