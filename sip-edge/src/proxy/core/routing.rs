@@ -209,14 +209,46 @@ impl Proxy {
             Host::Ip(std::net::IpAddr::V6(a)) => a.to_string(),
             h => h.to_string(),
         };
+        let port = u.port.unwrap_or(5061);
+        let tls_name = self.configured_tls_name(&u.host, &host, port);
         Ok(Dest::Hop {
             side,
             hop: HopTarget {
-                tls_name: host.clone(),
+                tls_name: tls_name.unwrap_or_else(|| host.clone()),
                 host,
-                port: u.port.unwrap_or(5061),
+                port,
             },
         })
+    }
+
+    /// The certificate name configured for a next hop taken from a message
+    /// (a Record-Route, Route or Contact): a configured route or peer whose
+    /// host is this one, or a peer whose signalling addresses hold this
+    /// IP. A carrier's SBC record-routes with its IP literal while its
+    /// certificate carries its DNS name (`tls_name`); verifying the IP
+    /// instead would fail every in-dialog request to it (RFC 5922 §4 lets
+    /// local policy map a next hop to the identity expected).
+    fn configured_tls_name(&self, parsed: &Host, host: &str, port: u16) -> Option<String> {
+        let s = &self.settings;
+        let same = |h: &HopTarget| h.host.eq_ignore_ascii_case(host) && h.port == port;
+        let configured = s
+            .routes
+            .iter()
+            .map(|(_, h)| h)
+            .chain(s.default_route.iter())
+            .chain(s.internal_next_hop.iter())
+            .chain(s.access.registrar.iter())
+            .chain(s.access.peers.iter().filter_map(|p| p.hop.as_ref()));
+        if let Some(h) = configured.into_iter().find(|h| same(h)) {
+            return Some(h.tls_name.clone());
+        }
+        let Host::Ip(ip) = parsed else { return None };
+        s.access
+            .peers
+            .iter()
+            .find(|p| p.addresses.iter().any(|c| c.contains(*ip)))
+            .and_then(|p| p.hop.as_ref())
+            .map(|h| h.tls_name.clone())
     }
 
     /// Replaces every Contact URI by a token URI on the receiving side,

@@ -2625,7 +2625,8 @@ fn a_token_minted_by_one_proxy_routes_at_another_with_the_same_key() {
                     hop: HopTarget {
                         host: "198.51.100.2".into(),
                         port: 5061,
-                        tls_name: "198.51.100.2".into(),
+                        // bob's Contact is the configured route's server.
+                        tls_name: "biloxi.example.com".into(),
                     },
                 }
         })
@@ -2675,4 +2676,52 @@ fn a_token_minted_by_one_proxy_routes_at_another_with_the_same_key() {
     // A Path (flow) token: the flow lives only where its connection is.
     let path = format!("sips:{}@10.77.0.1:5061", key.seal(Side::External, "flow:7"));
     assert_eq!(refused(&mut b, &path), Some(430));
+}
+
+/// A Record-Route or Contact naming a configured next hop's IP must be
+/// verified against that hop's configured certificate name, not the IP:
+/// a carrier SBC record-routes with its address while its certificate
+/// carries its DNS name, and every in-dialog request to it failed the
+/// handshake.
+#[test]
+fn a_next_hop_from_a_message_takes_the_configured_tls_name() {
+    let (mut p, _) = setup_access();
+    p.settings.access.peers[0].hop = Some(HopTarget {
+        host: "sbc.carrier.example".into(),
+        port: 5061,
+        tls_name: "sbc.carrier.example".into(),
+    });
+    let name = |p: &Proxy, uri: &str, side: Side| match p.hop_of(uri, side) {
+        Ok(Dest::Hop { hop, .. }) => hop.tls_name,
+        Ok(other) => panic!("{uri}: {other:?}"),
+        Err(_) => panic!("{uri}: refused"),
+    };
+    p.settings.access.peers[0]
+        .addresses
+        .push(crate::config::parse_cidr("198.51.100.7").unwrap());
+    // A configured route's host and port.
+    assert_eq!(
+        name(&p, "sip:198.51.100.2:5061;lr;transport=tls", Side::External),
+        "biloxi.example.com"
+    );
+    // Another of the peer's signalling addresses (within its `addresses`).
+    assert_eq!(
+        name(&p, "sip:198.51.100.7:5061;lr;transport=tls", Side::External),
+        "sbc.carrier.example"
+    );
+    // The registrar's IP literal, configured with its own name.
+    assert_eq!(
+        name(&p, "sips:10.77.0.10:5061;lr", Side::Internal),
+        "pbx.example.com"
+    );
+    // Same host on another port is another server: no configured name.
+    assert_eq!(
+        name(&p, "sips:10.77.0.10:5071;lr", Side::Internal),
+        "10.77.0.10"
+    );
+    // Nobody configured: the URI's own host, as before.
+    assert_eq!(
+        name(&p, "sips:bob@203.0.113.9:5061", Side::External),
+        "203.0.113.9"
+    );
 }
