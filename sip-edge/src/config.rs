@@ -457,6 +457,13 @@ pub struct Limits {
     /// Of those, how many may be in their TLS handshake at once.
     #[serde(default = "default_max_handshakes_per_source")]
     pub max_handshakes_per_source: u32,
+    /// New TLS/TCP connections per second one source address may open on a
+    /// side (each costs the edge a handshake), after `handshake_burst`.
+    #[serde(default = "default_handshake_rate")]
+    pub handshake_rate: u32,
+    /// New connections a quiet source may open at once.
+    #[serde(default = "default_handshake_burst")]
+    pub handshake_burst: u32,
     /// Seconds a TLS handshake (or an outgoing TCP connect) may take.
     #[serde(default = "default_handshake_timeout_secs")]
     pub handshake_timeout_secs: u64,
@@ -523,6 +530,12 @@ fn default_max_connections_per_source() -> u32 {
 fn default_max_handshakes_per_source() -> u32 {
     16
 }
+fn default_handshake_rate() -> u32 {
+    20
+}
+fn default_handshake_burst() -> u32 {
+    64
+}
 fn default_handshake_timeout_secs() -> u64 {
     10
 }
@@ -578,6 +591,8 @@ impl Default for Limits {
             max_pinholes: default_max_pinholes(),
             max_connections_per_source: default_max_connections_per_source(),
             max_handshakes_per_source: default_max_handshakes_per_source(),
+            handshake_rate: default_handshake_rate(),
+            handshake_burst: default_handshake_burst(),
             handshake_timeout_secs: default_handshake_timeout_secs(),
             message_timeout_secs: default_message_timeout_secs(),
             request_rate: default_request_rate(),
@@ -616,6 +631,8 @@ impl Limits {
                 "limits.max_handshakes_per_source",
                 self.max_handshakes_per_source,
             ),
+            ("limits.handshake_rate", self.handshake_rate),
+            ("limits.handshake_burst", self.handshake_burst),
             ("limits.request_rate", self.request_rate),
             ("limits.request_burst", self.request_burst),
             ("limits.invite_rate", self.invite_rate),

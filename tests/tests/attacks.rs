@@ -1562,7 +1562,7 @@ async fn framing_abuse_over_tls_is_answered_closed_and_bounded() {
         "relay",
         "",
         "idle_timeout_secs = 3\n",
-        "[limits]\nmessage_timeout_secs = 2\nrequest_rate = 20000\nrequest_burst = 20000\nmax_connections_per_source = 256\nmax_handshakes_per_source = 64\n",
+        "[limits]\nmessage_timeout_secs = 2\nrequest_rate = 20000\nrequest_burst = 20000\nmax_connections_per_source = 256\nmax_handshakes_per_source = 64\nhandshake_rate = 1000\nhandshake_burst = 1000\n",
     );
     let pid = e.agent_pid();
     std::thread::sleep(Duration::from_millis(300));

@@ -236,6 +236,66 @@ async fn stalled_and_flooded_handshakes_are_capped_and_a_call_connects_within_a_
     assert_eq!(ping(&mut alice, EDGE_INT).await, 200);
 }
 
+/// Attack 7, churn: the caps bound what one source holds, not how fast it
+/// opens and closes connections; one source completing a full handshake
+/// and closing at once got ~160 handshakes/s from the edge (a private-key
+/// operation each). Now `limits.handshake_rate` per second after
+/// `handshake_burst`: the flood's completed handshakes stay within burst +
+/// rate × duration, the refusals are security lines naming the rule, and
+/// another source connects at once. Run against the agent before the
+/// limit: 817 handshakes completed in 3 s from the one source (debug build).
+#[tokio::test(flavor = "current_thread")]
+async fn one_source_churning_handshakes_is_held_to_the_handshake_rate() {
+    const NAME: &str = "floods::one_source_churning_handshakes_is_held_to_the_handshake_rate";
+    if let Some(reason) = testnet::unavailable_reason() {
+        testnet::record_skip(NAME, &reason);
+        return;
+    }
+    const RATE: usize = 10;
+    const BURST: usize = 20;
+    let e = start(
+        &format!("flr{}", std::process::id() % 100_000),
+        &format!("handshake_rate = {RATE}\nhandshake_burst = {BURST}\n"),
+    );
+    let atk = e.topo.add_attacker_pool(1).expect("attacker namespace");
+    let sources = floods::ips(&atk.addrs);
+    let within = Duration::from_secs(3);
+    let t = Instant::now();
+    let (done, failed) =
+        floods::handshake_flood(&atk.ns, &sources, sa(EDGE_EXT), &e.pki.ca, within, 5_000);
+    let took = t.elapsed().as_secs_f64();
+    eprintln!("one source, {took:.1} s: {done} handshakes completed, {failed} refused or failed");
+    let most = BURST + (RATE as f64 * took).ceil() as usize + 2;
+    assert!(
+        done >= BURST,
+        "only {done} handshakes: the burst is {BURST}"
+    );
+    assert!(
+        done <= most,
+        "{done} handshakes completed in {took:.1} s; at most {most} allowed"
+    );
+    assert!(failed > 0, "the flood was never refused");
+    // Another source is not held by it.
+    let t = Instant::now();
+    let mut peer = testua::connect_tls(
+        &e.topo.peer,
+        sa(EDGE_EXT),
+        &e.pki.ca,
+        testua::EDGE_TLS_NAME,
+        WAIT,
+    )
+    .await
+    .expect("another outside source connects");
+    assert_eq!(ping(&mut peer, EDGE_EXT).await, 200);
+    eprintln!("another source connected and answered in {:?}", t.elapsed());
+    let logged = e
+        .agent_log()
+        .iter()
+        .filter(|l| l.contains("limits.handshake_rate"))
+        .count();
+    assert!(logged > 0, "no security line names limits.handshake_rate");
+}
+
 /// Attack 7, IPv6: the per-source caps counted each IPv6 address on its
 /// own, so one host rotating through its /64 held 16 stalled handshakes
 /// per address (here 50 addresses: 200 held). Now an IPv6 source is its

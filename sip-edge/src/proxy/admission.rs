@@ -132,20 +132,20 @@ impl AdmissionSettings {
 
 /// A token bucket in milli-tokens.
 #[derive(Clone, Copy, Debug)]
-struct Bucket {
+pub(crate) struct Bucket {
     milli: u64,
     at: Instant,
 }
 
 impl Bucket {
-    fn full(spec: BucketSpec, now: Instant) -> Bucket {
+    pub(crate) fn full(spec: BucketSpec, now: Instant) -> Bucket {
         Bucket {
             milli: u64::from(spec.burst) * MILLI,
             at: now,
         }
     }
 
-    fn refill(&mut self, spec: BucketSpec, now: Instant) {
+    pub(crate) fn refill(&mut self, spec: BucketSpec, now: Instant) {
         let us = now.saturating_duration_since(self.at).as_micros();
         // rate tokens per second = rate milli-tokens per millisecond.
         let add = us.saturating_mul(u128::from(spec.rate)) / 1000;
@@ -156,15 +156,15 @@ impl Bucket {
         self.at = now;
     }
 
-    fn ready(&self) -> bool {
+    pub(crate) fn ready(&self) -> bool {
         self.milli >= MILLI
     }
 
-    fn take(&mut self) {
+    pub(crate) fn take(&mut self) {
         self.milli = self.milli.saturating_sub(MILLI);
     }
 
-    fn is_full(&self, spec: BucketSpec) -> bool {
+    pub(crate) fn is_full(&self, spec: BucketSpec) -> bool {
         self.milli >= u64::from(spec.burst) * MILLI
     }
 

@@ -11,7 +11,17 @@
 //!   its `ipv6_source_prefix`, /64 by default: `admission::source_key`);
 //! - of those, at most `max_handshakes_per_source` may still be in their
 //!   TLS handshake (a handshake costs the edge a private-key operation and
-//!   is what a slow-loris peer stalls; `handshake_timeout_secs` ends each).
+//!   is what a slow-loris peer stalls; `handshake_timeout_secs` ends each);
+//! - and a source may open at most `handshake_rate` new connections per
+//!   second on a side after a burst of `handshake_burst`: the caps above
+//!   bound what a source holds, not how fast it churns, and one source
+//!   completing ~160 handshakes/s and closing each cost the edge ~15% of a
+//!   core (issue #8). The buckets outlive the connections (a churning
+//!   source has none open between handshakes), so they are kept in their
+//!   own table, bounded by `max_tracked_sources`: full buckets are dropped
+//!   first, and when every tracked source is mid-burst a new source is let
+//!   through unmetered rather than refused (the caps still hold), so a
+//!   spoofed-source sweep cannot lock out sources it never used.
 //!
 //! [`LimitTable`] is the sans-IO bookkeeping (unit-tested);
 //! [`ConnLimits`] shares it between the accept loops and hands out a
@@ -26,9 +36,14 @@ use std::{
     collections::HashMap,
     net::IpAddr,
     sync::{Arc, Mutex, PoisonError},
+    time::Instant,
 };
 
-use crate::{media::Side, proxy::admission::source_key};
+use crate::{
+    config::Limits,
+    media::Side,
+    proxy::admission::{source_key, Bucket, BucketSpec},
+};
 
 /// Which limit refused a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,6 +54,9 @@ pub enum Refusal {
     SourceConnections,
     /// The source has `max_handshakes_per_source` handshakes in progress.
     SourceHandshakes,
+    /// The source opened `handshake_burst` connections and more than
+    /// `handshake_rate` per second since.
+    SourceHandshakeRate,
 }
 
 impl Refusal {
@@ -48,6 +66,7 @@ impl Refusal {
             Refusal::SideFull => "proxy.max_connections (per side)",
             Refusal::SourceConnections => "limits.max_connections_per_source",
             Refusal::SourceHandshakes => "limits.max_handshakes_per_source",
+            Refusal::SourceHandshakeRate => "limits.handshake_rate",
         }
     }
 }
@@ -63,6 +82,27 @@ pub struct ConnLimitSettings {
     pub handshakes_per_source: u32,
     /// IPv6 sources are counted by this prefix length.
     pub v6_prefix: u8,
+    /// New connections per source and side (`handshake_rate`/`_burst`).
+    pub new_per_source: BucketSpec,
+    /// Sources whose connection rate is tracked at once.
+    pub max_rate_sources: usize,
+}
+
+impl ConnLimitSettings {
+    /// The limits of `[limits]`, with `per_side` connections per side.
+    pub fn from_limits(per_side: usize, l: &Limits) -> ConnLimitSettings {
+        ConnLimitSettings {
+            per_side,
+            per_source: l.max_connections_per_source,
+            handshakes_per_source: l.max_handshakes_per_source,
+            v6_prefix: l.ipv6_source_prefix,
+            new_per_source: BucketSpec {
+                rate: l.handshake_rate,
+                burst: l.handshake_burst,
+            },
+            max_rate_sources: usize::try_from(l.max_tracked_sources).unwrap_or(usize::MAX),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -77,6 +117,7 @@ pub struct LimitTable {
     s: ConnLimitSettings,
     sides: [usize; 2],
     sources: HashMap<(Side, IpAddr), Counts>,
+    rates: HashMap<(Side, IpAddr), Bucket>,
 }
 
 fn ix(side: Side) -> usize {
@@ -93,12 +134,18 @@ impl LimitTable {
             s,
             sides: [0, 0],
             sources: HashMap::new(),
+            rates: HashMap::new(),
         }
     }
 
     /// A new connection from `ip` on `side`, starting its handshake: counted,
     /// or refused with the limit it would break.
     pub fn open(&mut self, side: Side, ip: IpAddr) -> Result<(), Refusal> {
+        self.open_at(side, ip, Instant::now())
+    }
+
+    /// `open` at `now`.
+    pub fn open_at(&mut self, side: Side, ip: IpAddr, now: Instant) -> Result<(), Refusal> {
         let ip = source_key(ip, self.s.v6_prefix);
         if self.sides[ix(side)] >= self.s.per_side {
             return Err(Refusal::SideFull);
@@ -110,11 +157,44 @@ impl LimitTable {
         if c.handshaking >= self.s.handshakes_per_source {
             return Err(Refusal::SourceHandshakes);
         }
+        if let Some(b) = self.rate_bucket(side, ip, now) {
+            if !b.ready() {
+                return Err(Refusal::SourceHandshakeRate);
+            }
+            b.take();
+        }
         self.sides[ix(side)] += 1;
         let e = self.sources.entry((side, ip)).or_default();
         e.open += 1;
         e.handshaking += 1;
         Ok(())
+    }
+
+    /// The connection-rate bucket of `key`'s source, refilled to `now`;
+    /// `None` (unmetered) when the table is full of sources mid-burst.
+    fn rate_bucket(&mut self, side: Side, ip: IpAddr, now: Instant) -> Option<&mut Bucket> {
+        let spec = self.s.new_per_source;
+        let key = (side, ip);
+        if !self.rates.contains_key(&key) && self.rates.len() >= self.s.max_rate_sources {
+            self.rates.retain(|_, b| {
+                b.refill(spec, now);
+                !b.is_full(spec)
+            });
+            if self.rates.len() >= self.s.max_rate_sources {
+                return None;
+            }
+        }
+        let b = self
+            .rates
+            .entry(key)
+            .or_insert_with(|| Bucket::full(spec, now));
+        b.refill(spec, now);
+        Some(b)
+    }
+
+    /// Sources whose connection rate is tracked.
+    pub fn rate_sources(&self) -> usize {
+        self.rates.len()
     }
 
     /// The handshake of a connection counted by `open` ended (done or not).
@@ -237,6 +317,11 @@ mod tests {
             per_source: 4,
             handshakes_per_source: 2,
             v6_prefix: 64,
+            new_per_source: BucketSpec {
+                rate: 1000,
+                burst: 1000,
+            },
+            max_rate_sources: 1000,
         })
     }
 
@@ -338,6 +423,64 @@ mod tests {
         }
     }
 
+    /// Issue #8 follow-up: the caps bound what a source holds, not how fast
+    /// it churns; a source opening and closing connections as fast as it
+    /// can got a handshake each time. Now `handshake_burst` at once, then
+    /// `handshake_rate` per second; other sources and the other side are
+    /// untouched; a full rate table lets new sources through unmetered
+    /// rather than refusing them.
+    #[test]
+    fn connection_churn_is_rate_limited_per_source() {
+        let mut t = LimitTable::new(ConnLimitSettings {
+            new_per_source: BucketSpec { rate: 2, burst: 3 },
+            max_rate_sources: 2,
+            ..table().s
+        });
+        let t0 = Instant::now();
+        let a = ip("198.51.100.66");
+        let churn = |t: &mut LimitTable, src: IpAddr, side: Side, at: Instant| {
+            let r = t.open_at(side, src, at);
+            if r.is_ok() {
+                t.close(side, src, true);
+            }
+            r
+        };
+        for n in 0..3 {
+            assert_eq!(churn(&mut t, a, Side::External, t0), Ok(()), "burst {n}");
+        }
+        assert_eq!(
+            churn(&mut t, a, Side::External, t0),
+            Err(Refusal::SourceHandshakeRate)
+        );
+        assert_eq!(t.of(Side::External, a), (0, 0), "nothing held");
+        // The inside side is another bucket (two of its three spent).
+        assert_eq!(churn(&mut t, a, Side::Internal, t0), Ok(()));
+        assert_eq!(churn(&mut t, a, Side::Internal, t0), Ok(()));
+        // Half a second later, one token (2/s) is back, and only one.
+        let t1 = t0 + std::time::Duration::from_millis(500);
+        assert_eq!(churn(&mut t, a, Side::External, t1), Ok(()));
+        assert_eq!(
+            churn(&mut t, a, Side::External, t1),
+            Err(Refusal::SourceHandshakeRate)
+        );
+        // The table holds 2 sources, both mid-burst: a third source is let
+        // through unmetered, not refused.
+        let b = ip("198.51.100.67");
+        for _ in 0..5 {
+            assert_eq!(churn(&mut t, b, Side::External, t1), Ok(()));
+        }
+        assert_eq!(t.rate_sources(), 2);
+        // Once the first buckets are full again they make room.
+        let t2 = t1 + std::time::Duration::from_secs(5);
+        for n in 0..3 {
+            assert_eq!(churn(&mut t, b, Side::External, t2), Ok(()), "b {n}");
+        }
+        assert_eq!(
+            churn(&mut t, b, Side::External, t2),
+            Err(Refusal::SourceHandshakeRate)
+        );
+    }
+
     #[test]
     fn permits_give_their_slots_back_on_drop() {
         let l = ConnLimits::new(ConnLimitSettings {
@@ -345,6 +488,11 @@ mod tests {
             per_source: 2,
             handshakes_per_source: 1,
             v6_prefix: 64,
+            new_per_source: BucketSpec {
+                rate: 1000,
+                burst: 1000,
+            },
+            max_rate_sources: 1000,
         });
         let a = ip("203.0.113.77");
         let mut p1 = l.admit(Side::External, a).expect("first");

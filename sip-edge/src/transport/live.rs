@@ -104,12 +104,7 @@ pub fn live_settings(
         candidates: cfg.media.candidates,
         params: conn_params(cfg),
         handshake_timeout: Duration::from_secs(cfg.limits.handshake_timeout_secs),
-        conn_limits: ConnLimitSettings {
-            per_side: p.max_connections,
-            per_source: cfg.limits.max_connections_per_source,
-            handshakes_per_source: cfg.limits.max_handshakes_per_source,
-            v6_prefix: cfg.limits.ipv6_source_prefix,
-        },
+        conn_limits: ConnLimitSettings::from_limits(p.max_connections, &cfg.limits),
         peer_identities: peer_identities(cfg),
     })
 }

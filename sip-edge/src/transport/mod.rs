@@ -295,12 +295,10 @@ pub async fn start(
         active: Arc::new(AtomicUsize::new(0)),
         closed: Arc::new(AtomicU64::new(0)),
         max_connections: p.max_connections,
-        limits: ConnLimits::new(ConnLimitSettings {
-            per_side: p.max_connections,
-            per_source: cfg.limits.max_connections_per_source,
-            handshakes_per_source: cfg.limits.max_handshakes_per_source,
-            v6_prefix: cfg.limits.ipv6_source_prefix,
-        }),
+        limits: ConnLimits::new(ConnLimitSettings::from_limits(
+            p.max_connections,
+            &cfg.limits,
+        )),
         handshake_timeout: Arc::new(arc_swap::ArcSwap::from_pointee(Duration::from_secs(
             cfg.limits.handshake_timeout_secs,
         ))),

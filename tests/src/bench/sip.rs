@@ -710,6 +710,7 @@ fn edge_bench_config(pin_dir: &Path, pki: &TestPki) -> Result<String, BenchError
     // generator, which is one source address: lift it.
     let mut cfg = base
         + "\n[limits]\nmax_connections_per_source = 100000\nmax_handshakes_per_source = 100000\n\
+           handshake_rate = 10000000\nhandshake_burst = 10000000\n\
            request_rate = 10000000\nrequest_burst = 10000000\ninvite_rate = 10000000\n\
            invite_burst = 10000000\nregister_rate = 10000000\nregister_burst = 10000000\n\
            global_request_rate = 10000000\nglobal_request_burst = 10000000\n";
