@@ -22,6 +22,7 @@ use serde_json::Value;
 
 use crate::{testnet, testua::TestPki};
 
+pub mod capture;
 pub mod demo;
 
 /// A process group killed (SIGTERM, then SIGKILL) on drop: Kamailio forks

@@ -87,6 +87,7 @@
 //! (x-msmsgsinvite file transfers).
 
 mod expiry;
+mod ice;
 mod offer_answer;
 mod policy;
 mod ports;

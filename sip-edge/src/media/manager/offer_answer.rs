@@ -17,9 +17,40 @@ impl Manager {
         now: Instant,
         j: &mut Journal,
     ) -> Result<Outcome, MediaError> {
+        // ICE through the relay: the edge's own port named as the party's
+        // media means the path already installed (`ice`).
+        let unrelayed: Vec<StreamDesc>;
+        let unrelayed_inp: SdpInput<'_>;
+        let inp = match self.unrelay(inp.dialog, inp.from_side, inp.streams) {
+            Some(streams) => {
+                unrelayed = streams;
+                unrelayed_inp = SdpInput {
+                    streams: &unrelayed,
+                    ..inp.clone()
+                };
+                &unrelayed_inp
+            }
+            None => inp,
+        };
         let pinned: Vec<StreamDesc>;
         let pinned_inp: SdpInput<'_>;
         let inp = if inp.from_side == Side::External && inp.far_media == FarMedia::RemoteUser {
+            // Pinning hides the address named; the edge's own is never a
+            // remote user's media (DESIGN.md §3), whatever the port.
+            let who = Self::naming(inp.from_side, inp.source, inp.media_sources);
+            for (i, st) in inp.streams.iter().enumerate() {
+                for ep in [st.rtp, st.rtcp, st.path].into_iter().flatten() {
+                    if self.policy.is_edge(ep.ip()) {
+                        return Err(policy::refused(
+                            inp.dialog,
+                            &who,
+                            &format!("stream {i}: media"),
+                            ep,
+                            Refusal::EdgeAddress,
+                        ));
+                    }
+                }
+            }
             // A remote user behind NAT names its private address (or any
             // other): media goes only to its signalling source address,
             // the port learned once (see `FarMedia::RemoteUser`).
