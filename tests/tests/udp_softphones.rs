@@ -19,7 +19,12 @@
 //! listener in its Via, Record-Route and Contact (`transport=udp`); she calls alice and alice calls her, each hears the
 //! other's tone (alice 700 Hz, carol 900 Hz) in its recording, and the
 //! edge's pinholes count packets both ways; carol's de-registration on
-//! exit removes her binding at the edge. Needs root, kamailio +
+//! exit removes her binding at the edge. Over the UDP leg too: hold and
+//! resume from carol (re-INVITEs with `a=sendonly`/`a=sendrecv` over UDP:
+//! the edge's ports stay, media crosses XDP both ways after the resume),
+//! and an SRTP call (SDES `a=crypto`, `mediaenc=srtp-mand` on both sides:
+//! the keys cross UDP and TLS legs unharmed or nobody hears anything).
+//! Needs root, kamailio +
 //! kamailio-tls-modules and baresip-core; skips through
 //! `testnet::record_skip` otherwise.
 
@@ -147,8 +152,9 @@ fn hang_up(what: &str, edge: &Edge, from: &mut Baresip, other: &mut Baresip) {
     from.ok("hangup", "");
     assert!(
         other.saw("terminated", mark, Duration::from_secs(10)),
-        "{what}: the hang-up did not reach the other side\n{}",
-        other.group.tail()
+        "{what}: the hang-up did not reach the other side\n{}\nhung up at:\n{}",
+        other.group.tail(),
+        from.group.tail()
     );
     edge.assert_empty_within(
         &format!("{what}: after the hang-up"),
@@ -157,6 +163,54 @@ fn hang_up(what: &str, edge: &Edge, from: &mut Baresip, other: &mut Baresip) {
     std::thread::sleep(Duration::from_millis(300));
     from.clear_recordings();
     other.clear_recordings();
+}
+
+/// Hold, then resume, from `from` (carol: re-INVITEs over UDP with
+/// `a=sendonly`, then `a=sendrecv`, RFC 3264 §8.4): each phone sees both
+/// SDP updates, the edge keeps the call's media ports, and media crosses
+/// XDP both ways after the resume. By packet counts, as in
+/// `softphones.rs`: baresip 1.0's `sndfile` stops writing after a
+/// re-INVITE.
+fn hold_resume(what: &str, edge: &Edge, from: &Baresip, other: &Baresip) {
+    let ports = |list: Vec<Value>| {
+        let mut l: Vec<String> = list.iter().map(|e| e["local"].to_string()).collect();
+        l.sort();
+        l
+    };
+    let before = ports(edge.pinholes());
+    let marks = (from.log_mark(), other.log_mark());
+    from.ok("hold", "");
+    std::thread::sleep(Duration::from_millis(1500));
+    from.ok("resume", "");
+    std::thread::sleep(Duration::from_millis(500));
+    for (b, mark) in [(from, marks.0), (other, marks.1)] {
+        let log = b.group.log();
+        let tail: Vec<&str> = log.lines().skip(mark).collect();
+        assert!(
+            tail.iter().filter(|l| l.contains("update 'audio'")).count() >= 2,
+            "{what}: two SDP updates (hold, resume) at each phone\n{}",
+            tail.join("\n")
+        );
+    }
+    assert_eq!(
+        ports(edge.pinholes()),
+        before,
+        "{what}: the edge's media ports moved on hold/resume"
+    );
+    let list0 = edge.pinholes();
+    let (out0, in0) = (
+        packets_from(&list0, "internal"),
+        packets_from(&list0, "external"),
+    );
+    std::thread::sleep(LISTEN);
+    let list = edge.pinholes();
+    let out = packets_from(&list, "internal").saturating_sub(out0);
+    let inn = packets_from(&list, "external").saturating_sub(in0);
+    eprintln!("{what} after resume: XDP forwarded {out} packets out, {inn} in");
+    assert!(
+        out >= 50 && inn >= 50,
+        "{what} after resume: XDP forwarded {out} out, {inn} in: {list:#?}"
+    );
 }
 
 /// The SIP messages baresip's trace (`-s`) logged as received from
@@ -207,7 +261,7 @@ async fn udp_baresip_inside_calls_and_is_called_by_tls_baresip_outside() {
         return;
     }
     let started = Instant::now();
-    let tag = format!("up{}", std::process::id());
+    let tag = format!("p2u{}", std::process::id());
     let mut edge = Edge::prepare(&tag);
     let control = edge.dir().join("control.sock");
     edge.write_config(&edge_config(&edge.pin_dir, &edge.pki, &control));
@@ -234,8 +288,12 @@ async fn udp_baresip_inside_calls_and_is_called_by_tls_baresip_outside() {
             name: "alice",
             listen: "198.51.100.2:5060",
             tone_hz: ALICE_HZ as u32,
-            accounts: vec![format!("<sip:alice@example.net;transport=tls>;auth_pass=none;outbound=\"sip:{PROVIDER};transport=tls\";regint=60;answermode=auto;audio_codecs=pcmu")],
-            modules: &[],
+            accounts: ["alice", "alice-srtp"]
+                .iter()
+                .zip(["", ";mediaenc=srtp-mand"])
+                .map(|(user, enc)| format!("<sip:{user}@example.net;transport=tls>;auth_pass=none;outbound=\"sip:{PROVIDER};transport=tls\";regint=60;answermode=auto;audio_codecs=pcmu{enc}"))
+                .collect(),
+            modules: &["srtp.so"],
             extra: "rtcp_mux yes\n",
             identity: Some((&edge.pki.peer_cert, &edge.pki.peer_key)),
         },
@@ -248,9 +306,13 @@ async fn udp_baresip_inside_calls_and_is_called_by_tls_baresip_outside() {
             name: "carol",
             listen: CAROL,
             tone_hz: CAROL_HZ as u32,
-            accounts: vec![format!("<sip:carol@example.net;transport=udp>;auth_pass=none;outbound=\"sip:{EDGE_UDP};transport=udp\";sipnat=outbound;regint=60;answermode=auto;audio_codecs=pcmu")],
+            accounts: ["carol", "carol-srtp"]
+                .iter()
+                .zip(["", ";mediaenc=srtp-mand"])
+                .map(|(user, enc)| format!("<sip:{user}@example.net;transport=udp>;auth_pass=none;outbound=\"sip:{EDGE_UDP};transport=udp\";sipnat=outbound;regint=60;answermode=auto;audio_codecs=pcmu{enc}"))
+                .collect(),
             // RFC 5626 needs a +sip.instance: uuid.so makes one.
-            modules: &["uuid.so"],
+            modules: &["uuid.so", "srtp.so"],
             extra: "rtcp_mux yes\n",
             identity: None,
         },
@@ -386,6 +448,41 @@ async fn udp_baresip_inside_calls_and_is_called_by_tls_baresip_outside() {
         "{what}: the Contact toward carol names the edge's UDP listener\n{invite}"
     );
     both_hear(what, &edge, &alice, &carol);
+    hold_resume(what, &edge, &carol, &alice);
+    hang_up(what, &edge, &mut carol, &mut alice);
+
+    // --- SRTP over the UDP leg: carol-srtp calls alice-srtp.
+    let what = "SRTP: carol-srtp (UDP inside) calls alice-srtp (TLS outside)";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !registrations(&control)["registrations"]
+        .as_array()
+        .is_some_and(|l| l.iter().any(|r| r["aor"] == "carol-srtp@example.net"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: carol-srtp never registered through the edge\n{}",
+            carol.group.tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let marks = (alice.log_mark(), carol.log_mark());
+    carol.ok("uafind", "sip:carol-srtp@example.net");
+    carol.ok("dial", "sip:alice-srtp@example.net");
+    established(what, &mut alice, &mut carol, marks);
+    // carol's trace: the answer that came back over UDP carries the
+    // other side's SDES key (RFC 4568) on an RTP/SAVP stream.
+    let clog = carol.group.log();
+    let tail: Vec<&str> = clog.lines().skip(marks.1).collect();
+    assert!(
+        tail.iter()
+            .any(|l| l.starts_with("m=audio") && l.contains("RTP/SAVP"))
+            && tail.iter().any(|l| l.starts_with("a=crypto:")),
+        "{what}: no RTP/SAVP stream with a=crypto in carol's trace\n{}",
+        tail.join("\n")
+    );
+    both_hear(what, &edge, &alice, &carol);
+    // carol made carol-srtp her current account; alice's `hangup` would
+    // act on her current one, not the one that answered.
     hang_up(what, &edge, &mut carol, &mut alice);
 
     eprintln!("all scenarios after {:?}", started.elapsed());
