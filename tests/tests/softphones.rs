@@ -350,7 +350,7 @@ async fn scenario(mode: &str) {
         return;
     }
     let started = Instant::now();
-    let tag = format!("ph{}{}", &mode[..1], std::process::id());
+    let tag = format!("p2{}{}", &mode[..1], std::process::id());
     let mut edge = Edge::prepare(&tag);
     let control = edge.dir().join("control.sock");
     edge.write_config(&edge_config(&edge.pin_dir, &edge.pki, &control, mode));
@@ -488,7 +488,7 @@ async fn linphone_outside_calls_and_is_called_by_baresip_inside() {
     }
     let mode = "relay";
     let started = Instant::now();
-    let tag = format!("phl{}", std::process::id());
+    let tag = format!("p2l{}", std::process::id());
     let mut edge = Edge::prepare(&tag);
     // liblinphone calls the network down ("Local loopback network only")
     // five seconds after start when no default route gives it a local
@@ -869,6 +869,131 @@ async fn ice_baresip_to_baresip_through_the_relay() {
     }
     eprintln!("ice: all scenarios after {:?}", started.elapsed());
     alice.group.stop();
+    bob.group.stop();
+    kamailio.stop();
+    edge.stop();
+}
+
+/// linphonec (outside) called by baresip (inside) offering `a=rtcp-mux`
+/// (RFC 5761), then calling it: the offer crosses the edge with its
+/// `a=rtcp` and `a=rtcp-mux` consistent, linphonec accepts it and each
+/// side hears the other.
+#[tokio::test(flavor = "current_thread")]
+async fn linphone_outside_and_baresip_inside_with_rtcp_mux() {
+    let name = "softphones::linphone_outside_and_baresip_inside_with_rtcp_mux";
+    if let Some(reason) = testnet::unavailable_reason() {
+        testnet::record_skip(name, &reason);
+        return;
+    }
+    let Some(modules) = softphone::kamailio_modules() else {
+        testnet::record_skip(name, "kamailio with tls.so/registrar.so not installed (apt-get install kamailio kamailio-tls-modules)");
+        return;
+    };
+    if !softphone::which("kamailio")
+        || !softphone::baresip_installed()
+        || !softphone::which("linphonec")
+    {
+        testnet::record_skip(name, "kamailio, baresip or linphonec not installed (apt-get install kamailio kamailio-tls-modules baresip-core linphone-cli)");
+        return;
+    }
+    let started = Instant::now();
+    let tag = format!("p2m{}", std::process::id());
+    let mut edge = Edge::prepare(&tag);
+    testnet::sh(&[
+        "ip",
+        "-n",
+        &edge.topo.peer,
+        "route",
+        "add",
+        "default",
+        "via",
+        "203.0.113.1",
+        "dev",
+        "eth0",
+    ])
+    .expect("default route outside");
+    let control = edge.dir().join("control.sock");
+    edge.write_config(&edge_config(&edge.pin_dir, &edge.pki, &control, "relay"));
+    edge.run_agent_within(Duration::from_secs(15));
+    let mut kamailio =
+        softphone::start_kamailio(&edge.topo.client, edge.dir(), &edge.pki, &modules, PBX);
+    let mut bob = Baresip::start_with_args(
+        &edge.topo.client,
+        edge.dir(),
+        &edge.pki.ca,
+        &bob_spec(&edge.pki, MUX),
+        &["-s"],
+    );
+    let mut carol = Linphone::start(
+        &edge.topo.peer,
+        edge.dir(),
+        &edge.pki.ca,
+        "carol@example.com",
+        "203.0.113.1:5061",
+        CAROL_HZ as u32,
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while registered(&control, "carol@example.com").is_none() {
+        assert!(
+            carol.group.alive() && Instant::now() < deadline,
+            "linphonec never registered through the edge\n{}",
+            carol.group.tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        bob.saw(
+            "bob@example.com: {0/TLS/v4} 200 OK",
+            0,
+            Duration::from_secs(20)
+        ),
+        "bob never registered at the PBX\n{}",
+        bob.group.tail()
+    );
+
+    let what = "rtcp-mux: bob (inside) calls carol (linphonec, outside)";
+    let marks = (carol.log_mark(), bob.log_mark());
+    bob.ok("dial", "sip:carol@example.com");
+    let ok = bob.saw("established", marks.1, Duration::from_secs(15))
+        && carol.saw("connected", marks.0, Duration::from_secs(15));
+    let debug = std::fs::read_to_string(edge.dir().join("linphone-debug.log")).unwrap_or_default();
+    assert!(
+        ok,
+        "{what}: not established\nlinphonec:\n{}\nbob:\n{}\nlinphone debug (SDP lines):\n{}",
+        carol.group.tail(),
+        bob.group.tail(),
+        debug
+            .lines()
+            .filter(|l| l.contains("rtcp")
+                || l.contains("488")
+                || l.contains("m=audio")
+                || l.contains("ncompatible")
+                || l.contains("not acceptable"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // linphonec declines mux (its answer has none and it sends RTCP to
+    // RTP + 1): the edge pinholes RTP and RTCP, two flows of two rules.
+    let rules = edge.pinholes();
+    eprintln!("{what}: {} pinhole rules", rules.len());
+    assert_eq!(rules.len(), 4, "{what}: RTP and RTCP flows: {rules:#?}");
+    listen_both(what, &edge, &carol, &bob);
+    let mark = bob.log_mark();
+    carol.send("terminate");
+    assert!(
+        bob.saw("terminated", mark, Duration::from_secs(10)),
+        "{what}: linphonec's BYE never reached bob\n{}",
+        bob.group.tail()
+    );
+    edge.assert_empty_within(
+        &format!("{what}: after the hang-up"),
+        Duration::from_secs(5),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    carol_heard(what, &carol);
+    eprintln!("rtcp-mux with linphonec after {:?}", started.elapsed());
+    carol.send("quit");
+    carol.group.stop();
     bob.group.stop();
     kamailio.stop();
     edge.stop();

@@ -514,6 +514,7 @@ fn stream_desc(f: &MediaFlow) -> Result<StreamDesc, MediaError> {
         proto,
         rtp,
         rtcp,
+        rtcp_mux: f.rtcp_mux && rtp.is_some(),
         rejected: f.no_pinhole == Some(NoPinhole::PortZero),
         setup: f.setup.as_ref().map(|s| s.trim().to_ascii_lowercase()),
         path,

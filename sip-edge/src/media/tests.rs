@@ -683,3 +683,82 @@ fn the_edges_address_is_never_a_remote_users_media_outside_the_ice_case() {
         .expect_err("a candidate naming another edge port");
     assert!(matches!(e, MediaError::Forbidden { .. }), "{e:?}");
 }
+
+#[test]
+fn an_answer_declining_rtcp_mux_gets_rtcp_through_the_edge() {
+    // linphonec answering baresip's mux offer without a=rtcp-mux (RFC
+    // 5761 §5.1.3): RTCP goes to RTP + 1 both ways, so the edge's mux
+    // offer must have kept an RTCP port.
+    let mut h = H::new(settings());
+    let d = dialog(710);
+    let to_outside = h
+        .sdp(
+            &d,
+            SdpRole::Offer,
+            Side::Internal,
+            CLIENT,
+            &format!("{INSIDE_OFFER}a=rtcp-mux\r\n"),
+        )
+        .expect("mux offer");
+    let public = m_port(&to_outside);
+    let to_inside = h
+        .sdp(
+            &d,
+            SdpRole::Answer,
+            Side::External,
+            PEER,
+            &audio("198.51.100.2", 7078, ""),
+        )
+        .expect("the answer without mux is accepted");
+    let internal = m_port(&to_inside);
+    let mut got: Vec<(SocketAddr, SocketAddr, SocketAddr)> = installed_flows(&h)
+        .into_iter()
+        .map(|f| match f {
+            crate::datapath::rules::Flow::Relay {
+                client,
+                public,
+                peer,
+                ..
+            } => (client, public, peer),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    got.sort();
+    let ep = |ip: &str, port: u16| SocketAddr::new(ip.parse().expect("ip"), port);
+    assert_eq!(
+        got,
+        vec![
+            (
+                ep("10.77.0.2", 4000),
+                ep("203.0.113.1", public),
+                ep("198.51.100.2", 7078)
+            ),
+            (
+                ep("10.77.0.2", 4001),
+                ep("203.0.113.1", public + 1),
+                ep("198.51.100.2", 7079)
+            ),
+        ]
+    );
+    assert!(to_inside.contains(&format!("m=audio {internal} ")));
+    // Accepted mux: one flow, the RTCP port unused.
+    let d = dialog(711);
+    h.sdp(
+        &d,
+        SdpRole::Offer,
+        Side::Internal,
+        CLIENT,
+        &format!("{INSIDE_OFFER}a=rtcp-mux\r\n"),
+    )
+    .expect("mux offer");
+    let before = h.installed();
+    h.sdp(
+        &d,
+        SdpRole::Answer,
+        Side::External,
+        PEER,
+        &audio("198.51.100.2", 7080, "a=rtcp-mux\r\n"),
+    )
+    .expect("mux answer");
+    assert_eq!(h.installed() - before, 1);
+}

@@ -202,10 +202,10 @@ impl Manager {
                     "stream {i}: answer changes the transport"
                 )));
             }
-            let (int, ext, int_rtp, ext_rtp) = if inp.from_side == Side::Internal {
-                (a, o, a_rtp, o_rtp)
+            let (int_rtp, ext_rtp) = if inp.from_side == Side::Internal {
+                (a_rtp, o_rtp)
             } else {
-                (o, a, o_rtp, a_rtp)
+                (o_rtp, a_rtp)
             };
             let Some(slot) = d.slots.get(i).and_then(Option::as_ref) else {
                 return Err(not_acceptable(format!(
@@ -244,7 +244,23 @@ impl Manager {
                 }
             }
             let mut pairs = vec![(false, int_rtp, ext_rtp, Some(public.port))];
-            if let (Some(ci), Some(ce)) = (int.rtcp, ext.rtcp) {
+            // An answer that declines the offer's rtcp-mux has RTCP of
+            // its own; the offerer's then goes to its RTP port + 1 (RFC
+            // 5761 §5.1.3 with the RFC 3605 default).
+            let declined = |st: &StreamDesc, rtp: SocketAddr| {
+                st.rtcp.or_else(|| {
+                    (st.rtcp_mux && a.rtcp.is_some() && !a.rtcp_mux)
+                        .then(|| rtp.port().checked_add(1))
+                        .flatten()
+                        .map(|p| SocketAddr::new(rtp.ip(), p))
+                })
+            };
+            let (int_rtcp, ext_rtcp) = if inp.from_side == Side::Internal {
+                (a.rtcp, declined(o, ext_rtp))
+            } else {
+                (declined(o, int_rtp), a.rtcp)
+            };
+            if let (Some(ci), Some(ce)) = (int_rtcp, ext_rtcp) {
                 pairs.push((true, ci, ce, public.rtcp));
             }
             for (is_rtcp, client, peer, pub_port) in pairs {
