@@ -998,3 +998,34 @@ async fn linphone_outside_and_baresip_inside_with_rtcp_mux() {
     kamailio.stop();
     edge.stop();
 }
+
+/// `cargo xtask demo --baresip`'s call, on the demo's configuration
+/// (`testua::edge_config`, relay, `[[route]]` for peer.example.net) and
+/// through the demo's own code (`softphone::demo::call`): baresip inside
+/// with the edge as outbound proxy calls baresip outside, no registrar,
+/// each must hear the other's tone, the outside one hangs up.
+#[tokio::test(flavor = "current_thread")]
+async fn demo_baresip_call_through_the_edge() {
+    let name = "softphones::demo_baresip_call_through_the_edge";
+    if let Some(reason) = testnet::unavailable_reason() {
+        testnet::record_skip(name, &reason);
+        return;
+    }
+    if !softphone::baresip_installed() {
+        testnet::record_skip(name, "baresip not installed (apt-get install baresip-core)");
+        return;
+    }
+    let tag = format!("p2d{}", std::process::id());
+    let mut edge = Edge::prepare(&tag);
+    edge.write_config(&testua::edge_config(&edge.pin_dir, &edge.pki, "relay"));
+    edge.run_agent_within(Duration::from_secs(15));
+    let result = softphone::demo::call(&edge.topo, &edge.pki, edge.dir(), &|args| {
+        eprintln!("{}", edge.cli(args));
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("the demo's baresip call failed: {e}");
+    }
+    edge.assert_empty_within("after the demo call", Duration::from_secs(5));
+    edge.stop();
+}
