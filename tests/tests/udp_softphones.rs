@@ -24,7 +24,11 @@
 //! the edge's ports stay, media crosses XDP both ways after the resume),
 //! and an SRTP call (SDES `a=crypto`, `mediaenc=srtp-mand` on both sides:
 //! the keys cross UDP and TLS legs unharmed or nobody hears anything).
-//! Needs root, kamailio +
+//! With Debian's kamailio-outbound-modules, Kamailio is an RFC 5626
+//! registrar (`Require: outbound`, `Flow-Timer: 10` in its 200, seen at
+//! carol): carol's own STUN keep-alives reach the edge's UDP listener and
+//! are answered while the calls run (packet sockets at the edge and at
+//! carol). Needs root, kamailio +
 //! kamailio-tls-modules and baresip-core; skips through
 //! `testnet::record_skip` otherwise.
 
@@ -37,7 +41,7 @@ use std::{
 use serde_json::Value;
 use sip_edge_tests::{
     edge::Edge,
-    softphone::{self, tone_secs, Baresip, BaresipSpec},
+    softphone::{self, capture, tone_secs, Baresip, BaresipSpec},
     testnet,
     testua::{self, TestPki},
 };
@@ -48,6 +52,8 @@ const PROVIDER: &str = "198.51.100.2:5070";
 const EDGE_UDP: &str = "10.77.0.1:5060";
 /// carol's SIP address (UDP).
 const CAROL: &str = "10.77.0.2:5090";
+/// The provider's `Flow-Timer` (seconds) for outbound registrations.
+const FLOW_TIMER: u32 = 10;
 const ALICE_HZ: f64 = 700.0;
 const CAROL_HZ: f64 = 900.0;
 /// How long each call is listened to.
@@ -273,13 +279,17 @@ async fn udp_baresip_inside_calls_and_is_called_by_tls_baresip_outside() {
         client_key: edge.pki.peer_key.clone(),
         ..edge.pki.clone()
     };
-    let mut kamailio = softphone::start_kamailio(
-        &edge.topo.peer,
-        edge.dir(),
-        &provider_pki,
-        &modules,
-        PROVIDER,
-    );
+    // An RFC 5626 registrar (when Debian's outbound module is there):
+    // its 200 carries `Require: outbound` and `Flow-Timer`, so carol
+    // keeps her UDP flow alive with STUN every 8-10 s (§4.4.1).
+    let outbound = softphone::kamailio_outbound_installed(&modules);
+    let mut kcfg = softphone::kamailio_cfg(&provider_pki, &modules, PROVIDER);
+    if outbound {
+        kcfg = softphone::kamailio_outbound_cfg(&kcfg, FLOW_TIMER);
+    } else {
+        eprintln!("kamailio-outbound-modules not installed: no keep-alive check");
+    }
+    let mut kamailio = softphone::start_kamailio_cfg(&edge.topo.peer, edge.dir(), &kcfg, PROVIDER);
     let mut alice = Baresip::start(
         &edge.topo.peer,
         edge.dir(),
@@ -394,6 +404,34 @@ async fn udp_baresip_inside_calls_and_is_called_by_tls_baresip_outside() {
         "carol's Via not stamped (RFC 3581): {via}\n{ok}"
     );
     eprintln!("registered after {:?}", started.elapsed());
+    // RFC 5626 §4.4.2: carol's STUN keep-alives to the edge's UDP
+    // listener and the edge's answers, watched while the calls run.
+    // Requests are watched where they arrive (the edge), answers at carol.
+    let keepalives = outbound.then(|| {
+        [edge.topo.edge.clone(), edge.topo.client.clone()].map(|ns| {
+            std::thread::spawn(move || {
+                capture::stun_bindings(
+                    &ns,
+                    CAROL.parse().expect("carol"),
+                    EDGE_UDP.parse().expect("edge"),
+                    Duration::from_secs(u64::from(FLOW_TIMER) + 4),
+                )
+            })
+        })
+    });
+    if outbound {
+        let hdr = |name: &str| {
+            ok.lines()
+                .find(|l| l.to_ascii_lowercase().starts_with(name))
+                .unwrap_or_default()
+                .to_string()
+        };
+        assert!(
+            hdr("require:").contains("outbound")
+                && hdr("flow-timer:").contains(&FLOW_TIMER.to_string()),
+            "the outbound registrar's 200 reaches carol with Require: outbound and Flow-Timer\n{ok}"
+        );
+    }
 
     // --- carol (UDP, inside) calls alice (TLS, outside); alice hangs up.
     let what = "carol (UDP inside) calls alice (TLS outside)";
@@ -485,6 +523,24 @@ async fn udp_baresip_inside_calls_and_is_called_by_tls_baresip_outside() {
     // act on her current one, not the one that answered.
     hang_up(what, &edge, &mut carol, &mut alice);
 
+    if let Some([at_edge, at_carol]) = keepalives {
+        let (requests, _) = at_edge
+            .join()
+            .expect("capture thread")
+            .expect("capture at the edge");
+        let (_, responses) = at_carol
+            .join()
+            .expect("capture thread")
+            .expect("capture at carol");
+        eprintln!(
+            "STUN keep-alives in {} s: carol sent {requests} Binding requests to {EDGE_UDP}, the edge answered {responses}",
+            FLOW_TIMER + 4
+        );
+        assert!(
+            requests >= 1 && responses >= requests,
+            "carol's STUN keep-alives (Flow-Timer {FLOW_TIMER} s): {requests} requests, {responses} answers"
+        );
+    }
     eprintln!("all scenarios after {:?}", started.elapsed());
     alice.group.stop();
     // baresip de-registers on SIGTERM (Contact `;expires=0`, no Expires

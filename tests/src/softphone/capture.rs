@@ -10,7 +10,7 @@
 //! IPv4/UDP/RTP headers needed are fixed-layout.
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddrV4},
     ops::RangeInclusive,
     time::{Duration, Instant},
 };
@@ -35,11 +35,81 @@ pub fn listen(
     ports: RangeInclusive<u16>,
     for_: Duration,
 ) -> Result<Heard, String> {
-    testnet::in_ns(ns, move || capture(from, ports, for_))
-        .map_err(|e| format!("netns {ns}: {e}"))?
+    let mut heard = Heard::default();
+    testnet::in_ns(ns, || {
+        capture(for_, &mut |ip, outgoing| {
+            if outgoing {
+                return;
+            }
+            if let Some(payload) = pcmu_to(ip, from, &ports) {
+                heard.packets += 1;
+                heard.samples.extend(payload.iter().map(|b| ulaw(*b)));
+            }
+        })
+    })
+    .map_err(|e| format!("netns {ns}: {e}"))??;
+    Ok(heard)
 }
 
-fn capture(from: Ipv4Addr, ports: RangeInclusive<u16>, for_: Duration) -> Result<Heard, String> {
+/// RFC 5389 STUN Binding traffic between `client` and `server` arriving
+/// in namespace `ns` for `for_`: (requests client to server, success
+/// responses server to client). The keep-alives of RFC 5626 §4.4.2.
+/// Packets a namespace sends are not seen on its veth (no outgoing tap
+/// there): watch requests in the server's namespace, answers in the
+/// client's.
+pub fn stun_bindings(
+    ns: &str,
+    client: SocketAddrV4,
+    server: SocketAddrV4,
+    for_: Duration,
+) -> Result<(usize, usize), String> {
+    let (mut requests, mut responses) = (0, 0);
+    testnet::in_ns(ns, || {
+        capture(
+            for_,
+            &mut |ip, outgoing| match stun_type(ip, client, server) {
+                _ if outgoing => {}
+                Some(0x0001) => requests += 1,
+                Some(0x0101) => responses += 1,
+                _ => {}
+            },
+        )
+    })
+    .map_err(|e| format!("netns {ns}: {e}"))??;
+    Ok((requests, responses))
+}
+
+/// The STUN message type of an IPv4/UDP packet between `a` and `b`
+/// (either way; requests go a to b, responses b to a), if it is STUN
+/// (RFC 5389 §6: first two bits 0, magic cookie 0x2112A442).
+fn stun_type(ip: &[u8], a: SocketAddrV4, b: SocketAddrV4) -> Option<u16> {
+    let ihl = usize::from(*ip.first()? & 0x0f) * 4;
+    if ip.first()? >> 4 != 4 || *ip.get(9)? != 17 || ihl < 20 {
+        return None;
+    }
+    let src = SocketAddrV4::new(
+        Ipv4Addr::new(*ip.get(12)?, ip[13], ip[14], ip[15]),
+        u16::from_be_bytes([*ip.get(ihl)?, *ip.get(ihl + 1)?]),
+    );
+    let dst = SocketAddrV4::new(
+        Ipv4Addr::new(*ip.get(16)?, ip[17], ip[18], ip[19]),
+        u16::from_be_bytes([*ip.get(ihl + 2)?, *ip.get(ihl + 3)?]),
+    );
+    let stun = ip.get(ihl + 8..)?;
+    if stun.len() < 20 || stun[0] >> 6 != 0 || stun[4..8] != [0x21, 0x12, 0xa4, 0x42] {
+        return None;
+    }
+    let t = u16::from_be_bytes([stun[0], stun[1]]);
+    let ok = match t {
+        0x0001 => src == a && dst == b,
+        _ => src == b && dst == a,
+    };
+    ok.then_some(t)
+}
+
+/// Reads IPv4 packets (each with whether it was outgoing) in the current
+/// namespace for `for_`.
+fn capture(for_: Duration, seen: &mut dyn FnMut(&[u8], bool)) -> Result<(), String> {
     let proto = (libc::ETH_P_IP as u16).to_be();
     // SAFETY: plain socket(2); the fd is closed below on every path.
     let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM, i32::from(proto)) };
@@ -63,7 +133,6 @@ fn capture(from: Ipv4Addr, ports: RangeInclusive<u16>, for_: Duration) -> Result
             std::mem::size_of::<libc::timeval>() as libc::socklen_t,
         );
     }
-    let mut heard = Heard::default();
     let mut buf = vec![0u8; 2048];
     let deadline = Instant::now() + for_;
     while Instant::now() < deadline {
@@ -82,17 +151,11 @@ fn capture(from: Ipv4Addr, ports: RangeInclusive<u16>, for_: Duration) -> Result
             )
         };
         let Ok(n) = usize::try_from(n) else { continue };
-        if sll.sll_pkttype == libc::PACKET_OUTGOING {
-            continue;
-        }
-        if let Some(payload) = pcmu_to(&buf[..n], from, &ports) {
-            heard.packets += 1;
-            heard.samples.extend(payload.iter().map(|b| ulaw(*b)));
-        }
+        seen(&buf[..n], sll.sll_pkttype == libc::PACKET_OUTGOING);
     }
     // SAFETY: closing the fd opened above.
     unsafe { libc::close(fd) };
-    Ok(heard)
+    Ok(())
 }
 
 /// The PCMU payload of an IPv4/UDP/RTP packet from `from` to a port in
