@@ -240,4 +240,50 @@ mod tests {
         // Truncated packets are no packets.
         assert_eq!(pcmu_to(&ok[..30], edge, &ports), None);
     }
+
+    #[test]
+    fn stun_bindings_are_told_by_direction_and_cookie() {
+        let client: SocketAddrV4 = "10.77.0.2:5090".parse().expect("client");
+        let server: SocketAddrV4 = "10.77.0.1:5060".parse().expect("server");
+        let udp = |src: SocketAddrV4, dst: SocketAddrV4, body: &[u8]| {
+            let mut p = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, 17, 0, 0];
+            p.extend_from_slice(&src.ip().octets());
+            p.extend_from_slice(&dst.ip().octets());
+            p.extend_from_slice(&src.port().to_be_bytes());
+            p.extend_from_slice(&dst.port().to_be_bytes());
+            p.extend_from_slice(&[0, 0, 0, 0]);
+            p.extend_from_slice(body);
+            p
+        };
+        let stun = |t: u16| {
+            let mut m = t.to_be_bytes().to_vec();
+            m.extend_from_slice(&[0, 0, 0x21, 0x12, 0xa4, 0x42]);
+            m.extend_from_slice(&[7; 12]);
+            m
+        };
+        let req = udp(client, server, &stun(0x0001));
+        let resp = udp(server, client, &stun(0x0101));
+        assert_eq!(stun_type(&req, client, server), Some(0x0001));
+        assert_eq!(stun_type(&resp, client, server), Some(0x0101));
+        // The wrong way round, another port, no cookie, CRLF.
+        assert_eq!(
+            stun_type(&udp(server, client, &stun(0x0001)), client, server),
+            None
+        );
+        let other: SocketAddrV4 = "10.77.0.2:5091".parse().expect("other");
+        assert_eq!(
+            stun_type(&udp(other, server, &stun(0x0001)), client, server),
+            None
+        );
+        let mut no_cookie = stun(0x0001);
+        no_cookie[4] = 0;
+        assert_eq!(
+            stun_type(&udp(client, server, &no_cookie), client, server),
+            None
+        );
+        assert_eq!(
+            stun_type(&udp(client, server, b"\r\n\r\n"), client, server),
+            None
+        );
+    }
 }
