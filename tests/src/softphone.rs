@@ -22,6 +22,7 @@ use serde_json::Value;
 
 use crate::{testnet, testua::TestPki};
 
+pub mod capture;
 pub mod demo;
 
 /// A process group killed (SIGTERM, then SIGKILL) on drop: Kamailio forks
@@ -239,8 +240,34 @@ request_route {{
 /// Kamailio (`kamailio_cfg` on TLS `listen`) in namespace `ns`, with its
 /// config, runtime dir and log in `dir`; returns once it accepts TCP.
 pub fn start_kamailio(ns: &str, dir: &Path, pki: &TestPki, modules: &Path, listen: &str) -> Group {
+    start_kamailio_cfg(ns, dir, &kamailio_cfg(pki, modules, listen), listen)
+}
+
+/// `kamailio_cfg` as an RFC 5626 registrar: the `outbound` module
+/// (Debian's kamailio-outbound-modules), `Require: outbound` in the 200 to
+/// an outbound REGISTER, and `Flow-Timer: flow_timer` in it, which asks
+/// the client for keep-alives every 80-100% of that many seconds (§4.4.1).
+pub fn kamailio_outbound_cfg(cfg: &str, flow_timer: u32) -> String {
+    cfg.replacen(
+        "loadmodule \"xlog.so\"\n",
+        &format!(
+            "loadmodule \"xlog.so\"\nloadmodule \"outbound.so\"\nmodparam(\"registrar\", \"outbound_mode\", 1)\nmodparam(\"registrar\", \"flow_timer\", {flow_timer})\n"
+        ),
+        1,
+    )
+}
+
+/// Whether Debian's Kamailio has its `outbound` module.
+pub fn kamailio_outbound_installed(modules: &Path) -> bool {
+    modules.join("outbound.so").exists()
+}
+
+/// Kamailio on configuration text `cfg` (listening on TLS `listen`) in
+/// namespace `ns`, config, runtime dir and log in `dir`; returns once it
+/// accepts TCP.
+pub fn start_kamailio_cfg(ns: &str, dir: &Path, cfg: &str, listen: &str) -> Group {
     let kcfg = dir.join("kamailio.cfg");
-    std::fs::write(&kcfg, kamailio_cfg(pki, modules, listen)).expect("kamailio cfg");
+    std::fs::write(&kcfg, cfg).expect("kamailio cfg");
     let krun = dir.join("kamailio-run");
     std::fs::create_dir_all(&krun).expect("kamailio run dir");
     let mut kcmd = nsenter(ns, "kamailio");

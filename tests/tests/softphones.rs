@@ -23,6 +23,7 @@
 //! linphone-cli; skips through `testnet::record_skip` otherwise.
 
 use std::{
+    net::Ipv4Addr,
     path::Path,
     process::Command,
     time::{Duration, Instant},
@@ -31,7 +32,7 @@ use std::{
 use serde_json::Value;
 use sip_edge_tests::{
     edge::Edge,
-    softphone::{self, tone_secs, Baresip, BaresipSpec, Group, Linphone, Wav},
+    softphone::{self, capture, tone_secs, Baresip, BaresipSpec, Group, Linphone, Wav},
     testnet,
     testua::{self, TestPki},
 };
@@ -39,6 +40,9 @@ use sip_edge_tests::{
 /// Both baresips offer and accept `a=rtcp-mux` (RFC 5761): RTP and RTCP
 /// on one port through one pinhole.
 const MUX: &str = "rtcp_mux yes\n";
+/// Where every baresip here receives RTP (`rtp_ports` of
+/// `softphone::Baresip`).
+const RTP_PORTS: std::ops::RangeInclusive<u16> = 20000..=20999;
 /// Kamailio, the inside registrar/PBX.
 const PBX: &str = "10.77.0.2:5070";
 /// alice's (outside) tone.
@@ -346,7 +350,7 @@ async fn scenario(mode: &str) {
         return;
     }
     let started = Instant::now();
-    let tag = format!("ph{}{}", &mode[..1], std::process::id());
+    let tag = format!("p2{}{}", &mode[..1], std::process::id());
     let mut edge = Edge::prepare(&tag);
     let control = edge.dir().join("control.sock");
     edge.write_config(&edge_config(&edge.pin_dir, &edge.pki, &control, mode));
@@ -484,7 +488,7 @@ async fn linphone_outside_calls_and_is_called_by_baresip_inside() {
     }
     let mode = "relay";
     let started = Instant::now();
-    let tag = format!("phl{}", std::process::id());
+    let tag = format!("p2l{}", std::process::id());
     let mut edge = Edge::prepare(&tag);
     // liblinphone calls the network down ("Local loopback network only")
     // five seconds after start when no default route gives it a local
@@ -662,4 +666,401 @@ fn carol_heard(what: &str, carol: &Linphone) {
         "{what}: carol (linphonec) heard bob's {BOB_HZ} Hz tone for {secs:.1} s\n{}",
         carol.group.tail()
     );
+}
+
+/// Issue #9, ICE: both baresips with `medianat=ice` (the `ice` module,
+/// full ICE, host candidates only), `relay` mode. ICE completes through
+/// the edge's relay ports; the controlling side then re-offers (RFC 8445
+/// §8.1.2) its selected candidate, a peer-reflexive one that is the
+/// edge's own relay address on the far side, with `a=remote-candidates`
+/// naming the candidates the edge put in front of the other phone. Both
+/// call directions; each side must hear the other after the re-offer.
+#[tokio::test(flavor = "current_thread")]
+async fn ice_baresip_to_baresip_through_the_relay() {
+    ice_scenario("relay").await;
+}
+
+/// The same in `nat` mode: the inside phone's checks leave with the
+/// edge's public address, so its selected local candidate (when it
+/// calls) is the edge's public port standing for it.
+#[tokio::test(flavor = "current_thread")]
+async fn ice_baresip_to_baresip_in_nat_mode() {
+    ice_scenario("nat").await;
+}
+
+async fn ice_scenario(mode: &str) {
+    let name = format!("softphones::ice_baresip_to_baresip ({mode})");
+    let name = name.as_str();
+    if let Some(reason) = testnet::unavailable_reason() {
+        testnet::record_skip(name, &reason);
+        return;
+    }
+    let Some(modules) = softphone::kamailio_modules() else {
+        testnet::record_skip(name, "kamailio with tls.so/registrar.so not installed (apt-get install kamailio kamailio-tls-modules)");
+        return;
+    };
+    if !softphone::which("kamailio")
+        || !softphone::baresip_installed()
+        || !Path::new(softphone::BARESIP_MODULES)
+            .join("ice.so")
+            .exists()
+    {
+        testnet::record_skip(name, "kamailio or baresip (with ice.so) not installed (apt-get install kamailio kamailio-tls-modules baresip-core)");
+        return;
+    }
+    let started = Instant::now();
+    let tag = format!("p2i{}{}", &mode[..1], std::process::id());
+    let mut edge = Edge::prepare(&tag);
+    let control = edge.dir().join("control.sock");
+    edge.write_config(&edge_config(&edge.pin_dir, &edge.pki, &control, mode));
+    edge.run_agent_within(Duration::from_secs(15));
+    let mut kamailio =
+        softphone::start_kamailio(&edge.topo.client, edge.dir(), &edge.pki, &modules, PBX);
+    let ice = ";medianat=ice";
+    let mut bob = Baresip::start_with_args(
+        &edge.topo.client,
+        edge.dir(),
+        &edge.pki.ca,
+        &BaresipSpec {
+            accounts: vec![account("bob", PBX, ice)],
+            modules: &["ice.so"],
+            ..bob_spec(&edge.pki, MUX)
+        },
+        &["-s"],
+    );
+    let mut alice = Baresip::start_with_args(
+        &edge.topo.peer,
+        edge.dir(),
+        &edge.pki.ca,
+        &BaresipSpec {
+            accounts: vec![account("alice", "203.0.113.1:5061", ice)],
+            modules: &["ice.so"],
+            ..alice_spec(&edge.pki, MUX)
+        },
+        &["-s"],
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while registered(&control, "alice@example.com").is_none() {
+        assert!(
+            alice.group.alive() && Instant::now() < deadline,
+            "alice never registered through the edge\n{}",
+            alice.group.tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        bob.saw(
+            "bob@example.com: {0/TLS/v4} 200 OK",
+            0,
+            Duration::from_secs(20)
+        ),
+        "bob never registered at the PBX\n{}",
+        bob.group.tail()
+    );
+
+    for (what, caller_is_bob) in [
+        (
+            format!("ice ({mode}): alice (outside) calls bob (inside)"),
+            false,
+        ),
+        (
+            format!("ice ({mode}): bob (inside) calls alice (outside)"),
+            true,
+        ),
+    ] {
+        let what = what.as_str();
+        let marks = (alice.log_mark(), bob.log_mark());
+        if caller_is_bob {
+            bob.ok("dial", "sip:alice@example.com");
+        } else {
+            alice.ok("dial", "sip:bob@example.com");
+        }
+        established(what, marks, &mut alice, &mut bob, &kamailio);
+        // The controlling side's re-offer after ICE completed: it carries
+        // a=remote-candidates (RFC 8445 §8.1.2 / RFC 5245 §9.1.3). Through
+        // the relay it always comes (the selected local candidate is
+        // peer-reflexive); in nat mode only when the inside phone, whose
+        // checks leave with the edge's address, is the caller.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let re_offered = |b: &Baresip, mark: usize| {
+            b.group
+                .log()
+                .lines()
+                .skip(mark)
+                .any(|l| l.starts_with("a=remote-candidates"))
+        };
+        let mut seen = false;
+        while !seen {
+            seen = re_offered(&alice, marks.0) || re_offered(&bob, marks.1);
+            if Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        eprintln!("{what}: ICE re-offer with a=remote-candidates: {seen}");
+        assert!(
+            seen || mode == "nat",
+            "{what}: no ICE re-offer with a=remote-candidates\nalice:\n{}\nbob:\n{}",
+            alice.group.tail(),
+            bob.group.tail()
+        );
+        // The callee (ICE-controlled) is told which of its own candidates
+        // was selected, not the edge port the caller checked against.
+        let (callee, own_ip, mark) = if caller_is_bob {
+            (&alice, "198.51.100.2", marks.0)
+        } else {
+            (&bob, "10.77.0.2", marks.1)
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while seen
+            && !callee
+                .group
+                .log()
+                .lines()
+                .skip(mark)
+                .any(|l| l.starts_with(&format!("a=remote-candidates:1 {own_ip} ")))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: the callee never got a=remote-candidates naming its own {own_ip}\n{}",
+                callee.group.tail()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        // The re-offer's transaction, then media: each phone must get
+        // the other's tone at its own RTP port (`capture`: baresip's
+        // `sndfile` stops recording after a re-INVITE), and the call's
+        // pinholes count packets both ways.
+        std::thread::sleep(Duration::from_millis(1000));
+        for (who, b, mark) in [("alice", &alice, marks.0), ("bob", &bob, marks.1)] {
+            let log = b.group.log();
+            assert!(
+                !log.lines().skip(mark).any(|l| l.starts_with("SIP/2.0 488")),
+                "{what}: the ICE re-offer was refused ({who}'s trace)\n{}",
+                b.group.tail()
+            );
+        }
+        let before = edge.pinholes();
+        let (out0, in0) = (
+            packets_from(&before, "internal"),
+            packets_from(&before, "external"),
+        );
+        let (at_alice, at_bob) = std::thread::scope(|s| {
+            let a = s.spawn(|| {
+                capture::listen(
+                    &edge.topo.peer,
+                    Ipv4Addr::new(203, 0, 113, 1),
+                    RTP_PORTS,
+                    LISTEN,
+                )
+            });
+            let b = s.spawn(|| {
+                capture::listen(
+                    &edge.topo.client,
+                    // nat: the edge rewrites only the inside phone's side.
+                    if mode == "nat" {
+                        Ipv4Addr::new(198, 51, 100, 2)
+                    } else {
+                        Ipv4Addr::new(10, 77, 0, 1)
+                    },
+                    RTP_PORTS,
+                    LISTEN,
+                )
+            });
+            (
+                a.join().expect("capture thread"),
+                b.join().expect("capture thread"),
+            )
+        });
+        let (at_alice, at_bob) = (
+            at_alice.expect("capture at alice"),
+            at_bob.expect("capture at bob"),
+        );
+        let list = edge.pinholes();
+        let out = packets_from(&list, "internal").saturating_sub(out0);
+        let inn = packets_from(&list, "external").saturating_sub(in0);
+        let a_secs = tone_secs(&at_alice.samples, 8000, BOB_HZ, &[ALICE_HZ, 425.0, 300.0]);
+        let b_secs = tone_secs(&at_bob.samples, 8000, ALICE_HZ, &[BOB_HZ, 425.0, 300.0]);
+        eprintln!(
+            "{what}: after the ICE re-offer, alice's RTP port got {} packets ({a_secs:.1} s of bob's {BOB_HZ} Hz), bob's {} ({b_secs:.1} s of alice's {ALICE_HZ} Hz); XDP forwarded {out} packets out, {inn} in",
+            at_alice.packets, at_bob.packets
+        );
+        assert!(
+            out >= 50 && inn >= 50,
+            "{what}: XDP forwarded {out} out, {inn} in: {list:#?}"
+        );
+        assert!(
+            a_secs >= MIN_TONE_SECS && b_secs >= MIN_TONE_SECS,
+            "{what}: at alice's RTP port {a_secs:.1} s of bob's tone, at bob's {b_secs:.1} s of alice's\nalice:\n{}\nbob:\n{}\nedge:\n{:#?}",
+            alice.group.tail(),
+            bob.group.tail(),
+            list
+        );
+        if caller_is_bob {
+            hang_up(what, &edge, &mut alice, &mut bob);
+        } else {
+            hang_up(what, &edge, &mut bob, &mut alice);
+        }
+    }
+    eprintln!("ice ({mode}): all scenarios after {:?}", started.elapsed());
+    alice.group.stop();
+    bob.group.stop();
+    kamailio.stop();
+    edge.stop();
+}
+
+/// linphonec (outside) called by baresip (inside) offering `a=rtcp-mux`
+/// (RFC 5761), then calling it: the offer crosses the edge with its
+/// `a=rtcp` and `a=rtcp-mux` consistent, linphonec accepts it and each
+/// side hears the other.
+#[tokio::test(flavor = "current_thread")]
+async fn linphone_outside_and_baresip_inside_with_rtcp_mux() {
+    let name = "softphones::linphone_outside_and_baresip_inside_with_rtcp_mux";
+    if let Some(reason) = testnet::unavailable_reason() {
+        testnet::record_skip(name, &reason);
+        return;
+    }
+    let Some(modules) = softphone::kamailio_modules() else {
+        testnet::record_skip(name, "kamailio with tls.so/registrar.so not installed (apt-get install kamailio kamailio-tls-modules)");
+        return;
+    };
+    if !softphone::which("kamailio")
+        || !softphone::baresip_installed()
+        || !softphone::which("linphonec")
+    {
+        testnet::record_skip(name, "kamailio, baresip or linphonec not installed (apt-get install kamailio kamailio-tls-modules baresip-core linphone-cli)");
+        return;
+    }
+    let started = Instant::now();
+    let tag = format!("p2m{}", std::process::id());
+    let mut edge = Edge::prepare(&tag);
+    testnet::sh(&[
+        "ip",
+        "-n",
+        &edge.topo.peer,
+        "route",
+        "add",
+        "default",
+        "via",
+        "203.0.113.1",
+        "dev",
+        "eth0",
+    ])
+    .expect("default route outside");
+    let control = edge.dir().join("control.sock");
+    edge.write_config(&edge_config(&edge.pin_dir, &edge.pki, &control, "relay"));
+    edge.run_agent_within(Duration::from_secs(15));
+    let mut kamailio =
+        softphone::start_kamailio(&edge.topo.client, edge.dir(), &edge.pki, &modules, PBX);
+    let mut bob = Baresip::start_with_args(
+        &edge.topo.client,
+        edge.dir(),
+        &edge.pki.ca,
+        &bob_spec(&edge.pki, MUX),
+        &["-s"],
+    );
+    let mut carol = Linphone::start(
+        &edge.topo.peer,
+        edge.dir(),
+        &edge.pki.ca,
+        "carol@example.com",
+        "203.0.113.1:5061",
+        CAROL_HZ as u32,
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while registered(&control, "carol@example.com").is_none() {
+        assert!(
+            carol.group.alive() && Instant::now() < deadline,
+            "linphonec never registered through the edge\n{}",
+            carol.group.tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        bob.saw(
+            "bob@example.com: {0/TLS/v4} 200 OK",
+            0,
+            Duration::from_secs(20)
+        ),
+        "bob never registered at the PBX\n{}",
+        bob.group.tail()
+    );
+
+    let what = "rtcp-mux: bob (inside) calls carol (linphonec, outside)";
+    let marks = (carol.log_mark(), bob.log_mark());
+    bob.ok("dial", "sip:carol@example.com");
+    let ok = bob.saw("established", marks.1, Duration::from_secs(15))
+        && carol.saw("connected", marks.0, Duration::from_secs(15));
+    let debug = std::fs::read_to_string(edge.dir().join("linphone-debug.log")).unwrap_or_default();
+    assert!(
+        ok,
+        "{what}: not established\nlinphonec:\n{}\nbob:\n{}\nlinphone debug (SDP lines):\n{}",
+        carol.group.tail(),
+        bob.group.tail(),
+        debug
+            .lines()
+            .filter(|l| l.contains("rtcp")
+                || l.contains("488")
+                || l.contains("m=audio")
+                || l.contains("ncompatible")
+                || l.contains("not acceptable"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // linphonec declines mux (its answer has none and it sends RTCP to
+    // RTP + 1): the edge pinholes RTP and RTCP, two flows of two rules.
+    let rules = edge.pinholes();
+    eprintln!("{what}: {} pinhole rules", rules.len());
+    assert_eq!(rules.len(), 4, "{what}: RTP and RTCP flows: {rules:#?}");
+    listen_both(what, &edge, &carol, &bob);
+    let mark = bob.log_mark();
+    carol.send("terminate");
+    assert!(
+        bob.saw("terminated", mark, Duration::from_secs(10)),
+        "{what}: linphonec's BYE never reached bob\n{}",
+        bob.group.tail()
+    );
+    edge.assert_empty_within(
+        &format!("{what}: after the hang-up"),
+        Duration::from_secs(5),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    carol_heard(what, &carol);
+    eprintln!("rtcp-mux with linphonec after {:?}", started.elapsed());
+    carol.send("quit");
+    carol.group.stop();
+    bob.group.stop();
+    kamailio.stop();
+    edge.stop();
+}
+
+/// `cargo xtask demo --baresip`'s call, on the demo's configuration
+/// (`testua::edge_config`, relay, `[[route]]` for peer.example.net) and
+/// through the demo's own code (`softphone::demo::call`): baresip inside
+/// with the edge as outbound proxy calls baresip outside, no registrar,
+/// each must hear the other's tone, the outside one hangs up.
+#[tokio::test(flavor = "current_thread")]
+async fn demo_baresip_call_through_the_edge() {
+    let name = "softphones::demo_baresip_call_through_the_edge";
+    if let Some(reason) = testnet::unavailable_reason() {
+        testnet::record_skip(name, &reason);
+        return;
+    }
+    if !softphone::baresip_installed() {
+        testnet::record_skip(name, "baresip not installed (apt-get install baresip-core)");
+        return;
+    }
+    let tag = format!("p2d{}", std::process::id());
+    let mut edge = Edge::prepare(&tag);
+    edge.write_config(&testua::edge_config(&edge.pin_dir, &edge.pki, "relay"));
+    edge.run_agent_within(Duration::from_secs(15));
+    let result = softphone::demo::call(&edge.topo, &edge.pki, edge.dir(), &|args| {
+        eprintln!("{}", edge.cli(args));
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("the demo's baresip call failed: {e}");
+    }
+    edge.assert_empty_within("after the demo call", Duration::from_secs(5));
+    edge.stop();
 }

@@ -19,7 +19,16 @@
 //! listener in its Via, Record-Route and Contact (`transport=udp`); she calls alice and alice calls her, each hears the
 //! other's tone (alice 700 Hz, carol 900 Hz) in its recording, and the
 //! edge's pinholes count packets both ways; carol's de-registration on
-//! exit removes her binding at the edge. Needs root, kamailio +
+//! exit removes her binding at the edge. Over the UDP leg too: hold and
+//! resume from carol (re-INVITEs with `a=sendonly`/`a=sendrecv` over UDP:
+//! the edge's ports stay, media crosses XDP both ways after the resume),
+//! and an SRTP call (SDES `a=crypto`, `mediaenc=srtp-mand` on both sides:
+//! the keys cross UDP and TLS legs unharmed or nobody hears anything).
+//! With Debian's kamailio-outbound-modules, Kamailio is an RFC 5626
+//! registrar (`Require: outbound`, `Flow-Timer: 10` in its 200, seen at
+//! carol): carol's own STUN keep-alives reach the edge's UDP listener and
+//! are answered while the calls run (packet sockets at the edge and at
+//! carol). Needs root, kamailio +
 //! kamailio-tls-modules and baresip-core; skips through
 //! `testnet::record_skip` otherwise.
 
@@ -32,7 +41,7 @@ use std::{
 use serde_json::Value;
 use sip_edge_tests::{
     edge::Edge,
-    softphone::{self, tone_secs, Baresip, BaresipSpec},
+    softphone::{self, capture, tone_secs, Baresip, BaresipSpec},
     testnet,
     testua::{self, TestPki},
 };
@@ -43,6 +52,8 @@ const PROVIDER: &str = "198.51.100.2:5070";
 const EDGE_UDP: &str = "10.77.0.1:5060";
 /// carol's SIP address (UDP).
 const CAROL: &str = "10.77.0.2:5090";
+/// The provider's `Flow-Timer` (seconds) for outbound registrations.
+const FLOW_TIMER: u32 = 10;
 const ALICE_HZ: f64 = 700.0;
 const CAROL_HZ: f64 = 900.0;
 /// How long each call is listened to.
@@ -147,8 +158,9 @@ fn hang_up(what: &str, edge: &Edge, from: &mut Baresip, other: &mut Baresip) {
     from.ok("hangup", "");
     assert!(
         other.saw("terminated", mark, Duration::from_secs(10)),
-        "{what}: the hang-up did not reach the other side\n{}",
-        other.group.tail()
+        "{what}: the hang-up did not reach the other side\n{}\nhung up at:\n{}",
+        other.group.tail(),
+        from.group.tail()
     );
     edge.assert_empty_within(
         &format!("{what}: after the hang-up"),
@@ -157,6 +169,54 @@ fn hang_up(what: &str, edge: &Edge, from: &mut Baresip, other: &mut Baresip) {
     std::thread::sleep(Duration::from_millis(300));
     from.clear_recordings();
     other.clear_recordings();
+}
+
+/// Hold, then resume, from `from` (carol: re-INVITEs over UDP with
+/// `a=sendonly`, then `a=sendrecv`, RFC 3264 §8.4): each phone sees both
+/// SDP updates, the edge keeps the call's media ports, and media crosses
+/// XDP both ways after the resume. By packet counts, as in
+/// `softphones.rs`: baresip 1.0's `sndfile` stops writing after a
+/// re-INVITE.
+fn hold_resume(what: &str, edge: &Edge, from: &Baresip, other: &Baresip) {
+    let ports = |list: Vec<Value>| {
+        let mut l: Vec<String> = list.iter().map(|e| e["local"].to_string()).collect();
+        l.sort();
+        l
+    };
+    let before = ports(edge.pinholes());
+    let marks = (from.log_mark(), other.log_mark());
+    from.ok("hold", "");
+    std::thread::sleep(Duration::from_millis(1500));
+    from.ok("resume", "");
+    std::thread::sleep(Duration::from_millis(500));
+    for (b, mark) in [(from, marks.0), (other, marks.1)] {
+        let log = b.group.log();
+        let tail: Vec<&str> = log.lines().skip(mark).collect();
+        assert!(
+            tail.iter().filter(|l| l.contains("update 'audio'")).count() >= 2,
+            "{what}: two SDP updates (hold, resume) at each phone\n{}",
+            tail.join("\n")
+        );
+    }
+    assert_eq!(
+        ports(edge.pinholes()),
+        before,
+        "{what}: the edge's media ports moved on hold/resume"
+    );
+    let list0 = edge.pinholes();
+    let (out0, in0) = (
+        packets_from(&list0, "internal"),
+        packets_from(&list0, "external"),
+    );
+    std::thread::sleep(LISTEN);
+    let list = edge.pinholes();
+    let out = packets_from(&list, "internal").saturating_sub(out0);
+    let inn = packets_from(&list, "external").saturating_sub(in0);
+    eprintln!("{what} after resume: XDP forwarded {out} packets out, {inn} in");
+    assert!(
+        out >= 50 && inn >= 50,
+        "{what} after resume: XDP forwarded {out} out, {inn} in: {list:#?}"
+    );
 }
 
 /// The SIP messages baresip's trace (`-s`) logged as received from
@@ -207,7 +267,7 @@ async fn udp_baresip_inside_calls_and_is_called_by_tls_baresip_outside() {
         return;
     }
     let started = Instant::now();
-    let tag = format!("up{}", std::process::id());
+    let tag = format!("p2u{}", std::process::id());
     let mut edge = Edge::prepare(&tag);
     let control = edge.dir().join("control.sock");
     edge.write_config(&edge_config(&edge.pin_dir, &edge.pki, &control));
@@ -219,13 +279,20 @@ async fn udp_baresip_inside_calls_and_is_called_by_tls_baresip_outside() {
         client_key: edge.pki.peer_key.clone(),
         ..edge.pki.clone()
     };
-    let mut kamailio = softphone::start_kamailio(
-        &edge.topo.peer,
-        edge.dir(),
-        &provider_pki,
-        &modules,
-        PROVIDER,
-    );
+    // An RFC 5626 registrar (when Debian's outbound module is there):
+    // its 200 carries `Require: outbound` and `Flow-Timer`, so carol
+    // keeps her UDP flow alive with STUN every 8-10 s (§4.4.1).
+    let outbound = softphone::kamailio_outbound_installed(&modules);
+    let mut kcfg = softphone::kamailio_cfg(&provider_pki, &modules, PROVIDER);
+    if outbound {
+        kcfg = softphone::kamailio_outbound_cfg(&kcfg, FLOW_TIMER);
+    } else {
+        testnet::record_skip(
+            "udp_softphones::udp_baresip_inside_calls_and_is_called_by_tls_baresip_outside (STUN keep-alive check)",
+            "kamailio-outbound-modules not installed (apt-get install kamailio-outbound-modules)",
+        );
+    }
+    let mut kamailio = softphone::start_kamailio_cfg(&edge.topo.peer, edge.dir(), &kcfg, PROVIDER);
     let mut alice = Baresip::start(
         &edge.topo.peer,
         edge.dir(),
@@ -234,8 +301,12 @@ async fn udp_baresip_inside_calls_and_is_called_by_tls_baresip_outside() {
             name: "alice",
             listen: "198.51.100.2:5060",
             tone_hz: ALICE_HZ as u32,
-            accounts: vec![format!("<sip:alice@example.net;transport=tls>;auth_pass=none;outbound=\"sip:{PROVIDER};transport=tls\";regint=60;answermode=auto;audio_codecs=pcmu")],
-            modules: &[],
+            accounts: ["alice", "alice-srtp"]
+                .iter()
+                .zip(["", ";mediaenc=srtp-mand"])
+                .map(|(user, enc)| format!("<sip:{user}@example.net;transport=tls>;auth_pass=none;outbound=\"sip:{PROVIDER};transport=tls\";regint=60;answermode=auto;audio_codecs=pcmu{enc}"))
+                .collect(),
+            modules: &["srtp.so"],
             extra: "rtcp_mux yes\n",
             identity: Some((&edge.pki.peer_cert, &edge.pki.peer_key)),
         },
@@ -248,9 +319,13 @@ async fn udp_baresip_inside_calls_and_is_called_by_tls_baresip_outside() {
             name: "carol",
             listen: CAROL,
             tone_hz: CAROL_HZ as u32,
-            accounts: vec![format!("<sip:carol@example.net;transport=udp>;auth_pass=none;outbound=\"sip:{EDGE_UDP};transport=udp\";sipnat=outbound;regint=60;answermode=auto;audio_codecs=pcmu")],
+            accounts: ["carol", "carol-srtp"]
+                .iter()
+                .zip(["", ";mediaenc=srtp-mand"])
+                .map(|(user, enc)| format!("<sip:{user}@example.net;transport=udp>;auth_pass=none;outbound=\"sip:{EDGE_UDP};transport=udp\";sipnat=outbound;regint=60;answermode=auto;audio_codecs=pcmu{enc}"))
+                .collect(),
             // RFC 5626 needs a +sip.instance: uuid.so makes one.
-            modules: &["uuid.so"],
+            modules: &["uuid.so", "srtp.so"],
             extra: "rtcp_mux yes\n",
             identity: None,
         },
@@ -332,6 +407,34 @@ async fn udp_baresip_inside_calls_and_is_called_by_tls_baresip_outside() {
         "carol's Via not stamped (RFC 3581): {via}\n{ok}"
     );
     eprintln!("registered after {:?}", started.elapsed());
+    // RFC 5626 §4.4.2: carol's STUN keep-alives to the edge's UDP
+    // listener and the edge's answers, watched while the calls run.
+    // Requests are watched where they arrive (the edge), answers at carol.
+    let keepalives = outbound.then(|| {
+        [edge.topo.edge.clone(), edge.topo.client.clone()].map(|ns| {
+            std::thread::spawn(move || {
+                capture::stun_bindings(
+                    &ns,
+                    CAROL.parse().expect("carol"),
+                    EDGE_UDP.parse().expect("edge"),
+                    Duration::from_secs(u64::from(FLOW_TIMER) + 4),
+                )
+            })
+        })
+    });
+    if outbound {
+        let hdr = |name: &str| {
+            ok.lines()
+                .find(|l| l.to_ascii_lowercase().starts_with(name))
+                .unwrap_or_default()
+                .to_string()
+        };
+        assert!(
+            hdr("require:").contains("outbound")
+                && hdr("flow-timer:").contains(&FLOW_TIMER.to_string()),
+            "the outbound registrar's 200 reaches carol with Require: outbound and Flow-Timer\n{ok}"
+        );
+    }
 
     // --- carol (UDP, inside) calls alice (TLS, outside); alice hangs up.
     let what = "carol (UDP inside) calls alice (TLS outside)";
@@ -386,8 +489,61 @@ async fn udp_baresip_inside_calls_and_is_called_by_tls_baresip_outside() {
         "{what}: the Contact toward carol names the edge's UDP listener\n{invite}"
     );
     both_hear(what, &edge, &alice, &carol);
+    hold_resume(what, &edge, &carol, &alice);
     hang_up(what, &edge, &mut carol, &mut alice);
 
+    // --- SRTP over the UDP leg: carol-srtp calls alice-srtp.
+    let what = "SRTP: carol-srtp (UDP inside) calls alice-srtp (TLS outside)";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !registrations(&control)["registrations"]
+        .as_array()
+        .is_some_and(|l| l.iter().any(|r| r["aor"] == "carol-srtp@example.net"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: carol-srtp never registered through the edge\n{}",
+            carol.group.tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let marks = (alice.log_mark(), carol.log_mark());
+    carol.ok("uafind", "sip:carol-srtp@example.net");
+    carol.ok("dial", "sip:alice-srtp@example.net");
+    established(what, &mut alice, &mut carol, marks);
+    // carol's trace: the answer that came back over UDP carries the
+    // other side's SDES key (RFC 4568) on an RTP/SAVP stream.
+    let clog = carol.group.log();
+    let tail: Vec<&str> = clog.lines().skip(marks.1).collect();
+    assert!(
+        tail.iter()
+            .any(|l| l.starts_with("m=audio") && l.contains("RTP/SAVP"))
+            && tail.iter().any(|l| l.starts_with("a=crypto:")),
+        "{what}: no RTP/SAVP stream with a=crypto in carol's trace\n{}",
+        tail.join("\n")
+    );
+    both_hear(what, &edge, &alice, &carol);
+    // carol made carol-srtp her current account; alice's `hangup` would
+    // act on her current one, not the one that answered.
+    hang_up(what, &edge, &mut carol, &mut alice);
+
+    if let Some([at_edge, at_carol]) = keepalives {
+        let (requests, _) = at_edge
+            .join()
+            .expect("capture thread")
+            .expect("capture at the edge");
+        let (_, responses) = at_carol
+            .join()
+            .expect("capture thread")
+            .expect("capture at carol");
+        eprintln!(
+            "STUN keep-alives in {} s: carol sent {requests} Binding requests to {EDGE_UDP}, the edge answered {responses}",
+            FLOW_TIMER + 4
+        );
+        assert!(
+            requests >= 1 && responses >= requests,
+            "carol's STUN keep-alives (Flow-Timer {FLOW_TIMER} s): {requests} requests, {responses} answers"
+        );
+    }
     eprintln!("all scenarios after {:?}", started.elapsed());
     alice.group.stop();
     // baresip de-registers on SIGTERM (Contact `;expires=0`, no Expires

@@ -47,6 +47,8 @@ const TEST_APT_PACKAGES: &[&str] = &[
     // tests/tests/ha.rs: the store two edge nodes share (issue #11).
     "redis-server",
     "linphone-cli",
+    // tests/tests/udp_softphones.rs: Kamailio as an RFC 5626 registrar.
+    "kamailio-outbound-modules",
 ];
 
 /// Debian packages only `cargo xtask bench` needs: the peers it measures

@@ -514,6 +514,7 @@ fn stream_desc(f: &MediaFlow) -> Result<StreamDesc, MediaError> {
         proto,
         rtp,
         rtcp,
+        rtcp_mux: f.rtcp_mux && rtp.is_some(),
         rejected: f.no_pinhole == Some(NoPinhole::PortZero),
         setup: f.setup.as_ref().map(|s| s.trim().to_ascii_lowercase()),
         path,
@@ -791,10 +792,16 @@ impl<S: PinholeSink> MediaController<S> {
         // which no edge carries (a pinhole is one-to-one) and which would
         // have the other side send its media to a group on its own LAN.
         let (dialog, side, source) = (ev.dialog, ev.from_side, ev.source);
-        for (index, ip) in parsed.candidate_addrs() {
+        for (index, ep) in parsed.candidate_addrs() {
+            // The edge's own relay port of this very stream is the
+            // peer-reflexive candidate ICE through the relay produces
+            // (`media::manager` `ice`); the rewrite drops it.
+            if self.mgr.is_relay_endpoint(dialog, index, ep) {
+                continue;
+            }
             let what = format!("stream {index}: ICE candidate");
             self.mgr
-                .check_unpinholed(dialog, side, source, &what, SocketAddr::new(ip, 0))?;
+                .check_unpinholed(dialog, side, source, &what, SocketAddr::new(ep.ip(), 0))?;
         }
         for f in parsed.flows() {
             if f.no_pinhole != Some(NoPinhole::Multicast) {
@@ -845,6 +852,9 @@ impl<S: PinholeSink> MediaController<S> {
                 .rewrite(&policy, &mut dry)
                 .map_err(|e| not_acceptable(e.to_string()))?;
         }
+        // The receiver's own endpoints, as installed before this SDP, for
+        // its `a=remote-candidates`.
+        let own = self.mgr.own_endpoints(ev.dialog, to);
         let out = self.mgr.on_sdp(
             &SdpInput {
                 dialog: ev.dialog,
@@ -861,7 +871,7 @@ impl<S: PinholeSink> MediaController<S> {
         let body = if rewrite {
             let mut alloc =
                 |r: &FlowRequest<'_>| out.allocations.get(r.flow.index).copied().flatten();
-            match parsed.rewrite(&policy, &mut alloc) {
+            match parsed.rewrite_ice(&policy, &mut alloc, &own) {
                 Ok(r) => r.sdp,
                 Err(e) => {
                     self.mgr.rollback();

@@ -185,6 +185,12 @@ fn fixed_refusal(ip: IpAddr) -> Option<Refusal> {
 }
 
 impl EndpointPolicy {
+    /// Whether `ip` is one of the edge's own addresses.
+    pub fn is_edge(&self, ip: IpAddr) -> bool {
+        let ip = canonical(ip);
+        self.edge_addrs.iter().any(|e| canonical(*e) == ip)
+    }
+
     /// Decides the address of an ICE candidate (RFC 8839 §5.1). The edge
     /// never pinholes a candidate, and private ones (RFC 1918, ULA,
     /// link-local) are what a client behind NAT lists as a matter of

@@ -513,3 +513,252 @@ fn a_peers_latch_mode_decides_its_flows() {
         }
     }
 }
+
+/// The port of the first m= line of `sdp`.
+fn m_port(sdp: &str) -> u16 {
+    sdp.lines()
+        .find_map(|l| l.strip_prefix("m=audio "))
+        .and_then(|r| r.split(' ').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no m=audio port in {sdp}"))
+}
+
+/// A call between the inside client (ICE, rtcp-mux, 10.77.0.2:4000) and a
+/// remote user (198.51.100.20:7078) through the relay, set up by an inside
+/// offer and an outside answer: the edge's public port (what the remote
+/// user checks against) and its internal port (what the client does).
+fn ice_call(h: &mut H, d: &DialogKey) -> (u16, u16) {
+    h.far_media = FarMedia::RemoteUser;
+    let offer = format!(
+        "{INSIDE_OFFER}a=rtcp-mux\r\na=ice-ufrag:in\r\na=ice-pwd:inpassword0123456789012\r\na=candidate:1 1 UDP 2130706431 10.77.0.2 4000 typ host\r\n"
+    );
+    let out = h
+        .sdp(d, SdpRole::Offer, Side::Internal, CLIENT, &offer)
+        .expect("inside offer");
+    let public = m_port(&out);
+    let answer = audio(
+        "198.51.100.20",
+        7078,
+        "a=rtcp-mux\r\na=ice-ufrag:out\r\na=ice-pwd:outpassword012345678901\r\na=candidate:1 1 UDP 2130706431 198.51.100.20 7078 typ host\r\n",
+    );
+    let inside = h
+        .sdp(d, SdpRole::Answer, Side::External, REMOTE_USER, &answer)
+        .expect("outside answer");
+    (public, m_port(&inside))
+}
+
+/// Every installed flow's (client, peer).
+fn ends(h: &H) -> Vec<(SocketAddr, SocketAddr)> {
+    use crate::datapath::rules::Flow;
+    installed_flows(h)
+        .into_iter()
+        .map(|f| match f {
+            Flow::Relay { client, peer, .. } | Flow::Nat { client, peer, .. } => (client, peer),
+        })
+        .collect()
+}
+
+#[test]
+fn an_ice_re_offer_naming_the_edges_relay_port_keeps_the_remote_users_media_where_it_is() {
+    // baresip 1.0 with `medianat=ice` outside: the checks went through the
+    // relay, so its selected local candidate is peer-reflexive, the edge's
+    // internal port as the inside phone saw it, and its re-offer (RFC 8445
+    // §8.1.2) names that, with a=remote-candidates naming the edge's
+    // public port (the inside phone's candidate as the edge showed it).
+    let mut h = H::new(settings());
+    let d = dialog(700);
+    let (public, internal) = ice_call(&mut h, &d);
+    let before = ends(&h);
+    assert_eq!(
+        before,
+        vec![(sa("10.77.0.2:4000"), sa("198.51.100.20:7078"))]
+    );
+    let re_offer = format!(
+        "v=0\r\no=- 1 2 IN IP4 10.77.0.1\r\ns=-\r\nc=IN IP4 10.77.0.1\r\nt=0 0\r\nm=audio {internal} RTP/AVP 0\r\na=rtcp-mux\r\na=ice-ufrag:out\r\na=ice-pwd:outpassword012345678901\r\na=candidate:1 1 UDP 2130706431 198.51.100.20 7078 typ host\r\na=candidate:2 1 UDP 1862270975 10.77.0.1 {internal} typ prflx\r\na=remote-candidates:1 203.0.113.1 {public}\r\n"
+    );
+    let to_inside = h
+        .sdp(&d, SdpRole::Offer, Side::External, REMOTE_USER, &re_offer)
+        .expect("the re-offer is accepted");
+    // The inside phone is told which of its own candidates was selected.
+    assert!(
+        to_inside.contains("a=remote-candidates:1 10.77.0.2 4000\r\n"),
+        "{to_inside}"
+    );
+    assert!(!to_inside.contains("prflx"), "{to_inside}");
+    assert_eq!(m_port(&to_inside), internal, "the edge port stays");
+    h.sdp(
+        &d,
+        SdpRole::Answer,
+        Side::Internal,
+        CLIENT,
+        &format!(
+            "{INSIDE_OFFER}a=rtcp-mux\r\na=ice-ufrag:in\r\na=ice-pwd:inpassword0123456789012\r\na=candidate:1 1 UDP 2130706431 10.77.0.2 4000 typ host\r\n"
+        ),
+    )
+    .expect("inside answer");
+    // The remote user's media still goes to the port it listens on, never
+    // to the edge's own port number.
+    assert_eq!(ends(&h), before);
+}
+
+#[test]
+fn an_ice_re_offer_from_inside_naming_the_edges_public_port_is_the_installed_path() {
+    // The inside phone controlling: its peer-reflexive candidate is the
+    // edge's public port, as the outside phone saw its checks.
+    let mut h = H::new(settings());
+    let d = dialog(701);
+    let (public, internal) = ice_call(&mut h, &d);
+    let before = ends(&h);
+    let re_offer = format!(
+        "v=0\r\no=- 1 2 IN IP4 203.0.113.1\r\ns=-\r\nc=IN IP4 203.0.113.1\r\nt=0 0\r\nm=audio {public} RTP/AVP 0\r\na=rtcp-mux\r\na=ice-ufrag:in\r\na=ice-pwd:inpassword0123456789012\r\na=candidate:1 1 UDP 2130706431 10.77.0.2 4000 typ host\r\na=candidate:2 1 UDP 1862270975 203.0.113.1 {public} typ prflx\r\na=remote-candidates:1 10.77.0.1 {internal}\r\n"
+    );
+    let to_outside = h
+        .sdp(&d, SdpRole::Offer, Side::Internal, CLIENT, &re_offer)
+        .expect("the re-offer is accepted");
+    assert!(
+        to_outside.contains("a=remote-candidates:1 198.51.100.20 7078\r\n"),
+        "{to_outside}"
+    );
+    assert!(!to_outside.contains("prflx"), "{to_outside}");
+    assert!(!to_outside.contains("10.77."), "{to_outside}");
+    h.sdp(
+        &d,
+        SdpRole::Answer,
+        Side::External,
+        REMOTE_USER,
+        &audio("198.51.100.20", 7078, "a=rtcp-mux\r\n"),
+    )
+    .expect("outside answer");
+    assert_eq!(ends(&h), before);
+}
+
+#[test]
+fn the_edges_address_is_never_a_remote_users_media_outside_the_ice_case() {
+    let mut h = H::new(settings());
+    h.far_media = FarMedia::RemoteUser;
+    // No flow installed yet: an edge address means nothing but the edge.
+    let d = dialog(702);
+    h.sdp(&d, SdpRole::Offer, Side::Internal, CLIENT, INSIDE_OFFER)
+        .expect("inside offer");
+    for named in ["10.77.0.1", "203.0.113.1"] {
+        let e = h
+            .sdp(
+                &d,
+                SdpRole::Answer,
+                Side::External,
+                REMOTE_USER,
+                &audio(named, 7078, ""),
+            )
+            .expect_err(named);
+        assert!(matches!(e, MediaError::Forbidden { .. }), "{named}: {e:?}");
+    }
+    assert_eq!(h.installed(), 0);
+    // After ICE: another edge port than the call's own is still refused,
+    // and so is a remote-candidates-free candidate naming it.
+    let d = dialog(703);
+    let (_, internal) = ice_call(&mut h, &d);
+    let other = internal.wrapping_add(2);
+    let e = h
+        .sdp(
+            &d,
+            SdpRole::Offer,
+            Side::External,
+            REMOTE_USER,
+            &audio("10.77.0.1", other, ""),
+        )
+        .expect_err("another edge port");
+    assert!(matches!(e, MediaError::Forbidden { .. }), "{e:?}");
+    let e = h
+        .sdp(
+            &d,
+            SdpRole::Offer,
+            Side::External,
+            REMOTE_USER,
+            &audio(
+                "198.51.100.20",
+                7078,
+                &format!("a=candidate:2 1 UDP 1 203.0.113.1 {other} typ prflx\r\n"),
+            ),
+        )
+        .expect_err("a candidate naming another edge port");
+    assert!(matches!(e, MediaError::Forbidden { .. }), "{e:?}");
+}
+
+#[test]
+fn an_answer_declining_rtcp_mux_gets_rtcp_through_the_edge() {
+    // linphonec answering baresip's mux offer without a=rtcp-mux (RFC
+    // 5761 §5.1.3): RTCP goes to RTP + 1 both ways, so the edge's mux
+    // offer must have kept an RTCP port.
+    let mut h = H::new(settings());
+    let d = dialog(710);
+    let to_outside = h
+        .sdp(
+            &d,
+            SdpRole::Offer,
+            Side::Internal,
+            CLIENT,
+            &format!("{INSIDE_OFFER}a=rtcp-mux\r\n"),
+        )
+        .expect("mux offer");
+    let public = m_port(&to_outside);
+    let to_inside = h
+        .sdp(
+            &d,
+            SdpRole::Answer,
+            Side::External,
+            PEER,
+            &audio("198.51.100.2", 7078, ""),
+        )
+        .expect("the answer without mux is accepted");
+    let internal = m_port(&to_inside);
+    let mut got: Vec<(SocketAddr, SocketAddr, SocketAddr)> = installed_flows(&h)
+        .into_iter()
+        .map(|f| match f {
+            crate::datapath::rules::Flow::Relay {
+                client,
+                public,
+                peer,
+                ..
+            } => (client, public, peer),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    got.sort();
+    let ep = |ip: &str, port: u16| SocketAddr::new(ip.parse().expect("ip"), port);
+    assert_eq!(
+        got,
+        vec![
+            (
+                ep("10.77.0.2", 4000),
+                ep("203.0.113.1", public),
+                ep("198.51.100.2", 7078)
+            ),
+            (
+                ep("10.77.0.2", 4001),
+                ep("203.0.113.1", public + 1),
+                ep("198.51.100.2", 7079)
+            ),
+        ]
+    );
+    assert!(to_inside.contains(&format!("m=audio {internal} ")));
+    // Accepted mux: one flow, the RTCP port unused.
+    let d = dialog(711);
+    h.sdp(
+        &d,
+        SdpRole::Offer,
+        Side::Internal,
+        CLIENT,
+        &format!("{INSIDE_OFFER}a=rtcp-mux\r\n"),
+    )
+    .expect("mux offer");
+    let before = h.installed();
+    h.sdp(
+        &d,
+        SdpRole::Answer,
+        Side::External,
+        PEER,
+        &audio("198.51.100.2", 7080, "a=rtcp-mux\r\n"),
+    )
+    .expect("mux answer");
+    assert_eq!(h.installed() - before, 1);
+}

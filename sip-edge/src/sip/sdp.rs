@@ -29,7 +29,18 @@
 //!   candidates with a private address are dropped, and the
 //!   `raddr`/`rport` of other candidates are
 //!   scrubbed to `0.0.0.0`/`::` port 9 as RFC 8839 §5.1 allows, so the
-//!   private address does not leak. `a=remote-candidates` passes through.
+//!   private address does not leak. A non-host candidate naming the
+//!   stream's new address (the edge itself: the peer-reflexive candidate a
+//!   phone learns from checks that went through the relay) is dropped
+//!   too; the replaced host candidate already stands for that path.
+//! - `a=remote-candidates` (RFC 8839 §5.2, sent once ICE completed) names
+//!   the receiver's own candidates as the sender saw them, which behind
+//!   the edge are the edge's: in the non-`Keep` policies each one is
+//!   replaced by the receiver's own media endpoint for that component
+//!   ([`Sdp::rewrite_ice`]), and the attribute is dropped when one of them
+//!   is not known: a receiver must never be told to pair with an address
+//!   it does not have (RFC 5245 §9.1.3 lists the controlling agent's
+//!   remote candidates of the selected pairs, which here are edge ports).
 //! - `o=` keeps user, session id and version (we rewrite deterministically
 //!   from the client's SDP; a changing allocation across re-offers with the
 //!   same version is the allocator's concern).
@@ -512,11 +523,12 @@ impl Sdp {
         &self.flows
     }
 
-    /// The address of every ICE candidate (RFC 8839 §5.1) written as an
-    /// IP literal, with the index of its m-line. FQDN (mDNS) candidates
-    /// name no address and are left out; a malformed line is the
-    /// rewrite's business (it refuses the body).
-    pub fn candidate_addrs(&self) -> Vec<(usize, IpAddr)> {
+    /// The address and port of every ICE candidate (RFC 8839 §5.1) written
+    /// as an IP literal, with the index of its m-line. FQDN (mDNS)
+    /// candidates name no address and are left out; a malformed line is
+    /// the rewrite's business (it refuses the body; port 0 stands in for
+    /// an unreadable port here).
+    pub fn candidate_addrs(&self) -> Vec<(usize, SocketAddr)> {
         let mut out = Vec::new();
         for (k, &start) in self.media_starts.iter().enumerate() {
             let end = self
@@ -526,8 +538,10 @@ impl Sdp {
                 .unwrap_or(self.lines.len());
             for l in self.lines.get(start..end).unwrap_or_default() {
                 if let Some(v) = l.text.strip_prefix(b"a=candidate:") {
-                    if let Some(ip) = fields(v).get(4).and_then(|a| a.parse::<IpAddr>().ok()) {
-                        out.push((k, ip));
+                    let f = fields(v);
+                    if let Some(ip) = f.get(4).and_then(|a| a.parse::<IpAddr>().ok()) {
+                        let port = f.get(5).and_then(|p| p.parse().ok()).unwrap_or(0);
+                        out.push((k, SocketAddr::new(ip, port)));
                     }
                 }
             }
@@ -546,11 +560,24 @@ impl Sdp {
     }
 
     /// Rewrites every address/port the far side would use, asking `alloc`
-    /// for each stream that needs a pinhole.
+    /// for each stream that needs a pinhole. `a=remote-candidates` is
+    /// dropped unless the policy is `Keep` (see [`Sdp::rewrite_ice`]).
     pub fn rewrite(
         &self,
         policy: &RewritePolicy,
         alloc: &mut impl PortAllocator,
+    ) -> Result<Rewritten, SdpError> {
+        self.rewrite_ice(policy, alloc, &[])
+    }
+
+    /// [`Sdp::rewrite`], with `own[k]`: the receiver's own media endpoints
+    /// of stream `k` (component 1, component 2) as the edge sends to them,
+    /// which replace the edge ports `a=remote-candidates` names.
+    pub fn rewrite_ice(
+        &self,
+        policy: &RewritePolicy,
+        alloc: &mut impl PortAllocator,
+        own: &[[Option<SocketAddr>; 2]],
     ) -> Result<Rewritten, SdpError> {
         let edge_for = |index: usize, orig: Option<&Host>| -> Result<IpAddr, SdpError> {
             let want_v6 = matches!(orig.and_then(Host::ip), Some(IpAddr::V6(_)));
@@ -746,6 +773,13 @@ impl Sdp {
                         Some(CandidateAction::Replace(s)) => new = Some(format!("a=candidate:{s}")),
                         None => return Err(bad("a=candidate")),
                     }
+                } else if let Some(v) = t.strip_prefix(b"a=remote-candidates:") {
+                    if policy.candidates != CandidatePolicy::Keep {
+                        match remote_candidates(v, own.get(k)) {
+                            Some(s) => new = Some(format!("a=remote-candidates:{s}")),
+                            None => drop = true,
+                        }
+                    }
                 } else if let Some(v) = t.strip_prefix(b"a=path:") {
                     // A stream without a pinhole (port 0, inactive) keeps
                     // its port but still names the edge: its path is the
@@ -877,6 +911,13 @@ fn candidate(
     if host_private {
         return Some(CandidateAction::Drop);
     }
+    // Non-host naming the edge itself: the peer-reflexive candidate a
+    // phone learned from checks relayed by the edge (the edge's port as
+    // the other phone saw it). The replaced host candidate already names
+    // that path; a copy would only be a second, redundant pair.
+    if f[4].parse::<IpAddr>().is_ok_and(|ip| ip == addr) {
+        return Some(CandidateAction::Drop);
+    }
     // Non-host: hide a private related address.
     let mut changed = false;
     let mut i = 8;
@@ -906,6 +947,26 @@ fn candidate(
         return Some(CandidateAction::Replace(f.join(" ")));
     }
     Some(CandidateAction::Keep)
+}
+
+/// RFC 8839 §5.2: `a=remote-candidates:` then `component address port`
+/// triples. Each address becomes the receiver's own endpoint for that
+/// component (`own`: component 1, component 2); `None` (drop the
+/// attribute) when the line is malformed or a component is unknown.
+fn remote_candidates(v: &[u8], own: Option<&[Option<SocketAddr>; 2]>) -> Option<String> {
+    let own = own?;
+    let f = fields(v);
+    if f.is_empty() || !f.len().is_multiple_of(3) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(f.len() / 3);
+    for t in f.chunks_exact(3) {
+        let component: usize = t[0].parse().ok()?;
+        t[2].parse::<u16>().ok()?;
+        let ep = (*own.get(component.checked_sub(1)?)?)?;
+        out.push(format!("{component} {} {}", sdp_addr(ep.ip()), ep.port()));
+    }
+    Some(out.join(" "))
 }
 
 #[cfg(test)]
@@ -946,9 +1007,132 @@ mod tests {
         assert_eq!(
             sdp.candidate_addrs(),
             vec![
-                (0, "127.0.0.1".parse().expect("ip")),
-                (1, "::1".parse().expect("ip"))
+                (0, "127.0.0.1:5000".parse().expect("ep")),
+                (1, "[::1]:5002".parse().expect("ep"))
             ]
         );
+    }
+}
+
+#[cfg(test)]
+mod ice_tests {
+    use super::*;
+
+    fn relay_to(addr: &str, port: u16) -> impl FnMut(&FlowRequest<'_>) -> Option<Allocation> {
+        let addr: IpAddr = addr.parse().expect("ip");
+        move |_: &FlowRequest<'_>| {
+            Some(Allocation {
+                addr,
+                port,
+                rtcp_port: None,
+            })
+        }
+    }
+
+    fn policy(candidates: CandidatePolicy) -> RewritePolicy {
+        RewritePolicy {
+            candidates,
+            edge_v4: Some(Ipv4Addr::new(10, 77, 0, 1)),
+            edge_v6: None,
+        }
+    }
+
+    /// An ICE re-offer from outside after the checks went through the
+    /// edge (10.77.0.1:30002 inside, 203.0.113.1:30000 outside).
+    const RE_OFFER: &[u8] = b"v=0\r\no=- 1 2 IN IP4 10.77.0.1\r\ns=-\r\nc=IN IP4 10.77.0.1\r\nt=0 0\r\nm=audio 30002 RTP/AVP 0\r\na=candidate:1 1 UDP 2130706431 198.51.100.20 7078 typ host\r\na=candidate:2 1 UDP 1862270975 10.77.0.1 30002 typ prflx\r\na=candidate:3 2 UDP 1862270974 198.51.100.30 7079 typ srflx raddr 198.51.100.20 rport 7079\r\na=remote-candidates:1 203.0.113.1 30000 2 203.0.113.1 30001\r\n";
+
+    fn text(b: &[u8]) -> String {
+        String::from_utf8(b.to_vec()).expect("utf-8")
+    }
+
+    #[test]
+    fn remote_candidates_name_the_receivers_own_endpoints() {
+        let sdp = Sdp::parse(RE_OFFER).expect("sdp");
+        let own = [[
+            Some("10.77.0.2:4000".parse().expect("ep")),
+            Some("10.77.0.2:4001".parse().expect("ep")),
+        ]];
+        let out = text(
+            &sdp.rewrite_ice(
+                &policy(CandidatePolicy::ReplacePrivateHost),
+                &mut relay_to("10.77.0.1", 30002),
+                &own,
+            )
+            .expect("rewrite")
+            .sdp,
+        );
+        assert!(
+            out.contains("a=remote-candidates:1 10.77.0.2 4000 2 10.77.0.2 4001\r\n"),
+            "{out}"
+        );
+        // The peer-reflexive candidate naming the edge goes; the replaced
+        // host candidate names that path.
+        assert!(!out.contains("prflx"), "{out}");
+        assert!(
+            out.contains("a=candidate:1 1 UDP 2130706431 10.77.0.1 30002 typ host\r\n"),
+            "{out}"
+        );
+        assert!(out.contains("198.51.100.30 7079 typ srflx"), "{out}");
+    }
+
+    #[test]
+    fn remote_candidates_the_edge_cannot_translate_are_dropped_and_keep_keeps_them() {
+        let sdp = Sdp::parse(RE_OFFER).expect("sdp");
+        // Unknown receiver (no installed flow), or component 2 unknown.
+        for own in [
+            Vec::new(),
+            vec![[Some("10.77.0.2:4000".parse().expect("ep")), None]],
+        ] {
+            let out = text(
+                &sdp.rewrite_ice(
+                    &policy(CandidatePolicy::ReplacePrivateHost),
+                    &mut relay_to("10.77.0.1", 30002),
+                    &own,
+                )
+                .expect("rewrite")
+                .sdp,
+            );
+            assert!(!out.contains("remote-candidates"), "{own:?}: {out}");
+            assert!(!out.contains("203.0.113.1"), "{own:?}: {out}");
+        }
+        let out = text(
+            &sdp.rewrite(
+                &policy(CandidatePolicy::Keep),
+                &mut relay_to("10.77.0.1", 30002),
+            )
+            .expect("rewrite")
+            .sdp,
+        );
+        assert!(
+            out.contains("a=remote-candidates:1 203.0.113.1 30000 2 203.0.113.1 30001\r\n"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn malformed_remote_candidates_are_dropped_not_fatal() {
+        let own = [[Some("10.77.0.2:4000".parse().expect("ep")), None]];
+        for bad in [
+            "1 203.0.113.1",
+            "x 203.0.113.1 30000",
+            "1 203.0.113.1 99999",
+            "0 203.0.113.1 30000",
+            "",
+        ] {
+            let body = format!(
+                "v=0\r\nc=IN IP4 198.51.100.20\r\nm=audio 7078 RTP/AVP 0\r\na=remote-candidates:{bad}\r\n"
+            );
+            let sdp = Sdp::parse(body.as_bytes()).expect("sdp");
+            let out = text(
+                &sdp.rewrite_ice(
+                    &policy(CandidatePolicy::ReplacePrivateHost),
+                    &mut relay_to("10.77.0.1", 30002),
+                    &own,
+                )
+                .expect("rewrite")
+                .sdp,
+            );
+            assert!(!out.contains("remote-candidates"), "{bad:?}: {out}");
+        }
     }
 }

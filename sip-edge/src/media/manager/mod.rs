@@ -87,6 +87,7 @@
 //! (x-msmsgsinvite file transfers).
 
 mod expiry;
+mod ice;
 mod offer_answer;
 mod policy;
 mod ports;
@@ -226,6 +227,10 @@ pub struct StreamDesc {
     pub rtp: Option<SocketAddr>,
     /// RTCP endpoint; `None` with rtcp-mux or for non-RTP streams.
     pub rtcp: Option<SocketAddr>,
+    /// `a=rtcp-mux` on an RTP stream (RFC 5761). An offer with it still
+    /// gets an RTCP port from the edge: the answerer may decline mux and
+    /// send RTCP to RTP + 1 (§5.1.3), where the offerer then listens.
+    pub rtcp_mux: bool,
     /// Port 0: the stream is rejected/disabled and its ports can go.
     pub rejected: bool,
     /// RFC 4145 `a=setup` value (lowercase) for TCP streams, if present.

@@ -17,9 +17,40 @@ impl Manager {
         now: Instant,
         j: &mut Journal,
     ) -> Result<Outcome, MediaError> {
+        // ICE through the relay: the edge's own port named as the party's
+        // media means the path already installed (`ice`).
+        let unrelayed: Vec<StreamDesc>;
+        let unrelayed_inp: SdpInput<'_>;
+        let inp = match self.unrelay(inp.dialog, inp.from_side, inp.streams) {
+            Some(streams) => {
+                unrelayed = streams;
+                unrelayed_inp = SdpInput {
+                    streams: &unrelayed,
+                    ..inp.clone()
+                };
+                &unrelayed_inp
+            }
+            None => inp,
+        };
         let pinned: Vec<StreamDesc>;
         let pinned_inp: SdpInput<'_>;
         let inp = if inp.from_side == Side::External && inp.far_media == FarMedia::RemoteUser {
+            // Pinning hides the address named; the edge's own is never a
+            // remote user's media (DESIGN.md §3), whatever the port.
+            let who = Self::naming(inp.from_side, inp.source, inp.media_sources);
+            for (i, st) in inp.streams.iter().enumerate() {
+                for ep in [st.rtp, st.rtcp, st.path].into_iter().flatten() {
+                    if self.policy.is_edge(ep.ip()) {
+                        return Err(policy::refused(
+                            inp.dialog,
+                            &who,
+                            &format!("stream {i}: media"),
+                            ep,
+                            Refusal::EdgeAddress,
+                        ));
+                    }
+                }
+            }
             // A remote user behind NAT names its private address (or any
             // other): media goes only to its signalling source address,
             // the port learned once (see `FarMedia::RemoteUser`).
@@ -171,10 +202,10 @@ impl Manager {
                     "stream {i}: answer changes the transport"
                 )));
             }
-            let (int, ext, int_rtp, ext_rtp) = if inp.from_side == Side::Internal {
-                (a, o, a_rtp, o_rtp)
+            let (int_rtp, ext_rtp) = if inp.from_side == Side::Internal {
+                (a_rtp, o_rtp)
             } else {
-                (o, a, o_rtp, a_rtp)
+                (o_rtp, a_rtp)
             };
             let Some(slot) = d.slots.get(i).and_then(Option::as_ref) else {
                 return Err(not_acceptable(format!(
@@ -213,7 +244,23 @@ impl Manager {
                 }
             }
             let mut pairs = vec![(false, int_rtp, ext_rtp, Some(public.port))];
-            if let (Some(ci), Some(ce)) = (int.rtcp, ext.rtcp) {
+            // An answer that declines the offer's rtcp-mux has RTCP of
+            // its own; the offerer's then goes to its RTP port + 1 (RFC
+            // 5761 §5.1.3 with the RFC 3605 default).
+            let declined = |st: &StreamDesc, rtp: SocketAddr| {
+                st.rtcp.or_else(|| {
+                    (st.rtcp_mux && a.rtcp.is_some() && !a.rtcp_mux)
+                        .then(|| rtp.port().checked_add(1))
+                        .flatten()
+                        .map(|p| SocketAddr::new(rtp.ip(), p))
+                })
+            };
+            let (int_rtcp, ext_rtcp) = if inp.from_side == Side::Internal {
+                (a.rtcp, declined(o, ext_rtp))
+            } else {
+                (declined(o, int_rtp), a.rtcp)
+            };
+            if let (Some(ci), Some(ce)) = (int_rtcp, ext_rtcp) {
                 pairs.push((true, ci, ce, public.rtcp));
             }
             for (is_rtcp, client, peer, pub_port) in pairs {

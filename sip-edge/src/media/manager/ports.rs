@@ -117,7 +117,9 @@ impl Manager {
                 continue;
             }
             let addr = self.edge_addr(facing, rtp.ip())?;
-            let need_rtcp = st.rtcp.is_some();
+            // A mux offer may be declined (RFC 5761 §5.1.3): RTCP then
+            // needs its port, so a mux stream keeps a pair too.
+            let need_rtcp = st.rtcp.is_some() || (st.rtcp_mux && st.proto == Proto::Udp);
             let Some(d) = self.dialogs.get_mut(inp.dialog) else {
                 return Err(not_acceptable("dialog vanished"));
             };
@@ -126,7 +128,7 @@ impl Manager {
             }
             let compatible = d.slots[i]
                 .as_ref()
-                .is_some_and(|s| s.proto == st.proto && s.rtcp == need_rtcp);
+                .is_some_and(|s| s.proto == st.proto && (s.rtcp || !need_rtcp));
             if !compatible {
                 // RFC 3264 §8.1: a new stream may take a port-0 slot; its old
                 // ports go when the exchange completes.
