@@ -241,6 +241,12 @@ pub struct Record {
     pub ports: Vec<u16>,
     /// When the owner wrote it (ms since the epoch).
     pub written_ms: u64,
+    /// The flow's place in its dialog's media session (m-line, RTP or
+    /// RTCP, the parties' signalling sources): what the node that takes
+    /// the call over needs to rebuild the session for a re-INVITE with
+    /// SDP (`Manager::rebuild`). Absent from records of older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub media: Option<crate::media::adopt::FlowMedia>,
 }
 
 /// Milliseconds since the epoch (0 if the clock is before it).

@@ -93,7 +93,9 @@ pub struct SdpEvent<'a> {
 
 /// How the outside party's real media source is learned (DESIGN.md §2:
 /// strict by default; latching is opt-in, happens once and never moves).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Serialized in the restart journal and the HA store (`media::adopt`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum FarMedia {
     /// `[media] latch` decides (strict unless it is set).
     #[default]

@@ -90,6 +90,7 @@ mod expiry;
 mod offer_answer;
 mod policy;
 mod ports;
+mod rebuild;
 mod transfer;
 
 use std::{
