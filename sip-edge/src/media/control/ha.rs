@@ -693,4 +693,117 @@ mod tests {
             .count();
         assert_eq!(dels, 2);
     }
+
+    /// The same after a `kill -9` and restart of a single node (issue #11
+    /// item 1, `[proxy] token_key_file`): the journal carries each flow's
+    /// place, the restarted run adopts the rules with it (as `recover`
+    /// does), and a re-INVITE with SDP keeps the edge ports and replaces
+    /// the rules; its BYE removes them and their journal lines.
+    #[test]
+    fn after_a_restart_the_journal_rebuilds_the_session_for_a_reinvite() {
+        let now = Instant::now();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("media.journal");
+        let mut first = MediaController::new(
+            settings(),
+            MediaCandidates::ReplacePrivateHost,
+            RecordingSink::default(),
+        );
+        first.journal = Some(Journal::open(&path).expect("journal").0);
+        let d = DialogKey {
+            call_id: "call-r".into(),
+            from_tag: "caller".into(),
+        };
+        let role = crate::media::SdpRole::Offer;
+        let offer = sdp(
+            &mut first,
+            &d,
+            None,
+            role,
+            Side::Internal,
+            "10.77.0.2:5061",
+            &audio("10.77.0.2", 4000, "sendrecv"),
+            now,
+        )
+        .expect("offer");
+        sdp(
+            &mut first,
+            &d,
+            Some("callee"),
+            crate::media::SdpRole::Answer,
+            Side::External,
+            "198.51.100.2:5061",
+            &audio("198.51.100.2", 5000, "sendrecv"),
+            now,
+        )
+        .expect("answer");
+        let rules: Vec<Flow> = first.sink().installed.values().copied().collect();
+        drop(first); // kill -9: nothing more is written
+
+        let mut again = MediaController::new(
+            settings(),
+            MediaCandidates::ReplacePrivateHost,
+            RecordingSink::default(),
+        );
+        let (j, old) = Journal::open(&path).expect("journal again");
+        again.journal = Some(j);
+        assert_eq!(old.len(), 2, "{old:?}");
+        for (n, (jid, r)) in old.iter().enumerate() {
+            let m = r.media.expect("the journal carries the flow's place");
+            assert!(rules.contains(&m.flow));
+            let id = PinholeId(ADOPTED_ID_BASE + n as u64);
+            again.sink.install(id, &m.flow).expect("the rule in the maps");
+            let ports = flow_ports(&m.flow);
+            again.mgr.hold_ports(&ports);
+            again.adopted.add(
+                AdoptedFlow {
+                    id,
+                    journal_id: Some(jid.clone()),
+                    dialog: Some(r.dialog.clone()),
+                    ports,
+                    media: Some(m),
+                },
+                5,
+                now,
+            );
+        }
+        let t = now + Duration::from_secs(1);
+        let reoffer = sdp(
+            &mut again,
+            &d,
+            Some("callee"),
+            role,
+            Side::Internal,
+            "10.77.0.2:5061",
+            &audio("10.77.0.2", 4100, "sendonly"),
+            t,
+        )
+        .expect("re-INVITE after the restart");
+        assert_eq!(m_port(&reoffer), m_port(&offer), "same edge port");
+        sdp(
+            &mut again,
+            &d,
+            Some("callee"),
+            crate::media::SdpRole::Answer,
+            Side::External,
+            "198.51.100.2:5061",
+            &audio("198.51.100.2", 5000, "recvonly"),
+            t,
+        )
+        .expect("its answer");
+        let now_rules: Vec<Flow> = again.sink().installed.values().copied().collect();
+        assert_eq!(now_rules.len(), 2);
+        assert!(
+            now_rules.iter().all(|f| !rules.contains(f)),
+            "the old rules are replaced: {now_rules:?}"
+        );
+        assert_eq!(again.journal.as_ref().expect("journal").live().len(), 2);
+        assert!(again.end_adopted("call-r", &["caller", "callee"], t));
+        assert!(again.sink().installed.is_empty());
+        assert_eq!(again.manager().ports_in_use(), 0);
+        assert!(
+            again.journal.as_ref().expect("journal").live().is_empty(),
+            "journal lines of the ended call removed"
+        );
+    }
 }
