@@ -834,6 +834,41 @@ async fn a_reinvite_with_sdp_after_the_failover_moves_the_media_and_the_bye_ends
         .expect("bob listens"),
     );
     let mut alice_a = alice(&net, &pki).await;
+    // Replication lag (issue #11): from a call's 200 at alice (its owner
+    // installed and queued its flows before forwarding the answer) to its
+    // rules in b's maps, as `sip-edge pinhole list` shows them (a few ms
+    // per look). Each call then ends with a BYE through a.
+    let mut lags = Vec::new();
+    for i in 1..=5 {
+        let mut m = call(&mut alice_a, &mut bob, i).await;
+        let t0 = Instant::now();
+        let want = a.rules();
+        while b.rules() != want {
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "call {i} never mirrored on b"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        lags.push(t0.elapsed().as_millis());
+        alice_a
+            .send(&m.a.request("BYE", "", ""))
+            .await
+            .expect("BYE");
+        let bye = bob.recv_request("BYE").await;
+        bob.conn()
+            .send(&testua::reply(&bye, 200, "OK", "", "", "", ""))
+            .await
+            .expect("200 to BYE");
+        assert_eq!(
+            response_for(&mut alice_a, &m.a.call_id).await.status(),
+            Some(200)
+        );
+    }
+    lags.sort_unstable();
+    println!(
+        "HA replication lag (call answered at a -> its rules in b's maps), ms, sorted: {lags:?}"
+    );
     let mut c = call(&mut alice_a, &mut bob, 0).await;
     let owned = u(
         &a.wait_ha("its call written", Duration::from_secs(5), |v| {
@@ -844,6 +879,15 @@ async fn a_reinvite_with_sdp_after_the_failover_moves_the_media_and_the_bye_ends
     b.wait_ha("a's call mirrored", Duration::from_secs(5), |v| {
         u(v, "mirrored") == owned
     });
+    // The count alone could still be the last ended call's.
+    let t0 = Instant::now();
+    while b.rules() != a.rules() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "call never mirrored on b"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let (cl, pr) = (net.client.clone(), net.peer.clone());
     let (alice_2, bob_2) = (
         SocketAddr::new(c.alice.ip(), 4100),
