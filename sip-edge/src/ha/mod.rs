@@ -24,8 +24,12 @@
 //!   protected) until the store answers again, when it writes its whole
 //!   live set anew.
 //! - **Mirroring** ([`replica::Replicas`], sans-IO): the task reads every
-//!   node's keys each `sync_interval_ms` (a `SCAN` + `MGET`, the lag
-//!   bound) and the media layer installs the other nodes' flows as
+//!   node's keys when another node publishes a change on the channel
+//!   `<prefix>:changed` (each owner publishes its node id after each
+//!   write), and each `sync_interval_ms` in any case (a `SCAN` + `MGET`:
+//!   the fallback that catches a lost notification or a dropped
+//!   subscription), hands the read to the SIP driver at once
+//!   ([`snapshot_ready`]), and the media layer installs the other nodes' flows as
 //!   *mirrors*: rules in its maps, their ports held, removed when their key
 //!   goes (the call ended at its owner, or the owner died and the key
 //!   expired). A mirror whose counters move carries traffic here: the
@@ -208,6 +212,12 @@ impl HaSection {
         format!("{}:{node}:ph:{id}", self.key_prefix)
     }
 
+    /// The pub/sub channel each owner publishes its node id on after every
+    /// write, so the other nodes read at once instead of at the next poll.
+    pub fn channel(&self) -> String {
+        format!("{}:changed", self.key_prefix)
+    }
+
     /// The pattern matching every node's flow keys.
     pub fn pattern(&self) -> String {
         format!("{}:*:ph:*", self.key_prefix)
@@ -356,6 +366,16 @@ impl Status {
 }
 
 static STATUS: OnceLock<Arc<Status>> = OnceLock::new();
+
+static SNAPSHOT_READY: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// Signalled when the store task has a new read for the media layer; the
+/// SIP driver (`transport`) then has the proxy apply it at once
+/// (`MediaControl::sync_replicas`) rather than at its next 1 s tick. A
+/// permit is kept when nobody waits, so no read is missed.
+pub fn snapshot_ready() -> &'static tokio::sync::Notify {
+    &SNAPSHOT_READY
+}
 
 /// Publishes the agent's HA status for the control socket (first call wins:
 /// one agent, one HA node per process).

@@ -200,8 +200,18 @@ impl Task {
         // Three refreshes per TTL: a key lives while its owner does.
         let mut refresh = tokio::time::interval(Duration::from_millis(self.ttl_secs * 1000 / 3));
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let listener = tokio::spawn(subscribe(self.section.clone(), changed.clone()));
         loop {
             tokio::select! {
+                () = changed.notified() => {
+                    if let Some(s) = self.read().await {
+                        if snap.send(Some(Arc::new(s))).is_err() {
+                            break;
+                        }
+                        super::snapshot_ready().notify_one();
+                    }
+                }
                 c = rx.recv() => {
                     let Some(c) = c else { break };
                     self.status.queued.fetch_sub(1, Ordering::Relaxed);
@@ -212,6 +222,7 @@ impl Task {
                         if snap.send(Some(Arc::new(s))).is_err() {
                             break;
                         }
+                        super::snapshot_ready().notify_one();
                     }
                 }
                 _ = refresh.tick() => {
@@ -220,6 +231,7 @@ impl Task {
                 }
             }
         }
+        listener.abort();
     }
 
     fn failed(&mut self, why: &str) {
@@ -295,8 +307,16 @@ impl Task {
         if self.rewrite_all {
             return;
         }
+        // The write and its notification (`HaSection::channel`) in one
+        // round trip.
+        let mut pipe = redis::pipe();
+        pipe.add_command(cmd).ignore();
+        pipe.cmd("PUBLISH")
+            .arg(self.section.channel())
+            .arg(&self.section.node)
+            .ignore();
         if let Some(mut conn) = self.conn().await {
-            match tokio::time::timeout(self.timeout(), cmd.query_async::<()>(&mut conn)).await {
+            match tokio::time::timeout(self.timeout(), pipe.query_async::<()>(&mut conn)).await {
                 Ok(Ok(())) => {
                     self.status.writes.fetch_add(1, Ordering::Relaxed);
                     self.deleted.clear();
@@ -334,6 +354,10 @@ impl Task {
                     .ignore();
             }
         }
+        pipe.cmd("PUBLISH")
+            .arg(self.section.channel())
+            .arg(&self.section.node)
+            .ignore();
         let n = (self.own.len() + self.deleted.len()) as u64;
         match tokio::time::timeout(self.timeout(), pipe.query_async::<()>(&mut conn)).await {
             Ok(Ok(())) => {
@@ -408,5 +432,48 @@ impl Task {
                 None
             }
         }
+    }
+}
+
+/// Listens on the store's change channel (`HaSection::channel`) and wakes
+/// the task's read for every other node's notification. A subscription
+/// that cannot be made or breaks is made again after a second; meanwhile
+/// the poll (`sync_interval_ms`) carries on alone, so nothing depends on a
+/// notification arriving.
+async fn subscribe(section: HaSection, changed: Arc<tokio::sync::Notify>) {
+    use futures_util::StreamExt;
+    let t = Duration::from_millis(section.connect_timeout_ms);
+    let channel = section.channel();
+    loop {
+        let made = async {
+            let mut ps = tokio::time::timeout(t * 2, client(&section)?.get_async_pubsub())
+                .await
+                .map_err(|_| {
+                    redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
+                })??;
+            tokio::time::timeout(t * 2, ps.subscribe(&channel))
+                .await
+                .map_err(|_| {
+                    redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
+                })??;
+            Ok::<_, redis::RedisError>(ps)
+        }
+        .await;
+        match made {
+            Ok(ps) => {
+                tracing::debug!(%channel, "HA: subscribed to the store's change notifications");
+                let mut stream = ps.into_on_message();
+                while let Some(msg) = stream.next().await {
+                    if msg.get_payload_bytes() != section.node.as_bytes() {
+                        changed.notify_one();
+                    }
+                }
+                tracing::debug!(%channel, "HA: change subscription ended; polling until it is back");
+            }
+            Err(e) => {
+                tracing::debug!(%channel, error = %e, "HA: no change subscription; polling");
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }

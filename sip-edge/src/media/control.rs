@@ -1211,6 +1211,10 @@ impl<S: PinholeSink + Send> MediaControl for MediaController<S> {
         out
     }
 
+    fn sync_replicas(&mut self) {
+        self.ha_tick();
+    }
+
     fn end_adopted(&mut self, call_id: &str, tags: &[&str], now: Instant) -> bool {
         self.ha_claim_dialog(call_id, tags, now);
         let sessions: Vec<DialogKey> = self

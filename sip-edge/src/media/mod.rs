@@ -196,6 +196,9 @@ pub trait MediaControl: Send {
         let _ = (call_id, tags, now);
         false
     }
+    /// A new read of the HA store is ready (`crate::ha::snapshot_ready`):
+    /// follow it now (mirrors in, mirrors out) instead of at the next tick.
+    fn sync_replicas(&mut self) {}
     /// Every flow this media layer installed, with its dialog and counters
     /// (`sip-edge calls`, `sip-edge pinholes`; `crate::status`).
     fn pinholes(&mut self) -> Vec<crate::status::PinholeStatus> {

@@ -752,7 +752,10 @@ mod tests {
             let m = r.media.expect("the journal carries the flow's place");
             assert!(rules.contains(&m.flow));
             let id = PinholeId(ADOPTED_ID_BASE + n as u64);
-            again.sink.install(id, &m.flow).expect("the rule in the maps");
+            again
+                .sink
+                .install(id, &m.flow)
+                .expect("the rule in the maps");
             let ports = flow_ports(&m.flow);
             again.mgr.hold_ports(&ports);
             again.adopted.add(
