@@ -16,6 +16,9 @@
 //!   set up: b rewrites them to the call's edge ports, the media flows on
 //!   the new ports, the old pinholes are gone, and the BYE through b
 //!   removes every rule and key;
+//! - `role = "auto"`: one node holds the store lease and reports active,
+//!   the other standby; after a `kill -9` of the holder the other takes
+//!   the lease within its length;
 //! - the store down: calls still succeed, the outage is counted and shown
 //!   by `sip-edge ha-status`, and when the store returns the node's live
 //!   calls are written again.
@@ -1010,4 +1013,69 @@ async fn a_reinvite_with_sdp_after_the_failover_moves_the_media_and_the_bye_ends
         !flows(&net, (&cl, alice_2), c.edge_int, (&pr, bob_2)),
         "media passes after the BYE"
     );
+}
+
+/// Election (issue #11): with `role = "auto"` exactly one node holds the
+/// lease and reports `active`; when it dies the other takes the lease once
+/// it has run out, and `sip-edge status` shows the role.
+#[tokio::test(flavor = "current_thread")]
+async fn role_auto_elects_one_node_and_the_survivor_takes_the_lease() {
+    const NAME: &str = "ha::role_auto_elects_one_node_and_the_survivor_takes_the_lease";
+    if let Some(reason) = unavailable() {
+        testnet::record_skip(NAME, &reason);
+        return;
+    }
+    let tag = format!("h2e{}", std::process::id() % 100_000);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = TestPki::generate(tmp.path()).expect("certificates");
+    let mut net = HaNet::create(&tag).expect("namespaces");
+    net.attach_pass_programs().expect("pass programs");
+    let redis = RedisServer::start(&net, tmp.path()).expect("redis-server");
+    let mut a = EdgeNode::new(&tag, Node::A, tmp.path(), &pki, "auto");
+    let mut b = EdgeNode::new(&tag, Node::B, tmp.path(), &pki, "auto");
+    for n in [&a, &b] {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&n.config)
+            .expect("config");
+        f.write_all(b"lease_ms = 1000\n").expect("lease");
+    }
+    a.start(&net);
+    a.wait_ha("a holds the lease", Duration::from_secs(5), |v| {
+        v["role"] == "active" && v["election"] == "lease"
+    });
+    b.start(&net);
+    b.wait_ha("b resynced", Duration::from_secs(5), |v| {
+        v["resynced"] == true
+    });
+    // Several renewals later b is still the standby.
+    std::thread::sleep(Duration::from_millis(1500));
+    let (ra, rb) = (a.ha(), b.ha());
+    assert_eq!(
+        (ra["role"].as_str(), rb["role"].as_str()),
+        (Some("active"), Some("standby")),
+        "one active: a {ra:#} b {rb:#}"
+    );
+    assert_eq!(redis.cli(&["GET", "sip-edge:active"]).trim(), "a");
+
+    let t = Instant::now();
+    a.kill9();
+    b.wait_ha("b takes the lease", Duration::from_secs(5), |v| {
+        v["role"] == "active"
+    });
+    let took = t.elapsed();
+    println!(
+        "HA election: b active {} ms after the kill of a (lease 1000 ms, sync 100 ms)",
+        took.as_millis()
+    );
+    assert_eq!(redis.cli(&["GET", "sip-edge:active"]).trim(), "b");
+    let status = std::process::Command::new(testnet::agent_bin())
+        .args(["status", "--json", "--socket"])
+        .arg(&b.socket)
+        .output()
+        .expect("status");
+    let status: Value = serde_json::from_slice(&status.stdout).expect("status json");
+    assert_eq!(status["ha"]["role"], "active", "{status}");
+    assert_eq!(status["ha"]["election"], "lease", "{status}");
 }

@@ -139,6 +139,7 @@ pub fn spawn(section: &HaSection, status: Arc<Status>, ttl: Duration, own: Vec<R
         conn: None,
         rewrite_all: true,
         deleted: std::collections::HashSet::new(),
+        leased: None,
     };
     tokio::spawn(task.run(rx, snap_tx));
     Handle {
@@ -183,7 +184,17 @@ struct Task {
     /// answer, so another node's mirror of an ended call does not wait for
     /// the key's TTL.
     deleted: std::collections::HashSet<String>,
+    /// `role = "auto"`: when this node last held the lease.
+    leased: Option<std::time::Instant>,
 }
+
+/// Takes or renews the `role = "auto"` lease in one step: SET NX PX when
+/// nobody holds it, PEXPIRE when this node does (a script, so no other
+/// node can take it between the check and the renewal). 1 = held.
+const LEASE_SCRIPT: &str = "local v = redis.call('GET', KEYS[1]) \
+if v == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end \
+if not v then redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) return 1 end \
+return 0";
 
 impl Task {
     fn timeout(&self) -> Duration {
@@ -218,6 +229,9 @@ impl Task {
                     self.change(c).await;
                 }
                 _ = sync.tick() => {
+                    if self.section.role == super::Role::Auto {
+                        self.elect().await;
+                    }
                     if let Some(s) = self.read().await {
                         if snap.send(Some(Arc::new(s))).is_err() {
                             break;
@@ -232,6 +246,59 @@ impl Task {
             }
         }
         listener.abort();
+    }
+
+    /// `role = "auto"`: takes or renews the lease ([`LEASE_SCRIPT`]) and
+    /// sets the role from it. A node that cannot reach the store keeps its
+    /// role until its lease would have run out, then reports standby (it
+    /// cannot know it still holds it).
+    async fn elect(&mut self) {
+        let held = match self.conn().await {
+            Some(mut conn) => {
+                let cmd = redis::cmd("EVAL")
+                    .arg(LEASE_SCRIPT)
+                    .arg(1)
+                    .arg(self.section.lease_key())
+                    .arg(&self.section.node)
+                    .arg(self.section.lease_ms)
+                    .to_owned();
+                match tokio::time::timeout(self.timeout(), cmd.query_async::<i64>(&mut conn)).await
+                {
+                    Ok(Ok(n)) => Some(n == 1),
+                    Ok(Err(e)) => {
+                        self.failed(&e.to_string());
+                        None
+                    }
+                    Err(_) => {
+                        self.failed("lease timed out");
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
+        let now = std::time::Instant::now();
+        let lease = Duration::from_millis(self.section.lease_ms);
+        let active = match held {
+            Some(true) => {
+                self.leased = Some(now);
+                true
+            }
+            Some(false) => {
+                self.leased = None;
+                false
+            }
+            None => self.leased.is_some_and(|t| now.duration_since(t) < lease),
+        };
+        let role = if active {
+            super::Role::Active
+        } else {
+            super::Role::Standby
+        };
+        if self.status.role() != role {
+            tracing::warn!(role = role.name(), lease = %self.section.lease_key(), "HA election: role changed");
+            self.status.set_role(role);
+        }
     }
 
     fn failed(&mut self, why: &str) {

@@ -179,7 +179,8 @@ impl<S: PinholeSink> MediaController<S> {
             h.handle.writer.send(Change::Put(Box::new(record)));
             h.handle.writer.send(Change::Del(m.key.clone()));
             h.status.claimed.fetch_add(1, Ordering::Relaxed);
-            if h.status.role() != Role::Active {
+            // An elected node's role is its lease's (`store::elect`).
+            if !h.status.election && h.status.role() != Role::Active {
                 h.status.set_role(Role::Active);
                 tracing::warn!(from = %m.record.node, "HA: another node's calls reach this node: taking them over (role active)");
             }
