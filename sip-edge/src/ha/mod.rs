@@ -24,8 +24,12 @@
 //!   protected) until the store answers again, when it writes its whole
 //!   live set anew.
 //! - **Mirroring** ([`replica::Replicas`], sans-IO): the task reads every
-//!   node's keys each `sync_interval_ms` (a `SCAN` + `MGET`, the lag
-//!   bound) and the media layer installs the other nodes' flows as
+//!   node's keys when another node publishes a change on the channel
+//!   `<prefix>:changed` (each owner publishes its node id after each
+//!   write), and each `sync_interval_ms` in any case (a `SCAN` + `MGET`:
+//!   the fallback that catches a lost notification or a dropped
+//!   subscription), hands the read to the SIP driver at once
+//!   ([`snapshot_ready`]), and the media layer installs the other nodes' flows as
 //!   *mirrors*: rules in its maps, their ports held, removed when their key
 //!   goes (the call ended at its owner, or the owner died and the key
 //!   expired). A mirror whose counters move carries traffic here: the
@@ -70,9 +74,15 @@ pub struct HaSection {
     /// This node's id: its key prefix in the store (`[a-z0-9_-]`, ≤ 32).
     pub node: String,
     /// The role the node starts in; a standby that takes over calls
-    /// reports `active` from then on.
+    /// reports `active` from then on. `auto`: the role is a lease in the
+    /// store (below) that one node at a time holds.
     #[serde(default)]
     pub role: Role,
+    /// With `role = "auto"`: how long the lease `<prefix>:active` lasts
+    /// without renewal (the holder renews it every `sync_interval_ms`),
+    /// 500..=60000 ms and at least three sync intervals.
+    #[serde(default = "default_lease_ms")]
+    pub lease_ms: u64,
     /// The first part of every key (`sip-edge`): several edge pairs can
     /// share one store.
     #[serde(default = "default_prefix")]
@@ -107,6 +117,9 @@ fn default_sync_interval_ms() -> u64 {
 fn default_connect_timeout_ms() -> u64 {
     500
 }
+fn default_lease_ms() -> u64 {
+    3000
+}
 fn default_queue() -> usize {
     4096
 }
@@ -120,6 +133,10 @@ pub enum Role {
     Active,
     /// Mirrors the active node's calls until its addresses arrive.
     Standby,
+    /// Elected: active while it holds the store's lease, standby otherwise
+    /// (`store::elect`). Only a configuration value: a node reports
+    /// `active` or `standby`.
+    Auto,
 }
 
 impl Role {
@@ -128,6 +145,7 @@ impl Role {
         match self {
             Role::Active => "active",
             Role::Standby => "standby",
+            Role::Auto => "auto",
         }
     }
 }
@@ -184,6 +202,22 @@ impl HaSection {
                 format!("{} is outside 50..=10000", self.connect_timeout_ms),
             ));
         }
+        if !(500..=60_000).contains(&self.lease_ms) {
+            return Err(invalid(
+                "ha.lease_ms",
+                format!("{} is outside 500..=60000", self.lease_ms),
+            ));
+        }
+        if self.role == Role::Auto && self.lease_ms < 3 * self.sync_interval_ms {
+            return Err(invalid(
+                "ha.lease_ms",
+                format!(
+                    "{} is less than three sync intervals ({} ms): the lease is renewed each interval",
+                    self.lease_ms,
+                    3 * self.sync_interval_ms
+                ),
+            ));
+        }
         if !(1..=1_000_000).contains(&self.queue) {
             return Err(invalid(
                 "ha.queue",
@@ -206,6 +240,17 @@ impl HaSection {
     /// The key of flow `id` of `node`.
     pub fn key(&self, node: &str, id: &str) -> String {
         format!("{}:{node}:ph:{id}", self.key_prefix)
+    }
+
+    /// The pub/sub channel each owner publishes its node id on after every
+    /// write, so the other nodes read at once instead of at the next poll.
+    pub fn channel(&self) -> String {
+        format!("{}:changed", self.key_prefix)
+    }
+
+    /// The key of the `role = "auto"` lease.
+    pub fn lease_key(&self) -> String {
+        format!("{}:active", self.key_prefix)
     }
 
     /// The pattern matching every node's flow keys.
@@ -241,6 +286,12 @@ pub struct Record {
     pub ports: Vec<u16>,
     /// When the owner wrote it (ms since the epoch).
     pub written_ms: u64,
+    /// The flow's place in its dialog's media session (m-line, RTP or
+    /// RTCP, the parties' signalling sources): what the node that takes
+    /// the call over needs to rebuild the session for a re-INVITE with
+    /// SDP (`Manager::rebuild`). Absent from records of older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub media: Option<crate::media::adopt::FlowMedia>,
 }
 
 /// Milliseconds since the epoch (0 if the clock is before it).
@@ -259,6 +310,8 @@ pub struct Status {
     /// Store URL (no password).
     pub store: String,
     role: Mutex<Option<Role>>,
+    /// `role = "auto"`: the role is the store lease's.
+    pub election: bool,
     /// The store answered the last command.
     pub store_up: AtomicBool,
     /// The first read of the store at start finished (or was given up).
@@ -293,7 +346,12 @@ impl Status {
         Status {
             node: section.node.clone(),
             store: section.store_shown(),
-            role: Mutex::new(Some(section.role)),
+            // An elected node is a standby until it holds the lease.
+            role: Mutex::new(Some(match section.role {
+                Role::Auto => Role::Standby,
+                r => r,
+            })),
+            election: section.role == Role::Auto,
             ..Status::default()
         }
     }
@@ -332,6 +390,7 @@ impl Status {
         serde_json::json!({
             "node": self.node,
             "role": self.role().name(),
+            "election": if self.election { "lease" } else { "static" },
             "store": self.store,
             "store_up": self.store_up.load(Ordering::Relaxed),
             "resynced": self.resynced.load(Ordering::Relaxed),
@@ -350,6 +409,16 @@ impl Status {
 }
 
 static STATUS: OnceLock<Arc<Status>> = OnceLock::new();
+
+static SNAPSHOT_READY: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// Signalled when the store task has a new read for the media layer; the
+/// SIP driver (`transport`) then has the proxy apply it at once
+/// (`MediaControl::sync_replicas`) rather than at its next 1 s tick. A
+/// permit is kept when nobody waits, so no read is missed.
+pub fn snapshot_ready() -> &'static tokio::sync::Notify {
+    &SNAPSHOT_READY
+}
 
 /// Publishes the agent's HA status for the control socket (first call wins:
 /// one agent, one HA node per process).
@@ -380,9 +449,10 @@ pub fn status_text(v: &serde_json::Value) -> String {
         other => other.to_string(),
     };
     let mut out = format!(
-        "node {}  role {}  store {} ({})\n",
+        "node {}  role {} ({})  store {} ({})\n",
         f("node"),
         f("role"),
+        f("election"),
         f("store"),
         if v["store_up"] == true { "up" } else { "DOWN" }
     );
@@ -440,10 +510,39 @@ mod tests {
                 "store = \"redis://x:6379\"\nnode = \"a\"\nstroe = 1\n",
                 "stroe",
             ),
+            (
+                "store = \"redis://x:6379\"\nnode = \"a\"\nlease_ms = 100\n",
+                "lease_ms",
+            ),
+            (
+                "store = \"redis://x:6379\"\nnode = \"a\"\nrole = \"auto\"\nlease_ms = 500\n",
+                "three sync intervals",
+            ),
         ] {
             let e = section(bad).unwrap_err();
             assert!(e.contains(why), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn an_elected_node_starts_as_a_standby() {
+        let s = section("store = \"redis://x:6379\"\nnode = \"a\"\nrole = \"auto\"\n").unwrap();
+        assert_eq!((s.role, s.lease_ms), (Role::Auto, 3000));
+        assert_eq!(s.lease_key(), "sip-edge:active");
+        let st = Status::new(&s);
+        assert_eq!(st.role(), Role::Standby, "until it holds the lease");
+        let v = st.json();
+        assert_eq!(
+            (v["role"].as_str(), v["election"].as_str()),
+            (Some("standby"), Some("lease"))
+        );
+        assert!(
+            status_text(&v).contains("role standby (lease)"),
+            "{}",
+            status_text(&v)
+        );
+        let fixed = Status::new(&section("store = \"redis://x:6379\"\nnode = \"a\"\n").unwrap());
+        assert_eq!(fixed.json()["election"], "static");
     }
 
     #[test]

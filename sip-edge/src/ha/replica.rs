@@ -180,6 +180,7 @@ mod tests {
             },
             ports: vec![port, port + 2],
             written_ms: 1,
+            media: None,
         }
     }
 

@@ -139,6 +139,7 @@ pub fn spawn(section: &HaSection, status: Arc<Status>, ttl: Duration, own: Vec<R
         conn: None,
         rewrite_all: true,
         deleted: std::collections::HashSet::new(),
+        leased: None,
     };
     tokio::spawn(task.run(rx, snap_tx));
     Handle {
@@ -183,7 +184,17 @@ struct Task {
     /// answer, so another node's mirror of an ended call does not wait for
     /// the key's TTL.
     deleted: std::collections::HashSet<String>,
+    /// `role = "auto"`: when this node last held the lease.
+    leased: Option<std::time::Instant>,
 }
+
+/// Takes or renews the `role = "auto"` lease in one step: SET NX PX when
+/// nobody holds it, PEXPIRE when this node does (a script, so no other
+/// node can take it between the check and the renewal). 1 = held.
+const LEASE_SCRIPT: &str = "local v = redis.call('GET', KEYS[1]) \
+if v == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end \
+if not v then redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) return 1 end \
+return 0";
 
 impl Task {
     fn timeout(&self) -> Duration {
@@ -200,18 +211,32 @@ impl Task {
         // Three refreshes per TTL: a key lives while its owner does.
         let mut refresh = tokio::time::interval(Duration::from_millis(self.ttl_secs * 1000 / 3));
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let listener = tokio::spawn(subscribe(self.section.clone(), changed.clone()));
         loop {
             tokio::select! {
+                () = changed.notified() => {
+                    if let Some(s) = self.read().await {
+                        if snap.send(Some(Arc::new(s))).is_err() {
+                            break;
+                        }
+                        super::snapshot_ready().notify_one();
+                    }
+                }
                 c = rx.recv() => {
                     let Some(c) = c else { break };
                     self.status.queued.fetch_sub(1, Ordering::Relaxed);
                     self.change(c).await;
                 }
                 _ = sync.tick() => {
+                    if self.section.role == super::Role::Auto {
+                        self.elect().await;
+                    }
                     if let Some(s) = self.read().await {
                         if snap.send(Some(Arc::new(s))).is_err() {
                             break;
                         }
+                        super::snapshot_ready().notify_one();
                     }
                 }
                 _ = refresh.tick() => {
@@ -219,6 +244,60 @@ impl Task {
                     self.flush().await;
                 }
             }
+        }
+        listener.abort();
+    }
+
+    /// `role = "auto"`: takes or renews the lease ([`LEASE_SCRIPT`]) and
+    /// sets the role from it. A node that cannot reach the store keeps its
+    /// role until its lease would have run out, then reports standby (it
+    /// cannot know it still holds it).
+    async fn elect(&mut self) {
+        let held = match self.conn().await {
+            Some(mut conn) => {
+                let cmd = redis::cmd("EVAL")
+                    .arg(LEASE_SCRIPT)
+                    .arg(1)
+                    .arg(self.section.lease_key())
+                    .arg(&self.section.node)
+                    .arg(self.section.lease_ms)
+                    .to_owned();
+                match tokio::time::timeout(self.timeout(), cmd.query_async::<i64>(&mut conn)).await
+                {
+                    Ok(Ok(n)) => Some(n == 1),
+                    Ok(Err(e)) => {
+                        self.failed(&e.to_string());
+                        None
+                    }
+                    Err(_) => {
+                        self.failed("lease timed out");
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
+        let now = std::time::Instant::now();
+        let lease = Duration::from_millis(self.section.lease_ms);
+        let active = match held {
+            Some(true) => {
+                self.leased = Some(now);
+                true
+            }
+            Some(false) => {
+                self.leased = None;
+                false
+            }
+            None => self.leased.is_some_and(|t| now.duration_since(t) < lease),
+        };
+        let role = if active {
+            super::Role::Active
+        } else {
+            super::Role::Standby
+        };
+        if self.status.role() != role {
+            tracing::warn!(role = role.name(), lease = %self.section.lease_key(), "HA election: role changed");
+            self.status.set_role(role);
         }
     }
 
@@ -295,8 +374,16 @@ impl Task {
         if self.rewrite_all {
             return;
         }
+        // The write and its notification (`HaSection::channel`) in one
+        // round trip.
+        let mut pipe = redis::pipe();
+        pipe.add_command(cmd).ignore();
+        pipe.cmd("PUBLISH")
+            .arg(self.section.channel())
+            .arg(&self.section.node)
+            .ignore();
         if let Some(mut conn) = self.conn().await {
-            match tokio::time::timeout(self.timeout(), cmd.query_async::<()>(&mut conn)).await {
+            match tokio::time::timeout(self.timeout(), pipe.query_async::<()>(&mut conn)).await {
                 Ok(Ok(())) => {
                     self.status.writes.fetch_add(1, Ordering::Relaxed);
                     self.deleted.clear();
@@ -334,6 +421,10 @@ impl Task {
                     .ignore();
             }
         }
+        pipe.cmd("PUBLISH")
+            .arg(self.section.channel())
+            .arg(&self.section.node)
+            .ignore();
         let n = (self.own.len() + self.deleted.len()) as u64;
         match tokio::time::timeout(self.timeout(), pipe.query_async::<()>(&mut conn)).await {
             Ok(Ok(())) => {
@@ -408,5 +499,48 @@ impl Task {
                 None
             }
         }
+    }
+}
+
+/// Listens on the store's change channel (`HaSection::channel`) and wakes
+/// the task's read for every other node's notification. A subscription
+/// that cannot be made or breaks is made again after a second; meanwhile
+/// the poll (`sync_interval_ms`) carries on alone, so nothing depends on a
+/// notification arriving.
+async fn subscribe(section: HaSection, changed: Arc<tokio::sync::Notify>) {
+    use futures_util::StreamExt;
+    let t = Duration::from_millis(section.connect_timeout_ms);
+    let channel = section.channel();
+    loop {
+        let made = async {
+            let mut ps = tokio::time::timeout(t * 2, client(&section)?.get_async_pubsub())
+                .await
+                .map_err(|_| {
+                    redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
+                })??;
+            tokio::time::timeout(t * 2, ps.subscribe(&channel))
+                .await
+                .map_err(|_| {
+                    redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
+                })??;
+            Ok::<_, redis::RedisError>(ps)
+        }
+        .await;
+        match made {
+            Ok(ps) => {
+                tracing::debug!(%channel, "HA: subscribed to the store's change notifications");
+                let mut stream = ps.into_on_message();
+                while let Some(msg) = stream.next().await {
+                    if msg.get_payload_bytes() != section.node.as_bytes() {
+                        changed.notify_one();
+                    }
+                }
+                tracing::debug!(%channel, "HA: change subscription ended; polling until it is back");
+            }
+            Err(e) => {
+                tracing::debug!(%channel, error = %e, "HA: no change subscription; polling");
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }

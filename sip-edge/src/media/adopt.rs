@@ -88,6 +88,33 @@ struct Line {
     /// The flow's rule keys, as `describe_key` prints them (for `add`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     keys: Vec<String>,
+    /// The flow's place in its dialog's media session (for `add`; absent
+    /// in journals of older runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    media: Option<FlowMedia>,
+}
+
+/// A flow's place in its dialog's media session: enough for a process that
+/// did not set the dialog up (this node after a restart, another HA node)
+/// to rebuild the session when an in-dialog offer (re-INVITE, UPDATE)
+/// arrives, so the m-line keeps its edge ports, the old rules are replaced
+/// and the BYE removes what the session holds (`Manager::rebuild`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowMedia {
+    /// The installed flow.
+    pub flow: crate::datapath::rules::Flow,
+    /// Its m-line index.
+    pub stream: usize,
+    /// Whether it is the m-line's RTCP flow.
+    pub rtcp: bool,
+    /// The signalling source IP of each side (internal, external) when it
+    /// was written: an in-dialog offer for a rebuilt dialog must come from
+    /// the same party.
+    #[serde(default)]
+    pub sources: [Option<IpAddr>; 2],
+    /// How the outside party's media source is learned.
+    #[serde(default)]
+    pub far_media: super::FarMedia,
 }
 
 /// What the journal says about one live flow.
@@ -97,6 +124,8 @@ pub struct Record {
     pub dialog: DialogKey,
     /// Its rule keys.
     pub keys: Vec<String>,
+    /// Its place in the dialog's media session, when the run wrote it.
+    pub media: Option<FlowMedia>,
 }
 
 /// Lines beyond this many times the live entries (plus a floor) trigger a
@@ -139,6 +168,7 @@ fn replay(r: impl BufRead) -> BTreeMap<String, Record> {
                     Record {
                         dialog: DialogKey { call_id, from_tag },
                         keys: l.keys,
+                        media: l.media,
                     },
                 );
             }
@@ -158,6 +188,7 @@ fn add_line(id: &str, r: &Record) -> Line {
         call_id: Some(r.dialog.call_id.clone()),
         from_tag: Some(r.dialog.from_tag.clone()),
         keys: r.keys.clone(),
+        media: r.media,
     }
 }
 
@@ -226,9 +257,21 @@ impl Journal {
 
     /// A flow was installed (or replaced: the same id again).
     pub fn add(&mut self, id: &str, dialog: &DialogKey, keys: Vec<String>) {
+        self.add_media(id, dialog, keys, None);
+    }
+
+    /// [`Journal::add`] with the flow's place in its media session.
+    pub fn add_media(
+        &mut self,
+        id: &str,
+        dialog: &DialogKey,
+        keys: Vec<String>,
+        media: Option<FlowMedia>,
+    ) {
         let r = Record {
             dialog: dialog.clone(),
             keys,
+            media,
         };
         let line = add_line(id, &r);
         self.live.insert(id.to_owned(), r);
@@ -244,6 +287,7 @@ impl Journal {
                 call_id: None,
                 from_tag: None,
                 keys: Vec::new(),
+                media: None,
             });
         }
     }
@@ -380,6 +424,9 @@ pub struct AdoptedFlow {
     pub dialog: Option<DialogKey>,
     /// Edge ports it holds.
     pub ports: Vec<u16>,
+    /// Its place in the dialog's media session, when known (the journal
+    /// or the HA store carried it).
+    pub media: Option<FlowMedia>,
 }
 
 #[derive(Clone, Debug)]
@@ -518,6 +565,7 @@ mod tests {
             journal_id: d.as_ref().map(|_| format!("j{n}")),
             dialog: d,
             ports: vec![40000 + n as u16],
+            media: None,
         }
     }
 

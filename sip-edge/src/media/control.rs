@@ -73,7 +73,7 @@ mod ha;
 use super::{
     adopt::{self, Adopted, AdoptedFlow, Journal, Timeouts},
     manager::{InvitationInput, Manager, Op, PinholeId, SdpInput, Settings, StreamDesc},
-    DialogKey, EndReason, FarMedia, MediaControl, MediaError, SdpEvent, Side,
+    DialogKey, EndReason, FarMedia, MediaControl, MediaError, SdpEvent, SdpRole, Side,
 };
 use crate::{
     config::{Config, MediaCandidates, MediaMode},
@@ -417,6 +417,10 @@ pub struct MediaController<S: PinholeSink> {
     run: String,
     /// Replication to the other edge nodes (`crate::ha`), with `[ha]`.
     ha: Option<ha::HaNode>,
+    /// Dialogs whose media session was rebuilt from adopted flows
+    /// (`session_key`): the proxy does not know them, so their BYE comes
+    /// through `end_adopted`, and either party's tag names them.
+    rebuilt: HashSet<DialogKey>,
 }
 
 fn not_acceptable(reason: impl Into<String>) -> MediaError {
@@ -430,6 +434,14 @@ fn flow_keys_text(flow: &Flow) -> Vec<String> {
     flow.rules(0, 0)
         .map(|p| vec![describe_key(&p.inbound.0), describe_key(&p.outbound.0)])
         .unwrap_or_default()
+}
+
+/// Whether two lists of rule keys name the same rules (in any order).
+fn same_keys(a: &[String], b: &[String]) -> bool {
+    let (mut a, mut b) = (a.to_vec(), b.to_vec());
+    a.sort();
+    b.sort();
+    a == b
 }
 
 /// A random tag per controller (per run), so journal ids of two runs
@@ -607,6 +619,11 @@ impl MediaController<MapsSink> {
                     journal_id,
                     dialog: record.map(|r| r.dialog.clone()),
                     ports: f.ports.clone(),
+                    // Only a place whose flow is the rule found (the
+                    // journal could be older than the maps).
+                    media: record
+                        .and_then(|r| r.media)
+                        .filter(|m| same_keys(&flow_keys_text(&m.flow), &f.keys)),
                 },
                 f.packets,
                 now,
@@ -637,6 +654,7 @@ impl<S: PinholeSink> MediaController<S> {
             journal: None,
             run: run_tag(),
             ha: None,
+            rebuilt: HashSet::new(),
         }
     }
 
@@ -656,12 +674,125 @@ impl<S: PinholeSink> MediaController<S> {
             match op {
                 Op::Install { id, flow } | Op::Update { id, flow, .. } => {
                     if let Some(d) = self.mgr.dialog_of(*id) {
-                        j.add(&format!("{}-{}", self.run, id.0), d, flow_keys_text(flow));
+                        j.add_media(
+                            &format!("{}-{}", self.run, id.0),
+                            d,
+                            flow_keys_text(flow),
+                            self.mgr.place_of(*id),
+                        );
                     }
                 }
                 Op::Remove { id, .. } => j.del(&format!("{}-{}", self.run, id.0)),
             }
         }
+    }
+
+    /// The key under which the manager tracks the session of `ev` when
+    /// its dialog was set up elsewhere (another HA node, an earlier run):
+    /// `None` for the proxy's own dialogs. An in-dialog offer (it names
+    /// the other party's tag) for a dialog with adopted flows that carry
+    /// their place (`adopt::FlowMedia`) rebuilds the session from them
+    /// (`Manager::rebuild`), so the offer keeps the m-lines' edge ports,
+    /// its answer replaces the old rules, and the BYE removes the rules.
+    /// Only the dialog's own parties may change it (DESIGN.md §3): the
+    /// proxy checks that for its dialogs, this for rebuilt ones, by the
+    /// signalling source IP of each side the session recorded.
+    fn session_key(
+        &mut self,
+        ev: &SdpEvent<'_>,
+        now: Instant,
+    ) -> Result<Option<DialogKey>, MediaError> {
+        let tags: Vec<&str> = [Some(ev.dialog.from_tag.as_str()), ev.to_tag]
+            .into_iter()
+            .flatten()
+            .collect();
+        let call_id = ev.dialog.call_id.as_str();
+        let of_call = |k: &DialogKey| k.call_id == call_id && tags.contains(&k.from_tag.as_str());
+        let known = if self.rebuilt.contains(ev.dialog) {
+            Some(ev.dialog.clone())
+        } else if self.mgr.knows(ev.dialog) {
+            return Ok(None);
+        } else {
+            self.rebuilt.iter().find(|k| of_call(k)).cloned()
+        };
+        let key = match known {
+            Some(k) => k,
+            // Only an in-dialog offer (an initial INVITE names no To tag).
+            None if ev.role != SdpRole::Offer || ev.to_tag.is_none() => return Ok(None),
+            None => {
+                self.ha_claim_dialog(call_id, &tags, now);
+                let mut flows = self
+                    .adopted
+                    .take_where(|f| f.media.is_some() && f.dialog.as_ref().is_some_and(&of_call));
+                let Some(key) = flows.first().and_then(|f| f.dialog.clone()) else {
+                    return Ok(None);
+                };
+                // One dialog (forks of a Call-ID aside): the first one's.
+                let others: Vec<AdoptedFlow> = flows
+                    .iter()
+                    .filter(|f| f.dialog.as_ref() != Some(&key))
+                    .cloned()
+                    .collect();
+                flows.retain(|f| f.dialog.as_ref() == Some(&key));
+                for f in others {
+                    self.adopted.add(f, 0, now);
+                }
+                let list: Vec<(PinholeId, adopt::FlowMedia, u64)> = flows
+                    .iter()
+                    .filter_map(|f| f.media.map(|m| (f.id, m, 0)))
+                    .collect();
+                if let Err(why) = self.mgr.rebuild(&key, &list, now) {
+                    tracing::warn!(call_id, why, "media session of a call set up elsewhere not rebuilt; its offer gets new edge ports");
+                    for f in flows {
+                        self.adopted.add(f, 0, now);
+                    }
+                    return Ok(None);
+                }
+                // Its flows are the manager's now: journalled and written
+                // to the store under this run's ids, the old entries gone.
+                for f in &flows {
+                    self.ha_adopted_gone(f);
+                    if let (Some(j), Some(jid)) = (&mut self.journal, &f.journal_id) {
+                        j.del(jid);
+                    }
+                }
+                let ops: Vec<Op> = list
+                    .iter()
+                    .map(|(id, m, _)| Op::Install {
+                        id: *id,
+                        flow: m.flow,
+                    })
+                    .collect();
+                self.journal_ops(&ops);
+                self.rebuilt.insert(key.clone());
+                tracing::info!(
+                    call_id,
+                    flows = list.len(),
+                    "media session of a call set up elsewhere rebuilt for its in-dialog offer"
+                );
+                key
+            }
+        };
+        if let Some(was) = self.mgr.source_of(&key, ev.from_side) {
+            if was.to_canonical() != ev.source.ip().to_canonical() {
+                tracing::warn!(
+                    target: "sip_edge::security",
+                    call_id,
+                    source = %ev.source,
+                    party = %was,
+                    rule = "in-dialog-from-party",
+                    "media change for a taken-over call from a source that is not the dialog's party refused"
+                );
+                return Err(MediaError::Forbidden {
+                    reason: format!(
+                        "{} is not the dialog's party on its side ({was})",
+                        ev.source.ip()
+                    ),
+                    rule: None,
+                });
+            }
+        }
+        Ok(Some(key))
     }
 
     /// Removes adopted flows (expired, or ended by a BYE).
@@ -787,6 +918,21 @@ impl<S: PinholeSink> MediaController<S> {
         wrap: &BodyWrap<'_>,
     ) -> Result<Vec<u8>, MediaError> {
         let parsed = Sdp::parse(ev.body).map_err(|e| not_acceptable(e.to_string()))?;
+        // A dialog set up by another node or an earlier run: its session
+        // is the manager's once rebuilt, under the caller's key.
+        let session = self.session_key(ev, now)?;
+        let rebuilt_ev;
+        let ev = match &session {
+            Some(k) => {
+                rebuilt_ev = SdpEvent {
+                    dialog: k,
+                    to_tag: None,
+                    ..ev.clone()
+                };
+                &rebuilt_ev
+            }
+            None => ev,
+        };
         // Addresses the edge passes on but never pinholes still meet the
         // policy (DESIGN.md §3): ICE candidates, and multicast streams,
         // which no edge carries (a pinhole is one-to-one) and which would
@@ -1015,6 +1161,9 @@ impl<S: PinholeSink + Send> MediaControl for MediaController<S> {
     ) {
         let ops = self.mgr.on_dialog_end(dialog, to_tag, reason, now);
         self.apply_removals(&ops);
+        if !self.mgr.knows(dialog) {
+            self.rebuilt.remove(dialog);
+        }
     }
 
     fn on_tick(&mut self, now: Instant) -> Vec<DialogKey> {
@@ -1038,6 +1187,10 @@ impl<S: PinholeSink + Send> MediaControl for MediaController<S> {
         self.ha_tick();
         let (expired, ops) = self.mgr.on_tick(now);
         self.apply_removals(&ops);
+        if !self.rebuilt.is_empty() {
+            let mgr = &self.mgr;
+            self.rebuilt.retain(|k| mgr.knows(k));
+        }
         if !self.adopted.is_empty() {
             let s = self.mgr.settings();
             let t = Timeouts {
@@ -1068,10 +1221,26 @@ impl<S: PinholeSink + Send> MediaControl for MediaController<S> {
         out
     }
 
+    fn sync_replicas(&mut self) {
+        self.ha_tick();
+    }
+
     fn end_adopted(&mut self, call_id: &str, tags: &[&str], now: Instant) -> bool {
         self.ha_claim_dialog(call_id, tags, now);
+        let sessions: Vec<DialogKey> = self
+            .rebuilt
+            .iter()
+            .filter(|k| k.call_id == call_id && tags.contains(&k.from_tag.as_str()))
+            .cloned()
+            .collect();
+        let mut any = !sessions.is_empty();
+        for k in sessions {
+            self.rebuilt.remove(&k);
+            let ops = self.mgr.on_dialog_end(&k, None, EndReason::Bye, now);
+            self.apply_removals(&ops);
+        }
         let gone = self.adopted.end_dialog(call_id, tags);
-        let any = !gone.is_empty();
+        any |= !gone.is_empty();
         self.drop_adopted(gone, "BYE");
         any
     }

@@ -93,7 +93,9 @@ pub struct SdpEvent<'a> {
 
 /// How the outside party's real media source is learned (DESIGN.md §2:
 /// strict by default; latching is opt-in, happens once and never moves).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Serialized in the restart journal and the HA store (`media::adopt`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum FarMedia {
     /// `[media] latch` decides (strict unless it is set).
     #[default]
@@ -194,6 +196,9 @@ pub trait MediaControl: Send {
         let _ = (call_id, tags, now);
         false
     }
+    /// A new read of the HA store is ready (`crate::ha::snapshot_ready`):
+    /// follow it now (mirrors in, mirrors out) instead of at the next tick.
+    fn sync_replicas(&mut self) {}
     /// Every flow this media layer installed, with its dialog and counters
     /// (`sip-edge calls`, `sip-edge pinholes`; `crate::status`).
     fn pinholes(&mut self) -> Vec<crate::status::PinholeStatus> {

@@ -662,6 +662,7 @@ async fn drive(
             }
             Some(req) = control.recv() => d.control(req),
             Some(cmd) = commands.recv() => d.live(cmd),
+            () = crate::ha::snapshot_ready().notified() => d.proxy.sync_replicas(),
             _ = tick.tick() => {
                 let now = Instant::now();
                 let out = d.proxy.on_tick(now);

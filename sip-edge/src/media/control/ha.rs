@@ -109,6 +109,7 @@ impl<S: PinholeSink> MediaController<S> {
                             flow: *flow,
                             ports: flow_ports(flow),
                             written_ms: ha::now_ms(),
+                            media: self.mgr.place_of(*id),
                         };
                         h.handle.writer.send(Change::Put(Box::new(record)));
                     }
@@ -162,7 +163,12 @@ impl<S: PinholeSink> MediaController<S> {
                 from_tag: m.record.from_tag.clone(),
             };
             if let Some(j) = &mut self.journal {
-                j.add(&jid, &dialog, flow_keys_text(&m.record.flow));
+                j.add_media(
+                    &jid,
+                    &dialog,
+                    flow_keys_text(&m.record.flow),
+                    m.record.media,
+                );
             }
             let record = Record {
                 node: h.section.node.clone(),
@@ -173,7 +179,8 @@ impl<S: PinholeSink> MediaController<S> {
             h.handle.writer.send(Change::Put(Box::new(record)));
             h.handle.writer.send(Change::Del(m.key.clone()));
             h.status.claimed.fetch_add(1, Ordering::Relaxed);
-            if h.status.role() != Role::Active {
+            // An elected node's role is its lease's (`store::elect`).
+            if !h.status.election && h.status.role() != Role::Active {
                 h.status.set_role(Role::Active);
                 tracing::warn!(from = %m.record.node, "HA: another node's calls reach this node: taking them over (role active)");
             }
@@ -185,6 +192,7 @@ impl<S: PinholeSink> MediaController<S> {
                     journal_id: Some(jid),
                     dialog: Some(dialog),
                     ports: m.record.ports.clone(),
+                    media: m.record.media.filter(|x| x.flow == m.record.flow),
                 },
                 packets,
                 now,
@@ -290,6 +298,7 @@ mod tests {
             },
             ports: vec![port, port + 1],
             written_ms: 1,
+            media: None,
         }
     }
 
@@ -301,9 +310,14 @@ mod tests {
     );
 
     fn node_b() -> Fixture {
-        let section: HaSection =
-            toml::from_str("store = \"redis://127.0.0.1:1/\"\nnode = \"b\"\nrole = \"standby\"\n")
-                .expect("section");
+        node("b")
+    }
+
+    fn node(name: &str) -> Fixture {
+        let section: HaSection = toml::from_str(&format!(
+            "store = \"redis://127.0.0.1:1/\"\nnode = \"{name}\"\nrole = \"standby\"\n"
+        ))
+        .expect("section");
         let status = Arc::new(Status::new(&section));
         let (handle, rx, snap) = store::detached(status.clone(), 64);
         let mut c = MediaController::new(
@@ -315,7 +329,7 @@ mod tests {
             section: section.clone(),
             status: status.clone(),
             handle,
-            replicas: Replicas::new("b", MIRROR_ID_BASE),
+            replicas: Replicas::new(name, MIRROR_ID_BASE),
         });
         (c, rx, snap, status)
     }
@@ -463,5 +477,337 @@ mod tests {
         }
         assert_eq!(status.queued.load(Ordering::Relaxed), 2);
         assert_eq!(status.dropped.load(Ordering::Relaxed), 3);
+    }
+
+    /// One SDP event through `c`.
+    #[allow(clippy::too_many_arguments)]
+    fn sdp(
+        c: &mut MediaController<RecordingSink>,
+        d: &DialogKey,
+        to_tag: Option<&str>,
+        role: crate::media::SdpRole,
+        side: Side,
+        src: &str,
+        body: &str,
+        now: Instant,
+    ) -> Result<String, MediaError> {
+        let ev = SdpEvent {
+            dialog: d,
+            to_tag,
+            role,
+            from_side: side,
+            source: src.parse().expect("source"),
+            media_sources: &[],
+            far_media: FarMedia::Config,
+            body: body.as_bytes(),
+            content_type: "application/sdp",
+        };
+        c.on_sdp(&ev, now)
+            .map(|b| String::from_utf8(b).expect("utf-8"))
+    }
+
+    fn audio(ip: &str, port: u16, dir: &str) -> String {
+        format!("v=0\r\no=- 1 1 IN IP4 {ip}\r\ns=-\r\nc=IN IP4 {ip}\r\nt=0 0\r\nm=audio {port} RTP/AVP 0\r\na={dir}\r\n")
+    }
+
+    /// The port of the first m= line.
+    fn m_port(sdp: &str) -> u16 {
+        sdp.lines()
+            .find_map(|l| l.strip_prefix("m=audio "))
+            .and_then(|r| r.split(' ').next())
+            .and_then(|p| p.parse().ok())
+            .expect("m=audio port")
+    }
+
+    /// The records `a` wrote, as the store holds them.
+    fn store_of(rx: &mut tokio::sync::mpsc::Receiver<Change>) -> Vec<(String, Record)> {
+        let mut m: BTreeMap<String, Record> = BTreeMap::new();
+        for c in drain(rx) {
+            match c {
+                Change::Put(r) => {
+                    m.insert(format!("sip-edge:{}:ph:{}", r.node, r.id), *r);
+                }
+                Change::Del(k) => {
+                    m.remove(&k);
+                }
+            }
+        }
+        m.into_iter().collect()
+    }
+
+    /// Issue #11 gap: a re-INVITE with SDP (hold, then a new media port)
+    /// for a call the node took over reached a media layer that did not
+    /// set the dialog up: it was handled as a new call (new edge ports, the
+    /// old rules left until idle, the new ones never removed by the BYE).
+    /// Now the store carries each flow's place in its session and the
+    /// survivor rebuilds the session: same edge ports, the old rules
+    /// replaced, everything removed at the BYE, only the parties heard.
+    #[test]
+    fn a_reinvite_with_sdp_for_a_taken_over_call_keeps_the_ports_and_the_bye_ends_it() {
+        let now = Instant::now();
+        let (mut a, mut a_rx, _a_snap, _) = node("a");
+        let d = DialogKey {
+            call_id: "call-9".into(),
+            from_tag: "caller".into(),
+        };
+        let offer = sdp(
+            &mut a,
+            &d,
+            None,
+            crate::media::SdpRole::Offer,
+            Side::Internal,
+            "10.77.0.2:5061",
+            &audio("10.77.0.2", 4000, "sendrecv"),
+            now,
+        )
+        .expect("offer at a");
+        let answer = sdp(
+            &mut a,
+            &d,
+            Some("callee"),
+            crate::media::SdpRole::Answer,
+            Side::External,
+            "198.51.100.2:5061",
+            &audio("198.51.100.2", 5000, "sendrecv"),
+            now,
+        )
+        .expect("answer at a");
+        let (edge_pub, edge_int) = (m_port(&offer), m_port(&answer));
+        assert_eq!(a.sink().installed.len(), 2, "RTP and RTCP at a");
+        let written = store_of(&mut a_rx);
+        assert_eq!(written.len(), 2);
+        assert!(
+            written.iter().all(|(_, r)| r.media.is_some()),
+            "each record carries its place: {written:?}"
+        );
+
+        // b mirrors a's call; a dies; a stranger cannot move the media.
+        let (mut b, mut b_rx, b_snap, _) = node("b");
+        let list: Vec<(&str, Record)> = written
+            .iter()
+            .map(|(k, r)| (k.as_str(), r.clone()))
+            .collect();
+        read(&b_snap, &list);
+        b.on_tick(now);
+        assert_eq!(b.sink().installed.len(), 2, "mirrored at b");
+        let t = now + Duration::from_secs(1);
+        let stranger = sdp(
+            &mut b,
+            &d,
+            Some("callee"),
+            crate::media::SdpRole::Offer,
+            Side::Internal,
+            "10.77.0.9:5061",
+            &audio("10.77.0.9", 4100, "sendonly"),
+            t,
+        );
+        assert!(
+            matches!(stranger, Err(MediaError::Forbidden { .. })),
+            "{stranger:?}"
+        );
+
+        // Hold: alice's re-INVITE (a=sendonly) through b.
+        let reoffer = sdp(
+            &mut b,
+            &d,
+            Some("callee"),
+            crate::media::SdpRole::Offer,
+            Side::Internal,
+            "10.77.0.2:5061",
+            &audio("10.77.0.2", 4000, "sendonly"),
+            t,
+        )
+        .expect("hold re-INVITE at b");
+        assert_eq!(m_port(&reoffer), edge_pub, "the edge port does not move");
+        assert!(reoffer.contains("a=sendonly"), "{reoffer}");
+        let reanswer = sdp(
+            &mut b,
+            &d,
+            Some("callee"),
+            crate::media::SdpRole::Answer,
+            Side::External,
+            "198.51.100.2:5061",
+            &audio("198.51.100.2", 5000, "recvonly"),
+            t,
+        )
+        .expect("its answer");
+        assert_eq!(m_port(&reanswer), edge_int);
+        assert_eq!(b.sink().installed.len(), 2, "nothing added");
+        assert_eq!(b.adopted(), 0, "the session is the manager's now");
+
+        // New media ports both ways, the offer from bob this time (his
+        // From tag names the dialog; the To tag is alice's).
+        let bobs = DialogKey {
+            call_id: "call-9".into(),
+            from_tag: "callee".into(),
+        };
+        let reoffer = sdp(
+            &mut b,
+            &bobs,
+            Some("caller"),
+            crate::media::SdpRole::Offer,
+            Side::External,
+            "198.51.100.2:5061",
+            &audio("198.51.100.2", 5100, "sendrecv"),
+            t,
+        )
+        .expect("bob's re-INVITE");
+        assert_eq!(m_port(&reoffer), edge_int, "the edge port does not move");
+        sdp(
+            &mut b,
+            &bobs,
+            Some("caller"),
+            crate::media::SdpRole::Answer,
+            Side::Internal,
+            "10.77.0.2:5061",
+            &audio("10.77.0.2", 4100, "sendrecv"),
+            t,
+        )
+        .expect("alice's answer");
+        let flows: Vec<Flow> = b.sink().installed.values().copied().collect();
+        assert_eq!(flows.len(), 2, "{flows:?}");
+        for f in &flows {
+            let Flow::Relay { client, peer, .. } = f else {
+                panic!("{f:?}")
+            };
+            assert!(
+                [4100, 4101].contains(&client.port()) && [5100, 5101].contains(&peer.port()),
+                "the old rules are replaced: {f:?}"
+            );
+        }
+        let mine = store_of(&mut b_rx);
+        assert!(
+            mine.iter()
+                .all(|(k, r)| k.starts_with("sip-edge:b:") && r.media.is_some()),
+            "{mine:?}"
+        );
+        assert_eq!(mine.len(), 2, "b's records of the call: {mine:?}");
+
+        // The BYE (bob's) removes everything, and the records.
+        assert!(b.end_adopted("call-9", &["callee", "caller"], t));
+        assert!(b.sink().installed.is_empty(), "{:?}", b.sink().installed);
+        assert_eq!(b.manager().ports_in_use(), 0, "ports released");
+        assert_eq!(b.manager().dialogs(), 0);
+        let dels = drain(&mut b_rx)
+            .into_iter()
+            .filter(|c| matches!(c, Change::Del(k) if k.starts_with("sip-edge:b:")))
+            .count();
+        assert_eq!(dels, 2);
+    }
+
+    /// The same after a `kill -9` and restart of a single node (issue #11
+    /// item 1, `[proxy] token_key_file`): the journal carries each flow's
+    /// place, the restarted run adopts the rules with it (as `recover`
+    /// does), and a re-INVITE with SDP keeps the edge ports and replaces
+    /// the rules; its BYE removes them and their journal lines.
+    #[test]
+    fn after_a_restart_the_journal_rebuilds_the_session_for_a_reinvite() {
+        let now = Instant::now();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("media.journal");
+        let mut first = MediaController::new(
+            settings(),
+            MediaCandidates::ReplacePrivateHost,
+            RecordingSink::default(),
+        );
+        first.journal = Some(Journal::open(&path).expect("journal").0);
+        let d = DialogKey {
+            call_id: "call-r".into(),
+            from_tag: "caller".into(),
+        };
+        let role = crate::media::SdpRole::Offer;
+        let offer = sdp(
+            &mut first,
+            &d,
+            None,
+            role,
+            Side::Internal,
+            "10.77.0.2:5061",
+            &audio("10.77.0.2", 4000, "sendrecv"),
+            now,
+        )
+        .expect("offer");
+        sdp(
+            &mut first,
+            &d,
+            Some("callee"),
+            crate::media::SdpRole::Answer,
+            Side::External,
+            "198.51.100.2:5061",
+            &audio("198.51.100.2", 5000, "sendrecv"),
+            now,
+        )
+        .expect("answer");
+        let rules: Vec<Flow> = first.sink().installed.values().copied().collect();
+        drop(first); // kill -9: nothing more is written
+
+        let mut again = MediaController::new(
+            settings(),
+            MediaCandidates::ReplacePrivateHost,
+            RecordingSink::default(),
+        );
+        let (j, old) = Journal::open(&path).expect("journal again");
+        again.journal = Some(j);
+        assert_eq!(old.len(), 2, "{old:?}");
+        for (n, (jid, r)) in old.iter().enumerate() {
+            let m = r.media.expect("the journal carries the flow's place");
+            assert!(rules.contains(&m.flow));
+            let id = PinholeId(ADOPTED_ID_BASE + n as u64);
+            again
+                .sink
+                .install(id, &m.flow)
+                .expect("the rule in the maps");
+            let ports = flow_ports(&m.flow);
+            again.mgr.hold_ports(&ports);
+            again.adopted.add(
+                AdoptedFlow {
+                    id,
+                    journal_id: Some(jid.clone()),
+                    dialog: Some(r.dialog.clone()),
+                    ports,
+                    media: Some(m),
+                },
+                5,
+                now,
+            );
+        }
+        let t = now + Duration::from_secs(1);
+        let reoffer = sdp(
+            &mut again,
+            &d,
+            Some("callee"),
+            role,
+            Side::Internal,
+            "10.77.0.2:5061",
+            &audio("10.77.0.2", 4100, "sendonly"),
+            t,
+        )
+        .expect("re-INVITE after the restart");
+        assert_eq!(m_port(&reoffer), m_port(&offer), "same edge port");
+        sdp(
+            &mut again,
+            &d,
+            Some("callee"),
+            crate::media::SdpRole::Answer,
+            Side::External,
+            "198.51.100.2:5061",
+            &audio("198.51.100.2", 5000, "recvonly"),
+            t,
+        )
+        .expect("its answer");
+        let now_rules: Vec<Flow> = again.sink().installed.values().copied().collect();
+        assert_eq!(now_rules.len(), 2);
+        assert!(
+            now_rules.iter().all(|f| !rules.contains(f)),
+            "the old rules are replaced: {now_rules:?}"
+        );
+        assert_eq!(again.journal.as_ref().expect("journal").live().len(), 2);
+        assert!(again.end_adopted("call-r", &["caller", "callee"], t));
+        assert!(again.sink().installed.is_empty());
+        assert_eq!(again.manager().ports_in_use(), 0);
+        assert!(
+            again.journal.as_ref().expect("journal").live().is_empty(),
+            "journal lines of the ended call removed"
+        );
     }
 }

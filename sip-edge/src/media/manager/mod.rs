@@ -91,6 +91,7 @@ mod ice;
 mod offer_answer;
 mod policy;
 mod ports;
+mod rebuild;
 mod transfer;
 
 use std::{

@@ -12,6 +12,13 @@
 use super::*;
 
 impl Proxy {
+    /// A new read of the HA store is ready: the media layer follows it now
+    /// (issue #11: the standby learns of new calls without waiting for
+    /// the next tick).
+    pub fn sync_replicas(&mut self) {
+        self.media.sync_replicas();
+    }
+
     /// For a BYE whose dialog this process does not know: ends the
     /// pinholes an earlier run left for it; whether there were any.
     pub(super) fn end_adopted_dialog(
