@@ -58,6 +58,9 @@ const BENCH_APT_PACKAGES: &[&str] = &[
     "rtpengine-daemon",
     "kamailio",
     "kamailio-tls-modules",
+    // The scale stage's PNG rasterises its text from DejaVu Sans (plotters'
+    // ab_glyph: no fontconfig).
+    "fonts-dejavu-core",
 ];
 
 /// The toolchain the eBPF crate is built with (DESIGN.md §4).
@@ -108,7 +111,7 @@ enum Cmd {
         /// JSON report path (the plot and table go beside it).
         #[arg(long, default_value = "target/bench/bench.json")]
         out: PathBuf,
-        /// Only these stages, comma-separated (prog, forward, sip).
+        /// Only these stages, comma-separated (prog, forward, sip, scale).
         #[arg(long)]
         stages: Option<String>,
     },

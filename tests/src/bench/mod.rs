@@ -2,13 +2,16 @@
 //! (issue #4, DESIGN.md §6): `prog` times the XDP program with
 //! BPF_PROG_TEST_RUN per path and table size, `forward` pushes live frames
 //! through the edge of a namespace topology against peer forwarders, `sip`
-//! places TLS calls through sip-edge and through Kamailio. Everything is reported
-//! in one JSON document (`Report`) plus an SVG plot; ratios are always
-//! against peers measured in the same run.
+//! places TLS calls through sip-edge and through Kamailio, `scale` measures
+//! how sip-edge's cost grows with held calls and pinholes. Everything is
+//! reported in one JSON document (`Report`) plus an SVG plot (and the scale
+//! stage's PNG); ratios are always against peers measured in the same run.
 
 pub mod forward;
 pub mod plot;
 pub mod prog;
+pub mod scale;
+pub mod scale_plot;
 pub mod sip;
 
 use std::time::Instant;
@@ -185,6 +188,8 @@ pub struct Report {
     pub forward: Option<forward::ForwardStage>,
     /// Signalling stage.
     pub sip: Option<sip::SipStage>,
+    /// How cost grows with held calls and pinholes (issue #12).
+    pub scale: Option<scale::ScaleStage>,
     /// Stages that failed as a whole (the run continues with the next).
     pub stage_errors: Vec<NotMeasured>,
 }

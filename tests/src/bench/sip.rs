@@ -52,16 +52,16 @@ use crate::{
 use sip_edge::datapath::maps::DatapathMaps;
 
 /// The proxy's inside listener (both systems).
-const PROXY_INSIDE: &str = "10.77.0.1:5061";
+pub(crate) const PROXY_INSIDE: &str = "10.77.0.1:5061";
 /// The proxy's outside address (both systems).
 const PROXY_OUTSIDE: &str = "203.0.113.1:5061";
 /// The called party of the load.
-const CALLEE: &str = "198.51.100.2:5061";
+pub(crate) const CALLEE: &str = "198.51.100.2:5061";
 /// The called party of the install-latency probe (sip-edge only: a route of
 /// its own, so probe calls never mix with load calls).
 const PROBE_CALLEE: &str = "198.51.100.2:5062";
 /// Every SIP wait.
-const WAIT: Duration = Duration::from_secs(5);
+pub(crate) const WAIT: Duration = Duration::from_secs(5);
 
 /// Sizes of one run.
 #[derive(Clone, Copy, Debug, Serialize)]
@@ -188,20 +188,20 @@ pub struct SipStage {
     pub not_measured: Vec<NotMeasured>,
 }
 
-fn ua_err(what: &str) -> impl FnOnce(UaError) -> BenchError + '_ {
+pub(crate) fn ua_err(what: &str) -> impl FnOnce(UaError) -> BenchError + '_ {
     move |e| BenchError::Io {
         op: what.to_owned(),
         source: std::io::Error::other(e.to_string()),
     }
 }
 
-fn sa(s: &str) -> SocketAddr {
+pub(crate) fn sa(s: &str) -> SocketAddr {
     // The constants above are valid socket addresses.
     s.parse()
         .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 9)))
 }
 
-fn caller() -> UaIdentity {
+pub(crate) fn caller() -> UaIdentity {
     UaIdentity {
         aor: "sips:alice@peer.example.net".into(),
         contact: "sips:alice@10.77.0.2:5061".into(),
@@ -210,7 +210,7 @@ fn caller() -> UaIdentity {
     }
 }
 
-fn callee(port: u16) -> UaIdentity {
+pub(crate) fn callee(port: u16) -> UaIdentity {
     UaIdentity {
         aor: "sips:bob@peer.example.net".into(),
         contact: format!("sips:bob@198.51.100.2:{port}"),
@@ -234,7 +234,7 @@ fn audio_sdp(user: &str, addr: IpAddr, port: u16) -> String {
 
 /// Run `fut` to completion on a current-thread runtime of a thread inside
 /// namespace `ns`: every socket it opens lives in that namespace.
-fn block_in_ns<T: Send>(
+pub(crate) fn block_in_ns<T: Send>(
     ns: &str,
     fut: impl std::future::Future<Output = T> + Send,
 ) -> Result<T, BenchError> {
@@ -385,12 +385,12 @@ impl Drop for Callee {
 
 /// What the callers connect to.
 #[derive(Clone)]
-struct Target {
-    addr: SocketAddr,
-    tls_name: &'static str,
-    cfg: Arc<rustls::ClientConfig>,
+pub(crate) struct Target {
+    pub(crate) addr: SocketAddr,
+    pub(crate) tls_name: &'static str,
+    pub(crate) cfg: Arc<rustls::ClientConfig>,
     /// Request-URI of the calls.
-    ruri: &'static str,
+    pub(crate) ruri: &'static str,
 }
 
 #[derive(Default)]
@@ -487,7 +487,7 @@ async fn worker(
     s
 }
 
-fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
+pub(crate) fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -496,7 +496,7 @@ fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
 }
 
 /// `workers` callers for `seconds` from the client namespace.
-fn load(
+pub(crate) fn load(
     ns: &str,
     system: &str,
     t: &Target,
@@ -731,7 +731,7 @@ fn edge_bench_config(pin_dir: &Path, pki: &TestPki) -> Result<String, BenchError
 
 /// Wait until something accepts TCP on `addr` from namespace `ns`, while
 /// `alive` says the process that should listen still runs.
-fn wait_listening(
+pub(crate) fn wait_listening(
     ns: &str,
     addr: SocketAddr,
     what: &str,
@@ -872,7 +872,7 @@ async fn probe_call(
 
 /// `calls` probe calls; with `background` workers running persistent load
 /// calls meanwhile.
-fn install_latency(
+pub(crate) fn install_latency(
     topo: &Topology,
     pki: &TestPki,
     pin_dir: &Path,

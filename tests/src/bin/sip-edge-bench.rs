@@ -10,7 +10,7 @@ use std::{path::PathBuf, time::Instant};
 use anyhow::Context as _;
 use clap::Parser;
 use sip_edge_tests::bench::{
-    self, forward, plot, prog, progress, sip, Machine, Mode, NotMeasured, Report,
+    self, forward, plot, prog, progress, scale, scale_plot, sip, Machine, Mode, NotMeasured, Report,
 };
 
 /// Benchmark the datapath and its peers; every figure is a ratio against
@@ -23,12 +23,12 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// JSON report path; the plot goes to the same path with `.svg`, the
-    /// table with `.md`.
+    /// table with `.md`, the scale stage's figure to `<stem>-scale.png`.
     #[arg(long, default_value = "target/bench/bench.json")]
     out: PathBuf,
     /// Stages to run, comma-separated (for profiling one stage); the report
     /// marks the others as not run.
-    #[arg(long, value_delimiter = ',', default_values_t = [Stage::Prog, Stage::Forward, Stage::Sip])]
+    #[arg(long, value_delimiter = ',', default_values_t = [Stage::Prog, Stage::Forward, Stage::Sip, Stage::Scale])]
     stages: Vec<Stage>,
 }
 
@@ -41,6 +41,8 @@ enum Stage {
     Forward,
     /// SIP over TLS through sip-edge and Kamailio.
     Sip,
+    /// Cost against held calls and pinholes (runs prog too if not selected).
+    Scale,
 }
 
 impl std::fmt::Display for Stage {
@@ -49,6 +51,7 @@ impl std::fmt::Display for Stage {
             Stage::Prog => "prog",
             Stage::Forward => "forward",
             Stage::Sip => "sip",
+            Stage::Scale => "scale",
         })
     }
 }
@@ -126,6 +129,9 @@ fn table(r: &Report) -> String {
     if let Some(x) = &r.sip {
         s.push_str(&sip_table(x));
     }
+    if let Some(x) = &r.scale {
+        s.push_str(&scale::table(x));
+    }
     for e in &r.stage_errors {
         s.push_str(&format!("- stage error, {}: {}\n", e.what, e.reason));
     }
@@ -195,6 +201,7 @@ fn main() -> anyhow::Result<()> {
         prog: None,
         forward: None,
         sip: None,
+        scale: None,
         stage_errors: vec![],
     };
     progress(
@@ -234,6 +241,15 @@ fn main() -> anyhow::Result<()> {
             }),
         }
     }
+    if args.stages.contains(&Stage::Scale) {
+        match scale::run(mode, start, report.prog.as_ref(), report.forward.as_ref()) {
+            Ok(x) => report.scale = Some(x),
+            Err(e) => report.stage_errors.push(NotMeasured {
+                what: "scale".into(),
+                reason: format!("{e:#}"),
+            }),
+        }
+    }
     report.machine.loadavg_end = bench::loadavg();
     if let Some(dir) = args.out.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("mkdir {}", dir.display()))?;
@@ -241,8 +257,15 @@ fn main() -> anyhow::Result<()> {
     std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)
         .with_context(|| format!("write {}", args.out.display()))?;
     let svg = args.out.with_extension("svg");
-    if let Err(e) = plot::draw(&report, &svg) {
+    // Both plots lay text out with a registered font (plotters' ab_glyph).
+    if let Err(e) = scale_plot::register_fonts().and_then(|()| plot::draw(&report, &svg)) {
         eprintln!("plot: {e}");
+    }
+    let png = scale::png_path(&args.out);
+    if let Some(x) = &report.scale {
+        if let Err(e) = scale_plot::draw(x, &png) {
+            eprintln!("scale plot: {e}");
+        }
     }
     let md = table(&report);
     std::fs::write(args.out.with_extension("md"), &md)
@@ -270,7 +293,8 @@ fn main() -> anyhow::Result<()> {
             || report
                 .sip
                 .as_ref()
-                .is_some_and(|x| x.runs.iter().any(|r| r.calls > 0)));
+                .is_some_and(|x| x.runs.iter().any(|r| r.calls > 0)))
+        && (!ran(Stage::Scale) || report.scale.as_ref().is_some_and(scale::complete));
     if !ok {
         eprintln!("a stage produced no figures: {:?}", report.stage_errors);
         std::process::exit(1);
