@@ -10,6 +10,7 @@ pub mod forward;
 pub mod plot;
 pub mod prog;
 pub mod sip;
+pub mod writer;
 
 use std::time::Instant;
 
