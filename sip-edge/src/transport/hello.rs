@@ -204,7 +204,7 @@ pub async fn accept(
     }
     let stream = tokio::io::join(std::io::Cursor::new(read).chain(rd), wr);
     let mut tls = acc.accept(stream).await?;
-    release_replayed(&mut tls.get_mut().0);
+    release_replayed(tls.get_mut().0);
     Ok(tls)
 }
 
