@@ -1049,7 +1049,15 @@ impl DatapathMaps {
             }
             // The same key in PINHOLES (placed there while this entry was
             // taken) is the same pinhole: refuse, as BPF_NOEXIST would.
-            if self.pinholes.get(&key, 0).is_ok() {
+            // Every PINHOLES rule whose key has this entry counts in its
+            // `overflow` (below, and `recount`), so a zero count, read
+            // under the writer lock, means no such rule: the lookup (a
+            // system call per rule, the most of an install) is skipped.
+            let maybe_in_hash = self
+                .dst
+                .overflow(idx)
+                .is_none_or(|o| o.load(Ordering::SeqCst) != 0);
+            if maybe_in_hash && self.pinholes.get(&key, 0).is_ok() {
                 return Err(MapsError::Exists {
                     key: describe_key(&key),
                 });

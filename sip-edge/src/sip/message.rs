@@ -794,6 +794,17 @@ impl Message {
         self.headers.insert(i, Header::new(name, value));
     }
 
+    /// Keeps only the headers named in `names` (compact forms match) and
+    /// drops the body: what a finished transaction still needs of its
+    /// request to derive an ACK, CANCEL or BYE from it (issue #12: a full
+    /// INVITE with its SDP was kept for 64*T1 after every call's 2xx).
+    pub fn retain_only(&mut self, names: &[&str]) {
+        self.headers
+            .retain(|h| names.iter().any(|n| same_header(&h.name, n)));
+        self.headers.shrink_to_fit();
+        self.body = Vec::new();
+    }
+
     /// Removes every occurrence; returns how many were removed.
     pub fn remove_header(&mut self, name: &str) -> usize {
         let before = self.headers.len();

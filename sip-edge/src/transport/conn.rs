@@ -21,16 +21,18 @@
 //! reached on the flow it registered on (RFC 5626 §5.3).
 
 use std::{
+    pin::Pin,
     sync::{
         atomic::{AtomicU32, AtomicU64, Ordering},
         Arc, OnceLock,
     },
+    task::Poll,
     time::Duration,
 };
 
 use bytes::Bytes;
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf},
     sync::{mpsc, watch, Notify},
 };
 use tracing::{debug, info, warn};
@@ -83,6 +85,38 @@ pub struct ConnParams {
     pub message_timeout: Duration,
     /// Framer limits.
     pub limits: FramerLimits,
+}
+
+/// Largest single read from the stream (one TLS record's plaintext).
+const READ_CHUNK: usize = 16 * 1024;
+
+/// Reads what the stream has into `framer`: `Ok(None)` at EOF, else the
+/// framer's verdict on the bytes.
+///
+/// The bytes land in a buffer on the stack of this one poll and go
+/// straight into the framer, so no read buffer lives across the wait for
+/// data: an idle connection holds none (issue #12: a 16 kB buffer per
+/// connection was more than half of an idle TLS connection's memory). A
+/// pending read keeps nothing of the buffer: `poll_read` fills it or
+/// returns `Pending` without holding on to it.
+async fn read_into<R>(
+    rd: &mut R,
+    framer: &mut Framer,
+) -> std::io::Result<Option<Result<(), FrameError>>>
+where
+    R: AsyncRead + Unpin,
+{
+    std::future::poll_fn(|cx| {
+        let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK];
+        let mut rb = ReadBuf::uninit(&mut stack);
+        match Pin::new(&mut *rd).poll_read(cx, &mut rb) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Ready(Ok(())) if rb.filled().is_empty() => Poll::Ready(Ok(None)),
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(Some(framer.push(rb.filled())))),
+        }
+    })
+    .await
 }
 
 /// Runs one connection until it ends; reports `Opened` first and `Closed`
@@ -142,7 +176,6 @@ pub async fn run<S>(
     let why = {
         let reader = async {
             let mut framer = Framer::new(role, params.limits);
-            let mut buf = vec![0u8; 16 * 1024];
             // The reader is done: the driver answers a refused message,
             // then lets the writer drain what it queued and close (the
             // writer ends the connection; this future never completes).
@@ -160,20 +193,20 @@ pub async fn run<S>(
                 })
             };
             loop {
-                let n = match rd.read(&mut buf).await {
-                    Ok(0) => {
+                let was_in = framer.in_message();
+                let pushed = match read_into(&mut rd, &mut framer).await {
+                    Ok(Some(p)) => p,
+                    Ok(None) => {
                         debug!("peer closed its side; flushing");
                         return closing(None).await;
                     }
-                    Ok(n) => n,
                     Err(e) => {
                         info!(error = %e, "read failed");
                         return "read error";
                     }
                 };
-                let was_in = framer.in_message();
                 let mut frames = 0usize;
-                if let Err(e) = framer.push(buf.get(..n).unwrap_or_default()) {
+                if let Err(e) = pushed {
                     warn!(error = %e, "framing failed; closing");
                     return closing(refused(&framer, &e)).await;
                 }

@@ -163,17 +163,18 @@ pub fn classify(buf: &[u8]) -> Option<Offer> {
 /// before that is `ForRustls` with what was read (rustls then fails it).
 pub async fn sniff<S: AsyncRead + Unpin>(s: &mut S) -> std::io::Result<(Vec<u8>, Offer)> {
     let mut buf = Vec::with_capacity(512);
-    let mut chunk = [0u8; 2048];
     loop {
         if let Some(o) = classify(&buf) {
             return Ok((buf, o));
         }
-        let want = MAX_RECORD.saturating_sub(buf.len()).min(chunk.len());
-        let n = s.read(&mut chunk[..want]).await?;
+        // Straight into `buf`: no chunk array lives in the connection
+        // task's future across the wait (issue #12, memory per connection).
+        let want = MAX_RECORD.saturating_sub(buf.len()).min(2048);
+        buf.reserve(want);
+        let n = (&mut *s).take(want as u64).read_buf(&mut buf).await?;
         if n == 0 {
             return Ok((buf, Offer::ForRustls));
         }
-        buf.extend_from_slice(&chunk[..n]);
     }
 }
 
@@ -202,7 +203,20 @@ pub async fn accept(
         ));
     }
     let stream = tokio::io::join(std::io::Cursor::new(read).chain(rd), wr);
-    acc.accept(stream).await
+    let mut tls = acc.accept(stream).await?;
+    release_replayed(tls.get_mut().0);
+    Ok(tls)
+}
+
+/// Frees the replayed bytes once rustls has read them all (the handshake
+/// needs the whole ClientHello, so it has): the cursor would otherwise keep
+/// the sniffed record's buffer for the connection's lifetime (issue #12,
+/// memory per idle connection).
+fn release_replayed(stream: &mut Sniffed) {
+    let cursor = stream.reader_mut().get_mut().0;
+    if cursor.position() >= cursor.get_ref().len() as u64 {
+        *cursor = std::io::Cursor::new(Vec::new());
+    }
 }
 
 #[cfg(test)]

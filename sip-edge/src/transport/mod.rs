@@ -15,6 +15,7 @@ pub mod hello;
 pub mod limits;
 pub mod live;
 pub mod memory;
+mod order;
 pub mod source;
 pub mod stun;
 pub mod tls;
@@ -646,6 +647,7 @@ async fn drive(
         trim: memory::TrimPolicy::default(),
     };
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut batch = Vec::with_capacity(order::BATCH);
     tokio::pin!(shutdown);
     loop {
         // Timer A/E (UDP only) need sub-second precision: sleep until the
@@ -655,9 +657,15 @@ async fn drive(
             .next_retransmit()
             .map(tokio::time::Instant::from_std);
         tokio::select! {
-            ev = events.recv() => {
-                let Some(ev) = ev else { break };
-                d.event(ev);
+            n = events.recv_many(&mut batch, order::BATCH) => {
+                if n == 0 {
+                    break;
+                }
+                // Responses first (`order`): a queued 200 OK no longer
+                // waits behind every new request queued before it.
+                for ev in order::prioritized(&mut batch) {
+                    d.event(ev);
+                }
                 crate::metrics::calls_active(d.proxy.live().2);
             }
             Some(req) = control.recv() => d.control(req),

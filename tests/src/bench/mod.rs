@@ -13,6 +13,7 @@ pub mod prog;
 pub mod scale;
 pub mod scale_plot;
 pub mod sip;
+pub mod writer;
 
 use std::time::Instant;
 

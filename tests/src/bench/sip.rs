@@ -80,6 +80,33 @@ pub struct SipSizes {
 
 impl SipSizes {
     fn for_mode(mode: Mode) -> SipSizes {
+        let mut s = Self::defaults(mode);
+        // `SIP_EDGE_BENCH_SIP=workers=16,probe=200,idle=1000,held=1000`:
+        // full-size figures of one kind on a quick run (profiling; an
+        // unknown key or bad number is ignored, the sizes used are in the
+        // report).
+        for kv in std::env::var("SIP_EDGE_BENCH_SIP")
+            .unwrap_or_default()
+            .split(',')
+        {
+            let Some((k, v)) = kv.split_once('=') else {
+                continue;
+            };
+            let Ok(v) = v.trim().parse::<u32>() else {
+                continue;
+            };
+            match k.trim() {
+                "workers" => s.workers = v.max(1),
+                "probe" => s.probe_calls = v.max(1),
+                "idle" => s.idle_connections = v.max(1),
+                "held" => s.held_calls = v.max(1),
+                _ => {}
+            }
+        }
+        s
+    }
+
+    fn defaults(mode: Mode) -> SipSizes {
         if mode.quick {
             SipSizes {
                 workers: 4,
@@ -182,6 +209,8 @@ pub struct SipStage {
     pub install: Vec<InstallLatency>,
     /// Memory per idle connection / per call.
     pub memory: Vec<MemoryFigure>,
+    /// Pinhole installs through the agent's map writer alone (`writer`).
+    pub writer: Option<super::writer::WriterRate>,
     /// sip-edge / Kamailio, per connection mode.
     pub ratios: Vec<(String, f64)>,
     /// Figures that could not be measured, and why.
@@ -1324,9 +1353,26 @@ pub fn run(mode: Mode, start: Instant) -> Result<SipStage, BenchError> {
         runs: Vec::new(),
         install: Vec::new(),
         memory: Vec::new(),
+        writer: None,
         ratios: Vec::new(),
         not_measured: Vec::new(),
     };
+    match super::writer::run(mode) {
+        Ok(w) => {
+            progress(
+                start,
+                &format!(
+                    "sip-edge map writer alone: {:.0} installs/s sustained ({:.0} per CPU second, {} live flows), install p50 {:.1} µs, p99 {:.1} µs, remove p50 {:.1} µs",
+                    w.installs_per_s, w.installs_per_cpu_s, w.live_flows, w.install_p50_us, w.install_p99_us, w.remove_p50_us
+                ),
+            );
+            stage.writer = Some(w);
+        }
+        Err(e) => stage.not_measured.push(NotMeasured {
+            what: "sip-edge map writer installs/s".into(),
+            reason: format!("{e:#}"),
+        }),
+    }
     let tmp = tempfile::tempdir().map_err(io("tempdir"))?;
     let pki = TestPki::generate(tmp.path()).map_err(ua_err("certificates"))?;
     let mut topo = Topology::create(&format!("bs{}", std::process::id() % 10_000))?;
@@ -1338,7 +1384,13 @@ pub fn run(mode: Mode, start: Instant) -> Result<SipStage, BenchError> {
         cfg: testua::client_config(&pki.ca).map_err(ua_err("client TLS config"))?,
         ruri: "sips:bob@peer.example.net",
     };
-    for threads in [None, Some(1)] {
+    let edge_runs: &[Option<usize>] = if std::env::var_os("SIP_EDGE_BENCH_SIP_EDGE_ONLY").is_some()
+    {
+        &[None]
+    } else {
+        &[None, Some(1)]
+    };
+    for &threads in edge_runs {
         let r = run_sip_edge(
             &topo,
             &pki,
@@ -1359,7 +1411,13 @@ pub fn run(mode: Mode, start: Instant) -> Result<SipStage, BenchError> {
             });
         }
     }
-    if stage.peer_versions.is_empty() {
+    if std::env::var_os("SIP_EDGE_BENCH_SIP_EDGE_ONLY").is_some() {
+        // Profiling sip-edge alone: no Kamailio runs, no ratios.
+        stage.not_measured.push(NotMeasured {
+            what: "kamailio".into(),
+            reason: "SIP_EDGE_BENCH_SIP_EDGE_ONLY set".into(),
+        });
+    } else if stage.peer_versions.is_empty() {
         stage.not_measured.push(NotMeasured {
             what: "kamailio".into(),
             reason: "`kamailio -v` failed: is the kamailio package installed?".into(),

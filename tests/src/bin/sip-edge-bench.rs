@@ -162,6 +162,12 @@ fn sip_table(x: &sip::SipStage) -> String {
             l.condition, l.calls, l.p50_ms, l.p99_ms, l.max_ms
         ));
     }
+    if let Some(w) = &x.writer {
+        s.push_str(&format!(
+            "\n| pinhole map writer alone (install + remove churn) | live flows | installs/s | installs per CPU s | install p50 µs | install p99 µs | remove p50 µs |\n|---|---:|---:|---:|---:|---:|---:|\n| sip-edge `MapsSink` | {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} |\n",
+            w.live_flows, w.installs_per_s, w.installs_per_cpu_s, w.install_p50_us, w.install_p99_us, w.remove_p50_us
+        ));
+    }
     s.push_str("\n| memory (PSS) | per | held | bytes each |\n|---|---|---:|---:|\n");
     for m in &x.memory {
         s.push_str(&format!(

@@ -80,9 +80,16 @@ impl Proxy {
         let forwarded_invite = c.request.clone();
         if code >= 200 {
             c.final_code = Some(code);
-            // 2xx: RFC 6026 Accepted state keeps forwarding 2xx
-            // retransmissions; non-2xx: Completed, absorbs retransmissions.
-            c.deadline = now + TIMER_64T1;
+            // 2xx to an INVITE: RFC 6026 Accepted state keeps forwarding 2xx
+            // retransmissions (the UAS repeats them on any transport,
+            // §13.3.1.4). Anything else: Completed, absorbing retransmitted
+            // finals for Timer D (INVITE) or K (non-INVITE), which are 0
+            // over TLS/TCP (§17.1.1.2, §17.1.2.2): freed below once forwarded.
+            c.deadline = if accepted_2xx(&method, code) || info.proto.unreliable() {
+                now + TIMER_64T1
+            } else {
+                now
+            };
         }
         if method == "INVITE" && code >= 300 {
             // §17.1.1.3: the ACK for a non-2xx is ours to send.
@@ -223,6 +230,7 @@ impl Proxy {
         }
         if code >= 200 {
             self.server_final(&skey, code, now);
+            self.finish_client(&ckey, &method, code, info.proto.unreliable());
         }
         out.push(Outgoing {
             dest: Dest::Conn(stx_conn),
@@ -230,4 +238,27 @@ impl Proxy {
             client_tx: None,
         });
     }
+
+    /// After a final response was forwarded: over TLS/TCP a Completed
+    /// client transaction goes at once (Timers D and K are 0); one in the
+    /// Accepted state keeps only what an ACK, CANCEL or BYE is derived
+    /// from, not the whole request with its body.
+    fn finish_client(&mut self, ckey: &str, method: &str, code: u16, unreliable: bool) {
+        if !accepted_2xx(method, code) {
+            if !unreliable {
+                self.client_txs.remove(ckey);
+            }
+            return;
+        }
+        if let Some(c) = self.client_txs.get_mut(ckey) {
+            c.request
+                .retain_only(&["Via", "Route", "From", "To", "Call-ID", "CSeq", "Contact"]);
+        }
+    }
+}
+
+/// A 2xx to an INVITE: its client transaction enters the Accepted state
+/// (RFC 6026 §7.2) for 64*T1 whatever the transport.
+fn accepted_2xx(method: &str, code: u16) -> bool {
+    method == "INVITE" && (200..300).contains(&code)
 }

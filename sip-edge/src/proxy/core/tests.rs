@@ -2725,3 +2725,61 @@ fn a_next_hop_from_a_message_takes_the_configured_tls_name() {
         "203.0.113.9"
     );
 }
+
+/// Issue #12: over TLS/TCP Timers D and K are 0 (RFC 3261 §17.1.1.2,
+/// §17.1.2.2): a client transaction whose final response was forwarded is
+/// freed at once, not 64*T1 later; the INVITE's in the Accepted state
+/// (RFC 6026) stays, but keeps only the headers an ACK, CANCEL or BYE is
+/// derived from, not the whole INVITE with its SDP.
+#[test]
+fn client_transactions_over_tls_keep_nothing_after_their_final() {
+    let (mut p, _rec) = setup();
+    let now = Instant::now();
+    // INVITE → 486: Completed, Timer D = 0 over TLS.
+    let inv = invite(&mut p, now);
+    let busy = answer(&inv, 486, "t486", "", "");
+    let out = p.on_message(CALLEE, &busy, now);
+    assert_eq!(to_conn(&out, CALLER)[0].status(), Some(486));
+    assert_eq!(p.live().1, 0, "no client transaction left after a 486");
+
+    // INVITE → 200: Accepted, compacted.
+    let (mut p, _rec) = setup();
+    let inv = invite(&mut p, now);
+    let ok = answer(
+        &inv,
+        200,
+        "314159",
+        "Contact: <sips:bob@198.51.100.2:5061>\r\n",
+        SDP_B,
+    );
+    p.on_message(CALLEE, &ok, now);
+    assert_eq!(p.live().1, 1, "the Accepted INVITE transaction stays");
+    let c = p.client_txs.values().next().expect("client transaction");
+    assert!(c.request.body().is_empty(), "no SDP kept");
+    assert!(c.request.header("Content-Type").is_none());
+    assert!(c.request.header("Max-Forwards").is_none());
+    assert!(c.request.header("Call-ID").is_some() && c.request.header("CSeq").is_some());
+    // A retransmitted 2xx still goes upstream through it.
+    let out = p.on_message(CALLEE, &ok, now);
+    assert_eq!(to_conn(&out, CALLER)[0].status(), Some(200));
+
+    // BYE from the callee → 200: Completed, Timer K = 0 over TLS.
+    let rr = inv.name_addrs("Record-Route").unwrap();
+    let bye = String::from_utf8(fixture("rfc3665_3_1_bye.sip"))
+        .unwrap()
+        .replace(
+            "sips:alice@client.atlanta.example.com",
+            &inv.name_addrs("Contact").unwrap()[0].uri,
+        )
+        .replace(
+            "<sips:ss2.biloxi.example.com;lr>,<sips:ss1.atlanta.example.com;lr>",
+            &format!("<{}>,<{}>", rr[0].uri, rr[1].uri),
+        );
+    let out = p.on_message(CALLEE, bye.as_bytes(), now);
+    let b = to_conn(&out, CALLER);
+    assert_eq!(b.len(), 1, "{out:?}");
+    assert_eq!(p.live().1, 2, "the BYE's client transaction is live");
+    let out = p.on_message(CALLER, &answer(&b[0], 200, "x", "", ""), now);
+    assert_eq!(to_conn(&out, CALLEE)[0].status(), Some(200));
+    assert_eq!(p.live().1, 1, "only the Accepted INVITE is left");
+}
