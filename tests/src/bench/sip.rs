@@ -995,7 +995,9 @@ fn run_sip_edge(
     std::fs::write(&cfg, edge_bench_config(&pin_dir, pki)?).map_err(io("write agent config"))?;
     // Per-call log lines would be measured as proxy cost; Kamailio runs at
     // its warning level too.
-    std::env::set_var("SIP_EDGE_LOG", "warn");
+    // (The harness keeps `sip_edge::transport` at info for its ready line;
+    // the per-connection lines of `transport::conn` stay at warn.)
+    std::env::set_var("SIP_EDGE_LOG", "warn,sip_edge::transport::conn=warn");
     if let Some(n) = threads {
         std::env::set_var("TOKIO_WORKER_THREADS", n.to_string());
     }
