@@ -16,35 +16,108 @@
 use core::intrinsics::{atomic_cxchg, atomic_xadd, AtomicOrdering};
 
 use sip_edge_common::{
-    dst_port_index, PinholeKey, PinholeRule, PinholeState, Reason, DST_CTL_PROTO_SHIFT,
-    DST_CTL_ROLE_SHIFT, DST_SEL, DST_VALID, LATCH_CLAIMING, LATCH_DONE, LATCH_NONE, MATCH_DST,
-    MATCH_SRC, ROLE_INTERNAL, RULE_ANY_REMOTE_PORT, RULE_DST_FOLLOWS_PAIR, RULE_LATCH,
-    RULE_LATCH_PORT, RULE_REWRITE_DST, RULE_REWRITE_SRC, SLOT_DST,
+    dst_port_index, Addr, DstEntry, FlowStats, LatchState, PinholeKey, PinholeRule, Reason,
+    DST_CTL_KEY_MASK, DST_CTL_PROTO_SHIFT, DST_CTL_ROLE_SHIFT, DST_HOT, DST_OVF, DST_SEL,
+    DST_VALID, LATCH_CLAIMING, LATCH_DONE, LATCH_NONE, MATCH_DST, MATCH_SRC, ROLE_INTERNAL,
+    RULE_ANY_REMOTE_PORT, RULE_DST_FOLLOWS_PAIR, RULE_LATCH, RULE_LATCH_PORT, RULE_REWRITE_DST,
+    RULE_REWRITE_SRC, SLOT_DST, STAMP_SHIFT,
 };
 
 use crate::{
     count,
-    maps::{DST_PORTS, PH_DST, PH_STATE, PINHOLES},
+    maps::{DST_PORTS, PH_DST, PH_DST_COLD, PH_STATE, PINHOLES},
     parse::Packet,
     policy::{Dst, NO_SLOT},
     to_addr,
 };
 
 #[cfg(target_endian = "big")]
-compile_error!("the latch word layout below assumes a little-endian BPF target (bpfel)");
+compile_error!("the latch and hot-rule word layouts below assume a little-endian BPF target (bpfel)");
 
 /// Byte offset of the 64-bit word holding `latch_state` (low 32 bits),
-/// `latched_port` (bits 32..48) and `_pad` in `PinholeState`.
-const LATCH_WORD_OFF: usize = core::mem::offset_of!(PinholeState, latch_state);
+/// `latched_port` (bits 32..48) and `_pad` in `LatchState`.
+const LATCH_WORD_OFF: usize = core::mem::offset_of!(LatchState, latch_state);
 const _: () = assert!(LATCH_WORD_OFF % 8 == 0);
-const _: () = assert!(core::mem::offset_of!(PinholeState, latched_port) == LATCH_WORD_OFF + 4);
+const _: () = assert!(core::mem::offset_of!(LatchState, latched_port) == LATCH_WORD_OFF + 4);
+const _: () = assert!(core::mem::offset_of!(sip_edge_common::DstCold, latch) % 8 == 0);
+const _: () = assert!(core::mem::offset_of!(sip_edge_common::PinholeState, latch) % 8 == 0);
 
-/// A matched rule and its state slot.
+/// Byte offsets of the 32-bit words of `DstEntry::rule` the hit reads:
+/// flags | remote_port, remote4, new_src4, new_dst4, new_src_port |
+/// new_dst_port (all 4-aligned in the 64-byte entry).
+const HOT_OFF: usize = core::mem::offset_of!(DstEntry, rule);
+const _: () = assert!(HOT_OFF == 4);
+
+/// A rule's match and rewrite fields, copied out of the map once per
+/// packet (from the hot line of a `PH_DST` entry, or from a full rule) so
+/// every later step works from one consistent copy. Addresses as two
+/// native words of their 16 network-order bytes (IPv4 in the low 32 bits
+/// of the first).
+pub struct Rule {
+    pub remote: [u64; 2],
+    pub new_src: [u64; 2],
+    pub new_dst: [u64; 2],
+    pub flags: u16,
+    pub remote_port: u16,
+    pub new_src_port: u16,
+    pub new_dst_port: u16,
+}
+
+impl Rule {
+    /// Copy of a full rule (a `PH_DST_COLD` copy or a `PINHOLES` value:
+    /// neither is rewritten while a reader can be in it).
+    #[inline(always)]
+    fn of(r: *const PinholeRule) -> Rule {
+        // SAFETY: a live map value; its address fields are 8-byte aligned
+        // (offsets 0/16/32 of PinholeRule in 8-aligned values).
+        unsafe {
+            Rule {
+                remote: *((&raw const (*r).remote_addr) as *const [u64; 2]),
+                new_src: *((&raw const (*r).new_src) as *const [u64; 2]),
+                new_dst: *((&raw const (*r).new_dst) as *const [u64; 2]),
+                flags: (*r).flags,
+                remote_port: (*r).remote_port,
+                new_src_port: (*r).new_src_port,
+                new_dst_port: (*r).new_dst_port,
+            }
+        }
+    }
+
+    /// Copy of the hot IPv4 rule of entry `e`: five 32-bit loads from the
+    /// entry's one cache line. Volatile, so they stay between the two
+    /// reads of `ctl` that validate them.
+    #[inline(always)]
+    fn hot(e: *const DstEntry) -> Rule {
+        let w = |off: usize| -> u32 {
+            // SAFETY: 4-aligned words inside the 64-byte map value.
+            unsafe { ((e as *const u8).add(HOT_OFF + off) as *const u32).read_volatile() }
+        };
+        let (fp, r4, s4, d4, ports) = (w(0), w(4), w(8), w(12), w(16));
+        Rule {
+            remote: [r4 as u64, 0],
+            new_src: [s4 as u64, 0],
+            new_dst: [d4 as u64, 0],
+            flags: fp as u16,
+            remote_port: (fp >> 16) as u16,
+            new_src_port: ports as u16,
+            new_dst_port: (ports >> 16) as u16,
+        }
+    }
+}
+
+/// A matched rule and where its state lives.
 pub struct Hit {
-    /// The rule (map value; the agent may replace it concurrently).
-    pub rule: *const PinholeRule,
-    /// The rule's `PH_STATE` slot.
-    pub state: *mut PinholeState,
+    /// The rule's fields.
+    pub rule: Rule,
+    /// The full rule (for `pair_slot`); for a `PH_DST` entry the cold copy
+    /// `ctl` named, only read when the rule follows its pair.
+    pub full: *const PinholeRule,
+    /// Counters and FIB cache.
+    pub stats: *mut FlowStats,
+    /// Latch state (only touched by latching rules).
+    pub latch: *mut LatchState,
+    /// IPv6 destination of the FIB cache (only touched by IPv6 rules).
+    pub fib_dst6: *mut Addr,
     /// The rule matched the packet's source (`MATCH_SRC`).
     pub match_src: bool,
 }
@@ -71,29 +144,15 @@ pub fn lookup(pkt: &Packet, role: u8, d: &Dst) -> Result<Option<Hit>, Reason> {
             if let Some(e) = PH_DST.get_ptr_mut(&d.slot) {
                 // SAFETY: a live PH_DST value; `ctl` is one aligned 32-bit
                 // word the agent changes with single stores.
-                let ctl = unsafe { (&raw const (*e).ctl).read_volatile() };
+                let ctl_p = unsafe { &raw const (*e).ctl };
+                let ctl = unsafe { ctl_p.read_volatile() };
                 let want = DST_VALID
                     | (pkt.proto as u32) << DST_CTL_PROTO_SHIFT
                     | (role as u32) << DST_CTL_ROLE_SHIFT;
-                if ctl & !DST_SEL == want {
-                    // A branch, not `rules.add(sel)`: the CPU predicts it
-                    // (copy 0 unless the rule was replaced an odd number of
-                    // times) and fetches the rule's cache line in parallel
-                    // with `ctl`'s instead of after it.
-                    let rules = unsafe { (&raw const (*e).rules).cast::<PinholeRule>() };
-                    let rule = if ctl & DST_SEL == 0 {
-                        rules
-                    } else {
-                        // SAFETY: index 1 of the two-element array.
-                        unsafe { rules.add(1) }
-                    };
-                    return Ok(Some(Hit {
-                        rule,
-                        state: e.cast::<PinholeState>(),
-                        match_src: false,
-                    }));
+                if ctl & DST_CTL_KEY_MASK == want {
+                    return dst_hit(e, d.slot, ctl_p, ctl).map(Some);
                 }
-                try_hash = unsafe { (&raw const (*e).overflow).read_volatile() } != 0;
+                try_hash = ctl & DST_OVF != 0;
             }
         }
         if try_hash {
@@ -114,28 +173,113 @@ pub fn lookup(pkt: &Packet, role: u8, d: &Dst) -> Result<Option<Hit>, Reason> {
     }
 }
 
+/// The hit of a live `PH_DST` entry whose `ctl` (read as `ctl`) matched:
+/// the hot copy when `DST_HOT` is set and `ctl` did not move while it was
+/// read, else the full copy `ctl` names in `PH_DST_COLD`. The cold entry's
+/// address is only computed here (an inlined array lookup); its memory is
+/// touched only by rules that need it.
+#[inline(always)]
+fn dst_hit(e: *mut DstEntry, idx: u32, ctl_p: *const u32, ctl: u32) -> Result<Hit, Reason> {
+    let cold = PH_DST_COLD.get_ptr_mut(&idx).ok_or(Reason::DropBadRule)?;
+    // SAFETY: `rules` is a two-element array in a live PH_DST_COLD value.
+    let rules = unsafe { (&raw const (*cold).rules).cast::<PinholeRule>() };
+    let stats = unsafe { &raw mut (*e).stats };
+    let latch = unsafe { &raw mut (*cold).latch };
+    let fib_dst6 = unsafe { &raw mut (*cold).fib_dst6 };
+    if ctl & DST_HOT != 0 {
+        let rule = Rule::hot(e);
+        // SAFETY: as for the first read of `ctl`.
+        if unsafe { ctl_p.read_volatile() } == ctl {
+            let full = if ctl & DST_SEL == 0 {
+                rules
+            } else {
+                // SAFETY: index 1 of the two-element array.
+                unsafe { rules.add(1) }
+            };
+            return Ok(Hit {
+                rule,
+                full,
+                stats,
+                latch,
+                fib_dst6,
+                match_src: false,
+            });
+        }
+    }
+    // The full copy `ctl` names now: the agent wrote it before flipping
+    // `DST_SEL`, and never rewrites the live copy.
+    let now = unsafe { ctl_p.read_volatile() };
+    let full = if now & DST_SEL == 0 {
+        rules
+    } else {
+        // SAFETY: index 1 of the two-element array.
+        unsafe { rules.add(1) }
+    };
+    Ok(Hit {
+        rule: Rule::of(full),
+        full,
+        stats,
+        latch,
+        fib_dst6,
+        match_src: false,
+    })
+}
+
 /// A `PINHOLES` rule with its state slot.
 #[inline(always)]
 fn hit(rule: *const PinholeRule, match_src: bool) -> Result<Hit, Reason> {
     let slot = unsafe { (*rule).slot };
-    let state = state_ptr(slot).ok_or(Reason::DropBadRule)?;
+    let (stats, latch, fib_dst6) = state_ptr(slot).ok_or(Reason::DropBadRule)?;
     Ok(Hit {
-        rule,
-        state,
+        rule: Rule::of(rule),
+        full: rule,
+        stats,
+        latch,
+        fib_dst6,
         match_src,
     })
 }
 
-/// The state of slot id `slot`: a `PH_DST` entry's (`SLOT_DST` set) or a
-/// `PH_STATE` slot.
+/// The state of slot id `slot`: a `PH_DST` entry's (`SLOT_DST` set:
+/// counters in the entry, latch in its cold part) or a `PH_STATE` slot.
 #[inline(always)]
-fn state_ptr(slot: u32) -> Option<*mut PinholeState> {
+fn state_ptr(slot: u32) -> Option<(*mut FlowStats, *mut LatchState, *mut Addr)> {
     if slot & SLOT_DST != 0 {
-        PH_DST
-            .get_ptr_mut(&(slot & !SLOT_DST))
-            .map(|e| e.cast::<PinholeState>())
+        let idx = slot & !SLOT_DST;
+        let e = PH_DST.get_ptr_mut(&idx)?;
+        let c = PH_DST_COLD.get_ptr_mut(&idx)?;
+        // SAFETY: live map values.
+        unsafe {
+            Some((
+                &raw mut (*e).stats,
+                &raw mut (*c).latch,
+                &raw mut (*c).fib_dst6,
+            ))
+        }
     } else {
-        PH_STATE.get_ptr_mut(&slot)
+        let s = PH_STATE.get_ptr_mut(&slot)?;
+        // SAFETY: a live map value.
+        unsafe {
+            Some((
+                &raw mut (*s).stats,
+                &raw mut (*s).latch,
+                &raw mut (*s).fib_dst6,
+            ))
+        }
+    }
+}
+
+/// The latch state of slot id `slot` (see `state_ptr`).
+#[inline(always)]
+fn latch_ptr(slot: u32) -> Option<*mut LatchState> {
+    if slot & SLOT_DST != 0 {
+        PH_DST_COLD
+            .get_ptr_mut(&(slot & !SLOT_DST))
+            .map(|c| unsafe { &raw mut (*c).latch })
+    } else {
+        PH_STATE
+            .get_ptr_mut(&slot)
+            .map(|s| unsafe { &raw mut (*s).latch })
     }
 }
 
@@ -151,14 +295,20 @@ fn dst_port_used(pkt: &Packet) -> bool {
     }
 }
 
+/// An address as two words against a packet's.
+#[inline(always)]
+fn words_eq(a: &[u64; 2], b: &[u16; 8]) -> bool {
+    let b: [u64; 2] = unsafe { core::mem::transmute(*b) };
+    a[0] == b[0] && a[1] == b[1]
+}
+
 /// Two network-order addresses, compared as two 64-bit words.
 #[inline(always)]
 fn addr_eq(a: *const [u8; 16], b: &[u16; 8]) -> bool {
-    // SAFETY: `a` points into a map value, whose address fields are 8-byte
-    // aligned (offsets 0/16/32 of PinholeRule, 24 of PinholeState).
+    // SAFETY: `a` points into a map value, 8-byte aligned (offset 0 of
+    // LatchState, itself 8-aligned in its value).
     let a = unsafe { *(a as *const [u64; 2]) };
-    let b: [u64; 2] = unsafe { core::mem::transmute(*b) };
-    a[0] == b[0] && a[1] == b[1]
+    words_eq(&a, b)
 }
 
 /// Verdict step 2: the packet's remote end (its source for `MATCH_DST`, its
@@ -171,12 +321,11 @@ pub fn check_remote(pkt: &Packet, hit: &Hit) -> Result<(), Reason> {
     } else {
         (&pkt.src, pkt.sport)
     };
-    let rule = hit.rule;
-    let flags = unsafe { (*rule).flags };
+    let rule = &hit.rule;
+    let flags = rule.flags;
     let any_port = flags & RULE_ANY_REMOTE_PORT != 0;
     if flags & (RULE_LATCH | RULE_LATCH_PORT) == 0 {
-        let ok = addr_eq(unsafe { &raw const (*rule).remote_addr }, raddr)
-            && (any_port || unsafe { (*rule).remote_port } == rport);
+        let ok = words_eq(&rule.remote, raddr) && (any_port || rule.remote_port == rport);
         return if ok {
             Ok(())
         } else {
@@ -184,10 +333,10 @@ pub fn check_remote(pkt: &Packet, hit: &Hit) -> Result<(), Reason> {
         };
     }
     // Port-only latch: the address stays strict; only the port is learned.
-    if flags & RULE_LATCH == 0 && !addr_eq(unsafe { &raw const (*rule).remote_addr }, raddr) {
+    if flags & RULE_LATCH == 0 && !words_eq(&rule.remote, raddr) {
         return Err(Reason::DropRemoteMismatch);
     }
-    latch(hit.state, raddr, rport, any_port)
+    latch(hit.latch, raddr, rport, any_port)
 }
 
 /// Latch-once (DESIGN.md §2): the first packet claims the slot with a
@@ -197,13 +346,13 @@ pub fn check_remote(pkt: &Packet, hit: &Hit) -> Result<(), Reason> {
 /// latch never moves. A packet racing a claim in progress is dropped.
 #[inline(always)]
 fn latch(
-    state: *mut PinholeState,
+    state: *mut LatchState,
     raddr: &[u16; 8],
     rport: u16,
     any_port: bool,
 ) -> Result<(), Reason> {
-    // SAFETY: `state` is a live PH_STATE element; the word is 8-byte aligned
-    // (asserted above) and lies inside the value.
+    // SAFETY: `state` is a live latch in a map value; the word is 8-byte
+    // aligned (asserted above) and lies inside the value.
     let word = unsafe { (state as *mut u8).add(LATCH_WORD_OFF) as *mut u64 };
     // A plain aligned 64-bit load is single-copy atomic; LLVM's BPF backend
     // cannot select an `atomic load` below -mcpu=v4 (load-acquire).
@@ -260,8 +409,8 @@ pub struct Target {
 /// (non-zero bytes past the first four) is `DropBadRule`.
 #[inline(always)]
 pub fn target(pkt: &Packet, hit: &Hit) -> Result<Target, Reason> {
-    let rule = hit.rule;
-    let flags = unsafe { (*rule).flags };
+    let rule = &hit.rule;
+    let flags = rule.flags;
     let mut t = Target {
         src: pkt.src,
         dst: pkt.dst,
@@ -269,22 +418,22 @@ pub fn target(pkt: &Packet, hit: &Hit) -> Result<Target, Reason> {
         dport: pkt.dport,
     };
     if flags & RULE_REWRITE_SRC != 0 {
-        t.src = unsafe { *(&raw const (*rule).new_src as *const [u16; 8]) };
-        let p = unsafe { (*rule).new_src_port };
-        if p != 0 {
-            t.sport = p;
+        // SAFETY: same size, plain integers.
+        t.src = unsafe { core::mem::transmute::<[u64; 2], [u16; 8]>(rule.new_src) };
+        if rule.new_src_port != 0 {
+            t.sport = rule.new_src_port;
         }
     }
     if flags & RULE_REWRITE_DST != 0 {
-        t.dst = unsafe { *(&raw const (*rule).new_dst as *const [u16; 8]) };
-        let p = unsafe { (*rule).new_dst_port };
-        if p != 0 {
-            t.dport = p;
+        t.dst = unsafe { core::mem::transmute::<[u64; 2], [u16; 8]>(rule.new_dst) };
+        if rule.new_dst_port != 0 {
+            t.dport = rule.new_dst_port;
         }
     }
     if flags & RULE_DST_FOLLOWS_PAIR != 0 {
-        let pair = unsafe { (*rule).pair_slot };
-        if let Some(ps) = state_ptr(pair) {
+        // SAFETY: the full rule of this hit, a live map value.
+        let pair = unsafe { (*hit.full).pair_slot };
+        if let Some(ps) = latch_ptr(pair) {
             let w =
                 unsafe { ((ps as *const u8).add(LATCH_WORD_OFF) as *const u64).read_volatile() };
             if w as u32 == LATCH_DONE {
@@ -306,15 +455,16 @@ fn not_v4(a: &[u16; 8]) -> bool {
 }
 
 /// Count a forwarded packet on its rule: packets and bytes with atomic adds
-/// (several CPUs may forward the same flow), last-seen time with a store.
-/// `now` is CLOCK_MONOTONIC_COARSE (`bpf_ktime_get_coarse_ns`, one jiffy =
-/// 1-10 ms resolution, a few ns cheaper than the fine clock per packet);
-/// the agent's idle timeouts are seconds.
+/// (several CPUs may forward the same flow), last-seen stamp with a store,
+/// all in the line the hit already read. `now` is CLOCK_MONOTONIC_COARSE
+/// (`bpf_ktime_get_coarse_ns`, one jiffy = 1-10 ms resolution, a few ns
+/// cheaper than the fine clock per packet); the agent's idle timeouts are
+/// seconds, and the stamp keeps about 1 ms of it (`STAMP_SHIFT`).
 #[inline(always)]
-pub fn account(state: *mut PinholeState, frame_len: u64, now: u64) {
+pub fn account(stats: *mut FlowStats, frame_len: u64, now: u64) {
     unsafe {
-        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*state).packets, 1);
-        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*state).bytes, frame_len);
-        (&raw mut (*state).last_seen_ns).write_volatile(now);
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*stats).packets, 1);
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*stats).bytes, frame_len);
+        (&raw mut (*stats).last_seen).write_volatile((now >> STAMP_SHIFT) as u32 | 1);
     }
 }
