@@ -48,6 +48,9 @@ pub mod map_names {
     /// of each egress interface as the FIB last returned it (datapath
     /// private; the FIB cache of a rule keeps only the next hop's MAC).
     pub const EGRESS_MAC: &str = "EGRESS_MAC";
+    /// `PERCPU_ARRAY<PinholeRule>` (one entry): the datapath's per-CPU
+    /// copy of the rule of the packet it is forwarding (private).
+    pub const HIT_RULE: &str = "HIT_RULE";
     /// `ARRAY<EdgeList>` (one entry): the edge addresses as inline lists.
     pub const EDGE_LIST: &str = "EDGE_LIST";
     /// `ARRAY<u32>` (mmapable) indexed by `dst_port_index`: how many
@@ -73,7 +76,7 @@ pub mod map_names {
     pub const BENCH: [&str; 3] = [BENCH_CFG, BENCH_CNT, BENCH_PORTS];
 
     /// Every map name, for pinning and cleanup loops.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 16] = [
         PINHOLES,
         PH_STATE,
         REASONS,
@@ -89,6 +92,7 @@ pub mod map_names {
         PH_DST,
         PH_DST_COLD,
         EGRESS_MAC,
+        HIT_RULE,
     ];
 }
 

@@ -134,8 +134,8 @@ pub struct FlowStats {
     /// younger than the datapath's refresh interval.
     pub fib_at: u32,
     /// The IPv4 destination the cached next hop is for (IPv6 rules keep
-    /// theirs in the cold part: `PinholeState::fib_dst6`,
-    /// `DstCold::fib_dst6`).
+    /// theirs elsewhere: `PinholeState::fib_dst6`, or in a `DstEntry` the
+    /// bytes of `rule`, which an IPv6 entry never uses).
     pub fib_dst4: [u8; 4],
     /// Egress ifindex the FIB chose (only ifindexes below `IFACE_SLOTS`
     /// are cached; the egress MAC is in `EGRESS_MAC[fib_ifindex]`).
@@ -267,7 +267,7 @@ impl HotRule {
 /// address and port (see `EdgeList`). 64 bytes, one cache line: `ctl`, the
 /// live rule's IPv4 match/rewrite fields and the counters and FIB cache
 /// the hit writes. Everything else of the entry (both full rule copies,
-/// latch, IPv6 FIB destination, overflow count) is in `DstCold` at the
+/// latch, overflow count) is in `DstCold` at the
 /// same index of `PH_DST_COLD`.
 ///
 /// Written by the agent through a shared mapping, never as a whole value
@@ -286,7 +286,10 @@ pub struct DstEntry {
     /// `DST_VALID | DST_SEL | DST_CLAIMED | DST_HOT | DST_OVF`, protocol,
     /// role and sequence (see the `DST_CTL_*` shifts); 0 = free.
     pub ctl: u32,
-    /// IPv4 copy of the live rule, valid while `DST_HOT` is set.
+    /// IPv4 copy of the live rule, valid while `DST_HOT` is set. An IPv6
+    /// entry (never hot) keeps the IPv6 destination of its FIB cache in
+    /// the first 16 bytes instead (datapath-private, zeroed on publish), so
+    /// its hit reads this line and one rule line.
     pub rule: HotRule,
     /// Counters and FIB cache.
     pub stats: FlowStats,
@@ -295,21 +298,20 @@ const _: () = assert!(core::mem::size_of::<DstEntry>() == 64);
 const _: () = assert!(core::mem::offset_of!(DstEntry, stats) == 24);
 
 /// Value of the `PH_DST_COLD` array (mmapable), the cold part of the
-/// `PH_DST` entry at the same index: read on a hit only for IPv6 rules,
-/// latching rules and rules that follow their pair. 192 bytes.
+/// `PH_DST` entry at the same index: read on a hit only for IPv6 rules
+/// (one line: the live full copy), latching rules and rules that follow
+/// their pair. 192 bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct DstCold {
     /// Latch (written by the datapath once the entry is published).
     pub latch: LatchState,
-    /// IPv6 destination of the FIB cache in `DstEntry::stats`.
-    pub fib_dst6: Addr,
     /// Rules in `PINHOLES` whose key indexes this entry (another protocol
     /// or role on the same port, or a key whose entry was taken); mirrored
     /// by `DST_OVF` in the entry's `ctl`.
     pub overflow: u32,
     /// Explicit padding (to the rules' cache line).
-    pub _pad: [u32; 5],
+    pub _pad: [u32; 9],
     /// The rule and its replacement copy; `DST_SEL` picks the live one.
     pub rules: [PinholeRule; 2],
 }

@@ -64,9 +64,13 @@ const _: () = assert!(STAMP_WORD_OFF % 8 == 0);
 const _: () = assert!(core::mem::offset_of!(FlowStats, fib_at) == STAMP_WORD_OFF + 4);
 const _: () = assert!(core::mem::offset_of!(FlowStats, fib_dst4) % 4 == 0);
 const _: () = assert!(core::mem::offset_of!(FlowStats, fib_ifindex) % 4 == 0);
-const _: () = assert!(core::mem::offset_of!(FlowStats, fib_in_ifindex) == core::mem::offset_of!(FlowStats, fib_ifindex) + 2);
+const _: () = assert!(
+    core::mem::offset_of!(FlowStats, fib_in_ifindex)
+        == core::mem::offset_of!(FlowStats, fib_ifindex) + 2
+);
 const _: () = assert!(core::mem::offset_of!(FlowStats, fib_dmac) % 2 == 0);
 const _: () = assert!(IFACE_SLOTS <= 65536, "cached ifindexes are 16 bits");
+const _: () = assert!(FAMILY_V4 >> 1 & 1 == 0 && FAMILY_V6 >> 1 & 1 == 1);
 
 /// The FIB parameters on an 8-aligned stack slot, zeroed a word at a time.
 #[repr(C, align(8))]
@@ -131,64 +135,71 @@ pub fn forward(
     let at = unsafe { at_p.read_volatile() };
     // Egress and ingress ifindex as one word (egress in the low half).
     let ifx = unsafe { ((&raw const (*stats).fib_ifindex) as *const u32).read_volatile() };
-    if at > FIB_WRITING
+    // The egress MAC: one word per interface; 0 = not known (a fresh
+    // map after a restart that kept the pinholes): full lookup.
+    let egress = ifx & 0xffff;
+    let fresh = at > FIB_WRITING
         && now32.wrapping_sub(at) < FIB_TTL
         && ifx >> 16 == ifindex
         && len <= unsafe { (*stats).fib_len }
-        && dst_eq(pkt, stats, dst6, &t.dst)
-    {
-        let egress = ifx & 0xffff;
-        // The egress MAC: one word per interface; 0 = not known (a fresh
-        // map after a restart that kept the pinholes): full lookup.
-        let smac = EGRESS_MAC
+        && dst_eq(pkt, stats, dst6, &t.dst);
+    let smac = if fresh {
+        EGRESS_MAC
             .get_ptr(&egress)
-            .map_or(0, |m| unsafe { m.read_volatile() });
+            .map_or(0, |m| unsafe { m.read_volatile() })
+    } else {
+        0
+    };
+    if smac != 0 {
         let eth: *mut EthHdr = ptr_at(ctx, 0)?;
-        if smac != 0 {
-            unsafe {
-                mac_copy(
-                    (&raw mut (*eth).dst).cast(),
-                    (&raw const (*stats).fib_dmac).cast(),
-                );
-                let s = (&raw mut (*eth).src).cast::<u16>();
-                s.write_volatile(smac as u16);
-                s.add(1).write_volatile((smac >> 16) as u16);
-                s.add(2).write_volatile((smac >> 32) as u16);
-            }
-            // Seqlock-style re-check: a writer sets FIB_WRITING before and
-            // the new stamp after its stores, so an unchanged stamp means
-            // the fields read above belong together. Otherwise do the
-            // lookup (it rewrites the MACs).
-            if unsafe { at_p.read_volatile() } == at {
-                return TX_PORTS
-                    .redirect(egress, XDP_DROP as u64)
-                    .map_err(|_| Reason::DropNoTxPort);
-            }
+        unsafe {
+            mac_copy(
+                (&raw mut (*eth).dst).cast(),
+                (&raw const (*stats).fib_dmac).cast(),
+            );
+            let s = (&raw mut (*eth).src).cast::<u16>();
+            s.write_volatile(smac as u16);
+            s.add(1).write_volatile((smac >> 16) as u16);
+            s.add(2).write_volatile((smac >> 32) as u16);
+        }
+        // Seqlock-style re-check: a writer sets FIB_WRITING before and the
+        // new stamp after its stores, so an unchanged stamp means the
+        // fields read above belong together. Otherwise do the lookup (it
+        // rewrites the MACs).
+        if unsafe { at_p.read_volatile() } == at {
+            return TX_PORTS
+                .redirect(egress, XDP_DROP as u64)
+                .map_err(|_| Reason::DropNoTxPort);
         }
     }
-    lookup(ctx, pkt, t, ifindex, len, stats, dst6, at, now32)
+    lookup(ctx, pkt, t, ifindex, len, stats, dst6, now32)
 }
 
 /// Whether the cache is for destination `dst`: the IPv4 address in the
-/// hot line, an IPv6 one in the rule's cold part.
+/// hot line, an IPv6 one where `dst6` points. Without a branch on the
+/// family (both places are always readable): a branch here would have the
+/// verifier walk the whole FIB path once more per family.
 #[inline(always)]
 fn dst_eq(pkt: &Packet, stats: *const FlowStats, dst6: *const Addr, dst: &[u16; 8]) -> bool {
-    if pkt.family == FAMILY_V4 {
-        // SAFETY: a 4-aligned word of a live map value.
-        let a = unsafe { ((&raw const (*stats).fib_dst4) as *const u32).read_volatile() };
-        a == be32(&dst[..2])
-    } else {
-        // SAFETY: `dst6` is the 8-aligned address of a map value.
-        let a = unsafe { *(dst6 as *const [u64; 2]) };
-        let b: [u64; 2] = unsafe { core::mem::transmute(*dst) };
-        a[0] == b[0] && a[1] == b[1]
-    }
+    // SAFETY: 4-aligned words of live map values.
+    let d4 = unsafe { ((&raw const (*stats).fib_dst4) as *const u32).read_volatile() };
+    let a = dst6 as *const u32;
+    let w = |i: usize| unsafe { a.add(i).read_volatile() };
+    let diff4 = d4 ^ be32(&dst[0..2]);
+    let diff6 = (w(0) ^ be32(&dst[0..2]))
+        | (w(1) ^ be32(&dst[2..4]))
+        | (w(2) ^ be32(&dst[4..6]))
+        | (w(3) ^ be32(&dst[6..8]));
+    // FAMILY_V4 = 4 (0b100), FAMILY_V6 = 6 (0b110): bit 1 picks.
+    let v6 = 0u32.wrapping_sub(((pkt.family >> 1) & 1) as u32);
+    (diff4 & !v6) | (diff6 & v6) == 0
 }
 
 /// Fill the pinhole's cache after a successful lookup. Only the CPU that
 /// moves the stamp from the value it read to `FIB_WRITING` writes, so two
 /// fillers never interleave; a loser just forwards with its own result.
-/// Interfaces at or past `IFACE_SLOTS` are never cached (16-bit fields).
+/// Interfaces past 16 bits (egress: past `IFACE_SLOTS`) are never used
+/// from the cache (see the stores below).
 #[expect(
     clippy::too_many_arguments,
     reason = "inlined hot path; a struct would only add copies"
@@ -198,31 +209,26 @@ fn fill(
     pkt: &Packet,
     stats: *mut FlowStats,
     dst6: *mut Addr,
-    seen: u32,
     p: &FibParams,
     dst: &[u16; 8],
     ifindex: u32,
     len: u16,
     now32: u32,
 ) {
-    if seen == FIB_WRITING || ifindex >= IFACE_SLOTS || p.ifindex >= IFACE_SLOTS {
-        return;
-    }
     let smac = unsafe {
         let m = (&raw const p.smac).cast::<u16>();
         (m.read() as u64) | (m.add(1).read() as u64) << 16 | (m.add(2).read() as u64) << 32
     };
     if let Some(m) = EGRESS_MAC.get_ptr_mut(&p.ifindex) {
-        // Read first: the line is shared by every CPU and flow.
-        unsafe {
-            if m.read_volatile() != smac {
-                m.write_volatile(smac);
-            }
-        }
+        // One store per fill (once per flow per `FIB_TTL_NS`).
+        unsafe { m.write_volatile(smac) };
     }
     let word = unsafe { (stats as *mut u8).add(STAMP_WORD_OFF) as *mut u64 };
+    // The stamp as it is now (not as the cache check read it: nothing
+    // from that check stays live into the lookup, so the verifier meets
+    // one state here whichever condition sent the packet to the lookup).
     let cur = unsafe { word.read_volatile() };
-    if (cur >> 32) as u32 != seen {
+    if (cur >> 32) as u32 == FIB_WRITING {
         return;
     }
     let (_, won) = unsafe {
@@ -236,15 +242,28 @@ fn fill(
         return;
     }
     unsafe {
-        if pkt.family == FAMILY_V4 {
-            ((&raw mut (*stats).fib_dst4) as *mut u32).write_volatile(be32(&dst[..2]));
-        } else {
-            let d: [u64; 2] = core::mem::transmute(*dst);
-            let w = dst6.cast::<u64>();
-            w.write_volatile(d[0]);
-            w.add(1).write_volatile(d[1]);
+        // The IPv4 slot always (unused by IPv6 rules); the IPv6 one only
+        // for IPv6 (for an IPv4 entry `dst6` is its hot rule).
+        ((&raw mut (*stats).fib_dst4) as *mut u32).write_volatile(be32(&dst[..2]));
+        if pkt.family == FAMILY_V6 {
+            let w = dst6.cast::<u32>();
+            w.write_volatile(be32(&dst[0..2]));
+            w.add(1).write_volatile(be32(&dst[2..4]));
+            w.add(2).write_volatile(be32(&dst[4..6]));
+            w.add(3).write_volatile(be32(&dst[6..8]));
         }
-        ((&raw mut (*stats).fib_ifindex) as *mut u32).write_volatile(p.ifindex | ifindex << 16);
+        // Ifindexes are cached in 16 bits, without a branch (a branch on
+        // them here had the verifier walk every path after it again: 6.1
+        // past 10% of its budget). An ingress past 16 bits never matches
+        // the cache check (it compares all 32); an egress past 16 bits
+        // stores ingress 0, which no packet arrives on. An egress past
+        // `IFACE_SLOTS` has no `EGRESS_MAC` entry, so it is never used
+        // from the cache either.
+        let big = p.ifindex >> 16;
+        let fits = 1 - ((big | big.wrapping_neg()) >> 31);
+        let ingress = (ifindex & 0xffff) * fits;
+        ((&raw mut (*stats).fib_ifindex) as *mut u32)
+            .write_volatile((p.ifindex & 0xffff) | ingress << 16);
         mac_copy(
             (&raw mut (*stats).fib_dmac).cast(),
             (&raw const p.dmac).cast(),
@@ -261,8 +280,7 @@ fn fill(
 
 /// The full lookup: on success write the MACs, fill the cache and
 /// redirect, returning `XDP_REDIRECT`. The ingress ifindex scopes the lookup
-/// (its VRF/table), as for a packet the kernel would forward. `seen` is the
-/// cache stamp read before.
+/// (its VRF/table), as for a packet the kernel would forward.
 #[expect(
     clippy::too_many_arguments,
     reason = "inlined hot path; a struct would only add copies"
@@ -276,7 +294,6 @@ fn lookup(
     len: u16,
     stats: *mut FlowStats,
     dst6: *mut Addr,
-    seen: u32,
     now32: u32,
 ) -> Result<u32, Reason> {
     // Every byte is written first (the verifier rejects helpers reading
@@ -337,7 +354,7 @@ fn lookup(
             mac_copy((&raw mut (*eth).dst).cast(), (&raw const p.dmac).cast());
             mac_copy((&raw mut (*eth).src).cast(), (&raw const p.smac).cast());
         }
-        fill(pkt, stats, dst6, seen, p, &t.dst, ifindex, len, now32);
+        fill(pkt, stats, dst6, p, &t.dst, ifindex, len, now32);
         // A miss returns the low bits of the flags: XDP_DROP.
         TX_PORTS
             .redirect(p.ifindex, XDP_DROP as u64)

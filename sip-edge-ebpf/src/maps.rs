@@ -13,8 +13,8 @@
 
 use aya_ebpf::bindings::bpf_devmap_val;
 use sip_edge_common::{
-    DstCold, DstEntry, EdgeAddrKey, EdgeList, IfaceConfig, NeighMiss, NeighMissKey, PinholeKey, PinholeRule,
-    PinholeState, PortPolicy, Settings, DST_PORT_SLOTS, IFACE_SLOTS, REASON_COUNT,
+    DstCold, DstEntry, EdgeAddrKey, EdgeList, IfaceConfig, NeighMiss, NeighMissKey, PinholeKey,
+    PinholeRule, PinholeState, PortPolicy, Settings, DST_PORT_SLOTS, IFACE_SLOTS, REASON_COUNT,
 };
 
 use crate::mapdef::{MapDef, ARRAY, DEVMAP_HASH, HASH, LRU_HASH, MMAPABLE, PERCPU_ARRAY};
@@ -47,6 +47,12 @@ pub static PH_DST: MapDef<ARRAY, u32, DstEntry, DEFAULT_DST_SLOTS, MMAPABLE> = M
 #[unsafe(link_section = ".maps")]
 #[unsafe(no_mangle)]
 pub static PH_DST_COLD: MapDef<ARRAY, u32, DstCold, DEFAULT_DST_SLOTS, MMAPABLE> = MapDef::new();
+
+/// This CPU's copy of the rule of the packet being forwarded (one entry;
+/// see `pinhole::scratch`). Datapath private.
+#[unsafe(link_section = ".maps")]
+#[unsafe(no_mangle)]
+pub static HIT_RULE: MapDef<PERCPU_ARRAY, u32, PinholeRule, 1> = MapDef::new();
 
 /// Source MAC of each egress interface as the FIB last returned it (low 48
 /// bits, memory order; 0 = unknown), indexed by ifindex: the per-rule FIB

@@ -25,14 +25,16 @@ use sip_edge_common::{
 
 use crate::{
     count,
-    maps::{DST_PORTS, PH_DST, PH_DST_COLD, PH_STATE, PINHOLES},
+    maps::{DST_PORTS, HIT_RULE, PH_DST, PH_DST_COLD, PH_STATE, PINHOLES},
     parse::Packet,
     policy::{Dst, NO_SLOT},
     to_addr,
 };
 
 #[cfg(target_endian = "big")]
-compile_error!("the latch and hot-rule word layouts below assume a little-endian BPF target (bpfel)");
+compile_error!(
+    "the latch and hot-rule word layouts below assume a little-endian BPF target (bpfel)"
+);
 
 /// Byte offset of the 64-bit word holding `latch_state` (low 32 bits),
 /// `latched_port` (bits 32..48) and `_pad` in `LatchState`.
@@ -48,75 +50,76 @@ const _: () = assert!(core::mem::offset_of!(sip_edge_common::PinholeState, latch
 const HOT_OFF: usize = core::mem::offset_of!(DstEntry, rule);
 const _: () = assert!(HOT_OFF == 4);
 
-/// A rule's match and rewrite fields, copied out of the map once per
-/// packet (from the hot line of a `PH_DST` entry, or from a full rule) so
-/// every later step works from one consistent copy. Addresses as two
-/// native words of their 16 network-order bytes (IPv4 in the low 32 bits
-/// of the first).
-pub struct Rule {
-    pub remote: [u64; 2],
-    pub new_src: [u64; 2],
-    pub new_dst: [u64; 2],
-    pub flags: u16,
-    pub remote_port: u16,
-    pub new_src_port: u16,
-    pub new_dst_port: u16,
+/// The hit's copy of its rule in `HIT_RULE` (this CPU's scratch entry):
+/// the live rule's fields taken once per packet, from the hot line of a
+/// `PH_DST` entry (validated against `ctl`, see `DstEntry`) or from a full
+/// rule, so every later step reads one consistent copy. A map value, not
+/// the stack: the verifier does not track what a map value holds, so every
+/// source of a rule reaches the rest of the hit in the same state (a
+/// stack copy had 6.1 walk the hit once per source and value range, past
+/// 10% of its budget), and the stack stays under its 512 bytes.
+#[inline(always)]
+fn scratch() -> Result<*mut PinholeRule, Reason> {
+    HIT_RULE.get_ptr_mut(&0).ok_or(Reason::DropBadRule)
 }
 
-impl Rule {
-    /// Copy of a full rule (a `PH_DST_COLD` copy or a `PINHOLES` value:
-    /// neither is rewritten while a reader can be in it).
-    #[inline(always)]
-    fn of(r: *const PinholeRule) -> Rule {
-        // SAFETY: a live map value; its address fields are 8-byte aligned
-        // (offsets 0/16/32 of PinholeRule in 8-aligned values).
-        unsafe {
-            Rule {
-                remote: *((&raw const (*r).remote_addr) as *const [u64; 2]),
-                new_src: *((&raw const (*r).new_src) as *const [u64; 2]),
-                new_dst: *((&raw const (*r).new_dst) as *const [u64; 2]),
-                flags: (*r).flags,
-                remote_port: (*r).remote_port,
-                new_src_port: (*r).new_src_port,
-                new_dst_port: (*r).new_dst_port,
-            }
-        }
-    }
-
-    /// Copy of the hot IPv4 rule of entry `e`: five 32-bit loads from the
-    /// entry's one cache line. Volatile, so they stay between the two
-    /// reads of `ctl` that validate them.
-    #[inline(always)]
-    fn hot(e: *const DstEntry) -> Rule {
-        let w = |off: usize| -> u32 {
-            // SAFETY: 4-aligned words inside the 64-byte map value.
-            unsafe { ((e as *const u8).add(HOT_OFF + off) as *const u32).read_volatile() }
-        };
-        let (fp, r4, s4, d4, ports) = (w(0), w(4), w(8), w(12), w(16));
-        Rule {
-            remote: [r4 as u64, 0],
-            new_src: [s4 as u64, 0],
-            new_dst: [d4 as u64, 0],
-            flags: fp as u16,
-            remote_port: (fp >> 16) as u16,
-            new_src_port: ports as u16,
-            new_dst_port: (ports >> 16) as u16,
-        }
+/// Copy a full rule into the scratch entry, 8 bytes at a time (volatile:
+/// no `memcpy` call under -bpf-expand-memcpy-in-order).
+#[inline(always)]
+fn copy_rule(dst: *mut PinholeRule, src: *const PinholeRule) {
+    let (d, s) = (dst.cast::<u64>(), src.cast::<u64>());
+    let mut i = 0;
+    while i < core::mem::size_of::<PinholeRule>() / 8 {
+        // SAFETY: both are 8-aligned 64-byte map values.
+        unsafe { d.add(i).write_volatile(s.add(i).read_volatile()) };
+        i += 1;
     }
 }
+
+/// Copy the hot IPv4 rule of entry `e` into the scratch entry: five
+/// 32-bit loads from the entry's one cache line, volatile so they stay
+/// between the two reads of `ctl` that validate them.
+#[inline(always)]
+fn copy_hot(dst: *mut PinholeRule, e: *const DstEntry) {
+    let w = |off: usize| -> u32 {
+        // SAFETY: 4-aligned words inside the 64-byte map value.
+        unsafe { ((e as *const u8).add(HOT_OFF + off) as *const u32).read_volatile() }
+    };
+    let (fp, r4, s4, d4, ports) = (w(0), w(4), w(8), w(12), w(16));
+    let d = dst.cast::<u64>();
+    // SAFETY: an 8-aligned 64-byte map value; the words are the rule's
+    // addresses (IPv4 in the low 32 bits of the first word of each),
+    // then ports and flags, then slot and pair slot.
+    unsafe {
+        d.write_volatile(r4 as u64);
+        d.add(1).write_volatile(0);
+        d.add(2).write_volatile(s4 as u64);
+        d.add(3).write_volatile(0);
+        d.add(4).write_volatile(d4 as u64);
+        d.add(5).write_volatile(0);
+        // remote_port, new_src_port, new_dst_port, flags (memory order).
+        d.add(6).write_volatile(
+            (fp >> 16) as u64 | (ports as u64 & 0xffff_ffff) << 16 | (fp as u64 & 0xffff) << 48,
+        );
+        d.add(7).write_volatile(0);
+    }
+}
+const _: () = assert!(core::mem::offset_of!(PinholeRule, remote_port) == 48);
+const _: () = assert!(core::mem::offset_of!(PinholeRule, new_src_port) == 50);
+const _: () = assert!(core::mem::offset_of!(PinholeRule, new_dst_port) == 52);
+const _: () = assert!(core::mem::offset_of!(PinholeRule, flags) == 54);
+const _: () = assert!(core::mem::offset_of!(PinholeRule, pair_slot) == 60);
 
 /// A matched rule and where its state lives.
 pub struct Hit {
-    /// The rule's fields.
-    pub rule: Rule,
-    /// The full rule (for `pair_slot`); for a `PH_DST` entry the cold copy
-    /// `ctl` named, only read when the rule follows its pair.
-    pub full: *const PinholeRule,
+    /// The rule (this CPU's copy in `HIT_RULE`).
+    pub rule: *const PinholeRule,
     /// Counters and FIB cache.
     pub stats: *mut FlowStats,
     /// Latch state (only touched by latching rules).
     pub latch: *mut LatchState,
-    /// IPv6 destination of the FIB cache (only touched by IPv6 rules).
+    /// IPv6 destination of the FIB cache (only touched by IPv6 rules;
+    /// 4-byte aligned).
     pub fib_dst6: *mut Addr,
     /// The rule matched the packet's source (`MATCH_SRC`).
     pub match_src: bool,
@@ -181,58 +184,52 @@ pub fn lookup(pkt: &Packet, role: u8, d: &Dst) -> Result<Option<Hit>, Reason> {
 #[inline(always)]
 fn dst_hit(e: *mut DstEntry, idx: u32, ctl_p: *const u32, ctl: u32) -> Result<Hit, Reason> {
     let cold = PH_DST_COLD.get_ptr_mut(&idx).ok_or(Reason::DropBadRule)?;
+    let rule = scratch()?;
     // SAFETY: `rules` is a two-element array in a live PH_DST_COLD value.
     let rules = unsafe { (&raw const (*cold).rules).cast::<PinholeRule>() };
-    let stats = unsafe { &raw mut (*e).stats };
-    let latch = unsafe { &raw mut (*cold).latch };
-    let fib_dst6 = unsafe { &raw mut (*cold).fib_dst6 };
+    let hit = Hit {
+        rule,
+        // SAFETY: fields of live map values. An IPv6 entry is never hot:
+        // its FIB destination lives in the hot rule's bytes (see
+        // `DstEntry::rule`), in the line already read.
+        stats: unsafe { &raw mut (*e).stats },
+        latch: unsafe { &raw mut (*cold).latch },
+        fib_dst6: unsafe { (&raw mut (*e).rule).cast::<Addr>() },
+        match_src: false,
+    };
     if ctl & DST_HOT != 0 {
-        let rule = Rule::hot(e);
+        copy_hot(rule, e);
         // SAFETY: as for the first read of `ctl`.
         if unsafe { ctl_p.read_volatile() } == ctl {
-            let full = if ctl & DST_SEL == 0 {
-                rules
-            } else {
-                // SAFETY: index 1 of the two-element array.
-                unsafe { rules.add(1) }
-            };
-            return Ok(Hit {
-                rule,
-                full,
-                stats,
-                latch,
-                fib_dst6,
-                match_src: false,
-            });
+            // SAFETY: the scratch entry and a live cold value.
+            unsafe {
+                if (*rule).flags & RULE_DST_FOLLOWS_PAIR != 0 {
+                    // The pair slot is in the full copy `ctl` named (cold).
+                    let sel = (ctl & DST_SEL != 0) as usize;
+                    (*rule).pair_slot = (*rules.add(sel)).pair_slot;
+                }
+            }
+            return Ok(hit);
         }
     }
     // The full copy `ctl` names now: the agent wrote it before flipping
     // `DST_SEL`, and never rewrites the live copy.
     let now = unsafe { ctl_p.read_volatile() };
-    let full = if now & DST_SEL == 0 {
-        rules
-    } else {
-        // SAFETY: index 1 of the two-element array.
-        unsafe { rules.add(1) }
-    };
-    Ok(Hit {
-        rule: Rule::of(full),
-        full,
-        stats,
-        latch,
-        fib_dst6,
-        match_src: false,
-    })
+    let sel = (now & DST_SEL != 0) as usize;
+    // SAFETY: index 0 or 1 of the two-element array.
+    copy_rule(rule, unsafe { rules.add(sel) });
+    Ok(hit)
 }
 
 /// A `PINHOLES` rule with its state slot.
 #[inline(always)]
-fn hit(rule: *const PinholeRule, match_src: bool) -> Result<Hit, Reason> {
-    let slot = unsafe { (*rule).slot };
+fn hit(r: *const PinholeRule, match_src: bool) -> Result<Hit, Reason> {
+    let slot = unsafe { (*r).slot };
     let (stats, latch, fib_dst6) = state_ptr(slot).ok_or(Reason::DropBadRule)?;
+    let rule = scratch()?;
+    copy_rule(rule, r);
     Ok(Hit {
-        rule: Rule::of(rule),
-        full: rule,
+        rule,
         stats,
         latch,
         fib_dst6,
@@ -240,32 +237,20 @@ fn hit(rule: *const PinholeRule, match_src: bool) -> Result<Hit, Reason> {
     })
 }
 
-/// The state of slot id `slot`: a `PH_DST` entry's (`SLOT_DST` set:
-/// counters in the entry, latch in its cold part) or a `PH_STATE` slot.
+/// The `PH_STATE` slot of a `PINHOLES` rule (the agent never gives a
+/// `PINHOLES` rule a `PH_DST` id: such a slot is out of range here, a
+/// `DropBadRule`). One pointer kind per field keeps the verifier from
+/// walking the rest of the hit once per kind.
 #[inline(always)]
 fn state_ptr(slot: u32) -> Option<(*mut FlowStats, *mut LatchState, *mut Addr)> {
-    if slot & SLOT_DST != 0 {
-        let idx = slot & !SLOT_DST;
-        let e = PH_DST.get_ptr_mut(&idx)?;
-        let c = PH_DST_COLD.get_ptr_mut(&idx)?;
-        // SAFETY: live map values.
-        unsafe {
-            Some((
-                &raw mut (*e).stats,
-                &raw mut (*c).latch,
-                &raw mut (*c).fib_dst6,
-            ))
-        }
-    } else {
-        let s = PH_STATE.get_ptr_mut(&slot)?;
-        // SAFETY: a live map value.
-        unsafe {
-            Some((
-                &raw mut (*s).stats,
-                &raw mut (*s).latch,
-                &raw mut (*s).fib_dst6,
-            ))
-        }
+    let s = PH_STATE.get_ptr_mut(&slot)?;
+    // SAFETY: a live map value.
+    unsafe {
+        Some((
+            &raw mut (*s).stats,
+            &raw mut (*s).latch,
+            &raw mut (*s).fib_dst6,
+        ))
     }
 }
 
@@ -321,11 +306,13 @@ pub fn check_remote(pkt: &Packet, hit: &Hit) -> Result<(), Reason> {
     } else {
         (&pkt.src, pkt.sport)
     };
-    let rule = &hit.rule;
-    let flags = rule.flags;
+    let rule = hit.rule;
+    // SAFETY: this CPU's scratch copy of the rule.
+    let flags = unsafe { (*rule).flags };
     let any_port = flags & RULE_ANY_REMOTE_PORT != 0;
+    let remote = unsafe { &raw const (*rule).remote_addr };
     if flags & (RULE_LATCH | RULE_LATCH_PORT) == 0 {
-        let ok = words_eq(&rule.remote, raddr) && (any_port || rule.remote_port == rport);
+        let ok = addr_eq(remote, raddr) && (any_port || unsafe { (*rule).remote_port } == rport);
         return if ok {
             Ok(())
         } else {
@@ -333,7 +320,7 @@ pub fn check_remote(pkt: &Packet, hit: &Hit) -> Result<(), Reason> {
         };
     }
     // Port-only latch: the address stays strict; only the port is learned.
-    if flags & RULE_LATCH == 0 && !words_eq(&rule.remote, raddr) {
+    if flags & RULE_LATCH == 0 && !addr_eq(remote, raddr) {
         return Err(Reason::DropRemoteMismatch);
     }
     latch(hit.latch, raddr, rport, any_port)
@@ -409,8 +396,9 @@ pub struct Target {
 /// (non-zero bytes past the first four) is `DropBadRule`.
 #[inline(always)]
 pub fn target(pkt: &Packet, hit: &Hit) -> Result<Target, Reason> {
-    let rule = &hit.rule;
-    let flags = rule.flags;
+    let rule = hit.rule;
+    // SAFETY: this CPU's scratch copy of the rule (8-aligned addresses).
+    let flags = unsafe { (*rule).flags };
     let mut t = Target {
         src: pkt.src,
         dst: pkt.dst,
@@ -418,22 +406,21 @@ pub fn target(pkt: &Packet, hit: &Hit) -> Result<Target, Reason> {
         dport: pkt.dport,
     };
     if flags & RULE_REWRITE_SRC != 0 {
-        // SAFETY: same size, plain integers.
-        t.src = unsafe { core::mem::transmute::<[u64; 2], [u16; 8]>(rule.new_src) };
-        if rule.new_src_port != 0 {
-            t.sport = rule.new_src_port;
+        t.src = unsafe { *(&raw const (*rule).new_src as *const [u16; 8]) };
+        let p = unsafe { (*rule).new_src_port };
+        if p != 0 {
+            t.sport = p;
         }
     }
     if flags & RULE_REWRITE_DST != 0 {
-        t.dst = unsafe { core::mem::transmute::<[u64; 2], [u16; 8]>(rule.new_dst) };
-        if rule.new_dst_port != 0 {
-            t.dport = rule.new_dst_port;
+        t.dst = unsafe { *(&raw const (*rule).new_dst as *const [u16; 8]) };
+        let p = unsafe { (*rule).new_dst_port };
+        if p != 0 {
+            t.dport = p;
         }
     }
     if flags & RULE_DST_FOLLOWS_PAIR != 0 {
-        // SAFETY: the full rule of this hit, a live map value.
-        let pair = unsafe { (*hit.full).pair_slot };
-        if let Some(ps) = latch_ptr(pair) {
+        if let Some(ps) = latch_ptr(unsafe { (*rule).pair_slot }) {
             let w =
                 unsafe { ((ps as *const u8).add(LATCH_WORD_OFF) as *const u64).read_volatile() };
             if w as u32 == LATCH_DONE {

@@ -19,10 +19,9 @@ use aya::programs::{ProgramError, Xdp};
 use aya::{Ebpf, TestRun, TestRunOptions};
 use sip_edge_common::{
     addr_from_ip, dst_port_index, ip_from_addr, map_names, DstCold, DstEntry, EdgeAddrKey,
-    EdgeList, HotRule, DST_HOT, DST_OVF,
-    IfaceConfig, NeighMiss, NeighMissKey, PinholeKey, PinholeRule, PinholeState, PortPolicy,
-    Reason, Settings, DST_VALID, LATCH_DONE, LATCH_NONE, MATCH_DST, REASON_COUNT, ROLE_EXTERNAL,
-    ROLE_INTERNAL, SLOT_DST, STAMP_SHIFT, XDP_PROG_NAME,
+    EdgeList, HotRule, IfaceConfig, NeighMiss, NeighMissKey, PinholeKey, PinholeRule, PinholeState,
+    PortPolicy, Reason, Settings, DST_HOT, DST_OVF, DST_VALID, LATCH_DONE, LATCH_NONE, MATCH_DST,
+    REASON_COUNT, ROLE_EXTERNAL, ROLE_INTERNAL, SLOT_DST, STAMP_SHIFT, XDP_PROG_NAME,
 };
 
 use netns::{Links, Netns, NetnsError};
@@ -690,7 +689,6 @@ impl Runner {
                     | if hot.is_some() { DST_HOT } else { 0 }
                     | sip_edge::datapath::maps::ctl_key(&p.key);
                 c.latch = st.latch;
-                c.fib_dst6 = st.fib_dst6;
                 c.rules = [rule, PinholeRule::default()];
                 self.dst_set(idx, e, c)?;
                 continue;
@@ -758,7 +756,7 @@ impl Runner {
             return Ok(PinholeState {
                 stats: e.stats,
                 latch: c.latch,
-                fib_dst6: c.fib_dst6,
+                fib_dst6: [0; 16],
             });
         }
         self.maps

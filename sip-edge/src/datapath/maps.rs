@@ -33,8 +33,9 @@ use serde::Serialize;
 use sip_edge_common::{
     addr_from_ip, dst_port_index, ip_from_addr, map_names, DstCold, DstEntry, EdgeAddrKey,
     EdgeList, FlowStats, HotRule, IfaceConfig, LatchState, NeighMiss, NeighMissKey, PinholeKey,
-    PinholeRule, PinholeState, PortPolicy, Reason, Settings, DST_CLAIMED, DST_CTL_PROTO_SHIFT,
-    DST_CTL_KEY_MASK, DST_CTL_ROLE_SHIFT, DST_CTL_SEQ_SHIFT, DST_HOT, DST_OVF, DST_PORT_SLOTS, DST_SEL, DST_VALID, EDGE_LIST_V4, EDGE_LIST_V6, FAMILY_V4, FAMILY_V6, LATCH_DONE,
+    PinholeRule, PinholeState, PortPolicy, Reason, Settings, DST_CLAIMED, DST_CTL_KEY_MASK,
+    DST_CTL_PROTO_SHIFT, DST_CTL_ROLE_SHIFT, DST_CTL_SEQ_SHIFT, DST_HOT, DST_OVF, DST_PORT_SLOTS,
+    DST_SEL, DST_VALID, EDGE_LIST_V4, EDGE_LIST_V6, FAMILY_V4, FAMILY_V6, LATCH_DONE,
     MAP_LAYOUT_VERSION, MATCH_DST, PROTO_TCP, PROTO_UDP, ROLE_EXTERNAL, ROLE_INTERNAL, SLOT_DST,
 };
 
@@ -471,8 +472,7 @@ impl DstTable {
         if let Some(c) = self.ctl(idx) {
             let cur = c.load(Ordering::SeqCst);
             if cur & DST_CLAIMED != 0 && cur & DST_VALID == 0 {
-                let _ =
-                    c.compare_exchange(cur, cur & DST_OVF, Ordering::SeqCst, Ordering::SeqCst);
+                let _ = c.compare_exchange(cur, cur & DST_OVF, Ordering::SeqCst, Ordering::SeqCst);
             }
         }
     }
@@ -491,7 +491,6 @@ impl DstTable {
             (&raw mut (*e).stats).write_volatile(FlowStats::default());
             (&raw mut (*e).rule).write_volatile(hot.unwrap_or_default());
             (&raw mut (*cold).latch).write_volatile(LatchState::default());
-            (&raw mut (*cold).fib_dst6).write_volatile([0; 16]);
             (&raw mut (*cold).rules)
                 .cast::<PinholeRule>()
                 .write_volatile(*rule);
@@ -530,8 +529,7 @@ impl DstTable {
                 .write_volatile(*rule);
         }
         let flipped = ((cur ^ DST_SEL) & !DST_HOT).wrapping_add(SEQ_STEP);
-        if c
-            .compare_exchange(cur, flipped, Ordering::SeqCst, Ordering::SeqCst)
+        if c.compare_exchange(cur, flipped, Ordering::SeqCst, Ordering::SeqCst)
             .is_err()
         {
             return false;
@@ -575,7 +573,8 @@ impl DstTable {
                 PinholeState {
                     stats: (&raw const (*e).stats).read_volatile(),
                     latch: (&raw const (*cold).latch).read_volatile(),
-                    fib_dst6: (&raw const (*cold).fib_dst6).read_volatile(),
+                    // An IPv6 entry's FIB destination (see `DstEntry::rule`).
+                    fib_dst6: (&raw const (*e).rule).cast::<[u8; 16]>().read_volatile(),
                 },
             )
         };
@@ -1395,13 +1394,7 @@ impl DatapathMaps {
             }
         };
         let now = coarse_now_ns();
-        Ok(st.map(|st| {
-            (
-                st.stats.packets,
-                st.stats.bytes,
-                st.stats.last_seen_ns(now),
-            )
-        }))
+        Ok(st.map(|st| (st.stats.packets, st.stats.bytes, st.stats.last_seen_ns(now))))
     }
 
     /// Per-reason packet counts summed over CPUs, in `Reason` order.
@@ -1591,6 +1584,61 @@ mod tests {
         src.match_on = sip_edge_common::MATCH_SRC;
         assert_eq!(dst_index(&l, 6000, &src), None);
         assert_eq!(dst_index(&l, 3999, &key("[2001:db8:ff::1]:40000")), None);
+    }
+
+    #[test]
+    fn stamps_rebuild_the_coarse_time_across_a_wrap() {
+        use sip_edge_common::{stamp_ns, STAMP_SHIFT};
+        let unit = 1u64 << STAMP_SHIFT;
+        // 3 s ago, stamped as the datapath does (low bit forced).
+        let now = 100 * 1_000_000_000u64;
+        let then = now - 3 * 1_000_000_000;
+        let st = (then >> STAMP_SHIFT) as u32 | 1;
+        let back = stamp_ns(st, now);
+        assert!(back.abs_diff(then) < 2 * unit, "{back} vs {then}");
+        // Across the 32-bit wrap of the stamp.
+        let now = (1u64 << (32 + STAMP_SHIFT)) + 5 * unit;
+        let then = now - 10 * unit;
+        let back = stamp_ns((then >> STAMP_SHIFT) as u32, now);
+        assert_eq!(back, (then >> STAMP_SHIFT) << STAMP_SHIFT);
+        assert_eq!(stamp_ns(0, now), 0, "0 stays never");
+    }
+
+    #[test]
+    fn only_all_ipv4_rules_get_a_hot_copy() {
+        let mut r = PinholeRule {
+            remote_addr: addr_from_ip("198.51.100.7".parse().expect("ip")).1,
+            new_dst: addr_from_ip("10.77.0.2".parse().expect("ip")).1,
+            remote_port: 5000u16.to_be(),
+            new_dst_port: 4000u16.to_be(),
+            flags: sip_edge_common::RULE_REWRITE_DST,
+            ..PinholeRule::default()
+        };
+        let h = HotRule::of(FAMILY_V4, &r).expect("v4 rule");
+        assert_eq!(
+            (
+                h.remote4,
+                h.new_dst4,
+                h.remote_port,
+                h.new_dst_port,
+                h.flags
+            ),
+            (
+                [198, 51, 100, 7],
+                [10, 77, 0, 2],
+                r.remote_port,
+                r.new_dst_port,
+                r.flags
+            )
+        );
+        assert_eq!(
+            HotRule::of(FAMILY_V6, &r),
+            None,
+            "v6 keys use the full rule"
+        );
+        // A v4 rule carrying v6 bytes must reach the datapath's DropBadRule.
+        r.new_src[8] = 1;
+        assert_eq!(HotRule::of(FAMILY_V4, &r), None);
     }
 
     #[test]
