@@ -1,8 +1,9 @@
 //! Pinhole lookup, remote check (strict or latch-once) and the rewrite
-//! target of a hit. Reads `PH_DST` (rules by edge address and port, with
-//! their state) and `PINHOLES` (written by the agent), and reads/writes the
-//! rule's state (in its `PH_DST` entry or `PH_STATE` slot) with atomic
-//! instructions.
+//! target of a hit. Reads `PH_DST` (one cache line per rule by edge
+//! address and port: IPv4 rule copy and state), `PH_DST_COLD` (full rule
+//! copies, latch) and `PINHOLES` (written by the agent), copies the hit's
+//! rule into this CPU's `HIT_RULE` entry, and reads/writes the rule's state
+//! (in its `PH_DST` line or `PH_STATE` slot) with atomic instructions.
 //!
 //! Atomics: the `bpfel-unknown-none` target has `atomic-cas = false` and
 //! `min-atomic-width = 64`, so `core::sync::atomic` offers no
