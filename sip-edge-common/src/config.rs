@@ -167,7 +167,7 @@ const _: () = assert!(core::mem::size_of::<Settings>() == 8);
 /// meaning of every map in `map_names::ALL`. Bump it with any change a
 /// loader re-adopting older pins could misread; `Settings::layout_version`
 /// carries it in the pins.
-pub const MAP_LAYOUT_VERSION: u32 = 1;
+pub const MAP_LAYOUT_VERSION: u32 = 2;
 
 /// Key of `NEIGH_MISS`: a next hop `bpf_fib_lookup` could not resolve. 24 bytes.
 #[repr(C)]

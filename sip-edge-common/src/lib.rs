@@ -37,9 +37,20 @@ pub mod map_names {
     pub const PORT_POLICY: &str = "PORT_POLICY";
     /// `HASH<EdgeAddrKey, u32>`: addresses owned by the edge (internal and public).
     pub const EDGE_ADDRS: &str = "EDGE_ADDRS";
-    /// `ARRAY<DstSlot>` (mmapable): `MATCH_DST` rules with their state,
-    /// indexed by edge address and port (`EdgeList`).
+    /// `ARRAY<DstEntry>` (mmapable): the hot line of `MATCH_DST` rules
+    /// (IPv4 rule copy, counters, FIB cache), indexed by edge address and
+    /// port (`EdgeList`).
     pub const PH_DST: &str = "PH_DST";
+    /// `ARRAY<DstCold>` (mmapable): the rest of each `PH_DST` entry (full
+    /// rule copies, latch, overflow count), same index.
+    pub const PH_DST_COLD: &str = "PH_DST_COLD";
+    /// `ARRAY<u64>` indexed by ifindex (< `IFACE_SLOTS`): the source MAC
+    /// of each egress interface as the FIB last returned it (datapath
+    /// private; the FIB cache of a rule keeps only the next hop's MAC).
+    pub const EGRESS_MAC: &str = "EGRESS_MAC";
+    /// `PERCPU_ARRAY<PinholeRule>` (one entry): the datapath's per-CPU
+    /// copy of the rule of the packet it is forwarding (private).
+    pub const HIT_RULE: &str = "HIT_RULE";
     /// `ARRAY<EdgeList>` (one entry): the edge addresses as inline lists.
     pub const EDGE_LIST: &str = "EDGE_LIST";
     /// `ARRAY<u32>` (mmapable) indexed by `dst_port_index`: how many
@@ -65,7 +76,7 @@ pub mod map_names {
     pub const BENCH: [&str; 3] = [BENCH_CFG, BENCH_CNT, BENCH_PORTS];
 
     /// Every map name, for pinning and cleanup loops.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 16] = [
         PINHOLES,
         PH_STATE,
         REASONS,
@@ -79,6 +90,9 @@ pub mod map_names {
         EDGE_LIST,
         DST_PORTS,
         PH_DST,
+        PH_DST_COLD,
+        EGRESS_MAC,
+        HIT_RULE,
     ];
 }
 

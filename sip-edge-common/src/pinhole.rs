@@ -4,8 +4,9 @@
 //! apart from the rule so the agent can replace a rule atomically without
 //! clobbering counters: for `PINHOLES` rules in a separate `PH_STATE` slot
 //! (the rule is replaced with one `bpf_map_update_elem`), for `MATCH_DST`
-//! rules on edge addresses in the same `PH_DST` entry as the rule, next to
-//! two rule copies (see `DstSlot`).
+//! rules on edge addresses in the one-cache-line `PH_DST` entry next to an
+//! IPv4 copy of the rule, with two full rule copies in `PH_DST_COLD` (see
+//! `DstEntry`).
 //!
 //! One rule describes one direction of one flow. Both media modes of
 //! DESIGN.md §2 are sets of such rules:
@@ -108,18 +109,54 @@ pub const LATCH_CLAIMING: u32 = 1;
 /// Latch state: `latched_addr`/`latched_port` are valid and final.
 pub const LATCH_DONE: u32 = 2;
 
-/// Value of the `PH_STATE` array: counters and latch state the datapath
-/// writes for one rule. 96 bytes. The agent zeroes a slot before reusing it.
+/// Shift of the coarse clock (`bpf_ktime_get_coarse_ns`) into the 32-bit
+/// time stamps of `FlowStats` (units of 2^20 ns, about 1.05 ms; a stamp
+/// wraps after about 52 days, and the agent rebuilds the full time from
+/// its own clock, see `FlowStats::last_seen_ns`).
+pub const STAMP_SHIFT: u32 = 20;
+
+/// What the datapath writes for one rule on every forwarded packet: its
+/// counters, last-seen stamp and FIB cache. 40 bytes, so that with the
+/// 24-byte head of a `DstEntry` a hit reads and writes one cache line.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct PinholeState {
+pub struct FlowStats {
     /// Packets forwarded through the rule.
     pub packets: u64,
     /// Bytes (L2 frame length as received) forwarded through the rule.
     pub bytes: u64,
-    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC_COARSE: same epoch as
-    /// CLOCK_MONOTONIC, one jiffy resolution) of the last forwarded packet; 0 = never.
-    pub last_seen_ns: u64,
+    /// Coarse clock (CLOCK_MONOTONIC_COARSE) of the last forwarded packet
+    /// `>> STAMP_SHIFT`, low bit forced to 1; 0 = never.
+    pub last_seen: u32,
+    /// FIB cache (datapath-private; zeroed with the rule): when it was
+    /// filled, coarse clock `>> STAMP_SHIFT` (never 0 or 1 once filled);
+    /// 0 = empty, `FIB_WRITING` = one CPU is filling it. Valid while
+    /// younger than the datapath's refresh interval.
+    pub fib_at: u32,
+    /// The IPv4 destination the cached next hop is for (IPv6 rules keep
+    /// theirs elsewhere: `PinholeState::fib_dst6`, or in a `DstEntry` the
+    /// bytes of `rule`, which an IPv6 entry never uses).
+    pub fib_dst4: [u8; 4],
+    /// Egress ifindex the FIB chose (only ifindexes below `IFACE_SLOTS`
+    /// are cached; the egress MAC is in `EGRESS_MAC[fib_ifindex]`).
+    pub fib_ifindex: u16,
+    /// Ingress ifindex the lookup was scoped to (its VRF/table).
+    pub fib_in_ifindex: u16,
+    /// Next-hop MAC (the frame's new destination).
+    pub fib_dmac: [u8; 6],
+    /// Largest IP length the FIB's MTU check passed for this entry, host
+    /// order: a longer packet takes the full lookup (and its MTU check).
+    pub fib_len: u16,
+}
+const _: () = assert!(core::mem::size_of::<FlowStats>() == 40);
+
+/// `FlowStats::fib_at` while one CPU rewrites the cache entry.
+pub const FIB_WRITING: u32 = 1;
+
+/// Latch-once bookkeeping of one rule (DESIGN.md §2). 24 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LatchState {
     /// The latched remote address (valid when `latch_state == LATCH_DONE`).
     pub latched_addr: Addr,
     /// `LATCH_*`, changed only by compare-and-swap in the datapath.
@@ -128,84 +165,155 @@ pub struct PinholeState {
     pub latched_port: u16,
     /// Explicit padding.
     pub _pad: u16,
-    /// FIB cache (datapath-private; zeroed with the slot): the next hop
-    /// `bpf_fib_lookup` returned for `fib_dst`, so most packets of a flow
-    /// skip the lookup. Valid while `fib_at_ns` (CLOCK_MONOTONIC_COARSE) is
-    /// younger than the datapath's refresh interval; 0 = empty,
-    /// `FIB_WRITING` = one CPU is filling it.
-    pub fib_dst: Addr,
-    /// When the cache was filled (coarse ns), or 0 / `FIB_WRITING`.
-    pub fib_at_ns: u64,
-    /// Egress ifindex the FIB chose.
-    pub fib_ifindex: u32,
-    /// Ingress ifindex the lookup was scoped to (its VRF/table).
-    pub fib_in_ifindex: u32,
-    /// Next-hop MAC (the frame's new destination).
-    pub fib_dmac: [u8; 6],
-    /// Egress MAC (the frame's new source).
-    pub fib_smac: [u8; 6],
-    /// Largest IP length the FIB's MTU check passed for this entry, host
-    /// order: a longer packet takes the full lookup (and its MTU check).
-    pub fib_len: u16,
-    /// Explicit padding.
-    pub _fib_pad: u16,
 }
-const _: () = assert!(core::mem::size_of::<PinholeState>() == 96);
+const _: () = assert!(core::mem::size_of::<LatchState>() == 24);
 
-/// `PinholeState::fib_at_ns` while one CPU rewrites the cache entry.
-pub const FIB_WRITING: u64 = 1;
+/// Value of the `PH_STATE` array: the state the datapath writes for one
+/// `PINHOLES` rule. 80 bytes. The agent zeroes a slot before reusing it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PinholeState {
+    /// Counters, last seen, FIB cache.
+    pub stats: FlowStats,
+    /// Latch.
+    pub latch: LatchState,
+    /// The IPv6 destination the cached next hop is for.
+    pub fib_dst6: Addr,
+}
+const _: () = assert!(core::mem::size_of::<PinholeState>() == 80);
 
 /// Slot ids with this bit set name a `PH_DST` entry (index in the low
 /// bits); others a `PH_STATE` slot. `PinholeRule::slot`/`pair_slot` and
 /// `pinhole del` use these ids.
 pub const SLOT_DST: u32 = 1 << 31;
 
-/// `DstSlot::ctl`: the entry holds a live rule.
+/// `DstEntry::ctl`: the entry holds a live rule.
 pub const DST_VALID: u32 = 1 << 0;
-/// `DstSlot::ctl`: the live rule is `rules[1]` (else `rules[0]`).
+/// `DstEntry::ctl`: the live rule is `DstCold::rules[1]` (else `rules[0]`).
 pub const DST_SEL: u32 = 1 << 1;
-/// `DstSlot::ctl`: a writer has claimed the free entry and is filling it
+/// `DstEntry::ctl`: a writer has claimed the free entry and is filling it
 /// (not yet visible to the datapath).
 pub const DST_CLAIMED: u32 = 1 << 2;
-/// `DstSlot::ctl` bits 8..16: the rule's protocol; bits 16..24: its role.
+/// `DstEntry::ctl`: `DstEntry::rule` is a faithful IPv4 copy of the live
+/// rule, so a hit needs nothing from `DstCold` (unless the rule latches or
+/// follows its pair).
+pub const DST_HOT: u32 = 1 << 3;
+/// `DstEntry::ctl`: `DstCold::overflow` is non-zero (rules in `PINHOLES`
+/// index this entry): a packet that misses the entry tries `PINHOLES`.
+pub const DST_OVF: u32 = 1 << 4;
+/// `DstEntry::ctl` bits 8..16: the rule's protocol; bits 16..24: its role.
 pub const DST_CTL_PROTO_SHIFT: u32 = 8;
 /// See `DST_CTL_PROTO_SHIFT`.
 pub const DST_CTL_ROLE_SHIFT: u32 = 16;
+/// `DstEntry::ctl` bits 24..32: a sequence number the agent steps with
+/// every change of the live rule, so a reader that saw `ctl` change under
+/// it (seqlock-style) never uses a torn hot copy.
+pub const DST_CTL_SEQ_SHIFT: u32 = 24;
+/// The `ctl` bits a packet's key must match (live, not claimed, protocol
+/// and role).
+pub const DST_CTL_KEY_MASK: u32 = DST_VALID | DST_CLAIMED | 0x00ff_ff00;
 
-/// Value of the `PH_DST` array (mmapable, so each value is 256-byte
-/// aligned in one page): a `MATCH_DST` rule on an edge address and media
-/// port, stored at the index of its address and port (see `EdgeList`),
-/// together with its state. One random flow touches one page and three
-/// adjacent cache lines instead of a hash bucket, an element and a
-/// separate `PH_STATE` slot.
-///
-/// Written by the agent through a shared mapping, never as a whole value
-/// while live: a rule is replaced by writing the idle copy of `rules` and
-/// then flipping `DST_SEL` in `ctl` with one 32-bit store, so a reader
-/// sees either rule whole; `state` (counters, latch, FIB cache) is only
-/// written by the datapath once the entry is published, so replacing a
-/// rule keeps its counters and latch. A reader still on the old copy is
-/// one packet's processing (under a microsecond); the agent replaces rules
-/// on signalling (milliseconds apart), so it never rewrites a copy a reader
-/// can still be in. The publish and flip stores are ordered after the
-/// copies' stores (x86 TSO; the agent's stores are SeqCst). 256 bytes.
+/// The live rule's match and rewrite fields as the IPv4 hit path reads
+/// them (addresses as their 4 network-order bytes). 20 bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct DstSlot {
-    /// Counters, latch and FIB cache, as for a `PH_STATE` slot.
-    pub state: PinholeState,
-    /// `DST_VALID | DST_SEL | DST_CLAIMED`, protocol and role (see the
-    /// `DST_CTL_*` shifts); 0 = free.
+pub struct HotRule {
+    /// `RULE_*` bits.
+    pub flags: u16,
+    /// Remote port, network order.
+    pub remote_port: u16,
+    /// Remote address.
+    pub remote4: [u8; 4],
+    /// New source address.
+    pub new_src4: [u8; 4],
+    /// New destination address.
+    pub new_dst4: [u8; 4],
+    /// New source port, network order; 0 keeps the packet's.
+    pub new_src_port: u16,
+    /// New destination port, network order; 0 keeps the packet's.
+    pub new_dst_port: u16,
+}
+const _: () = assert!(core::mem::size_of::<HotRule>() == 20);
+
+impl HotRule {
+    /// The hot copy of `rule` for a key of `family`: only IPv4 rules whose
+    /// addresses are all IPv4 (an IPv4 rule carrying IPv6 bytes must reach
+    /// the full rule and its `DropBadRule` check).
+    pub fn of(family: u8, rule: &PinholeRule) -> Option<HotRule> {
+        let v4 = |a: &Addr| -> Option<[u8; 4]> {
+            if a[4..].iter().all(|b| *b == 0) {
+                Some([a[0], a[1], a[2], a[3]])
+            } else {
+                None
+            }
+        };
+        if family != crate::FAMILY_V4 {
+            return None;
+        }
+        Some(HotRule {
+            flags: rule.flags,
+            remote_port: rule.remote_port,
+            remote4: v4(&rule.remote_addr)?,
+            new_src4: v4(&rule.new_src)?,
+            new_dst4: v4(&rule.new_dst)?,
+            new_src_port: rule.new_src_port,
+            new_dst_port: rule.new_dst_port,
+        })
+    }
+}
+
+/// Value of the `PH_DST` array (mmapable): the hot line of a `MATCH_DST`
+/// rule on an edge address and media port, stored at the index of its
+/// address and port (see `EdgeList`). 64 bytes, one cache line: `ctl`, the
+/// live rule's IPv4 match/rewrite fields and the counters and FIB cache
+/// the hit writes. Everything else of the entry (both full rule copies,
+/// latch, overflow count) is in `DstCold` at the
+/// same index of `PH_DST_COLD`.
+///
+/// Written by the agent through a shared mapping, never as a whole value
+/// while live: a rule is replaced by writing the idle copy of
+/// `DstCold::rules`, flipping `DST_SEL` and clearing `DST_HOT` with one
+/// 32-bit store (readers now use the full copy), rewriting `rule`, then
+/// setting `DST_HOT` (each store also steps the sequence in `ctl`). A
+/// reader of the hot copy reads `ctl`, the copy, then `ctl` again, and
+/// uses the copy only if `ctl` did not move; so it sees either rule whole.
+/// `stats` is only written by the datapath once the entry is published,
+/// so replacing a rule keeps its counters. The stores are ordered (x86
+/// TSO; the agent's stores are SeqCst).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DstEntry {
+    /// `DST_VALID | DST_SEL | DST_CLAIMED | DST_HOT | DST_OVF`, protocol,
+    /// role and sequence (see the `DST_CTL_*` shifts); 0 = free.
     pub ctl: u32,
+    /// IPv4 copy of the live rule, valid while `DST_HOT` is set. An IPv6
+    /// entry (never hot) keeps the IPv6 destination of its FIB cache in
+    /// the first 16 bytes instead (datapath-private, zeroed on publish), so
+    /// its hit reads this line and one rule line.
+    pub rule: HotRule,
+    /// Counters and FIB cache.
+    pub stats: FlowStats,
+}
+const _: () = assert!(core::mem::size_of::<DstEntry>() == 64);
+const _: () = assert!(core::mem::offset_of!(DstEntry, stats) == 24);
+
+/// Value of the `PH_DST_COLD` array (mmapable), the cold part of the
+/// `PH_DST` entry at the same index: read on a hit only for IPv6 rules
+/// (one line: the live full copy), latching rules and rules that follow
+/// their pair. 192 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DstCold {
+    /// Latch (written by the datapath once the entry is published).
+    pub latch: LatchState,
     /// Rules in `PINHOLES` whose key indexes this entry (another protocol
-    /// or role on the same port, or a key whose entry was taken): while
-    /// non-zero, a packet that misses this entry tries `PINHOLES`.
+    /// or role on the same port, or a key whose entry was taken); mirrored
+    /// by `DST_OVF` in the entry's `ctl`.
     pub overflow: u32,
-    /// Explicit padding.
-    pub _pad: [u32; 6],
+    /// Explicit padding (to the rules' cache line).
+    pub _pad: [u32; 9],
     /// The rule and its replacement copy; `DST_SEL` picks the live one.
     pub rules: [PinholeRule; 2],
 }
-const _: () = assert!(core::mem::size_of::<DstSlot>() == 256);
-const _: () = assert!(core::mem::offset_of!(DstSlot, ctl) == 96);
-const _: () = assert!(core::mem::offset_of!(DstSlot, rules) == 128);
+const _: () = assert!(core::mem::size_of::<DstCold>() == 192);
+const _: () = assert!(core::mem::offset_of!(DstCold, rules) == 64);

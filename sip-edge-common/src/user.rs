@@ -18,7 +18,8 @@ unsafe impl aya::Pod for PinholeState {}
 unsafe impl aya::Pod for IfaceConfig {}
 unsafe impl aya::Pod for EdgeAddrKey {}
 unsafe impl aya::Pod for crate::EdgeList {}
-unsafe impl aya::Pod for crate::DstSlot {}
+unsafe impl aya::Pod for crate::DstEntry {}
+unsafe impl aya::Pod for crate::DstCold {}
 unsafe impl aya::Pod for PortPolicy {}
 unsafe impl aya::Pod for Settings {}
 unsafe impl aya::Pod for NeighMissKey {}
@@ -52,4 +53,27 @@ impl Default for PortPolicy {
     fn default() -> Self {
         PortPolicy::EMPTY
     }
+}
+
+impl crate::FlowStats {
+    /// `last_seen` as CLOCK_MONOTONIC ns (0 = never), given the coarse
+    /// clock `now_ns` read at about the same time: the stamp holds the
+    /// clock's bits from `STAMP_SHIFT` up to 32 above it, so the full
+    /// time is the latest one at or before `now_ns` with those bits
+    /// (exact to one unit, about 1 ms, while the stamp is younger than
+    /// its 52-day wrap).
+    pub fn last_seen_ns(&self, now_ns: u64) -> u64 {
+        stamp_ns(self.last_seen, now_ns)
+    }
+}
+
+/// A 32-bit stamp (`FlowStats::last_seen`) as ns on the clock that reads
+/// `now_ns`; 0 stays 0.
+pub fn stamp_ns(stamp: u32, now_ns: u64) -> u64 {
+    if stamp == 0 {
+        return 0;
+    }
+    let now = now_ns >> crate::STAMP_SHIFT;
+    let back = (now as u32).wrapping_sub(stamp) as u64;
+    now.saturating_sub(back) << crate::STAMP_SHIFT
 }

@@ -1,6 +1,7 @@
 //! Next hop of a rewritten packet: a per-pinhole cache of the last
-//! `bpf_fib_lookup` result (in the rule's `PH_STATE` slot), else the lookup
-//! itself; MAC rewrite and redirect through `TX_PORTS`; a next hop without a
+//! `bpf_fib_lookup` result (in the rule's `FlowStats`: the hot line of its
+//! `PH_DST` entry or its `PH_STATE` slot; egress MACs per interface in
+//! `EGRESS_MAC`), else the lookup itself; MAC rewrite and redirect through `TX_PORTS`; a next hop without a
 //! neighbour entry is recorded in `NEIGH_MISS` for the agent to resolve.
 //!
 //! Why a cache: the lookup (FIB trie + neighbour table) was the largest
@@ -32,11 +33,12 @@ use aya_ebpf::{
     EbpfContext as _,
 };
 use sip_edge_common::{
-    NeighMiss, NeighMissKey, PinholeState, Reason, FAMILY_V4, FAMILY_V6, FIB_WRITING,
+    Addr, FlowStats, NeighMiss, NeighMissKey, Reason, FAMILY_V4, FAMILY_V6, FIB_WRITING,
+    IFACE_SLOTS, STAMP_SHIFT,
 };
 
 use crate::{
-    maps::{NEIGH_MISS, TX_PORTS},
+    maps::{EGRESS_MAC, NEIGH_MISS, TX_PORTS},
     parse::{ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, Packet},
     pinhole::Target,
 };
@@ -50,11 +52,25 @@ const AF_INET6: u8 = 10;
 /// clock is CLOCK_MONOTONIC_COARSE (one jiffy resolution), so the real
 /// interval is this plus at most one tick.
 pub const FIB_TTL_NS: u64 = 1_000_000_000;
+/// `FIB_TTL_NS` in `FlowStats` stamp units.
+const FIB_TTL: u32 = (FIB_TTL_NS >> STAMP_SHIFT) as u32;
 
-const _: () = assert!(core::mem::offset_of!(PinholeState, fib_dst) % 8 == 0);
-const _: () = assert!(core::mem::offset_of!(PinholeState, fib_at_ns) % 8 == 0);
-const _: () = assert!(core::mem::offset_of!(PinholeState, fib_dmac) % 2 == 0);
-const _: () = assert!(core::mem::offset_of!(PinholeState, fib_smac) % 2 == 0);
+/// The 64-bit word of `FlowStats` holding `last_seen` (low half) and
+/// `fib_at` (high half): the only atomic compare-and-swap this CPU target
+/// has is 64 bits wide (see `pinhole.rs`), so the cache claim swaps the
+/// pair, keeping `last_seen` as read.
+const STAMP_WORD_OFF: usize = core::mem::offset_of!(FlowStats, last_seen);
+const _: () = assert!(STAMP_WORD_OFF % 8 == 0);
+const _: () = assert!(core::mem::offset_of!(FlowStats, fib_at) == STAMP_WORD_OFF + 4);
+const _: () = assert!(core::mem::offset_of!(FlowStats, fib_dst4) % 4 == 0);
+const _: () = assert!(core::mem::offset_of!(FlowStats, fib_ifindex) % 4 == 0);
+const _: () = assert!(
+    core::mem::offset_of!(FlowStats, fib_in_ifindex)
+        == core::mem::offset_of!(FlowStats, fib_ifindex) + 2
+);
+const _: () = assert!(core::mem::offset_of!(FlowStats, fib_dmac) % 2 == 0);
+const _: () = assert!(IFACE_SLOTS <= 65536, "cached ifindexes are 16 bits");
+const _: () = assert!(FAMILY_V4 >> 1 & 1 == 0 && FAMILY_V6 >> 1 & 1 == 1);
 
 /// The FIB parameters on an 8-aligned stack slot, zeroed a word at a time.
 #[repr(C, align(8))]
@@ -100,40 +116,54 @@ fn ip_len(ctx: &XdpContext, pkt: &Packet) -> Result<u16, Reason> {
 /// Route the (already rewritten) packet: from the pinhole's cached next hop
 /// when it is fresh and matches, else through `bpf_fib_lookup` (refilling
 /// the cache on success). Writes the MACs and redirects, returning
-/// `XDP_REDIRECT`. `now` is CLOCK_MONOTONIC_COARSE.
+/// `XDP_REDIRECT`. `now` is CLOCK_MONOTONIC_COARSE. `dst6` is where an
+/// IPv6 rule's cached destination lives (outside the hot line).
 #[inline(always)]
 pub fn forward(
     ctx: &XdpContext,
     pkt: &Packet,
     t: &Target,
     ifindex: u32,
-    state: *mut PinholeState,
+    stats: *mut FlowStats,
+    dst6: *mut Addr,
     now: u64,
 ) -> Result<u32, Reason> {
     let len = ip_len(ctx, pkt)?;
-    // SAFETY: `state` is a live PH_STATE element; the word is 8-aligned.
-    let at_p = unsafe { &raw mut (*state).fib_at_ns };
+    let now32 = (now >> STAMP_SHIFT) as u32;
+    // SAFETY: `stats` is a live map value; the words are aligned (asserted).
+    let at_p = unsafe { &raw mut (*stats).fib_at };
     let at = unsafe { at_p.read_volatile() };
-    if at > FIB_WRITING
-        && now.wrapping_sub(at) < FIB_TTL_NS
-        && unsafe { (*state).fib_in_ifindex } == ifindex
-        && len <= unsafe { (*state).fib_len }
-        && dst_eq(unsafe { &raw const (*state).fib_dst }, &t.dst)
-    {
+    // Egress and ingress ifindex as one word (egress in the low half).
+    let ifx = unsafe { ((&raw const (*stats).fib_ifindex) as *const u32).read_volatile() };
+    // The egress MAC: one word per interface; 0 = not known (a fresh
+    // map after a restart that kept the pinholes): full lookup.
+    let egress = ifx & 0xffff;
+    let fresh = at > FIB_WRITING
+        && now32.wrapping_sub(at) < FIB_TTL
+        && ifx >> 16 == ifindex
+        && len <= unsafe { (*stats).fib_len }
+        && dst_eq(pkt, stats, dst6, &t.dst);
+    let smac = if fresh {
+        EGRESS_MAC
+            .get_ptr(&egress)
+            .map_or(0, |m| unsafe { m.read_volatile() })
+    } else {
+        0
+    };
+    if smac != 0 {
         let eth: *mut EthHdr = ptr_at(ctx, 0)?;
-        let egress = unsafe {
+        unsafe {
             mac_copy(
                 (&raw mut (*eth).dst).cast(),
-                (&raw const (*state).fib_dmac).cast(),
+                (&raw const (*stats).fib_dmac).cast(),
             );
-            mac_copy(
-                (&raw mut (*eth).src).cast(),
-                (&raw const (*state).fib_smac).cast(),
-            );
-            (*state).fib_ifindex
-        };
+            let s = (&raw mut (*eth).src).cast::<u16>();
+            s.write_volatile(smac as u16);
+            s.add(1).write_volatile((smac >> 16) as u16);
+            s.add(2).write_volatile((smac >> 32) as u16);
+        }
         // Seqlock-style re-check: a writer sets FIB_WRITING before and the
-        // new time after its stores, so an unchanged stamp means the
+        // new stamp after its stores, so an unchanged stamp means the
         // fields read above belong together. Otherwise do the lookup (it
         // rewrites the MACs).
         if unsafe { at_p.read_volatile() } == at {
@@ -142,64 +172,106 @@ pub fn forward(
                 .map_err(|_| Reason::DropNoTxPort);
         }
     }
-    lookup(ctx, pkt, t, ifindex, len, state, at, now)
+    lookup(ctx, pkt, t, ifindex, len, stats, dst6, now32)
 }
 
-/// Two network-order addresses as two 64-bit words each.
+/// Whether the cache is for destination `dst`: the IPv4 address in the
+/// hot line, an IPv6 one where `dst6` points. Without a branch on the
+/// family (both places are always readable): a branch here would have the
+/// verifier walk the whole FIB path once more per family.
 #[inline(always)]
-fn dst_eq(a: *const [u8; 16], b: &[u16; 8]) -> bool {
-    // SAFETY: `a` is the 8-aligned `fib_dst` of a map value.
-    let a = unsafe { *(a as *const [u64; 2]) };
-    let b: [u64; 2] = unsafe { core::mem::transmute(*b) };
-    a[0] == b[0] && a[1] == b[1]
+fn dst_eq(pkt: &Packet, stats: *const FlowStats, dst6: *const Addr, dst: &[u16; 8]) -> bool {
+    // SAFETY: 4-aligned words of live map values.
+    let d4 = unsafe { ((&raw const (*stats).fib_dst4) as *const u32).read_volatile() };
+    let a = dst6 as *const u32;
+    let w = |i: usize| unsafe { a.add(i).read_volatile() };
+    let diff4 = d4 ^ be32(&dst[0..2]);
+    let diff6 = (w(0) ^ be32(&dst[0..2]))
+        | (w(1) ^ be32(&dst[2..4]))
+        | (w(2) ^ be32(&dst[4..6]))
+        | (w(3) ^ be32(&dst[6..8]));
+    // FAMILY_V4 = 4 (0b100), FAMILY_V6 = 6 (0b110): bit 1 picks.
+    let v6 = 0u32.wrapping_sub(((pkt.family >> 1) & 1) as u32);
+    (diff4 & !v6) | (diff6 & v6) == 0
 }
 
 /// Fill the pinhole's cache after a successful lookup. Only the CPU that
 /// moves the stamp from the value it read to `FIB_WRITING` writes, so two
 /// fillers never interleave; a loser just forwards with its own result.
+/// Interfaces past 16 bits (egress: past `IFACE_SLOTS`) are never used
+/// from the cache (see the stores below).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "inlined hot path; a struct would only add copies"
+)]
 #[inline(always)]
 fn fill(
-    state: *mut PinholeState,
-    seen: u64,
+    pkt: &Packet,
+    stats: *mut FlowStats,
+    dst6: *mut Addr,
     p: &FibParams,
     dst: &[u16; 8],
     ifindex: u32,
     len: u16,
-    now: u64,
+    now32: u32,
 ) {
-    if seen == FIB_WRITING {
+    let smac = unsafe {
+        let m = (&raw const p.smac).cast::<u16>();
+        (m.read() as u64) | (m.add(1).read() as u64) << 16 | (m.add(2).read() as u64) << 32
+    };
+    if let Some(m) = EGRESS_MAC.get_ptr_mut(&p.ifindex) {
+        // One store per fill (once per flow per `FIB_TTL_NS`).
+        unsafe { m.write_volatile(smac) };
+    }
+    let word = unsafe { (stats as *mut u8).add(STAMP_WORD_OFF) as *mut u64 };
+    // The stamp as it is now (not as the cache check read it: nothing
+    // from that check stays live into the lookup, so the verifier meets
+    // one state here whichever condition sent the packet to the lookup).
+    let cur = unsafe { word.read_volatile() };
+    if (cur >> 32) as u32 == FIB_WRITING {
         return;
     }
-    let at_p = unsafe { &raw mut (*state).fib_at_ns };
     let (_, won) = unsafe {
         atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
-            at_p,
-            seen,
-            FIB_WRITING,
+            word,
+            cur,
+            (cur & 0xffff_ffff) | (FIB_WRITING as u64) << 32,
         )
     };
     if !won {
         return;
     }
     unsafe {
-        let d: [u64; 2] = core::mem::transmute(*dst);
-        let w = (&raw mut (*state).fib_dst).cast::<u64>();
-        w.write_volatile(d[0]);
-        w.add(1).write_volatile(d[1]);
-        (&raw mut (*state).fib_ifindex).write_volatile(p.ifindex);
-        (&raw mut (*state).fib_in_ifindex).write_volatile(ifindex);
+        // The IPv4 slot always (unused by IPv6 rules); the IPv6 one only
+        // for IPv6 (for an IPv4 entry `dst6` is its hot rule).
+        ((&raw mut (*stats).fib_dst4) as *mut u32).write_volatile(be32(&dst[..2]));
+        if pkt.family == FAMILY_V6 {
+            let w = dst6.cast::<u32>();
+            w.write_volatile(be32(&dst[0..2]));
+            w.add(1).write_volatile(be32(&dst[2..4]));
+            w.add(2).write_volatile(be32(&dst[4..6]));
+            w.add(3).write_volatile(be32(&dst[6..8]));
+        }
+        // Ifindexes are cached in 16 bits, without a branch (a branch on
+        // them here had the verifier walk every path after it again: 6.1
+        // past 10% of its budget). An ingress past 16 bits never matches
+        // the cache check (it compares all 32); an egress past 16 bits
+        // stores ingress 0, which no packet arrives on. An egress past
+        // `IFACE_SLOTS` has no `EGRESS_MAC` entry, so it is never used
+        // from the cache either.
+        let big = p.ifindex >> 16;
+        let fits = 1 - ((big | big.wrapping_neg()) >> 31);
+        let ingress = (ifindex & 0xffff) * fits;
+        ((&raw mut (*stats).fib_ifindex) as *mut u32)
+            .write_volatile((p.ifindex & 0xffff) | ingress << 16);
         mac_copy(
-            (&raw mut (*state).fib_dmac).cast(),
+            (&raw mut (*stats).fib_dmac).cast(),
             (&raw const p.dmac).cast(),
         );
-        mac_copy(
-            (&raw mut (*state).fib_smac).cast(),
-            (&raw const p.smac).cast(),
-        );
-        (&raw mut (*state).fib_len).write_volatile(len);
-        // A coarse clock read right at boot could be <= FIB_WRITING.
-        at_p.write_volatile(if now > FIB_WRITING {
-            now
+        (&raw mut (*stats).fib_len).write_volatile(len);
+        // A stamp of 0 or 1 (every 52 days) would read as empty/writing.
+        (&raw mut (*stats).fib_at).write_volatile(if now32 > FIB_WRITING {
+            now32
         } else {
             FIB_WRITING + 1
         });
@@ -208,8 +280,7 @@ fn fill(
 
 /// The full lookup: on success write the MACs, fill the cache and
 /// redirect, returning `XDP_REDIRECT`. The ingress ifindex scopes the lookup
-/// (its VRF/table), as for a packet the kernel would forward. `seen` is the
-/// cache stamp read before.
+/// (its VRF/table), as for a packet the kernel would forward.
 #[expect(
     clippy::too_many_arguments,
     reason = "inlined hot path; a struct would only add copies"
@@ -221,9 +292,9 @@ fn lookup(
     t: &Target,
     ifindex: u32,
     len: u16,
-    state: *mut PinholeState,
-    seen: u64,
-    now: u64,
+    stats: *mut FlowStats,
+    dst6: *mut Addr,
+    now32: u32,
 ) -> Result<u32, Reason> {
     // Every byte is written first (the verifier rejects helpers reading
     // uninitialised stack). Volatile word stores, because bpf-linker builds
@@ -283,7 +354,7 @@ fn lookup(
             mac_copy((&raw mut (*eth).dst).cast(), (&raw const p.dmac).cast());
             mac_copy((&raw mut (*eth).src).cast(), (&raw const p.smac).cast());
         }
-        fill(state, seen, p, &t.dst, ifindex, len, now);
+        fill(pkt, stats, dst6, p, &t.dst, ifindex, len, now32);
         // A miss returns the low bits of the flags: XDP_DROP.
         TX_PORTS
             .redirect(p.ifindex, XDP_DROP as u64)

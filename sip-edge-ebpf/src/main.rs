@@ -151,9 +151,9 @@ fn forward(
     nat::rewrite(ctx, pkt, &t)?;
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let action = fib::forward(ctx, pkt, &t, ifindex, hit.state, now)?;
+    let action = fib::forward(ctx, pkt, &t, ifindex, hit.stats, hit.fib_dst6, now)?;
     // Counters only for packets that actually leave (step 5).
-    pinhole::account(hit.state, (ctx.data_end() - ctx.data()) as u64, now);
+    pinhole::account(hit.stats, (ctx.data_end() - ctx.data()) as u64, now);
     Ok(action)
 }
 

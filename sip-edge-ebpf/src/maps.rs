@@ -6,15 +6,15 @@
 //! test or benchmark load without a pin directory never touches bpffs. The
 //! agent writes the configuration maps, `PINHOLES`, `DST_PORTS` and the
 //! rules of `PH_DST`; this program writes only `PH_STATE`, the state part
-//! of `PH_DST` entries, `REASONS` and `NEIGH_MISS`.
+//! of `PH_DST` entries (and the latch in `PH_DST_COLD`), `EGRESS_MAC`, `REASONS` and `NEIGH_MISS`.
 //!
 //! The maps are BTF-defined (`.maps` section, libbpf layout, see
 //! `mapdef.rs`) so `bpftool map dump` prints every field.
 
 use aya_ebpf::bindings::bpf_devmap_val;
 use sip_edge_common::{
-    DstSlot, EdgeAddrKey, EdgeList, IfaceConfig, NeighMiss, NeighMissKey, PinholeKey, PinholeRule,
-    PinholeState, PortPolicy, Settings, DST_PORT_SLOTS, IFACE_SLOTS, REASON_COUNT,
+    DstCold, DstEntry, EdgeAddrKey, EdgeList, IfaceConfig, NeighMiss, NeighMissKey, PinholeKey,
+    PinholeRule, PinholeState, PortPolicy, Settings, DST_PORT_SLOTS, IFACE_SLOTS, REASON_COUNT,
 };
 
 use crate::mapdef::{MapDef, ARRAY, DEVMAP_HASH, HASH, LRU_HASH, MMAPABLE, PERCPU_ARRAY};
@@ -33,14 +33,35 @@ pub static PINHOLES: MapDef<HASH, PinholeKey, PinholeRule, DEFAULT_MAX_PINHOLES>
 /// addresses and media ranges.
 pub const DEFAULT_DST_SLOTS: usize = 65536;
 
-/// `MATCH_DST` rules on edge addresses and media ports, with their state,
+/// The hot line of `MATCH_DST` rules on edge addresses and media ports,
 /// indexed by edge address and port (`EdgeList`): one array lookup and one
-/// page per packet instead of a hash lookup plus a `PH_STATE` slot.
-/// Mmapable: the agent publishes and replaces rules in place (see
-/// `DstSlot`), and values are page-aligned (256 bytes, whole cache lines).
+/// 64-byte entry per packet (IPv4 rule copy, counters, FIB cache; see
+/// `DstEntry`) instead of a hash lookup plus a `PH_STATE` slot. Mmapable:
+/// the agent publishes and replaces rules in place.
 #[unsafe(link_section = ".maps")]
 #[unsafe(no_mangle)]
-pub static PH_DST: MapDef<ARRAY, u32, DstSlot, DEFAULT_DST_SLOTS, MMAPABLE> = MapDef::new();
+pub static PH_DST: MapDef<ARRAY, u32, DstEntry, DEFAULT_DST_SLOTS, MMAPABLE> = MapDef::new();
+
+/// The cold part of each `PH_DST` entry, same index (`DstCold`): both full
+/// rule copies, latch, IPv6 FIB destination, overflow count.
+#[unsafe(link_section = ".maps")]
+#[unsafe(no_mangle)]
+pub static PH_DST_COLD: MapDef<ARRAY, u32, DstCold, DEFAULT_DST_SLOTS, MMAPABLE> = MapDef::new();
+
+/// This CPU's copy of the rule of the packet being forwarded (one entry;
+/// see `pinhole::scratch`). Datapath private.
+#[unsafe(link_section = ".maps")]
+#[unsafe(no_mangle)]
+pub static HIT_RULE: MapDef<PERCPU_ARRAY, u32, PinholeRule, 1> = MapDef::new();
+
+/// Source MAC of each egress interface as the FIB last returned it (low 48
+/// bits, memory order; 0 = unknown), indexed by ifindex: the per-rule FIB
+/// cache keeps only the next hop's MAC and the egress ifindex, which is
+/// what lets it fit in the entry's cache line. Written by this program on
+/// every full lookup whose result differs; a few L1-hot lines.
+#[unsafe(link_section = ".maps")]
+#[unsafe(no_mangle)]
+pub static EGRESS_MAC: MapDef<ARRAY, u32, u64, { IFACE_SLOTS as usize }> = MapDef::new();
 
 /// Counters and latch state of each rule, indexed by `PinholeRule::slot`.
 /// Kept apart from the rule so the agent can replace a rule atomically

@@ -18,10 +18,10 @@ use aya::maps::{xdp::DevMapHash, Array, HashMap, Map, MapData, MapError, PerCpuA
 use aya::programs::{ProgramError, Xdp};
 use aya::{Ebpf, TestRun, TestRunOptions};
 use sip_edge_common::{
-    addr_from_ip, dst_port_index, ip_from_addr, map_names, DstSlot, EdgeAddrKey, EdgeList,
-    IfaceConfig, NeighMiss, NeighMissKey, PinholeKey, PinholeRule, PinholeState, PortPolicy,
-    Reason, Settings, DST_VALID, LATCH_DONE, LATCH_NONE, MATCH_DST, REASON_COUNT, ROLE_EXTERNAL,
-    ROLE_INTERNAL, SLOT_DST, XDP_PROG_NAME,
+    addr_from_ip, dst_port_index, ip_from_addr, map_names, DstCold, DstEntry, EdgeAddrKey,
+    EdgeList, HotRule, IfaceConfig, NeighMiss, NeighMissKey, PinholeKey, PinholeRule, PinholeState,
+    PortPolicy, Reason, Settings, DST_HOT, DST_OVF, DST_VALID, LATCH_DONE, LATCH_NONE, MATCH_DST,
+    REASON_COUNT, ROLE_EXTERNAL, ROLE_INTERNAL, SLOT_DST, STAMP_SHIFT, XDP_PROG_NAME,
 };
 
 use netns::{Links, Netns, NetnsError};
@@ -329,7 +329,8 @@ struct Maps {
     settings: Array<MapData, Settings>,
     neigh_miss: HashMap<MapData, NeighMissKey, NeighMiss>,
     dst_ports: Array<MapData, u64>,
-    dst: Array<MapData, DstSlot>,
+    dst: Array<MapData, DstEntry>,
+    dst_cold: Array<MapData, DstCold>,
 }
 
 /// A loaded program in its own namespace. Field order is drop order: the
@@ -573,6 +574,7 @@ impl Runner {
             neigh_miss: take(&mut ebpf, map_names::NEIGH_MISS, HashMap::try_from)?,
             dst_ports: take(&mut ebpf, map_names::DST_PORTS, Array::try_from)?,
             dst: take(&mut ebpf, map_names::PH_DST, Array::try_from)?,
+            dst_cold: take(&mut ebpf, map_names::PH_DST_COLD, Array::try_from)?,
         };
         Ok(Setup::Ready(Box::new(Runner {
             ebpf,
@@ -675,11 +677,20 @@ impl Runner {
             }
             if rule.slot & SLOT_DST != 0 && self.placed.contains_key(&p.rule.slot) {
                 let idx = rule.slot & !SLOT_DST;
-                let mut e = self.dst_get(idx)?;
-                e.state = p.state.unwrap_or_default();
-                e.ctl = DST_VALID | sip_edge::datapath::maps::ctl_key(&p.key);
-                e.rules = [rule, PinholeRule::default()];
-                self.dst_set(idx, e)?;
+                // As the map writer publishes: the full rule in the cold
+                // part, its IPv4 copy (when it has one) in the hot line.
+                let (mut e, mut c) = self.dst_get(idx)?;
+                let st = p.state.unwrap_or_default();
+                let hot = HotRule::of(p.key.family, &rule);
+                e.stats = st.stats;
+                e.rule = hot.unwrap_or_default();
+                e.ctl = (e.ctl & DST_OVF)
+                    | DST_VALID
+                    | if hot.is_some() { DST_HOT } else { 0 }
+                    | sip_edge::datapath::maps::ctl_key(&p.key);
+                c.latch = st.latch;
+                c.rules = [rule, PinholeRule::default()];
+                self.dst_set(idx, e, c)?;
                 continue;
             }
             if rule.slot < MAX_PINHOLES {
@@ -689,9 +700,10 @@ impl Runner {
                     .map_err(map_err(map_names::PH_STATE))?;
             }
             if let Some(idx) = self.dst_index(&p.key) {
-                let mut e = self.dst_get(idx)?;
-                e.overflow += 1;
-                self.dst_set(idx, e)?;
+                let (mut e, mut c) = self.dst_get(idx)?;
+                c.overflow += 1;
+                e.ctl |= DST_OVF;
+                self.dst_set(idx, e, c)?;
             }
             self.maps
                 .pinholes
@@ -710,14 +722,26 @@ impl Runner {
         self.placed.get(&slot).copied().unwrap_or(slot)
     }
 
-    fn dst_get(&self, idx: u32) -> Result<DstSlot, FixtureError> {
-        self.maps
-            .dst
-            .get(&idx, 0)
-            .map_err(map_err(map_names::PH_DST))
+    fn dst_get(&self, idx: u32) -> Result<(DstEntry, DstCold), FixtureError> {
+        Ok((
+            self.maps
+                .dst
+                .get(&idx, 0)
+                .map_err(map_err(map_names::PH_DST))?,
+            self.maps
+                .dst_cold
+                .get(&idx, 0)
+                .map_err(map_err(map_names::PH_DST_COLD))?,
+        ))
     }
 
-    fn dst_set(&mut self, idx: u32, e: DstSlot) -> Result<(), FixtureError> {
+    /// Write entry `idx`: the cold part first, the hot line (with `ctl`)
+    /// after, as the map writer publishes.
+    fn dst_set(&mut self, idx: u32, e: DstEntry, c: DstCold) -> Result<(), FixtureError> {
+        self.maps
+            .dst_cold
+            .set(idx, c, 0)
+            .map_err(map_err(map_names::PH_DST_COLD))?;
         self.maps
             .dst
             .set(idx, e, 0)
@@ -728,7 +752,12 @@ impl Runner {
     fn state_of(&self, slot: u32) -> Result<PinholeState, FixtureError> {
         let id = self.id_of(slot);
         if id & SLOT_DST != 0 {
-            return Ok(self.dst_get(id & !SLOT_DST)?.state);
+            let (e, c) = self.dst_get(id & !SLOT_DST)?;
+            return Ok(PinholeState {
+                stats: e.stats,
+                latch: c.latch,
+                fib_dst6: [0; 16],
+            });
         }
         self.maps
             .state
@@ -760,7 +789,7 @@ impl Runner {
                 self.count_dst(&p.key, -1)?;
             }
             if let Some(idx) = self.dst_index(&p.key) {
-                self.dst_set(idx, DstSlot::default())?;
+                self.dst_set(idx, DstEntry::default(), DstCold::default())?;
             }
             let id = self.id_of(p.rule.slot);
             if id & SLOT_DST != 0 && self.placed.contains_key(&p.rule.slot) {
@@ -996,6 +1025,7 @@ fn show_nm(k: &NeighMissKey) -> String {
 fn compare_state(s: &StateExpect, got: &PinholeState, t0: u64, t1: u64) -> Vec<String> {
     let mut f = Vec::new();
     let tag = format!("PH_STATE[{}]", s.slot);
+    let (latch, got) = (&got.latch, &got.stats);
     if got.packets != s.packets {
         f.push(format!(
             "{tag}.packets = {}, expected {}",
@@ -1005,10 +1035,13 @@ fn compare_state(s: &StateExpect, got: &PinholeState, t0: u64, t1: u64) -> Vec<S
     if got.bytes != s.bytes {
         f.push(format!("{tag}.bytes = {}, expected {}", got.bytes, s.bytes));
     }
+    // The stamp keeps the coarse clock from bit STAMP_SHIFT up, low bit
+    // set: compare in its units.
+    let unit = |ns: u64| (ns >> STAMP_SHIFT) as u32;
     match s.last_seen {
-        LastSeen::Never if got.last_seen_ns != 0 => f.push(format!("{tag}.last_seen_ns = {}, expected 0", got.last_seen_ns)),
-        LastSeen::DuringRun if got.last_seen_ns < t0 || got.last_seen_ns > t1 => {
-            f.push(format!("{tag}.last_seen_ns = {}, expected within [{t0}, {t1}] (CLOCK_MONOTONIC_COARSE .. CLOCK_MONOTONIC)", got.last_seen_ns))
+        LastSeen::Never if got.last_seen != 0 => f.push(format!("{tag}.last_seen = {}, expected 0", got.last_seen)),
+        LastSeen::DuringRun if got.last_seen & !1 < unit(t0) & !1 || got.last_seen > unit(t1) | 1 => {
+            f.push(format!("{tag}.last_seen = {}, expected within [{}, {}] (CLOCK_MONOTONIC_COARSE .. CLOCK_MONOTONIC >> {STAMP_SHIFT})", got.last_seen, unit(t0), unit(t1) | 1))
         }
         _ => {}
     }
@@ -1016,7 +1049,7 @@ fn compare_state(s: &StateExpect, got: &PinholeState, t0: u64, t1: u64) -> Vec<S
         Latch::None => (LATCH_NONE, [0u8; 16], 0u16),
         Latch::Done(sa) => (LATCH_DONE, addr_from_ip(sa.ip()).1, sa.port().to_be()),
     };
-    if (got.latch_state, got.latched_addr, got.latched_port) != want {
+    if (latch.latch_state, latch.latched_addr, latch.latched_port) != want {
         let fam = if matches!(s.latch, Latch::Done(SocketAddr::V6(_))) {
             6
         } else {
@@ -1030,7 +1063,7 @@ fn compare_state(s: &StateExpect, got: &PinholeState, t0: u64, t1: u64) -> Vec<S
         };
         f.push(format!(
             "{tag} latch: {}, expected {}",
-            show(got.latch_state, &got.latched_addr, got.latched_port),
+            show(latch.latch_state, &latch.latched_addr, latch.latched_port),
             show(want.0, &want.1, want.2)
         ));
     }

@@ -61,6 +61,14 @@ fn production_loader_passes_verifier_and_declares_every_map() {
         .try_into()
         .expect("program is XDP");
     prog.fd().expect("program is loaded (verifier accepted it)");
+    // For whoever changes the datapath: the verifier's cost on this kernel
+    // (`cargo xtask kernels` holds every kernel to 10% of the budget).
+    if let Ok(info) = prog.info() {
+        eprintln!(
+            "{XDP_PROG_NAME}: verified_insns {:?}",
+            info.verified_instruction_count()
+        );
+    }
     for name in map_names::ALL {
         assert!(
             ebpf.map(name).is_some(),

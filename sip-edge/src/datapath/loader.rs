@@ -66,7 +66,7 @@ pub enum LoadError {
 pub struct MapSizes {
     /// Entries of `PINHOLES` and of `PH_STATE` (one state slot per rule).
     pub max_pinholes: u32,
-    /// Entries of `PH_DST` (see `DatapathSettings::dst_slots`).
+    /// Entries of `PH_DST` and `PH_DST_COLD` (see `DatapathSettings::dst_slots`).
     pub dst_slots: u32,
 }
 
@@ -92,7 +92,8 @@ pub fn load(sizes: MapSizes, pin_dir: Option<&Path>) -> Result<Ebpf, LoadError> 
     loader
         .map_max_entries(map_names::PINHOLES, sizes.max_pinholes)
         .map_max_entries(map_names::PH_STATE, sizes.max_pinholes)
-        .map_max_entries(map_names::PH_DST, sizes.dst_slots.max(1));
+        .map_max_entries(map_names::PH_DST, sizes.dst_slots.max(1))
+        .map_max_entries(map_names::PH_DST_COLD, sizes.dst_slots.max(1));
     // Pin explicitly by path rather than through the object's pinning
     // attribute: with no pin dir (tests, benchmarks) aya would otherwise pin
     // into /sys/fs/bpf itself and share state between unrelated runs.

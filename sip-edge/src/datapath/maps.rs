@@ -31,9 +31,10 @@ use aya::{
 };
 use serde::Serialize;
 use sip_edge_common::{
-    addr_from_ip, dst_port_index, ip_from_addr, map_names, DstSlot, EdgeAddrKey, EdgeList,
-    IfaceConfig, NeighMiss, NeighMissKey, PinholeKey, PinholeRule, PinholeState, PortPolicy,
-    Reason, Settings, DST_CLAIMED, DST_CTL_PROTO_SHIFT, DST_CTL_ROLE_SHIFT, DST_PORT_SLOTS,
+    addr_from_ip, dst_port_index, ip_from_addr, map_names, DstCold, DstEntry, EdgeAddrKey,
+    EdgeList, FlowStats, HotRule, IfaceConfig, LatchState, NeighMiss, NeighMissKey, PinholeKey,
+    PinholeRule, PinholeState, PortPolicy, Reason, Settings, DST_CLAIMED, DST_CTL_KEY_MASK,
+    DST_CTL_PROTO_SHIFT, DST_CTL_ROLE_SHIFT, DST_CTL_SEQ_SHIFT, DST_HOT, DST_OVF, DST_PORT_SLOTS,
     DST_SEL, DST_VALID, EDGE_LIST_V4, EDGE_LIST_V6, FAMILY_V4, FAMILY_V6, LATCH_DONE,
     MAP_LAYOUT_VERSION, MATCH_DST, PROTO_TCP, PROTO_UDP, ROLE_EXTERNAL, ROLE_INTERNAL, SLOT_DST,
 };
@@ -342,16 +343,57 @@ impl DstPorts {
     }
 }
 
-/// `PH_DST` (see `DstSlot`): the agent claims a free entry with a
-/// compare-and-swap on `ctl`, fills state and rule, then publishes with one
-/// store; replaces a live rule by filling the idle copy and flipping
-/// `DST_SEL`; removes by storing 0.
-struct DstTable(Mapped);
+/// `PH_DST` + `PH_DST_COLD` (see `DstEntry`): the agent claims a free
+/// entry with a compare-and-swap on `ctl`, fills state and rule, then
+/// publishes with one store; replaces a live rule by filling the idle full
+/// copy, flipping `DST_SEL` with `DST_HOT` cleared, rewriting the hot copy
+/// and setting `DST_HOT` again; removes by storing 0 (keeping `DST_OVF`).
+struct DstTable {
+    hot: Mapped,
+    cold: Mapped,
+}
+
+/// One step of the sequence in `ctl` (bits `DST_CTL_SEQ_SHIFT..`).
+const SEQ_STEP: u32 = 1 << DST_CTL_SEQ_SHIFT;
 
 impl DstTable {
-    fn entry(&self, idx: u32) -> Option<*mut DstSlot> {
-        // SAFETY: in bounds when idx < entries; values are 256-byte strided.
-        (idx < self.0.entries).then(|| unsafe { self.0.base.add(idx as usize * 256).cast() })
+    fn new(hot: Mapped, cold: Mapped) -> Result<Self, MapsError> {
+        if cold.entries != hot.entries {
+            return Err(MapsError::Mmap {
+                name: map_names::PH_DST_COLD,
+                source: std::io::Error::other(format!(
+                    "{} entries, {} has {}",
+                    cold.entries,
+                    map_names::PH_DST,
+                    hot.entries
+                )),
+            });
+        }
+        Ok(DstTable { hot, cold })
+    }
+
+    fn entries(&self) -> u32 {
+        self.hot.entries
+    }
+
+    fn entry(&self, idx: u32) -> Option<*mut DstEntry> {
+        // SAFETY: in bounds when idx < entries; values are 64-byte strided.
+        (idx < self.hot.entries).then(|| unsafe {
+            self.hot
+                .base
+                .add(idx as usize * size_of::<DstEntry>())
+                .cast()
+        })
+    }
+
+    fn cold(&self, idx: u32) -> Option<*mut DstCold> {
+        // SAFETY: in bounds when idx < entries; values are 192-byte strided.
+        (idx < self.cold.entries).then(|| unsafe {
+            self.cold
+                .base
+                .add(idx as usize * size_of::<DstCold>())
+                .cast()
+        })
     }
 
     fn ctl(&self, idx: u32) -> Option<&AtomicU32> {
@@ -362,20 +404,66 @@ impl DstTable {
 
     fn overflow(&self, idx: u32) -> Option<&AtomicU32> {
         // SAFETY: as for `ctl`.
-        self.entry(idx)
+        self.cold(idx)
             .map(|e| unsafe { &*(&raw mut (*e).overflow).cast::<AtomicU32>() })
+    }
+
+    /// Mirror entry `idx`'s overflow count `n` into its `DST_OVF` bit.
+    fn mirror_ovf(&self, idx: u32, n: u32) {
+        if let Some(c) = self.ctl(idx) {
+            if n > 0 {
+                c.fetch_or(DST_OVF, Ordering::SeqCst);
+            } else {
+                c.fetch_and(!DST_OVF, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Count one more `PINHOLES` rule indexing entry `idx` (before it is
+    /// inserted: the datapath then tries the hash on a miss).
+    fn ovf_add(&self, idx: u32) {
+        if let Some(o) = self.overflow(idx) {
+            let n = o.fetch_add(1, Ordering::SeqCst).saturating_add(1);
+            self.mirror_ovf(idx, n);
+        }
+    }
+
+    /// Count one `PINHOLES` rule fewer (after it was removed); never below 0.
+    fn ovf_sub(&self, idx: u32) {
+        if let Some(o) = self.overflow(idx) {
+            let n = o
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1))
+                .map_or(0, |v| v - 1);
+            self.mirror_ovf(idx, n);
+        }
+    }
+
+    /// Store a recounted overflow count.
+    fn ovf_set(&self, idx: u32, n: u32) {
+        if let Some(o) = self.overflow(idx) {
+            // Raise the bit before a higher count can matter, drop it after.
+            if n > 0 {
+                self.mirror_ovf(idx, n);
+            }
+            o.store(n, Ordering::SeqCst);
+            if n == 0 {
+                self.mirror_ovf(idx, n);
+            }
+        }
     }
 
     /// Claim the free entry `idx` for `key`; false when it is taken.
     fn claim(&self, idx: u32, key: &PinholeKey) -> bool {
         self.ctl(idx).is_some_and(|c| {
-            c.compare_exchange(
-                0,
-                DST_CLAIMED | ctl_key(key),
-                Ordering::SeqCst,
-                Ordering::SeqCst,
-            )
-            .is_ok()
+            let cur = c.load(Ordering::SeqCst);
+            cur & (DST_VALID | DST_CLAIMED) == 0
+                && c.compare_exchange(
+                    cur,
+                    (cur & DST_OVF) | DST_CLAIMED | ctl_key(key),
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                )
+                .is_ok()
         })
     }
 
@@ -384,7 +472,7 @@ impl DstTable {
         if let Some(c) = self.ctl(idx) {
             let cur = c.load(Ordering::SeqCst);
             if cur & DST_CLAIMED != 0 && cur & DST_VALID == 0 {
-                let _ = c.compare_exchange(cur, 0, Ordering::SeqCst, Ordering::SeqCst);
+                let _ = c.compare_exchange(cur, cur & DST_OVF, Ordering::SeqCst, Ordering::SeqCst);
             }
         }
     }
@@ -392,25 +480,39 @@ impl DstTable {
     /// Fill a claimed entry with fresh state and `rule`, then make it
     /// visible to the datapath.
     fn publish(&self, idx: u32, key: &PinholeKey, rule: &PinholeRule) {
-        let (Some(e), Some(c)) = (self.entry(idx), self.ctl(idx)) else {
+        let (Some(e), Some(cold), Some(c)) = (self.entry(idx), self.cold(idx), self.ctl(idx))
+        else {
             return;
         };
+        let hot = HotRule::of(key.family, rule);
         // SAFETY: the entry is claimed by us and not visible yet; volatile
         // so the copies are not elided or merged across the publish below.
         unsafe {
-            (&raw mut (*e).state).write_volatile(PinholeState::default());
-            (&raw mut (*e).rules)
+            (&raw mut (*e).stats).write_volatile(FlowStats::default());
+            (&raw mut (*e).rule).write_volatile(hot.unwrap_or_default());
+            (&raw mut (*cold).latch).write_volatile(LatchState::default());
+            (&raw mut (*cold).rules)
                 .cast::<PinholeRule>()
                 .write_volatile(*rule);
         }
-        c.store(DST_VALID | ctl_key(key), Ordering::SeqCst);
+        let cur = c.load(Ordering::SeqCst);
+        let hot_bit = if hot.is_some() { DST_HOT } else { 0 };
+        c.store(
+            (cur & DST_OVF) | DST_VALID | hot_bit | ctl_key(key),
+            Ordering::SeqCst,
+        );
     }
 
     /// Replace the live rule of entry `idx` without a reader ever seeing a
-    /// torn rule: write the idle copy, then flip `DST_SEL` (one store).
-    /// State (counters, latch, FIB cache) is kept.
-    fn replace(&self, idx: u32, rule: &PinholeRule) -> bool {
-        let (Some(e), Some(c)) = (self.entry(idx), self.ctl(idx)) else {
+    /// torn rule: write the idle full copy, flip `DST_SEL` with `DST_HOT`
+    /// cleared (one store: readers now take the full copy), rewrite the
+    /// hot copy, then set `DST_HOT` (a second store). Each store steps the
+    /// sequence, so a reader that read the hot copy across either store
+    /// sees `ctl` move and falls back to the full copy. State (counters,
+    /// latch, FIB cache) is kept.
+    fn replace(&self, idx: u32, family: u8, rule: &PinholeRule) -> bool {
+        let (Some(e), Some(cold), Some(c)) = (self.entry(idx), self.cold(idx), self.ctl(idx))
+        else {
             return false;
         };
         let cur = c.load(Ordering::SeqCst);
@@ -421,25 +523,40 @@ impl DstTable {
         // SAFETY: the idle copy is not read by the datapath (it reads the
         // copy `DST_SEL` names, re-read per packet).
         unsafe {
-            (&raw mut (*e).rules)
+            (&raw mut (*cold).rules)
                 .cast::<PinholeRule>()
                 .add(idle)
                 .write_volatile(*rule);
         }
-        c.compare_exchange(cur, cur ^ DST_SEL, Ordering::SeqCst, Ordering::SeqCst)
-            .is_ok()
+        let flipped = ((cur ^ DST_SEL) & !DST_HOT).wrapping_add(SEQ_STEP);
+        if c.compare_exchange(cur, flipped, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            return false;
+        }
+        if let Some(hot) = HotRule::of(family, rule) {
+            // SAFETY: no reader uses the hot copy while DST_HOT is clear.
+            unsafe { (&raw mut (*e).rule).write_volatile(hot) };
+            let _ = c.compare_exchange(
+                flipped,
+                (flipped | DST_HOT).wrapping_add(SEQ_STEP),
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            );
+        }
+        true
     }
 
-    /// Remove the live rule of entry `idx`.
+    /// Remove the live rule of entry `idx` (its overflow bit stays).
     fn remove(&self, idx: u32) {
         if let Some(c) = self.ctl(idx) {
-            c.store(0, Ordering::SeqCst);
+            c.fetch_and(DST_OVF, Ordering::SeqCst);
         }
     }
 
     /// Live rule and state of entry `idx`, with its `ctl`.
     fn read(&self, idx: u32) -> Option<(u32, PinholeRule, PinholeState)> {
-        let e = self.entry(idx)?;
+        let (e, cold) = (self.entry(idx)?, self.cold(idx)?);
         let ctl = self.ctl(idx)?.load(Ordering::SeqCst);
         if ctl & DST_VALID == 0 {
             return None;
@@ -449,18 +566,23 @@ impl DstTable {
         // which a listing tolerates.
         let (rule, state) = unsafe {
             (
-                (&raw const (*e).rules)
+                (&raw const (*cold).rules)
                     .cast::<PinholeRule>()
                     .add(sel)
                     .read_volatile(),
-                (&raw const (*e).state).read_volatile(),
+                PinholeState {
+                    stats: (&raw const (*e).stats).read_volatile(),
+                    latch: (&raw const (*cold).latch).read_volatile(),
+                    // An IPv6 entry's FIB destination (see `DstEntry::rule`).
+                    fib_dst6: (&raw const (*e).rule).cast::<[u8; 16]>().read_volatile(),
+                },
             )
         };
         Some((ctl, rule, state))
     }
 }
 
-/// The key bits of `DstSlot::ctl` for `key`.
+/// The key bits of `DstEntry::ctl` for `key`.
 pub fn ctl_key(key: &PinholeKey) -> u32 {
     (key.proto as u32) << DST_CTL_PROTO_SHIFT | (key.role as u32) << DST_CTL_ROLE_SHIFT
 }
@@ -593,7 +715,8 @@ pub struct DatapathSettings {
     pub default_policy: u32,
 }
 
-/// Most `PH_DST` entries `DatapathSettings::dst_slots` asks for (256 MiB).
+/// Most `PH_DST` entries `DatapathSettings::dst_slots` asks for (64 MiB of
+/// hot lines, 192 MiB of cold parts).
 pub const MAX_DST_SLOTS: u32 = 1 << 20;
 
 impl DatapathSettings {
@@ -698,7 +821,10 @@ impl DatapathMaps {
             edge_addrs: conv(EDGE_ADDRS, HashMap::try_from(take(EDGE_ADDRS)?))?,
             edge_list: conv(EDGE_LIST, Array::try_from(take(EDGE_LIST)?))?,
             dst_ports: DstPorts::new(take(DST_PORTS)?)?,
-            dst: DstTable(Mapped::new(PH_DST, take(PH_DST)?, 256)?),
+            dst: DstTable::new(
+                Mapped::new(PH_DST, take(PH_DST)?, size_of::<DstEntry>() as u32)?,
+                Mapped::new(PH_DST_COLD, take(PH_DST_COLD)?, size_of::<DstCold>() as u32)?,
+            )?,
             layout: EdgeList::default(),
             settings: conv(SETTINGS, Array::try_from(take(SETTINGS)?))?,
             tx_ports: conv(TX_PORTS, DevMapHash::try_from(take(TX_PORTS)?))?,
@@ -719,16 +845,15 @@ impl DatapathMaps {
         // under a live PINHOLES rule while the datapath runs.
         let mut overflow = std::collections::HashMap::<u32, u32>::new();
         for k in &keys {
-            if let Some(i) = dst_index(&self.layout, self.dst.0.entries, k) {
+            if let Some(i) = dst_index(&self.layout, self.dst.entries(), k) {
                 *overflow.entry(i).or_default() += 1;
             }
         }
-        for idx in 0..self.dst.0.entries {
-            if let Some(o) = self.dst.overflow(idx) {
-                o.store(overflow.get(&idx).copied().unwrap_or(0), Ordering::SeqCst);
-            }
+        for idx in 0..self.dst.entries() {
+            self.dst
+                .ovf_set(idx, overflow.get(&idx).copied().unwrap_or(0));
         }
-        for idx in 0..self.dst.0.entries {
+        for idx in 0..self.dst.entries() {
             if let Some((ctl, _, _)) = self.dst.read(idx) {
                 keys.extend(dst_key(&self.layout, idx, ctl));
             }
@@ -810,14 +935,14 @@ impl DatapathMaps {
                 .map_err(op("update", EDGE_ADDRS))?;
         }
         // After EDGE_ADDRS: the list's overflow flag points the datapath there.
-        let list = edge_list(&s.edge_addrs, &s.media_ports, self.dst.0.entries);
+        let list = edge_list(&s.edge_addrs, &s.media_ports, self.dst.entries());
         if list != self.layout {
             // Another layout gives every PH_DST index another address and
             // port: rules indexed under the old one would answer for the
             // wrong key, so they go, and so do hash rules the overflow
             // counts point at (recounted below).
             let mut dropped = 0u32;
-            for idx in 0..self.dst.0.entries {
+            for idx in 0..self.dst.entries() {
                 if let Some((ctl, _, _)) = self.dst.read(idx) {
                     self.dst.remove(idx);
                     if let Some(k) = dst_key(&self.layout, idx, ctl) {
@@ -1001,7 +1126,7 @@ impl DatapathMaps {
 
     /// The `PH_DST` index of `key` under the current layout.
     fn dst_index(&self, key: &PinholeKey) -> Option<u32> {
-        dst_index(&self.layout, self.dst.0.entries, key)
+        dst_index(&self.layout, self.dst.entries(), key)
     }
 
     /// Install one raw rule and return its slot id. A `MATCH_DST` key with a
@@ -1077,7 +1202,7 @@ impl DatapathMaps {
         let overflow = self.dst_index(&key);
         if let Some(idx) = overflow {
             if let Some((ctl, _, _)) = self.dst.read(idx) {
-                if ctl & !DST_SEL == DST_VALID | ctl_key(&key) {
+                if ctl & DST_CTL_KEY_MASK == DST_VALID | ctl_key(&key) {
                     return Err(MapsError::Exists {
                         key: describe_key(&key),
                     });
@@ -1091,15 +1216,14 @@ impl DatapathMaps {
         // Counted before it becomes visible: DST_PORTS, and the overflow
         // count that sends misses of its PH_DST entry here.
         self.dst_ports.add(&key);
-        let ov = overflow.and_then(|i| self.dst.overflow(i));
-        if let Some(o) = ov {
-            o.fetch_add(1, Ordering::SeqCst);
+        if let Some(i) = overflow {
+            self.dst.ovf_add(i);
         }
         let r = self.pinholes.insert(key, rule, BPF_NOEXIST);
         if r.is_err() {
             self.dst_ports.sub(&key);
-            if let Some(o) = ov {
-                o.fetch_sub(1, Ordering::SeqCst);
+            if let Some(i) = overflow {
+                self.dst.ovf_sub(i);
             }
         }
         match r {
@@ -1124,7 +1248,15 @@ impl DatapathMaps {
         let _g = self.begin()?;
         rule.slot = slot;
         if slot & SLOT_DST != 0 {
-            return if self.dst.replace(slot & !SLOT_DST, &rule) {
+            let idx = slot & !SLOT_DST;
+            // The entry's family (its address in the layout) decides
+            // whether the rule has an IPv4 hot copy.
+            let family = self
+                .dst
+                .ctl(idx)
+                .and_then(|c| dst_key(&self.layout, idx, c.load(Ordering::SeqCst)))
+                .map_or(0, |k| k.family);
+            return if self.dst.replace(idx, family, &rule) {
                 Ok(())
             } else {
                 Err(MapsError::NoSuchSlot { slot })
@@ -1171,8 +1303,8 @@ impl DatapathMaps {
                 .remove(k)
                 .map_err(op("delete", map_names::PINHOLES))?;
             self.dst_ports.sub(k);
-            if let Some(o) = self.dst_index(k).and_then(|i| self.dst.overflow(i)) {
-                let _ = o.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1));
+            if let Some(i) = self.dst_index(k) {
+                self.dst.ovf_sub(i);
             }
             self.state
                 .set(r.slot, PinholeState::default(), BPF_ANY)
@@ -1207,7 +1339,7 @@ impl DatapathMaps {
             let st = self.state.get(&r.slot, 0).unwrap_or_default();
             out.push(entry(&k, &r, &st));
         }
-        for idx in 0..self.dst.0.entries {
+        for idx in 0..self.dst.entries() {
             if let Some((ctl, r, st)) = self.dst.read(idx) {
                 if let Some(k) = dst_key(&layout, idx, ctl) {
                     out.push(entry(&k, &r, &st));
@@ -1244,10 +1376,13 @@ impl DatapathMaps {
     /// media layer's idle check reads its own slots, not the whole table.
     pub fn packets(&self, slot: u32) -> Result<Option<u64>, MapsError> {
         if slot & SLOT_DST != 0 {
-            return Ok(self.dst.read(slot & !SLOT_DST).map(|(_, _, st)| st.packets));
+            return Ok(self
+                .dst
+                .read(slot & !SLOT_DST)
+                .map(|(_, _, st)| st.stats.packets));
         }
         match self.state.get(&slot, 0) {
-            Ok(st) => Ok(Some(st.packets)),
+            Ok(st) => Ok(Some(st.stats.packets)),
             Err(aya::maps::MapError::OutOfBounds { .. }) => Ok(None),
             Err(e) => Err(op("lookup", map_names::PH_STATE)(e)),
         }
@@ -1266,7 +1401,8 @@ impl DatapathMaps {
                 Err(e) => return Err(op("lookup", map_names::PH_STATE)(e)),
             }
         };
-        Ok(st.map(|st| (st.packets, st.bytes, st.last_seen_ns)))
+        let now = coarse_now_ns();
+        Ok(st.map(|st| (st.stats.packets, st.stats.bytes, st.stats.last_seen_ns(now))))
     }
 
     /// Per-reason packet counts summed over CPUs, in `Reason` order.
@@ -1299,6 +1435,18 @@ impl DatapathMaps {
         }
         Ok(out)
     }
+}
+
+/// CLOCK_MONOTONIC_COARSE now (the clock the datapath stamps with), to
+/// rebuild full times from its 32-bit stamps (`FlowStats::last_seen_ns`).
+fn coarse_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn edge_key(ip: IpAddr) -> EdgeAddrKey {
@@ -1386,11 +1534,11 @@ fn entry(k: &PinholeKey, r: &PinholeRule, st: &PinholeState) -> PinholeEntry {
         new_src: rewrite(RULE_REWRITE_SRC, &r.new_src, r.new_src_port),
         new_dst: rewrite(RULE_REWRITE_DST, &r.new_dst, r.new_dst_port),
         flags: r.flags,
-        latched: (st.latch_state == LATCH_DONE)
-            .then(|| sock(k.family, &st.latched_addr, st.latched_port)),
-        packets: st.packets,
-        bytes: st.bytes,
-        last_seen_ns: st.last_seen_ns,
+        latched: (st.latch.latch_state == LATCH_DONE)
+            .then(|| sock(k.family, &st.latch.latched_addr, st.latch.latched_port)),
+        packets: st.stats.packets,
+        bytes: st.stats.bytes,
+        last_seen_ns: st.stats.last_seen_ns(coarse_now_ns()),
     }
 }
 
@@ -1444,6 +1592,61 @@ mod tests {
         src.match_on = sip_edge_common::MATCH_SRC;
         assert_eq!(dst_index(&l, 6000, &src), None);
         assert_eq!(dst_index(&l, 3999, &key("[2001:db8:ff::1]:40000")), None);
+    }
+
+    #[test]
+    fn stamps_rebuild_the_coarse_time_across_a_wrap() {
+        use sip_edge_common::{stamp_ns, STAMP_SHIFT};
+        let unit = 1u64 << STAMP_SHIFT;
+        // 3 s ago, stamped as the datapath does (low bit forced).
+        let now = 100 * 1_000_000_000u64;
+        let then = now - 3 * 1_000_000_000;
+        let st = (then >> STAMP_SHIFT) as u32 | 1;
+        let back = stamp_ns(st, now);
+        assert!(back.abs_diff(then) < 2 * unit, "{back} vs {then}");
+        // Across the 32-bit wrap of the stamp.
+        let now = (1u64 << (32 + STAMP_SHIFT)) + 5 * unit;
+        let then = now - 10 * unit;
+        let back = stamp_ns((then >> STAMP_SHIFT) as u32, now);
+        assert_eq!(back, (then >> STAMP_SHIFT) << STAMP_SHIFT);
+        assert_eq!(stamp_ns(0, now), 0, "0 stays never");
+    }
+
+    #[test]
+    fn only_all_ipv4_rules_get_a_hot_copy() {
+        let mut r = PinholeRule {
+            remote_addr: addr_from_ip("198.51.100.7".parse().expect("ip")).1,
+            new_dst: addr_from_ip("10.77.0.2".parse().expect("ip")).1,
+            remote_port: 5000u16.to_be(),
+            new_dst_port: 4000u16.to_be(),
+            flags: sip_edge_common::RULE_REWRITE_DST,
+            ..PinholeRule::default()
+        };
+        let h = HotRule::of(FAMILY_V4, &r).expect("v4 rule");
+        assert_eq!(
+            (
+                h.remote4,
+                h.new_dst4,
+                h.remote_port,
+                h.new_dst_port,
+                h.flags
+            ),
+            (
+                [198, 51, 100, 7],
+                [10, 77, 0, 2],
+                r.remote_port,
+                r.new_dst_port,
+                r.flags
+            )
+        );
+        assert_eq!(
+            HotRule::of(FAMILY_V6, &r),
+            None,
+            "v6 keys use the full rule"
+        );
+        // A v4 rule carrying v6 bytes must reach the datapath's DropBadRule.
+        r.new_src[8] = 1;
+        assert_eq!(HotRule::of(FAMILY_V4, &r), None);
     }
 
     #[test]
