@@ -21,7 +21,9 @@
 //!   own table, bounded by `max_tracked_sources`: full buckets are dropped
 //!   first, and when every tracked source is mid-burst a new source is let
 //!   through unmetered rather than refused (the caps still hold), so a
-//!   spoofed-source sweep cannot lock out sources it never used.
+//!   spoofed-source sweep cannot lock out sources it never used; a sweep
+//!   that freed nothing is not repeated for a second, so a table kept full
+//!   does not cost a scan per accept.
 //!
 //! [`LimitTable`] is the sans-IO bookkeeping (unit-tested);
 //! [`ConnLimits`] shares it between the accept loops and hands out a
@@ -36,7 +38,7 @@ use std::{
     collections::HashMap,
     net::IpAddr,
     sync::{Arc, Mutex, PoisonError},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use crate::{
@@ -118,6 +120,10 @@ pub struct LimitTable {
     sides: [usize; 2],
     sources: HashMap<(Side, IpAddr), Counts>,
     rates: HashMap<(Side, IpAddr), Bucket>,
+    /// When a full `rates` table was last swept and nothing could go: no
+    /// new sweep for a second, so a table kept full by sources mid-burst
+    /// does not cost a scan per accept.
+    swept_full: Option<Instant>,
 }
 
 fn ix(side: Side) -> usize {
@@ -135,6 +141,7 @@ impl LimitTable {
             sides: [0, 0],
             sources: HashMap::new(),
             rates: HashMap::new(),
+            swept_full: None,
         }
     }
 
@@ -176,11 +183,18 @@ impl LimitTable {
         let spec = self.s.new_per_source;
         let key = (side, ip);
         if !self.rates.contains_key(&key) && self.rates.len() >= self.s.max_rate_sources {
+            let recent = self
+                .swept_full
+                .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1));
+            if recent {
+                return None;
+            }
             self.rates.retain(|_, b| {
                 b.refill(spec, now);
                 !b.is_full(spec)
             });
             if self.rates.len() >= self.s.max_rate_sources {
+                self.swept_full = Some(now);
                 return None;
             }
         }
@@ -470,6 +484,16 @@ mod tests {
             assert_eq!(churn(&mut t, b, Side::External, t1), Ok(()));
         }
         assert_eq!(t.rate_sources(), 2);
+        // A sweep that freed nothing is not repeated within a second (a
+        // table kept full would cost a scan per accept): half a second
+        // later the inside bucket is full again, yet a new source is
+        // still let through unmetered rather than swept in.
+        let c = ip("198.51.100.68");
+        let t15 = t1 + std::time::Duration::from_millis(500);
+        for _ in 0..5 {
+            assert_eq!(churn(&mut t, c, Side::External, t15), Ok(()));
+        }
+        assert_eq!(t.rate_sources(), 2, "no sweep within a second");
         // Once the first buckets are full again they make room.
         let t2 = t1 + std::time::Duration::from_secs(5);
         for n in 0..3 {
