@@ -12,7 +12,7 @@ use super::{
     control::{MediaController, RecordingSink},
     manager::Settings,
     policy::{ExternalSources, Refusal},
-    DialogKey, FarMedia, MediaControl, MediaError, SdpEvent, SdpRole, Side,
+    DialogKey, EndReason, FarMedia, MediaControl, MediaError, SdpEvent, SdpRole, Side,
 };
 use crate::config::{parse_cidr, Cidr, MediaCandidates, MediaMode, PortRange};
 
@@ -761,4 +761,39 @@ fn an_answer_declining_rtcp_mux_gets_rtcp_through_the_edge() {
     )
     .expect("mux answer");
     assert_eq!(h.installed() - before, 1);
+}
+
+/// In nat mode the inside client's own media address is a map key: a second
+/// call naming the same address must be refused (its rule would replace the
+/// first call's), a re-offer of the call holding it is not a conflict, and
+/// once that call ends the address is free again. The check reads the
+/// manager's key index (issue #12: no walk over every call per offer), so
+/// this also fails if the index misses an install or keeps a removed flow.
+#[test]
+fn nat_mode_refuses_a_second_call_on_the_same_client_address_until_the_first_ends() {
+    let mut s = settings();
+    s.mode = MediaMode::Nat;
+    let mut h = H::new(s);
+    let answer = audio("198.51.100.2", 5000, "");
+    let call = |h: &mut H, d: &DialogKey| -> Result<String, MediaError> {
+        h.sdp(d, SdpRole::Offer, Side::Internal, CLIENT, INSIDE_OFFER)?;
+        h.sdp(d, SdpRole::Answer, Side::External, PEER, &answer)
+    };
+    let (first, second) = (dialog(400), dialog(401));
+    call(&mut h, &first).expect("first call");
+    let n = h.installed();
+    assert_eq!(n, 2, "RTP and RTCP");
+    // The first call's re-offer with the same address keeps its pinhole.
+    call(&mut h, &first).expect("re-offer of the call holding the address");
+    assert_eq!(h.installed(), n);
+    let e = call(&mut h, &second).expect_err("second call on the same client address");
+    assert!(
+        matches!(e, MediaError::Forbidden { .. }) && e.to_string().contains("already used"),
+        "{e}"
+    );
+    assert_eq!(h.installed(), n, "the refused call installed nothing");
+    h.c.on_dialog_end(&first, Some("t1"), EndReason::Bye, h.now);
+    assert_eq!(h.installed(), 0);
+    call(&mut h, &second).expect("the address is free once the first call ended");
+    assert_eq!(h.installed(), n);
 }

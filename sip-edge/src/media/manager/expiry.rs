@@ -25,7 +25,7 @@ impl Manager {
                 let mut ops = Vec::new();
                 if let Some(d) = self.dialogs.get_mut(dialog) {
                     for f in std::mem::take(&mut d.flows) {
-                        self.ids.remove(&f.id);
+                        self.ids.remove(f.id, &f.flow);
                         ops.push(Op::Remove {
                             id: f.id,
                             flow: f.flow,
@@ -62,14 +62,14 @@ impl Manager {
         };
         let mut ops = Vec::new();
         for f in d.flows {
-            self.ids.remove(&f.id);
+            self.ids.remove(f.id, &f.flow);
             ops.push(Op::Remove {
                 id: f.id,
                 flow: f.flow,
             });
         }
         for t in d.transfers {
-            self.ids.remove(&t.id);
+            self.ids.remove(t.id, &t.flow);
             ops.push(Op::Remove {
                 id: t.id,
                 flow: t.flow,
@@ -97,7 +97,7 @@ impl Manager {
             for b in &t.blocks {
                 self.pool.free(b);
             }
-            self.ids.remove(&t.id);
+            self.ids.remove(t.id, &t.flow);
             ops.push(Op::Remove {
                 id: t.id,
                 flow: t.flow,
@@ -110,7 +110,7 @@ impl Manager {
     /// Packets a flow has carried so far (both directions), as read from the
     /// datapath counters. A change marks the dialog active at `now`.
     pub fn on_activity(&mut self, id: PinholeId, packets: u64, now: Instant) {
-        let Some(key) = self.ids.get(&id) else {
+        let Some(key) = self.ids.dialog(id) else {
             return;
         };
         let Some(d) = self.dialogs.get_mut(key) else {

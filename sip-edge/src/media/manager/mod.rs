@@ -88,6 +88,7 @@
 
 mod expiry;
 mod ice;
+mod index;
 mod offer_answer;
 mod policy;
 mod ports;
@@ -381,11 +382,12 @@ struct Dialog {
 }
 
 impl Dialog {
-    fn ids(&self) -> impl Iterator<Item = PinholeId> + '_ {
+    /// Every installed flow of the dialog: media, then file transfers.
+    fn installed(&self) -> impl Iterator<Item = (PinholeId, &Flow)> + '_ {
         self.flows
             .iter()
-            .map(|f| f.id)
-            .chain(self.transfers.iter().map(|t| t.id))
+            .map(|f| (f.id, &f.flow))
+            .chain(self.transfers.iter().map(|t| (t.id, &t.flow)))
     }
 
     fn reserved(&self) -> u32 {
@@ -436,7 +438,7 @@ pub struct Manager {
     policy: EndpointPolicy,
     pool: PortPool,
     dialogs: BTreeMap<DialogKey, Dialog>,
-    ids: HashMap<PinholeId, DialogKey>,
+    ids: index::FlowIndex,
     per_client: HashMap<IpAddr, u32>,
     total_flows: u32,
     next_id: u64,
@@ -493,7 +495,7 @@ impl Manager {
             policy,
             pool,
             dialogs: BTreeMap::new(),
-            ids: HashMap::new(),
+            ids: index::FlowIndex::default(),
             per_client: HashMap::new(),
             total_flows: 0,
             next_id: 1,
@@ -529,7 +531,7 @@ impl Manager {
 
     /// Every installed flow id (tests: "no orphans" means this is empty).
     pub fn installed(&self) -> BTreeSet<PinholeId> {
-        self.ids.keys().copied().collect()
+        self.ids.ids().collect()
     }
 
     /// Installed flows of one dialog, by m-line then RTP before RTCP.
@@ -573,7 +575,7 @@ impl Manager {
 
     /// The dialog an installed flow belongs to.
     pub fn dialog_of(&self, id: PinholeId) -> Option<&DialogKey> {
-        self.ids.get(&id)
+        self.ids.dialog(id)
     }
 
     /// Marks `ports` taken (rules of an earlier run hold them, see
@@ -637,8 +639,8 @@ impl Manager {
             self.pool.retake(b);
         }
         if let Some(d) = self.dialogs.get(&j.key) {
-            for id in d.ids() {
-                self.ids.remove(&id);
+            for (id, flow) in d.installed() {
+                self.ids.remove(id, flow);
             }
         }
         // Keep the caps counters consistent: drop the current counting first.
@@ -649,8 +651,8 @@ impl Manager {
         self.recount(&j.key);
         self.dialogs.remove(&j.key);
         if let Some(mut d) = j.before {
-            for id in d.ids() {
-                self.ids.insert(id, j.key.clone());
+            for (id, flow) in d.installed() {
+                self.ids.insert(id, &j.key, flow);
             }
             // Re-count from zero: `counted` was taken when `d` was current.
             d.counted = (None, 0);

@@ -299,26 +299,18 @@ impl Manager {
             }
         }
         // Map keys must be unique: in nat mode the client's own address is a
-        // key, so two calls (or m-lines) cannot share it.
-        let mut taken: HashSet<PinholeKey> = HashSet::new();
-        for (k, other) in &self.dialogs {
-            // File transfers are not replaced by an offer/answer: their keys
-            // stay taken, this dialog's included.
-            for t in &other.transfers {
-                taken.extend(keys_of(&t.flow));
-            }
-            if k == key {
-                continue;
-            }
-            for f in &other.flows {
-                for pk in keys_of(&f.flow) {
-                    taken.insert(pk);
-                }
-            }
-        }
+        // key, so two calls (or m-lines) cannot share it. A key may be held
+        // only by one of this dialog's own media flows, which the answer
+        // replaces; file transfers are not replaced by an offer/answer, so
+        // their keys stay taken, this dialog's included.
+        let mut wanted_keys: HashSet<PinholeKey> = HashSet::new();
         for (i, _, f) in &wanted {
             for pk in keys_of(f) {
-                if !taken.insert(pk) {
+                let held_elsewhere = self
+                    .ids
+                    .owner(&pk)
+                    .is_some_and(|owner| !d.flows.iter().any(|f| f.id == owner));
+                if held_elsewhere || !wanted_keys.insert(pk) {
                     return Err(forbidden(format!(
                         "stream {i}: media address already used by another flow"
                     )));
@@ -387,10 +379,10 @@ impl Manager {
 
         // Apply to our own state.
         for f in &removed {
-            self.ids.remove(&f.id);
+            self.ids.remove(f.id, &f.flow);
         }
         for f in &new_flows {
-            self.ids.insert(f.id, key.clone());
+            self.ids.insert(f.id, key, &f.flow);
         }
         let Some(d) = self.dialogs.get_mut(key) else {
             return Err(not_acceptable("dialog vanished"));

@@ -17,7 +17,7 @@ impl Manager {
     /// The place of installed flow `id` in its dialog's media session (what
     /// the journal and the HA store record). `None` for transfers.
     pub fn place_of(&self, id: PinholeId) -> Option<FlowMedia> {
-        let d = self.dialogs.get(self.ids.get(&id)?)?;
+        let d = self.dialogs.get(self.ids.dialog(id)?)?;
         let f = d.flows.iter().find(|f| f.id == id)?;
         Some(FlowMedia {
             flow: f.flow,
@@ -133,7 +133,7 @@ impl Manager {
             far_media = m.far_media;
         }
         for f in &installed {
-            self.ids.insert(f.id, key.clone());
+            self.ids.insert(f.id, key, &f.flow);
         }
         self.dialogs.insert(
             key.clone(),

@@ -152,7 +152,7 @@ impl Manager {
                     self.pool.free(b);
                     j.freed.push(*b);
                 }
-                self.ids.remove(&t.id);
+                self.ids.remove(t.id, &t.flow);
                 ops.push(Op::Remove {
                     id: t.id,
                     flow: t.flow,
@@ -228,16 +228,7 @@ impl Manager {
         };
         flow.rules(0, 1)
             .map_err(|e| not_acceptable(format!("file transfer: {e}")))?;
-        let mut taken: HashSet<PinholeKey> = HashSet::new();
-        for other in self.dialogs.values() {
-            for f in &other.flows {
-                taken.extend(keys_of(&f.flow));
-            }
-            for t in &other.transfers {
-                taken.extend(keys_of(&t.flow));
-            }
-        }
-        if keys_of(&flow).iter().any(|k| taken.contains(k)) {
+        if keys_of(&flow).iter().any(|k| self.ids.owner(k).is_some()) {
             return Err(forbidden(format!(
                 "file transfer listener {listener} is already used by another flow"
             )));
@@ -259,7 +250,7 @@ impl Manager {
             packets: 0,
             last_activity: now,
         });
-        self.ids.insert(id, key.clone());
+        self.ids.insert(id, key, &flow);
         self.recount(key);
         self.check_caps(key)?;
         ops.push(Op::Install { id, flow });
