@@ -66,9 +66,12 @@ pub static EGRESS_MAC: MapDef<ARRAY, u32, u64, { IFACE_SLOTS as usize }> = MapDe
 /// Counters and latch state of each rule, indexed by `PinholeRule::slot`.
 /// Kept apart from the rule so the agent can replace a rule atomically
 /// without losing counters; written here with atomic instructions.
+/// Mmapable: the agent reads every flow's counters each second without a
+/// syscall per rule.
 #[unsafe(link_section = ".maps")]
 #[unsafe(no_mangle)]
-pub static PH_STATE: MapDef<ARRAY, u32, PinholeState, DEFAULT_MAX_PINHOLES> = MapDef::new();
+pub static PH_STATE: MapDef<ARRAY, u32, PinholeState, DEFAULT_MAX_PINHOLES, MMAPABLE> =
+    MapDef::new();
 
 /// Packets per final verdict, indexed by `Reason` (per CPU, no atomics).
 #[unsafe(link_section = ".maps")]

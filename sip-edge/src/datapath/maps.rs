@@ -195,7 +195,7 @@ pub struct ReasonCount {
 /// Handles to every map of the datapath.
 pub struct DatapathMaps {
     pinholes: HashMap<MapData, PinholeKey, PinholeRule>,
-    state: Array<MapData, PinholeState>,
+    state: StateTable,
     reasons: PerCpuArray<MapData, u64>,
     ifaces: Array<MapData, IfaceConfig>,
     ifaces_hi: HashMap<MapData, u32, IfaceConfig>,
@@ -283,6 +283,58 @@ impl Drop for Mapped {
         unsafe {
             libc::munmap(self.base.cast(), self.len);
         }
+    }
+}
+
+/// `PH_STATE`, mapped: the media layer reads every flow's counters each
+/// second (idle expiry, forwarded-traffic metrics), and one `bpf()` lookup
+/// per rule made that tick cost tens of milliseconds of the proxy's event
+/// loop at tens of thousands of calls (issue #12, scale series). Reads and
+/// the reset at install are plain memory accesses instead.
+struct StateTable(Mapped);
+
+impl StateTable {
+    fn new(map: Map) -> Result<Self, MapsError> {
+        Ok(StateTable(Mapped::new(
+            map_names::PH_STATE,
+            map,
+            size_of::<PinholeState>() as u32,
+        )?))
+    }
+
+    fn len(&self) -> u32 {
+        self.0.entries
+    }
+
+    fn at(&self, slot: u32) -> Option<*mut PinholeState> {
+        // SAFETY (of the pointer's use by the callers): slot < entries, so
+        // the value lies inside the mapping; values are 8-byte aligned
+        // (80-byte stride from a page-aligned base).
+        (slot < self.0.entries).then(|| unsafe {
+            self.0
+                .base
+                .add(slot as usize * size_of::<PinholeState>())
+                .cast::<PinholeState>()
+        })
+    }
+
+    /// The state in `slot`; `None` past the end. The program updates the
+    /// counters with atomic adds meanwhile: a copy may mix one packet's
+    /// bytes with the previous packet count, which every reader tolerates.
+    fn get(&self, slot: u32) -> Option<PinholeState> {
+        // SAFETY: `at` checked the bounds; a volatile copy of plain data.
+        self.at(slot).map(|p| unsafe { p.read_volatile() })
+    }
+
+    /// Fresh counters and latch state in `slot`, visible before whatever
+    /// the caller publishes next (the rule that points here).
+    fn reset(&self, slot: u32) -> Result<(), MapsError> {
+        let p = self.at(slot).ok_or(MapsError::NoSuchSlot { slot })?;
+        // SAFETY: `at` checked the bounds; the slot belongs to no live rule
+        // (installs pick a free slot, removals reset after unpublishing).
+        unsafe { p.write_volatile(PinholeState::default()) };
+        std::sync::atomic::fence(Ordering::SeqCst);
+        Ok(())
     }
 }
 
@@ -813,7 +865,7 @@ impl DatapathMaps {
         use map_names::*;
         let mut m = DatapathMaps {
             pinholes: conv(PINHOLES, HashMap::try_from(take(PINHOLES)?))?,
-            state: conv(PH_STATE, Array::try_from(take(PH_STATE)?))?,
+            state: StateTable::new(take(PH_STATE)?)?,
             reasons: conv(REASONS, PerCpuArray::try_from(take(REASONS)?))?,
             ifaces: conv(IFACES, Array::try_from(take(IFACES)?))?,
             ifaces_hi: conv(IFACES_HI, HashMap::try_from(take(IFACES_HI)?))?,
@@ -1210,9 +1262,7 @@ impl DatapathMaps {
             }
         }
         // Fresh counters and latch state before the rule becomes visible.
-        self.state
-            .set(rule.slot, PinholeState::default(), BPF_ANY)
-            .map_err(op("update", map_names::PH_STATE))?;
+        self.state.reset(rule.slot)?;
         // Counted before it becomes visible: DST_PORTS, and the overflow
         // count that sends misses of its PH_DST entry here.
         self.dst_ports.add(&key);
@@ -1306,9 +1356,7 @@ impl DatapathMaps {
             if let Some(i) = self.dst_index(k) {
                 self.dst.ovf_sub(i);
             }
-            self.state
-                .set(r.slot, PinholeState::default(), BPF_ANY)
-                .map_err(op("update", map_names::PH_STATE))?;
+            self.state.reset(r.slot)?;
         }
         Ok(Some(pair))
     }
@@ -1336,7 +1384,7 @@ impl DatapathMaps {
         let mut out = Vec::new();
         for item in self.pinholes.iter() {
             let (k, r) = item.map_err(op("iterate", map_names::PINHOLES))?;
-            let st = self.state.get(&r.slot, 0).unwrap_or_default();
+            let st = self.state.get(r.slot).unwrap_or_default();
             out.push(entry(&k, &r, &st));
         }
         for idx in 0..self.dst.entries() {
@@ -1363,7 +1411,7 @@ impl DatapathMaps {
         }
         match self.pinholes.get(key, 0) {
             Ok(r) => {
-                let st = self.state.get(&r.slot, 0).unwrap_or_default();
+                let st = self.state.get(r.slot).unwrap_or_default();
                 Ok(Some(entry(key, &r, &st)))
             }
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
@@ -1381,11 +1429,7 @@ impl DatapathMaps {
                 .read(slot & !SLOT_DST)
                 .map(|(_, _, st)| st.stats.packets));
         }
-        match self.state.get(&slot, 0) {
-            Ok(st) => Ok(Some(st.stats.packets)),
-            Err(aya::maps::MapError::OutOfBounds { .. }) => Ok(None),
-            Err(e) => Err(op("lookup", map_names::PH_STATE)(e)),
-        }
+        Ok(self.state.get(slot).map(|st| st.stats.packets))
     }
 
     /// Packets, bytes and last-seen time (CLOCK_MONOTONIC ns, 0 = never)
@@ -1395,11 +1439,7 @@ impl DatapathMaps {
         let st = if slot & SLOT_DST != 0 {
             self.dst.read(slot & !SLOT_DST).map(|(_, _, st)| st)
         } else {
-            match self.state.get(&slot, 0) {
-                Ok(st) => Some(st),
-                Err(aya::maps::MapError::OutOfBounds { .. }) => None,
-                Err(e) => return Err(op("lookup", map_names::PH_STATE)(e)),
-            }
+            self.state.get(slot)
         };
         let now = coarse_now_ns();
         Ok(st.map(|st| (st.stats.packets, st.stats.bytes, st.stats.last_seen_ns(now))))
