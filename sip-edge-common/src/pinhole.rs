@@ -163,9 +163,17 @@ pub struct LatchState {
     pub latch_state: u32,
     /// Latched remote port, network order.
     pub latched_port: u16,
-    /// Explicit padding.
-    pub _pad: u16,
+    /// In `PH_STATE`: `SLOT_IN_USE` while a `PINHOLES` rule owns the slot,
+    /// 0 when it is free, written only by the agent's map writer (under
+    /// its lock). The datapath never changes it: its compare-and-swaps on
+    /// the word holding `latch_state` keep bits 48..64. Lets a writer find
+    /// a free slot by reading the mapped array instead of walking
+    /// `PINHOLES`. Always 0 in `PH_DST_COLD`.
+    pub slot_mark: u16,
 }
+
+/// `LatchState::slot_mark` of a `PH_STATE` slot a rule owns.
+pub const SLOT_IN_USE: u16 = 0x5e11;
 const _: () = assert!(core::mem::size_of::<LatchState>() == 24);
 
 /// Value of the `PH_STATE` array: the state the datapath writes for one

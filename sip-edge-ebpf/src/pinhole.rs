@@ -38,7 +38,8 @@ compile_error!(
 );
 
 /// Byte offset of the 64-bit word holding `latch_state` (low 32 bits),
-/// `latched_port` (bits 32..48) and `_pad` in `LatchState`.
+/// `latched_port` (bits 32..48) and `slot_mark` (bits 48..64, the agent's,
+/// kept by every compare-and-swap below) in `LatchState`.
 const LATCH_WORD_OFF: usize = core::mem::offset_of!(LatchState, latch_state);
 const _: () = assert!(LATCH_WORD_OFF % 8 == 0);
 const _: () = assert!(core::mem::offset_of!(LatchState, latched_port) == LATCH_WORD_OFF + 4);

@@ -37,6 +37,7 @@ use sip_edge_common::{
     DST_CTL_PROTO_SHIFT, DST_CTL_ROLE_SHIFT, DST_CTL_SEQ_SHIFT, DST_HOT, DST_OVF, DST_PORT_SLOTS,
     DST_SEL, DST_VALID, EDGE_LIST_V4, EDGE_LIST_V6, FAMILY_V4, FAMILY_V6, LATCH_DONE,
     MAP_LAYOUT_VERSION, MATCH_DST, PROTO_TCP, PROTO_UDP, ROLE_EXTERNAL, ROLE_INTERNAL, SLOT_DST,
+    SLOT_IN_USE,
 };
 
 use super::{
@@ -135,6 +136,12 @@ pub enum MapsError {
     /// No rule uses the given slot.
     #[error("no pinhole with slot {slot}")]
     NoSuchSlot {
+        /// The slot asked for.
+        slot: u32,
+    },
+    /// Another rule owns the `PH_STATE` slot a raw rule names.
+    #[error("PH_STATE slot {slot} is owned by another pinhole rule")]
+    SlotInUse {
         /// The slot asked for.
         slot: u32,
     },
@@ -291,31 +298,92 @@ impl Drop for Mapped {
 /// per rule made that tick cost tens of milliseconds of the proxy's event
 /// loop at tens of thousands of calls (issue #12, scale series). Reads and
 /// the reset at install are plain memory accesses instead.
-struct StateTable(Mapped);
+struct StateTable {
+    map: Mapped,
+    /// Where the next free-slot search starts (see `free_slots`).
+    cursor: std::cell::Cell<u32>,
+}
 
 impl StateTable {
     fn new(map: Map) -> Result<Self, MapsError> {
-        Ok(StateTable(Mapped::new(
-            map_names::PH_STATE,
-            map,
-            size_of::<PinholeState>() as u32,
-        )?))
+        Ok(StateTable {
+            map: Mapped::new(map_names::PH_STATE, map, size_of::<PinholeState>() as u32)?,
+            cursor: std::cell::Cell::new(0),
+        })
     }
 
     fn len(&self) -> u32 {
-        self.0.entries
+        self.map.entries
     }
 
     fn at(&self, slot: u32) -> Option<*mut PinholeState> {
         // SAFETY (of the pointer's use by the callers): slot < entries, so
         // the value lies inside the mapping; values are 8-byte aligned
         // (80-byte stride from a page-aligned base).
-        (slot < self.0.entries).then(|| unsafe {
-            self.0
+        (slot < self.map.entries).then(|| unsafe {
+            self.map
                 .base
                 .add(slot as usize * size_of::<PinholeState>())
                 .cast::<PinholeState>()
         })
+    }
+
+    /// The 64-bit word holding `latch_state`, `latched_port` and
+    /// `slot_mark` of `slot`, which the datapath changes by compare-and-swap.
+    fn latch_word(&self, slot: u32) -> Option<&AtomicU64> {
+        let off = std::mem::offset_of!(PinholeState, latch)
+            + std::mem::offset_of!(LatchState, latch_state);
+        // SAFETY: inside the slot's value (bounds checked by `at`), 8-byte
+        // aligned (asserted in sip-edge-common and the datapath), shared
+        // with the datapath's atomics.
+        self.at(slot)
+            .map(|p| unsafe { &*p.cast::<u8>().add(off).cast::<AtomicU64>() })
+    }
+
+    /// Whether a rule owns `slot` (its `slot_mark`).
+    fn in_use(&self, slot: u32) -> bool {
+        self.latch_word(slot)
+            .is_some_and(|w| (w.load(Ordering::Acquire) >> 48) as u16 == SLOT_IN_USE)
+    }
+
+    /// Up to `n` free slots, searched from where the last search stopped
+    /// (a slot just freed is not reused at once), at most one pass over
+    /// the array: memory reads only.
+    fn free(&self, n: usize) -> Vec<u32> {
+        let len = self.len();
+        let mut out = Vec::with_capacity(n);
+        if len == 0 {
+            return out;
+        }
+        let start = self.cursor.get() % len;
+        for i in 0..len {
+            if out.len() == n {
+                break;
+            }
+            let slot = (start + i) % len;
+            if !self.in_use(slot) {
+                out.push(slot);
+            }
+        }
+        if let Some(last) = out.last() {
+            self.cursor.set((last + 1) % len);
+        }
+        out
+    }
+
+    /// Sets or clears the mark of `slot` in place, leaving the latch bits
+    /// as the datapath has them (start-up reconciliation, see `recount`).
+    fn mark(&self, slot: u32, used: bool) {
+        if let Some(w) = self.latch_word(slot) {
+            let mark = if used {
+                u64::from(SLOT_IN_USE) << 48
+            } else {
+                0
+            };
+            let _ = w.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
+                Some((v & 0x0000_ffff_ffff_ffff) | mark)
+            });
+        }
     }
 
     /// The state in `slot`; `None` past the end. The program updates the
@@ -326,13 +394,18 @@ impl StateTable {
         self.at(slot).map(|p| unsafe { p.read_volatile() })
     }
 
-    /// Fresh counters and latch state in `slot`, visible before whatever
-    /// the caller publishes next (the rule that points here).
-    fn reset(&self, slot: u32) -> Result<(), MapsError> {
+    /// Fresh counters and latch state in `slot`, marked in use (`claim`)
+    /// or free, visible before whatever the caller publishes next (the
+    /// rule that points here).
+    fn reset(&self, slot: u32, claim: bool) -> Result<(), MapsError> {
         let p = self.at(slot).ok_or(MapsError::NoSuchSlot { slot })?;
+        let mut st = PinholeState::default();
+        if claim {
+            st.latch.slot_mark = SLOT_IN_USE;
+        }
         // SAFETY: `at` checked the bounds; the slot belongs to no live rule
         // (installs pick a free slot, removals reset after unpublishing).
-        unsafe { p.write_volatile(PinholeState::default()) };
+        unsafe { p.write_volatile(st) };
         std::sync::atomic::fence(Ordering::SeqCst);
         Ok(())
     }
@@ -892,7 +965,19 @@ impl DatapathMaps {
     /// re-adopted pins may predate them or an interrupted writer may have
     /// left a count behind.
     fn recount(&self) {
-        let mut keys: Vec<PinholeKey> = self.pinholes.keys().filter_map(Result::ok).collect();
+        let rules: Vec<(PinholeKey, PinholeRule)> =
+            self.pinholes.iter().filter_map(Result::ok).collect();
+        // Slot marks: a writer interrupted between marking a slot and
+        // inserting its rule (or between removing a rule and clearing the
+        // mark) leaves one wrong; the rules are the truth.
+        let owned: BTreeSet<u32> = rules.iter().map(|(_, r)| r.slot).collect();
+        for slot in 0..self.state.len() {
+            let used = owned.contains(&slot);
+            if self.state.in_use(slot) != used {
+                self.state.mark(slot, used);
+            }
+        }
+        let mut keys: Vec<PinholeKey> = rules.into_iter().map(|(k, _)| k).collect();
         // Counted first, stored once per entry: a count never dips to 0
         // under a live PINHOLES rule while the datapath runs.
         let mut overflow = std::collections::HashMap::<u32, u32>::new();
@@ -1069,29 +1154,20 @@ impl DatapathMaps {
         self.state.len()
     }
 
-    fn used_slots(&self) -> BTreeSet<u32> {
-        self.pinholes
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(_, r)| r.slot)
-            .collect()
-    }
-
     fn free_slots(&self, n: usize) -> Result<Vec<u32>, MapsError> {
-        // Relay flows live in PH_DST entirely: no PH_STATE slot, and no walk
-        // over PINHOLES (a full walk of a sparse hash map visits every
-        // bucket: it was a fifth of the agent's CPU in the sip bench).
+        // Relay flows live in PH_DST entirely: no PH_STATE slot. The others
+        // find theirs by the slot marks in the mapped PH_STATE, not by a
+        // walk of PINHOLES: a walk is a system call per rule, which made
+        // each nat-mode call set-up cost O(calls) (13 ms of CPU per call at
+        // 16k held calls in the scale series).
         if n == 0 {
             return Ok(Vec::new());
         }
-        let used = self.used_slots();
-        let capacity = self.capacity();
-        let free: Vec<u32> = (0..capacity)
-            .filter(|s| !used.contains(s))
-            .take(n)
-            .collect();
+        let free = self.state.free(n);
         if free.len() < n {
-            return Err(MapsError::Full { capacity });
+            return Err(MapsError::Full {
+                capacity: self.capacity(),
+            });
         }
         Ok(free)
     }
@@ -1261,8 +1337,14 @@ impl DatapathMaps {
                 }
             }
         }
-        // Fresh counters and latch state before the rule becomes visible.
-        self.state.reset(rule.slot)?;
+        // A slot another rule owns would share its counters and latch,
+        // and removing either would reset both.
+        if self.state.in_use(rule.slot) {
+            return Err(MapsError::SlotInUse { slot: rule.slot });
+        }
+        // Fresh counters and latch state, and the slot marked taken, before
+        // the rule becomes visible.
+        self.state.reset(rule.slot, true)?;
         // Counted before it becomes visible: DST_PORTS, and the overflow
         // count that sends misses of its PH_DST entry here.
         self.dst_ports.add(&key);
@@ -1271,6 +1353,7 @@ impl DatapathMaps {
         }
         let r = self.pinholes.insert(key, rule, BPF_NOEXIST);
         if r.is_err() {
+            let _ = self.state.reset(rule.slot, false);
             self.dst_ports.sub(&key);
             if let Some(i) = overflow {
                 self.dst.ovf_sub(i);
@@ -1356,7 +1439,7 @@ impl DatapathMaps {
             if let Some(i) = self.dst_index(k) {
                 self.dst.ovf_sub(i);
             }
-            self.state.reset(r.slot)?;
+            self.state.reset(r.slot, false)?;
         }
         Ok(Some(pair))
     }
