@@ -166,7 +166,8 @@ const _: () = assert!(core::mem::size_of::<Settings>() == 8);
 /// Version of the pinned map layout: names, key and value types, sizes and
 /// meaning of every map in `map_names::ALL`. Bump it with any change a
 /// loader re-adopting older pins could misread; `Settings::layout_version`
-/// carries it in the pins. 3: `PH_STATE` is created mmapable.
+/// carries it in the pins. 3: `PH_STATE` and `PORT_POLICY` are created
+/// mmapable, and `PH_STATE` slots carry the agent's `slot_mark`.
 pub const MAP_LAYOUT_VERSION: u32 = 3;
 
 /// Key of `NEIGH_MISS`: a next hop `bpf_fib_lookup` could not resolve. 24 bytes.

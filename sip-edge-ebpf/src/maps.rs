@@ -96,7 +96,7 @@ pub static IFACES_HI: MapDef<HASH, u32, IfaceConfig, 64> = MapDef::new();
 /// is media and none is always-pass.
 #[unsafe(link_section = ".maps")]
 #[unsafe(no_mangle)]
-pub static PORT_POLICY: MapDef<ARRAY, u32, PortPolicy, 1> = MapDef::new();
+pub static PORT_POLICY: MapDef<ARRAY, u32, PortPolicy, 1, MMAPABLE> = MapDef::new();
 
 /// Addresses the edge owns; only traffic to these is judged by `PORT_POLICY`.
 #[unsafe(link_section = ".maps")]

@@ -206,7 +206,7 @@ pub struct DatapathMaps {
     reasons: PerCpuArray<MapData, u64>,
     ifaces: Array<MapData, IfaceConfig>,
     ifaces_hi: HashMap<MapData, u32, IfaceConfig>,
-    port_policy: Array<MapData, PortPolicy>,
+    port_policy: PolicyTable,
     edge_addrs: HashMap<MapData, EdgeAddrKey, u32>,
     edge_list: Array<MapData, EdgeList>,
     dst_ports: DstPorts,
@@ -219,6 +219,13 @@ pub struct DatapathMaps {
     /// The pin directory's writer lock; `None` for maps nobody else can
     /// open (an object loaded without pins: tests, benchmarks).
     writer: Option<WriterLock>,
+    /// `PINHOLES` key of each `PH_STATE` slot this handle installed or
+    /// found at load: a rule is removed or replaced by slot, and finding
+    /// its key by walking `PINHOLES` (a system call per rule) made every
+    /// nat-mode hang-up cost O(calls). A hint, checked against the map
+    /// before use (another writer may have changed the rule); a miss falls
+    /// back to the walk.
+    slot_keys: std::collections::HashMap<u32, PinholeKey>,
 }
 
 /// An mmapable ARRAY map mapped shared into this process.
@@ -408,6 +415,36 @@ impl StateTable {
         unsafe { p.write_volatile(st) };
         std::sync::atomic::fence(Ordering::SeqCst);
         Ok(())
+    }
+}
+
+/// `PORT_POLICY`, mapped: every install checks its edge ports against the
+/// media ranges, and a lookup copied the whole 16 KiB bitmap out of the
+/// kernel each time (a fifth of an install's cost); a bit is one load here.
+struct PolicyTable(Mapped);
+
+impl PolicyTable {
+    fn word(&self, i: usize) -> &AtomicU64 {
+        // SAFETY: the mapping holds one 16 KiB `PortPolicy` (value size
+        // checked by `Mapped::new`), 2 * PORT_BITMAP_WORDS aligned u64s;
+        // callers pass i < 2 * PORT_BITMAP_WORDS.
+        unsafe { &*self.0.base.cast::<AtomicU64>().add(i) }
+    }
+
+    /// Whether `port` is a media port.
+    fn media(&self, port: u16) -> bool {
+        let p = usize::from(port);
+        (self.word(p >> 6).load(Ordering::Relaxed) >> (p & 63)) & 1 == 1
+    }
+
+    /// Stores `p` word by word: the datapath reads single words, each of
+    /// which goes from its old to its new value at once (as with the map
+    /// update system call, the whole bitmap is not replaced atomically).
+    fn set(&self, p: &PortPolicy) {
+        for (i, w) in p.media.iter().chain(p.pass.iter()).enumerate() {
+            self.word(i).store(*w, Ordering::Relaxed);
+        }
+        std::sync::atomic::fence(Ordering::SeqCst);
     }
 }
 
@@ -942,7 +979,11 @@ impl DatapathMaps {
             reasons: conv(REASONS, PerCpuArray::try_from(take(REASONS)?))?,
             ifaces: conv(IFACES, Array::try_from(take(IFACES)?))?,
             ifaces_hi: conv(IFACES_HI, HashMap::try_from(take(IFACES_HI)?))?,
-            port_policy: conv(PORT_POLICY, Array::try_from(take(PORT_POLICY)?))?,
+            port_policy: PolicyTable(Mapped::new(
+                PORT_POLICY,
+                take(PORT_POLICY)?,
+                size_of::<PortPolicy>() as u32,
+            )?),
             edge_addrs: conv(EDGE_ADDRS, HashMap::try_from(take(EDGE_ADDRS)?))?,
             edge_list: conv(EDGE_LIST, Array::try_from(take(EDGE_LIST)?))?,
             dst_ports: DstPorts::new(take(DST_PORTS)?)?,
@@ -955,6 +996,7 @@ impl DatapathMaps {
             tx_ports: conv(TX_PORTS, DevMapHash::try_from(take(TX_PORTS)?))?,
             neigh_miss: conv(NEIGH_MISS, HashMap::try_from(take(NEIGH_MISS)?))?,
             writer: None,
+            slot_keys: std::collections::HashMap::new(),
         };
         m.layout = m.edge_list.get(&0, 0).unwrap_or_default();
         Ok(m)
@@ -964,9 +1006,10 @@ impl DatapathMaps {
     /// installed rules. Done by the owner of a (re)loaded datapath:
     /// re-adopted pins may predate them or an interrupted writer may have
     /// left a count behind.
-    fn recount(&self) {
+    fn recount(&mut self) {
         let rules: Vec<(PinholeKey, PinholeRule)> =
             self.pinholes.iter().filter_map(Result::ok).collect();
+        self.slot_keys = rules.iter().map(|(k, r)| (r.slot, *k)).collect();
         // Slot marks: a writer interrupted between marking a slot and
         // inserting its rule (or between removing a rule and clearing the
         // mark) leaves one wrong; the rules are the truth.
@@ -1109,9 +1152,7 @@ impl DatapathMaps {
         for p in &s.pass_ports {
             PortPolicy::set(&mut policy.pass, *p);
         }
-        self.port_policy
-            .set(0, policy, BPF_ANY)
-            .map_err(op("update", PORT_POLICY))?;
+        self.port_policy.set(&policy);
         self.settings
             .set(
                 0,
@@ -1144,9 +1185,8 @@ impl DatapathMaps {
         for p in pass_ports {
             PortPolicy::set(&mut policy.pass, *p);
         }
-        self.port_policy
-            .set(0, policy, BPF_ANY)
-            .map_err(op("update", map_names::PORT_POLICY))
+        self.port_policy.set(&policy);
+        Ok(())
     }
 
     /// Capacity of the pinhole table.
@@ -1176,10 +1216,6 @@ impl DatapathMaps {
     /// edge-side addresses must be edge addresses and their ports media ports
     /// (DESIGN.md §3: pinholes only within configured ranges).
     pub fn check_policy(&self, flow: &Flow) -> Result<(), MapsError> {
-        let policy = self
-            .port_policy
-            .get(&0, 0)
-            .map_err(op("lookup", map_names::PORT_POLICY))?;
         let mut edge_side = vec![flow.public()];
         if let Flow::Relay { edge_int, .. } = flow {
             edge_side.push(*edge_int);
@@ -1190,7 +1226,7 @@ impl DatapathMaps {
                     reason: format!("{} is not an edge address of this datapath", a.ip()),
                 });
             }
-            if !PortPolicy::bit(&policy.media, a.port()) {
+            if !self.port_policy.media(a.port()) {
                 return Err(MapsError::Policy {
                     reason: format!(
                         "port {} of {a} is not in a configured media range",
@@ -1360,7 +1396,10 @@ impl DatapathMaps {
             }
         }
         match r {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.slot_keys.insert(rule.slot, key);
+                Ok(())
+            }
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
                 Err(MapsError::Exists {
                     key: describe_key(&key),
@@ -1396,16 +1435,31 @@ impl DatapathMaps {
             };
         }
         let key = self
-            .pinholes
-            .iter()
-            .filter_map(Result::ok)
-            .find(|(_, r)| r.slot == slot)
-            .map(|(k, _)| k)
+            .rules_of_slot(slot)
+            .first()
+            .map(|(k, _)| *k)
             .ok_or(MapsError::NoSuchSlot { slot })?;
         // A hash update swaps the element whole (RCU); PH_STATE is untouched.
         self.pinholes
             .insert(key, rule, BPF_EXIST)
             .map_err(op("update", map_names::PINHOLES))
+    }
+
+    /// The `PINHOLES` rule(s) owning `PH_STATE` slot `slot`: the cached key
+    /// when the map still holds it with that slot, else a walk.
+    fn rules_of_slot(&self, slot: u32) -> Vec<(PinholeKey, PinholeRule)> {
+        if let Some(k) = self.slot_keys.get(&slot) {
+            if let Ok(r) = self.pinholes.get(k, 0) {
+                if r.slot == slot {
+                    return vec![(*k, r)];
+                }
+            }
+        }
+        self.pinholes
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, r)| r.slot == slot)
+            .collect()
     }
 
     /// Remove the rule(s) with slot id `slot`; `Ok(None)` when none.
@@ -1422,15 +1476,11 @@ impl DatapathMaps {
             }
             return Ok(Some(rule.pair_slot));
         }
-        let entries: Vec<(PinholeKey, PinholeRule)> = self
-            .pinholes
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, r)| r.slot == slot)
-            .collect();
+        let entries = self.rules_of_slot(slot);
         let Some(pair) = entries.first().map(|(_, r)| r.pair_slot) else {
             return Ok(None);
         };
+        self.slot_keys.remove(&slot);
         for (k, r) in &entries {
             self.pinholes
                 .remove(k)
