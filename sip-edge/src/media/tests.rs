@@ -743,6 +743,7 @@ fn an_answer_declining_rtcp_mux_gets_rtcp_through_the_edge() {
     assert!(to_inside.contains(&format!("m=audio {internal} ")));
     // Accepted mux: one flow, the RTCP port unused.
     let d = dialog(711);
+    let ports0 = h.c.manager().ports_in_use();
     h.sdp(
         &d,
         SdpRole::Offer,
@@ -761,6 +762,45 @@ fn an_answer_declining_rtcp_mux_gets_rtcp_through_the_edge() {
     )
     .expect("mux answer");
     assert_eq!(h.installed() - before, 1);
+    // The RTCP ports kept for a declined mux go back: one port per edge
+    // address (two in relay mode) for the accepted mux stream.
+    assert_eq!(h.c.manager().ports_in_use() - ports0, 2);
+    // A re-offer with mux keeps the stream's edge ports and its flow.
+    let again = h
+        .sdp(
+            &d,
+            SdpRole::Offer,
+            Side::Internal,
+            CLIENT,
+            &format!("{INSIDE_OFFER}a=rtcp-mux\r\n"),
+        )
+        .expect("mux re-offer");
+    let edge = m_port(&again);
+    h.sdp(
+        &d,
+        SdpRole::Answer,
+        Side::External,
+        PEER,
+        &audio("198.51.100.2", 7080, "a=rtcp-mux\r\n"),
+    )
+    .expect("mux answer again");
+    assert_eq!(h.installed() - before, 1);
+    assert_eq!(h.c.manager().ports_in_use() - ports0, 2);
+    // A re-offer without mux needs RTCP again: a new pair, and the answer
+    // without mux gets its RTCP flow.
+    let plain = h
+        .sdp(&d, SdpRole::Offer, Side::Internal, CLIENT, INSIDE_OFFER)
+        .expect("re-offer without mux");
+    assert_ne!(m_port(&plain), edge, "a fresh pair for RTP and RTCP");
+    h.sdp(
+        &d,
+        SdpRole::Answer,
+        Side::External,
+        PEER,
+        &audio("198.51.100.2", 7080, ""),
+    )
+    .expect("answer without mux");
+    assert_eq!(h.installed() - before, 2, "RTP and RTCP");
 }
 
 /// In nat mode the inside client's own media address is a map key: a second

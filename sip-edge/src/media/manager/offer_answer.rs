@@ -189,10 +189,18 @@ impl Manager {
         };
         let mut wanted: Vec<(usize, bool, Flow)> = Vec::new();
         let mut release: Vec<usize> = Vec::new();
+        // Streams whose answer accepted the offer's rtcp-mux (RFC 5761
+        // §5.1.1): the RTCP ports kept in case it was declined go back.
+        let mut muxed: Vec<usize> = Vec::new();
         for (i, (o, a)) in offer.iter().zip(inp.streams.iter()).enumerate() {
             if o.rejected || a.rejected {
                 release.push(i);
                 continue;
+            }
+            // Only a final answer: an early one's fork may lose to a 2xx
+            // that declines mux and needs the RTCP ports after all.
+            if o.rtcp_mux && a.rtcp_mux && o.proto == Proto::Udp && inp.role == SdpRole::Answer {
+                muxed.push(i);
             }
             let (Some(o_rtp), Some(a_rtp)) = (o.rtp, a.rtp) else {
                 continue;
@@ -393,6 +401,27 @@ impl Manager {
         for i in release {
             if let Some(s) = d.slots.get_mut(i).and_then(Option::take) {
                 d.retired.extend(s.blocks.into_iter().flatten());
+            }
+        }
+        // A muxed stream's RTCP ports, unless a flow still uses them (an
+        // a=rtcp naming another port alongside a=rtcp-mux): without this a
+        // muxed call held two ports per edge address, halving how many
+        // calls the media ranges carry. The block stays (same RTP port on
+        // a re-offer); a re-offer without mux gets a new pair.
+        for i in muxed {
+            if d.flows.iter().any(|f| f.stream == i && f.rtcp) {
+                continue;
+            }
+            if let Some(s) = d.slots.get_mut(i).and_then(Option::as_mut) {
+                for b in s.blocks.iter_mut().flatten() {
+                    if let Some(port) = b.rtcp.take() {
+                        d.retired.push(Block {
+                            addr: b.addr,
+                            port,
+                            rtcp: None,
+                        });
+                    }
+                }
             }
         }
         // Retired blocks: no wanted flow uses them any more.

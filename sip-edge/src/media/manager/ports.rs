@@ -142,8 +142,10 @@ impl Manager {
                 });
             }
             let existing = d.slots[i].as_ref().and_then(|s| s.blocks[side_ix(facing)]);
+            // A block whose RTCP port went back after an accepted mux
+            // serves a mux re-offer; one without mux needs a pair again.
             let block = match existing {
-                Some(b) if b.addr == addr => b,
+                Some(b) if b.addr == addr && (b.rtcp.is_some() || !need_rtcp || st.rtcp_mux) => b,
                 other => {
                     let (port, rtcp) = self
                         .pool
