@@ -837,3 +837,88 @@ fn nat_mode_refuses_a_second_call_on_the_same_client_address_until_the_first_end
     call(&mut h, &second).expect("the address is free once the first call ended");
     assert_eq!(h.installed(), n);
 }
+
+/// nat mode (the scale series' calls): the outside answer is not rewritten,
+/// so a muxed call holds one public port once the answer accepts mux.
+#[test]
+fn nat_mode_muxed_call_holds_one_port() {
+    let mut s = settings();
+    s.mode = MediaMode::Nat;
+    let mut h = H::new(s);
+    let d = dialog(420);
+    h.sdp(
+        &d,
+        SdpRole::Offer,
+        Side::Internal,
+        CLIENT,
+        &format!("{INSIDE_OFFER}a=rtcp-mux\r\n"),
+    )
+    .expect("mux offer");
+    assert_eq!(h.c.manager().ports_in_use(), 2, "a pair until the answer");
+    h.sdp(
+        &d,
+        SdpRole::Answer,
+        Side::External,
+        PEER,
+        &audio("198.51.100.2", 7080, "a=rtcp-mux\r\n"),
+    )
+    .expect("mux answer");
+    assert_eq!(h.installed(), 1);
+    assert_eq!(h.c.manager().ports_in_use(), 1);
+}
+
+/// Once muxed calls have given their RTCP ports back, no even/odd pair may
+/// be left while odd ports are free: the next mux offer then gets two
+/// single ports and its SDP names the RTCP one (RFC 3605), so the media
+/// ranges carry one muxed call per port instead of one per pair.
+#[test]
+fn a_mux_offer_without_an_adjacent_pair_left_names_its_rtcp_port() {
+    let mut s = settings();
+    s.mode = MediaMode::Nat;
+    s.port_ranges = vec![PortRange {
+        start: 40000,
+        end: 40005,
+    }];
+    let mut h = H::new(s);
+    let mux_offer = |port: u16| {
+        format!("v=0\r\no=- 1 1 IN IP4 10.77.0.2\r\ns=-\r\nc=IN IP4 10.77.0.2\r\nt=0 0\r\nm=audio {port} RTP/AVP 0\r\na=rtcp-mux\r\n")
+    };
+    let call = |h: &mut H, n: u32| -> Result<String, MediaError> {
+        let d = dialog(500 + n);
+        let out = h.sdp(
+            &d,
+            SdpRole::Offer,
+            Side::Internal,
+            CLIENT,
+            &mux_offer(4000 + 2 * n as u16),
+        )?;
+        h.sdp(
+            &d,
+            SdpRole::Answer,
+            Side::External,
+            PEER,
+            &audio("198.51.100.2", 7000 + 2 * n as u16, "a=rtcp-mux\r\n"),
+        )?;
+        Ok(out)
+    };
+    for n in 0..3 {
+        let out = call(&mut h, n).expect("call with an adjacent pair");
+        assert!(!out.contains("a=rtcp:"), "{out}");
+    }
+    assert_eq!(h.c.manager().ports_in_use(), 3);
+    let out = call(&mut h, 3).expect("a fourth muxed call on the odd ports");
+    let rtp = m_port(&out);
+    assert!(
+        rtp % 2 == 1,
+        "an odd port given back by a muxed call: {out}"
+    );
+    let rtcp_line = out
+        .lines()
+        .find(|l| l.starts_with("a=rtcp:"))
+        .unwrap_or_else(|| panic!("no a=rtcp naming the RTCP port: {out}"));
+    let rtcp: u16 = rtcp_line["a=rtcp:".len()..].parse().expect("port");
+    assert!(rtcp != rtp + 1 && (40000..=40005).contains(&rtcp), "{out}");
+    assert_eq!(h.c.manager().ports_in_use(), 4);
+    let e = call(&mut h, 4).expect_err("the ranges are used up");
+    assert!(matches!(e, MediaError::Exhausted { .. }), "{e}");
+}

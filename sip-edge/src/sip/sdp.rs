@@ -600,11 +600,15 @@ impl Sdp {
         let mut flows = self.flows.clone();
         // Per stream: new address, new rtp port, new rtcp port.
         let mut plan: Vec<(IpAddr, Option<u16>, Option<u16>)> = Vec::with_capacity(flows.len());
+        // Per stream: the RTCP port a mux offer keeps in case mux is
+        // declined (named in a=rtcp when it is not RTP + 1).
+        let mut mux_rtcp: Vec<Option<u16>> = Vec::with_capacity(flows.len());
         for flow in &mut flows {
             let needs_rtcp = flow.rtcp.is_some();
             if flow.no_pinhole.is_some() {
                 let addr = edge_for(flow.index, flow.rtp.as_ref().map(|e| &e.host))?;
                 plan.push((addr, None, None));
+                mux_rtcp.push(None);
                 continue;
             }
             let a = alloc
@@ -618,6 +622,7 @@ impl Sdp {
             flow.new_rtp = Some(SocketAddr::new(a.addr, a.port));
             flow.new_rtcp = rtcp_port.map(|p| SocketAddr::new(a.addr, p));
             plan.push((a.addr, Some(a.port), rtcp_port));
+            mux_rtcp.push(a.rtcp_port.filter(|_| flow.rtcp_mux && !needs_rtcp));
         }
         let session_end = self
             .media_starts
@@ -698,6 +703,7 @@ impl Sdp {
             let eol = self.lines[start].eol;
             let mut seen_candidate: [bool; 2] = [false, false];
             let mut media_c_needed = relies_on_session(k) && addr != session_addr && !multicast;
+            let mut saw_rtcp = false;
             for (i, l) in self.lines[start..end].iter().enumerate() {
                 let t = &l.text;
                 let line_no = start + i + 1;
@@ -727,6 +733,7 @@ impl Sdp {
                         new = Some(format!("c=IN {} {}", addr_type(addr), sdp_addr(addr)));
                     }
                 } else if let Some(v) = t.strip_prefix(b"a=rtcp:") {
+                    saw_rtcp = true;
                     let f = fields(v);
                     let orig: u16 = f
                         .first()
@@ -819,6 +826,18 @@ impl Sdp {
                         eol,
                     });
                     media_c_needed = false;
+                }
+            }
+            // An edge RTCP port other than RTP + 1 (the pool's fallback)
+            // must be named, or the far end sends RTCP to RTP + 1 (RFC 3605
+            // §2.1).
+            let named = rtcp_port.or(mux_rtcp.get(k).copied().flatten());
+            if let (false, Some(p), Some(r)) = (saw_rtcp, named, rtp_port) {
+                if r.checked_add(1) != Some(p) {
+                    out.push(Line {
+                        text: format!("a=rtcp:{p}").into_bytes(),
+                        eol,
+                    });
                 }
             }
         }

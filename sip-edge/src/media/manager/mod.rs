@@ -684,14 +684,23 @@ mod tests {
         // 40001 is odd, 40004 reserved: the only pair is 40006/40007... and 40002/40003.
         assert_eq!(p.take(true), Some((40002, Some(40003))));
         assert_eq!(p.take(true), Some((40006, Some(40007))));
+        // No adjacent pair left: two single ports (the SDP names the RTCP
+        // port in a=rtcp).
+        assert_eq!(p.take(true), Some((40001, Some(40005))));
         assert_eq!(p.take(true), None);
-        assert_eq!(p.take(false), Some((40001, None)));
-        assert_eq!(p.take(false), Some((40005, None)));
         assert_eq!(
             p.take(false),
             None,
             "40004 is reserved, everything else used"
         );
+        // A lone free port is no pair, and is not taken by trying.
+        p.free(&Block {
+            addr: IpAddr::from([203, 0, 113, 1]),
+            port: 40005,
+            rtcp: None,
+        });
+        assert_eq!(p.take(true), None);
+        assert_eq!(p.take(false), Some((40005, None)));
     }
 
     #[test]

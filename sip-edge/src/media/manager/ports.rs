@@ -8,8 +8,29 @@ impl PortPool {
         p >= MIN_MEDIA_PORT && !self.reserved.contains(&p) && !self.used.contains(&p)
     }
 
-    /// A single port, or an even port with its odd neighbour free (`pair`).
+    /// A single port, or for `pair` an even port with its odd neighbour
+    /// (RFC 3550 §11), else any two free ports: the SDP rewrite then names
+    /// the RTCP port in `a=rtcp` (RFC 3605). Without the fallback, the odd
+    /// ports that muxed calls give back (`commit`) could never be used by
+    /// the next mux offer, which still needs a spare RTCP port.
     pub(super) fn take(&mut self, pair: bool) -> Option<(u16, Option<u16>)> {
+        if let Some(t) = self.take_from_cursor(pair) {
+            return Some(t);
+        }
+        if !pair {
+            return None;
+        }
+        let rtp = self.take_from_cursor(false)?.0;
+        match self.take_from_cursor(false) {
+            Some((rtcp, _)) => Some((rtp, Some(rtcp))),
+            None => {
+                self.used.remove(&rtp);
+                None
+            }
+        }
+    }
+
+    fn take_from_cursor(&mut self, pair: bool) -> Option<(u16, Option<u16>)> {
         let mut candidates: Vec<(u16, u16)> =
             self.ranges.iter().map(|r| (r.start, r.end)).collect();
         candidates.sort_unstable();
