@@ -90,25 +90,27 @@ fn table(r: &Report) -> String {
         }
     }
     if let Some(f) = &r.forward {
-        s.push_str("\n| forwarder | flows | unpaced Mpps | × bare redirect | zero-loss Mpps |\n|---|---:|---:|---:|---:|\n");
+        s.push_str("\n| forwarder | flows | unpaced Mpps | × bare redirect | zero-loss Mpps | generator CPU share | Mpps per generator CPU s | × bare redirect per CPU s | edge program ns/packet |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        let opt = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map(f).unwrap_or_default();
         for x in &f.forwarders {
-            let ratio = x
-                .ratio_vs_redirect
-                .map(|v| format!("{v:.2}"))
-                .unwrap_or_default();
             s.push_str(&format!(
-                "| {} | {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 x.name,
                 x.flows,
                 fmt_rate(x.rate_pps),
-                ratio,
-                fmt_rate(x.zero_loss_pps)
+                opt(x.ratio_vs_redirect, &|v| format!("{v:.2}")),
+                fmt_rate(x.zero_loss_pps),
+                opt(x.cpu_share, &|v| format!("{v:.2}")),
+                opt(x.cpu_rate_pps, &fmt_rate),
+                opt(x.cpu_ratio_vs_redirect, &|v| format!("{v:.2}")),
+                opt(x.edge_prog_ns, &|v| format!("{v:.1}")),
             ));
         }
         if let Some(j) = f.junk_drop_pps {
             s.push_str(&format!(
-                "\nJunk drop (frames to un-pinholed media ports): {} Mpps.\n",
-                fmt_rate(j)
+                "\nJunk drop (frames to un-pinholed media ports): {} Mpps ({} Mpps per generator CPU second).\n",
+                fmt_rate(j),
+                f.junk_drop_cpu_pps.map(fmt_rate).unwrap_or_default()
             ));
         }
         for (n, bps) in &f.tcp {
