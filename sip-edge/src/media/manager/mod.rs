@@ -103,6 +103,8 @@ use std::{
 
 use sip_edge_common::PinholeKey;
 
+use ports::PortSet;
+
 use super::{
     policy::{EndpointPolicy, ExternalSources, Naming, Refusal},
     DialogKey, EndReason, FarMedia, MediaError, SdpRole, Side,
@@ -412,8 +414,8 @@ fn side_ix(s: Side) -> usize {
 #[derive(Clone, Debug)]
 struct PortPool {
     ranges: Vec<PortRange>,
-    reserved: BTreeSet<u16>,
-    used: BTreeSet<u16>,
+    reserved: PortSet,
+    used: PortSet,
     /// Next port to try: allocation rotates through the ranges so a port
     /// just released is not handed out again at once (late packets of the
     /// old call must not reach the new one).
@@ -477,7 +479,7 @@ impl Manager {
         let pool = PortPool {
             ranges: s.port_ranges.clone(),
             reserved: s.reserved_ports.iter().copied().collect(),
-            used: BTreeSet::new(),
+            used: PortSet::new(),
             cursor: 0,
         };
         let policy = EndpointPolicy {
@@ -673,7 +675,7 @@ mod tests {
                 .map(|&(start, end)| PortRange { start, end })
                 .collect(),
             reserved: reserved.iter().copied().collect(),
-            used: BTreeSet::new(),
+            used: PortSet::new(),
             cursor: 0,
         }
     }
@@ -701,6 +703,22 @@ mod tests {
         });
         assert_eq!(p.take(true), None);
         assert_eq!(p.take(false), Some((40005, None)));
+    }
+
+    #[test]
+    fn a_scan_across_taken_ports_finds_the_one_left() {
+        // Whole 64-port words taken are skipped; the port left free in the
+        // middle, and one at the very end of the port space, are found.
+        let mut p = pool(&[(1024, 65535)], &[]);
+        p.used
+            .extend((1024..=65535).filter(|&x| x != 40000 && x != 65535));
+        assert_eq!(p.used.len(), 65535 - 1024 + 1 - 2);
+        assert_eq!(p.take(false), Some((40000, None)));
+        assert_eq!(p.take(false), Some((65535, None)));
+        assert_eq!(p.take(false), None);
+        assert_eq!(p.take(true), None);
+        assert!(p.used.remove(&2001) && p.used.remove(&2000));
+        assert_eq!(p.take(true), Some((2000, Some(2001))));
     }
 
     #[test]

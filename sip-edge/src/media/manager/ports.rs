@@ -3,9 +3,85 @@
 
 use super::*;
 
+/// A set of ports as a 65,536-bit map (8 KiB): the pool's scans test one
+/// bit per port and skip 64 taken ports at a time. With a `BTreeSet` each
+/// test was a tree walk, and a scan across tens of thousands of held ports
+/// made a call set-up cost milliseconds once the ranges were nearly full
+/// (issue #12, scale series at 50k calls).
+#[derive(Clone)]
+pub(super) struct PortSet {
+    words: Box<[u64; 1024]>,
+    len: usize,
+}
+
+impl std::fmt::Debug for PortSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PortSet({} ports)", self.len)
+    }
+}
+
+impl PortSet {
+    pub(super) fn new() -> PortSet {
+        PortSet {
+            words: Box::new([0; 1024]),
+            len: 0,
+        }
+    }
+
+    pub(super) fn contains(&self, p: &u16) -> bool {
+        self.words[usize::from(*p >> 6)] >> (p & 63) & 1 == 1
+    }
+
+    pub(super) fn insert(&mut self, p: u16) -> bool {
+        let (w, bit) = (usize::from(p >> 6), 1u64 << (p & 63));
+        let new = self.words[w] & bit == 0;
+        self.words[w] |= bit;
+        self.len += usize::from(new);
+        new
+    }
+
+    pub(super) fn remove(&mut self, p: &u16) -> bool {
+        let (w, bit) = (usize::from(*p >> 6), 1u64 << (p & 63));
+        let had = self.words[w] & bit != 0;
+        self.words[w] &= !bit;
+        self.len -= usize::from(had);
+        had
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The 64-port word holding `p`.
+    fn word(&self, p: u16) -> u64 {
+        self.words[usize::from(p >> 6)]
+    }
+}
+
+impl Extend<u16> for PortSet {
+    fn extend<I: IntoIterator<Item = u16>>(&mut self, it: I) {
+        for p in it {
+            self.insert(p);
+        }
+    }
+}
+
+impl FromIterator<u16> for PortSet {
+    fn from_iter<I: IntoIterator<Item = u16>>(it: I) -> PortSet {
+        let mut s = PortSet::new();
+        s.extend(it);
+        s
+    }
+}
+
 impl PortPool {
     pub(super) fn usable(&self, p: u16) -> bool {
         p >= MIN_MEDIA_PORT && !self.reserved.contains(&p) && !self.used.contains(&p)
+    }
+
+    /// Whether the 64 ports from `p` (a multiple of 64) are all taken.
+    fn word_full(&self, p: u16) -> bool {
+        self.used.word(p) | self.reserved.word(p) == u64::MAX
     }
 
     /// A single port, or for `pair` an even port with its odd neighbour
@@ -52,6 +128,13 @@ impl PortPool {
                 }
                 let mut p = from;
                 loop {
+                    if p.is_multiple_of(64) && to - p >= 63 && self.word_full(p) {
+                        if to - p == 63 {
+                            break;
+                        }
+                        p += 64;
+                        continue;
+                    }
                     if pair {
                         if p.is_multiple_of(2) && p < to && self.usable(p) && self.usable(p + 1) {
                             self.used.insert(p);
