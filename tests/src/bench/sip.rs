@@ -123,7 +123,7 @@ impl SipSizes {
                 seconds: 8.0,
                 probe_calls: 200,
                 idle_connections: 1000,
-                held_calls: 4000,
+                held_calls: 2000,
             }
         }
     }
@@ -787,7 +787,11 @@ fn edge_bench_config(pin_dir: &Path, pki: &TestPki) -> Result<String, BenchError
     let edits = [
         (
             "port_ranges = [\"40000-40999\"]\n",
-            "port_ranges = [\"20000-29999\"]\nmax_pinholes_per_client = 100000\n",
+            // The held calls of the memory figure carry no media and stay
+            // up for over a minute (`memory_calls`): the time-outs that end
+            // such calls are raised to a day, as in stage `scale`.
+            "port_ranges = [\"20000-29999\"]\nmax_pinholes_per_client = 100000\n\
+             idle_timeout_secs = 86400\nunused_timeout_secs = 86400\n",
         ),
         (
             "[[route]]\n",
