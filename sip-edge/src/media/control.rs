@@ -676,6 +676,15 @@ impl<S: PinholeSink> MediaController<S> {
         self.adopted.len()
     }
 
+    /// Starts this run's journal at `state` with nothing adopted: what
+    /// [`MediaController::recover`] does on a host without pinned maps
+    /// (tests measuring or exercising the journal without the datapath).
+    pub fn open_journal(&mut self, state: &std::path::Path) -> Result<(), adopt::JournalError> {
+        let (j, _old) = Journal::open(state)?;
+        self.journal = Some(j);
+        Ok(())
+    }
+
     /// Records applied ops in the journal (the dialog of each new flow,
     /// the removal of each gone one).
     fn journal_ops(&mut self, ops: &[Op]) {

@@ -24,6 +24,7 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -50,8 +51,9 @@ pub const MAX_BINDINGS: usize = 200_000;
 pub struct Binding {
     /// Side of the edge the party lives on.
     pub side: Side,
-    /// The party's own URI as it sent it.
-    pub original: String,
+    /// The party's own URI as it sent it (shared with the reverse index:
+    /// every call holds two bindings, issue #12).
+    pub original: Arc<str>,
     /// The connection it sent it on, if requests can be sent back over it.
     pub flow: Option<ConnId>,
     /// When the binding is forgotten.
@@ -95,10 +97,12 @@ pub struct Registration {
 /// Token ↔ binding table plus registrations; see the module docs.
 #[derive(Debug)]
 pub struct Bindings {
-    by_token: HashMap<String, Binding>,
+    /// Keyed by the sealed token (over a hundred bytes), which the reverse
+    /// index shares rather than copies.
+    by_token: HashMap<Arc<str>, Binding>,
     /// (side, original, flow) → token, so resending the same Contact does
     /// not mint new tokens.
-    by_original: HashMap<(Side, String, Option<ConnId>), String>,
+    by_original: HashMap<(Side, Arc<str>, Option<ConnId>), Arc<str>>,
     /// Registered AOR (lower-cased `user@host`) → token of the Contact.
     aors: HashMap<String, String>,
     /// Contact token → registration (every registered Contact).
@@ -173,11 +177,12 @@ impl Bindings {
         now: Instant,
     ) -> Option<String> {
         let expires = now + lifetime;
-        let key = (side, original.to_owned(), flow);
+        let original: Arc<str> = Arc::from(original);
+        let key = (side, original.clone(), flow);
         if let Some(t) = self.by_original.get(&key) {
             if let Some(b) = self.by_token.get_mut(t) {
                 b.expires = b.expires.max(expires);
-                return Some(t.clone());
+                return Some(t.to_string());
             }
         }
         if self.by_token.len() >= MAX_BINDINGS {
@@ -186,18 +191,19 @@ impl Bindings {
         // Sealed (`proxy::tokens`): unguessable, so an outside peer cannot
         // address another client's flow, and readable by the nodes that
         // share the key.
-        let token = self.key.seal(side, original);
+        let token = self.key.seal(side, &original);
+        let shared: Arc<str> = Arc::from(token.as_str());
         self.by_token.insert(
-            token.clone(),
+            shared.clone(),
             Binding {
                 side,
-                original: original.to_owned(),
+                original,
                 flow,
                 expires,
                 failed: false,
             },
         );
-        self.by_original.insert(key, token.clone());
+        self.by_original.insert(key, shared);
         Some(token)
     }
 
@@ -246,7 +252,7 @@ impl Bindings {
                     token: token.to_owned(),
                     flow,
                     conn: b.flow,
-                    contact: b.original.clone(),
+                    contact: b.original.to_string(),
                     expires: now + expires,
                     failed: false,
                 },
@@ -275,7 +281,7 @@ impl Bindings {
     /// `side`, if any and alive.
     pub fn registered(&mut self, aor: &str, side: Side, now: Instant) -> Option<(String, Binding)> {
         let token = self.aors.get(&aor.to_ascii_lowercase())?.clone();
-        let b = self.by_token.get(&token)?.clone();
+        let b = self.by_token.get(token.as_str())?.clone();
         (b.expires > now && !b.failed && b.side == side).then_some((token, b))
     }
 
@@ -316,7 +322,7 @@ impl Bindings {
             }
         }
         for t in &keep {
-            if let Some(b) = self.by_token.get_mut(t) {
+            if let Some(b) = self.by_token.get_mut(t.as_str()) {
                 b.failed = true;
             }
         }
@@ -339,10 +345,10 @@ impl Bindings {
         // REGISTER (on a new flow) gets a new one.
         self.by_original
             .retain(|_, t| live.get(t).is_some_and(|b| !b.failed));
-        self.aors.retain(|_, t| live.contains_key(t));
-        self.regs.retain(|t, _| live.contains_key(t));
+        self.aors.retain(|_, t| live.contains_key(t.as_str()));
+        self.regs.retain(|t, _| live.contains_key(t.as_str()));
         self.paths.retain(|_, ts| {
-            ts.retain(|t| live.contains_key(t));
+            ts.retain(|t| live.contains_key(t.as_str()));
             !ts.is_empty()
         });
         self.reindex();

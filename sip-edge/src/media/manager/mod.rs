@@ -392,6 +392,15 @@ impl Dialog {
             .chain(self.transfers.iter().map(|t| (t.id, &t.flow)))
     }
 
+    /// Drops spare capacity: a `Vec` grows to four elements at its first
+    /// push, a call has one or two flows and m-lines, and an established
+    /// call keeps its record for hours (issue #12: bytes per call).
+    fn compact(&mut self) {
+        self.flows.shrink_to_fit();
+        self.slots.shrink_to_fit();
+        self.retired.shrink_to_fit();
+    }
+
     fn reserved(&self) -> u32 {
         let mut n = u32::try_from(self.transfers.len()).unwrap_or(u32::MAX);
         for s in self.slots.iter().flatten() {
@@ -615,6 +624,9 @@ impl Manager {
         };
         match f(self, &mut j) {
             Ok(o) => {
+                if let Some(d) = self.dialogs.get_mut(key) {
+                    d.compact();
+                }
                 self.journal = Some(j);
                 Ok(o)
             }

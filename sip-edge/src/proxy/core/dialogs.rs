@@ -290,7 +290,11 @@ impl Proxy {
             .and_then(|c| c.into_iter().next())
             .and_then(|c| c.sip_uri().ok())
             .and_then(|u| u.userinfo)
-            .and_then(|t| self.bindings.lookup(&t, Instant::now()).map(|b| b.original));
+            .and_then(|t| {
+                self.bindings
+                    .lookup(&t, Instant::now())
+                    .map(|b| b.original.to_string())
+            });
         let from = invite.header("From").unwrap_or_default().to_owned();
         let to = resp.header("To").unwrap_or_default().to_owned();
         let caller_side = callee_side.other();

@@ -204,7 +204,10 @@ pub struct Proxy {
     conns: HashMap<ConnId, ConnInfo>,
     server_txs: HashMap<String, ServerTx>,
     client_txs: HashMap<String, ClientTx>,
-    dialogs: HashMap<DialogKey, Dialog>,
+    /// Boxed: a `Dialog` is several hundred bytes, and a table stores its
+    /// values inline in every bucket, empty ones included (issue #12:
+    /// bytes per established call).
+    dialogs: HashMap<DialogKey, Box<Dialog>>,
     bindings: Bindings,
     retransmits: HashMap<String, Retransmit>,
     /// Client-transaction keys sent on each connection, so a closed
@@ -224,7 +227,7 @@ pub struct Proxy {
     rates: RateLimits,
     /// Dialogs to end with BYE both ways once the message being handled
     /// has been forwarded (a refused answer in an ACK: the ACK first).
-    byes_after: Vec<(DialogKey, Dialog)>,
+    byes_after: Vec<(DialogKey, Box<Dialog>)>,
     counter: u64,
     /// Random per instance (per agent run): the counter restarts at zero on
     /// every start, and RFC 3261 wants branches (§8.1.1.7) and tags

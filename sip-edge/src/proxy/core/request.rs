@@ -265,21 +265,24 @@ impl Proxy {
                     crate::metrics::call_started();
                 }
                 let caller = self.party_id(conn, &info, now);
-                self.dialogs.entry(k.clone()).or_insert(Dialog {
-                    created: now,
-                    caller_side: from_side,
-                    offer_in_invite: false,
-                    awaiting_ack_answer: false,
-                    confirmed: false,
-                    ended: false,
-                    caller_cseq: cseq.seq,
-                    callee_cseq: 0,
-                    to_caller: None,
-                    to_callee: None,
-                    parties: [msg.from(), msg.to()].map(|p| p.map(|n| n.uri).unwrap_or_default()),
-                    caller,
-                    callee: None,
-                    ack_due: None,
+                self.dialogs.entry(k.clone()).or_insert_with(|| {
+                    Box::new(Dialog {
+                        created: now,
+                        caller_side: from_side,
+                        offer_in_invite: false,
+                        awaiting_ack_answer: false,
+                        confirmed: false,
+                        ended: false,
+                        caller_cseq: cseq.seq,
+                        callee_cseq: 0,
+                        to_caller: None,
+                        to_callee: None,
+                        parties: [msg.from(), msg.to()]
+                            .map(|p| p.map(|n| n.uri).unwrap_or_default()),
+                        caller,
+                        callee: None,
+                        ack_due: None,
+                    })
                 });
             }
         }

@@ -286,7 +286,7 @@ impl Proxy {
                     .and_then(|t| self.bindings.lookup(t, now))
                 {
                     if b.side == from_side.other() && !b.original.starts_with("flow:") {
-                        c.uri = b.original;
+                        c.uri = b.original.to_string();
                         c.angle = true;
                     }
                 }
@@ -340,7 +340,7 @@ impl Proxy {
                         let same = self
                             .bindings
                             .lookup(&token, now)
-                            .is_some_and(|b| b.original == r.uri);
+                            .is_some_and(|b| *b.original == *r.uri);
                         same.then(|| {
                             r.params
                                 .get("expires")

@@ -400,7 +400,7 @@ impl Proxy {
     pub(super) fn send_byes(
         &mut self,
         k: &DialogKey,
-        d: Dialog,
+        d: Box<Dialog>,
         now: Instant,
         out: &mut Vec<Outgoing>,
     ) {
