@@ -40,7 +40,10 @@ use tracing::{debug, info, warn};
 use super::{Event, Refused};
 use crate::{
     proxy::{ConnId, ConnInfo, HopTarget},
-    sip::framer::{Frame, FrameError, Framer, FramerLimits, KeepAliveRole, PING, PONG},
+    sip::{
+        framer::{Frame, FrameError, Framer, FramerLimits, KeepAliveRole, PING, PONG},
+        message::Message,
+    },
 };
 
 /// Messages queued for one connection before the driver treats it as stuck.
@@ -218,7 +221,17 @@ pub async fn run<S>(
                     match next {
                         Ok(Some(Frame::Message(raw))) => {
                             let bytes: Bytes = raw.into_bytes();
-                            if events.send(Event::Message { conn, bytes }).await.is_err() {
+                            // Parsed here, in parallel with other
+                            // connections, not in the one driver task; a
+                            // message that fails goes as bytes and the
+                            // driver answers it.
+                            let parsed = Message::parse(&bytes).ok().map(Box::new);
+                            let ev = Event::Message {
+                                conn,
+                                bytes,
+                                parsed,
+                            };
+                            if events.send(ev).await.is_err() {
                                 return "driver gone";
                             }
                         }
