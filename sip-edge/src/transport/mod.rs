@@ -653,8 +653,6 @@ async fn drive(
     };
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut batch = Vec::with_capacity(order::BATCH);
-    // Events taken from `events` and not handled yet (`order::Queue`).
-    let mut queue = order::Queue::default();
     tokio::pin!(shutdown);
     loop {
         // Timer A/E (UDP only) need sub-second precision: sleep until the
@@ -664,19 +662,16 @@ async fn drive(
             .next_retransmit()
             .map(tokio::time::Instant::from_std);
         tokio::select! {
-            n = events.recv_many(&mut batch, order::BATCH), if queue.is_empty() => {
+            n = events.recv_many(&mut batch, order::BATCH) => {
                 if n == 0 {
                     break;
                 }
-                for ev in batch.drain(..) {
-                    queue.push(ev);
+                // Responses first (`order`): a queued 200 OK no longer
+                // waits behind every new request queued before it.
+                for ev in order::prioritized(&mut batch) {
+                    d.event(ev);
                 }
-                d.handle_queued(&mut queue, &mut events);
-            }
-            // Left over from the last round (the other branches get their
-            // turn in between).
-            () = std::future::ready(()), if !queue.is_empty() => {
-                d.handle_queued(&mut queue, &mut events);
+                crate::metrics::calls_active(d.proxy.live().2);
             }
             Some(req) = control.recv() => d.control(req),
             Some(cmd) = commands.recv() => d.live(cmd),
@@ -711,25 +706,6 @@ async fn drive(
 }
 
 impl Driver {
-    /// Handles up to `order::BATCH` events of `queue`, responses first
-    /// (`order`): a queued 200 OK does not wait behind the new requests
-    /// queued before it. What arrived meanwhile is pulled in after each
-    /// event, so a response waits for one event, not for the rest of a
-    /// batch taken before it came (issue #12: install p99 under load).
-    fn handle_queued(&mut self, queue: &mut order::Queue, events: &mut mpsc::Receiver<Event>) {
-        for _ in 0..order::BATCH {
-            let Some(ev) = queue.pop() else { break };
-            self.event(ev);
-            while queue.len() < order::LOOKAHEAD {
-                match events.try_recv() {
-                    Ok(ev) => queue.push(ev),
-                    Err(_) => break,
-                }
-            }
-        }
-        crate::metrics::calls_active(self.proxy.live().2);
-    }
-
     /// A flow that carries a live registration stays open until the
     /// registration expires, idle or not (see `conn`).
     fn hold_registered_flows(&self, now: Instant) {

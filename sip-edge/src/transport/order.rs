@@ -28,11 +28,6 @@ use super::Event;
 /// Most events taken from the queue at once.
 pub const BATCH: usize = 64;
 
-/// Most events pulled out of the driver's queue ahead of handling them
-/// ([`Queue`]); beyond it they stay in the bounded channel, so connection
-/// tasks still wait when the driver falls behind.
-pub const LOOKAHEAD: usize = 4 * BATCH;
-
 /// Whether `bytes` is a SIP response (Status-Line, RFC 3261 §7.2: the
 /// version first; ABNF literals match any case).
 fn is_response(bytes: &[u8]) -> bool {
@@ -52,55 +47,9 @@ fn first(ev: &Event) -> bool {
 
 /// The events of `batch` in the order to handle them (see the module
 /// documentation); `batch` is left empty for the next receive.
-#[cfg(test)]
 pub fn prioritized(batch: &mut Vec<Event>) -> impl Iterator<Item = Event> {
-    let mut q = Queue::default();
-    for ev in batch.drain(..) {
-        q.push(ev);
-    }
-    std::iter::from_fn(move || q.pop())
-}
-
-/// The events taken from the driver's queue and not handled yet, in the
-/// two groups of the module documentation.
-///
-/// The driver pulls what has been queued meanwhile after every event it
-/// handles (issue #12, install p99 at 16 workers): a response that
-/// arrives while a batch is being handled goes ahead of the batch's
-/// remaining requests, not behind all of them. The rules are those of a
-/// batch: a group is handled only when the first is empty, each group
-/// in queue order; a connection's `Closing`/`Closed` is pulled after
-/// every message it sent, so it is still handled after them.
-#[derive(Default)]
-pub struct Queue {
-    first: std::collections::VecDeque<Event>,
-    second: std::collections::VecDeque<Event>,
-}
-
-impl Queue {
-    /// Adds an event pulled from the driver's queue.
-    pub fn push(&mut self, ev: Event) {
-        if first(&ev) {
-            self.first.push_back(ev);
-        } else {
-            self.second.push_back(ev);
-        }
-    }
-
-    /// The next event to handle.
-    pub fn pop(&mut self) -> Option<Event> {
-        self.first.pop_front().or_else(|| self.second.pop_front())
-    }
-
-    /// Events waiting.
-    pub fn len(&self) -> usize {
-        self.first.len() + self.second.len()
-    }
-
-    /// Nothing left to handle.
-    pub fn is_empty(&self) -> bool {
-        self.first.is_empty() && self.second.is_empty()
-    }
+    let (a, b): (Vec<Event>, Vec<Event>) = batch.drain(..).partition(first);
+    a.into_iter().chain(b)
 }
 
 #[cfg(test)]
@@ -180,37 +129,6 @@ mod tests {
                 "closing 2",
                 "ACK sip 1",
                 "closed 1",
-            ]
-        );
-    }
-
-    /// A response pulled while requests of an earlier pull wait goes
-    /// before them; a connection's close still follows its messages.
-    #[test]
-    fn a_response_pulled_later_overtakes_the_requests_still_waiting() {
-        let mut q = Queue::default();
-        for ev in [
-            msg(1, "INVITE sips:b@x SIP/2.0\r\n"),
-            msg(2, "INVITE sips:c@x SIP/2.0\r\n"),
-            msg(3, "INVITE sips:d@x SIP/2.0\r\n"),
-        ] {
-            q.push(ev);
-        }
-        let mut order = vec![label(&q.pop().expect("first"))];
-        q.push(msg(4, "SIP/2.0 200 OK\r\n"));
-        q.push(Event::Closed { conn: 4 });
-        while let Some(ev) = q.pop() {
-            order.push(label(&ev));
-        }
-        assert!(q.is_empty());
-        assert_eq!(
-            order,
-            vec![
-                "INVITE  1",
-                "SIP/2.0 4",
-                "INVITE  2",
-                "INVITE  3",
-                "closed 4"
             ]
         );
     }
