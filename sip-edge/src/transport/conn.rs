@@ -40,10 +40,7 @@ use tracing::{debug, info, warn};
 use super::{Event, Refused};
 use crate::{
     proxy::{ConnId, ConnInfo, HopTarget},
-    sip::{
-        framer::{Frame, FrameError, Framer, FramerLimits, KeepAliveRole, PING, PONG},
-        message::Message,
-    },
+    sip::framer::{Frame, FrameError, Framer, FramerLimits, KeepAliveRole, PING, PONG},
 };
 
 /// Messages queued for one connection before the driver treats it as stuck.
@@ -221,17 +218,7 @@ pub async fn run<S>(
                     match next {
                         Ok(Some(Frame::Message(raw))) => {
                             let bytes: Bytes = raw.into_bytes();
-                            // Parsed here, in parallel with other
-                            // connections, not in the one driver task; a
-                            // message that fails goes as bytes and the
-                            // driver answers it.
-                            let parsed = Message::parse(&bytes).ok().map(Box::new);
-                            let ev = Event::Message {
-                                conn,
-                                bytes,
-                                parsed,
-                            };
-                            if events.send(ev).await.is_err() {
+                            if events.send(Event::Message { conn, bytes }).await.is_err() {
                                 return "driver gone";
                             }
                         }

@@ -117,11 +117,6 @@ pub enum Event {
         conn: ConnId,
         /// The message bytes.
         bytes: Bytes,
-        /// `bytes` already parsed by the connection task (issue #12: the
-        /// one driver task was the bottleneck, parsing was a tenth of its
-        /// time and needs nothing of its state); `None`: the driver parses
-        /// (and answers a parse error).
-        parsed: Option<Box<crate::sip::message::Message>>,
     },
     /// The connection's reader stopped (the peer closed its side, or
     /// framing failed): the driver answers `refused` if any, then drops its
@@ -760,12 +755,8 @@ impl Driver {
                     }
                 }
             }
-            Event::Message {
-                conn,
-                bytes,
-                parsed,
-            } => {
-                let out = self.proxy.on_parsed_message(conn, &bytes, parsed, now);
+            Event::Message { conn, bytes } => {
+                let out = self.proxy.on_message(conn, &bytes, now);
                 self.send_all(out);
             }
             Event::Closing { conn, refused } => {

@@ -66,7 +66,6 @@ mod tests {
         Event::Message {
             conn,
             bytes: Bytes::from_static(text.as_bytes()),
-            parsed: None,
         }
     }
 
@@ -74,7 +73,7 @@ mod tests {
         match ev {
             Event::Opened { conn, .. } => format!("open {conn}"),
             Event::Identity { conn, .. } => format!("id {conn}"),
-            Event::Message { conn, bytes, .. } => format!(
+            Event::Message { conn, bytes } => format!(
                 "{} {conn}",
                 String::from_utf8_lossy(bytes.get(..7).unwrap_or_default())
             ),

@@ -220,11 +220,7 @@ async fn pseudo_conn(
                     },
                     Datagram::KeepAlive => debug!("UDP keep-alive"),
                     Datagram::Message(bytes) => {
-                        if events.send(Event::Message {
-                            conn,
-                            bytes,
-                            parsed: None,
-                        }).await.is_err() {
+                        if events.send(Event::Message { conn, bytes }).await.is_err() {
                             break "driver gone";
                         }
                     }

@@ -470,29 +470,12 @@ impl Proxy {
 
     /// A framed message arrived on `conn`.
     pub fn on_message(&mut self, conn: ConnId, raw: &[u8], now: Instant) -> Vec<Outgoing> {
-        self.on_parsed_message(conn, raw, None, now)
-    }
-
-    /// [`Proxy::on_message`] with `raw` already parsed into `parsed`
-    /// (`Message::parse(raw)`, done by the connection task, off the one
-    /// task that runs the core); `None`: parsed here.
-    pub fn on_parsed_message(
-        &mut self,
-        conn: ConnId,
-        raw: &[u8],
-        parsed: Option<Box<Message>>,
-        now: Instant,
-    ) -> Vec<Outgoing> {
         let mut out = Vec::new();
         let Some(info) = self.conns.get(&conn).copied() else {
             warn!(conn, "message on unknown connection dropped");
             return out;
         };
-        let parsed = match parsed {
-            Some(m) => Ok(*m),
-            None => Message::parse(raw),
-        };
-        let mut msg = match parsed {
+        let mut msg = match Message::parse(raw) {
             Ok(m) => m,
             Err(e) => {
                 if info.proto == Proto::Udp {
