@@ -77,7 +77,13 @@ impl Proxy {
         let offer_in_request = c.offer_in_request;
         let server_key = c.server_key.clone();
         let cancelled = c.cancel != Cancel::None;
-        let forwarded_invite = c.request.clone();
+        // The forwarded request, for what a final INVITE or REGISTER
+        // response derives from it (ACK, dialog, registration); a
+        // provisional or a BYE's 200 needs none (issue #12: cloning the
+        // whole request for every response was per-call work in the
+        // driver).
+        let forwarded_invite = (code >= 200 && matches!(method.as_str(), "INVITE" | "REGISTER"))
+            .then(|| c.request.clone());
         if code >= 200 {
             c.final_code = Some(code);
             // 2xx to an INVITE: RFC 6026 Accepted state keeps forwarding 2xx
@@ -93,11 +99,13 @@ impl Proxy {
         }
         if method == "INVITE" && code >= 300 {
             // §17.1.1.3: the ACK for a non-2xx is ours to send.
-            out.push(Outgoing {
-                dest: Dest::Conn(conn),
-                bytes: build::ack_for(&forwarded_invite, &msg),
-                client_tx: None,
-            });
+            if let Some(req) = &forwarded_invite {
+                out.push(Outgoing {
+                    dest: Dest::Conn(conn),
+                    bytes: build::ack_for(req, &msg),
+                    client_tx: None,
+                });
+            }
             if retransmitted_2xx {
                 self.stats.retransmissions_absorbed += 1;
                 return;
@@ -115,8 +123,10 @@ impl Proxy {
             self.stats.retransmissions_absorbed += 1;
             return;
         }
-        if method == "REGISTER" && code >= 200 {
-            self.note_register_result(stx_conn, &forwarded_invite, code, now);
+        if method == "REGISTER" {
+            if let Some(req) = &forwarded_invite {
+                self.note_register_result(stx_conn, req, code, now);
+            }
         }
         let _ = msg.pop_top_via();
         let callee_tag = msg.to_tag().ok().flatten();
@@ -187,8 +197,8 @@ impl Proxy {
             strip_unhandled_media_body(&mut msg);
         }
         if (200..300).contains(&code) && method == "INVITE" {
-            if let Some(k) = &dialog {
-                self.confirm_dialog(k, &forwarded_invite, &msg, stx_conn, conn, info.side);
+            if let (Some(k), Some(req)) = (&dialog, &forwarded_invite) {
+                self.confirm_dialog(k, req, &msg, stx_conn, conn, info.side);
                 let due = now + self.settings.ack_timeout;
                 if let Some(d) = self.dialogs.get_mut(k) {
                     d.ack_due.get_or_insert(due);
@@ -202,7 +212,9 @@ impl Proxy {
             warn!(why = %r.why, "Contact rewrite failed; forwarding as is");
         }
         if method == "REGISTER" && (200..300).contains(&code) {
-            self.learn_registration(&msg, &forwarded_invite, now);
+            if let Some(req) = &forwarded_invite {
+                self.learn_registration(&msg, req, now);
+            }
             if info.side == Side::Internal {
                 // The registrar echoes the Path (RFC 3327 §5.3); the edge's
                 // entry names its inside address, which a remote user has
