@@ -437,7 +437,7 @@ impl PortPool {}
 #[derive(Debug)]
 struct Journal {
     key: DialogKey,
-    before: Option<Dialog>,
+    before: Option<Box<Dialog>>,
     allocated: Vec<Block>,
     freed: Vec<Block>,
 }
@@ -448,7 +448,9 @@ pub struct Manager {
     s: Settings,
     policy: EndpointPolicy,
     pool: PortPool,
-    dialogs: BTreeMap<DialogKey, Dialog>,
+    /// Boxed: a `Dialog` is a few hundred bytes, and a B-tree node holds
+    /// eleven values inline whether used or not.
+    dialogs: BTreeMap<DialogKey, Box<Dialog>>,
     ids: index::FlowIndex,
     per_client: HashMap<IpAddr, u32>,
     total_flows: u32,

@@ -92,7 +92,7 @@ impl Manager {
             }
             self.dialogs.insert(
                 key.clone(),
-                Dialog {
+                Box::new(Dialog {
                     created: now,
                     client: None,
                     counted: (None, 0),
@@ -109,7 +109,7 @@ impl Manager {
                     far_media: FarMedia::Config,
                     seen: Vec::new(),
                     transfers: Vec::new(),
-                },
+                }),
             );
         }
         if let Some(d) = self.dialogs.get_mut(key) {

@@ -137,7 +137,7 @@ impl Manager {
         }
         self.dialogs.insert(
             key.clone(),
-            Dialog {
+            Box::new(Dialog {
                 created: now,
                 client: sources[0],
                 counted: (None, 0),
@@ -156,7 +156,7 @@ impl Manager {
                 far_media,
                 seen: Vec::new(),
                 transfers: Vec::new(),
-            },
+            }),
         );
         self.recount(key);
         Ok(())
