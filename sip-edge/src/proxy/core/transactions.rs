@@ -391,6 +391,14 @@ impl Proxy {
             self.media.on_dialog_end(&k, None, EndReason::Timeout, now);
             self.dialogs.remove(&k);
         }
+        // A burst of set-ups leaves the tables sized for it once their
+        // transactions end (64*T1 after a 2xx): give the room back when
+        // they are three-quarters empty, so the agent's memory follows
+        // the calls it holds rather than its busiest half-minute.
+        shrink_idle(&mut self.server_txs);
+        shrink_idle(&mut self.client_txs);
+        shrink_idle(&mut self.sent_on);
+        shrink_idle(&mut self.dialogs);
         out.extend(self.on_retransmit(now));
         out
     }
@@ -438,5 +446,34 @@ impl Proxy {
                 client_tx: Some(ctx_key(&branch, "BYE")),
             });
         }
+    }
+}
+
+/// Shrinks `m` to twice its length when it uses under a quarter of its
+/// room (tables of a few hundred entries are left alone).
+fn shrink_idle<K: std::hash::Hash + Eq, V>(m: &mut std::collections::HashMap<K, V>) {
+    if m.capacity() > 1024 && m.len() < m.capacity() / 4 {
+        m.shrink_to(m.len() * 2);
+    }
+}
+
+#[cfg(test)]
+mod shrink_tests {
+    use std::collections::HashMap;
+
+    #[test]
+    fn tables_emptied_after_a_burst_give_their_room_back() {
+        let mut m: HashMap<u32, [u8; 64]> = (0..10_000).map(|i| (i, [0; 64])).collect();
+        m.retain(|k, _| *k < 10);
+        let burst = m.capacity();
+        super::shrink_idle(&mut m);
+        assert!(m.capacity() < burst / 100, "{} of {burst}", m.capacity());
+        assert_eq!(m.len(), 10);
+        // A table still a third full keeps its room (no shrink/grow churn).
+        let mut busy: HashMap<u32, u8> = (0..3000).map(|i| (i, 0)).collect();
+        busy.retain(|k, _| *k < 1500);
+        let cap = busy.capacity();
+        super::shrink_idle(&mut busy);
+        assert_eq!(busy.capacity(), cap);
     }
 }
