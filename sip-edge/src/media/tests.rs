@@ -744,62 +744,48 @@ fn an_answer_declining_rtcp_mux_gets_rtcp_through_the_edge() {
     // Accepted mux: one flow, the RTCP port unused.
     let d = dialog(711);
     let ports0 = h.c.manager().ports_in_use();
-    h.sdp(
-        &d,
-        SdpRole::Offer,
-        Side::Internal,
-        CLIENT,
-        &format!("{INSIDE_OFFER}a=rtcp-mux\r\n"),
-    )
-    .expect("mux offer");
     let before = h.installed();
-    h.sdp(
-        &d,
-        SdpRole::Answer,
-        Side::External,
-        PEER,
-        &audio("198.51.100.2", 7080, "a=rtcp-mux\r\n"),
-    )
-    .expect("mux answer");
+    // Offer from inside (with or without mux), answer from outside; the
+    // edge's offer as the outside sees it.
+    let exchange = |h: &mut H, offer_mux: &str, answer_mux: &str| -> String {
+        let out = h
+            .sdp(
+                &d,
+                SdpRole::Offer,
+                Side::Internal,
+                CLIENT,
+                &format!("{INSIDE_OFFER}{offer_mux}"),
+            )
+            .expect("offer");
+        h.sdp(
+            &d,
+            SdpRole::Answer,
+            Side::External,
+            PEER,
+            &audio("198.51.100.2", 7080, answer_mux),
+        )
+        .expect("answer");
+        out
+    };
+    let mux = "a=rtcp-mux\r\n";
+    let first = exchange(&mut h, mux, mux);
     assert_eq!(h.installed() - before, 1);
     // The RTCP ports kept for a declined mux go back: one port per edge
     // address (two in relay mode) for the accepted mux stream.
     assert_eq!(h.c.manager().ports_in_use() - ports0, 2);
     // A re-offer with mux keeps the stream's edge ports and its flow.
-    let again = h
-        .sdp(
-            &d,
-            SdpRole::Offer,
-            Side::Internal,
-            CLIENT,
-            &format!("{INSIDE_OFFER}a=rtcp-mux\r\n"),
-        )
-        .expect("mux re-offer");
-    let edge = m_port(&again);
-    h.sdp(
-        &d,
-        SdpRole::Answer,
-        Side::External,
-        PEER,
-        &audio("198.51.100.2", 7080, "a=rtcp-mux\r\n"),
-    )
-    .expect("mux answer again");
+    let again = exchange(&mut h, mux, mux);
+    assert_eq!(m_port(&again), m_port(&first), "{again}");
     assert_eq!(h.installed() - before, 1);
     assert_eq!(h.c.manager().ports_in_use() - ports0, 2);
     // A re-offer without mux needs RTCP again: a new pair, and the answer
     // without mux gets its RTCP flow.
-    let plain = h
-        .sdp(&d, SdpRole::Offer, Side::Internal, CLIENT, INSIDE_OFFER)
-        .expect("re-offer without mux");
-    assert_ne!(m_port(&plain), edge, "a fresh pair for RTP and RTCP");
-    h.sdp(
-        &d,
-        SdpRole::Answer,
-        Side::External,
-        PEER,
-        &audio("198.51.100.2", 7080, ""),
-    )
-    .expect("answer without mux");
+    let plain = exchange(&mut h, "", "");
+    assert_ne!(
+        m_port(&plain),
+        m_port(&first),
+        "a fresh pair for RTP and RTCP"
+    );
     assert_eq!(h.installed() - before, 2, "RTP and RTCP");
 }
 
