@@ -37,8 +37,8 @@ use sip_edge::datapath::{
     writer,
 };
 use sip_edge_common::{
-    dst_port_index, map_names, EdgeList, Settings, MAP_LAYOUT_VERSION, POLICY_DROP, PROTO_TCP,
-    PROTO_UDP,
+    dst_port_index, map_names, EdgeList, PinholeState, Settings, MAP_LAYOUT_VERSION, POLICY_DROP,
+    PROTO_TCP, PROTO_UDP, SLOT_IN_USE,
 };
 use sip_edge_tests::testnet;
 
@@ -489,4 +489,78 @@ fn pins_of_another_layout_version_are_refused_with_an_explanation() {
             "CLI error: {stderr}"
         );
     }
+}
+
+/// A writer killed between marking a `PH_STATE` slot taken and inserting
+/// its rule leaves a slot marked with no rule (a leak). The opposite, a
+/// live rule whose slot reads free, would hand that slot to the next flow
+/// (two flows sharing counters and latch). The owner's load reconciles the
+/// marks with `PINHOLES`; without the reconciliation both marks stay wrong
+/// (checked: the test fails at the first assertion after the reload).
+#[test]
+fn slot_marks_left_wrong_by_a_killed_writer_are_repaired_at_load() {
+    const NAME: &str = "crash_races::slot_marks_left_wrong_by_a_killed_writer_are_repaired_at_load";
+    let Some((p, mut agent)) = pins(NAME, "marks", MEDIA) else {
+        return;
+    };
+    let nat = |client: &str, public: u16| Flow::Nat {
+        proto: Proto::Udp,
+        client: sa(client),
+        public: sa(&format!("203.0.113.1:{public}")),
+        peer: sa("198.51.100.2:5000"),
+        latch_peer: false,
+        learn_port: LearnPort::Neither,
+    };
+    // The nat rule matching the client's source lives in PINHOLES with a
+    // PH_STATE slot (no SLOT_DST bit).
+    let (_, live) = agent
+        .add_flow(&nat("10.77.0.2:4000", MEDIA.0))
+        .expect("nat flow");
+    assert_eq!(live & sip_edge_common::SLOT_DST, 0, "a PH_STATE slot");
+    drop(agent);
+    let state = || {
+        let data = MapData::from_pin(p.dir.join(map_names::PH_STATE)).expect("PH_STATE pin");
+        let a: Array<MapData, PinholeState> =
+            Array::try_from(Map::from_map_data(data).expect("map")).expect("array");
+        a
+    };
+    let mark = |slot: u32| state().get(&slot, 0).expect("slot").latch.slot_mark;
+    assert_eq!(mark(live), SLOT_IN_USE, "an installed rule marks its slot");
+    let leaked = (0..1024)
+        .find(|s| *s != live && mark(*s) == 0)
+        .expect("a free slot");
+    // The killed writers' leftovers.
+    let mut st = state().get(&leaked, 0).expect("slot");
+    st.latch.slot_mark = SLOT_IN_USE;
+    state()
+        .set(leaked, st, 0)
+        .expect("mark a slot without a rule");
+    let mut st = state().get(&live, 0).expect("slot");
+    st.latch.slot_mark = 0;
+    state().set(live, st, 0).expect("clear a live rule's mark");
+    // The agent restarts over its pins.
+    let mut ebpf = loader::load(
+        loader::MapSizes {
+            max_pinholes: 1024,
+            dst_slots: settings(MEDIA).dst_slots(),
+        },
+        Some(&p.dir),
+    )
+    .expect("re-adopt the pins");
+    let mut agent = DatapathMaps::from_ebpf_pinned(&mut ebpf, &p.dir).expect("maps");
+    assert_eq!(
+        mark(live),
+        SLOT_IN_USE,
+        "the live rule's slot is marked again"
+    );
+    assert_eq!(mark(leaked), 0, "the leaked slot is free again");
+    let (_, next) = agent
+        .add_flow(&nat("10.77.0.3:4000", MEDIA.0 + 2))
+        .expect("another nat flow");
+    assert_ne!(
+        next, live,
+        "the next flow never shares the live rule's slot"
+    );
+    drop(agent);
+    drop(ebpf);
 }
