@@ -662,10 +662,9 @@ async fn drive(
                     break;
                 }
                 // Responses first (`order`): a queued 200 OK no longer
-                // waits behind every new request queued before it.
-                for ev in order::prioritized(&mut batch) {
-                    d.event(ev);
-                }
+                // waits behind every new request queued before it, nor
+                // behind those taken before it arrived.
+                order::run(&mut batch, || events.try_recv().ok(), |ev| d.event(ev));
                 crate::metrics::calls_active(d.proxy.live().2);
             }
             Some(req) = control.recv() => d.control(req),
