@@ -1016,7 +1016,7 @@ fn run_levels(
         )?;
         let load_wall = t0.elapsed().as_secs_f64();
         let load_cpu = cpu() - c0;
-        let install = sip::install_latency(topo, pki, &pin_dir, t, sizes.probe_calls, 0)?;
+        let install = sip::install_latency(topo, pki, &pin_dir, t, sizes.probe_calls, 0, false)?;
         let mut refresh = holder.refresh_stop()?;
         let (refreshes, refresh_failed, refresh_p99_ms) = refresh_figures(&mut refresh);
         let held = held_total;

@@ -157,11 +157,11 @@ fn sip_table(x: &sip::SipStage) -> String {
             r.setup_p99_ms
         ));
     }
-    s.push_str("\n| pinhole install (200 OK → rule visible in the maps) | calls | p50 ms | p99 ms | max ms |\n|---|---:|---:|---:|---:|\n");
+    s.push_str("\n| pinhole install (200 OK → rule visible in the maps) | calls | p50 ms | p99 ms | max ms | load calls/s |\n|---|---:|---:|---:|---:|---:|\n");
     for l in &x.install {
         s.push_str(&format!(
-            "| sip-edge, {} | {} | {:.2} | {:.2} | {:.2} |\n",
-            l.condition, l.calls, l.p50_ms, l.p99_ms, l.max_ms
+            "| sip-edge, {} | {} | {:.2} | {:.2} | {:.2} | {:.0} |\n",
+            l.condition, l.calls, l.p50_ms, l.p99_ms, l.max_ms, l.background_calls_per_s
         ));
     }
     if let Some(w) = &x.writer {
