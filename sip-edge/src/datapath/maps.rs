@@ -228,25 +228,30 @@ pub struct DatapathMaps {
     slot_keys: std::collections::HashMap<u32, PinholeKey>,
 }
 
-/// An mmapable ARRAY map mapped shared into this process.
-struct Mapped {
+/// An mmapable ARRAY map whose values are `T`s, mapped shared into this
+/// process.
+struct Mapped<T> {
     /// Keeps the map alive.
     _map: MapData,
-    /// Start of the mapping (page-aligned: value `i` at `i * value_size`).
+    /// Start of the mapping (page-aligned: value `i` at
+    /// `i * size_of::<T>()`).
     base: *mut u8,
     /// Bytes mapped.
     len: usize,
     /// Entries.
     entries: u32,
+    _values: std::marker::PhantomData<T>,
 }
 
 // SAFETY: the mapping is shared memory, accessed through atomics or
 // volatile copies with the ordering documented at each use; the pointer is
 // owned by this struct and unmapped once, on drop.
-unsafe impl Send for Mapped {}
+unsafe impl<T> Send for Mapped<T> {}
 
-impl Mapped {
-    fn new(name: &'static str, map: Map, value_size: u32) -> Result<Self, MapsError> {
+impl<T> Mapped<T> {
+    /// Maps `map`, whose value size must be `size_of::<T>()`.
+    fn new(name: &'static str, map: Map) -> Result<Self, MapsError> {
+        let value_size = size_of::<T>() as u32;
         let Map::Array(data) = map else {
             return Err(MapsError::Open {
                 name,
@@ -287,11 +292,22 @@ impl Mapped {
             base: p.cast(),
             len,
             entries,
+            _values: std::marker::PhantomData,
         })
+    }
+
+    /// Value `idx`; `None` past the end. A pointer into shared memory: the
+    /// datapath may change the value at any time, so callers read and
+    /// write it with atomics or volatile copies.
+    fn at(&self, idx: u32) -> Option<*mut T> {
+        // SAFETY: idx < entries, so the value lies inside the mapping;
+        // aligned for `T` as every value type here has a size that is a
+        // multiple of its alignment, from a page-aligned base.
+        (idx < self.entries).then(|| unsafe { self.base.add(idx as usize * size_of::<T>()).cast() })
     }
 }
 
-impl Drop for Mapped {
+impl<T> Drop for Mapped<T> {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly the mapping made in `new`.
         unsafe {
@@ -306,7 +322,7 @@ impl Drop for Mapped {
 /// loop at tens of thousands of calls (issue #12, scale series). Reads and
 /// the reset at install are plain memory accesses instead.
 struct StateTable {
-    map: Mapped,
+    map: Mapped<PinholeState>,
     /// Where the next free-slot search starts (see `free_slots`).
     cursor: std::cell::Cell<u32>,
 }
@@ -314,7 +330,7 @@ struct StateTable {
 impl StateTable {
     fn new(map: Map) -> Result<Self, MapsError> {
         Ok(StateTable {
-            map: Mapped::new(map_names::PH_STATE, map, size_of::<PinholeState>() as u32)?,
+            map: Mapped::new(map_names::PH_STATE, map)?,
             cursor: std::cell::Cell::new(0),
         })
     }
@@ -324,15 +340,7 @@ impl StateTable {
     }
 
     fn at(&self, slot: u32) -> Option<*mut PinholeState> {
-        // SAFETY (of the pointer's use by the callers): slot < entries, so
-        // the value lies inside the mapping; values are 8-byte aligned
-        // (80-byte stride from a page-aligned base).
-        (slot < self.map.entries).then(|| unsafe {
-            self.map
-                .base
-                .add(slot as usize * size_of::<PinholeState>())
-                .cast::<PinholeState>()
-        })
+        self.map.at(slot)
     }
 
     /// The 64-bit word holding `latch_state`, `latched_port` and
@@ -421,7 +429,7 @@ impl StateTable {
 /// `PORT_POLICY`, mapped: every install checks its edge ports against the
 /// media ranges, and a lookup copied the whole 16 KiB bitmap out of the
 /// kernel each time (a fifth of an install's cost); a bit is one load here.
-struct PolicyTable(Mapped);
+struct PolicyTable(Mapped<PortPolicy>);
 
 impl PolicyTable {
     fn word(&self, i: usize) -> &AtomicU64 {
@@ -451,11 +459,11 @@ impl PolicyTable {
 /// `DST_PORTS`: counts of `MATCH_DST` rules per (protocol, port), changed
 /// with atomic adds so the agent and a concurrent CLI never lose each
 /// other's updates.
-struct DstPorts(Mapped);
+struct DstPorts(Mapped<AtomicU64>);
 
 impl DstPorts {
     fn new(map: Map) -> Result<Self, MapsError> {
-        let m = Mapped::new(map_names::DST_PORTS, map, 8)?;
+        let m = Mapped::new(map_names::DST_PORTS, map)?;
         if m.entries != DST_PORT_SLOTS {
             return Err(MapsError::Mmap {
                 name: map_names::DST_PORTS,
@@ -465,15 +473,17 @@ impl DstPorts {
         Ok(DstPorts(m))
     }
 
-    fn at(&self, idx: u32) -> &AtomicU64 {
-        // SAFETY: idx < DST_PORT_SLOTS (checked in `new`; `dst_port_index`
-        // is at most 2^17 - 1), each element an 8-byte aligned u64.
-        unsafe { &*self.0.base.add(idx as usize * 8).cast::<AtomicU64>() }
+    fn at(&self, idx: u32) -> Option<&AtomicU64> {
+        // SAFETY: a value inside the mapping (bounds checked by `at`),
+        // valid while `self` lives; an `AtomicU64` has the layout of the
+        // map's u64.
+        self.0.at(idx).map(|p| unsafe { &*p })
     }
 
     fn counter(&self, key: &PinholeKey) -> Option<&AtomicU64> {
         (key.match_on == MATCH_DST)
             .then(|| self.at(dst_port_index(key.proto, u16::from_be(key.port))))
+            .flatten()
     }
 
     /// Count a rule on `key` (before it becomes visible).
@@ -500,7 +510,9 @@ impl DstPorts {
             counts[dst_port_index(k.proto, u16::from_be(k.port)) as usize] += 1;
         }
         for (i, n) in counts.into_iter().enumerate() {
-            self.at(i as u32).store(n, Ordering::SeqCst);
+            if let Some(c) = self.at(i as u32) {
+                c.store(n, Ordering::SeqCst);
+            }
         }
     }
 }
@@ -511,15 +523,15 @@ impl DstPorts {
 /// copy, flipping `DST_SEL` with `DST_HOT` cleared, rewriting the hot copy
 /// and setting `DST_HOT` again; removes by storing 0 (keeping `DST_OVF`).
 struct DstTable {
-    hot: Mapped,
-    cold: Mapped,
+    hot: Mapped<DstEntry>,
+    cold: Mapped<DstCold>,
 }
 
 /// One step of the sequence in `ctl` (bits `DST_CTL_SEQ_SHIFT..`).
 const SEQ_STEP: u32 = 1 << DST_CTL_SEQ_SHIFT;
 
 impl DstTable {
-    fn new(hot: Mapped, cold: Mapped) -> Result<Self, MapsError> {
+    fn new(hot: Mapped<DstEntry>, cold: Mapped<DstCold>) -> Result<Self, MapsError> {
         if cold.entries != hot.entries {
             return Err(MapsError::Mmap {
                 name: map_names::PH_DST_COLD,
@@ -539,23 +551,11 @@ impl DstTable {
     }
 
     fn entry(&self, idx: u32) -> Option<*mut DstEntry> {
-        // SAFETY: in bounds when idx < entries; values are 64-byte strided.
-        (idx < self.hot.entries).then(|| unsafe {
-            self.hot
-                .base
-                .add(idx as usize * size_of::<DstEntry>())
-                .cast()
-        })
+        self.hot.at(idx)
     }
 
     fn cold(&self, idx: u32) -> Option<*mut DstCold> {
-        // SAFETY: in bounds when idx < entries; values are 192-byte strided.
-        (idx < self.cold.entries).then(|| unsafe {
-            self.cold
-                .base
-                .add(idx as usize * size_of::<DstCold>())
-                .cast()
-        })
+        self.cold.at(idx)
     }
 
     fn ctl(&self, idx: u32) -> Option<&AtomicU32> {
@@ -979,17 +979,13 @@ impl DatapathMaps {
             reasons: conv(REASONS, PerCpuArray::try_from(take(REASONS)?))?,
             ifaces: conv(IFACES, Array::try_from(take(IFACES)?))?,
             ifaces_hi: conv(IFACES_HI, HashMap::try_from(take(IFACES_HI)?))?,
-            port_policy: PolicyTable(Mapped::new(
-                PORT_POLICY,
-                take(PORT_POLICY)?,
-                size_of::<PortPolicy>() as u32,
-            )?),
+            port_policy: PolicyTable(Mapped::new(PORT_POLICY, take(PORT_POLICY)?)?),
             edge_addrs: conv(EDGE_ADDRS, HashMap::try_from(take(EDGE_ADDRS)?))?,
             edge_list: conv(EDGE_LIST, Array::try_from(take(EDGE_LIST)?))?,
             dst_ports: DstPorts::new(take(DST_PORTS)?)?,
             dst: DstTable::new(
-                Mapped::new(PH_DST, take(PH_DST)?, size_of::<DstEntry>() as u32)?,
-                Mapped::new(PH_DST_COLD, take(PH_DST_COLD)?, size_of::<DstCold>() as u32)?,
+                Mapped::new(PH_DST, take(PH_DST)?)?,
+                Mapped::new(PH_DST_COLD, take(PH_DST_COLD)?)?,
             )?,
             layout: EdgeList::default(),
             settings: conv(SETTINGS, Array::try_from(take(SETTINGS)?))?,
