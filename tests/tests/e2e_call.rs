@@ -800,6 +800,11 @@ async fn relay_mode_calls_over_tls_open_and_close_pinholes() {
                 Instant::now() < deadline,
                 "pinhole not installed within 2 s of the 200 OK"
             );
+            // A short blocking pause, not a spin: on a 2-vCPU machine a
+            // spinning poller takes the CPU the agent needs to install
+            // (tokio's timer would round this up to a millisecond; nothing
+            // else runs on this test's runtime meanwhile).
+            std::thread::sleep(Duration::from_micros(20));
         }
         let ok = alice.recv_status(200, WAIT).await.expect("200");
         a.on_invite_response(&ok).expect("200");
