@@ -676,9 +676,11 @@ async fn drive(
                 d.send_all(out);
                 d.hold_registered_flows(now);
                 // Issue #14 item 8: give freed connection memory back to
-                // the OS once connections went away (see `memory`); off the
-                // driver, which must keep routing meanwhile.
-                if d.trim.due(d.shared.closed.load(Ordering::Relaxed), now) {
+                // the OS once connections went away, and (#12) that of a
+                // burst's transactions once they ended (see `memory`); off
+                // the driver, which must keep routing meanwhile.
+                let (server, client, _) = d.proxy.live();
+                if d.trim.due(d.shared.closed.load(Ordering::Relaxed), server + client, now) {
                     tokio::task::spawn_blocking(memory::trim);
                 }
             }
