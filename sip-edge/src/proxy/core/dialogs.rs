@@ -295,34 +295,28 @@ impl Proxy {
                     .lookup(&t, Instant::now())
                     .map(|b| b.original.to_string())
             });
-        let from = invite.header("From").unwrap_or_default().to_owned();
-        let to = resp.header("To").unwrap_or_default().to_owned();
         let caller_side = callee_side.other();
         if let Some(d) = self.dialogs.get_mut(k) {
             d.confirmed = true;
+            if callee_contact.is_some() || caller_contact.is_some() {
+                d.bye_from = invite.header("From").unwrap_or_default().into();
+                d.bye_to = resp.header("To").unwrap_or_default().into();
+            }
             if let Some(uri) = callee_contact {
-                d.to_callee = Some((
-                    Dest::Conn(callee_conn),
-                    callee_side,
-                    ByeLeg {
-                        request_uri: uri,
-                        routes: to_callee_routes,
-                        from: from.clone(),
-                        to: to.clone(),
-                    },
-                ));
+                d.to_callee = Some(ByeTarget {
+                    conn: callee_conn,
+                    side: callee_side,
+                    request_uri: uri.into(),
+                    routes: to_callee_routes.into(),
+                });
             }
             if let Some(uri) = caller_contact {
-                d.to_caller = Some((
-                    Dest::Conn(caller_conn),
-                    caller_side,
-                    ByeLeg {
-                        request_uri: uri,
-                        routes: to_caller_routes,
-                        from: to,
-                        to: from,
-                    },
-                ));
+                d.to_caller = Some(ByeTarget {
+                    conn: caller_conn,
+                    side: caller_side,
+                    request_uri: uri.into(),
+                    routes: to_caller_routes.into(),
+                });
             }
         }
     }

@@ -154,9 +154,15 @@ struct Dialog {
     ended: bool,
     caller_cseq: u32,
     callee_cseq: u32,
-    /// (destination, leg) for BYEs toward the caller and the callee.
-    to_caller: Option<(Dest, Side, ByeLeg)>,
-    to_callee: Option<(Dest, Side, ByeLeg)>,
+    /// Where the edge's BYEs go toward the caller and the callee when it
+    /// ends the call (set when the dialog is confirmed).
+    to_caller: Option<ByeTarget>,
+    to_callee: Option<ByeTarget>,
+    /// The INVITE's From and the 2xx's To header values (with their
+    /// tags), kept once for both legs: the BYE toward the callee carries
+    /// them as From and To, the one toward the caller swapped.
+    bye_from: Box<str>,
+    bye_to: Box<str>,
     /// From and To URIs of the initial INVITE (status queries, `calls`).
     parties: [String; 2],
     /// Who the caller is (its INVITE's source) and, once it answered, who
@@ -166,6 +172,20 @@ struct Dialog {
     /// A 2xx to an INVITE was forwarded and its ACK has not come: the
     /// call is ended both ways then (`ProxySettings::ack_timeout`).
     ack_due: Option<Instant>,
+}
+
+/// One leg of a confirmed dialog as a BYE from the edge needs it (the
+/// From/To pair is the dialog's, see `Dialog::bye_from`).
+#[derive(Debug)]
+struct ByeTarget {
+    /// The party's connection (its requests and responses came on it).
+    conn: ConnId,
+    /// The side it is on.
+    side: Side,
+    /// Remote target (the party's Contact URI).
+    request_uri: Box<str>,
+    /// Route set from the edge toward the party.
+    routes: Box<[String]>,
 }
 
 /// Who a dialog's party is, as the edge can tell: a trusted peer (any
