@@ -166,7 +166,10 @@ fn replay(r: impl BufRead) -> BTreeMap<String, Record> {
                 live.insert(
                     l.id,
                     Record {
-                        dialog: DialogKey { call_id, from_tag },
+                        dialog: DialogKey {
+                            call_id: call_id.into(),
+                            from_tag: from_tag.into(),
+                        },
                         keys: l.keys,
                         media: l.media,
                     },
@@ -185,8 +188,8 @@ fn add_line(id: &str, r: &Record) -> Line {
     Line {
         op: "add".into(),
         id: id.to_owned(),
-        call_id: Some(r.dialog.call_id.clone()),
-        from_tag: Some(r.dialog.from_tag.clone()),
+        call_id: Some(r.dialog.call_id.to_string()),
+        from_tag: Some(r.dialog.from_tag.to_string()),
         keys: r.keys.clone(),
         media: r.media,
     }

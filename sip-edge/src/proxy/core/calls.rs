@@ -10,8 +10,8 @@ impl Proxy {
         let mut pins: HashMap<DialogKey, Vec<PinholeStatus>> = HashMap::new();
         for p in self.media.pinholes() {
             let k = DialogKey {
-                call_id: p.call_id.clone(),
-                from_tag: p.from_tag.clone(),
+                call_id: p.call_id.as_str().into(),
+                from_tag: p.from_tag.as_str().into(),
             };
             pins.entry(k).or_default().push(p);
         }
@@ -24,8 +24,8 @@ impl Proxy {
                     Side::External => "external",
                 };
                 let entry = CallEntry {
-                    call_id: k.call_id.clone(),
-                    from_tag: k.from_tag.clone(),
+                    call_id: k.call_id.to_string(),
+                    from_tag: k.from_tag.to_string(),
                     caller: d.parties[0].clone(),
                     callee: d.parties[1].clone(),
                     caller_side: side.to_owned(),

@@ -4,24 +4,28 @@
 use super::*;
 
 impl Proxy {
+    /// The key of the dialog `msg` belongs to: the table's own key when
+    /// the dialog is known (its clones share the table's strings, so the
+    /// media layer and the journal keep no copies of their own), else a
+    /// new one from the Call-ID and From tag.
     pub(super) fn dialog_key_of(&self, msg: &Message) -> Option<DialogKey> {
-        let call_id = msg.call_id().ok()?.to_owned();
+        let call_id: SharedStr = msg.call_id().ok()?.into();
         let from_tag = msg.from_tag().ok().flatten().unwrap_or_default();
         let k = DialogKey {
             call_id: call_id.clone(),
-            from_tag,
+            from_tag: from_tag.into(),
         };
-        if self.dialogs.contains_key(&k) {
-            return Some(k);
+        if let Some((known, _)) = self.dialogs.get_key_value(&k) {
+            return Some(known.clone());
         }
         // A request from the callee: its To tag is the caller's From tag.
         if let Some(t) = msg.to_tag().ok().flatten() {
             let k2 = DialogKey {
                 call_id,
-                from_tag: t,
+                from_tag: t.into(),
             };
-            if self.dialogs.contains_key(&k2) {
-                return Some(k2);
+            if let Some((known, _)) = self.dialogs.get_key_value(&k2) {
+                return Some(known.clone());
             }
         }
         Some(k)

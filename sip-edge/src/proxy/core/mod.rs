@@ -44,7 +44,10 @@ use super::{
     ConnId, ConnInfo, Dest, HopTarget, Outgoing, Proto, ProxySettings,
 };
 use crate::{
-    media::{DialogKey, EndReason, FarMedia, MediaControl, MediaError, SdpEvent, SdpRole, Side},
+    media::{
+        DialogKey, EndReason, FarMedia, MediaControl, MediaError, SdpEvent, SdpRole, SharedStr,
+        Side,
+    },
     sip::{
         message::{Message, NameAddr, StartLine, Via},
         uri::{Host, SipUri},
