@@ -801,12 +801,12 @@ mod tests {
             now_rules.iter().all(|f| !rules.contains(f)),
             "the old rules are replaced: {now_rules:?}"
         );
-        assert_eq!(again.journal.as_ref().expect("journal").live().len(), 2);
+        assert_eq!(again.journal.as_ref().expect("journal").len(), 2);
         assert!(again.end_adopted("call-r", &["caller", "callee"], t));
         assert!(again.sink().installed.is_empty());
         assert_eq!(again.manager().ports_in_use(), 0);
         assert!(
-            again.journal.as_ref().expect("journal").live().is_empty(),
+            again.journal.as_ref().expect("journal").is_empty(),
             "journal lines of the ended call removed"
         );
     }
