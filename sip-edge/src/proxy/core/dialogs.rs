@@ -303,8 +303,8 @@ impl Proxy {
         if let Some(d) = self.dialogs.get_mut(k) {
             d.confirmed = true;
             if callee_contact.is_some() || caller_contact.is_some() {
-                d.bye_from = invite.header("From").unwrap_or_default().into();
-                d.bye_to = resp.header("To").unwrap_or_default().into();
+                d.from = invite.header("From").unwrap_or_default().into();
+                d.to = resp.header("To").unwrap_or_default().into();
             }
             if let Some(uri) = callee_contact {
                 d.to_callee = Some(ByeTarget {

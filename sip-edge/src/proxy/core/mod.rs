@@ -161,13 +161,13 @@ struct Dialog {
     /// ends the call (set when the dialog is confirmed).
     to_caller: Option<ByeTarget>,
     to_callee: Option<ByeTarget>,
-    /// The INVITE's From and the 2xx's To header values (with their
-    /// tags), kept once for both legs: the BYE toward the callee carries
-    /// them as From and To, the one toward the caller swapped.
-    bye_from: Box<str>,
-    bye_to: Box<str>,
-    /// From and To URIs of the initial INVITE (status queries, `calls`).
-    parties: [String; 2],
+    /// The INVITE's From header value, and its To until the 2xx that
+    /// confirms the dialog gives the To with the callee's tag: kept once
+    /// for the BYE legs (the BYE toward the callee carries them as From
+    /// and To, the one toward the caller swapped) and the caller and
+    /// callee URIs of status queries (`calls`).
+    from: Box<str>,
+    to: Box<str>,
     /// Who the caller is (its INVITE's source) and, once it answered, who
     /// the callee is: only they may send requests in the dialog.
     caller: PartyId,
@@ -178,7 +178,7 @@ struct Dialog {
 }
 
 /// One leg of a confirmed dialog as a BYE from the edge needs it (the
-/// From/To pair is the dialog's, see `Dialog::bye_from`).
+/// From/To pair is the dialog's, see `Dialog::from`).
 #[derive(Debug)]
 struct ByeTarget {
     /// The party's connection (its requests and responses came on it).

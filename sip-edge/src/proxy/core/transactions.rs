@@ -415,16 +415,16 @@ impl Proxy {
         let Dialog {
             to_caller,
             to_callee,
-            bye_from,
-            bye_to,
+            from,
+            to,
             caller_cseq,
             callee_cseq,
             ..
         } = *d;
         // Toward the caller the callee is the sender: From and To swap.
         let legs = [
-            (to_caller, callee_cseq, (&bye_to, &bye_from)),
-            (to_callee, caller_cseq, (&bye_from, &bye_to)),
+            (to_caller, callee_cseq, (&to, &from)),
+            (to_callee, caller_cseq, (&from, &to)),
         ];
         for (target, cseq, (from, to)) in legs {
             let Some(t) = target else {
