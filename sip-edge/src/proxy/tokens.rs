@@ -212,8 +212,12 @@ impl TokenKey {
         );
         let mut t = String::with_capacity(TOKEN_PREFIX.len() + 2 * (NONCE_LEN + buf.len()));
         t.push_str(TOKEN_PREFIX);
+        // Hex without a temporary string per byte: the table seals a
+        // token again for every lookup (`Bindings::slot`).
+        const HEX: &[u8; 16] = b"0123456789abcdef";
         for b in nonce.iter().chain(buf.iter()) {
-            t.push_str(&format!("{b:02x}"));
+            t.push(char::from(HEX[usize::from(b >> 4)]));
+            t.push(char::from(HEX[usize::from(b & 0xf)]));
         }
         t
     }
