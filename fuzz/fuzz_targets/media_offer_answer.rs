@@ -107,7 +107,7 @@ fuzz_target!(|input: Input| {
     let t0 = Instant::now();
     let mut now = t0;
     let key = |d: u8| DialogKey {
-        call_id: format!("call-{}", d % 4),
+        call_id: format!("call-{}", d % 4).into(),
         from_tag: "caller".into(),
     };
     let tag = |t: Option<u8>| t.map(|t| format!("fork-{}", t % 3));

@@ -213,8 +213,8 @@ impl PinholeStatus {
         });
         PinholeStatus {
             id,
-            call_id: d.call_id.clone(),
-            from_tag: d.from_tag.clone(),
+            call_id: d.call_id.to_string(),
+            from_tag: d.from_tag.to_string(),
             kind: kind.to_owned(),
             proto: format!("{:?}", flow.proto()).to_ascii_lowercase(),
             mode: mode.to_owned(),

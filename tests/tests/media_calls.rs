@@ -169,8 +169,8 @@ impl H {
 
 fn dialog(n: u32) -> DialogKey {
     DialogKey {
-        call_id: format!("call-{n}@10.77.0.2"),
-        from_tag: format!("ft{n}"),
+        call_id: format!("call-{n}@10.77.0.2").into(),
+        from_tag: format!("ft{n}").into(),
     }
 }
 

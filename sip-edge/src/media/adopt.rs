@@ -52,7 +52,13 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use super::{manager::PinholeId, DialogKey};
-use crate::{config::PortRange, datapath::maps::PinholeEntry};
+use crate::{
+    config::PortRange,
+    datapath::{
+        maps::{describe_key, PinholeEntry},
+        rules::Flow,
+    },
+};
 
 /// Errors of the journal; never fatal to the agent (it runs on without
 /// one, and says so).
@@ -128,6 +134,46 @@ pub struct Record {
     pub media: Option<FlowMedia>,
 }
 
+/// The rule keys of a flow as the journal stores them (`describe_key`).
+pub(crate) fn flow_keys_text(flow: &Flow) -> Vec<String> {
+    flow.rules(0, 0)
+        .map(|p| vec![describe_key(&p.inbound.0), describe_key(&p.outbound.0)])
+        .unwrap_or_default()
+}
+
+/// What the journal keeps in memory of one live flow (issue #12: bytes
+/// per established call): its [`Record`], with the rule keys left out when
+/// they are those of its `media.flow` (as for every flow a run writes) and
+/// spelled out again when the file is compacted. The file's lines are the
+/// same either way.
+#[derive(Clone, Debug)]
+struct Kept {
+    dialog: DialogKey,
+    /// `None`: `flow_keys_text` of `media`'s flow.
+    keys: Option<Box<[String]>>,
+    media: Option<FlowMedia>,
+}
+
+impl Kept {
+    fn new(dialog: DialogKey, keys: Vec<String>, media: Option<FlowMedia>) -> Kept {
+        let derived = media.is_some_and(|m| flow_keys_text(&m.flow) == keys);
+        Kept {
+            dialog,
+            keys: (!derived).then(|| keys.into_boxed_slice()),
+            media,
+        }
+    }
+
+    /// The rule keys the flow was written with.
+    fn keys(&self) -> Vec<String> {
+        match (&self.keys, &self.media) {
+            (Some(k), _) => k.to_vec(),
+            (None, Some(m)) => flow_keys_text(&m.flow),
+            (None, None) => Vec::new(),
+        }
+    }
+}
+
 /// Lines beyond this many times the live entries (plus a floor) trigger a
 /// compaction.
 const COMPACT_FACTOR: usize = 4;
@@ -138,7 +184,9 @@ const COMPACT_FLOOR: usize = 1024;
 pub struct Journal {
     path: PathBuf,
     file: File,
-    live: BTreeMap<String, Record>,
+    /// Boxed: a B-tree node holds 11 slots whether used or not, so a
+    /// large inline value costs its size again in empty slots.
+    live: BTreeMap<Box<str>, Box<Kept>>,
     lines: usize,
     failed: bool,
 }
@@ -166,7 +214,10 @@ fn replay(r: impl BufRead) -> BTreeMap<String, Record> {
                 live.insert(
                     l.id,
                     Record {
-                        dialog: DialogKey { call_id, from_tag },
+                        dialog: DialogKey {
+                            call_id: call_id.into(),
+                            from_tag: from_tag.into(),
+                        },
                         keys: l.keys,
                         media: l.media,
                     },
@@ -181,14 +232,14 @@ fn replay(r: impl BufRead) -> BTreeMap<String, Record> {
     live
 }
 
-fn add_line(id: &str, r: &Record) -> Line {
+fn add_line(id: &str, dialog: &DialogKey, keys: Vec<String>, media: Option<FlowMedia>) -> Line {
     Line {
         op: "add".into(),
         id: id.to_owned(),
-        call_id: Some(r.dialog.call_id.clone()),
-        from_tag: Some(r.dialog.from_tag.clone()),
-        keys: r.keys.clone(),
-        media: r.media,
+        call_id: Some(dialog.call_id.to_string()),
+        from_tag: Some(dialog.from_tag.to_string()),
+        keys,
+        media,
     }
 }
 
@@ -222,13 +273,21 @@ impl Journal {
 
     /// Starts over with exactly `records` (after adoption).
     pub fn reset(&mut self, records: BTreeMap<String, Record>) {
-        self.live = records;
+        self.live = records
+            .into_iter()
+            .map(|(id, r)| (id.into(), Box::new(Kept::new(r.dialog, r.keys, r.media))))
+            .collect();
         self.compact();
     }
 
-    /// Live entries.
-    pub fn live(&self) -> &BTreeMap<String, Record> {
-        &self.live
+    /// How many flows are live.
+    pub fn len(&self) -> usize {
+        self.live.len()
+    }
+
+    /// Whether no flow is live.
+    pub fn is_empty(&self) -> bool {
+        self.live.is_empty()
     }
 
     fn write(&mut self, l: &Line) {
@@ -268,13 +327,9 @@ impl Journal {
         keys: Vec<String>,
         media: Option<FlowMedia>,
     ) {
-        let r = Record {
-            dialog: dialog.clone(),
-            keys,
-            media,
-        };
-        let line = add_line(id, &r);
-        self.live.insert(id.to_owned(), r);
+        let line = add_line(id, dialog, keys, media);
+        let kept = Box::new(Kept::new(dialog.clone(), line.keys.clone(), media));
+        self.live.insert(id.into(), kept);
         self.write(&line);
     }
 
@@ -300,8 +355,8 @@ impl Journal {
         }
         let tmp = self.path.with_extension("state.tmp");
         let mut text = String::new();
-        for (id, r) in &self.live {
-            if let Ok(s) = serde_json::to_string(&add_line(id, r)) {
+        for (id, k) in &self.live {
+            if let Ok(s) = serde_json::to_string(&add_line(id, &k.dialog, k.keys(), k.media)) {
                 text.push_str(&s);
                 text.push('\n');
             }
@@ -722,5 +777,112 @@ mod tests {
             !path.exists(),
             "an empty journal is removed on a clean stop"
         );
+    }
+
+    fn relay_media(port: u16) -> FlowMedia {
+        use crate::datapath::rules::{LearnPort, Proto};
+        FlowMedia {
+            flow: Flow::Relay {
+                proto: Proto::Udp,
+                client: "10.77.0.2:4000".parse().expect("addr"),
+                edge_int: format!("10.77.0.1:{port}").parse().expect("addr"),
+                public: format!("203.0.113.1:{}", port + 1).parse().expect("addr"),
+                peer: "198.51.100.2:5000".parse().expect("addr"),
+                latch_peer: false,
+                learn_port: LearnPort::Neither,
+            },
+            stream: 0,
+            rtcp: false,
+            sources: [
+                Some("10.77.0.2".parse().expect("ip")),
+                Some("198.51.100.2".parse().expect("ip")),
+            ],
+            far_media: Default::default(),
+        }
+    }
+
+    /// A flow's rule keys are kept in memory only when they are not its
+    /// flow's own (`Kept`); either way a compaction writes back exactly the
+    /// lines the journal was given, and a reopen recovers every record.
+    #[test]
+    fn compaction_writes_back_the_records_as_given() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("x.state");
+        let (m1, m2) = (relay_media(40000), relay_media(40010));
+        let own = flow_keys_text(&m1.flow);
+        assert_eq!(own.len(), 2, "{own:?}");
+        {
+            let (mut j, _) = Journal::open(&path).expect("open");
+            j.add_media("r1-1", &dialog("c1", "a"), own.clone(), Some(m1));
+            // Keys that are not the flow's (a journal older than the maps).
+            j.add_media("r1-2", &dialog("c2", "b"), vec!["other".into()], Some(m2));
+            j.add("r1-3", &dialog("c3", "c"), vec!["k".into()]);
+            assert!(
+                j.live["r1-1"].keys.is_none(),
+                "the flow's own keys are derived"
+            );
+            assert!(j.live["r1-2"].keys.is_some() && j.live["r1-3"].keys.is_some());
+            let written = std::fs::read_to_string(&path).expect("read");
+            j.compact();
+            let compacted = std::fs::read_to_string(&path).expect("read");
+            assert_eq!(compacted, written);
+            std::mem::forget(j);
+        }
+        let (_j, old) = Journal::open(&path).expect("reopen");
+        let want = [
+            ("r1-1", dialog("c1", "a"), own, Some(m1)),
+            (
+                "r1-2",
+                dialog("c2", "b"),
+                vec!["other".to_owned()],
+                Some(m2),
+            ),
+            ("r1-3", dialog("c3", "c"), vec!["k".to_owned()], None),
+        ];
+        assert_eq!(old.len(), want.len());
+        for (id, dialog, keys, media) in want {
+            assert_eq!(
+                old[id],
+                Record {
+                    dialog,
+                    keys,
+                    media
+                },
+                "{id}"
+            );
+        }
+    }
+
+    /// Lines as an agent before the in-memory compaction of the journal
+    /// wrote them (one with the flow's place, one from an older run
+    /// without): this agent recovers them and compacts them unchanged.
+    #[test]
+    fn a_journal_an_earlier_agent_wrote_is_recovered_unchanged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("x.state");
+        let text = concat!(
+            r#"{"op":"add","id":"9f00aa-1","call_id":"c1@x","from_tag":"t1","keys":["udp external dst 203.0.113.1:40001","udp internal dst 10.77.0.1:40000"],"media":{"flow":{"relay":{"proto":"udp","client":"10.77.0.2:4000","edge_int":"10.77.0.1:40000","public":"203.0.113.1:40001","peer":"198.51.100.2:5000","latch_peer":false,"learn_port":"neither"}},"stream":0,"rtcp":false,"sources":["10.77.0.2","198.51.100.2"],"far_media":"config"}}"#,
+            "\n",
+            r#"{"op":"add","id":"9f00aa-2","call_id":"c2@x","from_tag":"t2","keys":["k2a","k2b"]}"#,
+            "\n",
+        );
+        std::fs::write(&path, text).expect("write");
+        let (mut j, old) = Journal::open(&path).expect("open");
+        let r1 = &old["9f00aa-1"];
+        assert_eq!(r1.dialog, dialog("c1@x", "t1"));
+        assert_eq!(r1.media, Some(relay_media(40000)));
+        assert_eq!(r1.keys, flow_keys_text(&relay_media(40000).flow));
+        let r2 = &old["9f00aa-2"];
+        assert_eq!(
+            (&r2.dialog, &r2.keys, r2.media),
+            (
+                &dialog("c2@x", "t2"),
+                &vec!["k2a".to_owned(), "k2b".to_owned()],
+                None
+            )
+        );
+        j.reset(old);
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), text);
+        std::mem::forget(j);
     }
 }

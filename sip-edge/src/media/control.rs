@@ -71,7 +71,7 @@ use sip_edge_common::PinholeKey;
 mod ha;
 
 use super::{
-    adopt::{self, Adopted, AdoptedFlow, Journal, Timeouts},
+    adopt::{self, flow_keys_text, Adopted, AdoptedFlow, Journal, Timeouts},
     manager::{InvitationInput, Manager, Op, PinholeId, SdpInput, Settings, StreamDesc},
     DialogKey, EndReason, FarMedia, MediaControl, MediaError, SdpEvent, SdpRole, Side,
 };
@@ -79,7 +79,7 @@ use crate::{
     config::{Config, MediaCandidates, MediaMode},
     datapath::{
         lock,
-        maps::{describe_key, DatapathMaps, MapsError},
+        maps::{DatapathMaps, MapsError},
         rules::{Flow, Proto},
     },
     sip::{
@@ -440,13 +440,6 @@ fn not_acceptable(reason: impl Into<String>) -> MediaError {
     MediaError::NotAcceptable {
         reason: reason.into(),
     }
-}
-
-/// The rule keys of a flow as the journal stores them (`describe_key`).
-fn flow_keys_text(flow: &Flow) -> Vec<String> {
-    flow.rules(0, 0)
-        .map(|p| vec![describe_key(&p.inbound.0), describe_key(&p.outbound.0)])
-        .unwrap_or_default()
 }
 
 /// Whether two lists of rule keys name the same rules (in any order).

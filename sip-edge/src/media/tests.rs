@@ -108,7 +108,7 @@ impl H {
 
 fn dialog(n: u32) -> DialogKey {
     DialogKey {
-        call_id: format!("policy-{n}"),
+        call_id: format!("policy-{n}").into(),
         from_tag: "f".into(),
     }
 }

@@ -31,7 +31,7 @@ use std::{
 use crate::media::Side;
 
 use super::{
-    tokens::{Sealed, TokenKey},
+    tokens::{nonce_of, Sealed, TokenKey, TokenNonce},
     ConnId, Proto,
 };
 
@@ -97,12 +97,15 @@ pub struct Registration {
 /// Token ↔ binding table plus registrations; see the module docs.
 #[derive(Debug)]
 pub struct Bindings {
-    /// Keyed by the sealed token (over a hundred bytes), which the reverse
-    /// index shares rather than copies.
-    by_token: HashMap<Arc<str>, Binding>,
-    /// (side, original, flow) → token, so resending the same Contact does
-    /// not mint new tokens.
-    by_original: HashMap<(Side, Arc<str>, Option<ConnId>), Arc<str>>,
+    /// Keyed by the nonce each token was minted with: the token itself
+    /// (over a hundred bytes, two per call) is that nonce and the
+    /// binding's side and original sealed again (`TokenKey::seal_with`),
+    /// so it is not kept (issue #12: bytes per call). A token names a
+    /// binding only if it is exactly the one minted (`Bindings::slot`).
+    by_token: HashMap<TokenNonce, Binding>,
+    /// (side, original, flow) → token nonce, so resending the same
+    /// Contact does not mint new tokens.
+    by_original: HashMap<(Side, Arc<str>, Option<ConnId>), TokenNonce>,
     /// Registered AOR (lower-cased `user@host`) → token of the Contact.
     aors: HashMap<String, String>,
     /// Contact token → registration (every registered Contact).
@@ -140,9 +143,22 @@ impl Bindings {
 
     /// Seals tokens with `key` from now on (`[ha] token_key_file`: shared
     /// by the nodes and runs that must resolve each other's tokens). Set
-    /// before the first token is minted.
+    /// before the first token is minted: the table's tokens are sealed
+    /// again with the key when asked for, so those minted before under
+    /// another key are forgotten here rather than left unresolvable.
     pub fn set_key(&mut self, key: TokenKey) {
         self.key = key;
+        self.retain(|_| false);
+    }
+
+    /// The table's key of `token`: the nonce it starts with, if the table
+    /// minted a token under that nonce and `token` is exactly that token
+    /// (as the table held the text before: an altered one, even in the
+    /// case of its hex, is not it).
+    fn slot(&self, token: &str) -> Option<TokenNonce> {
+        let n = nonce_of(token)?;
+        let b = self.by_token.get(&n)?;
+        (self.key.seal_with(n, b.side, &b.original) == token).then_some(n)
     }
 
     /// What a token the table does not hold says, if it was sealed with
@@ -150,7 +166,7 @@ impl Bindings {
     /// token of this process that the table forgot (closed flow, expiry)
     /// gives `None`, as does a forged or altered one.
     pub fn foreign(&self, token: &str) -> Option<Sealed> {
-        if self.by_token.contains_key(token) {
+        if self.slot(token).is_some() {
             return None;
         }
         self.key.open(token).filter(|s| !s.ours)
@@ -179,10 +195,10 @@ impl Bindings {
         let expires = now + lifetime;
         let original: Arc<str> = Arc::from(original);
         let key = (side, original.clone(), flow);
-        if let Some(t) = self.by_original.get(&key) {
-            if let Some(b) = self.by_token.get_mut(t) {
+        if let Some(n) = self.by_original.get(&key) {
+            if let Some(b) = self.by_token.get_mut(n) {
                 b.expires = b.expires.max(expires);
-                return Some(t.to_string());
+                return Some(self.key.seal_with(*n, side, &b.original));
             }
         }
         if self.by_token.len() >= MAX_BINDINGS {
@@ -191,10 +207,14 @@ impl Bindings {
         // Sealed (`proxy::tokens`): unguessable, so an outside peer cannot
         // address another client's flow, and readable by the nodes that
         // share the key.
-        let token = self.key.seal(side, &original);
-        let shared: Arc<str> = Arc::from(token.as_str());
+        let (mut nonce, mut token) = self.key.mint(side, &original);
+        // 96 random bits: a repeat is not expected, but would let one
+        // binding take another's place.
+        while self.by_token.contains_key(&nonce) {
+            (nonce, token) = self.key.mint(side, &original);
+        }
         self.by_token.insert(
-            shared.clone(),
+            nonce,
             Binding {
                 side,
                 original,
@@ -203,13 +223,14 @@ impl Bindings {
                 failed: false,
             },
         );
-        self.by_original.insert(key, shared);
+        self.by_original.insert(key, nonce);
         Some(token)
     }
 
     /// The binding of a token, refreshing its lifetime.
     pub fn lookup(&mut self, token: &str, now: Instant) -> Option<Binding> {
-        let b = self.by_token.get_mut(token)?;
+        let n = self.slot(token)?;
+        let b = self.by_token.get_mut(&n)?;
         if !b.failed {
             b.expires = b.expires.max(now + CONTACT_LIFETIME);
         }
@@ -236,7 +257,7 @@ impl Bindings {
             self.reindex();
             return;
         }
-        if let Some(b) = self.by_token.get_mut(token) {
+        if let Some(b) = self.slot(token).and_then(|n| self.by_token.get_mut(&n)) {
             b.expires = now + expires;
             if let Some(c) = b.flow {
                 let list = self.flows.entry(c).or_default();
@@ -263,7 +284,7 @@ impl Bindings {
     /// Keeps the binding of `token` until at least `until` (a Path token
     /// while the registrations it carries last).
     pub fn extend(&mut self, token: &str, until: Instant) {
-        if let Some(b) = self.by_token.get_mut(token) {
+        if let Some(b) = self.slot(token).and_then(|n| self.by_token.get_mut(&n)) {
             b.expires = b.expires.max(until);
         }
     }
@@ -281,7 +302,7 @@ impl Bindings {
     /// `side`, if any and alive.
     pub fn registered(&mut self, aor: &str, side: Side, now: Instant) -> Option<(String, Binding)> {
         let token = self.aors.get(&aor.to_ascii_lowercase())?.clone();
-        let b = self.by_token.get(token.as_str())?.clone();
+        let b = self.by_token.get(&self.slot(&token)?)?.clone();
         (b.expires > now && !b.failed && b.side == side).then_some((token, b))
     }
 
@@ -322,7 +343,7 @@ impl Bindings {
             }
         }
         for t in &keep {
-            if let Some(b) = self.by_token.get_mut(t.as_str()) {
+            if let Some(b) = self.slot(t).and_then(|n| self.by_token.get_mut(&n)) {
                 b.failed = true;
             }
         }
@@ -344,11 +365,14 @@ impl Bindings {
         // A failed token is never handed out again: the client's next
         // REGISTER (on a new flow) gets a new one.
         self.by_original
-            .retain(|_, t| live.get(t).is_some_and(|b| !b.failed));
-        self.aors.retain(|_, t| live.contains_key(t.as_str()));
-        self.regs.retain(|t, _| live.contains_key(t.as_str()));
+            .retain(|_, n| live.get(n).is_some_and(|b| !b.failed));
+        // Tokens kept below were all minted by the table (checked when
+        // they were recorded): their nonce names their binding.
+        let held = |t: &str| nonce_of(t).is_some_and(|n| live.contains_key(&n));
+        self.aors.retain(|_, t| held(t));
+        self.regs.retain(|t, _| held(t));
         self.paths.retain(|_, ts| {
-            ts.retain(|t| live.contains_key(t.as_str()));
+            ts.retain(|t| held(t));
             !ts.is_empty()
         });
         self.reindex();
@@ -374,6 +398,70 @@ mod tests {
             source: "10.0.0.2:5061".parse().unwrap(),
             proto: Proto::Tls,
         }
+    }
+
+    /// The table keeps a token's nonce, not its text: a token still
+    /// names its binding only when it is exactly the token minted. One
+    /// with the same nonce and anything else changed (another hex digit,
+    /// hex case, a truncation, an appended byte) names nothing, and a
+    /// resent Contact gets the very token it got before.
+    #[test]
+    fn only_the_exact_minted_token_names_its_binding() {
+        let now = Instant::now();
+        let mut b = Bindings::new();
+        let t = b
+            .token_for(
+                Side::Internal,
+                "sip:a@10.0.0.2",
+                Some(1),
+                CONTACT_LIFETIME,
+                now,
+            )
+            .unwrap();
+        let other = b
+            .token_for(
+                Side::Internal,
+                "sip:b@10.0.0.3",
+                Some(1),
+                CONTACT_LIFETIME,
+                now,
+            )
+            .unwrap();
+        assert_eq!(
+            b.token_for(
+                Side::Internal,
+                "sip:a@10.0.0.2",
+                Some(1),
+                CONTACT_LIFETIME,
+                now
+            ),
+            Some(t.clone())
+        );
+        assert_eq!(
+            b.lookup(&t, now).unwrap().original.as_ref(),
+            "sip:a@10.0.0.2"
+        );
+        assert_eq!(
+            b.lookup(&other, now).unwrap().original.as_ref(),
+            "sip:b@10.0.0.3"
+        );
+        let last = t.len() - 1;
+        let flipped = if t.ends_with('0') { "1" } else { "0" };
+        let nonce_end = TOKEN_PREFIX.len() + 24;
+        let altered = [
+            format!("{}{flipped}", &t[..last]),
+            format!("{}{}", &t[..nonce_end], &other[nonce_end..]),
+            t.to_ascii_uppercase().replacen("SEF", TOKEN_PREFIX, 1),
+            t[..last - 1].to_owned(),
+            format!("{t}00"),
+        ];
+        for a in &altered {
+            assert_ne!(a, &t);
+            assert!(b.lookup(a, now).is_none(), "{a}");
+            assert!(b.foreign(a).is_none(), "{a}: ours or forged, never foreign");
+        }
+        assert!(b.foreign(&t).is_none());
+        assert_eq!(b.len(), 2);
     }
 
     #[test]

@@ -85,6 +85,22 @@ impl std::fmt::Debug for TokenKey {
     }
 }
 
+/// The random nonce a token was sealed with (its first bytes).
+pub type TokenNonce = [u8; NONCE_LEN];
+
+/// The nonce at the start of `token`, read without opening it (`None` if
+/// it does not start like a token). Says nothing about the token being
+/// genuine: the token table compares the whole token with the one it
+/// minted under that nonce.
+pub fn nonce_of(token: &str) -> Option<TokenNonce> {
+    let hex = token.strip_prefix(TOKEN_PREFIX)?.get(..2 * NONCE_LEN)?;
+    let mut n = [0u8; NONCE_LEN];
+    for (b, pair) in n.iter_mut().zip(hex.as_bytes().chunks(2)) {
+        *b = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+    }
+    Some(n)
+}
+
 /// What a token opened with the key says.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Sealed {
@@ -164,7 +180,22 @@ impl TokenKey {
 
     /// A new token for `original` on `side`.
     pub fn seal(&self, side: Side, original: &str) -> String {
-        let nonce: [u8; NONCE_LEN] = random();
+        self.mint(side, original).1
+    }
+
+    /// [`TokenKey::seal`], with the nonce it drew.
+    pub fn mint(&self, side: Side, original: &str) -> (TokenNonce, String) {
+        let nonce: TokenNonce = random();
+        (nonce, self.seal_with(nonce, side, original))
+    }
+
+    /// The token [`TokenKey::mint`] gave for `original` on `side` with
+    /// `nonce`, sealed again: the same plaintext under the same key and
+    /// nonce gives the same bytes, so the token table keeps a token's
+    /// nonce instead of its text (issue #12: bytes per call). Only ever
+    /// called with a nonce `mint` drew for this very plaintext (a nonce
+    /// used for two different plaintexts would break the cipher).
+    pub(super) fn seal_with(&self, nonce: TokenNonce, side: Side, original: &str) -> String {
         let mut buf = Vec::with_capacity(10 + original.len() + 16);
         buf.push(VERSION);
         buf.extend_from_slice(&self.instance);
@@ -181,8 +212,12 @@ impl TokenKey {
         );
         let mut t = String::with_capacity(TOKEN_PREFIX.len() + 2 * (NONCE_LEN + buf.len()));
         t.push_str(TOKEN_PREFIX);
+        // Hex without a temporary string per byte: the table seals a
+        // token again for every lookup (`Bindings::slot`).
+        const HEX: &[u8; 16] = b"0123456789abcdef";
         for b in nonce.iter().chain(buf.iter()) {
-            t.push_str(&format!("{b:02x}"));
+            t.push(char::from(HEX[usize::from(b >> 4)]));
+            t.push(char::from(HEX[usize::from(b & 0xf)]));
         }
         t
     }

@@ -10,8 +10,8 @@ impl Proxy {
         let mut pins: HashMap<DialogKey, Vec<PinholeStatus>> = HashMap::new();
         for p in self.media.pinholes() {
             let k = DialogKey {
-                call_id: p.call_id.clone(),
-                from_tag: p.from_tag.clone(),
+                call_id: p.call_id.as_str().into(),
+                from_tag: p.from_tag.as_str().into(),
             };
             pins.entry(k).or_default().push(p);
         }
@@ -24,10 +24,10 @@ impl Proxy {
                     Side::External => "external",
                 };
                 let entry = CallEntry {
-                    call_id: k.call_id.clone(),
-                    from_tag: k.from_tag.clone(),
-                    caller: d.parties[0].clone(),
-                    callee: d.parties[1].clone(),
+                    call_id: k.call_id.to_string(),
+                    from_tag: k.from_tag.to_string(),
+                    caller: uri_of(&d.from, "From"),
+                    callee: uri_of(&d.to, "To"),
                     caller_side: side.to_owned(),
                     state: if d.confirmed { "confirmed" } else { "early" }.to_owned(),
                     age_secs: now.saturating_duration_since(d.created).as_secs(),
@@ -44,4 +44,12 @@ impl Proxy {
     pub fn media_pinholes(&mut self) -> Vec<PinholeStatus> {
         self.media.pinholes()
     }
+}
+
+/// The URI of a From or To header value (empty if it does not parse: the
+/// request that created the dialog had it parsed already).
+fn uri_of(value: &str, name: &'static str) -> String {
+    NameAddr::parse(value, name)
+        .map(|n| n.uri)
+        .unwrap_or_default()
 }

@@ -4,24 +4,28 @@
 use super::*;
 
 impl Proxy {
+    /// The key of the dialog `msg` belongs to: the table's own key when
+    /// the dialog is known (its clones share the table's strings, so the
+    /// media layer and the journal keep no copies of their own), else a
+    /// new one from the Call-ID and From tag.
     pub(super) fn dialog_key_of(&self, msg: &Message) -> Option<DialogKey> {
-        let call_id = msg.call_id().ok()?.to_owned();
+        let call_id: SharedStr = msg.call_id().ok()?.into();
         let from_tag = msg.from_tag().ok().flatten().unwrap_or_default();
         let k = DialogKey {
             call_id: call_id.clone(),
-            from_tag,
+            from_tag: from_tag.into(),
         };
-        if self.dialogs.contains_key(&k) {
-            return Some(k);
+        if let Some((known, _)) = self.dialogs.get_key_value(&k) {
+            return Some(known.clone());
         }
         // A request from the callee: its To tag is the caller's From tag.
         if let Some(t) = msg.to_tag().ok().flatten() {
             let k2 = DialogKey {
                 call_id,
-                from_tag: t,
+                from_tag: t.into(),
             };
-            if self.dialogs.contains_key(&k2) {
-                return Some(k2);
+            if let Some((known, _)) = self.dialogs.get_key_value(&k2) {
+                return Some(known.clone());
             }
         }
         Some(k)
@@ -295,34 +299,28 @@ impl Proxy {
                     .lookup(&t, Instant::now())
                     .map(|b| b.original.to_string())
             });
-        let from = invite.header("From").unwrap_or_default().to_owned();
-        let to = resp.header("To").unwrap_or_default().to_owned();
         let caller_side = callee_side.other();
         if let Some(d) = self.dialogs.get_mut(k) {
             d.confirmed = true;
+            if callee_contact.is_some() || caller_contact.is_some() {
+                d.from = invite.header("From").unwrap_or_default().into();
+                d.to = resp.header("To").unwrap_or_default().into();
+            }
             if let Some(uri) = callee_contact {
-                d.to_callee = Some((
-                    Dest::Conn(callee_conn),
-                    callee_side,
-                    ByeLeg {
-                        request_uri: uri,
-                        routes: to_callee_routes,
-                        from: from.clone(),
-                        to: to.clone(),
-                    },
-                ));
+                d.to_callee = Some(ByeTarget {
+                    conn: callee_conn,
+                    side: callee_side,
+                    request_uri: uri.into(),
+                    routes: to_callee_routes.into(),
+                });
             }
             if let Some(uri) = caller_contact {
-                d.to_caller = Some((
-                    Dest::Conn(caller_conn),
-                    caller_side,
-                    ByeLeg {
-                        request_uri: uri,
-                        routes: to_caller_routes,
-                        from: to,
-                        to: from,
-                    },
-                ));
+                d.to_caller = Some(ByeTarget {
+                    conn: caller_conn,
+                    side: caller_side,
+                    request_uri: uri.into(),
+                    routes: to_caller_routes.into(),
+                });
             }
         }
     }

@@ -44,7 +44,10 @@ use super::{
     ConnId, ConnInfo, Dest, HopTarget, Outgoing, Proto, ProxySettings,
 };
 use crate::{
-    media::{DialogKey, EndReason, FarMedia, MediaControl, MediaError, SdpEvent, SdpRole, Side},
+    media::{
+        DialogKey, EndReason, FarMedia, MediaControl, MediaError, SdpEvent, SdpRole, SharedStr,
+        Side,
+    },
     sip::{
         message::{Message, NameAddr, StartLine, Via},
         uri::{Host, SipUri},
@@ -154,11 +157,17 @@ struct Dialog {
     ended: bool,
     caller_cseq: u32,
     callee_cseq: u32,
-    /// (destination, leg) for BYEs toward the caller and the callee.
-    to_caller: Option<(Dest, Side, ByeLeg)>,
-    to_callee: Option<(Dest, Side, ByeLeg)>,
-    /// From and To URIs of the initial INVITE (status queries, `calls`).
-    parties: [String; 2],
+    /// Where the edge's BYEs go toward the caller and the callee when it
+    /// ends the call (set when the dialog is confirmed).
+    to_caller: Option<ByeTarget>,
+    to_callee: Option<ByeTarget>,
+    /// The INVITE's From header value, and its To until the 2xx that
+    /// confirms the dialog gives the To with the callee's tag: kept once
+    /// for the BYE legs (the BYE toward the callee carries them as From
+    /// and To, the one toward the caller swapped) and the caller and
+    /// callee URIs of status queries (`calls`).
+    from: Box<str>,
+    to: Box<str>,
     /// Who the caller is (its INVITE's source) and, once it answered, who
     /// the callee is: only they may send requests in the dialog.
     caller: PartyId,
@@ -166,6 +175,20 @@ struct Dialog {
     /// A 2xx to an INVITE was forwarded and its ACK has not come: the
     /// call is ended both ways then (`ProxySettings::ack_timeout`).
     ack_due: Option<Instant>,
+}
+
+/// One leg of a confirmed dialog as a BYE from the edge needs it (the
+/// From/To pair is the dialog's, see `Dialog::from`).
+#[derive(Debug)]
+struct ByeTarget {
+    /// The party's connection (its requests and responses came on it).
+    conn: ConnId,
+    /// The side it is on.
+    side: Side,
+    /// Remote target (the party's Contact URI).
+    request_uri: Box<str>,
+    /// Route set from the edge toward the party.
+    routes: Box<[String]>,
 }
 
 /// Who a dialog's party is, as the edge can tell: a trusted peer (any

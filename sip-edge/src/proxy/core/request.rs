@@ -277,8 +277,8 @@ impl Proxy {
                         callee_cseq: 0,
                         to_caller: None,
                         to_callee: None,
-                        parties: [msg.from(), msg.to()]
-                            .map(|p| p.map(|n| n.uri).unwrap_or_default()),
+                        from: msg.header("From").unwrap_or_default().into(),
+                        to: msg.header("To").unwrap_or_default().into(),
                         caller,
                         callee: None,
                         ack_due: None,

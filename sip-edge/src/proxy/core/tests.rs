@@ -697,6 +697,16 @@ fn media_expiry_sends_bye_both_ways() {
         SDP_B,
     );
     p.on_message(CALLEE, &ok, now);
+    // The parties' URIs come from the dialog's From/To (kept once for
+    // them and for the BYEs).
+    let calls = p.calls(now);
+    assert_eq!(
+        (calls[0].caller.as_str(), calls[0].callee.as_str()),
+        (
+            "sips:alice@atlanta.example.com",
+            "sips:bob@biloxi.example.com"
+        )
+    );
     rec.lock().unwrap().expire.push(DialogKey {
         call_id: "3848276298220188511@atlanta.example.com".into(),
         from_tag: "9fxced76sl".into(),
@@ -710,8 +720,16 @@ fn media_expiry_sends_bye_both_ways() {
         "sips:alice@client.atlanta.example.com;transport=tls"
     );
     assert_eq!(to_caller[0].from_tag().unwrap().as_deref(), Some("e1"));
+    assert_eq!(
+        to_caller[0].to_tag().unwrap().as_deref(),
+        Some("9fxced76sl")
+    );
     assert!(to_callee[0].method().unwrap().is("BYE"));
     assert_eq!(to_callee[0].to_tag().unwrap().as_deref(), Some("e1"));
+    assert_eq!(
+        to_callee[0].from_tag().unwrap().as_deref(),
+        Some("9fxced76sl")
+    );
     assert_eq!(to_callee[0].header("CSeq"), Some("2 BYE"));
 }
 

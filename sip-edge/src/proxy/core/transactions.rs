@@ -412,10 +412,30 @@ impl Proxy {
         now: Instant,
         out: &mut Vec<Outgoing>,
     ) {
-        let legs = [(d.to_caller, d.callee_cseq), (d.to_callee, d.caller_cseq)];
-        for (leg, cseq) in legs {
-            let Some((dest, side, leg)) = leg else {
+        let Dialog {
+            to_caller,
+            to_callee,
+            from,
+            to,
+            caller_cseq,
+            callee_cseq,
+            ..
+        } = *d;
+        // Toward the caller the callee is the sender: From and To swap.
+        let legs = [
+            (to_caller, callee_cseq, (&to, &from)),
+            (to_callee, caller_cseq, (&from, &to)),
+        ];
+        for (target, cseq, (from, to)) in legs {
+            let Some(t) = target else {
                 continue;
+            };
+            let (dest, side) = (Dest::Conn(t.conn), t.side);
+            let leg = ByeLeg {
+                request_uri: t.request_uri.into(),
+                routes: t.routes.into_vec(),
+                from: from.to_string(),
+                to: to.to_string(),
             };
             let branch = self.new_branch();
             let proto = self.dest_proto(&dest);
