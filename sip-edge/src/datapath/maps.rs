@@ -401,6 +401,20 @@ impl StateTable {
         }
     }
 
+    /// Packets and bytes of `slot` (`None` past the end).
+    fn traffic(&self, slot: u32) -> Option<(u64, u64)> {
+        let p = self.at(slot)?;
+        // SAFETY: `at` checked the bounds; volatile reads of two aligned
+        // u64s the datapath adds to atomically.
+        Some(unsafe {
+            let st = &raw const (*p).stats;
+            (
+                (&raw const (*st).packets).read_volatile(),
+                (&raw const (*st).bytes).read_volatile(),
+            )
+        })
+    }
+
     /// The state in `slot`; `None` past the end. The program updates the
     /// counters with atomic adds meanwhile: a copy may mix one packet's
     /// bytes with the previous packet count, which every reader tolerates.
@@ -717,6 +731,23 @@ impl DstTable {
     }
 
     /// Live rule and state of entry `idx`, with its `ctl`.
+    /// Packets and bytes of entry `idx`, if it holds a live rule.
+    fn traffic(&self, idx: u32) -> Option<(u64, u64)> {
+        let e = self.entry(idx)?;
+        if self.ctl(idx)?.load(Ordering::Acquire) & DST_VALID == 0 {
+            return None;
+        }
+        // SAFETY: `entry` checked the bounds; volatile reads of two aligned
+        // u64s the datapath adds to atomically.
+        Some(unsafe {
+            let st = &raw const (*e).stats;
+            (
+                (&raw const (*st).packets).read_volatile(),
+                (&raw const (*st).bytes).read_volatile(),
+            )
+        })
+    }
+
     fn read(&self, idx: u32) -> Option<(u32, PinholeRule, PinholeState)> {
         let (e, cold) = (self.entry(idx)?, self.cold(idx)?);
         let ctl = self.ctl(idx)?.load(Ordering::SeqCst);
@@ -1559,6 +1590,17 @@ impl DatapathMaps {
                 .map(|(_, _, st)| st.stats.packets));
         }
         Ok(self.state.get(slot).map(|st| st.stats.packets))
+    }
+
+    /// Packets and bytes of the rule in `slot` (`None`: no rule there):
+    /// two loads from the mapped tables, for the media tick, which reads
+    /// every flow each second.
+    pub fn traffic(&self, slot: u32) -> Option<(u64, u64)> {
+        if slot & SLOT_DST != 0 {
+            self.dst.traffic(slot & !SLOT_DST)
+        } else {
+            self.state.traffic(slot)
+        }
     }
 
     /// Packets, bytes and last-seen time (CLOCK_MONOTONIC ns, 0 = never)
