@@ -567,7 +567,8 @@ fn thread_cpu() -> Duration {
 /// Run the stage.
 pub fn run(mode: Mode, start: Instant) -> Result<ForwardStage, BenchError> {
     progress(start, "forward: creating the client/edge/peer topology");
-    let topo = Topology::create("bn")?;
+    // Per process, as the other stages: two benches never share a topology.
+    let topo = Topology::create(&format!("bn{}", std::process::id() % 10_000))?;
     let (cl, edge, peer) = (topo.client.clone(), topo.edge.clone(), topo.peer.clone());
     let client_mac = mac(&cl, "eth0")?;
     // Static next hops: no ARP in the measured path, for every forwarder.
