@@ -59,6 +59,8 @@ use crate::{
 /// At most one refused-connection log line per rule per this long (a
 /// flood must not become a log flood); the line counts what it stands for.
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+/// How often the driver runs the proxy's transaction timers.
+const TIMERS_EVERY: Duration = Duration::from_millis(100);
 /// Depth of the driver's event queue (connections wait when it is full).
 const EVENT_QUEUE: usize = 1024;
 
@@ -647,6 +649,10 @@ async fn drive(
         trim: memory::TrimPolicy::default(),
     };
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // Transaction timers between ticks (`Proxy::on_timers`): what expires
+    // is handled in tenths of a second's worth, not one second's at once.
+    let mut timers = tokio::time::interval(TIMERS_EVERY);
+    timers.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch = Vec::with_capacity(order::BATCH);
     tokio::pin!(shutdown);
     loop {
@@ -670,6 +676,10 @@ async fn drive(
             Some(req) = control.recv() => d.control(req),
             Some(cmd) = commands.recv() => d.live(cmd),
             () = crate::ha::snapshot_ready().notified() => d.proxy.sync_replicas(),
+            _ = timers.tick() => {
+                let out = d.proxy.on_timers(Instant::now());
+                d.send_all(out);
+            }
             _ = tick.tick() => {
                 let now = Instant::now();
                 let out = d.proxy.on_tick(now);

@@ -217,6 +217,7 @@ impl Proxy {
                     client_tx: None,
                 });
                 c.final_code = Some(code);
+                unlist_sent(&mut self.sent_on, c.sent_on, ckey);
             } else if c.cancel == Cancel::None {
                 c.cancel = Cancel::Sent;
                 out.push(Outgoing {
@@ -225,7 +226,7 @@ impl Proxy {
                     client_tx: None,
                 });
             }
-            c.deadline = now + TIMER_64T1;
+            c.set_deadline(&mut self.client_due, ckey, now + TIMER_64T1, now);
         }
         if let Some(caller) = self.server_txs.get(skey).map(|s| s.conn) {
             let mut extra = media_reject(e).extra;

@@ -17,6 +17,8 @@ impl Proxy {
         s.internal_udp_port = self.settings.internal_udp_port;
         self.settings = s;
         self.rates = access::RateLimits::default();
+        // The maximum call length may have changed: look again.
+        self.stale_check_at = None;
     }
 
     /// New admission limits; blocks and buckets in progress are kept.

@@ -30,7 +30,8 @@ mod routing;
 mod transactions;
 
 use std::{
-    collections::{HashMap, HashSet},
+    cmp::Reverse,
+    collections::{BinaryHeap, HashMap, HashSet, VecDeque},
     time::{Duration, Instant},
 };
 
@@ -125,6 +126,35 @@ struct ClientTx {
     dialog: Option<DialogKey>,
     initial_invite: bool,
     offer_in_request: bool,
+}
+
+/// A client transaction that got its final response no longer waits on
+/// the connection it was sent on (`Proxy::sent_on`): taken off that
+/// connection's list at once, not by the tick's sweep, which then only
+/// meets transactions that ended otherwise.
+fn unlist_sent(sent_on: &mut HashMap<ConnId, HashSet<String>>, conn: Option<ConnId>, key: &str) {
+    if let Some(keys) = conn.and_then(|c| sent_on.get_mut(&c)) {
+        keys.remove(key);
+    }
+}
+
+/// Entries of `Proxy::client_due`: when, and which transaction.
+type DueQueue = BinaryHeap<Reverse<(Instant, String)>>;
+
+impl ClientTx {
+    /// Moves the deadline to `at`, adding an entry to `due` only when the
+    /// queue holds none at or before it: when `at` is earlier than the old
+    /// deadline, or the old one has passed (its entry was taken). A later
+    /// deadline is found when the old entry comes up (`Proxy::due_clients`
+    /// puts it back at the new time), so a transaction keeps about one
+    /// entry however often its deadline moves.
+    fn set_deadline(&mut self, due: &mut DueQueue, key: &str, at: Instant, now: Instant) {
+        let old = self.deadline;
+        self.deadline = at;
+        if at < old || old <= now {
+            due.push(Reverse((at, key.to_owned())));
+        }
+    }
 }
 
 /// A request the edge sent over an unreliable transport (UDP) and
@@ -227,10 +257,27 @@ pub struct Proxy {
     conns: HashMap<ConnId, ConnInfo>,
     server_txs: HashMap<String, ServerTx>,
     client_txs: HashMap<String, ClientTx>,
+    /// When each client transaction's `deadline` falls (earliest first),
+    /// so the tick finds the due ones without walking every transaction
+    /// (issue #12: INVITE transactions stay 64*T1 in the Accepted state,
+    /// tens of thousands at a few thousand calls/s, and the walk stalled
+    /// the driver for milliseconds each second). Entries go stale when a
+    /// deadline moves or the transaction ends; the tick checks each
+    /// against the transaction (`Proxy::due_clients`).
+    client_due: DueQueue,
     /// Boxed: a `Dialog` is several hundred bytes, and a table stores its
     /// values inline in every bucket, empty ones included (issue #12:
     /// bytes per established call).
     dialogs: HashMap<DialogKey, Box<Dialog>>,
+    /// Dialogs whose 2xx waits for its ACK, in the order the waits end
+    /// (`ack_timeout` after each 2xx), so the tick looks at the waits
+    /// that ended rather than at every dialog. An entry whose dialog was
+    /// ACKed or ended is dropped when it comes up.
+    ack_waits: VecDeque<(Instant, DialogKey)>,
+    /// No dialog can be past the maximum call length before this (the
+    /// oldest one's creation + the limit, at the last look); `None`: look
+    /// at the next tick.
+    stale_check_at: Option<Instant>,
     bindings: Bindings,
     retransmits: HashMap<String, Retransmit>,
     /// Client-transaction keys sent on each connection, so a closed
@@ -360,7 +407,10 @@ impl Proxy {
             conns: HashMap::new(),
             server_txs: HashMap::new(),
             client_txs: HashMap::new(),
+            client_due: BinaryHeap::new(),
             dialogs: HashMap::new(),
+            ack_waits: VecDeque::new(),
+            stale_check_at: None,
             bindings: Bindings::new(),
             retransmits: HashMap::new(),
             sent_on: HashMap::new(),

@@ -488,6 +488,8 @@ impl Proxy {
         if let Dest::Conn(c) = dest {
             self.sent_on.entry(c).or_default().insert(ckey.clone());
         }
+        self.client_due
+            .push(Reverse((now + TIMER_64T1, ckey.clone())));
         self.client_txs.insert(
             ckey,
             ClientTx {
@@ -562,7 +564,7 @@ impl Proxy {
                         c.cancel = Cancel::Pending;
                     }
                     // If the UAS never answers 487 we answer it ourselves.
-                    c.deadline = now + TIMER_64T1;
+                    c.set_deadline(&mut self.client_due, &ck, now + TIMER_64T1, now);
                 }
                 if let Some(k) = c.dialog.clone() {
                     self.end_dialog(&k, None, EndReason::Cancel, now);

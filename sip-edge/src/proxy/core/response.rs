@@ -47,18 +47,20 @@ impl Proxy {
             // Responses to our own CANCEL/BYE end here.
             if code >= 200 {
                 c.final_code = Some(code);
-                c.deadline = now;
+                c.set_deadline(&mut self.client_due, &ckey, now, now);
+                unlist_sent(&mut self.sent_on, c.sent_on, &ckey);
             }
             return;
         }
         if code < 200 {
             c.provisional = true;
-            c.deadline = now
+            let at = now
                 + if method == "INVITE" {
                     self.settings.timer_c
                 } else {
                     TIMER_64T1
                 };
+            c.set_deadline(&mut self.client_due, &ckey, at, now);
             let cancel_now = c.cancel == Cancel::Pending;
             if cancel_now {
                 c.cancel = Cancel::Sent;
@@ -86,16 +88,18 @@ impl Proxy {
             .then(|| c.request.clone());
         if code >= 200 {
             c.final_code = Some(code);
+            unlist_sent(&mut self.sent_on, c.sent_on, &ckey);
             // 2xx to an INVITE: RFC 6026 Accepted state keeps forwarding 2xx
             // retransmissions (the UAS repeats them on any transport,
             // §13.3.1.4). Anything else: Completed, absorbing retransmitted
             // finals for Timer D (INVITE) or K (non-INVITE), which are 0
             // over TLS/TCP (§17.1.1.2, §17.1.2.2): freed below once forwarded.
-            c.deadline = if accepted_2xx(&method, code) || info.proto.unreliable() {
+            let at = if accepted_2xx(&method, code) || info.proto.unreliable() {
                 now + TIMER_64T1
             } else {
                 now
             };
+            c.set_deadline(&mut self.client_due, &ckey, at, now);
         }
         if method == "INVITE" && code >= 300 {
             // §17.1.1.3: the ACK for a non-2xx is ours to send.
@@ -201,7 +205,10 @@ impl Proxy {
                 self.confirm_dialog(k, req, &msg, stx_conn, conn, info.side);
                 let due = now + self.settings.ack_timeout;
                 if let Some(d) = self.dialogs.get_mut(k) {
-                    d.ack_due.get_or_insert(due);
+                    if d.ack_due.is_none() {
+                        d.ack_due = Some(due);
+                        self.ack_waits.push_back((due, k.clone()));
+                    }
                 }
             }
         }

@@ -437,6 +437,48 @@ fn rfc3665_3_8_cancel_hop_by_hop() {
 }
 
 #[test]
+fn timer_c_outlives_timer_b_then_cancels_with_one_due_entry_per_transaction() {
+    let (mut p, _rec) = setup();
+    let now = Instant::now();
+    let inv = invite(&mut p, now);
+    let ckey = ctx_key(inv.top_via().unwrap().branch().unwrap(), "INVITE");
+    p.on_sent(&ckey, CALLEE);
+    p.on_message(CALLEE, &answer(&inv, 180, "c1", "", ""), now);
+    // The 180 moved the deadline to Timer C (181 s here) without a second
+    // entry: the first one, at Timer B's time, finds it moved and follows.
+    assert_eq!(p.client_due.len(), 1);
+    let out = p.on_tick(now + Duration::from_secs(33));
+    assert!(out.is_empty(), "no Timer B after a provisional: {out:?}");
+    assert_eq!(p.client_due.len(), 1);
+    assert_eq!(p.live().1, 1);
+    // Timer C: CANCEL toward the callee, then 64*T1 for its 487.
+    let out = p.on_tick(now + Duration::from_secs(182));
+    let fwd = to_conn(&out, CALLEE);
+    assert!(fwd[0].method().unwrap().is("CANCEL"), "{out:?}");
+    assert_eq!(p.client_due.len(), 1, "the wait for the 487");
+    // No 487 came: the edge answers the caller for the cancelled branch.
+    let out = p.on_tick(now + Duration::from_secs(215));
+    assert_eq!(to_conn(&out, CALLER)[0].status(), Some(487));
+    p.on_tick(now + Duration::from_secs(300));
+    assert_eq!(p.live(), (0, 0, 0));
+    assert!(p.client_due.is_empty(), "{:?}", p.client_due);
+}
+
+/// The driver runs the transaction timers several times a second
+/// (`Proxy::on_timers`); they fire there as in the tick, only once.
+#[test]
+fn transaction_timers_fire_between_ticks_once() {
+    let (mut p, _rec) = setup();
+    let now = Instant::now();
+    invite(&mut p, now);
+    assert!(p.on_timers(now + Duration::from_secs(10)).is_empty());
+    let out = p.on_timers(now + Duration::from_millis(32_100));
+    assert_eq!(to_conn(&out, CALLER)[0].status(), Some(408));
+    let again = p.on_tick(now + Duration::from_secs(33));
+    assert!(to_conn(&again, CALLER).is_empty(), "{again:?}");
+}
+
+#[test]
 fn timer_b_answers_408_and_ends_media() {
     let (mut p, rec) = setup();
     let now = Instant::now();

@@ -296,24 +296,21 @@ impl Proxy {
         }
     }
 
-    /// Timers: B/F/C and the Completed/Accepted lifetimes, binding expiry,
-    /// and the media layer's expiry (BYE both ways). Call at least once a
-    /// second.
-    pub fn on_tick(&mut self, now: Instant) -> Vec<Outgoing> {
+    /// The transaction and ACK timers that came due: Timers B, C and F,
+    /// the end of the Accepted and Completed states, and 2xx left without
+    /// their ACK. Each looks only at what is due (`client_due`,
+    /// `ack_waits`), so the driver calls it several times a second
+    /// (`transport`): once a second, a burst's expiring transactions were
+    /// one stall of tens of milliseconds (issue #12, held calls). Also
+    /// part of [`Proxy::on_tick`].
+    pub fn on_timers(&mut self, now: Instant) -> Vec<Outgoing> {
         let mut out = Vec::new();
-        self.admission.tick(now);
-        let txs = &self.client_txs;
-        self.sent_on.retain(|_, keys| {
-            keys.retain(|k| txs.get(k).is_some_and(|c| c.final_code.is_none()));
-            !keys.is_empty()
-        });
-        let due: Vec<String> = self
-            .client_txs
-            .iter()
-            .filter(|(_, c)| c.deadline <= now)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in due {
+        // Server transactions are few at any time (over TLS a non-INVITE
+        // one ends as soon as its final response is sent), but a burst's
+        // end drops thousands at once: in tenths, not all in one tick.
+        self.server_txs
+            .retain(|_, s| s.expires.is_none_or(|e| e > now));
+        for k in self.due_clients(now) {
             let Some(c) = self.client_txs.get_mut(&k) else {
                 continue;
             };
@@ -327,7 +324,7 @@ impl Proxy {
                 // The edge has given up on it: its early media ends now,
                 // not when (or if) the 487 comes.
                 c.cancel = Cancel::Sent;
-                c.deadline = now + TIMER_64T1;
+                c.set_deadline(&mut self.client_due, &k, now + TIMER_64T1, now);
                 let dialog = c.dialog.clone().filter(|_| c.initial_invite);
                 let dest = self.client_dest(&k);
                 self.push_cancel(&k, dest, now, &mut out);
@@ -339,28 +336,26 @@ impl Proxy {
             // Timer B/F (§17.1.1.2, §17.1.2.2): 408 upstream (§16.8).
             self.fail_client(&k, 408, now, &mut out);
         }
-        self.server_txs
-            .retain(|_, s| s.expires.is_none_or(|e| e > now));
-        self.bindings.expire(now);
-        for k in self.media.on_tick(now) {
-            let span = info_span!("call", call_id = %k.call_id);
-            let _g = span.enter();
-            let Some(d) = self.dialogs.remove(&k) else {
-                continue;
-            };
-            info!("media expired; sending BYE both ways");
-            self.send_byes(&k, d, now, &mut out);
-        }
         // RFC 3261 §13.3.1.4: a 2xx whose ACK never came (64*T1 by
         // default) ends the call both ways, media first. A caller that
         // takes the 2xx and never ACKs would otherwise hold a confirmed
         // call, and its pinholes, until the idle or maximum-length timer.
-        let unacked: Vec<DialogKey> = self
-            .dialogs
-            .iter()
-            .filter(|(_, d)| d.ack_due.is_some_and(|t| t <= now))
-            .map(|(k, _)| k.clone())
-            .collect();
+        // (A wait pushed after a reload shortened `ack_timeout` may end
+        // before the ones ahead of it: it is then seen with them, late by
+        // at most the difference.)
+        let mut unacked: Vec<DialogKey> = Vec::new();
+        while self.ack_waits.front().is_some_and(|(t, _)| *t <= now) {
+            let Some((_, k)) = self.ack_waits.pop_front() else {
+                break;
+            };
+            let waiting = self
+                .dialogs
+                .get(&k)
+                .is_some_and(|d| d.ack_due.is_some_and(|t| t <= now));
+            if waiting && !unacked.contains(&k) {
+                unacked.push(k);
+            }
+        }
         for k in unacked {
             let span = info_span!("call", call_id = %k.call_id);
             let _g = span.enter();
@@ -375,17 +370,51 @@ impl Proxy {
                 self.send_byes(&k, d, now, &mut out);
             }
         }
+        out
+    }
+
+    /// Timers: B/F/C and the Completed/Accepted lifetimes, binding expiry,
+    /// and the media layer's expiry (BYE both ways). Call at least once a
+    /// second.
+    pub fn on_tick(&mut self, now: Instant) -> Vec<Outgoing> {
+        let mut out = Vec::new();
+        self.admission.tick(now);
+        let txs = &self.client_txs;
+        self.sent_on.retain(|_, keys| {
+            keys.retain(|k| txs.get(k).is_some_and(|c| c.final_code.is_none()));
+            !keys.is_empty()
+        });
+        out.extend(self.on_timers(now));
+        self.bindings.expire(now);
+        for k in self.media.on_tick(now) {
+            let span = info_span!("call", call_id = %k.call_id);
+            let _g = span.enter();
+            let Some(d) = self.dialogs.remove(&k) else {
+                continue;
+            };
+            info!("media expired; sending BYE both ways");
+            self.send_byes(&k, d, now, &mut out);
+        }
         // The media layer ends what it holds media for by `max_call`; a
         // dialog without media (no SDP, every stream disabled) whose ends
         // went away without a BYE would otherwise stay forever. 64*T1 past
         // the maximum call length, no media expiry can still be pending.
+        // Only once the oldest dialog at the last look could be past it
+        // (later dialogs are younger), not a walk of every dialog each
+        // second.
         let limit = self.settings.max_dialog + TIMER_64T1;
-        let stale: Vec<DialogKey> = self
-            .dialogs
-            .iter()
-            .filter(|(_, d)| now.saturating_duration_since(d.created) > limit)
-            .map(|(k, _)| k.clone())
-            .collect();
+        let mut stale: Vec<DialogKey> = Vec::new();
+        if !self.dialogs.is_empty() && self.stale_check_at.is_none_or(|t| t <= now) {
+            let mut oldest: Option<Instant> = None;
+            for (k, d) in &self.dialogs {
+                if now.saturating_duration_since(d.created) > limit {
+                    stale.push(k.clone());
+                } else {
+                    oldest = Some(oldest.map_or(d.created, |o| o.min(d.created)));
+                }
+            }
+            self.stale_check_at = oldest.map(|o| o + limit);
+        }
         for k in stale {
             debug!(call_id = %k.call_id, "dialog record past the maximum call length forgotten");
             self.media.on_dialog_end(&k, None, EndReason::Timeout, now);
@@ -401,6 +430,31 @@ impl Proxy {
         shrink_idle(&mut self.dialogs);
         out.extend(self.on_retransmit(now));
         out
+    }
+
+    /// Keys of the client transactions whose deadline has passed, each
+    /// once, from `client_due`: an entry whose transaction is gone is
+    /// dropped, and one whose deadline moved later is put back at the new
+    /// time (so a deadline set without an entry of its own still fires).
+    fn due_clients(&mut self, now: Instant) -> Vec<String> {
+        let mut due = Vec::new();
+        while self
+            .client_due
+            .peek()
+            .is_some_and(|Reverse((t, _))| *t <= now)
+        {
+            let Some(Reverse((_, k))) = self.client_due.pop() else {
+                break;
+            };
+            match self.client_txs.get(&k).map(|c| c.deadline) {
+                Some(d) if d <= now => due.push(k),
+                Some(d) => self.client_due.push(Reverse((d, k))),
+                None => {}
+            }
+        }
+        due.sort_unstable();
+        due.dedup();
+        due
     }
 
     /// BYE on each leg of dialog `d` (already removed from the table), each
@@ -443,6 +497,8 @@ impl Proxy {
             let bytes = build::bye(&leg, &via, &k.call_id, cseq.saturating_add(1).max(1));
             self.arm_retransmit(ctx_key(&branch, "BYE"), &dest, &bytes, false, now);
             if let Ok(m) = Message::parse(&bytes) {
+                self.client_due
+                    .push(Reverse((now + TIMER_64T1, ctx_key(&branch, "BYE"))));
                 self.client_txs.insert(
                     ctx_key(&branch, "BYE"),
                     ClientTx {
@@ -469,10 +525,16 @@ impl Proxy {
     }
 }
 
+/// Tables up to this many slots keep their room: a table that fills and
+/// empties with every refresh round (the server transactions of held
+/// calls' OPTIONS) was shrunk and grown again each second, a rehash each
+/// way, and a few thousand slots are a few hundred kB at most.
+const SHRINK_ABOVE: usize = 16 * 1024;
+
 /// Shrinks `m` to twice its length when it uses under a quarter of its
-/// room (tables of a few hundred entries are left alone).
+/// room (tables up to `SHRINK_ABOVE` slots are left alone).
 fn shrink_idle<K: std::hash::Hash + Eq, V>(m: &mut std::collections::HashMap<K, V>) {
-    if m.capacity() > 1024 && m.len() < m.capacity() / 4 {
+    if m.capacity() > SHRINK_ABOVE && m.len() < m.capacity() / 4 {
         m.shrink_to(m.len() * 2);
     }
 }
@@ -483,7 +545,7 @@ mod shrink_tests {
 
     #[test]
     fn tables_emptied_after_a_burst_give_their_room_back() {
-        let mut m: HashMap<u32, [u8; 64]> = (0..10_000).map(|i| (i, [0; 64])).collect();
+        let mut m: HashMap<u32, [u8; 64]> = (0..100_000).map(|i| (i, [0; 64])).collect();
         m.retain(|k, _| *k < 10);
         let burst = m.capacity();
         super::shrink_idle(&mut m);
@@ -495,5 +557,11 @@ mod shrink_tests {
         let cap = busy.capacity();
         super::shrink_idle(&mut busy);
         assert_eq!(busy.capacity(), cap);
+        // Nor does a small one that empties and fills every round.
+        let mut round: HashMap<u32, u8> = (0..5000).map(|i| (i, 0)).collect();
+        round.clear();
+        let cap = round.capacity();
+        super::shrink_idle(&mut round);
+        assert_eq!(round.capacity(), cap);
     }
 }
