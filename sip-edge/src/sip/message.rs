@@ -115,25 +115,46 @@ impl Method {
         if s.is_empty() || !s.bytes().all(is_token) {
             return None;
         }
-        Some(
-            rsip::Method::all()
-                .into_iter()
-                .find(|m| m.to_string() == s)
-                .map_or_else(|| Method::Extension(s.to_owned()), Method::Known),
-        )
+        Some(known_methods().iter().find(|(_, n)| n == s).map_or_else(
+            || Method::Extension(s.to_owned()),
+            |(m, _)| Method::Known(*m),
+        ))
+    }
+
+    /// The method's name as written on the wire.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Method::Known(m) => known_methods()
+                .iter()
+                .find(|(k, _)| k == m)
+                .map_or("", |(_, n)| n.as_str()),
+            Method::Extension(s) => s,
+        }
     }
 
     /// Whether this is `name` (e.g. `"INVITE"`).
     pub fn is(&self, name: &str) -> bool {
-        self.to_string() == name
+        self.as_str() == name
     }
+}
+
+/// rsip's methods with their names, built once: parsing and comparing a
+/// method then allocates nothing (issue #12: `rsip::Method::all()` and a
+/// `to_string()` per entry ran for every message).
+fn known_methods() -> &'static [(rsip::Method, String)] {
+    static KNOWN: std::sync::OnceLock<Vec<(rsip::Method, String)>> = std::sync::OnceLock::new();
+    KNOWN.get_or_init(|| {
+        rsip::Method::all()
+            .into_iter()
+            .map(|m| (m, m.to_string()))
+            .collect()
+    })
 }
 
 impl fmt::Display for Method {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Method::Known(m) => write!(f, "{m}"),
-            Method::Extension(s) => f.write_str(s),
+            Method::Known(_) | Method::Extension(_) => f.write_str(self.as_str()),
         }
     }
 }

@@ -22,7 +22,7 @@ impl Proxy {
         // §16.3 step 1: the headers we need must parse.
         msg.call_id().map_err(bad)?;
         let cseq = msg.cseq().map_err(bad)?;
-        if cseq.method.to_string() != method {
+        if cseq.method.as_str() != method {
             return Err(reject(400, "CSeq method does not match the Request-Line"));
         }
         msg.from().map_err(bad)?;
