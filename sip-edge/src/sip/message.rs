@@ -250,9 +250,22 @@ pub struct Header {
     /// Value with continuation lines unfolded into single spaces and outer
     /// whitespace trimmed (RFC 3261 §7.3.1).
     pub value: String,
-    /// The original line(s) without their final line end, for byte-for-byte
-    /// output; `None` once the header was edited or for new headers.
-    raw: Option<Vec<u8>>,
+    /// How the header is written back (byte-for-byte when received).
+    raw: Raw,
+}
+
+/// What a header's output is made of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Raw {
+    /// Edited or new: written as `name: value`.
+    Edited,
+    /// Received as exactly `name: value` on one line: written the same way
+    /// without keeping a copy of the line (issue #12: a copy of every
+    /// line was an allocation per header per parse and per clone).
+    Canonical,
+    /// Received otherwise (other spacing, folded): the original line(s)
+    /// without their final line end.
+    Bytes(Vec<u8>),
 }
 
 impl Header {
@@ -261,19 +274,19 @@ impl Header {
         Self {
             name: name.into(),
             value: value.into(),
-            raw: None,
+            raw: Raw::Edited,
         }
     }
 
     /// Whether this header was received and is unmodified.
     pub fn is_original(&self) -> bool {
-        self.raw.is_some()
+        self.raw != Raw::Edited
     }
 
     fn write(&self, out: &mut Vec<u8>) {
         match &self.raw {
-            Some(raw) => out.extend_from_slice(raw),
-            None => {
+            Raw::Bytes(raw) => out.extend_from_slice(raw),
+            Raw::Edited | Raw::Canonical => {
                 out.extend_from_slice(self.name.as_bytes());
                 out.extend_from_slice(b": ");
                 out.extend_from_slice(self.value.as_bytes());
@@ -641,6 +654,15 @@ impl Message {
                         line_no,
                         line: cut(text),
                     })?;
+                if h.raw == Raw::Canonical {
+                    // Its first line was `name: value`, the value not yet
+                    // extended by this continuation.
+                    let mut first = Vec::with_capacity(h.name.len() + 2 + h.value.len());
+                    first.extend_from_slice(h.name.as_bytes());
+                    first.extend_from_slice(b": ");
+                    first.extend_from_slice(h.value.as_bytes());
+                    h.raw = Raw::Bytes(first);
+                }
                 let cont = text.trim();
                 if !cont.is_empty() {
                     if !h.value.is_empty() {
@@ -648,7 +670,7 @@ impl Message {
                     }
                     h.value.push_str(cont);
                 }
-                if let Some(raw) = &mut h.raw {
+                if let Raw::Bytes(raw) = &mut h.raw {
                     raw.extend_from_slice(b"\r\n");
                     raw.extend_from_slice(line);
                 }
@@ -667,10 +689,18 @@ impl Message {
                     line: cut(text),
                 });
             }
+            let trimmed = value.trim();
+            let canonical = name.len() + 1 == text.len() - value.len()
+                && value.len() == trimmed.len() + 1
+                && value.starts_with(' ');
             headers.push(Header {
                 name: name.to_owned(),
-                value: value.trim().to_owned(),
-                raw: Some(line.to_vec()),
+                value: trimmed.to_owned(),
+                raw: if canonical {
+                    Raw::Canonical
+                } else {
+                    Raw::Bytes(line.to_vec())
+                },
             });
         }
         let mut msg = Message {
@@ -785,7 +815,7 @@ impl Message {
             Some(i) => {
                 if let Some(h) = self.headers.get_mut(i) {
                     h.value = value;
-                    h.raw = None;
+                    h.raw = Raw::Edited;
                 }
                 let mut idx = 0;
                 self.headers.retain(|h| {
@@ -865,7 +895,7 @@ impl Message {
             value.push_str(r);
         }
         h.value = value;
-        h.raw = None;
+        h.raw = Raw::Edited;
         Ok(())
     }
 
@@ -888,7 +918,7 @@ impl Message {
             self.headers.remove(i);
         } else if let Some(h) = self.headers.get_mut(i) {
             h.value = list[1..].join(", ");
-            h.raw = None;
+            h.raw = Raw::Edited;
         }
         Ok(top)
     }
@@ -1045,7 +1075,7 @@ impl Message {
     pub fn to_rsip(&self) -> Result<rsip::SipMessage, MessageError> {
         let mut norm = self.clone();
         for h in &mut norm.headers {
-            h.raw = None;
+            h.raw = Raw::Edited;
         }
         rsip::SipMessage::try_from(norm.to_bytes().as_slice()).map_err(|e| MessageError::Rsip {
             reason: cut(&e.to_string()),
