@@ -748,6 +748,24 @@ impl Message {
         Ok(msg)
     }
 
+    /// Moves the message out, leaving an empty response (no headers, no
+    /// body, status 0) in its place: for a caller that is done with it and
+    /// would otherwise clone it (issue #12).
+    pub fn take(&mut self) -> Message {
+        std::mem::replace(
+            self,
+            Message {
+                start: StartLine::Response {
+                    version: String::new(),
+                    code: 0,
+                    reason: String::new(),
+                },
+                headers: Vec::new(),
+                body: Vec::new(),
+            },
+        )
+    }
+
     /// Request method, `None` for responses.
     pub fn method(&self) -> Option<&Method> {
         match &self.start {

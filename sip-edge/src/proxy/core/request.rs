@@ -492,7 +492,9 @@ impl Proxy {
             ckey,
             ClientTx {
                 server_key: Some(skey),
-                request: msg.clone(),
+                // The forwarded request is not needed past this point: the
+                // transaction keeps it instead of a copy (issue #12).
+                request: msg.take(),
                 dest: dest.clone(),
                 provisional: false,
                 final_code: None,
