@@ -331,37 +331,11 @@ pub struct Params(pub Vec<(String, Option<String>)>);
 impl Params {
     /// Parses the text after the first `;` of a parameter list.
     fn parse(s: &str) -> Params {
-        let mut out = Vec::new();
-        let mut quoted = false;
-        let mut escaped = false;
-        let mut start = 0;
-        let mut push = |p: &str| {
-            let p = p.trim();
-            if p.is_empty() {
-                return;
-            }
-            let (n, v) = p
-                .split_once('=')
-                .map_or((p, None), |(n, v)| (n, Some(v.trim().to_owned())));
-            out.push((n.trim().to_owned(), v));
-        };
-        for (i, c) in s.char_indices() {
-            if escaped {
-                escaped = false;
-                continue;
-            }
-            match c {
-                '\\' if quoted => escaped = true,
-                '"' => quoted = !quoted,
-                ';' if !quoted => {
-                    push(&s[start..i]);
-                    start = i + 1;
-                }
-                _ => {}
-            }
-        }
-        push(&s[start..]);
-        Params(out)
+        Params(
+            ParamIter::new(s)
+                .map(|(n, v)| (n.to_owned(), v.map(str::to_owned)))
+                .collect(),
+        )
     }
 
     /// `Some(Some(v))` for `name=v`, `Some(None)` for a bare `name`.
@@ -389,6 +363,66 @@ impl Params {
         let before = self.0.len();
         self.0.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
         self.0.len() != before
+    }
+}
+
+/// The `(name, value)` pairs of a parameter list, borrowed and trimmed,
+/// empty ones skipped: what [`Params::parse`] owns, for a caller that only
+/// looks one up (issue #12: a tag lookup parsed and copied every
+/// parameter). `;` inside a quoted value does not split.
+struct ParamIter<'a> {
+    rest: Option<&'a str>,
+}
+
+impl<'a> ParamIter<'a> {
+    fn new(s: &'a str) -> Self {
+        Self { rest: Some(s) }
+    }
+}
+
+impl<'a> Iterator for ParamIter<'a> {
+    type Item = (&'a str, Option<&'a str>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        while let Some(rest) = self.rest {
+            // Quote and escape state is always clear at a splitting `;`.
+            let (mut quoted, mut escaped) = (false, false);
+            let mut end = None;
+            for (i, c) in rest.char_indices() {
+                if escaped {
+                    escaped = false;
+                    continue;
+                }
+                match c {
+                    '\\' if quoted => escaped = true,
+                    '"' => quoted = !quoted,
+                    ';' if !quoted => {
+                        end = Some(i);
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            let p = match end {
+                Some(i) => {
+                    self.rest = rest.get(i + 1..);
+                    &rest[..i]
+                }
+                None => {
+                    self.rest = None;
+                    rest
+                }
+            };
+            let p = p.trim();
+            if p.is_empty() {
+                continue;
+            }
+            let (n, v) = p
+                .split_once('=')
+                .map_or((p, None), |(n, v)| (n, Some(v.trim())));
+            return Some((n.trim(), v));
+        }
+        None
     }
 }
 
@@ -511,9 +545,38 @@ pub struct NameAddr {
     pub params: Params,
 }
 
+/// A parsed name-addr borrowing its text; `params` is the text after the
+/// `;` that starts the header parameters.
+struct NameAddrRef<'a> {
+    display: Option<&'a str>,
+    uri: &'a str,
+    angle: bool,
+    params: &'a str,
+}
+
 impl NameAddr {
     /// Parses one element (no commas).
     pub fn parse(value: &str, name: &'static str) -> Result<NameAddr, MessageError> {
+        let r = Self::parse_ref(value, name)?;
+        Ok(NameAddr {
+            display: r.display.map(str::to_owned),
+            uri: r.uri.to_owned(),
+            angle: r.angle,
+            params: Params::parse(r.params),
+        })
+    }
+
+    /// The tag parameter of a name-addr, checked as [`NameAddr::parse`]
+    /// checks it, without copying the rest.
+    fn tag_of(value: &str, name: &'static str) -> Result<Option<String>, MessageError> {
+        let r = Self::parse_ref(value, name)?;
+        Ok(ParamIter::new(r.params)
+            .find(|(n, _)| n.eq_ignore_ascii_case("tag"))
+            .and_then(|(_, v)| v)
+            .map(str::to_owned))
+    }
+
+    fn parse_ref<'a>(value: &'a str, name: &'static str) -> Result<NameAddrRef<'a>, MessageError> {
         let value = value.trim();
         let bad = |reason| MessageError::BadHeaderValue {
             name,
@@ -551,12 +614,12 @@ impl NameAddr {
                 let display = value[..i].trim();
                 let after = value[gt + 1..].trim_start();
                 let params = match after {
-                    "" => Params::default(),
-                    a => Params::parse(a.strip_prefix(';').ok_or_else(|| bad("text after '>'"))?),
+                    "" => "",
+                    a => a.strip_prefix(';').ok_or_else(|| bad("text after '>'"))?,
                 };
-                Ok(NameAddr {
-                    display: (!display.is_empty()).then(|| display.to_owned()),
-                    uri: value[i + 1..gt].trim().to_owned(),
+                Ok(NameAddrRef {
+                    display: (!display.is_empty()).then_some(display),
+                    uri: value[i + 1..gt].trim(),
                     angle: true,
                     params,
                 })
@@ -569,11 +632,11 @@ impl NameAddr {
                 if uri.trim().is_empty() || !uri.contains(':') {
                     return Err(bad("no URI"));
                 }
-                Ok(NameAddr {
+                Ok(NameAddrRef {
                     display: None,
-                    uri: uri.trim().to_owned(),
+                    uri: uri.trim(),
                     angle: false,
-                    params: Params::parse(params),
+                    params,
                 })
             }
         }
@@ -1021,12 +1084,18 @@ impl Message {
 
     /// From tag.
     pub fn from_tag(&self) -> Result<Option<String>, MessageError> {
-        Ok(self.from()?.tag().map(str::to_owned))
+        let v = self
+            .header("From")
+            .ok_or(MessageError::MissingHeader { name: "From" })?;
+        NameAddr::tag_of(v, "From")
     }
 
     /// To tag.
     pub fn to_tag(&self) -> Result<Option<String>, MessageError> {
-        Ok(self.to()?.tag().map(str::to_owned))
+        let v = self
+            .header("To")
+            .ok_or(MessageError::MissingHeader { name: "To" })?;
+        NameAddr::tag_of(v, "To")
     }
 
     /// Every element of a name-addr list header (Contact, Route,

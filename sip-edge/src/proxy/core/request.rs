@@ -25,8 +25,9 @@ impl Proxy {
         if cseq.method.as_str() != method {
             return Err(reject(400, "CSeq method does not match the Request-Line"));
         }
-        msg.from().map_err(bad)?;
-        msg.to().map_err(bad)?;
+        // Checked as from()/to() check them, copying only the tags.
+        msg.from_tag().map_err(bad)?;
+        msg.to_tag().map_err(bad)?;
         check_header_syntax(msg)?;
         let vias = msg.vias().map_err(bad)?;
         let top = vias.first().cloned().ok_or_else(|| reject(400, "no Via"))?;
