@@ -655,7 +655,14 @@ impl Sdp {
             .as_ref()
             .is_some_and(|(h, _)| is_multicast(h));
 
-        let mut out: Vec<Line> = Vec::with_capacity(self.lines.len() + 2);
+        // The output is written into one buffer: unchanged lines are copied
+        // into it, not cloned one allocation each (issue #12).
+        let mut sdp: Vec<u8> =
+            Vec::with_capacity(self.lines.iter().map(|l| l.text.len() + 2).sum::<usize>() + 64);
+        let emit = |sdp: &mut Vec<u8>, text: &[u8], eol: &[u8]| {
+            sdp.extend_from_slice(text);
+            sdp.extend_from_slice(eol);
+        };
         for (i, l) in self.lines[..session_end].iter().enumerate() {
             let t = &l.text;
             let new = if t.starts_with(b"o=") {
@@ -683,13 +690,11 @@ impl Sdp {
             } else {
                 None
             };
-            out.push(new.map_or_else(
-                || l.clone(),
-                |s| Line {
-                    text: s.into_bytes(),
-                    eol: l.eol,
-                },
-            ));
+            emit(
+                &mut sdp,
+                new.as_ref().map_or(&l.text, |s| s.as_bytes()),
+                l.eol,
+            );
         }
         for (k, &start) in self.media_starts.iter().enumerate() {
             let end = self
@@ -806,13 +811,11 @@ impl Sdp {
                     }
                 }
                 if !drop {
-                    out.push(new.map_or_else(
-                        || l.clone(),
-                        |s| Line {
-                            text: s.into_bytes(),
-                            eol: l.eol,
-                        },
-                    ));
+                    emit(
+                        &mut sdp,
+                        new.as_ref().map_or(&l.text, |s| s.as_bytes()),
+                        l.eol,
+                    );
                 }
                 // Insert a media-level c= after m= (and i=, if next).
                 let next_is_info = self
@@ -821,10 +824,8 @@ impl Sdp {
                     .is_some_and(|n| n.text.starts_with(b"i="))
                     && start + i + 1 < end;
                 if media_c_needed && !next_is_info {
-                    out.push(Line {
-                        text: format!("c=IN {} {}", addr_type(addr), sdp_addr(addr)).into_bytes(),
-                        eol,
-                    });
+                    let c = format!("c=IN {} {}", addr_type(addr), sdp_addr(addr));
+                    emit(&mut sdp, c.as_bytes(), eol);
                     media_c_needed = false;
                 }
             }
@@ -834,17 +835,9 @@ impl Sdp {
             let named = rtcp_port.or(mux_rtcp.get(k).copied().flatten());
             if let (false, Some(p), Some(r)) = (saw_rtcp, named, rtp_port) {
                 if r.checked_add(1) != Some(p) {
-                    out.push(Line {
-                        text: format!("a=rtcp:{p}").into_bytes(),
-                        eol,
-                    });
+                    emit(&mut sdp, format!("a=rtcp:{p}").as_bytes(), eol);
                 }
             }
-        }
-        let mut sdp = Vec::new();
-        for l in &out {
-            sdp.extend_from_slice(&l.text);
-            sdp.extend_from_slice(l.eol);
         }
         Ok(Rewritten { sdp, flows })
     }
