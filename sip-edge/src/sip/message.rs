@@ -299,28 +299,50 @@ impl Header {
 /// Splits a header value on commas that separate list elements (RFC 3261
 /// §7.3.1), ignoring commas inside quotes and `<...>`.
 pub fn split_list(value: &str) -> Vec<&str> {
-    let mut out = Vec::new();
-    let (mut quoted, mut escaped, mut angle) = (false, false, false);
-    let mut start = 0;
-    for (i, c) in value.char_indices() {
-        if escaped {
-            escaped = false;
-            continue;
-        }
-        match c {
-            '\\' if quoted => escaped = true,
-            '"' => quoted = !quoted,
-            '<' if !quoted => angle = true,
-            '>' if !quoted => angle = false,
-            ',' if !quoted && !angle => {
-                out.push(value[start..i].trim());
-                start = i + 1;
-            }
-            _ => {}
-        }
+    ListIter::new(value).collect()
+}
+
+/// The elements [`split_list`] returns, one at a time without a `Vec`
+/// (issue #12: the Via and name-addr accessors split every value they
+/// read).
+struct ListIter<'a> {
+    rest: Option<&'a str>,
+}
+
+impl<'a> ListIter<'a> {
+    fn new(value: &'a str) -> Self {
+        Self { rest: Some(value) }
     }
-    out.push(value[start..].trim());
-    out
+}
+
+impl<'a> Iterator for ListIter<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        let rest = self.rest?;
+        // Quote, escape and bracket state is always clear at a splitting
+        // comma.
+        let (mut quoted, mut escaped, mut angle) = (false, false, false);
+        for (i, c) in rest.char_indices() {
+            if escaped {
+                escaped = false;
+                continue;
+            }
+            match c {
+                '\\' if quoted => escaped = true,
+                '"' => quoted = !quoted,
+                '<' if !quoted => angle = true,
+                '>' if !quoted => angle = false,
+                ',' if !quoted && !angle => {
+                    self.rest = rest.get(i + 1..);
+                    return Some(rest[..i].trim());
+                }
+                _ => {}
+            }
+        }
+        self.rest = None;
+        Some(rest.trim())
+    }
 }
 
 /// `;name[=value]` parameters with whitespace allowed around `;` and `=`
@@ -487,7 +509,11 @@ impl Via {
             .find(';')
             .map_or((rest, ""), |i| (&rest[..i], &rest[i + 1..]));
         // sent-by may have LWS around the colon; an IPv6 reference has none.
-        let sent_by: String = sent_by.chars().filter(|c| !c.is_whitespace()).collect();
+        let sent_by: std::borrow::Cow<'_, str> = if sent_by.contains(char::is_whitespace) {
+            sent_by.chars().filter(|c| !c.is_whitespace()).collect()
+        } else {
+            sent_by.into()
+        };
         let (host, port) =
             parse_hostport(&sent_by, value).map_err(|source| MessageError::BadUri {
                 place: "Via sent-by",
@@ -703,7 +729,11 @@ impl Message {
         let first = lines.next().unwrap_or_default();
         let first = std::str::from_utf8(first).map_err(|_| MessageError::NotUtf8 { line_no: 1 })?;
         let start = parse_start_line(first)?;
-        let mut headers: Vec<Header> = Vec::new();
+        // A slot per line (the start and empty lines leave two spare) and
+        // two more: parsing, and a proxy adding its Via and Record-Routes,
+        // do not regrow the list (issue #12).
+        let mut headers: Vec<Header> =
+            Vec::with_capacity(memchr::memchr_iter(b'\n', head).count() + 2);
         for (n, line) in lines.enumerate() {
             let line_no = n + 2;
             if line.is_empty() {
@@ -947,7 +977,7 @@ impl Message {
     /// Every Via value in order (list values split).
     pub fn vias(&self) -> Result<Vec<Via>, MessageError> {
         self.header_all("Via")
-            .flat_map(split_list)
+            .flat_map(ListIter::new)
             .map(Via::parse)
             .collect()
     }
@@ -957,7 +987,7 @@ impl Message {
         let v = self
             .header("Via")
             .ok_or(MessageError::MissingHeader { name: "Via" })?;
-        let first = split_list(v).into_iter().next().unwrap_or_default();
+        let first = ListIter::new(v).next().unwrap_or_default();
         Via::parse(first)
     }
 
@@ -969,9 +999,8 @@ impl Message {
             .iter_mut()
             .find(|h| same_header(&h.name, "Via"))
             .ok_or(MessageError::MissingHeader { name: "Via" })?;
-        let rest: Vec<&str> = split_list(&h.value).into_iter().skip(1).collect();
         let mut value = via.to_string();
-        for r in rest {
+        for r in ListIter::new(&h.value).skip(1) {
             value.push_str(", ");
             value.push_str(r);
         }
@@ -988,18 +1017,32 @@ impl Message {
             .iter()
             .position(|h| same_header(&h.name, "Via"))
             .ok_or(MessageError::MissingHeader { name: "Via" })?;
-        let value = self
-            .headers
-            .get(i)
-            .map(|h| h.value.clone())
-            .unwrap_or_default();
-        let list = split_list(&value);
-        let top = Via::parse(list.first().copied().unwrap_or_default())?;
-        if list.len() <= 1 {
-            self.headers.remove(i);
-        } else if let Some(h) = self.headers.get_mut(i) {
-            h.value = list[1..].join(", ");
-            h.raw = Raw::Edited;
+        let (top, rest) = {
+            let mut list = ListIter::new(self.headers.get(i).map_or("", |h| h.value.as_str()));
+            let top = Via::parse(list.next().unwrap_or_default())?;
+            // The further values, joined with ", ".
+            let mut rest: Option<String> = None;
+            for r in list {
+                match &mut rest {
+                    None => rest = Some(r.to_owned()),
+                    Some(v) => {
+                        v.push_str(", ");
+                        v.push_str(r);
+                    }
+                }
+            }
+            (top, rest)
+        };
+        match rest {
+            None => {
+                self.headers.remove(i);
+            }
+            Some(v) => {
+                if let Some(h) = self.headers.get_mut(i) {
+                    h.value = v;
+                    h.raw = Raw::Edited;
+                }
+            }
         }
         Ok(top)
     }
@@ -1102,7 +1145,7 @@ impl Message {
     /// Record-Route, Path), in order. A `Contact: *` yields nothing.
     pub fn name_addrs(&self, name: &'static str) -> Result<Vec<NameAddr>, MessageError> {
         self.header_all(name)
-            .flat_map(split_list)
+            .flat_map(ListIter::new)
             .filter(|v| *v != "*")
             .map(|v| NameAddr::parse(v, name))
             .collect()
