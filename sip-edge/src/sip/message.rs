@@ -302,6 +302,27 @@ pub fn split_list(value: &str) -> Vec<&str> {
     ListIter::new(value).collect()
 }
 
+/// The further elements of a list joined with ", ", `None` if there are
+/// none.
+fn join_rest<'a>(list: impl Iterator<Item = &'a str>) -> Option<String> {
+    let mut rest: Option<String> = None;
+    for r in list {
+        match &mut rest {
+            None => rest = Some(r.to_owned()),
+            Some(v) => {
+                v.push_str(", ");
+                v.push_str(r);
+            }
+        }
+    }
+    rest
+}
+
+/// How many elements [`split_list`] finds, without collecting them.
+pub fn list_len(value: &str) -> usize {
+    ListIter::new(value).count()
+}
+
 /// The elements [`split_list`] returns, one at a time without a `Vec`
 /// (issue #12: the Via and name-addr accessors split every value they
 /// read).
@@ -571,13 +592,26 @@ pub struct NameAddr {
     pub params: Params,
 }
 
-/// A parsed name-addr borrowing its text; `params` is the text after the
-/// `;` that starts the header parameters.
-struct NameAddrRef<'a> {
-    display: Option<&'a str>,
-    uri: &'a str,
-    angle: bool,
-    params: &'a str,
+/// A name-addr checked as [`NameAddr::parse`] checks it, borrowing the
+/// header's text: for a caller that only reads it (issue #12: checking
+/// From, To and Contact copied every part of them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NameAddrView<'a> {
+    /// Display name as received (quotes kept), if any.
+    pub display: Option<&'a str>,
+    /// The URI text.
+    pub uri: &'a str,
+    /// Whether the URI was in `<...>`.
+    pub angle: bool,
+    /// The header parameters' text, after the `;` that starts them.
+    pub params: &'a str,
+}
+
+impl<'a> NameAddrView<'a> {
+    /// Parses one element (no commas) of header `name`.
+    pub fn parse(value: &'a str, name: &'static str) -> Result<Self, MessageError> {
+        NameAddr::parse_ref(value, name)
+    }
 }
 
 impl NameAddr {
@@ -602,7 +636,7 @@ impl NameAddr {
             .map(str::to_owned))
     }
 
-    fn parse_ref<'a>(value: &'a str, name: &'static str) -> Result<NameAddrRef<'a>, MessageError> {
+    fn parse_ref<'a>(value: &'a str, name: &'static str) -> Result<NameAddrView<'a>, MessageError> {
         let value = value.trim();
         let bad = |reason| MessageError::BadHeaderValue {
             name,
@@ -643,7 +677,7 @@ impl NameAddr {
                     "" => "",
                     a => a.strip_prefix(';').ok_or_else(|| bad("text after '>'"))?,
                 };
-                Ok(NameAddrRef {
+                Ok(NameAddrView {
                     display: (!display.is_empty()).then_some(display),
                     uri: value[i + 1..gt].trim(),
                     angle: true,
@@ -658,7 +692,7 @@ impl NameAddr {
                 if uri.trim().is_empty() || !uri.contains(':') {
                     return Err(bad("no URI"));
                 }
-                Ok(NameAddrRef {
+                Ok(NameAddrView {
                     display: None,
                     uri: uri.trim(),
                     angle: false,
@@ -1020,20 +1054,31 @@ impl Message {
         let (top, rest) = {
             let mut list = ListIter::new(self.headers.get(i).map_or("", |h| h.value.as_str()));
             let top = Via::parse(list.next().unwrap_or_default())?;
-            // The further values, joined with ", ".
-            let mut rest: Option<String> = None;
-            for r in list {
-                match &mut rest {
-                    None => rest = Some(r.to_owned()),
-                    Some(v) => {
-                        v.push_str(", ");
-                        v.push_str(r);
-                    }
-                }
-            }
-            (top, rest)
+            (top, join_rest(list))
         };
-        match rest {
+        self.replace_or_remove(i, rest);
+        Ok(top)
+    }
+
+    /// Removes the topmost Via value without parsing it: for a caller that
+    /// parsed it already, or added it itself (issue #12).
+    pub fn remove_top_via(&mut self) -> Result<(), MessageError> {
+        let i = self
+            .headers
+            .iter()
+            .position(|h| same_header(&h.name, "Via"))
+            .ok_or(MessageError::MissingHeader { name: "Via" })?;
+        let rest = {
+            let mut list = ListIter::new(self.headers.get(i).map_or("", |h| h.value.as_str()));
+            list.next();
+            join_rest(list)
+        };
+        self.replace_or_remove(i, rest);
+        Ok(())
+    }
+
+    fn replace_or_remove(&mut self, i: usize, value: Option<String>) {
+        match value {
             None => {
                 self.headers.remove(i);
             }
@@ -1044,14 +1089,25 @@ impl Message {
                 }
             }
         }
-        Ok(top)
     }
 
     /// RFC 3261 §18.2.1 / RFC 3581 §4: records the packet's source on the
     /// top Via: `received` when it differs from sent-by (or rport was
     /// asked), `rport` filled in when the client asked for it.
     pub fn stamp_top_via(&mut self, source: std::net::SocketAddr) -> Result<(), MessageError> {
-        let mut via = self.top_via()?;
+        let via = self.top_via()?;
+        self.stamp_via(via, source).map(|_| ())
+    }
+
+    /// [`Message::stamp_top_via`] for a caller that parsed the top Via
+    /// already (`via`, as [`Message::top_via`] returned it); returns it
+    /// stamped, as `top_via` would now read it (issue #12: the request
+    /// path parsed the same Via three times).
+    pub fn stamp_via(
+        &mut self,
+        mut via: Via,
+        source: std::net::SocketAddr,
+    ) -> Result<Via, MessageError> {
         let wants_rport = via.rport().is_some();
         if via.host != Host::Ip(source.ip()) || wants_rport {
             via.params.set("received", Some(source.ip().to_string()));
@@ -1059,7 +1115,8 @@ impl Message {
         if wants_rport {
             via.params.set("rport", Some(source.port().to_string()));
         }
-        self.set_top_via(&via)
+        self.set_top_via(&via)?;
+        Ok(via)
     }
 
     /// Call-ID.
@@ -1148,6 +1205,27 @@ impl Message {
             .flat_map(ListIter::new)
             .filter(|v| *v != "*")
             .map(|v| NameAddr::parse(v, name))
+            .collect()
+    }
+
+    /// The first `name` header (From, To) as a borrowed name-addr, with the
+    /// errors of [`Message::from`]/[`Message::to`].
+    pub fn name_addr_view(&self, name: &'static str) -> Result<NameAddrView<'_>, MessageError> {
+        let v = self
+            .header(name)
+            .ok_or(MessageError::MissingHeader { name })?;
+        NameAddrView::parse(v, name)
+    }
+
+    /// [`Message::name_addrs`], borrowed.
+    pub fn name_addr_views(
+        &self,
+        name: &'static str,
+    ) -> Result<Vec<NameAddrView<'_>>, MessageError> {
+        self.header_all(name)
+            .flat_map(ListIter::new)
+            .filter(|v| *v != "*")
+            .map(|v| NameAddrView::parse(v, name))
             .collect()
     }
 

@@ -32,8 +32,7 @@ impl Proxy {
         let vias = msg.vias().map_err(bad)?;
         let top = vias.first().cloned().ok_or_else(|| reject(400, "no Via"))?;
         // §18.2.1 / RFC 3581: stamp received (and rport when asked).
-        msg.stamp_top_via(info.peer).map_err(bad)?;
-        let top = msg.top_via().unwrap_or(top);
+        let top = msg.stamp_via(top, info.peer).map_err(bad)?;
         // §17.2.3: a branch without the z9hG4bK cookie is an RFC 2543
         // element's; `server_key` matches its requests the RFC 2543 way.
         let skey = server_key(info.side, msg, &top, &method);
@@ -472,7 +471,7 @@ impl Proxy {
             expires: None,
         };
         // The stored request must answer with the received Via stack, not ours.
-        let _ = server.request.pop_top_via();
+        let _ = server.request.remove_top_via();
         if is_invite {
             // §16.2: 100 Trying hop by hop, so the UAC stops retransmitting.
             let trying = build::response(&server.request, 100, None, &[]);
@@ -625,7 +624,7 @@ fn check_header_syntax(msg: &Message) -> Result<(), Reject> {
         let values: usize = match *name {
             "From" | "To" => msg
                 .header_all(name)
-                .map(|v| crate::sip::message::split_list(v).len())
+                .map(crate::sip::message::list_len)
                 .sum(),
             _ => msg.header_all(name).count(),
         };
@@ -633,16 +632,21 @@ fn check_header_syntax(msg: &Message) -> Result<(), Reject> {
             return Err(reject(400, format!("{name} occurs more than once")));
         }
     }
-    let from = msg.from().map_err(|e| reject(400, e.to_string()))?;
-    let to = msg.to().map_err(|e| reject(400, e.to_string()))?;
+    // Borrowed views: nothing here is kept (issue #12).
+    let from = msg
+        .name_addr_view("From")
+        .map_err(|e| reject(400, e.to_string()))?;
+    let to = msg
+        .name_addr_view("To")
+        .map_err(|e| reject(400, e.to_string()))?;
     let contacts = msg
-        .name_addrs("Contact")
+        .name_addr_views("Contact")
         .map_err(|e| reject(400, e.to_string()))?;
     for (name, na) in [("From", &from), ("To", &to)]
         .into_iter()
         .chain(contacts.iter().map(|c| ("Contact", c)))
     {
-        if let Some(d) = &na.display {
+        if let Some(d) = na.display {
             if !is_display_name(d) {
                 return Err(reject(
                     400,
