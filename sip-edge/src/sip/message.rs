@@ -1256,14 +1256,17 @@ impl Message {
     /// Serialises the message; Content-Length is rewritten to the body size
     /// in place of the first one received (others dropped), or appended.
     pub fn to_bytes(&self) -> Vec<u8> {
+        use std::io::Write as _;
         let mut out = Vec::with_capacity(512 + self.body.len());
-        out.extend_from_slice(self.start.to_string().as_bytes());
-        out.extend_from_slice(b"\r\n");
+        // Formatted straight into the output (issue #12: the start line
+        // and Content-Length were each formatted into a String first).
+        // Writing into a Vec cannot fail.
+        let _ = write!(out, "{}\r\n", self.start);
         let mut wrote_cl = false;
         for h in &self.headers {
             if same_header(&h.name, "Content-Length") {
                 if !wrote_cl {
-                    Header::new(h.name.clone(), self.body.len().to_string()).write(&mut out);
+                    let _ = write!(out, "{}: {}\r\n", h.name, self.body.len());
                     wrote_cl = true;
                 }
                 continue;
@@ -1271,7 +1274,7 @@ impl Message {
             h.write(&mut out);
         }
         if !wrote_cl {
-            Header::new("Content-Length", self.body.len().to_string()).write(&mut out);
+            let _ = write!(out, "Content-Length: {}\r\n", self.body.len());
         }
         out.extend_from_slice(b"\r\n");
         out.extend_from_slice(&self.body);
