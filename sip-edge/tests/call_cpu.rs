@@ -387,15 +387,12 @@ fn a_call_costs_a_bounded_number_of_allocations() {
     );
 }
 
-/// Heap allocations (and reallocations) the agent may make for one call:
-/// 1353.6 measured before the parsing work of issue #12, 1278.6 with
-/// methods parsed without allocating, 1197.6 without a copy of every
-/// header line, 1146.6 with the client transaction keeping the forwarded
-/// request instead of a copy, 1069.6 with From/To tags read without
-/// copying the whole name-addr, 1043.6 with the SDP rewrite written into
-/// one buffer, 971.6 with list values split without a `Vec` and the
-/// header list sized once, 890.6 with each Via and the From/To/Contact
-/// checks parsed once per message and borrowed, 871.6 with SDP lines
-/// indexing one copy of the body, 848.6 with messages serialised without
-/// intermediate strings.
-const BOUND: f64 = 855.0;
+/// Heap allocations (and reallocations) the agent may make for one call.
+/// Measured on the tree this branch started from: 1353.6; after the
+/// parsing work of issue #12 (methods, header lines, Via/From/To parsed
+/// once and borrowed, SDP in one buffer, serialisation in place): 848.6;
+/// with the token hex fix merged in from main (1185.1 without this
+/// branch's work): 680.1. The bound is the latter plus ~1.5%: the count
+/// is exact (only the proxy's own calls are counted), so another copy
+/// of a message or a re-parse per message fails it.
+const BOUND: f64 = 690.0;
