@@ -115,25 +115,46 @@ impl Method {
         if s.is_empty() || !s.bytes().all(is_token) {
             return None;
         }
-        Some(
-            rsip::Method::all()
-                .into_iter()
-                .find(|m| m.to_string() == s)
-                .map_or_else(|| Method::Extension(s.to_owned()), Method::Known),
-        )
+        Some(known_methods().iter().find(|(_, n)| n == s).map_or_else(
+            || Method::Extension(s.to_owned()),
+            |(m, _)| Method::Known(*m),
+        ))
+    }
+
+    /// The method's name as written on the wire.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Method::Known(m) => known_methods()
+                .iter()
+                .find(|(k, _)| k == m)
+                .map_or("", |(_, n)| n.as_str()),
+            Method::Extension(s) => s,
+        }
     }
 
     /// Whether this is `name` (e.g. `"INVITE"`).
     pub fn is(&self, name: &str) -> bool {
-        self.to_string() == name
+        self.as_str() == name
     }
+}
+
+/// rsip's methods with their names, built once: parsing and comparing a
+/// method then allocates nothing (issue #12: `rsip::Method::all()` and a
+/// `to_string()` per entry ran for every message).
+fn known_methods() -> &'static [(rsip::Method, String)] {
+    static KNOWN: std::sync::OnceLock<Vec<(rsip::Method, String)>> = std::sync::OnceLock::new();
+    KNOWN.get_or_init(|| {
+        rsip::Method::all()
+            .into_iter()
+            .map(|m| (m, m.to_string()))
+            .collect()
+    })
 }
 
 impl fmt::Display for Method {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Method::Known(m) => write!(f, "{m}"),
-            Method::Extension(s) => f.write_str(s),
+            Method::Known(_) | Method::Extension(_) => f.write_str(self.as_str()),
         }
     }
 }
@@ -229,9 +250,22 @@ pub struct Header {
     /// Value with continuation lines unfolded into single spaces and outer
     /// whitespace trimmed (RFC 3261 §7.3.1).
     pub value: String,
-    /// The original line(s) without their final line end, for byte-for-byte
-    /// output; `None` once the header was edited or for new headers.
-    raw: Option<Vec<u8>>,
+    /// How the header is written back (byte-for-byte when received).
+    raw: Raw,
+}
+
+/// What a header's output is made of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Raw {
+    /// Edited or new: written as `name: value`.
+    Edited,
+    /// Received as exactly `name: value` on one line: written the same way
+    /// without keeping a copy of the line (issue #12: a copy of every
+    /// line was an allocation per header per parse and per clone).
+    Canonical,
+    /// Received otherwise (other spacing, folded): the original line(s)
+    /// without their final line end.
+    Bytes(Vec<u8>),
 }
 
 impl Header {
@@ -240,19 +274,19 @@ impl Header {
         Self {
             name: name.into(),
             value: value.into(),
-            raw: None,
+            raw: Raw::Edited,
         }
     }
 
     /// Whether this header was received and is unmodified.
     pub fn is_original(&self) -> bool {
-        self.raw.is_some()
+        self.raw != Raw::Edited
     }
 
     fn write(&self, out: &mut Vec<u8>) {
         match &self.raw {
-            Some(raw) => out.extend_from_slice(raw),
-            None => {
+            Raw::Bytes(raw) => out.extend_from_slice(raw),
+            Raw::Edited | Raw::Canonical => {
                 out.extend_from_slice(self.name.as_bytes());
                 out.extend_from_slice(b": ");
                 out.extend_from_slice(self.value.as_bytes());
@@ -265,28 +299,71 @@ impl Header {
 /// Splits a header value on commas that separate list elements (RFC 3261
 /// §7.3.1), ignoring commas inside quotes and `<...>`.
 pub fn split_list(value: &str) -> Vec<&str> {
-    let mut out = Vec::new();
-    let (mut quoted, mut escaped, mut angle) = (false, false, false);
-    let mut start = 0;
-    for (i, c) in value.char_indices() {
-        if escaped {
-            escaped = false;
-            continue;
-        }
-        match c {
-            '\\' if quoted => escaped = true,
-            '"' => quoted = !quoted,
-            '<' if !quoted => angle = true,
-            '>' if !quoted => angle = false,
-            ',' if !quoted && !angle => {
-                out.push(value[start..i].trim());
-                start = i + 1;
+    ListIter::new(value).collect()
+}
+
+/// The further elements of a list joined with ", ", `None` if there are
+/// none.
+fn join_rest<'a>(list: impl Iterator<Item = &'a str>) -> Option<String> {
+    let mut rest: Option<String> = None;
+    for r in list {
+        match &mut rest {
+            None => rest = Some(r.to_owned()),
+            Some(v) => {
+                v.push_str(", ");
+                v.push_str(r);
             }
-            _ => {}
         }
     }
-    out.push(value[start..].trim());
-    out
+    rest
+}
+
+/// How many elements [`split_list`] finds, without collecting them.
+pub fn list_len(value: &str) -> usize {
+    ListIter::new(value).count()
+}
+
+/// The elements [`split_list`] returns, one at a time without a `Vec`
+/// (issue #12: the Via and name-addr accessors split every value they
+/// read).
+struct ListIter<'a> {
+    rest: Option<&'a str>,
+}
+
+impl<'a> ListIter<'a> {
+    fn new(value: &'a str) -> Self {
+        Self { rest: Some(value) }
+    }
+}
+
+impl<'a> Iterator for ListIter<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        let rest = self.rest?;
+        // Quote, escape and bracket state is always clear at a splitting
+        // comma.
+        let (mut quoted, mut escaped, mut angle) = (false, false, false);
+        for (i, c) in rest.char_indices() {
+            if escaped {
+                escaped = false;
+                continue;
+            }
+            match c {
+                '\\' if quoted => escaped = true,
+                '"' => quoted = !quoted,
+                '<' if !quoted => angle = true,
+                '>' if !quoted => angle = false,
+                ',' if !quoted && !angle => {
+                    self.rest = rest.get(i + 1..);
+                    return Some(rest[..i].trim());
+                }
+                _ => {}
+            }
+        }
+        self.rest = None;
+        Some(rest.trim())
+    }
 }
 
 /// `;name[=value]` parameters with whitespace allowed around `;` and `=`
@@ -297,37 +374,11 @@ pub struct Params(pub Vec<(String, Option<String>)>);
 impl Params {
     /// Parses the text after the first `;` of a parameter list.
     fn parse(s: &str) -> Params {
-        let mut out = Vec::new();
-        let mut quoted = false;
-        let mut escaped = false;
-        let mut start = 0;
-        let mut push = |p: &str| {
-            let p = p.trim();
-            if p.is_empty() {
-                return;
-            }
-            let (n, v) = p
-                .split_once('=')
-                .map_or((p, None), |(n, v)| (n, Some(v.trim().to_owned())));
-            out.push((n.trim().to_owned(), v));
-        };
-        for (i, c) in s.char_indices() {
-            if escaped {
-                escaped = false;
-                continue;
-            }
-            match c {
-                '\\' if quoted => escaped = true,
-                '"' => quoted = !quoted,
-                ';' if !quoted => {
-                    push(&s[start..i]);
-                    start = i + 1;
-                }
-                _ => {}
-            }
-        }
-        push(&s[start..]);
-        Params(out)
+        Params(
+            ParamIter::new(s)
+                .map(|(n, v)| (n.to_owned(), v.map(str::to_owned)))
+                .collect(),
+        )
     }
 
     /// `Some(Some(v))` for `name=v`, `Some(None)` for a bare `name`.
@@ -355,6 +406,66 @@ impl Params {
         let before = self.0.len();
         self.0.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
         self.0.len() != before
+    }
+}
+
+/// The `(name, value)` pairs of a parameter list, borrowed and trimmed,
+/// empty ones skipped: what [`Params::parse`] owns, for a caller that only
+/// looks one up (issue #12: a tag lookup parsed and copied every
+/// parameter). `;` inside a quoted value does not split.
+struct ParamIter<'a> {
+    rest: Option<&'a str>,
+}
+
+impl<'a> ParamIter<'a> {
+    fn new(s: &'a str) -> Self {
+        Self { rest: Some(s) }
+    }
+}
+
+impl<'a> Iterator for ParamIter<'a> {
+    type Item = (&'a str, Option<&'a str>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        while let Some(rest) = self.rest {
+            // Quote and escape state is always clear at a splitting `;`.
+            let (mut quoted, mut escaped) = (false, false);
+            let mut end = None;
+            for (i, c) in rest.char_indices() {
+                if escaped {
+                    escaped = false;
+                    continue;
+                }
+                match c {
+                    '\\' if quoted => escaped = true,
+                    '"' => quoted = !quoted,
+                    ';' if !quoted => {
+                        end = Some(i);
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            let p = match end {
+                Some(i) => {
+                    self.rest = rest.get(i + 1..);
+                    &rest[..i]
+                }
+                None => {
+                    self.rest = None;
+                    rest
+                }
+            };
+            let p = p.trim();
+            if p.is_empty() {
+                continue;
+            }
+            let (n, v) = p
+                .split_once('=')
+                .map_or((p, None), |(n, v)| (n, Some(v.trim())));
+            return Some((n.trim(), v));
+        }
+        None
     }
 }
 
@@ -419,7 +530,11 @@ impl Via {
             .find(';')
             .map_or((rest, ""), |i| (&rest[..i], &rest[i + 1..]));
         // sent-by may have LWS around the colon; an IPv6 reference has none.
-        let sent_by: String = sent_by.chars().filter(|c| !c.is_whitespace()).collect();
+        let sent_by: std::borrow::Cow<'_, str> = if sent_by.contains(char::is_whitespace) {
+            sent_by.chars().filter(|c| !c.is_whitespace()).collect()
+        } else {
+            sent_by.into()
+        };
         let (host, port) =
             parse_hostport(&sent_by, value).map_err(|source| MessageError::BadUri {
                 place: "Via sent-by",
@@ -477,9 +592,51 @@ pub struct NameAddr {
     pub params: Params,
 }
 
+/// A name-addr checked as [`NameAddr::parse`] checks it, borrowing the
+/// header's text: for a caller that only reads it (issue #12: checking
+/// From, To and Contact copied every part of them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NameAddrView<'a> {
+    /// Display name as received (quotes kept), if any.
+    pub display: Option<&'a str>,
+    /// The URI text.
+    pub uri: &'a str,
+    /// Whether the URI was in `<...>`.
+    pub angle: bool,
+    /// The header parameters' text, after the `;` that starts them.
+    pub params: &'a str,
+}
+
+impl<'a> NameAddrView<'a> {
+    /// Parses one element (no commas) of header `name`.
+    pub fn parse(value: &'a str, name: &'static str) -> Result<Self, MessageError> {
+        NameAddr::parse_ref(value, name)
+    }
+}
+
 impl NameAddr {
     /// Parses one element (no commas).
     pub fn parse(value: &str, name: &'static str) -> Result<NameAddr, MessageError> {
+        let r = Self::parse_ref(value, name)?;
+        Ok(NameAddr {
+            display: r.display.map(str::to_owned),
+            uri: r.uri.to_owned(),
+            angle: r.angle,
+            params: Params::parse(r.params),
+        })
+    }
+
+    /// The tag parameter of a name-addr, checked as [`NameAddr::parse`]
+    /// checks it, without copying the rest.
+    fn tag_of(value: &str, name: &'static str) -> Result<Option<String>, MessageError> {
+        let r = Self::parse_ref(value, name)?;
+        Ok(ParamIter::new(r.params)
+            .find(|(n, _)| n.eq_ignore_ascii_case("tag"))
+            .and_then(|(_, v)| v)
+            .map(str::to_owned))
+    }
+
+    fn parse_ref<'a>(value: &'a str, name: &'static str) -> Result<NameAddrView<'a>, MessageError> {
         let value = value.trim();
         let bad = |reason| MessageError::BadHeaderValue {
             name,
@@ -517,12 +674,12 @@ impl NameAddr {
                 let display = value[..i].trim();
                 let after = value[gt + 1..].trim_start();
                 let params = match after {
-                    "" => Params::default(),
-                    a => Params::parse(a.strip_prefix(';').ok_or_else(|| bad("text after '>'"))?),
+                    "" => "",
+                    a => a.strip_prefix(';').ok_or_else(|| bad("text after '>'"))?,
                 };
-                Ok(NameAddr {
-                    display: (!display.is_empty()).then(|| display.to_owned()),
-                    uri: value[i + 1..gt].trim().to_owned(),
+                Ok(NameAddrView {
+                    display: (!display.is_empty()).then_some(display),
+                    uri: value[i + 1..gt].trim(),
                     angle: true,
                     params,
                 })
@@ -535,11 +692,11 @@ impl NameAddr {
                 if uri.trim().is_empty() || !uri.contains(':') {
                     return Err(bad("no URI"));
                 }
-                Ok(NameAddr {
+                Ok(NameAddrView {
                     display: None,
-                    uri: uri.trim().to_owned(),
+                    uri: uri.trim(),
                     angle: false,
-                    params: Params::parse(params),
+                    params,
                 })
             }
         }
@@ -606,7 +763,11 @@ impl Message {
         let first = lines.next().unwrap_or_default();
         let first = std::str::from_utf8(first).map_err(|_| MessageError::NotUtf8 { line_no: 1 })?;
         let start = parse_start_line(first)?;
-        let mut headers: Vec<Header> = Vec::new();
+        // A slot per line (the start and empty lines leave two spare) and
+        // two more: parsing, and a proxy adding its Via and Record-Routes,
+        // do not regrow the list (issue #12).
+        let mut headers: Vec<Header> =
+            Vec::with_capacity(memchr::memchr_iter(b'\n', head).count() + 2);
         for (n, line) in lines.enumerate() {
             let line_no = n + 2;
             if line.is_empty() {
@@ -620,6 +781,15 @@ impl Message {
                         line_no,
                         line: cut(text),
                     })?;
+                if h.raw == Raw::Canonical {
+                    // Its first line was `name: value`, the value not yet
+                    // extended by this continuation.
+                    let mut first = Vec::with_capacity(h.name.len() + 2 + h.value.len());
+                    first.extend_from_slice(h.name.as_bytes());
+                    first.extend_from_slice(b": ");
+                    first.extend_from_slice(h.value.as_bytes());
+                    h.raw = Raw::Bytes(first);
+                }
                 let cont = text.trim();
                 if !cont.is_empty() {
                     if !h.value.is_empty() {
@@ -627,7 +797,7 @@ impl Message {
                     }
                     h.value.push_str(cont);
                 }
-                if let Some(raw) = &mut h.raw {
+                if let Raw::Bytes(raw) = &mut h.raw {
                     raw.extend_from_slice(b"\r\n");
                     raw.extend_from_slice(line);
                 }
@@ -646,10 +816,18 @@ impl Message {
                     line: cut(text),
                 });
             }
+            let trimmed = value.trim();
+            let canonical = name.len() + 1 == text.len() - value.len()
+                && value.len() == trimmed.len() + 1
+                && value.starts_with(' ');
             headers.push(Header {
                 name: name.to_owned(),
-                value: value.trim().to_owned(),
-                raw: Some(line.to_vec()),
+                value: trimmed.to_owned(),
+                raw: if canonical {
+                    Raw::Canonical
+                } else {
+                    Raw::Bytes(line.to_vec())
+                },
             });
         }
         let mut msg = Message {
@@ -695,6 +873,24 @@ impl Message {
         };
         msg.body = body.to_vec();
         Ok(msg)
+    }
+
+    /// Moves the message out, leaving an empty response (no headers, no
+    /// body, status 0) in its place: for a caller that is done with it and
+    /// would otherwise clone it (issue #12).
+    pub fn take(&mut self) -> Message {
+        std::mem::replace(
+            self,
+            Message {
+                start: StartLine::Response {
+                    version: String::new(),
+                    code: 0,
+                    reason: String::new(),
+                },
+                headers: Vec::new(),
+                body: Vec::new(),
+            },
+        )
     }
 
     /// Request method, `None` for responses.
@@ -764,7 +960,7 @@ impl Message {
             Some(i) => {
                 if let Some(h) = self.headers.get_mut(i) {
                     h.value = value;
-                    h.raw = None;
+                    h.raw = Raw::Edited;
                 }
                 let mut idx = 0;
                 self.headers.retain(|h| {
@@ -815,7 +1011,7 @@ impl Message {
     /// Every Via value in order (list values split).
     pub fn vias(&self) -> Result<Vec<Via>, MessageError> {
         self.header_all("Via")
-            .flat_map(split_list)
+            .flat_map(ListIter::new)
             .map(Via::parse)
             .collect()
     }
@@ -825,7 +1021,7 @@ impl Message {
         let v = self
             .header("Via")
             .ok_or(MessageError::MissingHeader { name: "Via" })?;
-        let first = split_list(v).into_iter().next().unwrap_or_default();
+        let first = ListIter::new(v).next().unwrap_or_default();
         Via::parse(first)
     }
 
@@ -837,14 +1033,13 @@ impl Message {
             .iter_mut()
             .find(|h| same_header(&h.name, "Via"))
             .ok_or(MessageError::MissingHeader { name: "Via" })?;
-        let rest: Vec<&str> = split_list(&h.value).into_iter().skip(1).collect();
         let mut value = via.to_string();
-        for r in rest {
+        for r in ListIter::new(&h.value).skip(1) {
             value.push_str(", ");
             value.push_str(r);
         }
         h.value = value;
-        h.raw = None;
+        h.raw = Raw::Edited;
         Ok(())
     }
 
@@ -856,27 +1051,63 @@ impl Message {
             .iter()
             .position(|h| same_header(&h.name, "Via"))
             .ok_or(MessageError::MissingHeader { name: "Via" })?;
-        let value = self
-            .headers
-            .get(i)
-            .map(|h| h.value.clone())
-            .unwrap_or_default();
-        let list = split_list(&value);
-        let top = Via::parse(list.first().copied().unwrap_or_default())?;
-        if list.len() <= 1 {
-            self.headers.remove(i);
-        } else if let Some(h) = self.headers.get_mut(i) {
-            h.value = list[1..].join(", ");
-            h.raw = None;
-        }
+        let (top, rest) = {
+            let mut list = ListIter::new(self.headers.get(i).map_or("", |h| h.value.as_str()));
+            let top = Via::parse(list.next().unwrap_or_default())?;
+            (top, join_rest(list))
+        };
+        self.replace_or_remove(i, rest);
         Ok(top)
+    }
+
+    /// Removes the topmost Via value without parsing it: for a caller that
+    /// parsed it already, or added it itself (issue #12).
+    pub fn remove_top_via(&mut self) -> Result<(), MessageError> {
+        let i = self
+            .headers
+            .iter()
+            .position(|h| same_header(&h.name, "Via"))
+            .ok_or(MessageError::MissingHeader { name: "Via" })?;
+        let rest = {
+            let mut list = ListIter::new(self.headers.get(i).map_or("", |h| h.value.as_str()));
+            list.next();
+            join_rest(list)
+        };
+        self.replace_or_remove(i, rest);
+        Ok(())
+    }
+
+    fn replace_or_remove(&mut self, i: usize, value: Option<String>) {
+        match value {
+            None => {
+                self.headers.remove(i);
+            }
+            Some(v) => {
+                if let Some(h) = self.headers.get_mut(i) {
+                    h.value = v;
+                    h.raw = Raw::Edited;
+                }
+            }
+        }
     }
 
     /// RFC 3261 §18.2.1 / RFC 3581 §4: records the packet's source on the
     /// top Via: `received` when it differs from sent-by (or rport was
     /// asked), `rport` filled in when the client asked for it.
     pub fn stamp_top_via(&mut self, source: std::net::SocketAddr) -> Result<(), MessageError> {
-        let mut via = self.top_via()?;
+        let via = self.top_via()?;
+        self.stamp_via(via, source).map(|_| ())
+    }
+
+    /// [`Message::stamp_top_via`] for a caller that parsed the top Via
+    /// already (`via`, as [`Message::top_via`] returned it); returns it
+    /// stamped, as `top_via` would now read it (issue #12: the request
+    /// path parsed the same Via three times).
+    pub fn stamp_via(
+        &mut self,
+        mut via: Via,
+        source: std::net::SocketAddr,
+    ) -> Result<Via, MessageError> {
         let wants_rport = via.rport().is_some();
         if via.host != Host::Ip(source.ip()) || wants_rport {
             via.params.set("received", Some(source.ip().to_string()));
@@ -884,7 +1115,8 @@ impl Message {
         if wants_rport {
             via.params.set("rport", Some(source.port().to_string()));
         }
-        self.set_top_via(&via)
+        self.set_top_via(&via)?;
+        Ok(via)
     }
 
     /// Call-ID.
@@ -952,21 +1184,48 @@ impl Message {
 
     /// From tag.
     pub fn from_tag(&self) -> Result<Option<String>, MessageError> {
-        Ok(self.from()?.tag().map(str::to_owned))
+        let v = self
+            .header("From")
+            .ok_or(MessageError::MissingHeader { name: "From" })?;
+        NameAddr::tag_of(v, "From")
     }
 
     /// To tag.
     pub fn to_tag(&self) -> Result<Option<String>, MessageError> {
-        Ok(self.to()?.tag().map(str::to_owned))
+        let v = self
+            .header("To")
+            .ok_or(MessageError::MissingHeader { name: "To" })?;
+        NameAddr::tag_of(v, "To")
     }
 
     /// Every element of a name-addr list header (Contact, Route,
     /// Record-Route, Path), in order. A `Contact: *` yields nothing.
     pub fn name_addrs(&self, name: &'static str) -> Result<Vec<NameAddr>, MessageError> {
         self.header_all(name)
-            .flat_map(split_list)
+            .flat_map(ListIter::new)
             .filter(|v| *v != "*")
             .map(|v| NameAddr::parse(v, name))
+            .collect()
+    }
+
+    /// The first `name` header (From, To) as a borrowed name-addr, with the
+    /// errors of [`Message::from`]/[`Message::to`].
+    pub fn name_addr_view(&self, name: &'static str) -> Result<NameAddrView<'_>, MessageError> {
+        let v = self
+            .header(name)
+            .ok_or(MessageError::MissingHeader { name })?;
+        NameAddrView::parse(v, name)
+    }
+
+    /// [`Message::name_addrs`], borrowed.
+    pub fn name_addr_views(
+        &self,
+        name: &'static str,
+    ) -> Result<Vec<NameAddrView<'_>>, MessageError> {
+        self.header_all(name)
+            .flat_map(ListIter::new)
+            .filter(|v| *v != "*")
+            .map(|v| NameAddrView::parse(v, name))
             .collect()
     }
 
@@ -997,14 +1256,17 @@ impl Message {
     /// Serialises the message; Content-Length is rewritten to the body size
     /// in place of the first one received (others dropped), or appended.
     pub fn to_bytes(&self) -> Vec<u8> {
+        use std::io::Write as _;
         let mut out = Vec::with_capacity(512 + self.body.len());
-        out.extend_from_slice(self.start.to_string().as_bytes());
-        out.extend_from_slice(b"\r\n");
+        // Formatted straight into the output (issue #12: the start line
+        // and Content-Length were each formatted into a String first).
+        // Writing into a Vec cannot fail.
+        let _ = write!(out, "{}\r\n", self.start);
         let mut wrote_cl = false;
         for h in &self.headers {
             if same_header(&h.name, "Content-Length") {
                 if !wrote_cl {
-                    Header::new(h.name.clone(), self.body.len().to_string()).write(&mut out);
+                    let _ = write!(out, "{}: {}\r\n", h.name, self.body.len());
                     wrote_cl = true;
                 }
                 continue;
@@ -1012,7 +1274,7 @@ impl Message {
             h.write(&mut out);
         }
         if !wrote_cl {
-            Header::new("Content-Length", self.body.len().to_string()).write(&mut out);
+            let _ = write!(out, "Content-Length: {}\r\n", self.body.len());
         }
         out.extend_from_slice(b"\r\n");
         out.extend_from_slice(&self.body);
@@ -1024,7 +1286,7 @@ impl Message {
     pub fn to_rsip(&self) -> Result<rsip::SipMessage, MessageError> {
         let mut norm = self.clone();
         for h in &mut norm.headers {
-            h.raw = None;
+            h.raw = Raw::Edited;
         }
         rsip::SipMessage::try_from(norm.to_bytes().as_slice()).map_err(|e| MessageError::Rsip {
             reason: cut(&e.to_string()),

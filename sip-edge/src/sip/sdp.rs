@@ -259,15 +259,27 @@ pub struct Rewritten {
     pub flows: Vec<MediaFlow>,
 }
 
+/// One line: where its text lies in the body (issue #12: a copy of every
+/// line was one allocation per line per SDP).
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Line {
-    text: Vec<u8>,
+    start: usize,
+    end: usize,
     eol: &'static [u8],
+}
+
+impl Line {
+    /// The line's text without its line end, in `body`.
+    fn text<'a>(&self, body: &'a [u8]) -> &'a [u8] {
+        body.get(self.start..self.end).unwrap_or_default()
+    }
 }
 
 /// A parsed SDP body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sdp {
+    /// The body the lines index.
+    body: Vec<u8>,
     lines: Vec<Line>,
     /// Line index of each m= line.
     media_starts: Vec<usize>,
@@ -366,8 +378,10 @@ impl Sdp {
                 Some(i) => (&rest[..i], b"\n", &rest[i + 1..]),
                 None => (rest, b"", &[]),
             };
+            let start = body.len() - rest.len();
             lines.push(Line {
-                text: text.to_vec(),
+                start,
+                end: start + text.len(),
                 eol,
             });
             rest = next;
@@ -375,7 +389,7 @@ impl Sdp {
         let media_starts: Vec<usize> = lines
             .iter()
             .enumerate()
-            .filter(|(_, l)| l.text.starts_with(b"m="))
+            .filter(|(_, l)| l.text(body).starts_with(b"m="))
             .map(|(i, _)| i)
             .collect();
         if media_starts.len() > MAX_MEDIA_LINES {
@@ -388,15 +402,15 @@ impl Sdp {
         let bad = |i: usize, what, l: &Line| SdpError::BadLine {
             line_no: i + 1,
             what,
-            line: cut(&l.text),
+            line: cut(l.text(body)),
         };
         let mut session_c = None;
         let mut session_dir = Direction::SendRecv;
         for (i, l) in lines.iter().enumerate().take(session_end) {
-            if let Some(v) = l.text.strip_prefix(b"c=") {
+            if let Some(v) = l.text(body).strip_prefix(b"c=") {
                 session_c = Some(parse_c(v).ok_or_else(|| bad(i, "c=", l))?.0);
             }
-            if let Some(d) = direction_of(&l.text) {
+            if let Some(d) = direction_of(l.text(body)) {
                 session_dir = d;
             }
         }
@@ -404,7 +418,7 @@ impl Sdp {
         for (index, &start) in media_starts.iter().enumerate() {
             let end = media_starts.get(index + 1).copied().unwrap_or(lines.len());
             let m = &lines[start];
-            let f = fields(&m.text[2..]);
+            let f = fields(&m.text(body)[2..]);
             let [kind, port, proto, ..] = f.as_slice() else {
                 return Err(bad(start, "m=", m));
             };
@@ -434,7 +448,7 @@ impl Sdp {
             let (mut rtcp_attr, mut mux, mut setup, mut connection, mut path) =
                 (None, false, None, None, None);
             for (i, l) in lines.iter().enumerate().take(end).skip(start + 1) {
-                let t = &l.text;
+                let t = l.text(body);
                 if let Some(v) = t.strip_prefix(b"c=") {
                     c = Some(parse_c(v).ok_or_else(|| bad(i, "c=", l))?.0);
                 } else if let Some(v) = t.strip_prefix(b"a=rtcp:") {
@@ -449,7 +463,7 @@ impl Sdp {
                         _ => return Err(bad(i, "a=rtcp", l)),
                     };
                     rtcp_attr = Some((p, h));
-                } else if t.as_slice() == b"a=rtcp-mux" {
+                } else if t == &b"a=rtcp-mux"[..] {
                     mux = true;
                 } else if let Some(v) = t.strip_prefix(b"a=setup:") {
                     setup = Some(String::from_utf8_lossy(v).trim().to_owned());
@@ -512,6 +526,7 @@ impl Sdp {
             });
         }
         Ok(Sdp {
+            body: body.to_vec(),
             lines,
             media_starts,
             flows,
@@ -537,7 +552,7 @@ impl Sdp {
                 .copied()
                 .unwrap_or(self.lines.len());
             for l in self.lines.get(start..end).unwrap_or_default() {
-                if let Some(v) = l.text.strip_prefix(b"a=candidate:") {
+                if let Some(v) = l.text(&self.body).strip_prefix(b"a=candidate:") {
                     let f = fields(v);
                     if let Some(ip) = f.get(4).and_then(|a| a.parse::<IpAddr>().ok()) {
                         let port = f.get(5).and_then(|p| p.parse().ok()).unwrap_or(0);
@@ -553,7 +568,7 @@ impl Sdp {
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::new();
         for l in &self.lines {
-            out.extend_from_slice(&l.text);
+            out.extend_from_slice(l.text(&self.body));
             out.extend_from_slice(l.eol);
         }
         out
@@ -631,10 +646,10 @@ impl Sdp {
             .unwrap_or(self.lines.len());
         let session_c_line = self.lines[..session_end]
             .iter()
-            .position(|l| l.text.starts_with(b"c="));
+            .position(|l| l.text(&self.body).starts_with(b"c="));
         let session_c_host = session_c_line
             .and_then(|i| self.lines.get(i))
-            .and_then(|l| parse_c(&l.text[2..]));
+            .and_then(|l| parse_c(&l.text(&self.body)[2..]));
         // The session-level address: that of the first stream relying on it.
         let relies_on_session = |k: usize| -> bool {
             let start = self.media_starts[k];
@@ -645,7 +660,7 @@ impl Sdp {
                 .unwrap_or(self.lines.len());
             !self.lines[start + 1..end]
                 .iter()
-                .any(|l| l.text.starts_with(b"c="))
+                .any(|l| l.text(&self.body).starts_with(b"c="))
         };
         let session_addr = match (0..flows.len()).find(|&k| relies_on_session(k)) {
             Some(k) => plan[k].0,
@@ -655,9 +670,21 @@ impl Sdp {
             .as_ref()
             .is_some_and(|(h, _)| is_multicast(h));
 
-        let mut out: Vec<Line> = Vec::with_capacity(self.lines.len() + 2);
+        // The output is written into one buffer: unchanged lines are copied
+        // into it, not cloned one allocation each (issue #12).
+        let mut sdp: Vec<u8> = Vec::with_capacity(
+            self.lines
+                .iter()
+                .map(|l| l.text(&self.body).len() + 2)
+                .sum::<usize>()
+                + 64,
+        );
+        let emit = |sdp: &mut Vec<u8>, text: &[u8], eol: &[u8]| {
+            sdp.extend_from_slice(text);
+            sdp.extend_from_slice(eol);
+        };
         for (i, l) in self.lines[..session_end].iter().enumerate() {
-            let t = &l.text;
+            let t = l.text(&self.body);
             let new = if t.starts_with(b"o=") {
                 let f = fields(&t[2..]);
                 match f.as_slice() {
@@ -683,13 +710,11 @@ impl Sdp {
             } else {
                 None
             };
-            out.push(new.map_or_else(
-                || l.clone(),
-                |s| Line {
-                    text: s.into_bytes(),
-                    eol: l.eol,
-                },
-            ));
+            emit(
+                &mut sdp,
+                new.as_ref().map_or(l.text(&self.body), |s| s.as_bytes()),
+                l.eol,
+            );
         }
         for (k, &start) in self.media_starts.iter().enumerate() {
             let end = self
@@ -705,7 +730,7 @@ impl Sdp {
             let mut media_c_needed = relies_on_session(k) && addr != session_addr && !multicast;
             let mut saw_rtcp = false;
             for (i, l) in self.lines[start..end].iter().enumerate() {
-                let t = &l.text;
+                let t = l.text(&self.body);
                 let line_no = start + i + 1;
                 let bad = |what| SdpError::BadLine {
                     line_no,
@@ -806,25 +831,21 @@ impl Sdp {
                     }
                 }
                 if !drop {
-                    out.push(new.map_or_else(
-                        || l.clone(),
-                        |s| Line {
-                            text: s.into_bytes(),
-                            eol: l.eol,
-                        },
-                    ));
+                    emit(
+                        &mut sdp,
+                        new.as_ref().map_or(l.text(&self.body), |s| s.as_bytes()),
+                        l.eol,
+                    );
                 }
                 // Insert a media-level c= after m= (and i=, if next).
                 let next_is_info = self
                     .lines
                     .get(start + i + 1)
-                    .is_some_and(|n| n.text.starts_with(b"i="))
+                    .is_some_and(|n| n.text(&self.body).starts_with(b"i="))
                     && start + i + 1 < end;
                 if media_c_needed && !next_is_info {
-                    out.push(Line {
-                        text: format!("c=IN {} {}", addr_type(addr), sdp_addr(addr)).into_bytes(),
-                        eol,
-                    });
+                    let c = format!("c=IN {} {}", addr_type(addr), sdp_addr(addr));
+                    emit(&mut sdp, c.as_bytes(), eol);
                     media_c_needed = false;
                 }
             }
@@ -834,17 +855,9 @@ impl Sdp {
             let named = rtcp_port.or(mux_rtcp.get(k).copied().flatten());
             if let (false, Some(p), Some(r)) = (saw_rtcp, named, rtp_port) {
                 if r.checked_add(1) != Some(p) {
-                    out.push(Line {
-                        text: format!("a=rtcp:{p}").into_bytes(),
-                        eol,
-                    });
+                    emit(&mut sdp, format!("a=rtcp:{p}").as_bytes(), eol);
                 }
             }
-        }
-        let mut sdp = Vec::new();
-        for l in &out {
-            sdp.extend_from_slice(&l.text);
-            sdp.extend_from_slice(l.eol);
         }
         Ok(Rewritten { sdp, flows })
     }

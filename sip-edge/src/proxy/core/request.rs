@@ -22,17 +22,17 @@ impl Proxy {
         // §16.3 step 1: the headers we need must parse.
         msg.call_id().map_err(bad)?;
         let cseq = msg.cseq().map_err(bad)?;
-        if cseq.method.to_string() != method {
+        if cseq.method.as_str() != method {
             return Err(reject(400, "CSeq method does not match the Request-Line"));
         }
-        msg.from().map_err(bad)?;
-        msg.to().map_err(bad)?;
+        // Checked as from()/to() check them, copying only the tags.
+        msg.from_tag().map_err(bad)?;
+        msg.to_tag().map_err(bad)?;
         check_header_syntax(msg)?;
         let vias = msg.vias().map_err(bad)?;
         let top = vias.first().cloned().ok_or_else(|| reject(400, "no Via"))?;
         // §18.2.1 / RFC 3581: stamp received (and rport when asked).
-        msg.stamp_top_via(info.peer).map_err(bad)?;
-        let top = msg.top_via().unwrap_or(top);
+        let top = msg.stamp_via(top, info.peer).map_err(bad)?;
         // §17.2.3: a branch without the z9hG4bK cookie is an RFC 2543
         // element's; `server_key` matches its requests the RFC 2543 way.
         let skey = server_key(info.side, msg, &top, &method);
@@ -471,7 +471,7 @@ impl Proxy {
             expires: None,
         };
         // The stored request must answer with the received Via stack, not ours.
-        let _ = server.request.pop_top_via();
+        let _ = server.request.remove_top_via();
         if is_invite {
             // §16.2: 100 Trying hop by hop, so the UAC stops retransmitting.
             let trying = build::response(&server.request, 100, None, &[]);
@@ -494,7 +494,9 @@ impl Proxy {
             ckey,
             ClientTx {
                 server_key: Some(skey),
-                request: msg.clone(),
+                // The forwarded request is not needed past this point: the
+                // transaction keeps it instead of a copy (issue #12).
+                request: msg.take(),
                 dest: dest.clone(),
                 provisional: false,
                 final_code: None,
@@ -624,7 +626,7 @@ fn check_header_syntax(msg: &Message) -> Result<(), Reject> {
         let values: usize = match *name {
             "From" | "To" => msg
                 .header_all(name)
-                .map(|v| crate::sip::message::split_list(v).len())
+                .map(crate::sip::message::list_len)
                 .sum(),
             _ => msg.header_all(name).count(),
         };
@@ -632,16 +634,21 @@ fn check_header_syntax(msg: &Message) -> Result<(), Reject> {
             return Err(reject(400, format!("{name} occurs more than once")));
         }
     }
-    let from = msg.from().map_err(|e| reject(400, e.to_string()))?;
-    let to = msg.to().map_err(|e| reject(400, e.to_string()))?;
+    // Borrowed views: nothing here is kept (issue #12).
+    let from = msg
+        .name_addr_view("From")
+        .map_err(|e| reject(400, e.to_string()))?;
+    let to = msg
+        .name_addr_view("To")
+        .map_err(|e| reject(400, e.to_string()))?;
     let contacts = msg
-        .name_addrs("Contact")
+        .name_addr_views("Contact")
         .map_err(|e| reject(400, e.to_string()))?;
     for (name, na) in [("From", &from), ("To", &to)]
         .into_iter()
         .chain(contacts.iter().map(|c| ("Contact", c)))
     {
-        if let Some(d) = &na.display {
+        if let Some(d) = na.display {
             if !is_display_name(d) {
                 return Err(reject(
                     400,

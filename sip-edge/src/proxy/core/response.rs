@@ -132,7 +132,8 @@ impl Proxy {
                 self.note_register_result(stx_conn, req, code, now);
             }
         }
-        let _ = msg.pop_top_via();
+        // Parsed above (`top`): removed without parsing it again.
+        let _ = msg.remove_top_via();
         let callee_tag = msg.to_tag().ok().flatten();
         if method == "INVITE" && callee_tag.is_some() && code < 300 {
             let who = self.party_id(conn, &info, now);
