@@ -18,24 +18,20 @@
 //! One test function per binary: the counters are process-wide, and the
 //! harness runs tests of one binary on parallel threads.
 
+mod common;
+
 use std::{
     alloc::{GlobalAlloc, Layout, System},
-    collections::HashMap,
     sync::atomic::{AtomicIsize, Ordering},
     time::{Duration, Instant},
 };
 
+use common::{caller, controller, hop_dest, in_dialog, invite, ok_with_answer, proxy, to, CALLEE};
 use sip_edge::{
-    config::{MediaCandidates, MediaMode, PortRange},
-    datapath::rules::Flow,
-    media::{
-        control::{MediaController, PinholeSink, SinkError},
-        manager::{PinholeId, Settings},
-        policy::ExternalSources,
-        DialogKey, EndReason, MediaControl, MediaError, SdpEvent, Side,
-    },
-    proxy::{ConnId, ConnInfo, Dest, HopTarget, LocalAddr, Outgoing, Proto, Proxy, ProxySettings},
-    sip::{message::Message, uri::Host},
+    config::MediaMode,
+    media::{DialogKey, EndReason, MediaControl, MediaError, SdpEvent},
+    proxy::{Dest, Proxy},
+    sip::message::Message,
 };
 
 // --- counting allocator -------------------------------------------------------
@@ -92,31 +88,6 @@ fn live() -> (isize, isize) {
 
 // --- the agent under test -------------------------------------------------------
 
-/// Keeps per flow what `MapsSink` keeps: its two rule slots.
-#[derive(Default)]
-struct SlotSink {
-    slots: HashMap<PinholeId, (u32, u32)>,
-    next: u32,
-}
-
-impl PinholeSink for SlotSink {
-    fn install(&mut self, id: PinholeId, _flow: &Flow) -> Result<(), SinkError> {
-        self.next += 2;
-        self.slots.insert(id, (self.next, self.next + 1));
-        Ok(())
-    }
-    fn update(&mut self, _id: PinholeId, _old: &Flow, _flow: &Flow) -> Result<(), SinkError> {
-        Ok(())
-    }
-    fn remove(&mut self, id: PinholeId) -> Result<(), SinkError> {
-        self.slots.remove(&id);
-        Ok(())
-    }
-    fn activity(&mut self) -> Result<Vec<(PinholeId, u64)>, SinkError> {
-        Ok(self.slots.keys().map(|id| (*id, 0)).collect())
-    }
-}
-
 /// The proxy alone: SDP passes unchanged, nothing is kept.
 struct NoMedia;
 
@@ -133,39 +104,6 @@ impl MediaControl for NoMedia {
     }
 }
 
-const CALLERS: u64 = 8;
-const CALLEE: ConnId = 100;
-
-fn hop() -> HopTarget {
-    HopTarget {
-        host: "198.51.100.2".into(),
-        port: 5061,
-        tls_name: "biloxi.example.com".into(),
-    }
-}
-
-fn media_settings(mode: MediaMode) -> Settings {
-    Settings {
-        mode,
-        internal_addrs: vec!["10.77.0.1".parse().unwrap()],
-        public_addrs: vec!["203.0.113.1".parse().unwrap()],
-        port_ranges: vec![PortRange {
-            start: 10000,
-            end: 65000,
-        }],
-        reserved_ports: vec![5061],
-        allowed_internal_subnets: Vec::new(),
-        max_flows_per_client: 1_000_000,
-        max_flows: 1_000_000,
-        max_calls: 1_000_000,
-        idle_timeout: Duration::from_secs(86_400),
-        unused_timeout: Duration::from_secs(86_400),
-        max_call: Duration::from_secs(86_400),
-        latch: false,
-        external_sources: ExternalSources::Signalling,
-    }
-}
-
 #[derive(Clone, Copy, Debug)]
 enum Layer {
     /// The proxy core only.
@@ -176,146 +114,33 @@ enum Layer {
     Journal(MediaMode),
 }
 
-fn proxy(layer: Layer, state: &std::path::Path) -> Proxy {
-    let settings = ProxySettings {
-        internal: LocalAddr {
-            host: Host::Ip("10.77.0.1".parse().unwrap()),
-            port: 5061,
-        },
-        external: LocalAddr {
-            host: Host::Ip("203.0.113.1".parse().unwrap()),
-            port: 5061,
-        },
-        routes: vec![("biloxi.example.com".into(), hop())],
-        route_media: Vec::new(),
-        default_route: None,
-        internal_next_hop: None,
-        access: Default::default(),
-        internal_udp_port: None,
-        max_dialog: Duration::from_secs(4 * 3600),
-        ack_timeout: Duration::from_secs(32),
-        timer_c: Duration::from_secs(181),
-    };
+fn layer_proxy(layer: Layer, state: &std::path::Path) -> Proxy {
     let media: Box<dyn MediaControl> = match layer {
         Layer::ProxyOnly => Box::new(NoMedia),
-        Layer::Media(mode) | Layer::Journal(mode) => {
-            let mut c = MediaController::new(
-                media_settings(mode),
-                MediaCandidates::default(),
-                SlotSink::default(),
-            );
-            if matches!(layer, Layer::Journal(_)) {
-                c.open_journal(state).expect("journal");
-            }
-            Box::new(c)
-        }
+        Layer::Media(mode) => Box::new(controller(mode, None)),
+        Layer::Journal(mode) => Box::new(controller(mode, Some(state))),
     };
-    let mut p = Proxy::new(settings, media);
-    for c in 0..CALLERS {
-        p.on_conn_open(
-            c + 1,
-            ConnInfo {
-                side: Side::Internal,
-                peer: format!("10.77.0.{}:40001", 2 + c).parse().unwrap(),
-                proto: Proto::Tls,
-            },
-        );
-    }
-    p.on_conn_open(
-        CALLEE,
-        ConnInfo {
-            side: Side::External,
-            peer: "198.51.100.2:5061".parse().unwrap(),
-            proto: Proto::Tls,
-        },
-    );
-    p
-}
-
-fn to(out: &[Outgoing], dest: &Dest) -> Vec<Message> {
-    out.iter()
-        .filter(|o| &o.dest == dest)
-        .map(|o| Message::parse(&o.bytes).expect("parse outgoing"))
-        .collect()
-}
-
-fn with_body(head: String, body: &str) -> Vec<u8> {
-    let ct = if body.is_empty() {
-        ""
-    } else {
-        "Content-Type: application/sdp\r\n"
-    };
-    format!("{head}{ct}Content-Length: {}\r\n\r\n{body}", body.len()).into_bytes()
+    proxy(media)
 }
 
 /// One call, INVITE → 200 OK → ACK; panics unless each step goes through.
 fn establish(p: &mut Proxy, i: u64, now: Instant) {
-    let conn = 1 + i % CALLERS;
-    let ip = format!("10.77.0.{}", 2 + i % CALLERS);
-    let caller_port = 20000 + 2 * (i % 20000);
-    let offer = format!(
-        "v=0\r\no=alice {i} 1 IN IP4 {ip}\r\ns=-\r\nc=IN IP4 {ip}\r\nt=0 0\r\nm=audio {caller_port} RTP/AVP 0 8 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:8 PCMA/8000\r\na=rtpmap:101 telephone-event/8000\r\na=rtcp-mux\r\na=sendrecv\r\n"
-    );
-    let invite = with_body(
-        format!(
-            "INVITE sips:bob{i}@biloxi.example.com SIP/2.0\r\nVia: SIP/2.0/TLS {ip}:40001;branch=z9hG4bK-inv{i}\r\nMax-Forwards: 70\r\nFrom: \"Alice {i}\" <sips:alice{i}@atlanta.example.com>;tag=a{i}x77\r\nTo: <sips:bob{i}@biloxi.example.com>\r\nCall-ID: {i}-3848276298220188511@atlanta.example.com\r\nCSeq: 1 INVITE\r\nContact: <sips:alice{i}@{ip}:40001;transport=tls>\r\nAllow: INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE\r\nUser-Agent: bench\r\n"
-        ),
-        &offer,
-    );
-    let out = p.on_message(conn, &invite, now);
-    let hop_dest = Dest::Hop {
-        side: Side::External,
-        hop: hop(),
-    };
+    let (conn, _) = caller(i);
+    let out = p.on_message(conn, &invite(i), now);
     let fwd = out
         .iter()
-        .find(|o| o.dest == hop_dest)
+        .find(|o| o.dest == hop_dest())
         .unwrap_or_else(|| panic!("INVITE {i} not forwarded: {out:?}"));
     p.on_sent(fwd.client_tx.as_deref().expect("client tx"), CALLEE);
     let inv = Message::parse(&fwd.bytes).expect("forwarded INVITE");
-
-    // The callee's 200 OK with its answer (§8.2.6: Via, Record-Route,
-    // From, Call-ID, CSeq copied, To tagged).
-    let mut head = String::from("SIP/2.0 200 OK\r\n");
-    for h in inv.headers() {
-        let n = h.name.to_ascii_lowercase();
-        if ["via", "record-route", "from", "call-id", "cseq"].contains(&n.as_str()) {
-            head.push_str(&format!("{}: {}\r\n", h.name, h.value));
-        } else if n == "to" {
-            head.push_str(&format!("{}: {};tag=b{i}x88\r\n", h.name, h.value));
-        }
-    }
-    head.push_str(&format!(
-        "Contact: <sips:bob{i}@198.51.100.2:5061;transport=tls>\r\n"
-    ));
-    let callee_port = 30000 + 2 * (i % 15000);
-    let answer = format!(
-        "v=0\r\no=bob {i} 1 IN IP4 198.51.100.2\r\ns=-\r\nc=IN IP4 198.51.100.2\r\nt=0 0\r\nm=audio {callee_port} RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:101 telephone-event/8000\r\na=rtcp-mux\r\na=sendrecv\r\n"
-    );
-    let out = p.on_message(CALLEE, &with_body(head, &answer), now);
+    let out = p.on_message(CALLEE, &ok_with_answer(i, &inv), now);
     let ok = to(&out, &Dest::Conn(conn));
     assert_eq!(
         ok.first().and_then(Message::status),
         Some(200),
         "200 OK {i} relayed: {out:?}"
     );
-    let ok = &ok[0];
-
-    // The caller's ACK: Request-URI = the 200's Contact, Route = its
-    // Record-Route reversed (§12.1.2).
-    let contact = ok.name_addrs("Contact").expect("Contact")[0].uri.clone();
-    let mut routes = ok.name_addrs("Record-Route").expect("Record-Route");
-    routes.reverse();
-    let mut ack = format!(
-        "ACK {contact} SIP/2.0\r\nVia: SIP/2.0/TLS {ip}:40001;branch=z9hG4bK-ack{i}\r\nMax-Forwards: 70\r\n"
-    );
-    for r in &routes {
-        ack.push_str(&format!("Route: <{}>\r\n", r.uri));
-    }
-    ack.push_str(&format!(
-        "From: \"Alice {i}\" <sips:alice{i}@atlanta.example.com>;tag=a{i}x77\r\nTo: <sips:bob{i}@biloxi.example.com>;tag=b{i}x88\r\nCall-ID: {i}-3848276298220188511@atlanta.example.com\r\nCSeq: 1 ACK\r\n"
-    ));
-    let out = p.on_message(conn, &with_body(ack, ""), now);
+    let out = p.on_message(conn, &in_dialog(i, &ok[0], "ACK", 1), now);
     let acks = to(&out, &Dest::Conn(CALLEE));
     assert!(
         acks.first()
@@ -329,7 +154,7 @@ fn establish(p: &mut Proxy, i: u64, now: Instant) {
 fn measure(layer: Layer, n1: u64) -> (f64, f64) {
     let dir = tempfile::tempdir().expect("tempdir");
     let state = dir.path().join("media-state.jsonl");
-    let mut p = proxy(layer, &state);
+    let mut p = layer_proxy(layer, &state);
     let mut now = Instant::now();
     let mut i = 0;
     // Calls come in batches 40 s apart, each batch's setup transactions
