@@ -24,8 +24,8 @@ use std::{
 };
 
 use common::{
-    caller, controller, hop_dest, in_dialog, invite, ok_with_answer, proxy, response_head, to,
-    with_body, CALLEE,
+    assert_ack_forwarded, caller, controller, hop_dest, in_dialog, invite, ok_with_answer, proxy,
+    response_head, to, with_body, CALLEE,
 };
 use sip_edge::{config::MediaMode, proxy::Dest, proxy::Proxy, sip::message::Message};
 
@@ -117,13 +117,7 @@ fn call(p: &mut Proxy, i: u64, now: Instant, cpu: &mut Duration) {
 
     let ack = in_dialog(i, ok, "ACK", 1);
     let out = counted(cpu, || p.on_message(conn, &ack, now));
-    let acks = to(&out, &Dest::Conn(CALLEE));
-    assert!(
-        acks.first()
-            .and_then(Message::method)
-            .is_some_and(|m| m.is("ACK")),
-        "ACK {i} forwarded: {out:?}"
-    );
+    assert_ack_forwarded(&out, i);
 
     let bye = in_dialog(i, ok, "BYE", 2);
     let out = counted(cpu, || p.on_message(conn, &bye, now));

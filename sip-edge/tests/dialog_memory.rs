@@ -26,7 +26,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{caller, controller, hop_dest, in_dialog, invite, ok_with_answer, proxy, to, CALLEE};
+use common::{
+    assert_ack_forwarded, caller, controller, hop_dest, in_dialog, invite, ok_with_answer, proxy,
+    to, CALLEE,
+};
 use sip_edge::{
     config::MediaMode,
     media::{DialogKey, EndReason, MediaControl, MediaError, SdpEvent},
@@ -141,13 +144,7 @@ fn establish(p: &mut Proxy, i: u64, now: Instant) {
         "200 OK {i} relayed: {out:?}"
     );
     let out = p.on_message(conn, &in_dialog(i, &ok[0], "ACK", 1), now);
-    let acks = to(&out, &Dest::Conn(CALLEE));
-    assert!(
-        acks.first()
-            .and_then(Message::method)
-            .is_some_and(|m| m.is("ACK")),
-        "ACK {i} forwarded: {out:?}"
-    );
+    assert_ack_forwarded(&out, i);
 }
 
 /// Heap bytes per further established call, (requested, malloc chunks).

@@ -157,6 +157,17 @@ pub fn to(out: &[Outgoing], dest: &Dest) -> Vec<Message> {
         .collect()
 }
 
+/// Panics unless `out` forwards call `i`'s ACK to the callee.
+pub fn assert_ack_forwarded(out: &[Outgoing], i: u64) {
+    let acks = to(out, &Dest::Conn(CALLEE));
+    assert!(
+        acks.first()
+            .and_then(Message::method)
+            .is_some_and(|m| m.is("ACK")),
+        "ACK {i} forwarded: {out:?}"
+    );
+}
+
 /// `head` (header lines) with an SDP `body` (or none) and its length.
 pub fn with_body(head: String, body: &str) -> Vec<u8> {
     let ct = if body.is_empty() {
