@@ -323,6 +323,49 @@ pub fn list_len(value: &str) -> usize {
     ListIter::new(value).count()
 }
 
+/// How a [`scan_unquoted`] that found nothing ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unquoted {
+    /// Outside any quoted string.
+    Closed,
+    /// Inside a quoted string never closed.
+    Open,
+}
+
+/// Byte index of the first byte of `s` outside a quoted string for which
+/// `stop` says yes (`stop` sees every byte outside quotes, in order, so it
+/// may keep state of its own, such as `<...>` nesting). RFC 3261 §25.1: a
+/// quoted-string may hold any separator, and inside one `\` escapes the
+/// next character. Every byte this looks for is ASCII, so a scan by bytes
+/// never stops inside a UTF-8 sequence.
+///
+/// One scan for the three quote-aware splits of header values (list
+/// commas, parameter semicolons, the name-addr's `<`), each of which had
+/// its own copy of this loop.
+fn scan_unquoted(s: &str, mut stop: impl FnMut(u8) -> bool) -> Result<usize, Unquoted> {
+    let (mut quoted, mut escaped) = (false, false);
+    for (i, &b) in s.as_bytes().iter().enumerate() {
+        if escaped {
+            escaped = false;
+        } else if quoted {
+            match b {
+                b'\\' => escaped = true,
+                b'"' => quoted = false,
+                _ => {}
+            }
+        } else if b == b'"' {
+            quoted = true;
+        } else if stop(b) {
+            return Ok(i);
+        }
+    }
+    Err(if quoted {
+        Unquoted::Open
+    } else {
+        Unquoted::Closed
+    })
+}
+
 /// The elements [`split_list`] returns, one at a time without a `Vec`
 /// (issue #12: the Via and name-addr accessors split every value they
 /// read).
@@ -341,28 +384,30 @@ impl<'a> Iterator for ListIter<'a> {
 
     fn next(&mut self) -> Option<&'a str> {
         let rest = self.rest?;
-        // Quote, escape and bracket state is always clear at a splitting
-        // comma.
-        let (mut quoted, mut escaped, mut angle) = (false, false, false);
-        for (i, c) in rest.char_indices() {
-            if escaped {
-                escaped = false;
-                continue;
+        // A comma splits only outside quotes and outside `<...>`.
+        let mut angle = false;
+        let split = scan_unquoted(rest, |b| match b {
+            b'<' => {
+                angle = true;
+                false
             }
-            match c {
-                '\\' if quoted => escaped = true,
-                '"' => quoted = !quoted,
-                '<' if !quoted => angle = true,
-                '>' if !quoted => angle = false,
-                ',' if !quoted && !angle => {
-                    self.rest = rest.get(i + 1..);
-                    return Some(rest[..i].trim());
-                }
-                _ => {}
+            b'>' => {
+                angle = false;
+                false
+            }
+            b',' => !angle,
+            _ => false,
+        });
+        match split {
+            Ok(i) => {
+                self.rest = rest.get(i + 1..);
+                Some(rest[..i].trim())
+            }
+            Err(_) => {
+                self.rest = None;
+                Some(rest.trim())
             }
         }
-        self.rest = None;
-        Some(rest.trim())
     }
 }
 
@@ -428,30 +473,12 @@ impl<'a> Iterator for ParamIter<'a> {
 
     fn next(&mut self) -> Option<Self::Item> {
         while let Some(rest) = self.rest {
-            // Quote and escape state is always clear at a splitting `;`.
-            let (mut quoted, mut escaped) = (false, false);
-            let mut end = None;
-            for (i, c) in rest.char_indices() {
-                if escaped {
-                    escaped = false;
-                    continue;
-                }
-                match c {
-                    '\\' if quoted => escaped = true,
-                    '"' => quoted = !quoted,
-                    ';' if !quoted => {
-                        end = Some(i);
-                        break;
-                    }
-                    _ => {}
-                }
-            }
-            let p = match end {
-                Some(i) => {
+            let p = match scan_unquoted(rest, |b| b == b';') {
+                Ok(i) => {
                     self.rest = rest.get(i + 1..);
                     &rest[..i]
                 }
-                None => {
+                Err(_) => {
                     self.rest = None;
                     rest
                 }
@@ -643,28 +670,12 @@ impl NameAddr {
             value: cut(value),
             reason,
         };
-        // Find a '<' outside the quoted display name.
-        let mut quoted = false;
-        let mut escaped = false;
-        let mut lt = None;
-        for (i, c) in value.char_indices() {
-            if escaped {
-                escaped = false;
-                continue;
-            }
-            match c {
-                '\\' if quoted => escaped = true,
-                '"' => quoted = !quoted,
-                '<' if !quoted => {
-                    lt = Some(i);
-                    break;
-                }
-                _ => {}
-            }
-        }
-        if quoted {
-            return Err(bad("unterminated quoted display name"));
-        }
+        // A '<' outside the quoted display name.
+        let lt = match scan_unquoted(value, |b| b == b'<') {
+            Ok(i) => Some(i),
+            Err(Unquoted::Open) => return Err(bad("unterminated quoted display name")),
+            Err(Unquoted::Closed) => None,
+        };
         match lt {
             Some(i) => {
                 let gt = value[i..]
@@ -1347,6 +1358,49 @@ fn parse_start_line(line: &str) -> Result<StartLine, MessageError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The three quote-aware splits (list commas, parameter semicolons,
+    /// the name-addr's `<`) share one scan: separators inside quoted
+    /// strings, after an escaped quote and inside `<...>` (commas) do not
+    /// split; non-ASCII text and an escaped multi-byte character pass.
+    #[test]
+    fn separators_inside_quotes_brackets_and_after_escapes_do_not_split() {
+        let list = r#""Doe, \"J\" ;x" <sip:a@x;lr,q>;p="1,2", sip:b@y , "é\é" <sip:c@z>"#;
+        assert_eq!(
+            split_list(list),
+            vec![
+                r#""Doe, \"J\" ;x" <sip:a@x;lr,q>;p="1,2""#,
+                "sip:b@y",
+                r#""é\é" <sip:c@z>"#
+            ]
+        );
+        let first = NameAddr::parse(split_list(list)[0], "Contact").expect("first");
+        assert_eq!(first.display.as_deref(), Some(r#""Doe, \"J\" ;x""#));
+        assert_eq!(first.uri, "sip:a@x;lr,q");
+        assert_eq!(first.params.get("p"), Some(Some(r#""1,2""#)));
+        let p = Params::parse(r#"a="x;y\";z" ; b ;c= 3;;"#);
+        assert_eq!(
+            p.0,
+            vec![
+                ("a".to_owned(), Some(r#""x;y\";z""#.to_owned())),
+                ("b".to_owned(), None),
+                ("c".to_owned(), Some("3".to_owned())),
+            ]
+        );
+        let last = NameAddr::parse(r#""é\é" <sip:c@z>;tag=9"#, "To").expect("utf-8");
+        assert_eq!(
+            (last.uri.as_str(), last.params.get("tag")),
+            ("sip:c@z", Some(Some("9")))
+        );
+        // A display name never closed: its '<' is quoted, so no name-addr.
+        let open = NameAddr::parse(r#""Doe <sip:a@x>"#, "From");
+        assert!(
+            matches!(&open, Err(MessageError::BadHeaderValue { reason, .. }) if reason.contains("unterminated")),
+            "{open:?}"
+        );
+        // An escaped quote does not close it either.
+        assert!(NameAddr::parse(r#""Doe \" <sip:a@x>"#, "From").is_err());
+    }
 
     fn fixture(name: &str) -> Vec<u8> {
         let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
