@@ -69,6 +69,8 @@ use std::{
 use sip_edge_common::PinholeKey;
 
 mod ha;
+#[cfg(test)]
+mod parts_tests;
 
 use super::{
     adopt::{self, flow_keys_text, Adopted, AdoptedFlow, Journal, Timeouts},
@@ -127,10 +129,12 @@ pub trait PinholeSink {
     fn update(&mut self, id: PinholeId, old: &Flow, flow: &Flow) -> Result<(), SinkError>;
     /// Remove both rules of a flow.
     fn remove(&mut self, id: PinholeId) -> Result<(), SinkError>;
-    /// Packets each installed flow has carried (both directions summed):
-    /// at least every flow whose count changed since the last call (a sink
-    /// may leave out the others).
-    fn activity(&mut self) -> Result<Vec<(PinholeId, u64)>, SinkError>;
+    /// Packets each installed flow of `part` has carried (both directions
+    /// summed): at least every flow of the part whose count changed since
+    /// the part was last read (a sink may leave out the others, or add
+    /// flows of other parts: every consumer compares with the count it
+    /// last saw).
+    fn activity(&mut self, part: Part) -> Result<Vec<(PinholeId, u64)>, SinkError>;
     /// One flow's counters for the status queries (`crate::status`):
     /// packets and bytes of both directions, the latest last-seen time
     /// (CLOCK_MONOTONIC ns, 0 = never) and its rule slots. `None` when the
@@ -138,6 +142,101 @@ pub trait PinholeSink {
     fn counters(&mut self, id: PinholeId) -> Option<FlowCounters> {
         let _ = id;
         None
+    }
+}
+
+/// One of the parts the reading of the flows' counters is spread over
+/// ([`MediaControl::on_timers`]): the flows whose id is `index` modulo
+/// `of`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Part {
+    /// Which part, `0..of`.
+    pub index: u64,
+    /// How many parts.
+    pub of: u64,
+}
+
+impl Part {
+    /// Every flow at once.
+    pub const ALL: Part = Part { index: 0, of: 1 };
+
+    /// Whether flow `id` is in this part.
+    pub fn holds(self, id: PinholeId) -> bool {
+        id.0 % self.of.max(1) == self.index
+    }
+}
+
+/// Parts the counter reads of a tick are spread over: with the driver's
+/// timers every 100 ms, one part a tenth of a second.
+pub const ACTIVITY_PARTS: u64 = 10;
+
+/// Values by flow id in one map per [`Part`] of a fixed partition, so
+/// reading one part walks only its own map.
+#[derive(Debug)]
+pub struct Parted<V> {
+    maps: Vec<HashMap<PinholeId, V>>,
+    len: usize,
+}
+
+impl<V> Parted<V> {
+    /// Empty, over `parts` parts (at least one).
+    pub fn new(parts: u64) -> Parted<V> {
+        Parted {
+            maps: (0..parts.max(1)).map(|_| HashMap::new()).collect(),
+            len: 0,
+        }
+    }
+
+    fn index(&self, id: PinholeId) -> usize {
+        // `id % len < len`: always a valid index.
+        usize::try_from(id.0 % self.maps.len() as u64).unwrap_or(0)
+    }
+
+    /// Values in all parts.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no part holds anything.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The value of flow `id`.
+    pub fn get(&self, id: PinholeId) -> Option<&V> {
+        self.maps[self.index(id)].get(&id)
+    }
+
+    /// Sets the value of flow `id`; returns the one it replaced.
+    pub fn insert(&mut self, id: PinholeId, v: V) -> Option<V> {
+        let i = self.index(id);
+        let old = self.maps[i].insert(id, v);
+        if old.is_none() {
+            self.len += 1;
+        }
+        old
+    }
+
+    /// Takes the value of flow `id`.
+    pub fn remove(&mut self, id: PinholeId) -> Option<V> {
+        let i = self.index(id);
+        let old = self.maps[i].remove(&id);
+        if old.is_some() {
+            self.len -= 1;
+        }
+        old
+    }
+
+    /// The flows of `part`: one map when `part` is of this partition,
+    /// else every map, filtered (e.g. [`Part::ALL`]).
+    pub fn part_mut(&mut self, part: Part) -> impl Iterator<Item = (&PinholeId, &mut V)> {
+        let own = part.of == self.maps.len() as u64;
+        self.maps
+            .iter_mut()
+            .enumerate()
+            .filter(move |(i, _)| !own || *i as u64 == part.index)
+            .flat_map(|(_, m)| m.iter_mut())
+            .filter(move |(id, _)| part.holds(**id))
     }
 }
 
@@ -157,7 +256,8 @@ pub struct FlowCounters {
 /// Production sink: the map writer, shared with the rest of the agent.
 pub struct MapsSink {
     maps: Arc<Mutex<DatapathMaps>>,
-    flows: HashMap<PinholeId, Tracked>,
+    /// The flows, by activity part ([`ACTIVITY_PARTS`]).
+    flows: Parted<Tracked>,
 }
 
 /// What the sink keeps of one installed flow.
@@ -184,15 +284,20 @@ impl MapsSink {
     pub fn new(maps: Arc<Mutex<DatapathMaps>>) -> MapsSink {
         MapsSink {
             maps,
-            flows: HashMap::new(),
+            flows: Parted::new(ACTIVITY_PARTS),
         }
+    }
+
+    /// Tracks flow `id` at `slots` (a new flow or a re-install).
+    fn track(&mut self, id: PinholeId, slots: (u32, u32)) {
+        self.flows.insert(id, Tracked::new(slots));
+        crate::metrics::pinholes_in_use(self.flows.len() * 2);
     }
 
     /// Takes over an installed rule pair under `id` (adoption at start):
     /// its counters are read on tick and `remove` deletes it.
     pub fn adopt(&mut self, id: PinholeId, slots: (u32, u32)) {
-        self.flows.insert(id, Tracked::new(slots));
-        crate::metrics::pinholes_in_use(self.flows.len() * 2);
+        self.track(id, slots);
     }
 }
 
@@ -215,13 +320,13 @@ impl PinholeSink for MapsSink {
             .add_flow(flow)
             .map_err(|source| SinkError::Map { source })?;
         crate::metrics::pinhole_installed(started.elapsed());
-        self.flows.insert(id, Tracked::new(slots));
-        crate::metrics::pinholes_in_use(self.flows.len() * 2);
+        drop(m);
+        self.track(id, slots);
         Ok(())
     }
 
     fn update(&mut self, id: PinholeId, old: &Flow, flow: &Flow) -> Result<(), SinkError> {
-        let (s_in, s_out) = self.flows.get(&id).ok_or(SinkError::Unknown { id })?.slots;
+        let (s_in, s_out) = self.flows.get(id).ok_or(SinkError::Unknown { id })?.slots;
         let map = |source: MapsError| SinkError::Map { source };
         let was = old.rules(s_in, s_out).map_err(|e| map(e.into()))?;
         let now = flow.rules(s_in, s_out).map_err(|e| map(e.into()))?;
@@ -253,7 +358,7 @@ impl PinholeSink for MapsSink {
         let Tracked {
             slots: (s_in, s_out),
             seen: last,
-        } = self.flows.remove(&id).ok_or(SinkError::Unknown { id })?;
+        } = self.flows.remove(id).ok_or(SinkError::Unknown { id })?;
         crate::metrics::pinholes_in_use(self.flows.len() * 2);
         let mut m = self.maps.lock().map_err(|_| SinkError::Poisoned)?;
         // What the flow forwarded since the last tick, before it is gone.
@@ -264,10 +369,11 @@ impl PinholeSink for MapsSink {
         Ok(())
     }
 
-    fn activity(&mut self) -> Result<Vec<(PinholeId, u64)>, SinkError> {
+    fn activity(&mut self, part: Part) -> Result<Vec<(PinholeId, u64)>, SinkError> {
         let m = self.maps.lock().map_err(|_| SinkError::Poisoned)?;
-        // Per pinhole, not a listing of every installed rule: this runs
-        // every tick, and PH_DST can hold up to 2^20 entries. One read per
+        // Per pinhole, not a listing of every installed rule: every flow is
+        // read each second (a tenth of them every 100 ms, `Part`), and
+        // PH_DST can hold up to 2^20 entries. One read per
         // rule (a memory read: both tables are mapped) gives both the idle
         // check's packets and the forwarded-traffic metrics (each flow's
         // growth since the last reading). Only flows whose count moved are
@@ -280,7 +386,7 @@ impl PinholeSink for MapsSink {
         // latch, clock) took a millisecond of the driver every second.
         let (mut packets, mut bytes) = (0u64, 0u64);
         let mut out = Vec::new();
-        for (id, t) in &mut self.flows {
+        for (id, t) in self.flows.part_mut(part) {
             let now = flow_totals(&m, t.slots);
             let last = t.seen;
             if now == last {
@@ -298,7 +404,7 @@ impl PinholeSink for MapsSink {
     }
 
     fn counters(&mut self, id: PinholeId) -> Option<FlowCounters> {
-        let slots = self.flows.get(&id)?.slots;
+        let slots = self.flows.get(id)?.slots;
         let m = self.maps.lock().ok()?;
         let read = |s: u32| m.counters(s).ok().flatten().unwrap_or_default();
         let (a, b) = (read(slots.0), read(slots.1));
@@ -412,7 +518,7 @@ impl PinholeSink for RecordingSink {
         })
     }
 
-    fn activity(&mut self) -> Result<Vec<(PinholeId, u64)>, SinkError> {
+    fn activity(&mut self, _part: Part) -> Result<Vec<(PinholeId, u64)>, SinkError> {
         Ok(self
             .installed
             .keys()
@@ -438,6 +544,9 @@ pub struct MediaController<S: PinholeSink> {
     /// (`session_key`): the proxy does not know them, so their BYE comes
     /// through `end_adopted`, and either party's tag names them.
     rebuilt: HashSet<DialogKey>,
+    /// The activity part the next [`MediaControl::on_timers`] reads
+    /// ([`ACTIVITY_PARTS`]: read, the tick reads none of this round).
+    next_part: u64,
 }
 
 fn not_acceptable(reason: impl Into<String>) -> MediaError {
@@ -665,7 +774,19 @@ impl<S: PinholeSink> MediaController<S> {
             run: run_tag(),
             ha: None,
             rebuilt: HashSet::new(),
+            next_part: 0,
         }
+    }
+
+    /// Reads the counters of the flows of `part` and marks what moved as
+    /// active.
+    fn read_activity(&mut self, part: Part, now: Instant) -> Result<(), SinkError> {
+        for (id, packets) in self.sink.activity(part)? {
+            if !self.adopted.on_activity(id, packets, now) && !self.ha_activity(id, packets, now) {
+                self.mgr.on_activity(id, packets, now);
+            }
+        }
+        Ok(())
     }
 
     /// Adopted flows still tracked (tests, status).
@@ -1185,20 +1306,35 @@ impl<S: PinholeSink + Send> MediaControl for MediaController<S> {
         }
     }
 
+    fn on_timers(&mut self, now: Instant) {
+        if self.next_part >= ACTIVITY_PARTS {
+            return;
+        }
+        let part = Part {
+            index: self.next_part,
+            of: ACTIVITY_PARTS,
+        };
+        match self.read_activity(part, now) {
+            Ok(()) => self.next_part += 1,
+            // The tick reads it again, and says so if it fails again.
+            Err(e) => tracing::debug!(error = %e, "reading pinhole counters failed"),
+        }
+    }
+
     fn on_tick(&mut self, now: Instant) -> Vec<DialogKey> {
-        match self.sink.activity() {
-            Ok(counts) => {
-                for (id, packets) in counts {
-                    if !self.adopted.on_activity(id, packets, now)
-                        && !self.ha_activity(id, packets, now)
-                    {
-                        self.mgr.on_activity(id, packets, now);
-                    }
-                }
-            }
-            // Without counters every call would look idle: skip this round's
-            // expiry (a later tick catches up) rather than cut live calls.
-            Err(e) => {
+        // The parts the timers did not read since the last tick (all of
+        // them where nothing calls `on_timers`): every flow is read once
+        // between two ticks.
+        let first = std::mem::take(&mut self.next_part);
+        for index in first..ACTIVITY_PARTS {
+            let part = Part {
+                index,
+                of: ACTIVITY_PARTS,
+            };
+            // Without counters every call would look idle: skip this
+            // round's expiry (a later tick catches up) rather than cut
+            // live calls.
+            if let Err(e) = self.read_activity(part, now) {
                 tracing::warn!(error = %e, "reading pinhole counters failed");
                 return Vec::new();
             }

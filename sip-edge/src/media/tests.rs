@@ -25,7 +25,7 @@ fn sa(s: &str) -> SocketAddr {
     s.parse().expect("test address")
 }
 
-fn settings() -> Settings {
+pub(super) fn settings() -> Settings {
     Settings {
         mode: MediaMode::Relay,
         internal_addrs: vec![

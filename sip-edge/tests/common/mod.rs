@@ -13,7 +13,7 @@ use sip_edge::{
     config::{MediaCandidates, MediaMode, PortRange},
     datapath::rules::Flow,
     media::{
-        control::{MediaController, PinholeSink, SinkError},
+        control::{MediaController, Part, PinholeSink, SinkError},
         manager::{PinholeId, Settings},
         policy::ExternalSources,
         MediaControl, Side,
@@ -42,7 +42,7 @@ impl PinholeSink for SlotSink {
         self.slots.remove(&id);
         Ok(())
     }
-    fn activity(&mut self) -> Result<Vec<(PinholeId, u64)>, SinkError> {
+    fn activity(&mut self, _part: Part) -> Result<Vec<(PinholeId, u64)>, SinkError> {
         Ok(self.slots.keys().map(|id| (*id, 0)).collect())
     }
 }

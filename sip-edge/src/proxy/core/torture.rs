@@ -97,6 +97,9 @@ impl MediaControl for Shared {
     fn on_tick(&mut self, now: Instant) -> Vec<DialogKey> {
         self.0.lock().expect("media lock").on_tick(now)
     }
+    fn on_timers(&mut self, now: Instant) {
+        self.0.lock().expect("media lock").on_timers(now);
+    }
 }
 
 /// What one framed message did.

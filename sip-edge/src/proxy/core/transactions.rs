@@ -305,6 +305,7 @@ impl Proxy {
     /// part of [`Proxy::on_tick`].
     pub fn on_timers(&mut self, now: Instant) -> Vec<Outgoing> {
         let mut out = Vec::new();
+        self.media.on_timers(now);
         // Server transactions are few at any time (over TLS a non-INVITE
         // one ends as soon as its final response is sent), but a burst's
         // end drops thousands at once: in tenths, not all in one tick.
