@@ -304,6 +304,20 @@ impl Bindings {
         Some(token)
     }
 
+    /// The table's copy of `original` if it holds a binding of it from
+    /// `side` over `flow` (so a record that keeps the same URI can share
+    /// the allocation); nothing is refreshed.
+    pub fn original(&self, side: Side, original: &str, flow: Option<ConnId>) -> Option<Arc<str>> {
+        let (by_token, hasher) = (&self.by_token, &self.hasher);
+        let n = self
+            .by_original
+            .find(original_hash(hasher, side, original, flow), |n| {
+                find(by_token, hasher, n)
+                    .is_some_and(|s| s.side == side && *s.original == *original && s.flow() == flow)
+            })?;
+        find(by_token, hasher, n).map(|s| s.original.clone())
+    }
+
     /// The binding of a token, refreshing its lifetime.
     pub fn lookup(&mut self, token: &str, now: Instant) -> Option<Binding> {
         let n = self.slot(token)?;

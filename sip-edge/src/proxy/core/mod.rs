@@ -215,8 +215,10 @@ struct ByeTarget {
     conn: ConnId,
     /// The side it is on.
     side: Side,
-    /// Remote target (the party's Contact URI).
-    request_uri: Box<str>,
+    /// Remote target (the party's Contact URI): the same allocation as
+    /// the original of the party's Contact binding, which holds that URI
+    /// too (issue #12: bytes per established call).
+    request_uri: std::sync::Arc<str>,
     /// Route set from the edge toward the party.
     routes: Box<[String]>,
 }
