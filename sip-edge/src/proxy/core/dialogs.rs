@@ -35,7 +35,11 @@ impl Proxy {
     pub(super) fn party_id(&self, conn: ConnId, info: &ConnInfo, now: Instant) -> PartyId {
         if info.side == Side::External {
             if let Party::Peer(n) = self.outside_party(conn, info, now) {
-                return PartyId::Peer(n);
+                // Past u32::MAX peers (never): the source address, a
+                // narrower identity, rather than an index that aliases.
+                if let Ok(n) = u32::try_from(n) {
+                    return PartyId::Peer(n);
+                }
             }
         }
         PartyId::Addr(info.peer.ip().to_canonical())

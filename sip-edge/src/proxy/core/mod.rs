@@ -227,8 +227,10 @@ struct ByeTarget {
 /// of its addresses), or the source address of its signalling.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum PartyId {
-    /// `[[peer]]` number.
-    Peer(usize),
+    /// `[[peer]]` number (32 bits: two of these sit in every dialog
+    /// record, which a `usize` made a malloc size class larger; issue
+    /// #12).
+    Peer(u32),
     /// Its signalling source address.
     Addr(std::net::IpAddr),
 }
