@@ -321,12 +321,6 @@ struct Slot {
 }
 
 #[derive(Clone, Debug)]
-struct Offer {
-    from: Side,
-    streams: Box<[StreamDesc]>,
-}
-
-#[derive(Clone, Debug)]
 struct Installed {
     id: PinholeId,
     stream: usize,
@@ -366,7 +360,12 @@ struct Dialog {
     counted: (Option<IpAddr>, u32),
     slots: Vec<Option<Slot>>,
     retired: RareVec<Block>,
-    offer: Option<Offer>,
+    /// The outstanding offer's streams, and the side that made it
+    /// (meaningful while there is one): two fields rather than an
+    /// `Option<(Side, _)>`, so the side takes a byte of padding instead
+    /// of a word (issue #12).
+    offer: Option<Box<[StreamDesc]>>,
+    offer_from: Side,
     /// The fork (To tag) whose answer is installed, and the one a 2xx
     /// confirmed: the same tag in an established call, so one shared
     /// string rather than two copies (issue #12).

@@ -99,6 +99,7 @@ impl Manager {
                     slots: Vec::new(),
                     retired: RareVec::default(),
                     offer: None,
+                    offer_from: inp.from_side,
                     active_fork: None,
                     confirmed: None,
                     confirmed_at: None,
@@ -128,10 +129,8 @@ impl Manager {
             return Err(not_acceptable("dialog vanished"));
         };
         if inp.role == SdpRole::Offer {
-            d.offer = Some(Offer {
-                from: inp.from_side,
-                streams: inp.streams.into(),
-            });
+            d.offer = Some(inp.streams.into());
+            d.offer_from = inp.from_side;
             return Ok(Outcome {
                 allocations,
                 ops: Vec::new(),
@@ -149,17 +148,17 @@ impl Manager {
                 "answer without an outstanding offer (RFC 3264 §4)",
             ));
         };
-        if offer.from == inp.from_side {
+        if d.offer_from == inp.from_side {
             return Err(not_acceptable("answer from the side that made the offer"));
         }
-        if offer.streams.len() != inp.streams.len() {
+        if offer.len() != inp.streams.len() {
             return Err(not_acceptable(format!(
                 "answer has {} m-lines, offer had {} (RFC 3264 §6)",
                 inp.streams.len(),
-                offer.streams.len()
+                offer.len()
             )));
         }
-        let ops = self.commit(key, &offer.streams, inp, now, j)?;
+        let ops = self.commit(key, &offer, inp, now, j)?;
         if let Some(d) = self.dialogs.get_mut(key) {
             // One string for both (see `Dialog::active_fork`).
             let fork = match &d.confirmed {

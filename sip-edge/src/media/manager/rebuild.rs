@@ -144,6 +144,7 @@ impl Manager {
                 slots,
                 retired: RareVec::default(),
                 offer: None,
+                offer_from: Side::Internal,
                 active_fork: Some(SharedStr::default()),
                 // The session was confirmed where it was set up; its
                 // answers here all come as fork "" (`media::control`).
