@@ -391,6 +391,10 @@ struct Dialog {
 /// established call keeps its dialog for hours (issue #12: bytes per
 /// call). Reads go through the slice it derefs to.
 #[derive(Clone, Debug)]
+#[expect(
+    clippy::box_collection,
+    reason = "the box is the point: one word while empty, the extra allocation only when used"
+)]
 struct RareVec<T>(Option<Box<Vec<T>>>);
 
 impl<T> Default for RareVec<T> {
