@@ -564,6 +564,45 @@ mod tests {
         assert_eq!(b.len(), 2);
     }
 
+    /// `original` hands out the table's own copy of a bound URI (what a
+    /// dialog's BYE target shares), only for the same side and flow,
+    /// and refreshes nothing.
+    #[test]
+    fn original_shares_the_bound_uri_for_its_side_and_flow_only() {
+        let now = Instant::now();
+        let mut b = Bindings::new();
+        let t = b
+            .token_for(
+                Side::Internal,
+                "sip:a@10.0.0.2",
+                Some(1),
+                Duration::from_secs(5),
+                now,
+            )
+            .unwrap();
+        let held = b.lookup(&t, now).unwrap().original;
+        let shared = b
+            .original(Side::Internal, "sip:a@10.0.0.2", Some(1))
+            .unwrap();
+        assert!(Arc::ptr_eq(&held, &shared));
+        assert!(b
+            .original(Side::External, "sip:a@10.0.0.2", Some(1))
+            .is_none());
+        assert!(b
+            .original(Side::Internal, "sip:a@10.0.0.2", Some(2))
+            .is_none());
+        assert!(b.original(Side::Internal, "sip:a@10.0.0.2", None).is_none());
+        assert!(b
+            .original(Side::Internal, "sip:b@10.0.0.2", Some(1))
+            .is_none());
+        // The lookup above refreshed the binding for CONTACT_LIFETIME;
+        // expiring past that forgets it (`original` kept it no longer).
+        b.expire(now + CONTACT_LIFETIME + Duration::from_secs(1));
+        assert!(b
+            .original(Side::Internal, "sip:a@10.0.0.2", Some(1))
+            .is_none());
+    }
+
     #[test]
     fn a_dialog_contact_is_forgotten_with_its_flow_not_failed() {
         let now = Instant::now();

@@ -853,3 +853,35 @@ mod tests {
         assert_eq!(p.take(true), None);
     }
 }
+
+#[cfg(test)]
+mod rare_vec_tests {
+    use super::RareVec;
+
+    /// A `RareVec` holds what a `Vec` would, and gives its box back
+    /// whenever it becomes empty (so an emptied list costs one word again).
+    #[test]
+    fn a_rare_vec_is_a_vec_that_frees_its_box_when_empty() {
+        let mut v: RareVec<u32> = RareVec::default();
+        assert!(v.is_empty() && v.0.is_none());
+        v.extend(std::iter::empty());
+        assert!(v.0.is_none(), "extending by nothing allocates nothing");
+        v.extend([1, 2, 3]);
+        v.push(4);
+        assert_eq!(&*v, &[1, 2, 3, 4]);
+        assert_eq!(v.remove(0), 1);
+        v.retain(|x| *x != 3);
+        assert_eq!(&*v, &[2, 4]);
+        v.iter_mut().for_each(|x| *x += 1);
+        assert_eq!(v.clone().into_iter().collect::<Vec<_>>(), vec![3, 5]);
+        v.retain(|_| false);
+        assert!(v.0.is_none());
+        v = vec![7].into();
+        assert_eq!(v.remove(0), 7);
+        assert!(v.0.is_none());
+        v = vec![8, 9].into();
+        assert_eq!(v.take(), vec![8, 9]);
+        assert!(v.0.is_none());
+        assert!(RareVec::<u32>::from(Vec::new()).0.is_none());
+    }
+}
