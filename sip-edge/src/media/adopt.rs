@@ -149,8 +149,15 @@ pub(crate) fn flow_keys_text(flow: &Flow) -> Vec<String> {
 #[derive(Clone, Debug)]
 struct Kept {
     dialog: DialogKey,
-    /// `None`: `flow_keys_text` of `media`'s flow.
-    keys: Option<Box<[String]>>,
+    /// `None`: `flow_keys_text` of `media`'s flow. Boxed again: a thin
+    /// pointer rather than a slice's two words, as it is `None` for
+    /// every flow this run writes (issue #12: the record fits a smaller
+    /// malloc size class).
+    #[expect(
+        clippy::box_collection,
+        reason = "one word per record instead of three; see the doc above"
+    )]
+    keys: Option<Box<Vec<String>>>,
     media: Option<FlowMedia>,
 }
 
@@ -159,7 +166,7 @@ impl Kept {
         let derived = media.is_some_and(|m| flow_keys_text(&m.flow) == keys);
         Kept {
             dialog,
-            keys: (!derived).then(|| keys.into_boxed_slice()),
+            keys: (!derived).then(|| Box::new(keys)),
             media,
         }
     }

@@ -23,10 +23,13 @@
 
 use std::{
     collections::HashMap,
+    hash::{BuildHasher, RandomState},
     net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
+
+use hashbrown::HashTable;
 
 use crate::media::Side;
 
@@ -94,6 +97,57 @@ pub struct Registration {
     pub failed: bool,
 }
 
+/// A binding as `Bindings::by_token` keeps it: the [`Binding`] with the
+/// nonce of its token, the flow's presence folded into a flag so the
+/// nonce and the three flags share one word of padding (issue #12).
+#[derive(Debug)]
+struct Slot {
+    nonce: TokenNonce,
+    side: Side,
+    failed: bool,
+    has_flow: bool,
+    /// The connection when `has_flow`.
+    flow: ConnId,
+    original: Arc<str>,
+    expires: Instant,
+}
+
+impl Slot {
+    fn flow(&self) -> Option<ConnId> {
+        self.has_flow.then_some(self.flow)
+    }
+
+    /// The binding it stands for (the original shared, not copied).
+    fn binding(&self) -> Binding {
+        Binding {
+            side: self.side,
+            original: self.original.clone(),
+            flow: self.flow(),
+            expires: self.expires,
+            failed: self.failed,
+        }
+    }
+}
+
+/// The slot minted under nonce `n`.
+fn find<'a>(t: &'a HashTable<Slot>, h: &RandomState, n: &TokenNonce) -> Option<&'a Slot> {
+    t.find(h.hash_one(n), |s| s.nonce == *n)
+}
+
+/// [`find`], to change.
+fn find_mut<'a>(
+    t: &'a mut HashTable<Slot>,
+    h: &RandomState,
+    n: &TokenNonce,
+) -> Option<&'a mut Slot> {
+    t.find_mut(h.hash_one(n), |s| s.nonce == *n)
+}
+
+/// The hash `by_original` files a binding under.
+fn original_hash(h: &RandomState, side: Side, original: &str, flow: Option<ConnId>) -> u64 {
+    h.hash_one((side, original, flow))
+}
+
 /// Token ↔ binding table plus registrations; see the module docs.
 #[derive(Debug)]
 pub struct Bindings {
@@ -102,10 +156,18 @@ pub struct Bindings {
     /// binding's side and original sealed again (`TokenKey::seal_with`),
     /// so it is not kept (issue #12: bytes per call). A token names a
     /// binding only if it is exactly the one minted (`Bindings::slot`).
-    by_token: HashMap<TokenNonce, Binding>,
+    /// A table of [`Slot`]s hashed by their nonce rather than a map from
+    /// nonce to `Binding`: the nonce fills the padding a `Binding` has,
+    /// so a bucket (empty ones included) is 56 bytes instead of 72.
+    by_token: HashTable<Slot>,
     /// (side, original, flow) → token nonce, so resending the same
-    /// Contact does not mint new tokens.
-    by_original: HashMap<(Side, Arc<str>, Option<ConnId>), TokenNonce>,
+    /// Contact does not mint new tokens. Holds only the nonce, hashed by
+    /// the (side, original, flow) of its slot in `by_token`: a map keyed
+    /// by that triple kept a second 56-byte bucket per binding (issue
+    /// #12: two bindings per call).
+    by_original: HashTable<TokenNonce>,
+    /// Hashes both tables (randomly seeded, as a `HashMap`'s).
+    hasher: RandomState,
     /// Registered AOR (lower-cased `user@host`) → token of the Contact.
     aors: HashMap<String, String>,
     /// Contact token → registration (every registered Contact).
@@ -131,8 +193,9 @@ impl Bindings {
     /// An empty table with a fresh random key for token generation.
     pub fn new() -> Self {
         Self {
-            by_token: HashMap::new(),
-            by_original: HashMap::new(),
+            by_token: HashTable::new(),
+            by_original: HashTable::new(),
+            hasher: RandomState::new(),
             aors: HashMap::new(),
             regs: HashMap::new(),
             paths: HashMap::new(),
@@ -157,7 +220,7 @@ impl Bindings {
     /// case of its hex, is not it).
     fn slot(&self, token: &str) -> Option<TokenNonce> {
         let n = nonce_of(token)?;
-        let b = self.by_token.get(&n)?;
+        let b = find(&self.by_token, &self.hasher, &n)?;
         (self.key.seal_with(n, b.side, &b.original) == token).then_some(n)
     }
 
@@ -193,12 +256,16 @@ impl Bindings {
         now: Instant,
     ) -> Option<String> {
         let expires = now + lifetime;
-        let original: Arc<str> = Arc::from(original);
-        let key = (side, original.clone(), flow);
-        if let Some(n) = self.by_original.get(&key) {
-            if let Some(b) = self.by_token.get_mut(n) {
+        let (by_token, hasher) = (&self.by_token, &self.hasher);
+        let oh = original_hash(hasher, side, original, flow);
+        let known = self.by_original.find(oh, |n| {
+            find(by_token, hasher, n)
+                .is_some_and(|s| s.side == side && *s.original == *original && s.flow() == flow)
+        });
+        if let Some(n) = known.copied() {
+            if let Some(b) = find_mut(&mut self.by_token, &self.hasher, &n) {
                 b.expires = b.expires.max(expires);
-                return Some(self.key.seal_with(*n, side, &b.original));
+                return Some(self.key.seal_with(n, side, &b.original));
             }
         }
         if self.by_token.len() >= MAX_BINDINGS {
@@ -207,34 +274,58 @@ impl Bindings {
         // Sealed (`proxy::tokens`): unguessable, so an outside peer cannot
         // address another client's flow, and readable by the nodes that
         // share the key.
-        let (mut nonce, mut token) = self.key.mint(side, &original);
+        let (mut nonce, mut token) = self.key.mint(side, original);
         // 96 random bits: a repeat is not expected, but would let one
         // binding take another's place.
-        while self.by_token.contains_key(&nonce) {
-            (nonce, token) = self.key.mint(side, &original);
+        while find(&self.by_token, &self.hasher, &nonce).is_some() {
+            (nonce, token) = self.key.mint(side, original);
         }
-        self.by_token.insert(
-            nonce,
-            Binding {
+        let hasher = &self.hasher;
+        self.by_token.insert_unique(
+            hasher.hash_one(nonce),
+            Slot {
+                nonce,
                 side,
-                original,
-                flow,
-                expires,
                 failed: false,
+                has_flow: flow.is_some(),
+                flow: flow.unwrap_or_default(),
+                original: Arc::from(original),
+                expires,
             },
+            |s| hasher.hash_one(s.nonce),
         );
-        self.by_original.insert(key, nonce);
+        // Every nonce of `by_original` has its slot in `by_token` (the
+        // slot goes in first, and `retain` prunes both together).
+        let by_token = &self.by_token;
+        self.by_original.insert_unique(oh, nonce, |n| {
+            find(by_token, hasher, n)
+                .map_or(0, |s| original_hash(hasher, s.side, &s.original, s.flow()))
+        });
         Some(token)
+    }
+
+    /// The table's copy of `original` if it holds a binding of it from
+    /// `side` over `flow` (so a record that keeps the same URI can share
+    /// the allocation); nothing is refreshed.
+    pub fn original(&self, side: Side, original: &str, flow: Option<ConnId>) -> Option<Arc<str>> {
+        let (by_token, hasher) = (&self.by_token, &self.hasher);
+        let n = self
+            .by_original
+            .find(original_hash(hasher, side, original, flow), |n| {
+                find(by_token, hasher, n)
+                    .is_some_and(|s| s.side == side && *s.original == *original && s.flow() == flow)
+            })?;
+        find(by_token, hasher, n).map(|s| s.original.clone())
     }
 
     /// The binding of a token, refreshing its lifetime.
     pub fn lookup(&mut self, token: &str, now: Instant) -> Option<Binding> {
         let n = self.slot(token)?;
-        let b = self.by_token.get_mut(&n)?;
+        let b = find_mut(&mut self.by_token, &self.hasher, &n)?;
         if !b.failed {
             b.expires = b.expires.max(now + CONTACT_LIFETIME);
         }
-        Some(b.clone())
+        Some(b.binding())
     }
 
     /// Records (or, with `expires == 0`, removes) a registration of `aor`
@@ -257,9 +348,12 @@ impl Bindings {
             self.reindex();
             return;
         }
-        if let Some(b) = self.slot(token).and_then(|n| self.by_token.get_mut(&n)) {
+        if let Some(b) = self
+            .slot(token)
+            .and_then(|n| find_mut(&mut self.by_token, &self.hasher, &n))
+        {
             b.expires = now + expires;
-            if let Some(c) = b.flow {
+            if let Some(c) = b.flow() {
                 let list = self.flows.entry(c).or_default();
                 if !list.iter().any(|t| t == token) {
                     list.push(token.to_owned());
@@ -272,7 +366,7 @@ impl Bindings {
                     aor,
                     token: token.to_owned(),
                     flow,
-                    conn: b.flow,
+                    conn: b.flow(),
                     contact: b.original.to_string(),
                     expires: now + expires,
                     failed: false,
@@ -284,7 +378,10 @@ impl Bindings {
     /// Keeps the binding of `token` until at least `until` (a Path token
     /// while the registrations it carries last).
     pub fn extend(&mut self, token: &str, until: Instant) {
-        if let Some(b) = self.slot(token).and_then(|n| self.by_token.get_mut(&n)) {
+        if let Some(b) = self
+            .slot(token)
+            .and_then(|n| find_mut(&mut self.by_token, &self.hasher, &n))
+        {
             b.expires = b.expires.max(until);
         }
     }
@@ -302,7 +399,7 @@ impl Bindings {
     /// `side`, if any and alive.
     pub fn registered(&mut self, aor: &str, side: Side, now: Instant) -> Option<(String, Binding)> {
         let token = self.aors.get(&aor.to_ascii_lowercase())?.clone();
-        let b = self.by_token.get(&self.slot(&token)?)?.clone();
+        let b = find(&self.by_token, &self.hasher, &self.slot(&token)?)?.binding();
         (b.expires > now && !b.failed && b.side == side).then_some((token, b))
     }
 
@@ -343,11 +440,14 @@ impl Bindings {
             }
         }
         for t in &keep {
-            if let Some(b) = self.slot(t).and_then(|n| self.by_token.get_mut(&n)) {
+            if let Some(b) = self
+                .slot(t)
+                .and_then(|n| find_mut(&mut self.by_token, &self.hasher, &n))
+            {
                 b.failed = true;
             }
         }
-        self.retain(|b| b.flow != Some(conn) || b.failed);
+        self.retain(|b| b.flow() != Some(conn) || b.failed);
     }
 
     /// Drops expired bindings and registrations (a registration's Contact
@@ -359,16 +459,16 @@ impl Bindings {
         self.retain(|b| b.expires > now);
     }
 
-    fn retain(&mut self, keep: impl Fn(&Binding) -> bool) {
-        self.by_token.retain(|_, b| keep(b));
-        let live = &self.by_token;
+    fn retain(&mut self, keep: impl Fn(&Slot) -> bool) {
+        self.by_token.retain(|b| keep(b));
+        let (live, hasher) = (&self.by_token, &self.hasher);
         // A failed token is never handed out again: the client's next
         // REGISTER (on a new flow) gets a new one.
         self.by_original
-            .retain(|_, n| live.get(n).is_some_and(|b| !b.failed));
+            .retain(|n| find(live, hasher, n).is_some_and(|b| !b.failed));
         // Tokens kept below were all minted by the table (checked when
         // they were recorded): their nonce names their binding.
-        let held = |t: &str| nonce_of(t).is_some_and(|n| live.contains_key(&n));
+        let held = |t: &str| nonce_of(t).is_some_and(|n| find(live, hasher, &n).is_some());
         self.aors.retain(|_, t| held(t));
         self.regs.retain(|t, _| held(t));
         self.paths.retain(|_, ts| {
@@ -462,6 +562,45 @@ mod tests {
         }
         assert!(b.foreign(&t).is_none());
         assert_eq!(b.len(), 2);
+    }
+
+    /// `original` hands out the table's own copy of a bound URI (what a
+    /// dialog's BYE target shares), only for the same side and flow,
+    /// and refreshes nothing.
+    #[test]
+    fn original_shares_the_bound_uri_for_its_side_and_flow_only() {
+        let now = Instant::now();
+        let mut b = Bindings::new();
+        let t = b
+            .token_for(
+                Side::Internal,
+                "sip:a@10.0.0.2",
+                Some(1),
+                Duration::from_secs(5),
+                now,
+            )
+            .unwrap();
+        let held = b.lookup(&t, now).unwrap().original;
+        let shared = b
+            .original(Side::Internal, "sip:a@10.0.0.2", Some(1))
+            .unwrap();
+        assert!(Arc::ptr_eq(&held, &shared));
+        assert!(b
+            .original(Side::External, "sip:a@10.0.0.2", Some(1))
+            .is_none());
+        assert!(b
+            .original(Side::Internal, "sip:a@10.0.0.2", Some(2))
+            .is_none());
+        assert!(b.original(Side::Internal, "sip:a@10.0.0.2", None).is_none());
+        assert!(b
+            .original(Side::Internal, "sip:b@10.0.0.2", Some(1))
+            .is_none());
+        // The lookup above refreshed the binding for CONTACT_LIFETIME;
+        // expiring past that forgets it (`original` kept it no longer).
+        b.expire(now + CONTACT_LIFETIME + Duration::from_secs(1));
+        assert!(b
+            .original(Side::Internal, "sip:a@10.0.0.2", Some(1))
+            .is_none());
     }
 
     #[test]

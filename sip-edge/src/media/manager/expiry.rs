@@ -47,7 +47,7 @@ impl Manager {
                 .iter()
                 .flatten()
                 .flat_map(|s| s.blocks.iter().flatten().copied())
-                .chain(d.retired.drain(..))
+                .chain(d.retired.take())
                 .chain(d.transfers.iter().flat_map(|t| t.blocks.iter().copied()))
                 .collect();
             d.client = None;
@@ -91,7 +91,7 @@ impl Manager {
         let (gone, kept): (Vec<Transfer>, Vec<Transfer>) = std::mem::take(&mut d.transfers)
             .into_iter()
             .partition(|t| pred(t));
-        d.transfers = kept;
+        d.transfers = kept.into();
         let mut ops = Vec::new();
         for t in gone {
             for b in &t.blocks {

@@ -107,7 +107,7 @@ use ports::PortSet;
 
 use super::{
     policy::{EndpointPolicy, ExternalSources, Naming, Refusal},
-    DialogKey, EndReason, FarMedia, MediaError, SdpRole, Side,
+    DialogKey, EndReason, FarMedia, MediaError, SdpRole, SharedStr, Side,
 };
 use crate::{
     config::{Cidr, Config, MediaExternalSources, MediaMode, PortRange, MIN_MEDIA_PORT},
@@ -321,12 +321,6 @@ struct Slot {
 }
 
 #[derive(Clone, Debug)]
-struct Offer {
-    from: Side,
-    streams: Vec<StreamDesc>,
-}
-
-#[derive(Clone, Debug)]
 struct Installed {
     id: PinholeId,
     stream: usize,
@@ -365,10 +359,18 @@ struct Dialog {
     /// (client, flows) this dialog is counted under in the caps.
     counted: (Option<IpAddr>, u32),
     slots: Vec<Option<Slot>>,
-    retired: Vec<Block>,
-    offer: Option<Offer>,
-    active_fork: Option<String>,
-    confirmed: Option<String>,
+    retired: RareVec<Block>,
+    /// The outstanding offer's streams, and the side that made it
+    /// (meaningful while there is one): two fields rather than an
+    /// `Option<(Side, _)>`, so the side takes a byte of padding instead
+    /// of a word (issue #12).
+    offer: Option<Box<[StreamDesc]>>,
+    offer_from: Side,
+    /// The fork (To tag) whose answer is installed, and the one a 2xx
+    /// confirmed: the same tag in an established call, so one shared
+    /// string rather than two copies (issue #12).
+    active_fork: Option<SharedStr>,
+    confirmed: Option<SharedStr>,
     confirmed_at: Option<Instant>,
     flows: Vec<Installed>,
     last_activity: Instant,
@@ -378,9 +380,98 @@ struct Dialog {
     /// How the outside party's media source is learned (from its last SDP).
     far_media: FarMedia,
     /// Address-free invitations, oldest first.
-    seen: Vec<Seen>,
+    seen: RareVec<Seen>,
     /// File-transfer pinholes.
-    transfers: Vec<Transfer>,
+    transfers: RareVec<Transfer>,
+}
+
+/// A `Vec` for what few dialogs ever hold (file transfers, port blocks
+/// waiting to be freed, address-free invitations): one pointer in the
+/// dialog while empty instead of a `Vec`'s three words, and every
+/// established call keeps its dialog for hours (issue #12: bytes per
+/// call). Reads go through the slice it derefs to.
+#[derive(Clone, Debug)]
+#[expect(
+    clippy::box_collection,
+    reason = "the box is the point: one word while empty, the extra allocation only when used"
+)]
+struct RareVec<T>(Option<Box<Vec<T>>>);
+
+impl<T> Default for RareVec<T> {
+    fn default() -> Self {
+        RareVec(None)
+    }
+}
+
+impl<T> RareVec<T> {
+    fn vec(&mut self) -> &mut Vec<T> {
+        self.0.get_or_insert_with(Box::default)
+    }
+
+    fn push(&mut self, v: T) {
+        self.vec().push(v);
+    }
+
+    fn extend(&mut self, items: impl IntoIterator<Item = T>) {
+        let mut items = items.into_iter().peekable();
+        if items.peek().is_some() {
+            self.vec().extend(items);
+        }
+    }
+
+    fn remove(&mut self, i: usize) -> T {
+        let v = self.vec().remove(i);
+        self.drop_if_empty();
+        v
+    }
+
+    fn retain(&mut self, keep: impl FnMut(&T) -> bool) {
+        if let Some(v) = &mut self.0 {
+            v.retain(keep);
+        }
+        self.drop_if_empty();
+    }
+
+    /// Everything held, leaving it empty.
+    fn take(&mut self) -> Vec<T> {
+        self.0.take().map(|v| *v).unwrap_or_default()
+    }
+
+    fn drop_if_empty(&mut self) {
+        if self.0.as_ref().is_some_and(|v| v.is_empty()) {
+            self.0 = None;
+        }
+    }
+}
+
+impl<T> std::ops::Deref for RareVec<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        self.0.as_deref().map_or(&[], Vec::as_slice)
+    }
+}
+
+impl<T> std::ops::DerefMut for RareVec<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        match &mut self.0 {
+            Some(v) => v.as_mut_slice(),
+            None => &mut [],
+        }
+    }
+}
+
+impl<T> From<Vec<T>> for RareVec<T> {
+    fn from(v: Vec<T>) -> Self {
+        RareVec((!v.is_empty()).then(|| Box::new(v)))
+    }
+}
+
+impl<T> IntoIterator for RareVec<T> {
+    type Item = T;
+    type IntoIter = std::vec::IntoIter<T>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.map(|v| *v).unwrap_or_default().into_iter()
+    }
 }
 
 impl Dialog {
@@ -398,7 +489,6 @@ impl Dialog {
     fn compact(&mut self) {
         self.flows.shrink_to_fit();
         self.slots.shrink_to_fit();
-        self.retired.shrink_to_fit();
     }
 
     fn reserved(&self) -> u32 {
@@ -761,5 +851,37 @@ mod tests {
         assert_eq!(got, vec![1024, 1025, 60000]);
         let mut p = pool(&[(60000, 60000)], &[]);
         assert_eq!(p.take(true), None);
+    }
+}
+
+#[cfg(test)]
+mod rare_vec_tests {
+    use super::RareVec;
+
+    /// A `RareVec` holds what a `Vec` would, and gives its box back
+    /// whenever it becomes empty (so an emptied list costs one word again).
+    #[test]
+    fn a_rare_vec_is_a_vec_that_frees_its_box_when_empty() {
+        let mut v: RareVec<u32> = RareVec::default();
+        assert!(v.is_empty() && v.0.is_none());
+        v.extend(std::iter::empty());
+        assert!(v.0.is_none(), "extending by nothing allocates nothing");
+        v.extend([1, 2, 3]);
+        v.push(4);
+        assert_eq!(&*v, &[1, 2, 3, 4]);
+        assert_eq!(v.remove(0), 1);
+        v.retain(|x| *x != 3);
+        assert_eq!(&*v, &[2, 4]);
+        v.iter_mut().for_each(|x| *x += 1);
+        assert_eq!(v.clone().into_iter().collect::<Vec<_>>(), vec![3, 5]);
+        v.retain(|_| false);
+        assert!(v.0.is_none());
+        v = vec![7].into();
+        assert_eq!(v.remove(0), 7);
+        assert!(v.0.is_none());
+        v = vec![8, 9].into();
+        assert_eq!(v.take(), vec![8, 9]);
+        assert!(v.0.is_none());
+        assert!(RareVec::<u32>::from(Vec::new()).0.is_none());
     }
 }

@@ -97,8 +97,9 @@ impl Manager {
                     client: None,
                     counted: (None, 0),
                     slots: Vec::new(),
-                    retired: Vec::new(),
+                    retired: RareVec::default(),
                     offer: None,
+                    offer_from: inp.from_side,
                     active_fork: None,
                     confirmed: None,
                     confirmed_at: None,
@@ -107,8 +108,8 @@ impl Manager {
                     ever_active: false,
                     sources: [None, None],
                     far_media: FarMedia::Config,
-                    seen: Vec::new(),
-                    transfers: Vec::new(),
+                    seen: RareVec::default(),
+                    transfers: RareVec::default(),
                 }),
             );
         }
@@ -123,22 +124,20 @@ impl Manager {
         let allocations = self.allocate(inp, j)?;
         self.recount(key);
         self.check_caps(key)?;
-        let fork = inp.to_tag.unwrap_or("").to_owned();
+        let fork = inp.to_tag.unwrap_or("");
         let Some(d) = self.dialogs.get_mut(key) else {
             return Err(not_acceptable("dialog vanished"));
         };
         if inp.role == SdpRole::Offer {
-            d.offer = Some(Offer {
-                from: inp.from_side,
-                streams: inp.streams.to_vec(),
-            });
+            d.offer = Some(inp.streams.into());
+            d.offer_from = inp.from_side;
             return Ok(Outcome {
                 allocations,
                 ops: Vec::new(),
             });
         }
         // An answer. Another fork after confirmation: rewrite only.
-        if d.confirmed.as_ref().is_some_and(|c| *c != fork) {
+        if d.confirmed.as_deref().is_some_and(|c| c != fork) {
             return Ok(Outcome {
                 allocations,
                 ops: Vec::new(),
@@ -149,24 +148,29 @@ impl Manager {
                 "answer without an outstanding offer (RFC 3264 §4)",
             ));
         };
-        if offer.from == inp.from_side {
+        if d.offer_from == inp.from_side {
             return Err(not_acceptable("answer from the side that made the offer"));
         }
-        if offer.streams.len() != inp.streams.len() {
+        if offer.len() != inp.streams.len() {
             return Err(not_acceptable(format!(
                 "answer has {} m-lines, offer had {} (RFC 3264 §6)",
                 inp.streams.len(),
-                offer.streams.len()
+                offer.len()
             )));
         }
-        let ops = self.commit(key, &offer.streams, inp, now, j)?;
+        let ops = self.commit(key, &offer, inp, now, j)?;
         if let Some(d) = self.dialogs.get_mut(key) {
-            d.active_fork = Some(fork.clone());
+            // One string for both (see `Dialog::active_fork`).
+            let fork = match &d.confirmed {
+                Some(c) if c.as_str() == fork => c.clone(),
+                _ => SharedStr::from(fork),
+            };
+            if inp.role == SdpRole::Answer && d.confirmed.is_none() {
+                d.confirmed = Some(fork.clone());
+                d.confirmed_at = Some(now);
+            }
+            d.active_fork = Some(fork);
             if inp.role == SdpRole::Answer {
-                if d.confirmed.is_none() {
-                    d.confirmed = Some(fork);
-                    d.confirmed_at = Some(now);
-                }
                 // Offer/answer exchange complete (RFC 3264 §4).
                 d.offer = None;
             }
@@ -398,9 +402,10 @@ impl Manager {
         kept.extend(new_flows);
         d.flows = kept;
         d.last_activity = now;
+        let mut retired = d.retired.take();
         for i in release {
             if let Some(s) = d.slots.get_mut(i).and_then(Option::take) {
-                d.retired.extend(s.blocks.into_iter().flatten());
+                retired.extend(s.blocks.into_iter().flatten());
             }
         }
         // A muxed stream's RTCP ports, unless a flow still uses them (an
@@ -415,7 +420,7 @@ impl Manager {
             if let Some(s) = d.slots.get_mut(i).and_then(Option::as_mut) {
                 for b in s.blocks.iter_mut().flatten() {
                     if let Some(port) = b.rtcp.take() {
-                        d.retired.push(Block {
+                        retired.push(Block {
                             addr: b.addr,
                             port,
                             rtcp: None,
@@ -425,7 +430,6 @@ impl Manager {
             }
         }
         // Retired blocks: no wanted flow uses them any more.
-        let retired = std::mem::take(&mut d.retired);
         for b in &retired {
             self.pool.free(b);
         }

@@ -142,20 +142,21 @@ impl Manager {
                 client: sources[0],
                 counted: (None, 0),
                 slots,
-                retired: Vec::new(),
+                retired: RareVec::default(),
                 offer: None,
-                active_fork: Some(String::new()),
+                offer_from: Side::Internal,
+                active_fork: Some(SharedStr::default()),
                 // The session was confirmed where it was set up; its
                 // answers here all come as fork "" (`media::control`).
-                confirmed: Some(String::new()),
+                confirmed: Some(SharedStr::default()),
                 confirmed_at: Some(now),
                 flows: installed,
                 last_activity: now,
                 ever_active: true,
                 sources,
                 far_media,
-                seen: Vec::new(),
-                transfers: Vec::new(),
+                seen: RareVec::default(),
+                transfers: RareVec::default(),
             }),
         );
         self.recount(key);

@@ -146,7 +146,7 @@ impl Manager {
             let (old, kept): (Vec<Transfer>, Vec<Transfer>) = std::mem::take(&mut d.transfers)
                 .into_iter()
                 .partition(|t| t.cookie == cookie);
-            d.transfers = kept;
+            d.transfers = kept.into();
             for t in old {
                 for b in &t.blocks {
                     self.pool.free(b);

@@ -35,7 +35,11 @@ impl Proxy {
     pub(super) fn party_id(&self, conn: ConnId, info: &ConnInfo, now: Instant) -> PartyId {
         if info.side == Side::External {
             if let Party::Peer(n) = self.outside_party(conn, info, now) {
-                return PartyId::Peer(n);
+                // Past u32::MAX peers (never): the source address, a
+                // narrower identity, rather than an index that aliases.
+                if let Ok(n) = u32::try_from(n) {
+                    return PartyId::Peer(n);
+                }
             }
         }
         PartyId::Addr(info.peer.ip().to_canonical())
@@ -295,11 +299,7 @@ impl Proxy {
             .and_then(|c| c.into_iter().next())
             .and_then(|c| c.sip_uri().ok())
             .and_then(|u| u.userinfo)
-            .and_then(|t| {
-                self.bindings
-                    .lookup(&t, Instant::now())
-                    .map(|b| b.original.to_string())
-            });
+            .and_then(|t| self.bindings.lookup(&t, Instant::now()).map(|b| b.original));
         let caller_side = callee_side.other();
         if let Some(d) = self.dialogs.get_mut(k) {
             d.confirmed = true;
@@ -311,6 +311,8 @@ impl Proxy {
                 d.to_callee = Some(ByeTarget {
                     conn: callee_conn,
                     side: callee_side,
+                    // Shared with its binding once the 2xx's Contact is
+                    // bound (`share_callee_contact`).
                     request_uri: uri.into(),
                     routes: to_callee_routes.into(),
                 });
@@ -319,10 +321,22 @@ impl Proxy {
                 d.to_caller = Some(ByeTarget {
                     conn: caller_conn,
                     side: caller_side,
-                    request_uri: uri.into(),
+                    request_uri: uri,
                     routes: to_caller_routes.into(),
                 });
             }
+        }
+    }
+
+    /// The 2xx that confirmed dialog `k` had its Contact bound to a token
+    /// (`rewrite_contacts`, after `confirm_dialog`): the BYE target toward
+    /// the callee takes the binding's copy of the URI instead of its own.
+    pub(super) fn share_callee_contact(&mut self, k: &DialogKey) {
+        let Some(t) = self.dialogs.get_mut(k).and_then(|d| d.to_callee.as_mut()) else {
+            return;
+        };
+        if let Some(uri) = self.bindings.original(t.side, &t.request_uri, Some(t.conn)) {
+            t.request_uri = uri;
         }
     }
 }

@@ -215,8 +215,10 @@ struct ByeTarget {
     conn: ConnId,
     /// The side it is on.
     side: Side,
-    /// Remote target (the party's Contact URI).
-    request_uri: Box<str>,
+    /// Remote target (the party's Contact URI): the same allocation as
+    /// the original of the party's Contact binding, which holds that URI
+    /// too (issue #12: bytes per established call).
+    request_uri: std::sync::Arc<str>,
     /// Route set from the edge toward the party.
     routes: Box<[String]>,
 }
@@ -225,8 +227,10 @@ struct ByeTarget {
 /// of its addresses), or the source address of its signalling.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum PartyId {
-    /// `[[peer]]` number.
-    Peer(usize),
+    /// `[[peer]]` number (32 bits: two of these sit in every dialog
+    /// record, which a `usize` made a malloc size class larger; issue
+    /// #12).
+    Peer(u32),
     /// Its signalling source address.
     Addr(std::net::IpAddr),
 }

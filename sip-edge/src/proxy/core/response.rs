@@ -219,6 +219,11 @@ impl Proxy {
         {
             warn!(why = %r.why, "Contact rewrite failed; forwarding as is");
         }
+        if (200..300).contains(&code) && method == "INVITE" {
+            if let Some(k) = &dialog {
+                self.share_callee_contact(k);
+            }
+        }
         if method == "REGISTER" && (200..300).contains(&code) {
             if let Some(req) = &forwarded_invite {
                 self.learn_registration(&msg, req, now);

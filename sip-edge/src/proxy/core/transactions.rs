@@ -487,7 +487,7 @@ impl Proxy {
             };
             let (dest, side) = (Dest::Conn(t.conn), t.side);
             let leg = ByeLeg {
-                request_uri: t.request_uri.into(),
+                request_uri: t.request_uri.to_string(),
                 routes: t.routes.into_vec(),
                 from: from.to_string(),
                 to: to.to_string(),
