@@ -32,7 +32,7 @@ use std::{
 
 use bytes::Bytes;
 use tokio::{
-    io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf},
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf},
     sync::{mpsc, watch, Notify},
 };
 use tracing::{debug, info, warn};
@@ -121,14 +121,36 @@ where
 
 /// Runs one connection until it ends; reports `Opened` first and `Closed`
 /// last to the driver.
-pub async fn run<S>(
+///
+/// The stream is split here, before the future is made: an `async fn`
+/// keeps room for its arguments for its whole life, and the stream (a
+/// TLS stream is over 1 kB) lives in the split halves' shared allocation
+/// from the first poll on, so its copy in the future was dead weight of
+/// every idle connection (issue #12).
+pub fn run<S>(
     stream: S,
     conn: ConnId,
     info: ConnInfo,
     hop: Option<HopTarget>,
     params: ConnParams,
     events: mpsc::Sender<Event>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
+) -> impl std::future::Future<Output = ()> + Send
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let (rd, wr) = tokio::io::split(stream);
+    run_split(rd, wr, conn, info, hop, (params, events, shutdown))
+}
+
+/// [`run`] on the halves of the stream.
+async fn run_split<S>(
+    mut rd: ReadHalf<S>,
+    mut wr: WriteHalf<S>,
+    conn: ConnId,
+    info: ConnInfo,
+    hop: Option<HopTarget>,
+    (params, events, mut shutdown): (ConnParams, mpsc::Sender<Event>, watch::Receiver<bool>),
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
@@ -152,7 +174,6 @@ pub async fn run<S>(
     {
         return;
     }
-    let (mut rd, mut wr) = tokio::io::split(stream);
     // Reading and writing run as two futures of this one task, polled
     // together: the reader may wait for room in the driver's event queue
     // while the writer keeps draining what the driver queued for this
