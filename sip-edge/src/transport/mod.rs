@@ -107,7 +107,7 @@ pub enum Event {
         /// Side, peer, protocol.
         info: ConnInfo,
         /// Its write queue.
-        writer: mpsc::Sender<Vec<u8>>,
+        writer: conn::Writer,
         /// The next hop, for connections the edge opened.
         hop: Option<HopTarget>,
         /// Keeps the connection open past its idle time (registrations).
@@ -655,7 +655,7 @@ type Queued = (Vec<u8>, Option<String>);
 /// The driver: owns the proxy core, the writers and the next-hop pool.
 struct Driver {
     proxy: Proxy,
-    writers: HashMap<ConnId, mpsc::Sender<Vec<u8>>>,
+    writers: HashMap<ConnId, conn::Writer>,
     /// Idle holds of the connections, set from live registrations.
     holds: HashMap<ConnId, conn::Hold>,
     pool: HashMap<HopTarget, ConnId>,
@@ -855,7 +855,7 @@ impl Driver {
     }
 
     fn send_on(&mut self, conn: ConnId, bytes: Vec<u8>, branch: Option<String>) {
-        let ok = match self.writers.get(&conn) {
+        let ok = match self.writers.get_mut(&conn) {
             // Bounded queue: a peer that does not read cannot make us buffer
             // without limit; what does not fit fails like a transport error.
             Some(w) => w.try_send(bytes).is_ok(),
