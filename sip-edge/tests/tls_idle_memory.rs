@@ -313,7 +313,6 @@ fn settled() -> (isize, isize) {
     let mut last = sample();
     loop {
         let now = sample();
-        eprintln!("t7 sample {now:?}");
         if now.1 == last.1 || Instant::now() > deadline {
             return now;
         }
@@ -329,7 +328,7 @@ fn an_idle_tls_connection_keeps_a_bounded_number_of_heap_bytes() {
         return client(&spec);
     }
     let profile = std::env::var_os("TLS_IDLE_MEMORY_PROFILE").is_some();
-    let _log = sip_edge::logging::init("info", sip_edge::logging::LogFormat::Human);
+    let set_log = sip_edge::logging::init("info", sip_edge::logging::LogFormat::Human);
     let pki = pki();
     let cfg = config(&pki);
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -347,10 +346,8 @@ fn an_idle_tls_connection_keeps_a_bounded_number_of_heap_bytes() {
     // Warm-up: the first connections set up what every later one shares
     // (the session cache, the span registry's pages, the driver's tables).
     clients.open(N1);
-    eprintln!("t7 opened {N1}");
     let a = settled();
     clients.open(N1);
-    eprintln!("t7 opened {}", 2 * N1);
     let b = settled();
     let req = (b.0 - a.0) as f64 / N1 as f64;
     let chunks = (b.1 - a.1) as f64 / N1 as f64;
@@ -367,6 +364,8 @@ fn an_idle_tls_connection_keeps_a_bounded_number_of_heap_bytes() {
         std::mem::forget(stop);
         return;
     }
+    // The closes of the teardown are not worth 2·N1 log lines.
+    let _ = set_log("warn");
     drop(clients);
     drop(stop);
     drop(rt);
@@ -379,5 +378,25 @@ fn an_idle_tls_connection_keeps_a_bounded_number_of_heap_bytes() {
 /// Connections per reading (the second reading holds 2·N1).
 const N1: usize = 500;
 
-/// Malloc bytes an idle TLS connection may keep.
-const BOUND: f64 = 100_000.0;
+/// Malloc bytes an idle TLS connection may keep. Issue #12 asks ≤ 16 kB
+/// of agent memory per idle TLS connection (the bench's PSS read ~17 kB).
+/// This test, in the debug build `cargo test` makes, measured 16.6 kB
+/// before it had a bound (6.6 kB of it the connection task, which kept
+/// room for the TLS handshake's state and a dead copy of the stream for
+/// the connection's life; 1.35 kB tokio's mpsc write queue; 115 B a
+/// keep-alive interval no accepted connection uses), 12.8 kB once the
+/// handshake ran boxed and `conn::run` split the stream before making its
+/// future, 11.8 kB with the write queue from futures-channel, and 11.66 kB
+/// without the unused interval. What remains (heaptrack, see the module
+/// docs; requested bytes): rustls' receive buffer 4.3 kB (sized to 4 kB
+/// before every read, never shrunk: the buffered rustls API has no way to
+/// release it), rustls' traffic state 1.4 kB (record keys, key schedule)
+/// and 0.65 kB (connection), the TLS stream in the split halves' shared
+/// allocation 1.3 kB, the connection's future 2.36 kB (reader, writer and
+/// timers, debug build), the task 0.4 kB, tokio's I/O registration
+/// 0.26 kB, the log span 0.46 kB, the write queue 0.2 kB, the driver's
+/// and the proxy's tables 0.2 kB. The bound is the latter figure plus
+/// 10%: another per-connection buffer or a future kept inline fails it;
+/// allocator noise does not (the count is exact; the readings vary by
+/// ±50 B between runs).
+const BOUND: f64 = 12_830.0;

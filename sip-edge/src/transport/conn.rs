@@ -295,11 +295,13 @@ async fn run_split<S>(
             }
         };
         let writer = async {
-            let ka_every = params
+            // Pings only on connections the edge opened, when configured:
+            // an interval holds a boxed timer entry, which every accepted
+            // idle connection kept for nothing before (issue #12).
+            let mut ka = params
                 .keepalive
                 .filter(|_| role == KeepAliveRole::Initiator)
-                .unwrap_or(Duration::from_secs(3600 * 24));
-            let mut ka = tokio::time::interval_at(tokio::time::Instant::now() + ka_every, ka_every);
+                .map(|every| tokio::time::interval_at(tokio::time::Instant::now() + every, every));
             let mut out: Vec<u8> = Vec::new();
             loop {
                 out.clear();
@@ -321,7 +323,12 @@ async fn run_split<S>(
                             out.extend_from_slice(PONG);
                         }
                     }
-                    _ = ka.tick() => out.extend_from_slice(PING),
+                    () = async {
+                        match ka.as_mut() {
+                            Some(ka) => drop(ka.tick().await),
+                            None => std::future::pending().await,
+                        }
+                    } => out.extend_from_slice(PING),
                 }
                 if out.is_empty() {
                     continue;
@@ -408,12 +415,18 @@ mod tests {
     /// One accepted connection with a 300 s idle timer and a 10 s message
     /// deadline, its far end in `client`.
     async fn harness() -> Harness {
+        harness_with(None, None).await
+    }
+
+    /// As [`harness`], with a keep-alive interval and, for a connection
+    /// the edge opened, its next hop.
+    async fn harness_with(keepalive: Option<Duration>, hop: Option<HopTarget>) -> Harness {
         let (client, server) = tokio::io::duplex(64 * 1024);
         let (tx, mut events) = mpsc::channel(64);
         let (stop, stop_rx) = watch::channel(false);
         let params = ConnParams {
             idle: Duration::from_secs(300),
-            keepalive: None,
+            keepalive,
             message_timeout: Duration::from_secs(10),
             limits: FramerLimits::default(),
         };
@@ -422,7 +435,7 @@ mod tests {
             peer: "198.51.100.66:40000".parse().expect("addr"),
             proto: Proto::Tls,
         };
-        let task = tokio::spawn(run(server, 7, info, None, params, tx, stop_rx));
+        let task = tokio::spawn(run(server, 7, info, hop, params, tx, stop_rx));
         let Some(Event::Opened { writer, .. }) = events.recv().await else {
             panic!("no Opened event");
         };
@@ -446,6 +459,33 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
         t0.elapsed().as_secs()
+    }
+
+    /// RFC 5626 §4.4.1 pings go out every `keepalive` on connections the
+    /// edge opened, and never on accepted ones (which then keep no timer
+    /// for them: issue #12).
+    #[tokio::test(start_paused = true)]
+    async fn only_connections_the_edge_opened_send_keepalive_pings() {
+        let every = Some(Duration::from_secs(30));
+        let hop = HopTarget {
+            host: "198.51.100.66".into(),
+            port: 5061,
+            tls_name: "peer.example.net".into(),
+        };
+        let mut opened = harness_with(every, Some(hop)).await;
+        let mut accepted = harness_with(every, None).await;
+        tokio::time::sleep(Duration::from_secs(95)).await;
+        let mut buf = [0u8; 64];
+        let n = opened.client.read(&mut buf).await.expect("read");
+        let mut got = buf[..n].to_vec();
+        while got.len() < 3 * PING.len() {
+            let n = opened.client.read(&mut buf).await.expect("read");
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, PING.repeat(3), "three pings in 95 s");
+        let quiet =
+            tokio::time::timeout(Duration::from_secs(1), accepted.client.read(&mut buf)).await;
+        assert!(quiet.is_err(), "an accepted connection sends no ping");
     }
 
     /// Issue #14 item 8: every byte used to reset the idle timer, so a
