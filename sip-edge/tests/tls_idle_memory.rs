@@ -20,9 +20,9 @@
 //! 16-byte rounding, 32-byte minimum), which is what shows in RSS.
 //!
 //! Only the server side is counted, exactly: the clients run in a child
-//! process (this test binary again, started with `T7_TLS_IDLE_CLIENT` set,
-//! which makes this test function the client), so nothing they allocate
-//! is in this process's counters. The parent tells the child over its
+//! process (this test binary again, started with `TLS_IDLE_MEMORY_CLIENT`
+//! set, which makes this test function the client), so nothing they
+//! allocate is in this process's counters. The parent tells the child over its
 //! stdin how many connections to open and reads "opened N" on its stdout
 //! once each client's handshake completed; the child holds them until its
 //! stdin closes.
@@ -196,7 +196,7 @@ fn config(pki: &Pki) -> Config {
 
 // --- the clients (child process) -------------------------------------------------
 
-const CLIENT_ENV: &str = "T7_TLS_IDLE_CLIENT";
+const CLIENT_ENV: &str = "TLS_IDLE_MEMORY_CLIENT";
 
 /// The child: reads "N" lines on stdin, opens N more TLS connections to
 /// the address in `CLIENT_ENV` each time, answers "opened TOTAL"; holds
