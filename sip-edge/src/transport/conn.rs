@@ -211,10 +211,15 @@ where
                 // The reader is done: the driver answers a refused message,
                 // then lets the writer drain what it queued and close (the
                 // writer ends the connection; this future never completes).
+                // Events go out by `reserve` then `send`: the waiting
+                // future then holds no event (`Sender::send`'s holds it
+                // twice), which keeps this future, and so every idle
+                // connection, smaller (issue #12).
                 let closing = |refused: Option<Refused>| async {
-                    if events.send(Event::Closing { conn, refused }).await.is_err() {
+                    let Ok(slot) = events.reserve().await else {
                         return "driver gone";
-                    }
+                    };
+                    slot.send(Event::Closing { conn, refused });
                     std::future::pending().await
                 };
                 let refused = |framer: &Framer, e: &FrameError| {
@@ -249,10 +254,11 @@ where
                         }
                         match next {
                             Ok(Some(Frame::Message(raw))) => {
-                                let bytes: Bytes = raw.into_bytes();
-                                if events.send(Event::Message { conn, bytes }).await.is_err() {
+                                let Ok(slot) = events.reserve().await else {
                                     return "driver gone";
-                                }
+                                };
+                                let bytes: Bytes = raw.into_bytes();
+                                slot.send(Event::Message { conn, bytes });
                             }
                             Ok(Some(Frame::Ping)) => {
                                 // RFC 5626 §4.4.1: answer a CRLFCRLF ping with
