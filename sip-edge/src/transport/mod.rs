@@ -107,7 +107,7 @@ pub enum Event {
         /// Side, peer, protocol.
         info: ConnInfo,
         /// Its write queue.
-        writer: mpsc::Sender<Vec<u8>>,
+        writer: conn::Writer,
         /// The next hop, for connections the edge opened.
         hop: Option<HopTarget>,
         /// Keeps the connection open past its idle time (registrations).
@@ -417,7 +417,7 @@ async fn accept_loop(listener: TcpListener, side: Side, tls: Option<TlsAcceptor>
         };
         // Issue #14 item 8: per-side budgets, per-source caps on
         // connections and handshakes; dropping `tcp` closes it at once.
-        let mut permit = match shared.limits.admit(side, peer.ip()) {
+        let permit = match shared.limits.admit(side, peer.ip()) {
             Ok(p) => p,
             Err(why) => {
                 refusals.refused(side, peer, why, &shared);
@@ -426,98 +426,132 @@ async fn accept_loop(listener: TcpListener, side: Side, tls: Option<TlsAcceptor>
         };
         let guard = ActiveGuard::new(&shared, side);
         let conn = shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let shared = shared.clone();
-        let tls = tls.clone();
         let span = info_span!("conn", conn, %peer, ?side, tls = tls.is_some());
+        // Issue #12: the handshake (rustls mid-handshake, the first-record
+        // check, its timeout) runs in its own allocation, freed once done;
+        // inline, the task kept room for it beside the connection's future
+        // for the connection's whole life. The task itself keeps only the
+        // two boxes' pointers, the span and the slots.
+        let setup = Box::pin(accepted(
+            tcp,
+            (peer, side),
+            tls.clone(),
+            conn,
+            (permit, guard),
+            shared.clone(),
+        ));
         tokio::spawn(
             async move {
-                let _guard = guard;
-                let _ = tcp.set_nodelay(true);
-                match tls {
-                    Some(acc) => {
-                        // The first record is judged before rustls (RFC 8996
-                        // alerts, `hello`), within the same timeout.
-                        let hs = tokio::time::timeout(
-                            **shared.handshake_timeout.load(),
-                            hello::accept(&acc, tcp),
-                        )
-                        .await;
-                        permit.handshake_over();
-                        crate::metrics::tls_handshake(
-                            false,
-                            hs.as_ref().map_or(Some("timeout"), |r| {
-                                r.as_ref().err().map(crate::metrics::tls_failure)
-                            }),
-                        );
-                        match hs {
-                            Ok(Ok(s)) => {
-                                let info = ConnInfo {
-                                    side,
-                                    peer,
-                                    proto: Proto::Tls,
-                                };
-                                let names = identities(
-                                    s.get_ref().1.peer_certificates(),
-                                    &shared.peer_identities.load(),
-                                );
-                                if !names.is_empty() {
-                                    info!(?names, "client certificate names a trusted peer");
-                                    let ev = Event::Identity { conn, names };
-                                    if shared.events.send(ev).await.is_err() {
-                                        return;
-                                    }
-                                }
-                                conn::run(
-                                    s,
-                                    conn,
-                                    info,
-                                    None,
-                                    (**shared.params.load()).clone(),
-                                    shared.events.clone(),
-                                    shared.shutdown.clone(),
-                                )
-                                .await;
-                            }
-                            Ok(Err(e)) => info!(
-                                target: "sip_edge::security",
-                                %peer,
-                                ?side,
-                                rule = "tls",
-                                reason = crate::metrics::tls_failure(&e),
-                                error = %e,
-                                "TLS handshake failed; connection closed"
-                            ),
-                            Err(_) => info!(
-                                target: "sip_edge::security",
-                                %peer,
-                                ?side,
-                                rule = "limits.handshake_timeout_secs",
-                                "TLS handshake not completed in time; connection closed"
-                            ),
-                        }
-                    }
-                    None => {
-                        permit.handshake_over();
-                        let info = ConnInfo {
-                            side,
-                            peer,
-                            proto: Proto::Tcp,
-                        };
-                        conn::run(
-                            tcp,
-                            conn,
-                            info,
-                            None,
-                            (**shared.params.load()).clone(),
-                            shared.events.clone(),
-                            shared.shutdown.clone(),
-                        )
-                        .await;
-                    }
+                if let Some((run, _held)) = setup.await {
+                    run.await;
                 }
             }
             .instrument(span),
         );
+    }
+}
+
+/// A connection task's future, boxed (`accepted`).
+type ConnTask = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// An accepted connection's setup: the TLS handshake, if any, and the
+/// client certificate's identities; then the connection's future (not
+/// yet polled) and what must live as long as it (its slots in the limits
+/// and the live count), or `None` if it ended there.
+async fn accepted(
+    tcp: tokio::net::TcpStream,
+    (peer, side): (SocketAddr, Side),
+    tls: Option<TlsAcceptor>,
+    conn: ConnId,
+    mut held: (limits::Permit, ActiveGuard),
+    shared: Shared,
+) -> Option<(ConnTask, (limits::Permit, ActiveGuard))> {
+    let _ = tcp.set_nodelay(true);
+    match tls {
+        Some(acc) => {
+            // The first record is judged before rustls (RFC 8996
+            // alerts, `hello`), within the same timeout.
+            let hs =
+                tokio::time::timeout(**shared.handshake_timeout.load(), hello::accept(&acc, tcp))
+                    .await;
+            held.0.handshake_over();
+            crate::metrics::tls_handshake(
+                false,
+                hs.as_ref().map_or(Some("timeout"), |r| {
+                    r.as_ref().err().map(crate::metrics::tls_failure)
+                }),
+            );
+            match hs {
+                Ok(Ok(s)) => {
+                    let info = ConnInfo {
+                        side,
+                        peer,
+                        proto: Proto::Tls,
+                    };
+                    let names = identities(
+                        s.get_ref().1.peer_certificates(),
+                        &shared.peer_identities.load(),
+                    );
+                    if !names.is_empty() {
+                        info!(?names, "client certificate names a trusted peer");
+                        let ev = Event::Identity { conn, names };
+                        if shared.events.send(ev).await.is_err() {
+                            return None;
+                        }
+                    }
+                    let run: ConnTask = Box::pin(conn::run(
+                        s,
+                        conn,
+                        info,
+                        None,
+                        (**shared.params.load()).clone(),
+                        shared.events.clone(),
+                        shared.shutdown.clone(),
+                    ));
+                    Some((run, held))
+                }
+                Ok(Err(e)) => {
+                    info!(
+                        target: "sip_edge::security",
+                        %peer,
+                        ?side,
+                        rule = "tls",
+                        reason = crate::metrics::tls_failure(&e),
+                        error = %e,
+                        "TLS handshake failed; connection closed"
+                    );
+                    None
+                }
+                Err(_) => {
+                    info!(
+                        target: "sip_edge::security",
+                        %peer,
+                        ?side,
+                        rule = "limits.handshake_timeout_secs",
+                        "TLS handshake not completed in time; connection closed"
+                    );
+                    None
+                }
+            }
+        }
+        None => {
+            held.0.handshake_over();
+            let info = ConnInfo {
+                side,
+                peer,
+                proto: Proto::Tcp,
+            };
+            let run: ConnTask = Box::pin(conn::run(
+                tcp,
+                conn,
+                info,
+                None,
+                (**shared.params.load()).clone(),
+                shared.events.clone(),
+                shared.shutdown.clone(),
+            ));
+            Some((run, held))
+        }
     }
 }
 
@@ -621,7 +655,7 @@ type Queued = (Vec<u8>, Option<String>);
 /// The driver: owns the proxy core, the writers and the next-hop pool.
 struct Driver {
     proxy: Proxy,
-    writers: HashMap<ConnId, mpsc::Sender<Vec<u8>>>,
+    writers: HashMap<ConnId, conn::Writer>,
     /// Idle holds of the connections, set from live registrations.
     holds: HashMap<ConnId, conn::Hold>,
     pool: HashMap<HopTarget, ConnId>,
@@ -821,7 +855,7 @@ impl Driver {
     }
 
     fn send_on(&mut self, conn: ConnId, bytes: Vec<u8>, branch: Option<String>) {
-        let ok = match self.writers.get(&conn) {
+        let ok = match self.writers.get_mut(&conn) {
             // Bounded queue: a peer that does not read cannot make us buffer
             // without limit; what does not fit fails like a transport error.
             Some(w) => w.try_send(bytes).is_ok(),

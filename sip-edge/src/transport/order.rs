@@ -136,7 +136,7 @@ mod tests {
 
     #[test]
     fn responses_and_connection_set_up_first_each_group_in_queue_order() {
-        let (writer, _rx) = tokio::sync::mpsc::channel(1);
+        let (writer, _rx) = super::super::conn::write_queue();
         let opened = Event::Opened {
             conn: 3,
             info: ConnInfo {

@@ -44,10 +44,11 @@ use std::{
 };
 
 use bytes::Bytes;
+use futures_util::StreamExt as _;
 use tokio::{net::UdpSocket, sync::mpsc};
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use super::{conn::WRITE_QUEUE, stun, Event, Shared};
+use super::{stun, Event, Shared};
 use crate::{
     media::Side,
     proxy::{ConnId, ConnInfo, Proto},
@@ -173,7 +174,7 @@ async fn pseudo_conn(
     mut inbound: mpsc::Receiver<Bytes>,
     shared: Shared,
 ) {
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(WRITE_QUEUE);
+    let (tx, mut rx) = super::conn::write_queue();
     let info = ConnInfo {
         side: Side::Internal,
         peer,
@@ -226,7 +227,7 @@ async fn pseudo_conn(
                     }
                 }
             }
-            m = rx.recv() => {
+            m = rx.next() => {
                 let Some(bytes) = m else { break "driver dropped the writer" };
                 if bytes.len() > UDP_MTU_LIMIT && is_request(&bytes) {
                     // §18.1.1 would switch to TCP; a UDP-only legacy client
