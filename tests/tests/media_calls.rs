@@ -2032,3 +2032,98 @@ fn every_truncation_of_a_multipart_offer_is_handled_without_panic() {
         "every prefix keeping the close delimiter"
     );
 }
+
+/// Issue #12: the expiry check is spread over the driver's 100 ms timers
+/// (a tenth of the dialogs each), the tick ending what they found. The
+/// same calls end at the same ticks as with the tick alone, the tick
+/// itself then looks at no dialog, and a call a share found due but whose
+/// media moved before the tick is kept.
+#[test]
+fn the_expiry_check_in_shares_ends_the_same_calls_at_the_same_ticks() {
+    let wide = || {
+        let mut s = settings(MediaMode::Relay);
+        s.port_ranges = vec![PortRange {
+            start: 40000,
+            end: 41999,
+        }];
+        s.reserved_ports = Vec::new();
+        (s.max_calls, s.max_flows, s.max_flows_per_client) = (1000, 10_000, 10_000);
+        H::new(s)
+    };
+    const CALLS: u32 = 200;
+    // Quiet calls, 20 set up each second from 0 to 9 s (never used: they
+    // end 20 s after their setup), and one that carries media until 30 s
+    // (idle: it ends at 90 s).
+    let set_up = |h: &mut H| {
+        for i in 0..CALLS {
+            h.at(u64::from(i / 20));
+            established(h, &dialog(2000 + i));
+        }
+        h.at(0);
+        established(h, &dialog(1));
+    };
+    let active = |h: &mut H, at_s: u64| {
+        if at_s <= 30 {
+            let ids: Vec<_> =
+                h.c.manager()
+                    .flows_of(&dialog(1))
+                    .into_iter()
+                    .map(|(id, _)| id)
+                    .collect();
+            for id in ids {
+                *h.c.sink_mut().packets.entry(id).or_insert(0) += 5;
+            }
+        }
+    };
+    let (mut ticks, mut shares) = (wide(), wide());
+    set_up(&mut ticks);
+    set_up(&mut shares);
+    let mut ended_by_ticks = Vec::new();
+    for s in 1..=95u64 {
+        active(&mut ticks, s);
+        active(&mut shares, s);
+        ticks.at(s);
+        let a = ticks.tick();
+        assert_eq!(
+            ticks.c.manager().expiry_looked(),
+            ticks.c.manager().dialogs() + a.len(),
+            "the tick alone looks at every dialog"
+        );
+        // Ten shares in the second before the tick, then the tick.
+        for tenth in 0..10u64 {
+            shares.now = shares.t0 + Duration::from_millis((s - 1) * 1000 + tenth * 100 + 50);
+            shares.c.on_timers(shares.now);
+        }
+        shares.at(s);
+        let b = shares.tick();
+        assert_eq!(a, b, "second {s}");
+        assert_eq!(shares.c.manager().expiry_looked(), 0, "second {s}");
+        if (20..30).contains(&s) {
+            assert_eq!(a.len(), 20, "the calls set up at {} s", s - 20);
+        }
+        ended_by_ticks.extend(a);
+    }
+    assert!(ended_by_ticks.contains(&dialog(1)));
+    assert_eq!(ended_by_ticks.len(), CALLS as usize + 1);
+    // The active call ended at 90 s, not before.
+    let mut h = wide();
+    set_up(&mut h);
+    for s in 1..=89 {
+        active(&mut h, s);
+        h.at(s);
+        assert!(!h.tick().contains(&dialog(1)), "ended at {s} s");
+    }
+    h.at(90);
+    assert!(h.tick().contains(&dialog(1)));
+
+    // A share finds a never-used call due; its media moves before the tick.
+    let mut h = wide();
+    let d = dialog(7);
+    established(&mut h, &d);
+    h.now = h.t0 + Duration::from_millis(20_500);
+    h.c.on_timers(h.now);
+    h.packets(3);
+    h.at(21);
+    assert!(h.tick().is_empty(), "its media moved before the tick");
+    assert_eq!(h.flows().len(), 2);
+}

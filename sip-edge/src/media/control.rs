@@ -1307,18 +1307,19 @@ impl<S: PinholeSink + Send> MediaControl for MediaController<S> {
     }
 
     fn on_timers(&mut self, now: Instant) {
-        if self.next_part >= ACTIVITY_PARTS {
-            return;
+        if self.next_part < ACTIVITY_PARTS {
+            let part = Part {
+                index: self.next_part,
+                of: ACTIVITY_PARTS,
+            };
+            match self.read_activity(part, now) {
+                Ok(()) => self.next_part += 1,
+                // The tick reads it again, and says so if it fails again.
+                Err(e) => tracing::debug!(error = %e, "reading pinhole counters failed"),
+            }
         }
-        let part = Part {
-            index: self.next_part,
-            of: ACTIVITY_PARTS,
-        };
-        match self.read_activity(part, now) {
-            Ok(()) => self.next_part += 1,
-            // The tick reads it again, and says so if it fails again.
-            Err(e) => tracing::debug!(error = %e, "reading pinhole counters failed"),
-        }
+        // And a share of the expiry check (the tick ends what it found).
+        self.mgr.on_timers(now, ACTIVITY_PARTS as usize);
     }
 
     fn on_tick(&mut self, now: Instant) -> Vec<DialogKey> {

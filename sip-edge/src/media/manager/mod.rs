@@ -39,7 +39,9 @@
 //!   always; idle (no packet for `idle_timeout`) once a dialog's pinholes
 //!   have carried something; never-used (`unused_timeout`) for confirmed
 //!   dialogs whose pinholes never carried a packet. Early media alone never
-//!   starts the never-used clock: callees may ring for minutes.
+//!   starts the never-used clock: callees may ring for minutes. The check
+//!   runs in shares between ticks ([`Manager::on_timers`]), the tick
+//!   ending what they found.
 //! - **Security** (DESIGN.md §3): every endpoint either side names (`c=`,
 //!   `a=rtcp`, MSRP `a=path`, x-msmsgsinvite listeners), in offers and
 //!   answers, passes `media::policy::EndpointPolicy::check`: never the
@@ -546,6 +548,13 @@ pub struct Manager {
     total_flows: u32,
     next_id: u64,
     journal: Option<Journal>,
+    /// Where the expiry sweep of this round goes on (`expiry`).
+    sweep: expiry::Sweep,
+    /// Dialogs the sweep found expired or with a stale transfer, for the
+    /// tick to check again and end.
+    swept: Vec<DialogKey>,
+    /// Dialogs the last tick looked at itself.
+    looked: usize,
 }
 
 fn forbidden(reason: impl Into<String>) -> MediaError {
@@ -603,6 +612,9 @@ impl Manager {
             total_flows: 0,
             next_id: 1,
             journal: None,
+            sweep: expiry::Sweep::Start,
+            swept: Vec::new(),
+            looked: 0,
         }
     }
 
