@@ -260,6 +260,11 @@ pub struct Proxy {
     media: Box<dyn MediaControl>,
     conns: HashMap<ConnId, ConnInfo>,
     server_txs: HashMap<String, ServerTx>,
+    /// No server transaction's `expires` comes before this (`None`: none
+    /// is set): the timers walk `server_txs` only once one can have come
+    /// (issue #12: after a burst the table keeps its size, and a walk of
+    /// its empty buckets every 100 ms took 0.2-1.6 ms at 50k held calls).
+    server_due: Option<Instant>,
     client_txs: HashMap<String, ClientTx>,
     /// When each client transaction's `deadline` falls (earliest first),
     /// so the tick finds the due ones without walking every transaction
@@ -410,6 +415,7 @@ impl Proxy {
             media,
             conns: HashMap::new(),
             server_txs: HashMap::new(),
+            server_due: None,
             client_txs: HashMap::new(),
             client_due: BinaryHeap::new(),
             dialogs: HashMap::new(),
@@ -721,6 +727,7 @@ impl Proxy {
             return;
         }
         let key = server_key(info.side, &req, &top, &method);
+        let expires = now + TIMER_64T1;
         self.server_txs.entry(key).or_insert(ServerTx {
             conn,
             request: req,
@@ -728,8 +735,9 @@ impl Proxy {
             last_response: Some(response),
             final_sent: true,
             to_tag,
-            expires: Some(now + TIMER_64T1),
+            expires: Some(expires),
         });
+        sooner(&mut self.server_due, expires);
     }
 
     /// Ends every dialog's media (agent shutdown).
@@ -870,6 +878,11 @@ fn strip_unhandled_media_body(msg: &mut Message) {
 /// Expires of a REGISTER: the header (§10.2.1.1).
 fn register_expires(msg: &Message) -> Option<u32> {
     msg.header("Expires").and_then(|e| e.trim().parse().ok())
+}
+
+/// Lowers `due` to `at` when that comes sooner.
+fn sooner(due: &mut Option<Instant>, at: Instant) {
+    *due = Some(due.map_or(at, |d| d.min(at)));
 }
 
 #[cfg(test)]

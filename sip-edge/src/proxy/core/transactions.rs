@@ -289,7 +289,10 @@ impl Proxy {
             (false, _) => None,
         };
         match linger {
-            Some(d) => s.expires = Some(now + d),
+            Some(d) => {
+                s.expires = Some(now + d);
+                sooner(&mut self.server_due, now + d);
+            }
             None => {
                 self.server_txs.remove(skey);
             }
@@ -309,8 +312,18 @@ impl Proxy {
         // Server transactions are few at any time (over TLS a non-INVITE
         // one ends as soon as its final response is sent), but a burst's
         // end drops thousands at once: in tenths, not all in one tick.
-        self.server_txs
-            .retain(|_, s| s.expires.is_none_or(|e| e > now));
+        if self.server_due.is_some_and(|t| t <= now) {
+            let mut next = None;
+            self.server_txs.retain(|_, s| match s.expires {
+                Some(e) if e <= now => false,
+                Some(e) => {
+                    sooner(&mut next, e);
+                    true
+                }
+                None => true,
+            });
+            self.server_due = next;
+        }
         for k in self.due_clients(now) {
             let Some(c) = self.client_txs.get_mut(&k) else {
                 continue;
