@@ -35,99 +35,26 @@
 //! One test function per binary: the counters are process-wide, and the
 //! harness runs tests of one binary on parallel threads.
 
+mod memtest;
+
 use std::{
-    alloc::{GlobalAlloc, Layout, System},
     io::{BufRead, BufReader, Write},
     net::SocketAddr,
     path::PathBuf,
     process::{Command, Stdio},
-    sync::{atomic::AtomicIsize, atomic::Ordering, Arc},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
+use memtest::{live, Counting, NoMedia};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use rustls::pki_types::ServerName;
-use sip_edge::{
-    config::Config,
-    media::{DialogKey, EndReason, MediaControl, MediaError, SdpEvent},
-    transport,
-};
+use sip_edge::{config::Config, transport};
 
-// --- counting allocator -------------------------------------------------------
-
-struct Counting;
-
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-static LIVE_CHUNKS: AtomicIsize = AtomicIsize::new(0);
-
-/// What glibc malloc takes for `size` bytes on 64-bit: the size plus an
-/// 8-byte header, rounded up to 16, at least 32.
-fn chunk(size: usize) -> isize {
-    (size.saturating_add(8).div_ceil(16) * 16).max(32) as isize
-}
-
-// SAFETY: every call forwards to `System` with the same layout; the
-// counters are only statistics.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        // SAFETY: forwarded as is.
-        let p = unsafe { System.alloc(l) };
-        if !p.is_null() {
-            LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
-            LIVE_CHUNKS.fetch_add(chunk(l.size()), Ordering::Relaxed);
-        }
-        p
-    }
-    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        // SAFETY: forwarded as is.
-        let p = unsafe { System.alloc_zeroed(l) };
-        if !p.is_null() {
-            LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
-            LIVE_CHUNKS.fetch_add(chunk(l.size()), Ordering::Relaxed);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        // SAFETY: forwarded as is.
-        unsafe { System.dealloc(p, l) };
-        LIVE.fetch_sub(l.size() as isize, Ordering::Relaxed);
-        LIVE_CHUNKS.fetch_sub(chunk(l.size()), Ordering::Relaxed);
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        // SAFETY: forwarded as is.
-        let q = unsafe { System.realloc(p, l, new) };
-        if !q.is_null() {
-            LIVE.fetch_add(new as isize - l.size() as isize, Ordering::Relaxed);
-            LIVE_CHUNKS.fetch_add(chunk(new) - chunk(l.size()), Ordering::Relaxed);
-        }
-        q
-    }
-}
+// --- the counting allocator ----------------------------------------------------
 
 #[global_allocator]
 static GLOBAL: Counting = Counting;
-
-fn live() -> (isize, isize) {
-    (
-        LIVE.load(Ordering::Relaxed),
-        LIVE_CHUNKS.load(Ordering::Relaxed),
-    )
-}
-
-// --- the agent under test -------------------------------------------------------
-
-/// The media layer plays no part in an idle connection.
-struct NoMedia;
-
-impl MediaControl for NoMedia {
-    fn on_sdp(&mut self, ev: &SdpEvent<'_>, _now: Instant) -> Result<Vec<u8>, MediaError> {
-        Ok(ev.body.to_vec())
-    }
-    fn on_dialog_end(&mut self, _: &DialogKey, _: Option<&str>, _: EndReason, _: Instant) {}
-    fn on_tick(&mut self, _now: Instant) -> Vec<DialogKey> {
-        Vec::new()
-    }
-}
 
 /// Throwaway CA and edge certificate (PEM files in a tempdir).
 struct Pki {

@@ -454,6 +454,22 @@ async fn accept_loop(listener: TcpListener, side: Side, tls: Option<TlsAcceptor>
 /// A connection task's future, boxed (`accepted`).
 type ConnTask = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
 
+/// The task of accepted connection `conn` over `stream`, not yet polled.
+fn conn_task<S>(stream: S, conn: ConnId, info: ConnInfo, shared: &Shared) -> ConnTask
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    Box::pin(conn::run(
+        stream,
+        conn,
+        info,
+        None,
+        (**shared.params.load()).clone(),
+        shared.events.clone(),
+        shared.shutdown.clone(),
+    ))
+}
+
 /// An accepted connection's setup: the TLS handshake, if any, and the
 /// client certificate's identities; then the connection's future (not
 /// yet polled) and what must live as long as it (its slots in the limits
@@ -499,16 +515,7 @@ async fn accepted(
                             return None;
                         }
                     }
-                    let run: ConnTask = Box::pin(conn::run(
-                        s,
-                        conn,
-                        info,
-                        None,
-                        (**shared.params.load()).clone(),
-                        shared.events.clone(),
-                        shared.shutdown.clone(),
-                    ));
-                    Some((run, held))
+                    Some((conn_task(s, conn, info, &shared), held))
                 }
                 Ok(Err(e)) => {
                     info!(
@@ -541,16 +548,7 @@ async fn accepted(
                 peer,
                 proto: Proto::Tcp,
             };
-            let run: ConnTask = Box::pin(conn::run(
-                tcp,
-                conn,
-                info,
-                None,
-                (**shared.params.load()).clone(),
-                shared.events.clone(),
-                shared.shutdown.clone(),
-            ));
-            Some((run, held))
+            Some((conn_task(tcp, conn, info, &shared), held))
         }
     }
 }
