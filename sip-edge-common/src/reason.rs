@@ -55,6 +55,9 @@ pub enum Reason {
     /// Would be `DropOther` under the drop policy, but a local socket the
     /// host opened owns the packet's 4-tuple (a TCP connection past LISTEN,
     /// a connected UDP socket): the reply to the agent's own connections.
+    /// Also a TCP segment with ACK that would be `DropNoPinhole` on a media
+    /// port, when a local TCP connection past LISTEN owns it (opened before
+    /// a reload added that range).
     PassLocalSocket = 20,
     /// Would be `drop_other` (no ports, drop policy), but it is ICMP the host
     /// needs: IPv6 neighbour discovery (types 133-137, hop limit 255), or an

@@ -142,8 +142,12 @@ pub struct TcpHdr {
     pub sport: u16,
     /// Destination port.
     pub dport: u16,
-    /// Sequence, ack, offset/flags, window.
-    _mid: [u16; 6],
+    /// Sequence and acknowledgement numbers.
+    _seq_ack: [u16; 4],
+    /// Data offset (high nibble of byte 0) and the flags (byte 1).
+    pub off_flags: [u8; 2],
+    /// Window.
+    _win: u16,
     /// Checksum.
     pub check: u16,
     /// Urgent pointer.

@@ -183,19 +183,29 @@ pub fn default_policy() -> Reason {
 /// * `DropIpv6Ext` (IPv6 with extension headers, never fast-pathed):
 ///   anything not aimed at a media port is `PassIpv6Ext`;
 /// * under the drop policy, what a local socket the host opened owns is
-///   `PassLocalSocket` (see `socket.rs`).
+///   `PassLocalSocket` (see `socket.rs`);
+/// * so is a TCP segment with ACK that missed the pinholes on a media port
+///   (a connection opened before a reload added that range).
 #[inline(always)]
 pub fn unmatched(ctx: &XdpContext, pkt: &Packet, d: &Dst, media: Reason) -> Reason {
     let ext = media as u32 == Reason::DropIpv6Ext as u32;
-    match classify(pkt, d) {
+    let r = match classify(pkt, d) {
         PortClass::Media => media,
         _ if ext => Reason::PassIpv6Ext,
         PortClass::Pass => Reason::PassSignalling,
-        PortClass::Other => match default_policy() {
-            // Drop-by-default drops unsolicited traffic, never the replies
-            // to the host's own connections (DESIGN.md §3).
-            Reason::DropOther if socket::owned_by_local_socket(ctx, pkt) => Reason::PassLocalSocket,
-            r => r,
-        },
+        PortClass::Other => default_policy(),
+    };
+    // Drop-by-default drops unsolicited traffic, never the replies to the
+    // host's own connections (DESIGN.md §3). One lookup site for both
+    // cases keeps the helper calls inlined once.
+    let ask = match r {
+        Reason::DropOther => true,
+        Reason::DropNoPinhole => socket::tcp_ack(ctx, pkt),
+        _ => false,
+    };
+    if ask && socket::owned_by_local_socket(ctx, pkt) {
+        Reason::PassLocalSocket
+    } else {
+        r
     }
 }

@@ -12,6 +12,17 @@
 //! and the drop policy exists to keep unsolicited traffic from services not
 //! listed as always-pass ports. The lookup is in the namespace of the
 //! ingress device (`BPF_F_CURRENT_NETNS`).
+//!
+//! A TCP segment aimed at a media port that missed every pinhole is looked
+//! up too, under either policy, when it carries ACK (every segment of an
+//! open connection but its first SYN does). Media ports are reserved
+//! against ephemeral use (`ip_local_reserved_ports`), but only for sockets
+//! bound after the reservation: a reload that adds a media range finds the
+//! agent's connections to its next hops where the kernel put them, and one
+//! whose local port lies in the new range would otherwise lose every reply
+//! (`drop_no_pinhole`) until it timed out. A SYN, a segment to a listener
+//! and anything UDP stay `drop_no_pinhole`: a UDP flood on the media ports
+//! costs no lookup.
 
 use aya_ebpf::{
     bindings::{bpf_sock_tuple, BPF_F_CURRENT_NETNS},
@@ -20,7 +31,7 @@ use aya_ebpf::{
 };
 use sip_edge_common::{FAMILY_V4, PROTO_TCP, PROTO_UDP};
 
-use crate::parse::Packet;
+use crate::parse::{ptr_at, Packet, TcpHdr};
 
 /// `TCP_LISTEN` of `include/net/tcp_states.h`.
 const TCP_LISTEN: u32 = 10;
@@ -30,6 +41,23 @@ const TCP_CLOSE: u32 = 7;
 const TUPLE_V4: u32 = 12;
 /// `sizeof(bpf_sock_tuple.ipv6)`.
 const TUPLE_V6: u32 = 36;
+
+/// `ACK` in the TCP flags byte (RFC 9293 §3.1).
+const TCP_ACK: u8 = 0x10;
+
+/// Whether the packet is a TCP segment with ACK set: one a local
+/// connection past LISTEN may own (see module docs).
+#[inline(always)]
+pub fn tcp_ack(ctx: &XdpContext, pkt: &Packet) -> bool {
+    if pkt.proto != PROTO_TCP || !pkt.has_ports {
+        return false;
+    }
+    match ptr_at::<TcpHdr>(ctx, pkt.l4) {
+        // SAFETY: bounds checked by `ptr_at`.
+        Ok(h) => (unsafe { (*h).off_flags[1] } & TCP_ACK) != 0,
+        Err(_) => false,
+    }
+}
 
 /// Whether a socket the host opened owns the packet (see module docs).
 #[inline(always)]

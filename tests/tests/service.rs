@@ -12,7 +12,8 @@
 //!   progress ends with BYE and the agent exits then, or when the drain
 //!   time is over;
 //! - a reload of `media.port_ranges` gives the next call ports from the
-//!   new range, with media through XDP both ways;
+//!   new range, with media through XDP both ways, and the agent's
+//!   connections whose port lies in the new range keep working;
 //! - sd_notify: READY=1 reaches a fake NOTIFY_SOCKET once the listeners
 //!   answer, RELOADING=1/READY=1 around a SIGHUP, STOPPING=1 on SIGTERM;
 //!   the SIGHUP's `[agent] log` filter takes effect (tracing reload handle).
@@ -277,6 +278,102 @@ async fn reload_changes_a_limit_live_with_a_call_up_and_a_bad_file_changes_nothi
     );
     hang_up(&mut alice, &mut bob, &mut c4).await;
     e.assert_empty("after the range change");
+    e.stop();
+}
+
+/// A reload that adds a media range keeps the agent's connections whose
+/// local port lies in it. The reservation (`ip_local_reserved_ports`)
+/// keeps new connections out of a media range, not ones the kernel placed
+/// there before the range was added: here the edge namespace's ephemeral
+/// range is the range the reload adds, so the agent's TLS connection to
+/// bob takes one of its ports. After the reload, bob's segments on that
+/// connection miss every pinhole on a media port; XDP must pass them as
+/// `pass_local_socket` (a local TCP connection owns them), or the next
+/// call's 200 never reaches alice (`drop_no_pinhole`). Unsolicited UDP and
+/// a SYN to the same port stay `drop_no_pinhole`.
+#[tokio::test(flavor = "current_thread")]
+async fn a_reload_that_adds_a_media_range_keeps_connections_already_in_it() {
+    const NAME: &str = "service::a_reload_that_adds_a_media_range_keeps_connections_already_in_it";
+    if let Some(reason) = testnet::unavailable_reason() {
+        testnet::record_skip(NAME, &reason);
+        return;
+    }
+    let base = std::cell::RefCell::new(String::new());
+    let e = start(&format!("rlw{}", std::process::id()), |c| {
+        *base.borrow_mut() = c.clone();
+        c
+    });
+    let base = base.into_inner();
+    testnet::sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &e.topo.edge,
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_local_port_range=42000 42099",
+    ])
+    .expect("edge ephemeral range");
+    let mut alice = e.connect_alice().await;
+    let mut bob = PeerUa::new(&e);
+    let mut c1 = call(&mut alice, &mut bob, 4000, 5000)
+        .await
+        .expect("call 1");
+    let edge_port = bob.conn().remote;
+    assert!(
+        (42000..=42099).contains(&edge_port.port()),
+        "the edge's connection to bob must use the range the reload adds: {edge_port}"
+    );
+    hang_up(&mut alice, &mut bob, &mut c1).await;
+
+    e.write_config(&base.replacen(
+        "port_ranges = [\"40000-40999\"]",
+        "port_ranges = [\"42100-42199\", \"42000-42099\"]",
+        1,
+    ));
+    let out = reload(&e);
+    let said = text(&out.stdout);
+    assert!(out.status.success(), "reload: {}{said}", text(&out.stderr));
+    let passed = e.reason("pass_local_socket");
+    let mut c2 = call(&mut alice, &mut bob, 4010, 5010)
+        .await
+        .expect("call 2 over the connection whose port is now a media port");
+    assert_eq!(bob.conn().remote, edge_port, "the same connection to bob");
+    assert!(
+        e.reason("pass_local_socket") > passed,
+        "bob's segments must count as pass_local_socket"
+    );
+    let a2 = e.udp(&e.topo.client, "10.77.0.2:4010");
+    let b2 = e.udp(&e.topo.peer, "198.51.100.2:5010");
+    assert!(flows(&a2, c2.edge_int, &b2, b"c2 out"), "call 2 media out");
+
+    // The port is a media port for everyone else: UDP to it and a SYN to
+    // it are dropped in XDP (a timeout, not the kernel's RST).
+    let before = e.reason("drop_no_pinhole");
+    let probe = e.udp(&e.topo.peer, "198.51.100.2:7000");
+    for _ in 0..3 {
+        probe
+            .send_to(b"unsolicited", edge_port)
+            .expect("send probe");
+    }
+    let syn = testnet::in_ns(&e.topo.peer, || {
+        std::net::TcpStream::connect_timeout(&edge_port, Duration::from_millis(300))
+    })
+    .expect("netns");
+    assert!(
+        matches!(&syn, Err(x) if x.kind() == std::io::ErrorKind::TimedOut),
+        "a SYN to the edge's port must be dropped, not answered: {syn:?}"
+    );
+    let until = Instant::now() + Duration::from_secs(2);
+    while e.reason("drop_no_pinhole") < before + 4 && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        e.reason("drop_no_pinhole") >= before + 4,
+        "3 UDP probes and a SYN must count as drop_no_pinhole"
+    );
+    hang_up(&mut alice, &mut bob, &mut c2).await;
+    e.assert_empty("after the widening reload");
     e.stop();
 }
 
