@@ -231,6 +231,45 @@ impl Edge {
         reason(&self.topo, &self.pin_dir, name)
     }
 
+    /// Sets the edge namespace's ephemeral port range
+    /// (`net.ipv4.ip_local_port_range`), where the kernel picks the local
+    /// port of the agent's connections to next hops.
+    pub fn ephemeral_ports(&self, lo: u16, hi: u16) {
+        testnet::sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.topo.edge,
+            "sysctl",
+            "-qw",
+            &format!("net.ipv4.ip_local_port_range={lo} {hi}"),
+        ])
+        .expect("edge ephemeral port range");
+    }
+
+    /// Unsolicited traffic from the peer namespace to `to`: `udp`
+    /// datagrams from 198.51.100.2:7000, then one connection attempt that
+    /// must time out within `syn_wait` (the SYN dropped in XDP, neither
+    /// accepted nor answered with the kernel's RST).
+    pub fn probe_unsolicited(&self, to: SocketAddr, udp: usize, syn_wait: Duration) {
+        let probe = self.udp(&self.topo.peer, "198.51.100.2:7000");
+        for _ in 0..udp {
+            probe.send_to(b"unsolicited", to).expect("send probe");
+        }
+        let syn = testnet::in_ns(&self.topo.peer, || {
+            std::net::TcpStream::connect_timeout(&to, syn_wait)
+        })
+        .expect("netns");
+        match syn {
+            Err(err) => assert_eq!(
+                err.kind(),
+                std::io::ErrorKind::TimedOut,
+                "an unsolicited SYN to {to} must be dropped, not answered: {err}"
+            ),
+            Ok(_) => panic!("an unsolicited connection to {to} was accepted"),
+        }
+    }
+
     /// The scenario's closing check: nothing left in the pinhole map
     /// within 2 s.
     pub fn assert_empty(&self, scenario: &str) {

@@ -30,20 +30,11 @@ fn start(tag: &str, mode: &str) -> Edge {
 fn start_with(tag: &str, mode: &str, extra: &str) -> Edge {
     let mut e = Edge::prepare(tag);
     // Regression guard: half of the edge's ephemeral range lies in the
-    // media range. XDP drops anything aimed at a media port without a
-    // pinhole, replies to the agent's own connections included, so
-    // calls only work because the agent reserves its media ranges
-    // (net.ipv4.ip_local_reserved_ports, see sip_edge::ports).
-    testnet::sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &e.topo.edge,
-        "sysctl",
-        "-qw",
-        "net.ipv4.ip_local_port_range=40000 41999",
-    ])
-    .expect("edge port range");
+    // media range. The agent's connections must still take ports outside
+    // it, because the agent reserves its media ranges
+    // (net.ipv4.ip_local_reserved_ports, see sip_edge::ports);
+    // `drop_policy_...` checks the port its connection to bob took.
+    e.ephemeral_ports(40000, 41999);
     e.write_config(&(testua::edge_config(&e.pin_dir, &e.pki, mode) + extra));
     e.run_agent();
     e
@@ -1179,25 +1170,12 @@ async fn drop_policy_passes_the_edges_own_connections_and_drops_the_rest() {
     // kernel's RST), UDP and TCP alike, and counted.
     let edge_port = bob.conn().remote;
     assert_eq!(edge_port.ip(), ip("203.0.113.1"));
+    assert!(
+        !(40000..=40999).contains(&edge_port.port()),
+        "the agent's connection took media port {edge_port}: the media range is not reserved"
+    );
     let before = e.reason("drop_other");
-    let probe = e.udp(&e.topo.peer, "198.51.100.2:7000");
-    for _ in 0..5 {
-        probe
-            .send_to(b"unsolicited", edge_port)
-            .expect("send probe");
-    }
-    let refused = testnet::in_ns(&e.topo.peer, || {
-        std::net::TcpStream::connect_timeout(&edge_port, Duration::from_millis(500))
-    })
-    .expect("netns");
-    match refused {
-        Err(err) => assert_eq!(
-            err.kind(),
-            std::io::ErrorKind::TimedOut,
-            "an unsolicited SYN to the edge's port must be dropped, not answered: {err}"
-        ),
-        Ok(_) => panic!("an unsolicited connection to {edge_port} was accepted"),
-    }
+    e.probe_unsolicited(edge_port, 5, Duration::from_millis(500));
     let dropped = e.reason("drop_other") - before;
     assert!(
         dropped >= 6,

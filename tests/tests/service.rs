@@ -304,16 +304,7 @@ async fn a_reload_that_adds_a_media_range_keeps_connections_already_in_it() {
         c
     });
     let base = base.into_inner();
-    testnet::sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &e.topo.edge,
-        "sysctl",
-        "-qw",
-        "net.ipv4.ip_local_port_range=42000 42099",
-    ])
-    .expect("edge ephemeral range");
+    e.ephemeral_ports(42000, 42099);
     let mut alice = e.connect_alice().await;
     let mut bob = PeerUa::new(&e);
     let mut c1 = call(&mut alice, &mut bob, 4000, 5000)
@@ -350,20 +341,7 @@ async fn a_reload_that_adds_a_media_range_keeps_connections_already_in_it() {
     // The port is a media port for everyone else: UDP to it and a SYN to
     // it are dropped in XDP (a timeout, not the kernel's RST).
     let before = e.reason("drop_no_pinhole");
-    let probe = e.udp(&e.topo.peer, "198.51.100.2:7000");
-    for _ in 0..3 {
-        probe
-            .send_to(b"unsolicited", edge_port)
-            .expect("send probe");
-    }
-    let syn = testnet::in_ns(&e.topo.peer, || {
-        std::net::TcpStream::connect_timeout(&edge_port, Duration::from_millis(300))
-    })
-    .expect("netns");
-    assert!(
-        matches!(&syn, Err(x) if x.kind() == std::io::ErrorKind::TimedOut),
-        "a SYN to the edge's port must be dropped, not answered: {syn:?}"
-    );
+    e.probe_unsolicited(edge_port, 3, Duration::from_millis(300));
     let until = Instant::now() + Duration::from_secs(2);
     while e.reason("drop_no_pinhole") < before + 4 && Instant::now() < until {
         std::thread::sleep(Duration::from_millis(20));
