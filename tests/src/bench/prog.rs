@@ -498,6 +498,16 @@ pub fn run(mode: Mode, start: Instant) -> Result<ProgStage, BenchError> {
                         .build()?,
                     ),
                     (
+                        // A TCP segment with ACK on a media port: the
+                        // miss looks the socket tables up before it drops
+                        // (`socket.rs`); no local socket owns it here.
+                        "drop-no-pinhole-tcp-ack",
+                        "drop",
+                        Kind::V4TcpRelay
+                            .packet(k.peer(), SocketAddr::new(netns::EDGE_PUB4.into(), 60_000))
+                            .build()?,
+                    ),
+                    (
                         "pass-signalling",
                         "pass",
                         k.packet(k.peer(), SocketAddr::new(netns::EDGE_PUB4.into(), SIP_PORT))
@@ -558,6 +568,11 @@ pub fn run(mode: Mode, start: Instant) -> Result<ProgStage, BenchError> {
         "drop, no pinhole, 1 pinhole".into(),
         40.0,
         find("drop-no-pinhole", 1, "hot"),
+    );
+    target(
+        "drop, no pinhole, TCP with ACK (socket lookup), 1 pinhole".into(),
+        40.0,
+        find("drop-no-pinhole-tcp-ack", 1, "hot"),
     );
     target(
         "drop, remote mismatch, 1 pinhole".into(),
