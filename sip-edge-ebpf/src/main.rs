@@ -30,6 +30,7 @@
 //! | 6    | edge address, media port                              | `DropNoPinhole`      | drop     |
 //! | 6    | anything else                                         | `PassOther` / `DropOther` (SETTINGS) | |
 //! | 6    | `DropOther`, but a socket the host opened owns the 4-tuple | `PassLocalSocket`  | pass     |
+//! | 6    | `DropNoPinhole`, but TCP with ACK a local connection past LISTEN owns | `PassLocalSocket` | pass |
 //!
 //! `Latched` is counted in addition to the packet's own reason when the
 //! packet latched a pinhole.
